@@ -1,0 +1,369 @@
+"""The one catalogue of everything a spec can name.
+
+Tasks, model kinds, role rules, loss terms, schedules, reward terms, metrics and the
+settings of every block, each with typed parameters, defaults, ranges, units and a
+one-line doc. The checker resolves names here, error messages take their "did you
+mean" from here, and the language server's hover and completion read the same
+entries. `impl` is a dotted path the runtime imports lazily; the language side never
+imports it.
+
+Plugins add entries as *data*: a package declares an entry point in the group
+`percepdsl.catalogue` whose value is `package:file.toml`; the TOML file inside the
+package is read without importing the package, so checking never executes plugin
+code. Only running a spec imports a plugin's `impl`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+KINDS = ("task", "model", "role_rule", "loss", "schedule", "reward", "metric", "block", "keyword")
+
+# Parameter types understood by the checker (see check.py `coerce`):
+#   int, float, bool, str, px (an int size; `64px` or 64), int_range (int or lo..hi),
+#   choice (one of `choices`, written bare or quoted), value (number or schedule),
+#   loss, reward, metrics (list of metric names), roles (role names; variadic),
+#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings)
+TYPES = ("int", "float", "bool", "str", "px", "int_range", "choice", "value", "loss", "reward", "metrics", "roles", "role_group", "str_list")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    default: Any = None
+    doc: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple = ()  # allowed values (strings for `choice`; ints for an `int` with a fixed set)
+    unit: str | None = None
+    required: bool = False
+    nullable: bool = False  # `none` is accepted (and the default is None: "decided by the runtime")
+    variadic: bool = False  # takes all remaining positional arguments
+
+    def describe_type(self) -> str:
+        base = {
+            "int": "an integer" if not self.choices else " or ".join(str(c) for c in self.choices),
+            "float": "a number",
+            "bool": "`true` or `false`",
+            "str": "a string",
+            "px": "a size in pixels such as `64px`",
+            "int_range": "an integer or a range such as `4..6`",
+            "choice": "one of " + ", ".join(f"`{c}`" for c in self.choices),
+            "value": "a number or a schedule such as `linear(0.1, 0.5)`",
+            "loss": "a loss expression",
+            "reward": "a reward expression",
+            "metrics": "a list of metric names",
+            "roles": "role names",
+            "role_group": "a role or a list of roles",
+            "str_list": "a string or a list of strings",
+        }[self.type]
+        return base + (" or `none`" if self.nullable else "")
+
+    def describe_range(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"between {_fmt(self.min)} and {_fmt(self.max)}"
+        if self.min is not None:
+            return "positive" if self.min == 1 and self.type in ("int", "px") else f"at least {_fmt(self.min)}"
+        if self.max is not None:
+            return f"at most {_fmt(self.max)}"
+        return ""
+
+    def signature(self) -> str:
+        s = f"{self.name}: {self.type}"
+        if self.choices:
+            s = f"{self.name}: " + " | ".join(map(str, self.choices))
+        if self.variadic:
+            s = "*" + s
+        if not self.required and not self.variadic:
+            s += f" = {_fmt(self.default)}"
+        return s
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
+        return str(int(v)) if v == 0 or abs(v) >= 1 else repr(v)
+    if isinstance(v, tuple):
+        return f"{v[0]}..{v[1]}"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str
+    doc: str
+    params: tuple[ParamSpec, ...] = ()
+    impl: str | None = None
+    source: str = "percepdsl"  # "percepdsl" or the plugin distribution that declared it
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def param(self, name: str) -> ParamSpec | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(p.signature() for p in self.params)})"
+
+    def markdown(self) -> str:
+        """Hover text / docs: signature, doc, parameters."""
+        lines = [f"**{self.name}** — {self.kind.replace('_', ' ')}", "", self.doc]
+        if self.params:
+            lines.append("")
+            for p in self.params:
+                rng = p.describe_range()
+                unit = f" {p.unit}" if p.unit else ""
+                req = "required" if p.required else f"default `{_fmt(p.default)}`"
+                lines.append(f"- `{p.name}` ({p.describe_type()}{', ' + rng if rng else ''}{unit}; {req}): {p.doc}")
+        return "\n".join(lines)
+
+
+def P(name: str, type: str, default: Any = None, doc: str = "", **kw: Any) -> ParamSpec:
+    if "choices" in kw:
+        kw["choices"] = tuple(kw["choices"])
+    return ParamSpec(name, type, default, doc, **kw)
+
+
+REASONING_STYLES = ("brief", "trace", "verbose")
+_SPLITS = (
+    P("train", "int", 2000, "training instances", min=1, max=10_000_000),
+    P("test", "int", 200, "held-out test instances (share no instance with train)", min=1, max=1_000_000),
+)
+_STYLE = (
+    P("reasoning", "choice", "trace", "chain-of-thought style: brief (≈ the answer), trace (solver steps), verbose (trace + every constraint checked)", choices=REASONING_STYLES),
+    P("image", "px", 64, "rendered image side", min=16, max=2048, unit="px"),
+    P("jitter", "float", 0.0, "amount of style jitter (positions, colours, line width)", min=0, max=1),
+    P("noise", "float", 0.0, "background noise level", min=0, max=1),
+)
+
+BUILTINS: tuple[Entry, ...] = (
+    # ---- tasks -------------------------------------------------------------------
+    Entry("graph_coloring", "task", "Colour a rendered graph with its chromatic number of colours; p* is its edge list.",
+          (P("nodes", "int_range", (5, 5), "node count, or an inclusive range", min=3, max=10),
+           P("edge_prob", "float", 0.5, "probability of each edge", min=0, max=1),
+           P("edges", "int", None, "fixed edge count instead of edge_prob", min=0, max=45, nullable=True),
+           P("layout", "choice", "circle", "node placement", choices=("circle", "random")),
+           P("perception_format", "choice", "edges", "p* as a sorted edge list (the paper's) or one y/n slot per node pair", choices=("edges", "adjacency")),
+           *_STYLE,
+           P("line_width", "px", 2, "edge width", min=1, max=16, unit="px"),
+           P("node_radius", "px", 5, "node dot radius", min=1, max=64, unit="px"),
+           P("distractors", "int", 0, "distractor marks drawn on the image", min=0, max=50),
+           *_SPLITS),
+          impl="percepdsl_runtime.tasks:build_task"),
+    Entry("sudoku", "task", "Solve a rendered, partially filled Sudoku with a unique solution; p* is the given grid.",
+          (P("size", "int", 4, "grid side (4 for small models, 9 for real ones)", choices=(4, 9)),
+           P("givens", "int", None, "given cells (difficulty); none = 8 for 4×4, 30 for 9×9", min=1, max=80, nullable=True),
+           *_STYLE, *_SPLITS),
+          impl="percepdsl_runtime.tasks:build_task"),
+    # ---- models ------------------------------------------------------------------
+    Entry("tiny", "model", "Embedded LLaVA-style VLM built from a transformers config (random weights, word-level tokenizer from the task vocabulary).",
+          (P("width", "int", 256, "language model hidden size", min=16, max=8192),
+           P("depth", "int", 4, "language model layers", min=1, max=64),
+           P("heads", "int", 4, "attention heads", min=1, max=64),
+           P("vision_width", "int", 128, "vision tower hidden size", min=16, max=4096),
+           P("vision_depth", "int", 2, "vision tower layers", min=1, max=48),
+           P("patch", "px", 16, "vision patch size (image size must be a multiple)", min=2, max=64, unit="px")),
+          impl="percepdsl_runtime.models:build_tiny"),
+    Entry("hf", "model", 'A local Hugging Face image-text-to-text checkpoint: `model hf "/path" { lora { r = 16 } }`.',
+          (P("dtype", "choice", "float32", "weights dtype", choices=("float32", "bfloat16", "float16")),),
+          impl="percepdsl_runtime.models:load_hf"),
+    Entry("lora", "block", "PEFT LoRA adapters on an `hf` model.",
+          (P("r", "int", 16, "adapter rank", min=1, max=1024),
+           P("alpha", "float", 32, "scaling numerator (scale = alpha / r)", min=0),
+           P("dropout", "float", 0.05, "adapter dropout", min=0, max=1),
+           P("target_modules", "str_list", "all-linear", "modules to adapt, or \"all-linear\"")),
+          impl="peft:LoraConfig"),
+    # ---- role rules ---------------------------------------------------------------
+    Entry("between", "role_rule", "Characters from an opening marker to its closing marker (markers included unless markers = false).",
+          (P("open", "str", None, "opening marker", required=True),
+           P("close", "str", None, "closing marker", required=True),
+           P("markers", "bool", True, "whether the marker text belongs to the role"))),
+    Entry("regex", "role_rule", "Characters matched by a regular expression (Python syntax).",
+          (P("pattern", "str", None, "the regular expression", required=True),)),
+    Entry("rest", "role_rule", "Every target character no earlier rule claimed."),
+    # ---- losses --------------------------------------------------------------------
+    Entry("token_mean", "loss", "Cross-entropy averaged over all target tokens: the standard SFT loss (the baseline)."),
+    Entry("mean", "loss", "Cross-entropy averaged over the tokens of the given roles only; mix terms with weights: `lam * mean(perception) + (1 - lam) * mean(reasoning, answer)`.",
+          (P("roles", "roles", None, "roles whose tokens are averaged", variadic=True),)),
+    Entry("ngdiff", "loss", "NGDiff dynamic balancing: each group's gradient is normalised to unit norm, then summed (g = g_p/‖g_p‖ + g_r/‖g_r‖).",
+          (P("groups", "role_group", None, "role groups, e.g. `ngdiff(perception, [reasoning, answer])`", variadic=True),
+           P("auto_lr", "bool", False, "scale the step by the mean raw gradient norm (automatic learning rate)"))),
+    # ---- schedules ------------------------------------------------------------------
+    Entry("constant", "schedule", "A constant value.", (P("value", "float", None, "the value", required=True), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
+    Entry("linear", "schedule", "Linear from start to end over the stage.",
+          (P("start", "float", None, "value at the first step", required=True), P("end", "float", None, "value at the last step", required=True), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
+    Entry("cosine", "schedule", "Cosine from start to end over the stage.",
+          (P("start", "float", None, "value at the first step", required=True), P("end", "float", 0.0, "value at the last step"), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
+    Entry("step", "schedule", "Start value, multiplied by factor every N steps.",
+          (P("start", "float", None, "initial value", required=True), P("factor", "float", 0.5, "multiplier", min=0), P("every", "int", 100, "steps between decays", min=1), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
+    Entry("warmup", "schedule", "Linear ramp from 0 to value over the first steps, then constant.",
+          (P("value", "float", None, "the value after warmup", required=True), P("steps", "int", None, "warmup steps", required=True, min=1))),
+    # ---- reward terms ---------------------------------------------------------------
+    Entry("outcome", "reward", "1 if the answer is correct for the true instance (needs ground truth).", impl="percepdsl_runtime.rewards:outcome"),
+    Entry("perception_match", "reward", "1 if the perception section equals p* exactly (needs perception labels).", impl="percepdsl_runtime.rewards:perception_match"),
+    Entry("perception_partial", "reward", "Partial perception credit: edge F1 (graph colouring) or cell accuracy (sudoku).", impl="percepdsl_runtime.rewards:perception_partial"),
+    Entry("format", "reward", "1 if the output has the perception, reasoning and answer sections once, in order.", impl="percepdsl_runtime.rewards:format_ok"),
+    Entry("self_consistency", "reward", "Surrogate (no p*): agreement of a rollout's perception with the majority perception of its group.", impl="percepdsl_runtime.rewards:self_consistency"),
+    Entry("perceived_consistency", "reward", "Surrogate (no p*): 1 if the answer is a correct solution of the instance the rollout perceived (its perception is well-formed and its answer follows from it).", impl="percepdsl_runtime.rewards:perceived_consistency"),
+    Entry("gate", "reward", "`gate(value, by)`: value where the gate term is 1, else 0 — e.g. outcome only if the format is valid.",
+          (P("value", "reward", None, "the gated reward", required=True), P("by", "reward", None, "the gate (a 0/1 term)", required=True))),
+    # ---- metrics --------------------------------------------------------------------
+    Entry("end_to_end", "metric", "a: the model sees image + question and writes everything; the answer is verified."),
+    Entry("perception", "metric", "a_p: the perception section equals p* exactly."),
+    Entry("perception_partial", "metric", "Partial perception credit (edge F1 / cell accuracy)."),
+    Entry("reasoning", "metric", "a_r: counterfactual reasoning — oracle p* placed as the perception section, the model continues; the answer is verified."),
+    Entry("format_ok", "metric", "Fraction of outputs with well-formed sections."),
+    # ---- blocks ---------------------------------------------------------------------
+    Entry("sft", "block", "Supervised fine-tuning stage on the task's chain-of-thought targets.",
+          (P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
+           P("lr", "value", 1e-3, "learning rate: a number or a schedule such as `cosine(1e-3, 0, warmup = 50)`", min=0, max=1),
+           P("batch", "int", 8, "sequences per optimizer step (before accumulation)", min=1, max=4096),
+           P("loss", "loss", "token_mean", "training loss; default `token_mean()`"),
+           P("weight_decay", "float", 0.0, "AdamW weight decay", min=0, max=1),
+           P("max_length", "int", None, "truncate sequences to this many tokens", min=8, nullable=True),
+           P("eval_every", "int", None, "evaluate every N steps in this stage (overrides eval.every)", min=1, nullable=True))),
+    Entry("grpo", "block", "GRPO reinforcement-learning stage with group-normalised advantages.",
+          (P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
+           P("lr", "value", 1e-4, "learning rate (number or schedule)", min=0, max=1),
+           P("batch", "int", 2, "prompts per step", min=1, max=4096),
+           P("group", "int", 8, "samples per prompt (G)", min=2, max=1024),
+           P("reward", "reward", None, "reward expression, e.g. `0.3 * perception_match + 0.7 * outcome`", required=True),
+           P("temperature", "float", 1.0, "sampling temperature", min=0.01, max=10),
+           P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
+           P("max_new_tokens", "int", 128, "generation cap", min=1, max=32768),
+           P("kl", "float", 0.0, "β of the KL penalty to a frozen reference (0 loads no reference)", min=0, max=10),
+           P("clip", "float", 0.2, "ε of the clipped importance ratio", min=0, max=1),
+           P("clip_high", "float", None, "ε_high for asymmetric clipping (none = clip)", min=0, max=1, nullable=True),
+           P("updates", "int", 1, "optimizer updates per generated batch", min=1, max=64),
+           P("scale", "choice", "group", "advantage scaling", choices=("group", "batch", "none")),
+           P("aggregation", "choice", "sequence", "loss aggregation: per-sequence mean (GRPO) or over all tokens (DAPO / Dr. GRPO)", choices=("sequence", "token")),
+           P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss"),
+           P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True))),
+    Entry("eval", "block", "The three-way evaluation, run at the end of each stage and optionally every N steps.",
+          (P("every", "int", None, "evaluate every N steps (none = at stage ends only)", min=1, nullable=True),
+           P("metrics", "metrics", ("end_to_end", "perception", "reasoning"), "metrics to report"),
+           P("test", "int", None, "test items to evaluate (none = the whole test split)", min=1, nullable=True),
+           P("max_new_tokens", "int", None, "generation cap (none = 1.3 × reference length + 20)", min=1, nullable=True),
+           P("temperature", "float", 0.0, "0 = greedy", min=0, max=10),
+           P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
+           P("batch", "int", 50, "generation batch size", min=1, max=4096))),
+    Entry("trainer", "block", "Lightning trainer settings.",
+          (P("precision", "choice", "bf16-mixed", "numeric precision", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true")),
+           P("accelerator", "choice", "auto", "device type", choices=("auto", "cpu", "gpu", "cuda", "mps")),
+           P("devices", "int", 1, "devices per node", min=1, max=1024),
+           P("strategy", "choice", "auto", "distribution strategy", choices=("auto", "ddp", "fsdp", "deepspeed")),
+           P("accumulate", "int", 1, "gradient accumulation steps", min=1, max=1024),
+           P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
+           P("log_every", "int", 10, "steps between metric rows", min=1),
+           P("threads", "int", None, "torch CPU threads (none = all cores)", min=1, nullable=True))),
+    # ---- keywords (hover / completion) ---------------------------------------------
+    Entry("experiment", "keyword", "`experiment NAME` — names the experiment; run directories are `NAME-HASH`."),
+    Entry("param", "keyword", "`param NAME: TYPE = DEFAULT` — a template parameter (int, float, bool, str), overridable with `--set NAME=VALUE` or a grid axis."),
+    Entry("seed", "keyword", "`seed N` — the seed for data generation, initialisation and data order."),
+    Entry("include", "keyword", '`include "file.pd"` — splice in the statements of a shared fragment.'),
+    Entry("task", "keyword", "`task NAME { ... }` — the synthetic task and its settings."),
+    Entry("model", "keyword", '`model tiny { ... }` or `model hf "/path" { lora { ... } }`.'),
+    Entry("roles", "keyword", "`roles { NAME = RULE ... }` — which target characters belong to which role; rules are tried in order."),
+    Entry("stage", "keyword", "`stage NAME = sft|grpo [from PARENT] { ... }` — a training stage, starting from its parent's weights."),
+    Entry("trainer", "keyword", "`trainer { ... }` — precision, devices, strategy, accumulation, clipping."),
+    Entry("grid", "keyword", "`grid NAME` — starts a grid file: a template spec swept over parameter axes."),
+    Entry("template", "keyword", '`template "spec.pd"` — the spec a grid sweeps.'),
+    Entry("axis", "keyword", "`axis NAME = [values]` — a product axis over a template param."),
+    Entry("zip", "keyword", "`zip { a = [...], b = [...] }` — params that vary together."),
+    Entry("seeds", "keyword", "`seeds [1, 2, 3]` or `seeds 1..3` — each cell runs once per seed."),
+    Entry("where", "keyword", "`where EXPR` — keep only cells for which the condition holds."),
+    Entry("report", "keyword", "`report [metrics]` — the columns of the grid's results table."),
+    Entry("fix", "keyword", "`fix NAME = VALUE` — set a template param for every cell."),
+)
+
+# `eval` is both a keyword and a block; the block entry documents both.
+
+
+class Catalogue:
+    """Name → entry, per kind. Built once from the built-ins plus plugin data files."""
+
+    def __init__(self, entries=BUILTINS):
+        self._by_kind: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self.problems: list[str] = []  # plugin files that could not be read
+        for e in entries:
+            self.add(e)
+
+    def add(self, entry: Entry) -> None:
+        if entry.kind not in self._by_kind:
+            raise ValueError(f"unknown catalogue kind {entry.kind!r}; expected one of {KINDS}")
+        for p in entry.params:
+            if p.type not in TYPES:
+                raise ValueError(f"{entry.name}.{p.name}: unknown parameter type {p.type!r}")
+        self._by_kind[entry.kind][entry.name] = entry
+
+    def get(self, kind: str, name: str) -> Entry | None:
+        return self._by_kind[kind].get(name)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._by_kind[kind])
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        kinds = [kind] if kind else list(KINDS)
+        return [e for k in kinds for e in self._by_kind[k].values()]
+
+    def lookup(self, name: str) -> list[Entry]:
+        """Every entry with this name, whatever its kind (for hover)."""
+        return [d[name] for d in self._by_kind.values() if name in d]
+
+
+def _entry_from_toml(data: dict, source: str) -> Entry:
+    params = tuple(
+        ParamSpec(
+            name=p["name"], type=p["type"], default=p.get("default"), doc=p.get("doc", ""),
+            min=p.get("min"), max=p.get("max"), choices=tuple(p.get("choices", ())), unit=p.get("unit"),
+            required=p.get("required", False), nullable=p.get("nullable", False), variadic=p.get("variadic", False),
+        )
+        for p in data.get("params", [])
+    )
+    return Entry(data["name"], data["kind"], data.get("doc", ""), params, data.get("impl"), source)
+
+
+def plugin_entries() -> tuple[list[Entry], list[str]]:
+    """Entries declared by installed plugins, read as data (no plugin code runs)."""
+    entries, problems = [], []
+    for ep in metadata.entry_points(group="percepdsl.catalogue"):
+        package, _, resource = ep.value.partition(":")
+        try:
+            spec = importlib.util.find_spec(package)  # a top-level package: located, not imported
+            if spec is None or not spec.submodule_search_locations:
+                raise FileNotFoundError(f"package {package!r} not found")
+            path = Path(next(iter(spec.submodule_search_locations))) / (resource or "percep_catalogue.toml")
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            dist = ep.dist.name if ep.dist else package
+            for item in data.get("entry", []):
+                entries.append(_entry_from_toml(item, dist))
+        except Exception as exc:  # a broken plugin must not break checking
+            problems.append(f"plugin entry point {ep.name!r} ({ep.value}): {exc}")
+    return entries, problems
+
+
+@lru_cache(maxsize=1)
+def default_catalogue() -> Catalogue:
+    cat = Catalogue()
+    extra, problems = plugin_entries()
+    for e in extra:
+        try:
+            cat.add(e)
+        except ValueError as exc:
+            problems.append(str(exc))
+    cat.problems = problems
+    return cat
+
+
+__all__ = ["Catalogue", "Entry", "ParamSpec", "P", "default_catalogue", "plugin_entries"]

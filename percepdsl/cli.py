@@ -1,0 +1,183 @@
+"""`percep`: the command line. A thin layer over the library; torch is imported only
+by the commands that train or generate, so `check`, `fmt` and `lsp` start fast.
+
+Exit codes: 0 success; 1 the spec has errors (check) or is not formatted (fmt --check);
+2 bad usage or input refused before work started; 3 a run failed while running.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .diagnostics import Diagnostic, render, summary_line, to_json
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="percepdsl: specs for perception vs reasoning experiments in VLM post-training.",
+)
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+SetOpt = typer.Option(None, "--set", help="Override a param: NAME=VALUE (repeatable).", metavar="NAME=VALUE")
+
+
+def _spec_files(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(p.rglob("*.pd")))
+        else:
+            out.append(p)
+    return out
+
+
+def _print_diags(diags: list[Diagnostic], sources: dict[str, str], fmt: Format, n_files: int, stream=None) -> None:
+    stream = stream or sys.stdout
+    if fmt is Format.json:
+        print(to_json(diags), file=stream)
+        return
+    color = stream.isatty()
+    for d in diags:
+        print(render(d, sources.get(d.file), color=color), file=stream)
+    if n_files:
+        print(summary_line(n_files, diags), file=stream)
+
+
+def _check(path: Path, sets: list[str] | None):
+    from .check import check_file, parse_overrides
+
+    overrides, bad = parse_overrides(sets or [])
+    res = check_file(path, overrides)
+    res.diagnostics[:0] = bad
+    if bad:
+        res.ir = None
+    return res
+
+
+@app.command()
+def check(
+    files: list[Path] = typer.Argument(..., help="Spec or grid files (directories: every .pd inside)."),
+    format: Format = typer.Option(Format.text, "--format", "-f", help="text (file:line:col) or json."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Check specs: every error and warning, located. Exit 1 if any file has an error."""
+    all_diags: list[Diagnostic] = []
+    sources: dict[str, str] = {}
+    paths = _spec_files(files)
+    for path in paths:
+        res = _check(path, set_)
+        all_diags += res.diagnostics
+        if res.loaded is not None:
+            sources.update(res.loaded.sources)
+    _print_diags(all_diags, sources, format, len(paths))
+    raise typer.Exit(EXIT_ERRORS if any(d.is_error for d in all_diags) else EXIT_OK)
+
+
+def compile_or_exit(spec: Path, sets: list[str] | None, stream=None):
+    """Check a spec and return (IR, result); on errors print them and exit 2."""
+    res = _check(spec, sets)
+    if res.ir is None:
+        sources = res.loaded.sources if res.loaded else {}
+        _print_diags(res.diagnostics, sources, Format.text, 1, stream or sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    warnings = [d for d in res.diagnostics if not d.is_error]
+    if warnings:
+        _print_diags(warnings, res.loaded.sources, Format.text, 0, stream or sys.stderr)
+    return res.ir, res
+
+
+@app.command("compile")
+def compile_(
+    spec: Path = typer.Argument(..., help="Spec or grid file."),
+    json_: bool = typer.Option(False, "--json", help="Print the IR as JSON."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Compile a spec to its IR (checked; exit 2 if it has errors)."""
+    from .ir import ExperimentIR, content_hash
+
+    ir, _ = compile_or_exit(spec, set_)
+    if json_:
+        print(json.dumps({"hash": content_hash(ir), "ir": ir.model_dump(mode="json")}, indent=2, ensure_ascii=False))
+        return
+    print(f"{ir.name}-{content_hash(ir)}")
+    if isinstance(ir, ExperimentIR):
+        print(f"  task   {ir.task.name} {ir.task.params}")
+        print(f"  model  {ir.model.kind} {ir.model.path or ''}")
+        print(f"  roles  {', '.join(ir.role_names)}")
+        for st in ir.stages:
+            what = st.loss.kind if st.loss else "reward " + ", ".join(t.name for t in st.reward.terms())
+            print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.settings['steps']} steps, {what}")
+    else:
+        from .grid import expand
+
+        print(f"  template {ir.template}: {len(expand(ir))} cells")
+
+
+@app.command()
+def fmt(
+    files: list[Path] = typer.Argument(..., help="Files to format in place; `-` reads stdin and writes stdout."),
+    check_only: bool = typer.Option(False, "--check", help="Change nothing; exit 1 if a file is not formatted."),
+) -> None:
+    """Rewrite specs in canonical form (comments preserved)."""
+    from .fmt import format_text
+    from .io import write_text_atomic
+    from .parse import decode
+
+    if [str(f) for f in files] == ["-"]:
+        text = sys.stdin.read()
+        out, diags = format_text(text, "<stdin>")
+        if out is None:
+            _print_diags(diags, {"<stdin>": text}, Format.text, 0, sys.stderr)
+            raise typer.Exit(EXIT_ERRORS)
+        sys.stdout.write(out)
+        return
+    changed, failed = [], False
+    for path in _spec_files(files):
+        from .check import read_source
+
+        text, diags = read_source(path)
+        out = None
+        if text is not None:
+            out, diags = format_text(text, str(path))
+        if out is None:
+            _print_diags(diags, {str(path): text or ""}, Format.text, 0, sys.stderr)
+            failed = True
+            continue
+        if out != text:
+            changed.append(path)
+            if not check_only:
+                write_text_atomic(path, out)
+    for p in changed:
+        print(f"{'would reformat' if check_only else 'reformatted'} {p}")
+    if failed or (check_only and changed):
+        raise typer.Exit(EXIT_ERRORS)
+
+
+@app.command()
+def schema() -> None:
+    """Print the IR's JSON Schema."""
+    from .ir import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,420 @@
+"""Text → AST. Lark LALR parse (grammar in `grammars/percep.lark`), then a
+non-recursive transform into the typed nodes of `ast.py`.
+
+`parse_text` never raises: every problem (undecodable bytes, a stray character,
+an unexpected token, a number that does not fit, brackets nested too deep) comes
+back as a located `Diagnostic`. After a syntax error the parser resumes from the
+next token so that later, independent errors are reported too.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer_NonRecursive, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from . import nodes as A
+from .diagnostics import Diagnostic, Reporter, Span
+
+MAX_DEPTH = 64  # bracket nesting; keeps every later (recursive) pass far from Python's recursion limit
+MAX_SYNTAX_ERRORS = 5
+_OPEN = {"LPAR", "LSQB", "LBRACE"}
+_CLOSE = {"RPAR", "RSQB", "RBRACE"}
+
+# What the user sees for grammar terminals in "expected ..." lists.
+TERMINAL_NAMES = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "DIMENSION": "a size such as `64px`",
+    "STRING": 'a string in double quotes',
+    "LPAR": "`(`",
+    "RPAR": "`)`",
+    "LSQB": "`[`",
+    "RSQB": "`]`",
+    "LBRACE": "`{`",
+    "RBRACE": "`}`",
+    "COMMA": "`,`",
+    "COLON": "`:`",
+    "EQUAL": "`=`",
+    "ADD_OP": "`+` or `-`",
+    "MUL_OP": "`*` or `/`",
+    "COMP_OP": "a comparison",
+    "FROM": "`from`",
+    "__ANON_0": "`..`",
+    "$END": "end of file",
+}
+
+
+class _TooDeep(Exception):
+    def __init__(self, token: Token):
+        self.token = token
+
+
+class _DepthCounter:
+    """Lexer callback state: bracket depth of the parse in progress."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    def open(self, tok: Token) -> Token:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _TooDeep(tok)
+        return tok
+
+    def close(self, tok: Token) -> Token:
+        self.depth -= 1
+        return tok
+
+
+_counter = _DepthCounter()
+
+
+def grammar_text() -> str:
+    return resources.files("percepdsl.grammars").joinpath("percep.lark").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _parser() -> tuple[Lark, list[Token]]:
+    comments: list[Token] = []
+    callbacks = {name: _counter.open for name in _OPEN} | {name: _counter.close for name in _CLOSE}
+    callbacks["COMMENT"] = comments.append
+    parser = Lark(
+        grammar_text(),
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=True,
+        lexer_callbacks=callbacks,
+        cache=True,  # the compiled LALR tables are cached on disk: `percep check` starts fast
+    )
+    return parser, comments
+
+
+def _tok_span(tok: Token) -> Span:
+    return Span(tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+def _keyword_names() -> dict[str, str]:
+    parser, _ = _parser()
+    names = {}
+    for term in parser.terminals:
+        pattern = term.pattern
+        if pattern.type == "str" and pattern.value.isalpha():
+            names[term.name] = f"`{pattern.value}`"
+    return names
+
+
+def _describe_expected(expected) -> str:
+    kw = _keyword_names()
+    names = sorted({TERMINAL_NAMES.get(t) or kw.get(t) or f"`{t}`" for t in expected})
+    if len(names) > 8:
+        names = names[:8] + ["…"]
+    return ", ".join(names)
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    text = str(tok)
+    if len(text) > 30:
+        text = text[:27] + "..."
+    return f"`{text}`"
+
+
+def _syntax_diag(rep: Reporter, err: UnexpectedInput) -> None:
+    if isinstance(err, UnexpectedCharacters):
+        ch = err.char
+        span = Span.point(err.line, err.column)
+        hint = None
+        if ch == "'":
+            hint = 'strings use double quotes: "..."'
+        elif ch == "\x00" or not ch.isprintable():
+            hint = "the file contains a control or binary character; is it a text spec?"
+        rep.error(span, "syntax", f"unexpected character {ch!r}", hint)
+        return
+    if isinstance(err, UnexpectedToken):
+        tok = err.token
+        if tok.type == "$END":
+            line, col = _end_position(rep)
+            rep.error(Span.point(line, col), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
+            return
+        hint = f"expected {_describe_expected(err.expected)}"
+        if tok.type == "EQUAL" and "COLON" in err.expected:
+            hint = "a param needs a type: `param name: float = 0.5`"
+        rep.error(_tok_span(tok), "syntax", f"unexpected {_describe_token(tok)}", hint)
+        return
+    if isinstance(err, UnexpectedEOF):
+        line, col = _end_position(rep)
+        rep.error(Span.point(line, col), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
+        return
+    rep.error(Span.point(getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1), "syntax", str(err).splitlines()[0])
+
+
+def _end_position(rep: Reporter) -> tuple[int, int]:
+    text = getattr(rep, "_text", "")
+    lines = text.split("\n")
+    return len(lines), len(lines[-1]) + 1
+
+
+def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
+    """UTF-8 (a BOM is allowed); undecodable bytes are an error located at the first bad byte."""
+    rep = Reporter(file)
+    try:
+        return data.decode("utf-8-sig"), []
+    except UnicodeDecodeError as e:
+        good = data[: e.start].decode("utf-8", errors="replace")
+        line = good.count("\n") + 1
+        col = len(good) - (good.rfind("\n") + 1) + 1
+        rep.error(
+            Span.point(line, col),
+            "encoding",
+            f"file is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}",
+            "save the spec as UTF-8 text",
+        )
+        return None, rep.items
+
+
+def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[Diagnostic]]:
+    """Parse `text`; returns the AST (None if there were syntax errors) and diagnostics."""
+    rep = Reporter(file)
+    rep._text = text  # for end-of-file positions
+    parser, comments = _parser()
+    comments.clear()
+    _counter.depth = 0
+    last_line = [0]
+
+    def on_error(err: UnexpectedInput) -> bool:
+        line = getattr(err, "line", 0) or 0
+        if line > last_line[0]:  # one error per line: later ones on that line are usually echoes
+            _syntax_diag(rep, err)
+            last_line[0] = line
+        if isinstance(err, UnexpectedToken) and err.token.type == "$END":
+            return False
+        return len(rep.items) < MAX_SYNTAX_ERRORS
+
+    try:
+        tree = parser.parse(text, on_error=on_error)
+    except _TooDeep as e:
+        rep.error(
+            _tok_span(e.token),
+            "too-deep",
+            f"brackets nested more than {MAX_DEPTH} levels deep",
+            "flatten the expression; specs never need this much nesting",
+        )
+        return None, rep.items
+    except UnexpectedInput as e:
+        if not rep.items or (getattr(e, "line", 0) or 0) > last_line[0]:
+            _syntax_diag(rep, e)
+        return None, rep.items
+    if rep.items:
+        return None, rep.items
+    builder = _Builder(rep)
+    items = builder.transform(tree)
+    ast_comments = tuple(A.Comment(c.line, c.column, str(c).rstrip()) for c in comments)
+    end = text.split("\n")
+    span = Span(1, 1, len(end), len(end[-1]) + 1)
+    file_node = A.File(span, tuple(items), ast_comments)
+    return (None if rep.has_errors else file_node), rep.items
+
+
+def parse_expr(text: str) -> tuple[A.Expr | None, list[Diagnostic]]:
+    """Parse a single expression (used by `--set name=value`)."""
+    tree, diags = parse_text(f"seed {text}", "<--set>")
+    if tree is None or len(tree.items) != 1:
+        return None, diags or []
+    return tree.items[0].value, diags
+
+
+# ---- tree → AST ----------------------------------------------------------------------
+
+
+def _span(meta) -> Span:
+    return Span(meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _name(tok: Token) -> A.Name:
+    return A.Name(_tok_span(tok), str(tok))
+
+
+def _string(tok: Token) -> A.String:
+    raw = str(tok)
+    body = raw[1:-1]
+    value = []
+    i = 0
+    escapes = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            value.append(escapes.get(body[i + 1], body[i + 1]))
+            i += 2
+        else:
+            value.append(c)
+            i += 1
+    return A.String(_tok_span(tok), "".join(value), raw)
+
+
+@v_args(meta=True)
+class _Builder(Transformer_NonRecursive):
+    """Parse tree → AST. Numbers are range-checked here so nothing later sees inf/NaN."""
+
+    def __init__(self, rep: Reporter):
+        super().__init__()
+        self.rep = rep
+
+    def start(self, meta, items):
+        return items
+
+    # statements
+    def experiment(self, meta, c):
+        return A.Experiment(_span(meta), _name(c[0]))
+
+    def param(self, meta, c):
+        return A.Param(_span(meta), _name(c[0]), _name(c[1]), c[2])
+
+    def seed(self, meta, c):
+        return A.Seed(_span(meta), c[0])
+
+    def include(self, meta, c):
+        return A.Include(_span(meta), _string(c[0]))
+
+    def task(self, meta, c):
+        return A.Task(_span(meta), _name(c[0]), c[1])
+
+    def model(self, meta, c):
+        path = _string(c[1]) if c[1] is not None else None
+        return A.Model(_span(meta), _name(c[0]), path, c[2])
+
+    def roles(self, meta, c):
+        return A.Roles(_span(meta), c[0])
+
+    def stage(self, meta, c):
+        name, kind, _from, parent, block = c
+        return A.Stage(_span(meta), _name(name), _name(kind), _name(parent) if parent is not None else None, block)
+
+    def eval(self, meta, c):
+        return A.Eval(_span(meta), c[0])
+
+    def trainer(self, meta, c):
+        return A.Trainer(_span(meta), c[0])
+
+    def grid(self, meta, c):
+        return A.Grid(_span(meta), _name(c[0]))
+
+    def template(self, meta, c):
+        return A.Template(_span(meta), _string(c[0]))
+
+    def axis(self, meta, c):
+        return A.Axis(_span(meta), _name(c[0]), c[1])
+
+    def zip(self, meta, c):
+        return A.Zip(_span(meta), c[0])
+
+    def seeds(self, meta, c):
+        return A.Seeds(_span(meta), c[0])
+
+    def where(self, meta, c):
+        return A.Where(_span(meta), c[0])
+
+    def report(self, meta, c):
+        return A.Report(_span(meta), c[0])
+
+    def fix(self, meta, c):
+        return A.Fix(_span(meta), _name(c[0]), c[1])
+
+    # blocks
+    def block(self, meta, c):
+        return A.Block(_span(meta), tuple(c))
+
+    def setting(self, meta, c):
+        return A.Setting(_span(meta), _name(c[0]), c[1])
+
+    def subblock(self, meta, c):
+        return A.SubBlock(_span(meta), _name(c[0]), c[1])
+
+    # expressions
+    def _number_value(self, text: str, span: Span) -> int | float:
+        if any(ch in text for ch in ".eE"):
+            value = float(text)
+            if not math.isfinite(value):
+                self.rep.error(span, "bad-number", f"number `{text[:20]}{'…' if len(text) > 20 else ''}` is too large", "use a value below 1e308")
+                return 0.0
+            return value
+        if len(text) > 18:  # beyond int64: no setting in a spec needs it, and it would not survive JSON
+            self.rep.error(span, "bad-number", f"integer with {len(text)} digits is too large", "integers must be below 10^18")
+            return 0
+        return int(text)
+
+    def number(self, meta, c):
+        tok = c[0]
+        span = _tok_span(tok)
+        return A.Number(span, self._number_value(str(tok), span), str(tok))
+
+    def dimension(self, meta, c):
+        tok = c[0]
+        text = str(tok)
+        unit = "px" if text.endswith("px") else "%"
+        span = _tok_span(tok)
+        return A.Dimension(span, self._number_value(text[: -len(unit)], span), unit, text)
+
+    def string(self, meta, c):
+        return _string(c[0])
+
+    def true(self, meta, c):
+        return A.Bool(_tok_span(c[0]), True)
+
+    def false(self, meta, c):
+        return A.Bool(_tok_span(c[0]), False)
+
+    def none(self, meta, c):
+        return A.NoneLit(_tok_span(c[0]))
+
+    def name(self, meta, c):
+        return _name(c[0])
+
+    def call(self, meta, c):
+        func, arglist = c
+        args, kwargs = [], []
+        for a in arglist or ():
+            (kwargs if isinstance(a, A.Kwarg) else args).append(a)
+        return A.Call(_span(meta), _name(func), tuple(args), tuple(kwargs))
+
+    def arglist(self, meta, c):
+        return c
+
+    def kwarg(self, meta, c):
+        return A.Kwarg(_span(meta), _name(c[0]), c[1])
+
+    def list(self, meta, c):
+        return A.ListExpr(_span(meta), tuple(x for x in c if x is not None))
+
+    def range_expr(self, meta, c):
+        return A.Range(_span(meta), c[0], c[1])
+
+    def _chain(self, cls, meta, c):
+        rest = tuple((str(c[i]), c[i + 1]) for i in range(1, len(c), 2))
+        return cls(_span(meta), c[0], rest)
+
+    def sum(self, meta, c):
+        return self._chain(A.Sum, meta, c)
+
+    def product(self, meta, c):
+        return self._chain(A.Product, meta, c)
+
+    def signed(self, meta, c):
+        signs = "".join(str(t) for t in c[:-1])
+        return A.Signed(_span(meta), signs, c[-1])
+
+    def comparison(self, meta, c):
+        return A.Compare(_span(meta), c[0], str(c[1]), c[2])
+
+    def and_test(self, meta, c):
+        return A.BoolOp(_span(meta), "and", tuple(c))
+
+    def or_test(self, meta, c):
+        return A.BoolOp(_span(meta), "or", tuple(c))
+
+    def not_(self, meta, c):
+        return A.Not(_span(meta), c[0])
