@@ -44,6 +44,9 @@ class Loaded:
     text: str | None
     tree: A.File | None
     items: list[tuple[str, A.Statement]] = field(default_factory=list)  # (file name, statement)
+    # A headerless file is a fragment (checked leniently) unless it cannot be one:
+    # an empty file, or one given as text with no path (nothing could include it).
+    is_root_only: bool = False
     sources: dict[str, str] = field(default_factory=dict)  # file name → text, for rendering
 
 
@@ -76,6 +79,7 @@ def load(path: Path | None, text: str | None = None, name: str | None = None) ->
     tree, d = parse_text(text, name)
     diags += d
     loaded.tree = tree
+    loaded.is_root_only = tree is not None and not tree.items
     if tree is not None:
         stack = [path.resolve()] if path is not None else []
         _splice(loaded, tree, name, path.parent if path is not None else Path.cwd(), stack, diags)
@@ -130,7 +134,7 @@ class V:
     def describe(self) -> str:
         return {
             "num": f"the number {_show(self.value)}", "str": f'the string "{self.value}"', "bool": f"`{str(self.value).lower()}`",
-            "none": "`none`", "dim": "a size", "range": "a range", "list": "a list", "sym": f"the name `{self.value}`",
+            "none": "`none`", "dim": f"the size `{_show(self.value[0])}{self.value[1]}`" if self.kind == "dim" else "", "range": "a range", "list": "a list", "sym": f"the name `{self.value}`",
             "sched": "a schedule", "loss": "a loss", "reward": "a reward", "rule": "a role rule",
         }[self.kind]
 
@@ -169,7 +173,9 @@ class Result:
 
 
 class Checker:
-    def __init__(self, loaded: Loaded, catalogue: Catalogue, overrides: dict[str, str] | None = None, override_origin: str = "--set"):
+    def __init__(self, loaded: Loaded, catalogue: Catalogue, overrides: dict[str, str] | None = None, override_origin: str = "--set",
+                 fragment_ok: bool = True):
+        self.fragment_ok = fragment_ok
         self.loaded = loaded
         self.cat = catalogue
         self.overrides = dict(overrides or {})
@@ -178,6 +184,7 @@ class Checker:
         self.file = loaded.name
         self.params: dict[str, ParamInfo] = {}
         self.roles: dict[str, tuple[str, Span]] = {}  # role → (file, span of its declaration)
+        self.has_rest = False
         self.symbols: dict[str, list[tuple[str, Span, str]]] = {}
 
     # -- reporting
@@ -225,9 +232,12 @@ class Checker:
         g = self._group(items, (A.Experiment, A.Seed, A.Model, A.Roles, A.Eval, A.Trainer), spec_stmts, "an experiment spec")
         self.file = self.loaded.name
         exp = g.get(A.Experiment, [])
-        if not exp:
+        # A file without a header that is only included by others is a fragment: it is
+        # checked as far as it stands alone, and not required to be a whole experiment.
+        self.fragment = not exp and not self.loaded.is_root_only and self.fragment_ok
+        if not exp and not self.fragment:
             self.error(Span.point(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`")
-        else:
+        elif exp:
             self._symbol("experiment", exp[0][1].name.id, exp[0][1].name.span)
         self._declare_params(g.get(A.Param, []))
         self._apply_overrides()
@@ -320,8 +330,10 @@ class Checker:
         return seed if value is None else value
 
     def _report_unused_params(self) -> None:
+        if self.fragment:  # the params may be used by the specs that include the fragment
+            return
         for name, info in self.params.items():
-            if not info.used:
+            if not info.used and info.value is not None:  # a param with an error was reported already
                 self.file = info.file
                 self.warning(info.decl.name.span, "unused-param", f"param `{name}` is declared but never used", "use it in a setting or remove it")
 
@@ -359,12 +371,15 @@ class Checker:
                     continue
                 rest_at = entry.value.span
             rules.append(RoleRuleIR(role=role, **v.value))
+        self.has_rest = rest_at is not None
         if not rules and stmt.block.entries == ():
             self.error(stmt.span, "missing-block", "the roles block declares no role", 'e.g. `perception = between("<perception>", "</perception>")`')
         return rules
 
     # -- task and model
     def _check_task(self, decls) -> TaskIR | None:
+        if not decls and self.fragment:
+            return None
         if not decls:
             self.file = self.loaded.name
             self.error(Span.point(), "missing-block", "the spec has no `task` block", "add e.g. `task graph_coloring { nodes = 5 }`")
@@ -400,7 +415,7 @@ class Checker:
             self.error(m.path.span, "unexpected-path", f"model `{entry.name}` takes no path", "only `model hf \"/path\"` loads a checkpoint")
         if lora_blk is not None and entry.name != "hf":
             self.error(lora_blk.key.span, "unknown-setting", f"LoRA applies to `hf` models, not `{entry.name}`", "the tiny model trains all its weights")
-        params = self._check_block(block, entry, f"model `{entry.name}`", subblocks=("lora",) if entry.name == "hf" else ())
+        params = self._check_block(block, entry, f"model `{entry.name}`", subblocks=("lora",))
         lora = None
         if isinstance(lora_blk, A.SubBlock) and entry.name == "hf":
             lv = self._check_block(lora_blk.block, self.cat.get("block", "lora"), "lora")
@@ -418,6 +433,8 @@ class Checker:
 
     # -- stages
     def _check_stages(self, decls) -> list[StageIR]:
+        if not decls and self.fragment:
+            return []
         if not decls:
             self.file = self.loaded.name
             self.error(Span.point(), "missing-block", "the spec has no stage", "add e.g. `stage base = sft { steps = 600 }`")
@@ -1028,13 +1045,10 @@ class Checker:
                     self.warning(sp, "overlapping-terms", f"role `{r}` appears in two loss terms; its tokens are counted twice", None,
                                  [self._related(self.file, seen[r], "first term here")])
                 seen[r] = sp
-        if len(terms) == 1 and terms[0][1] is None and terms[0][0] == 1.0:
-            return LossIR(kind="token_mean")
-        all_roles = list(self.roles) if self.roles else None
-        out = []
-        for w, roles, _ in terms:
-            out.append(LossTermIR(weight=w, roles=list(roles) if roles is not None else (all_roles or [])))
-        return LossIR(kind="mix", terms=out)
+        all_roles = list(self.roles) + ([] if self.has_rest else [IMPLICIT_ROLE])
+        if len(terms) == 1 and terms[0][0] == 1.0 and (terms[0][1] is None or set(terms[0][1]) == set(all_roles)):
+            return LossIR(kind="token_mean")  # a mean over every role is the token mean: one IR, one hash
+        return LossIR(kind="mix", terms=[LossTermIR(weight=w, roles=list(roles) if roles is not None else all_roles) for w, roles, _ in terms])
 
     # -- catalogue lookups with "did you mean"
     def _lookup_named(self, name: A.Name, kind: str) -> Entry | None:
@@ -1091,13 +1105,15 @@ def _type_hint(spec: ParamSpec, v: V) -> str | None:
 
 
 def check_file(path: str | Path, overrides: dict[str, str] | None = None, catalogue: Catalogue | None = None,
-               text: str | None = None, origin: str = "--set") -> Result:
+               text: str | None = None, origin: str = "--set", fragment_ok: bool = True) -> Result:
     """Check a spec or grid file; `text` overrides the file's content (editors).
 
-    `origin` names where overrides come from in notes ("--set" or "grid")."""
+    `origin` names where overrides come from in notes ("--set" or "grid"). A file
+    without a header passes as an include fragment unless `fragment_ok` is False
+    (compiling and running need a whole experiment)."""
     p = Path(path)
     loaded, diags = load(p, text)
-    return _finish(loaded, diags, overrides, catalogue, origin)
+    return _finish(loaded, diags, overrides, catalogue, origin, fragment_ok)
 
 
 def check_text(text: str, name: str = "<string>", overrides: dict[str, str] | None = None, catalogue: Catalogue | None = None,
@@ -1107,10 +1123,10 @@ def check_text(text: str, name: str = "<string>", overrides: dict[str, str] | No
     return _finish(loaded, diags, overrides, catalogue)
 
 
-def _finish(loaded: Loaded, diags: list[Diagnostic], overrides, catalogue, origin: str = "--set") -> Result:
+def _finish(loaded: Loaded, diags: list[Diagnostic], overrides, catalogue, origin: str = "--set", fragment_ok: bool = True) -> Result:
     if loaded.tree is None or any(d.is_error and d.code in ("syntax", "encoding", "too-deep", "missing-file", "bad-number") for d in diags):
         return Result(None, diags, loaded)
-    checker = Checker(loaded, catalogue or default_catalogue(), overrides, origin)
+    checker = Checker(loaded, catalogue or default_catalogue(), overrides, origin, fragment_ok)
     ir = checker.run()
     all_diags = diags + checker.diags
     if any(d.is_error for d in all_diags):

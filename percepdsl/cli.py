@@ -57,11 +57,11 @@ def _print_diags(diags: list[Diagnostic], sources: dict[str, str], fmt: Format, 
         print(summary_line(n_files, diags), file=stream)
 
 
-def _check(path: Path, sets: list[str] | None):
+def _check(path: Path, sets: list[str] | None, fragment_ok: bool = True):
     from .check import check_file, parse_overrides
 
     overrides, bad = parse_overrides(sets or [])
-    res = check_file(path, overrides)
+    res = check_file(path, overrides, fragment_ok=fragment_ok)
     res.diagnostics[:0] = bad
     if bad:
         res.ir = None
@@ -89,7 +89,7 @@ def check(
 
 def compile_or_exit(spec: Path, sets: list[str] | None, stream=None):
     """Check a spec and return (IR, result); on errors print them and exit 2."""
-    res = _check(spec, sets)
+    res = _check(spec, sets, fragment_ok=False)
     if res.ir is None:
         sources = res.loaded.sources if res.loaded else {}
         _print_diags(res.diagnostics, sources, Format.text, 1, stream or sys.stderr)

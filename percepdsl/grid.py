@@ -197,7 +197,12 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
         return None
     # Compile cells: a value that passes the param's type can still break the template (a weight out of range).
     failures = 0
+    seen_params: set[str] = set()
     for cell in cells[:MAX_CELL_CHECKS]:
+        key = Cell(cell.params, None).label()
+        if key in seen_params:  # the seed never decides whether a cell compiles
+            continue
+        seen_params.add(key)
         res = check_file(tpath, cell.overrides(), origin="grid")
         if res.ok:
             continue
@@ -207,7 +212,7 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
         first = next(d for d in res.diagnostics if d.is_error)
         file, span = axis_spans[0] if axis_spans else (ck.loaded.name, g[A.Grid][0][1].span)
         ck.file = file
-        ck.error(span, "cell-error", f"cell {cell.label()} does not compile: {first.message}", "restrict the axis values or add a `where` filter",
+        ck.error(span, "cell-error", f"cell {key} does not compile: {first.message}", "restrict the axis values or add a `where` filter",
                  [Related(first.file, first.span, first.message)])
     return None if failures else grid
 

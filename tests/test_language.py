@@ -1,0 +1,286 @@
+"""The spec language: robustness, formatter, overrides, hashing and the CLI contract."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from percepdsl.check import check_file, check_text, parse_overrides
+from percepdsl.fmt import format_text
+from percepdsl.ir import content_hash
+from percepdsl.parse import decode
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").rglob("*.pd"))
+PERCEP = [sys.executable, "-m", "percepdsl"]
+
+
+def run_cli(*args: str, input: bytes | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*PERCEP, *args], input=input, capture_output=True, cwd=cwd, timeout=120)
+
+
+# ---- reference specs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_reference_specs_check_clean(spec: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    res = check_file(spec)
+    assert res.diagnostics == [], [d.message for d in res.diagnostics]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_reference_specs_are_formatted(spec: Path) -> None:
+    text = spec.read_text(encoding="utf-8")
+    out, diags = format_text(text)
+    assert out == text
+
+
+# ---- formatter -------------------------------------------------------------------------------
+
+
+MESSY = '''experiment   demo # trailing on header
+param lam:float=0.25
+# a leading comment
+seed 3
+include "common/roles.pd"
+task graph_coloring{nodes=4..6,edge_prob=0.4 image=64px, # opening
+  train = 100 # trailing on train
+
+  # leading on test
+  test = 20
+  # end of block
+}
+stage base=sft{steps=10 loss=lam*mean(perception)+(1-lam)*mean(reasoning,answer)}
+stage rl = grpo from base { steps = 2, reward = gate(0.5*outcome+0.5*(perception_match), by=format) }
+# end of file
+'''
+
+
+def test_fmt_is_idempotent_and_keeps_comments_and_meaning(tmp_path: Path) -> None:
+    spec = tmp_path / "messy.pd"
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "roles.pd").write_text((ROOT / "specs/common/roles.pd").read_text())
+    spec.write_text(MESSY)
+    out, _ = format_text(MESSY)
+    assert out is not None
+    again, _ = format_text(out)
+    assert again == out
+    comments = [line.split("#", 1)[1].strip() for line in MESSY.splitlines() if "#" in line]
+    for c in comments:
+        assert c in out, f"comment {c!r} lost"
+    before = check_file(spec)
+    spec.write_text(out)
+    after = check_file(spec)
+    assert before.ok and after.ok
+    assert before.ir == after.ir and content_hash(before.ir) == content_hash(after.ir)
+
+
+IDENT = st.sampled_from(["lam", "alpha", "x", "steps", "perception"])
+ATOM = st.one_of(IDENT, st.integers(0, 999).map(str), st.sampled_from(["0.5", "1e-3", "64px", '"s"', "true", "none"]))
+
+
+def _expr(depth: int = 3):
+    if depth == 0:
+        return ATOM
+    sub = _expr(depth - 1)
+    return st.one_of(
+        ATOM,
+        st.tuples(sub, st.sampled_from(["+", "-", "*", "/"]), sub).map(lambda t: f"{t[0]} {t[1]} {t[2]}"),
+        sub.map(lambda s: f"({s})"),
+        sub.map(lambda s: f"-{s}"),
+        st.lists(sub, max_size=3).map(lambda xs: f"[{', '.join(xs)}]"),
+        st.tuples(IDENT, st.lists(sub, max_size=2)).map(lambda t: f"{t[0]}({', '.join(t[1])})"),
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exprs=st.lists(_expr(), min_size=1, max_size=4), comment=st.booleans())
+def test_fmt_round_trip_property(exprs: list[str], comment: bool) -> None:
+    body = "\n".join(f"  k{i} = {e}" + ("  # c" if comment else "") for i, e in enumerate(exprs))
+    text = f"experiment p\ntask graph_coloring {{\n{body}\n}}\nstage s = sft {{ steps = 1 }}\n"
+    out, diags = format_text(text)
+    if out is None:
+        return  # the generator can produce text that does not parse (e.g. `none(...)`); fine
+    assert format_text(out)[0] == out
+    a, b = check_text(text, "p.pd"), check_text(out, "p.pd")
+    assert [(d.code, d.message) for d in a.diagnostics] == [(d.code, d.message) for d in b.diagnostics]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_arbitrary_text_never_crashes(text: str) -> None:
+    res = check_text(text, "fuzz.pd")
+    for d in res.diagnostics:
+        assert d.span.line >= 1 and d.span.column >= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash(data: bytes) -> None:
+    text, diags = decode(data, "bin.pd")
+    if text is not None:
+        check_text(text, "bin.pd")
+    else:
+        assert diags and diags[0].code == "encoding"
+
+
+# ---- hostile inputs: each gives a located diagnostic, never a traceback ----------------------------
+
+HOSTILE = {
+    "empty": b"",
+    "binary": bytes(range(256)),
+    "undecodable": b"experiment x\nseed \xff\xfe\n",
+    "long_line": b"experiment x\nseed " + b"1+" * 100_000 + b"1\n",
+    "deep_parens": b"experiment x\nseed " + b"(" * 3000 + b"1" + b")" * 3000 + b"\n",
+    "huge_number": b"experiment x\nseed " + b"9" * 400 + b"\n",
+    "huge_float": b"experiment x\ntask graph_coloring { edge_prob = 1" + b"0" * 400 + b".5 }\n",
+    "nul": b"experiment x\x00\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_inputs_give_located_diagnostics(name: str, tmp_path: Path) -> None:
+    path = tmp_path / f"{name}.pd"
+    path.write_bytes(HOSTILE[name])
+    proc = run_cli("check", "--format", "json", str(path), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr
+    diags = json.loads(proc.stdout)
+    assert diags and all(d["severity"] in ("error", "warning") for d in diags)
+    for d in diags:
+        assert d["line"] >= 1 and d["column"] >= 1 and d["end_line"] >= d["line"]
+
+
+def test_missing_file_is_a_diagnostic(tmp_path: Path) -> None:
+    proc = run_cli("check", str(tmp_path / "nope.pd"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert b"error[missing-file]: no such file" in proc.stdout
+    assert b"Traceback" not in proc.stderr
+
+
+# ---- CLI contract ----------------------------------------------------------------------------------
+
+
+def test_check_text_format_and_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pd"
+    bad.write_text("experiment x\ntask graph_coloring { edge_prob = 2 }\nstage s = sft { steps = 1 }\n")
+    proc = run_cli("check", str(bad), cwd=tmp_path)
+    assert proc.returncode == 1
+    first = proc.stdout.decode().splitlines()[0]
+    assert first == "bad.pd:2:35: error[out-of-range]: `edge_prob` must be between 0 and 1, got 2"
+    assert "^" in proc.stdout.decode()
+    good = run_cli("check", "specs/quickstart.pd", "specs/gc_sft_fixed.pd")
+    assert good.returncode == 0, good.stdout.decode()
+    assert good.stdout.decode().strip().endswith("2 files checked: 0 errors, 0 warnings")
+
+
+def test_check_json_lists_all_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pd", tmp_path / "b.pd"
+    a.write_text("experiment a\nparam beta: float = 0.1\ntask graph_coloring {}\nstage s = sft { steps = 1 }\n")
+    b.write_text("experiment b\ntask graph_colorin {}\nstage s = sft { steps = 1 }\n")
+    proc = run_cli("check", "--format", "json", "a.pd", "b.pd", cwd=tmp_path)
+    assert proc.returncode == 1
+    diags = json.loads(proc.stdout)
+    assert {(d["file"], d["code"], d["severity"]) for d in diags} == {("a.pd", "unused-param", "warning"), ("b.pd", "unknown-task", "error")}
+    task = next(d for d in diags if d["code"] == "unknown-task")
+    assert (task["line"], task["column"], task["end_line"], task["end_column"]) == (2, 6, 2, 19)
+    assert task["hint"] == "did you mean `graph_coloring`?"
+
+
+def test_warnings_do_not_fail(tmp_path: Path) -> None:
+    a = tmp_path / "a.pd"
+    a.write_text("experiment a\nparam beta: float = 0.1\ntask graph_coloring {}\nstage s = sft { steps = 1 }\n")
+    assert run_cli("check", "a.pd", cwd=tmp_path).returncode == 0
+
+
+def test_check_does_not_import_torch() -> None:
+    code = (
+        "import sys\nfrom percepdsl.cli import app\n"
+        "try:\n    app(['check', 'specs/quickstart.pd'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\nassert 'transformers' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_compile_json_and_schema() -> None:
+    proc = run_cli("compile", "specs/gc_sft_fixed.pd", "--json", "--set", "lam=0.25")
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(proc.stdout)
+    post = next(s for s in doc["ir"]["stages"] if s["name"] == "post")
+    assert [t["weight"] for t in post["loss"]["terms"]] == [0.25, 0.75]
+    schema = json.loads(run_cli("schema").stdout)
+    assert "ExperimentIR" in schema["$defs"]
+
+
+def test_compile_refuses_errors_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pd"
+    bad.write_text("experiment x\ntask graph_coloring {}\n")
+    proc = run_cli("compile", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and b"missing-block" in proc.stderr
+
+
+def test_fmt_check_mode(tmp_path: Path) -> None:
+    f = tmp_path / "x.pd"
+    f.write_text("experiment x\ntask graph_coloring{}\nstage s=sft{steps=1}\n")
+    assert run_cli("fmt", "--check", "x.pd", cwd=tmp_path).returncode == 1
+    assert run_cli("fmt", "x.pd", cwd=tmp_path).returncode == 0
+    assert run_cli("fmt", "--check", "x.pd", cwd=tmp_path).returncode == 0
+    assert f.read_text() == "experiment x\ntask graph_coloring {}\nstage s = sft { steps = 1 }\n"
+
+
+# ---- --set overrides and hashing --------------------------------------------------------------------
+
+
+def test_set_overrides_are_type_checked(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    ok = check_file("specs/gc_sft_fixed.pd", {"lam": "0.1"})
+    assert ok.ok and ok.ir.params["lam"] == 0.1
+    bad_type = check_file("specs/gc_sft_fixed.pd", {"lam": '"high"'})
+    assert [d.code for d in bad_type.diagnostics] == ["type"]
+    unknown = check_file("specs/gc_sft_fixed.pd", {"lamb": "0.1"})
+    assert unknown.diagnostics[0].code == "unknown-param" and "did you mean `lam`" in unknown.diagnostics[0].hint
+    out_of_range = check_file("specs/gc_sft_fixed.pd", {"lam": "1.5"})
+    assert {d.code for d in out_of_range.diagnostics} == {"out-of-range"}
+    assert "set by --set" in out_of_range.diagnostics[0].related[0].message
+    seed = check_file("specs/gc_sft_fixed.pd", {"seed": "9"})
+    assert seed.ir.seed == 9
+    expr = check_file("specs/gc_sft_fixed.pd", {"lam": "1 - 0.5"})
+    assert expr.diagnostics[0].code == "bad-override"
+    _, bad = parse_overrides(["lam"])
+    assert bad[0].code == "bad-override"
+
+
+def test_hash_ignores_formatting_and_comments_but_not_meaning(tmp_path: Path) -> None:
+    base = "experiment h\nparam lam: float = 0.5\ntask graph_coloring { nodes = 5 }\nstage s = sft { steps = 10, loss = lam * mean(perception) + (1 - lam) * mean(reasoning, answer) }\n"
+    noisy = "# comment\nexperiment   h\nparam lam:float=0.5 # c\ntask graph_coloring{nodes=5}\n\n\nstage s=sft{\n steps=10\n loss=lam*mean(perception)+(1-lam)*mean(reasoning,answer)\n}\n"
+    h = lambda text, o=None: content_hash(check_text(text, "h.pd", o).ir)
+    assert h(base) == h(noisy)
+    assert h(base) != h(base, {"lam": "0.4"})
+    assert h(base) != h(base.replace("steps = 10", "steps = 11"))
+    assert h(base) == h(base, {"lam": "0.5"})  # same value, same run
+    # token_mean() and a mean over every role are the same loss, hence the same run
+    tm = "experiment h\nroles { a = between(\"<a>\", \"</a>\"), b = rest() }\ntask graph_coloring {}\nstage s = sft { steps = 1, loss = LOSS }\n"
+    assert h(tm.replace("LOSS", "token_mean()")) == h(tm.replace("LOSS", "mean(a, b)"))
+
+
+def test_hash_is_stable_across_processes() -> None:
+    code = "from percepdsl.check import check_file; from percepdsl.ir import content_hash; print(content_hash(check_file('specs/quickstart.pd').ir))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, env={"PYTHONHASHSEED": s, "PATH": ""}, timeout=60).stdout for s in ("1", "2")}
+    assert len(outs) == 1 and len(outs.pop().strip()) == 12
+
+
+def test_schedules_fold_into_the_ir(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    ir = check_file("specs/gc_sft_scheduled.pd").ir
+    terms = ir.stage("post").loss.terms
+    assert (terms[0].weight.kind, terms[0].weight.start, terms[0].weight.end) == ("linear", 0.1, 0.5)
+    assert (terms[1].weight.start, terms[1].weight.end) == pytest.approx((0.9, 0.5))
+    lr = ir.stage("base").settings["lr"]
+    assert lr.kind == "cosine" and lr.warmup == 100
