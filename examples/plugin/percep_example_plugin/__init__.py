@@ -1,0 +1,1 @@
+"""Example percepdsl plugin. Its catalogue entries live in percep_catalogue.toml."""

@@ -1,0 +1,84 @@
+"""Plugins extend the catalogue as data; checking never imports plugin code."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _install_fake_plugin(site: Path, poisoned: bool) -> None:
+    """A distribution on a private sys.path entry: dist-info with an entry point, and a package."""
+    pkg = site / "poison_plugin"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('plugin code was executed')\n" if poisoned else "")
+    (pkg / "percep_catalogue.toml").write_text((ROOT / "examples/plugin/percep_example_plugin/percep_catalogue.toml").read_text())
+    dist = site / "poison_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: poison-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[percepdsl.catalogue]\npoison = poison_plugin:percep_catalogue.toml\n")
+
+
+SPEC = textwrap.dedent(
+    """\
+    experiment p
+    task graph_coloring {}
+    stage base = sft { steps = 1 }
+    stage rl = grpo from base { steps = 1, reward = 0.5 * outcome + 0.5 * brevity(max_words = 40) }
+    """
+)
+
+
+def _check(site: Path, spec: Path) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(site)!r})
+        from percepdsl.check import check_file
+        res = check_file({str(spec)!r})
+        print([(d.code, d.message, d.hint) for d in res.diagnostics])
+        rl = res.ir.stage("rl")
+        print([(t.name, t.params, t.impl) for t in rl.reward.terms()])
+        assert "poison_plugin" not in sys.modules
+        """
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_plugin_entries_are_read_without_running_plugin_code(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _install_fake_plugin(site, poisoned=True)
+    spec = tmp_path / "p.pd"
+    spec.write_text(SPEC)
+    proc = _check(site, spec)
+    assert proc.returncode == 0, proc.stderr
+    assert "('brevity', {'max_words': 40}, 'percep_example_plugin.rewards:brevity')" in proc.stdout
+
+
+def test_plugin_parameters_are_checked(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _install_fake_plugin(site, poisoned=True)
+    spec = tmp_path / "p.pd"
+    spec.write_text(SPEC.replace("max_words = 40", "max_word = 0"))
+    proc = _check(site, spec)
+    assert "unknown-argument" in proc.stdout and "did you mean `max_words`" in proc.stdout
+
+
+def test_without_the_plugin_its_names_are_unknown(tmp_path: Path) -> None:
+    from percepdsl.check import check_text
+
+    res = check_text(SPEC, "p.pd")
+    assert [d.code for d in res.diagnostics] == ["unknown-function"]
+
+
+def test_example_plugin_reward_runs() -> None:
+    sys.path.insert(0, str(ROOT / "examples" / "plugin"))
+    try:
+        from percep_example_plugin.rewards import brevity
+    finally:
+        sys.path.pop(0)
+    assert brevity("a " * 10, max_words=20) == 1.0
+    assert brevity("a " * 30, max_words=20) == 0.5
+    assert brevity("a " * 50, max_words=20) == 0.0
