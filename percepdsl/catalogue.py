@@ -7,6 +7,8 @@ mean" from here, and the language server's hover and completion read the same
 entries. `impl` is a dotted path the runtime imports lazily; the language side never
 imports it.
 
+A task's `impl` is a class (or factory) called as `impl(params: dict, seed: int)`.
+
 Plugins add entries as *data*: a package declares an entry point in the group
 `percepdsl.catalogue` whose value is `package:file.toml`; the TOML file inside the
 package is read without importing the package, so checking never executes plugin
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 KINDS = ("task", "model", "role_rule", "loss", "schedule", "reward", "metric", "block", "keyword")
 
@@ -98,6 +100,18 @@ def _fmt(v: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A rule over several settings of one block; `rule(settings)` returns an error message or None.
+
+    The checker reports it at the first named setting and points at the others, so a
+    conflict names both sides."""
+
+    params: tuple[str, ...]
+    rule: Callable[[dict], str | None]
+    hint: str = ""
+
+
+@dataclass(frozen=True)
 class Entry:
     name: str
     kind: str
@@ -105,7 +119,7 @@ class Entry:
     params: tuple[ParamSpec, ...] = ()
     impl: str | None = None
     source: str = "percepdsl"  # "percepdsl" or the plugin distribution that declared it
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
+    constraints: tuple[Constraint, ...] = ()
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:
@@ -136,6 +150,7 @@ def P(name: str, type: str, default: Any = None, doc: str = "", **kw: Any) -> Pa
 
 
 REASONING_STYLES = ("brief", "trace", "verbose")
+_MIN_GIVENS = {4: 5, 9: 25}  # below these, generating a uniquely solvable puzzle is impractical
 _SPLITS = (
     P("train", "int", 2000, "training instances", min=1, max=10_000_000),
     P("test", "int", 200, "held-out test instances (share no instance with train)", min=1, max=1_000_000),
@@ -152,7 +167,7 @@ BUILTINS: tuple[Entry, ...] = (
     Entry("graph_coloring", "task", "Colour a rendered graph with its chromatic number of colours; p* is its edge list.",
           (P("nodes", "int_range", (5, 5), "node count, or an inclusive range", min=3, max=10),
            P("edge_prob", "float", 0.5, "probability of each edge", min=0, max=1),
-           P("edges", "int", None, "fixed edge count instead of edge_prob", min=0, max=45, nullable=True),
+           P("edges", "int", None, "fixed edge count instead of edge_prob", min=1, max=45, nullable=True),
            P("layout", "choice", "circle", "node placement", choices=("circle", "random")),
            P("perception_format", "choice", "edges", "p* as a sorted edge list (the paper's) or one y/n slot per node pair", choices=("edges", "adjacency")),
            *_STYLE,
@@ -160,12 +175,27 @@ BUILTINS: tuple[Entry, ...] = (
            P("node_radius", "px", 5, "node dot radius", min=1, max=64, unit="px"),
            P("distractors", "int", 0, "distractor marks drawn on the image", min=0, max=50),
            *_SPLITS),
-          impl="percepdsl_runtime.tasks:build_task"),
+          impl="percepdsl_runtime.tasks.graph_coloring:GraphColoringTask",
+          constraints=(
+              Constraint(("edge_prob", "edges"), lambda s: "`edge_prob = 0` gives graphs without edges" if s["edges"] is None and s["edge_prob"] == 0 else None,
+                         "raise edge_prob, or set a fixed edge count with `edges`"),
+              Constraint(("edges", "nodes"), lambda s: f"`edges = {s['edges']}` exceeds the {s['nodes'][0] * (s['nodes'][0] - 1) // 2} node pairs of a {s['nodes'][0]}-node graph"
+                         if s["edges"] is not None and s["edges"] > s["nodes"][0] * (s["nodes"][0] - 1) // 2 else None, "lower `edges` or raise `nodes`"),
+              Constraint(("node_radius", "image"), lambda s: f"`node_radius = {s['node_radius']}px` is more than 1/8 of the {s['image']}px image"
+                         if s["node_radius"] > s["image"] // 8 else None, "dots must leave room for edges between them"),
+          )),
     Entry("sudoku", "task", "Solve a rendered, partially filled Sudoku with a unique solution; p* is the given grid.",
           (P("size", "int", 4, "grid side (4 for small models, 9 for real ones)", choices=(4, 9)),
-           P("givens", "int", None, "given cells (difficulty); none = 8 for 4×4, 30 for 9×9", min=1, max=80, nullable=True),
+           P("givens", "int", None, "given cells (difficulty); none = 8 for 4×4, 30 for 9×9", min=5, max=81, nullable=True),
            *_STYLE, *_SPLITS),
-          impl="percepdsl_runtime.tasks:build_task"),
+          impl="percepdsl_runtime.tasks.sudoku:SudokuTask",
+          constraints=(
+              Constraint(("givens", "size"), lambda s: f"a {s['size']}×{s['size']} sudoku takes {_MIN_GIVENS[s['size']]} to {s['size'] ** 2} givens, got {s['givens']}"
+                         if s["givens"] is not None and not _MIN_GIVENS[s["size"]] <= s["givens"] <= s["size"] ** 2 else None,
+                         "fewer givens than that rarely leave a unique solution"),
+              Constraint(("image", "size"), lambda s: f"a {s['size']}×{s['size']} grid needs an image of at least {4 * s['size']}px, got {s['image']}px"
+                         if s["image"] < 4 * s["size"] else None, "at least 4 px per cell; 144px or more keeps 9×9 digits legible"),
+          )),
     # ---- models ------------------------------------------------------------------
     Entry("tiny", "model", "Embedded LLaVA-style VLM built from a transformers config (random weights, word-level tokenizer from the task vocabulary).",
           (P("width", "int", 256, "language model hidden size", min=16, max=8192),

@@ -552,7 +552,22 @@ class Checker:
                     ok = False
                 else:
                     out[p.name] = _default(p)
+        if ok:
+            ok = self._check_constraints(entry, out, block)
         return out if ok else None
+
+    def _check_constraints(self, entry: Entry, settings: dict, block: A.Block) -> bool:
+        ok = True
+        for c in entry.constraints:
+            msg = c.rule(settings)
+            if msg is None:
+                continue
+            ok = False
+            written = [block.get(p) for p in c.params if block.get(p) is not None]
+            span = written[0].span if written else block.span
+            others = [self._related(self.file, w.span, f"`{w.key.id}` set here") for w in written[1:]]
+            self.error(span, "incompatible", msg, c.hint or None, others)
+        return ok
 
     # ================================================================ expressions
     def _coerce_value(self, expr: A.Expr, spec: ParamSpec, what: str, literal_only: bool = False) -> Any:

@@ -168,6 +168,43 @@ def fmt(
 
 
 @app.command()
+def gen(
+    spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),
+    set_: Optional[list[str]] = SetOpt,
+    sheet: int = typer.Option(8, "--sheet", help="Samples on the contact sheet."),
+) -> None:
+    """Write the task's train/test data set as a Hugging Face dataset, plus a contact sheet PNG."""
+    from .ir import ExperimentIR
+
+    ir, _ = compile_or_exit(spec, set_)
+    if not isinstance(ir, ExperimentIR):
+        print(f"error: {spec} is a grid file; `percep gen` takes an experiment spec", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    import datasets
+
+    from percepdsl_runtime.plugins import ImplError, build_task
+    from percepdsl_runtime.tasks.dataset import contact_sheet, write_dataset
+
+    datasets.disable_progress_bars()  # one line of our own says what is written
+
+    try:
+        task = build_task(ir.task, ir.seed)
+    except (ImplError, ValueError) as exc:
+        print(f"{spec}: error: cannot build task `{ir.task.name}`: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    splits = {s: task.size(s) for s in ("train", "test")}
+    print(f"generating {ir.task.name}: {splits['train']} train + {splits['test']} test samples → {out}", file=sys.stderr)
+    try:
+        path = write_dataset(task, out, splits=splits)
+        sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
+    except OSError as exc:
+        print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED)
+    print(f"wrote {path} and {sheet_path}")
+
+
+@app.command()
 def schema() -> None:
     """Print the IR's JSON Schema."""
     from .ir import json_schema

@@ -1,0 +1,260 @@
+"""`percep lsp`: the language server, a thin pygls adapter over the library.
+
+- Diagnostics: `check_file(path, text=buffer)`, exactly what `percep check` reports, on
+  open and save (at once) and on change (debounced, see `Debouncer`). Problems located
+  in included files are shown on the `include` line that brings them in, with the exact
+  place as related information.
+- Hover, completion, go-to-definition, the outline and quick fixes read a tolerant scan
+  of the buffer (`features.py`, `scan.py`), so they work while the text does not parse.
+- Formatting runs the formatter (`percep fmt`); a buffer with syntax errors is left as is.
+
+Threads: the features that read the scan answer on the event-loop thread; everything
+that runs the Lark parser (checks, formatting) runs on one worker thread, since the
+parser is not re-entrant and a grid file's check (it compiles the grid's cells) may take
+longer than a keystroke. A check requested while one runs for the same document is
+coalesced into one more check of the latest text; stale results are not published.
+The server imports neither torch nor the runtime and never imports plugin code.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from lsprotocol import types as T
+from pygls.lsp.server import LanguageServer
+
+from .. import __version__ as _version
+from . import features as F
+
+log = logging.getLogger("percepdsl.lsp")
+
+DEFAULT_DEBOUNCE_MS = 75
+TRIGGER_CHARACTERS = ["=", "(", "[", ",", '"', "/"]
+
+
+def uri_to_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        return None
+    path = unquote(parsed.path)
+    if os.name == "nt" and path.startswith("/") and len(path) > 2 and path[2] == ":":
+        path = path[1:]
+    return Path(path)
+
+
+class Debouncer:
+    """Leading and trailing edge: an edit after a quiet spell is checked at once; edits that
+    follow within `delay` of the last check are coalesced into one check `delay` after
+    the latest of them. Isolated edits cost no waiting; bursts of typing cost one check
+    per `delay`."""
+
+    def __init__(self, delay_s: float, run):
+        self.delay = delay_s
+        self.run = run
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.last_run: dict[str, float] = {}
+
+    def changed(self, uri: str) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self.timers.pop(uri, None)
+        if pending is not None:
+            pending.cancel()
+        quiet = time.monotonic() - self.last_run.get(uri, float("-inf")) >= self.delay
+        if pending is None and quiet:
+            self.timers[uri] = loop.call_soon(self._fire, uri)
+        else:
+            self.timers[uri] = loop.call_later(self.delay, self._fire, uri)
+
+    def _fire(self, uri: str) -> None:
+        self.timers.pop(uri, None)
+        self.run(uri)
+
+    def now(self, uri: str) -> None:
+        self.cancel(uri)
+        self.run(uri)
+
+    def cancel(self, uri: str) -> None:
+        pending = self.timers.pop(uri, None)
+        if pending is not None:
+            pending.cancel()
+
+    def done(self, uri: str) -> None:
+        self.last_run[uri] = time.monotonic()
+
+
+class PercepLanguageServer(LanguageServer):
+    def __init__(self) -> None:
+        super().__init__("percep-lsp", _version, text_document_sync_kind=T.TextDocumentSyncKind.Incremental)
+        ms = os.environ.get("PERCEP_LSP_DEBOUNCE_MS")
+        self.debouncer = Debouncer((int(ms) if ms and ms.isdigit() else DEFAULT_DEBOUNCE_MS) / 1000, self.request_check)
+        self.snippets = False
+        # Everything that runs the Lark parser (checks, formatting) runs on this one thread: the parser is
+        # not re-entrant, and a grid file (which compiles its cells) must not hold up hover and completion.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="percep-check")
+        self.running: set[str] = set()
+        self.again: set[str] = set()
+
+    # -- helpers
+    @property
+    def enc(self) -> F.Encoder:
+        try:
+            return F.Encoder(self.workspace.position_encoding or "utf-16")
+        except Exception:  # before initialize
+            return F.Encoder()
+
+    def reader(self, path: Path) -> str | None:
+        """Open buffers first (what the user sees), then the disk."""
+        uri = F.path_uri(path)
+        docs = self.workspace.text_documents
+        if uri in docs:
+            return docs[uri].source
+        return F.read_disk(path)
+
+    def doc(self, uri: str) -> F.Doc:
+        td = self.workspace.get_text_document(uri)
+        return F.Doc(td.source, uri_to_path(uri), uri)
+
+    def project(self, uri: str) -> F.Project:
+        return F.Project(self.doc(uri), self.reader)
+
+    def offset(self, doc: F.Doc, pos: T.Position) -> int:
+        return self.enc.to_offset(doc.lines, pos)
+
+    # -- diagnostics
+    def request_check(self, uri: str) -> None:
+        """Check a document on the worker; a request while its check runs re-checks once that ends."""
+        if uri in self.running:
+            self.again.add(uri)
+            return
+        self.running.add(uri)
+        asyncio.get_running_loop().create_task(self._check_loop(uri))
+
+    async def _check_loop(self, uri: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while uri in self.workspace.text_documents:
+                self.again.discard(uri)
+                td = self.workspace.get_text_document(uri)
+                text, version, enc = td.source, td.version, self.enc
+                diags = await loop.run_in_executor(self.worker, self.safe_diagnostics, uri, text, enc)
+                if uri in self.again:
+                    continue  # the text changed while it was checked: check the new text instead
+                if uri in self.workspace.text_documents:
+                    self.text_document_publish_diagnostics(T.PublishDiagnosticsParams(uri=uri, diagnostics=diags, version=version))
+                break
+        finally:
+            self.running.discard(uri)
+            self.debouncer.done(uri)
+
+    def safe_diagnostics(self, uri: str, text: str, enc: F.Encoder | None = None) -> list[T.Diagnostic]:
+        try:
+            return self.diagnostics(uri, text, enc)
+        except Exception as exc:  # a crash in the checker must not take the server down
+            log.exception("checking %s failed", uri)
+            return [T.Diagnostic(range=T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0)),
+                                 message=f"percep: internal error while checking: {exc!r}", severity=T.DiagnosticSeverity.Error,
+                                 source="percep")]
+
+    def diagnostics(self, uri: str, text: str, enc: F.Encoder | None = None) -> list[T.Diagnostic]:
+        """`percep check` of the buffer, as LSP diagnostics (runs on the worker thread)."""
+        from ..check import check_file, check_text
+
+        path = uri_to_path(uri)
+        if path is not None:
+            res = check_file(path, text=text)
+        else:
+            res = check_text(text, name=Path(urlparse(uri).path).name or "untitled.pd")
+        name = res.loaded.name if res.loaded is not None else ""
+        return F.lsp_diagnostics(res.diagnostics, name, F.Project(F.Doc(text, path, uri), F.read_disk), enc or F.Encoder())
+
+
+server = PercepLanguageServer()
+
+
+@server.feature(T.INITIALIZE)
+def initialize(ls: PercepLanguageServer, params: T.InitializeParams) -> None:
+    opts = params.initialization_options
+    if isinstance(opts, dict) and isinstance(opts.get("debounceMs"), (int, float)):
+        ls.debouncer.delay = max(0.0, float(opts["debounceMs"]) / 1000)
+    try:
+        ls.snippets = bool(params.capabilities.text_document.completion.completion_item.snippet_support)
+    except AttributeError:
+        ls.snippets = False
+
+
+@server.feature(T.TEXT_DOCUMENT_DID_OPEN)
+def did_open(ls: PercepLanguageServer, params: T.DidOpenTextDocumentParams) -> None:
+    ls.debouncer.now(params.text_document.uri)
+
+
+@server.feature(T.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: PercepLanguageServer, params: T.DidChangeTextDocumentParams) -> None:
+    ls.debouncer.changed(params.text_document.uri)
+
+
+@server.feature(T.TEXT_DOCUMENT_DID_SAVE)
+def did_save(ls: PercepLanguageServer, params: T.DidSaveTextDocumentParams) -> None:
+    saved = params.text_document.uri
+    ls.debouncer.now(saved)
+    # other open documents may include the saved file: the checker reads includes from disk
+    for uri in list(ls.workspace.text_documents):
+        if uri != saved:
+            ls.debouncer.changed(uri)
+
+
+@server.feature(T.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: PercepLanguageServer, params: T.DidCloseTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    ls.debouncer.cancel(uri)
+    ls.text_document_publish_diagnostics(T.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
+
+
+@server.feature(T.TEXT_DOCUMENT_HOVER)
+def hover(ls: PercepLanguageServer, params: T.HoverParams) -> T.Hover | None:
+    project = ls.project(params.text_document.uri)
+    return F.hover(project, ls.offset(project.doc, params.position), ls.enc)
+
+
+@server.feature(T.TEXT_DOCUMENT_COMPLETION, T.CompletionOptions(trigger_characters=TRIGGER_CHARACTERS))
+def completion(ls: PercepLanguageServer, params: T.CompletionParams) -> T.CompletionList:
+    project = ls.project(params.text_document.uri)
+    items = F.complete(project, ls.offset(project.doc, params.position), ls.enc, snippets=ls.snippets)
+    return T.CompletionList(is_incomplete=False, items=items)
+
+
+@server.feature(T.TEXT_DOCUMENT_DEFINITION)
+def definition(ls: PercepLanguageServer, params: T.DefinitionParams) -> list[T.Location]:
+    project = ls.project(params.text_document.uri)
+    return F.definition(project, ls.offset(project.doc, params.position), ls.enc)
+
+
+@server.feature(T.TEXT_DOCUMENT_DOCUMENT_SYMBOL)
+def document_symbol(ls: PercepLanguageServer, params: T.DocumentSymbolParams) -> list[T.DocumentSymbol]:
+    return F.document_symbols(ls.doc(params.text_document.uri), ls.enc)
+
+
+@server.feature(T.TEXT_DOCUMENT_FORMATTING)
+async def formatting(ls: PercepLanguageServer, params: T.DocumentFormattingParams) -> list[T.TextEdit] | None:
+    doc = ls.doc(params.text_document.uri)
+    return await asyncio.get_running_loop().run_in_executor(ls.worker, F.format_edits, doc.text, doc.display(), ls.enc)
+
+
+@server.feature(T.TEXT_DOCUMENT_CODE_ACTION, T.CodeActionOptions(code_action_kinds=[T.CodeActionKind.QuickFix]))
+def code_action(ls: PercepLanguageServer, params: T.CodeActionParams) -> list[T.CodeAction]:
+    doc = ls.doc(params.text_document.uri)
+    return F.quick_fixes(params.text_document.uri, doc.text, params.context.diagnostics, ls.enc)
+
+
+def main() -> None:
+    """Serve LSP over stdin/stdout until the client says exit."""
+    logging.basicConfig(level=os.environ.get("PERCEP_LSP_LOG", "WARNING").upper(), format="percep-lsp %(levelname)s: %(message)s")
+    server.start_io()
+
+
+if __name__ == "__main__":
+    main()

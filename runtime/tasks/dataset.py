@@ -1,0 +1,126 @@
+"""Materialise a task: a Hugging Face ``DatasetDict`` on disk, and a PNG contact sheet to eyeball.
+
+Both writers are atomic: they write next to the destination and rename into place, so a reader
+never sees a half-written data set or image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image, ImageDraw, ImageFont
+
+from .base import SPLITS, Task
+
+FEATURES = Features(
+    {
+        "id": Value("string"),
+        "query": Value("string"),
+        "image": ImageFeature(),
+        "perception": Value("string"),
+        "ground_truth": Value("string"),
+        "response": Value("string"),
+        "instance": Value("string"),  # JSON text of Sample.instance
+    }
+)
+
+
+def build_split(task: Task, split: str, n: int) -> Dataset:
+    """The first ``n`` samples of ``split`` as a ``datasets.Dataset`` with :data:`FEATURES`."""
+    columns: dict[str, list[object]] = {name: [] for name in FEATURES}
+    for index in range(n):
+        s = task.sample(split, index)
+        columns["id"].append(s.id)
+        columns["query"].append(s.query)
+        columns["image"].append(s.image)
+        columns["perception"].append(s.perception)
+        columns["ground_truth"].append(s.ground_truth)
+        columns["response"].append(s.response)
+        columns["instance"].append(json.dumps(s.instance, sort_keys=True))
+    return Dataset.from_dict(columns, features=FEATURES)
+
+
+def write_dataset(task: Task, out_dir: str | os.PathLike[str], splits: Mapping[str, int] | None = None) -> Path:
+    """Write ``{split: first n samples}`` (default: every split at ``task.size``) with ``save_to_disk``.
+
+    Load it back with ``datasets.load_from_disk(path)``. An existing ``out_dir`` is replaced.
+    Returns the path of the data set.
+    """
+    out = Path(out_dir).resolve()
+    counts = dict(splits) if splits is not None else {s: task.size(s) for s in SPLITS}
+    data = DatasetDict({split: build_split(task, split, n) for split, n in counts.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; the data set is for every reader
+        data.save_to_disk(str(staging))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
+
+
+def _wrap(
+    text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, draw: ImageDraw.ImageDraw
+) -> list[str]:
+    """Greedy word wrap of ``text`` to lines no wider than ``width`` px.
+
+    Words are joined by two spaces: the default font's space is so narrow that ``0-1 0-2`` would
+    read as one word.
+    """
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]}  {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]}  {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def contact_sheet(task: Task, path: str | os.PathLike[str], n: int = 8, split: str = "test", scale: int = 3) -> Path:
+    """A PNG grid of the first ``n`` samples of ``split``, each image enlarged ``scale`` x
+    (nearest neighbour, so pixels stay visible) and captioned with its id and ``p*``."""
+    samples = [task.sample(split, i) for i in range(n)]
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    tile_w = max(max(s.image.width for s in samples) * scale, 160)  # room for ~25 caption characters
+    line_h = font.getbbox("Ag/")[3] + 2
+    captions = [[s.id, *_wrap(s.perception, font, tile_w - 8, probe)] for s in samples]
+    tile_h = max(s.image.height for s in samples) * scale + line_h * max(map(len, captions)) + 8
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    sheet = Image.new("RGB", (cols * tile_w, rows * tile_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (sample, caption) in enumerate(zip(samples, captions)):
+        x, y = (k % cols) * tile_w, (k // cols) * tile_h
+        big = sample.image.resize((sample.image.width * scale, sample.image.height * scale), Image.NEAREST)
+        sheet.paste(big, (x + (tile_w - big.width) // 2, y + 4))
+        for j, line in enumerate(caption):
+            draw.text((x + 4, y + big.height + 6 + j * line_h), line, fill="black", font=font)
+        draw.rectangle([x, y, x + tile_w - 1, y + tile_h - 1], outline=(200, 200, 200))
+    out = Path(path).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        sheet.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
