@@ -205,6 +205,14 @@ def gen(
 
 
 @app.command()
+def lsp() -> None:
+    """Language server over stdio (what editors run)."""
+    from .lsp import lsp_command
+
+    lsp_command()
+
+
+@app.command()
 def schema() -> None:
     """Print the IR's JSON Schema."""
     from .ir import json_schema

@@ -114,16 +114,23 @@ class Doc:
     path: Path | None = None
     uri: str | None = None
     _outline: S.Outline | None = field(default=None, repr=False)
+    _lines: S.Lines | None = field(default=None, repr=False)
 
     @property
     def outline(self) -> S.Outline:
         if self._outline is None:
             self._outline = S.outline(self.text)
+            if self._lines is not None:
+                self._outline.lines = self._lines
         return self._outline
 
     @property
     def lines(self) -> S.Lines:
-        return self.outline.lines
+        if self._outline is not None:
+            return self._outline.lines
+        if self._lines is None:
+            self._lines = S.Lines(self.text)
+        return self._lines
 
     @property
     def base(self) -> Path:
@@ -294,7 +301,7 @@ def lsp_diagnostics(diags: list[Diagnostic], doc_name: str, project: Project, en
                 rng = enc.range(doc.lines, stmt.start, stmt.end)
             else:  # nothing in this document names the file: anchored at its top
                 rng = T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0))
-            message = f"{d.file}:{d.span.line}:{d.span.column}: {message}"
+            message = f"{_shown(d.file, path, doc)}:{d.span.line}:{d.span.column}: {message}"
             loc = _span_location(d.file, d.span, project, enc)
             if loc is not None:
                 related.append(T.DiagnosticRelatedInformation(location=loc, message=d.message))
@@ -308,6 +315,16 @@ def lsp_diagnostics(diags: list[Diagnostic], doc_name: str, project: Project, en
         out.append(T.Diagnostic(range=rng, message=message, severity=_SEVERITY.get(d.severity, T.DiagnosticSeverity.Error),
                                 code=d.code, source="percep", related_information=related or None, data=data))
     return out
+
+
+def _shown(name: str, path: Path | None, doc: Doc) -> str:
+    """An included file's name as the user wrote it: relative to the document's folder when inside it."""
+    if path is not None:
+        try:
+            return str(path.relative_to(doc.base.resolve()))
+        except ValueError:
+            pass
+    return name
 
 
 def _span_location(file: str, span: Span, project: Project, enc: Encoder) -> T.Location | None:

@@ -98,6 +98,7 @@ class PercepLanguageServer(LanguageServer):
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="percep-check")
         self.running: set[str] = set()
         self.again: set[str] = set()
+        self.docs: dict[str, F.Doc] = {}  # last scanned text per open document (loop thread only)
 
     # -- helpers
     @property
@@ -108,16 +109,24 @@ class PercepLanguageServer(LanguageServer):
             return F.Encoder()
 
     def reader(self, path: Path) -> str | None:
-        """Open buffers first (what the user sees), then the disk."""
-        uri = F.path_uri(path)
-        docs = self.workspace.text_documents
-        if uri in docs:
-            return docs[uri].source
+        """Open buffers first (what the user sees), then the disk. Compared as paths: clients
+        spell URIs in their own ways (percent-encoding, drive letters)."""
+        target = path.resolve()
+        for uri, td in self.workspace.text_documents.items():
+            p = uri_to_path(uri)
+            if p is not None and p.resolve() == target:
+                return td.source
         return F.read_disk(path)
 
     def doc(self, uri: str) -> F.Doc:
+        """The buffer with its scan, kept while the text is unchanged: hover, completion and the outline share it."""
         td = self.workspace.get_text_document(uri)
-        return F.Doc(td.source, uri_to_path(uri), uri)
+        text = td.source
+        cached = self.docs.get(uri)
+        if cached is not None and cached.text == text:
+            return cached
+        doc = self.docs[uri] = F.Doc(text, uri_to_path(uri), uri)
+        return doc
 
     def project(self, uri: str) -> F.Project:
         return F.Project(self.doc(uri), self.reader)
@@ -211,6 +220,7 @@ def did_save(ls: PercepLanguageServer, params: T.DidSaveTextDocumentParams) -> N
 def did_close(ls: PercepLanguageServer, params: T.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     ls.debouncer.cancel(uri)
+    ls.docs.pop(uri, None)
     ls.text_document_publish_diagnostics(T.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
 
 

@@ -149,15 +149,15 @@ class LspSession:
 
     # -- requests
     @staticmethod
-    def _pos(text: str, needle: str, delta: int = 0) -> T.Position:
-        """The position of `needle` (+delta characters) in `text`, in UTF-16 units."""
-        off = text.index(needle) + delta
+    def _pos(text: str, needle: str, delta: int = 0, last: bool = False) -> T.Position:
+        """The position of `needle` (+delta characters; its last occurrence if `last`) in `text`, in UTF-16 units."""
+        off = (text.rindex(needle) if last else text.index(needle)) + delta
         line = text.count("\n", 0, off)
         col_text = text[text.rfind("\n", 0, off) + 1 : off]
         return T.Position(line=line, character=len(col_text.encode("utf-16-le")) // 2)
 
-    def at(self, uri: str, needle: str, delta: int = 0) -> T.Position:
-        return self._pos(self.texts[uri], needle, delta)
+    def at(self, uri: str, needle: str, delta: int = 0, last: bool = False) -> T.Position:
+        return self._pos(self.texts[uri], needle, delta, last)
 
     async def hover(self, uri: str, pos: T.Position) -> T.Hover | None:
         return await self.client.text_document_hover_async(T.HoverParams(text_document=T.TextDocumentIdentifier(uri=uri), position=pos))

@@ -1,0 +1,483 @@
+"""The language server (`percep lsp`).
+
+Two layers:
+- the features as functions of a document (completion contexts, hover, definition,
+  outline, diagnostics conversion, positions) — fast, in process;
+- the server driven by a real LSP client over stdio (pygls's client, the server in a
+  subprocess): initialize, didOpen, didChange, didSave, didClose, hover, completion,
+  definition, documentSymbol, formatting, codeAction, shutdown and exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from lsprotocol import types as T
+from typer.testing import CliRunner
+
+from percepdsl.check import check_file
+from percepdsl.cli import app
+from percepdsl.lsp import features as F
+from percepdsl.lsp import scan as S
+from percepdsl.lsp.testing import ROOT, LspSession, spec_of_lines
+
+COMMON = textwrap.dedent('''\
+    param lam: float = 0.3   # perception weight
+    roles {
+      perception = between("<perception>", "</perception>")
+      reasoning  = between("<reasoning>", "</reasoning>")
+      answer     = between("<answer>", "</answer>")
+    }
+''')
+
+MAIN = textwrap.dedent('''\
+    experiment demo
+    include "common.pd"
+    seed 7
+
+    task graph_coloring { nodes = 4..6  edge_prob = 0.4  image = 64px }
+    model tiny { width = 256  depth = 4 }
+
+    # the base stage teaches the format
+    stage base = sft { steps = 600  lr = cosine(1e-3, warmup = 50)  loss = token_mean() }
+    stage post = sft from base {
+      steps = 400
+      loss = lam * mean(perception) + (1 - lam) * mean(reasoning, answer)
+    }
+    stage rl = grpo from post { steps = 200  group = 8  kl = 0.02  reward = 0.3 * perception_match + 0.7 * outcome }
+    eval { every = 100  metrics = [end_to_end, perception, reasoning] }
+''')
+
+
+@pytest.fixture()
+def project_dir(tmp_path: Path, monkeypatch) -> Path:
+    (tmp_path / "common.pd").write_text(COMMON, encoding="utf-8")
+    (tmp_path / "main.pd").write_text(MAIN, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _project(path: Path, text: str) -> F.Project:
+    return F.Project(F.Doc(text, path, path.as_uri()))
+
+
+def _marked(marked: str) -> tuple[str, int]:
+    off = marked.index("|")
+    return marked[:off] + marked[off + 1 :], off
+
+
+def _labels(path: Path, marked: str) -> list[str]:
+    text, off = _marked(marked)
+    return [i.label for i in F.complete(_project(path, text), off, F.Encoder())]
+
+
+def _hover(path: Path, text: str, needle: str, delta: int = 0) -> str | None:
+    h = F.hover(_project(path, text), text.index(needle) + delta, F.Encoder())
+    return h.contents.value if h is not None else None
+
+
+# ---- completion in context -------------------------------------------------------------------
+
+
+def test_completion_contexts(project_dir: Path) -> None:
+    p = project_dir / "main.pd"
+    # top level: statement keywords, single-use ones already present left out
+    top = _labels(p, MAIN + "|")
+    assert {"stage", "param", "trainer", "include"} <= set(top)
+    assert not {"experiment", "seed", "task", "eval", "grid"} & set(top)
+    assert _labels(p, "|") and "grid" in _labels(p, "|")
+    # heads
+    assert _labels(p, "task |") == ["graph_coloring", "sudoku"]
+    assert _labels(p, "task gr|")[0] == "graph_coloring"
+    assert _labels(p, "model |") == ["tiny", "hf"]
+    assert _labels(p, "stage s = |") == ["sft", "grpo"]
+    assert _labels(p, "stage s = sft |") == ["from"]
+    assert _labels(p, MAIN.replace("stage post = sft from base", "stage post = sft from |base")) == ["base", "rl"]
+    assert _labels(p, "param x: |") == ["int", "float", "bool", "str"]
+    # block keys: the settings of that block not yet set
+    keys = _labels(p, MAIN.replace("steps = 400", "steps = 400\n  |"))
+    assert "lr" in keys and "batch" in keys and "steps" not in keys and "loss" not in keys
+    assert "group" in _labels(p, "stage r = grpo from base { |")
+    assert _labels(p, "task graph_coloring { nodes = 5 |")[:2] == ["edge_prob", "edges"]
+    assert "width" in _labels(p, "model tiny { |")
+    assert _labels(p, 'model hf "/m" { |') == ["dtype", "lora"]
+    assert _labels(p, 'model hf "/m" { lora { r = 8 | } }') == ["alpha", "dropout", "target_modules"]
+    assert "every" in _labels(p, "eval { |") and "precision" in _labels(p, "trainer { |")
+    assert _labels(p, "roles { |") == ["perception", "reasoning", "answer"]
+    # values
+    loss = _labels(p, MAIN.replace("loss = lam", "loss = |lam"))
+    assert {"token_mean", "mean", "ngdiff", "lam"} <= set(loss) and "outcome" not in loss
+    assert _labels(p, MAIN.replace("mean(reasoning", "mean(|reasoning")) == ["perception", "reasoning", "answer"]
+    assert _labels(p, "stage s = sft { loss = ngdiff(perception, [|") == ["perception", "reasoning", "answer"]
+    assert "auto_lr =" in _labels(p, "stage s = sft { loss = ngdiff(perception, |")
+    reward = _labels(p, MAIN.replace("reward = 0.3", "reward = |0.3"))
+    assert {"outcome", "perception_match", "gate", "lam"} <= set(reward) and "mean" not in reward
+    assert _labels(p, "task graph_coloring { layout = |") == ["circle", "random"]
+    assert _labels(p, "task graph_coloring { perception_format = a|") == ["edges", "adjacency"]
+    assert _labels(p, "task sudoku { size = |")[:2] == ["4", "9"]
+    assert {"start =", "end =", "warmup ="} <= set(_labels(p, "stage s = sft { steps = 1 lr = cosine(1e-3, |"))
+    assert "cosine" in _labels(p, "stage s = sft { steps = 1 lr = |")
+    assert _labels(p, "roles { p = |") == ["between", "regex", "rest"]
+    assert _labels(p, "eval { metrics = [end_to_end, |") == ["end_to_end", "perception", "perception_partial", "reasoning", "format_ok"]
+    assert _labels(p, "trainer { clip = |")[0] == "none"
+    assert _labels(p, "stage s = grpo { mask_truncated = |")[:2] == ["true", "false"]
+    # nothing in comments and numbers
+    assert _labels(p, "# task |") == []
+    assert _labels(p, "seed 12|") == []
+    # include paths
+    assert _labels(p, 'include "|') == ["common.pd"]
+
+
+def test_completion_tolerates_broken_text(project_dir: Path) -> None:
+    p = project_dir / "main.pd"
+    # an unclosed block above does not hide the block the cursor is in
+    broken = "experiment x\nstage a = sft {\n  steps = 3\n\nstage b = grpo from a { |"
+    assert "reward" in _labels(p, broken)
+    # an unclosed call on an earlier line ends at the next `key =`
+    broken = "stage a = sft {\n  loss = mean(perception\n  |\n}"
+    assert "perception" in _labels(p, broken)  # still inside mean(
+    broken = "stage a = sft {\n  loss = mean(perception\n  steps = 3\n  |\n}"
+    assert "lr" in _labels(p, broken) and "steps" not in _labels(p, broken)
+    # grids: axes name the template's params
+    (project_dir / "sweep.pd").write_text('grid sweep\ntemplate "main.pd"\n', encoding="utf-8")
+    assert _labels(project_dir / "sweep.pd", 'grid sweep\ntemplate "main.pd"\naxis |') == ["lam"]
+    assert "axis" in _labels(project_dir / "sweep.pd", 'grid sweep\ntemplate "main.pd"\n|')
+
+
+def test_scanner_recovers_statements_and_blocks() -> None:
+    text = 'stage a = sft {\n  steps = 3\n  loss = mean(perc\nstage b = sft from a { steps = 1 }\nreport [a, b\nseed 3\n'
+    o = S.outline(text)
+    assert [s.kw for s in o.stmts] == ["stage", "stage", "report", "seed"]
+    assert o.stmts[0].block.keys() == ["steps", "loss"] and o.stmts[0].block.close is None
+    assert o.stmts[1].stage_parent().text == "a"
+    deep = "seed " + "(" * 5000 + "1" + ")" * 5000 + "\n" + "task x {" * 3000
+    S.outline(deep)  # no recursion
+    assert S.context_at(deep, len(deep)).kind == "key"
+
+
+# ---- hover, definition, outline -----------------------------------------------------------------
+
+
+def test_hover(project_dir: Path) -> None:
+    p = project_dir / "main.pd"
+    h = _hover(p, MAIN, "lam *")
+    assert "param lam: float = 0.3" in h and "perception weight" in h and "common.pd" in h
+    h = _hover(p, MAIN, "perception)")
+    assert 'perception = between("<perception>", "</perception>")' in h
+    h = _hover(p, MAIN, "from base", 5)
+    assert "stage base = sft" in h and "initial model" in h and "the base stage teaches the format" in h
+    assert "optimizer steps" in _hover(p, MAIN, "steps = 400")
+    assert "**cosine** — schedule" in _hover(p, MAIN, "cosine")
+    assert "linear warmup steps" in _hover(p, MAIN, "warmup = 50")
+    assert "**perception_match** — reward" in _hover(p, MAIN, "perception_match")
+    assert "**perception** — metric" in _hover(p, MAIN, "perception, reasoning]")
+    assert "**graph_coloring** — task" in _hover(p, MAIN, "graph_coloring")
+    assert "**sft** — block" in _hover(p, MAIN, "sft from")
+    assert "`stage NAME = sft|grpo" in _hover(p, MAIN, "stage post")
+    assert "three-way evaluation" in _hover(p, MAIN, "eval {")
+    assert "node count" in _hover(p, MAIN, "nodes")
+    text = MAIN.replace("nodes = 4..6", "layout = random")
+    assert "one of the choices of `layout`" in _hover(p, text, "random")
+    assert _hover(p, MAIN, "4..6") is None
+    assert _hover(p, MAIN, "# the base", 3) is None
+    # hover works on text that does not parse
+    broken = "stage a = sft {\n  steps = \n  loss = mean(perception"
+    assert "optimizer steps" in _hover(p, broken, "steps")
+    assert "**mean** — loss" in _hover(p, broken, "mean")
+
+
+def test_definition_and_symbols(project_dir: Path) -> None:
+    p = project_dir / "main.pd"
+    enc = F.Encoder()
+
+    def where(needle: str, delta: int = 0):
+        locs = F.definition(_project(p, MAIN), MAIN.index(needle) + delta, enc)
+        return [(Path(loc.uri.removeprefix("file://")).name, loc.range.start.line, loc.range.start.character) for loc in locs]
+
+    assert where("lam *") == [("common.pd", 0, 6)]
+    assert where("perception)") == [("common.pd", 2, 2)]
+    assert where("from base", 5) == [("main.pd", 8, 6)]
+    assert where('"common.pd"', 3) == [("common.pd", 0, 0)]
+    assert where("graph_coloring") == []
+    syms = F.document_symbols(F.Doc(MAIN, p), enc)
+    assert [(s.name, s.kind) for s in syms][:3] == [("demo", T.SymbolKind.Module), ("common.pd", T.SymbolKind.File), ("seed", T.SymbolKind.Constant)]
+    post = next(s for s in syms if s.name == "post")
+    assert post.detail == "stage sft from base" and [c.name for c in post.children] == ["steps", "loss"]
+    for s in syms:  # selection inside range
+        assert (s.range.start.line, s.range.start.character) <= (s.selection_range.start.line, s.selection_range.start.character)
+        assert (s.selection_range.end.line, s.selection_range.end.character) <= (s.range.end.line, s.range.end.character)
+
+
+def test_encoder_counts_utf16_units() -> None:
+    text = 'seed 1 # 🙂 é\nx'
+    lines = S.Lines(text)
+    for name, width in (("utf-16", 2), ("utf-32", 1), ("utf-8", 4)):
+        enc = F.Encoder(name)
+        pos = enc.offset_position(lines, text.index("é") + 1)
+        assert pos.character == 9 + width + 1 + (2 if name == "utf-8" else 1)
+        assert enc.to_offset(lines, pos) == text.index("é") + 1
+
+
+# ---- diagnostics ------------------------------------------------------------------------------------
+
+
+def _bad_files(d: Path) -> Path:
+    (d / "frag.pd").write_text(COMMON + "param beta: float = 0.1\n", encoding="utf-8")
+    text = MAIN.replace("common.pd", "frag.pd").replace("mean(perception)", "mean(perceptoin)").replace("kl = 0.02", "kl = 0.02 temprature = 1")
+    (d / "bad.pd").write_text(text, encoding="utf-8")
+    return d / "bad.pd"
+
+
+def _cli_json(path: Path) -> list[dict]:
+    res = CliRunner().invoke(app, ["check", "--format", "json", str(path.name)])
+    return json.loads(res.stdout)
+
+
+def test_diagnostics_are_the_checkers(project_dir: Path) -> None:
+    bad = _bad_files(project_dir)
+    text = bad.read_text()
+    res = check_file(bad.name, text=text)
+    diags = F.lsp_diagnostics(res.diagnostics, res.loaded.name, _project(bad, text), F.Encoder())
+    cli = _cli_json(bad)
+    assert len(diags) == len(cli) == 3
+    for d, c in zip(diags, cli):
+        assert d.code == c["code"] and d.source == "percep"
+        if c["file"] == "bad.pd":
+            assert (d.range.start.line + 1, d.range.start.character + 1, d.range.end.line + 1, d.range.end.character + 1) == (
+                c["line"], c["column"], c["end_line"], c["end_column"])
+            assert d.message == c["message"] + (f"\nhelp: {c['hint']}" if "hint" in c else "")
+    folded = diags[2]  # the fragment's warning sits on the include line, pointing into the fragment
+    assert folded.severity == T.DiagnosticSeverity.Warning and folded.range.start.line == 1
+    assert folded.message.startswith("frag.pd:7:7: param `beta`")
+    assert folded.related_information[0].location.uri.endswith("/frag.pd")
+    assert folded.related_information[0].location.range.start == T.Position(line=6, character=6)
+    fixes = F.quick_fixes(bad.as_uri(), text, diags, F.Encoder())
+    assert [f.title for f in fixes] == ["Replace `perceptoin` with `perception`", "Replace `temprature` with `temperature`"]
+
+
+def test_server_import_does_not_import_torch() -> None:
+    code = ("import sys, pathlib; import percepdsl.lsp.server as s; from percepdsl.lsp import features as F; "
+            "p = pathlib.Path('x.pd'); s.server.diagnostics(p.resolve().as_uri(), 'experiment x\\nseed 1\\n'); "
+            "F.complete(F.Project(F.Doc('task ', p)), 5, F.Encoder()); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'percepdsl_runtime', 'lightning', 'transformers'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- the server over stdio ---------------------------------------------------------------------------
+
+
+def test_stdio_session(project_dir: Path, tmp_path: Path) -> None:
+    bad = _bad_files(project_dir)
+    modules = tmp_path / "modules.txt"
+    cli = _cli_json(bad)
+
+    async def scenario() -> None:
+        async with LspSession(cwd=project_dir, modules_file=modules) as s:
+            caps = s.capabilities
+            assert caps.hover_provider and caps.definition_provider and caps.document_formatting_provider
+            assert caps.document_symbol_provider and "(" in caps.completion_provider.trigger_characters
+            uri = s.open(bad)
+            diags = await s.diagnostics(uri, version=1)
+            assert [d.code for d in diags] == [c["code"] for c in cli]
+            assert [(d.range.start.line + 1, d.range.start.character + 1) for d in diags[:2]] == [(c["line"], c["column"]) for c in cli[:2]]
+            # hover, completion, definition, outline, formatting, quick fixes
+            h = await s.hover(uri, s.at(uri, "lam *"))
+            assert h.contents.kind == T.MarkupKind.Markdown and "param lam: float = 0.3" in h.contents.value
+            assert "group" not in await s.complete(uri, s.at(uri, "steps = 400"))
+            assert "lr" in await s.complete(uri, s.at(uri, "steps = 400"))
+            assert await s.complete(uri, s.at(uri, "graph_coloring")) == ["graph_coloring", "sudoku"]
+            locs = await s.definition(uri, s.at(uri, "from base", 5))
+            assert locs[0].uri == uri and locs[0].range.start == T.Position(line=8, character=6)
+            symbols = await s.symbols(uri)
+            assert [x.name for x in symbols if x.kind == T.SymbolKind.Function] == ["base", "post", "rl"]
+            edits = await s.format(uri)
+            assert len(edits) == 1 and edits[0].new_text.startswith("experiment demo\n")
+            actions = await s.code_actions(uri, diags)
+            assert actions[0].title == "Replace `perceptoin` with `perception`"
+            # didChange (incremental): fix the typo, diagnostics follow
+            line = s.texts[uri].split("\n")[11]
+            col = line.index("perceptoin")
+            new_text = s.texts[uri].replace("perceptoin", "perception")
+            s.edit(uri, 11, col, col + len("perceptoin"), "perception", new_text)
+            diags = await s.diagnostics(uri, version=2)
+            assert [d.code for d in diags] == ["unknown-setting", "unused-param"]
+            # a syntax error: reported, formatting declines
+            s.change(uri, new_text.replace("steps = 400", "steps = = 400"))
+            diags = await s.diagnostics(uri, version=3)
+            assert [d.code for d in diags] == ["syntax"]
+            assert not await s.format(uri)
+            # didClose clears
+            t = s.published[-1][0]
+            s.close(uri)
+            _, p = await s.publication(uri, after=t + 1e-9)
+            assert len(p.diagnostics) == 0
+        assert s.returncode == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    loaded = set(modules.read_text().split())
+    assert "pygls" in loaded and "percepdsl.check" in loaded
+    assert not {m for m in loaded if m == "torch" or m.startswith(("torch.", "percepdsl_runtime"))}
+
+
+def test_stdio_save_rechecks_includers_and_utf16(project_dir: Path) -> None:
+    main = project_dir / "main.pd"
+    frag = project_dir / "common.pd"
+    emoji = project_dir / "emoji.pd"
+    emoji_text = 'experiment e\nparam s: str = "🙂🙂"  param unused_x: float = 0.5\n'
+    emoji.write_text(emoji_text, encoding="utf-8")
+
+    async def scenario() -> None:
+        async with LspSession(cwd=project_dir) as s:
+            m = s.open(main)
+            assert len(await s.diagnostics(m, version=1)) == 0
+            f = s.open(frag)
+            await s.diagnostics(f, version=1)  # a fragment checked alone: what `percep check common.pd` says
+            # the fragment gains an unused param and is saved: the including spec is checked again
+            new = COMMON + "param beta: float = 0.1\n"
+            s.change(f, new)
+            frag.write_text(new, encoding="utf-8")
+            t = s.published[-1][0]
+            s.save(f)
+            _, p = await s.publication(m, after=t)
+            assert [d.code for d in p.diagnostics] == ["unused-param"]
+            assert p.diagnostics[0].range.start.line == 1  # on `include "common.pd"`
+            # positions are UTF-16 code units: two astral characters count four
+            e = s.open(emoji)
+            diags = await s.diagnostics(e, version=1)
+            warn = next(d for d in diags if "unused_x" in d.message)
+            col = emoji_text.split("\n")[1].index("unused_x")
+            assert warn.range.start == T.Position(line=1, character=col + 2)
+            h = await s.hover(e, s.at(e, "unused_x", 3))
+            assert "param unused_x: float = 0.5" in h.contents.value
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_stdio_diagnostics_latency_smoke(tmp_path: Path) -> None:
+    """Diagnostics arrive for each edit of a 300-line spec; `benchmarks/bench_lsp.py` measures the latency."""
+    spec = tmp_path / "big.pd"
+    text = spec_of_lines(300)
+    spec.write_text(text, encoding="utf-8")
+    assert check_file(spec).diagnostics == []
+    latencies = []
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec)
+            await s.diagnostics(uri, version=1)
+            for i in range(3):
+                await asyncio.sleep(0.2)  # an isolated edit, as when a user pauses
+                new = text.replace("steps = 400", f"steps = {401 + i}", 1) if i % 2 == 0 else text.replace("batch = 8", "batch = 0", 1)
+                sent = s.change(uri, new)
+                t, p = await s.publication(uri, version=s.version[uri])
+                latencies.append((t - sent) * 1000)
+                assert bool(p.diagnostics) == (i % 2 == 1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    print(f"didChange → publishDiagnostics, 300-line spec: {', '.join(f'{x:.0f} ms' for x in latencies)}")
+
+
+# ---- robustness: any text, any position -------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PIECES = st.sampled_from([
+    "stage", "task", "model", "roles", "eval", "trainer", "param", "include", "seed", "grid", "template", "axis", "zip",
+    "where", "report", "fix", "experiment", "s", "base", "sft", "grpo", "from", "lam", "graph_coloring", "hf", "lora",
+    "steps", "loss", "reward", "mean", "ngdiff", "cosine", "perception", "outcome", "=", "{", "}", "(", ")", "[", "]",
+    ",", ":", "..", "+", "*", "-", "1", "0.5", "64px", '"x.pd"', '"unterminated', "# note", "\n", " ", "\t", "🙂", "é",
+])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(_PIECES, max_size=40), where=st.floats(0, 1))
+def test_features_never_fail(project_dir: Path, pieces: list[str], where: float) -> None:
+    text = " ".join(pieces)
+    path = project_dir / "fuzz.pd"
+    project = _project(path, text)
+    offset = int(where * len(text))
+    enc = F.Encoder()
+    F.complete(project, offset, enc)
+    F.hover(project, offset, enc)
+    F.definition(project, offset, enc)
+    for sym in F.document_symbols(project.doc, enc):
+        assert (sym.range.start.line, sym.range.start.character) <= (sym.selection_range.start.line, sym.selection_range.start.character)
+    res = check_file(path, text=text)
+    for d in F.lsp_diagnostics(res.diagnostics, res.loaded.name, project, enc):
+        assert d.range.start.line <= d.range.end.line
+
+
+# ---- editors: the TextMate grammar and the VS Code manifest --------------------------------------------
+
+EDITORS = ROOT / "editors"
+
+
+def test_textmate_grammar_is_valid_and_knows_the_catalogue() -> None:
+    import re
+
+    from percepdsl.catalogue import BUILTINS
+
+    grammar = json.loads((EDITORS / "vscode" / "syntaxes" / "percep.tmLanguage.json").read_text(encoding="utf-8"))
+    assert grammar["scopeName"] == "source.percep"
+
+    def regexes(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("match", "begin", "end"):
+                    yield v
+                else:
+                    yield from regexes(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from regexes(v)
+
+    for rx in regexes(grammar):
+        re.compile(rx)  # the grammar sticks to syntax Oniguruma and Python share
+
+    def listed(name: str) -> set[str]:
+        m = re.search(r"\\b\(([^)]*)\)\\b", grammar["repository"][name]["match"])
+        return set(m.group(1).split("|"))
+
+    def names(kinds, pred=lambda e: True) -> set[str]:
+        return {e.name for e in BUILTINS if e.kind in kinds and pred(e)}
+
+    assert listed("builtin-functions") == names(("loss", "schedule", "role_rule")) | names(("reward",), lambda e: bool(e.params))
+    assert listed("builtin-constants") == names(("reward",), lambda e: not e.params) | names(("metric",))
+    assert listed("builtin-types") == names(("task", "model")) | {"sft", "grpo"}
+    statements = re.findall(r"[a-z]+", " ".join(p["match"] for p in grammar["repository"]["statements"]["patterns"]))
+    assert S.STATEMENT_KEYWORDS <= set(statements)
+
+
+def test_vscode_manifest_starts_percep_lsp() -> None:
+    pkg = json.loads((EDITORS / "vscode" / "package.json").read_text(encoding="utf-8"))
+    lang = pkg["contributes"]["languages"][0]
+    assert lang["id"] == "percep" and ".pd" in lang["extensions"]
+    assert (EDITORS / "vscode" / lang["configuration"]).is_file()
+    grammar = pkg["contributes"]["grammars"][0]
+    assert grammar["scopeName"] == "source.percep" and (EDITORS / "vscode" / grammar["path"]).is_file()
+    assert pkg["contributes"]["configuration"]["properties"]["percep.server.command"]["default"] == "percep"
+    assert '"lsp"' in (EDITORS / "vscode" / pkg["main"]).read_text(encoding="utf-8")
+    json.loads((EDITORS / "vscode" / "language-configuration.json").read_text(encoding="utf-8"))
+
+
+def test_stdio_negotiates_utf32_positions(tmp_path: Path) -> None:
+    spec = tmp_path / "e.pd"
+    text = 'experiment e\nparam s: str = "🙂🙂"  param unused_x: float = 0.5\n'
+    spec.write_text(text, encoding="utf-8")
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path, position_encodings=["utf-32", "utf-16"]) as s:
+            assert s.capabilities.position_encoding == T.PositionEncodingKind.Utf32
+            uri = s.open(spec)
+            warn = next(d for d in await s.diagnostics(uri, version=1) if "unused_x" in d.message)
+            assert warn.range.start == T.Position(line=1, character=text.split("\n")[1].index("unused_x"))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
