@@ -168,6 +168,77 @@ def fmt(
 
 
 @app.command()
+def run(
+    spec: Path = typer.Argument(..., help="Experiment spec to train and evaluate."),
+    set_: Optional[list[str]] = SetOpt,
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Parent of the run directory <experiment>-<hash>."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in its directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train and evaluate a spec; leaves summary.json, metrics.csv, eval.jsonl, plots and report.md."""
+    from .ir import ExperimentIR
+
+    ir, res = compile_or_exit(spec, set_)
+    if not isinstance(ir, ExperimentIR):
+        print(f"error: {spec} is a grid file; run it with `percep grid {spec}`", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    from percepdsl_runtime.run import RunFailed, RunRefused, quiet_libraries, run as run_experiment
+
+    quiet_libraries()
+
+    def echo(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        run_dir = run_experiment(ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo)
+    except RunRefused as exc:
+        print(f"{spec}: error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    except RunFailed as exc:
+        print(f"{spec}: error: run failed: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["final"]
+    echo("final: " + "  ".join(f"{k}={final[k]:.3f}" for k in ("end_to_end", "perception", "reasoning") if final.get(k) is not None))
+    print(run_dir)
+
+
+class GridBackend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def grid(
+    grid_file: Path = typer.Argument(..., help="Grid file (specs/grids/*.pd)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells (params, seed, IR hash, run dir, status); run nothing."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
+                                       help="Cells run at once (default 1; with --backend ray, as many as the cluster schedules)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid directory (default runs/grids/<grid name>)."),
+    set_: Optional[list[str]] = SetOpt,
+    backend: GridBackend = typer.Option(GridBackend.local, "--backend", help="local processes, or Ray tasks on a cluster (pip install -e '.[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="Ray: CPUs reserved for each cell (also its thread count)."),
+    gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="Ray: GPUs reserved for each cell."),
+) -> None:
+    """Run an ablation grid, a `percep run` per cell (resumable), then a results table and plots.
+
+    Exit 0 every cell complete, 2 refused before running, 3 some cell failed, 130 interrupted."""
+    from percepdsl_runtime.gridrun import grid_command
+
+    raise typer.Exit(grid_command(grid_file, dry_run=dry_run, jobs=jobs, out=out, sets=set_ or [], backend=backend.value,
+                                  address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell))
+
+
+@app.command()
+def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named).")) -> None:
+    """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories."""
+    from percepdsl_runtime.gridrun import report_command
+
+    raise typer.Exit(report_command(grid_dir))
+
+
+@app.command()
 def gen(
     spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),

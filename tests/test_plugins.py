@@ -74,11 +74,13 @@ def test_without_the_plugin_its_names_are_unknown(tmp_path: Path) -> None:
 
 
 def test_example_plugin_reward_runs() -> None:
+    """The plugin term follows the GRPO reward signature: one call per group, one value per completion."""
+    from types import SimpleNamespace
+
     sys.path.insert(0, str(ROOT / "examples" / "plugin"))
     try:
         from percep_example_plugin.rewards import brevity
     finally:
         sys.path.pop(0)
-    assert brevity("a " * 10, max_words=20) == 1.0
-    assert brevity("a " * 30, max_words=20) == 0.5
-    assert brevity("a " * 50, max_words=20) == 0.0
+    group = SimpleNamespace(completions=["a " * 10, "a " * 30, "a " * 50])
+    assert brevity(group, max_words=20) == [1.0, 0.5, 0.0]

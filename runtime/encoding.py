@@ -1,0 +1,201 @@
+"""Encoding samples for training and generation through the processor's chat template.
+
+A training sequence is the chat template rendered for ``user: [image, query]`` and
+``assistant: response``; only the assistant part (the response and the template's
+end-of-turn marker, e.g. ``<eos>`` or ``<|im_end|>``) is a target. Every target token gets
+exactly one role (``roles.py``); prompt and image tokens get label -100 and role -1.
+
+How targets are found without relying on processor internals: the processor tokenizes
+the full text with the image placeholder expanded (``input_ids``); the tokenizer alone
+tokenizes the same text unexpanded, with character offsets. Expansion only happens in
+the prompt, so the tokens from the prompt's end on are the same in both, at the end of
+each — the offsets of the unexpanded tokenization tell which are targets and their roles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+from .roles import RoleTagger, token_roles
+
+# keys of an encoded item that are one value per token (padded in `collate`), with pad values
+_SEQ_PAD = {"labels": -100, "role_ids": -1, "attention_mask": 0}
+_NOT_MODEL_INPUTS = ("labels", "role_ids", "n_target")
+
+
+class EncodingError(ValueError):
+    """A sample cannot be encoded consistently (template or tokenizer mismatch)."""
+
+
+class Encoder:
+    """Turns (query, image, response) into model inputs, labels and role ids."""
+
+    def __init__(self, loaded: LoadedModel, role_rules: Sequence[Mapping[str, Any]], max_length: int | None = None):
+        self.loaded = loaded
+        self.processor = loaded.processor
+        self.tokenizer = loaded.processor.tokenizer
+        self.tagger = RoleTagger.from_rules(role_rules)
+        self.role_names: list[str] = list(self.tagger.role_names)
+        self.max_length = max_length
+        # What the template writes between the generation prompt and the response, and
+        # after the response: found by rendering a marker response once.
+        marker = "\x00RESPONSE\x00"
+        prompt = self._render("q", None)
+        full = self._render("q", marker)
+        at = full.find(marker, len(prompt))
+        if not full.startswith(prompt) or at < 0:
+            raise EncodingError("the chat template's generation prompt is not a prefix of the rendered conversation")
+        self._sep = full[len(prompt) : at]
+        self._tail = full[at + len(marker) :]
+        tail_ids = self.tokenizer.encode(self._tail.strip(), add_special_tokens=False) if self._tail.strip() else []
+        # the end-of-turn marker ends generation; fall back to the tokenizer's eos
+        self.eos_token_id: int = int(tail_ids[0]) if tail_ids else int(self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id: int = int(pad if pad is not None else self.eos_token_id)
+        self._checked_prefix = False
+
+    # -- text -------------------------------------------------------------------------
+    def _render(self, query: str, response: str | None, image: bool = True) -> str:
+        parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": query}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": parts}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=response is None
+        )
+
+    def _process(self, text: str, image: Any) -> dict[str, torch.Tensor]:
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if image is not None:
+            kwargs["images"] = [[image]]
+        out = self.processor(**kwargs)
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    # -- public API ---------------------------------------------------------------------
+    def encode_train(self, query: str, image: Any, response: str) -> dict[str, Any]:
+        """One training item: 1-D ``input_ids``/``labels``/``role_ids``/``attention_mask``
+        (+ per-token model extras), ``pixel_values`` (+ image extras), ``n_target``."""
+        prompt = self._render(query, None, image is not None)
+        full = self._render(query, response, image is not None)
+        start = len(prompt)
+        r0 = full.find(response, start)
+        if not full.startswith(prompt) or r0 < 0:
+            raise EncodingError("the rendered conversation does not contain the prompt and the response in order")
+        r1 = r0 + len(response)
+        end = r1 + len(full[r1:].rstrip())  # targets: response + end-of-turn marker, not trailing newlines
+
+        out = self._process(full, image)
+        ids = out["input_ids"][0]
+        raw = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        raw_ids, offsets = raw["input_ids"], raw["offset_mapping"]
+        k = sum(1 for s, _ in offsets if s >= start)  # tokens after the prompt, the same in both tokenizations
+        if k == 0 or raw_ids[-k:] != ids[-k:].tolist():
+            raise EncodingError("tokens after the prompt differ between the processor and the tokenizer")
+        if not self._checked_prefix:  # once: prompt tokens must not merge with the response
+            n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if n_prompt != len(raw_ids) - k:
+                raise EncodingError(
+                    "the prompt's tokens merge with the response's; generation would not match training"
+                )
+            self._checked_prefix = True
+
+        target = full[start:end]
+        char_roles = self.tagger.tag(response)
+        # char roles over `target`: template separator before the response takes the first role
+        pre = r0 - start
+        rel = [(max(s - start, 0), max(e - start, 0)) for s, e in offsets[len(offsets) - k :]]
+        is_target = [s < end - start for s, _ in rel]
+        roles_all = token_roles(_shift_roles(char_roles, pre), target, [r for r, t in zip(rel, is_target) if t])
+
+        T = ids.shape[0]
+        labels = torch.full((T,), -100, dtype=torch.long)
+        role_ids = torch.full((T,), -1, dtype=torch.long)
+        pos = torch.arange(T - k, T)[torch.tensor(is_target, dtype=torch.bool)]
+        labels[pos] = ids[pos]
+        role_ids[pos] = torch.tensor(roles_all, dtype=torch.long)
+        item = self._item(out)
+        item.update(labels=labels, role_ids=role_ids)
+        if self.max_length is not None and T > self.max_length:
+            if T - k >= self.max_length:  # cutting into the prompt would cut image tokens too
+                raise EncodingError(
+                    f"max_length {self.max_length} leaves no room for targets after {T - k} prompt tokens"
+                )
+            item = {key: (v[: self.max_length] if _is_seq(v, T) else v) for key, v in item.items()}
+        item["n_target"] = int((item["labels"] != -100).sum())
+        return item
+
+    def encode_prompt(self, query: str, image: Any, prefix: str = "") -> dict[str, Any]:
+        """A generation prompt; ``prefix`` is assistant text already written (e.g. the
+        counterfactual ``<perception> p* </perception> <reasoning>``)."""
+        text = self._render(query, None, image is not None)
+        if prefix:
+            text += self._sep + prefix
+        return self._item(self._process(text, image))
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+    def target_text(self, response: str) -> str:
+        """The assistant text a model writes for ``response`` (response + end-of-turn)."""
+        return response + self._tail.rstrip()
+
+    @staticmethod
+    def _item(out: dict[str, torch.Tensor]) -> dict[str, Any]:
+        T = out["input_ids"].shape[-1]
+        item: dict[str, Any] = {}
+        for key, v in out.items():
+            # per-token tensors [1, T] → [T]; image tensors keep their leading (image) dim
+            item[key] = v[0] if v.dim() == 2 and v.shape == (1, T) else v
+        if "attention_mask" not in item:
+            item["attention_mask"] = torch.ones(T, dtype=torch.long)
+        return item
+
+
+def _shift_roles(char_roles: np.ndarray, pre: int) -> np.ndarray:
+    """Prepend ``pre`` characters (the template's separator) with the first role."""
+    if pre <= 0:
+        return char_roles
+    first = char_roles[0] if len(char_roles) else 0
+    return np.concatenate([np.full(pre, first, dtype=np.int64), char_roles])
+
+
+def _is_seq(v: Any, T: int) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == T
+
+
+def collate(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Batch encoded items: per-token tensors are padded (right for training items,
+    left for prompt items, i.e. items without labels); image tensors are concatenated
+    along their first dim; ints become a tensor."""
+    left = "labels" not in items[0]
+    T = max(int(it["input_ids"].shape[0]) for it in items)
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if not isinstance(vals[0], torch.Tensor):
+            batch[key] = torch.tensor(vals)
+        elif _is_seq(vals[0], int(items[0]["input_ids"].shape[0])):
+            pad = pad_token_id if key == "input_ids" else _SEQ_PAD.get(key, 0)
+            out = torch.full((len(vals), T), pad, dtype=vals[0].dtype)
+            for i, v in enumerate(vals):
+                n = v.shape[0]
+                if left:
+                    out[i, T - n :] = v
+                else:
+                    out[i, :n] = v
+            batch[key] = out
+        else:
+            batch[key] = torch.cat(vals, dim=0)
+    return batch
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch without the training-only keys (labels, role ids, counts)."""
+    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}

@@ -1,0 +1,290 @@
+"""Models: the embedded tiny VLM and any local Hugging Face image-text-to-text checkpoint.
+
+``build_tiny`` makes a LLaVA-style model (small CLIP vision tower + small Llama) with
+random weights and a word-level tokenizer over the task vocabulary, saves it in Hugging
+Face format and loads it back through ``load_hf`` — so the tiny default exercises the
+same loading path as a real checkpoint (DESIGN §4). ``load_hf`` loads any local
+checkpoint with ``AutoModelForImageTextToText`` + ``AutoProcessor``, optionally wrapping
+it in a PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Special tokens of the tiny word-level tokenizer; <image> is expanded by the processor
+# into one token per image patch.
+TINY_SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
+
+# Chat template of the tiny processor. Everything it renders is space-separated words, so
+# the word-level tokenizer sees exactly the vocabulary. The {% generation %} markers let
+# TRL's assistant-only loss find the response; the end-of-turn <eos> is inside them so a
+# model learns to stop. There is no assistant header: responses start with a marker.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<bos>"
+    "{% if message['content'] is string %} {{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %} <image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% elif message['role'] == 'assistant' %} {% generation %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} <eos>{% endgeneration %}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+# A tiny checkpoint carries this file (its build parameters); load_hf then reports kind
+# "tiny" and uses TINY_ATTENTION. Eager attention: at these sizes (T ≈ 50-300, head dim 64)
+# a bf16 training step is ≈1.4× faster than with SDPA, whose CPU flash-attention backward
+# dominates the step (measured with benchmarks/bench_sft.py's setup, 1 thread).
+TINY_MARKER = "percep_tiny.json"
+TINY_ATTENTION = "eager"
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded or cannot serve the task; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for training/generation, with the processor that feeds it."""
+
+    model: Any  # transformers PreTrainedModel, possibly PEFT-wrapped
+    processor: Any  # transformers ProcessorMixin (tokenizer + image processor + chat template)
+    kind: str  # "tiny" | "hf"
+    path: Path | None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def build_tiny(
+    vocab: Sequence[str],
+    *,
+    width: int = 256,
+    depth: int = 4,
+    heads: int = 4,
+    vision_width: int = 128,
+    vision_depth: int = 2,
+    patch: int = 16,
+    image: int = 64,
+    seed: int = 0,
+    save_dir: Path | None = None,
+) -> LoadedModel:
+    """Build the embedded tiny LLaVA (≈3M parameters at the defaults), save it, reload it.
+
+    ``vocab`` is the task vocabulary (space-separated words of queries and responses).
+    The model is written to ``save_dir`` (a fresh temporary directory if None) and
+    loaded back with ``load_hf``, so what trains is exactly what a later run reloads.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if image % patch:
+        raise ValueError(f"image size {image} must be a multiple of the patch size {patch}")
+    words = list(TINY_SPECIALS) + [w for w in dict.fromkeys(vocab) if w not in TINY_SPECIALS]
+    bad = [w for w in words if not w or any(c.isspace() for c in w)]
+    if bad:
+        raise ValueError(f"vocabulary words must be non-empty and contain no whitespace: {bad[:5]}")
+    ids = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # no decoder: the tokenizers library then joins decoded words with single spaces
+    tok.add_special_tokens(list(TINY_SPECIALS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        clean_up_tokenization_spaces=False,  # "1 2 , 3" must not become "1 2, 3"
+        model_max_length=4096,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image}, crop_size={"height": image, "width": image}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token; "default" drops it again → (image/patch)² tokens
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    n_image_tokens = (image // patch) ** 2
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_width,
+            intermediate_size=4 * vision_width,
+            num_hidden_layers=vision_depth,
+            num_attention_heads=heads,
+            image_size=image,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=width,
+            intermediate_size=2 * width,  # 2× (not Llama's 8/3×) gives the 3.05M model of DESIGN §7
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=len(words),
+            max_position_embeddings=4096,
+            bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<eos>"],
+            pad_token_id=ids["<pad>"],
+        ),
+        image_token_index=ids["<image>"],
+        image_seq_length=n_image_tokens,
+        vision_feature_select_strategy="default",
+        # -1: the last vision layer (LLaVA's default -2 would leave a 2-layer tower's last layer unused)
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.generation_config.eos_token_id = ids["<eos>"]
+    if save_dir is None:
+        save_dir = Path(tempfile.mkdtemp(prefix="percep-tiny-"))
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(save_dir)
+    processor.save_pretrained(save_dir)
+    build = dict(width=width, depth=depth, heads=heads, vision_width=vision_width, vision_depth=vision_depth,
+                 patch=patch, image=image, seed=seed, attn_implementation=TINY_ATTENTION)
+    (save_dir / TINY_MARKER).write_text(json.dumps(build, indent=2))
+    return load_hf(save_dir)
+
+
+def load_hf(
+    path: str | Path,
+    *,
+    lora: dict | None = None,
+    dtype: str = "float32",
+    vocab: Sequence[str] | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a local image-text-to-text checkpoint (+ optional LoRA).
+
+    ``lora`` keys: ``r`` (8), ``alpha`` (2r), ``dropout`` (0.0), ``target_modules``
+    (default ``"all-linear"``: every linear layer but the output head, vision tower
+    included — perception is what the study trains, so the vision side must be able to move).
+    ``vocab``: if given, raise ``ModelLoadError`` when the tokenizer cannot encode a word.
+    ``attn_implementation``: passed to transformers (default: its choice; eager for tiny).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - report any config failure the same way
+        raise ModelLoadError(f"cannot read the config of {str(path)!r}: {exc}") from exc
+    tiny = (path / TINY_MARKER).is_file()
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+    if attn_implementation or tiny:
+        kwargs["attn_implementation"] = attn_implementation or TINY_ATTENTION
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            archs = getattr(config, "architectures", None)
+            raise ModelLoadError(
+                f"{str(path)!r} is not an image-text-to-text checkpoint "
+                f"(config {type(config).__name__}, architectures {archs}); expected a vision-language model"
+            ) from exc
+        raise ModelLoadError(f"cannot load the model in {str(path)!r}: {exc}") from exc
+    except (OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the model in {str(path)!r}: {exc}") from exc
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(
+            f"cannot load the processor of {str(path)!r}: {type(exc).__name__}: {exc} "
+            "(some processors need optional packages, e.g. Qwen2-VL's video processor needs torchvision)"
+        ) from exc
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+        raise ModelLoadError(
+            f"{str(path)!r} has a {type(processor).__name__}, "
+            "not a multimodal processor with a tokenizer and an image processor"
+        )
+    if not getattr(processor, "chat_template", None):
+        raise ModelLoadError(
+            f"the processor of {str(path)!r} has no chat template; training sequences are built with it"
+        )
+    if lora:
+        model = _with_lora(model, lora)
+    loaded = LoadedModel(model=model, processor=processor, kind="tiny" if tiny else "hf", path=path)
+    if vocab is not None:
+        missing = check_vocabulary(loaded, vocab)
+        if missing:
+            raise ModelLoadError(
+                f"the tokenizer of {str(path)!r} cannot encode {len(missing)} task word(s), e.g. {missing[:8]}"
+            )
+    return loaded
+
+
+def _with_lora(model: Any, lora: dict) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
+    if unknown:
+        raise ModelLoadError(f"unknown LoRA option(s) {sorted(unknown)}; expected r, alpha, dropout, target_modules")
+    r = int(lora.get("r", 8))
+    config = LoraConfig(
+        r=r,
+        lora_alpha=float(lora.get("alpha", 2 * r)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=lora.get("target_modules") or "all-linear",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelLoadError(f"LoRA: {exc}") from exc
+
+
+def check_vocabulary(loaded: LoadedModel, vocab: Sequence[str]) -> list[str]:
+    """Task words the tokenizer cannot represent: they map to the unknown token, encode
+    to nothing, or do not decode back to themselves. An empty list means fine."""
+    tok = loaded.tokenizer
+    unk = tok.unk_token_id
+    missing = []
+    for word in dict.fromkeys(vocab):
+        ids = tok.encode(word, add_special_tokens=False)
+        text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).strip()
+        if not ids or (unk is not None and unk in ids) or text != word:
+            missing.append(word)
+    return missing

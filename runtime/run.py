@@ -1,0 +1,450 @@
+"""`percep run`: execute a compiled experiment, stage by stage, into a run directory.
+
+Read top to bottom, a run is:
+
+1. **prepare** — build the task, the model and the encoder, and refuse bad input
+   before any training (a missing model path, a tokenizer that cannot encode the
+   task vocabulary, a role that matches no target token): `RunRefused`, exit 2;
+2. **stages** — for each stage in topological order: start from the parent's
+   weights, train under a Lightning `Trainer`, evaluate three ways (periodically
+   and at the end), save the weights in safetensors and mark the stage done;
+3. **report** — `summary.json` (final metrics, per-stage metrics and deltas,
+   diagnostics), `metrics.csv`, `eval.jsonl`, plots and `report.md`.
+
+Everything a run leaves is written atomically. A stage writes `resume.ckpt`
+(Lightning's full training state) every `RESUME_EVERY` steps, so a killed run
+continues with `--resume` where it stopped; the data order is a pure function of
+(seed, step), so the resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+
+from percepdsl.io import write_json_atomic, write_text_atomic
+from percepdsl.ir import ExperimentIR, StageIR, content_hash
+
+RESUME_EVERY = int(os.environ.get("PERCEP_RESUME_EVERY", 50))  # steps between resume checkpoints: ≈1–2 s of tiny-model training lost at most
+PREFLIGHT_ITEMS = 32  # training items encoded before training to check role coverage
+HEADLINE = ("end_to_end", "perception", "reasoning")
+
+
+class RunRefused(Exception):
+    """Bad input found before training started (exit 2)."""
+
+
+class RunFailed(Exception):
+    """The run broke while running (exit 3); finished stages and the last checkpoint are kept."""
+
+
+@dataclass
+class Context:
+    ir: ExperimentIR
+    run_dir: Path
+    task: Any
+    loaded: Any
+    encoder: Any
+    init_weights: Path
+    echo: Callable[[str], None]
+    token_share: dict[str, float] = field(default_factory=dict)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress: no library banners, tips or load bars."""
+    import logging
+
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*reproducibility.*")
+
+
+def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
+    return Path(out) / f"{ir.name}-{content_hash(ir)}"
+
+
+# ---- 1. prepare ---------------------------------------------------------------------------------
+
+
+def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Context:
+    from .encoding import Encoder, EncodingError
+    from .models import ModelLoadError, build_tiny, check_vocabulary, load_hf
+    from .plugins import ImplError, build_task
+    from .sft import save_checkpoint_safetensors
+
+    try:
+        task = build_task(ir.task, ir.seed)
+    except (ImplError, ValueError) as exc:
+        raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
+    vocab = task.vocabulary()
+    try:
+        if ir.model.kind == "tiny":
+            p = ir.model.params
+            loaded = build_tiny(vocab, width=p["width"], depth=p["depth"], heads=p["heads"], vision_width=p["vision_width"],
+                                vision_depth=p["vision_depth"], patch=p["patch"], image=ir.task.params["image"], seed=ir.seed,
+                                save_dir=run_dir / "model_init")
+        else:
+            lora = ir.model.lora.model_dump() if ir.model.lora else None
+            loaded = load_hf(ir.model.path, lora=lora, dtype=ir.model.params.get("dtype", "float32"))
+    except ModelLoadError as exc:
+        raise RunRefused(str(exc)) from exc
+    missing = check_vocabulary(loaded, vocab)
+    if missing:
+        shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
+        raise RunRefused(f"the tokenizer of {ir.model.path or ir.model.kind} cannot encode {len(missing)} word(s) of the "
+                         f"`{ir.task.name}` vocabulary: {shown}")
+    try:
+        encoder = Encoder(loaded, [r.model_dump() for r in ir.roles], max_length=_max_length(ir))
+    except EncodingError as exc:
+        raise RunRefused(str(exc)) from exc
+    token_share = _preflight_roles(ir, task, encoder)
+    init = run_dir / "init.safetensors"
+    if not init.exists():
+        save_checkpoint_safetensors(loaded.model, init)
+    echo(f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
+         f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)")
+    return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share)
+
+
+def _max_length(ir: ExperimentIR) -> int | None:
+    lengths = [s.settings.get("max_length") for s in ir.stages if s.settings.get("max_length")]
+    return max(lengths) if lengths else None
+
+
+def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, float]:
+    """Encode a few targets: every declared role must own tokens; returns the token share per role."""
+    import torch
+
+    counts = torch.zeros(len(encoder.role_names), dtype=torch.long)
+    n = min(PREFLIGHT_ITEMS, task.size("train"))
+    for i in range(n):
+        s = task.sample("train", i)
+        roles = encoder.encode_train(s.query, s.image, s.response)["role_ids"]
+        counts += torch.bincount(roles[roles >= 0], minlength=len(encoder.role_names))
+    declared = {r.role for r in ir.roles}
+    empty = [name for name, c in zip(encoder.role_names, counts.tolist()) if c == 0 and name in declared]
+    if empty:
+        sample = task.sample("train", 0).response
+        raise RunRefused(f"role(s) {', '.join(f'`{r}`' for r in empty)} match no target token in the first {n} training "
+                         f"items; check the roles block against a target such as: {sample[:160]}")
+    total = max(int(counts.sum()), 1)
+    return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
+
+
+# ---- 2. stages --------------------------------------------------------------------------------------
+
+
+def stage_dir(ctx: Context, stage: StageIR) -> Path:
+    return ctx.run_dir / "stages" / stage.name
+
+
+def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
+    """Train one stage (resuming if it was interrupted) and evaluate it; returns its record."""
+    import torch
+
+    from .evaluate import EvalConfig
+    from .generation import GenConfig
+    from .sft import build_trainer, load_checkpoint_safetensors, save_checkpoint_safetensors
+
+    sdir = stage_dir(ctx, stage)
+    sdir.mkdir(parents=True, exist_ok=True)
+    parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model.safetensors" if stage.parent else ctx.init_weights
+    load_checkpoint_safetensors(ctx.loaded.model, parent)
+
+    module, datamodule = _build_stage(ctx, stage)
+    tr = ctx.ir.trainer
+    ev = ctx.ir.eval
+    every = stage.settings.get("eval_every") or ev.every
+    eval_cfg = EvalConfig(gen=GenConfig(max_new_tokens=ev.max_new_tokens or 512, temperature=ev.temperature, top_p=ev.top_p,
+                                        batch_size=ev.batch), counterfactual="reasoning" in ev.metrics,
+                          cap_factor=None if ev.max_new_tokens else 1.3)
+    evaluator = StageEval(ctx, stage, eval_cfg, every)
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
+    try:
+        trainer = build_trainer(
+            stage.settings["steps"],
+            objective=getattr(module, "objective", None),
+            precision=tr.precision,
+            accelerator=tr.accelerator,
+            devices=tr.devices,
+            strategy=tr.strategy,
+            accumulate=tr.accumulate if stage.kind == "sft" else 1,
+            callbacks=[evaluator, ResumeCheckpoint(sdir / "resume.ckpt", RESUME_EVERY)],
+            logger=L.pytorch.loggers.CSVLogger(str(sdir), name="", version=f"log{attempt}"),
+            log_every_n_steps=tr.log_every,
+            enable_progress_bar=progress,
+            num_sanity_val_steps=0,
+            default_root_dir=str(sdir),
+        )
+    except ValueError as exc:
+        raise RunRefused(f"stage `{stage.name}`: {exc}") from exc
+    ckpt = sdir / "resume.ckpt"
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    train_seconds = time.perf_counter() - start
+    if not math.isfinite(float(trainer.callback_metrics.get("loss", 0.0))):
+        raise RunFailed(f"stage `{stage.name}`: the loss is not finite at step {trainer.global_step}; "
+                        f"weights before it are in {ckpt if ckpt.exists() else parent}")
+    save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.settings["steps"]})
+    final = evaluator.evaluate_now(trainer.global_step, final=True)
+    diagnostics = _stage_diagnostics(ctx, module, datamodule)
+    record = {"stage": stage.name, "kind": stage.kind, "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
+              "metrics": final, "history": evaluator.history, "diagnostics": diagnostics}
+    write_json_atomic(sdir / "done.json", record)
+    ckpt.unlink(missing_ok=True)
+    return record
+
+
+def _build_stage(ctx: Context, stage: StageIR):
+    from .losses import Objective
+    from .sft import SFTDataModule, SFTModule
+
+    s = stage.settings
+    if stage.kind == "grpo":
+        from .grpo import build_grpo
+
+        return build_grpo(ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip)
+    lr = s["lr"]
+    schedule = lr.model_dump() if hasattr(lr, "model_dump") else 1.0
+    base_lr = lr.start if hasattr(lr, "model_dump") else float(lr)
+    if hasattr(lr, "model_dump"):  # the schedule is a multiplier of the base lr
+        schedule = {**schedule, "start": 1.0, "end": (lr.end / lr.start if lr.end is not None and lr.start else lr.end)}
+    objective = Objective(stage.loss.model_dump(mode="json"), ctx.encoder.role_names)
+    module = SFTModule(ctx.loaded, objective, {
+        "lr": base_lr, "schedule": schedule, "weight_decay": s["weight_decay"], "grad_clip": ctx.ir.trainer.clip,
+        "total_steps": s["steps"],
+    })
+    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed)
+    return module, datamodule
+
+
+def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any) -> dict[str, Any]:
+    """Token and loss share per role, per-role gradient norms and their cosines, on one fixed batch."""
+    out: dict[str, Any] = {"token_share": ctx.token_share}
+    if not hasattr(datamodule, "dataset") or datamodule.dataset is None:
+        return out | (module.diagnostics() if hasattr(module, "diagnostics") else {})
+    import torch
+
+    from .encoding import collate
+    from .sft import per_role_grad_norms, role_losses
+
+    items = [datamodule.dataset[i] for i in range(min(16, len(datamodule.dataset)))]
+    batch = collate(items, ctx.encoder.pad_token_id)
+    with torch.no_grad():
+        sums, counts = role_losses(ctx.loaded.model, batch, len(ctx.encoder.role_names))
+    total = float(sums.sum()) or 1.0
+    out["loss_share"] = {n: float(s) / total for n, s in zip(ctx.encoder.role_names, sums)}
+    out["role_loss"] = {n: float(s) / max(int(c), 1) for n, s, c in zip(ctx.encoder.role_names, sums, counts) if int(c)}
+    out.update(per_role_grad_norms(module, batch))
+    return out
+
+
+class StageEval(L.Callback):
+    """Three-way evaluation every N steps and at the stage end."""
+
+    def __init__(self, ctx: Context, stage: StageIR, cfg: Any, every: int | None):
+        self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
+        self.history: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and 0 < step < self.stage.settings["steps"]:
+            metrics = self.evaluate_now(step)
+            pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
+
+    def evaluate_now(self, step: int, final: bool = False) -> dict[str, Any]:
+        from .evaluate import evaluate
+
+        ctx, ev = self.ctx, self.ctx.ir.eval
+        model = ctx.loaded.model
+        was_training = model.training
+        model.eval()
+        try:
+            res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
+        finally:
+            model.train(was_training)
+        tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
+        _append_jsonl(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
+        entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
+        entry["slot_errors"] = res.metrics.get("slot_errors")
+        self.history.append(entry)
+        ctx.echo(f"[{self.stage.name} step {step}] " + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
+                 + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})")
+        return res.metrics
+
+
+class ResumeCheckpoint(L.Callback):
+    """The full training state (weights, optimiser, loop position) every N steps, written atomically."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
+            tmp = self.path.with_suffix(".tmp")
+            trainer.save_checkpoint(str(tmp))
+            os.replace(tmp, self.path)
+
+
+def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+    write_text_atomic(path, text)
+
+
+# ---- 3. report ---------------------------------------------------------------------------------------
+
+
+def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    stages: dict[str, Any] = {}
+    prev: dict[str, Any] | None = None
+    for st in ctx.ir.stages:
+        rec = records[st.name]
+        m = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) or v is None}
+        entry: dict[str, Any] = {"kind": st.kind, "parent": st.parent, "steps": rec["steps"], "train_seconds": rec["train_seconds"], "metrics": m}
+        base = records[st.parent]["metrics"] if st.parent else prev
+        if base is not None:
+            entry["delta"] = {k: (m[k] - base[k]) for k in HEADLINE if m.get(k) is not None and base.get(k) is not None}
+        entry["slot_errors"] = rec["metrics"].get("slot_errors")
+        entry["diagnostics"] = rec["diagnostics"]
+        stages[st.name] = entry
+        prev = m
+    last = ctx.ir.stages[-1].name
+    return {
+        "experiment": ctx.ir.name,
+        "hash": content_hash(ctx.ir),
+        "status": "complete",
+        "seed": ctx.ir.seed,
+        "params": ctx.ir.params,
+        "final": {k: stages[last]["metrics"].get(k) for k in ("end_to_end", "perception", "perception_partial", "reasoning", "format_ok")},
+        "final_stage": last,
+        "stages": stages,
+        "diagnostics": {"token_share": ctx.token_share, **{f"{k}": v for k, v in stages[last]["diagnostics"].items() if k != "token_share"}},
+    }
+
+
+def write_metrics_csv(ctx: Context) -> None:
+    """One CSV of every logged step of every stage (`stage` column first). Steps logged
+    again after a resume replace the rows the interrupted attempt logged for them."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    keys: list[str] = ["stage"]
+    for st in ctx.ir.stages:
+        for path in sorted(stage_dir(ctx, st).glob("log*/metrics.csv"), key=lambda p: int(p.parent.name[3:] or 0)):
+            with path.open() as f:
+                for row in csv.DictReader(f):
+                    rows[(st.name, row.get("step", ""))] = {"stage": st.name, **row}
+                    keys += [k for k in row if k not in keys]
+    with (ctx.run_dir / "metrics.csv.tmp").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows.values())
+    os.replace(ctx.run_dir / "metrics.csv.tmp", ctx.run_dir / "metrics.csv")
+
+
+def merge_eval_jsonl(ctx: Context) -> None:
+    parts = sorted((ctx.run_dir / "stages").glob("*/eval-*.jsonl"))
+    order = {st.name: i for i, st in enumerate(ctx.ir.stages)}
+    parts.sort(key=lambda p: (order.get(p.parent.name, 99), p.name))
+    write_text_atomic(ctx.run_dir / "eval.jsonl", "".join(p.read_text() for p in parts))
+
+
+def write_plots(ctx: Context, summary: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for st in ctx.ir.stages:
+        hist = json.loads((stage_dir(ctx, st) / "done.json").read_text())["history"]
+        for key, style in zip(HEADLINE, ("-o", "-s", "-^")):
+            xs = [offset + h["step"] for h in hist if h.get(key) is not None]
+            ys = [h[key] for h in hist if h.get(key) is not None]
+            if xs:
+                ax.plot(xs, ys, style, label=f"{key} ({st.name})", markersize=4)
+        offset += st.settings["steps"]
+        ax.axvline(offset, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("step (stages concatenated)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{ctx.ir.name}: a, a_p, a_r over training")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = ctx.run_dir / "curves.png"
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    plt.close(fig)
+    os.replace(path.with_suffix(".tmp.png"), path)
+    return [path]
+
+
+def write_report(ctx: Context, summary: dict[str, Any]) -> None:
+    def f(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    lines = [f"# {ctx.ir.name} ({summary['hash']})", "",
+             f"Task `{ctx.ir.task.name}`, model `{ctx.ir.model.kind}`, seed {ctx.ir.seed}, params {ctx.ir.params or '{}'}.",
+             "Every figure below comes from `summary.json`, which is computed from the records in `eval.jsonl`.", "",
+             "| stage | kind | steps | a (end-to-end) | a_p (perception) | a_r (reasoning) | Δa | Δa_p | Δa_r |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, st in summary["stages"].items():
+        m, d = st["metrics"], st.get("delta", {})
+        lines.append(f"| {name} | {st['kind']} | {st['steps']} | {f(m.get('end_to_end'))} | {f(m.get('perception'))} | "
+                     f"{f(m.get('reasoning'))} | {f(d.get('end_to_end'))} | {f(d.get('perception'))} | {f(d.get('reasoning'))} |")
+    share = summary["diagnostics"].get("token_share", {})
+    lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()),
+              "", "![curves](curves.png)", ""]
+    write_text_atomic(ctx.run_dir / "report.md", "\n".join(lines))
+
+
+# ---- the whole run --------------------------------------------------------------------------------------
+
+
+def run(ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = False, progress: bool = True,
+        echo: Callable[[str], None] = print) -> Path:
+    """Execute `ir` into `out/<name>-<hash>/`; returns the run directory."""
+    run_dir = run_dir_for(ir, out)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        echo(f"already complete: {run_dir} (delete it to run again)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in sources.items():
+        write_text_atomic(run_dir / "spec" / Path(name).name, text)
+    write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
+    ctx = prepare(ir, run_dir, echo)
+    records: dict[str, dict[str, Any]] = {}
+    for stage in ir.stages:
+        done = stage_dir(ctx, stage) / "done.json"
+        if done.exists():
+            records[stage.name] = json.loads(done.read_text())
+            echo(f"stage {stage.name}: done (resumed)")
+            continue
+        echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.settings['steps']} steps")
+        records[stage.name] = run_stage(ctx, stage, progress)
+    summary = summarize(ctx, records)
+    write_metrics_csv(ctx)
+    merge_eval_jsonl(ctx)
+    write_plots(ctx, summary)
+    write_report(ctx, summary)
+    write_json_atomic(summary_path, summary)  # last: its presence marks the run complete
+    return run_dir

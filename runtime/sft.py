@@ -1,0 +1,526 @@
+"""Supervised fine-tuning under Lightning: module, data module, diagnostics, checkpoints.
+
+``SFTModule`` trains a ``LoadedModel`` on an ``Objective`` (losses.py). Token-mean and
+mix losses use Lightning's automatic optimisation; NGDiff performs its own backward
+(manual optimisation), optionally with an automatic learning rate. The learning rate
+is ``lr × schedule_value(schedule, step, total)`` set before every optimiser step.
+
+Config dict (all optional): ``lr`` (1e-3), ``weight_decay`` (0.0), ``betas``
+((0.9, 0.999)), ``eps`` (1e-8), ``schedule`` (multiplier schedule dict, default constant
+1), ``total_steps`` (default: the trainer's ``max_steps``), ``grad_clip`` (max global
+norm, None = off), ``auto_lr_every`` (NGDiff auto-LR probe period, 10),
+``prefix_forward`` (NGDiff prefix trick, True), ``log_every_step`` (False: all metrics
+only on the logger's steps, ``loss`` every step).
+
+Speed notes (the tiny model is small enough that overheads dominate):
+- logits are computed only at target positions (``target_logits``): the LM head and the
+  cross-entropy never see prompt or image tokens;
+- batches are length-bucketed (``LengthBucketSampler``), so little compute goes to padding;
+- items are encoded once in ``setup`` (processor + tokenizer cost paid once, not per epoch);
+- NGDiff takes perception's gradient from a forward over the prefix that holds it
+  (``SFTModule.ngdiff_backward``), ≈40% of the sequence, not from a second full backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .encoding import Encoder, collate, model_inputs
+from .losses import Objective, quadratic_step, role_token_losses, schedule_value
+from .models import LoadedModel
+
+
+# --------------------------------------------------------------------------- forward
+def _split_head(model: Any) -> tuple[Any, Any] | None:
+    """(backbone returning last_hidden_state, lm_head) when the model has the usual
+    ``.model`` + ``.lm_head`` layout and no logit post-processing; else None."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text_cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
+    if getattr(text_cfg, "final_logit_softcapping", None):
+        return None
+    base, head = getattr(m, "model", None), getattr(m, "lm_head", None)
+    return (base, head) if base is not None and isinstance(head, torch.nn.Module) else None
+
+
+def target_logits(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits at target positions only: (logits[N, V], labels[N], role_ids[N])."""
+    labels, roles = batch["labels"][:, 1:], batch["role_ids"][:, 1:]
+    sel = labels != -100
+    inputs = model_inputs(batch)
+    split = _split_head(model)
+    if split is not None:
+        base, head = split
+        hidden = base(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        logits = head(hidden[sel])
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][sel]
+    return logits, labels[sel], roles[sel]
+
+
+def _prefix(batch: Mapping[str, Any], end: int) -> dict[str, Any]:
+    """The batch cut to its first ``end`` positions (per-token tensors only; images stay)."""
+    shape = batch["input_ids"].shape
+    return {k: (v[:, :end] if isinstance(v, torch.Tensor) and v.shape == shape and k != "pixel_values" else v)
+            for k, v in batch.items()}
+
+
+def role_losses(model: Any, batch: Mapping[str, Any], n_roles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-role CE sums and token counts of one batch (one forward)."""
+    logits, labels, roles = target_logits(model, batch)
+    return role_token_losses(logits, labels, roles, n_roles)
+
+
+# --------------------------------------------------------------------------- module
+class SFTModule(L.LightningModule):
+    """LightningModule for SFT with role-aware objectives."""
+
+    def __init__(self, loaded: LoadedModel, objective: Objective, config: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.loaded = loaded
+        self.model = loaded.model
+        self.objective = objective
+        self.cfg = dict(config or {})
+        self.n_roles = len(objective.role_names)
+        self.automatic_optimization = not objective.manual_backward
+        self.lr_scale = 1.0  # NGDiff auto-LR multiplier (smoothed)
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+
+    # resuming from a Lightning checkpoint restores the NGDiff state too
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["percep_sft"] = {"lr_scale": self.lr_scale, "ngdiff_norms": dict(self.objective._norms)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("percep_sft", {})
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.objective._norms = {int(k): float(v) for k, v in state.get("ngdiff_norms", {}).items()}
+
+    # -- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # decay matrices only (nanoGPT convention): biases and norm gains stay undecayed
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": float(self.cfg.get("weight_decay", 0.0))},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        kwargs = dict(lr=float(self.cfg.get("lr", 1e-3)), betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
+                      eps=float(self.cfg.get("eps", 1e-8)))
+        # fused AdamW: one kernel per step instead of a loop over tensors; not under fp16 AMP,
+        # where Lightning's grad scaler must unscale before clipping
+        fused = self._trainer is None or str(self.trainer.precision) != "16-mixed"
+        try:
+            return torch.optim.AdamW(groups, fused=fused, **kwargs)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, **kwargs)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps the schedules run over: config ``total_steps``, else the trainer's."""
+        total = self.cfg.get("total_steps")
+        if not total and self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        return max(int(total or 1), 1)
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = float(self.cfg.get("lr", 1e-3)) * schedule_value(self.cfg.get("schedule", 1.0), step, self.total_steps)
+        lr *= self.lr_scale
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.cfg.get("grad_clip")
+        if clip:
+            self._clip(float(clip))
+
+    def _clip(self, clip: float) -> float:
+        """Clip the global grad norm. Done here rather than by Lightning, which refuses
+        fused optimisers under AMP (fused AdamW unscales fp16 grads itself; with bf16 or
+        fp32 there is no scaling, so clipping the raw grads is exact)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
+
+    # -- the step ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        step, total = self.global_step, self.total_steps
+        opt = self.optimizers()
+        logs = {"lr": self._set_lr(opt.optimizer if hasattr(opt, "optimizer") else opt, step)}
+        if self.automatic_optimization:  # token mean, mix: Lightning does backward + step
+            sums, counts = role_losses(self.model, batch, self.n_roles)
+            loss, obj_logs = self.objective.loss(sums, counts, step, total)
+        else:  # NGDiff: g = Σ g_i/‖g_i‖ from our own backward, then clip and step
+            opt.zero_grad(set_to_none=True)
+            loss, obj_logs = self.ngdiff_backward(batch, step)
+            if self.cfg.get("grad_clip"):
+                self._clip(float(self.cfg["grad_clip"]))
+            every = int(self.cfg.get("auto_lr_every", 10))
+            if self.objective.auto_lr and step % max(every, 1) == 0:
+                obj_logs.update(self._auto_lr_step(opt, batch, float(loss.detach())))
+            else:
+                opt.step()
+            obj_logs["lr_scale"] = self.lr_scale
+        logs.update(obj_logs)
+        if not self._logger_step():  # the logger writes every n-th step only: skip the rest's cost
+            logs = {"loss": logs["loss"]}
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(batch["input_ids"].shape[0]))
+        return loss if self.automatic_optimization else None
+
+    def _logger_step(self) -> bool:
+        """Whether Lightning writes this step's metrics (``log_every_n_steps``). Logging all
+        ~20 metrics costs ≈4% of a tiny-model step; on other steps only ``loss`` is logged."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True)) or bool(self.cfg.get("log_every_step"))
+
+    def ngdiff_backward(self, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Leave NGDiff's combined gradient in ``.grad``; returns (loss, logs) of the step.
+
+        A group whose targets all sit in a short prefix of the batch (perception, right
+        after the image and query) gets its gradient from a forward + backward over that
+        prefix alone — with causal attention its logits there are exactly the full
+        sequence's — instead of a second backward through the whole sequence. Done first,
+        so its graph is freed before the full forward. Worth it when the prefix is under
+        60% of the length: a backward costs ≈60% of forward + backward here.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        reduce = self._all_reduce()
+        pre: dict[int, list[torch.Tensor | None]] = {}
+        T = batch["input_ids"].shape[1]
+        if self.cfg.get("prefix_forward", True) and self.objective.exact_step(step):
+            for i, end in enumerate(self.objective.prefix_ends(batch["labels"], batch["role_ids"])):
+                if 0 < end <= 0.6 * T:
+                    sums, counts = role_losses(self.model, _prefix(batch, end), self.n_roles)
+                    part = self.objective.term_losses(sums, counts)[i]
+                    pre[i] = list(torch.autograd.grad(part, params, allow_unused=True))
+                    if reduce is not None:
+                        reduce([g for g in pre[i] if g is not None])
+        sums, counts = role_losses(self.model, batch, self.n_roles)
+        loss, logs = self.objective.loss(sums, counts, step, self.total_steps)
+        backward = self.manual_backward if self._trainer is not None else None
+        logs.update(self.objective.ngdiff_backward(sums, counts, params, backward=backward, step=step,
+                                                   all_reduce=reduce, pre_grads=pre,
+                                                   diagnostics=self._trainer is None or self._logger_step()))
+        return loss, logs
+
+    def _all_reduce(self) -> Any:
+        """Under DDP, average the group gradients NGDiff computes with autograd.grad (the
+        last group's goes through manual_backward, which DDP already averages)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        world = self.trainer.world_size
+
+        def reduce(grads: list[torch.Tensor]) -> None:
+            for g in grads:
+                torch.distributed.all_reduce(g)
+                g.div_(world)
+
+        return reduce
+
+    @torch.no_grad()
+    def _auto_lr_step(self, opt: Any, batch: Mapping[str, Any], l0: float) -> dict[str, float]:
+        """NGDiff automatic learning rate (a GeN-style line search, forward-only).
+
+        Take the optimiser step Δ at the current lr, measure the objective (Σ group token
+        means) at θ+Δ and θ+2Δ on the same batch, fit a parabola through the three
+        losses and move to its minimum t*·Δ (AdamW's Δ is linear in lr, so this is the
+        step a t*× larger lr would have taken). The lr multiplier tracks t* with an EMA
+        (0.9: a probe every ``auto_lr_every`` steps, smoothed over ~10 probes) so the
+        steps between probes use it too. Cost: 2 forwards + one parameter copy per probe.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        delta = torch._foreach_sub([p.detach() for p in params], before)
+        del before
+
+        def objective_now() -> float:
+            sums, counts = role_losses(self.model, batch, self.n_roles)
+            return float(self.objective.loss(sums, counts, self.global_step, self.total_steps)[0])
+
+        l1 = objective_now()
+        torch._foreach_add_([p.data for p in params], delta)
+        l2 = objective_now()
+        losses = torch.tensor([l0, l1, l2])
+        if (reduce := self._all_reduce()) is not None:  # every rank must take the same step
+            reduce([losses])
+        t = quadratic_step(*losses.tolist())
+        torch._foreach_add_([p.data for p in params], delta, alpha=t - 2.0)  # θ + t·Δ
+        self.lr_scale = float(min(max(0.9 * self.lr_scale + 0.1 * self.lr_scale * t, 0.05), 20.0))
+        return {"auto_lr_t": t}
+
+
+def build_trainer(max_steps: int, *, objective: Objective | None = None, precision: str = "bf16-mixed",
+                  accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", accumulate: int = 1,
+                  callbacks: Sequence[L.Callback] = (), logger: Any = False, **extra: Any) -> L.Trainer:
+    """A Lightning Trainer from the run's settings.
+
+    ``precision="bf16-mixed"`` is the default on CPU too (autocast; measured faster than
+    fp32 for the tiny model, see benchmarks/bench_sft.py). Gradient clipping is a module
+    setting (``grad_clip``), because Lightning refuses Trainer-level clipping under manual
+    optimisation. NGDiff normalises each batch's gradients, so it cannot accumulate.
+    """
+    if objective is not None and objective.manual_backward and accumulate > 1:
+        raise ValueError("ngdiff normalises every batch's gradients; gradient accumulation is not supported "
+                         "(use a larger batch instead)")
+    if strategy == "ddp":  # VLMs carry unused parameters (e.g. CLIP's pooler norm under LLaVA)
+        strategy = "ddp_find_unused_parameters_true"
+    # use_distributed_sampler=False: LengthBucketSampler shards batches across ranks itself
+    return L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
+                     strategy=strategy, accumulate_grad_batches=accumulate, callbacks=list(callbacks),
+                     logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                     **{"enable_progress_bar": False, "use_distributed_sampler": False, **extra})
+
+
+# --------------------------------------------------------------------------- data
+class EncodedDataset(Dataset):
+    """Training items of one task split, encoded once (pixels stored in float16).
+
+    float16 keeps 11 significant bits: for normalised 8-bit images (|v| ≲ 2.2) the error
+    is ≤ 1e-3, under a tenth of one 8-bit grey level (≈0.015), at half the memory."""
+
+    def __init__(self, task: Any, encoder: Encoder, split: str = "train", n_items: int | None = None):
+        n = task.size(split) if n_items is None else min(n_items, task.size(split))
+        self.items: list[dict[str, Any]] = []
+        for i in range(n):
+            s = task.sample(split, i)
+            item = encoder.encode_train(s.query, s.image, s.response)
+            self.items.append({k: (v.half() if _is_pixels(k, v, torch.float32) else v) for k, v in item.items()})
+        self.lengths = np.array([int(it["input_ids"].shape[0]) for it in self.items])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: (v.float() if _is_pixels(k, v, torch.float16) else v) for k, v in self.items[i].items()}
+
+
+def _is_pixels(key: str, v: Any, dtype: torch.dtype) -> bool:
+    return key == "pixel_values" and isinstance(v, torch.Tensor) and v.dtype == dtype
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar length, in a deterministic order from (seed, epoch).
+
+    Shuffle all items, cut the permutation into windows of ``window`` batches, sort each
+    window by length and cut it into batches, then shuffle the batches. Larger windows
+    cut more padding but make batch composition less random; 50 batches (400 items at
+    batch 8) brings padding to a few percent for lengths that vary by ±50%.
+    Under DDP each rank takes every ``world``-th batch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window: int = 50,
+                 drop_last: bool = False, rank: int = 0, world: int = 1):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.window, self.drop_last = batch_size, seed, window, drop_last
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(len(self.lengths))
+        span = self.batch_size * max(self.window, 1)
+        out: list[list[int]] = []
+        for w in range(0, len(perm), span):
+            chunk = perm[w : w + span]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            out += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            out = [b for b in out if len(b) == self.batch_size]
+        order = rng.permutation(len(out))
+        return [out[i] for i in order][self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        n = len(self.lengths) // self.batch_size if self.drop_last else math.ceil(len(self.lengths) / self.batch_size)
+        return len(range(self.rank, n, self.world))
+
+    def padding_fraction(self) -> float:
+        """Share of the batched token slots that are padding, this epoch."""
+        real = pad = 0
+        for b in self.batches():
+            ls = self.lengths[b]
+            real += int(ls.sum())
+            pad += int(ls.max()) * len(b) - int(ls.sum())
+        return pad / max(real + pad, 1)
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Task split → encoded items → length-bucketed, seeded batches."""
+
+    def __init__(self, task: Any, encoder: Encoder, batch_size: int = 8, seed: int = 0, *,
+                 split: str = "train", n_items: int | None = None, bucket: bool = True,
+                 window: int = 50, num_workers: int = 0):
+        super().__init__()
+        self.task, self.encoder = task, encoder
+        self.batch_size, self.seed, self.split, self.n_items = batch_size, seed, split, n_items
+        self.bucket, self.window, self.num_workers = bucket, window, num_workers
+        self.dataset: EncodedDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = EncodedDataset(self.task, self.encoder, self.split, self.n_items)
+
+    def sampler(self) -> LengthBucketSampler:
+        self.setup()
+        assert self.dataset is not None
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # window=1 without bucketing: plain seeded shuffling with a sort inside each batch only
+        return LengthBucketSampler(self.dataset.lengths, self.batch_size, self.seed,
+                                   self.window if self.bucket else 1, rank=rank, world=world)
+
+    def train_dataloader(self) -> DataLoader:
+        batches: Sampler[list[int]] = self.sampler()
+        trainer = self.trainer
+        if trainer is not None and trainer.state.status.value == "running" and trainer.max_steps > 0:
+            # Under a Trainer, serve the stream of batches from where training stands, so a run
+            # resumed from a checkpoint sees exactly the batches an uninterrupted one would.
+            acc = trainer.accumulate_grad_batches
+            batches = StepStream(batches, lambda: trainer.global_step * acc, trainer.max_steps * acc)
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                          collate_fn=partial(collate, pad_token_id=self.encoder.pad_token_id))
+
+
+class StepStream(Sampler[list[int]]):
+    """Batches of successive epochs (epoch e in ``base``'s seeded order for e) as one stream,
+    started at ``position()`` batches and ended at ``total``.
+
+    The position is read when iteration starts, so the stream resumes wherever the optimiser
+    step counter stands (fresh run: 0; resumed run: the restored global step), and the batch
+    at each step is a pure function of (seed, step)."""
+
+    def __init__(self, base: LengthBucketSampler, position: Any, total: int):
+        self.base, self.position, self.total = base, position, total
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = self.position()
+        epoch, offset = divmod(n, max(len(self.base), 1))
+        while n < self.total:
+            self.base.set_epoch(epoch)
+            for b in self.base.batches()[offset:]:
+                if n >= self.total:
+                    return
+                yield b
+                n += 1
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:
+        return max(self.total - self.position(), 0)
+
+
+# --------------------------------------------------------------------------- diagnostics
+def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any],
+                        role_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Gradient norm of each role's token-mean loss and the cosine between every pair.
+
+    One forward, one backward per role present (graph retained in between); ``.grad`` is
+    untouched; memory: one float32 gradient copy per role (a diagnostic for eval points).
+    Keys: ``grad_norm/<role>``, ``grad_cos/<a>/<b>``.
+    """
+    model = _model_of(module)
+    names = list(role_names or module.objective.role_names)
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()  # no dropout: the diagnostic should not depend on a dropout draw
+    try:
+        with torch.enable_grad():
+            sums, counts = role_losses(model, batch, len(names))
+            present = [i for i in range(len(names)) if int(counts[i]) > 0]
+            grads: dict[int, list[torch.Tensor]] = {}
+            for j, i in enumerate(present):
+                more = j < len(present) - 1
+                gs = torch.autograd.grad(sums[i] / counts[i], params, retain_graph=more, allow_unused=True)
+                grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+                            for g, p in zip(gs, params)]
+    finally:
+        model.train(was_training)
+    norms = {i: float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))) for i, g in grads.items()}
+    out = {f"grad_norm/{names[i]}": n for i, n in norms.items()}
+    for a_i, a in enumerate(present):
+        for b in present[a_i + 1 :]:
+            dot = sum(float(x.reshape(-1) @ y.reshape(-1)) for x, y in zip(grads[a], grads[b]))
+            out[f"grad_cos/{names[a]}/{names[b]}"] = dot / (norms[a] * norms[b] + 1e-12)
+    return out
+
+
+def _model_of(module: Any) -> Any:
+    """The model inside a LightningModule (or the model itself)."""
+    return module.model if isinstance(module, L.LightningModule) else module
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint_safetensors(module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None,
+                                metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the model weights to ``path`` (safetensors) with a JSON sidecar of metadata.
+
+    ``trainable_only`` (default: True for PEFT models) saves just the trainable tensors
+    (a LoRA adapter is then megabytes, not the whole base model).
+    """
+    from safetensors.torch import save_file, save_model
+
+    model = _model_of(module)
+    if trainable_only is None:
+        trainable_only = hasattr(model, "peft_config")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    step = module.global_step if isinstance(module, L.LightningModule) and module._trainer is not None else 0
+    meta = {"trainable_only": str(bool(trainable_only)), "global_step": str(step)}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    if trainable_only:
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(path), metadata=meta)
+    else:
+        save_model(model, str(path), metadata=meta)  # deduplicates tied weights
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_checkpoint_safetensors(module: SFTModule | Any, path: str | Path) -> dict[str, str]:
+    """Load weights saved by ``save_checkpoint_safetensors`` into ``module`` (or a model);
+    returns the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, load_model
+
+    model = _model_of(module)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("trainable_only") == "True":
+        state = load_file(str(path))
+        missing = set(state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise KeyError(f"checkpoint tensors not in the model: {sorted(missing)[:5]}")
+        model.load_state_dict(state, strict=False)
+    else:
+        load_model(model, str(path))
+    return meta
+
+
+class SafetensorsCheckpoint(L.Callback):
+    """Save ``step-<n>.safetensors`` into ``dirpath`` every ``every`` steps and at the end."""
+
+    def __init__(self, dirpath: str | Path, every: int = 0):
+        self.dirpath, self.every = Path(dirpath), every
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            save_checkpoint_safetensors(pl_module, self.dirpath / f"step-{trainer.global_step}.safetensors")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        save_checkpoint_safetensors(pl_module, self.dirpath / "last.safetensors")
+

@@ -1,0 +1,357 @@
+"""GRPO: advantages, the clipped objective, aggregation, masking, the fast sampler against
+Hugging Face generation, the reference model, bad rewards, and real steps on a tiny VLM."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from percepdsl.ir import RewardIR, ScheduleIR, StageIR
+from percepdsl_runtime.encoding import Encoder, collate
+from percepdsl_runtime.grpo import (
+    GRPOConfig,
+    GRPOModule,
+    PromptDataModule,
+    PromptSampler,
+    Rollouts,
+    _hf_generate,
+    aggregate,
+    build_grpo,
+    completion_logprobs,
+    group_advantages,
+    grpo_loss,
+    loss_denominator,
+    loss_mask,
+    lr_spec,
+    sample_completions,
+)
+from percepdsl_runtime.losses import schedule_value
+from percepdsl_runtime.models import build_tiny, load_hf
+from percepdsl_runtime.rewards import RewardError, compile_reward
+from percepdsl_runtime.tasks import build_task
+
+RULES = [
+    {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>"},
+    {"role": "answer", "kind": "between", "open": "<answer>", "close": "</answer>"},
+    {"role": "reasoning", "kind": "rest"},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model ops last microseconds: a second OpenMP thread only adds synchronisation,
+    and on a loaded machine it made these tests ~40x slower (21 s vs 0.5 s for two steps)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ the math
+def test_group_advantages_scales() -> None:
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
+    std_g = torch.tensor([1, 0, 3 / 2]).float()  # unbiased stds per group
+    centred = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [-0.75, -0.75, -0.75, 2.25]])
+    assert torch.allclose(group_advantages(r, "none"), centred)
+    a = group_advantages(r, "group")
+    assert torch.allclose(a[0], centred[0] / (1 / math.sqrt(3) + 1e-4), atol=1e-5)
+    assert torch.allclose(a[2], centred[2] / (std_g[2] + 1e-4), atol=1e-5)
+    assert torch.equal(a[1], torch.zeros(4))  # a constant group is exactly 0, not rounding noise
+    assert torch.allclose(group_advantages(r, "batch"), centred / (r.std() + 1e-4))
+    const = torch.full((1, 3), 0.1) * 3  # 0.30000000000000004: its mean does not round-trip
+    assert torch.equal(group_advantages(const, "group"), torch.zeros(1, 3))
+    with pytest.raises(ValueError):
+        group_advantages(r, "rank")  # type: ignore[arg-type]
+
+
+def test_clipped_objective_matches_a_hand_computation() -> None:
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), 0.0], [math.log(1.1), math.log(0.7), math.log(1.3)]])
+    old = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # ratios: row 0 (A=+1): 1.5, 0.5 | row 1 (A=-2): 1.1, 0.7, 1.3; ε = 0.2, ε_high = 0.3
+    # token objective min(ρA, clip(ρ)A): row 0: min(1.5, 1.3)=1.3, min(0.5, 0.8)=0.5
+    #                                    row 1: min(-2.2, -2.2)=-2.2, min(-1.4, -1.6)=-1.6, min(-2.6, -2.6)=-2.6
+    seq = (-(1.3 + 0.5) / 2 + -(-2.2 - 1.6 - 2.6) / 3) / 2
+    tok = (-(1.3 + 0.5) + (2.2 + 1.6 + 2.6)) / 5
+    loss, stats = grpo_loss(logp, old, adv, mask, clip=0.2, clip_high=0.3, aggregation="sequence")
+    assert float(loss) == pytest.approx(seq, rel=1e-5)
+    loss_t, _ = grpo_loss(logp, old, adv, mask, clip=0.2, clip_high=0.3, aggregation="token")
+    assert float(loss_t) == pytest.approx(tok, rel=1e-5)
+    # clipped tokens (gradient removed): row 0 token 0 (1.5 > 1.3, A>0), row 1 token 1 (0.7 < 0.8, A<0)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+    # symmetric clipping (ε_high = ε): row 0 token 0 now clips at 1.2
+    loss_s, _ = grpo_loss(logp, old, adv, mask, clip=0.2)
+    assert float(loss_s) == pytest.approx((-(1.2 + 0.5) / 2 + (2.2 + 1.6 + 2.6) / 3) / 2, rel=1e-5)
+    # the gradient flows only through unclipped tokens
+    lp = logp.clone().requires_grad_(True)
+    grpo_loss(lp, old, adv, mask, clip=0.2, clip_high=0.3)[0].backward()
+    assert lp.grad[0, 0] == 0 and lp.grad[1, 1] == 0 and lp.grad[0, 2] == 0 and lp.grad[0, 1] != 0
+
+
+def test_token_and_sequence_aggregation_differ_by_length_weighting() -> None:
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])  # row 2 fully masked
+    assert float(aggregate(per_token, mask, "sequence")) == pytest.approx((1.0 + 3.0) / 2)  # masked row dropped
+    assert float(aggregate(per_token, mask, "token")) == pytest.approx((4.0 + 3.0) / 5)
+    # a subset of rows with the whole batch's denominator gives the same loss
+    for how in ("sequence", "token"):
+        d = loss_denominator(mask, how)
+        assert float(aggregate(per_token[:2], mask[:2], how, d)) == pytest.approx(float(aggregate(per_token, mask, how)))
+
+
+def test_kl_term_only_with_positive_beta() -> None:
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    adv, mask = torch.tensor([0.0]), torch.ones(1, 2)
+    base, stats0 = grpo_loss(logp, logp, adv, mask, ref_logp=ref, kl=0.0)
+    assert float(base) == 0.0 and "kl" not in stats0
+    loss, stats = grpo_loss(logp, logp, adv, mask, ref_logp=ref, kl=0.1)
+    d = ref - logp
+    k3 = (torch.exp(d) - d - 1).mean()  # k3 estimator, ≥ 0
+    assert float(loss) == pytest.approx(0.1 * float(k3)) and stats["kl"] == pytest.approx(float(k3))
+
+
+def test_truncated_completions_are_masked() -> None:
+    roll = Rollouts(prompt={}, ids=torch.zeros(2, 3, dtype=torch.long), mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
+                    truncated=torch.tensor([False, True]), group=2)
+    assert loss_mask(roll, True).tolist() == [[1, 1, 0], [0, 0, 0]]
+    assert loss_mask(roll, False).tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_prompt_batches_are_seeded_endless_and_sharded() -> None:
+    it = iter(PromptSampler(10, 3, seed=1))
+    first = [next(it) for _ in range(6)]  # 3 batches per epoch (remainder dropped), then epoch 1
+    assert all(len(b) == 3 for b in first) and len(set(sum(first[:3], []))) == 9
+    assert first[:3] != first[3:]
+    assert first == [b for b, _ in zip(PromptSampler(10, 3, seed=1), range(6))]
+    ranks = [[b for b, _ in zip(PromptSampler(12, 2, seed=0, rank=r, world=2), range(3))] for r in range(2)]
+    assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        PromptSampler(3, 4)
+    batch = next(iter(PromptDataModule(10, 4, seed=0).train_dataloader()))
+    assert batch.dtype == torch.long and batch.shape == (4,)
+
+
+def test_config_from_stage_and_lr_schedule() -> None:
+    sched = ScheduleIR(kind="cosine", start=1e-4, end=0.0, warmup=2)
+    stage = StageIR(name="rl", kind="grpo", settings={"steps": 10, "lr": sched, "group": 4, "clip_high": 0.28,
+                                                      "eval_every": None},
+                    reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"))
+    cfg = GRPOConfig.from_stage(stage, grad_clip=0.5)
+    assert cfg.group == 4 and cfg.clip_high == 0.28 and cfg.grad_clip == 0.5 and cfg.kl == 0.0
+    assert "factor" not in cfg.lr  # unset schedule fields are left to schedule_value's defaults
+    assert schedule_value(cfg.lr, 0, 10) == 0.0 and schedule_value(cfg.lr, 2, 10) == pytest.approx(1e-4)
+    assert lr_spec(3e-4) == 3e-4
+
+
+def test_sampler_draws_from_the_tempered_nucleus() -> None:
+    from percepdsl_runtime.grpo import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20_000, 1)
+    g = torch.Generator().manual_seed(0)
+    freq = lambda x: (torch.bincount(x, minlength=4) / x.numel()).tolist()  # noqa: E731
+    assert freq(_sample(logits, 1.0, 1.0, g)) == pytest.approx([0.5, 0.3, 0.15, 0.05], abs=0.015)
+    # top_p = 0.7 keeps {0.5, 0.3} (the smallest head reaching 0.7), renormalised
+    assert freq(_sample(logits, 1.0, 0.7, g)) == pytest.approx([0.625, 0.375, 0, 0], abs=0.015)
+    # temperature 2 flattens: p ∝ sqrt(p)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    assert freq(_sample(logits, 2.0, 1.0, g)) == pytest.approx((p / p.sum()).tolist(), abs=0.015)
+    banned = logits.clone()
+    banned[:, 0] = -math.inf
+    assert freq(_sample(banned, 1.0, 1.0, g))[0] == 0.0
+    assert _sample(logits[:3], 0.0, 1.0, g).tolist() == [0, 0, 0]  # temperature 0: greedy
+
+
+# ------------------------------------------------------------------ tiny model
+@pytest.fixture(scope="module")
+def task():
+    return build_task("graph_coloring", {"nodes": 4, "reasoning": "brief", "train": 32, "test": 4}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(task, tmp_path_factory):
+    return build_tiny(task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
+                      save_dir=tmp_path_factory.mktemp("tiny-grpo"))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    return Encoder(tiny, RULES)
+
+
+def _prompts(task, encoder, pad: bool):
+    s = [task.sample("train", i) for i in range(2)]
+    extra = " color the graph" if pad else ""  # a longer second query: the first row is left-padded
+    return collate([encoder.encode_prompt(s[0].query, s[0].image),
+                    encoder.encode_prompt(s[1].query + extra, s[1].image)], encoder.pad_token_id)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_fused_sampler_reproduces_hf_greedy_generation(tiny, task, encoder, pad: bool) -> None:
+    model = tiny.model.eval()
+    prompt = _prompts(task, encoder, pad)
+    kw = dict(temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id, pad_token_id=encoder.pad_token_id,
+              suppress=(tiny.model.config.image_token_id,))
+    roll = sample_completions(model, prompt, group=2, max_new_tokens=12, **kw)
+    ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, kw["suppress"], None)
+    assert torch.equal(roll.ids[0::2], ref.masked_fill(roll.mask[0::2] == 0, encoder.pad_token_id))
+    assert torch.equal(roll.ids[0::2], roll.ids[1::2])  # greedy: the G copies of a prompt agree
+    bf16 = sample_completions(model, prompt, group=2, max_new_tokens=12, dtype=torch.bfloat16, **kw)
+    assert bf16.ids.shape == roll.ids.shape
+
+
+def test_sampled_rows_stop_at_eos_and_sampling_is_seeded(tiny, task, encoder) -> None:
+    prompt = _prompts(task, encoder, pad=True)
+    kw = dict(group=4, max_new_tokens=10, temperature=1.0, top_p=0.9, eos_token_id=encoder.eos_token_id,
+              pad_token_id=encoder.pad_token_id, suppress=(tiny.model.config.image_token_id,))
+    a = sample_completions(tiny.model, prompt, generator=torch.Generator().manual_seed(0), **kw)
+    b = sample_completions(tiny.model, prompt, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a.ids, b.ids) and a.ids.shape == (8, 10)
+    assert not (a.ids == tiny.model.config.image_token_id).any()
+    for row, m, t in zip(a.ids.tolist(), a.mask.tolist(), a.truncated.tolist()):
+        n = sum(m)
+        assert m == [1] * n + [0] * (10 - n)  # generated tokens form a prefix
+        assert t == (encoder.eos_token_id not in row[:n])
+        if not t:
+            assert row[n - 1] == encoder.eos_token_id and all(x == encoder.pad_token_id for x in row[n:])
+
+
+def test_training_logprobs_match_an_unpadded_forward(tiny, task, encoder) -> None:
+    model = tiny.model.eval()
+    prompt = _prompts(task, encoder, pad=True)
+    roll = sample_completions(model, prompt, group=2, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                              eos_token_id=-1, pad_token_id=encoder.pad_token_id,
+                              generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lp = completion_logprobs(model, roll, temperature=0.7)
+        sub = completion_logprobs(model, roll, temperature=0.7, rows=torch.tensor([3]))
+        i = 3  # a row of prompt 1; then row 0, whose prompt is left-padded
+        for i in (3, 0):
+            keep = prompt["attention_mask"][i // 2].bool()
+            ids = torch.cat([prompt["input_ids"][i // 2][keep], roll.ids[i]])[None]
+            logits = model(input_ids=ids, pixel_values=prompt["pixel_values"][i // 2 : i // 2 + 1]).logits[0]
+            P = int(keep.sum())
+            want = torch.log_softmax(logits[P - 1 : -1].float() / 0.7, -1).gather(-1, roll.ids[i][:, None])[:, 0]
+            assert torch.allclose(lp[i], want, atol=1e-4)
+    assert torch.allclose(sub[0], lp[3])
+    # the gradient too: the shared-prompt forward equals one full forward per row
+    def grads(fn) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        fn().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    weights = torch.linspace(0.5, 1.5, roll.ids.shape[1])
+    shared = grads(lambda: (completion_logprobs(model, roll, 0.7)[[0, 3]] * weights).sum())
+
+    def full() -> torch.Tensor:
+        total = torch.zeros(())
+        for i in (0, 3):
+            keep = prompt["attention_mask"][i // 2].bool()
+            ids = torch.cat([prompt["input_ids"][i // 2][keep], roll.ids[i]])[None]
+            logits = model(input_ids=ids, pixel_values=prompt["pixel_values"][i // 2 : i // 2 + 1]).logits[0]
+            P = int(keep.sum())
+            lp_i = torch.log_softmax(logits[P - 1 : -1].float() / 0.7, -1).gather(-1, roll.ids[i][:, None])[:, 0]
+            total = total + (lp_i * weights).sum()
+        return total
+
+    reference = grads(full)
+    assert len(shared) == len(reference) > 0
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(shared, reference))
+    model.zero_grad(set_to_none=True)
+
+
+def _module(tiny, encoder, task, reward_ir: RewardIR, resolve=None, **settings) -> tuple[GRPOModule, PromptDataModule]:
+    loaded = load_hf(tiny.path)  # fresh weights for every training test
+    cfg = GRPOConfig(**{"steps": 2, "batch": 2, "group": 4, "max_new_tokens": 12, "lr": 1e-3, **settings})
+    module = GRPOModule(loaded, encoder, task, cfg, compile_reward(reward_ir, resolve), seed=0, stage_name="rl")
+    return module, PromptDataModule(task.size("train"), cfg.batch, seed=0)
+
+
+def _fit(module, dm, steps: int) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def _diversity(group, **_):
+    """A reward that varies with the text of an untrained model: share of distinct words."""
+    return [len(set(t.split())) / max(len(t.split()), 1) for t in group.completions]
+
+
+DIVERSITY = RewardIR(kind="sum", children=[
+    RewardIR(kind="term", name="diversity", impl="test:diversity"),
+    RewardIR(kind="scale", value=0.5, children=[RewardIR(kind="term", name="outcome", impl="x:outcome")]),
+])
+
+
+def _resolve(impl: str):
+    from percepdsl_runtime import rewards
+
+    return _diversity if impl == "test:diversity" else getattr(rewards, impl.split(":")[1])
+
+
+def test_grpo_steps_run_end_to_end_and_change_the_weights(tiny, encoder, task) -> None:
+    module, dm = _module(tiny, encoder, task, DIVERSITY, _resolve, steps=4, updates=2, mask_truncated=False,
+                         aggregation="token", clip_high=0.28)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = _fit(module, dm, 4)
+    assert trainer.global_step == 4  # updates=2: two generated batches, two optimiser steps each
+    moved = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("vision_tower" in n for n in moved) and any("language_model" in n for n in moved)
+    logs = trainer.logged_metrics
+    for key in ("loss", "grad_norm", "clip_frac", "reward", "reward/diversity", "reward/outcome", "gen_tokens_per_s",
+                "constant_group_frac", "trained_rows"):
+        assert key in logs, key
+    assert module.ref_model is None  # kl = 0: no reference model
+    diag = module.diagnostics()
+    assert diag["steps"] == 2 and diag["rollouts"] == 16 and "surrogate_corr/diversity" in diag
+    assert diag["reward_perception_corr"] is None  # an untrained model perceives nothing: undefined, not NaN
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)  # the stage statistics survive a resume
+    again, _ = _module(tiny, encoder, task, DIVERSITY, _resolve)
+    again.on_load_checkpoint(ckpt)
+    assert again.diagnostics() == diag
+
+
+def test_reference_model_and_kl_term_only_when_beta_positive(tiny, encoder, task) -> None:
+    no_kl, _ = _module(tiny, encoder, task, DIVERSITY, _resolve, kl=0.0)
+    assert no_kl.ref_model is None
+    module, dm = _module(tiny, encoder, task, DIVERSITY, _resolve, steps=2, kl=0.05, mask_truncated=False)
+    ref = module.ref_model
+    assert ref is not None and ref is not module.model and not any(p.requires_grad for p in ref.parameters())
+    assert not any(n.startswith("_ref") for n in module.state_dict())  # not in checkpoints
+    trainer = _fit(module, dm, 2)
+    assert "kl" in trainer.logged_metrics and trainer.logged_metrics["kl"] > 0  # the policy moved away from it
+    # the reference stays where the stage started while the policy moves
+    fresh = load_hf(tiny.path).model
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), fresh.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(module.model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_nan_reward_stops_the_run_before_any_update(tiny, encoder, task) -> None:
+    bad = RewardIR(kind="sum", children=[RewardIR(kind="term", name="outcome", impl="x:outcome"),
+                                         RewardIR(kind="term", name="flaky", impl="test:flaky")])
+    resolve = lambda impl: (lambda g, **_: [math.nan] * len(g)) if impl == "test:flaky" else _resolve(impl)  # noqa: E731
+    module, dm = _module(tiny, encoder, task, bad, resolve)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    with pytest.raises(RewardError, match="`flaky`") as exc:
+        _fit(module, dm, 2)
+    assert exc.value.term == "flaky"
+    assert all(torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
+
+
+def test_build_grpo_from_a_stage(tiny, encoder, task) -> None:
+    stage = StageIR(name="rl", kind="grpo", settings={"steps": 3, "batch": 2, "group": 3, "kl": 0.0, "scale": "batch"},
+                    reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"))
+    module, dm = build_grpo(load_hf(tiny.path), encoder, task, stage, seed=5)
+    assert isinstance(module, GRPOModule) and isinstance(dm, PromptDataModule)
+    assert module.cfg.scale == "batch" and module.cfg.group == 3 and module.reward.term_names == ["outcome"]
+    assert dm.batch_size == 2 and dm.n_prompts == task.size("train")
+    with pytest.raises(ValueError, match="not a grpo stage"):
+        build_grpo(tiny, encoder, task, SimpleNamespace(kind="sft", name="base", reward=None), seed=0)

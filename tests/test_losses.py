@@ -1,0 +1,226 @@
+"""Objectives on tiny CPU tensors: schedules, per-role CE, mix, NGDiff (losses.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from percepdsl_runtime.losses import Objective, quadratic_step, role_token_losses, schedule_value
+
+ROLES = ["perception", "reasoning", "answer"]
+MIX = lambda lam: {  # noqa: E731
+    "kind": "mix",
+    "terms": [{"weight": lam, "roles": ["perception"]}, {"weight": 1 - lam, "roles": ["reasoning", "answer"]}],
+}
+NGDIFF = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]]}
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared 2-core box
+    multi-threaded kernels stall behind other processes (20 steps: 0.5 s vs 40 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ------------------------------------------------------------------ schedules
+def test_schedules_at_endpoints() -> None:
+    assert schedule_value(0.3, 5, 10) == 0.3
+    assert schedule_value({"kind": "constant", "value": 2.0}, 7, 10) == 2.0
+    lin = {"kind": "linear", "start": 1.0, "end": 0.2}
+    assert schedule_value(lin, 0, 10) == 1.0 and schedule_value(lin, 10, 10) == pytest.approx(0.2)
+    assert schedule_value(lin, 5, 10) == pytest.approx(0.6)
+    cos = {"kind": "cosine", "start": 1.0, "end": 0.0}
+    assert schedule_value(cos, 0, 10) == 1.0 and schedule_value(cos, 10, 10) == pytest.approx(0.0)
+    assert schedule_value(cos, 5, 10) == pytest.approx(0.5)
+    wcos = {"kind": "cosine", "start": 1.0, "end": 0.1, "warmup": 4}
+    assert schedule_value(wcos, 0, 20) == 0.0
+    assert schedule_value(wcos, 2, 20) == pytest.approx(0.5)
+    assert schedule_value(wcos, 4, 20) == pytest.approx(1.0)
+    assert schedule_value(wcos, 20, 20) == pytest.approx(0.1)
+    step = {"kind": "step", "start": 1.0, "every": 3, "factor": 0.5}
+    assert [schedule_value(step, s, 10) for s in (0, 2, 3, 9)] == [1.0, 1.0, 0.5, 0.125]
+    warm = {"kind": "warmup", "start": 0.0, "end": 0.8, "warmup": 10}
+    assert schedule_value(warm, 0, 100) == 0.0 and schedule_value(warm, 5, 100) == pytest.approx(0.4)
+    assert schedule_value(warm, 10, 100) == pytest.approx(0.8) and schedule_value(warm, 100, 100) == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        schedule_value({"kind": "bogus"}, 0, 1)
+
+
+# ------------------------------------------------------------------ per-role CE
+def _batch(n_per_role: tuple[int, ...] = (4, 4, 4), vocab: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    role_ids = torch.cat([torch.full((n,), r) for r, n in enumerate(n_per_role)])
+    n = len(role_ids)
+    logits = torch.randn(n, vocab, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    return logits, labels, role_ids
+
+
+def test_role_token_losses_matches_per_role_reference() -> None:
+    logits, labels, roles = _batch((3, 5, 2))
+    labels = labels.clone()
+    roles = roles.clone()
+    labels[1], roles[4] = -100, -1  # ignored tokens
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    for r in range(3):
+        m = (roles == r) & (labels != -100)
+        assert counts[r] == int(m.sum())
+        ref = F.cross_entropy(logits[m], labels[m], reduction="sum")
+        assert sums[r].item() == pytest.approx(ref.item(), rel=1e-5)
+    # batched [B, T, V] input gives the same result
+    s2, c2 = role_token_losses(logits.view(2, 5, -1), labels.view(2, 5), roles.view(2, 5), 3)
+    assert torch.allclose(sums, s2) and torch.equal(counts, c2)
+
+
+def test_lambda_half_with_equal_role_sizes_equals_token_mean() -> None:
+    logits, labels, roles = _batch((6, 3, 3))  # perception 6, reasoning+answer 6
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    mix, logs = Objective(MIX(0.5), ROLES).loss(sums, counts, 0, 10)
+    tm, tlogs = Objective({"kind": "token_mean"}, ROLES).loss(sums, counts, 0, 10)
+    assert mix.item() == pytest.approx(tm.item(), rel=1e-6)
+    g_mix = torch.autograd.grad(mix, logits, retain_graph=True)[0]
+    g_tm = torch.autograd.grad(tm, logits)[0]
+    assert torch.allclose(g_mix, g_tm, atol=1e-7)
+    assert logs["eff_lambda"] == pytest.approx(0.5)
+    assert tlogs["eff_lambda"] == pytest.approx(0.5)  # token mean's implicit λ = perception token share
+
+
+def test_mix_weight_zero_gives_zero_gradient_from_that_role() -> None:
+    logits, labels, roles = _batch((4, 5, 3))
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    loss, logs = Objective(MIX(0.0), ROLES).loss(sums, counts, 0, 10)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.count_nonzero(g[roles == 0]) == 0
+    assert torch.count_nonzero(g[roles != 0]) > 0
+    assert logs["eff_lambda"] == 0.0
+
+
+def test_mix_term_without_tokens_contributes_zero_and_schedule_weights() -> None:
+    logits, labels, roles = _batch((0, 5, 3))  # no perception tokens in this batch
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    spec = MIX(0.7)
+    loss, logs = Objective(spec, ROLES).loss(sums, counts, 0, 10)
+    expected = 0.3 * (sums[1] + sums[2]) / 8
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert "loss/perception" not in logs and logs["token_share/perception"] == 0.0
+    sched = {"kind": "mix", "terms": [{"weight": {"kind": "linear", "start": 0.0, "end": 1.0}, "roles": ["reasoning"]}]}
+    obj = Objective(sched, ROLES)
+    assert obj.loss(sums, counts, 0, 10)[0].item() == 0.0
+    assert obj.loss(sums, counts, 10, 10)[0].item() == pytest.approx((sums[1] / 5).item(), rel=1e-6)
+
+
+def test_token_mean_over_some_roles() -> None:
+    """DESIGN §7's reasoner stage: perception in context, not in the loss."""
+    logits, labels, roles = _batch((4, 5, 3))
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    loss, logs = Objective({"kind": "token_mean", "roles": ["reasoning", "answer"]}, ROLES).loss(sums, counts, 0, 1)
+    assert loss.item() == pytest.approx(((sums[1] + sums[2]) / 8).item(), rel=1e-6)
+    assert logs["eff_lambda"] == 0.0 and logs["lambda/reasoning"] == pytest.approx(5 / 8)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.count_nonzero(g[roles == 0]) == 0
+
+
+def test_logs_shares_sum_to_one() -> None:
+    logits, labels, roles = _batch((2, 7, 3))
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    _, logs = Objective(MIX(0.3), ROLES).loss(sums, counts, 0, 1)
+    assert sum(logs[f"token_share/{r}"] for r in ROLES) == pytest.approx(1.0)
+    assert sum(logs[f"loss_share/{r}"] for r in ROLES) == pytest.approx(1.0)
+    assert logs["lambda/perception"] == pytest.approx(0.3) and logs["lambda/reasoning+answer"] == pytest.approx(0.7)
+
+
+def test_unknown_role_and_kind() -> None:
+    with pytest.raises(ValueError, match="unknown role"):
+        Objective(MIX(0.5) | {"terms": [{"weight": 1, "roles": ["perceptoin"]}]}, ROLES)
+    with pytest.raises(ValueError):
+        Objective({"kind": "nope"}, ROLES)
+
+
+# ------------------------------------------------------------------ NGDiff
+class TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(5, 8)
+        self.b = torch.nn.Linear(8, 7)
+        self.unused = torch.nn.Linear(2, 2)  # reached by no loss: grad stays 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _ngdiff_setup(n_per_role=(3, 6, 4)):
+    net = TinyNet()
+    g = torch.Generator().manual_seed(1)
+    roles = torch.cat([torch.full((n,), r) for r, n in enumerate(n_per_role)])
+    x = torch.randn(len(roles), 5, generator=g)
+    labels = torch.randint(0, 7, (len(roles),), generator=g)
+    return net, x, labels, roles
+
+
+def test_ngdiff_combined_gradient_equals_normalised_sum() -> None:
+    net, x, labels, roles = _ngdiff_setup()
+    params = list(net.parameters())
+    # by hand: the two group gradients separately
+    def group_grad(mask: torch.Tensor) -> list[torch.Tensor]:
+        loss = F.cross_entropy(net(x[mask]), labels[mask])
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+
+    gp, gr = group_grad(roles == 0), group_grad(roles > 0)
+    npn = math.sqrt(sum(float((g**2).sum()) for g in gp))
+    nrn = math.sqrt(sum(float((g**2).sum()) for g in gr))
+    expected = [a / npn + b / nrn for a, b in zip(gp, gr)]
+
+    obj = Objective(NGDIFF, ROLES)
+    sums, counts = role_token_losses(net(x), labels, roles, 3)
+    logs = obj.ngdiff_backward(sums, counts, params)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.grad if p.grad is not None else torch.zeros_like(p), e, atol=1e-6)
+    assert net.unused.weight.grad is None  # reached by no group: no grad, so no optimiser update
+    assert logs["eff_lambda"] == pytest.approx((1 / npn) / (1 / npn + 1 / nrn), rel=1e-5)
+    assert logs["grad_norm/perception"] == pytest.approx(npn, rel=1e-5)
+    cos = sum(float((a * b).sum()) for a, b in zip(gp, gr)) / (npn * nrn)
+    assert logs["grad_cos"] == pytest.approx(cos, abs=1e-5)
+
+
+def test_ngdiff_missing_group_and_lagged_norms() -> None:
+    net, x, labels, roles = _ngdiff_setup((0, 6, 4))
+    params = list(net.parameters())
+    obj = Objective(NGDIFF, ROLES)
+    sums, counts = role_token_losses(net(x), labels, roles, 3)
+    logs = obj.ngdiff_backward(sums, counts, params)
+    total = math.sqrt(sum(float((p.grad**2).sum()) for p in params if p.grad is not None))
+    assert total == pytest.approx(1.0, rel=1e-5)  # only the reasoning group: its unit gradient
+    assert logs["eff_lambda"] == 0.0
+
+    # norm_every=3: steps 1, 2 reuse the step-0 norms in a single backward
+    net, x, labels, roles = _ngdiff_setup()
+    params = list(net.parameters())
+    obj = Objective(NGDIFF | {"norm_every": 3}, ROLES)
+    sums, counts = role_token_losses(net(x), labels, roles, 3)
+    exact = obj.ngdiff_backward(sums, counts, params, step=0)
+    g0 = [p.grad.clone() if p.grad is not None else None for p in params]
+    net.zero_grad(set_to_none=True)
+    sums, counts = role_token_losses(net(x), labels, roles, 3)
+    lagged = obj.ngdiff_backward(sums, counts, params, step=1)
+    assert lagged["eff_lambda"] == pytest.approx(exact["eff_lambda"])
+    for p, g in zip(params, g0):  # same parameters, same batch: the same gradient
+        assert (p.grad is None and g is None) or torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_ngdiff_needs_two_groups() -> None:
+    with pytest.raises(ValueError):
+        Objective({"kind": "ngdiff", "groups": [["perception"]]}, ROLES)
+
+
+def test_quadratic_step() -> None:
+    f = lambda t: 3.0 * (t - 0.7) ** 2 + 1.0  # noqa: E731
+    assert quadratic_step(f(0), f(1), f(2)) == pytest.approx(0.7)
+    assert quadratic_step(5.0, 4.0, 3.0) == 4.0  # still descending linearly: as far as allowed
+    assert quadratic_step(1.0, 2.0, 5.0) == 0.1  # ascending: as short as allowed

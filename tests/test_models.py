@@ -1,0 +1,289 @@
+"""Models and encoding: the embedded tiny VLM, real architectures from local tiny
+checkpoints (Idefics3, Gemma3) with LoRA, loading errors, and target/role encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from percepdsl_runtime.encoding import Encoder, collate
+from percepdsl_runtime.models import ModelLoadError, build_tiny, check_vocabulary, load_hf
+from percepdsl_runtime.sft import role_losses
+from percepdsl_runtime.tasks import build_task
+
+RULES = [
+    {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>", "markers": True},
+    {"role": "answer", "kind": "between", "open": "<answer>", "close": "</answer>", "markers": True},
+    {"role": "reasoning", "kind": "rest"},
+]
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared 2-core box
+    multi-threaded kernels stall behind other processes (20 steps: 0.5 s vs 40 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task("graph_coloring", {}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(task, tmp_path_factory):
+    return build_tiny(task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
+                      save_dir=tmp_path_factory.mktemp("tiny"))
+
+
+# ------------------------------------------------------------------ tiny model
+def test_tiny_default_size_and_reload(task, tmp_path) -> None:
+    loaded = build_tiny(task.vocabulary(), save_dir=tmp_path)
+    assert loaded.kind == "tiny" and loaded.path == tmp_path
+    assert 2.8e6 < loaded.num_parameters() < 3.5e6  # DESIGN §7: ≈3M
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
+    again = load_hf(tmp_path)  # a reload is the same tiny model
+    assert again.kind == "tiny"
+    for (n, a), (_, b) in zip(loaded.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert "{% generation %}" in loaded.processor.chat_template
+    assert check_vocabulary(loaded, task.vocabulary()) == []
+
+
+def test_tiny_image_tokens_match_model(tiny, task) -> None:
+    enc = Encoder(tiny, RULES)
+    s = task.sample("train", 0)
+    item = enc.encode_train(s.query, s.image, s.response)
+    n_img = int((item["input_ids"] == tiny.model.config.image_token_index).sum())
+    assert n_img == (64 // 16) ** 2
+    batch = collate([item], enc.pad_token_id)
+    sums, counts = role_losses(tiny.model, batch, len(enc.role_names))  # runs: counts agree
+    assert int(counts.sum()) == item["n_target"]
+
+
+def test_tiny_template_works_with_assistant_masks(tiny) -> None:
+    """TRL's assistant-only loss relies on {% generation %}: the mask covers the response + <eos>."""
+    msgs = [
+        {"role": "user", "content": [{"type": "text", "text": "solve"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<answer> c1 </answer>"}]},
+    ]
+    out = tiny.processor.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = out["input_ids"][0] if isinstance(out["input_ids"][0], list) else out["input_ids"]
+    mask = out["assistant_masks"][0] if isinstance(out["assistant_masks"][0], list) else out["assistant_masks"]
+    target = [i for i, m in zip(ids, mask) if m]
+    assert tiny.tokenizer.convert_ids_to_tokens(target) == ["<answer>", "c1", "</answer>", "<eos>"]
+
+
+# ------------------------------------------------------------------ encoding
+def test_encode_train_targets_and_roles(tiny, task) -> None:
+    enc = Encoder(tiny, RULES)
+    assert enc.role_names == ["perception", "answer", "reasoning"]
+    s = task.sample("train", 3)
+    item = enc.encode_train(s.query, s.image, s.response)
+    labels, roles = item["labels"], item["role_ids"]
+    target = labels != -100
+    assert torch.equal(target, roles >= 0)  # exactly the targets have a role
+    assert item["n_target"] == len(s.response.split()) + 1  # response words + <eos>
+    assert enc.decode(labels[target]) == s.response
+    assert labels[target][-1] == enc.eos_token_id
+    words = tiny.tokenizer.convert_ids_to_tokens(labels[target].tolist())
+    names = [enc.role_names[r] for r in roles[target].tolist()]
+    p_end = words.index("</perception>")
+    assert names[: p_end + 1] == ["perception"] * (p_end + 1)
+    assert names[words.index("<answer>") :] == ["answer"] * (len(words) - words.index("<answer>"))
+    assert set(names[p_end + 1 : words.index("<answer>")]) == {"reasoning"}
+    # prompt + image tokens are never targets
+    assert not target[: int((item["input_ids"] == tiny.model.config.image_token_index).nonzero().max()) + 1].any()
+
+
+def test_encode_prompt_prefix_and_collate(tiny, task) -> None:
+    enc = Encoder(tiny, RULES)
+    s = task.sample("test", 0)
+    prefix = f"<perception> {s.perception} </perception> <reasoning>"
+    p = enc.encode_prompt(s.query, s.image, prefix=prefix)
+    full = enc.encode_train(s.query, s.image, s.response)
+    n = p["input_ids"].shape[0]
+    assert torch.equal(full["input_ids"][:n], p["input_ids"])  # prompt + prefix is a prefix of training
+    bare = enc.encode_prompt(s.query, s.image)
+    batch = collate([p, bare], enc.pad_token_id)  # prompts: left-padded
+    assert batch["input_ids"].shape == (2, n) and batch["pixel_values"].shape[0] == 2
+    assert batch["attention_mask"][1, 0] == 0 and batch["input_ids"][1, 0] == enc.pad_token_id
+    assert batch["attention_mask"][1, -1] == 1
+    train = collate([full, enc.encode_train(s.query, s.image, "<answer> c1 </answer>")], enc.pad_token_id)
+    assert train["labels"][1, -1] == -100 and train["role_ids"][1, -1] == -1  # right-padded
+    assert train["input_ids"][1, -1] == enc.pad_token_id
+
+
+def test_max_length_truncates(tiny, task) -> None:
+    enc = Encoder(tiny, RULES, max_length=30)
+    s = task.sample("train", 0)
+    item = enc.encode_train(s.query, s.image, s.response)
+    assert item["input_ids"].shape[0] == 30 and item["labels"].shape[0] == 30
+    assert item["n_target"] == int((item["labels"] != -100).sum())
+
+
+# ------------------------------------------------------------------ loading errors
+def test_load_errors(tmp_path, tiny, task) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_hf(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_hf(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=32)).save_pretrained(text_only)
+    with pytest.raises(ModelLoadError, match="not an image-text-to-text checkpoint"):
+        load_hf(text_only)
+    with pytest.raises(ModelLoadError, match="cannot encode"):
+        load_hf(tiny.path, vocab=task.vocabulary() + ["never-seen-word"])
+    assert check_vocabulary(tiny, ["c1", "zebra"]) == ["zebra"]
+    with pytest.raises(ModelLoadError, match="unknown LoRA option"):
+        load_hf(tiny.path, lora={"rank": 4})
+
+
+# ------------------------------------------------------------------ real architectures
+def _bpe(specials: list[str], corpus: list[str]):
+    """A byte-level BPE tokenizer (subword pieces) trained on task text in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _corpus(task) -> list[str]:
+    return [task.sample("train", i).response for i in range(20)] + [task.sample("train", 0).query, "User Assistant model"]
+
+
+def make_idefics3(path: Path, task) -> Path:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, PreTrainedTokenizerFast
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, _corpus(task)), bos_token="<|im_start|>",
+                                  eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    template = (  # SmolVLM / Idefics3's own template
+        "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+        "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
+    ip = Idefics3ImageProcessorPil(do_image_splitting=False, max_image_size={"longest_edge": 32}, size={"longest_edge": 32})
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=template)
+    proc.save_pretrained(path)
+    ids = {s: proc.tokenizer.convert_tokens_to_ids(s) for s in specials}
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(proc.tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"]),
+        image_token_id=ids["<image>"], scale_factor=2,
+    )
+    torch.manual_seed(0)
+    Idefics3ForConditionalGeneration(cfg).save_pretrained(path)
+    return path
+
+
+def make_gemma3(path: Path, task) -> Path:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe(specials, _corpus(task)), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    template = (  # Gemma 3's template, reduced to what the tests use
+        "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "<start_of_turn>{{ role }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+        "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                           image_seq_length=4, chat_template=template)
+    proc.save_pretrained(path)
+    ids = {s: proc.tokenizer.convert_tokens_to_ids(s) for s in specials}
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                         pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [make_idefics3, make_gemma3], ids=["idefics3", "gemma3"])
+def test_real_architecture_with_lora(make, task, tmp_path) -> None:
+    path = make(tmp_path / "ckpt", task)
+    loaded = load_hf(path, lora={"r": 4, "alpha": 8, "dropout": 0.0}, vocab=task.vocabulary())
+    assert loaded.kind == "hf" and hasattr(loaded.model, "peft_config")
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert loaded.num_parameters(trainable_only=True) < 0.2 * loaded.num_parameters()
+
+    enc = Encoder(loaded, RULES)
+    samples = [task.sample("train", i) for i in range(2)]
+    items = [enc.encode_train(s.query, s.image, s.response) for s in samples]
+    for s, item in zip(samples, items):
+        target = item["labels"] != -100
+        assert torch.equal(target, item["role_ids"] >= 0)
+        text = loaded.tokenizer.decode(item["labels"][target], skip_special_tokens=False)
+        assert text.strip() == enc.target_text(s.response).strip()  # subword pieces re-join exactly
+        pieces = loaded.tokenizer.convert_ids_to_tokens(item["labels"][target].tolist())
+        assert len(pieces) > len(s.response.split())  # really subwords
+        n_p = len(loaded.tokenizer(" " + s.response.split("</perception>")[0] + "</perception>", add_special_tokens=False)["input_ids"])
+        roles = item["role_ids"][target].tolist()
+        assert abs(roles.count(0) - n_p) <= 1  # perception tokens ≈ pieces of the perception section
+
+    batch = collate(items, enc.pad_token_id)
+    loaded.model.train()
+    sums, counts = role_losses(loaded.model, batch, len(enc.role_names))
+    assert int(counts.sum()) == sum(it["n_target"] for it in items)
+    (sums.sum() / counts.sum()).backward()
+    lora_b = [p for n, p in loaded.model.named_parameters() if "lora_B" in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+    loaded.model.eval()
+    prompts = collate([enc.encode_prompt(s.query, s.image) for s in samples], enc.pad_token_id)
+    out = loaded.model.generate(**prompts, max_new_tokens=3, do_sample=False,
+                                eos_token_id=enc.eos_token_id, pad_token_id=enc.pad_token_id)
+    assert out.shape[0] == 2 and out.shape[1] <= prompts["input_ids"].shape[1] + 3
+
+
+def test_checkpoint_without_weights_is_reported(tmp_path) -> None:
+    """A config without weights or processor files gives a ModelLoadError, not a traceback."""
+    from transformers import LlavaConfig
+
+    path = tmp_path / "broken"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+        text_config={"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 40},
+    ).to_dict()))
+    with pytest.raises(ModelLoadError):
+        load_hf(path)  # no weights, no processor files
+
+
+def test_text_only_items_encode(tiny, task) -> None:
+    enc = Encoder(tiny, RULES)
+    item = enc.encode_train("solve", None, "<answer> c1 </answer>")
+    assert "pixel_values" not in item and item["n_target"] == 4
+    assert int((item["input_ids"] == tiny.model.config.image_token_index).sum()) == 0

@@ -1,0 +1,131 @@
+"""`percep run` end to end on the tiny smoke specs: the run directory contract, refusals, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def percep(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "percepdsl", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == out
+    return run_dir
+
+
+def test_run_directory_contract(smoke_run: Path) -> None:
+    for name in ("summary.json", "ir.json", "metrics.csv", "eval.jsonl", "report.md", "curves.png", "spec/sft_smoke.pd"):
+        assert (smoke_run / name).exists(), name
+    ir = json.loads((smoke_run / "ir.json").read_text())
+    assert smoke_run.name == f"sft_smoke-{ir['hash']}"
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["final_stage"] == "balanced"
+    assert set(summary["final"]) >= {"end_to_end", "perception", "reasoning"}
+    assert list(summary["stages"]) == ["base", "fixed", "balanced"]
+    assert "delta" not in summary["stages"]["base"] and set(summary["stages"]["fixed"]["delta"]) == {"end_to_end", "perception", "reasoning"}
+    share = summary["diagnostics"]["token_share"]
+    assert abs(sum(share.values()) - 1) < 1e-6 and share["perception"] > 0
+    assert any(k.startswith("grad_norm/") for k in summary["diagnostics"])
+    for st in ("base", "fixed", "balanced"):
+        assert (smoke_run / "stages" / st / "model.safetensors").exists()
+
+
+def test_summary_traces_back_to_eval_records(smoke_run: Path) -> None:
+    from percepdsl_runtime.evaluate import summarize_records
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    records = [json.loads(line) for line in (smoke_run / "eval.jsonl").read_text().splitlines()]
+    for stage, entry in summary["stages"].items():
+        final = [r for r in records if r["stage"] == stage and r["final"]]
+        assert len(final) == 8  # eval { test = 8 }
+        recomputed = summarize_records(final)
+        for k in ("end_to_end", "perception", "reasoning"):
+            assert recomputed[k] == entry["metrics"][k]
+
+
+def test_metrics_csv_logs_losses_by_role(smoke_run: Path) -> None:
+    header = (smoke_run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "stage"
+    assert {"loss", "loss/perception", "eff_lambda", "lr"} <= set(header)
+
+
+def test_a_finished_run_is_not_redone(smoke_run: Path) -> None:
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(smoke_run.parent), "-q")
+    assert proc.returncode == 0 and "already complete" in proc.stderr
+
+
+def test_missing_model_path_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "hf.pd"
+    spec.write_text('experiment hf\ntask graph_coloring { train = 8, test = 2 }\nmodel hf "/no/such/checkpoint"\nstage s = sft { steps = 1 }\n')
+    proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "/no/such/checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_roles_matching_nothing_are_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "roles.pd"
+    spec.write_text('experiment r\ntask graph_coloring { nodes = 4, train = 8, test = 2 }\n'
+                    'model tiny { width = 32, depth = 1, heads = 2, vision_width = 32, vision_depth = 1 }\n'
+                    'roles { perception = between("<percept>", "</percept>"), rest_of_it = rest() }\n'
+                    'stage s = sft { steps = 1, loss = mean(perception) }\n')
+    proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "`perception` match no target token" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_broken_spec_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.pd"
+    spec.write_text("experiment b\ntask graph_coloring {}\nstage s = sft { steps = 0 }\n")
+    proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2 and "out-of-range" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Kill a run mid-stage with SIGKILL, resume it: the final weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    args = ["specs/sft_smoke.pd", "--set", "seed=5", "-q"]
+    straight = percep("run", *args, "--out", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    env = dict(os.environ, PERCEP_RESUME_EVERY="3")
+    proc = subprocess.Popen([sys.executable, "-m", "percepdsl", "run", *args, "--out", str(tmp_path / "b")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "b").glob("*/stages/base/resume.ckpt"))
+        if found:
+            ckpt = found[0]
+            break
+        time.sleep(0.05)
+    assert ckpt is not None, "no resume checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((tmp_path / "b").glob("*/summary.json"))
+    refused = percep("run", *args, "--out", str(tmp_path / "b"))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = percep("run", *args, "--out", str(tmp_path / "b"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = next((tmp_path / "a").glob("*/stages/balanced/model.safetensors"))
+    b = next((tmp_path / "b").glob("*/stages/balanced/model.safetensors"))
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] == wb[k]).all(), k
