@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path

@@ -17,7 +17,7 @@ from . import nodes as A
 from .catalogue import Catalogue, Entry, ParamSpec, default_catalogue
 from .diagnostics import Diagnostic, Related, Severity, Span, did_you_mean, relpath
 from .ir import (
-    AxisIR, EvalIR, ExperimentIR, GridIR, LoraIR, LossIR, LossTermIR, ModelIR, RewardIR,
+    EvalIR, ExperimentIR, GridIR, LoraIR, LossIR, LossTermIR, ModelIR, RewardIR,
     RoleRuleIR, ScheduleIR, StageIR, TaskIR, TrainerIR,
 )
 from .parse import decode, parse_expr, parse_text

@@ -135,7 +135,6 @@ def fmt(
     """Rewrite specs in canonical form (comments preserved)."""
     from .fmt import format_text
     from .io import write_text_atomic
-    from .parse import decode
 
     if [str(f) for f in files] == ["-"]:
         text = sys.stdin.read()

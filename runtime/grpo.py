@@ -344,10 +344,10 @@ class FusedLlamaDecoder:
         N, H, KV, hd = tok.shape[0], self.n_heads, self.n_kv, self.hd
         x = F.embedding(tok[:, None], self.embed)  # [N, 1, D]
         cos, sin = rope[0][pos][:, None, None], rope[1][pos][:, None, None]  # [N, 1, 1, hd]
-        for i, L in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
             # attention runs in fp32 whatever the weights: bf16 bmm over a cache whose length
             # changes every step measured ~5x slower than fp32 here (no kernel per new shape)
-            qkv = F.linear(self._norm(x, L["ln1"]), L["qkv_w"], L["qkv_b"]).float()  # [N, 1, (H + 2·KV)·hd]
+            qkv = F.linear(self._norm(x, layer["ln1"]), layer["qkv_w"], layer["qkv_b"]).float()  # [N, 1, (H + 2·KV)·hd]
             # one position, so [N, 1, heads·hd] → [N, heads, 1, hd] is a view; q and k rotate together
             qk = qkv[..., : (H + KV) * hd].view(N, H + KV, 1, hd)
             qk = torch.addcmul(qk * cos, qk.roll(self.hd // 2, dims=-1), sin)
@@ -359,13 +359,13 @@ class FusedLlamaDecoder:
             if KV != H:  # grouped-query attention: each K/V head serves H/KV query heads
                 K, V = K.repeat_interleave(H // KV, dim=1), V.repeat_interleave(H // KV, dim=1)
             # eager attention: for one query position 2 bmm + softmax beat CPU SDPA (~3x per call here)
-            att = (q @ K.transpose(-1, -2)) * L["scale"]
+            att = (q @ K.transpose(-1, -2)) * layer["scale"]
             if bias is not None:
                 att = att + bias
             y = (torch.softmax(att, dim=-1) @ V).to(self.dtype)
-            x = x + F.linear(y.view(N, 1, H * hd), L["o_w"], L["o_b"])
-            gate, up = F.linear(self._norm(x, L["ln2"]), L["gu_w"], L["gu_b"]).chunk(2, dim=-1)
-            x = x + F.linear(L["act"](gate) * up, L["down_w"], L["down_b"])
+            x = x + F.linear(y.view(N, 1, H * hd), layer["o_w"], layer["o_b"])
+            gate, up = F.linear(self._norm(x, layer["ln2"]), layer["gu_w"], layer["gu_b"]).chunk(2, dim=-1)
+            x = x + F.linear(layer["act"](gate) * up, layer["down_w"], layer["down_b"])
         return F.linear(self._norm(x, self.norm)[:, 0], self.head, self.head_b).float()
 
 

@@ -3,6 +3,7 @@ SIGINT, aggregation and the Ray backend — against `tests/fake_run.py`, a stand
 keeps `percep run`'s contract (run dir named by the IR hash, atomic complete summary.json)."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -399,3 +400,20 @@ def test_percep_grid_and_report_on_the_command_line(tmp_path):
     assert run_grid(out, jobs=2)[0] == EXIT_OK
     rep = subprocess.run([sys.executable, "-m", "percepdsl", "report", str(out)], capture_output=True, text=True, timeout=60)
     assert rep.returncode == EXIT_OK and "| 0.25 | 2 | 0 |" in rep.stdout
+
+
+def test_smoke_grid_end_to_end_with_the_real_percep_run(tmp_path):
+    """The reference smoke grid through real training runs: 2 λ values × 2 seeds."""
+    out = tmp_path / "grid"
+    proc = subprocess.run([sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["lam"] for r in rows] == ["0.25", "0.75"]
+    assert all(r["n_seeds"] == "2" for r in rows)
+    summaries = sorted(out.glob("cells/*/summary.json"))
+    assert len(summaries) == 4
+    assert (out / "tradeoff.png").exists()
+    again = subprocess.run([sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0 and sorted(out.glob("cells/*/summary.json")) == summaries

@@ -19,14 +19,6 @@ NGDIFF = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]]}
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core box
-    multi-threaded kernels stall behind other processes (20 steps: 0.5 s vs 40 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ------------------------------------------------------------------ schedules
 def test_schedules_at_endpoints() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.losses import Objective
-from percepdsl_runtime.models import build_tiny, load_hf
+from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.sft import (
     LengthBucketSampler,
     SFTDataModule,
@@ -18,7 +18,6 @@ from percepdsl_runtime.sft import (
     per_role_grad_norms,
     save_checkpoint_safetensors,
 )
-from percepdsl_runtime.tasks import build_task
 
 RULES = [
     {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>"},
@@ -29,24 +28,7 @@ NGDIFF = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]]}
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core box
-    multi-threaded kernels stall behind other processes (20 steps: 0.5 s vs 40 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-@pytest.fixture(scope="module")
-def task():
-    return build_task("graph_coloring", {}, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny(task, tmp_path_factory):
-    return build_tiny(task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
-                      save_dir=tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +214,6 @@ def test_ngdiff_prefix_forward_gives_the_same_gradient(tiny, encoder, datamodule
 DDP_SCRIPT = '''
 import sys, torch, lightning as L
 torch.set_num_threads(1)
-from percepdsl_runtime.tasks import build_task
 from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.losses import Objective

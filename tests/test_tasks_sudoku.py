@@ -136,7 +136,7 @@ def test_perturbed_perception_lowers_partial_credit_and_reasoning_uses_it() -> N
     task = build_task("sudoku", {}, seed=2)
     for i in range(10):
         s = task.sample("test", i)
-        solution, puzzle = flat(s.instance["solution"]), flat(s.instance["puzzle"])
+        puzzle = flat(s.instance["puzzle"])
         given_cell = next(k for k, v in enumerate(puzzle) if v)
         dropped = list(puzzle)
         dropped[given_cell] = 0  # a given missed by perception

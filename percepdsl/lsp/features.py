@@ -488,7 +488,7 @@ class _Items:
 
 
 def complete(project: Project, offset: int, enc: Encoder, snippets: bool = False) -> list[T.CompletionItem]:
-    doc, cat = project.doc, project.cat
+    doc = project.doc
     o = doc.outline
     ctx = S.context_at(doc.text, offset, o.tokens, o.comments)
     items = _Items(ctx.prefix)
