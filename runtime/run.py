@@ -271,7 +271,7 @@ class StageEval(L.Callback):
             pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
 
     def evaluate_now(self, step: int, final: bool = False) -> dict[str, Any]:
-        from .evaluate import evaluate
+        from .evaluate import evaluate, write_jsonl_atomic
 
         ctx, ev = self.ctx, self.ctx.ir.eval
         model = ctx.loaded.model
@@ -282,7 +282,7 @@ class StageEval(L.Callback):
         finally:
             model.train(was_training)
         tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
-        _append_jsonl(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
+        write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
         entry["slot_errors"] = res.metrics.get("slot_errors")
         self.history.append(entry)
@@ -302,11 +302,6 @@ class ResumeCheckpoint(L.Callback):
             tmp = self.path.with_suffix(".tmp")
             trainer.save_checkpoint(str(tmp))
             os.replace(tmp, self.path)
-
-
-def _append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-    write_text_atomic(path, text)
 
 
 # ---- 3. report ---------------------------------------------------------------------------------------
