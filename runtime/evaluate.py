@@ -262,12 +262,12 @@ def build_record(
         "generated": text,
         "generated_perception": extract_section(text, "perception"),
         "generated_answer": extract_section(text, "answer"),
-        "format_ok": bool(scores["format_ok"]),
-        "outcome": bool(scores["outcome"]),
-        "perception_exact": bool(scores["perception_exact"]),
-        "perception_partial": float(scores["perception_partial"]),
-        "reasoning_perceived": bool(scores["reasoning"]),
-        "slot_errors": [int(x) for x in scores["slot_errors"]],
+        "format_ok": scores["format_ok"],
+        "outcome": scores["outcome"],
+        "perception_exact": scores["perception_exact"],
+        "perception_partial": scores["perception_partial"],
+        "reasoning_perceived": scores["reasoning"],
+        "slot_errors": scores["slot_errors"],
         "n_tokens": int(completion.n_tokens),
         "truncated": bool(completion.truncated),
         "max_new_tokens": int(cap),
@@ -280,8 +280,8 @@ def build_record(
             {
                 "counterfactual_generated": cf_text,
                 "cf_generated_answer": extract_section(cf_text, "answer"),
-                "cf_outcome": bool(cf_scores["outcome"]),
-                "cf_format_ok": bool(cf_scores["format_ok"]),
+                "cf_outcome": cf_scores["outcome"],
+                "cf_format_ok": cf_scores["format_ok"],
                 "cf_n_tokens": int(cf_completion.n_tokens),
                 "cf_truncated": bool(cf_completion.truncated),
                 "cf_max_new_tokens": int(cf_cap if cf_cap is not None else 0),
@@ -309,16 +309,16 @@ def safe_score(task: Any, instance: Any, text: str) -> tuple[dict[str, Any], str
     """
     try:
         s = task.score(instance, text)
+        return {
+            "format_ok": bool(s.format_ok),
+            "outcome": bool(s.outcome),
+            "perception_exact": bool(s.perception_exact),
+            "perception_partial": float(s.perception_partial),
+            "reasoning": bool(s.reasoning),
+            "slot_errors": [int(x) for x in (s.slot_errors or [])],
+        }, None
     except Exception as exc:  # noqa: BLE001 - deliberately broad, see docstring
         return dict(_ZERO_SCORES), f"{type(exc).__name__}: {exc}"
-    return {
-        "format_ok": s.format_ok,
-        "outcome": s.outcome,
-        "perception_exact": s.perception_exact,
-        "perception_partial": s.perception_partial,
-        "reasoning": s.reasoning,
-        "slot_errors": list(s.slot_errors or []),
-    }, None
 
 
 def _jsonable(obj: Any) -> Any:

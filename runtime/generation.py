@@ -13,13 +13,13 @@ module does the few things that matter (DESIGN §4, §7):
   its cap, and the batch stops when every row has hit EOS or its cap;
 * precision, KV-cache kind and attention kernel are parameters; the defaults come
   from measurement (``benchmarks/bench_eval.py``, ``README_EVAL_SECTION.md``).
-  Precision: bf16 autocast evaluated 100 items ~6% faster than fp32 with 2 threads
-  and ~20% faster with 1 thread, but was 2x slower at batch 1; fp32 stays the
+  Precision: bf16 autocast evaluated 100 items ~10% faster than fp32 with 2 threads
+  and ~20% faster with 1 thread, but was 1.6-2x slower at batch 1; fp32 stays the
   default because the gain at the default 2 threads is small, fp32 does not
   depend on native bf16 support (AMX/AVX512-BF16), and greedy outputs of the two
   precisions differ wherever logits nearly tie (compare runs at one precision).
   Cache: dynamic — with the tiny model's eager attention a static cache attends
-  over its whole preallocated length every step and measured ~10% slower.
+  over its whole preallocated length every step and measured 7-13% slower.
 
 Results come back in input order whatever the internal sorting was.
 

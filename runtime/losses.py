@@ -43,8 +43,7 @@ def schedule_value(spec: Weight, step: int, total: int) -> float:
     - ``linear``:  start → end over the run
     - ``cosine``:  start → end along half a cosine
     - ``step``:    start × factor^⌊step / every⌋
-    - ``warmup``:  start → end linearly over ``warmup`` steps, then end
-    ``linear``/``cosine``/``step`` also take ``warmup``: a linear ramp 0 → start over the
+    Every kind also takes ``warmup``: a linear ramp 0 → start over the
     first ``warmup`` steps (at step 0 the value is 0, as in the usual LR warmup), after
     which the schedule runs over the remaining ``total - warmup`` steps.
     """
@@ -54,14 +53,12 @@ def schedule_value(spec: Weight, step: int, total: int) -> float:
     start = float(spec.get("start", spec.get("value", 1.0)))
     end = float(spec.get("end", start if kind in ("constant", "step") else 0.0))
     warmup = int(spec.get("warmup", 0))
-    if kind == "constant":
-        return start
-    if kind == "warmup":
-        return end if step >= warmup else start + (end - start) * step / max(warmup, 1)
-    if kind not in ("linear", "cosine", "step"):
+    if kind not in ("constant", "linear", "cosine", "step"):
         raise ValueError(f"unknown schedule kind {kind!r}")
     if step < warmup:
         return start * step / warmup
+    if kind == "constant":
+        return start
     frac = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
     if kind == "linear":
         return start + (end - start) * frac

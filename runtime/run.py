@@ -204,8 +204,8 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
         raise RunFailed(f"stage `{stage.name}`: the loss is not finite at step {trainer.global_step}; "
                         f"weights before it are in {ckpt if ckpt.exists() else parent}")
     save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.settings["steps"]})
-    final = evaluator.evaluate_now(trainer.global_step, final=True)
-    diagnostics = _stage_diagnostics(ctx, module, datamodule)
+    final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
+    diagnostics = evaluator.history[-1]["diagnostics"]
     record = {"stage": stage.name, "kind": stage.kind, "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
               "metrics": final, "history": evaluator.history, "diagnostics": diagnostics}
     write_json_atomic(sdir / "done.json", record)
@@ -267,10 +267,12 @@ class StageEval(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every and step % self.every == 0 and 0 < step < self.stage.settings["steps"]:
-            metrics = self.evaluate_now(step)
+            metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
             pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
 
-    def evaluate_now(self, step: int, final: bool = False) -> dict[str, Any]:
+    def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any]:
+        """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
+        and cosines) at the same point; both go into the stage's history."""
         from .evaluate import evaluate, write_jsonl_atomic
 
         ctx, ev = self.ctx, self.ctx.ir.eval
@@ -285,6 +287,7 @@ class StageEval(L.Callback):
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
         entry["slot_errors"] = res.metrics.get("slot_errors")
+        entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule)
         self.history.append(entry)
         ctx.echo(f"[{self.stage.name} step {step}] " + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
                  + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})")

@@ -37,7 +37,8 @@ def test_schedules_at_endpoints() -> None:
     assert schedule_value(wcos, 20, 20) == pytest.approx(0.1)
     step = {"kind": "step", "start": 1.0, "every": 3, "factor": 0.5}
     assert [schedule_value(step, s, 10) for s in (0, 2, 3, 9)] == [1.0, 1.0, 0.5, 0.125]
-    warm = {"kind": "warmup", "start": 0.0, "end": 0.8, "warmup": 10}
+    # the DSL's `warmup(0.8, steps = 10)` compiles to a constant with warmup
+    warm = {"kind": "constant", "start": 0.8, "end": 0.8, "warmup": 10}
     assert schedule_value(warm, 0, 100) == 0.0 and schedule_value(warm, 5, 100) == pytest.approx(0.4)
     assert schedule_value(warm, 10, 100) == pytest.approx(0.8) and schedule_value(warm, 100, 100) == pytest.approx(0.8)
     with pytest.raises(ValueError):
