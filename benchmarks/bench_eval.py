@@ -1,7 +1,8 @@
 """Evaluation benchmark: naive vs batched/sorted/capped generation, and its knobs.
 
-    python benchmarks/bench_eval.py                        # 100 test items, 1 thread
+    python benchmarks/bench_eval.py                        # 100 test items, 1 thread (~6 min)
     python benchmarks/bench_eval.py --threads 2 --json out.json
+    python benchmarks/bench_eval.py --only "batch 1," "[default]" --naive-repeats 2
 
 Setup: graph colouring (task defaults: N=5, edge list, backtracking trace; references
 ~70 tokens) and the embedded tiny LLaVA at its defaults (CLIP h128 x 2 layers, 64 px,
@@ -178,19 +179,22 @@ def fixed_configs(args: argparse.Namespace) -> list[tuple[str, int, GenConfig]]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     task = build_task("graph_coloring", {"test": max(args.items, 1)}, seed=args.seed)
-    loaded = build_tiny(task.vocabulary(), seed=args.seed, save_dir=Path(tempfile.mkdtemp(prefix="bench-eval-")))
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:  # the model is loaded into memory
+        loaded = build_tiny(task.vocabulary(), seed=args.seed, save_dir=Path(tmp))
     enc = Encoder(loaded, ROLE_RULES)
     samples = [task.sample("test", i) for i in range(args.items)]
     prompts = [Prompt(s.query, s.image, p, args.fixed_tokens) for s in samples for p in ("", task.counterfactual_prefix(s))]
 
     jobs: list[tuple[Row, Callable[[], int], int]] = []
     for name, n, cfg in eval_configs(args):
-        repeats = 1 if n == args.naive_items else args.repeats
+        repeats = args.naive_repeats if n == args.naive_items else args.repeats
         jobs.append((Row(name, n), eval_workload(loaded, enc, task, n, cfg), repeats))
     for name, n, gcfg in fixed_configs(args):
-        repeats = 1 if gcfg.batch_size == 1 else args.repeats
+        repeats = args.naive_repeats if gcfg.batch_size == 1 else args.repeats
         jobs.append((Row(name, n), fixed_workload(loaded, enc, prompts[:n], gcfg), repeats))
 
+    if args.only:
+        jobs = [j for j in jobs if any(key in j[0].name for key in args.only)]
     with eos_masked(loaded.model, enc.eos_token_id):
         evaluate(loaded, enc, task, n=2, cfg=EvalConfig(gen=GenConfig(max_new_tokens=8)))  # warm-up
         for rep in range(max(r for _, _, r in jobs)):  # interleaved repeats
@@ -241,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--only", nargs="+", default=[], help="run only rows whose name contains one of these")
+    ap.add_argument("--naive-repeats", type=int, default=1, help="repeats of the (slow) batch-1 rows")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
