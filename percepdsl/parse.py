@@ -124,7 +124,7 @@ def _describe_token(tok: Token) -> str:
     return f"`{text}`"
 
 
-def _syntax_diag(rep: Reporter, err: UnexpectedInput) -> None:
+def _syntax_diag(rep: Reporter, err: UnexpectedInput, text: str) -> None:
     if isinstance(err, UnexpectedCharacters):
         ch = err.char
         span = Span.point(err.line, err.column)
@@ -138,7 +138,7 @@ def _syntax_diag(rep: Reporter, err: UnexpectedInput) -> None:
     if isinstance(err, UnexpectedToken):
         tok = err.token
         if tok.type == "$END":
-            line, col = _end_position(rep)
+            line, col = _end_position(text)
             rep.error(Span.point(line, col), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
             return
         hint = f"expected {_describe_expected(err.expected)}"
@@ -147,14 +147,13 @@ def _syntax_diag(rep: Reporter, err: UnexpectedInput) -> None:
         rep.error(_tok_span(tok), "syntax", f"unexpected {_describe_token(tok)}", hint)
         return
     if isinstance(err, UnexpectedEOF):
-        line, col = _end_position(rep)
+        line, col = _end_position(text)
         rep.error(Span.point(line, col), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
         return
     rep.error(Span.point(getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1), "syntax", str(err).splitlines()[0])
 
 
-def _end_position(rep: Reporter) -> tuple[int, int]:
-    text = getattr(rep, "_text", "")
+def _end_position(text: str) -> tuple[int, int]:
     lines = text.split("\n")
     return len(lines), len(lines[-1]) + 1
 
@@ -180,7 +179,6 @@ def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
 def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[Diagnostic]]:
     """Parse `text`; returns the AST (None if there were syntax errors) and diagnostics."""
     rep = Reporter(file)
-    rep._text = text  # for end-of-file positions
     parser, comments = _parser()
     comments.clear()
     _counter.depth = 0
@@ -189,7 +187,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
     def on_error(err: UnexpectedInput) -> bool:
         line = getattr(err, "line", 0) or 0
         if line > last_line[0]:  # one error per line: later ones on that line are usually echoes
-            _syntax_diag(rep, err)
+            _syntax_diag(rep, err, text)
             last_line[0] = line
         if isinstance(err, UnexpectedToken) and err.token.type == "$END":
             return False
@@ -207,7 +205,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
         return None, rep.items
     except UnexpectedInput as e:
         if not rep.items or (getattr(e, "line", 0) or 0) > last_line[0]:
-            _syntax_diag(rep, e)
+            _syntax_diag(rep, e, text)
         return None, rep.items
     if rep.items:
         return None, rep.items

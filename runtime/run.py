@@ -187,7 +187,8 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
             devices=tr.devices,
             strategy=tr.strategy,
             accumulate=tr.accumulate if stage.kind == "sft" else 1,
-            callbacks=[evaluator, ResumeCheckpoint(sdir / "resume.ckpt", RESUME_EVERY)],
+            # the guard runs first: a non-finite step never reaches an evaluation or a checkpoint
+            callbacks=[FiniteLoss(stage.name), evaluator, ResumeCheckpoint(sdir / "resume.ckpt", RESUME_EVERY)],
             logger=L.pytorch.loggers.CSVLogger(str(sdir), name="", version=f"log{attempt}"),
             log_every_n_steps=tr.log_every,
             enable_progress_bar=progress,
@@ -198,11 +199,18 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
         raise RunRefused(f"stage `{stage.name}`: {exc}") from exc
     ckpt = sdir / "resume.ckpt"
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    from .rewards import RewardError
+
+    def kept() -> str:
+        return f"the last good checkpoint is {ckpt}" if ckpt.exists() else f"the stage started from {parent}"
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    except RewardError as exc:  # raised before the update of the bad step: no bad weights were saved
+        raise RunFailed(f"stage `{stage.name}` at step {trainer.global_step}: {exc}; {kept()}") from exc
+    except RunFailed as exc:
+        raise RunFailed(f"{exc}; {kept()}") from exc
     train_seconds = time.perf_counter() - start
-    if not math.isfinite(float(trainer.callback_metrics.get("loss", 0.0))):
-        raise RunFailed(f"stage `{stage.name}`: the loss is not finite at step {trainer.global_step}; "
-                        f"weights before it are in {ckpt if ckpt.exists() else parent}")
     save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.settings["steps"]})
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
     diagnostics = evaluator.history[-1]["diagnostics"]
@@ -294,6 +302,18 @@ class StageEval(L.Callback):
         return res.metrics
 
 
+class FiniteLoss(L.Callback):
+    """Stop the stage at the first non-finite training loss."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise RunFailed(f"stage `{self.stage}`: the training loss is {float(loss)} at step {trainer.global_step}")
+
+
 class ResumeCheckpoint(L.Callback):
     """The full training state (weights, optimiser, loop position) every N steps, written atomically."""
 
@@ -334,7 +354,7 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
         "final": {k: stages[last]["metrics"].get(k) for k in ("end_to_end", "perception", "perception_partial", "reasoning", "format_ok")},
         "final_stage": last,
         "stages": stages,
-        "diagnostics": {"token_share": ctx.token_share, **{f"{k}": v for k, v in stages[last]["diagnostics"].items() if k != "token_share"}},
+        "diagnostics": {"token_share": ctx.token_share, **{k: v for k, v in stages[last]["diagnostics"].items() if k != "token_share"}},
     }
 
 
@@ -363,7 +383,7 @@ def merge_eval_jsonl(ctx: Context) -> None:
     write_text_atomic(ctx.run_dir / "eval.jsonl", "".join(p.read_text() for p in parts))
 
 
-def write_plots(ctx: Context, summary: dict[str, Any]) -> list[Path]:
+def write_plots(ctx: Context) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,7 +410,6 @@ def write_plots(ctx: Context, summary: dict[str, Any]) -> list[Path]:
     fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
     plt.close(fig)
     os.replace(path.with_suffix(".tmp.png"), path)
-    return [path]
 
 
 def write_report(ctx: Context, summary: dict[str, Any]) -> None:
@@ -442,7 +461,7 @@ def run(ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = Fal
     summary = summarize(ctx, records)
     write_metrics_csv(ctx)
     merge_eval_jsonl(ctx)
-    write_plots(ctx, summary)
+    write_plots(ctx)
     write_report(ctx, summary)
     write_json_atomic(summary_path, summary)  # last: its presence marks the run complete
     return run_dir

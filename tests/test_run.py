@@ -129,3 +129,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
     assert wa.keys() == wb.keys()
     for k in wa:
         assert (wa[k] == wb[k]).all(), k
+
+
+def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
+    """A plugin reward term that returns NaN: exit 3, the term named, finished stages kept."""
+    site = tmp_path / "site"
+    pkg = site / "nanplug"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "rewards.py").write_text("def nan_reward(group, **_):\n    return [float('nan')] * len(group.completions)\n")
+    (pkg / "percep_catalogue.toml").write_text('[[entry]]\nname = "nan_reward"\nkind = "reward"\ndoc = "always NaN"\nimpl = "nanplug.rewards:nan_reward"\n')
+    dist = site / "nanplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nanplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[percepdsl.catalogue]\nnanplug = nanplug:percep_catalogue.toml\n")
+    spec = tmp_path / "nan.pd"
+    spec.write_text((ROOT / "specs/grpo_smoke.pd").read_text()
+                    .replace('include "common/roles.pd"', f'include "{ROOT}/specs/common/roles.pd"')
+                    .replace("reward = 0.5 * perception_match + 0.5 * outcome", "reward = 0.5 * nan_reward + 0.5 * outcome"))
+    env = dict(os.environ, PYTHONPATH=str(site))
+    proc = subprocess.run([sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "reward term `nan_reward`" in proc.stderr and "Traceback" not in proc.stderr
+    run_dir = next((tmp_path / "runs").glob("grpo_smoke-*"))
+    assert (run_dir / "stages/base/done.json").exists() and not (run_dir / "summary.json").exists()
