@@ -163,8 +163,14 @@ def build_tiny(
         image_token_index=ids["<image>"],
         image_seq_length=n_image_tokens,
         vision_feature_select_strategy="default",
-        # -1: the last vision layer (LLaVA's default -2 would leave a 2-layer tower's last layer unused)
-        vision_feature_layer=-1,
+        # The projector reads the layer-normed patch embeddings (layer 0) beside the last layer, and has
+        # no bias. With LLaVA's usual single unnormalised layer and biased projector, training from
+        # scratch drove the image tokens to a near-constant vector (features varied ≈5% across images
+        # after 1,200 steps) and perception never left the prior, even with a perception-only loss at
+        # patch 16; with both changes, a token-mean loss reads the graph (perception-token accuracy
+        # 0.79 → 0.99 in 600 steps; either change alone stayed at 0.79). Both are stock LlavaConfig options.
+        vision_feature_layer=[0, -1],
+        multimodal_projector_bias=False,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

@@ -240,7 +240,8 @@ def _build_stage(ctx: Context, stage: StageIR):
         "lr": base_lr, "schedule": schedule, "weight_decay": s["weight_decay"], "grad_clip": ctx.ir.trainer.clip,
         "total_steps": s["steps"],
     })
-    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed)
+    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed,
+                               bucket=s["batching"] == "length")
     return module, datamodule
 
 

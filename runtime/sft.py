@@ -15,7 +15,9 @@ only on the logger's steps, ``loss`` every step).
 Speed notes (the tiny model is small enough that overheads dominate):
 - logits are computed only at target positions (``target_logits``): the LM head and the
   cross-entropy never see prompt or image tokens;
-- batches are length-bucketed (``LengthBucketSampler``), so little compute goes to padding;
+- batches can be length-bucketed (``LengthBucketSampler``, ``bucket=True``): little compute goes
+  to padding, but a batch then holds look-alike items (on graph colouring, equal length means
+  similar graphs), which kept the tiny model from learning perception; so it is opt-in;
 - items are encoded once in ``setup`` (processor + tokenizer cost paid once, not per epoch);
 - NGDiff takes perception's gradient from a forward over the prefix that holds it
   (``SFTModule.ngdiff_backward``), ≈40% of the sequence, not from a second full backward.
@@ -361,10 +363,10 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Task split → encoded items → length-bucketed, seeded batches."""
+    """Task split → encoded items → seeded batches: random (default) or length-bucketed."""
 
     def __init__(self, task: Any, encoder: Encoder, batch_size: int = 8, seed: int = 0, *,
-                 split: str = "train", n_items: int | None = None, bucket: bool = True,
+                 split: str = "train", n_items: int | None = None, bucket: bool = False,
                  window: int = 50, num_workers: int = 0):
         super().__init__()
         self.task, self.encoder = task, encoder

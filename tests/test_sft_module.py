@@ -38,7 +38,7 @@ def encoder(tiny):
 
 @pytest.fixture(scope="module")
 def datamodule(task, encoder):
-    dm = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48)
+    dm = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48, bucket=True)
     dm.setup()
     return dm
 
@@ -57,9 +57,9 @@ def _fresh_module(tiny, encoder, spec, **cfg) -> SFTModule:
 # ------------------------------------------------------------------ data
 def test_batches_are_deterministic_and_bucketed(datamodule, task, encoder) -> None:
     order = lambda dm: [b for b in dm.sampler().batches()]  # noqa: E731
-    again = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48)
+    again = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48, bucket=True)
     assert order(datamodule) == order(again)
-    other = SFTDataModule(task, encoder, batch_size=4, seed=4, n_items=48)
+    other = SFTDataModule(task, encoder, batch_size=4, seed=4, n_items=48, bucket=True)
     assert order(datamodule) != order(other)
     s = datamodule.sampler()
     first = s.batches()
