@@ -96,7 +96,6 @@ def test_a_broken_spec_is_refused_before_anything_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """Kill a run mid-stage with SIGKILL, resume it: the final weights equal an uninterrupted run's."""
     from safetensors.torch import load_file
@@ -154,3 +153,16 @@ def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
     assert "reward term `nan_reward`" in proc.stderr and "Traceback" not in proc.stderr
     run_dir = next((tmp_path / "runs").glob("grpo_smoke-*"))
     assert (run_dir / "stages/base/done.json").exists() and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_learns_perception_and_reasoning(tmp_path: Path) -> None:
+    """The real quickstart (≈3.5 min on 2 cores): perception is learned from the pixels in the
+    base stage and end-to-end accuracy is well above what a blind model can reach. Measured:
+    base a_p 1.0 / a 0.32, post a_p 1.0 / a 0.375 on 200 held-out graphs."""
+    proc = percep("run", "specs/quickstart.pd", "--out", str(tmp_path), "-q", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    base, post = summary["stages"]["base"]["metrics"], summary["stages"]["post"]["metrics"]
+    assert base["perception"] >= 0.8 and post["perception"] >= 0.8
+    assert base["format_ok"] >= 0.95 and post["end_to_end"] >= 0.2

@@ -218,6 +218,7 @@ from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.losses import Objective
 from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
+from percepdsl_runtime.tasks import build_task
 RULES = %r
 if __name__ == "__main__":
     task = build_task("graph_coloring", {}, seed=0)
@@ -232,7 +233,6 @@ if __name__ == "__main__":
 ''' % (RULES,)
 
 
-@pytest.mark.slow
 def test_ngdiff_under_ddp_keeps_ranks_in_sync(tiny, tmp_path) -> None:
     """Two gloo processes on CPU: NGDiff's all-reduced group gradients and the auto-LR line
     search leave identical weights on both ranks."""
