@@ -458,7 +458,8 @@ class Checker:
                 guess = did_you_mean(kind, ["sft", "grpo"])
                 self.error(st.kind.span, "unknown-stage-kind", f"unknown stage kind `{kind}`", f"did you mean `{guess}`?" if guess else "stages are `sft` or `grpo`")
                 continue
-            if st.parent is not None and st.parent.id not in seen:
+            # a fragment's stage may start from a stage of the spec that includes it
+            if st.parent is not None and st.parent.id not in seen and not self.fragment:
                 guess = did_you_mean(st.parent.id, [n for n in seen if n != name])
                 self.error(st.parent.span, "unknown-stage", f"stage `{name}` starts from `{st.parent.id}`, which is not defined",
                            f"did you mean `{guess}`?" if guess else "define that stage, or drop `from` to start from the initial model")

@@ -41,6 +41,16 @@ def test_reference_specs_are_formatted(spec: Path) -> None:
     assert out == text
 
 
+def test_a_fragment_stage_may_start_from_a_stage_of_its_includer(tmp_path: Path) -> None:
+    (tmp_path / "warm.pd").write_text("stage warm = sft from base { steps = 5 }\n")
+    assert check_file(tmp_path / "warm.pd").diagnostics == []  # alone: `base` may come from the includer
+    head = "experiment e\ninclude \"warm.pd\"\ntask graph_coloring { nodes = 4 }\n"
+    assert check_file(tmp_path / "ok.pd", text=head + "stage base = sft { steps = 5 }\n").ok
+    res = check_file(tmp_path / "bad.pd", text=head + "stage bass = sft { steps = 5 }\n")
+    assert [d.code for d in res.diagnostics if d.is_error] == ["unknown-stage"]
+    assert "did you mean `bass`" in res.diagnostics[0].hint
+
+
 # ---- formatter -------------------------------------------------------------------------------
 
 
