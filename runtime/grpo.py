@@ -235,15 +235,18 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     (temperature 0 = greedy)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the first token is always kept
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
     # (the Gumbel-max trick); cheap ops where multinomial measured ~65 µs per call here.
     # E can be exactly 0 (float draws); the floor keeps 0/0 (a banned token) from winning.
-    race = torch.empty_like(probs).exponential_(generator=gen).clamp_(min=1e-20)
+    race = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=gen).clamp_(min=1e-20)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    if top_p >= 1.0:  # in log space: argmax logit_i/T − log E_i, no softmax (banned: −inf stays −inf)
+        return (scaled - race.log_()).argmax(dim=-1)
+    probs = torch.softmax(scaled, dim=-1)
+    # keep the smallest set of top tokens whose mass reaches top_p
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the first token is always kept
+    probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return (probs / race).argmax(dim=-1)
 
 
@@ -293,7 +296,7 @@ class FusedLlamaDecoder:
     projections are plain ``nn.Linear`` (not PEFT-wrapped, not quantised).
     """
 
-    def __init__(self, lm: Any, head: Any, dtype: torch.dtype = torch.float32):
+    def __init__(self, lm: Any, head: Any, dtype: torch.dtype = torch.float32, banned: tuple[int, ...] = ()):
         cfg = lm.config
         self.dtype = dtype
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -302,18 +305,29 @@ class FusedLlamaDecoder:
         cast = lambda *ts: None if ts[0] is None else torch.cat(ts).to(dtype)  # noqa: E731
         self.embed, self.head = cast(lm.embed_tokens.weight), cast(head.weight)
         self.head_b = cast(head.bias) if getattr(head, "bias", None) is not None else None
+        if banned:  # never sampled: −inf in the head's bias costs no op per step
+            if self.head_b is None:
+                self.head_b = torch.zeros(self.head.shape[0], dtype=dtype, device=self.head.device)
+            self.head_b[list(banned)] = -math.inf
         self.norm, self.rotary = cast(lm.norm.weight), lm.rotary_emb
         self.layers = []
+        q_rows = self.n_heads * self.hd
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
+            # the attention scale is folded into q's rows (RoPE is linear, so it commutes); for
+            # a power-of-two head dim it is a power of two and the product is exact
+            qkv_w = cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            qkv_w[:q_rows] *= a.scaling
+            qkv_b = cast(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+            if qkv_b is not None:
+                qkv_b[:q_rows] *= a.scaling
             self.layers.append(dict(
                 ln1=cast(layer.input_layernorm.weight), ln2=cast(layer.post_attention_layernorm.weight),
-                qkv_w=cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                qkv_b=cast(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                qkv_w=qkv_w, qkv_b=qkv_b,
                 o_w=cast(a.o_proj.weight), o_b=cast(a.o_proj.bias),
                 gu_w=cast(m.gate_proj.weight, m.up_proj.weight), gu_b=cast(m.gate_proj.bias, m.up_proj.bias),
                 down_w=cast(m.down_proj.weight), down_b=cast(m.down_proj.bias),
-                act=m.act_fn, scale=a.scaling,
+                act=m.act_fn,
             ))
 
     @staticmethod
@@ -359,7 +373,7 @@ class FusedLlamaDecoder:
             if KV != H:  # grouped-query attention: each K/V head serves H/KV query heads
                 K, V = K.repeat_interleave(H // KV, dim=1), V.repeat_interleave(H // KV, dim=1)
             # eager attention: for one query position 2 bmm + softmax beat CPU SDPA (~3x per call here)
-            att = (q @ K.transpose(-1, -2)) * layer["scale"]
+            att = q @ K.transpose(-1, -2)  # q carries the scale
             if bias is not None:
                 att = att + bias
             y = (torch.softmax(att, dim=-1) @ V).to(self.dtype)
@@ -381,7 +395,7 @@ def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor
     pos = _positions(attn)
     out = full(**prompt, position_ids=pos, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)
-    dec = FusedLlamaDecoder(lm, head, dtype)
+    dec = FusedLlamaDecoder(lm, head, dtype, banned=suppress)
     keys, values = [], []
     for layer in _cache_of(out).layers:  # [B, KV, P, hd] → rows of the shared prefix, G times
         for store, t in ((keys, layer.keys), (values, layer.values)):
@@ -397,9 +411,9 @@ def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor
     next_pos = pos[:, -1].repeat_interleave(G, dim=0) + 1
     ids = torch.full((N, T), pad, dtype=torch.long, device=attn.device)
     done = torch.zeros(N, dtype=torch.bool, device=attn.device)
+    if suppress:  # the prefill's logits; the decoder's own carry the ban in the head bias
+        logits[:, list(suppress)] = -math.inf
     for t in range(T):
-        if suppress:
-            logits[:, list(suppress)] = -math.inf
         tok = _sample(logits, temperature, top_p, gen).masked_fill(done, pad)
         ids[:, t] = tok
         done |= tok == eos
