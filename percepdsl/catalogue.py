@@ -262,7 +262,7 @@ BUILTINS: tuple[Entry, ...] = (
            P("loss", "loss", "token_mean", "training loss; default `token_mean()`"),
            P("weight_decay", "float", 0.0, "AdamW weight decay", min=0, max=1),
            P("batching", "choice", "random", "batch composition: `random`, or `length` (items of similar length together: "
-             "less padding, but batches of look-alike items, which slowed perception learning on graph colouring)",
+             "less padding, but batches of look-alike items, which kept the tiny model from learning perception on graph colouring)",
              choices=("random", "length")),
            P("max_length", "int", None, "truncate sequences to this many tokens", min=8, nullable=True),
            P("eval_every", "int", None, "evaluate every N steps in this stage (overrides eval.every)", min=1, nullable=True))),
