@@ -413,6 +413,43 @@ def write_plots(ctx: Context) -> None:
     os.replace(path.with_suffix(".tmp.png"), path)
 
 
+def write_reward_plot(ctx: Context) -> None:
+    """``rewards.png`` for runs with GRPO stages: each reward term's mean, and the correlations of
+    the total reward (and of each surrogate term) with perception and reasoning correctness, at
+    every logged step (``metrics.csv``)."""
+    grpo = {st.name for st in ctx.ir.stages if st.kind == "grpo"}
+    if not grpo:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (ctx.run_dir / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] in grpo]
+    offsets, offset = {}, 0
+    for st in ctx.ir.stages:
+        offsets[st.name], offset = offset, offset + st.settings["steps"]
+    cols = list(rows[0]) if rows else []
+    panels = (("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
+              ("Pearson r with correctness", [c for c in cols if "corr" in c]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(offsets[r["stage"]] + int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), "--" if key.endswith("_within") else "-", label=key, lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("step (stages concatenated)")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{ctx.ir.name}: GRPO rewards and reward coupling")
+    fig.tight_layout()
+    path = ctx.run_dir / "rewards.png"
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    plt.close(fig)
+    os.replace(path.with_suffix(".tmp.png"), path)
+
+
 def write_report(ctx: Context, summary: dict[str, Any]) -> None:
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
@@ -429,6 +466,8 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
     share = summary["diagnostics"].get("token_share", {})
     lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()),
               "", "![curves](curves.png)", ""]
+    if (ctx.run_dir / "rewards.png").exists():
+        lines += ["![rewards and reward coupling](rewards.png)", ""]
     write_text_atomic(ctx.run_dir / "report.md", "\n".join(lines))
 
 
@@ -463,6 +502,7 @@ def run(ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = Fal
     write_metrics_csv(ctx)
     merge_eval_jsonl(ctx)
     write_plots(ctx)
+    write_reward_plot(ctx)
     write_report(ctx, summary)
     write_json_atomic(summary_path, summary)  # last: its presence marks the run complete
     return run_dir

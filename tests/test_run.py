@@ -130,6 +130,17 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
         assert (wa[k] == wb[k]).all(), k
 
 
+def test_grpo_run_reports_reward_coupling(tmp_path: Path) -> None:
+    """The GRPO smoke spec end to end: the stage's reward diagnostics reach summary.json
+    (keys that say `corr`) and are plotted next to the reward terms."""
+    proc = percep("run", "specs/grpo_smoke.pd", "--out", str(tmp_path), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    rl = json.loads((run_dir / "summary.json").read_text())["stages"]["rl"]
+    assert {"reward_perception_corr", "reward_reasoning_corr", "reward/outcome", "constant_group_frac"} <= set(rl["diagnostics"])
+    assert (run_dir / "rewards.png").stat().st_size > 0 and "rewards.png" in (run_dir / "report.md").read_text()
+
+
 def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
     """A plugin reward term that returns NaN: exit 3, the term named, finished stages kept."""
     site = tmp_path / "site"
