@@ -45,6 +45,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -90,6 +91,7 @@ class GRPOConfig:
     grad_clip: float | None = 1.0  # the trainer block's `clip`
     warn_after: int = 10  # consecutive flat-reward steps before a RewardWarning
     gen_precision: Literal["fp32", "bf16"] = "bf16"  # sampling weights (see the module docstring)
+    compile: bool = False  # torch.compile the sampler's single-token decoder (see FusedLlamaDecoder.step)
 
     @classmethod
     def from_stage(cls, stage: Any, **overrides: Any) -> GRPOConfig:
@@ -254,7 +256,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 def sample_completions(model: Any, prompt: Mapping[str, torch.Tensor], *, group: int, max_new_tokens: int,
                        temperature: float, top_p: float, eos_token_id: int, pad_token_id: int,
                        suppress: tuple[int, ...] = (), generator: torch.Generator | None = None,
-                       dtype: torch.dtype = torch.float32) -> Rollouts:
+                       dtype: torch.dtype = torch.float32, compile: bool = False) -> Rollouts:
     """Sample ``group`` completions of every prompt of a collated, left-padded batch.
 
     LLaVA models with a plain Llama decoder take the fast path (``_decode_llava``): each
@@ -264,7 +266,8 @@ def sample_completions(model: Any, prompt: Mapping[str, torch.Tensor], *, group:
     (``FusedLlamaDecoder``) runs the steps until every row has emitted EOS. Other models
     (and PEFT-wrapped ones) go through Hugging Face ``generate``.
     ``suppress`` ids are never sampled (the image token: a sampled one would break the
-    image-feature scatter in the training forward).
+    image-feature scatter in the training forward). ``compile``: the fast path's decoder
+    runs under ``torch.compile`` (``compiled_step``); other models ignore it.
     """
     t0 = time.perf_counter()
     parts = _llava_parts(model)
@@ -273,7 +276,7 @@ def sample_completions(model: Any, prompt: Mapping[str, torch.Tensor], *, group:
                            pad_token_id, suppress, generator)
     else:
         ids = _decode_llava(parts, prompt, group, max_new_tokens, temperature, top_p, eos_token_id,
-                            pad_token_id, suppress, generator, dtype)
+                            pad_token_id, suppress, generator, dtype, compile)
     is_eos = ids == eos_token_id
     seen_eos = is_eos.long().cumsum(dim=1)
     mask = (seen_eos == 0) | (is_eos & (seen_eos == 1))  # tokens up to and including the first EOS
@@ -352,10 +355,18 @@ class FusedLlamaDecoder:
         return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-             keys: list[torch.Tensor], values: list[torch.Tensor], at: int, bias: torch.Tensor | None) -> torch.Tensor:
+             keys: list[torch.Tensor], values: list[torch.Tensor], at: int | torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
         """Logits [N, V] after feeding ``tok[N]`` at positions ``pos[N]``; its K/V go to cache
-        slot ``at``; attention covers slots ``0..at`` (``bias``: additive padding mask)."""
+        slot ``at``; attention covers slots ``0..at`` (``bias``: additive padding mask).
+
+        ``at`` as an int: attention over the slice ``0..at``, which grows every step (eager).
+        ``at`` as a 1-element tensor: the static-shape form that ``compiled_step`` compiles
+        once: attention over the whole cache with the slots after ``at`` masked, and ``bias``
+        covering the whole cache."""
         N, H, KV, hd = tok.shape[0], self.n_heads, self.n_kv, self.hd
+        static = isinstance(at, torch.Tensor)
+        unwritten = torch.arange(keys[0].shape[2], device=tok.device) > at if static else None
         x = F.embedding(tok[:, None], self.embed)  # [N, 1, D]
         cos, sin = rope[0][pos][:, None, None], rope[1][pos][:, None, None]  # [N, 1, 1, hd]
         for i, layer in enumerate(self.layers):
@@ -367,15 +378,22 @@ class FusedLlamaDecoder:
             qk = torch.addcmul(qk * cos, qk.roll(self.hd // 2, dims=-1), sin)
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[..., (H + KV) * hd :].view(N, KV, 1, hd)
-            keys[i][:, :, at : at + 1] = k
-            values[i][:, :, at : at + 1] = v
-            K, V = keys[i][:, :, : at + 1], values[i][:, :, : at + 1]
+            if static:
+                keys[i].index_copy_(2, at, k)
+                values[i].index_copy_(2, at, v)
+                K, V = keys[i], values[i]
+            else:
+                keys[i][:, :, at : at + 1] = k
+                values[i][:, :, at : at + 1] = v
+                K, V = keys[i][:, :, : at + 1], values[i][:, :, : at + 1]
             if KV != H:  # grouped-query attention: each K/V head serves H/KV query heads
                 K, V = K.repeat_interleave(H // KV, dim=1), V.repeat_interleave(H // KV, dim=1)
             # eager attention: for one query position 2 bmm + softmax beat CPU SDPA (~3x per call here)
             att = q @ K.transpose(-1, -2)  # q carries the scale
             if bias is not None:
                 att = att + bias
+            if static:
+                att = att.masked_fill(unwritten, -math.inf)
             y = (torch.softmax(att, dim=-1) @ V).to(self.dtype)
             x = x + F.linear(y.view(N, 1, H * hd), layer["o_w"], layer["o_b"])
             gate, up = F.linear(self._norm(x, layer["ln2"]), layer["gu_w"], layer["gu_b"]).chunk(2, dim=-1)
@@ -383,9 +401,33 @@ class FusedLlamaDecoder:
         return F.linear(self._norm(x, self.norm)[:, 0], self.head, self.head_b).float()
 
 
+_COMPILED: list[Any] = []  # the compiled FusedLlamaDecoder.step, made on first use; [None] if compiling failed
+
+
+def compiled_step() -> Any | None:
+    """``FusedLlamaDecoder.step`` under ``torch.compile`` (static shapes), or None where it
+    cannot compile (no C++ compiler, an unsupported op): a warning is given once and decoding
+    stays eager. Measured on the tiny model: 0.72 vs 1.07 ms per decoding step (8 rows), after
+    a ≈10 s compile that Inductor caches on disk for later processes. Dynamo compiles one
+    graph per (rows, prompt + cap) shape and guards on tensor metadata, not identity, so the
+    per-rollout weight copies reuse it."""
+    if not _COMPILED:
+        try:
+            _COMPILED.append(torch.compile(FusedLlamaDecoder.step, dynamic=False))
+        except Exception as exc:  # noqa: BLE001 — any failure means: decode eagerly
+            _compile_failed(exc)
+    return _COMPILED[0]
+
+
+def _compile_failed(exc: Exception) -> None:
+    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); the GRPO sampler decodes eagerly",
+                  RuntimeWarning, stacklevel=3)
+    _COMPILED[:] = [None]
+
+
 def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor], G: int, T: int,
                   temperature: float, top_p: float, eos: int, pad: int, suppress: tuple[int, ...],
-                  gen: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+                  gen: torch.Generator | None, dtype: torch.dtype, compile: bool = False) -> torch.Tensor:
     """Prefill the B prompts once (Hugging Face forward: vision tower + decoder), copy the
     prompt K/V G times into an fp32 cache preallocated for prompt + cap, then decode B·G rows."""
     lm, head, full = parts
@@ -413,13 +455,23 @@ def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor
     done = torch.zeros(N, dtype=torch.bool, device=attn.device)
     if suppress:  # the prefill's logits; the decoder's own carry the ban in the head bias
         logits[:, list(suppress)] = -math.inf
+    step = compiled_step() if compile else None
     for t in range(T):
         tok = _sample(logits, temperature, top_p, gen).masked_fill(done, pad)
         ids[:, t] = tok
         done |= tok == eos
         if t == T - 1 or bool(done.all()):
             break
-        logits = dec.step(tok, next_pos, rope, keys, values, P + t, None if bias is None else bias[..., : P + t + 1])
+        new = None
+        if step is not None:
+            try:  # a compile error surfaces at the first call, before the graph touches the cache
+                new = step(dec, tok, next_pos, rope, keys, values, torch.tensor([P + t], device=attn.device), bias)
+            except Exception as exc:  # noqa: BLE001
+                _compile_failed(exc)
+                step = None
+        if new is None:
+            new = dec.step(tok, next_pos, rope, keys, values, P + t, None if bias is None else bias[..., : P + t + 1])
+        logits = new
         next_pos = next_pos + 1
     return ids
 
@@ -613,7 +665,7 @@ class GRPOModule(L.LightningModule):
                                       temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                       eos_token_id=self.encoder.eos_token_id, pad_token_id=self.encoder.pad_token_id,
                                       suppress=self.suppress, generator=gen,
-                                      dtype=torch.bfloat16 if bf16 else torch.float32)
+                                      dtype=torch.bfloat16 if bf16 else torch.float32, compile=self.cfg.compile)
         G, lengths = self.cfg.group, roll.lengths.tolist()
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()

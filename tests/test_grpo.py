@@ -4,6 +4,7 @@ Hugging Face generation, the reference model, bad rewards, and real steps on a t
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
@@ -203,6 +204,26 @@ def test_fused_sampler_reproduces_hf_greedy_generation(tiny, task, encoder, pad:
     assert torch.equal(roll.ids[0::2], roll.ids[1::2])  # greedy: the G copies of a prompt agree
     bf16 = sample_completions(model, prompt, group=2, max_new_tokens=12, dtype=torch.bfloat16, **kw)
     assert bf16.ids.shape == roll.ids.shape
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_compiled_decoder_matches_the_eager_one(tiny, task, encoder, pad: bool) -> None:
+    """`compile = true`: the static-shape decoder under torch.compile writes the same greedy
+    tokens as the eager one (fp32), with and without left padding. Where torch.compile cannot
+    run, a RuntimeWarning says so and the eager decoder serves."""
+    from percepdsl_runtime.grpo import compiled_step
+
+    model = tiny.model.eval()
+    prompt = _prompts(task, encoder, pad)
+    kw = dict(group=2, max_new_tokens=12, temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id,
+              pad_token_id=encoder.pad_token_id, suppress=(tiny.model.config.image_token_id,))
+    eager = sample_completions(model, prompt, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = sample_completions(model, prompt, compile=True, **kw)
+    assert torch.equal(compiled.ids, eager.ids)
+    if compiled_step() is None:
+        assert any(issubclass(w.category, RuntimeWarning) and "torch.compile" in str(w.message) for w in caught)
 
 
 def test_sampled_rows_stop_at_eos_and_sampling_is_seeded(tiny, task, encoder) -> None:
