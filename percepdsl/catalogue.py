@@ -283,7 +283,7 @@ BUILTINS: tuple[Entry, ...] = (
            P("aggregation", "choice", "sequence", "loss aggregation: per-sequence mean (GRPO) or over all tokens (DAPO / Dr. GRPO)", choices=("sequence", "token")),
            P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss"),
            P("compile", "bool", False, "torch.compile the sampler's decoder: ≈1.5× faster decoding steps after a one-time "
-             "compile (≈10 s, cached on disk); pays off in long stages"),
+             "compile (5–10 s, cached on disk); pays off after a few hundred steps"),
            P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True))),
     Entry("eval", "block", "The three-way evaluation, run at the end of each stage and optionally every N steps.",
           (P("every", "int", None, "evaluate every N steps (none = at stage ends only)", min=1, nullable=True),

@@ -456,23 +456,26 @@ def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor
     if suppress:  # the prefill's logits; the decoder's own carry the ban in the head bias
         logits[:, list(suppress)] = -math.inf
     step = compiled_step() if compile else None
-    for t in range(T):
-        tok = _sample(logits, temperature, top_p, gen).masked_fill(done, pad)
-        ids[:, t] = tok
-        done |= tok == eos
-        if t == T - 1 or bool(done.all()):
-            break
-        new = None
-        if step is not None:
-            try:  # a compile error surfaces at the first call, before the graph touches the cache
-                new = step(dec, tok, next_pos, rope, keys, values, torch.tensor([P + t], device=attn.device), bias)
-            except Exception as exc:  # noqa: BLE001
-                _compile_failed(exc)
-                step = None
-        if new is None:
-            new = dec.step(tok, next_pos, rope, keys, values, P + t, None if bias is None else bias[..., : P + t + 1])
-        logits = new
-        next_pos = next_pos + 1
+    # The decoder sets its dtypes itself (weights in `dtype`, attention in fp32): a caller's
+    # autocast would re-cast every op, which made sampling 15% slower per token here.
+    with torch.autocast(attn.device.type, enabled=False):
+        for t in range(T):
+            tok = _sample(logits, temperature, top_p, gen).masked_fill(done, pad)
+            ids[:, t] = tok
+            done |= tok == eos
+            if t == T - 1 or bool(done.all()):
+                break
+            new = None
+            if step is not None:
+                try:  # a compile error surfaces at the first call, before the graph touches the cache
+                    new = step(dec, tok, next_pos, rope, keys, values, torch.tensor([P + t], device=attn.device), bias)
+                except Exception as exc:  # noqa: BLE001
+                    _compile_failed(exc)
+                    step = None
+            if new is None:
+                new = dec.step(tok, next_pos, rope, keys, values, P + t, None if bias is None else bias[..., : P + t + 1])
+            logits = new
+            next_pos = next_pos + 1
     return ids
 
 
