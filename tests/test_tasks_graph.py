@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +22,8 @@ from percepdsl_runtime.tasks.graph_coloring import (
     perception_text,
 )
 from percepdsl_runtime.tasks.render import NODE_COLORS, circle_positions
+
+from helpers import task_digest
 
 STYLES = ("brief", "trace", "verbose")
 FORMATS = ("edges", "adjacency")
@@ -147,27 +149,18 @@ def test_chromatic_number_equals_brute_force(case: tuple[int, set[tuple[int, int
     assert len(colors) == n and len(set(colors)) == k and all(colors[i] != colors[j] for i, j in g.edges)
 
 
-def _digest(task: GraphColoringTask, split: str, n: int) -> str:
-    h = hashlib.sha256()
-    for i in range(n):
-        s = task.sample(split, i)
-        h.update(s.response.encode())
-        h.update(s.image.tobytes())
-    return h.hexdigest()
-
-
 def test_determinism_within_and_across_processes() -> None:
     params = {"nodes": (5, 7), "layout": "random", "jitter": 0.5, "noise": 0.3, "distractors": 2}
-    here = {split: _digest(GraphColoringTask(params, seed=11), split, 15) for split in ("train", "test")}
+    here = {split: task_digest(GraphColoringTask(params, seed=11), split, 15) for split in ("train", "test")}
     again = GraphColoringTask(params, seed=11)
     # test items do not depend on the order they are asked for
     assert again.sample("test", 14).response == GraphColoringTask(params, seed=11).sample("test", 14).response
-    assert _digest(again, "train", 15) == here["train"]
-    assert _digest(GraphColoringTask(params, seed=12), "train", 15) != here["train"]
+    assert task_digest(again, "train", 15) == here["train"]
+    assert task_digest(GraphColoringTask(params, seed=12), "train", 15) != here["train"]
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from test_tasks_graph import _digest;"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from helpers import task_digest;"
         "from percepdsl_runtime.tasks.graph_coloring import GraphColoringTask as T;"
-        f"t = T({params!r}, seed=11); print(_digest(t, 'train', 15), _digest(t, 'test', 15))"
+        f"t = T({params!r}, seed=11); print(task_digest(t, 'train', 15), task_digest(t, 'test', 15))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [here["train"], here["test"]]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import numpy as np
@@ -23,6 +23,8 @@ from percepdsl_runtime.tasks.sudoku import (
     is_solution,
     random_grid,
 )
+
+from helpers import task_digest
 
 STYLES = ("brief", "trace", "verbose")
 
@@ -150,24 +152,15 @@ def test_perturbed_perception_lowers_partial_credit_and_reasoning_uses_it() -> N
         assert scores.outcome and not scores.reasoning  # the true answer contradicts the perceived given
 
 
-def _digest(task: SudokuTask, split: str, n: int) -> str:
-    h = hashlib.sha256()
-    for i in range(n):
-        s = task.sample(split, i)
-        h.update(s.response.encode())
-        h.update(s.image.tobytes())
-    return h.hexdigest()
-
-
 def test_determinism_within_and_across_processes() -> None:
     params = {"jitter": 0.5, "noise": 0.3}
-    here = [_digest(SudokuTask(params, seed=4), split, 10) for split in ("train", "test")]
-    assert _digest(SudokuTask(params, seed=4), "train", 10) == here[0]
-    assert _digest(SudokuTask(params, seed=5), "train", 10) != here[0]
+    here = [task_digest(SudokuTask(params, seed=4), split, 10) for split in ("train", "test")]
+    assert task_digest(SudokuTask(params, seed=4), "train", 10) == here[0]
+    assert task_digest(SudokuTask(params, seed=5), "train", 10) != here[0]
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from test_tasks_sudoku import _digest;"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from helpers import task_digest;"
         "from percepdsl_runtime.tasks.sudoku import SudokuTask as T;"
-        f"t = T({params!r}, seed=4); print(_digest(t, 'train', 10), _digest(t, 'test', 10))"
+        f"t = T({params!r}, seed=4); print(task_digest(t, 'train', 10), task_digest(t, 'test', 10))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == here
