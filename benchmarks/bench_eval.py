@@ -225,8 +225,10 @@ def report(args: argparse.Namespace, loaded: LoadedModel, samples: list[Any], en
         out_rows.append({"name": r.name, "items": r.items, "items_per_s": r.items_per_s, "speedup_wall": x_wall,
                          "items_per_cpu_s": r.items_per_cpu_s, "speedup_cpu": x_cpu,
                          "best": vars(b), "runs": [vars(x) for x in r.runs]})  # fmt: skip
-    print("items = test items (2 generations each) in evaluation rows, generations in fixed rows; x = speed-up vs "
-          "the first row of its regime (wall time, or own CPU time); other = cores busy with other processes")
+    print(
+        "items = test items (2 generations each) in evaluation rows, generations in fixed rows; x = speed-up vs "
+        "the first row of its regime (wall time, or own CPU time); other = cores busy with other processes"
+    )
     result = {"header": head, "args": vars(args), "rows": out_rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -19,6 +19,7 @@ Goal: isolated edits under 100 ms. This is a benchmark, not a test: nothing asse
 The server's own share is the difference between the first two rows; the rest is
 `check_file` (parse and check), which grows linearly with the spec.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,9 +70,14 @@ async def run(args) -> dict:
         check_file(spec, text=edits_of(text, i))
         check_ms.append((time.perf_counter() - t0) * 1000)
 
-    out: dict = {"lines": n_lines, "debounce_ms": args.debounce_ms if args.debounce_ms is not None else DEFAULT_DEBOUNCE_MS,
-                 "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                 "check_in_process": stats(check_ms)}
+    out: dict = {
+        "lines": n_lines,
+        "debounce_ms": args.debounce_ms if args.debounce_ms is not None else DEFAULT_DEBOUNCE_MS,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "check_in_process": stats(check_ms),
+    }
     async with LspSession(cwd=tmp, debounce_ms=args.debounce_ms) as s:
         uri = s.open(spec, text)
         await s.diagnostics(uri, version=1)
@@ -128,16 +134,20 @@ def main() -> None:
     res = asyncio.run(run(args))
     print(f"percep lsp latency — {res['lines']}-line spec, debounce {res['debounce_ms']} ms, Python {res['python']} ({res['machine']})")
     print(f"{'measure':42} {'n':>4} {'median':>9} {'p95':>9} {'max':>9}")
-    rows = [("check_file in process", res["check_in_process"]),
-            ("didChange → publishDiagnostics (isolated)", res["isolated_edit"])]
+    rows = [("check_file in process", res["check_in_process"]), ("didChange → publishDiagnostics (isolated)", res["isolated_edit"])]
     rows += [(f"  {k}", v) for k, v in res["isolated_edit_by_kind"].items()]
-    rows += [("burst: last keystroke → diagnostics", res["burst_last_keystroke"]),
-             ("hover round trip", res["hover"]), ("completion round trip", res["completion"])]
+    rows += [
+        ("burst: last keystroke → diagnostics", res["burst_last_keystroke"]),
+        ("hover round trip", res["hover"]),
+        ("completion round trip", res["completion"]),
+    ]
     for name, st in rows:
         print(f"{name:42} {st['n']:>4} {st['median_ms']:>7.1f}ms {st['p95_ms']:>7.1f}ms {st['max_ms']:>7.1f}ms")
     iso = res["isolated_edit"]
-    print(f"goal: isolated edit under 100 ms — median {iso['median_ms']:.0f} ms ({'met' if iso['median_ms'] < 100 else 'NOT met'}), "
-          f"p95 {iso['p95_ms']:.0f} ms ({'met' if iso['p95_ms'] < 100 else 'NOT met'})")
+    print(
+        f"goal: isolated edit under 100 ms — median {iso['median_ms']:.0f} ms ({'met' if iso['median_ms'] < 100 else 'NOT met'}), "
+        f"p95 {iso['p95_ms']:.0f} ms ({'met' if iso['p95_ms'] < 100 else 'NOT met'})"
+    )
     print(f"machine: {res['cpus']} CPUs, load average {res['load']:.2f} during the run (p95 and max move with load)")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -131,13 +131,13 @@ def _throughput(ends: list[tuple[float, float]], tokens: list[int], warmup: int)
     dt, dcpu = (ends[-1][i] - ends[warmup - 1][i] for i in (0, 1))
     n = len(ends) - warmup
     tok = sum(tokens[warmup : warmup + n])
-    return {"tokens_per_s": tok / dt, "tokens_per_cpu_s": tok / dcpu, "step_s": dt / n, "wall_s_span": dt,
-            "cpu_s_span": dcpu}
+    return {"tokens_per_s": tok / dt, "tokens_per_cpu_s": tok / dcpu, "step_s": dt / n, "wall_s_span": dt, "cpu_s_span": dcpu}
 
 
 # ---------------------------------------------------------------------------------- ours
-def bench_ours(loaded_dir: Path, task: Any, n_items: int, steps: int, warmup: int,
-               precision: str = "bf16-mixed", bucket: bool = True) -> dict[str, Any]:
+def bench_ours(
+    loaded_dir: Path, task: Any, n_items: int, steps: int, warmup: int, precision: str = "bf16-mixed", bucket: bool = True
+) -> dict[str, Any]:
     import lightning as L
 
     from percepdsl_runtime.encoding import Encoder
@@ -164,8 +164,9 @@ def bench_ours(loaded_dir: Path, task: Any, n_items: int, steps: int, warmup: in
 
     module = SFTModule(loaded, Objective({"kind": "token_mean"}, enc.role_names), {"lr": 1e-3})
     logger = L.pytorch.loggers.CSVLogger(str(loaded_dir / "lightning"), name="", version="log")
-    build_trainer(steps + warmup, precision=precision, accelerator="cpu", callbacks=[Clock()], logger=logger,
-                  log_every_n_steps=10).fit(module, datamodule=dm)
+    build_trainer(steps + warmup, precision=precision, accelerator="cpu", callbacks=[Clock()], logger=logger, log_every_n_steps=10).fit(
+        module, datamodule=dm
+    )
     res = _throughput(ends, tokens, warmup)
     res["model_tflops"] = sum(flops[warmup:]) / res["wall_s_span"] / 1e12
     res["model_tflops_cpu"] = sum(flops[warmup:]) / res["cpu_s_span"] / 1e12
@@ -200,15 +201,13 @@ def bench_ngdiff(model_dir: Path, dm: Any, enc: Any, steps: int, rounds: int = 2
                     self.t = time.process_time() if cpu_time else time.perf_counter()
 
                 def on_train_batch_end(self, *a: Any) -> None:
-                    times.append((time.process_time() if cpu_time else time.perf_counter()) - self.t)
+                    times.append((time.process_time() if cpu_time else time.perf_counter()) - self.t)  # noqa: B023 (the callback lives one iteration)
 
             module = SFTModule(load_hf(model_dir), Objective(spec, enc.role_names), {"lr": 1e-3})
-            build_trainer(len(batches), accelerator="cpu", callbacks=[Clock()], log_every_n_steps=10).fit(
-                module, train_dataloaders=loader)
+            build_trainer(len(batches), accelerator="cpu", callbacks=[Clock()], log_every_n_steps=10).fit(module, train_dataloaders=loader)
             med[name].append(statistics.median(times[3:]))
     plain, ng, lag = (min(med[k]) for k in specs)  # best round of each, as for throughput
-    return {"plain_step_s": plain, "ngdiff_step_s": ng, "ngdiff_ratio": ng / plain,
-            "ngdiff_lagged_ratio": lag / plain}
+    return {"plain_step_s": plain, "ngdiff_step_s": ng, "ngdiff_ratio": ng / plain, "ngdiff_lagged_ratio": lag / plain}
 
 
 class FlopCounter:
@@ -234,8 +233,9 @@ class FlopCounter:
         n_img = batch["pixel_values"].shape[0]
         n_target = int(batch["n_target"].sum())
         text = sum(6 * self.p_dec * n + 12 * self.t_layers * self.t_width * n * n / 2 for n in lengths)  # causal: T/2 avg
-        vision = n_img * (6 * self.p_vis * self.v_seq + 12 * self.v_layers * self.v_width * self.v_seq**2
-                          + 6 * self.p_proj * (self.v_seq - 1))
+        vision = n_img * (
+            6 * self.p_vis * self.v_seq + 12 * self.v_layers * self.v_width * self.v_seq**2 + 6 * self.p_proj * (self.v_seq - 1)
+        )
         return text + vision + 6 * self.p_head * n_target
 
 
@@ -272,9 +272,14 @@ def main() -> None:
     samples = [task.sample("train", i) for i in range(args.items)]
     n_target = [enc.encode_train(s.query, s.image, s.response)["n_target"] for s in samples]
 
-    res: dict[str, Any] = {"threads": torch.get_num_threads(), "params": n_params, "batch": BATCH,
-                           "peak_bf16_tflops": peak_bf16, "peak_fp32_tflops": peak_fp32,
-                           "mean_target_tokens": sum(n_target) / len(n_target)}
+    res: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "params": n_params,
+        "batch": BATCH,
+        "peak_bf16_tflops": peak_bf16,
+        "peak_fp32_tflops": peak_fp32,
+        "mean_target_tokens": sum(n_target) / len(n_target),
+    }
     # alternate the two sides (ABAB) and keep each side's best round: the machine is
     # shared, and a neighbour's burst should not decide the ratio
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "ours_random": [], "ours_fp32": [], "trl": []}
@@ -300,37 +305,58 @@ def main() -> None:
     res["wall_s"] = time.perf_counter() - start
     res["loadavg_1min"] = [load0, os.getloadavg()[0]]
 
-    print(f"threads {res['threads']}  tiny VLM {n_params / 1e6:.2f}M params  batch {BATCH}  "
-          f"mean target tokens/item {res['mean_target_tokens']:.0f}")
-    print(f"matmul peak: bf16 {peak_bf16:.2f} TFLOP/s, fp32 {peak_fp32:.2f} TFLOP/s (×{peak_bf16 / peak_fp32:.1f}; "
-          f"{'per CPU second' if single else 'wall clock'})")
+    print(
+        f"threads {res['threads']}  tiny VLM {n_params / 1e6:.2f}M params  batch {BATCH}  "
+        f"mean target tokens/item {res['mean_target_tokens']:.0f}"
+    )
+    print(
+        f"matmul peak: bf16 {peak_bf16:.2f} TFLOP/s, fp32 {peak_fp32:.2f} TFLOP/s (×{peak_bf16 / peak_fp32:.1f}; "
+        f"{'per CPU second' if single else 'wall clock'})"
+    )
     if "trl_tokens_per_s" in res:
-        print(f"TRL SFTTrainer (bf16, assistant-only): {res['trl_tokens_per_s']:8.0f} target tok/s  "
-              f"({res['trl_step_s'] * 1e3:.0f} ms/step; padding {res['trl_padding_fraction']:.1%})")
-    print(f"SFTModule + Lightning (bf16-mixed), batching = length: {res['ours_tokens_per_s']:8.0f} target tok/s  "
-          f"({res['ours_step_s'] * 1e3:.0f} ms/step; padding {res['ours_padding_fraction']:.1%}; "
-          f"encoded once in {res['ours_encode_s']:.1f} s)")
-    print(f"  the same, batching = random (default): {res['ours_random_tokens_per_s']:8.0f} target tok/s  "
-          f"({res['ours_random_step_s'] * 1e3:.0f} ms/step; padding {res['ours_random_padding_fraction']:.1%})")
-    print(f"  batching = length in fp32 (32-true):    {res['ours_fp32_tokens_per_s']:8.0f} target tok/s  "
-          f"→ bf16-mixed is {res['bf16_speedup']:.2f}x faster")
+        print(
+            f"TRL SFTTrainer (bf16, assistant-only): {res['trl_tokens_per_s']:8.0f} target tok/s  "
+            f"({res['trl_step_s'] * 1e3:.0f} ms/step; padding {res['trl_padding_fraction']:.1%})"
+        )
+    print(
+        f"SFTModule + Lightning (bf16-mixed), batching = length: {res['ours_tokens_per_s']:8.0f} target tok/s  "
+        f"({res['ours_step_s'] * 1e3:.0f} ms/step; padding {res['ours_padding_fraction']:.1%}; "
+        f"encoded once in {res['ours_encode_s']:.1f} s)"
+    )
+    print(
+        f"  the same, batching = random (default): {res['ours_random_tokens_per_s']:8.0f} target tok/s  "
+        f"({res['ours_random_step_s'] * 1e3:.0f} ms/step; padding {res['ours_random_padding_fraction']:.1%})"
+    )
+    print(
+        f"  batching = length in fp32 (32-true):    {res['ours_fp32_tokens_per_s']:8.0f} target tok/s  "
+        f"→ bf16-mixed is {res['bf16_speedup']:.2f}x faster"
+    )
     if "speedup_vs_trl" in res:
-        print(f"speed-up vs TRL: {res['speedup_vs_trl']:.2f}x by wall clock, {res['speedup_vs_trl_cpu']:.2f}x "
-              f"per CPU second ({res['ours_tokens_per_cpu_s']:.0f} vs {res['trl_tokens_per_cpu_s']:.0f})  (goal >= 1.3x)")
-        print(f"  with random batches: {res['speedup_random_vs_trl']:.2f}x by wall clock, "
-              f"{res['speedup_random_vs_trl_cpu']:.2f}x per CPU second")
-    print(f"MFU: {res['mfu']:.1%} of the measured bf16 peak "
-          f"({res['ours_model_tflops_cpu' if single else 'ours_model_tflops']:.3f} TFLOP/s of model FLOPs, "
-          f"{'per CPU second' if single else 'by wall clock'})")
-    print(f"NGDiff step / plain step: {res['ngdiff_ratio']:.2f}x  ({res['ngdiff_step_s'] * 1e3:.0f} vs "
-          f"{res['plain_step_s'] * 1e3:.0f} ms, median {'CPU' if res['threads'] == 1 else 'wall'} time per step, "
-          f"best round; goal <= 1.6x); "
-          f"with norms every 4 steps: {res['ngdiff_lagged_ratio']:.2f}x")
-    print(f"bench wall time {res['wall_s']:.0f} s; 1-min load average {load0:.1f} → {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+        print(
+            f"speed-up vs TRL: {res['speedup_vs_trl']:.2f}x by wall clock, {res['speedup_vs_trl_cpu']:.2f}x "
+            f"per CPU second ({res['ours_tokens_per_cpu_s']:.0f} vs {res['trl_tokens_per_cpu_s']:.0f})  (goal >= 1.3x)"
+        )
+        print(
+            f"  with random batches: {res['speedup_random_vs_trl']:.2f}x by wall clock, "
+            f"{res['speedup_random_vs_trl_cpu']:.2f}x per CPU second"
+        )
+    print(
+        f"MFU: {res['mfu']:.1%} of the measured bf16 peak "
+        f"({res['ours_model_tflops_cpu' if single else 'ours_model_tflops']:.3f} TFLOP/s of model FLOPs, "
+        f"{'per CPU second' if single else 'by wall clock'})"
+    )
+    print(
+        f"NGDiff step / plain step: {res['ngdiff_ratio']:.2f}x  ({res['ngdiff_step_s'] * 1e3:.0f} vs "
+        f"{res['plain_step_s'] * 1e3:.0f} ms, median {'CPU' if res['threads'] == 1 else 'wall'} time per step, "
+        f"best round; goal <= 1.6x); "
+        f"with norms every 4 steps: {res['ngdiff_lagged_ratio']:.2f}x"
+    )
+    print(f"bench wall time {res['wall_s']:.0f} s; 1-min load average {load0:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if max(res["loadavg_1min"]) > 1.0 and res["threads"] > 1:
-        print("note: other processes share the cores; multi-threaded kernels stall under contention — "
-              "rerun on an idle machine or with --threads 1")
+        print(
+            "note: other processes share the cores; multi-threaded kernels stall under contention — "
+            "rerun on an idle machine or with --threads 1"
+        )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

@@ -1,2 +1,3 @@
 """percepdsl: a spec language for perception/reasoning experiments in VLM post-training."""
+
 __version__ = "0.1.0"

@@ -14,15 +14,18 @@ Plugins add entries as *data*: a package declares an entry point in the group
 package is read without importing the package, so checking never executes plugin
 code. Only running a spec imports a plugin's `impl`.
 """
+
 from __future__ import annotations
 
 import importlib.util
-import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import tomllib
 
 KINDS = ("task", "model", "role_rule", "loss", "schedule", "reward", "metric", "block", "keyword")
 
@@ -31,7 +34,22 @@ KINDS = ("task", "model", "role_rule", "loss", "schedule", "reward", "metric", "
 #   choice (one of `choices`, written bare or quoted), value (number or schedule),
 #   loss, reward, metrics (list of metric names), roles (role names; variadic),
 #   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings)
-TYPES = ("int", "float", "bool", "str", "px", "int_range", "choice", "value", "loss", "reward", "metrics", "roles", "role_group", "str_list")
+TYPES = (
+    "int",
+    "float",
+    "bool",
+    "str",
+    "px",
+    "int_range",
+    "choice",
+    "value",
+    "loss",
+    "reward",
+    "metrics",
+    "roles",
+    "role_group",
+    "str_list",
+)
 
 
 @dataclass(frozen=True)
@@ -156,7 +174,13 @@ _SPLITS = (
     P("test", "int", 200, "held-out test instances (share no instance with train)", min=1, max=1_000_000),
 )
 _STYLE = (
-    P("reasoning", "choice", "trace", "chain-of-thought style: brief (≈ the answer), trace (solver steps), verbose (trace + every constraint checked)", choices=REASONING_STYLES),
+    P(
+        "reasoning",
+        "choice",
+        "trace",
+        "chain-of-thought style: brief (≈ the answer), trace (solver steps), verbose (trace + every constraint checked)",
+        choices=REASONING_STYLES,
+    ),
     P("image", "px", 64, "rendered image side", min=16, max=2048, unit="px"),
     P("jitter", "float", 0.0, "amount of style jitter (positions, colours, line width)", min=0, max=1),
     P("noise", "float", 0.0, "background noise level", min=0, max=1),
@@ -164,147 +188,348 @@ _STYLE = (
 
 BUILTINS: tuple[Entry, ...] = (
     # ---- tasks -------------------------------------------------------------------
-    Entry("graph_coloring", "task", "Colour a rendered graph with its chromatic number of colours; p* is its edge list.",
-          (P("nodes", "int_range", (5, 5), "node count, or an inclusive range", min=3, max=10),
-           P("edge_prob", "float", 0.5, "probability of each edge", min=0, max=1),
-           P("edges", "int", None, "fixed edge count instead of edge_prob", min=1, max=45, nullable=True),
-           P("layout", "choice", "circle", "node placement", choices=("circle", "random")),
-           P("perception_format", "choice", "edges", "p* as a sorted edge list (the paper's) or one y/n slot per node pair", choices=("edges", "adjacency")),
-           *_STYLE,
-           P("line_width", "px", 2, "edge width", min=1, max=16, unit="px"),
-           P("node_radius", "px", 5, "node dot radius", min=1, max=64, unit="px"),
-           P("distractors", "int", 0, "distractor marks drawn on the image", min=0, max=50),
-           *_SPLITS),
-          impl="percepdsl_runtime.tasks.graph_coloring:GraphColoringTask",
-          constraints=(
-              Constraint(("edge_prob", "edges"), lambda s: "`edge_prob = 0` gives graphs without edges" if s["edges"] is None and s["edge_prob"] == 0 else None,
-                         "raise edge_prob, or set a fixed edge count with `edges`"),
-              Constraint(("edges", "nodes"), lambda s: f"`edges = {s['edges']}` exceeds the {s['nodes'][0] * (s['nodes'][0] - 1) // 2} node pairs of a {s['nodes'][0]}-node graph"
-                         if s["edges"] is not None and s["edges"] > s["nodes"][0] * (s["nodes"][0] - 1) // 2 else None, "lower `edges` or raise `nodes`"),
-              Constraint(("node_radius", "image"), lambda s: f"`node_radius = {s['node_radius']}px` is more than 1/8 of the {s['image']}px image"
-                         if s["node_radius"] > s["image"] // 8 else None, "dots must leave room for edges between them"),
-          )),
-    Entry("sudoku", "task", "Solve a rendered, partially filled Sudoku with a unique solution; p* is the given grid.",
-          (P("size", "int", 4, "grid side (4 for small models, 9 for real ones)", choices=(4, 9)),
-           P("givens", "int", None, "given cells (difficulty); none = 8 for 4×4, 30 for 9×9", min=5, max=81, nullable=True),
-           *_STYLE, *_SPLITS),
-          impl="percepdsl_runtime.tasks.sudoku:SudokuTask",
-          constraints=(
-              Constraint(("givens", "size"), lambda s: f"a {s['size']}×{s['size']} sudoku takes {_MIN_GIVENS[s['size']]} to {s['size'] ** 2} givens, got {s['givens']}"
-                         if s["givens"] is not None and not _MIN_GIVENS[s["size"]] <= s["givens"] <= s["size"] ** 2 else None,
-                         "fewer givens than that rarely leave a unique solution"),
-              Constraint(("image", "size"), lambda s: f"a {s['size']}×{s['size']} grid needs an image of at least {4 * s['size']}px, got {s['image']}px"
-                         if s["image"] < 4 * s["size"] else None, "at least 4 px per cell; 144px or more keeps 9×9 digits legible"),
-          )),
+    Entry(
+        "graph_coloring",
+        "task",
+        "Colour a rendered graph with its chromatic number of colours; p* is its edge list.",
+        (
+            P("nodes", "int_range", (5, 5), "node count, or an inclusive range", min=3, max=10),
+            P("edge_prob", "float", 0.5, "probability of each edge", min=0, max=1),
+            P("edges", "int", None, "fixed edge count instead of edge_prob", min=1, max=45, nullable=True),
+            P("layout", "choice", "circle", "node placement", choices=("circle", "random")),
+            P(
+                "perception_format",
+                "choice",
+                "edges",
+                "p* as a sorted edge list (the paper's) or one y/n slot per node pair",
+                choices=("edges", "adjacency"),
+            ),
+            *_STYLE,
+            P("line_width", "px", 2, "edge width", min=1, max=16, unit="px"),
+            P("node_radius", "px", 5, "node dot radius", min=1, max=64, unit="px"),
+            P("distractors", "int", 0, "distractor marks drawn on the image", min=0, max=50),
+            *_SPLITS,
+        ),
+        impl="percepdsl_runtime.tasks.graph_coloring:GraphColoringTask",
+        constraints=(
+            Constraint(
+                ("edge_prob", "edges"),
+                lambda s: "`edge_prob = 0` gives graphs without edges" if s["edges"] is None and s["edge_prob"] == 0 else None,
+                "raise edge_prob, or set a fixed edge count with `edges`",
+            ),
+            Constraint(
+                ("edges", "nodes"),
+                lambda s: (
+                    f"`edges = {s['edges']}` exceeds the {s['nodes'][0] * (s['nodes'][0] - 1) // 2} node pairs of a {s['nodes'][0]}-node graph"
+                    if s["edges"] is not None and s["edges"] > s["nodes"][0] * (s["nodes"][0] - 1) // 2
+                    else None
+                ),
+                "lower `edges` or raise `nodes`",
+            ),
+            Constraint(
+                ("node_radius", "image"),
+                lambda s: (
+                    f"`node_radius = {s['node_radius']}px` is more than 1/8 of the {s['image']}px image"
+                    if s["node_radius"] > s["image"] // 8
+                    else None
+                ),
+                "dots must leave room for edges between them",
+            ),
+        ),
+    ),
+    Entry(
+        "sudoku",
+        "task",
+        "Solve a rendered, partially filled Sudoku with a unique solution; p* is the given grid.",
+        (
+            P("size", "int", 4, "grid side (4 for small models, 9 for real ones)", choices=(4, 9)),
+            P("givens", "int", None, "given cells (difficulty); none = 8 for 4×4, 30 for 9×9", min=5, max=81, nullable=True),
+            *_STYLE,
+            *_SPLITS,
+        ),
+        impl="percepdsl_runtime.tasks.sudoku:SudokuTask",
+        constraints=(
+            Constraint(
+                ("givens", "size"),
+                lambda s: (
+                    f"a {s['size']}×{s['size']} sudoku takes {_MIN_GIVENS[s['size']]} to {s['size'] ** 2} givens, got {s['givens']}"
+                    if s["givens"] is not None and not _MIN_GIVENS[s["size"]] <= s["givens"] <= s["size"] ** 2
+                    else None
+                ),
+                "fewer givens than that rarely leave a unique solution",
+            ),
+            Constraint(
+                ("image", "size"),
+                lambda s: (
+                    f"a {s['size']}×{s['size']} grid needs an image of at least {4 * s['size']}px, got {s['image']}px"
+                    if s["image"] < 4 * s["size"]
+                    else None
+                ),
+                "at least 4 px per cell; 144px or more keeps 9×9 digits legible",
+            ),
+        ),
+    ),
     # ---- models ------------------------------------------------------------------
-    Entry("tiny", "model", "Embedded LLaVA-style VLM built from a transformers config (random weights, word-level tokenizer from the task vocabulary).",
-          (P("width", "int", 256, "language model hidden size", min=16, max=8192),
-           P("depth", "int", 4, "language model layers", min=1, max=64),
-           P("heads", "int", 4, "attention heads", min=1, max=64),
-           P("vision_width", "int", 128, "vision tower hidden size", min=16, max=4096),
-           P("vision_depth", "int", 2, "vision tower layers", min=1, max=48),
-           P("patch", "px", 16, "vision patch size (image size must be a multiple)", min=2, max=64, unit="px")),
-          impl="percepdsl_runtime.models:build_tiny"),
-    Entry("hf", "model", 'A local Hugging Face image-text-to-text checkpoint: `model hf "/path" { lora { r = 16 } }`.',
-          (P("dtype", "choice", "float32", "weights dtype", choices=("float32", "bfloat16", "float16")),),
-          impl="percepdsl_runtime.models:load_hf"),
-    Entry("lora", "block", "PEFT LoRA adapters on an `hf` model.",
-          (P("r", "int", 16, "adapter rank", min=1, max=1024),
-           P("alpha", "float", 32, "scaling numerator (scale = alpha / r)", min=0),
-           P("dropout", "float", 0.05, "adapter dropout", min=0, max=1),
-           P("target_modules", "str_list", "all-linear", "modules to adapt, or \"all-linear\"")),
-          impl="peft:LoraConfig"),
+    Entry(
+        "tiny",
+        "model",
+        "Embedded LLaVA-style VLM built from a transformers config (random weights, word-level tokenizer from the task vocabulary).",
+        (
+            P("width", "int", 256, "language model hidden size", min=16, max=8192),
+            P("depth", "int", 4, "language model layers", min=1, max=64),
+            P("heads", "int", 4, "attention heads", min=1, max=64),
+            P("vision_width", "int", 128, "vision tower hidden size", min=16, max=4096),
+            P("vision_depth", "int", 2, "vision tower layers", min=1, max=48),
+            P("patch", "px", 16, "vision patch size (image size must be a multiple)", min=2, max=64, unit="px"),
+        ),
+        impl="percepdsl_runtime.models:build_tiny",
+    ),
+    Entry(
+        "hf",
+        "model",
+        'A local Hugging Face image-text-to-text checkpoint: `model hf "/path" { lora { r = 16 } }`.',
+        (P("dtype", "choice", "float32", "weights dtype", choices=("float32", "bfloat16", "float16")),),
+        impl="percepdsl_runtime.models:load_hf",
+    ),
+    Entry(
+        "lora",
+        "block",
+        "PEFT LoRA adapters on an `hf` model.",
+        (
+            P("r", "int", 16, "adapter rank", min=1, max=1024),
+            P("alpha", "float", 32, "scaling numerator (scale = alpha / r)", min=0),
+            P("dropout", "float", 0.05, "adapter dropout", min=0, max=1),
+            P("target_modules", "str_list", "all-linear", 'modules to adapt, or "all-linear"'),
+        ),
+        impl="peft:LoraConfig",
+    ),
     # ---- role rules ---------------------------------------------------------------
-    Entry("between", "role_rule", "Characters from an opening marker to its closing marker (markers included unless markers = false).",
-          (P("open", "str", None, "opening marker", required=True),
-           P("close", "str", None, "closing marker", required=True),
-           P("markers", "bool", True, "whether the marker text belongs to the role"))),
-    Entry("regex", "role_rule", "Characters matched by a regular expression (Python syntax).",
-          (P("pattern", "str", None, "the regular expression", required=True),)),
+    Entry(
+        "between",
+        "role_rule",
+        "Characters from an opening marker to its closing marker (markers included unless markers = false).",
+        (
+            P("open", "str", None, "opening marker", required=True),
+            P("close", "str", None, "closing marker", required=True),
+            P("markers", "bool", True, "whether the marker text belongs to the role"),
+        ),
+    ),
+    Entry(
+        "regex",
+        "role_rule",
+        "Characters matched by a regular expression (Python syntax).",
+        (P("pattern", "str", None, "the regular expression", required=True),),
+    ),
     Entry("rest", "role_rule", "Every target character no earlier rule claimed."),
     # ---- losses --------------------------------------------------------------------
     Entry("token_mean", "loss", "Cross-entropy averaged over all target tokens: the standard SFT loss (the baseline)."),
-    Entry("mean", "loss", "Cross-entropy averaged over the tokens of the given roles only; mix terms with weights: `lam * mean(perception) + (1 - lam) * mean(reasoning, answer)`.",
-          (P("roles", "roles", None, "roles whose tokens are averaged", variadic=True),)),
-    Entry("ngdiff", "loss", "NGDiff dynamic balancing: each group's gradient is normalised to unit norm, then summed (g = g_p/‖g_p‖ + g_r/‖g_r‖).",
-          (P("groups", "role_group", None, "role groups, e.g. `ngdiff(perception, [reasoning, answer])`", variadic=True),
-           P("auto_lr", "bool", False, "scale the step by the mean raw gradient norm (automatic learning rate)"))),
+    Entry(
+        "mean",
+        "loss",
+        "Cross-entropy averaged over the tokens of the given roles only; mix terms with weights: `lam * mean(perception) + (1 - lam) * mean(reasoning, answer)`.",
+        (P("roles", "roles", None, "roles whose tokens are averaged", variadic=True),),
+    ),
+    Entry(
+        "ngdiff",
+        "loss",
+        "NGDiff dynamic balancing: each group's gradient is normalised to unit norm, then summed (g = g_p/‖g_p‖ + g_r/‖g_r‖).",
+        (
+            P("groups", "role_group", None, "role groups, e.g. `ngdiff(perception, [reasoning, answer])`", variadic=True),
+            P("auto_lr", "bool", False, "scale the step by the mean raw gradient norm (automatic learning rate)"),
+        ),
+    ),
     # ---- schedules ------------------------------------------------------------------
-    Entry("constant", "schedule", "A constant value.", (P("value", "float", None, "the value", required=True), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
-    Entry("linear", "schedule", "Linear from start to end over the stage.",
-          (P("start", "float", None, "value at the first step", required=True), P("end", "float", None, "value at the last step", required=True), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
-    Entry("cosine", "schedule", "Cosine from start to end over the stage.",
-          (P("start", "float", None, "value at the first step", required=True), P("end", "float", 0.0, "value at the last step"), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
-    Entry("step", "schedule", "Start value, multiplied by factor every N steps.",
-          (P("start", "float", None, "initial value", required=True), P("factor", "float", 0.5, "multiplier", min=0), P("every", "int", 100, "steps between decays", min=1), P("warmup", "int", 0, "linear warmup steps from 0", min=0))),
-    Entry("warmup", "schedule", "Linear ramp from 0 to value over the first steps, then constant.",
-          (P("value", "float", None, "the value after warmup", required=True), P("steps", "int", None, "warmup steps", required=True, min=1))),
+    Entry(
+        "constant",
+        "schedule",
+        "A constant value.",
+        (P("value", "float", None, "the value", required=True), P("warmup", "int", 0, "linear warmup steps from 0", min=0)),
+    ),
+    Entry(
+        "linear",
+        "schedule",
+        "Linear from start to end over the stage.",
+        (
+            P("start", "float", None, "value at the first step", required=True),
+            P("end", "float", None, "value at the last step", required=True),
+            P("warmup", "int", 0, "linear warmup steps from 0", min=0),
+        ),
+    ),
+    Entry(
+        "cosine",
+        "schedule",
+        "Cosine from start to end over the stage.",
+        (
+            P("start", "float", None, "value at the first step", required=True),
+            P("end", "float", 0.0, "value at the last step"),
+            P("warmup", "int", 0, "linear warmup steps from 0", min=0),
+        ),
+    ),
+    Entry(
+        "step",
+        "schedule",
+        "Start value, multiplied by factor every N steps.",
+        (
+            P("start", "float", None, "initial value", required=True),
+            P("factor", "float", 0.5, "multiplier", min=0),
+            P("every", "int", 100, "steps between decays", min=1),
+            P("warmup", "int", 0, "linear warmup steps from 0", min=0),
+        ),
+    ),
+    Entry(
+        "warmup",
+        "schedule",
+        "Linear ramp from 0 to value over the first steps, then constant.",
+        (P("value", "float", None, "the value after warmup", required=True), P("steps", "int", None, "warmup steps", required=True, min=1)),
+    ),
     # ---- reward terms ---------------------------------------------------------------
-    Entry("outcome", "reward", "1 if the answer is correct for the true instance (needs ground truth).", impl="percepdsl_runtime.rewards:outcome"),
-    Entry("perception_match", "reward", "1 if the perception section equals p* exactly (needs perception labels).", impl="percepdsl_runtime.rewards:perception_match"),
-    Entry("perception_partial", "reward", "Partial perception credit: edge F1 (graph colouring) or cell accuracy (sudoku).", impl="percepdsl_runtime.rewards:perception_partial"),
-    Entry("format", "reward", "1 if the output has the perception, reasoning and answer sections once, in order.", impl="percepdsl_runtime.rewards:format_ok"),
-    Entry("self_consistency", "reward", "Surrogate (no p*): agreement of a rollout's perception with the majority perception of its group.", impl="percepdsl_runtime.rewards:self_consistency"),
-    Entry("perceived_consistency", "reward", "Surrogate (no p*): 1 if the answer is a correct solution of the instance the rollout perceived (its perception is well-formed and its answer follows from it).", impl="percepdsl_runtime.rewards:perceived_consistency"),
-    Entry("gate", "reward", "`gate(value, by)`: value where the gate term is 1, else 0 — e.g. outcome only if the format is valid.",
-          (P("value", "reward", None, "the gated reward", required=True), P("by", "reward", None, "the gate (a 0/1 term)", required=True))),
+    Entry(
+        "outcome",
+        "reward",
+        "1 if the answer is correct for the true instance (needs ground truth).",
+        impl="percepdsl_runtime.rewards:outcome",
+    ),
+    Entry(
+        "perception_match",
+        "reward",
+        "1 if the perception section equals p* exactly (needs perception labels).",
+        impl="percepdsl_runtime.rewards:perception_match",
+    ),
+    Entry(
+        "perception_partial",
+        "reward",
+        "Partial perception credit: edge F1 (graph colouring) or cell accuracy (sudoku).",
+        impl="percepdsl_runtime.rewards:perception_partial",
+    ),
+    Entry(
+        "format",
+        "reward",
+        "1 if the output has the perception, reasoning and answer sections once, in order.",
+        impl="percepdsl_runtime.rewards:format_ok",
+    ),
+    Entry(
+        "self_consistency",
+        "reward",
+        "Surrogate (no p*): agreement of a rollout's perception with the majority perception of its group.",
+        impl="percepdsl_runtime.rewards:self_consistency",
+    ),
+    Entry(
+        "perceived_consistency",
+        "reward",
+        "Surrogate (no p*): 1 if the answer is a correct solution of the instance the rollout perceived (its perception is well-formed and its answer follows from it).",
+        impl="percepdsl_runtime.rewards:perceived_consistency",
+    ),
+    Entry(
+        "gate",
+        "reward",
+        "`gate(value, by)`: value where the gate term is 1, else 0 — e.g. outcome only if the format is valid.",
+        (P("value", "reward", None, "the gated reward", required=True), P("by", "reward", None, "the gate (a 0/1 term)", required=True)),
+    ),
     # ---- metrics --------------------------------------------------------------------
     Entry("end_to_end", "metric", "a: the model sees image + question and writes everything; the answer is verified."),
     Entry("perception", "metric", "a_p: the perception section equals p* exactly."),
     Entry("perception_partial", "metric", "Partial perception credit (edge F1 / cell accuracy)."),
-    Entry("reasoning", "metric", "a_r: counterfactual reasoning — oracle p* placed as the perception section, the model continues; the answer is verified."),
+    Entry(
+        "reasoning",
+        "metric",
+        "a_r: counterfactual reasoning — oracle p* placed as the perception section, the model continues; the answer is verified.",
+    ),
     Entry("format_ok", "metric", "Fraction of outputs with well-formed sections."),
     # ---- blocks ---------------------------------------------------------------------
-    Entry("sft", "block", "Supervised fine-tuning stage on the task's chain-of-thought targets.",
-          (P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
-           P("lr", "value", 1e-3, "learning rate: a number or a schedule such as `cosine(1e-3, 0, warmup = 50)`", min=0, max=1),
-           P("batch", "int", 8, "sequences per optimizer step (before accumulation)", min=1, max=4096),
-           P("loss", "loss", "token_mean", "training loss; default `token_mean()`"),
-           P("weight_decay", "float", 0.0, "AdamW weight decay", min=0, max=1),
-           P("batching", "choice", "random", "batch composition: `random`, or `length` (items of similar length together: "
-             "less padding, but batches of look-alike items, which kept the tiny model from learning perception on graph colouring)",
-             choices=("random", "length")),
-           P("max_length", "int", None, "truncate sequences to this many tokens", min=8, nullable=True),
-           P("eval_every", "int", None, "evaluate every N steps in this stage (overrides eval.every)", min=1, nullable=True))),
-    Entry("grpo", "block", "GRPO reinforcement-learning stage with group-normalised advantages.",
-          (P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
-           P("lr", "value", 1e-4, "learning rate (number or schedule)", min=0, max=1),
-           P("batch", "int", 2, "prompts per step", min=1, max=4096),
-           P("group", "int", 8, "samples per prompt (G)", min=2, max=1024),
-           P("reward", "reward", None, "reward expression, e.g. `0.3 * perception_match + 0.7 * outcome`", required=True),
-           P("temperature", "float", 1.0, "sampling temperature", min=0.01, max=10),
-           P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
-           P("max_new_tokens", "int", 128, "generation cap", min=1, max=32768),
-           P("kl", "float", 0.0, "β of the KL penalty to a frozen reference (0 loads no reference)", min=0, max=10),
-           P("clip", "float", 0.2, "ε of the clipped importance ratio", min=0, max=1),
-           P("clip_high", "float", None, "ε_high for asymmetric clipping (none = clip)", min=0, max=1, nullable=True),
-           P("updates", "int", 1, "optimizer updates per generated batch", min=1, max=64),
-           P("scale", "choice", "group", "advantage scaling", choices=("group", "batch", "none")),
-           P("aggregation", "choice", "sequence", "loss aggregation: per-sequence mean (GRPO) or over all tokens (DAPO / Dr. GRPO)", choices=("sequence", "token")),
-           P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss"),
-           P("compile", "bool", False, "torch.compile the sampler's decoder: ≈1.5× faster decoding steps after a one-time "
-             "compile (5–10 s, cached on disk); pays off after a few hundred steps"),
-           P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True))),
-    Entry("eval", "block", "The three-way evaluation, run at the end of each stage and optionally every N steps.",
-          (P("every", "int", None, "evaluate every N steps (none = at stage ends only)", min=1, nullable=True),
-           P("metrics", "metrics", ("end_to_end", "perception", "reasoning"), "metrics to report"),
-           P("test", "int", None, "test items to evaluate (none = the whole test split)", min=1, nullable=True),
-           P("max_new_tokens", "int", None, "generation cap (none = 1.3 × reference length + 20)", min=1, nullable=True),
-           P("temperature", "float", 0.0, "0 = greedy", min=0, max=10),
-           P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
-           P("batch", "int", 50, "generation batch size", min=1, max=4096))),
-    Entry("trainer", "block", "Lightning trainer settings.",
-          (P("precision", "choice", "bf16-mixed", "numeric precision", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true")),
-           P("accelerator", "choice", "auto", "device type", choices=("auto", "cpu", "gpu", "cuda", "mps")),
-           P("devices", "int", 1, "devices per node", min=1, max=1024),
-           P("strategy", "choice", "auto", "distribution strategy", choices=("auto", "ddp", "fsdp", "deepspeed")),
-           P("accumulate", "int", 1, "gradient accumulation steps", min=1, max=1024),
-           P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
-           P("log_every", "int", 10, "steps between metric rows", min=1),
-           P("threads", "int", None, "torch CPU threads (none = all cores)", min=1, nullable=True))),
+    Entry(
+        "sft",
+        "block",
+        "Supervised fine-tuning stage on the task's chain-of-thought targets.",
+        (
+            P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
+            P("lr", "value", 1e-3, "learning rate: a number or a schedule such as `cosine(1e-3, 0, warmup = 50)`", min=0, max=1),
+            P("batch", "int", 8, "sequences per optimizer step (before accumulation)", min=1, max=4096),
+            P("loss", "loss", "token_mean", "training loss; default `token_mean()`"),
+            P("weight_decay", "float", 0.0, "AdamW weight decay", min=0, max=1),
+            P(
+                "batching",
+                "choice",
+                "random",
+                "batch composition: `random`, or `length` (items of similar length together: "
+                "less padding, but batches of look-alike items, which kept the tiny model from learning perception on graph colouring)",
+                choices=("random", "length"),
+            ),
+            P("max_length", "int", None, "truncate sequences to this many tokens", min=8, nullable=True),
+            P("eval_every", "int", None, "evaluate every N steps in this stage (overrides eval.every)", min=1, nullable=True),
+        ),
+    ),
+    Entry(
+        "grpo",
+        "block",
+        "GRPO reinforcement-learning stage with group-normalised advantages.",
+        (
+            P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
+            P("lr", "value", 1e-4, "learning rate (number or schedule)", min=0, max=1),
+            P("batch", "int", 2, "prompts per step", min=1, max=4096),
+            P("group", "int", 8, "samples per prompt (G)", min=2, max=1024),
+            P("reward", "reward", None, "reward expression, e.g. `0.3 * perception_match + 0.7 * outcome`", required=True),
+            P("temperature", "float", 1.0, "sampling temperature", min=0.01, max=10),
+            P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
+            P("max_new_tokens", "int", 128, "generation cap", min=1, max=32768),
+            P("kl", "float", 0.0, "β of the KL penalty to a frozen reference (0 loads no reference)", min=0, max=10),
+            P("clip", "float", 0.2, "ε of the clipped importance ratio", min=0, max=1),
+            P("clip_high", "float", None, "ε_high for asymmetric clipping (none = clip)", min=0, max=1, nullable=True),
+            P("updates", "int", 1, "optimizer updates per generated batch", min=1, max=64),
+            P("scale", "choice", "group", "advantage scaling", choices=("group", "batch", "none")),
+            P(
+                "aggregation",
+                "choice",
+                "sequence",
+                "loss aggregation: per-sequence mean (GRPO) or over all tokens (DAPO / Dr. GRPO)",
+                choices=("sequence", "token"),
+            ),
+            P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss"),
+            P(
+                "compile",
+                "bool",
+                False,
+                "torch.compile the sampler's decoder: ≈1.5× faster decoding steps after a one-time "
+                "compile (5–10 s, cached on disk); pays off after a few hundred steps",
+            ),
+            P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True),
+        ),
+    ),
+    Entry(
+        "eval",
+        "block",
+        "The three-way evaluation, run at the end of each stage and optionally every N steps.",
+        (
+            P("every", "int", None, "evaluate every N steps (none = at stage ends only)", min=1, nullable=True),
+            P("metrics", "metrics", ("end_to_end", "perception", "reasoning"), "metrics to report"),
+            P("test", "int", None, "test items to evaluate (none = the whole test split)", min=1, nullable=True),
+            P("max_new_tokens", "int", None, "generation cap (none = 1.3 × reference length + 20)", min=1, nullable=True),
+            P("temperature", "float", 0.0, "0 = greedy", min=0, max=10),
+            P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
+            P("batch", "int", 50, "generation batch size", min=1, max=4096),
+        ),
+    ),
+    Entry(
+        "trainer",
+        "block",
+        "Lightning trainer settings.",
+        (
+            P("precision", "choice", "bf16-mixed", "numeric precision", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true")),
+            P("accelerator", "choice", "auto", "device type", choices=("auto", "cpu", "gpu", "cuda", "mps")),
+            P("devices", "int", 1, "devices per node", min=1, max=1024),
+            P("strategy", "choice", "auto", "distribution strategy", choices=("auto", "ddp", "fsdp", "deepspeed")),
+            P("accumulate", "int", 1, "gradient accumulation steps", min=1, max=1024),
+            P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
+            P("log_every", "int", 10, "steps between metric rows", min=1),
+            P("threads", "int", None, "torch CPU threads (none = all cores)", min=1, nullable=True),
+        ),
+    ),
     # ---- keywords (hover / completion) ---------------------------------------------
     Entry("experiment", "keyword", "`experiment NAME` — names the experiment; run directories are `NAME-HASH`."),
-    Entry("param", "keyword", "`param NAME: TYPE = DEFAULT` — a template parameter (int, float, bool, str), overridable with `--set NAME=VALUE` or a grid axis."),
+    Entry(
+        "param",
+        "keyword",
+        "`param NAME: TYPE = DEFAULT` — a template parameter (int, float, bool, str), overridable with `--set NAME=VALUE` or a grid axis.",
+    ),
     Entry("seed", "keyword", "`seed N` — the seed for data generation, initialisation and data order."),
     Entry("include", "keyword", '`include "file.pd"` — splice in the statements of a shared fragment.'),
     Entry("task", "keyword", "`task NAME { ... }` — the synthetic task and its settings."),
@@ -360,9 +585,17 @@ class Catalogue:
 def _entry_from_toml(data: dict, source: str) -> Entry:
     params = tuple(
         ParamSpec(
-            name=p["name"], type=p["type"], default=p.get("default"), doc=p.get("doc", ""),
-            min=p.get("min"), max=p.get("max"), choices=tuple(p.get("choices", ())), unit=p.get("unit"),
-            required=p.get("required", False), nullable=p.get("nullable", False), variadic=p.get("variadic", False),
+            name=p["name"],
+            type=p["type"],
+            default=p.get("default"),
+            doc=p.get("doc", ""),
+            min=p.get("min"),
+            max=p.get("max"),
+            choices=tuple(p.get("choices", ())),
+            unit=p.get("unit"),
+            required=p.get("required", False),
+            nullable=p.get("nullable", False),
+            variadic=p.get("variadic", False),
         )
         for p in data.get("params", [])
     )

@@ -5,6 +5,7 @@ typed values (numbers, schedules, losses, rewards, role rules), folds params int
 constants, and builds the IR only when no error was found. It keeps going after an
 error: a value that failed becomes `None` and is not complained about twice.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,19 @@ from . import nodes as A
 from .catalogue import Catalogue, Entry, ParamSpec, default_catalogue
 from .diagnostics import Diagnostic, Related, Severity, Span, did_you_mean, relpath
 from .ir import (
-    EvalIR, ExperimentIR, GridIR, LoraIR, LossIR, LossTermIR, ModelIR, RewardIR,
-    RoleRuleIR, ScheduleIR, StageIR, TaskIR, TrainerIR,
+    EvalIR,
+    ExperimentIR,
+    GridIR,
+    LoraIR,
+    LossIR,
+    LossTermIR,
+    ModelIR,
+    RewardIR,
+    RoleRuleIR,
+    ScheduleIR,
+    StageIR,
+    TaskIR,
+    TrainerIR,
 )
 from .parse import decode, parse_expr, parse_text
 
@@ -93,14 +105,31 @@ def _splice(loaded: Loaded, tree: A.File, name: str, base: Path, stack: list[Pat
             continue
         target = (base / stmt.path.value).resolve()
         if target in stack:
-            chain = " → ".join(relpath(p) for p in stack[stack.index(target):] + [target])
-            diags.append(Diagnostic(name, stmt.path.span, Severity.ERROR, "include-cycle", f"include cycle: {chain}", "move the shared statements into a fragment that includes nothing"))
+            chain = " → ".join(relpath(p) for p in stack[stack.index(target) :] + [target])
+            diags.append(
+                Diagnostic(
+                    name,
+                    stmt.path.span,
+                    Severity.ERROR,
+                    "include-cycle",
+                    f"include cycle: {chain}",
+                    "move the shared statements into a fragment that includes nothing",
+                )
+            )
             continue
         if not target.is_file():
             near = [p.name for p in target.parent.glob("*.pd")] if target.parent.is_dir() else []
             guess = did_you_mean(target.name, near)
-            diags.append(Diagnostic(name, stmt.path.span, Severity.ERROR, "missing-include", f"included file `{stmt.path.value}` does not exist",
-                                    f"did you mean `{guess}`?" if guess else f"the path is relative to {relpath(base) or '.'}/"))
+            diags.append(
+                Diagnostic(
+                    name,
+                    stmt.path.span,
+                    Severity.ERROR,
+                    "missing-include",
+                    f"included file `{stmt.path.value}` does not exist",
+                    f"did you mean `{guess}`?" if guess else f"the path is relative to {relpath(base) or '.'}/",
+                )
+            )
             continue
         text, d = read_source(target)
         diags += d
@@ -133,9 +162,18 @@ class V:
 
     def describe(self) -> str:
         return {
-            "num": f"the number {_show(self.value)}", "str": f'the string "{self.value}"', "bool": f"`{str(self.value).lower()}`",
-            "none": "`none`", "dim": f"the size `{_show(self.value[0])}{self.value[1]}`" if self.kind == "dim" else "", "range": "a range", "list": "a list", "sym": f"the name `{self.value}`",
-            "sched": "a schedule", "loss": "a loss", "reward": "a reward", "rule": "a role rule",
+            "num": f"the number {_show(self.value)}",
+            "str": f'the string "{self.value}"',
+            "bool": f"`{str(self.value).lower()}`",
+            "none": "`none`",
+            "dim": f"the size `{_show(self.value[0])}{self.value[1]}`" if self.kind == "dim" else "",
+            "range": "a range",
+            "list": "a list",
+            "sym": f"the name `{self.value}`",
+            "sched": "a schedule",
+            "loss": "a loss",
+            "reward": "a reward",
+            "rule": "a role rule",
         }[self.kind]
 
 
@@ -173,8 +211,14 @@ class Result:
 
 
 class Checker:
-    def __init__(self, loaded: Loaded, catalogue: Catalogue, overrides: dict[str, str] | None = None, override_origin: str = "--set",
-                 fragment_ok: bool = True):
+    def __init__(
+        self,
+        loaded: Loaded,
+        catalogue: Catalogue,
+        overrides: dict[str, str] | None = None,
+        override_origin: str = "--set",
+        fragment_ok: bool = True,
+    ):
         self.fragment_ok = fragment_ok
         self.loaded = loaded
         self.cat = catalogue
@@ -213,8 +257,14 @@ class Checker:
             self.file = file
             if not isinstance(stmt, allowed):
                 kw = _keyword(stmt)
-                self.error(stmt.span, "misplaced-statement", f"`{kw}` does not belong in {what}",
-                           "grid files hold grid, template, axis, zip, seeds, where, report and fix" if what == "a grid file" else "this statement belongs in a grid file")
+                self.error(
+                    stmt.span,
+                    "misplaced-statement",
+                    f"`{kw}` does not belong in {what}",
+                    "grid files hold grid, template, axis, zip, seeds, where, report and fix"
+                    if what == "a grid file"
+                    else "this statement belongs in a grid file",
+                )
                 continue
             groups.setdefault(type(stmt), []).append((file, stmt))
         for cls in singles:
@@ -222,8 +272,13 @@ class Checker:
             for file, stmt in entries[1:]:
                 self.file = file
                 first_file, first = entries[0]
-                self.error(stmt.span, "duplicate", f"`{_keyword(stmt)}` appears more than once", "keep one",
-                           [self._related(first_file, first.span, "first defined here")])
+                self.error(
+                    stmt.span,
+                    "duplicate",
+                    f"`{_keyword(stmt)}` appears more than once",
+                    "keep one",
+                    [self._related(first_file, first.span, "first defined here")],
+                )
         return groups
 
     # ================================================================ experiment specs
@@ -236,7 +291,9 @@ class Checker:
         # checked as far as it stands alone, and not required to be a whole experiment.
         self.fragment = not exp and not self.loaded.is_root_only and self.fragment_ok
         if not exp and not self.fragment:
-            self.error(Span.point(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`")
+            self.error(
+                Span.point(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`"
+            )
         elif exp:
             self._symbol("experiment", exp[0][1].name.id, exp[0][1].name.span)
         self._declare_params(g.get(A.Param, []))
@@ -263,10 +320,16 @@ class Checker:
         if not any(r.kind == "rest" for r in roles):
             role_names.append(IMPLICIT_ROLE)
         return ExperimentIR(
-            name=exp[0][1].name.id, seed=seed,
+            name=exp[0][1].name.id,
+            seed=seed,
             params={n: p.value for n, p in self.params.items()},
-            task=task, model=model, roles=roles, role_names=list(dict.fromkeys(role_names)),
-            stages=stages, eval=EvalIR(**ev), trainer=TrainerIR(**tr),
+            task=task,
+            model=model,
+            roles=roles,
+            role_names=list(dict.fromkeys(role_names)),
+            stages=stages,
+            eval=EvalIR(**ev),
+            trainer=TrainerIR(**tr),
         )
 
     # -- params
@@ -276,14 +339,23 @@ class Checker:
             name = p.name.id
             if name in self.params:
                 prev = self.params[name]
-                self.error(p.name.span, "duplicate", f"param `{name}` is declared twice", "remove one declaration",
-                           [self._related(prev.file, prev.decl.name.span, "first declared here")])
+                self.error(
+                    p.name.span,
+                    "duplicate",
+                    f"param `{name}` is declared twice",
+                    "remove one declaration",
+                    [self._related(prev.file, prev.decl.name.span, "first declared here")],
+                )
                 continue
             ptype = p.type.id
             if ptype not in PARAM_TYPES:
                 guess = did_you_mean(ptype, PARAM_TYPES)
-                self.error(p.type.span, "unknown-type", f"unknown param type `{ptype}`",
-                           f"did you mean `{guess}`?" if guess else "param types are int, float, bool and str")
+                self.error(
+                    p.type.span,
+                    "unknown-type",
+                    f"unknown param type `{ptype}`",
+                    f"did you mean `{guess}`?" if guess else "param types are int, float, bool and str",
+                )
                 ptype = None
             value = None
             if p.default is not None and ptype is not None:
@@ -298,13 +370,22 @@ class Checker:
             self.file = SET_FILE
             if name not in self.params:
                 guess = did_you_mean(name, self.params)
-                self.error(Span.point(), "unknown-param", f"`--set {name}=...` names no param of this spec",
-                           f"did you mean `{guess}`?" if guess else f"declared params: {', '.join(self.params) or 'none'}")
+                self.error(
+                    Span.point(),
+                    "unknown-param",
+                    f"`--set {name}=...` names no param of this spec",
+                    f"did you mean `{guess}`?" if guess else f"declared params: {', '.join(self.params) or 'none'}",
+                )
                 continue
             info = self.params[name]
             expr, d = parse_expr(text)
             if expr is None:
-                self.error(Span.point(), "bad-override", f"cannot parse the value of `--set {name}={text}`", "values are literals: 0.5, 3, true, \"text\"")
+                self.error(
+                    Span.point(),
+                    "bad-override",
+                    f"cannot parse the value of `--set {name}={text}`",
+                    'values are literals: 0.5, 3, true, "text"',
+                )
                 continue
             if isinstance(expr, A.Name) and info.type == "str":
                 value = expr.id  # bare words are strings for str params: --set task=sudoku
@@ -317,13 +398,19 @@ class Checker:
             if info.value is None and info.type is not None and not any(d.is_error and d.span == info.decl.type.span for d in self.diags):
                 if info.decl.default is None:
                     self.file = info.file
-                    self.error(info.decl.name.span, "unset-param", f"param `{name}` has no default and is not set",
-                               f"give it a default (`param {name}: {info.type} = ...`) or pass `--set {name}=...`")
+                    self.error(
+                        info.decl.name.span,
+                        "unset-param",
+                        f"param `{name}` has no default and is not set",
+                        f"give it a default (`param {name}: {info.type} = ...`) or pass `--set {name}=...`",
+                    )
 
     def _override_seed(self, seed: int) -> int:
         self.file = SET_FILE
         expr, _ = parse_expr(self.overrides["seed"])
-        value = self._coerce_value(expr, ParamSpec("seed", "int", min=0, max=2**31 - 1), "`--set seed`", literal_only=True) if expr else None
+        value = (
+            self._coerce_value(expr, ParamSpec("seed", "int", min=0, max=2**31 - 1), "`--set seed`", literal_only=True) if expr else None
+        )
         if expr is None:
             self.error(Span.point(), "bad-override", f"cannot parse `--set seed={self.overrides['seed']}`", "seeds are integers")
         self.file = self.loaded.name
@@ -335,7 +422,9 @@ class Checker:
         for name, info in self.params.items():
             if not info.used and info.value is not None:  # a param with an error was reported already
                 self.file = info.file
-                self.warning(info.decl.name.span, "unused-param", f"param `{name}` is declared but never used", "use it in a setting or remove it")
+                self.warning(
+                    info.decl.name.span, "unused-param", f"param `{name}` is declared but never used", "use it in a setting or remove it"
+                )
 
     # -- roles
     def _check_roles(self, decls) -> list[RoleRuleIR]:
@@ -348,12 +437,18 @@ class Checker:
         rest_at: Span | None = None
         for entry in stmt.block.entries:
             if isinstance(entry, A.SubBlock):
-                self.error(entry.key.span, "type", f"role `{entry.key.id}` needs a rule such as `between(\"<a>\", \"</a>\")`, not a block")
+                self.error(entry.key.span, "type", f'role `{entry.key.id}` needs a rule such as `between("<a>", "</a>")`, not a block')
                 continue
             role = entry.key.id
             if role in self.roles:
                 f, sp = self.roles[role]
-                self.error(entry.key.span, "duplicate", f"role `{role}` is declared twice", "give each role one rule", [self._related(f, sp, "first declared here")])
+                self.error(
+                    entry.key.span,
+                    "duplicate",
+                    f"role `{role}` is declared twice",
+                    "give each role one rule",
+                    [self._related(f, sp, "first declared here")],
+                )
                 continue
             self.roles[role] = (self.file, entry.key.span)
             self._symbol("role", role, entry.key.span)
@@ -361,19 +456,33 @@ class Checker:
             if v is None:
                 continue
             if v.kind != "rule":
-                self.error(entry.value.span, "type", f"role `{role}` needs a rule (between, regex or rest), got {v.describe()}",
-                           'e.g. `perception = between("<perception>", "</perception>")`')
+                self.error(
+                    entry.value.span,
+                    "type",
+                    f"role `{role}` needs a rule (between, regex or rest), got {v.describe()}",
+                    'e.g. `perception = between("<perception>", "</perception>")`',
+                )
                 continue
             if v.value["kind"] == "rest":
                 if rest_at is not None:
-                    self.error(entry.value.span, "duplicate", "only one role can take `rest()`", "the other characters can go to one role only",
-                               [self._related(self.file, rest_at, "`rest()` first used here")])
+                    self.error(
+                        entry.value.span,
+                        "duplicate",
+                        "only one role can take `rest()`",
+                        "the other characters can go to one role only",
+                        [self._related(self.file, rest_at, "`rest()` first used here")],
+                    )
                     continue
                 rest_at = entry.value.span
             rules.append(RoleRuleIR(role=role, **v.value))
         self.has_rest = rest_at is not None
         if not rules and stmt.block.entries == ():
-            self.error(stmt.span, "missing-block", "the roles block declares no role", 'e.g. `perception = between("<perception>", "</perception>")`')
+            self.error(
+                stmt.span,
+                "missing-block",
+                "the roles block declares no role",
+                'e.g. `perception = between("<perception>", "</perception>")`',
+            )
         return rules
 
     # -- task and model
@@ -386,8 +495,13 @@ class Checker:
             return None
         for file, extra in decls[1:]:
             self.file = file
-            self.error(extra.span, "duplicate", "an experiment has one task", "split the tasks into two experiments (or a grid)",
-                       [self._related(decls[0][0], decls[0][1].span, "first task here")])
+            self.error(
+                extra.span,
+                "duplicate",
+                "an experiment has one task",
+                "split the tasks into two experiments (or a grid)",
+                [self._related(decls[0][0], decls[0][1].span, "first task here")],
+            )
         self.file, t = decls[0]
         entry = self._lookup_named(t.name, "task")
         if entry is None:
@@ -410,11 +524,21 @@ class Checker:
         lora_blk = block.get("lora")
         if entry.name == "hf":
             if m.path is None:
-                self.error(m.kind.span, "missing-setting", "`model hf` needs the checkpoint's path", 'write `model hf "/path/to/checkpoint" { ... }`')
+                self.error(
+                    m.kind.span,
+                    "missing-setting",
+                    "`model hf` needs the checkpoint's path",
+                    'write `model hf "/path/to/checkpoint" { ... }`',
+                )
         elif m.path is not None:
-            self.error(m.path.span, "unexpected-path", f"model `{entry.name}` takes no path", "only `model hf \"/path\"` loads a checkpoint")
+            self.error(m.path.span, "unexpected-path", f"model `{entry.name}` takes no path", 'only `model hf "/path"` loads a checkpoint')
         if lora_blk is not None and entry.name != "hf":
-            self.error(lora_blk.key.span, "unknown-setting", f"LoRA applies to `hf` models, not `{entry.name}`", "the tiny model trains all its weights")
+            self.error(
+                lora_blk.key.span,
+                "unknown-setting",
+                f"LoRA applies to `hf` models, not `{entry.name}`",
+                "the tiny model trains all its weights",
+            )
         params = self._check_block(block, entry, f"model `{entry.name}`", subblocks=("lora",))
         lora = None
         if isinstance(lora_blk, A.SubBlock) and entry.name == "hf":
@@ -425,8 +549,12 @@ class Checker:
             image, patch = task.params.get("image"), params.get("patch")
             if isinstance(image, int) and isinstance(patch, int) and image % patch:
                 sp = block.get("patch").span if block.get("patch") else m.span
-                self.error(sp, "incompatible", f"image size {image}px is not a multiple of the patch size {patch}px",
-                           f"use patch = {math.gcd(image, patch)}px or an image size that is a multiple of {patch}")
+                self.error(
+                    sp,
+                    "incompatible",
+                    f"image size {image}px is not a multiple of the patch size {patch}px",
+                    f"use patch = {math.gcd(image, patch)}px or an image size that is a multiple of {patch}",
+                )
         if params is None:
             return None
         return ModelIR(kind=entry.name, path=m.path.value if m.path else None, params=params, lora=lora, impl=entry.impl)
@@ -445,8 +573,13 @@ class Checker:
             self.file = file
             name = st.name.id
             if name in seen:
-                self.error(st.name.span, "duplicate", f"stage `{name}` is defined twice", "rename one of them",
-                           [self._related(seen[name][0], seen[name][1].name.span, "first defined here")])
+                self.error(
+                    st.name.span,
+                    "duplicate",
+                    f"stage `{name}` is defined twice",
+                    "rename one of them",
+                    [self._related(seen[name][0], seen[name][1].name.span, "first defined here")],
+                )
                 continue
             seen[name] = (file, st)
             self._symbol("stage", name, st.name.span)
@@ -456,13 +589,22 @@ class Checker:
             entry = self.cat.get("block", kind) if kind in ("sft", "grpo") else None
             if entry is None:
                 guess = did_you_mean(kind, ["sft", "grpo"])
-                self.error(st.kind.span, "unknown-stage-kind", f"unknown stage kind `{kind}`", f"did you mean `{guess}`?" if guess else "stages are `sft` or `grpo`")
+                self.error(
+                    st.kind.span,
+                    "unknown-stage-kind",
+                    f"unknown stage kind `{kind}`",
+                    f"did you mean `{guess}`?" if guess else "stages are `sft` or `grpo`",
+                )
                 continue
             # a fragment's stage may start from a stage of the spec that includes it
             if st.parent is not None and st.parent.id not in seen and not self.fragment:
                 guess = did_you_mean(st.parent.id, [n for n in seen if n != name])
-                self.error(st.parent.span, "unknown-stage", f"stage `{name}` starts from `{st.parent.id}`, which is not defined",
-                           f"did you mean `{guess}`?" if guess else "define that stage, or drop `from` to start from the initial model")
+                self.error(
+                    st.parent.span,
+                    "unknown-stage",
+                    f"stage `{name}` starts from `{st.parent.id}`, which is not defined",
+                    f"did you mean `{guess}`?" if guess else "define that stage, or drop `from` to start from the initial model",
+                )
             settings = self._check_block(st.block, entry, f"stage `{name}` ({kind})")
             if settings is None:
                 continue
@@ -470,11 +612,21 @@ class Checker:
             reward = settings.pop("reward", None)
             if kind == "sft" and isinstance(loss, str):
                 loss = LossIR(kind="token_mean")
-            built[name] = StageIR(name=name, kind=kind, parent=st.parent.id if st.parent else None, settings=settings,
-                                  loss=loss if kind == "sft" else None, reward=reward if kind == "grpo" else None)
+            built[name] = StageIR(
+                name=name,
+                kind=kind,
+                parent=st.parent.id if st.parent else None,
+                settings=settings,
+                loss=loss if kind == "sft" else None,
+                reward=reward if kind == "grpo" else None,
+            )
             if kind == "grpo" and st.parent is None and self._model_is_tiny():
-                self.warning(st.kind.span, "grpo-from-scratch", f"GRPO stage `{name}` starts from the randomly initialised tiny model",
-                             "start it `from` an sft stage that has taught the output format")
+                self.warning(
+                    st.kind.span,
+                    "grpo-from-scratch",
+                    f"GRPO stage `{name}` starts from the randomly initialised tiny model",
+                    "start it `from` an sft stage that has taught the output format",
+                )
         return self._order_stages(seen, built)
 
     def _model_is_tiny(self) -> bool:
@@ -489,11 +641,15 @@ class Checker:
             if state.get(name) == 2:
                 return
             if state.get(name) == 1:
-                cycle = path[path.index(name):] + [name]
+                cycle = path[path.index(name) :] + [name]
                 file, st = seen[name]
                 self.file = file
-                self.error(st.parent.span if st.parent else st.name.span, "stage-cycle", "stages form a cycle: " + " → ".join(f"`{c}`" for c in cycle),
-                           "one stage of the cycle must start from the initial model (drop its `from`)")
+                self.error(
+                    st.parent.span if st.parent else st.name.span,
+                    "stage-cycle",
+                    "stages form a cycle: " + " → ".join(f"`{c}`" for c in cycle),
+                    "one stage of the cycle must start from the initial model (drop its `from`)",
+                )
                 for c in cycle:
                     state[c] = 2
                 return
@@ -524,7 +680,13 @@ class Checker:
         for e in block.entries:
             key = e.key.id
             if key in seen:
-                self.error(e.key.span, "duplicate", f"`{key}` is set twice in {what}", "keep one", [self._related(self.file, seen[key].span, "first set here")])
+                self.error(
+                    e.key.span,
+                    "duplicate",
+                    f"`{key}` is set twice in {what}",
+                    "keep one",
+                    [self._related(self.file, seen[key].span, "first set here")],
+                )
                 ok = False
                 continue
             seen[key] = e.key
@@ -537,8 +699,12 @@ class Checker:
             if spec is None:
                 names = [p.name for p in entry.params] + list(subblocks)
                 guess = did_you_mean(key, names)
-                self.error(e.key.span, "unknown-setting", f"{what} has no setting `{key}`",
-                           f"did you mean `{guess}`?" if guess else f"its settings are: {', '.join(names)}")
+                self.error(
+                    e.key.span,
+                    "unknown-setting",
+                    f"{what} has no setting `{key}`",
+                    f"did you mean `{guess}`?" if guess else f"its settings are: {', '.join(names)}",
+                )
                 ok = False
                 continue
             value = self._coerce_value(e.value, spec, f"`{key}`")
@@ -548,8 +714,12 @@ class Checker:
         for p in entry.params:
             if p.name not in out:
                 if p.required:
-                    self.error(block.span if block.entries else block.span, "missing-setting", f"{what} needs `{p.name}`",
-                               f"add `{p.name} = ...` ({p.describe_type()}): {p.doc}")
+                    self.error(
+                        block.span if block.entries else block.span,
+                        "missing-setting",
+                        f"{what} needs `{p.name}`",
+                        f"add `{p.name} = ...` ({p.describe_type()}): {p.doc}",
+                    )
                     ok = False
                 else:
                     out[p.name] = _default(p)
@@ -574,7 +744,7 @@ class Checker:
     def _coerce_value(self, expr: A.Expr, spec: ParamSpec, what: str, literal_only: bool = False) -> Any:
         ctx = {"loss": "loss", "reward": "reward", "metrics": "value"}.get(spec.type, "value")
         if literal_only and not isinstance(expr, (A.Number, A.String, A.Bool, A.Signed, A.Dimension, A.NoneLit)):
-            self.error(expr.span, "bad-override", f"{what} takes a literal value, not an expression", "e.g. 0.5, 3, true or \"text\"")
+            self.error(expr.span, "bad-override", f"{what} takes a literal value, not an expression", 'e.g. 0.5, 3, true or "text"')
             return None
         v = self.eval(expr, ctx)
         if v is None:
@@ -582,8 +752,13 @@ class Checker:
         return self.coerce(v, spec, what)
 
     def _range_error(self, v: V, spec: ParamSpec, what: str, shown: Any) -> None:
-        self.error(v.span, "out-of-range", f"{what} must be {spec.describe_range()}, got {_show(shown)}",
-                   _range_hint(spec), [v.origin] if v.origin else [])
+        self.error(
+            v.span,
+            "out-of-range",
+            f"{what} must be {spec.describe_range()}, got {_show(shown)}",
+            _range_hint(spec),
+            [v.origin] if v.origin else [],
+        )
 
     def _check_range(self, v: V, spec: ParamSpec, x: float, what: str) -> bool:
         if (spec.min is not None and x < spec.min) or (spec.max is not None and x > spec.max):
@@ -638,8 +813,12 @@ class Checker:
                 return wrong()
             if v.value not in spec.choices:
                 guess = did_you_mean(str(v.value), spec.choices)
-                self.error(v.span, "unknown-choice", f"{what} must be {spec.describe_type()}, got `{v.value}`",
-                           f"did you mean `{guess}`?" if guess else None)
+                self.error(
+                    v.span,
+                    "unknown-choice",
+                    f"{what} must be {spec.describe_type()}, got `{v.value}`",
+                    f"did you mean `{guess}`?" if guess else None,
+                )
                 return None
             return v.value
         if t == "int_range":
@@ -671,7 +850,12 @@ class Checker:
             return self._loss_ir(v)
         if t == "reward":
             if v.kind == "num":
-                self.error(v.span, "type", f"{what} is a constant {_show(v.value)}: it gives GRPO no signal", "combine reward terms such as `outcome`")
+                self.error(
+                    v.span,
+                    "type",
+                    f"{what} is a constant {_show(v.value)}: it gives GRPO no signal",
+                    "combine reward terms such as `outcome`",
+                )
                 return None
             if v.kind != "reward":
                 return wrong()
@@ -685,8 +869,12 @@ class Checker:
                     return None
                 if self.cat.get("metric", it.value) is None:
                     guess = did_you_mean(it.value, self.cat.names("metric"))
-                    self.error(it.span, "unknown-metric", f"unknown metric `{it.value}`",
-                               f"did you mean `{guess}`?" if guess else f"metrics: {', '.join(self.cat.names('metric'))}")
+                    self.error(
+                        it.span,
+                        "unknown-metric",
+                        f"unknown metric `{it.value}`",
+                        f"did you mean `{guess}`?" if guess else f"metrics: {', '.join(self.cat.names('metric'))}",
+                    )
                     return None
                 names.append(it.value)
             return names
@@ -777,7 +965,11 @@ class Checker:
             if info.value is None:
                 return None
             kind = {"int": "num", "float": "num", "bool": "bool", "str": "str"}[info.type]
-            origin = Related(info.file, info.decl.name.span, f"`{name}` = {_show(info.value)}, set by {info.origin}") if info.origin != "default" else None
+            origin = (
+                Related(info.file, info.decl.name.span, f"`{name}` = {_show(info.value)}, set by {info.origin}")
+                if info.origin != "default"
+                else None
+            )
             return V(kind, info.value, e.span, origin)
         if ctx == "reward":
             entry = self.cat.get("reward", name)
@@ -785,7 +977,9 @@ class Checker:
                 if any(p.required for p in entry.params):
                     self.error(e.span, "missing-argument", f"`{name}` needs arguments: {entry.signature()}", None)
                     return None
-                return V("reward", RewardIR(kind="term", name=name, params={p.name: p.default for p in entry.params}, impl=entry.impl), e.span)
+                return V(
+                    "reward", RewardIR(kind="term", name=name, params={p.name: p.default for p in entry.params}, impl=entry.impl), e.span
+                )
         if ctx == "loss" and self.cat.get("loss", name) is not None and name == "token_mean":
             return V("loss", [(1.0, None, e.span)], e.span)
         if ctx == "rule" and name == "rest":
@@ -843,12 +1037,25 @@ class Checker:
         if op in "+-" and s.kind in ("constant", "linear", "cosine"):
             sgn = -1.0 if (op == "-" and s_left) else 1.0
             flip = -1.0 if (op == "-" and not s_left) else 1.0
-            upd = {"start": n * sgn + flip * s.start if not s_left else s.start + sgn * n, "end": (n * sgn + flip * s.end if not s_left else s.end + sgn * n)}
+            upd = {
+                "start": n * sgn + flip * s.start if not s_left else s.start + sgn * n,
+                "end": (n * sgn + flip * s.end if not s_left else s.end + sgn * n),
+            }
             if s.warmup:
-                self.error(span, "schedule-arith", "a schedule with warmup cannot be offset (its warmup ramps from 0)", "apply the warmup to the result instead")
+                self.error(
+                    span,
+                    "schedule-arith",
+                    "a schedule with warmup cannot be offset (its warmup ramps from 0)",
+                    "apply the warmup to the result instead",
+                )
                 return None
             return V("sched", s.model_copy(update=upd), span)
-        self.error(span, "schedule-arith", f"`{op}` on a `{s.kind}` schedule is not supported", "schedules can be scaled by numbers; constant, linear and cosine can also be offset (e.g. `1 - linear(0.1, 0.5)`)")
+        self.error(
+            span,
+            "schedule-arith",
+            f"`{op}` on a `{s.kind}` schedule is not supported",
+            "schedules can be scaled by numbers; constant, linear and cosine can also be offset (e.g. `1 - linear(0.1, 0.5)`)",
+        )
         return None
 
     def _weight_ok(self, w: V) -> bool:
@@ -856,8 +1063,13 @@ class Checker:
         vals = [w.value] if w.kind == "num" else [w.value.start] + ([w.value.end] if w.value.end is not None else [])
         for x in vals:
             if not 0.0 <= x <= 1.0:
-                self.error(w.span, "out-of-range", f"mixing weight is {_show(x)}, outside [0, 1]", "weights of loss and reward terms are between 0 and 1",
-                           [w.origin] if w.origin else [])
+                self.error(
+                    w.span,
+                    "out-of-range",
+                    f"mixing weight is {_show(x)}, outside [0, 1]",
+                    "weights of loss and reward terms are between 0 and 1",
+                    [w.origin] if w.origin else [],
+                )
                 return False
         return True
 
@@ -867,16 +1079,31 @@ class Checker:
             return None
         for x in (a, b):
             if x.kind == "loss" and isinstance(x.value, tuple):
-                self.error(x.span, "type", "`ngdiff(...)` balances gradients itself: it cannot be scaled or added to", "use it as the whole loss: `loss = ngdiff(perception, [reasoning, answer])`")
+                self.error(
+                    x.span,
+                    "type",
+                    "`ngdiff(...)` balances gradients itself: it cannot be scaled or added to",
+                    "use it as the whole loss: `loss = ngdiff(perception, [reasoning, answer])`",
+                )
                 return None
         if a.kind == "loss" and b.kind == "loss":
             if op == "+":
                 return V("loss", a.value + b.value, span)
-            self.error(span, "type", f"losses can be added, not combined with `{op}`", "weight each term instead: `0.3 * mean(perception) + 0.7 * mean(reasoning)`")
+            self.error(
+                span,
+                "type",
+                f"losses can be added, not combined with `{op}`",
+                "weight each term instead: `0.3 * mean(perception) + 0.7 * mean(reasoning)`",
+            )
             return None
         w, loss = (a, b) if b.kind == "loss" else (b, a)
         if w.kind not in ("num", "sched") or op not in "*/" or (op == "/" and w is a):
-            self.error(span, "type", f"cannot apply `{op}` to {a.describe()} and {b.describe()}", "loss terms are weighted with `*` and added with `+`")
+            self.error(
+                span,
+                "type",
+                f"cannot apply `{op}` to {a.describe()} and {b.describe()}",
+                "loss terms are weighted with `*` and added with `+`",
+            )
             return None
         if op == "/":
             if w.kind != "num" or w.value == 0:
@@ -890,7 +1117,15 @@ class Checker:
             if w.kind == "sched" and not (isinstance(weight, float) and weight == 1.0):
                 self.error(span, "schedule-arith", "a scheduled weight can only multiply an unweighted term", None)
                 return None
-            nw = w.value if w.kind == "sched" else (weight.model_copy(update={"start": weight.start * w.value, "end": None if weight.end is None else weight.end * w.value}) if isinstance(weight, ScheduleIR) else weight * w.value)
+            nw = (
+                w.value
+                if w.kind == "sched"
+                else (
+                    weight.model_copy(update={"start": weight.start * w.value, "end": None if weight.end is None else weight.end * w.value})
+                    if isinstance(weight, ScheduleIR)
+                    else weight * w.value
+                )
+            )
             terms.append((nw, roles, sp))
         return V("loss", terms, span)
 
@@ -970,7 +1205,12 @@ class Checker:
                 return V("loss", [(1.0, tuple(args["roles"]), e.span)], e.span)
             groups = args["groups"]
             if len(groups) < 2:
-                self.error(e.span, "missing-argument", "`ngdiff` balances at least two role groups", "e.g. `ngdiff(perception, [reasoning, answer])`")
+                self.error(
+                    e.span,
+                    "missing-argument",
+                    "`ngdiff` balances at least two role groups",
+                    "e.g. `ngdiff(perception, [reasoning, answer])`",
+                )
                 return None
             flat = [r for g in groups for r in g]
             dup = next((r for r in flat if flat.count(r) > 1), None)
@@ -999,14 +1239,23 @@ class Checker:
             elif i < len(positional):
                 vals[positional[i].name] = [v]
             else:
-                self.error(arg.span, "too-many-arguments", f"`{entry.name}` takes at most {len(positional)} positional arguments", f"signature: {entry.signature()}")
+                self.error(
+                    arg.span,
+                    "too-many-arguments",
+                    f"`{entry.name}` takes at most {len(positional)} positional arguments",
+                    f"signature: {entry.signature()}",
+                )
                 ok = False
         for kw in e.kwargs:
             spec = entry.param(kw.name.id)
             if spec is None or spec.variadic:
                 guess = did_you_mean(kw.name.id, [p.name for p in params if not p.variadic])
-                self.error(kw.name.span, "unknown-argument", f"`{entry.name}` has no argument `{kw.name.id}`",
-                           f"did you mean `{guess}`?" if guess else f"signature: {entry.signature()}")
+                self.error(
+                    kw.name.span,
+                    "unknown-argument",
+                    f"`{entry.name}` has no argument `{kw.name.id}`",
+                    f"did you mean `{guess}`?" if guess else f"signature: {entry.signature()}",
+                )
                 ok = False
                 continue
             if kw.name.id in vals:
@@ -1058,21 +1307,32 @@ class Checker:
         for _, roles, sp in terms:
             for r in roles or ():
                 if r in seen:
-                    self.warning(sp, "overlapping-terms", f"role `{r}` appears in two loss terms; its tokens are counted twice", None,
-                                 [self._related(self.file, seen[r], "first term here")])
+                    self.warning(
+                        sp,
+                        "overlapping-terms",
+                        f"role `{r}` appears in two loss terms; its tokens are counted twice",
+                        None,
+                        [self._related(self.file, seen[r], "first term here")],
+                    )
                 seen[r] = sp
         all_roles = list(self.roles) + ([] if self.has_rest else [IMPLICIT_ROLE])
         if len(terms) == 1 and terms[0][0] == 1.0 and (terms[0][1] is None or set(terms[0][1]) == set(all_roles)):
             return LossIR(kind="token_mean")  # a mean over every role is the token mean: one IR, one hash
-        return LossIR(kind="mix", terms=[LossTermIR(weight=w, roles=list(roles) if roles is not None else all_roles) for w, roles, _ in terms])
+        return LossIR(
+            kind="mix", terms=[LossTermIR(weight=w, roles=list(roles) if roles is not None else all_roles) for w, roles, _ in terms]
+        )
 
     # -- catalogue lookups with "did you mean"
     def _lookup_named(self, name: A.Name, kind: str) -> Entry | None:
         entry = self.cat.get(kind, name.id)
         if entry is None:
             guess = did_you_mean(name.id, self.cat.names(kind))
-            self.error(name.span, f"unknown-{kind}", f"unknown {kind} `{name.id}`",
-                       f"did you mean `{guess}`?" if guess else f"available: {', '.join(self.cat.names(kind))}")
+            self.error(
+                name.span,
+                f"unknown-{kind}",
+                f"unknown {kind} `{name.id}`",
+                f"did you mean `{guess}`?" if guess else f"available: {', '.join(self.cat.names(kind))}",
+            )
         return entry
 
     # ================================================================ grid files
@@ -1120,8 +1380,14 @@ def _type_hint(spec: ParamSpec, v: V) -> str | None:
 # ---- public API ---------------------------------------------------------------------------------
 
 
-def check_file(path: str | Path, overrides: dict[str, str] | None = None, catalogue: Catalogue | None = None,
-               text: str | None = None, origin: str = "--set", fragment_ok: bool = True) -> Result:
+def check_file(
+    path: str | Path,
+    overrides: dict[str, str] | None = None,
+    catalogue: Catalogue | None = None,
+    text: str | None = None,
+    origin: str = "--set",
+    fragment_ok: bool = True,
+) -> Result:
     """Check a spec or grid file; `text` overrides the file's content (editors).
 
     `origin` names where overrides come from in notes ("--set" or "grid"). A file
@@ -1132,8 +1398,13 @@ def check_file(path: str | Path, overrides: dict[str, str] | None = None, catalo
     return _finish(loaded, diags, overrides, catalogue, origin, fragment_ok)
 
 
-def check_text(text: str, name: str = "<string>", overrides: dict[str, str] | None = None, catalogue: Catalogue | None = None,
-               base_dir: Path | None = None) -> Result:
+def check_text(
+    text: str,
+    name: str = "<string>",
+    overrides: dict[str, str] | None = None,
+    catalogue: Catalogue | None = None,
+    base_dir: Path | None = None,
+) -> Result:
     path = (base_dir or Path.cwd()) / name if base_dir is not None else None
     loaded, diags = load(path, text, name=name)
     return _finish(loaded, diags, overrides, catalogue)
@@ -1157,7 +1428,11 @@ def parse_overrides(pairs: list[str]) -> tuple[dict[str, str], list[Diagnostic]]
         name, eq, value = pair.partition("=")
         name = name.strip()
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or not value.strip():
-            diags.append(Diagnostic(SET_FILE, Span.point(), Severity.ERROR, "bad-override", f"`--set {pair}` is not NAME=VALUE", "e.g. --set lam=0.5"))
+            diags.append(
+                Diagnostic(
+                    SET_FILE, Span.point(), Severity.ERROR, "bad-override", f"`--set {pair}` is not NAME=VALUE", "e.g. --set lam=0.5"
+                )
+            )
             continue
         out[name] = value.strip()
     return out, diags

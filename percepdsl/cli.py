@@ -4,13 +4,13 @@ by the commands that train or generate, so `check`, `fmt` and `lsp` start fast.
 Exit codes: 0 success; 1 the spec has errors (check) or is not formatted (fmt --check);
 2 bad usage or input refused before work started; 3 a run failed while running.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -72,7 +72,7 @@ def _check(path: Path, sets: list[str] | None, fragment_ok: bool = True):
 def check(
     files: list[Path] = typer.Argument(..., help="Spec or grid files (directories: every .pd inside)."),
     format: Format = typer.Option(Format.text, "--format", "-f", help="text (file:line:col) or json."),
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Check specs: every error and warning, located. Exit 1 if any file has an error."""
     all_diags: list[Diagnostic] = []
@@ -104,7 +104,7 @@ def compile_or_exit(spec: Path, sets: list[str] | None, stream=None):
 def compile_(
     spec: Path = typer.Argument(..., help="Spec or grid file."),
     json_: bool = typer.Option(False, "--json", help="Print the IR as JSON."),
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Compile a spec to its IR (checked; exit 2 if it has errors)."""
     from .ir import ExperimentIR, content_hash
@@ -169,7 +169,7 @@ def fmt(
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="Experiment spec to train and evaluate."),
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Parent of the run directory <experiment>-<hash>."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in its directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -181,7 +181,8 @@ def run(
     if not isinstance(ir, ExperimentIR):
         print(f"error: {spec} is a grid file; run it with `percep grid {spec}`", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    from percepdsl_runtime.run import RunFailed, RunRefused, quiet_libraries, run as run_experiment
+    from percepdsl_runtime.run import RunFailed, RunRefused, quiet_libraries
+    from percepdsl_runtime.run import run as run_experiment
 
     quiet_libraries()
 
@@ -192,10 +193,10 @@ def run(
         run_dir = run_experiment(ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo)
     except RunRefused as exc:
         print(f"{spec}: error: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE)
+        raise typer.Exit(EXIT_USAGE) from None
     except RunFailed as exc:
         print(f"{spec}: error: run failed: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
     echo("final: " + "  ".join(f"{k}={final[k]:.3f}" for k in ("end_to_end", "perception", "reasoning") if final.get(k) is not None))
@@ -211,12 +212,15 @@ class GridBackend(str, Enum):
 def grid(
     grid_file: Path = typer.Argument(..., help="Grid file (specs/grids/*.pd)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells (params, seed, IR hash, run dir, status); run nothing."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
-                                       help="Cells run at once (default 1; with --backend ray, as many as the cluster schedules)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid directory (default runs/grids/<grid name>)."),
-    set_: Optional[list[str]] = SetOpt,
-    backend: GridBackend = typer.Option(GridBackend.local, "--backend", help="local processes, or Ray tasks on a cluster (pip install -e '.[ray]')."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
+    jobs: int | None = typer.Option(
+        None, "--jobs", "-j", min=1, help="Cells run at once (default 1; with --backend ray, as many as the cluster schedules)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Grid directory (default runs/grids/<grid name>)."),
+    set_: list[str] | None = SetOpt,
+    backend: GridBackend = typer.Option(
+        GridBackend.local, "--backend", help="local processes, or Ray tasks on a cluster (pip install -e '.[ray]')."
+    ),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
     cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="Ray: CPUs reserved for each cell (also its thread count)."),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="Ray: GPUs reserved for each cell."),
 ) -> None:
@@ -225,8 +229,19 @@ def grid(
     Exit 0 every cell complete, 2 refused before running, 3 some cell failed, 130 interrupted."""
     from percepdsl_runtime.gridrun import grid_command
 
-    raise typer.Exit(grid_command(grid_file, dry_run=dry_run, jobs=jobs, out=out, sets=set_ or [], backend=backend.value,
-                                  address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell))
+    raise typer.Exit(
+        grid_command(
+            grid_file,
+            dry_run=dry_run,
+            jobs=jobs,
+            out=out,
+            sets=set_ or [],
+            backend=backend.value,
+            address=address,
+            cpus_per_cell=cpus_per_cell,
+            gpus_per_cell=gpus_per_cell,
+        )
+    )
 
 
 @app.command()
@@ -241,7 +256,7 @@ def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/gri
 def gen(
     spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
     sheet: int = typer.Option(8, "--sheet", help="Samples on the contact sheet."),
 ) -> None:
     """Write the task's train/test data set as a Hugging Face dataset, plus a contact sheet PNG."""
@@ -262,7 +277,7 @@ def gen(
         task = build_task(ir.task, ir.seed)
     except (ImplError, ValueError) as exc:
         print(f"{spec}: error: cannot build task `{ir.task.name}`: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE)
+        raise typer.Exit(EXIT_USAGE) from None
     splits = {s: task.size(s) for s in ("train", "test")}
     print(f"generating {ir.task.name}: {splits['train']} train + {splits['test']} test samples → {out}", file=sys.stderr)
     try:
@@ -270,7 +285,7 @@ def gen(
         sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
     except OSError as exc:
         print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     print(f"wrote {path} and {sheet_path}")
 
 

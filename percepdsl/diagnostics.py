@@ -4,6 +4,7 @@ Every stage (parse, check, include resolution, overrides) reports problems as
 `Diagnostic` values and keeps going; nothing is raised to the user. Positions are
 1-based; `end_column` is exclusive, as in LSP and editors.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,10 @@ class Span:
     end_column: int
 
     @staticmethod
-    def point(line: int = 1, column: int = 1) -> "Span":
+    def point(line: int = 1, column: int = 1) -> Span:
         return Span(line, column, line, column + 1)
 
-    def cover(self, other: "Span") -> "Span":
+    def cover(self, other: Span) -> Span:
         start = min((self.line, self.column), (other.line, other.column))
         end = max((self.end_line, self.end_column), (other.end_line, other.end_column))
         return Span(start[0], start[1], end[0], end[1])
@@ -72,10 +73,7 @@ class Diagnostic:
         if self.hint:
             out["hint"] = self.hint
         if self.related:
-            out["related"] = [
-                {"file": r.file, "line": r.span.line, "column": r.span.column, "message": r.message}
-                for r in self.related
-            ]
+            out["related"] = [{"file": r.file, "line": r.span.line, "column": r.span.column, "message": r.message} for r in self.related]
         return out
 
 
@@ -118,18 +116,16 @@ def render(diag: Diagnostic, source: str | None, color: bool = False) -> str:
     sev = diag.severity.value
     if color:
         tint = {"error": "\x1b[1;31m", "warning": "\x1b[1;33m", "note": "\x1b[1;36m"}[sev]
-        head = f"\x1b[1m{diag.file}:{diag.span.line}:{diag.span.column}:\x1b[0m {tint}{sev}[{diag.code}]\x1b[0m\x1b[1m: {diag.message}\x1b[0m"
+        head = (
+            f"\x1b[1m{diag.file}:{diag.span.line}:{diag.span.column}:\x1b[0m {tint}{sev}[{diag.code}]\x1b[0m\x1b[1m: {diag.message}\x1b[0m"
+        )
     else:
         head = f"{diag.file}:{diag.span.line}:{diag.span.column}: {sev}[{diag.code}]: {diag.message}"
     out = [head]
     lines = source.splitlines() if source is not None else []
     if 1 <= diag.span.line <= len(lines):
         text = lines[diag.span.line - 1].replace("\t", " ")
-        width = (
-            diag.span.end_column - diag.span.column
-            if diag.span.end_line == diag.span.line
-            else len(text) - diag.span.column + 1
-        )
+        width = diag.span.end_column - diag.span.column if diag.span.end_line == diag.span.line else len(text) - diag.span.column + 1
         text, col, width = _excerpt(text, diag.span.column, max(1, width))
         gutter = " " * len(str(diag.span.line))
         out.append(f"{gutter} |")

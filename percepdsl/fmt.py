@@ -6,6 +6,7 @@ of its block. A block is printed on one line when it has no comments and fits in
 `WIDTH` columns, otherwise one entry per line. Single blank lines between
 statements and entries are kept. Numbers and strings keep their spelling.
 """
+
 from __future__ import annotations
 
 from . import nodes as A

@@ -15,6 +15,7 @@ Checking resolves the template, verifies every axis names one of its params with
 values of the param's type, and compiles every cell so that a cell that would fail
 (a weight out of range for one λ) is reported before anything runs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -70,7 +71,7 @@ def template_path(grid_file: Path | None, grid: GridIR) -> Path:
 # ---- checking -------------------------------------------------------------------------------
 
 
-def check_grid(ck: "Checker", items) -> GridIR | None:
+def check_grid(ck: Checker, items) -> GridIR | None:
     from .check import check_file
 
     grid_stmts = (A.Grid, A.Template, A.Axis, A.Zip, A.Seeds, A.Where, A.Report, A.Fix)
@@ -87,14 +88,22 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
     if not tpath.is_file():
         near = [p.name for p in tpath.parent.glob("*.pd")] if tpath.parent.is_dir() else []
         guess = did_you_mean(tpath.name, near)
-        ck.error(tmpl.path.span, "missing-file", f"template spec `{tmpl.path.value}` does not exist",
-                 f"did you mean `{guess}`?" if guess else "the path is relative to the grid file")
+        ck.error(
+            tmpl.path.span,
+            "missing-file",
+            f"template spec `{tmpl.path.value}` does not exist",
+            f"did you mean `{guess}`?" if guess else "the path is relative to the grid file",
+        )
         return None
     tres = check_file(tpath)
     if not tres.ok:
         n = sum(d.is_error for d in tres.diagnostics)
-        ck.error(tmpl.path.span, "template-error", f"template spec `{tmpl.path.value}` has {n} error{'s' if n > 1 else ''}",
-                 f"run `percep check {relpath(tpath)}`")
+        ck.error(
+            tmpl.path.span,
+            "template-error",
+            f"template spec `{tmpl.path.value}` has {n} error{'s' if n > 1 else ''}",
+            f"run `percep check {relpath(tpath)}`",
+        )
         ck.diags.extend(d for d in tres.diagnostics if d.is_error)
         return None
     tir: ExperimentIR = tres.ir
@@ -108,14 +117,23 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
             return None
         if name.id not in tparams:
             guess = did_you_mean(name.id, tparams)
-            ck.error(name.span, "unknown-axis-param", f"the template has no param `{name.id}`",
-                     f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tparams) or 'none'}",
-                     [Related(relpath(tpath), Span.point(), "template spec")])
+            ck.error(
+                name.span,
+                "unknown-axis-param",
+                f"the template has no param `{name.id}`",
+                f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tparams) or 'none'}",
+                [Related(relpath(tpath), Span.point(), "template spec")],
+            )
             return None
         if name.id in used:
             f, sp = used[name.id]
-            ck.error(name.span, "duplicate", f"param `{name.id}` is swept or fixed twice", "give each param one axis",
-                     [Related(f, sp, "first here")])
+            ck.error(
+                name.span,
+                "duplicate",
+                f"param `{name.id}` is swept or fixed twice",
+                "give each param one axis",
+                [Related(f, sp, "first here")],
+            )
             return None
         used[name.id] = (ck.file, name.span)
         return name.id
@@ -129,7 +147,12 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
         elif v.kind == "list":
             items = v.value
         else:
-            ck.error(expr.span, "type", f"axis `{pname}` needs a list of values or a range, got {v.describe()}", "e.g. `[0.1, 0.25, 0.5]` or `1..4`")
+            ck.error(
+                expr.span,
+                "type",
+                f"axis `{pname}` needs a list of values or a range, got {v.describe()}",
+                "e.g. `[0.1, 0.25, 0.5]` or `1..4`",
+            )
             return None
         if not items:
             ck.error(expr.span, "type", f"axis `{pname}` has no values", None)
@@ -161,8 +184,12 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
             if (name := claim(e.key)) is None or (vals := values_of(e.value, name)) is None:
                 continue
             if first_len is not None and len(vals) != first_len[0]:
-                ck.error(e.value.span, "zip-length", f"zipped axes differ in length: `{name}` has {len(vals)} values, `{first_len[1]}` has {first_len[0]}",
-                         "zipped params vary together, so their lists must be equally long")
+                ck.error(
+                    e.value.span,
+                    "zip-length",
+                    f"zipped axes differ in length: `{name}` has {len(vals)} values, `{first_len[1]}` has {first_len[0]}",
+                    "zipped params vary together, so their lists must be equally long",
+                )
                 continue
             first_len = first_len or (len(vals), name)
             names.append(name)
@@ -190,10 +217,17 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
     ck.file = ck.loaded.name
     cells = expand(grid, tir.params)
     if not cells:
-        ck.error(g[A.Where][0][1].span if A.Where in g else g[A.Grid][0][1].span, "empty-grid", "the grid has no cells", "the `where` filter rejects every combination")
+        ck.error(
+            g[A.Where][0][1].span if A.Where in g else g[A.Grid][0][1].span,
+            "empty-grid",
+            "the grid has no cells",
+            "the `where` filter rejects every combination",
+        )
         return None
     if len(cells) > MAX_CELLS:
-        ck.error(g[A.Grid][0][1].span, "grid-too-large", f"the grid has {len(cells)} cells (limit {MAX_CELLS})", "split it into several grids")
+        ck.error(
+            g[A.Grid][0][1].span, "grid-too-large", f"the grid has {len(cells)} cells (limit {MAX_CELLS})", "split it into several grids"
+        )
         return None
     # Compile cells: a value that passes the param's type can still break the template (a weight out of range).
     failures = 0
@@ -212,8 +246,13 @@ def check_grid(ck: "Checker", items) -> GridIR | None:
         first = next(d for d in res.diagnostics if d.is_error)
         file, span = axis_spans[0] if axis_spans else (ck.loaded.name, g[A.Grid][0][1].span)
         ck.file = file
-        ck.error(span, "cell-error", f"cell {key} does not compile: {first.message}", "restrict the axis values or add a `where` filter",
-                 [Related(first.file, first.span, first.message)])
+        ck.error(
+            span,
+            "cell-error",
+            f"cell {key} does not compile: {first.message}",
+            "restrict the axis values or add a `where` filter",
+            [Related(first.file, first.span, first.message)],
+        )
     return None if failures else grid
 
 
@@ -221,7 +260,7 @@ def _param_type(v: Any) -> str:
     return "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "float" if isinstance(v, float) else "str"
 
 
-def values_of_seeds(ck: "Checker", expr: A.Expr) -> list[int] | None:
+def values_of_seeds(ck: Checker, expr: A.Expr) -> list[int] | None:
     v = ck.eval(expr, "value")
     if v is None:
         return None
@@ -237,7 +276,7 @@ def values_of_seeds(ck: "Checker", expr: A.Expr) -> list[int] | None:
     return out
 
 
-def _where_tree(ck: "Checker", e: A.Expr, known: set[str]) -> dict | None:
+def _where_tree(ck: Checker, e: A.Expr, known: set[str]) -> dict | None:
     """A filter as data: {"op": ..., "args": [...]} over {"name": ...} and {"const": ...}."""
     if isinstance(e, A.Number):
         return {"const": e.value}
@@ -246,7 +285,12 @@ def _where_tree(ck: "Checker", e: A.Expr, known: set[str]) -> dict | None:
     if isinstance(e, A.Name):
         if e.id not in known:
             guess = did_you_mean(e.id, known)
-            ck.error(e.span, "unknown-axis-param", f"`where` uses `{e.id}`, which is not a template param", f"did you mean `{guess}`?" if guess else None)
+            ck.error(
+                e.span,
+                "unknown-axis-param",
+                f"`where` uses `{e.id}`, which is not a template param",
+                f"did you mean `{guess}`?" if guess else None,
+            )
             return None
         return {"name": e.id}
     if isinstance(e, A.Compare):
@@ -272,9 +316,16 @@ def _where_tree(ck: "Checker", e: A.Expr, known: set[str]) -> dict | None:
 
 
 _OPS = {
-    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b if b else float("inf"),
-    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b if b else float("inf"),
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
 }
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes: nothing half-written is ever presented as a result."""
+
 from __future__ import annotations
 
 import json

@@ -4,11 +4,12 @@ Plain pydantic data, JSON-serialisable, with a content hash over everything that
 changes what a run computes. Source spans, comments and formatting are not part of
 it, so reformatting a spec never changes its hash (nor its run directory).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +31,7 @@ class ScheduleIR(_Model):
     warmup: int = 0
 
 
-Weight = Union[float, ScheduleIR]
+Weight = float | ScheduleIR
 
 
 class LossTermIR(_Model):
@@ -60,9 +61,9 @@ class RewardIR(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     impl: str | None = None
     value: float | None = None
-    children: list["RewardIR"] = Field(default_factory=list)
+    children: list[RewardIR] = Field(default_factory=list)
 
-    def terms(self) -> list["RewardIR"]:
+    def terms(self) -> list[RewardIR]:
         """Every leaf term, in order (each is logged by name)."""
         if self.kind == "term":
             return [self]

@@ -4,6 +4,7 @@ Operator chains are n-ary (`Sum`, `Product`) so that tree depth follows bracket
 nesting only; the formatter prints nested chains with parentheses, which makes
 parse → format → parse a fixed point.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,25 +56,25 @@ class Name(Node):
 
 @dataclass(frozen=True)
 class ListExpr(Node):
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Range(Node):
-    lo: "Expr"
-    hi: "Expr"
+    lo: Expr
+    hi: Expr
 
 
 @dataclass(frozen=True)
 class Kwarg(Node):
     name: Name
-    value: "Expr"
+    value: Expr
 
 
 @dataclass(frozen=True)
 class Call(Node):
     func: Name
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     kwargs: tuple[Kwarg, ...]
 
 
@@ -81,38 +82,38 @@ class Call(Node):
 class Sum(Node):
     """first (+|-) rest[0] (+|-) rest[1] ..."""
 
-    first: "Expr"
-    rest: tuple[tuple[str, "Expr"], ...]
+    first: Expr
+    rest: tuple[tuple[str, Expr], ...]
 
 
 @dataclass(frozen=True)
 class Product(Node):
-    first: "Expr"
-    rest: tuple[tuple[str, "Expr"], ...]
+    first: Expr
+    rest: tuple[tuple[str, Expr], ...]
 
 
 @dataclass(frozen=True)
 class Signed(Node):
     signs: str  # e.g. "-" or "--"
-    operand: "Expr"
+    operand: Expr
 
 
 @dataclass(frozen=True)
 class Compare(Node):
-    left: "Expr"
+    left: Expr
     op: str
-    right: "Expr"
+    right: Expr
 
 
 @dataclass(frozen=True)
 class BoolOp(Node):
     op: str  # "and" | "or"
-    values: tuple["Expr", ...]
+    values: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Not(Node):
-    operand: "Expr"
+    operand: Expr
 
 
 Expr = Number | Dimension | String | Bool | NoneLit | Name | ListExpr | Range | Call | Sum | Product | Signed | Compare | BoolOp | Not
@@ -130,7 +131,7 @@ class Setting(Node):
 @dataclass(frozen=True)
 class SubBlock(Node):
     key: Name
-    block: "Block"
+    block: Block
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,26 @@ class Fix(Node):
     value: Expr
 
 
-Statement = Experiment | Param | Seed | Include | Task | Model | Roles | Stage | Eval | Trainer | Grid | Template | Axis | Zip | Seeds | Where | Report | Fix
+Statement = (
+    Experiment
+    | Param
+    | Seed
+    | Include
+    | Task
+    | Model
+    | Roles
+    | Stage
+    | Eval
+    | Trainer
+    | Grid
+    | Template
+    | Axis
+    | Zip
+    | Seeds
+    | Where
+    | Report
+    | Fix
+)
 
 
 @dataclass(frozen=True)

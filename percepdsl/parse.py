@@ -6,6 +6,7 @@ an unexpected token, a number that does not fit, brackets nested too deep) comes
 back as a located `Diagnostic`. After a syntax error the parser resumes from the
 next token so that later, independent errors are reported too.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ TERMINAL_NAMES = {
     "NAME": "a name",
     "NUMBER": "a number",
     "DIMENSION": "a size such as `64px`",
-    "STRING": 'a string in double quotes',
+    "STRING": "a string in double quotes",
     "LPAR": "`(`",
     "RPAR": "`)`",
     "LSQB": "`[`",
@@ -337,7 +338,9 @@ class _Builder(Transformer_NonRecursive):
         if any(ch in text for ch in ".eE"):
             value = float(text)
             if not math.isfinite(value):
-                self.rep.error(span, "bad-number", f"number `{text[:20]}{'…' if len(text) > 20 else ''}` is too large", "use a value below 1e308")
+                self.rep.error(
+                    span, "bad-number", f"number `{text[:20]}{'…' if len(text) > 20 else ''}` is too large", "use a value below 1e308"
+                )
                 return 0.0
             return value
         if len(text) > 18:  # beyond int64: no setting in a spec needs it, and it would not survive JSON

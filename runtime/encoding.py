@@ -65,9 +65,7 @@ class Encoder:
         messages: list[dict[str, Any]] = [{"role": "user", "content": parts}]
         if response is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
-        return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=response is None
-        )
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
 
     def _process(self, text: str, image: Any) -> dict[str, torch.Tensor]:
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
@@ -99,9 +97,7 @@ class Encoder:
         if not self._checked_prefix:  # once: prompt tokens must not merge with the response
             n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             if n_prompt != len(raw_ids) - k:
-                raise EncodingError(
-                    "the prompt's tokens merge with the response's; generation would not match training"
-                )
+                raise EncodingError("the prompt's tokens merge with the response's; generation would not match training")
             self._checked_prefix = True
 
         target = full[start:end]
@@ -122,9 +118,7 @@ class Encoder:
         item.update(labels=labels, role_ids=role_ids)
         if self.max_length is not None and T > self.max_length:
             if T - k >= self.max_length:  # cutting into the prompt would cut image tokens too
-                raise EncodingError(
-                    f"max_length {self.max_length} leaves no room for targets after {T - k} prompt tokens"
-                )
+                raise EncodingError(f"max_length {self.max_length} leaves no room for targets after {T - k} prompt tokens")
             item = {key: (v[: self.max_length] if _is_seq(v, T) else v) for key, v in item.items()}
         item["n_target"] = int((item["labels"] != -100).sum())
         return item

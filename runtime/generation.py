@@ -167,9 +167,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, sort: bool = True) -> 
     return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def split_completion(
-    ids: Sequence[int], eos_token_id: int | Sequence[int] | None, cap: int
-) -> tuple[list[int], bool]:
+def split_completion(ids: Sequence[int], eos_token_id: int | Sequence[int] | None, cap: int) -> tuple[list[int], bool]:
     """Cut a generated row at its first EOS (kept) or at ``cap`` tokens.
 
     Returns ``(token_ids, truncated)``; ``truncated`` is True when no EOS appeared
@@ -286,9 +284,7 @@ def _collate(encoder: Any, items: list[Mapping[str, Any]]) -> dict[str, Any]:
     return dict(collate_fn(items, encoder.pad_token_id))
 
 
-def _generate_batch(
-    model: Any, encoder: Any, items: list[Mapping[str, Any]], caps: list[int], cfg: GenConfig
-) -> list[Completion]:
+def _generate_batch(model: Any, encoder: Any, items: list[Mapping[str, Any]], caps: list[int], cfg: GenConfig) -> list[Completion]:
     """Run one ``generate`` call over a left-padded batch; rows in batch order."""
     device = _model_device(model)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in _collate(encoder, items).items()}

@@ -6,6 +6,7 @@
   (one line per combination of the other swept params).
 - `metrics_vs_<axis>.png`: each reported metric against each swept numeric axis.
 """
+
 from __future__ import annotations
 
 import re
@@ -59,14 +60,21 @@ def plot_tradeoff(table: ResultsTable, path: Path) -> Path | None:
     groups = _groups(table, axis) if axis else {"": list(table.rows)}
     fig, ax = plt.subplots(figsize=(6.0, 4.8), dpi=120)
     for name, rows in groups.items():
-        pts = [(r, p, q) for r in rows
-               if (p := r.values.get("perception")) is not None and (q := r.values.get("reasoning")) is not None]
+        pts = [(r, p, q) for r in rows if (p := r.values.get("perception")) is not None and (q := r.values.get("reasoning")) is not None]
         if not pts:
             continue
         xs, ys = [p.mean for _, p, _ in pts], [q.mean for _, _, q in pts]
-        ax.errorbar(xs, ys, xerr=[_err(p) for _, p, _ in pts], yerr=[_err(q) for _, _, q in pts],
-                    marker="o", capsize=3, linestyle="-" if axis in num else "none", label=name or None)
-        for (r, p, q) in pts:
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[_err(p) for _, p, _ in pts],
+            yerr=[_err(q) for _, _, q in pts],
+            marker="o",
+            capsize=3,
+            linestyle="-" if axis in num else "none",
+            label=name or None,
+        )
+        for r, p, q in pts:
             text = f"{axis}={literal(r.params.get(axis))}" if axis else ""
             ax.annotate(text, (p.mean, q.mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("perception accuracy (a_p)")
@@ -92,8 +100,9 @@ def plot_metrics_vs_axis(table: ResultsTable, axis: str, path: Path) -> Path | N
         for name, rows in groups.items():
             pts = [(r.params[axis], st) for r in rows if (st := r.values.get(m)) is not None]
             if pts:
-                ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[_err(s) for _, s in pts],
-                            marker="o", capsize=3, label=name or None)
+                ax.errorbar(
+                    [x for x, _ in pts], [s.mean for _, s in pts], yerr=[_err(s) for _, s in pts], marker="o", capsize=3, label=name or None
+                )
         ax.set_xlabel(axis)
         ax.set_title(m)
         ax.grid(True, alpha=0.3)

@@ -24,6 +24,7 @@ existing cluster (`--backend ray`; `pip install -e '.[ray]'`), each task running
 same subprocess on a worker. This module never imports torch: it launches processes
 and reads JSON. Ray and matplotlib are imported only when used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -194,8 +195,11 @@ def compile_spec(path: Path, overrides: dict[str, str], origin: str = "--set") -
     if not isinstance(res.ir, ExperimentIR):
         errors = [d for d in res.diagnostics if d.is_error]
         what = "is a grid file, not an experiment spec" if res.ir is not None else "does not compile"
-        raise GridError(f"{relpath(path)} {what}" + (f" with {origin} values" if overrides and res.ir is None else ""),
-                        errors, res.loaded.sources if res.loaded else {})
+        raise GridError(
+            f"{relpath(path)} {what}" + (f" with {origin} values" if overrides and res.ir is None else ""),
+            errors,
+            res.loaded.sources if res.loaded else {},
+        )
     return res.ir
 
 
@@ -209,11 +213,15 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
     for name in sets:
         if name == "seed":
             if grid.seeds:
-                raise GridError(f"grid `{grid.name}` sweeps seeds ({', '.join(map(str, grid.seeds))}); "
-                                "--set seed=N is only for grids without a `seeds` line")
+                raise GridError(
+                    f"grid `{grid.name}` sweeps seeds ({', '.join(map(str, grid.seeds))}); "
+                    "--set seed=N is only for grids without a `seeds` line"
+                )
         elif name in swept:
-            raise GridError(f"--set {name}=...: `{name}` is swept by an axis of grid `{grid.name}`; "
-                            "--set fixes only template params that no axis sweeps (edit the axis instead)")
+            raise GridError(
+                f"--set {name}=...: `{name}` is swept by an axis of grid `{grid.name}`; "
+                "--set fixes only template params that no axis sweeps (edit the axis instead)"
+            )
         elif name not in tparams:
             guess = did_you_mean(name, tparams)
             hint = f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tparams) or 'none'}"
@@ -272,8 +280,9 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
         raise GridError(f"grid `{grid.name}` has no cells with these --set values (its `where` filter rejects every combination)")
     if broken:
         more = f" (and {len(broken) - 3} more)" if len(broken) > 3 else ""
-        raise GridError(f"{len(broken)} cell{'s' if len(broken) > 1 else ''} of grid `{grid.name}` do not compile{more}:\n  "
-                        + "\n  ".join(broken[:3]))
+        raise GridError(
+            f"{len(broken)} cell{'s' if len(broken) > 1 else ''} of grid `{grid.name}` do not compile{more}:\n  " + "\n  ".join(broken[:3])
+        )
     return GridPlan(grid, grid_file, tpath, out_dir, overrides, plans)
 
 
@@ -314,8 +323,9 @@ class GridLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise GridError(f"{relpath(self.path.parent)} is in use by another `percep grid` ({holder}); "
-                            "wait for it, or stop it (Ctrl-C) and run again") from None
+            raise GridError(
+                f"{relpath(self.path.parent)} is in use by another `percep grid` ({holder}); wait for it, or stop it (Ctrl-C) and run again"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {platform.node()} since {_now()}\n")
@@ -352,8 +362,14 @@ class GridState:
         for c in plan.cells:
             prev = c.previous or {}
             e: dict[str, Any] = {
-                "index": c.index, "label": c.label, "params": c.params, "grid_params": c.cell.params,
-                "seed": c.seed, "hash": c.hash, "run_dir": f"{CELLS_DIR}/{c.name}", "log": f"{CELLS_DIR}/{c.name}.log",
+                "index": c.index,
+                "label": c.label,
+                "params": c.params,
+                "grid_params": c.cell.params,
+                "seed": c.seed,
+                "hash": c.hash,
+                "run_dir": f"{CELLS_DIR}/{c.name}",
+                "log": f"{CELLS_DIR}/{c.name}.log",
                 "status": DONE if c.status == DONE else (FAILED if c.status == FAILED else PENDING),
             }
             for k in ("exit_code", "log_tail", "seconds", "finished"):
@@ -371,8 +387,13 @@ class GridState:
         return out
 
     def write(self, status: str) -> None:
-        data = {**self.header, "status": status, "updated": _now(), "counts": self.counts(),
-                "cells": [self.entries[i] for i in sorted(self.entries)]}
+        data = {
+            **self.header,
+            "status": status,
+            "updated": _now(),
+            "counts": self.counts(),
+            "cells": [self.entries[i] for i in sorted(self.entries)],
+        }
         write_json_atomic(self.path, data)
 
 
@@ -412,8 +433,9 @@ def _spawn(argv: Sequence[str], log_path: Path, env: dict[str, str]) -> subproce
     log = _open_log(log_path, argv)
     try:
         with _sigint_inheritable():
-            return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=(os.name == "posix"))
+            return subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=(os.name == "posix")
+            )
     finally:
         log.close()  # the child holds its own descriptor
 
@@ -476,8 +498,9 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def run_cell_process(run_args: Sequence[str], launcher: Sequence[str] | None, log_path: str, env_extra: dict[str, str],
-                     run_dir: str) -> dict[str, Any]:
+def run_cell_process(
+    run_args: Sequence[str], launcher: Sequence[str] | None, log_path: str, env_extra: dict[str, str], run_dir: str
+) -> dict[str, Any]:
     """Run one cell to the end where this function is called (a Ray worker) and report back.
 
     Returns exit code, log tail, host, and the run's summary when it completed, so that the
@@ -495,8 +518,7 @@ def run_cell_process(run_args: Sequence[str], launcher: Sequence[str] | None, lo
     except BaseException:
         _stop([proc], STOP_GRACE_S)
         raise
-    return {"exit_code": rc, "log_tail": log_tail(log_path), "host": socket.gethostname(),
-            "summary": read_summary(Path(run_dir))}
+    return {"exit_code": rc, "log_tail": log_tail(log_path), "host": socket.gethostname(), "summary": read_summary(Path(run_dir))}
 
 
 @dataclass
@@ -584,8 +606,14 @@ class RayBackend:
     filesystem, as is usual for a cluster); without one, summaries and log tails still come
     back to this machine through the task's return value."""
 
-    def __init__(self, launcher: Sequence[str] | None, env_extra: dict[str, str], address: str | None,
-                 cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0):
+    def __init__(
+        self,
+        launcher: Sequence[str] | None,
+        env_extra: dict[str, str],
+        address: str | None,
+        cpus_per_cell: float = 1.0,
+        gpus_per_cell: float = 0.0,
+    ):
         self.ray = import_ray()
         self.owns_ray = not self.ray.is_initialized()
         if self.owns_ray:
@@ -593,8 +621,7 @@ class RayBackend:
             try:
                 self.ray.init(address=address, log_to_driver=False, include_dashboard=False)
             except Exception as exc:  # ConnectionError, a bad address, a version mismatch, ...
-                raise GridError(f"cannot start or reach Ray{f' at {address}' if address else ''}: "
-                                f"{type(exc).__name__}: {exc}") from None
+                raise GridError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {type(exc).__name__}: {exc}") from None
         self.launcher = list(launcher) if launcher else None  # None: resolved on the worker
         # A cell uses the CPUs Ray reserved for it, no more (torch would otherwise take every core of the node).
         self.env_extra = {"OMP_NUM_THREADS": str(max(1, int(cpus_per_cell))), **env_extra}
@@ -680,9 +707,15 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
-            self._rich = RichProgress(TextColumn("[bold]grid[/]"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                      console=Console(file=self.stream), transient=False)
+            self._rich = RichProgress(
+                TextColumn("[bold]grid[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
             self._task = self._rich.add_task("grid", total=total, completed=already_done, status="")
             self._rich.start()
 
@@ -702,8 +735,11 @@ class Progress:
     def _emit(self, msg: str) -> None:
         if self._rich is not None:
             self._rich.console.print(msg, markup=False, highlight=False)
-            self._rich.update(self._task, completed=self.done + self.failed, status=f"{self.running} running, "
-                              f"{self.failed} failed, ETA {fmt_duration(self.eta())}")
+            self._rich.update(
+                self._task,
+                completed=self.done + self.failed,
+                status=f"{self.running} running, {self.failed} failed, ETA {fmt_duration(self.eta())}",
+            )
         else:
             print(f"[{self.status()}] {msg}", file=self.stream, flush=True)
         self.last_line = time.monotonic()
@@ -766,9 +802,17 @@ def thread_env(jobs: int, cpus: int | None = None) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, cpus // jobs))}
 
 
-def execute(plan: GridPlan, *, jobs: int | None = 1, backend: str = "local", address: str | None = None,
-            launcher: Sequence[str] | None = None, stream: TextIO | None = None,
-            cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0) -> GridOutcome:
+def execute(
+    plan: GridPlan,
+    *,
+    jobs: int | None = 1,
+    backend: str = "local",
+    address: str | None = None,
+    launcher: Sequence[str] | None = None,
+    stream: TextIO | None = None,
+    cpus_per_cell: float = 1.0,
+    gpus_per_cell: float = 0.0,
+) -> GridOutcome:
     """Run every cell that is not done; write grid_state.json after each event.
 
     `jobs` limits cells in flight (None with Ray: as many as the cluster schedules; Ray reserves
@@ -832,8 +876,13 @@ def execute(plan: GridPlan, *, jobs: int | None = 1, backend: str = "local", add
                 tail = fin.error or fin.log_tail
                 if fin.exit_code == 0 and not ok:
                     tail = (tail + "\n" if tail else "") + f"percep grid: exit 0 but no complete {SUMMARY_FILE} in {cell.run_dir}"
-                fields: dict[str, Any] = {"status": DONE if ok else FAILED, "finished": _now(), "seconds": secs,
-                                          "exit_code": fin.exit_code, "log_tail": None if ok else tail}
+                fields: dict[str, Any] = {
+                    "status": DONE if ok else FAILED,
+                    "finished": _now(),
+                    "seconds": secs,
+                    "exit_code": fin.exit_code,
+                    "log_tail": None if ok else tail,
+                }
                 if fin.host:
                     fields["host"] = fin.host
                 mark(cell, **fields)
@@ -992,8 +1041,9 @@ def collect(grid_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any] 
     return summaries, load_state(grid_dir)
 
 
-def aggregate(summaries: Sequence[dict[str, Any]], state: dict[str, Any] | None = None,
-              metrics: Sequence[str] | None = None, grid: str | None = None) -> ResultsTable:
+def aggregate(
+    summaries: Sequence[dict[str, Any]], state: dict[str, Any] | None = None, metrics: Sequence[str] | None = None, grid: str | None = None
+) -> ResultsTable:
     """A row per setting (params without the seed): mean ± std over seeds of the metrics, their
     first→last-stage deltas and key diagnostics; failed cells (from the state) are counted."""
     state = state or {}
@@ -1079,8 +1129,10 @@ def table_csv(table: ResultsTable) -> str:
 
 def table_markdown(table: ResultsTable, plots: Sequence[Path] = ()) -> str:
     out = [f"# Grid `{table.grid}`", ""]
-    out.append(f"{table.n_runs} finished run{'s' if table.n_runs != 1 else ''} in {len(table.rows)} setting"
-               f"{'s' if len(table.rows) != 1 else ''}; mean ± sample std over seeds.")
+    out.append(
+        f"{table.n_runs} finished run{'s' if table.n_runs != 1 else ''} in {len(table.rows)} setting"
+        f"{'s' if len(table.rows) != 1 else ''}; mean ± sample std over seeds."
+    )
     if table.stages:
         out.append(f"Δ columns: change from the first stage (`{table.stages[0]}`) to the last (`{table.stages[1]}`).")
     if table.constant and table.axes != list(table.constant):
@@ -1125,23 +1177,38 @@ def list_cells(plan: GridPlan, stream: TextIO) -> None:
         status = c.status
         if c.status == FAILED and c.previous:
             status = f"failed (exit {c.previous.get('exit_code')}), will {'resume' if c.run_dir.is_dir() else 'rerun'}"
-        rows.append([str(c.index), *(_fmt_param(c.cell.params.get(n)) for n in names), str(c.seed), c.hash,
-                     relpath(c.run_dir), status])
+        rows.append([str(c.index), *(_fmt_param(c.cell.params.get(n)) for n in names), str(c.seed), c.hash, relpath(c.run_dir), status])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     n_set = len({_key(c.cell.params) for c in plan.cells})
     n_seeds = len(plan.grid.seeds) or 1
-    print(f"grid {plan.grid.name}: {plural(len(plan.cells), 'cell')} ({plural(n_set, 'setting')}, {plural(n_seeds, 'seed')}) "
-          f"of {relpath(plan.template)} → {relpath(plan.out_dir)}", file=stream)
+    print(
+        f"grid {plan.grid.name}: {plural(len(plan.cells), 'cell')} ({plural(n_set, 'setting')}, {plural(n_seeds, 'seed')}) "
+        f"of {relpath(plan.template)} → {relpath(plan.out_dir)}",
+        file=stream,
+    )
     for line in [head, *rows]:
         print("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip(), file=stream)
-    print(f"{plan.count(DONE)} done, {plan.count(PENDING)} pending, {plan.count(RESUME)} to resume, "
-          f"{plan.count(FAILED)} failed earlier", file=stream)
+    print(
+        f"{plan.count(DONE)} done, {plan.count(PENDING)} pending, {plan.count(RESUME)} to resume, {plan.count(FAILED)} failed earlier",
+        file=stream,
+    )
 
 
-def grid_command(grid_file: Path, *, dry_run: bool = False, jobs: int | None = None, out: Path | None = None,
-                 sets: Sequence[str] = (), backend: str = "local", address: str | None = None,
-                 cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0, launcher: Sequence[str] | None = None,
-                 stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def grid_command(
+    grid_file: Path,
+    *,
+    dry_run: bool = False,
+    jobs: int | None = None,
+    out: Path | None = None,
+    sets: Sequence[str] = (),
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_cell: float = 1.0,
+    gpus_per_cell: float = 0.0,
+    launcher: Sequence[str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
     """`percep grid`: plan, (dry-)run and aggregate a grid. Returns the process exit code:
     0 every cell complete, 2 refused before anything ran, 3 some cell failed, 130 interrupted.
 
@@ -1174,29 +1241,49 @@ def grid_command(grid_file: Path, *, dry_run: bool = False, jobs: int | None = N
         jobs = jobs or 1
         cpus = os.cpu_count() or 1
         if jobs > 1 and jobs > cpus // 2:
-            print(f"warning: --jobs {jobs} on {cpus} cores: a training run uses every core it gets, so parallel cells "
-                  "slow each other down and the grid rarely finishes sooner than with --jobs 1", file=stderr)
+            print(
+                f"warning: --jobs {jobs} on {cpus} cores: a training run uses every core it gets, so parallel cells "
+                "slow each other down and the grid rarely finishes sooner than with --jobs 1",
+                file=stderr,
+            )
     todo = len(plan.cells) - plan.count(DONE)
-    print(f"grid {plan.grid.name}: {plural(len(plan.cells), 'cell')}, {plan.count(DONE)} already done, {todo} to run "
-          f"({backend}{'' if jobs is None else f', {jobs} at a time'}) → {relpath(plan.out_dir)}", file=stderr)
+    print(
+        f"grid {plan.grid.name}: {plural(len(plan.cells), 'cell')}, {plan.count(DONE)} already done, {todo} to run "
+        f"({backend}{'' if jobs is None else f', {jobs} at a time'}) → {relpath(plan.out_dir)}",
+        file=stderr,
+    )
     try:
         with GridLock(plan.out_dir):
-            outcome = execute(plan, jobs=jobs, backend=backend, address=address, launcher=launcher, stream=stderr,
-                              cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
+            outcome = execute(
+                plan,
+                jobs=jobs,
+                backend=backend,
+                address=address,
+                launcher=launcher,
+                stream=stderr,
+                cpus_per_cell=cpus_per_cell,
+                gpus_per_cell=gpus_per_cell,
+            )
     except GridError as exc:  # another run holds the grid, Ray cannot be reached
         print(exc.render(), file=stderr)
         return EXIT_USAGE
     if outcome.status == "interrupted":
-        print(f"interrupted: {outcome.done}/{len(plan.cells)} cells done, {len(outcome.interrupted)} stopped; "
-              f"state in {relpath(plan.state_path)}; run the same command again to finish the rest", file=stderr)
+        print(
+            f"interrupted: {outcome.done}/{len(plan.cells)} cells done, {len(outcome.interrupted)} stopped; "
+            f"state in {relpath(plan.state_path)}; run the same command again to finish the rest",
+            file=stderr,
+        )
         return EXIT_INTERRUPTED
     try:
         table, plots = write_results(plan.out_dir)
     except Exception as exc:  # results are a view of the run dirs: never lose the run's exit status over them
         print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stderr)
     else:
-        print(f"results: {relpath(plan.out_dir / RESULTS_MD)}, {relpath(plan.out_dir / RESULTS_CSV)}"
-              + "".join(f", {relpath(p)}" for p in plots), file=stderr)
+        print(
+            f"results: {relpath(plan.out_dir / RESULTS_MD)}, {relpath(plan.out_dir / RESULTS_CSV)}"
+            + "".join(f", {relpath(p)}" for p in plots),
+            file=stderr,
+        )
         print(table_markdown(table), file=stdout, end="")
     for c in outcome.failed:
         e = outcome.entries.get(c.index, {})
@@ -1210,14 +1297,15 @@ def report_command(grid_dir: Path, *, stdout: TextIO | None = None, stderr: Text
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     grid_dir = Path(grid_dir)
     if not (grid_dir / CELLS_DIR).is_dir():
-        print(f"error: {grid_dir} is not a grid directory (no {CELLS_DIR}/ inside; `percep grid GRID --out DIR` makes one)",
-              file=stderr)
+        print(f"error: {grid_dir} is not a grid directory (no {CELLS_DIR}/ inside; `percep grid GRID --out DIR` makes one)", file=stderr)
         return EXIT_USAGE
     table, plots = write_results(grid_dir)
     if not table.rows:
         print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
-    print(f"wrote {relpath(grid_dir / RESULTS_MD)}, {relpath(grid_dir / RESULTS_CSV)}"
-          + "".join(f", {relpath(p)}" for p in plots), file=stderr)
+    print(
+        f"wrote {relpath(grid_dir / RESULTS_MD)}, {relpath(grid_dir / RESULTS_CSV)}" + "".join(f", {relpath(p)}" for p in plots),
+        file=stderr,
+    )
     return EXIT_OK

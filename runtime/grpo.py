@@ -138,8 +138,7 @@ def loss_denominator(mask: torch.Tensor, how: Aggregation = "sequence") -> float
     return max(float(n), 1.0)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "sequence",
-              denominator: float | None = None) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "sequence", denominator: float | None = None) -> torch.Tensor:
     """Reduce ``per_token[N, T]`` over the tokens where ``mask`` is 1.
 
     ``sequence``: the mean over each sequence's tokens, summed over sequences and divided
@@ -155,10 +154,19 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "s
     return ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum() / denominator
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *,
-              clip: float = 0.2, clip_high: float | None = None, aggregation: Aggregation = "sequence",
-              ref_logp: torch.Tensor | None = None, kl: float = 0.0,
-              denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float = 0.2,
+    clip_high: float | None = None,
+    aggregation: Aggregation = "sequence",
+    ref_logp: torch.Tensor | None = None,
+    kl: float = 0.0,
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss and its statistics.
 
     ``logp``/``old_logp``/``ref_logp``: [N, T] log-probabilities of the sampled tokens under
@@ -253,10 +261,21 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 
 
 @torch.no_grad()  # not inference_mode: the ids and masks feed the autograd-tracked training forward
-def sample_completions(model: Any, prompt: Mapping[str, torch.Tensor], *, group: int, max_new_tokens: int,
-                       temperature: float, top_p: float, eos_token_id: int, pad_token_id: int,
-                       suppress: tuple[int, ...] = (), generator: torch.Generator | None = None,
-                       dtype: torch.dtype = torch.float32, compile: bool = False) -> Rollouts:
+def sample_completions(
+    model: Any,
+    prompt: Mapping[str, torch.Tensor],
+    *,
+    group: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    suppress: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+) -> Rollouts:
     """Sample ``group`` completions of every prompt of a collated, left-padded batch.
 
     LLaVA models with a plain Llama decoder take the fast path (``_decode_llava``): each
@@ -272,17 +291,18 @@ def sample_completions(model: Any, prompt: Mapping[str, torch.Tensor], *, group:
     t0 = time.perf_counter()
     parts = _llava_parts(model)
     if parts is None or not FusedLlamaDecoder.supports(parts[0]):
-        ids = _hf_generate(model, prompt, group, max_new_tokens, temperature, top_p, eos_token_id,
-                           pad_token_id, suppress, generator)
+        ids = _hf_generate(model, prompt, group, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, suppress, generator)
     else:
-        ids = _decode_llava(parts, prompt, group, max_new_tokens, temperature, top_p, eos_token_id,
-                            pad_token_id, suppress, generator, dtype, compile)
+        ids = _decode_llava(
+            parts, prompt, group, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, suppress, generator, dtype, compile
+        )
     is_eos = ids == eos_token_id
     seen_eos = is_eos.long().cumsum(dim=1)
     mask = (seen_eos == 0) | (is_eos & (seen_eos == 1))  # tokens up to and including the first EOS
     ids = ids.masked_fill(~mask, pad_token_id)
-    return Rollouts(prompt=dict(prompt), ids=ids, mask=mask.long(), truncated=~is_eos.any(dim=1),
-                    group=group, gen_s=time.perf_counter() - t0)
+    return Rollouts(
+        prompt=dict(prompt), ids=ids, mask=mask.long(), truncated=~is_eos.any(dim=1), group=group, gen_s=time.perf_counter() - t0
+    )
 
 
 class FusedLlamaDecoder:
@@ -324,21 +344,39 @@ class FusedLlamaDecoder:
             qkv_b = cast(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
             if qkv_b is not None:
                 qkv_b[:q_rows] *= a.scaling
-            self.layers.append(dict(
-                ln1=cast(layer.input_layernorm.weight), ln2=cast(layer.post_attention_layernorm.weight),
-                qkv_w=qkv_w, qkv_b=qkv_b,
-                o_w=cast(a.o_proj.weight), o_b=cast(a.o_proj.bias),
-                gu_w=cast(m.gate_proj.weight, m.up_proj.weight), gu_b=cast(m.gate_proj.bias, m.up_proj.bias),
-                down_w=cast(m.down_proj.weight), down_b=cast(m.down_proj.bias),
-                act=m.act_fn,
-            ))
+            self.layers.append(
+                dict(
+                    ln1=cast(layer.input_layernorm.weight),
+                    ln2=cast(layer.post_attention_layernorm.weight),
+                    qkv_w=qkv_w,
+                    qkv_b=qkv_b,
+                    o_w=cast(a.o_proj.weight),
+                    o_b=cast(a.o_proj.bias),
+                    gu_w=cast(m.gate_proj.weight, m.up_proj.weight),
+                    gu_b=cast(m.gate_proj.bias, m.up_proj.bias),
+                    down_w=cast(m.down_proj.weight),
+                    down_b=cast(m.down_proj.bias),
+                    act=m.act_fn,
+                )
+            )
 
     @staticmethod
     def supports(lm: Any) -> bool:
         if getattr(lm.config, "model_type", None) != "llama":
             return False
-        mods = [mod for layer in lm.layers for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        mods = [
+            mod
+            for layer in lm.layers
+            for mod in (
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
         return all(type(mod) is torch.nn.Linear for mod in mods)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -354,9 +392,16 @@ class FusedLlamaDecoder:
         half = self.hd // 2
         return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def step(self, tok: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-             keys: list[torch.Tensor], values: list[torch.Tensor], at: int | torch.Tensor,
-             bias: torch.Tensor | None) -> torch.Tensor:
+    def step(
+        self,
+        tok: torch.Tensor,
+        pos: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        at: int | torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Logits [N, V] after feeding ``tok[N]`` at positions ``pos[N]``; its K/V go to cache
         slot ``at``; attention covers slots ``0..at`` (``bias``: additive padding mask).
 
@@ -420,14 +465,26 @@ def compiled_step() -> Any | None:
 
 
 def _compile_failed(exc: Exception) -> None:
-    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); the GRPO sampler decodes eagerly",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); the GRPO sampler decodes eagerly", RuntimeWarning, stacklevel=3
+    )
     _COMPILED[:] = [None]
 
 
-def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor], G: int, T: int,
-                  temperature: float, top_p: float, eos: int, pad: int, suppress: tuple[int, ...],
-                  gen: torch.Generator | None, dtype: torch.dtype, compile: bool = False) -> torch.Tensor:
+def _decode_llava(
+    parts: tuple[Any, Any, Any],
+    prompt: Mapping[str, torch.Tensor],
+    G: int,
+    T: int,
+    temperature: float,
+    top_p: float,
+    eos: int,
+    pad: int,
+    suppress: tuple[int, ...],
+    gen: torch.Generator | None,
+    dtype: torch.dtype,
+    compile: bool = False,
+) -> torch.Tensor:
     """Prefill the B prompts once (Hugging Face forward: vision tower + decoder), copy the
     prompt K/V G times into an fp32 cache preallocated for prompt + cap, then decode B·G rows."""
     lm, head, full = parts
@@ -479,17 +536,34 @@ def _decode_llava(parts: tuple[Any, Any, Any], prompt: Mapping[str, torch.Tensor
     return ids
 
 
-def _hf_generate(model: Any, prompt: Mapping[str, torch.Tensor], G: int, T: int, temperature: float, top_p: float,
-                 eos: int, pad: int, suppress: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
-    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-                if temperature > 0 else {"do_sample": False})
+def _hf_generate(
+    model: Any,
+    prompt: Mapping[str, torch.Tensor],
+    G: int,
+    T: int,
+    temperature: float,
+    top_p: float,
+    eos: int,
+    pad: int,
+    suppress: tuple[int, ...],
+    gen: torch.Generator | None,
+) -> torch.Tensor:
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {"do_sample": False}
     rng = torch.random.fork_rng(devices=[]) if gen is not None else contextlib.nullcontext()
     with rng:
         if gen is not None:  # generate takes no generator: seed a forked global stream from it
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        seqs = model.generate(**prompt, num_return_sequences=G, max_new_tokens=T, eos_token_id=eos,
-                              pad_token_id=pad, suppress_tokens=list(suppress) or None, use_cache=True, **sampling)
-    new = seqs[:, prompt["input_ids"].shape[1]:]
+        seqs = model.generate(
+            **prompt,
+            num_return_sequences=G,
+            max_new_tokens=T,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            suppress_tokens=list(suppress) or None,
+            use_cache=True,
+            **sampling,
+        )
+    new = seqs[:, prompt["input_ids"].shape[1] :]
     return torch.nn.functional.pad(new, (0, T - new.shape[1]), value=pad)
 
 
@@ -501,8 +575,7 @@ def loss_mask(roll: Rollouts, mask_truncated: bool = True) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- log-probs
-def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0,
-                        rows: torch.Tensor | None = None) -> torch.Tensor:
+def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """[n, T] float32 log-probabilities of the sampled tokens under ``model``, for the
     rollout rows ``rows`` (default: all N).
 
@@ -541,7 +614,7 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0,
         for i, layer in enumerate(_cache_of(out).layers):
             cache.update(layer.keys[which], layer.values[which], i)
         mask = torch.cat([prompt_mask[which], roll.mask[rows]], dim=1)
-        pos = _positions(mask)[:, prompt_mask.shape[1]:]
+        pos = _positions(mask)[:, prompt_mask.shape[1] :]
         kw = {_cache_kwarg(lm): cache}
         hidden = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw).last_hidden_state
         # the prompt's last position predicts completion token 0; completion position t predicts t+1
@@ -561,16 +634,27 @@ class GRPOModule(L.LightningModule):
     checkpoint. ``diagnostics()`` gives the stage's reward statistics for ``summary.json``.
     """
 
-    def __init__(self, loaded: Any, encoder: Any, task: Any, config: GRPOConfig, reward: Reward, *,
-                 seed: int = 0, stage_name: str = "grpo", split: str = "train"):
+    def __init__(
+        self,
+        loaded: Any,
+        encoder: Any,
+        task: Any,
+        config: GRPOConfig,
+        reward: Reward,
+        *,
+        seed: int = 0,
+        stage_name: str = "grpo",
+        split: str = "train",
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.loaded, self.model, self.encoder, self.task = loaded, loaded.model, encoder, task
         self.cfg, self.reward, self.seed, self.split = config, reward, int(seed), split
         self._ref: list[torch.nn.Module] = []  # the KL reference (iff kl > 0): see setup_reference
         self.diag = RewardDiagnostics(reward.term_names, reward.surrogates, config.warn_after, stage_name)
-        image_token = getattr(getattr(self.model, "config", None), "image_token_id", None) \
-            or getattr(getattr(self.model, "config", None), "image_token_index", None)
+        image_token = getattr(getattr(self.model, "config", None), "image_token_id", None) or getattr(
+            getattr(self.model, "config", None), "image_token_index", None
+        )
         self.suppress: tuple[int, ...] = (int(image_token),) if image_token is not None else ()
         self.timing: dict[str, float] = {"gen_s": 0.0, "gen_tokens": 0.0, "steps": 0.0}
         self.setup_reference()
@@ -643,13 +727,29 @@ class GRPOModule(L.LightningModule):
             if len(rows):
                 logp = completion_logprobs(self.model, roll, cfg.temperature, rows)
                 old = logp.detach() if old is None else old  # update 0 runs the sampling policy: ρ = 1
-                loss, stats = grpo_loss(logp, old, adv[rows], mask[rows], clip=cfg.clip, clip_high=cfg.clip_high,
-                                        aggregation=cfg.aggregation, ref_logp=ref, kl=cfg.kl, denominator=denom)
+                loss, stats = grpo_loss(
+                    logp,
+                    old,
+                    adv[rows],
+                    mask[rows],
+                    clip=cfg.clip,
+                    clip_high=cfg.clip_high,
+                    aggregation=cfg.aggregation,
+                    ref_logp=ref,
+                    kl=cfg.kl,
+                    denominator=denom,
+                )
                 self.manual_backward(loss)
             logs["grad_norm"] = self._clip_grads()
             opt.step()  # also with zero gradients, as any GRPO step: Adam's momentum still moves
-        logs.update(stats, loss=float(loss.detach()), lr=lr, adv_std=float(adv.std()),
-                    trained_rows=len(rows) / max(len(adv), 1), update_s=time.perf_counter() - t0)
+        logs.update(
+            stats,
+            loss=float(loss.detach()),
+            lr=lr,
+            adv_std=float(adv.std()),
+            trained_rows=len(rows) / max(len(adv), 1),
+            update_s=time.perf_counter() - t0,
+        )
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(roll.ids.shape[0]))
 
     # -- pieces of the step ----------------------------------------------------------------
@@ -664,24 +764,36 @@ class GRPOModule(L.LightningModule):
         bf16 = self.cfg.gen_precision == "bf16"  # fused decoder weights; autocast for prefill / HF generate
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with amp, eval_mode(self.model):
-            roll = sample_completions(self.model, prompt, group=self.cfg.group, max_new_tokens=self.cfg.max_new_tokens,
-                                      temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                      eos_token_id=self.encoder.eos_token_id, pad_token_id=self.encoder.pad_token_id,
-                                      suppress=self.suppress, generator=gen,
-                                      dtype=torch.bfloat16 if bf16 else torch.float32, compile=self.cfg.compile)
+            roll = sample_completions(
+                self.model,
+                prompt,
+                group=self.cfg.group,
+                max_new_tokens=self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                eos_token_id=self.encoder.eos_token_id,
+                pad_token_id=self.encoder.pad_token_id,
+                suppress=self.suppress,
+                generator=gen,
+                dtype=torch.bfloat16 if bf16 else torch.float32,
+                compile=self.cfg.compile,
+            )
         G, lengths = self.cfg.group, roll.lengths.tolist()
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()
-        groups = [RolloutGroup.score(self.task, s, texts[i * G:(i + 1) * G], trunc[i * G:(i + 1) * G])
-                  for i, s in enumerate(samples)]
+        groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
         values = [self.reward(g) for g in groups]
         logs = self.diag.update(groups, values)
         n_tok = float(sum(lengths))
         self.timing["gen_s"] += roll.gen_s
         self.timing["gen_tokens"] += n_tok
         self.timing["steps"] += 1
-        logs.update(completion_tokens=n_tok / len(lengths), truncated_frac=float(np.mean(trunc)),
-                    gen_s=roll.gen_s, gen_tokens_per_s=n_tok / max(roll.gen_s, 1e-9))
+        logs.update(
+            completion_tokens=n_tok / len(lengths),
+            truncated_frac=float(np.mean(trunc)),
+            gen_s=roll.gen_s,
+            gen_tokens_per_s=n_tok / max(roll.gen_s, 1e-9),
+        )
         return roll, torch.tensor(np.stack([v.total for v in values]), dtype=torch.float32), logs
 
     @torch.no_grad()
@@ -728,8 +840,8 @@ class PromptSampler(Sampler[list[int]]):
         epoch = 0
         while True:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            batches = [perm[i:i + self.batch_size].tolist() for i in range(0, self.n - self.batch_size + 1, self.batch_size)]
-            yield from batches[self.rank::self.world]
+            batches = [perm[i : i + self.batch_size].tolist() for i in range(0, self.n - self.batch_size + 1, self.batch_size)]
+            yield from batches[self.rank :: self.world]
             epoch += 1
 
 
@@ -761,8 +873,7 @@ class PromptDataModule(L.LightningDataModule):
 
 
 # --------------------------------------------------------------------------- entry point
-def build_grpo(loaded: Any, encoder: Any, task: Any, stage: Any, seed: int,
-               **overrides: Any) -> tuple[GRPOModule, PromptDataModule]:
+def build_grpo(loaded: Any, encoder: Any, task: Any, stage: Any, seed: int, **overrides: Any) -> tuple[GRPOModule, PromptDataModule]:
     """The module and data module of a ``grpo`` stage.
 
     ``overrides`` set ``GRPOConfig`` fields that are not in the stage's settings (e.g.
@@ -777,7 +888,19 @@ def build_grpo(loaded: Any, encoder: Any, task: Any, stage: Any, seed: int,
 
 
 __all__ = [
-    "FusedLlamaDecoder", "GRPOConfig", "GRPOModule", "PromptDataModule", "PromptSampler", "Rollouts", "aggregate",
-    "build_grpo", "loss_denominator", "loss_mask",
-    "completion_logprobs", "group_advantages", "grpo_loss", "lr_spec", "sample_completions",
+    "FusedLlamaDecoder",
+    "GRPOConfig",
+    "GRPOModule",
+    "PromptDataModule",
+    "PromptSampler",
+    "Rollouts",
+    "aggregate",
+    "build_grpo",
+    "loss_denominator",
+    "loss_mask",
+    "completion_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "lr_spec",
+    "sample_completions",
 ]

@@ -134,9 +134,7 @@ class Objective:
             out.append(sums[m].sum() / n if int(n) > 0 else None)
         return out
 
-    def loss(
-        self, sums: torch.Tensor, counts: torch.Tensor, step: int, total: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, sums: torch.Tensor, counts: torch.Tensor, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The scalar loss to backpropagate (token_mean, mix) and the step's logs.
 
         For ngdiff this returns the equal-weight sum of the group losses (for logging

@@ -127,9 +127,7 @@ def build_tiny(
         clean_up_tokenization_spaces=False,  # "1 2 , 3" must not become "1 2, 3"
         model_max_length=4096,
     )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image}, crop_size={"height": image, "width": image}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image})
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -182,8 +180,17 @@ def build_tiny(
     save_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(save_dir)
     processor.save_pretrained(save_dir)
-    build = dict(width=width, depth=depth, heads=heads, vision_width=vision_width, vision_depth=vision_depth,
-                 patch=patch, image=image, seed=seed, attn_implementation=TINY_ATTENTION)
+    build = dict(
+        width=width,
+        depth=depth,
+        heads=heads,
+        vision_width=vision_width,
+        vision_depth=vision_depth,
+        patch=patch,
+        image=image,
+        seed=seed,
+        attn_implementation=TINY_ATTENTION,
+    )
     (save_dir / TINY_MARKER).write_text(json.dumps(build, indent=2))
     return load_hf(save_dir)
 
@@ -244,22 +251,17 @@ def load_hf(
         ) from exc
     if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
         raise ModelLoadError(
-            f"{str(path)!r} has a {type(processor).__name__}, "
-            "not a multimodal processor with a tokenizer and an image processor"
+            f"{str(path)!r} has a {type(processor).__name__}, not a multimodal processor with a tokenizer and an image processor"
         )
     if not getattr(processor, "chat_template", None):
-        raise ModelLoadError(
-            f"the processor of {str(path)!r} has no chat template; training sequences are built with it"
-        )
+        raise ModelLoadError(f"the processor of {str(path)!r} has no chat template; training sequences are built with it")
     if lora:
         model = _with_lora(model, lora)
     loaded = LoadedModel(model=model, processor=processor, kind="tiny" if tiny else "hf", path=path)
     if vocab is not None:
         missing = check_vocabulary(loaded, vocab)
         if missing:
-            raise ModelLoadError(
-                f"the tokenizer of {str(path)!r} cannot encode {len(missing)} task word(s), e.g. {missing[:8]}"
-            )
+            raise ModelLoadError(f"the tokenizer of {str(path)!r} cannot encode {len(missing)} task word(s), e.g. {missing[:8]}")
     return loaded
 
 

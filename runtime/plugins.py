@@ -1,5 +1,6 @@
 """Resolve catalogue `impl` paths ("package.module:attr") — the one place the runtime
 imports code named by the catalogue, built-in or plugin."""
+
 from __future__ import annotations
 
 import importlib

@@ -82,15 +82,17 @@ class RolloutGroup:
         return len(self.completions)
 
     @classmethod
-    def score(cls, task: Any, sample: Any, completions: Sequence[str],
-              truncated: Sequence[bool] | None = None) -> RolloutGroup:
+    def score(cls, task: Any, sample: Any, completions: Sequence[str], truncated: Sequence[bool] | None = None) -> RolloutGroup:
         """Score every completion against ``sample.instance`` and parse its perception."""
         texts = list(completions)
-        return cls(sample=sample, completions=texts,
-                   scores=[task.score(sample.instance, t) for t in texts],
-                   perceptions=[task.parse_perception(t) for t in texts],
-                   truncated=list(truncated) if truncated is not None else [False] * len(texts),
-                   task=task)
+        return cls(
+            sample=sample,
+            completions=texts,
+            scores=[task.score(sample.instance, t) for t in texts],
+            perceptions=[task.parse_perception(t) for t in texts],
+            truncated=list(truncated) if truncated is not None else [False] * len(texts),
+            task=task,
+        )
 
 
 # --------------------------------------------------------------------------- built-in terms
@@ -250,8 +252,9 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     return _r(x - x.mean(), y - y.mean())
 
 
-def within_group_pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
-                         groups: Sequence[int] | np.ndarray) -> float | None:
+def within_group_pearson(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, groups: Sequence[int] | np.ndarray
+) -> float | None:
     """Pooled within-group Pearson r: both variables centred on their group means, then
     correlated — what a group-centred advantage can see. A group where one variable is
     constant adds no covariance but its spread in the other still counts. ``None`` when
@@ -301,8 +304,7 @@ class RewardDiagnostics:
     for how long (once per streak).
     """
 
-    def __init__(self, term_names: Sequence[str], surrogates: Sequence[str] = (),
-                 warn_after: int = 10, stage: str = "grpo"):
+    def __init__(self, term_names: Sequence[str], surrogates: Sequence[str] = (), warn_after: int = 10, stage: str = "grpo"):
         self.term_names, self.surrogates = list(term_names), list(surrogates)
         self.warn_after, self.stage = int(warn_after), stage
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in ("total", "perception", "reasoning", "group")}
@@ -349,9 +351,11 @@ class RewardDiagnostics:
                 reached.append(k)
         if reached:
             what = ", ".join(self._describe_flat(k, values) for k in reached)
-            msg = (f"GRPO stage `{self.stage}`: {what} constant within every group for "
-                   f"{self.warn_after} consecutive steps (step {self.steps}); a constant reward "
-                   f"gives zero advantages, so these steps do not learn from it")
+            msg = (
+                f"GRPO stage `{self.stage}`: {what} constant within every group for "
+                f"{self.warn_after} consecutive steps (step {self.steps}); a constant reward "
+                f"gives zero advantages, so these steps do not learn from it"
+            )
             log.warning(msg)
             warnings.warn(msg, RewardWarning, stacklevel=3)
 
@@ -364,10 +368,14 @@ class RewardDiagnostics:
 
     # -- checkpointing (plain lists: safe for weights-only checkpoint loading) ---------------
     def state_dict(self) -> dict[str, Any]:
-        return {"cols": {k: [a.tolist() for a in v] for k, v in self._cols.items()},
-                "terms": {k: [a.tolist() for a in v] for k, v in self._terms.items()},
-                "constant": [a.tolist() for a in self._constant], "streak": dict(self._streak),
-                "n_groups": self._n_groups, "steps": self.steps}
+        return {
+            "cols": {k: [a.tolist() for a in v] for k, v in self._cols.items()},
+            "terms": {k: [a.tolist() for a in v] for k, v in self._terms.items()},
+            "constant": [a.tolist() for a in self._constant],
+            "streak": dict(self._streak),
+            "n_groups": self._n_groups,
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._cols = {k: [np.asarray(a, dtype=np.float64) for a in v] for k, v in state["cols"].items()}
@@ -377,8 +385,9 @@ class RewardDiagnostics:
         self._n_groups, self.steps = int(state["n_groups"]), int(state["steps"])
 
     # -- aggregates -------------------------------------------------------------------------
-    def _stats(self, total: np.ndarray, perc: np.ndarray, reas: np.ndarray, gid: np.ndarray,
-               terms: Mapping[str, np.ndarray], const: np.ndarray) -> dict[str, float | None]:
+    def _stats(
+        self, total: np.ndarray, perc: np.ndarray, reas: np.ndarray, gid: np.ndarray, terms: Mapping[str, np.ndarray], const: np.ndarray
+    ) -> dict[str, float | None]:
         out: dict[str, float | None] = {"reward": float(total.mean()) if total.size else None}
         out.update({f"reward/{k}": float(v.mean()) if v.size else None for k, v in terms.items()})
         out["reward_perception_corr"] = pearson(total, perc)
@@ -399,14 +408,30 @@ class RewardDiagnostics:
         terms = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self._terms.items()}
         const = np.concatenate(self._constant) if self._constant else np.zeros(0, dtype=bool)
         out: dict[str, float | int | None] = dict(
-            self._stats(cat["total"], cat["perception"], cat["reasoning"], cat["group"], terms, const))
+            self._stats(cat["total"], cat["perception"], cat["reasoning"], cat["group"], terms, const)
+        )
         out.update(rollouts=int(cat["total"].size), groups=self._n_groups, steps=self.steps)
         return out
 
 
 __all__ = [
-    "LABELLED_TERMS", "Reward", "RewardDiagnostics", "RewardError", "RewardFn", "RewardValues",
-    "RewardWarning", "RolloutGroup", "compile_reward", "constant_groups", "format_ok", "outcome",
-    "pearson", "perceived_consistency", "perception_match", "perception_partial", "self_consistency",
-    "term_key", "within_group_pearson",
+    "LABELLED_TERMS",
+    "Reward",
+    "RewardDiagnostics",
+    "RewardError",
+    "RewardFn",
+    "RewardValues",
+    "RewardWarning",
+    "RolloutGroup",
+    "compile_reward",
+    "constant_groups",
+    "format_ok",
+    "outcome",
+    "pearson",
+    "perceived_consistency",
+    "perception_match",
+    "perception_partial",
+    "self_consistency",
+    "term_key",
+    "within_group_pearson",
 ]

@@ -119,7 +119,7 @@ def token_roles(char_roles: np.ndarray, text: str, offsets: Sequence[tuple[int, 
     next_ns = np.minimum.accumulate(idx[::-1])[::-1] if n else idx
     last_ns = int(np.flatnonzero(nonspace)[-1]) if nonspace.any() else -1
     out = []
-    for start, end in offsets:
+    for start, _end in offsets:
         j = int(next_ns[start]) if start < n else n
         if j >= n:  # only whitespace from here to the end: the previous content's role
             out.append(int(roles[last_ns]) if last_ns >= 0 else fill)

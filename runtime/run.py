@@ -16,6 +16,7 @@ Everything a run leaves is written atomically. A stage writes `resume.ckpt`
 continues with `--resume` where it stopped; the data order is a pure function of
 (seed, step), so the resumed run sees exactly the batches it would have seen.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,16 +25,19 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 
 from percepdsl.io import write_json_atomic, write_text_atomic
 from percepdsl.ir import ExperimentIR, StageIR, content_hash
 
-RESUME_EVERY = int(os.environ.get("PERCEP_RESUME_EVERY", 50))  # steps between resume checkpoints: ≈1–2 s of tiny-model training lost at most
+RESUME_EVERY = int(
+    os.environ.get("PERCEP_RESUME_EVERY", 50)
+)  # steps between resume checkpoints: ≈1–2 s of tiny-model training lost at most
 PREFLIGHT_ITEMS = 32  # training items encoded before training to check role coverage
 HEADLINE = ("end_to_end", "perception", "reasoning")
 
@@ -96,9 +100,18 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     try:
         if ir.model.kind == "tiny":
             p = ir.model.params
-            loaded = build_tiny(vocab, width=p["width"], depth=p["depth"], heads=p["heads"], vision_width=p["vision_width"],
-                                vision_depth=p["vision_depth"], patch=p["patch"], image=ir.task.params["image"], seed=ir.seed,
-                                save_dir=run_dir / "model_init")
+            loaded = build_tiny(
+                vocab,
+                width=p["width"],
+                depth=p["depth"],
+                heads=p["heads"],
+                vision_width=p["vision_width"],
+                vision_depth=p["vision_depth"],
+                patch=p["patch"],
+                image=ir.task.params["image"],
+                seed=ir.seed,
+                save_dir=run_dir / "model_init",
+            )
         else:
             lora = ir.model.lora.model_dump() if ir.model.lora else None
             loaded = load_hf(ir.model.path, lora=lora, dtype=ir.model.params.get("dtype", "float32"))
@@ -107,8 +120,10 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
-        raise RunRefused(f"the tokenizer of {ir.model.path or ir.model.kind} cannot encode {len(missing)} word(s) of the "
-                         f"`{ir.task.name}` vocabulary: {shown}")
+        raise RunRefused(
+            f"the tokenizer of {ir.model.path or ir.model.kind} cannot encode {len(missing)} word(s) of the "
+            f"`{ir.task.name}` vocabulary: {shown}"
+        )
     try:
         encoder = Encoder(loaded, [r.model_dump() for r in ir.roles], max_length=_max_length(ir))
     except EncodingError as exc:
@@ -117,8 +132,10 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     init = run_dir / "init.safetensors"
     if not init.exists():
         save_checkpoint_safetensors(loaded.model, init)
-    echo(f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
-         f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)")
+    echo(
+        f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
+        f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)"
+    )
     return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share)
 
 
@@ -141,8 +158,10 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, flo
     empty = [name for name, c in zip(encoder.role_names, counts.tolist()) if c == 0 and name in declared]
     if empty:
         sample = task.sample("train", 0).response
-        raise RunRefused(f"role(s) {', '.join(f'`{r}`' for r in empty)} match no target token in the first {n} training "
-                         f"items; check the roles block against a target such as: {sample[:160]}")
+        raise RunRefused(
+            f"role(s) {', '.join(f'`{r}`' for r in empty)} match no target token in the first {n} training "
+            f"items; check the roles block against a target such as: {sample[:160]}"
+        )
     total = max(int(counts.sum()), 1)
     return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
 
@@ -171,9 +190,11 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
     every = stage.settings.get("eval_every") or ev.every
-    eval_cfg = EvalConfig(gen=GenConfig(max_new_tokens=ev.max_new_tokens or 512, temperature=ev.temperature, top_p=ev.top_p,
-                                        batch_size=ev.batch), counterfactual="reasoning" in ev.metrics,
-                          cap_factor=None if ev.max_new_tokens else 1.3)
+    eval_cfg = EvalConfig(
+        gen=GenConfig(max_new_tokens=ev.max_new_tokens or 512, temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch),
+        counterfactual="reasoning" in ev.metrics,
+        cap_factor=None if ev.max_new_tokens else 1.3,
+    )
     evaluator = StageEval(ctx, stage, eval_cfg, every)
     if tr.threads:
         torch.set_num_threads(tr.threads)
@@ -214,8 +235,15 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.settings["steps"]})
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
     diagnostics = evaluator.history[-1]["diagnostics"]
-    record = {"stage": stage.name, "kind": stage.kind, "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
-              "metrics": final, "history": evaluator.history, "diagnostics": diagnostics}
+    record = {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "steps": trainer.global_step,
+        "train_seconds": round(train_seconds, 1),
+        "metrics": final,
+        "history": evaluator.history,
+        "diagnostics": diagnostics,
+    }
     write_json_atomic(sdir / "done.json", record)
     ckpt.unlink(missing_ok=True)
     return record
@@ -236,12 +264,18 @@ def _build_stage(ctx: Context, stage: StageIR):
     if hasattr(lr, "model_dump"):  # the schedule is a multiplier of the base lr
         schedule = {**schedule, "start": 1.0, "end": (lr.end / lr.start if lr.end is not None and lr.start else lr.end)}
     objective = Objective(stage.loss.model_dump(mode="json"), ctx.encoder.role_names)
-    module = SFTModule(ctx.loaded, objective, {
-        "lr": base_lr, "schedule": schedule, "weight_decay": s["weight_decay"], "grad_clip": ctx.ir.trainer.clip,
-        "total_steps": s["steps"],
-    })
-    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed,
-                               bucket=s["batching"] == "length")
+    module = SFTModule(
+        ctx.loaded,
+        objective,
+        {
+            "lr": base_lr,
+            "schedule": schedule,
+            "weight_decay": s["weight_decay"],
+            "grad_clip": ctx.ir.trainer.clip,
+            "total_steps": s["steps"],
+        },
+    )
+    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed, bucket=s["batching"] == "length")
     return module, datamodule
 
 
@@ -298,8 +332,11 @@ class StageEval(L.Callback):
         entry["slot_errors"] = res.metrics.get("slot_errors")
         entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule)
         self.history.append(entry)
-        ctx.echo(f"[{self.stage.name} step {step}] " + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
-                 + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})")
+        ctx.echo(
+            f"[{self.stage.name} step {step}] "
+            + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
+            + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})"
+        )
         return res.metrics
 
 
@@ -337,7 +374,13 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
     for st in ctx.ir.stages:
         rec = records[st.name]
         m = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) or v is None}
-        entry: dict[str, Any] = {"kind": st.kind, "parent": st.parent, "steps": rec["steps"], "train_seconds": rec["train_seconds"], "metrics": m}
+        entry: dict[str, Any] = {
+            "kind": st.kind,
+            "parent": st.parent,
+            "steps": rec["steps"],
+            "train_seconds": rec["train_seconds"],
+            "metrics": m,
+        }
         base = records[st.parent]["metrics"] if st.parent else prev
         if base is not None:
             entry["delta"] = {k: (m[k] - base[k]) for k in HEADLINE if m.get(k) is not None and base.get(k) is not None}
@@ -431,8 +474,10 @@ def write_reward_plot(ctx: Context) -> None:
     for st in ctx.ir.stages:
         offsets[st.name], offset = offset, offset + st.settings["steps"]
     cols = list(rows[0]) if rows else []
-    panels = (("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
-              ("Pearson r with correctness", [c for c in cols if "corr" in c]))
+    panels = (
+        ("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
+        ("Pearson r with correctness", [c for c in cols if "corr" in c]),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
@@ -454,18 +499,23 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
-    lines = [f"# {ctx.ir.name} ({summary['hash']})", "",
-             f"Task `{ctx.ir.task.name}`, model `{ctx.ir.model.kind}`, seed {ctx.ir.seed}, params {ctx.ir.params or '{}'}.",
-             "Every figure below comes from `summary.json`, which is computed from the records in `eval.jsonl`.", "",
-             "| stage | kind | steps | a (end-to-end) | a_p (perception) | a_r (reasoning) | Δa | Δa_p | Δa_r |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {ctx.ir.name} ({summary['hash']})",
+        "",
+        f"Task `{ctx.ir.task.name}`, model `{ctx.ir.model.kind}`, seed {ctx.ir.seed}, params {ctx.ir.params or '{}'}.",
+        "Every figure below comes from `summary.json`, which is computed from the records in `eval.jsonl`.",
+        "",
+        "| stage | kind | steps | a (end-to-end) | a_p (perception) | a_r (reasoning) | Δa | Δa_p | Δa_r |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, st in summary["stages"].items():
         m, d = st["metrics"], st.get("delta", {})
-        lines.append(f"| {name} | {st['kind']} | {st['steps']} | {f(m.get('end_to_end'))} | {f(m.get('perception'))} | "
-                     f"{f(m.get('reasoning'))} | {f(d.get('end_to_end'))} | {f(d.get('perception'))} | {f(d.get('reasoning'))} |")
+        lines.append(
+            f"| {name} | {st['kind']} | {st['steps']} | {f(m.get('end_to_end'))} | {f(m.get('perception'))} | "
+            f"{f(m.get('reasoning'))} | {f(d.get('end_to_end'))} | {f(d.get('perception'))} | {f(d.get('reasoning'))} |"
+        )
     share = summary["diagnostics"].get("token_share", {})
-    lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()),
-              "", "![curves](curves.png)", ""]
+    lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()), "", "![curves](curves.png)", ""]
     if (ctx.run_dir / "rewards.png").exists():
         lines += ["![rewards and reward coupling](rewards.png)", ""]
     write_text_atomic(ctx.run_dir / "report.md", "\n".join(lines))
@@ -474,8 +524,9 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
 # ---- the whole run --------------------------------------------------------------------------------------
 
 
-def run(ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = False, progress: bool = True,
-        echo: Callable[[str], None] = print) -> Path:
+def run(
+    ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print
+) -> Path:
     """Execute `ir` into `out/<name>-<hash>/`; returns the run directory."""
     run_dir = run_dir_for(ir, out)
     summary_path = run_dir / "summary.json"

@@ -72,8 +72,7 @@ def target_logits(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, t
 def _prefix(batch: Mapping[str, Any], end: int) -> dict[str, Any]:
     """The batch cut to its first ``end`` positions (per-token tensors only; images stay)."""
     shape = batch["input_ids"].shape
-    return {k: (v[:, :end] if isinstance(v, torch.Tensor) and v.shape == shape and k != "pixel_values" else v)
-            for k, v in batch.items()}
+    return {k: (v[:, :end] if isinstance(v, torch.Tensor) and v.shape == shape and k != "pixel_values" else v) for k, v in batch.items()}
 
 
 def role_losses(model: Any, batch: Mapping[str, Any], n_roles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +115,9 @@ class SFTModule(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": float(self.cfg.get("weight_decay", 0.0))},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        kwargs = dict(lr=float(self.cfg.get("lr", 1e-3)), betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
-                      eps=float(self.cfg.get("eps", 1e-8)))
+        kwargs = dict(
+            lr=float(self.cfg.get("lr", 1e-3)), betas=tuple(self.cfg.get("betas", (0.9, 0.999))), eps=float(self.cfg.get("eps", 1e-8))
+        )
         # fused AdamW: one kernel per step instead of a loop over tensors; not under fp16 AMP,
         # where Lightning's grad scaler must unscale before clipping
         fused = self._trainer is None or str(self.trainer.precision) != "16-mixed"
@@ -141,9 +141,7 @@ class SFTModule(L.LightningModule):
             group["lr"] = lr
         return lr
 
-    def configure_gradient_clipping(
-        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.cfg.get("grad_clip")
         if clip:
             self._clip(float(clip))
@@ -211,9 +209,18 @@ class SFTModule(L.LightningModule):
         sums, counts = role_losses(self.model, batch, self.n_roles)
         loss, logs = self.objective.loss(sums, counts, step, self.total_steps)
         backward = self.manual_backward if self._trainer is not None else None
-        logs.update(self.objective.ngdiff_backward(sums, counts, params, backward=backward, step=step,
-                                                   all_reduce=reduce, pre_grads=pre,
-                                                   diagnostics=self._trainer is None or self._logger_step()))
+        logs.update(
+            self.objective.ngdiff_backward(
+                sums,
+                counts,
+                params,
+                backward=backward,
+                step=step,
+                all_reduce=reduce,
+                pre_grads=pre,
+                diagnostics=self._trainer is None or self._logger_step(),
+            )
+        )
         return loss, logs
 
     def _all_reduce(self) -> Any:
@@ -263,9 +270,19 @@ class SFTModule(L.LightningModule):
         return {"auto_lr_t": t}
 
 
-def build_trainer(max_steps: int, *, objective: Objective | None = None, precision: str = "bf16-mixed",
-                  accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto", accumulate: int = 1,
-                  callbacks: Sequence[L.Callback] = (), logger: Any = False, **extra: Any) -> L.Trainer:
+def build_trainer(
+    max_steps: int,
+    *,
+    objective: Objective | None = None,
+    precision: str = "bf16-mixed",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    accumulate: int = 1,
+    callbacks: Sequence[L.Callback] = (),
+    logger: Any = False,
+    **extra: Any,
+) -> L.Trainer:
     """A Lightning Trainer from the run's settings.
 
     ``precision="bf16-mixed"`` is the default on CPU too (autocast; measured faster than
@@ -274,15 +291,23 @@ def build_trainer(max_steps: int, *, objective: Objective | None = None, precisi
     optimisation. NGDiff normalises each batch's gradients, so it cannot accumulate.
     """
     if objective is not None and objective.manual_backward and accumulate > 1:
-        raise ValueError("ngdiff normalises every batch's gradients; gradient accumulation is not supported "
-                         "(use a larger batch instead)")
+        raise ValueError("ngdiff normalises every batch's gradients; gradient accumulation is not supported (use a larger batch instead)")
     if strategy == "ddp":  # VLMs carry unused parameters (e.g. CLIP's pooler norm under LLaVA)
         strategy = "ddp_find_unused_parameters_true"
     # use_distributed_sampler=False: LengthBucketSampler shards batches across ranks itself
-    return L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
-                     strategy=strategy, accumulate_grad_batches=accumulate, callbacks=list(callbacks),
-                     logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                     **{"enable_progress_bar": False, "use_distributed_sampler": False, **extra})
+    return L.Trainer(
+        max_steps=max_steps,
+        precision=precision,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        accumulate_grad_batches=accumulate,
+        callbacks=list(callbacks),
+        logger=logger,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **{"enable_progress_bar": False, "use_distributed_sampler": False, **extra},
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -322,8 +347,16 @@ class LengthBucketSampler(Sampler[list[int]]):
     Under DDP each rank takes every ``world``-th batch.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window: int = 50,
-                 drop_last: bool = False, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        window: int = 50,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.window, self.drop_last = batch_size, seed, window, drop_last
         self.rank, self.world, self.epoch = rank, world, 0
@@ -365,9 +398,19 @@ class LengthBucketSampler(Sampler[list[int]]):
 class SFTDataModule(L.LightningDataModule):
     """Task split → encoded items → seeded batches: random (default) or length-bucketed."""
 
-    def __init__(self, task: Any, encoder: Encoder, batch_size: int = 8, seed: int = 0, *,
-                 split: str = "train", n_items: int | None = None, bucket: bool = False,
-                 window: int = 50, num_workers: int = 0):
+    def __init__(
+        self,
+        task: Any,
+        encoder: Encoder,
+        batch_size: int = 8,
+        seed: int = 0,
+        *,
+        split: str = "train",
+        n_items: int | None = None,
+        bucket: bool = False,
+        window: int = 50,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.task, self.encoder = task, encoder
         self.batch_size, self.seed, self.split, self.n_items = batch_size, seed, split, n_items
@@ -384,8 +427,9 @@ class SFTDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # window=1 without bucketing: plain seeded shuffling with a sort inside each batch only
-        return LengthBucketSampler(self.dataset.lengths, self.batch_size, self.seed,
-                                   self.window if self.bucket else 1, rank=rank, world=world)
+        return LengthBucketSampler(
+            self.dataset.lengths, self.batch_size, self.seed, self.window if self.bucket else 1, rank=rank, world=world
+        )
 
     def train_dataloader(self) -> DataLoader:
         batches: Sampler[list[int]] = self.sampler()
@@ -395,8 +439,12 @@ class SFTDataModule(L.LightningDataModule):
             # resumed from a checkpoint sees exactly the batches an uninterrupted one would.
             acc = trainer.accumulate_grad_batches
             batches = StepStream(batches, lambda: trainer.global_step * acc, trainer.max_steps * acc)
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                          collate_fn=partial(collate, pad_token_id=self.encoder.pad_token_id))
+        return DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, pad_token_id=self.encoder.pad_token_id),
+        )
 
 
 class StepStream(Sampler[list[int]]):
@@ -427,8 +475,7 @@ class StepStream(Sampler[list[int]]):
 
 
 # --------------------------------------------------------------------------- diagnostics
-def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any],
-                        role_names: Sequence[str] | None = None) -> dict[str, float]:
+def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any], role_names: Sequence[str] | None = None) -> dict[str, float]:
     """Gradient norm of each role's token-mean loss and the cosine between every pair.
 
     One forward, one backward per role present (graph retained in between); ``.grad`` is
@@ -448,8 +495,7 @@ def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any],
             for j, i in enumerate(present):
                 more = j < len(present) - 1
                 gs = torch.autograd.grad(sums[i] / counts[i], params, retain_graph=more, allow_unused=True)
-                grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
-                            for g, p in zip(gs, params)]
+                grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
     finally:
         model.train(was_training)
     norms = {i: float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))) for i, g in grads.items()}
@@ -467,8 +513,9 @@ def _model_of(module: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_checkpoint_safetensors(module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None,
-                                metadata: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint_safetensors(
+    module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write the model weights to ``path`` (safetensors) with a JSON sidecar of metadata.
 
     ``trainable_only`` (default: True for PEFT models) saves just the trainable tensors
@@ -525,4 +572,3 @@ class SafetensorsCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         save_checkpoint_safetensors(pl_module, self.dirpath / "last.safetensors")
-

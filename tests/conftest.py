@@ -1,4 +1,5 @@
 """Shared fixtures: one CPU thread for in-process tensor work, a task and a tiny model."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,5 +26,6 @@ def task():
 
 @pytest.fixture(scope="module")
 def tiny(task, tmp_path_factory):
-    return build_tiny(task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
-                      save_dir=tmp_path_factory.mktemp("tiny"))
+    return build_tiny(
+        task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1, save_dir=tmp_path_factory.mktemp("tiny")
+    )

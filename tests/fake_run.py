@@ -16,6 +16,7 @@ Behaviour is steered by environment variables:
                    it exists: a test can change the behaviour of Ray workers started earlier
 SIGINT makes it exit 130 with its progress file but no summary, like an interrupted run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,12 @@ def metrics(params: dict, seed: int, shift: float = 0.0) -> dict[str, float]:
     lam = float(params.get("lam", params.get("alpha", 0.5)))
     perception = round(0.2 + 0.6 * lam + 0.01 * seed + shift, 6)
     reasoning = round(0.9 - 0.3 * lam - 0.01 * seed + shift, 6)
-    return {"end_to_end": round(perception * reasoning, 6), "perception": perception, "reasoning": reasoning,
-            "edge_f1": round(min(1.0, perception + 0.3), 6)}
+    return {
+        "end_to_end": round(perception * reasoning, 6),
+        "perception": perception,
+        "reasoning": reasoning,
+        "edge_f1": round(min(1.0, perception + 0.3), 6),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,5 @@
 """Plain helpers shared by test modules (and by the scripts they run in subprocesses)."""
+
 from __future__ import annotations
 
 import hashlib

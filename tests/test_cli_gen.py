@@ -1,4 +1,5 @@
 """`percep gen`: a spec's task materialised as a Hugging Face dataset plus a contact sheet."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gen_writes_a_loadable_dataset_and_contact_sheet(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    proc = subprocess.run([sys.executable, "-m", "percepdsl", "gen", "specs/sft_smoke.pd", "--out", str(out), "--set", "seed=3"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "gen", "specs/sft_smoke.pd", "--out", str(out), "--set", "seed=3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     ds = datasets.load_from_disk(str(out))
     assert ds["train"].num_rows == 64 and ds["test"].num_rows == 8
@@ -32,7 +38,12 @@ def test_gen_writes_a_loadable_dataset_and_contact_sheet(tmp_path: Path) -> None
 def test_gen_refuses_a_broken_spec(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pd"
     bad.write_text("experiment x\ntask graph_coloring { nodes = 99 }\nstage s = sft { steps = 1 }\n")
-    proc = subprocess.run([sys.executable, "-m", "percepdsl", "gen", str(bad), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "gen", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "out-of-range" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 Regenerate after an intended change with `PERCEP_UPDATE_GOLDEN=1 pytest tests/test_golden.py`
 and review the diff like code.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 UPDATE = os.environ.get("PERCEP_UPDATE_GOLDEN") == "1"
 ERROR_SPECS = sorted((GOLDEN / "errors").glob("*.pd"))
-IR_SPECS = ["specs/quickstart.pd", "specs/gc_sft_fixed.pd", "specs/gc_sft_ngdiff.pd", "specs/gc_grpo_surrogate.pd", "specs/grids/lambda_sweep.pd"]
+IR_SPECS = [
+    "specs/quickstart.pd",
+    "specs/gc_sft_fixed.pd",
+    "specs/gc_sft_ngdiff.pd",
+    "specs/gc_grpo_surrogate.pd",
+    "specs/grids/lambda_sweep.pd",
+]
 
 
 def _compare(path: Path, actual: str) -> None:

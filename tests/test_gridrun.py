@@ -1,6 +1,7 @@
 """`percep grid` / `percep report`: planning, scheduling, resumability, failure isolation,
 SIGINT, aggregation and the Ray backend — against `tests/fake_run.py`, a stand-in trainer that
 keeps `percep run`'s contract (run dir named by the IR hash, atomic complete summary.json)."""
+
 from __future__ import annotations
 
 import csv
@@ -21,7 +22,15 @@ from percepdsl.check import check_file
 from percepdsl.ir import content_hash
 from percepdsl_runtime import gridrun
 from percepdsl_runtime.gridrun import (
-    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GridError, aggregate, grid_command, plan_grid, report_command,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    GridError,
+    aggregate,
+    grid_command,
+    plan_grid,
+    report_command,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +66,10 @@ def start_driver(out: Path, ignore_sigint: bool = False, **kw) -> subprocess.Pop
     """`grid_command` in a process of its own (what `percep grid` is), so that it can be signalled.
     `ignore_sigint`: started as a shell starts a background job (SIGINT ignored)."""
     args = ", ".join(f"{k}={v!r}" for k, v in {"out": str(out), "launcher": FAKE, **kw}.items())
-    code = ("import sys; from pathlib import Path; from percepdsl_runtime.gridrun import grid_command; "
-            f"kw = dict({args}); kw['out'] = Path(kw['out']); sys.exit(grid_command(Path({str(SMOKE)!r}), **kw))")
+    code = (
+        "import sys; from pathlib import Path; from percepdsl_runtime.gridrun import grid_command; "
+        f"kw = dict({args}); kw['out'] = Path(kw['out']); sys.exit(grid_command(Path({str(SMOKE)!r}), **kw))"
+    )
     if ignore_sigint:
         code = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); " + code
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,7 +110,8 @@ def smoke_hash(lam: str, seed: int) -> str:
 @pytest.fixture
 def two_param_grid(tmp_path: Path) -> Path:
     """A template with a swept param (lam) and one a --set may fix (post_steps)."""
-    (tmp_path / "tmpl.pd").write_text(textwrap.dedent("""\
+    (tmp_path / "tmpl.pd").write_text(
+        textwrap.dedent("""\
         experiment tmpl
         param lam: float = 0.5
         param post_steps: int = 4
@@ -113,7 +125,8 @@ def two_param_grid(tmp_path: Path) -> Path:
           loss = lam * mean(perception) + (1 - lam) * mean(reasoning, answer)
         }
         eval { test = 8, max_new_tokens = 48 }
-        """))
+        """)
+    )
     grid = tmp_path / "g.pd"
     grid.write_text('grid g\ntemplate "tmpl.pd"\naxis lam = [0.25, 0.75]\nseeds [0, 1]\nwhere post_steps > 2\n')
     return grid
@@ -138,8 +151,7 @@ def test_plan_matches_percep_run_hash_and_default_out_dir():
     plan = plan_grid(SMOKE)
     assert plan.out_dir == (Path("runs/grids") / "smoke").absolute()
     assert [c.name for c in plan.cells] == [smoke_hash("0.25", 0), smoke_hash("0.25", 1), smoke_hash("0.75", 0), smoke_hash("0.75", 1)]
-    assert plan.cells[0].run_args(plan.template, resume=False)[1:] == [
-        "--set", "lam=0.25", "--set", "seed=0", "--out", str(plan.cells_dir)]
+    assert plan.cells[0].run_args(plan.template, resume=False)[1:] == ["--set", "lam=0.25", "--set", "seed=0", "--out", str(plan.cells_dir)]
 
 
 def test_set_fixes_a_template_param_for_every_cell(two_param_grid, tmp_path):
@@ -150,14 +162,17 @@ def test_set_fixes_a_template_param_for_every_cell(two_param_grid, tmp_path):
     assert plan_grid(two_param_grid, tmp_path / "out").cells[3].hash != content_hash(ir)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["lam=0.5"], "`lam` is swept by an axis"),
-    (["seed=3"], "sweeps seeds"),
-    (["post_step=3"], "did you mean `post_steps`"),
-    (["post_steps=0.5"], "does not compile with --set values"),
-    (["post_steps=1"], "no cells"),  # the `where post_steps > 2` filter rejects every cell
-    (["post_steps"], "malformed --set"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["lam=0.5"], "`lam` is swept by an axis"),
+        (["seed=3"], "sweeps seeds"),
+        (["post_step=3"], "did you mean `post_steps`"),
+        (["post_steps=0.5"], "does not compile with --set values"),
+        (["post_steps=1"], "no cells"),  # the `where post_steps > 2` filter rejects every cell
+        (["post_steps"], "malformed --set"),
+    ],
+)
 def test_bad_set_is_refused_before_anything_runs(two_param_grid, tmp_path, sets, message):
     with pytest.raises(GridError, match=message):
         plan_grid(two_param_grid, tmp_path / "out", sets)
@@ -286,23 +301,44 @@ def _summary(lam: float, seed: int, e2e: float, p: float, r: float, base_p: floa
     diag = {"token_share": {"perception": 0.02, "reasoning": 0.9}, "grad_norm": {"perception": 3.0}}
     if corr is not None:
         diag["reward_reasoning_corr"] = corr
-    return {"experiment": "x", "hash": f"h{lam}{seed}", "status": "complete", "params": {"lam": lam, "steps": 10}, "seed": seed,
-            "final": {"end_to_end": e2e, "perception": p, "reasoning": r},
-            "stages": {"base": {"metrics": {"end_to_end": 0.1, "perception": base_p, "reasoning": 0.5}},
-                       "post": {"metrics": {"end_to_end": e2e, "perception": p, "reasoning": r}}},
-            "diagnostics": diag}
+    return {
+        "experiment": "x",
+        "hash": f"h{lam}{seed}",
+        "status": "complete",
+        "params": {"lam": lam, "steps": 10},
+        "seed": seed,
+        "final": {"end_to_end": e2e, "perception": p, "reasoning": r},
+        "stages": {
+            "base": {"metrics": {"end_to_end": 0.1, "perception": base_p, "reasoning": 0.5}},
+            "post": {"metrics": {"end_to_end": e2e, "perception": p, "reasoning": r}},
+        },
+        "diagnostics": diag,
+    }
 
 
 def test_aggregate_means_stds_deltas_diagnostics_and_failures():
-    summaries = [_summary(0.5, 1, 0.4, 0.6, 0.8, corr=0.7), _summary(0.5, 2, 0.6, 0.8, 0.9, corr=0.5),
-                 _summary(0.0, 1, 0.3, 0.2, 0.9)]
-    state = {"grid": "lam", "axes": ["lam"], "report": ["end_to_end", "perception", "reasoning"],
-             "cells": [{"hash": "h0.02", "status": "failed", "params": {"lam": 0.0, "steps": 10}, "seed": 2},
-                       {"hash": "h0.51", "status": "done", "params": {"lam": 0.5, "steps": 10}, "seed": 1}]}
+    summaries = [_summary(0.5, 1, 0.4, 0.6, 0.8, corr=0.7), _summary(0.5, 2, 0.6, 0.8, 0.9, corr=0.5), _summary(0.0, 1, 0.3, 0.2, 0.9)]
+    state = {
+        "grid": "lam",
+        "axes": ["lam"],
+        "report": ["end_to_end", "perception", "reasoning"],
+        "cells": [
+            {"hash": "h0.02", "status": "failed", "params": {"lam": 0.0, "steps": 10}, "seed": 2},
+            {"hash": "h0.51", "status": "done", "params": {"lam": 0.5, "steps": 10}, "seed": 1},
+        ],
+    }
     t = aggregate(summaries, state)
     assert t.axes == ["lam"] and t.constant == {"steps": 10} and t.stages == ("base", "post")
-    assert [c.key for c in t.columns] == ["end_to_end", "perception", "reasoning", "delta_end_to_end", "delta_perception",
-                                          "delta_reasoning", "diag.token_share.perception", "diag.reward_reasoning_corr"]
+    assert [c.key for c in t.columns] == [
+        "end_to_end",
+        "perception",
+        "reasoning",
+        "delta_end_to_end",
+        "delta_perception",
+        "delta_reasoning",
+        "diag.token_share.perception",
+        "diag.reward_reasoning_corr",
+    ]
     low, high = t.rows
     assert low.params["lam"] == 0.0 and low.seeds == [1] and low.failed == 1
     assert low.values["end_to_end"].mean == 0.3 and low.values["end_to_end"].std is None
@@ -390,12 +426,14 @@ def _registered(name: str) -> bool:
 @pytest.mark.skipif(not _registered("grid"), reason="`percep grid` is not wired into percepdsl/cli.py yet")
 def test_percep_grid_and_report_on_the_command_line(tmp_path):
     out = tmp_path / "g"
-    dry = subprocess.run([sys.executable, "-m", "percepdsl", "grid", str(SMOKE), "--dry-run", "--out", str(out)],
-                         capture_output=True, text=True, timeout=60)
+    dry = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "grid", str(SMOKE), "--dry-run", "--out", str(out)], capture_output=True, text=True, timeout=60
+    )
     assert dry.returncode == EXIT_OK, dry.stderr
     assert smoke_hash("0.75", 1) in dry.stdout and "4 pending" in dry.stdout and not out.exists()
-    bad = subprocess.run([sys.executable, "-m", "percepdsl", "grid", str(SMOKE), "--dry-run", "--set", "lam=0.5"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "grid", str(SMOKE), "--dry-run", "--set", "lam=0.5"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == EXIT_USAGE and "swept by an axis" in bad.stderr
     assert run_grid(out, jobs=2)[0] == EXIT_OK
     rep = subprocess.run([sys.executable, "-m", "percepdsl", "report", str(out)], capture_output=True, text=True, timeout=60)
@@ -405,8 +443,13 @@ def test_percep_grid_and_report_on_the_command_line(tmp_path):
 def test_smoke_grid_end_to_end_with_the_real_percep_run(tmp_path):
     """The reference smoke grid through real training runs: 2 λ values × 2 seeds."""
     out = tmp_path / "grid"
-    proc = subprocess.run([sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["lam"] for r in rows] == ["0.25", "0.75"]
@@ -414,6 +457,11 @@ def test_smoke_grid_end_to_end_with_the_real_percep_run(tmp_path):
     summaries = sorted(out.glob("cells/*/summary.json"))
     assert len(summaries) == 4
     assert (out / "tradeoff.png").exists()
-    again = subprocess.run([sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
-                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert again.returncode == 0 and sorted(out.glob("cells/*/summary.json")) == summaries

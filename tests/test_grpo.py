@@ -118,8 +118,13 @@ def test_kl_term_only_with_positive_beta() -> None:
 
 
 def test_truncated_completions_are_masked() -> None:
-    roll = Rollouts(prompt={}, ids=torch.zeros(2, 3, dtype=torch.long), mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
-                    truncated=torch.tensor([False, True]), group=2)
+    roll = Rollouts(
+        prompt={},
+        ids=torch.zeros(2, 3, dtype=torch.long),
+        mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
+        truncated=torch.tensor([False, True]),
+        group=2,
+    )
     assert loss_mask(roll, True).tolist() == [[1, 1, 0], [0, 0, 0]]
     assert loss_mask(roll, False).tolist() == [[1, 1, 0], [1, 1, 1]]
 
@@ -140,9 +145,12 @@ def test_prompt_batches_are_seeded_endless_and_sharded() -> None:
 
 def test_config_from_stage_and_lr_schedule() -> None:
     sched = ScheduleIR(kind="cosine", start=1e-4, end=0.0, warmup=2)
-    stage = StageIR(name="rl", kind="grpo", settings={"steps": 10, "lr": sched, "group": 4, "clip_high": 0.28,
-                                                      "eval_every": None},
-                    reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"))
+    stage = StageIR(
+        name="rl",
+        kind="grpo",
+        settings={"steps": 10, "lr": sched, "group": 4, "clip_high": 0.28, "eval_every": None},
+        reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"),
+    )
     cfg = GRPOConfig.from_stage(stage, grad_clip=0.5)
     assert cfg.group == 4 and cfg.clip_high == 0.28 and cfg.grad_clip == 0.5 and cfg.kl == 0.0
     assert "factor" not in cfg.lr  # unset schedule fields are left to schedule_value's defaults
@@ -176,8 +184,9 @@ def task():
 
 @pytest.fixture(scope="module")
 def tiny(task, tmp_path_factory):
-    return build_tiny(task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
-                      save_dir=tmp_path_factory.mktemp("tiny-grpo"))
+    return build_tiny(
+        task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1, save_dir=tmp_path_factory.mktemp("tiny-grpo")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +197,22 @@ def encoder(tiny):
 def _prompts(task, encoder, pad: bool):
     s = [task.sample("train", i) for i in range(2)]
     extra = " color the graph" if pad else ""  # a longer second query: the first row is left-padded
-    return collate([encoder.encode_prompt(s[0].query, s[0].image),
-                    encoder.encode_prompt(s[1].query + extra, s[1].image)], encoder.pad_token_id)
+    return collate(
+        [encoder.encode_prompt(s[0].query, s[0].image), encoder.encode_prompt(s[1].query + extra, s[1].image)], encoder.pad_token_id
+    )
 
 
 @pytest.mark.parametrize("pad", [False, True])
 def test_fused_sampler_reproduces_hf_greedy_generation(tiny, task, encoder, pad: bool) -> None:
     model = tiny.model.eval()
     prompt = _prompts(task, encoder, pad)
-    kw = dict(temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id, pad_token_id=encoder.pad_token_id,
-              suppress=(tiny.model.config.image_token_id,))
+    kw = dict(
+        temperature=0.0,
+        top_p=1.0,
+        eos_token_id=encoder.eos_token_id,
+        pad_token_id=encoder.pad_token_id,
+        suppress=(tiny.model.config.image_token_id,),
+    )
     roll = sample_completions(model, prompt, group=2, max_new_tokens=12, **kw)
     ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, kw["suppress"], None)
     assert torch.equal(roll.ids[0::2], ref.masked_fill(roll.mask[0::2] == 0, encoder.pad_token_id))
@@ -215,8 +230,15 @@ def test_compiled_decoder_matches_the_eager_one(tiny, task, encoder, pad: bool) 
 
     model = tiny.model.eval()
     prompt = _prompts(task, encoder, pad)
-    kw = dict(group=2, max_new_tokens=12, temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id,
-              pad_token_id=encoder.pad_token_id, suppress=(tiny.model.config.image_token_id,))
+    kw = dict(
+        group=2,
+        max_new_tokens=12,
+        temperature=0.0,
+        top_p=1.0,
+        eos_token_id=encoder.eos_token_id,
+        pad_token_id=encoder.pad_token_id,
+        suppress=(tiny.model.config.image_token_id,),
+    )
     eager = sample_completions(model, prompt, **kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,8 +250,15 @@ def test_compiled_decoder_matches_the_eager_one(tiny, task, encoder, pad: bool) 
 
 def test_sampled_rows_stop_at_eos_and_sampling_is_seeded(tiny, task, encoder) -> None:
     prompt = _prompts(task, encoder, pad=True)
-    kw = dict(group=4, max_new_tokens=10, temperature=1.0, top_p=0.9, eos_token_id=encoder.eos_token_id,
-              pad_token_id=encoder.pad_token_id, suppress=(tiny.model.config.image_token_id,))
+    kw = dict(
+        group=4,
+        max_new_tokens=10,
+        temperature=1.0,
+        top_p=0.9,
+        eos_token_id=encoder.eos_token_id,
+        pad_token_id=encoder.pad_token_id,
+        suppress=(tiny.model.config.image_token_id,),
+    )
     a = sample_completions(tiny.model, prompt, generator=torch.Generator().manual_seed(0), **kw)
     b = sample_completions(tiny.model, prompt, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(a.ids, b.ids) and a.ids.shape == (8, 10)
@@ -245,9 +274,17 @@ def test_sampled_rows_stop_at_eos_and_sampling_is_seeded(tiny, task, encoder) ->
 def test_training_logprobs_match_an_unpadded_forward(tiny, task, encoder) -> None:
     model = tiny.model.eval()
     prompt = _prompts(task, encoder, pad=True)
-    roll = sample_completions(model, prompt, group=2, max_new_tokens=6, temperature=1.0, top_p=1.0,
-                              eos_token_id=-1, pad_token_id=encoder.pad_token_id,
-                              generator=torch.Generator().manual_seed(1))
+    roll = sample_completions(
+        model,
+        prompt,
+        group=2,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        eos_token_id=-1,
+        pad_token_id=encoder.pad_token_id,
+        generator=torch.Generator().manual_seed(1),
+    )
     with torch.no_grad():
         lp = completion_logprobs(model, roll, temperature=0.7)
         sub = completion_logprobs(model, roll, temperature=0.7, rows=torch.tensor([3]))
@@ -260,6 +297,7 @@ def test_training_logprobs_match_an_unpadded_forward(tiny, task, encoder) -> Non
             want = torch.log_softmax(logits[P - 1 : -1].float() / 0.7, -1).gather(-1, roll.ids[i][:, None])[:, 0]
             assert torch.allclose(lp[i], want, atol=1e-4)
     assert torch.allclose(sub[0], lp[3])
+
     # the gradient too: the shared-prompt forward equals one full forward per row
     def grads(fn) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -294,8 +332,16 @@ def _module(tiny, encoder, task, reward_ir: RewardIR, resolve=None, **settings) 
 
 
 def _fit(module, dm, steps: int) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -305,10 +351,13 @@ def _diversity(group, **_):
     return [len(set(t.split())) / max(len(t.split()), 1) for t in group.completions]
 
 
-DIVERSITY = RewardIR(kind="sum", children=[
-    RewardIR(kind="term", name="diversity", impl="test:diversity"),
-    RewardIR(kind="scale", value=0.5, children=[RewardIR(kind="term", name="outcome", impl="x:outcome")]),
-])
+DIVERSITY = RewardIR(
+    kind="sum",
+    children=[
+        RewardIR(kind="term", name="diversity", impl="test:diversity"),
+        RewardIR(kind="scale", value=0.5, children=[RewardIR(kind="term", name="outcome", impl="x:outcome")]),
+    ],
+)
 
 
 def _resolve(impl: str):
@@ -318,16 +367,26 @@ def _resolve(impl: str):
 
 
 def test_grpo_steps_run_end_to_end_and_change_the_weights(tiny, encoder, task) -> None:
-    module, dm = _module(tiny, encoder, task, DIVERSITY, _resolve, steps=4, updates=2, mask_truncated=False,
-                         aggregation="token", clip_high=0.28)
+    module, dm = _module(
+        tiny, encoder, task, DIVERSITY, _resolve, steps=4, updates=2, mask_truncated=False, aggregation="token", clip_high=0.28
+    )
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = _fit(module, dm, 4)
     assert trainer.global_step == 4  # updates=2: two generated batches, two optimiser steps each
     moved = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
     assert any("vision_tower" in n for n in moved) and any("language_model" in n for n in moved)
     logs = trainer.logged_metrics
-    for key in ("loss", "grad_norm", "clip_frac", "reward", "reward/diversity", "reward/outcome", "gen_tokens_per_s",
-                "constant_group_frac", "trained_rows"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "clip_frac",
+        "reward",
+        "reward/diversity",
+        "reward/outcome",
+        "gen_tokens_per_s",
+        "constant_group_frac",
+        "trained_rows",
+    ):
         assert key in logs, key
     assert module.ref_model is None  # kl = 0: no reference model
     diag = module.diagnostics()
@@ -356,8 +415,10 @@ def test_reference_model_and_kl_term_only_when_beta_positive(tiny, encoder, task
 
 
 def test_nan_reward_stops_the_run_before_any_update(tiny, encoder, task) -> None:
-    bad = RewardIR(kind="sum", children=[RewardIR(kind="term", name="outcome", impl="x:outcome"),
-                                         RewardIR(kind="term", name="flaky", impl="test:flaky")])
+    bad = RewardIR(
+        kind="sum",
+        children=[RewardIR(kind="term", name="outcome", impl="x:outcome"), RewardIR(kind="term", name="flaky", impl="test:flaky")],
+    )
     resolve = lambda impl: (lambda g, **_: [math.nan] * len(g)) if impl == "test:flaky" else _resolve(impl)  # noqa: E731
     module, dm = _module(tiny, encoder, task, bad, resolve)
     before = [p.detach().clone() for p in module.model.parameters()]
@@ -368,8 +429,12 @@ def test_nan_reward_stops_the_run_before_any_update(tiny, encoder, task) -> None
 
 
 def test_build_grpo_from_a_stage(tiny, encoder, task) -> None:
-    stage = StageIR(name="rl", kind="grpo", settings={"steps": 3, "batch": 2, "group": 3, "kl": 0.0, "scale": "batch"},
-                    reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"))
+    stage = StageIR(
+        name="rl",
+        kind="grpo",
+        settings={"steps": 3, "batch": 2, "group": 3, "kl": 0.0, "scale": "batch"},
+        reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"),
+    )
     module, dm = build_grpo(load_hf(tiny.path), encoder, task, stage, seed=5)
     assert isinstance(module, GRPOModule) and isinstance(dm, PromptDataModule)
     assert module.cfg.scale == "batch" and module.cfg.group == 3 and module.reward.term_names == ["outcome"]

@@ -1,4 +1,5 @@
 """The spec language: robustness, formatter, overrides, hashing and the CLI contract."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def test_reference_specs_are_formatted(spec: Path) -> None:
 def test_a_fragment_stage_may_start_from_a_stage_of_its_includer(tmp_path: Path) -> None:
     (tmp_path / "warm.pd").write_text("stage warm = sft from base { steps = 5 }\n")
     assert check_file(tmp_path / "warm.pd").diagnostics == []  # alone: `base` may come from the includer
-    head = "experiment e\ninclude \"warm.pd\"\ntask graph_coloring { nodes = 4 }\n"
+    head = 'experiment e\ninclude "warm.pd"\ntask graph_coloring { nodes = 4 }\n'
     assert check_file(tmp_path / "ok.pd", text=head + "stage base = sft { steps = 5 }\n").ok
     res = check_file(tmp_path / "bad.pd", text=head + "stage bass = sft { steps = 5 }\n")
     assert [d.code for d in res.diagnostics if d.is_error] == ["unknown-stage"]
@@ -54,7 +55,7 @@ def test_a_fragment_stage_may_start_from_a_stage_of_its_includer(tmp_path: Path)
 # ---- formatter -------------------------------------------------------------------------------
 
 
-MESSY = '''experiment   demo # trailing on header
+MESSY = """experiment   demo # trailing on header
 param lam:float=0.25
 # a leading comment
 seed 3
@@ -69,7 +70,7 @@ task graph_coloring{nodes=4..6,edge_prob=0.4 image=64px, # opening
 stage base=sft{steps=10 loss=lam*mean(perception)+(1-lam)*mean(reasoning,answer)}
 stage rl = grpo from base { steps = 2, reward = gate(0.5*outcome+0.5*(perception_match), by=format) }
 # end of file
-'''
+"""
 
 
 def test_fmt_is_idempotent_and_keeps_comments_and_meaning(tmp_path: Path) -> None:
@@ -197,7 +198,10 @@ def test_check_json_lists_all_files(tmp_path: Path) -> None:
     proc = run_cli("check", "--format", "json", "a.pd", "b.pd", cwd=tmp_path)
     assert proc.returncode == 1
     diags = json.loads(proc.stdout)
-    assert {(d["file"], d["code"], d["severity"]) for d in diags} == {("a.pd", "unused-param", "warning"), ("b.pd", "unknown-task", "error")}
+    assert {(d["file"], d["code"], d["severity"]) for d in diags} == {
+        ("a.pd", "unused-param", "warning"),
+        ("b.pd", "unknown-task", "error"),
+    }
     task = next(d for d in diags if d["code"] == "unknown-task")
     assert (task["line"], task["column"], task["end_line"], task["end_column"]) == (2, 6, 2, 19)
     assert task["hint"] == "did you mean `graph_coloring`?"
@@ -270,19 +274,29 @@ def test_set_overrides_are_type_checked(monkeypatch) -> None:
 def test_hash_ignores_formatting_and_comments_but_not_meaning(tmp_path: Path) -> None:
     base = "experiment h\nparam lam: float = 0.5\ntask graph_coloring { nodes = 5 }\nstage s = sft { steps = 10, loss = lam * mean(perception) + (1 - lam) * mean(reasoning, answer) }\n"
     noisy = "# comment\nexperiment   h\nparam lam:float=0.5 # c\ntask graph_coloring{nodes=5}\n\n\nstage s=sft{\n steps=10\n loss=lam*mean(perception)+(1-lam)*mean(reasoning,answer)\n}\n"
-    h = lambda text, o=None: content_hash(check_text(text, "h.pd", o).ir)
+
+    def h(text: str, o: dict | None = None) -> str:
+        return content_hash(check_text(text, "h.pd", o).ir)
+
     assert h(base) == h(noisy)
     assert h(base) != h(base, {"lam": "0.4"})
     assert h(base) != h(base.replace("steps = 10", "steps = 11"))
     assert h(base) == h(base, {"lam": "0.5"})  # same value, same run
     # token_mean() and a mean over every role are the same loss, hence the same run
-    tm = "experiment h\nroles { a = between(\"<a>\", \"</a>\"), b = rest() }\ntask graph_coloring {}\nstage s = sft { steps = 1, loss = LOSS }\n"
+    tm = (
+        'experiment h\nroles { a = between("<a>", "</a>"), b = rest() }\ntask graph_coloring {}\nstage s = sft { steps = 1, loss = LOSS }\n'
+    )
     assert h(tm.replace("LOSS", "token_mean()")) == h(tm.replace("LOSS", "mean(a, b)"))
 
 
 def test_hash_is_stable_across_processes() -> None:
     code = "from percepdsl.check import check_file; from percepdsl.ir import content_hash; print(content_hash(check_file('specs/quickstart.pd').ir))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, env={"PYTHONHASHSEED": s, "PATH": ""}, timeout=60).stdout for s in ("1", "2")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, cwd=ROOT, env={"PYTHONHASHSEED": s, "PATH": ""}, timeout=60
+        ).stdout
+        for s in ("1", "2")
+    }
     assert len(outs) == 1 and len(outs.pop().strip()) == 12
 
 

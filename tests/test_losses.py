@@ -18,8 +18,6 @@ MIX = lambda lam: {  # noqa: E731
 NGDIFF = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]]}
 
 
-
-
 # ------------------------------------------------------------------ schedules
 def test_schedules_at_endpoints() -> None:
     assert schedule_value(0.3, 5, 10) == 0.3
@@ -160,6 +158,7 @@ def _ngdiff_setup(n_per_role=(3, 6, 4)):
 def test_ngdiff_combined_gradient_equals_normalised_sum() -> None:
     net, x, labels, roles = _ngdiff_setup()
     params = list(net.parameters())
+
     # by hand: the two group gradients separately
     def group_grad(mask: torch.Tensor) -> list[torch.Tensor]:
         loss = F.cross_entropy(net(x[mask]), labels[mask])

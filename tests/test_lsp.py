@@ -7,6 +7,7 @@ Two layers:
   subprocess): initialize, didOpen, didChange, didSave, didClose, hover, completion,
   definition, documentSymbol, formatting, codeAction, shutdown and exit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,16 +27,16 @@ from percepdsl.lsp import features as F
 from percepdsl.lsp import scan as S
 from percepdsl.lsp.testing import ROOT, LspSession, spec_of_lines
 
-COMMON = textwrap.dedent('''\
+COMMON = textwrap.dedent("""\
     param lam: float = 0.3   # perception weight
     roles {
       perception = between("<perception>", "</perception>")
       reasoning  = between("<reasoning>", "</reasoning>")
       answer     = between("<answer>", "</answer>")
     }
-''')
+""")
 
-MAIN = textwrap.dedent('''\
+MAIN = textwrap.dedent("""\
     experiment demo
     include "common.pd"
     seed 7
@@ -51,7 +52,7 @@ MAIN = textwrap.dedent('''\
     }
     stage rl = grpo from post { steps = 200  group = 8  kl = 0.02  reward = 0.3 * perception_match + 0.7 * outcome }
     eval { every = 100  metrics = [end_to_end, perception, reasoning] }
-''')
+""")
 
 
 @pytest.fixture()
@@ -150,7 +151,7 @@ def test_completion_tolerates_broken_text(project_dir: Path) -> None:
 
 
 def test_scanner_recovers_statements_and_blocks() -> None:
-    text = 'stage a = sft {\n  steps = 3\n  loss = mean(perc\nstage b = sft from a { steps = 1 }\nreport [a, b\nseed 3\n'
+    text = "stage a = sft {\n  steps = 3\n  loss = mean(perc\nstage b = sft from a { steps = 1 }\nreport [a, b\nseed 3\n"
     o = S.outline(text)
     assert [s.kw for s in o.stmts] == ["stage", "stage", "report", "seed"]
     assert o.stmts[0].block.keys() == ["steps", "loss"] and o.stmts[0].block.close is None
@@ -205,7 +206,11 @@ def test_definition_and_symbols(project_dir: Path) -> None:
     assert where('"common.pd"', 3) == [("common.pd", 0, 0)]
     assert where("graph_coloring") == []
     syms = F.document_symbols(F.Doc(MAIN, p), enc)
-    assert [(s.name, s.kind) for s in syms][:3] == [("demo", T.SymbolKind.Module), ("common.pd", T.SymbolKind.File), ("seed", T.SymbolKind.Constant)]
+    assert [(s.name, s.kind) for s in syms][:3] == [
+        ("demo", T.SymbolKind.Module),
+        ("common.pd", T.SymbolKind.File),
+        ("seed", T.SymbolKind.Constant),
+    ]
     post = next(s for s in syms if s.name == "post")
     assert post.detail == "stage sft from base" and [c.name for c in post.children] == ["steps", "loss"]
     for s in syms:  # selection inside range
@@ -214,7 +219,7 @@ def test_definition_and_symbols(project_dir: Path) -> None:
 
 
 def test_encoder_counts_utf16_units() -> None:
-    text = 'seed 1 # 🙂 é\nx'
+    text = "seed 1 # 🙂 é\nx"
     lines = S.Lines(text)
     for name, width in (("utf-16", 2), ("utf-32", 1), ("utf-8", 4)):
         enc = F.Encoder(name)
@@ -228,7 +233,11 @@ def test_encoder_counts_utf16_units() -> None:
 
 def _bad_files(d: Path) -> Path:
     (d / "frag.pd").write_text(COMMON + "param beta: float = 0.1\n", encoding="utf-8")
-    text = MAIN.replace("common.pd", "frag.pd").replace("mean(perception)", "mean(perceptoin)").replace("kl = 0.02", "kl = 0.02 temprature = 1")
+    text = (
+        MAIN.replace("common.pd", "frag.pd")
+        .replace("mean(perception)", "mean(perceptoin)")
+        .replace("kl = 0.02", "kl = 0.02 temprature = 1")
+    )
     (d / "bad.pd").write_text(text, encoding="utf-8")
     return d / "bad.pd"
 
@@ -249,7 +258,11 @@ def test_diagnostics_are_the_checkers(project_dir: Path) -> None:
         assert d.code == c["code"] and d.source == "percep"
         if c["file"] == "bad.pd":
             assert (d.range.start.line + 1, d.range.start.character + 1, d.range.end.line + 1, d.range.end.character + 1) == (
-                c["line"], c["column"], c["end_line"], c["end_column"])
+                c["line"],
+                c["column"],
+                c["end_line"],
+                c["end_column"],
+            )
             assert d.message == c["message"] + (f"\nhelp: {c['hint']}" if "hint" in c else "")
     folded = diags[2]  # the fragment's warning sits on the include line, pointing into the fragment
     assert folded.severity == T.DiagnosticSeverity.Warning and folded.range.start.line == 1
@@ -261,11 +274,13 @@ def test_diagnostics_are_the_checkers(project_dir: Path) -> None:
 
 
 def test_server_import_does_not_import_torch() -> None:
-    code = ("import sys, pathlib; import percepdsl.lsp.server as s; from percepdsl.lsp import features as F; "
-            "p = pathlib.Path('x.pd'); s.server.diagnostics(p.resolve().as_uri(), 'experiment x\\nseed 1\\n'); "
-            "F.complete(F.Project(F.Doc('task ', p)), 5, F.Encoder()); "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'percepdsl_runtime', 'lightning', 'transformers'))]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, pathlib; import percepdsl.lsp.server as s; from percepdsl.lsp import features as F; "
+        "p = pathlib.Path('x.pd'); s.server.diagnostics(p.resolve().as_uri(), 'experiment x\\nseed 1\\n'); "
+        "F.complete(F.Project(F.Doc('task ', p)), 5, F.Encoder()); "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'percepdsl_runtime', 'lightning', 'transformers'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -389,12 +404,68 @@ def test_stdio_diagnostics_latency_smoke(tmp_path: Path) -> None:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_PIECES = st.sampled_from([
-    "stage", "task", "model", "roles", "eval", "trainer", "param", "include", "seed", "grid", "template", "axis", "zip",
-    "where", "report", "fix", "experiment", "s", "base", "sft", "grpo", "from", "lam", "graph_coloring", "hf", "lora",
-    "steps", "loss", "reward", "mean", "ngdiff", "cosine", "perception", "outcome", "=", "{", "}", "(", ")", "[", "]",
-    ",", ":", "..", "+", "*", "-", "1", "0.5", "64px", '"x.pd"', '"unterminated', "# note", "\n", " ", "\t", "🙂", "é",
-])
+_PIECES = st.sampled_from(
+    [
+        "stage",
+        "task",
+        "model",
+        "roles",
+        "eval",
+        "trainer",
+        "param",
+        "include",
+        "seed",
+        "grid",
+        "template",
+        "axis",
+        "zip",
+        "where",
+        "report",
+        "fix",
+        "experiment",
+        "s",
+        "base",
+        "sft",
+        "grpo",
+        "from",
+        "lam",
+        "graph_coloring",
+        "hf",
+        "lora",
+        "steps",
+        "loss",
+        "reward",
+        "mean",
+        "ngdiff",
+        "cosine",
+        "perception",
+        "outcome",
+        "=",
+        "{",
+        "}",
+        "(",
+        ")",
+        "[",
+        "]",
+        ",",
+        ":",
+        "..",
+        "+",
+        "*",
+        "-",
+        "1",
+        "0.5",
+        "64px",
+        '"x.pd"',
+        '"unterminated',
+        "# note",
+        "\n",
+        " ",
+        "\t",
+        "🙂",
+        "é",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -20,10 +20,6 @@ RULES = [
 ]
 
 
-
-
-
-
 # ------------------------------------------------------------------ tiny model
 def test_tiny_default_size_and_reload(task, tmp_path) -> None:
     loaded = build_tiny(task.vocabulary(), save_dir=tmp_path)
@@ -119,8 +115,9 @@ def test_load_errors(tmp_path, tiny, task) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     text_only = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=32)).save_pretrained(text_only)
+    LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    ).save_pretrained(text_only)
     with pytest.raises(ModelLoadError, match="not an image-text-to-text checkpoint"):
         load_hf(text_only)
     with pytest.raises(ModelLoadError, match="cannot encode"):
@@ -138,8 +135,7 @@ def _bpe(specials: list[str], corpus: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     return tok
 
@@ -153,8 +149,9 @@ def make_idefics3(path: Path, task) -> Path:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
-    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, _corpus(task)), bos_token="<|im_start|>",
-                                  eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe(specials, _corpus(task)), bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>"
+    )
     template = (  # SmolVLM / Idefics3's own template
         "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
         "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
@@ -168,10 +165,20 @@ def make_idefics3(path: Path, task) -> Path:
     ids = {s: proc.tokenizer.convert_tokens_to_ids(s) for s in specials}
     cfg = Idefics3Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=len(proc.tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"]),
-        image_token_id=ids["<image>"], scale_factor=2,
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(proc.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|im_start|>"],
+            eos_token_id=ids["<end_of_utterance>"],
+        ),
+        image_token_id=ids["<image>"],
+        scale_factor=2,
     )
     torch.manual_seed(0)
     Idefics3ForConditionalGeneration(cfg).save_pretrained(path)
@@ -184,7 +191,10 @@ def make_gemma3(path: Path, task) -> Path:
 
     specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(specials, _corpus(task)), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        tokenizer_object=_bpe(specials, _corpus(task)),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
     )
     template = (  # Gemma 3's template, reduced to what the tests use
@@ -193,16 +203,29 @@ def make_gemma3(path: Path, task) -> Path:
         "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
-    proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
-                           image_seq_length=4, chat_template=template)
+    proc = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok, image_seq_length=4, chat_template=template
+    )
     proc.save_pretrained(path)
     ids = {s: proc.tokenizer.convert_tokens_to_ids(s) for s in specials}
     cfg = Gemma3Config(
-        text_config=dict(vocab_size=len(proc.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                         pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"]),
+        text_config=dict(
+            vocab_size=len(proc.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=64,
+            pad_token_id=ids["<pad>"],
+            bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<eos>"],
+        ),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        mm_tokens_per_image=4,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
     )
     torch.manual_seed(0)
@@ -243,8 +266,7 @@ def test_real_architecture_with_lora(make, task, tmp_path) -> None:
 
     loaded.model.eval()
     prompts = collate([enc.encode_prompt(s.query, s.image) for s in samples], enc.pad_token_id)
-    out = loaded.model.generate(**prompts, max_new_tokens=3, do_sample=False,
-                                eos_token_id=enc.eos_token_id, pad_token_id=enc.pad_token_id)
+    out = loaded.model.generate(**prompts, max_new_tokens=3, do_sample=False, eos_token_id=enc.eos_token_id, pad_token_id=enc.pad_token_id)
     assert out.shape[0] == 2 and out.shape[1] <= prompts["input_ids"].shape[1] + 3
 
 
@@ -254,12 +276,29 @@ def test_checkpoint_without_weights_is_reported(tmp_path) -> None:
 
     path = tmp_path / "broken"
     path.mkdir()
-    (path / "config.json").write_text(json.dumps(LlavaConfig(
-        vision_config={"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-        text_config={"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": 40},
-    ).to_dict()))
+    (path / "config.json").write_text(
+        json.dumps(
+            LlavaConfig(
+                vision_config={
+                    "model_type": "clip_vision_model",
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "image_size": 32,
+                    "patch_size": 16,
+                },
+                text_config={
+                    "model_type": "llama",
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "vocab_size": 40,
+                },
+            ).to_dict()
+        )
+    )
     with pytest.raises(ModelLoadError):
         load_hf(path)  # no weights, no processor files
 

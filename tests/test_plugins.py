@@ -1,4 +1,5 @@
 """Plugins extend the catalogue as data; checking never imports plugin code."""
+
 from __future__ import annotations
 
 import subprocess

@@ -41,10 +41,16 @@ def node(kind: str, *children: RewardIR, value: float | None = None) -> RewardIR
 
 def group(rows: list[tuple[int, int, int, float, int]], perceptions: list | None = None, sid: str = "t/0") -> RolloutGroup:
     """rows: (format_ok, outcome, perception_exact, perception_partial, reasoning) per completion."""
-    scores = [Scores(format_ok=bool(f), outcome=bool(o), perception_exact=bool(p), perception_partial=pp, reasoning=bool(r))
-              for f, o, p, pp, r in rows]
-    return RolloutGroup(sample=SimpleNamespace(id=sid), completions=[f"c{i}" for i in range(len(rows))], scores=scores,
-                        perceptions=perceptions or [None] * len(rows))
+    scores = [
+        Scores(format_ok=bool(f), outcome=bool(o), perception_exact=bool(p), perception_partial=pp, reasoning=bool(r))
+        for f, o, p, pp, r in rows
+    ]
+    return RolloutGroup(
+        sample=SimpleNamespace(id=sid),
+        completions=[f"c{i}" for i in range(len(rows))],
+        scores=scores,
+        perceptions=perceptions or [None] * len(rows),
+    )
 
 
 G1 = group([(1, 1, 1, 1.0, 1), (1, 1, 0, 0.5, 1), (0, 0, 0, 0.0, 0), (1, 0, 1, 1.0, 0)])
@@ -52,8 +58,7 @@ G1 = group([(1, 1, 1, 1.0, 1), (1, 1, 0, 0.5, 1), (0, 0, 0, 0.0, 0), (1, 0, 1, 1
 
 # ------------------------------------------------------------------ terms
 def test_label_terms_read_the_scores() -> None:
-    ir = node("sum", term("outcome"), term("perception_match"), term("perception_partial"), term("format"),
-              term("perceived_consistency"))
+    ir = node("sum", term("outcome"), term("perception_match"), term("perception_partial"), term("format"), term("perceived_consistency"))
     vals = compile_reward(ir)(G1).terms
     assert vals["outcome"].tolist() == [1, 1, 0, 0]
     assert vals["perception_match"].tolist() == [1, 0, 0, 1]
@@ -90,12 +95,16 @@ def test_rollout_group_scores_with_the_task() -> None:
 # ------------------------------------------------------------------ algebra
 def test_weighted_sum_gate_product_scale_const() -> None:
     # gate(0.3·perception_match + 0.7·outcome, format)
-    ir = node("gate", node("sum", node("scale", term("perception_match"), value=0.3),
-                           node("scale", term("outcome"), value=0.7)), term("format"))
+    ir = node(
+        "gate", node("sum", node("scale", term("perception_match"), value=0.3), node("scale", term("outcome"), value=0.7)), term("format")
+    )
     assert compile_reward(ir)(G1).total == pytest.approx([1.0, 0.7, 0.0, 0.3])
     # outcome · perception_partial · 2 + (-1)
-    ir = node("sum", node("product", term("outcome"), term("perception_partial"), RewardIR(kind="const", value=2.0)),
-              RewardIR(kind="const", value=-1.0))
+    ir = node(
+        "sum",
+        node("product", term("outcome"), term("perception_partial"), RewardIR(kind="const", value=2.0)),
+        RewardIR(kind="const", value=-1.0),
+    )
     assert compile_reward(ir)(G1).total == pytest.approx([1.0, 0.0, -1.0, -1.0])
     # a gate passes only where the gate is exactly 1
     ir = node("gate", term("perception_match"), term("perception_partial"))
@@ -109,10 +118,10 @@ def test_each_distinct_term_is_evaluated_once_and_logged_by_name() -> None:
         def fn(g, **params):
             calls.append(impl)
             return [float(params.get("k", 1))] * len(g)
+
         return fn
 
-    ir = node("sum", term("t", impl="x:t"), node("scale", term("t", impl="x:t"), value=2.0),
-              term("t", impl="x:t", k=3))
+    ir = node("sum", term("t", impl="x:t"), node("scale", term("t", impl="x:t"), value=2.0), term("t", impl="x:t", k=3))
     r = compile_reward(ir, resolve=resolve)
     assert r.term_names == ["t", "t(k=3)"] and r.surrogates == ["t", "t(k=3)"]
     vals = r(G1)
@@ -124,8 +133,9 @@ def test_example_plugin_term_compiles() -> None:
     sys.path.insert(0, str(ROOT / "examples" / "plugin"))
     try:
         r = compile_reward(term("brevity", impl="percep_example_plugin.rewards:brevity", max_words=2))
-        g = RolloutGroup(sample=SimpleNamespace(id="x"), completions=["a", "a b c", "a b c d e"],
-                         scores=[Scores()] * 3, perceptions=[None] * 3)
+        g = RolloutGroup(
+            sample=SimpleNamespace(id="x"), completions=["a", "a b c", "a b c d e"], scores=[Scores()] * 3, perceptions=[None] * 3
+        )
         assert r(g).terms["brevity(max_words=2)"].tolist() == [1.0, 0.5, 0.0]
     finally:
         sys.path.remove(str(ROOT / "examples" / "plugin"))
@@ -134,9 +144,14 @@ def test_example_plugin_term_compiles() -> None:
 # ------------------------------------------------------------------ bad rewards
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_reward_raises_naming_the_term(bad: float) -> None:
-    r = compile_reward(node("sum", term("outcome"), term("shaky", impl="x:shaky")),
-                       resolve=lambda impl: (lambda g, **_: [0.0, bad, 0.0, 0.0]) if impl == "x:shaky"
-                       else __import__("percepdsl_runtime.rewards", fromlist=["outcome"]).outcome)
+    r = compile_reward(
+        node("sum", term("outcome"), term("shaky", impl="x:shaky")),
+        resolve=lambda impl: (
+            (lambda g, **_: [0.0, bad, 0.0, 0.0])
+            if impl == "x:shaky"
+            else __import__("percepdsl_runtime.rewards", fromlist=["outcome"]).outcome
+        ),
+    )
     with pytest.raises(RewardError, match="`shaky`") as exc:
         r(G1)
     assert exc.value.term == "shaky" and "completion 1" in str(exc.value) and "t/0" in str(exc.value)

@@ -1,4 +1,5 @@
 """`percep run` end to end on the tiny smoke specs: the run directory contract, refusals, resume."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,11 @@ def test_run_directory_contract(smoke_run: Path) -> None:
     assert summary["status"] == "complete" and summary["final_stage"] == "balanced"
     assert set(summary["final"]) >= {"end_to_end", "perception", "reasoning"}
     assert list(summary["stages"]) == ["base", "fixed", "balanced"]
-    assert "delta" not in summary["stages"]["base"] and set(summary["stages"]["fixed"]["delta"]) == {"end_to_end", "perception", "reasoning"}
+    assert "delta" not in summary["stages"]["base"] and set(summary["stages"]["fixed"]["delta"]) == {
+        "end_to_end",
+        "perception",
+        "reasoning",
+    }
     share = summary["diagnostics"]["token_share"]
     assert abs(sum(share.values()) - 1) < 1e-6 and share["perception"] > 0
     assert any(k.startswith("grad_norm/") for k in summary["diagnostics"])
@@ -71,7 +76,9 @@ def test_a_finished_run_is_not_redone(smoke_run: Path) -> None:
 
 def test_missing_model_path_is_refused(tmp_path: Path) -> None:
     spec = tmp_path / "hf.pd"
-    spec.write_text('experiment hf\ntask graph_coloring { train = 8, test = 2 }\nmodel hf "/no/such/checkpoint"\nstage s = sft { steps = 1 }\n')
+    spec.write_text(
+        'experiment hf\ntask graph_coloring { train = 8, test = 2 }\nmodel hf "/no/such/checkpoint"\nstage s = sft { steps = 1 }\n'
+    )
     proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "/no/such/checkpoint" in proc.stderr and "Traceback" not in proc.stderr
@@ -79,10 +86,12 @@ def test_missing_model_path_is_refused(tmp_path: Path) -> None:
 
 def test_roles_matching_nothing_are_refused(tmp_path: Path) -> None:
     spec = tmp_path / "roles.pd"
-    spec.write_text('experiment r\ntask graph_coloring { nodes = 4, train = 8, test = 2 }\n'
-                    'model tiny { width = 32, depth = 1, heads = 2, vision_width = 32, vision_depth = 1 }\n'
-                    'roles { perception = between("<percept>", "</percept>"), rest_of_it = rest() }\n'
-                    'stage s = sft { steps = 1, loss = mean(perception) }\n')
+    spec.write_text(
+        "experiment r\ntask graph_coloring { nodes = 4, train = 8, test = 2 }\n"
+        "model tiny { width = 32, depth = 1, heads = 2, vision_width = 32, vision_depth = 1 }\n"
+        'roles { perception = between("<percept>", "</percept>"), rest_of_it = rest() }\n'
+        "stage s = sft { steps = 1, loss = mean(perception) }\n"
+    )
     proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "`perception` match no target token" in proc.stderr and "Traceback" not in proc.stderr
@@ -104,8 +113,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
     straight = percep("run", *args, "--out", str(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-2000:]
     env = dict(os.environ, PERCEP_RESUME_EVERY="3")
-    proc = subprocess.Popen([sys.executable, "-m", "percepdsl", "run", *args, "--out", str(tmp_path / "b")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "percepdsl", "run", *args, "--out", str(tmp_path / "b")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     ckpt = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -148,18 +162,29 @@ def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "rewards.py").write_text("def nan_reward(group, **_):\n    return [float('nan')] * len(group.completions)\n")
-    (pkg / "percep_catalogue.toml").write_text('[[entry]]\nname = "nan_reward"\nkind = "reward"\ndoc = "always NaN"\nimpl = "nanplug.rewards:nan_reward"\n')
+    (pkg / "percep_catalogue.toml").write_text(
+        '[[entry]]\nname = "nan_reward"\nkind = "reward"\ndoc = "always NaN"\nimpl = "nanplug.rewards:nan_reward"\n'
+    )
     dist = site / "nanplug-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nanplug\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[percepdsl.catalogue]\nnanplug = nanplug:percep_catalogue.toml\n")
     spec = tmp_path / "nan.pd"
-    spec.write_text((ROOT / "specs/grpo_smoke.pd").read_text()
-                    .replace('include "common/roles.pd"', f'include "{ROOT}/specs/common/roles.pd"')
-                    .replace("reward = 0.5 * perception_match + 0.5 * outcome", "reward = 0.5 * nan_reward + 0.5 * outcome"))
+    spec.write_text(
+        (ROOT / "specs/grpo_smoke.pd")
+        .read_text()
+        .replace('include "common/roles.pd"', f'include "{ROOT}/specs/common/roles.pd"')
+        .replace("reward = 0.5 * perception_match + 0.5 * outcome", "reward = 0.5 * nan_reward + 0.5 * outcome")
+    )
     env = dict(os.environ, PYTHONPATH=str(site))
-    proc = subprocess.run([sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "reward term `nan_reward`" in proc.stderr and "Traceback" not in proc.stderr
     run_dir = next((tmp_path / "runs").glob("grpo_smoke-*"))

@@ -27,10 +27,6 @@ RULES = [
 NGDIFF = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]]}
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def encoder(tiny):
     return Encoder(tiny, RULES)
@@ -44,9 +40,18 @@ def datamodule(task, encoder):
 
 
 def _trainer(steps: int, **kw) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=kw.pop("precision", "bf16-mixed"),
-                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, log_every_n_steps=1, **kw)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        precision=kw.pop("precision", "bf16-mixed"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
+    )
 
 
 def _fresh_module(tiny, encoder, spec, **cfg) -> SFTModule:
@@ -134,8 +139,16 @@ def test_only_loss_is_logged_between_logger_steps(tiny, encoder, datamodule) -> 
         def on_train_batch_end(self, trainer, *args) -> None:
             keys.append(set(trainer.callback_metrics))
 
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[Keys()],
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=2)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[Keys()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=2,
+    )
     trainer.fit(module, datamodule=datamodule)
     assert keys[0] == {"loss"} and {"eff_lambda", "loss/perception", "lr"} <= keys[1]
 
@@ -211,7 +224,7 @@ def test_ngdiff_prefix_forward_gives_the_same_gradient(tiny, encoder, datamodule
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-DDP_SCRIPT = '''
+DDP_SCRIPT = """
 import sys, torch, lightning as L
 torch.set_num_threads(1)
 from percepdsl_runtime.models import load_hf
@@ -219,7 +232,7 @@ from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.losses import Objective
 from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 from percepdsl_runtime.tasks import build_task
-RULES = %r
+RULES = {rules!r}
 if __name__ == "__main__":
     task = build_task("graph_coloring", {}, seed=0)
     loaded = load_hf(sys.argv[1])
@@ -230,7 +243,7 @@ if __name__ == "__main__":
     trainer.fit(module, datamodule=SFTDataModule(task, enc, batch_size=4, seed=0, n_items=32))
     total = float(sum(p.detach().double().sum() for p in module.model.parameters()))
     print(f"RANK {trainer.global_rank} {trainer.global_step} {total:.10e} {module.lr_scale:.10e}")
-''' % (RULES,)
+""".replace("{rules!r}", repr(RULES))
 
 
 def test_ngdiff_under_ddp_keeps_ranks_in_sync(tiny, tmp_path) -> None:
@@ -241,8 +254,7 @@ def test_ngdiff_under_ddp_keeps_ranks_in_sync(tiny, tmp_path) -> None:
 
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(tiny.path)], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+    out = subprocess.run([sys.executable, str(script), str(tiny.path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RANK"))
     assert len(lines) == 2, out.stderr[-2000:]
     assert lines[0][1:] == lines[1][1:] and lines[0][1] == "3"

@@ -98,10 +98,7 @@ def test_scores_as_dict_has_every_field() -> None:
 
 def test_rng_is_stable_across_processes() -> None:
     here = rng_for(7, "train", 3, "graph").integers(1 << 30, size=4).tolist()
-    code = (
-        "from percepdsl_runtime.tasks.base import rng_for;"
-        "print(rng_for(7, 'train', 3, 'graph').integers(1 << 30, size=4).tolist())"
-    )
+    code = "from percepdsl_runtime.tasks.base import rng_for;print(rng_for(7, 'train', 3, 'graph').integers(1 << 30, size=4).tolist())"
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert there.strip() == str(here)
     assert rng_for(7, "train", 3).random() != rng_for(7, "test", 3).random()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import task_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +23,6 @@ from percepdsl_runtime.tasks.graph_coloring import (
     perception_text,
 )
 from percepdsl_runtime.tasks.render import NODE_COLORS, circle_positions
-
-from helpers import task_digest
 
 STYLES = ("brief", "trace", "verbose")
 FORMATS = ("edges", "adjacency")
@@ -199,8 +198,9 @@ VOCAB = build_task("graph_coloring", {}, 0).vocabulary()
         st.text(max_size=300),
         st.lists(st.sampled_from(VOCAB), max_size=80).map(" ".join),
         st.lists(st.sampled_from(VOCAB), max_size=40).map(
-            lambda ws: "<perception> 5 : " + " ".join(ws) + " </perception> <reasoning> </reasoning> <answer> "
-            + " ".join(ws) + " </answer>"
+            lambda ws: (
+                "<perception> 5 : " + " ".join(ws) + " </perception> <reasoning> </reasoning> <answer> " + " ".join(ws) + " </answer>"
+            )
         ),
     ),
     st.sampled_from(FORMATS),

@@ -6,11 +6,12 @@ import functools
 import itertools
 import subprocess
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import task_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +24,6 @@ from percepdsl_runtime.tasks.sudoku import (
     is_solution,
     random_grid,
 )
-
-from helpers import task_digest
 
 STYLES = ("brief", "trace", "verbose")
 
@@ -187,8 +186,7 @@ VOCAB = build_task("sudoku", {}, 0).vocabulary()
         st.text(max_size=300),
         st.lists(st.sampled_from(VOCAB), max_size=80).map(" ".join),
         st.lists(st.sampled_from(["1", "2", "3", "4", "_", "/", "9"]), max_size=24).map(
-            lambda ws: "<perception> " + " ".join(ws) + " </perception> <reasoning> </reasoning> <answer> "
-            + " ".join(ws) + " </answer>"
+            lambda ws: "<perception> " + " ".join(ws) + " </perception> <reasoning> </reasoning> <answer> " + " ".join(ws) + " </answer>"
         ),
     )
 )

@@ -38,16 +38,26 @@ def _perception_accuracy(model, encoder: Encoder, items: list[dict], shuffle: bo
 
 
 def test_tiny_model_learns_perception_from_pixels(tmp_path) -> None:
-    task = build_task("graph_coloring", {"nodes": 5, "perception_format": "adjacency", "reasoning": "brief",
-                                         "train": 2400, "test": 100}, seed=0)
+    task = build_task(
+        "graph_coloring", {"nodes": 5, "perception_format": "adjacency", "reasoning": "brief", "train": 2400, "test": 100}, seed=0
+    )
     loaded = build_tiny(task.vocabulary(), patch=8, seed=1, save_dir=tmp_path / "tiny")
     encoder = Encoder(loaded, RULES)
     test = [encoder.encode_train(s.query, s.image, s.response) for s in (task.sample("test", i) for i in range(100))]
-    module = SFTModule(loaded, Objective({"kind": "token_mean", "roles": ["perception"]}, encoder.role_names),
-                       {"lr": 1e-3, "schedule": {"kind": "cosine", "start": 1.0, "end": 0.0, "warmup": 50}})
-    L.Trainer(max_steps=300, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(
-        module, datamodule=SFTDataModule(task, encoder, batch_size=8, seed=0))
+    module = SFTModule(
+        loaded,
+        Objective({"kind": "token_mean", "roles": ["perception"]}, encoder.role_names),
+        {"lr": 1e-3, "schedule": {"kind": "cosine", "start": 1.0, "end": 0.0, "warmup": 50}},
+    )
+    L.Trainer(
+        max_steps=300,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=SFTDataModule(task, encoder, batch_size=8, seed=0))
     true = _perception_accuracy(loaded.model, encoder, test, shuffle=False)
     shuffled = _perception_accuracy(loaded.model, encoder, test, shuffle=True)
     # measured: 0.97-1.0 vs 0.79 (the y/n prior); a model blind to pixels scores the same on both

@@ -5,6 +5,7 @@ when the server starts). The features themselves live in `features.py` (pure fun
 of a document's text) over a tolerant text scan (`scan.py`); `server.py` wires them to
 pygls; `testing.py` is a stdio client for the tests and `benchmarks/bench_lsp.py`.
 """
+
 from __future__ import annotations
 
 

@@ -11,12 +11,13 @@ Positions: the library and the scanner count code points; LSP positions count th
 negotiated encoding's code units (UTF-16 unless the client offers another). `Encoder`
 converts at the edge.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from lsprotocol import types as T
 
@@ -69,8 +70,9 @@ class Encoder:
 
     def span_range(self, lines: S.Lines, span: Span) -> T.Range:
         """A library span (1-based, end exclusive) → LSP range."""
-        return T.Range(start=self.position(lines, span.line - 1, span.column - 1),
-                       end=self.position(lines, span.end_line - 1, span.end_column - 1))
+        return T.Range(
+            start=self.position(lines, span.line - 1, span.column - 1), end=self.position(lines, span.end_line - 1, span.end_column - 1)
+        )
 
     def to_offset(self, lines: S.Lines, pos: T.Position) -> int:
         """LSP position → offset into the text."""
@@ -101,7 +103,7 @@ class Decl:
     kind: str  # param, stage, role
     name: str
     tok: S.Tok
-    doc: "Doc"
+    doc: Doc
     stmt: S.Stmt | None = None
     entry: S.Entry | None = None
 
@@ -249,8 +251,11 @@ class Project:
 
 # ---- diagnostics -------------------------------------------------------------------------------
 
-_SEVERITY = {Severity.ERROR: T.DiagnosticSeverity.Error, Severity.WARNING: T.DiagnosticSeverity.Warning,
-             Severity.NOTE: T.DiagnosticSeverity.Information}
+_SEVERITY = {
+    Severity.ERROR: T.DiagnosticSeverity.Error,
+    Severity.WARNING: T.DiagnosticSeverity.Warning,
+    Severity.NOTE: T.DiagnosticSeverity.Information,
+}
 
 
 def _file_path(name: str) -> Path | None:
@@ -312,8 +317,17 @@ def lsp_diagnostics(diags: list[Diagnostic], doc_name: str, project: Project, en
         data = {"file": d.file, "code": d.code}
         if d.hint:
             data["hint"] = d.hint
-        out.append(T.Diagnostic(range=rng, message=message, severity=_SEVERITY.get(d.severity, T.DiagnosticSeverity.Error),
-                                code=d.code, source="percep", related_information=related or None, data=data))
+        out.append(
+            T.Diagnostic(
+                range=rng,
+                message=message,
+                severity=_SEVERITY.get(d.severity, T.DiagnosticSeverity.Error),
+                code=d.code,
+                source="percep",
+                related_information=related or None,
+                data=data,
+            )
+        )
     return out
 
 
@@ -349,7 +363,7 @@ _NO_QUICK_FIX = {"missing-include", "missing-file", "unknown-param", "bad-overri
 
 
 def quick_fixes(uri: str, text: str, diagnostics: Iterable[T.Diagnostic], enc: Encoder) -> list[T.CodeAction]:
-    """"did you mean `x`?" hints become quick fixes that replace the flagged name."""
+    """ "did you mean `x`?" hints become quick fixes that replace the flagged name."""
     lines = S.Lines(text)
     out = []
     for d in diagnostics:
@@ -365,9 +379,15 @@ def quick_fixes(uri: str, text: str, diagnostics: Iterable[T.Diagnostic], enc: E
         new = m.group(1)
         if old.startswith('"'):
             new = f'"{new}"'
-        out.append(T.CodeAction(title=f"Replace `{old}` with `{new}`", kind=T.CodeActionKind.QuickFix, diagnostics=[d],
-                                is_preferred=True,
-                                edit=T.WorkspaceEdit(changes={uri: [T.TextEdit(range=d.range, new_text=new)]})))
+        out.append(
+            T.CodeAction(
+                title=f"Replace `{old}` with `{new}`",
+                kind=T.CodeActionKind.QuickFix,
+                diagnostics=[d],
+                is_preferred=True,
+                edit=T.WorkspaceEdit(changes={uri: [T.TextEdit(range=d.range, new_text=new)]}),
+            )
+        )
     return out
 
 
@@ -445,8 +465,15 @@ def function_entry(cat: Catalogue, name: str, ekind: str) -> Entry | None:
 def spec_markdown(spec: ParamSpec, owner: str) -> str:
     rng = spec.describe_range()
     unit = f" ({spec.unit})" if spec.unit else ""
-    lines = [f"**{spec.name}** — setting of `{owner}`" if owner else f"**{spec.name}**", "",
-             "```percep", spec.signature(), "```", "", spec.doc or ""]
+    lines = [
+        f"**{spec.name}** — setting of `{owner}`" if owner else f"**{spec.name}**",
+        "",
+        "```percep",
+        spec.signature(),
+        "```",
+        "",
+        spec.doc or "",
+    ]
     facts = [f"- type: {spec.describe_type()}{', ' + rng if rng else ''}{unit}"]
     facts.append("- required" if spec.required else f"- default: `{_fmt(spec.default)}`")
     return "\n".join(lines + [""] + facts)
@@ -469,16 +496,32 @@ class _Items:
         self.items: list[T.CompletionItem] = []
         self.seen: set[str] = set()
 
-    def add(self, label: str, kind: T.CompletionItemKind, detail: str | None = None, doc: str | None = None,
-            insert: str | None = None, snippet: bool = False, sort: str = "5", edit: T.TextEdit | None = None) -> None:
+    def add(
+        self,
+        label: str,
+        kind: T.CompletionItemKind,
+        detail: str | None = None,
+        doc: str | None = None,
+        insert: str | None = None,
+        snippet: bool = False,
+        sort: str = "5",
+        edit: T.TextEdit | None = None,
+    ) -> None:
         if label in self.seen:
             return
         self.seen.add(label)
-        self.items.append(T.CompletionItem(
-            label=label, kind=kind, detail=detail, documentation=_doc_md(doc) if doc else None,
-            insert_text=insert if edit is None else None, text_edit=edit,
-            insert_text_format=T.InsertTextFormat.Snippet if snippet else (T.InsertTextFormat.PlainText if insert else None),
-            sort_text=f"{sort}{label}"))
+        self.items.append(
+            T.CompletionItem(
+                label=label,
+                kind=kind,
+                detail=detail,
+                documentation=_doc_md(doc) if doc else None,
+                insert_text=insert if edit is None else None,
+                text_edit=edit,
+                insert_text_format=T.InsertTextFormat.Snippet if snippet else (T.InsertTextFormat.PlainText if insert else None),
+                sort_text=f"{sort}{label}",
+            )
+        )
 
     def entry(self, e: Entry, kind: T.CompletionItemKind, snippets: bool, call: bool = False, sort: str = "5") -> None:
         insert, snip = None, False
@@ -580,7 +623,9 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
         for r in DEFAULT_ROLES:
             if r.role not in present:
                 rule = f'between("{r.open}", "{r.close}")'
-                items.add(r.role, T.CompletionItemKind.Field, f"{r.role} = {rule}", f"a role: `{r.role} = {rule}`", insert=f"{r.role} = {rule}")
+                items.add(
+                    r.role, T.CompletionItemKind.Field, f"{r.role} = {rule}", f"a role: `{r.role} = {rule}`", insert=f"{r.role} = {rule}"
+                )
         return
     if stmt is not None and stmt.kw == "zip" and not path:
         _template_params(project, items, exclude=present, key=True)
@@ -592,12 +637,24 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
     for p in entry.params:
         if p.name in present:
             continue
-        items.add(p.name, T.CompletionItemKind.Property, f"{p.describe_type()}" + ("" if p.required else f" = {_fmt(p.default)}"),
-                  spec_markdown(p, owner), insert=f"{p.name} = ", sort="3" if p.required else "4")
+        items.add(
+            p.name,
+            T.CompletionItemKind.Property,
+            f"{p.describe_type()}" + ("" if p.required else f" = {_fmt(p.default)}"),
+            spec_markdown(p, owner),
+            insert=f"{p.name} = ",
+            sort="3" if p.required else "4",
+        )
     if stmt.kw == "model" and not path and stmt.name_tok() is not None and stmt.name_tok().text == "hf" and "lora" not in present:
         lora = cat.get("block", "lora")
-        items.add("lora", T.CompletionItemKind.Module, "LoRA adapters", lora.markdown() if lora else None,
-                  insert="lora { $0 }" if snippets else "lora { ", snippet=snippets)
+        items.add(
+            "lora",
+            T.CompletionItemKind.Module,
+            "LoRA adapters",
+            lora.markdown() if lora else None,
+            insert="lora { $0 }" if snippets else "lora { ",
+            snippet=snippets,
+        )
 
 
 def _full_block(o: S.Outline, blk: S.Block) -> S.Block | None:
@@ -650,8 +707,14 @@ def _complete_value(project: Project, ctx: S.Context, items: _Items, snippets: b
             given = {t.text for i, t in enumerate(g.items[:-1]) if t.is_name and g.items[i + 1].text == "="}
             for p in fe.params:
                 if not p.variadic and p.name not in given:
-                    items.add(f"{p.name} =", T.CompletionItemKind.Property, p.describe_type(), spec_markdown(p, fe.name),
-                              insert=f"{p.name} = ", sort="2")
+                    items.add(
+                        f"{p.name} =",
+                        T.CompletionItemKind.Property,
+                        p.describe_type(),
+                        spec_markdown(p, fe.name),
+                        insert=f"{p.name} = ",
+                        sort="2",
+                    )
         arg = _arg_spec(fe, g)
         if arg is not None:
             _values(project, items, arg, ekind, snippets)
@@ -781,8 +844,14 @@ def _template_params(project: Project, items: _Items, exclude: set[str] | None =
     for x in project.template_params():
         if x.name in exclude:
             continue
-        items.add(x.name, T.CompletionItemKind.Variable, _param_signature(x), _param_markdown(project, x),
-                  insert=f"{x.name} = [" if key else None, sort="3")
+        items.add(
+            x.name,
+            T.CompletionItemKind.Variable,
+            _param_signature(x),
+            _param_markdown(project, x),
+            insert=f"{x.name} = [" if key else None,
+            sort="3",
+        )
 
 
 def _complete_path(project: Project, ctx: S.Context, enc: Encoder, items: _Items) -> None:
@@ -873,8 +942,10 @@ def _role_markdown(project: Project, name: str, x: Decl | None) -> str:
         r = next((r for r in DEFAULT_ROLES if r.role == name), None)
         if r is None:
             return f"**role** `{name}`"
-        return (f"```percep\n{name} = between(\"{r.open}\", \"{r.close}\")\n```\n\n"
-                f"**role** `{name}` — a default role (the spec has no `roles` block)")
+        return (
+            f'```percep\n{name} = between("{r.open}", "{r.close}")\n```\n\n'
+            f"**role** `{name}` — a default role (the spec has no `roles` block)"
+        )
     rule = x.entry.value_text(x.doc.text) if x.entry is not None else ""
     return f"```percep\n{name} = {rule}\n```\n\n**role** `{name}`, declared in the roles block at {_where(project, x)}"
 
@@ -1048,7 +1119,9 @@ def definition(project: Project, offset: int, enc: Encoder) -> list[T.Location]:
     if tgt.kind == "file" and tgt.path is not None:
         if not tgt.path.is_file():
             return []
-        return [T.Location(uri=path_uri(tgt.path), range=T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0)))]
+        return [
+            T.Location(uri=path_uri(tgt.path), range=T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0)))
+        ]
     if tgt.decl is not None:
         loc = tgt.decl.doc.location(tgt.decl.tok.start, tgt.decl.tok.end, enc)
         return [loc] if loc is not None else []
@@ -1058,12 +1131,38 @@ def definition(project: Project, offset: int, enc: Encoder) -> list[T.Location]:
 # ---- outline -------------------------------------------------------------------------------------
 
 _SYMBOL_KIND = {
-    "experiment": T.SymbolKind.Module, "grid": T.SymbolKind.Module, "param": T.SymbolKind.Variable, "seed": T.SymbolKind.Constant,
-    "include": T.SymbolKind.File, "template": T.SymbolKind.File, "task": T.SymbolKind.Class, "model": T.SymbolKind.Class,
-    "roles": T.SymbolKind.Namespace, "stage": T.SymbolKind.Function, "eval": T.SymbolKind.Object, "trainer": T.SymbolKind.Object,
-    "axis": T.SymbolKind.Array, "zip": T.SymbolKind.Namespace, "seeds": T.SymbolKind.Array, "where": T.SymbolKind.Boolean,
-    "report": T.SymbolKind.Array, "fix": T.SymbolKind.Constant,
+    "experiment": T.SymbolKind.Module,
+    "grid": T.SymbolKind.Module,
+    "param": T.SymbolKind.Variable,
+    "seed": T.SymbolKind.Constant,
+    "include": T.SymbolKind.File,
+    "template": T.SymbolKind.File,
+    "task": T.SymbolKind.Class,
+    "model": T.SymbolKind.Class,
+    "roles": T.SymbolKind.Namespace,
+    "stage": T.SymbolKind.Function,
+    "eval": T.SymbolKind.Object,
+    "trainer": T.SymbolKind.Object,
+    "axis": T.SymbolKind.Array,
+    "zip": T.SymbolKind.Namespace,
+    "seeds": T.SymbolKind.Array,
+    "where": T.SymbolKind.Boolean,
+    "report": T.SymbolKind.Array,
+    "fix": T.SymbolKind.Constant,
 }
+
+
+def _statement_detail(kw: str, st, doc) -> str:
+    """The outline's detail text for one statement (what follows its keyword)."""
+    if kw == "param":
+        return st.head_text(doc.text).partition(":")[2].strip()
+    if kw in ("stage", "axis", "fix"):
+        return " ".join(t.text for t in st.head[2:])
+    if kw == "model":
+        return st.string_tok().string_value() if st.string_tok() else ""
+    if kw in ("seed", "seeds", "where", "report"):
+        return " ".join(t.text for t in st.head)
+    return ""
 
 
 def document_symbols(doc: Doc, enc: Encoder) -> list[T.DocumentSymbol]:
@@ -1081,25 +1180,21 @@ def document_symbols(doc: Doc, enc: Encoder) -> list[T.DocumentSymbol]:
             name, sel = st.string_tok().string_value() or kw, st.string_tok()
         else:
             name, sel = kw, st.keyword
-        detail = {
-            "param": lambda: st.head_text(doc.text).partition(":")[2].strip(),
-            "stage": lambda: " ".join(t.text for t in st.head[2:]),
-            "model": lambda: st.string_tok().string_value() if st.string_tok() else "",
-            "seed": lambda: " ".join(t.text for t in st.head),
-            "seeds": lambda: " ".join(t.text for t in st.head),
-            "where": lambda: " ".join(t.text for t in st.head),
-            "report": lambda: " ".join(t.text for t in st.head),
-            "axis": lambda: " ".join(t.text for t in st.head[2:]),
-            "fix": lambda: " ".join(t.text for t in st.head[2:]),
-        }.get(kw, lambda: "")()
+        detail = _statement_detail(kw, st, doc)
         if kw in ("experiment", "grid", "task", "model", "stage", "include", "template", "roles", "eval", "trainer", "zip"):
             detail = f"{kw} {detail}".strip() if kw not in ("experiment", "grid", "include", "template") else kw
         end = max(st.end, sel.end)
         children = _block_symbols(doc, st.block, enc, roles=(kw == "roles")) if st.block is not None else None
-        out.append(T.DocumentSymbol(
-            name=name or kw, kind=_SYMBOL_KIND.get(kw, T.SymbolKind.Object), detail=detail or None,
-            range=enc.range(lines, st.start, end), selection_range=enc.range(lines, sel.start, sel.end),
-            children=children or None))
+        out.append(
+            T.DocumentSymbol(
+                name=name or kw,
+                kind=_SYMBOL_KIND.get(kw, T.SymbolKind.Object),
+                detail=detail or None,
+                range=enc.range(lines, st.start, end),
+                selection_range=enc.range(lines, sel.start, sel.end),
+                children=children or None,
+            )
+        )
     return out
 
 
@@ -1111,12 +1206,31 @@ def _block_symbols(doc: Doc, blk: S.Block, enc: Encoder, roles: bool = False) ->
         kids = _block_symbols(doc, e.block, enc) if e.block is not None else None
         kind = T.SymbolKind.Field if roles else (T.SymbolKind.Namespace if e.block is not None else T.SymbolKind.Property)
         end = max(e.end, e.key.end)
-        out.append(T.DocumentSymbol(
-            name=e.key.text, kind=kind, detail=e.value_text(doc.text) or None,
-            range=enc.range(doc.lines, e.start, end), selection_range=enc.range(doc.lines, e.key.start, e.key.end),
-            children=kids or None))
+        out.append(
+            T.DocumentSymbol(
+                name=e.key.text,
+                kind=kind,
+                detail=e.value_text(doc.text) or None,
+                range=enc.range(doc.lines, e.start, end),
+                selection_range=enc.range(doc.lines, e.key.start, e.key.end),
+                children=kids or None,
+            )
+        )
     return out
 
 
-__all__ = ["Encoder", "Doc", "Project", "Decl", "read_disk", "lsp_diagnostics", "quick_fixes", "format_edits",
-           "complete", "hover", "definition", "document_symbols", "path_uri"]
+__all__ = [
+    "Encoder",
+    "Doc",
+    "Project",
+    "Decl",
+    "read_disk",
+    "lsp_diagnostics",
+    "quick_fixes",
+    "format_edits",
+    "complete",
+    "hover",
+    "definition",
+    "document_symbols",
+    "path_uri",
+]

@@ -18,6 +18,7 @@ Recovery rules for unbalanced text:
 Positions here are 0-based lines and columns in code points, offsets into the text.
 Nothing in this module imports the parser, the checker or the catalogue.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field
 SPEC_KEYWORDS = ("experiment", "param", "seed", "include", "task", "model", "roles", "stage", "eval", "trainer")
 GRID_KEYWORDS = ("grid", "template", "axis", "zip", "seeds", "where", "report", "fix")
 STATEMENT_KEYWORDS = frozenset(SPEC_KEYWORDS + GRID_KEYWORDS)
-SINGLE_STATEMENTS = frozenset(("experiment", "seed", "task", "model", "roles", "eval", "trainer", "grid", "template", "seeds", "where", "report"))
+SINGLE_STATEMENTS = frozenset(
+    ("experiment", "seed", "task", "model", "roles", "eval", "trainer", "grid", "template", "seeds", "where", "report")
+)
 OPERATOR_WORDS = frozenset(("and", "or", "not", "from"))
 MAX_NESTING = 64
 
@@ -124,10 +127,10 @@ class Lines:
 @dataclass(eq=False)
 class Entry:
     key: Tok
-    block_of: "Block"
+    block_of: Block
     op: Tok | None = None  # the `=`; None for a sub-block or a key still being typed
     value: list[Tok] = field(default_factory=list)
-    block: "Block | None" = None
+    block: Block | None = None
     end: int = 0
 
     @property
@@ -143,7 +146,7 @@ class Entry:
 @dataclass(eq=False)
 class Block:
     open: Tok
-    stmt: "Stmt"
+    stmt: Stmt
     parent: Entry | None  # the entry of a sub-block (`lora { ... }`)
     entries: list[Entry] = field(default_factory=list)
     close: Tok | None = None
@@ -363,8 +366,16 @@ class _Scanner:
             nxt = toks[i + 1] if i + 1 < n else None
             self.step(t, nxt)
             i += 1
-        return Frames(self.stmt, self.top_state, list(self.blocks), list(self.states), list(self.entries),
-                      list(self.groups), self.prev, self.prev_operand)
+        return Frames(
+            self.stmt,
+            self.top_state,
+            list(self.blocks),
+            list(self.states),
+            list(self.entries),
+            list(self.groups),
+            self.prev,
+            self.prev_operand,
+        )
 
     def step(self, t: Tok, nxt: Tok | None) -> None:
         if self.groups and t.is_name and self.prev_operand and self.prev is not None and self.prev.line < t.line:
@@ -630,5 +641,20 @@ def _head_complete(stmt: Stmt, before: int) -> bool:
     return n >= 1
 
 
-__all__ = ["Tok", "tokenize", "Lines", "Entry", "Block", "Stmt", "Group", "Outline", "outline", "Context", "context_at",
-           "SPEC_KEYWORDS", "GRID_KEYWORDS", "STATEMENT_KEYWORDS", "SINGLE_STATEMENTS"]
+__all__ = [
+    "Tok",
+    "tokenize",
+    "Lines",
+    "Entry",
+    "Block",
+    "Stmt",
+    "Group",
+    "Outline",
+    "outline",
+    "Context",
+    "context_at",
+    "SPEC_KEYWORDS",
+    "GRID_KEYWORDS",
+    "STATEMENT_KEYWORDS",
+    "SINGLE_STATEMENTS",
+]

@@ -15,6 +15,7 @@ longer than a keystroke. A check requested while one runs for the same document 
 coalesced into one more check of the latest text; stale results are not published.
 The server imports neither torch nor the runtime and never imports plugin code.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -165,9 +166,14 @@ class PercepLanguageServer(LanguageServer):
             return self.diagnostics(uri, text, enc)
         except Exception as exc:  # a crash in the checker must not take the server down
             log.exception("checking %s failed", uri)
-            return [T.Diagnostic(range=T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0)),
-                                 message=f"percep: internal error while checking: {exc!r}", severity=T.DiagnosticSeverity.Error,
-                                 source="percep")]
+            return [
+                T.Diagnostic(
+                    range=T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0)),
+                    message=f"percep: internal error while checking: {exc!r}",
+                    severity=T.DiagnosticSeverity.Error,
+                    source="percep",
+                )
+            ]
 
     def diagnostics(self, uri: str, text: str, enc: F.Encoder | None = None) -> list[T.Diagnostic]:
         """`percep check` of the buffer, as LSP diagnostics (runs on the worker thread)."""

@@ -10,6 +10,7 @@
 The server runs under a small wrapper that, on exit, writes the names of every module
 it imported to `modules_file` (when given): tests check that no torch was imported.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,13 @@ _WRAPPER = (
 
 
 class LspSession:
-    def __init__(self, cwd: Path | None = None, modules_file: Path | None = None, debounce_ms: int | None = None,
-                 position_encodings: list[str] | None = None):
+    def __init__(
+        self,
+        cwd: Path | None = None,
+        modules_file: Path | None = None,
+        debounce_ms: int | None = None,
+        position_encodings: list[str] | None = None,
+    ):
         self.cwd = Path(cwd or ROOT)
         self.modules_file = modules_file
         self.debounce_ms = debounce_ms
@@ -61,7 +67,7 @@ class LspSession:
         def _on_show(params) -> None:  # pragma: no cover
             pass
 
-    async def __aenter__(self) -> "LspSession":
+    async def __aenter__(self) -> LspSession:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         await self.client.start_io(sys.executable, "-c", _WRAPPER, str(self.modules_file or ""), cwd=str(self.cwd), env=env)
@@ -75,8 +81,12 @@ class LspSession:
             ),
         )
         opts = {"debounceMs": self.debounce_ms} if self.debounce_ms is not None else None
-        result = await asyncio.wait_for(self.client.initialize_async(T.InitializeParams(
-            capabilities=caps, process_id=os.getpid(), root_uri=self.cwd.as_uri(), initialization_options=opts)), 60)
+        result = await asyncio.wait_for(
+            self.client.initialize_async(
+                T.InitializeParams(capabilities=caps, process_id=os.getpid(), root_uri=self.cwd.as_uri(), initialization_options=opts)
+            ),
+            60,
+        )
         self.capabilities = result.capabilities
         self.client.initialized(T.InitializedParams())
         return self
@@ -97,8 +107,9 @@ class LspSession:
         text = Path(path).read_text(encoding="utf-8") if text is None else text
         self.version[uri] = 1
         self.texts[uri] = text
-        self.client.text_document_did_open(T.DidOpenTextDocumentParams(
-            text_document=T.TextDocumentItem(uri=uri, language_id="percep", version=1, text=text)))
+        self.client.text_document_did_open(
+            T.DidOpenTextDocumentParams(text_document=T.TextDocumentItem(uri=uri, language_id="percep", version=1, text=text))
+        )
         return uri
 
     def change(self, uri: str, text: str) -> float:
@@ -106,9 +117,12 @@ class LspSession:
         self.version[uri] += 1
         self.texts[uri] = text
         sent = time.perf_counter()
-        self.client.text_document_did_change(T.DidChangeTextDocumentParams(
-            text_document=T.VersionedTextDocumentIdentifier(uri=uri, version=self.version[uri]),
-            content_changes=[T.TextDocumentContentChangeWholeDocument(text=text)]))
+        self.client.text_document_did_change(
+            T.DidChangeTextDocumentParams(
+                text_document=T.VersionedTextDocumentIdentifier(uri=uri, version=self.version[uri]),
+                content_changes=[T.TextDocumentContentChangeWholeDocument(text=text)],
+            )
+        )
         return sent
 
     def edit(self, uri: str, line: int, start: int, end: int, new: str, new_text: str) -> float:
@@ -117,9 +131,12 @@ class LspSession:
         self.texts[uri] = new_text
         sent = time.perf_counter()
         rng = T.Range(start=T.Position(line=line, character=start), end=T.Position(line=line, character=end))
-        self.client.text_document_did_change(T.DidChangeTextDocumentParams(
-            text_document=T.VersionedTextDocumentIdentifier(uri=uri, version=self.version[uri]),
-            content_changes=[T.TextDocumentContentChangePartial(range=rng, text=new)]))
+        self.client.text_document_did_change(
+            T.DidChangeTextDocumentParams(
+                text_document=T.VersionedTextDocumentIdentifier(uri=uri, version=self.version[uri]),
+                content_changes=[T.TextDocumentContentChangePartial(range=rng, text=new)],
+            )
+        )
         return sent
 
     def save(self, uri: str) -> None:
@@ -163,24 +180,36 @@ class LspSession:
         return await self.client.text_document_hover_async(T.HoverParams(text_document=T.TextDocumentIdentifier(uri=uri), position=pos))
 
     async def complete(self, uri: str, pos: T.Position) -> list[str]:
-        res = await self.client.text_document_completion_async(T.CompletionParams(text_document=T.TextDocumentIdentifier(uri=uri), position=pos))
+        res = await self.client.text_document_completion_async(
+            T.CompletionParams(text_document=T.TextDocumentIdentifier(uri=uri), position=pos)
+        )
         items = res.items if isinstance(res, T.CompletionList) else (res or [])
         return [i.label for i in items]
 
     async def definition(self, uri: str, pos: T.Position):
-        return await self.client.text_document_definition_async(T.DefinitionParams(text_document=T.TextDocumentIdentifier(uri=uri), position=pos))
+        return await self.client.text_document_definition_async(
+            T.DefinitionParams(text_document=T.TextDocumentIdentifier(uri=uri), position=pos)
+        )
 
     async def symbols(self, uri: str):
-        return await self.client.text_document_document_symbol_async(T.DocumentSymbolParams(text_document=T.TextDocumentIdentifier(uri=uri)))
+        return await self.client.text_document_document_symbol_async(
+            T.DocumentSymbolParams(text_document=T.TextDocumentIdentifier(uri=uri))
+        )
 
     async def format(self, uri: str):
-        return await self.client.text_document_formatting_async(T.DocumentFormattingParams(
-            text_document=T.TextDocumentIdentifier(uri=uri), options=T.FormattingOptions(tab_size=2, insert_spaces=True)))
+        return await self.client.text_document_formatting_async(
+            T.DocumentFormattingParams(
+                text_document=T.TextDocumentIdentifier(uri=uri), options=T.FormattingOptions(tab_size=2, insert_spaces=True)
+            )
+        )
 
     async def code_actions(self, uri: str, diagnostics: list[T.Diagnostic]):
         rng = diagnostics[0].range if diagnostics else T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0))
-        return await self.client.text_document_code_action_async(T.CodeActionParams(
-            text_document=T.TextDocumentIdentifier(uri=uri), range=rng, context=T.CodeActionContext(diagnostics=diagnostics)))
+        return await self.client.text_document_code_action_async(
+            T.CodeActionParams(
+                text_document=T.TextDocumentIdentifier(uri=uri), range=rng, context=T.CodeActionContext(diagnostics=diagnostics)
+            )
+        )
 
 
 def spec_of_lines(n_lines: int = 300) -> str:

@@ -134,8 +134,7 @@ def perception_words(text: object) -> tuple[str, ...] | None:
 def format_response(perception: list[str], reasoning: list[str], answer: list[str]) -> str:
     """Join section word lists into the canonical chain-of-thought text."""
     return " ".join(
-        [PERCEPTION_OPEN, *perception, PERCEPTION_CLOSE, REASONING_OPEN, *reasoning, REASONING_CLOSE]
-        + [ANSWER_OPEN, *answer, ANSWER_CLOSE]
+        [PERCEPTION_OPEN, *perception, PERCEPTION_CLOSE, REASONING_OPEN, *reasoning, REASONING_CLOSE] + [ANSWER_OPEN, *answer, ANSWER_CLOSE]
     )
 
 
@@ -325,9 +324,7 @@ class TaskBase(ABC):
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
     @abstractmethod
-    def _make(
-        self, split: str, index: int
-    ) -> tuple[list[str], list[str], list[str], dict[str, Any], Image.Image]:
+    def _make(self, split: str, index: int) -> tuple[list[str], list[str], list[str], dict[str, Any], Image.Image]:
         """(perception words, reasoning words, answer words, instance, image) of one item."""
 
     @abstractmethod

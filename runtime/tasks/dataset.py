@@ -74,9 +74,7 @@ def write_dataset(task: Task, out_dir: str | os.PathLike[str], splits: Mapping[s
     return out
 
 
-def _wrap(
-    text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, draw: ImageDraw.ImageDraw
-) -> list[str]:
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     """Greedy word wrap of ``text`` to lines no wider than ``width`` px.
 
     Words are joined by two spaces: the default font's space is so narrow that ``0-1 0-2`` would

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 from operator import attrgetter
 from typing import Any
 
@@ -113,7 +113,7 @@ def color_word(c: int) -> str:
     return f"c{c}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def node_pairs(n: int) -> tuple[tuple[int, int], ...]:
     """All node pairs ``(i, j)``, i < j, in sorted order: the slots of the perception."""
     return tuple((i, j) for i in range(n) for j in range(i + 1, n))
@@ -193,11 +193,7 @@ def chromatic(graph: Graph, out: list[str] | None = None, verbose: bool = False)
 
 def is_optimal_coloring(graph: Graph, colors: list[int], chromatic_number: int) -> bool:
     """A colour per node, adjacent nodes differ, and exactly ``chromatic_number`` distinct colours."""
-    return (
-        len(colors) == graph.num_nodes
-        and all(colors[i] != colors[j] for i, j in graph.edges)
-        and len(set(colors)) == chromatic_number
-    )
+    return len(colors) == graph.num_nodes and all(colors[i] != colors[j] for i, j in graph.edges) and len(set(colors)) == chromatic_number
 
 
 def perception_text(graph: Graph, fmt: str) -> list[str]:
@@ -340,8 +336,7 @@ class GraphColoringTask(TaskBase):
                 return g
         side = "test" if held_out else "train"
         raise RuntimeError(
-            f"no {side} graph in {_MAX_DRAWS} draws: the graph space of these parameters is too small "
-            "to split; allow more nodes or edges"
+            f"no {side} graph in {_MAX_DRAWS} draws: the graph space of these parameters is too small to split; allow more nodes or edges"
         )
 
     def graph(self, split: str, index: int) -> Graph:

@@ -171,9 +171,7 @@ def draw_graph(
     return img
 
 
-def draw_sudoku(
-    puzzle: Sequence[Sequence[int]], *, size: int, jitter: float, noise: float, rng: np.random.Generator
-) -> Image.Image:
+def draw_sudoku(puzzle: Sequence[Sequence[int]], *, size: int, jitter: float, noise: float, rng: np.random.Generator) -> Image.Image:
     """Render a sudoku grid with its givens (0 = blank) on a ``size`` px canvas.
 
     Each cell is ``size // n`` px square (at 64 px a 4x4 cell is exactly one 16 px patch).

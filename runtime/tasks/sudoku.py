@@ -31,9 +31,9 @@ puzzle has exactly one solution and generation does bounded work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache, partial
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,7 @@ class _Geometry:
     peers: tuple[tuple[int, ...], ...]  # per cell: the other cells of its units, in reading order
 
 
-@lru_cache(maxsize=None)
+@cache
 def _geometry(n: int) -> _Geometry:
     b = math.isqrt(n)
     cells = range(n * n)
