@@ -25,7 +25,6 @@ Speed notes (the tiny model is small enough that overheads dominate):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
@@ -36,6 +35,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from percepdsl.io import atomic_path, write_json_atomic
 
 from .encoding import Encoder, collate, model_inputs
 from .losses import Objective, quadratic_step, role_token_losses, schedule_value
@@ -516,7 +517,7 @@ def _model_of(module: Any) -> Any:
 def save_checkpoint_safetensors(
     module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None, metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write the model weights to ``path`` (safetensors) with a JSON sidecar of metadata.
+    """Write the model weights to ``path`` (safetensors, atomically) with a JSON sidecar of metadata.
 
     ``trainable_only`` (default: True for PEFT models) saves just the trainable tensors
     (a LoRA adapter is then megabytes, not the whole base model).
@@ -527,16 +528,16 @@ def save_checkpoint_safetensors(
     if trainable_only is None:
         trainable_only = hasattr(model, "peft_config")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     step = module.global_step if isinstance(module, L.LightningModule) and module._trainer is not None else 0
     meta = {"trainable_only": str(bool(trainable_only)), "global_step": str(step)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    if trainable_only:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(path), metadata=meta)
-    else:
-        save_model(model, str(path), metadata=meta)  # deduplicates tied weights
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    with atomic_path(path) as tmp:
+        if trainable_only:
+            trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp), metadata=meta)
+        else:
+            save_model(model, str(tmp), metadata=meta)  # deduplicates tied weights
+    write_json_atomic(path.with_suffix(".json"), meta)
     return path
 
 
