@@ -41,6 +41,7 @@ from percepdsl.io import atomic_path, write_json_atomic
 from .encoding import Encoder, collate, model_inputs
 from .losses import Objective, quadratic_step, role_token_losses, schedule_value
 from .models import LoadedModel
+from .optim import adamw
 
 
 # --------------------------------------------------------------------------- forward
@@ -110,22 +111,16 @@ class SFTModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # decay matrices only (nanoGPT convention): biases and norm gains stay undecayed
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": float(self.cfg.get("weight_decay", 0.0))},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        kwargs = dict(
-            lr=float(self.cfg.get("lr", 1e-3)), betas=tuple(self.cfg.get("betas", (0.9, 0.999))), eps=float(self.cfg.get("eps", 1e-8))
-        )
-        # fused AdamW: one kernel per step instead of a loop over tensors; not under fp16 AMP,
-        # where Lightning's grad scaler must unscale before clipping
+        # fused AdamW, but not under fp16 AMP, where Lightning's grad scaler must unscale before clipping
         fused = self._trainer is None or str(self.trainer.precision) != "16-mixed"
-        try:
-            return torch.optim.AdamW(groups, fused=fused, **kwargs)
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, **kwargs)
+        return adamw(
+            self.model,
+            lr=float(self.cfg.get("lr", 1e-3)),
+            weight_decay=float(self.cfg.get("weight_decay", 0.0)),
+            betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
+            eps=float(self.cfg.get("eps", 1e-8)),
+            fused=fused,
+        )
 
     @property
     def total_steps(self) -> int:
