@@ -554,17 +554,3 @@ def load_checkpoint_safetensors(module: SFTModule | Any, path: str | Path) -> di
     else:
         load_model(model, str(path))
     return meta
-
-
-class SafetensorsCheckpoint(L.Callback):
-    """Save ``step-<n>.safetensors`` into ``dirpath`` every ``every`` steps and at the end."""
-
-    def __init__(self, dirpath: str | Path, every: int = 0):
-        self.dirpath, self.every = Path(dirpath), every
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
-            save_checkpoint_safetensors(pl_module, self.dirpath / f"step-{trainer.global_step}.safetensors")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        save_checkpoint_safetensors(pl_module, self.dirpath / "last.safetensors")
