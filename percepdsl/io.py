@@ -7,7 +7,7 @@ reader, a resumed run, or the machine after a crash sees the old file or the new
 a part of one. ``atomic_dir`` does the same for a directory that a library writes whole
 (``save_pretrained``, ``save_to_disk``).
 
-The small writers (text, bytes, JSON, JSON lines) are for content in memory; ``atomic_path``
+The small writers (text, JSON, JSON lines) are for content in memory; ``atomic_path``
 is for writers that want a path (safetensors, matplotlib, Lightning checkpoints, PIL).
 """
 
@@ -92,12 +92,6 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync(path.parent)
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
