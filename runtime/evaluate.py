@@ -1,4 +1,5 @@
-"""The three-way evaluation protocol (DESIGN §1) and its per-sample records.
+"""The study's three-way evaluation (end-to-end, perception, counterfactual reasoning) and its
+per-sample records.
 
 For every test item two generations are scored with the task's own verifier:
 

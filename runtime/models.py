@@ -3,7 +3,7 @@
 ``build_tiny`` makes a LLaVA-style model (small CLIP vision tower + small Llama) with
 random weights and a word-level tokenizer over the task vocabulary, saves it in Hugging
 Face format and loads it back through ``load_hf`` — so the tiny default exercises the
-same loading path as a real checkpoint (DESIGN §4). ``load_hf`` loads any local
+same loading path as a real checkpoint. ``load_hf`` loads any local
 checkpoint with ``AutoModelForImageTextToText`` + ``AutoProcessor``, optionally wrapping
 it in a PEFT LoRA adapter.
 """
@@ -151,7 +151,7 @@ def build_tiny(
         ),
         text_config=LlamaConfig(
             hidden_size=width,
-            intermediate_size=2 * width,  # 2× (not Llama's 8/3×) gives the 3.05M model of DESIGN §7
+            intermediate_size=2 * width,  # 2× (not Llama's 8/3×): 3.05M parameters at the defaults
             num_hidden_layers=depth,
             num_attention_heads=heads,
             num_key_value_heads=heads,
