@@ -111,3 +111,57 @@ def test_weights_are_never_seen_half_written_while_saved_nor_after_a_kill(tmp_pa
     assert len(seen) >= 4, f"only versions {sorted(seen)} seen in {reads} reads: the writer did not get going"
     read_whole()  # what the kill left in place is whole too
     assert json.loads(path.with_suffix(".json").read_text())["k"].isdigit()
+
+
+DDP_RESUME = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+
+    from percepdsl_runtime.run import ResumeCheckpoint
+
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
+
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        trainer = L.Trainer(
+            max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[ResumeCheckpoint(Path(sys.argv[1]) / "resume.ckpt", 1)],
+        )
+        trainer.fit(Tiny())
+        Path(f"rank{trainer.global_rank}.done").write_text(str(trainer.global_step))
+    """
+)
+
+
+def test_the_resume_checkpoint_under_ddp(tmp_path: Path) -> None:
+    """Every rank joins the checkpoint save, only rank 0 writes and renames it into place (when
+    every rank renamed the same temporary, the second rank's rename failed and crashed the run)."""
+    import torch
+
+    (tmp_path / "ddp.py").write_text(DDP_RESUME)
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "ddp.py", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.done").read_text() for r in (0, 1)] == ["3", "3"]
+    assert [p.name for p in out.iterdir()] == ["resume.ckpt"]
+    assert torch.load(out / "resume.ckpt", weights_only=False)["global_step"] == 2  # the last save before max_steps
