@@ -317,15 +317,11 @@ class StageEval(L.Callback):
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
         and cosines) at the same point; both go into the stage's history."""
         from .evaluate import evaluate
+        from .generation import eval_mode
 
         ctx, ev = self.ctx, self.ctx.ir.eval
-        model = ctx.loaded.model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(ctx.loaded.model):
             res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
-        finally:
-            model.train(was_training)
         tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from percepdsl.io import atomic_path, write_json_atomic
 
 from .encoding import Encoder, collate, model_inputs
+from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses, schedule_value
 from .models import LoadedModel
 from .optim import adamw
@@ -481,19 +482,14 @@ def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any], role_
     model = _model_of(module)
     names = list(role_names or module.objective.role_names)
     params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()  # no dropout: the diagnostic should not depend on a dropout draw
-    try:
-        with torch.enable_grad():
-            sums, counts = role_losses(model, batch, len(names))
-            present = [i for i in range(len(names)) if int(counts[i]) > 0]
-            grads: dict[int, list[torch.Tensor]] = {}
-            for j, i in enumerate(present):
-                more = j < len(present) - 1
-                gs = torch.autograd.grad(sums[i] / counts[i], params, retain_graph=more, allow_unused=True)
-                grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():  # no dropout: the diagnostic should not depend on a dropout draw
+        sums, counts = role_losses(model, batch, len(names))
+        present = [i for i in range(len(names)) if int(counts[i]) > 0]
+        grads: dict[int, list[torch.Tensor]] = {}
+        for j, i in enumerate(present):
+            more = j < len(present) - 1
+            gs = torch.autograd.grad(sums[i] / counts[i], params, retain_graph=more, allow_unused=True)
+            grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
     norms = {i: float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))) for i, g in grads.items()}
     out = {f"grad_norm/{names[i]}": n for i, n in norms.items()}
     for a_i, a in enumerate(present):
