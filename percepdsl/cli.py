@@ -227,7 +227,7 @@ def grid(
     """Run an ablation grid, a `percep run` per cell (resumable), then a results table and plots.
 
     Exit 0 every cell complete, 2 refused before running, 3 some cell failed, 130 interrupted."""
-    from percepdsl_runtime.gridrun import grid_command
+    from percepdsl_runtime.grid import grid_command
 
     raise typer.Exit(
         grid_command(
@@ -247,7 +247,7 @@ def grid(
 @app.command()
 def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named).")) -> None:
     """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories."""
-    from percepdsl_runtime.gridrun import report_command
+    from percepdsl_runtime.grid import report_command
 
     raise typer.Exit(report_command(grid_dir))
 

@@ -18,8 +18,6 @@ from percepdsl_runtime.grpo import (
     GRPOModule,
     PromptDataModule,
     PromptSampler,
-    Rollouts,
-    _hf_generate,
     aggregate,
     build_grpo,
     completion_logprobs,
@@ -27,10 +25,10 @@ from percepdsl_runtime.grpo import (
     grpo_loss,
     loss_denominator,
     loss_mask,
-    sample_completions,
 )
 from percepdsl_runtime.models import build_tiny, load_hf
 from percepdsl_runtime.rewards import RewardError, compile_reward
+from percepdsl_runtime.sampling import Rollouts, _hf_generate, sample_completions
 from percepdsl_runtime.tasks import build_task
 
 RULES = [
@@ -192,7 +190,7 @@ def test_stage_defaults_come_from_the_catalogue_and_lr_is_absolute() -> None:
 
 
 def test_sampler_draws_from_the_tempered_nucleus() -> None:
-    from percepdsl_runtime.grpo import _sample
+    from percepdsl_runtime.sampling import _sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20_000, 1)
     g = torch.Generator().manual_seed(0)
@@ -266,7 +264,7 @@ def test_compiled_decoder_matches_the_eager_one(tiny, task, encoder, pad: bool) 
     """`compile = true`: the static-shape decoder under torch.compile writes the same greedy
     tokens as the eager one (fp32), with and without left padding. Where torch.compile cannot
     run, a RuntimeWarning says so and the eager decoder serves."""
-    from percepdsl_runtime.grpo import compiled_step
+    from percepdsl_runtime.sampling import compiled_step
 
     model = tiny.model.eval()
     prompt = _prompts(task, encoder, pad)

@@ -199,7 +199,7 @@ def test_the_readme_grid_command_sets_a_template_param(tmp_path: Path) -> None:
     """`percep grid specs/grids/lambda_sweep.pd --set steps=300` (README) was refused: the template
     had no `steps` param. `--set` fixes a template param no axis sweeps, like `fix` in the grid."""
     from percepdsl.check import check_file
-    from percepdsl_runtime.gridrun import plan_grid
+    from percepdsl_runtime.grid import plan_grid
 
     plan = plan_grid(ROOT / "specs/grids/lambda_sweep.pd", out=tmp_path, sets=["steps=300"])
     assert plan.grid.fixed == {"steps": 300} and len(plan.cells) == 15

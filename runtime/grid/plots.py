@@ -20,10 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from percepdsl.grid import literal  # noqa: E402
 
-from .gridrun import sort_value  # noqa: E402
+from .results import sort_value  # noqa: E402
 
 if TYPE_CHECKING:
-    from .gridrun import ResultsTable, Row, Stat
+    from .results import ResultsTable, Row, Stat
 
 
 def _is_number(v: Any) -> bool:
