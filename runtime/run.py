@@ -106,7 +106,7 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
             f"`{ir.task.name}` vocabulary: {shown}"
         )
     try:
-        encoder = Encoder(loaded, [r.model_dump() for r in ir.roles], max_length=_max_length(ir))
+        encoder = Encoder(loaded, ir.roles, max_length=_max_length(ir))
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     token_share = _preflight_roles(ir, task, encoder)
