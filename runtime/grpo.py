@@ -55,6 +55,7 @@ from percepdsl.ir import GRPOStageIR, value_at
 
 from .encoding import collate
 from .generation import eval_mode
+from .optim import adamw
 from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RolloutGroup, compile_reward
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 
@@ -296,17 +297,8 @@ class GRPOModule(L.LightningModule):
             self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         st = self.stage
-        groups = [  # decay matrices only (nanoGPT convention), as in SFTModule
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": st.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        kwargs = dict(lr=self._lr(0), betas=(st.adam_beta1, st.adam_beta2), eps=st.adam_eps)
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, **kwargs)
+        return adamw(self.model, lr=self._lr(0), weight_decay=st.weight_decay, betas=(st.adam_beta1, st.adam_beta2), eps=st.adam_eps)
 
     def _lr(self, step: int) -> float:
         return value_at(self.stage.lr, step, self.stage.steps)
