@@ -75,6 +75,15 @@ class ParamSpec:
     nullable: bool = False  # `none` is accepted (and the default is None: "decided by the runtime")
     variadic: bool = False  # takes all remaining positional arguments
 
+    def ir_default(self) -> Any:
+        """The default in the form the IR holds it: a range as `(lo, hi)`, a metric list as a list."""
+        d = self.default
+        if self.type == "int_range" and isinstance(d, int):
+            return (d, d)
+        if self.type == "metrics" and isinstance(d, tuple):
+            return list(d)
+        return d
+
     def describe_type(self) -> str:
         base = {
             "int": "an integer" if not self.choices else " or ".join(str(c) for c in self.choices),
@@ -371,8 +380,18 @@ BUILTINS: tuple[Entry, ...] = (
                 "auto_lr",
                 "bool",
                 False,
-                "automatic learning rate: every few steps a line search along the optimiser's step (losses at θ+Δ and "
-                "θ+2Δ, a parabola's minimum t*) sets an lr multiplier that follows t* (EMA 0.9, within [0.05, 20])",
+                "automatic learning rate: every `auto_lr_every` steps a line search along the optimiser's step (losses at "
+                "θ+Δ and θ+2Δ, a parabola's minimum t*) sets an lr multiplier that follows t* (EMA 0.9, within [0.05, 20])",
+            ),
+            P("auto_lr_every", "int", 10, "steps between the auto-LR line searches (2 extra forwards each)", min=1, max=100_000),
+            P(
+                "norm_every",
+                "int",
+                1,
+                "measure the group gradient norms every N steps (1 = exact); in between, one backward of Σ L_i/‖g_i‖ "
+                "with the last norms (an approximation near the cost of a plain step)",
+                min=1,
+                max=100_000,
             ),
         ),
     ),
@@ -652,12 +671,7 @@ def default(kind: str, name: str, param: str) -> Any:
     spec = builtin(kind, name).param(param)
     if spec is None:
         raise KeyError(f"{kind} `{name}` has no parameter `{param}`")
-    d = spec.default
-    if spec.type == "int_range" and isinstance(d, int):
-        return (d, d)
-    if spec.type == "metrics" and isinstance(d, tuple):
-        return list(d)
-    return d
+    return spec.ir_default()
 
 
 class Catalogue:

@@ -24,7 +24,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import catalogue as cat
 
@@ -60,7 +60,7 @@ def setting(kind: str, entry: str, name: str) -> Any:
 
 
 class _Schedule(_Model):
-    warmup: int = Field(default=0, ge=0, description="steps of linear ramp from 0 to the schedule's start")
+    warmup: int = setting("schedule", "linear", "warmup")  # the same parameter in every schedule entry
 
     def at(self, step: int, total: int) -> float:
         """The value at optimiser step `step` (0-based) of a stage of `total` steps.
@@ -136,34 +136,7 @@ class StepSchedule(_Schedule):
         return self.start * self.factor ** (k // self.every)
 
 
-class ScheduleIR(_Model):
-    """The checker's schedule value (TRANSITIONAL: the checker still builds and folds
-    schedules in this shape; it becomes a typed `Schedule` when it enters the IR).
-    To be removed with the checker split, which moves schedule values into the checker."""
-
-    kind: Literal["constant", "linear", "cosine", "step"]
-    start: float
-    end: float | None = None
-    factor: float | None = None
-    every: int | None = None
-    warmup: int = 0
-
-    def typed(self) -> dict[str, Any]:
-        if self.kind == "constant":
-            return {"kind": "constant", "value": self.start, "warmup": self.warmup}
-        if self.kind == "step":
-            return {"kind": "step", "start": self.start, "factor": self.factor, "every": self.every, "warmup": self.warmup}
-        return {"kind": self.kind, "start": self.start, "end": self.end, "warmup": self.warmup}
-
-
-def _from_checker(v: Any) -> Any:
-    return v.typed() if isinstance(v, ScheduleIR) else v
-
-
-Schedule = Annotated[
-    Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule, Field(discriminator="kind")],
-    BeforeValidator(_from_checker),
-]
+Schedule = Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule, Field(discriminator="kind")]
 Value = float | Schedule
 
 
@@ -202,19 +175,11 @@ class NGDiffLoss(_Model):
     kind: Literal["ngdiff"] = "ngdiff"
     groups: list[list[str]] = Field(min_length=2)
     auto_lr: bool = setting("loss", "ngdiff", "auto_lr")
+    auto_lr_every: int = setting("loss", "ngdiff", "auto_lr_every")
+    norm_every: int = setting("loss", "ngdiff", "norm_every")
 
 
 Loss = Annotated[TokenMeanLoss | MixLoss | NGDiffLoss, Field(discriminator="kind")]
-_LOSS = TypeAdapter(Loss)
-
-
-def LossIR(**kw: Any) -> TokenMeanLoss | MixLoss | NGDiffLoss:  # noqa: N802
-    """The checker's loss constructor (TRANSITIONAL, removed with the checker split)."""
-    kw = {k: v for k, v in kw.items() if v not in (None, [])}
-    return _LOSS.validate_python(kw)
-
-
-LossTermIR = LossTerm  # TRANSITIONAL name used by the checker
 
 
 # ---- rewards --------------------------------------------------------------------------------------
@@ -287,13 +252,7 @@ _gc = ("task", "graph_coloring")
 _sd = ("task", "sudoku")
 
 
-class _Params(_Model):
-    def get(self, name: str, default: Any = None) -> Any:
-        """TRANSITIONAL: the checker reads task parameters as a mapping; removed with its split."""
-        return getattr(self, name, default)
-
-
-class GraphColoringParams(_Params):
+class GraphColoringParams(_Model):
     nodes: tuple[int, int] = setting(*_gc, "nodes")
     edge_prob: float = setting(*_gc, "edge_prob")
     edges: int | None = setting(*_gc, "edges")
@@ -320,7 +279,7 @@ class GraphColoringParams(_Params):
         return self
 
 
-class SudokuParams(_Params):
+class SudokuParams(_Model):
     size: Literal[4, 9] = setting(*_sd, "size")
     givens: int | None = setting(*_sd, "givens")
     reasoning: Literal["brief", "trace", "verbose"] = setting(*_sd, "reasoning")
@@ -354,6 +313,10 @@ class TaskIR(_Model):
         if isinstance(data, dict) and data.get("name") in TASK_PARAMS and isinstance(data.get("params"), dict):
             data = {**data, "params": TASK_PARAMS[data["name"]].model_validate(data["params"])}
         return data
+
+    def param(self, name: str) -> Any:
+        """A parameter by name (None if the task has no such parameter), typed or plugin."""
+        return self.params.get(name) if isinstance(self.params, dict) else getattr(self.params, name, None)
 
 
 _tiny = ("model", "tiny")
@@ -457,14 +420,6 @@ class GRPOStageIR(_Model):
 
 
 Stage = Annotated[SFTStageIR | GRPOStageIR, Field(discriminator="kind")]
-_STAGE = TypeAdapter(Stage)
-
-
-def StageIR(*, name: str, kind: str, parent: str | None, settings: dict[str, Any], loss: Any = None, reward: Any = None) -> Any:  # noqa: N802
-    """The checker's stage constructor (TRANSITIONAL, removed with the checker split): the
-    checked settings dict becomes the typed stage of its kind."""
-    extra = {"loss": loss} if kind == "sft" else {"reward": reward}
-    return _STAGE.validate_python({"name": name, "kind": kind, "parent": parent, **settings, **extra})
 
 
 # ---- evaluation, trainer, experiment ----------------------------------------------------------------

@@ -62,16 +62,15 @@ def role_token_losses(
 
 # --------------------------------------------------------------------------- objective
 class Objective:
-    """A typed loss (``percepdsl.ir.Loss``) bound to the encoder's role names.
+    """A typed loss (``percepdsl.ir.Loss``) bound to the encoder's role names. NGDiff's
+    ``norm_every`` (1 = exact) is read by ``exact_step``; see ``ngdiff_backward``."""
 
-    ``norm_every`` (NGDiff; 1 = exact) is read by ``exact_step``; see ``ngdiff_backward``."""
-
-    def __init__(self, loss: Loss, role_names: Sequence[str], *, norm_every: int = 1):
+    def __init__(self, loss: Loss, role_names: Sequence[str]):
         self.ir = loss
         self.kind = loss.kind
         self.role_names = list(role_names)
         self.auto_lr = loss.kind == "ngdiff" and loss.auto_lr
-        self.norm_every = int(norm_every)
+        self.norm_every = loss.norm_every if loss.kind == "ngdiff" else 1
         self._norms: dict[int, float] = {}  # NGDiff: last measured group gradient norms
         if loss.kind == "token_mean":
             self.terms: list[tuple[str, torch.Tensor, Value]] = [("+".join(self.role_names), self._mask(self.role_names), 1.0)]
@@ -148,7 +147,7 @@ class Objective:
         gradient in ``.grad``; then ``.grad`` is rescaled and the stored gradients added in
         place (foreach ops). Extra memory: one gradient copy per extra group.
 
-        ``norm_every: n`` in the spec (default 1 = exact) recomputes the norms only every
+        ``ngdiff(..., norm_every = n)`` in the spec (default 1 = exact) recomputes the norms only every
         n steps; in between it backpropagates ``Σ_i L_i/‖g_i‖`` with the last norms in one
         pass — an approximation (norms drift slowly) that brings the cost near a plain step.
         ``all_reduce`` averages the autograd.grad gradients across data-parallel ranks;

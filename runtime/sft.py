@@ -42,10 +42,6 @@ from .losses import Objective, quadratic_step, role_token_losses
 from .models import LoadedModel
 from .optim import adamw
 
-# NGDiff's automatic learning rate probes (a line search) every AUTO_LR_EVERY steps; the lr
-# multiplier follows the probes with an EMA in between (see `SFTModule._auto_lr_step`).
-AUTO_LR_EVERY = 10
-
 
 # --------------------------------------------------------------------------- forward
 def _split_head(model: Any) -> tuple[Any, Any] | None:
@@ -90,10 +86,10 @@ def role_losses(model: Any, batch: Mapping[str, Any], n_roles: int) -> tuple[tor
 class SFTModule(L.LightningModule):
     """LightningModule for SFT with role-aware objectives.
 
-    Deliberately internal (not spec settings): ``auto_lr_every`` (the auto-LR probe period),
-    ``norm_every`` (NGDiff's norm re-measurement period, 1 = exact), ``prefix_forward``
-    (NGDiff's prefix pass: exact, only faster) and ``log_every_step`` (tests: every metric on
-    every step instead of only on the logger's steps)."""
+    Deliberately internal (not spec settings): ``prefix_forward`` (NGDiff's prefix pass: exact,
+    only faster) and ``log_every_step`` (tests: every metric on every step instead of only on
+    the logger's steps). NGDiff's ``auto_lr_every`` and ``norm_every`` are arguments of the
+    stage's ``ngdiff(...)`` loss."""
 
     def __init__(
         self,
@@ -102,8 +98,6 @@ class SFTModule(L.LightningModule):
         role_names: Sequence[str],
         *,
         grad_clip: float | None = None,
-        auto_lr_every: int = AUTO_LR_EVERY,
-        norm_every: int = 1,
         prefix_forward: bool = True,
         log_every_step: bool = False,
     ):
@@ -111,9 +105,9 @@ class SFTModule(L.LightningModule):
         self.loaded = loaded
         self.model = loaded.model
         self.stage = stage
-        self.objective = Objective(stage.loss, role_names, norm_every=norm_every)
+        self.objective = Objective(stage.loss, role_names)
         self.grad_clip = grad_clip
-        self.auto_lr_every, self.prefix_forward, self.log_every_step = auto_lr_every, prefix_forward, log_every_step
+        self.prefix_forward, self.log_every_step = prefix_forward, log_every_step
         self.n_roles = len(self.objective.role_names)
         self.automatic_optimization = not self.objective.manual_backward
         self.lr_scale = 1.0  # NGDiff auto-LR multiplier (smoothed)
@@ -180,7 +174,7 @@ class SFTModule(L.LightningModule):
             loss, obj_logs = self.ngdiff_backward(batch, step)
             if self.grad_clip:
                 self._clip(float(self.grad_clip))
-            if self.objective.auto_lr and step % max(self.auto_lr_every, 1) == 0:
+            if self.objective.auto_lr and step % self.stage.loss.auto_lr_every == 0:
                 obj_logs.update(self._auto_lr_step(opt, batch, float(loss.detach())))
             else:
                 opt.step()

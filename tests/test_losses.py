@@ -227,7 +227,7 @@ def test_ngdiff_missing_group_and_lagged_norms() -> None:
     # norm_every=3: steps 1, 2 reuse the step-0 norms in a single backward
     net, x, labels, roles = _ngdiff_setup()
     params = list(net.parameters())
-    obj = Objective(NGDIFF, ROLES, norm_every=3)
+    obj = Objective(NGDiffLoss(groups=NGDIFF.groups, norm_every=3), ROLES)
     sums, counts = role_token_losses(net(x), labels, roles, 3)
     exact = obj.ngdiff_backward(sums, counts, params, step=0)
     g0 = [p.grad.clone() if p.grad is not None else None for p in params]

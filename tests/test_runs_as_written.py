@@ -248,7 +248,8 @@ def losses(draw) -> str:
         )
     if kind == "reasoning_only":
         return "mean(reasoning, answer)"
-    return f"ngdiff(perception, [reasoning, answer], auto_lr = {'true' if kind == 'ngdiff_auto_lr' else 'false'})"
+    every = f", auto_lr_every = {draw(st.integers(1, 3))}, norm_every = {draw(st.integers(1, 3))}" if draw(st.booleans()) else ""
+    return f"ngdiff(perception, [reasoning, answer], auto_lr = {'true' if kind == 'ngdiff_auto_lr' else 'false'}{every})"
 
 
 TERMS = [
@@ -303,7 +304,7 @@ COVERAGE = [  # every schedule kind with and without warmup and from 0, every lo
     "stage a = sft { steps = 4, batch = 2, lr = cosine(0, 1e-3, warmup = 2), batching = length, loss = token_mean() }\n"
     "stage b = sft from a { steps = 3, batch = 2, lr = step(1e-3, factor = 0.5, every = 1, warmup = 1), loss = linear(0, 1, warmup = 1) * mean(perception) + 0.5 * mean(reasoning, answer) }\n"
     "stage c = grpo from a { steps = 3, batch = 1, group = 2, max_new_tokens = 4, updates = 2, lr = warmup(1e-3, 2), reward = gate(0.3 * self_consistency + 0.5 * outcome, format) }\n",
-    "stage a = sft { steps = 3, batch = 2, lr = linear(1e-3, 0), loss = ngdiff(perception, [reasoning, answer], auto_lr = true) }\n"
+    "stage a = sft { steps = 3, batch = 2, lr = linear(1e-3, 0), loss = ngdiff(perception, [reasoning, answer], auto_lr = true, auto_lr_every = 2, norm_every = 2) }\n"
     "stage b = sft from a { steps = 3, batch = 2, lr = constant(2e-3, warmup = 1), loss = 0.25 * mean(perception) + 0.75 * mean(reasoning, answer) }\n"
     "stage c = grpo from a { steps = 2, batch = 1, group = 2, max_new_tokens = 4, lr = 1e-3, reward = perception_partial * self_consistency(mode = majority) + 0.1 }\n",
     "stage a = sft { steps = 3, batch = 2, lr = 0, loss = step(1, factor = 0.5, every = 1) * mean(perception) + cosine(0, 1) * mean(reasoning, answer) }\n"

@@ -121,7 +121,7 @@ def _trainer_metric(module: SFTModule, key: str) -> float:
 
 @pytest.mark.parametrize("auto_lr", [False, True])
 def test_ngdiff_manual_optimisation(tiny, encoder, datamodule, auto_lr: bool) -> None:
-    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": auto_lr}, grad_clip=5.0, auto_lr_every=2)
+    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": auto_lr, "auto_lr_every": 2}, grad_clip=5.0)
     before = [p.detach().clone() for p in module.model.parameters()]
     _trainer(4).fit(module, datamodule=datamodule)
     m = module.trainer.callback_metrics
@@ -201,11 +201,11 @@ def test_safetensors_roundtrip_full_and_lora(tiny, tmp_path) -> None:
 
 
 def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> None:
-    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True}, auto_lr_every=1)
+    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True, "auto_lr_every": 1})
     trainer = _trainer(2)
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(tmp_path / "resume.ckpt")
-    again = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True}, auto_lr_every=100)
+    again = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True, "auto_lr_every": 100})
     again.on_load_checkpoint(torch.load(tmp_path / "resume.ckpt", weights_only=False))
     assert again.lr_scale == pytest.approx(module.lr_scale) and again.objective._norms == module.objective._norms
 
@@ -239,9 +239,9 @@ if __name__ == "__main__":
     task = build_task("graph_coloring", {}, seed=0)
     loaded = load_hf(sys.argv[1])
     enc = Encoder(loaded, RULES)
-    loss = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": True}
+    loss = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": True, "auto_lr_every": 1}
     stage = SFTStageIR(name="t", steps=3, lr=1e-3, loss=loss)
-    module = SFTModule(loaded, stage, enc.role_names, grad_clip=1.0, auto_lr_every=1)
+    module = SFTModule(loaded, stage, enc.role_names, grad_clip=1.0)
     trainer = build_trainer(3, objective=module.objective, accelerator="cpu", devices=2, strategy="ddp")
     trainer.fit(module, datamodule=SFTDataModule(task, enc, batch_size=4, seed=0, n_items=32))
     total = float(sum(p.detach().double().sum() for p in module.model.parameters()))
