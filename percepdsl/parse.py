@@ -1,15 +1,21 @@
 """Text → AST. Lark LALR parse (grammar in `grammars/percep.lark`), then a
-non-recursive transform into the typed nodes of `ast.py`.
+non-recursive transform into the typed nodes of `nodes.py`.
 
 `parse_text` never raises: every problem (undecodable bytes, a stray character,
 an unexpected token, a number that does not fit, brackets nested too deep) comes
 back as a located `Diagnostic`. After a syntax error the parser resumes from the
 next token so that later, independent errors are reported too.
+
+Each call keeps its own state (bracket depth, comments, diagnostics), so parses may
+run in several threads at once or one inside another: the language server relies on it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
@@ -53,36 +59,54 @@ class _TooDeep(Exception):
         self.token = token
 
 
-class _DepthCounter:
-    """Lexer callback state: bracket depth of the parse in progress."""
+@dataclass
+class _ParseState:
+    """What the lexer callbacks record during one parse: bracket depth and comments."""
 
-    def __init__(self) -> None:
-        self.depth = 0
-
-    def open(self, tok: Token) -> Token:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise _TooDeep(tok)
-        return tok
-
-    def close(self, tok: Token) -> Token:
-        self.depth -= 1
-        return tok
+    depth: int = 0
+    comments: list[Token] = field(default_factory=list)
 
 
-_counter = _DepthCounter()
+# The lexer's callbacks are fixed when the (cached) parser is built, so they find the
+# state of the parse in progress here. `parse_text` sets a fresh state for its call and
+# restores the previous one after: parses in other threads, or one started from inside
+# another, each see their own.
+_state: ContextVar[_ParseState] = ContextVar("percep_parse_state")
+
+
+def _open(tok: Token) -> Token:
+    st = _state.get()
+    st.depth += 1
+    if st.depth > MAX_DEPTH:
+        raise _TooDeep(tok)
+    return tok
+
+
+def _close(tok: Token) -> Token:
+    _state.get().depth -= 1
+    return tok
+
+
+def _comment(tok: Token) -> None:
+    _state.get().comments.append(tok)
 
 
 def grammar_text() -> str:
     return resources.files("percepdsl.grammars").joinpath("percep.lark").read_text(encoding="utf-8")
 
 
+_build_lock = threading.Lock()
+
+
+def _parser() -> Lark:
+    with _build_lock:  # built once, even when the first parses start in several threads
+        return _build_parser()
+
+
 @lru_cache(maxsize=1)
-def _parser() -> tuple[Lark, list[Token]]:
-    comments: list[Token] = []
-    callbacks = {name: _counter.open for name in _OPEN} | {name: _counter.close for name in _CLOSE}
-    callbacks["COMMENT"] = comments.append
-    parser = Lark(
+def _build_parser() -> Lark:
+    callbacks = {name: _open for name in _OPEN} | {name: _close for name in _CLOSE} | {"COMMENT": _comment}
+    return Lark(
         grammar_text(),
         parser="lalr",
         lexer="contextual",
@@ -91,7 +115,6 @@ def _parser() -> tuple[Lark, list[Token]]:
         lexer_callbacks=callbacks,
         cache=True,  # the compiled LALR tables are cached on disk: `percep check` starts fast
     )
-    return parser, comments
 
 
 def _tok_span(tok: Token, file: str) -> Span:
@@ -99,7 +122,7 @@ def _tok_span(tok: Token, file: str) -> Span:
 
 
 def _keyword_names() -> dict[str, str]:
-    parser, _ = _parser()
+    parser = _parser()
     names = {}
     for term in parser.terminals:
         pattern = term.pattern
@@ -180,9 +203,8 @@ def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
 def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[Diagnostic]]:
     """Parse `text`; returns the AST (None if there were syntax errors) and diagnostics."""
     rep = Reporter()
-    parser, comments = _parser()
-    comments.clear()
-    _counter.depth = 0
+    parser = _parser()
+    state = _ParseState()
     last_line = [0]
 
     def on_error(err: UnexpectedInput) -> bool:
@@ -194,6 +216,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
             return False
         return len(rep.items) < MAX_SYNTAX_ERRORS
 
+    outer = _state.set(state)
     try:
         tree = parser.parse(text, on_error=on_error)
     except _TooDeep as e:
@@ -208,11 +231,13 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
         if not rep.items or (getattr(e, "line", 0) or 0) > last_line[0]:
             _syntax_diag(rep, e, text, file)
         return None, rep.items
+    finally:
+        _state.reset(outer)
     if rep.items:
         return None, rep.items
     builder = _Builder(rep, file)
     items = builder.transform(tree)
-    ast_comments = tuple(A.Comment(c.line, c.column, str(c).rstrip()) for c in comments)
+    ast_comments = tuple(A.Comment(c.line, c.column, str(c).rstrip()) for c in state.comments)
     end = text.split("\n")
     span = Span(1, 1, len(end), len(end[-1]) + 1, file)
     file_node = A.File(span, tuple(items), ast_comments)
