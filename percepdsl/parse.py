@@ -117,6 +117,62 @@ def _build_parser() -> Lark:
     )
 
 
+@dataclass(frozen=True)
+class GrammarTables:
+    """What the grammar says about its words and tokens, for tools that scan text without
+    parsing it (the language server's scanner)."""
+
+    spec_statements: tuple[str, ...]  # keywords that start a spec statement, in grammar order
+    grid_statements: tuple[str, ...]
+    keywords: frozenset[str]  # every word the grammar spells out
+    value_words: frozenset[str]  # keywords that are values on their own: true, false, none
+    punctuation: tuple[str, ...]  # regexes of the operator and bracket tokens, longest first
+    patterns: dict[str, str]  # regex of each named token: NAME, NUMBER, DIMENSION, STRING, COMMENT
+
+    @property
+    def statements(self) -> frozenset[str]:
+        return frozenset(self.spec_statements + self.grid_statements)
+
+
+_TOKEN_TERMINALS = ("NAME", "NUMBER", "DIMENSION", "STRING", "COMMENT")
+
+
+@lru_cache(maxsize=1)
+def grammar_tables() -> GrammarTables:
+    return tables_of(_parser())
+
+
+def tables_of(parser: Lark) -> GrammarTables:
+    """The tables of a grammar loaded by Lark (with `spec_item` and `grid_item` rules)."""
+    terminals = {t.name: t for t in parser.terminals}
+    keywords = {n: t.pattern.value for n, t in terminals.items() if t.pattern.type == "str" and t.pattern.value.isalpha()}
+    by_origin: dict[str, list] = {}
+    for rule in parser.rules:
+        by_origin.setdefault(rule.origin.name, []).append(rule)
+
+    def leading_keywords(group: str) -> tuple[str, ...]:
+        stmts = [r.expansion[0].name for r in by_origin[group]]
+        return tuple(dict.fromkeys(keywords[r.expansion[0].name] for s in stmts for r in by_origin[s]))
+
+    # a keyword that makes up a whole alternative on its own is a value (`TRUE -> true`)
+    values = {
+        keywords[r.expansion[0].name]
+        for rules in by_origin.values()
+        for r in rules
+        if len(r.expansion) == 1 and r.expansion[0].name in keywords
+    }
+    punct = [t for n, t in terminals.items() if n not in keywords and n not in _TOKEN_TERMINALS and not n.startswith("__IGNORE")]
+    punct.sort(key=lambda t: -t.pattern.max_width)
+    return GrammarTables(
+        spec_statements=leading_keywords("spec_item"),
+        grid_statements=leading_keywords("grid_item"),
+        keywords=frozenset(keywords.values()),
+        value_words=frozenset(values),
+        punctuation=tuple(t.pattern.to_regexp() for t in punct),
+        patterns={n: terminals[n].pattern.to_regexp() for n in _TOKEN_TERMINALS},
+    )
+
+
 def _tok_span(tok: Token, file: str) -> Span:
     return Span(tok.line, tok.column, tok.end_line, tok.end_column, file)
 

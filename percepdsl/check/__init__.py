@@ -20,10 +20,14 @@ from pathlib import Path
 from .. import nodes as A
 from ..catalogue import Catalogue
 from ..diagnostics import Diagnostic
-from .checker import SET_FILE, Checker, Result, parse_overrides, run
+from . import grid, spec
+from .checker import SET_FILE, Checker, Result, keyword, parse_overrides, run
 from .grid import check_grid
 from .load import Loaded, load, read_source
 from .spec import DEFAULT_ROLES, check_experiment, check_spec_file
+
+# keywords of the statements a file may hold only once (editors leave them out of completion once present)
+SINGLE_STATEMENTS = frozenset(keyword(c) for c in spec.ONCE + grid.ONCE)
 
 
 def check_file(
@@ -64,6 +68,7 @@ def _check(loaded: Loaded, diags: list[Diagnostic], overrides, catalogue, origin
 __all__ = [
     "DEFAULT_ROLES",
     "SET_FILE",
+    "SINGLE_STATEMENTS",
     "Checker",
     "Loaded",
     "Result",

@@ -121,7 +121,7 @@ class Checker:
                 self.error(
                     stmt.span,
                     "misplaced-statement",
-                    f"`{keyword(stmt)}` does not belong in {what}",
+                    f"`{keyword(type(stmt))}` does not belong in {what}",
                     "grid files hold grid, template, axis, zip, seeds, where, report and fix"
                     if what == "a grid file"
                     else "this statement belongs in a grid file",
@@ -134,15 +134,16 @@ class Checker:
                 self.error(
                     stmt.span,
                     "duplicate",
-                    f"`{keyword(stmt)}` appears more than once",
+                    f"`{keyword(type(stmt))}` appears more than once",
                     "keep one",
                     [Related.at(entries[0].span, "first defined here")],
                 )
         return groups
 
 
-def keyword(stmt: A.Node) -> str:
-    return {A.Zip: "zip", A.Fix: "fix"}.get(type(stmt), type(stmt).__name__.lower())
+def keyword(kind: type[A.Node]) -> str:
+    """The keyword that starts a statement of this kind."""
+    return kind.__name__.lower()
 
 
 CheckFn = Callable[[Checker], "ExperimentIR | GridIR | None"]

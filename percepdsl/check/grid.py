@@ -20,10 +20,11 @@ from .spec import SEED, check_spec_file
 from .values import List, Num, Range
 
 GRID_STATEMENTS = (A.Grid, A.Template, A.Axis, A.Zip, A.Seeds, A.Where, A.Report, A.Fix)
+ONCE = (A.Grid, A.Template, A.Seeds, A.Where, A.Report)  # statements a grid file holds at most once
 
 
 def check_grid(ck: Checker) -> GridIR | None:
-    g = ck.group(ck.loaded.items, (A.Grid, A.Template, A.Seeds, A.Where, A.Report), GRID_STATEMENTS, "a grid file")
+    g = ck.group(ck.loaded.items, ONCE, GRID_STATEMENTS, "a grid file")
     if A.Grid not in g:
         ck.error(ck.at_file(), "missing-block", "the grid file has no `grid` header", "start it with `grid my_sweep`")
     if A.Template not in g:
