@@ -308,3 +308,21 @@ def test_schedules_fold_into_the_ir(monkeypatch) -> None:
     assert (terms[1].weight.start, terms[1].weight.end) == pytest.approx((0.9, 0.5))
     lr = ir.stage("base").settings["lr"]
     assert lr.kind == "cosine" and lr.warmup == 100
+
+
+@pytest.mark.parametrize("written", ["a\x00b.pd", "a" * 300 + ".pd", "x/" + "b" * 300 + "/c.pd"], ids=["nul", "long-name", "long-dir"])
+def test_an_include_path_no_file_can_have_is_a_located_diagnostic(written: str, tmp_path: Path) -> None:
+    """A NUL byte in the path was `ValueError: embedded null byte`; a name too long, an OSError."""
+    spec = tmp_path / "s.pd"
+    spec.write_text(f'experiment p\ninclude "{written}"\ntask graph_coloring {{}}\nstage base = sft {{ steps = 1 }}\n')
+    grid = tmp_path / "g.pd"
+    grid.write_text(f'grid g\ntemplate "{written}"\n')
+    for path in (spec, grid):
+        proc = run_cli("check", "--format", "json", str(path), cwd=tmp_path)
+        assert b"Traceback" not in proc.stderr and proc.returncode == 1
+        [d] = json.loads(proc.stdout)
+        assert d["code"] in ("missing-include", "missing-file") and (d["line"], d["column"]) == (2, 9 if path == spec else 10)
+    if "\x00" in written:
+        assert "`a\\x00b.pd` cannot exist" in d["message"]
+        text = run_cli("check", str(spec), cwd=tmp_path).stdout.decode()
+        assert 'include "a␀b.pd"' in text and "\x00" not in text

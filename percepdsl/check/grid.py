@@ -16,6 +16,7 @@ from ..diagnostics import Related, Span, did_you_mean, relpath
 from ..grid import MAX_CELL_CHECKS, MAX_CELLS, Cell, expand
 from ..ir import AxisIR, ExperimentIR, GridIR
 from .checker import Checker
+from .load import is_file, pd_files_near, resolve_written, shown
 from .spec import SEED, check_spec_file
 from .values import List, Num, Range
 
@@ -32,14 +33,21 @@ def check_grid(ck: Checker) -> GridIR | None:
         return None
     tmpl = g[A.Template][0]
     base = ck.loaded.path.parent if ck.loaded.path is not None else Path.cwd()
-    tpath = (base / tmpl.path.value).resolve()
-    if not tpath.is_file():
-        near = [p.name for p in tpath.parent.glob("*.pd")] if tpath.parent.is_dir() else []
-        guess = did_you_mean(tpath.name, near)
+    tpath = resolve_written(base, tmpl.path.value)
+    if tpath is None:
         ck.error(
             tmpl.path.span,
             "missing-file",
-            f"template spec `{tmpl.path.value}` does not exist",
+            f"template spec `{shown(tmpl.path.value)}` cannot exist",
+            "a file name cannot contain a NUL or other control character",
+        )
+        return None
+    if not is_file(tpath):
+        guess = did_you_mean(tpath.name, pd_files_near(tpath))
+        ck.error(
+            tmpl.path.span,
+            "missing-file",
+            f"template spec `{shown(tmpl.path.value)}` does not exist",
             f"did you mean `{guess}`?" if guess else "the path is relative to the grid file",
         )
         return None

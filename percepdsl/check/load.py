@@ -32,6 +32,35 @@ class Loaded:
     sources: dict[str, str] = field(default_factory=dict)  # file name → text, for rendering
 
 
+def resolve_written(base: Path, written: str) -> Path | None:
+    """A path written in a spec, relative to `base`, resolved; None if no file can have
+    that name (a NUL byte in it) or it cannot be resolved (a symlink loop)."""
+    try:
+        return (base / written).resolve()
+    except (ValueError, OSError, RuntimeError):
+        return None
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system
+        return False
+
+
+def pd_files_near(path: Path) -> list[str]:
+    """Names of the spec files next to `path`: candidates for a "did you mean"."""
+    try:
+        return [p.name for p in path.parent.glob("*.pd")] if path.parent.is_dir() else []
+    except OSError:
+        return []
+
+
+def shown(written: str) -> str:
+    """A written path for a message: control characters escaped (`a\\x00b.pd`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in written)
+
+
 def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
     name = relpath(path)
     at = Span.point(file=name)
@@ -76,7 +105,15 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
         if not isinstance(stmt, A.Include):
             loaded.items.append(stmt)
             continue
-        target = (base / stmt.path.value).resolve()
+        target = resolve_written(base, stmt.path.value)
+        if target is None:
+            rep.error(
+                stmt.path.span,
+                "missing-include",
+                f"included file `{shown(stmt.path.value)}` cannot exist",
+                "a file name cannot contain a NUL or other control character",
+            )
+            continue
         if target in stack:
             chain = " → ".join(relpath(p) for p in stack[stack.index(target) :] + [target])
             rep.error(
@@ -86,13 +123,12 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
                 "move the shared statements into a fragment that includes nothing",
             )
             continue
-        if not target.is_file():
-            near = [p.name for p in target.parent.glob("*.pd")] if target.parent.is_dir() else []
-            guess = did_you_mean(target.name, near)
+        if not is_file(target):
+            guess = did_you_mean(target.name, pd_files_near(target))
             rep.error(
                 stmt.path.span,
                 "missing-include",
-                f"included file `{stmt.path.value}` does not exist",
+                f"included file `{shown(stmt.path.value)}` does not exist",
                 f"did you mean `{guess}`?" if guess else f"the path is relative to {relpath(base) or '.'}/",
             )
             continue
