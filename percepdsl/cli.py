@@ -84,6 +84,10 @@ def check(
         if res.loaded is not None:
             sources.update(res.loaded.sources)
     _print_diags(all_diags, sources, format, len(paths))
+    from .catalogue import default_catalogue
+
+    for problem in default_catalogue().problems:  # a broken plugin: said once, on stderr
+        print(f"percep: warning: {problem}", file=sys.stderr)
     raise typer.Exit(EXIT_ERRORS if any(d.is_error for d in all_diags) else EXIT_OK)
 
 

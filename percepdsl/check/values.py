@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import nodes as A
-from ..catalogue import Catalogue, Entry, ParamSpec
+from ..catalogue import Catalogue, Entry, ParamSpec, plural
 from ..diagnostics import Related, Reporter, Span, did_you_mean
 from ..ir import LossIR, LossTermIR, RewardIR, ScheduleIR
 
@@ -516,6 +516,8 @@ class Evaluator:
                 msg = f"unknown function `{name}`"
             self.error(e.func.span, "unknown-function", msg, f"did you mean `{guess}`?" if guess else f"available here: {', '.join(pool)}")
             return None
+        if not self.supported(entry, e.func.span):
+            return None
         args = self._bind(e, entry, "value" if ctx == "rule" else ctx)
         if args is None:
             return None
@@ -558,6 +560,20 @@ class Evaluator:
         if entry.name == "gate":
             return Reward(e.span, RewardIR(kind="gate", children=[args["value"], args["by"]]))
         return Reward(e.span, RewardIR(kind="term", name=entry.name, params=args, impl=entry.impl))
+
+    def supported(self, entry: Entry, span: Span) -> bool:
+        """False (reported) for a plugin entry of a kind plugins cannot add: nothing would run it."""
+        if not entry.unsupported_plugin:
+            return True
+        kinds = plural(entry.kind)
+        own = [x.name for x in self.cat.entries(entry.kind) if x.source == "percepdsl"]
+        self.error(
+            span,
+            "plugin-unsupported",
+            f"`{entry.name}` is a {entry.kind.replace('_', ' ')} from plugin `{entry.source}`, and plugins cannot add {kinds}",
+            f"percepdsl computes only its own {kinds}: {', '.join(own)}",
+        )
+        return False
 
     def _bind(self, e: A.Call, entry: Entry, ctx: str) -> dict | None:
         params = list(entry.params)
@@ -750,7 +766,10 @@ class Evaluator:
                     self.error(it.span, "type", f"{what} lists metric names, got {it.describe()}", None)
                     return None
                 name = it.name if isinstance(it, Sym) else it.value
-                if self.cat.get("metric", name) is None:
+                entry = self.cat.get("metric", name)
+                if entry is not None and not self.supported(entry, it.span):
+                    return None
+                if entry is None:
                     guess = did_you_mean(name, self.cat.names("metric"))
                     self.error(
                         it.span,
