@@ -326,3 +326,32 @@ def test_an_include_path_no_file_can_have_is_a_located_diagnostic(written: str, 
         assert "`a\\x00b.pd` cannot exist" in d["message"]
         text = run_cli("check", str(spec), cwd=tmp_path).stdout.decode()
         assert 'include "a␀b.pd"' in text and "\x00" not in text
+
+
+@pytest.mark.parametrize(
+    "setting, code",
+    [
+        ("lr = linear(1e-3, 0) / 0", "division-by-zero"),  # was ZeroDivisionError
+        ("lr = linear(1e-3, 0) - linear(1e-3, 0)", "schedule-arith"),  # was TypeError / AttributeError
+        ("lr = linear(1e-3, 0) * cosine(1, 2)", "schedule-arith"),
+        ("lr = linear(1e-3, 0) * 1e300 * 1e300", "bad-number"),
+        ("eval_every = 999999999999999999 * 999999999999999999", "bad-number"),  # beyond what the IR's JSON holds
+    ],
+)
+def test_arithmetic_that_cannot_be_folded_is_a_diagnostic(setting: str, code: str) -> None:
+    res = check_text(f"experiment p\ntask graph_coloring {{}}\nstage base = sft {{ steps = 10, {setting} }}\n", "p.pd")
+    assert [d.code for d in res.diagnostics] == [code]
+    assert res.diagnostics[0].span.line == 3
+
+
+def test_a_reward_divided_into_infinity_is_a_diagnostic() -> None:
+    text = "experiment p\ntask graph_coloring {}\nstage base = sft { steps = 1 }\nstage rl = grpo from base { steps = 1, reward = outcome / 1e-320 }\n"
+    assert [d.code for d in check_text(text, "p.pd").diagnostics] == ["bad-number"]  # the IR held `Infinity`
+
+
+@pytest.mark.parametrize("template", ["common/roles.pd", "grids/smoke.pd"])
+def test_a_template_that_is_not_a_whole_spec_is_a_template_error(template: str, tmp_path: Path, monkeypatch) -> None:
+    """A fragment or a grid as a grid's template crashed (`'NoneType' object has no attribute 'params'`)."""
+    monkeypatch.chdir(ROOT)
+    res = check_text(f'grid g\ntemplate "{template}"\nseeds 1..2\n', "g.pd", base_dir=ROOT / "specs")
+    assert res.diagnostics[0].code == "template-error", res.diagnostics

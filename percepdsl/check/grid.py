@@ -51,8 +51,8 @@ def check_grid(ck: Checker) -> GridIR | None:
             f"did you mean `{guess}`?" if guess else "the path is relative to the grid file",
         )
         return None
-    tres = check_spec_file(tpath, catalogue=ck.cat)
-    if not tres.ok:
+    tres = check_spec_file(tpath, catalogue=ck.cat, fragment_ok=False)  # a template is a whole experiment
+    if not tres.ok or not isinstance(tres.ir, ExperimentIR):
         n = sum(d.is_error for d in tres.diagnostics)
         ck.error(
             tmpl.path.span,

@@ -345,8 +345,7 @@ class Evaluator:
                 self.error(b.span, "division-by-zero", "division by zero", None)
                 return None
             x = _ARITH[op](a.value, b.value)
-            if isinstance(x, float) and not math.isfinite(x):
-                self.error(span, "bad-number", "arithmetic overflow", None)
+            if not self._fits(span, x):
                 return None
             return Num(span, x, origin=a.origin or b.origin)
         if isinstance(a, (Num, Sched)) and isinstance(b, (Num, Sched)):
@@ -358,14 +357,35 @@ class Evaluator:
         self.error(span, "type", f"cannot apply `{op}` to {a.describe()} and {b.describe()}", None)
         return None
 
+    def _fits(self, span: Span, *xs: float | None) -> bool:
+        """Arithmetic stays within what a literal may be: finite floats, integers below 10^18."""
+        for x in xs:
+            if x is not None and ((isinstance(x, float) and not math.isfinite(x)) or (isinstance(x, int) and abs(x) >= 10**18)):
+                self.error(span, "bad-number", "arithmetic overflow", None)
+                return False
+        return True
+
     def _sched_arith(self, op: str, a: Num | Sched, b: Num | Sched, span: Span) -> Value | None:
+        if isinstance(a, Sched) and isinstance(b, Sched):
+            self.error(
+                span,
+                "schedule-arith",
+                f"`{op}` cannot combine two schedules",
+                "a schedule can be scaled by a number, or offset by one (e.g. `1 - linear(0.1, 0.5)`)",
+            )
+            return None
         if isinstance(a, Sched):
             s, n, s_left = a.schedule, b.value, True
         else:
             s, n, s_left = b.schedule, a.value, False
+        if op == "/" and s_left and n == 0:
+            self.error(b.span, "division-by-zero", "division by zero", None)
+            return None
         if op == "*" or (op == "/" and s_left):
             f = n if op == "*" else 1.0 / n
             upd = {"start": s.start * f, "end": None if s.end is None else s.end * f}
+            if not self._fits(span, *upd.values()):
+                return None
             return Sched(span, s.model_copy(update=upd))
         if op in "+-" and s.kind in ("constant", "linear", "cosine"):
             sgn = -1.0 if (op == "-" and s_left) else 1.0
@@ -381,6 +401,8 @@ class Evaluator:
                     "a schedule with warmup cannot be offset (its warmup ramps from 0)",
                     "apply the warmup to the result instead",
                 )
+                return None
+            if not self._fits(span, *upd.values()):
                 return None
             return Sched(span, s.model_copy(update=upd))
         self.error(
@@ -487,6 +509,8 @@ class Evaluator:
                 self.error(b.span, "type", "a reward can only be divided by a non-zero number", None)
                 return None
             assert isinstance(a, Reward)
+            if not self._fits(span, 1.0 / b.value):
+                return None
             return Reward(span, RewardIR(kind="scale", value=1.0 / b.value, children=[a.reward]))
         ra, rb = as_reward(a), as_reward(b)
         if ra is None or rb is None:
