@@ -179,7 +179,7 @@ def relpath(path: Path | str) -> str:
     p = Path(path)
     try:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # elsewhere, or a path no file can have (a NUL in it)
         return str(p)
 
 

@@ -54,14 +54,6 @@ _ODD = [
     '""',
     '"../x.pd"',
     '"/"',
-    '"a\x00b.pd"',
-    '"' + "a" * 300 + '.pd"',
-    '"_fuzz.pd"',  # itself
-    '"common/roles.pd"',  # a fragment
-    '"grids/smoke.pd"',  # a grid
-    '"../grids/smoke.pd"',
-    '"../gc_sft_fixed.pd"',
-    '"."',
     "#",
     "{",
     "}",
@@ -81,7 +73,19 @@ _ODD = [
     "<",
     "\n",
 ]
-PIECES = st.sampled_from(_WORDS + _ODD)
+PATHS = [
+    '"a\x00b.pd"',
+    '"' + "a" * 300 + '.pd"',
+    '"_fuzz.pd"',  # itself
+    '"common/roles.pd"',  # a fragment
+    '"grids/smoke.pd"',  # a grid
+    '"../grids/smoke.pd"',
+    '"../gc_sft_fixed.pd"',
+    '"."',
+    '"/"',
+    '""',
+]
+PIECES = st.sampled_from(_WORDS + _ODD + PATHS)
 
 
 @st.composite
@@ -92,7 +96,7 @@ def mutated(draw) -> tuple[Path, str]:
         toks = [(m.start(), m.end()) for m in _TOKEN.finditer(text)] or [(0, 0)]
         i, j = draw(st.integers(0, len(toks) - 1)), draw(st.integers(0, len(toks) - 1))
         (a, b), (c, d) = toks[i], toks[j]
-        op = draw(st.sampled_from(["delete", "duplicate", "swap", "insert", "replace", "bytes", "nest", "huge"]))
+        op = draw(st.sampled_from(["delete", "duplicate", "swap", "insert", "replace", "path", "bytes", "nest", "huge"]))
         if op == "delete":
             text = text[:a] + text[b:]
         elif op == "duplicate":
@@ -103,6 +107,9 @@ def mutated(draw) -> tuple[Path, str]:
             text = text[:a] + draw(PIECES) + " " + text[a:]
         elif op == "replace":
             text = text[:a] + draw(PIECES) + text[b:]
+        elif op == "path" and (strings := [m.span() for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"', text)]):
+            a, b = draw(st.sampled_from(strings))  # an include, a template, a role's marker
+            text = text[:a] + draw(st.sampled_from(PATHS)) + text[b:]
         elif op == "bytes":
             junk = draw(st.binary(min_size=1, max_size=8)).decode("utf-8", "replace")
             text = text[:a] + junk + text[a:]

@@ -590,3 +590,13 @@ def test_stdio_negotiates_utf32_positions(tmp_path: Path) -> None:
             assert warn.range.start == T.Position(line=1, character=text.split("\n")[1].index("unused_x"))
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/a%00b.pd", "file:///tmp/" + "a" * 300 + ".pd", "untitled:Untitled-1"])
+def test_server_diagnostics_for_uris_no_file_can_have(uri: str) -> None:
+    """A buffer whose URI names no possible file is checked as text (a NUL in it raised ValueError)."""
+    from percepdsl.lsp.server import server
+
+    diags = server.diagnostics(uri, 'experiment x\ninclude "a\x00b.pd"\ntask graph_coloring {}\nstage base = sft { steps = 1 }\n')
+    assert [d.code for d in diags] == ["missing-include"]
+    assert "internal error" not in diags[0].message

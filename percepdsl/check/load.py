@@ -72,6 +72,8 @@ def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
         return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"{name} is a directory, not a spec file")]
     except OSError as e:
         return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"cannot read {name}: {e.strerror}")]
+    except ValueError:  # a NUL in the name
+        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"no file can be named {shown(name)}")]
     return decode(data, name)
 
 
@@ -93,7 +95,8 @@ def load(path: Path | None, text: str | None = None, name: str | None = None) ->
     loaded.tree = tree
     loaded.is_root_only = tree is not None and not tree.items
     if tree is not None:
-        stack = [path.resolve()] if path is not None else []
+        own = resolve_written(path.parent, path.name) if path is not None else None
+        stack = [own] if own is not None else []
         rep = Reporter()
         _splice(loaded, tree, path.parent if path is not None else Path.cwd(), stack, rep)
         diags += rep.items
