@@ -355,3 +355,31 @@ def test_a_template_that_is_not_a_whole_spec_is_a_template_error(template: str, 
     monkeypatch.chdir(ROOT)
     res = check_text(f'grid g\ntemplate "{template}"\nseeds 1..2\n', "g.pd", base_dir=ROOT / "specs")
     assert res.diagnostics[0].code == "template-error", res.diagnostics
+
+
+def test_fmt_stdin_that_is_not_utf8_is_an_encoding_error() -> None:
+    proc = run_cli("fmt", "-", input=b"experiment \xff\n")
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr  # was UnicodeDecodeError
+    assert b"<stdin>:1:12: error[encoding]" in proc.stderr
+
+
+def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None:
+    import percepdsl.io
+    from typer.testing import CliRunner
+
+    from percepdsl.cli import app
+
+    for name in ("a.pd", "b.pd"):
+        (tmp_path / name).write_text("experiment   x\n")
+    written = []
+
+    def write(path, text):
+        if Path(path).name == "a.pd":
+            raise PermissionError(13, "Permission denied")
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(percepdsl.io, "write_text_atomic", write)
+    res = CliRunner().invoke(app, ["fmt", str(tmp_path / "a.pd"), str(tmp_path / "b.pd")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert f"percep: cannot write {tmp_path / 'a.pd'}: Permission denied" in res.output
+    assert written == ["b.pd"] and "reformatted" in res.output
