@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -59,12 +59,14 @@ class _TooDeep(Exception):
         self.token = token
 
 
-@dataclass
 class _ParseState:
     """What the lexer callbacks record during one parse: bracket depth and comments."""
 
-    depth: int = 0
-    comments: list[Token] = field(default_factory=list)
+    __slots__ = ("depth", "comments")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.comments: list[Token] = []
 
 
 # The lexer's callbacks are fixed when the (cached) parser is built, so they find the
@@ -117,7 +119,7 @@ def _build_parser() -> Lark:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class GrammarTables:
     """What the grammar says about its words and tokens, for tools that scan text without
     parsing it (the language server's scanner)."""

@@ -30,9 +30,11 @@ def show(x: Any) -> str:
 
 
 # ---- typed values ---------------------------------------------------------------------------
+# Built once and never changed (`dataclasses.replace` makes a moved copy). Compared by
+# identity: plain dataclasses, because `percep check` creates these classes at every start.
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Value:
     span: Span
     origin: Related | None = field(default=None, kw_only=True)  # how an overridden param got here ("`lam` = 1.5, set by --set")
@@ -41,7 +43,7 @@ class Value:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Num(Value):
     value: int | float
 
@@ -49,7 +51,7 @@ class Num(Value):
         return f"the number {show(self.value)}"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Str(Value):
     value: str
 
@@ -57,7 +59,7 @@ class Str(Value):
         return f'the string "{self.value}"'
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Bool(Value):
     value: bool
 
@@ -65,13 +67,13 @@ class Bool(Value):
         return f"`{str(self.value).lower()}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Null(Value):
     def describe(self) -> str:
         return "`none`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Dim(Value):
     """A size with a unit: `64px`, `50%`."""
 
@@ -82,7 +84,7 @@ class Dim(Value):
         return f"the size `{show(self.value)}{self.unit}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Range(Value):
     lo: int
     hi: int
@@ -91,7 +93,7 @@ class Range(Value):
         return "a range"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class List(Value):
     items: tuple[Value, ...]
 
@@ -99,7 +101,7 @@ class List(Value):
         return "a list"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Sym(Value):
     """A bare name that is not a param: a role, a choice, a metric, or a mistake."""
 
@@ -109,7 +111,7 @@ class Sym(Value):
         return f"the name `{self.name}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Sched(Value):
     schedule: ScheduleIR
 
@@ -117,7 +119,7 @@ class Sched(Value):
         return "a schedule"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Term:
     """One weighted term of a loss: `weight * mean(roles)`; roles None is every token."""
 
@@ -126,7 +128,7 @@ class Term:
     span: Span
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Loss(Value):
     """A weighted sum of per-role token means."""
 
@@ -136,7 +138,7 @@ class Loss(Value):
         return "a loss"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class NGDiff(Value):
     """`ngdiff(groups...)`: balances its groups' gradients itself, so it is a whole loss."""
 
@@ -147,7 +149,7 @@ class NGDiff(Value):
         return "a loss"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Reward(Value):
     reward: RewardIR
 
@@ -155,7 +157,7 @@ class Reward(Value):
         return "a reward"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Rule(Value):
     """A role rule without its role: `between("<a>", "</a>")`, `regex(...)`, `rest()`."""
 

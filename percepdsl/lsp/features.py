@@ -554,8 +554,10 @@ def complete(project: Project, offset: int, enc: Encoder, snippets: bool = False
 
 
 def _complete_keywords(project: Project, ctx: S.Context, items: _Items) -> None:
-    from ..check import SINGLE_STATEMENTS
+    from ..check import grid, spec
+    from ..check.checker import keyword
 
+    once = {keyword(c) for c in spec.ONCE + grid.ONCE}  # statements a file holds at most once
     o = project.doc.outline
     if o.is_grid():
         kws = S.GRID_KEYWORDS + ("include",)
@@ -565,7 +567,7 @@ def _complete_keywords(project: Project, ctx: S.Context, items: _Items) -> None:
         kws = S.SPEC_KEYWORDS + S.GRID_KEYWORDS
     present = {s.kw for s in o.stmts if s.keyword is not None and s.keyword.start != ctx.prefix_start}
     for kw in kws:
-        if kw in SINGLE_STATEMENTS and kw in present:
+        if kw in once and kw in present:
             continue
         entries = keyword_entry(project.cat, kw)
         doc = "\n\n---\n\n".join(e.markdown() for e in entries) if entries else None
