@@ -1,4 +1,5 @@
-"""The three-way evaluation protocol (DESIGN §1) and its per-sample records.
+"""The study's three-way evaluation (end-to-end, perception, counterfactual reasoning) and its
+per-sample records.
 
 For every test item two generations are scored with the task's own verifier:
 
@@ -23,17 +24,15 @@ otherwise run to the global cap and dominate evaluation time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
+
+from percepdsl.io import json_default
 
 from .generation import Completion, GenConfig, GenerateFn, Prompt, generate, reference_cap
 
@@ -323,17 +322,7 @@ def safe_score(task: Any, instance: Any, text: str) -> tuple[dict[str, Any], str
 
 def _jsonable(obj: Any) -> Any:
     """Round-trip ``obj`` through JSON (tuples become lists, odd scalars strings)."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # arrays
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    return str(obj)
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 # ---------------------------------------------------------------------------
@@ -383,41 +372,6 @@ def sum_slot_errors(per_item: Iterable[Sequence[int]]) -> list[int]:
     return total
 
 
-# ---------------------------------------------------------------------------
-# eval.jsonl
-# ---------------------------------------------------------------------------
-
-
-def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write one JSON object per line to ``path`` atomically.
-
-    The file is written to a temporary sibling, flushed and fsynced, then moved
-    over ``path`` with ``os.replace``: a reader (or a crash) never sees half a file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False, default=_json_default))
-                fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Records of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 __all__ = [
     "METRIC_KEYS",
     "EvalConfig",
@@ -428,9 +382,7 @@ __all__ = [
     "evaluate",
     "extract_section",
     "join_prefix",
-    "read_jsonl",
     "safe_score",
     "sum_slot_errors",
     "summarize_records",
-    "write_jsonl_atomic",
 ]

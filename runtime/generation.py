@@ -1,7 +1,7 @@
-"""Batched generation for evaluation and GRPO rollouts.
+"""Batched generation for evaluation (GRPO samples its rollouts with ``sampling.py``).
 
-Generation is the dominant cost of evaluating (and of RL on) small models, so this
-module does the few things that matter (DESIGN §4, §7):
+Generation is the dominant cost of evaluating small models, so this module does the few
+things that matter:
 
 * it goes through Hugging Face ``model.generate`` with the KV cache, so each new
   token costs one forward over one position instead of the whole sequence;
@@ -12,7 +12,7 @@ module does the few things that matter (DESIGN §4, §7):
   1.3x the reference length + 20): a per-row stopping criterion retires a row at
   its cap, and the batch stops when every row has hit EOS or its cap;
 * precision, KV-cache kind and attention kernel are parameters; the defaults come
-  from measurement (``benchmarks/bench_eval.py``, ``README_EVAL_SECTION.md``).
+  from measurement (``benchmarks/bench_eval.py``, the README's Evaluation section).
   Precision: bf16 autocast evaluated 100 items ~10% faster than fp32 with 2 threads
   and ~20% faster with 1 thread, but was 1.6-2x slower at batch 1; fp32 stays the
   default because the gain at the default 2 threads is small, fp32 does not
@@ -364,9 +364,10 @@ def _model_device(model: Any) -> torch.device:
 def reference_cap(n_reference_tokens: int, factor: float = 1.3, margin: int = 20) -> int:
     """Cap on new tokens given a reference length: ``ceil(factor * n) + margin``.
 
-    DESIGN §7: 1.3x + 20 leaves room for a model that is a bit more verbose than
-    the reference (or off by a few tokens) while bounding the cost of untrained or
-    looping models, which otherwise generate until the global cap.
+    1.3x + 20 leaves room for a model that is a bit more verbose than the reference (or
+    off by a few tokens) while bounding the cost of untrained or looping models, which
+    otherwise generate until the global cap: with KV-cache decoding and length-sorted
+    batches, it took one 200-item evaluation of the tiny model from over 4 min to 40-50 s.
     """
     return int(math.ceil(factor * max(0, n_reference_tokens))) + int(margin)
 

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .encoding import collate
 from .generation import eval_mode
 from .losses import schedule_value
+from .optim import adamw
 from .rewards import Reward, RewardDiagnostics, RolloutGroup, compile_reward
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 
@@ -312,15 +313,7 @@ class GRPOModule(L.LightningModule):
             self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [  # decay matrices only (nanoGPT convention), as in SFTModule
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        try:
-            return torch.optim.AdamW(groups, lr=self._lr(0), fused=True)
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, lr=self._lr(0))
+        return adamw(self.model, lr=self._lr(0), weight_decay=self.cfg.weight_decay)
 
     def _lr(self, step: int) -> float:
         return schedule_value(self.cfg.lr, step, self.cfg.steps)

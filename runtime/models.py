@@ -3,7 +3,7 @@
 ``build_tiny`` makes a LLaVA-style model (small CLIP vision tower + small Llama) with
 random weights and a word-level tokenizer over the task vocabulary, saves it in Hugging
 Face format and loads it back through ``load_hf`` — so the tiny default exercises the
-same loading path as a real checkpoint (DESIGN §4). ``load_hf`` loads any local
+same loading path as a real checkpoint. ``load_hf`` loads any local
 checkpoint with ``AutoModelForImageTextToText`` + ``AutoProcessor``, optionally wrapping
 it in a PEFT LoRA adapter.
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from percepdsl.io import atomic_dir
 
 # Special tokens of the tiny word-level tokenizer; <image> is expanded by the processor
 # into one token per image patch.
@@ -92,8 +94,9 @@ def build_tiny(
     """Build the embedded tiny LLaVA (≈3M parameters at the defaults), save it, reload it.
 
     ``vocab`` is the task vocabulary (space-separated words of queries and responses).
-    The model is written to ``save_dir`` (a fresh temporary directory if None) and
-    loaded back with ``load_hf``, so what trains is exactly what a later run reloads.
+    The model is written to ``save_dir`` (a fresh temporary directory if None; an existing
+    one is replaced whole, atomically) and loaded back with ``load_hf``, so what trains is
+    exactly what a later run reloads.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -148,7 +151,7 @@ def build_tiny(
         ),
         text_config=LlamaConfig(
             hidden_size=width,
-            intermediate_size=2 * width,  # 2× (not Llama's 8/3×) gives the 3.05M model of DESIGN §7
+            intermediate_size=2 * width,  # 2× (not Llama's 8/3×): 3.05M parameters at the defaults
             num_hidden_layers=depth,
             num_attention_heads=heads,
             num_key_value_heads=heads,
@@ -176,10 +179,6 @@ def build_tiny(
     model.generation_config.eos_token_id = ids["<eos>"]
     if save_dir is None:
         save_dir = Path(tempfile.mkdtemp(prefix="percep-tiny-"))
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(save_dir)
-    processor.save_pretrained(save_dir)
     build = dict(
         width=width,
         depth=depth,
@@ -191,7 +190,10 @@ def build_tiny(
         seed=seed,
         attn_implementation=TINY_ATTENTION,
     )
-    (save_dir / TINY_MARKER).write_text(json.dumps(build, indent=2))
+    with atomic_dir(save_dir) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / TINY_MARKER).write_text(json.dumps(build, indent=2))
     return load_hf(save_dir)
 
 

@@ -19,7 +19,8 @@ from the spec as keyword arguments, so accept ``**_`` for forward compatibility.
 gate) into a ``Reward``: called on a group it evaluates each distinct term once, checks
 every value is finite (else ``RewardError`` naming the term), and combines them.
 
-``RewardDiagnostics`` accumulates, step by step, what DESIGN §1/§7 ask of an RL run: term
+``RewardDiagnostics`` accumulates, step by step, what shows reward coupling in an RL run (an
+outcome reward that tracks reasoning correctness far more than perception correctness): term
 means, the Pearson correlation of the total reward with perception correctness and with
 reasoning correctness (overall and within group), each surrogate term's correlation with
 true perception correctness, and the share of groups with constant reward (no GRPO signal);
@@ -311,7 +312,6 @@ class RewardDiagnostics:
         self._terms: dict[str, list[np.ndarray]] = {k: [] for k in self.term_names}
         self._constant: list[np.ndarray] = []
         self._streak: dict[str, int] = {}
-        self._flat_value: dict[str, float | None] = {}
         self._n_groups = 0
         self.steps = 0
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import lightning as L
 
-from percepdsl.io import write_json_atomic, write_text_atomic
+from percepdsl.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from percepdsl.ir import ExperimentIR, StageIR, content_hash
 
 RESUME_EVERY = int(
@@ -316,16 +316,12 @@ class StageEval(L.Callback):
     def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any]:
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
         and cosines) at the same point; both go into the stage's history."""
-        from .evaluate import evaluate, write_jsonl_atomic
+        from .evaluate import evaluate
+        from .generation import eval_mode
 
         ctx, ev = self.ctx, self.ctx.ir.eval
-        model = ctx.loaded.model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(ctx.loaded.model):
             res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
-        finally:
-            model.train(was_training)
         tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
@@ -360,9 +356,13 @@ class ResumeCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
-            tmp = self.path.with_suffix(".tmp")
-            trainer.save_checkpoint(str(tmp))
-            os.replace(tmp, self.path)
+            # Every rank calls save_checkpoint (it synchronises them); only global rank 0 writes the
+            # file, so only rank 0 renames it into place.
+            if trainer.is_global_zero:
+                with atomic_path(self.path) as tmp:
+                    trainer.save_checkpoint(str(tmp))
+            else:
+                trainer.save_checkpoint(str(self.path))
 
 
 # ---- 3. report ---------------------------------------------------------------------------------------
@@ -413,11 +413,10 @@ def write_metrics_csv(ctx: Context) -> None:
                 for row in csv.DictReader(f):
                     rows[(st.name, row.get("step", ""))] = {"stage": st.name, **row}
                     keys += [k for k in row if k not in keys]
-    with (ctx.run_dir / "metrics.csv.tmp").open("w", newline="") as f:
+    with atomic_path(ctx.run_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows.values())
-    os.replace(ctx.run_dir / "metrics.csv.tmp", ctx.run_dir / "metrics.csv")
 
 
 def merge_eval_jsonl(ctx: Context) -> None:
@@ -450,10 +449,9 @@ def write_plots(ctx: Context) -> None:
     ax.set_title(f"{ctx.ir.name}: a, a_p, a_r over training")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = ctx.run_dir / "curves.png"
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    with atomic_path(ctx.run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
 
 
 def write_reward_plot(ctx: Context) -> None:
@@ -489,10 +487,9 @@ def write_reward_plot(ctx: Context) -> None:
         ax.legend(fontsize=6)
     fig.suptitle(f"{ctx.ir.name}: GRPO rewards and reward coupling")
     fig.tight_layout()
-    path = ctx.run_dir / "rewards.png"
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    with atomic_path(ctx.run_dir / "rewards.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
 
 
 def write_report(ctx: Context, summary: dict[str, Any]) -> None:

@@ -25,7 +25,6 @@ Speed notes (the tiny model is small enough that overheads dominate):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
@@ -37,9 +36,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from percepdsl.io import atomic_path, write_json_atomic
+
 from .encoding import Encoder, collate, model_inputs
+from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses, schedule_value
 from .models import LoadedModel
+from .optim import adamw
 
 
 # --------------------------------------------------------------------------- forward
@@ -109,22 +112,16 @@ class SFTModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # decay matrices only (nanoGPT convention): biases and norm gains stay undecayed
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": float(self.cfg.get("weight_decay", 0.0))},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        kwargs = dict(
-            lr=float(self.cfg.get("lr", 1e-3)), betas=tuple(self.cfg.get("betas", (0.9, 0.999))), eps=float(self.cfg.get("eps", 1e-8))
-        )
-        # fused AdamW: one kernel per step instead of a loop over tensors; not under fp16 AMP,
-        # where Lightning's grad scaler must unscale before clipping
+        # fused AdamW, but not under fp16 AMP, where Lightning's grad scaler must unscale before clipping
         fused = self._trainer is None or str(self.trainer.precision) != "16-mixed"
-        try:
-            return torch.optim.AdamW(groups, fused=fused, **kwargs)
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, **kwargs)
+        return adamw(
+            self.model,
+            lr=float(self.cfg.get("lr", 1e-3)),
+            weight_decay=float(self.cfg.get("weight_decay", 0.0)),
+            betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
+            eps=float(self.cfg.get("eps", 1e-8)),
+            fused=fused,
+        )
 
     @property
     def total_steps(self) -> int:
@@ -485,19 +482,14 @@ def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any], role_
     model = _model_of(module)
     names = list(role_names or module.objective.role_names)
     params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()  # no dropout: the diagnostic should not depend on a dropout draw
-    try:
-        with torch.enable_grad():
-            sums, counts = role_losses(model, batch, len(names))
-            present = [i for i in range(len(names)) if int(counts[i]) > 0]
-            grads: dict[int, list[torch.Tensor]] = {}
-            for j, i in enumerate(present):
-                more = j < len(present) - 1
-                gs = torch.autograd.grad(sums[i] / counts[i], params, retain_graph=more, allow_unused=True)
-                grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():  # no dropout: the diagnostic should not depend on a dropout draw
+        sums, counts = role_losses(model, batch, len(names))
+        present = [i for i in range(len(names)) if int(counts[i]) > 0]
+        grads: dict[int, list[torch.Tensor]] = {}
+        for j, i in enumerate(present):
+            more = j < len(present) - 1
+            gs = torch.autograd.grad(sums[i] / counts[i], params, retain_graph=more, allow_unused=True)
+            grads[i] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
     norms = {i: float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))) for i, g in grads.items()}
     out = {f"grad_norm/{names[i]}": n for i, n in norms.items()}
     for a_i, a in enumerate(present):
@@ -516,7 +508,7 @@ def _model_of(module: Any) -> Any:
 def save_checkpoint_safetensors(
     module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None, metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write the model weights to ``path`` (safetensors) with a JSON sidecar of metadata.
+    """Write the model weights to ``path`` (safetensors, atomically) with a JSON sidecar of metadata.
 
     ``trainable_only`` (default: True for PEFT models) saves just the trainable tensors
     (a LoRA adapter is then megabytes, not the whole base model).
@@ -527,16 +519,16 @@ def save_checkpoint_safetensors(
     if trainable_only is None:
         trainable_only = hasattr(model, "peft_config")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     step = module.global_step if isinstance(module, L.LightningModule) and module._trainer is not None else 0
     meta = {"trainable_only": str(bool(trainable_only)), "global_step": str(step)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    if trainable_only:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(path), metadata=meta)
-    else:
-        save_model(model, str(path), metadata=meta)  # deduplicates tied weights
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    with atomic_path(path) as tmp:
+        if trainable_only:
+            trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp), metadata=meta)
+        else:
+            save_model(model, str(tmp), metadata=meta)  # deduplicates tied weights
+    write_json_atomic(path.with_suffix(".json"), meta)
     return path
 
 
@@ -558,17 +550,3 @@ def load_checkpoint_safetensors(module: SFTModule | Any, path: str | Path) -> di
     else:
         load_model(model, str(path))
     return meta
-
-
-class SafetensorsCheckpoint(L.Callback):
-    """Save ``step-<n>.safetensors`` into ``dirpath`` every ``every`` steps and at the end."""
-
-    def __init__(self, dirpath: str | Path, every: int = 0):
-        self.dirpath, self.every = Path(dirpath), every
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
-            save_checkpoint_safetensors(pl_module, self.dirpath / f"step-{trainer.global_step}.safetensors")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        save_checkpoint_safetensors(pl_module, self.dirpath / "last.safetensors")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from percepdsl.io import read_jsonl, write_jsonl_atomic
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.evaluate import (
     METRIC_KEYS,
@@ -25,10 +26,8 @@ from percepdsl_runtime.evaluate import (
     evaluate,
     extract_section,
     join_prefix,
-    read_jsonl,
     sum_slot_errors,
     summarize_records,
-    write_jsonl_atomic,
 )
 from percepdsl_runtime.generation import (
     Completion,

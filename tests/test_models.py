@@ -24,7 +24,7 @@ RULES = [
 def test_tiny_default_size_and_reload(task, tmp_path) -> None:
     loaded = build_tiny(task.vocabulary(), save_dir=tmp_path)
     assert loaded.kind == "tiny" and loaded.path == tmp_path
-    assert 2.8e6 < loaded.num_parameters() < 3.5e6  # DESIGN §7: ≈3M
+    assert 2.8e6 < loaded.num_parameters() < 3.5e6  # ≈3M parameters at the defaults
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
     again = load_hf(tmp_path)  # a reload is the same tiny model
     assert again.kind == "tiny"

@@ -178,7 +178,7 @@ def test_train_and_test_share_no_graph(params: dict) -> None:
 
 def test_default_split_sizes() -> None:
     task = build_task("graph_coloring", {}, seed=0)
-    assert graph_space_size(5, 5, None) == 1023  # DESIGN §7: 1,023 non-empty graphs on 5 nodes
+    assert graph_space_size(5, 5, None) == 1023  # 2^10 − 1 = 1,023 non-empty graphs on 5 nodes (10 node pairs)
     assert 0.2 < task.held_out < 0.3  # ~250 test graphs, ~770 left for train
 
 

@@ -25,7 +25,6 @@ from .state import GridState, read_summary
 @dataclass
 class GridOutcome:
     status: str  # complete | failed | interrupted
-    ran: int = 0  # cells started in this invocation
     done: int = 0  # cells complete at the end (this run or earlier)
     failed: list[CellPlan] = field(default_factory=list)
     interrupted: list[CellPlan] = field(default_factory=list)
@@ -104,7 +103,6 @@ def execute(
                 resume = cell.run_dir.is_dir()
                 runner.start(cell, cell.run_args(plan.template, resume))
                 started_at[cell.index] = time.monotonic()
-                outcome.ran += 1
                 mark(cell, status=RUNNING, started=now(), resumed=resume, exit_code=None, log_tail=None)
                 state.write("running")
                 progress.cell_started(cell, resume)

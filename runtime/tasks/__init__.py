@@ -1,4 +1,4 @@
-"""Diagnostic tasks whose images have a canonical text form ``p*`` (DESIGN §1, §7).
+"""Diagnostic tasks whose images have a canonical text form ``p*``: graph colouring and sudoku.
 
 ``build_task("graph_coloring", {"nodes": (5, 6)}, seed=7)`` returns a task; parameters not given
 take the defaults in ``graph_coloring.DEFAULTS`` / ``sudoku.DEFAULTS``. See ``README_SECTION.md``
