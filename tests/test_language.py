@@ -364,9 +364,9 @@ def test_fmt_stdin_that_is_not_utf8_is_an_encoding_error() -> None:
 
 
 def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None:
-    import percepdsl.io
     from typer.testing import CliRunner
 
+    import percepdsl.io
     from percepdsl.cli import app
 
     for name in ("a.pd", "b.pd"):
