@@ -306,7 +306,7 @@ def test_schedules_fold_into_the_ir(monkeypatch) -> None:
     terms = ir.stage("post").loss.terms
     assert (terms[0].weight.kind, terms[0].weight.start, terms[0].weight.end) == ("linear", 0.1, 0.5)
     assert (terms[1].weight.start, terms[1].weight.end) == pytest.approx((0.9, 0.5))
-    lr = ir.stage("base").settings["lr"]
+    lr = ir.stage("base").lr
     assert lr.kind == "cosine" and lr.warmup == 100
 
 

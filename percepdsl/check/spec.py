@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import nodes as A
 from ..catalogue import Catalogue, ParamSpec
 from ..diagnostics import Related, Span, did_you_mean
-from ..ir import EvalIR, ExperimentIR, LoraIR, LossIR, ModelIR, RoleRuleIR, StageIR, TaskIR, TrainerIR
+from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, SFTStageIR, TaskIR, TrainerIR
 from ..parse import parse_expr
 from .blocks import defaults
 from .checker import SET_FILE, Checker, Result, run
@@ -310,7 +310,7 @@ class _Spec:
             if lv is not None:
                 lora = LoraIR(**lv)
         if entry.name == "tiny" and params and task is not None:
-            image, patch = task.params.get("image"), params.get("patch")
+            image, patch = task.param("image"), params.get("patch")
             if isinstance(image, int) and isinstance(patch, int) and image % patch:
                 sp = block.get("patch").span if block.get("patch") else m.span
                 ck.error(
@@ -324,7 +324,7 @@ class _Spec:
         return ModelIR(kind=entry.name, path=m.path.value if m.path else None, params=params, lora=lora, impl=entry.impl)
 
     # -- stages
-    def _check_stages(self, decls: list[A.Stage]) -> list[StageIR]:
+    def _check_stages(self, decls: list[A.Stage]) -> list[SFTStageIR | GRPOStageIR]:
         ck = self.ck
         if not decls and self.fragment:
             return []
@@ -332,7 +332,7 @@ class _Spec:
             ck.error(ck.at_file(), "missing-block", "the spec has no stage", "add e.g. `stage base = sft { steps = 600 }`")
             return []
         seen: dict[str, A.Stage] = {}
-        built: dict[str, StageIR] = {}
+        built: dict[str, SFTStageIR | GRPOStageIR] = {}
         for st in decls:
             name = st.name.id
             if name in seen:
@@ -370,18 +370,9 @@ class _Spec:
             settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})")
             if settings is None:
                 continue
-            loss = settings.pop("loss", None)
-            reward = settings.pop("reward", None)
-            if kind == "sft" and isinstance(loss, str):
-                loss = LossIR(kind="token_mean")
-            built[name] = StageIR(
-                name=name,
-                kind=kind,
-                parent=st.parent.id if st.parent else None,
-                settings=settings,
-                loss=loss if kind == "sft" else None,
-                reward=reward if kind == "grpo" else None,
-            )
+            # the checked settings are the typed stage's fields (the catalogue's block entry)
+            stage_ir = SFTStageIR if kind == "sft" else GRPOStageIR
+            built[name] = stage_ir(name=name, parent=st.parent.id if st.parent else None, **settings)
             if kind == "grpo" and st.parent is None and self._model_is_tiny():
                 ck.warning(
                     st.kind.span,
@@ -394,7 +385,7 @@ class _Spec:
     def _model_is_tiny(self) -> bool:
         return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)
 
-    def _order_stages(self, seen: dict[str, A.Stage], built: dict[str, StageIR]) -> list[StageIR]:
+    def _order_stages(self, seen: dict[str, A.Stage], built: dict[str, SFTStageIR | GRPOStageIR]) -> list[SFTStageIR | GRPOStageIR]:
         """Topological order (declaration order among independent stages); cycles are errors."""
         order: list[str] = []
         state: dict[str, int] = {}  # 1 = visiting, 2 = done

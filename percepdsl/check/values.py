@@ -18,7 +18,7 @@ from typing import Any
 from .. import nodes as A
 from ..catalogue import Catalogue, Entry, ParamSpec, plural
 from ..diagnostics import Related, Reporter, Span, did_you_mean
-from ..ir import LossIR, LossTermIR, RewardIR, ScheduleIR
+from ..ir import ConstantSchedule, CosineSchedule, LinearSchedule, LossTerm, MixLoss, NGDiffLoss, RewardIR, StepSchedule, TokenMeanLoss
 
 IMPLICIT_ROLE = "other"  # uncovered characters when no `rest` rule is declared
 
@@ -111,9 +111,30 @@ class Sym(Value):
         return f"the name `{self.name}`"
 
 
+@dataclass(frozen=True)
+class SchedArgs:
+    """A schedule as the checker folds it (scaled and offset by arithmetic); `to_ir` gives the
+    IR's typed schedule of its kind. `end` is None for `step`, `factor` and `every` for the others."""
+
+    kind: str
+    start: float
+    end: float | None = None
+    factor: float | None = None
+    every: int | None = None
+    warmup: int = 0
+
+    def to_ir(self) -> ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule:
+        if self.kind == "constant":
+            return ConstantSchedule(value=self.start, warmup=self.warmup)
+        if self.kind == "step":
+            return StepSchedule(start=self.start, factor=self.factor, every=self.every, warmup=self.warmup)
+        cls = LinearSchedule if self.kind == "linear" else CosineSchedule
+        return cls(start=self.start, end=self.end, warmup=self.warmup)
+
+
 @dataclass(eq=False)
 class Sched(Value):
-    schedule: ScheduleIR
+    schedule: SchedArgs
 
     def describe(self) -> str:
         return "a schedule"
@@ -123,7 +144,7 @@ class Sched(Value):
 class Term:
     """One weighted term of a loss: `weight * mean(roles)`; roles None is every token."""
 
-    weight: float | ScheduleIR
+    weight: float | SchedArgs
     roles: tuple[str, ...] | None
     span: Span
 
@@ -143,7 +164,7 @@ class NGDiff(Value):
     """`ngdiff(groups...)`: balances its groups' gradients itself, so it is a whole loss."""
 
     groups: tuple[tuple[str, ...], ...]
-    auto_lr: Any
+    options: dict[str, Any]  # the entry's other arguments (auto_lr, norm_every, ...), checked
 
     def describe(self) -> str:
         return "a loss"
@@ -194,14 +215,9 @@ class Scope:
 
 def default_value(p: ParamSpec) -> Any:
     """A catalogue default as the IR holds it."""
-    d = p.default
-    if p.type == "int_range" and isinstance(d, int):
-        return (d, d)
-    if p.type == "metrics" and isinstance(d, tuple):
-        return list(d)
-    if p.type == "loss" and d == "token_mean":
-        return LossIR(kind="token_mean")
-    return d
+    if p.type == "loss" and p.default == "token_mean":
+        return TokenMeanLoss()
+    return p.ir_default()
 
 
 def _range_hint(spec: ParamSpec) -> str | None:
@@ -388,7 +404,7 @@ class Evaluator:
             upd = {"start": s.start * f, "end": None if s.end is None else s.end * f}
             if not self._fits(span, *upd.values()):
                 return None
-            return Sched(span, s.model_copy(update=upd))
+            return Sched(span, replace(s, **upd))
         if op in "+-" and s.kind in ("constant", "linear", "cosine"):
             sgn = -1.0 if (op == "-" and s_left) else 1.0
             flip = -1.0 if (op == "-" and not s_left) else 1.0
@@ -406,7 +422,7 @@ class Evaluator:
                 return None
             if not self._fits(span, *upd.values()):
                 return None
-            return Sched(span, s.model_copy(update=upd))
+            return Sched(span, replace(s, **upd))
         self.error(
             span,
             "schedule-arith",
@@ -480,9 +496,9 @@ class Evaluator:
                     self.error(span, "schedule-arith", "a scheduled weight can only multiply an unweighted term", None)
                     return None
                 nw = w.schedule
-            elif isinstance(t.weight, ScheduleIR):
+            elif isinstance(t.weight, SchedArgs):
                 s = t.weight
-                nw = s.model_copy(update={"start": s.start * w.value, "end": None if s.end is None else s.end * w.value})
+                nw = replace(s, start=s.start * w.value, end=None if s.end is None else s.end * w.value)
             else:
                 nw = t.weight * w.value
             terms.append(Term(nw, t.roles, t.span))
@@ -582,7 +598,7 @@ class Evaluator:
             if dup:
                 self.error(e.span, "duplicate", f"role `{dup}` is in two ngdiff groups", "each role belongs to one group")
                 return None
-            return NGDiff(e.span, tuple(tuple(g) for g in groups), args["auto_lr"])
+            return NGDiff(e.span, tuple(tuple(g) for g in groups), {k: v for k, v in args.items() if k != "groups"})
         if entry.name == "gate":
             return Reward(e.span, RewardIR(kind="gate", children=[args["value"], args["by"]]))
         return Reward(e.span, RewardIR(kind="term", name=entry.name, params=args, impl=entry.impl))
@@ -766,7 +782,7 @@ class Evaluator:
                 for x in (s.start, s.end):
                     if x is not None and not self._check_range(v, spec, x, what):
                         return None
-                return s
+                return s.to_ir()
             return wrong()
         if t == "loss":
             if not isinstance(v, (Loss, NGDiff)):
@@ -838,9 +854,9 @@ class Evaluator:
             return None
         return v.name
 
-    def loss_ir(self, v: Loss | NGDiff) -> LossIR:
+    def loss_ir(self, v: Loss | NGDiff) -> TokenMeanLoss | MixLoss | NGDiffLoss:
         if isinstance(v, NGDiff):
-            return LossIR(kind="ngdiff", groups=[list(g) for g in v.groups], auto_lr=v.auto_lr)
+            return NGDiffLoss(groups=[list(g) for g in v.groups], **v.options)
         seen: dict[str, Span] = {}
         for t in v.terms:
             for r in t.roles or ():
@@ -856,17 +872,21 @@ class Evaluator:
         all_roles = self.scope.all_roles()
         terms = v.terms
         if len(terms) == 1 and terms[0].weight == 1.0 and (terms[0].roles is None or set(terms[0].roles) == set(all_roles)):
-            return LossIR(kind="token_mean")  # a mean over every role is the token mean: one IR, one hash
-        return LossIR(
-            kind="mix", terms=[LossTermIR(weight=t.weight, roles=list(t.roles) if t.roles is not None else all_roles) for t in terms]
+            return TokenMeanLoss()  # a mean over every role is the token mean: one IR, one hash
+        return MixLoss(
+            terms=[LossTerm(weight=_weight_ir(t.weight), roles=list(t.roles) if t.roles is not None else all_roles) for t in terms]
         )
 
 
-def _make_sched(name: str, a: dict) -> ScheduleIR:
+def _weight_ir(w: float | SchedArgs) -> Any:
+    return w.to_ir() if isinstance(w, SchedArgs) else w
+
+
+def _make_sched(name: str, a: dict) -> SchedArgs:
     if name == "constant":
-        return ScheduleIR(kind="constant", start=a["value"], end=a["value"], warmup=a["warmup"])
+        return SchedArgs(kind="constant", start=a["value"], end=a["value"], warmup=a["warmup"])
     if name == "warmup":
-        return ScheduleIR(kind="constant", start=a["value"], end=a["value"], warmup=a["steps"])
+        return SchedArgs(kind="constant", start=a["value"], end=a["value"], warmup=a["steps"])
     if name == "step":
-        return ScheduleIR(kind="step", start=a["start"], factor=a["factor"], every=a["every"], warmup=a["warmup"])
-    return ScheduleIR(kind=name, start=a["start"], end=a["end"], warmup=a["warmup"])
+        return SchedArgs(kind="step", start=a["start"], factor=a["factor"], every=a["every"], warmup=a["warmup"])
+    return SchedArgs(kind=name, start=a["start"], end=a["end"], warmup=a["warmup"])
