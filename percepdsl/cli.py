@@ -124,7 +124,7 @@ def compile_(
         print(f"  model  {ir.model.kind} {ir.model.path or ''}")
         print(f"  roles  {', '.join(ir.role_names)}")
         for st in ir.stages:
-            what = st.loss.kind if st.loss else "reward " + ", ".join(t.name for t in st.reward.terms())
+            what = st.loss.kind if st.kind == "sft" else "reward " + ", ".join(t.name for t in st.reward.terms())
             print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.steps} steps, {what}")
     else:
         from .grid import expand

@@ -383,3 +383,16 @@ def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
     assert f"percep: cannot write {tmp_path / 'a.pd'}: Permission denied" in res.output
     assert written == ["b.pd"] and "reformatted" in res.output
+
+
+@pytest.mark.parametrize("spec", [p for p in SPECS if p.parent.name != "common"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_compile_summarises_every_reference_spec(spec: Path, monkeypatch) -> None:
+    """`percep compile` without --json prints a line per stage (a GRPO stage raised AttributeError: no `loss`)."""
+    from typer.testing import CliRunner
+
+    from percepdsl.cli import app
+
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(app, ["compile", str(spec.relative_to(ROOT))])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "stage" in res.output or "cells" in res.output
