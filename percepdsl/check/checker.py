@@ -80,6 +80,10 @@ class Checker:
     def warning(self, span: Span, code: str, message: str, hint: str | None = None, related: Iterable[Related] = ()) -> None:
         self.report.warning(span, code, message, hint, related)
 
+    def add(self, diagnostics: Iterable[Diagnostic]) -> None:
+        """Report diagnostics found by another check (a grid's template)."""
+        self.report.items.extend(diagnostics)
+
     def symbol(self, kind: str, name: str, span: Span) -> None:
         """Record a definition for editors (outline, go to definition)."""
         self.symbols.setdefault(kind, []).append((name, span, span.file))

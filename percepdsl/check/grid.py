@@ -60,7 +60,7 @@ def check_grid(ck: Checker) -> GridIR | None:
             f"template spec `{tmpl.path.value}` has {n} error{'s' if n > 1 else ''}",
             f"run `percep check {relpath(tpath)}`",
         )
-        ck.diags.extend(d for d in tres.diagnostics if d.is_error)
+        ck.add(d for d in tres.diagnostics if d.is_error)
         return None
     tir: ExperimentIR = tres.ir
     tparams = {name: _param_type(v) for name, v in tir.params.items()}
