@@ -46,7 +46,8 @@ PLUGIN_KINDS = ("task", "model", "reward")
 #   int, float, bool, str, px (an int size; `64px` or 64), int_range (int or lo..hi),
 #   choice (one of `choices`, written bare or quoted), value (number or schedule),
 #   loss, reward, metrics (list of metric names), roles (role names; variadic),
-#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings)
+#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings),
+#   token_weights (a grpo stage's per-role token weights: a `{ role = value }` sub-block, or `ngdiff(...)`)
 TYPES = (
     "int",
     "float",
@@ -62,6 +63,7 @@ TYPES = (
     "roles",
     "role_group",
     "str_list",
+    "token_weights",
 )
 
 
@@ -104,6 +106,7 @@ class ParamSpec:
             "roles": "role names",
             "role_group": "a role or a list of roles",
             "str_list": "a string or a list of strings",
+            "token_weights": "a block of role weights such as `{ perception = 2.0 }`, or `ngdiff(...)`",
         }[self.type]
         return base + (" or `none`" if self.nullable else "")
 
@@ -199,6 +202,7 @@ def P(name: str, type: str, default: Any = None, doc: str = "", **kw: Any) -> Pa
 
 
 REASONING_STYLES = ("brief", "trace", "verbose")
+TOKEN_WEIGHT_MAX = 100.0  # a grpo role weight above this is more likely a typo than a design
 # Sudoku givens: below MIN_GIVENS a uniquely solvable puzzle is impractical to generate (the
 # generator's measurements are in runtime/tasks/sudoku.py); DEFAULT_GIVENS is what `givens = none`
 # means: half the 4×4 grid, and the usual range of "medium" 9×9 puzzles.
@@ -518,6 +522,14 @@ BUILTINS: tuple[Entry, ...] = (
         "a_r: counterfactual reasoning — oracle p* placed as the perception section, the model continues; the answer is verified.",
     ),
     Entry("format_ok", "metric", "Fraction of outputs with well-formed sections."),
+    Entry(
+        "visual_dependency",
+        "metric",
+        "Label-free: is the model reading the image? Mean Jensen–Shannon divergence (bits) between next-token distributions "
+        "with the true image and with another item's image, on the perception tokens of the reference target (teacher-forced); "
+        "per role and against a blank image beside it (`percep probe` writes the whole table).",
+        impl="percepdsl_runtime.probe:probe",
+    ),
     # ---- blocks ---------------------------------------------------------------------
     Entry(
         "sft",
@@ -576,6 +588,17 @@ BUILTINS: tuple[Entry, ...] = (
                 choices=("grpo", "bnpo", "dr_grpo", "dapo"),
             ),
             P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss (they still count in `grpo`'s mean)"),
+            P(
+                "token_weights",
+                "token_weights",
+                None,
+                "role-weighted policy loss, the RL twin of λ: `token_weights { perception = 2.0  reasoning = linear(1, 0.5) }` "
+                "multiplies each completion token's loss (clipped surrogate + KL) by its role's weight (a number or a schedule, "
+                f"0 to {TOKEN_WEIGHT_MAX:g}; roles not named keep 1) before the aggregation, whose denominators stay token counts; "
+                "`token_weights = ngdiff(perception, [reasoning, answer])` steps along Σ g_i/‖g_i‖, each role group's "
+                "policy gradient normalised (none = plain GRPO)",
+                nullable=True,
+            ),
             *_ADAMW,
             P(
                 "sample_precision",

@@ -125,6 +125,9 @@ def compile_(
         print(f"  roles  {', '.join(ir.role_names)}")
         for st in ir.stages:
             what = st.loss.kind if st.kind == "sft" else "reward " + ", ".join(t.name for t in st.reward.terms())
+            if st.kind == "grpo" and st.token_weights is not None:
+                tw = st.token_weights
+                what += ", token weights " + (", ".join(tw.weights) if tw.kind == "weights" else "ngdiff")
             print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.steps} steps, {what}")
     else:
         from .grid import expand
@@ -263,6 +266,44 @@ def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/gri
     from percepdsl_runtime.grid import report_command
 
     raise typer.Exit(report_command(grid_dir))
+
+
+@app.command()
+def probe(
+    target: Path = typer.Argument(..., help="A run directory, or the spec whose run (under --out) to probe."),
+    stage: str | None = typer.Option(None, "--stage", help="Stage to probe (default: the last finished one)."),
+    items: int = typer.Option(64, "--items", help="Test items to probe (at least 2)."),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Where a spec's run directory is (as for `percep run`)."),
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Visual dependency of a trained stage: per role and per perception slot, the divergence between the model's
+    predictions with the true image and with another item's / a blank image. Writes probe/<stage>/probe.{json,csv,md,png}
+    into the run directory and prints the table."""
+    from .ir import ExperimentIR
+
+    run_dir = target
+    if not target.is_dir():
+        ir, _ = compile_or_exit(target, set_)
+        if not isinstance(ir, ExperimentIR):
+            print(f"error: {target} is a grid file; probe one of its cells' run directories", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE)
+        from percepdsl_runtime.run import run_dir_for
+
+        run_dir = run_dir_for(ir, out)
+        if not run_dir.is_dir():
+            print(f"{target}: error: no run of this spec at {run_dir}; run it first with `percep run {target}`", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE)
+    from percepdsl_runtime.probe import ProbeRefused, probe_run
+    from percepdsl_runtime.run import quiet_libraries
+
+    quiet_libraries()
+    try:
+        _, paths = probe_run(run_dir, stage, items)
+    except ProbeRefused as exc:
+        print(f"{target}: error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    print(Path(paths[2]).read_text(), end="")
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
 
 @app.command()

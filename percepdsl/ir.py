@@ -12,7 +12,8 @@ the runtime reads these objects as they are, never a dict with defaults of its o
 - a learning rate or a loss weight is a `Value`: a number, or a `Schedule` (one model per
   schedule kind), evaluated in absolute values by `value_at` — the one schedule
   evaluator, for learning rates and weights of both stage kinds;
-- a loss is a `Loss`: `TokenMeanLoss` | `MixLoss` | `NGDiffLoss`;
+- a loss is a `Loss`: `TokenMeanLoss` | `MixLoss` | `NGDiffLoss`; a grpo stage's token
+  weighting is `TokenWeights`: `RoleWeights` | `NGDiffLoss`;
 - built-in tasks and models carry typed parameters (`GraphColoringParams`,
   `SudokuParams`, `TinyParams`, `HFParams`); a plugin's parameters stay a checked dict.
 """
@@ -24,7 +25,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from . import catalogue as cat
 
@@ -180,6 +181,19 @@ class NGDiffLoss(_Model):
 
 
 Loss = Annotated[TokenMeanLoss | MixLoss | NGDiffLoss, Field(discriminator="kind")]
+
+
+class RoleWeights(_Model):
+    """A grpo stage's `token_weights { role = value ... }`: each completion token's policy
+    loss is multiplied by its role's weight (a number or a schedule); roles not named keep 1."""
+
+    kind: Literal["weights"] = "weights"
+    weights: dict[str, Value] = Field(min_length=1)
+
+
+#: A grpo stage's token weighting: fixed or scheduled role weights, or NGDiff over role groups
+#: of the policy loss (`NGDiffLoss`'s groups and `norm_every`; its auto-LR is SFT's only).
+TokenWeights = Annotated[RoleWeights | NGDiffLoss, Field(discriminator="kind")]
 
 
 # ---- rewards --------------------------------------------------------------------------------------
@@ -410,6 +424,7 @@ class GRPOStageIR(_Model):
     scale: Literal["group", "batch", "none"] = setting(*_grpo, "scale")
     aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = setting(*_grpo, "aggregation")
     mask_truncated: bool = setting(*_grpo, "mask_truncated")
+    token_weights: TokenWeights | None = setting(*_grpo, "token_weights")
     weight_decay: float = setting(*_grpo, "weight_decay")
     adam_beta1: float = setting(*_grpo, "adam_beta1")
     adam_beta2: float = setting(*_grpo, "adam_beta2")
@@ -417,6 +432,15 @@ class GRPOStageIR(_Model):
     sample_precision: Literal["bf16", "fp32"] = setting(*_grpo, "sample_precision")
     compile: bool = setting(*_grpo, "compile")
     eval_every: int | None = setting(*_grpo, "eval_every")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        """Without token weights the stage dumps as before they existed: plain GRPO keeps its
+        content hash (and its run and grid-cell directories)."""
+        out = handler(self)
+        if self.token_weights is None and isinstance(out, dict):
+            out.pop("token_weights", None)
+        return out
 
 
 Stage = Annotated[SFTStageIR | GRPOStageIR, Field(discriminator="kind")]

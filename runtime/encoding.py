@@ -133,6 +133,42 @@ class Encoder:
             text += self._sep + prefix
         return self._item(self._process(text, image))
 
+    def completion_roles(self, ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """[N, T] role ids of generated tokens (the same role rules as SFT targets), -1 after
+        each row's ``lengths[i]`` tokens.
+
+        A row's text is its decoded tokens; each token's character offsets come from
+        re-tokenising that text when this gives back the same ids (the usual case), else
+        from decoding growing prefixes (a sampled token sequence the tokenizer would not
+        produce). Malformed text is tagged as written: an unclosed section runs to the end,
+        uncovered text takes the `rest` role (or `other`), and tokens that decode to nothing
+        (EOS) take the role of the text before them."""
+        out = torch.full(ids.shape, -1, dtype=torch.long)
+        for i, n in enumerate(int(x) for x in lengths):
+            row = ids[i, :n].tolist()
+            if not row:
+                continue
+            text, offsets = self._offsets(row)
+            out[i, :n] = torch.tensor(token_roles(self.tagger.tag(text), text, offsets), dtype=torch.long)
+        return out
+
+    def _offsets(self, row: list[int]) -> tuple[str, list[tuple[int, int]]]:
+        """The decoded text of generated ids and each id's character span in it."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+        text = decode(row)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        special = set(self.tokenizer.all_special_ids)
+        kept = [t for t in row if t not in special]
+        if enc["input_ids"] == kept:
+            it = iter(enc["offset_mapping"])
+            return text, [(len(text), len(text)) if t in special else tuple(next(it)) for t in row]
+        offsets, prev = [], 0
+        for k in range(1, len(row) + 1):
+            end = len(decode(row[:k]))
+            offsets.append((min(prev, end), end))
+            prev = end
+        return text, offsets
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()

@@ -20,13 +20,17 @@ One training step (``GRPOModule.training_step``):
    name (``aggregate``): ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``. Completions that hit
    ``max_new_tokens`` are left out of the loss (``mask_truncated``). The learning rate at
    step s is ``value_at(stage.lr, s, stage.steps)`` (the schedule evaluator SFT uses too).
+   With ``token_weights`` each token's loss is weighted by its role first, or the role
+   groups' policy gradients are normalised (NGDiff): see ``token_weights.py``.
 
 ``stage.steps`` counts optimiser steps (Lightning's ``global_step``), so a stage with
 ``updates = u`` generates ``ceil(steps / u)`` batches.
 
 Logged every step (``self.log``): ``loss``, ``lr``, ``grad_norm``, ``clip_frac``, ``kl`` (when
 β > 0), ``adv_std``, ``trained_rows`` (share of rows in the update forward), ``completion_tokens``,
-``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, and the reward diagnostics of the step (``reward``,
+``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, ``token_share/<role>`` of the loss tokens,
+on logged steps ``pg_norm/<role>`` and ``pg_share/<role>`` (each role's share of the policy gradient; with
+``token_weights`` also ``token_weight/<role>`` or NGDiff's ``grad_norm/<group>``), and the reward diagnostics of the step (``reward``,
 ``reward/<term>``, ``reward_perception_corr``, ... — see ``rewards.RewardDiagnostics``).
 ``GRPOModule.diagnostics()`` returns the same statistics aggregated over the whole stage,
 for the run's ``summary.json``.
@@ -58,6 +62,7 @@ from .generation import eval_mode
 from .optim import adamw
 from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RolloutGroup, compile_reward
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
+from .token_weights import TokenWeighting, role_gradient_norms
 
 Scale = Literal["group", "batch", "none"]
 Aggregation = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -144,13 +149,34 @@ def grpo_loss(
     ref_logp: torch.Tensor | None = None,
     kl: float = 0.0,
     denominator: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss and its statistics.
+    """The GRPO loss and its statistics: ``aggregate`` of ``grpo_token_loss`` (see there),
+    each token's loss first multiplied by ``token_weights[N, T]`` when given (role-weighted
+    GRPO, ``token_weights.py``; the denominators stay token counts); ``denominator``: see
+    ``aggregate`` (pass the whole batch's when these rows are a subset of it)."""
+    per_token, stats = grpo_token_loss(logp, old_logp, adv, mask, clip=clip, clip_high=clip_high, ref_logp=ref_logp, kl=kl)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    return aggregate(per_token, mask, aggregation, denominator), stats
+
+
+def grpo_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float = 0.2,
+    clip_high: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """[N, T] per-token GRPO loss and its statistics.
 
     ``logp``/``old_logp``/``ref_logp``: [N, T] log-probabilities of the sampled tokens under
     the policy being trained, the policy that sampled them, and the reference; ``adv``:
-    [N] one advantage per sequence; ``mask``: [N, T] tokens in the loss; ``denominator``:
-    see ``aggregate`` (pass the whole batch's when these rows are a subset of it).
+    [N] one advantage per sequence; ``mask``: [N, T] tokens in the loss (for the statistics).
     Per token: ``−min(ρA, clip(ρ, 1−ε, 1+ε_high)·A) + β·(e^{ref−logp} − (ref−logp) − 1)``
     with ``ρ = e^{logp − old}`` (the KL term is the k3 estimator: unbiased, always ≥ 0).
     """
@@ -169,7 +195,7 @@ def grpo_loss(
         kl_tok = torch.exp(d) - d - 1.0
         per_token = per_token + kl * kl_tok
         stats["kl"] = float(kl_tok.detach()[m].mean()) if m.any() else 0.0
-    return aggregate(per_token, mask, aggregation, denominator), stats
+    return per_token, stats
 
 
 def loss_mask(roll: Rollouts, mask_truncated: bool = True) -> torch.Tensor:
@@ -292,6 +318,7 @@ class GRPOModule(L.LightningModule):
         )
         self.suppress: tuple[int, ...] = (int(image_token),) if image_token is not None else ()
         self.timing: dict[str, float] = {"gen_s": 0.0, "gen_tokens": 0.0, "steps": 0.0}
+        self.weighting = TokenWeighting(stage.token_weights, encoder.role_names)
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -354,6 +381,8 @@ class GRPOModule(L.LightningModule):
         ref = self.reference_logprobs(roll, rows) if st.kl > 0 and len(rows) else None
         opt = self.optimizers()
         t0 = time.perf_counter()
+        role_ids = self.encoder.completion_roles(roll.ids.cpu(), roll.lengths.tolist()).to(roll.ids.device)
+        logs.update(self.weighting.share_logs(role_ids, mask, self.global_step, st.steps))
         old, loss, stats = None, torch.zeros(()), {}
         for u in range(st.updates):
             if u > 0 and self.global_step >= st.steps:
@@ -365,19 +394,8 @@ class GRPOModule(L.LightningModule):
             if len(rows):
                 logp = completion_logprobs(self.model, roll, st.temperature, rows)
                 old = logp.detach() if old is None else old  # update 0 runs the sampling policy: ρ = 1
-                loss, stats = grpo_loss(
-                    logp,
-                    old,
-                    adv[rows],
-                    mask[rows],
-                    clip=st.clip,
-                    clip_high=st.clip_high,
-                    aggregation=st.aggregation,
-                    ref_logp=ref,
-                    kl=st.kl,
-                    denominator=denom,
-                )
-                self.manual_backward(loss)
+                loss, more = self._backward(logp, old, adv[rows], mask[rows], role_ids[rows], ref, denom, measure=u == 0)
+                stats.update(more)
             logs["grad_norm"] = self._clip_grads()
             opt.step()  # also with zero gradients, as any GRPO step: Adam's momentum still moves
         logs.update(
@@ -391,6 +409,44 @@ class GRPOModule(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(roll.ids.shape[0]))
 
     # -- pieces of the step ----------------------------------------------------------------
+    def _backward(
+        self,
+        logp: torch.Tensor,
+        old: torch.Tensor,
+        adv: torch.Tensor,
+        mask: torch.Tensor,
+        role_ids: torch.Tensor,
+        ref: torch.Tensor | None,
+        denom: float,
+        measure: bool,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Backpropagate the (role-weighted) GRPO loss of these rows; returns it and its stats.
+        ``measure``: on logged steps, also each role's policy-gradient norm (one backward per role)."""
+        st, step = self.stage, self.global_step
+        per_token, stats = grpo_token_loss(logp, old, adv, mask, clip=st.clip, clip_high=st.clip_high, ref_logp=ref, kl=st.kl)
+        w = self.weighting.token_weights(role_ids, step, st.steps)
+        if w is not None:
+            per_token = per_token * w
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return aggregate(t, mask, st.aggregation, denom)
+
+        if measure and self._logger_step():
+            stats.update(role_gradient_norms(per_token, role_ids, reduce, params, self.weighting.role_names))
+        loss = reduce(per_token)
+        if self.weighting.normalised:  # g = Σ_i g_i/‖g_i‖ over the role groups' losses
+            parts = [reduce(per_token * gm) if bool((gm * mask).any()) else None for gm in self.weighting.group_masks(role_ids)]
+            stats.update(self.weighting.ngdiff_backward(parts, params, self.manual_backward, step))
+        else:
+            self.manual_backward(loss)
+        return loss, stats
+
+    def _logger_step(self) -> bool:
+        """Whether Lightning writes this step's metrics (``log_every_n_steps``); True outside a trainer."""
+        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+        return bool(getattr(connector, "should_update_logs", True))
+
     @torch.no_grad()
     def rollout(self, indices: torch.Tensor) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
         """Sample G completions per prompt, score them, evaluate the reward.
@@ -536,4 +592,5 @@ __all__ = [
     "group_advantages",
     "prompt_rows",
     "grpo_loss",
+    "grpo_token_loss",
 ]

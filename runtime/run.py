@@ -298,7 +298,7 @@ class StageEval(L.Callback):
         step = trainer.global_step
         if self.every and step % self.every == 0 and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
-            pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
+            pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in (*HEADLINE, "visual_dependency") if metrics.get(k) is not None})
 
     def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any]:
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
@@ -309,6 +309,11 @@ class StageEval(L.Callback):
         ctx, ev = self.ctx, self.ctx.ir.eval
         with eval_mode(ctx.loaded.model):
             res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
+            if "visual_dependency" in ev.metrics:  # the probe: teacher-forced, no labels beyond the reference text
+                from .probe import PROBE_ITEMS, probe
+
+                vd = probe(ctx.loaded, ctx.encoder, ctx.task, "test", min(ev.test or PROBE_ITEMS, PROBE_ITEMS))
+                res.metrics.update(visual_dependency=vd.metric(), **vd.flat())
         tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
@@ -317,7 +322,7 @@ class StageEval(L.Callback):
         self.history.append(entry)
         ctx.echo(
             f"[{self.stage.name} step {step}] "
-            + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
+            + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in (*HEADLINE, "visual_dependency") if res.metrics.get(k) is not None)
             + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})"
         )
         return res.metrics

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from .. import nodes as A
-from ..catalogue import Catalogue, ParamSpec
+from ..catalogue import TOKEN_WEIGHT_MAX, Catalogue, ParamSpec
 from ..diagnostics import Related, Span, did_you_mean
-from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, SFTStageIR, TaskIR, TrainerIR
+from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, RoleWeights, SFTStageIR, TaskIR, TrainerIR
 from ..parse import parse_expr
 from .blocks import defaults
 from .checker import SET_FILE, Checker, Result, run
@@ -361,7 +362,14 @@ class _Spec:
                     f"stage `{name}` starts from `{st.parent.id}`, which is not defined",
                     f"did you mean `{guess}`?" if guess else "define that stage, or drop `from` to start from the initial model",
                 )
-            settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})")
+            settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})", subblocks=("token_weights",) if kind == "grpo" else ())
+            weights_blk = st.block.get("token_weights")
+            if isinstance(weights_blk, A.SubBlock) and kind == "grpo":
+                weights = self._token_weights(weights_blk)
+                if settings is not None:
+                    settings["token_weights"] = weights
+                if weights is False:
+                    settings = None
             if settings is None:
                 continue
             # the checked settings are the typed stage's fields (the catalogue's block entry)
@@ -375,6 +383,47 @@ class _Spec:
                     "start it `from` an sft stage that has taught the output format",
                 )
         return self._order_stages(seen, built)
+
+    def _token_weights(self, blk: A.SubBlock) -> RoleWeights | None | bool:
+        """A grpo stage's `token_weights { role = weight ... }`: every key a declared role,
+        every weight a number or schedule within the catalogue's range. Weights that are all
+        exactly 1 are plain GRPO (None: one IR, one hash). False when something was wrong."""
+        ck, ok = self.ck, True
+        roles = ck.scope.all_roles()
+        weights: dict[str, Any] = {}
+        for e in blk.block.entries:
+            if isinstance(e, A.SubBlock):
+                ck.error(e.key.span, "type", f"`token_weights` maps roles to weights; `{e.key.id}` cannot hold a block", None)
+                ok = False
+                continue
+            role = e.key.id
+            if role in weights:
+                ck.error(e.key.span, "duplicate", f"role `{role}` is weighted twice in `token_weights`", "keep one")
+                ok = False
+                continue
+            if role not in roles:
+                ck.values.unknown_role(role, e.key.span, "`token_weights` names")
+                ok = False
+                continue
+            spec = ParamSpec(role, "value", min=0, max=TOKEN_WEIGHT_MAX)
+            w = ck.coerce_expr(e.value, spec, f"the weight of `{role}`")
+            if w is None:
+                ok = False
+                continue
+            weights[role] = w
+        if not blk.block.entries:
+            ck.error(
+                blk.key.span,
+                "missing-setting",
+                "`token_weights` names no role",
+                "weight a role, e.g. `token_weights { perception = 2.0 }`, or remove the block",
+            )
+            return False
+        if not ok:
+            return False
+        if all(isinstance(w, float) and w == 1.0 for w in weights.values()):
+            return None  # every token at weight 1: plain GRPO
+        return RoleWeights(weights=weights)
 
     def _model_is_tiny(self) -> bool:
         return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)

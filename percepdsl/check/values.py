@@ -684,7 +684,7 @@ class Evaluator:
     # -- coercion to catalogue types
     def coerce_expr(self, expr: A.Expr, spec: ParamSpec, what: str, literal_only: bool = False) -> Any:
         """Evaluate and coerce; `literal_only` refuses expressions (overrides, grid `fix`)."""
-        ctx = {"loss": "loss", "reward": "reward", "metrics": "value"}.get(spec.type, "value")
+        ctx = {"loss": "loss", "token_weights": "loss", "reward": "reward", "metrics": "value"}.get(spec.type, "value")
         if literal_only and not isinstance(expr, LITERALS):
             self.error(expr.span, "bad-override", f"{what} takes a literal value, not an expression", 'e.g. 0.5, 3, true or "text"')
             return None
@@ -822,6 +822,18 @@ class Evaluator:
                     return None
                 names.append(name)
             return names
+        if t == "token_weights":
+            if not isinstance(v, NGDiff):
+                return wrong("`ngdiff(...)` over role groups, or a block of role weights: `token_weights { perception = 2.0 }`")
+            if v.options.get("auto_lr"):
+                self.error(
+                    v.span,
+                    "unsupported-option",
+                    "`auto_lr` of `ngdiff` is an SFT option; a grpo stage's `token_weights` cannot take it",
+                    "drop `auto_lr = true` (the grpo stage's `lr` sets the step size)",
+                )
+                return None
+            return self.loss_ir(v)
         if t == "str_list":
             if isinstance(v, Str):
                 return v.value
@@ -846,13 +858,18 @@ class Evaluator:
             self.error(v.span, "type", f"expected a role name, got {v.describe()}", f"declared roles: {', '.join(roles)}")
             return None
         if v.name not in roles:
-            guess = did_you_mean(v.name, roles)
-            declared = roles[guess] if guess else None
-            where = f" (declared at line {declared.line})" if declared is not None else ""
-            hint = f"did you mean `{guess}`?{where}" if guess else f"declared roles: {', '.join(roles)}"
-            self.error(v.span, "unknown-role", f"loss uses role `{v.name}`, which the roles block does not declare", hint)
+            self.unknown_role(v.name, v.span, "loss uses")
             return None
         return v.name
+
+    def unknown_role(self, name: str, span: Span, user: str) -> None:
+        """`<user> role `name`, which the roles block does not declare`, with a did-you-mean."""
+        roles = self.scope.roles
+        guess = did_you_mean(name, roles)
+        declared = roles[guess] if guess else None
+        where = f" (declared at line {declared.line})" if declared is not None else ""
+        hint = f"did you mean `{guess}`?{where}" if guess else f"declared roles: {', '.join(roles)}"
+        self.error(span, "unknown-role", f"{user} role `{name}`, which the roles block does not declare", hint)
 
     def loss_ir(self, v: Loss | NGDiff) -> TokenMeanLoss | MixLoss | NGDiffLoss:
         if isinstance(v, NGDiff):

@@ -1,0 +1,247 @@
+"""The visual-dependency probe: is the model reading the image at this token?
+
+For each item, the reference target is teacher-forced three times: with the item's own
+image, with a blank image, and with another item's image (the next item's, cyclically).
+At every target token the probe measures the Jensen–Shannon divergence, in bits (0 = the
+image changes nothing, 1 = disjoint predictions), between the next-token distribution
+under the true image and under each uninformative one, then averages it per role and,
+for perception, per slot (the k-th perception token of the target).
+
+Teacher forcing on the *reference* target, not on the model's own generation: the three
+forwards then read the same text, so any difference comes from the image alone; the
+reference exists for every test item, whatever the model writes (an untrained or blind
+model's generation would be mostly malformed, and a generation conditioned on the true
+image would favour it). JS rather than KL: symmetric, bounded, and finite where one
+distribution puts zero mass.
+
+A model trained with shuffled images (the image carries no information about the target)
+learns to ignore it, and scores ≈0; one that reads its image scores clearly higher on the
+perception tokens. No labels are needed beyond the reference text.
+
+``visual_dependency`` (the eval metric) is the mean JS on perception tokens against another
+item's image; the blank image is reported beside it (a blank image is out of distribution,
+so it can move a model that does not read *this* image's content).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .encoding import collate, model_inputs
+from .generation import eval_mode
+
+BASELINES = ("other", "blank")  # another item's image; a blank one
+METRIC_ROLE = "perception"
+PROBE_ITEMS = 64  # items the eval metric probes (teacher forcing: three forwards per item, no generation)
+BATCH = 16
+
+
+def js_bits(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence in bits between the softmaxes of ``logits_p`` and
+    ``logits_q`` over the last dim (float32)."""
+    lp, lq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
+    lm = torch.logsumexp(torch.stack([lp, lq]), 0) - math.log(2.0)
+    kl_pm = (lp.exp() * (lp - lm)).sum(-1)
+    kl_qm = (lq.exp() * (lq - lm)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm) / math.log(2.0)).clamp(min=0.0)
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """A white image of the same size and mode (the tasks draw on white)."""
+    return Image.new(image.mode, image.size, "white")
+
+
+@dataclass
+class ProbeResult:
+    """Per baseline: mean JS (bits) per role, per perception slot, and token counts."""
+
+    items: int
+    roles: dict[str, dict[str, float | None]]  # baseline -> role -> mean JS
+    tokens: dict[str, int]  # role -> token count
+    slots: dict[str, list[float]] = field(default_factory=dict)  # baseline -> JS of perception slot k
+
+    def metric(self) -> float | None:
+        """``visual_dependency``: perception tokens, another item's image."""
+        return self.roles["other"].get(METRIC_ROLE)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"items": self.items, "visual_dependency": self.metric(), "roles": self.roles, "tokens": self.tokens, "slots": self.slots}
+
+    def flat(self) -> dict[str, float]:
+        """``visual_dependency/<baseline>/<role>`` for logs and summaries."""
+        return {f"visual_dependency/{b}/{r}": v for b, per in self.roles.items() for r, v in per.items() if v is not None}
+
+
+@torch.no_grad()
+def probe(loaded: Any, encoder: Any, task: Any, split: str = "test", n: int | None = PROBE_ITEMS, batch: int = BATCH) -> ProbeResult:
+    """Visual dependency of ``loaded`` on the first ``n`` items of ``split`` (at least 2)."""
+    model = loaded.model
+    n = min(n or task.size(split), task.size(split))
+    if n < 2:
+        raise ValueError("the probe compares an item's image with another item's: it needs at least 2 items")
+    samples = [task.sample(split, i) for i in range(n)]
+    names = list(encoder.role_names)
+    sums = {b: torch.zeros(len(names), dtype=torch.float64) for b in BASELINES}
+    counts = torch.zeros(len(names), dtype=torch.long)
+    slot_sum: dict[str, list[float]] = {b: [] for b in BASELINES}
+    slot_n: list[float] = []
+    p_id = names.index(METRIC_ROLE) if METRIC_ROLE in names else None
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for start in range(0, n, batch):
+            idx = range(start, min(start + batch, n))
+            images = {
+                "true": [samples[i].image for i in idx],
+                "other": [samples[(i + 1) % n].image for i in idx],
+                "blank": [blank_like(samples[i].image) for i in idx],
+            }
+            batches = {
+                which: collate(
+                    [encoder.encode_train(samples[i].query, img, samples[i].response) for i, img in zip(idx, imgs)], encoder.pad_token_id
+                )
+                for which, imgs in images.items()
+            }
+            # the texts are the same under every image (same-size images: same image-token count)
+            labels, roles = batches["true"]["labels"][:, 1:], batches["true"]["role_ids"][:, 1:]
+            keep = labels != -100  # position t predicts token t+1: the target positions
+            logits = {}
+            for which, b in batches.items():
+                out = model(**{k: v.to(device) for k, v in model_inputs(b).items()}, use_cache=False)
+                logits[which] = out.logits[:, :-1][keep.to(device)].float().cpu()  # [targets, V]
+            r = roles[keep]
+            counts += torch.bincount(r, minlength=len(names))[: len(names)]
+            row_of = keep.nonzero()[:, 0]
+            for base in BASELINES:
+                js = js_bits(logits["true"], logits[base])  # [targets]
+                sums[base] += torch.zeros(len(names), dtype=torch.float64).index_add(0, r, js.double())
+                if p_id is not None:  # per slot: the k-th perception token of each target
+                    for row in range(keep.shape[0]):
+                        _add_slots(slot_sum[base], js[(row_of == row) & (r == p_id)].tolist())
+            if p_id is not None:
+                for row in range(keep.shape[0]):
+                    _add_slots(slot_n, [1] * int(((row_of == row) & (r == p_id)).sum()))
+    roles_out = {b: {nm: (float(sums[b][i] / counts[i]) if counts[i] else None) for i, nm in enumerate(names)} for b in BASELINES}
+    slots = {b: [s / c for s, c in zip(slot_sum[b], slot_n)] for b in BASELINES} if p_id is not None else {}
+    return ProbeResult(items=n, roles=roles_out, tokens=dict(zip(names, counts.tolist())), slots=slots)
+
+
+def _add_slots(acc: list[float], vals: Sequence[float]) -> None:
+    acc.extend([0.0] * (len(vals) - len(acc)))
+    for j, v in enumerate(vals):
+        acc[j] += v
+
+
+# --------------------------------------------------------------------------- outputs
+def write_outputs(result: ProbeResult, out_dir: Any, title: str) -> list[Any]:
+    """``probe.json``, ``probe.csv`` (baseline, role, tokens, mean JS), ``probe.md`` and
+    ``probe.png`` (per-role bars and the perception-slot curve), each written atomically."""
+    import csv
+    import io
+    from pathlib import Path
+
+    from percepdsl.io import atomic_path, write_json_atomic, write_text_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [write_json_atomic(out / "probe.json", result.as_dict())]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["baseline", "role", "tokens", "js_bits"])
+    for b, per in result.roles.items():
+        for role, v in per.items():
+            w.writerow([b, role, result.tokens[role], "" if v is None else f"{v:.6f}"])
+    paths.append(write_text_atomic(out / "probe.csv", buf.getvalue()))
+    names = [r for r in result.tokens if result.tokens[r]]
+    lines = [
+        f"# Visual dependency: {title}",
+        "",
+        f"Jensen–Shannon divergence (bits) between next-token distributions with the true image and with another item's "
+        f"image / a blank image, teacher-forced on the reference target; {result.items} items. "
+        f"`visual_dependency` (perception, other image) = {_fmt(result.metric())}.",
+        "",
+        "| role | tokens | " + " | ".join(f"JS vs {b}" for b in BASELINES) + " |",
+        "|---|---|" + "---|" * len(BASELINES),
+    ]
+    lines += [f"| {r} | {result.tokens[r]} | " + " | ".join(_fmt(result.roles[b][r]) for b in BASELINES) + " |" for r in names]
+    paths.append(write_text_atomic(out / "probe.md", "\n".join(lines) + "\n"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(BASELINES)
+    for k, b in enumerate(BASELINES):
+        axes[0].bar([i + k * width for i in range(len(names))], [result.roles[b][r] or 0.0 for r in names], width, label=f"vs {b} image")
+        if result.slots.get(b):
+            axes[1].plot(range(1, len(result.slots[b]) + 1), result.slots[b], marker=".", label=f"vs {b} image")
+    axes[0].set_xticks([i + width * (len(BASELINES) - 1) / 2 for i in range(len(names))], names)
+    axes[0].set_ylabel("JS divergence (bits)")
+    axes[0].set_title("per role")
+    axes[1].set_xlabel("perception token (slot)")
+    axes[1].set_title("per perception slot")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out / "probe.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    paths.append(out / "probe.png")
+    return paths
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+# --------------------------------------------------------------------------- `percep probe`
+class ProbeRefused(Exception):
+    """The run directory or stage cannot be probed (exit 2)."""
+
+
+def probe_run(run_dir: Any, stage: str | None = None, items: int = PROBE_ITEMS, echo: Any = print) -> tuple[ProbeResult, Any]:
+    """Probe a stage of a run directory (default: its last finished stage) on the first
+    ``items`` test items; writes ``probe/<stage>/probe.{json,csv,md,png}`` there."""
+    import json
+    from pathlib import Path
+
+    from percepdsl.ir import ExperimentIR
+
+    from .models import load_weights
+    from .run import RunRefused, prepare, stage_dir
+
+    run_dir = Path(run_dir)
+    try:
+        ir = ExperimentIR.model_validate(json.loads((run_dir / "ir.json").read_text())["ir"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProbeRefused(f"{run_dir} is not a run directory (no readable ir.json: {exc})") from exc
+    names = [s.name for s in ir.stages]
+    done = [n for n in names if (run_dir / "stages" / n / "model").exists()]
+    if stage is not None and stage not in names:
+        raise ProbeRefused(f"the run has no stage `{stage}`; its stages are {', '.join(names)}")
+    stage = stage or (done[-1] if done else None)
+    if stage is None or stage not in done:
+        raise ProbeRefused(
+            f"stage `{stage or names[-1]}` of {run_dir} has no saved model yet; finished stages: {', '.join(done) or 'none'}"
+        )
+    if items < 2:
+        raise ProbeRefused("the probe compares an item's image with another item's: --items must be at least 2")
+    try:
+        ctx = prepare(ir, run_dir, lambda _msg: None)
+    except RunRefused as exc:
+        raise ProbeRefused(str(exc)) from exc
+    load_weights(ctx.loaded, stage_dir(ctx, ir.stage(stage)) / "model")
+    result = probe(ctx.loaded, ctx.encoder, ctx.task, "test", items)
+    paths = write_outputs(result, run_dir / "probe" / stage, f"{ir.name}, stage `{stage}`")
+    return result, paths
+
+
+__all__ = ["BASELINES", "PROBE_ITEMS", "ProbeRefused", "ProbeResult", "blank_like", "js_bits", "probe", "probe_run", "write_outputs"]
