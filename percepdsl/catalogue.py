@@ -116,6 +116,16 @@ class ParamSpec:
             return f"at most {_fmt(self.max)}"
         return ""
 
+    def default_text(self) -> str:
+        """The default as a spec writes it (a choice bare, a string quoted)."""
+        if self.type == "choice" and self.default is not None:
+            return str(self.default)
+        if self.type == "loss" and isinstance(self.default, str):
+            return f"{self.default}()"  # a loss named by its default: `token_mean()`
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        return _fmt(self.default)
+
     def signature(self) -> str:
         s = f"{self.name}: {self.type}"
         if self.choices:
@@ -187,7 +197,7 @@ class Entry:
             for p in self.params:
                 rng = p.describe_range()
                 unit = f" {p.unit}" if p.unit else ""
-                req = "required" if p.required else f"default `{_fmt(p.default)}`"
+                req = "required" if p.required else f"default `{p.default_text()}`"
                 lines.append(f"- `{p.name}` ({p.describe_type()}{', ' + rng if rng else ''}{unit}; {req}): {p.doc}")
         return "\n".join(lines)
 
