@@ -32,11 +32,6 @@ class Span:
     def point(line: int = 1, column: int = 1, file: str = "") -> Span:
         return Span(line, column, line, column + 1, file)
 
-    def cover(self, other: Span) -> Span:
-        start = min((self.line, self.column), (other.line, other.column))
-        end = max((self.end_line, self.end_column), (other.end_line, other.end_column))
-        return Span(start[0], start[1], end[0], end[1], self.file)
-
 
 @dataclass(frozen=True)
 class Related:

@@ -65,8 +65,6 @@ class _Spec:
         self.fragment = not exp and not ck.loaded.is_root_only and ck.fragment_ok
         if not exp and not self.fragment:
             ck.error(ck.at_file(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`")
-        elif exp:
-            ck.symbol("experiment", exp[0].name.id, exp[0].name.span)
         self._declare_params(g.get(A.Param, []))
         self._apply_overrides()
 
@@ -131,7 +129,6 @@ class _Spec:
             if p.default is not None and ptype is not None:
                 value = ck.coerce_expr(p.default, ParamSpec(name, ptype), f"param `{name}`")
             self.params[name] = ParamInfo(p, ptype or "float", value, "default")
-            ck.symbol("param", name, p.name.span)
 
     def _apply_overrides(self) -> None:
         ck = self.ck
@@ -215,7 +212,6 @@ class _Spec:
                 )
                 continue
             self.roles[role] = entry.key.span
-            ck.symbol("role", role, entry.key.span)
             v = ck.eval(entry.value, "rule")
             if v is None:
                 continue
@@ -269,7 +265,6 @@ class _Spec:
         entry = ck.lookup(t.name, "task")
         if entry is None:
             return None
-        ck.symbol("task", t.name.id, t.name.span)
         settings = ck.check_block(t.block, entry, f"task `{entry.name}`")
         if settings is None:
             return None
@@ -345,7 +340,6 @@ class _Spec:
                 )
                 continue
             seen[name] = st
-            ck.symbol("stage", name, st.name.span)
         for name, st in seen.items():
             kind = st.kind.id
             entry = ck.cat.get("block", kind) if kind in ("sft", "grpo") else None

@@ -190,9 +190,6 @@ class Stmt:
     def kw(self) -> str:
         return self.keyword.text if self.keyword is not None else ""
 
-    def head_names(self) -> list[str]:
-        return [t.text for t in self.head]
-
     def name_tok(self) -> Tok | None:
         """The declared name: `stage NAME`, `param NAME`, `task NAME`, `model KIND`, ..."""
         if self.head and self.head[0].is_name:
