@@ -74,6 +74,9 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     choices: tuple = ()  # allowed values (strings for `choice`; ints for an `int` with a fixed set)
+    # values the setting knows but does not offer, each with the reason the checker gives: a
+    # `choice` refused by name (e.g. a strategy no test covers) rather than as unknown
+    refused: tuple[tuple[str, str], ...] = ()
     unit: str | None = None
     required: bool = False
     nullable: bool = False  # `none` is accepted (and the default is None: "decided by the runtime")
@@ -195,6 +198,8 @@ class Entry:
 def P(name: str, type: str, default: Any = None, doc: str = "", **kw: Any) -> ParamSpec:
     if "choices" in kw:
         kw["choices"] = tuple(kw["choices"])
+    if "refused" in kw:
+        kw["refused"] = tuple(kw["refused"].items())
     return ParamSpec(name, type, default, doc, **kw)
 
 
@@ -632,8 +637,19 @@ BUILTINS: tuple[Entry, ...] = (
         (
             P("precision", "choice", "bf16-mixed", "numeric precision", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true")),
             P("accelerator", "choice", "auto", "device type", choices=("auto", "cpu", "gpu", "cuda", "mps")),
-            P("devices", "int", 1, "devices per node", min=1, max=1024),
-            P("strategy", "choice", "auto", "distribution strategy", choices=("auto", "ddp", "fsdp", "deepspeed")),
+            P("devices", "int", 1, "devices per node: one process (rank) each; with `accelerator = cpu`, CPU processes", min=1, max=1024),
+            P("num_nodes", "int", 1, "machines; the run has devices × num_nodes ranks, each batch is per rank", min=1, max=1024),
+            P(
+                "strategy",
+                "choice",
+                "auto",
+                "distribution strategy: `ddp` (data parallel; `auto` is `ddp` with more than one rank)",
+                choices=("auto", "ddp"),
+                refused={
+                    "fsdp": "untested: Lightning runs FSDP on CUDA GPUs only and no test here has one; use `ddp`",
+                    "deepspeed": "untested: DeepSpeed is not installed and no test covers it; use `ddp`",
+                },
+            ),
             P("accumulate", "int", 1, "gradient accumulation steps", min=1, max=1024),
             P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
             P("log_every", "int", 10, "steps between metric rows", min=1),
@@ -653,7 +669,7 @@ BUILTINS: tuple[Entry, ...] = (
     Entry("model", "keyword", '`model tiny { ... }` or `model hf "/path" { lora { ... } }`.'),
     Entry("roles", "keyword", "`roles { NAME = RULE ... }` — which target characters belong to which role; rules are tried in order."),
     Entry("stage", "keyword", "`stage NAME = sft|grpo [from PARENT] { ... }` — a training stage, starting from its parent's weights."),
-    Entry("trainer", "keyword", "`trainer { ... }` — precision, devices, strategy, accumulation, clipping."),
+    Entry("trainer", "keyword", "`trainer { ... }` — precision, devices, nodes, strategy, accumulation, clipping."),
     Entry("grid", "keyword", "`grid NAME` — starts a grid file: a template spec swept over parameter axes."),
     Entry("template", "keyword", '`template "spec.pd"` — the spec a grid sweeps.'),
     Entry("axis", "keyword", "`axis NAME = [values]` — a product axis over a template param."),

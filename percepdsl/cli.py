@@ -204,6 +204,8 @@ def run(
 
     try:
         run_dir = run_experiment(ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo)
+        if run_dir is None:  # another rank than 0 of a multi-device run: rank 0 reports
+            return
     except RunRefused as exc:
         print(f"{spec}: error: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None

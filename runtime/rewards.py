@@ -401,6 +401,25 @@ class RewardDiagnostics:
         self._streak = dict(state["streak"])
         self._n_groups, self.steps = int(state["n_groups"]), int(state["steps"])
 
+    @classmethod
+    def merged(
+        cls, states: Sequence[Mapping[str, Any]], term_names: Sequence[str], surrogates: Sequence[str] = (), stage: str = "grpo"
+    ) -> RewardDiagnostics:
+        """One set of statistics over several ``state_dict``s (data-parallel ranks of one stage):
+        their rollouts together, group ids kept apart, ``steps`` the stage's (every rank runs each)."""
+        out = cls(term_names, surrogates, stage=stage)
+        for state in states:
+            part = cls(term_names, surrogates, stage=stage)
+            part.load_state_dict(state)
+            for k, arrays in part._cols.items():
+                out._cols[k] += [a + out._n_groups for a in arrays] if k == "group" else arrays
+            for k in out.term_names:
+                out._terms[k] += part._terms[k]
+            out._constant += part._constant
+            out._n_groups += part._n_groups
+            out.steps = max(out.steps, part.steps)
+        return out
+
     # -- aggregates -------------------------------------------------------------------------
     def _stats(
         self, total: np.ndarray, perc: np.ndarray, reas: np.ndarray, gid: np.ndarray, terms: Mapping[str, np.ndarray], const: np.ndarray

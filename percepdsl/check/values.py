@@ -751,6 +751,14 @@ class Evaluator:
             if not isinstance(v, (Str, Sym)):
                 return wrong()
             word = v.value if isinstance(v, Str) else v.name
+            if word in dict(spec.refused):
+                self.error(
+                    v.span,
+                    "unsupported-choice",
+                    f"{what} `{word}` is not offered: {dict(spec.refused)[word]}",
+                    "offered: " + ", ".join(f"`{c}`" for c in spec.choices),
+                )
+                return None
             if word not in spec.choices:
                 guess = did_you_mean(str(word), spec.choices)
                 self.error(
