@@ -745,8 +745,32 @@ def plugin_entries() -> tuple[list[Entry], list[str]]:
     return entries, problems
 
 
+#: Entries registered from Python in this process (`percepdsl.api.register_reward`), by (kind, name).
+#: They are part of the default catalogue from their registration on, for this process only.
+_REGISTERED: dict[tuple[str, str], Entry] = {}
+
+
+def register(entry: Entry) -> None:
+    """Add `entry` to the default catalogue of this process (replacing an earlier registration
+    of the same name). A built-in or plugin entry of the same kind and name cannot be replaced."""
+    key = (entry.kind, entry.name)
+    if key not in _REGISTERED and _base_catalogue().get(entry.kind, entry.name) is not None:
+        owner = _base_catalogue().get(entry.kind, entry.name).source
+        raise ValueError(f"{entry.kind.replace('_', ' ')} `{entry.name}` already exists (from {owner}); register it under another name")
+    Catalogue().add(entry)  # the same validation as any entry (kind, parameter types)
+    _REGISTERED[key] = entry
+    default_catalogue.cache_clear()
+
+
+def unregister(kind: str, name: str) -> None:
+    """Remove an entry registered from Python (nothing if there is none)."""
+    if _REGISTERED.pop((kind, name), None) is not None:
+        default_catalogue.cache_clear()
+
+
 @lru_cache(maxsize=1)
-def default_catalogue() -> Catalogue:
+def _base_catalogue() -> Catalogue:
+    """The built-ins plus installed plugins' entries (read as data)."""
     cat = Catalogue()
     extra, problems = plugin_entries()
     for e in extra:
@@ -758,4 +782,17 @@ def default_catalogue() -> Catalogue:
     return cat
 
 
-__all__ = ["Catalogue", "Entry", "ParamSpec", "P", "builtin", "default", "default_catalogue", "plugin_entries"]
+@lru_cache(maxsize=1)
+def default_catalogue() -> Catalogue:
+    """The built-ins, installed plugins' entries and entries registered from Python."""
+    base = _base_catalogue()
+    if not _REGISTERED:
+        return base
+    cat = Catalogue(base.entries())
+    cat.problems = list(base.problems)
+    for e in _REGISTERED.values():
+        cat.add(e)
+    return cat
+
+
+__all__ = ["Catalogue", "Entry", "ParamSpec", "P", "builtin", "default", "default_catalogue", "plugin_entries", "register", "unregister"]

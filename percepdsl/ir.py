@@ -188,23 +188,25 @@ Loss = Annotated[TokenMeanLoss | MixLoss | NGDiffLoss, Field(discriminator="kind
 class RewardIR(_Model):
     """A reward expression tree.
 
-    term: a catalogue reward term (`name`, `params`, `impl`); const: `value`;
-    sum: Σ `children`; product: Π `children`; scale: `value` · `children[0]`;
-    gate: `children[0]` where `children[1]` is 1, else 0.
+    term: a catalogue reward term (`name`, `params`, `impl`); const: `value` (a number);
+    sum: Σ `children`; product: Π `children`; scale: `value` · `children[0]`, where `value` is a
+    number or a schedule over the stage's steps (`linear(0.1, 0.5) * perception_match`: the
+    weight at each step is `value_at(value, step, steps)`, the evaluator of learning rates and
+    loss weights); gate: `children[0]` where `children[1]` is 1, else 0.
     """
 
     kind: Literal["term", "const", "sum", "product", "scale", "gate"]
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     impl: str | None = None
-    value: float | None = None
+    value: Value | None = None
     children: list[RewardIR] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _shape(self) -> RewardIR:
         need = {
             "term": self.name is not None and not self.children,
-            "const": self.value is not None and not self.children,
+            "const": isinstance(self.value, (int, float)) and not self.children,
             "sum": len(self.children) >= 1,
             "product": len(self.children) >= 1,
             "scale": self.value is not None and len(self.children) == 1,
@@ -219,6 +221,11 @@ class RewardIR(_Model):
         if self.kind == "term":
             return [self]
         return [t for c in self.children for t in c.terms()]
+
+    def scheduled(self) -> list[RewardIR]:
+        """Every `scale` node whose weight is a schedule, in order (each weight is logged by name)."""
+        own = [self] if self.kind == "scale" and not isinstance(self.value, (int, float)) else []
+        return own + [s for c in self.children for s in c.scheduled()]
 
 
 # ---- roles, task, model -----------------------------------------------------------------------------

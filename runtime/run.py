@@ -470,7 +470,8 @@ def write_reward_plot(ctx: Context) -> None:
                 ax.plot(*zip(*pts), "--" if key.endswith("_within") else "-", label=key, lw=1)
         ax.set_title(title)
         ax.set_xlabel("step (stages concatenated)")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (every correlation undefined)
+            ax.legend(fontsize=6)
     fig.suptitle(f"{ctx.ir.name}: GRPO rewards and reward coupling")
     fig.tight_layout()
     with atomic_path(ctx.run_dir / "rewards.png") as tmp:
