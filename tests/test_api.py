@@ -119,7 +119,9 @@ def test_plan_grid_and_run_grid_from_python(tmp_path: Path) -> None:
     assert len(plan.cells) == 4 and {c.status for c in plan.cells} == {"pending"}
     with pytest.raises(api.SpecError, match="swept by an axis"):
         api.plan_grid(ROOT / "specs" / "grids" / "smoke.pd", set={"lam": 0.5})
-    outcome = api.run_grid(ROOT / "specs" / "grids" / "smoke.pd", out=tmp_path / "g", launcher=[sys.executable, str(ROOT / "tests" / "fake_run.py")])
+    outcome = api.run_grid(
+        ROOT / "specs" / "grids" / "smoke.pd", out=tmp_path / "g", launcher=[sys.executable, str(ROOT / "tests" / "fake_run.py")]
+    )
     assert outcome.status == "complete" and outcome.exit_code == 0 and len(outcome.table.rows) == 2
 
 

@@ -158,8 +158,7 @@ def test_a_reward_weight_follows_its_schedule_and_is_logged_by_name(micro: Micro
     not: trl#3036). The weight is the IR's schedule at each step, evaluated like the lr, and logged."""
     ir, got = realise(
         micro,
-        "stage g = grpo { steps = 4, batch = 1, group = 2, max_new_tokens = 4, "
-        "reward = linear(0.1, 0.5) * format + 0.5 * outcome }\n",
+        "stage g = grpo { steps = 4, batch = 1, group = 2, max_new_tokens = 4, reward = linear(0.1, 0.5) * format + 0.5 * outcome }\n",
     )
     assert [logs["reward_weight/format"] for logs in got["g"].logs] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert_as_written(ir, got)

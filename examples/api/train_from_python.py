@@ -28,7 +28,9 @@ def main(out: str | Path = "runs") -> dict:
     api.register_reward("concise", concise, surrogate=False)  # it reads no perception labels, but it is no perception surrogate
     summary = api.run_spec(SPEC, set={"seed": 1}, out=out)  # the same run as `percep run SPEC --set seed=1`
     final = summary["final"]
-    print(f"{summary['run_dir']}: end_to_end={final['end_to_end']:.3f} perception={final['perception']:.3f} reasoning={final['reasoning']:.3f}")
+    print(
+        f"{summary['run_dir']}: end_to_end={final['end_to_end']:.3f} perception={final['perception']:.3f} reasoning={final['reasoning']:.3f}"
+    )
     return summary
 
 

@@ -80,6 +80,10 @@ class Checker:
     def warning(self, span: Span, code: str, message: str, hint: str | None = None, related: Iterable[Related] = ()) -> None:
         self.report.warning(span, code, message, hint, related)
 
+    def add(self, diagnostics: Iterable[Diagnostic]) -> None:
+        """Report diagnostics found by another check (a grid's template)."""
+        self.report.items.extend(diagnostics)
+
     def symbol(self, kind: str, name: str, span: Span) -> None:
         """Record a definition for editors (outline, go to definition)."""
         self.symbols.setdefault(kind, []).append((name, span, span.file))
@@ -121,7 +125,7 @@ class Checker:
                 self.error(
                     stmt.span,
                     "misplaced-statement",
-                    f"`{keyword(stmt)}` does not belong in {what}",
+                    f"`{keyword(type(stmt))}` does not belong in {what}",
                     "grid files hold grid, template, axis, zip, seeds, where, report and fix"
                     if what == "a grid file"
                     else "this statement belongs in a grid file",
@@ -134,15 +138,16 @@ class Checker:
                 self.error(
                     stmt.span,
                     "duplicate",
-                    f"`{keyword(stmt)}` appears more than once",
+                    f"`{keyword(type(stmt))}` appears more than once",
                     "keep one",
                     [Related.at(entries[0].span, "first defined here")],
                 )
         return groups
 
 
-def keyword(stmt: A.Node) -> str:
-    return {A.Zip: "zip", A.Fix: "fix"}.get(type(stmt), type(stmt).__name__.lower())
+def keyword(kind: type[A.Node]) -> str:
+    """The keyword that starts a statement of this kind."""
+    return kind.__name__.lower()
 
 
 CheckFn = Callable[[Checker], "ExperimentIR | GridIR | None"]

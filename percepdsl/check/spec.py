@@ -29,6 +29,7 @@ DEFAULT_ROLES = (
 )
 SEED = ParamSpec("seed", "int", 0, min=0, max=2**31 - 1)
 SPEC_STATEMENTS = (A.Experiment, A.Param, A.Seed, A.Task, A.Model, A.Roles, A.Stage, A.Eval, A.Trainer)
+ONCE = (A.Experiment, A.Seed, A.Task, A.Model, A.Roles, A.Eval, A.Trainer)  # statements a spec holds at most once
 
 
 def check_experiment(ck: Checker) -> ExperimentIR | None:
@@ -56,7 +57,8 @@ class _Spec:
 
     def check(self) -> ExperimentIR | None:
         ck = self.ck
-        g = ck.group(ck.loaded.items, (A.Experiment, A.Seed, A.Model, A.Roles, A.Eval, A.Trainer), SPEC_STATEMENTS, "an experiment spec")
+        once = tuple(c for c in ONCE if c is not A.Task)  # a second task gets its own message (_check_task)
+        g = ck.group(ck.loaded.items, once, SPEC_STATEMENTS, "an experiment spec")
         exp = g.get(A.Experiment, [])
         # A file without a header that is only included by others is a fragment: it is
         # checked as far as it stands alone, and not required to be a whole experiment.
