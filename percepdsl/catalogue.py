@@ -46,7 +46,8 @@ PLUGIN_KINDS = ("task", "model", "reward")
 #   int, float, bool, str, px (an int size; `64px` or 64), int_range (int or lo..hi),
 #   choice (one of `choices`, written bare or quoted), value (number or schedule),
 #   loss, reward, metrics (list of metric names), roles (role names; variadic),
-#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings)
+#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings),
+#   choice_list (a list of some of `choices`, written bare or quoted)
 TYPES = (
     "int",
     "float",
@@ -62,6 +63,7 @@ TYPES = (
     "roles",
     "role_group",
     "str_list",
+    "choice_list",
 )
 
 
@@ -84,7 +86,7 @@ class ParamSpec:
         d = self.default
         if self.type == "int_range" and isinstance(d, int):
             return (d, d)
-        if self.type == "metrics" and isinstance(d, tuple):
+        if self.type in ("metrics", "choice_list") and isinstance(d, tuple):
             return list(d)
         return d
 
@@ -104,6 +106,7 @@ class ParamSpec:
             "roles": "role names",
             "role_group": "a role or a list of roles",
             "str_list": "a string or a list of strings",
+            "choice_list": "a list of " + ", ".join(f"`{c}`" for c in self.choices),
         }[self.type]
         return base + (" or `none`" if self.nullable else "")
 
@@ -134,8 +137,10 @@ def _fmt(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
         return str(int(v)) if v == 0 or abs(v) >= 1 else repr(v)
-    if isinstance(v, tuple):
-        return f"{v[0]}..{v[1]}"
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return f"{v[0]}..{v[1]}"  # an int range
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(map(str, v)) + "]"  # a list of names (metrics, loggers)
     return repr(v) if isinstance(v, str) else str(v)
 
 
@@ -638,6 +643,15 @@ BUILTINS: tuple[Entry, ...] = (
             P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
             P("log_every", "int", 10, "steps between metric rows", min=1),
             P("threads", "int", None, "torch CPU threads (none = all cores)", min=1, nullable=True),
+            P(
+                "loggers",
+                "choice_list",
+                ("csv",),
+                "where per-step metrics go, one run per stage under the run directory: `csv` (always: metrics.csv is built "
+                "from it), `tensorboard` (tensorboard/), `wandb` (Weights & Biases; WANDB_MODE=offline writes wandb/ "
+                "only), `mlflow` (an MLflow file store, mlruns/); each but csv needs its extra, e.g. pip install -e '.[wandb]'",
+                choices=("csv", "tensorboard", "wandb", "mlflow"),
+            ),
         ),
     ),
     # ---- keywords (hover / completion) ---------------------------------------------

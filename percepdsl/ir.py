@@ -457,6 +457,14 @@ class TrainerIR(_Model):
     clip: float | None = setting(*_tr, "clip")
     log_every: int = setting(*_tr, "log_every")
     threads: int | None = setting(*_tr, "threads")
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = setting(*_tr, "loggers")
+
+    @field_validator("loggers")
+    @classmethod
+    def _csv_first(cls, v: list[str]) -> list[str]:
+        """`csv` always runs (metrics.csv is built from it): `[tensorboard]` is `[csv, tensorboard]`,
+        one IR and one hash for what runs the same; repeats are dropped."""
+        return list(dict.fromkeys(["csv", *v]))
 
 
 class ExperimentIR(_Model):

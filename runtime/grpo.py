@@ -265,6 +265,7 @@ class GRPOModule(L.LightningModule):
         )
         self.suppress: tuple[int, ...] = (int(image_token),) if image_token is not None else ()
         self.timing: dict[str, float] = {"gen_s": 0.0, "gen_tokens": 0.0, "steps": 0.0}
+        self.tokens_processed = 0  # completion tokens sampled: the progress bar's throughput
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -398,6 +399,7 @@ class GRPOModule(L.LightningModule):
         logs = self.diag.update(groups, values)
         logs.update(self.reward.weights(step, steps))
         n_tok = float(sum(lengths))
+        self.tokens_processed += int(n_tok)
         self.timing["gen_s"] += roll.gen_s
         self.timing["gen_tokens"] += n_tok
         self.timing["steps"] += 1

@@ -89,9 +89,12 @@ def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
 def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Context:
     from .encoding import Encoder, EncodingError
     from .models import check_vocabulary
+    from .observe import check_loggers
     from .plugins import ImplError, build_task
     from .sft import save_checkpoint_safetensors
 
+    if (why := check_loggers(ir.trainer.loggers)) is not None:
+        raise RunRefused(why)
     try:
         task = build_task(ir.task, ir.seed)
     except (ImplError, ValueError) as exc:
@@ -187,6 +190,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     import torch
 
     from .evaluate import EvalConfig
+    from .observe import RunProgress, close_loggers, open_loggers, stage_loggers
     from .sft import build_trainer, load_checkpoint_safetensors, save_checkpoint_safetensors
 
     sdir = stage_dir(ctx, stage)
@@ -198,10 +202,15 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
     every = stage.eval_every or ev.every
-    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every)
+    bar = RunProgress() if progress else None  # evaluation lines print above it
+    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every, echo=bar.wrap(ctx.echo) if bar else ctx.echo)
     if tr.threads:
         torch.set_num_threads(tr.threads)
     attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
+    loggers = stage_loggers(tr.loggers, ctx.run_dir, ctx.ir.name, stage.name, attempt)
+    if (why := open_loggers(loggers)) is not None:
+        close_loggers(loggers)
+        raise RunRefused(f"stage `{stage.name}`: {why}")
     try:
         trainer = build_trainer(
             stage.steps,
@@ -211,9 +220,10 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
             devices=tr.devices,
             strategy=tr.strategy,
             accumulate=tr.accumulate if stage.kind == "sft" else 1,
-            # the guard runs first: a non-finite step never reaches an evaluation or a checkpoint
-            callbacks=[FiniteLoss(stage.name), evaluator, ResumeCheckpoint(sdir / "resume.ckpt", RESUME_EVERY)],
-            logger=L.pytorch.loggers.CSVLogger(str(sdir), name="", version=f"log{attempt}"),
+            # the bar first (its batch end is the step's end: throughput excludes evaluations); then
+            # the guard: a non-finite step never reaches an evaluation or a checkpoint
+            callbacks=[*([bar] if bar else []), FiniteLoss(stage.name), evaluator, ResumeCheckpoint(sdir / "resume.ckpt", RESUME_EVERY)],
+            logger=loggers,
             log_every_n_steps=tr.log_every,
             enable_progress_bar=progress,
             num_sanity_val_steps=0,
@@ -234,6 +244,8 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         raise RunFailed(f"stage `{stage.name}` at step {trainer.global_step}: {exc}; {kept()}") from exc
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
+    finally:
+        close_loggers(loggers)
     train_seconds = time.perf_counter() - start
     save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.steps})
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
@@ -289,8 +301,9 @@ def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any) -> dict[str, 
 class StageEval(L.Callback):
     """Three-way evaluation every N steps and at the stage end."""
 
-    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None):
+    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None, echo: Callable[[str], None] | None = None):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
+        self.echo = echo or ctx.echo  # through the progress bar while it shows
         self.history: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -314,7 +327,7 @@ class StageEval(L.Callback):
         entry["slot_errors"] = res.metrics.get("slot_errors")
         entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule)
         self.history.append(entry)
-        ctx.echo(
+        self.echo(
             f"[{self.stage.name} step {step}] "
             + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
             + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})"
@@ -517,12 +530,16 @@ def run(
     if summary_path.exists():
         echo(f"already complete: {run_dir} (delete it to run again)")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    interrupted = run_dir.exists() and any(run_dir.iterdir())
+    if interrupted and not resume:
         raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in sources.items():
         write_text_atomic(run_dir / "spec" / Path(name).name, text)
     write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
+    from .observe import record_environment
+
+    record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
     ctx = prepare(ir, run_dir, echo)
     records: dict[str, dict[str, Any]] = {}
     for stage in ir.stages:

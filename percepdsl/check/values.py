@@ -724,7 +724,7 @@ class Evaluator:
             self.error(v.span, "type", f"{what} cannot be `none`", f"it expects {spec.describe_type()}")
             return None
 
-        if isinstance(v, Sym) and t not in ("choice", "metrics", "roles", "role_group", "str"):
+        if isinstance(v, Sym) and t not in ("choice", "choice_list", "metrics", "roles", "role_group", "str"):
             self.unknown_name(v, {"reward": "reward", "loss": "loss"}.get(t, "value"))
             return None
 
@@ -832,6 +832,14 @@ class Evaluator:
                     return None
                 names.append(name)
             return names
+        if t == "choice_list":
+            out = []
+            for it in v.items if isinstance(v, List) else (v,):
+                word = self.coerce(it, ParamSpec(spec.name, "choice", choices=spec.choices), what)
+                if word is None:
+                    return None
+                out.append(word)
+            return out
         if t == "str_list":
             if isinstance(v, Str):
                 return v.value
