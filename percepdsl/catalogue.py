@@ -324,6 +324,58 @@ BUILTINS: tuple[Entry, ...] = (
             ),
         ),
     ),
+    Entry(
+        "dataset",
+        "task",
+        "Items from a Hugging Face dataset on disk (save_to_disk, or parquet/JSON files), columns named below; "
+        "the target is built as `<perception> .. </perception> <reasoning> .. </reasoning> <answer> .. </answer>` "
+        "from the columns and scored by `verifier`.",
+        (
+            P(
+                "path",
+                "str",
+                None,
+                "the data: a directory written by `save_to_disk` (what `percep gen` writes), a local copy of a hub dataset "
+                "(parquet or JSON files, split by file or directory name: data/train-00000-of-00001.parquet), or one file "
+                "per split given by name; relative to the spec file",
+                required=True,
+            ),
+            P("image", "str", "image", "column of the image (an image feature, image bytes, or a file path relative to the data)"),
+            P("query", "str", "query", "column of the question"),
+            P("perception", "str", "perception", "column of p*: the perception section's text"),
+            P("reasoning", "str", "reasoning", "column of the reasoning section's text (none: an empty section)", nullable=True),
+            P("answer", "str", "answer", "column of the answer section's text"),
+            P(
+                "instance",
+                "str",
+                None,
+                "column of each row's instance as JSON (what `percep gen` writes); none = recovered by the verifier from "
+                "the perception column (graph_coloring: the edge list or y/n slots, the chromatic number computed; "
+                "sudoku: the givens)",
+                nullable=True,
+            ),
+            P(
+                "verifier",
+                "choice",
+                "exact_match",
+                "how an output is scored: `graph_coloring` (any optimal colouring of the instance's graph), `sudoku` (the "
+                "unique solution of the givens), `exact_match` (perception and answer words equal the row's)",
+                choices=("graph_coloring", "sudoku", "exact_match"),
+            ),
+            P(
+                "perception_format",
+                "choice",
+                "edges",
+                "graph_coloring: how the perception column writes the graph (`5 : 0-1 0-3 ..` or `5 : 0-1 y 0-2 n ..`)",
+                choices=("edges", "adjacency"),
+            ),
+            P("train_split", "str", "train", "the split to train on"),
+            P("test_split", "str", "test", "the split to evaluate on (held-out rows)"),
+            P("train", "int", None, "training rows used, the first ones (none = all)", min=1, max=100_000_000, nullable=True),
+            P("test", "int", None, "test rows used, the first ones (none = all)", min=1, max=100_000_000, nullable=True),
+        ),
+        impl="percepdsl_runtime.tasks.disk:DatasetTask",
+    ),
     # ---- models ------------------------------------------------------------------
     Entry(
         "tiny",

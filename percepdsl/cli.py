@@ -277,12 +277,24 @@ def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/gri
     raise typer.Exit(report_command(grid_dir))
 
 
+class GenFormat(str, Enum):
+    hf = "hf"
+    trl = "trl"
+
+
 @app.command()
 def gen(
     spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),
     set_: list[str] | None = SetOpt,
     sheet: int = typer.Option(8, "--sheet", help="Samples on the contact sheet."),
+    format: GenFormat = typer.Option(
+        GenFormat.hf,
+        "--format",
+        "-f",
+        help="hf: query, image, perception, reasoning, answer, response, instance (what `task dataset` reads); "
+        "trl: TRL's conversational prompt/completion/images (SFTTrainer, GRPOTrainer).",
+    ),
 ) -> None:
     """Write the task's train/test data set as a Hugging Face dataset, plus a contact sheet PNG."""
     from .ir import ExperimentIR
@@ -306,7 +318,7 @@ def gen(
     splits = {s: task.size(s) for s in ("train", "test")}
     print(f"generating {ir.task.name}: {splits['train']} train + {splits['test']} test samples → {out}", file=sys.stderr)
     try:
-        path = write_dataset(task, out, splits=splits)
+        path = write_dataset(task, out, splits=splits, fmt=format.value)
         sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
     except OSError as exc:
         print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)

@@ -302,14 +302,35 @@ class SudokuParams(_Model):
         return self
 
 
+_ds = ("task", "dataset")
+
+
+class DatasetParams(_Model):
+    """A dataset on disk; `path` is absolute in the IR (the checker resolves it against the spec file)."""
+
+    path: str = setting(*_ds, "path")
+    image: str = setting(*_ds, "image")
+    query: str = setting(*_ds, "query")
+    perception: str = setting(*_ds, "perception")
+    reasoning: str | None = setting(*_ds, "reasoning")
+    answer: str = setting(*_ds, "answer")
+    instance: str | None = setting(*_ds, "instance")
+    verifier: Literal["graph_coloring", "sudoku", "exact_match"] = setting(*_ds, "verifier")
+    perception_format: Literal["edges", "adjacency"] = setting(*_ds, "perception_format")
+    train_split: str = setting(*_ds, "train_split")
+    test_split: str = setting(*_ds, "test_split")
+    train: int | None = setting(*_ds, "train")
+    test: int | None = setting(*_ds, "test")
+
+
 #: Built-in task name → its typed parameters. A plugin task's parameters stay a dict
 #: (checked against its catalogue entry by the checker).
-TASK_PARAMS: dict[str, type[_Model]] = {"graph_coloring": GraphColoringParams, "sudoku": SudokuParams}
+TASK_PARAMS: dict[str, type[_Model]] = {"graph_coloring": GraphColoringParams, "sudoku": SudokuParams, "dataset": DatasetParams}
 
 
 class TaskIR(_Model):
     name: str
-    params: Annotated[dict[str, Any] | GraphColoringParams | SudokuParams, Field(union_mode="left_to_right")]
+    params: Annotated[dict[str, Any] | GraphColoringParams | SudokuParams | DatasetParams, Field(union_mode="left_to_right")]
     impl: str | None = None
 
     @model_validator(mode="before")
@@ -502,13 +523,23 @@ class GridIR(_Model):
     report: list[str] = Field(default_factory=list)
 
 
+#: Settings that change where a run reports, not what it computes: left out of the content hash,
+#: so adding a TensorBoard logger to a spec keeps its run directory (and a grid its cells).
+OUTSIDE_HASH: dict[type[BaseModel], dict[str, Any]] = {}
+
+
 def canonical_json(model: BaseModel) -> str:
-    return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The model's JSON with sorted keys, without the settings of `OUTSIDE_HASH`."""
+    data = model.model_dump(mode="json", exclude=OUTSIDE_HASH.get(type(model)))
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def content_hash(model: BaseModel, length: int = 12) -> str:
     """Stable hash of what a run computes: names run and grid-cell directories."""
     return hashlib.sha256(canonical_json(model).encode("utf-8")).hexdigest()[:length]
+
+
+OUTSIDE_HASH[ExperimentIR] = {"trainer": {"loggers"}}
 
 
 def json_schema() -> dict:
