@@ -505,6 +505,14 @@ def test_slurm_backend_without_submitit_says_how_to_install(tmp_path, monkeypatc
     assert calls(tmp_path) == []
 
 
+def test_slurm_backend_without_sbatch_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here (nor on this test machine at all)
+    rc, _, err = run_grid(tmp_path / "g", backend="slurm")
+    assert rc == EXIT_USAGE and "`sbatch`, which is not on this machine's PATH" in err and "Traceback" not in err
+    assert calls(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -540,3 +548,28 @@ def test_slurm_backend_runs_cells_as_jobs_and_resumes(tmp_path, monkeypatch):
     assert rc == EXIT_OK, err
     again = calls(tmp_path)[4:]
     assert len(again) == 1 and again[0]["resume"] and state(out)["counts"]["done"] == 4
+
+
+def test_interrupting_a_slurm_grid_cancels_its_jobs_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """Ctrl-C on the driver cancels the running jobs (submitit's cancel: the job stops its cell as
+    Ctrl-C would), keeps the finished cells, and the same command resumes the stopped ones."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.75")
+    slow_dirs = [out / "cells" / smoke_hash("0.75", s) for s in (0, 1)]
+    proc = start_driver(out, backend="slurm", slurm_cluster="local")
+    wait_for_two_done_two_running(proc, out, slow_dirs)
+    interrupt(proc)
+    for d in slow_dirs:
+        log = out / "cells" / f"{d.name}.log"
+        deadline = time.monotonic() + 10
+        while not log.read_text().rstrip().endswith("interrupted") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log.read_text().rstrip().endswith("interrupted")
+        assert d.is_dir() and not (d / "summary.json").exists()
+    monkeypatch.delenv("FAKE_RUN_SLEEP")
+    rc, _, err = run_grid(out, backend="slurm", slurm_cluster="local")
+    assert rc == EXIT_OK, err
+    again = calls(tmp_path)[4:]
+    assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)

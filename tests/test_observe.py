@@ -120,3 +120,23 @@ def test_a_logger_without_its_package_is_refused_before_training(tmp_path: Path,
     spec.write_text(SPEC)
     res = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "cli")])
     assert res.exit_code == 2 and "pip install -e '.[wandb]'" in res.output and "Traceback" not in res.output
+
+
+def test_loggers_are_a_checked_list_with_completion_and_hover(tmp_path: Path) -> None:
+    import percepdsl.lsp.features as F
+    from percepdsl.check import check_text
+
+    base = "experiment x\ntask sudoku {}\nstage s = sft { steps = 1 }\n"
+    ok = check_text(base + "trainer { loggers = [tensorboard, wandb] }\n")
+    assert ok.ir.trainer.loggers == ["csv", "tensorboard", "wandb"]  # csv always runs: one IR for what runs the same
+    bad = check_text(base + "trainer { loggers = [tensorbord] }\n")
+    (d,) = [d for d in bad.diagnostics if d.is_error]
+    assert d.code == "unknown-choice" and d.hint == "did you mean `tensorboard`?" and (d.span.line, d.span.column) == (4, 22)
+
+    path = tmp_path / "x.pd"
+    text = "trainer { loggers = [csv, "
+    items = [i.label for i in F.complete(F.Project(F.Doc(text, path, path.as_uri())), len(text), F.Encoder())]
+    assert items == ["csv", "tensorboard", "wandb", "mlflow"]
+    text = "trainer { loggers = [csv, mlflow] }"
+    hover = F.hover(F.Project(F.Doc(text, path, path.as_uri())), text.index("mlflow"), F.Encoder()).contents.value
+    assert "one of the choices of `loggers`" in hover and "= [csv]" in hover

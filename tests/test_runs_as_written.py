@@ -164,6 +164,22 @@ def test_a_reward_weight_follows_its_schedule_and_is_logged_by_name(micro: Micro
     assert_as_written(ir, got)
 
 
+@pytest.mark.parametrize(
+    "reward, code",
+    [
+        ("linear(0, 1) + outcome", "schedule-arith"),
+        ("outcome * format * linear(0, 1) + step(1, every = 2)", "schedule-arith"),
+        ("linear(0, 2) * outcome", "out-of-range"),
+        ("outcome / linear(1, 2)", "type"),
+    ],
+)
+def test_a_schedule_weights_a_reward_term_and_nothing_else(reward: str, code: str) -> None:
+    from percepdsl.check import check_text
+
+    res = check_text(MICRO + f"stage g = grpo {{ steps = 2, reward = {reward} }}\n")
+    assert [d.code for d in res.diagnostics if d.is_error] == [code], [d.message for d in res.diagnostics]
+
+
 PLUGIN_TOML = """
 [[entry]]
 name = "micro_plugin"

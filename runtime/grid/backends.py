@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,7 +332,7 @@ class SlurmOptions:
     cpus_per_cell: int = 1  # also the cell's thread count
     gpus_per_cell: int = 0
     mem_gb: float | None = None
-    cluster: str | None = None  # submitit's AutoExecutor cluster: None = SLURM when sbatch is there; "local" in tests
+    cluster: str = "slurm"  # submitit's executor: "slurm", or "local" (its stand-in that runs the same job code; tests)
 
 
 class SlurmBackend:
@@ -345,6 +346,10 @@ class SlurmBackend:
 
     def __init__(self, launcher: Sequence[str] | None, env_extra: dict[str, str], folder: Path, options: SlurmOptions):
         submitit = import_submitit()
+        if options.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise GridError(
+                "--backend slurm submits jobs with `sbatch`, which is not on this machine's PATH; run `percep grid` on a SLURM login node"
+            )
         try:
             self.executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster)
         except Exception as exc:  # no sbatch here and no cluster named: say so, no traceback

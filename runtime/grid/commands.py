@@ -161,7 +161,7 @@ def grid_command(
             cpus_per_cell=int(cpus_per_cell),
             gpus_per_cell=int(gpus_per_cell),
             mem_gb=mem_gb,
-            cluster=slurm_cluster,
+            cluster=slurm_cluster or "slurm",
         )
     try:
         plan = plan_grid(grid_file, out, sets)
