@@ -196,3 +196,14 @@ def test_percep_gen_trl_format_is_what_trl_takes(tmp_path: Path) -> None:
     msgs = prepare_multimodal_messages(row["prompt"], images=row["images"])  # what TRL's collators do first
     assert [c["type"] for c in msgs[0]["content"]] == ["image", "text"] and msgs[0]["content"][1]["text"] == s.query
     assert json.loads(row["instance"]) == s.instance
+
+
+def test_split_names_of_the_data_and_exact_match_beside_an_instance_column(generated, tmp_path: Path) -> None:
+    task, path = generated["graph_coloring"]
+    src = datasets.load_from_disk(str(path))
+    datasets.DatasetDict({"tr": src["train"], "ev": src["test"]}).save_to_disk(str(tmp_path / "renamed"))
+    ds = dataset_task(path=str(tmp_path / "renamed"), train_split="tr", test_split="ev", verifier="exact_match", instance="instance")
+    s, ref = ds.sample("test", 2), task.sample("test", 2)
+    assert s.id == "dataset/ev/2" and s.response == ref.response and s.instance["row"] == ref.instance
+    assert ds.score(s.instance, ref.response).outcome and not ds.score(s.instance, ref.response.replace(ref.ground_truth, "c9")).outcome
+    assert ds.sample("train", 5).response == task.sample("train", 5).response

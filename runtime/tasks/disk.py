@@ -63,7 +63,11 @@ class DatasetTask:
             self.layout = layout(self.root)
         except DataError as exc:
             raise ValueError(str(exc)) from None
-        self.rows = {"train": self._load(params.train_split, params.train), "test": self._load(params.test_split, params.test)}
+        self._text: dict[tuple[str, str], list[Any]] = {}  # (split, column key) → the column's values (text is small)
+        self.rows = {
+            "train": self._load("train", params.train_split, params.train),
+            "test": self._load("test", params.test_split, params.test),
+        }
         self.verifier = self._verifier()
         self._instances: dict[tuple[str, int], dict[str, Any]] = {}
         for split in SPLITS:  # every row used must state a well-formed instance: refused now, not mid-training
@@ -76,7 +80,8 @@ class DatasetTask:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def _load(self, split: str, n: int | None) -> Any:
+    def _load(self, role: str, split: str, n: int | None) -> Any:
+        """Rows of the data's `split`, used as the task's `role` split (train or test)."""
         import datasets
 
         p, lay = self.params, self.layout
@@ -101,19 +106,21 @@ class DatasetTask:
         if n is not None and n < len(ds):
             ds = ds.select(range(n))
         # text columns are read once (small); images are decoded per item
-        self._text = getattr(self, "_text", {})
         for key in ("query", "perception", "reasoning", "answer", "instance"):
             col = named[key]
-            self._text[(split, key)] = [] if col is None else [_text(v, key) if key != "instance" else v for v in ds[col]]
+            self._text[(role, key)] = [] if col is None else [_text(v, key) if key != "instance" else v for v in ds[col]]
         return ds
 
     def _verifier(self) -> Any:
         p = self.params
         if p.verifier == "graph_coloring":
             return GraphColoringTask(GraphColoringParams(perception_format=p.perception_format, train=1, test=1), self.seed)
-        if p.verifier == "sudoku":
-            cells = {len([w for w in self._text[("train", "perception")][0].split() if w != "/"])}
-            size = 9 if cells == {81} else 4
+        if p.verifier == "sudoku":  # the grid size: the instance column's, else 81 given cells make a 9×9 grid
+            first = self._text[("train", "instance")][0] if p.instance else None
+            if first is not None:
+                size = int((json.loads(first) if isinstance(first, str) else first).get("size", 4))
+            else:
+                size = 9 if len([w for w in self._text[("train", "perception")][0].split() if w != "/"]) == 81 else 4
             return SudokuTask(SudokuParams(size=size, train=1, test=1), self.seed)
         return None
 
@@ -125,7 +132,12 @@ class DatasetTask:
         p = self.params
         raw = self._text[(split, "instance")][index] if p.instance else None
         where = f"row {index} of split `{split_name(p, split)}` of {self.root}"
-        if raw is not None:
+        if p.verifier == "exact_match":  # the row's own words are what is matched
+            words = " ".join(self._text[(split, "perception")][index].split())
+            inst = {"task": "exact_match", "perception": words, "answer": " ".join(self._text[(split, "answer")][index].split())}
+            if raw is not None:
+                inst["row"] = json.loads(raw) if isinstance(raw, str) else raw
+        elif raw is not None:
             try:
                 inst = json.loads(raw) if isinstance(raw, str) else dict(raw)
             except (ValueError, TypeError) as exc:
@@ -155,7 +167,6 @@ class DatasetTask:
             if cells is None:
                 raise ValueError(f"{where}: the perception `{text[:120]}` is not a {n}×{n} sudoku grid (`1 _ 3 _ / ..`, `_` for a blank)")
             return {"task": "sudoku", "size": n, "puzzle": [list(cells[r * n : (r + 1) * n]) for r in range(n)]}
-        return {"task": "exact_match", "perception": " ".join(words or ()), "answer": None}
 
     # -- the Task protocol -----------------------------------------------------------------------
 
@@ -169,8 +180,6 @@ class DatasetTask:
         i = int(index)
         text = {k: self._text[(split, k)][i] if self._text[(split, k)] else "" for k in ("query", "perception", "reasoning", "answer")}
         inst = dict(self._recover(split, i))
-        if inst.get("task") == "exact_match" and inst.get("answer") is None:
-            inst["answer"] = " ".join(text["answer"].split())
         return Sample(
             task=self.name,
             split=split,
@@ -215,7 +224,7 @@ def exact_match(instance: dict[str, Any], output: str) -> Scores:
     perception is wrong is not decidable without a solver, so ``reasoning`` is the outcome of an
     output whose perception is exact (and False otherwise)."""
     sec = parse_sections(output)
-    truth_p, truth_a = instance["perception"].split(), (instance.get("answer") or "").split()
+    truth_p, truth_a = instance["perception"].split(), instance["answer"].split()
     got = list(sec.perception or ())
     slot_errors = [int(k >= len(got) or got[k] != w) for k, w in enumerate(truth_p)]
     common = sum(min(got.count(w), truth_p.count(w)) for w in set(truth_p))  # multiset word overlap
