@@ -26,8 +26,9 @@ One training step (``GRPOModule.training_step``):
 
 Logged every step (``self.log``): ``loss``, ``lr``, ``grad_norm``, ``clip_frac``, ``kl`` (when
 β > 0), ``adv_std``, ``trained_rows`` (share of rows in the update forward), ``completion_tokens``,
-``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, and the reward diagnostics of the step (``reward``,
-``reward/<term>``, ``reward_perception_corr``, ... — see ``rewards.RewardDiagnostics``).
+``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, the reward diagnostics of the step (``reward``,
+``reward/<term>``, ``reward_perception_corr``, ... — see ``rewards.RewardDiagnostics``) and each scheduled
+reward weight at the step (``reward_weight/<term>``; ``value_at``, like the learning rate).
 ``GRPOModule.diagnostics()`` returns the same statistics aggregated over the whole stage,
 for the run's ``summary.json``.
 
@@ -293,6 +294,7 @@ class GRPOModule(L.LightningModule):
         )
         self.suppress: tuple[int, ...] = (int(image_token),) if image_token is not None else ()
         self.timing: dict[str, float] = {"gen_s": 0.0, "gen_tokens": 0.0, "steps": 0.0}
+        self.tokens_processed = 0  # completion tokens sampled: the progress bar's throughput
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -464,9 +466,12 @@ class GRPOModule(L.LightningModule):
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()
         groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
-        values = [self.reward(g) for g in groups]
+        step, steps = self.global_step, self.stage.steps  # scheduled reward weights are read at the step that samples
+        values = [self.reward(g, step, steps) for g in groups]
         logs = self.diag.update(groups, values)
+        logs.update(self.reward.weights(step, steps))
         n_tok = float(sum(lengths))
+        self.tokens_processed += int(n_tok)
         self.timing["gen_s"] += roll.gen_s
         self.timing["gen_tokens"] += n_tok
         self.timing["steps"] += 1

@@ -104,8 +104,11 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
 
     from .encoding import Encoder, EncodingError
     from .models import check_vocabulary, save_pretrained_dir
+    from .observe import check_loggers
     from .plugins import ImplError, build_task
 
+    if (why := check_loggers(ir.trainer.loggers)) is not None:
+        raise RunRefused(why)
     try:
         task = build_task(ir.task, ir.seed)
     except (ImplError, ValueError) as exc:
@@ -208,6 +211,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
 
     from .evaluate import EvalConfig
     from .models import load_weights, save_pretrained_dir
+    from .observe import RunProgress, close_loggers, open_loggers, stage_loggers
     from .sft import build_trainer
 
     ranks = ctx.ranks
@@ -222,12 +226,19 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
     every = stage.eval_every or ev.every
-    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every)
+    bar = RunProgress() if progress else None  # evaluation lines print above it
+    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every, echo=bar.wrap(ctx.echo) if bar else ctx.echo)
     if tr.threads:
         torch.set_num_threads(tr.threads)
     ckpt = sdir / "resume.ckpt"
-    # a resumed stage logs into a new file (write_metrics_csv merges them); only rank 0 logs
-    logger = L.pytorch.loggers.CSVLogger(str(sdir), name="", version=f"log{len(list(sdir.glob('log*')))}") if ranks.is_zero else False
+    loggers: list[Any] = []  # only rank 0 logs
+    if ranks.is_zero:
+        attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
+        loggers = stage_loggers(tr.loggers, ctx.run_dir, ctx.ir.name, stage.name, attempt)
+    # every rank learns of a logger that cannot start: the others would wait for rank 0 in the first step
+    if (why := ranks.broadcast(open_loggers(loggers))) is not None:
+        close_loggers(loggers)
+        raise RunRefused(f"stage `{stage.name}`: {why}")
     try:
         trainer = build_trainer(
             stage.steps,
@@ -238,9 +249,10 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
             num_nodes=tr.num_nodes,
             strategy=tr.strategy,
             accumulate=tr.accumulate if stage.kind == "sft" else 1,
-            # the guard runs first: a non-finite step never reaches an evaluation or a checkpoint
-            callbacks=[FiniteLoss(stage.name), evaluator, ResumeCheckpoint(ckpt, RESUME_EVERY)],
-            logger=logger,
+            # the bar first (its batch end is the step's end: throughput excludes evaluations); then
+            # the guard: a non-finite step never reaches an evaluation or a checkpoint
+            callbacks=[*([bar] if bar else []), FiniteLoss(stage.name), evaluator, ResumeCheckpoint(ckpt, RESUME_EVERY)],
+            logger=loggers or False,
             log_every_n_steps=tr.log_every,
             enable_progress_bar=progress,
             num_sanity_val_steps=0,
@@ -267,6 +279,8 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         raise RunFailed(f"stage `{stage.name}` at step {trainer.global_step}: {exc}; {kept()}") from exc
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
+    finally:
+        close_loggers(loggers)
     train_seconds = time.perf_counter() - start
     digests = ranks.weights_digests(ctx.loaded.model) if ranks.world > 1 else []
     if len(set(digests)) > 1:  # every rank sees this: all stop
@@ -332,8 +346,9 @@ class StageEval(L.Callback):
     """Three-way evaluation every N steps and at the stage end, on rank 0; the other ranks wait
     at a barrier meanwhile (they would otherwise wait in the next step's gradient all-reduce)."""
 
-    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None):
+    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None, echo: Callable[[str], None] | None = None):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
+        self.echo = echo or ctx.echo  # through the progress bar while it shows
         self.history: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -363,7 +378,7 @@ class StageEval(L.Callback):
         entry["slot_errors"] = res.metrics.get("slot_errors")
         entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule, module_diagnostics)
         self.history.append(entry)
-        ctx.echo(
+        self.echo(
             f"[{self.stage.name} step {step}] "
             + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
             + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})"
@@ -524,7 +539,8 @@ def write_reward_plot(ctx: Context) -> None:
                 ax.plot(*zip(*pts), "--" if key.endswith("_within") else "-", label=key, lw=1)
         ax.set_title(title)
         ax.set_xlabel("step (stages concatenated)")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (every correlation undefined)
+            ax.legend(fontsize=6)
     fig.suptitle(f"{ctx.ir.name}: GRPO rewards and reward coupling")
     fig.tight_layout()
     with atomic_path(ctx.run_dir / "rewards.png") as tmp:
@@ -623,12 +639,16 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
     that holds an interrupted run without `--resume`)."""
     if (run_dir / "summary.json").exists():
         return True
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    interrupted = run_dir.exists() and any(run_dir.iterdir())
+    if interrupted and not resume:
         raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in sources.items():
         write_text_atomic(run_dir / "spec" / Path(name).name, text)
     write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
+    from .observe import record_environment
+
+    record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
     return False
 
 

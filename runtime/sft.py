@@ -108,6 +108,7 @@ class SFTModule(L.LightningModule):
         self.n_roles = len(self.objective.role_names)
         self.automatic_optimization = not self.objective.manual_backward
         self.lr_scale = 1.0  # NGDiff auto-LR multiplier (smoothed)
+        self.tokens_processed = 0  # tokens the training forwards read (padding excluded): the progress bar's throughput
 
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
@@ -161,6 +162,7 @@ class SFTModule(L.LightningModule):
     # -- the step ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         step, total = self.global_step, self.total_steps
+        self.tokens_processed += int(batch["attention_mask"].sum())
         opt = self.optimizers()
         logs = {"lr": self._set_lr(opt.optimizer if hasattr(opt, "optimizer") else opt, step)}
         counts = self._global_counts(batch)
