@@ -15,7 +15,7 @@ returns a `percepdsl_runtime.models.LoadedModel`; a reward term's as
 `impl(group: RolloutGroup, **params) -> list[float]`.
 
 The IR (`percepdsl/ir.py`) takes every default, range and choice of a built-in entry from
-here (`setting_field`), and `tests/test_catalogue_binding.py` binds every entry to its
+here (`percepdsl.ir.setting`), and `tests/test_catalogue_binding.py` binds every entry to its
 implementation, so a name, default or range cannot drift between the two.
 
 Plugins add entries as *data*: a package declares an entry point in the group

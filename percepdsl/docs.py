@@ -62,8 +62,8 @@ def _setting_row(p: ParamSpec) -> str:
         kind += ", any number"
     default = "required" if p.required else ("—" if p.variadic else f"`{p.default_text()}`")
     doc = p.doc
-    for value, why in getattr(p, "refused", ()):
-        doc += f"; `{value}` is refused: {why}"
+    for value, why in p.refused:
+        doc += f". Refused: `{value}` ({why})"
     return f"| `{p.name}` | {_cell(kind)} | {_cell(default)} | {_cell(doc)} |"
 
 
