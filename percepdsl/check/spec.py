@@ -81,6 +81,7 @@ class _Spec:
         stages = self._check_stages(g.get(A.Stage, []))
         ev = self._check_simple_block(g.get(A.Eval, []), "eval")
         tr = self._check_simple_block(g.get(A.Trainer, []), "trainer")
+        self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
         self._report_unused_params()
 
         if ck.has_errors() or not exp:
@@ -267,6 +268,10 @@ class _Spec:
         if entry is None:
             return None
         settings = ck.check_block(t.block, entry, f"task `{entry.name}`")
+        if settings is not None and entry.name == "dataset" and entry.source == "percepdsl":
+            from .data import check_dataset  # reads the data's layout: only for specs that name data
+
+            settings = check_dataset(ck, t.block, settings)
         if settings is None:
             return None
         return TaskIR(name=entry.name, params=settings, impl=entry.impl)
@@ -424,6 +429,23 @@ class _Spec:
         if all(isinstance(w, float) and w == 1.0 for w in weights.values()):
             return None  # every token at weight 1: plain GRPO
         return RoleWeights(weights=weights)
+
+    def _check_normalised_token_weights(self, decls: list[A.Stage], stages: list[SFTStageIR | GRPOStageIR], tr: dict) -> None:
+        """`token_weights = ngdiff(...)` normalises this device's group gradients: one device only."""
+        if tr.get("devices", 1) * tr.get("num_nodes", 1) <= 1:
+            return
+        normalised = {
+            s.name for s in stages if isinstance(s, GRPOStageIR) and s.token_weights is not None and s.token_weights.kind == "ngdiff"
+        }
+        for st in decls:
+            setting = st.block.get("token_weights")
+            if st.name.id in normalised and setting is not None:
+                self.ck.error(
+                    setting.span,
+                    "incompatible",
+                    f"stage `{st.name.id}`: `token_weights = ngdiff(...)` runs on one device, and the trainer block asks for several",
+                    "use fixed or scheduled weights (`token_weights { perception = 2.0 }`) with several devices",
+                )
 
     def _model_is_tiny(self) -> bool:
         return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)
