@@ -65,13 +65,22 @@ class ProbeResult:
     roles: dict[str, dict[str, float | None]]  # baseline -> role -> mean JS
     tokens: dict[str, int]  # role -> token count
     slots: dict[str, list[float]] = field(default_factory=dict)  # baseline -> JS of perception slot k
+    # threshold -> precision / recall of "JS vs another image > threshold" as a perception tagger
+    grounded: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def metric(self) -> float | None:
         """``visual_dependency``: perception tokens, another item's image."""
         return self.roles["other"].get(METRIC_ROLE)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"items": self.items, "visual_dependency": self.metric(), "roles": self.roles, "tokens": self.tokens, "slots": self.slots}
+        return {
+            "items": self.items,
+            "visual_dependency": self.metric(),
+            "roles": self.roles,
+            "tokens": self.tokens,
+            "slots": self.slots,
+            "grounded": self.grounded,
+        }
 
     def flat(self) -> dict[str, float]:
         """``visual_dependency/<baseline>/<role>`` for logs and summaries."""
@@ -92,6 +101,8 @@ def probe(loaded: Any, encoder: Any, task: Any, split: str = "test", n: int | No
     slot_sum: dict[str, list[float]] = {b: [] for b in BASELINES}
     slot_n: list[float] = []
     p_id = names.index(METRIC_ROLE) if METRIC_ROLE in names else None
+    token_js: list[torch.Tensor] = []
+    token_roles: list[torch.Tensor] = []
     device = next(model.parameters()).device
     with eval_mode(model):
         for start in range(0, n, batch):
@@ -116,6 +127,8 @@ def probe(loaded: Any, encoder: Any, task: Any, split: str = "test", n: int | No
                 logits[which] = out.logits[:, :-1][keep.to(device)].float().cpu()  # [targets, V]
             r = roles[keep]
             counts += torch.bincount(r, minlength=len(names))[: len(names)]
+            token_js.append(js_bits(logits["true"], logits["other"]))
+            token_roles.append(r)
             row_of = keep.nonzero()[:, 0]
             for base in BASELINES:
                 js = js_bits(logits["true"], logits[base])  # [targets]
@@ -128,7 +141,26 @@ def probe(loaded: Any, encoder: Any, task: Any, split: str = "test", n: int | No
                     _add_slots(slot_n, [1] * int(((row_of == row) & (r == p_id)).sum()))
     roles_out = {b: {nm: (float(sums[b][i] / counts[i]) if counts[i] else None) for i, nm in enumerate(names)} for b in BASELINES}
     slots = {b: [s / c for s, c in zip(slot_sum[b], slot_n)] for b in BASELINES} if p_id is not None else {}
-    return ProbeResult(items=n, roles=roles_out, tokens=dict(zip(names, counts.tolist())), slots=slots)
+    grounded = grounding(torch.cat(token_js), torch.cat(token_roles) == p_id) if p_id is not None else {}
+    return ProbeResult(items=n, roles=roles_out, tokens=dict(zip(names, counts.tolist())), slots=slots, grounded=grounded)
+
+
+THRESHOLDS = (0.01, 0.05, 0.1, 0.2)  # bits
+
+
+def grounding(js: torch.Tensor, perception: torch.Tensor, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, dict[str, float | None]]:
+    """Tokens whose visual dependency exceeds a threshold, read as a label-free perception tag:
+    its precision and recall against the marked perception section, per threshold."""
+    out: dict[str, dict[str, float | None]] = {}
+    for t in thresholds:
+        tagged = js > t
+        hit = int((tagged & perception).sum())
+        out[f"{t:g}"] = {
+            "tagged": int(tagged.sum()),
+            "precision": hit / int(tagged.sum()) if bool(tagged.any()) else None,
+            "recall": hit / int(perception.sum()) if bool(perception.any()) else None,
+        }
+    return out
 
 
 def _add_slots(acc: list[float], vals: Sequence[float]) -> None:
@@ -169,6 +201,15 @@ def write_outputs(result: ProbeResult, out_dir: Any, title: str) -> list[Any]:
         "|---|---|" + "---|" * len(BASELINES),
     ]
     lines += [f"| {r} | {result.tokens[r]} | " + " | ".join(_fmt(result.roles[b][r]) for b in BASELINES) + " |" for r in names]
+    if result.grounded:
+        lines += [
+            "",
+            "Tokens with JS vs another image above a threshold, as a label-free perception tag, against the marked section:",
+            "",
+            "| threshold (bits) | tagged | precision | recall |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {t} | {g['tagged']} | {_fmt(g['precision'])} | {_fmt(g['recall'])} |" for t, g in result.grounded.items()]
     paths.append(write_text_atomic(out / "probe.md", "\n".join(lines) + "\n"))
 
     import matplotlib
@@ -244,4 +285,15 @@ def probe_run(run_dir: Any, stage: str | None = None, items: int = PROBE_ITEMS, 
     return result, paths
 
 
-__all__ = ["BASELINES", "PROBE_ITEMS", "ProbeRefused", "ProbeResult", "blank_like", "js_bits", "probe", "probe_run", "write_outputs"]
+__all__ = [
+    "BASELINES",
+    "PROBE_ITEMS",
+    "ProbeRefused",
+    "ProbeResult",
+    "blank_like",
+    "grounding",
+    "js_bits",
+    "probe",
+    "probe_run",
+    "write_outputs",
+]

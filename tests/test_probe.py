@@ -19,7 +19,7 @@ from percepdsl.check.spec import DEFAULT_ROLES
 from percepdsl.cli import app
 from percepdsl_runtime.encoding import Encoder, collate, model_inputs
 from percepdsl_runtime.models import build_tiny, load_hf
-from percepdsl_runtime.probe import blank_like, js_bits, probe
+from percepdsl_runtime.probe import blank_like, grounding, js_bits, probe
 from percepdsl_runtime.run import run
 from percepdsl_runtime.tasks import build_task
 
@@ -35,6 +35,14 @@ def test_js_divergence_in_bits() -> None:
     ref = 0.5 * float((p * (p / m).log()).sum() + (q * (q / m).log()).sum()) / math.log(2)
     assert js[2] == pytest.approx(ref, rel=1e-5)
     assert torch.allclose(js_bits(b, a), js)  # symmetric
+
+
+def test_thresholded_dependency_as_a_perception_tag() -> None:
+    js = torch.tensor([0.3, 0.15, 0.02, 0.0, 0.12])
+    perception = torch.tensor([True, True, True, False, False])
+    g = grounding(js, perception, (0.1, 0.5))
+    assert g["0.1"] == {"tagged": 3, "precision": 2 / 3, "recall": 2 / 3}
+    assert g["0.5"] == {"tagged": 0, "precision": None, "recall": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +91,7 @@ def test_percep_probe_writes_its_table_and_the_metric_reaches_the_summary(tmp_pa
     assert "| perception |" in stdout
     out = run_dir / "probe" / "base"
     data = json.loads((out / "probe.json").read_text())
-    assert data["items"] == 2 and set(data["roles"]) == {"other", "blank"}
+    assert data["items"] == 2 and set(data["roles"]) == {"other", "blank"} and "0.1" in data["grounded"]
     assert (out / "probe.png").stat().st_size > 0 and (out / "probe.csv").read_text().startswith("baseline,role,tokens,js_bits")
     assert sorted(p.name for p in out.iterdir()) == ["probe.csv", "probe.json", "probe.md", "probe.png"]  # atomic: no temp files left
 
