@@ -124,7 +124,17 @@ def test_completion_contexts(project_dir: Path) -> None:
     assert {"start =", "end =", "warmup ="} <= set(_labels(p, "stage s = sft { steps = 1 lr = cosine(1e-3, |"))
     assert "cosine" in _labels(p, "stage s = sft { steps = 1 lr = |")
     assert _labels(p, "roles { p = |") == ["between", "regex", "rest"]
-    assert _labels(p, "eval { metrics = [end_to_end, |") == ["end_to_end", "perception", "perception_partial", "reasoning", "format_ok"]
+    assert _labels(p, "eval { metrics = [end_to_end, |") == [
+        "end_to_end",
+        "perception",
+        "perception_partial",
+        "reasoning",
+        "format_ok",
+        "visual_dependency",
+    ]
+    assert _labels(p, "stage s = grpo { token_weights { perception = 2 |") == ["reasoning", "answer"]
+    assert _labels(p, "stage s = grpo { token_weights = |") == ["none", "ngdiff"]
+    assert _labels(p, "stage s = grpo { token_weights = ngdiff(perception, [|") == ["perception", "reasoning", "answer"]
     assert _labels(p, "trainer { clip = |")[0] == "none"
     assert _labels(p, "stage s = grpo { mask_truncated = |")[:2] == ["true", "false"]
     # nothing in comments and numbers

@@ -452,7 +452,7 @@ def expr_kind(spec: ParamSpec | None, stmt: S.Stmt | None) -> str:
         return "rule"
     if spec is None:
         return "value"
-    return {"loss": "loss", "reward": "reward"}.get(spec.type, "value")
+    return {"loss": "loss", "token_weights": "loss", "reward": "reward"}.get(spec.type, "value")
 
 
 def function_entry(cat: Catalogue, name: str, ekind: str) -> Entry | None:
@@ -635,6 +635,11 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
     if stmt is not None and stmt.kw == "zip" and not path:
         _template_params(project, items, exclude=present, key=True)
         return
+    if stmt is not None and stmt.kw == "stage" and path == ["token_weights"]:  # a grpo stage's role weights
+        for r in project.roles():
+            if r not in present:
+                items.add(r, T.CompletionItemKind.Field, "role weight", f"the weight of `{r}` tokens (1 when not named)", insert=f"{r} = ")
+        return
     entry = block_entry(cat, stmt, path)
     if entry is None:
         return
@@ -805,6 +810,8 @@ def _values(project: Project, items: _Items, spec: ParamSpec, ekind: str, snippe
         for e in cat.entries("schedule"):
             items.entry(e, T.CompletionItemKind.Function, snippets, call=True)
         _params(project, items, ("int", "float"))
+    elif t == "token_weights":  # `= ngdiff(...)`; the `{ role = weight }` form is a block
+        items.entry(cat.get("loss", "ngdiff"), T.CompletionItemKind.Function, snippets, call=True, sort="2")
     elif t == "reward":
         for e in cat.entries("reward"):
             items.entry(e, T.CompletionItemKind.Function, snippets, call=bool(e.params and any(p.required for p in e.params)), sort="2")
