@@ -105,12 +105,13 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     from .encoding import Encoder, EncodingError
     from .models import check_vocabulary, save_pretrained_dir
     from .observe import check_loggers
-    from .plugins import ImplError, build_task
+    from .plugins import ImplError
+    from .tasks import build_task
 
     if (why := check_loggers(ir.trainer.loggers)) is not None:
         raise RunRefused(why)
     try:
-        task = build_task(ir.task, ir.seed)
+        task = build_task(ir.task, seed=ir.seed)
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     vocab = task.vocabulary()
