@@ -12,7 +12,7 @@ completions grouped by prompt), 2 prompts × 4 generations, 64 new tokens, tempe
 The model first gets a short SFT warm start (``--sft-steps``), as GRPO starts from an SFT
 checkpoint: random weights emit EOS after a few tokens, which would time almost nothing
 but overhead. Our side uses ``mask_truncated = false`` (TRL's default) and both bf16 and
-fp32 sampling weights (``gen_precision``) are timed, and bf16 with ``compile = true`` (the
+fp32 sampling weights (``sample_precision``) are timed, and bf16 with ``compile = true`` (the
 sampler's decoder under torch.compile; its one-time compile is measured separately and
 left out of the timed steps, as warm-up is on every side).
 
@@ -171,30 +171,28 @@ def bench_trl(model_dir: Path, task: Any, steps: int, warmup: int, cache: str | 
 def bench_ours(model_dir: Path, task: Any, steps: int, warmup: int, gen_precision: str, compile: bool = False) -> dict[str, float]:
     import lightning as L
 
-    from percepdsl.ir import StageIR
+    from percepdsl.ir import GRPOStageIR
     from percepdsl_runtime.encoding import Encoder
     from percepdsl_runtime.grpo import build_grpo
     from percepdsl_runtime.models import load_hf
 
     loaded = load_hf(model_dir)
     enc = Encoder(loaded, RULES)
-    stage = StageIR(
+    stage = GRPOStageIR(
         name="rl",
-        kind="grpo",
-        settings={
-            "steps": steps + warmup,
-            "lr": 1e-4,
-            "batch": PROMPTS,
-            "group": G,
-            "max_new_tokens": NEW_TOKENS,
-            "temperature": 1.0,
-            "kl": 0.0,
-            "mask_truncated": False,  # TRL's default
-            "compile": compile,
-        },
+        steps=steps + warmup,
+        lr=1e-4,
+        batch=PROMPTS,
+        group=G,
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.0,
+        kl=0.0,
+        mask_truncated=False,  # TRL's default
+        compile=compile,
+        sample_precision=gen_precision,
         reward=reward_ir(),
     )
-    module, dm = build_grpo(loaded, enc, task, stage, seed=0, gen_precision=gen_precision)
+    module, dm = build_grpo(loaded, enc, task, stage, seed=0, grad_clip=1.0)
     ends: list[tuple[float, float]] = []
     tokens: list[int] = []
     trained: list[float] = []
@@ -230,14 +228,14 @@ def sft_warm_start(model_dir: Path, task: Any, steps: int) -> None:
     trace targets are longer), so both sides generate full-length rows."""
     import lightning as L
 
+    from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.encoding import Encoder
-    from percepdsl_runtime.losses import Objective
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule
 
     loaded = load_hf(model_dir)
     enc = Encoder(loaded, RULES)
-    module = SFTModule(loaded, Objective({"kind": "token_mean"}, enc.role_names), {"lr": 2e-3})
+    module = SFTModule(loaded, SFTStageIR(name="warm", steps=steps, lr=2e-3), enc.role_names)
     L.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -278,7 +276,7 @@ def main() -> None:
 
     task = build_task("graph_coloring", {}, seed=0)
     model_dir = Path(tempfile.mkdtemp(prefix="bench-grpo-tiny-"))
-    loaded = build_tiny(task.vocabulary(), save_dir=model_dir)
+    loaded = build_tiny(task.vocabulary(), image=task.params.image, save_dir=model_dir)
     print(
         f"tiny VLM: {loaded.num_parameters() / 1e6:.2f}M params; {PROMPTS} prompts x {G} generations, "
         f"{NEW_TOKENS} new tokens; torch threads {torch.get_num_threads()}",

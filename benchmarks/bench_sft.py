@@ -140,8 +140,8 @@ def bench_ours(
 ) -> dict[str, Any]:
     import lightning as L
 
+    from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.encoding import Encoder
-    from percepdsl_runtime.losses import Objective
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
@@ -162,7 +162,7 @@ def bench_ours(
             tokens.append(int(batch["n_target"].sum()))
             flops.append(fl(batch))
 
-    module = SFTModule(loaded, Objective({"kind": "token_mean"}, enc.role_names), {"lr": 1e-3})
+    module = SFTModule(loaded, SFTStageIR(name="bench", steps=steps + warmup, lr=1e-3), enc.role_names)
     logger = L.pytorch.loggers.CSVLogger(str(loaded_dir / "lightning"), name="", version="log")
     build_trainer(steps + warmup, precision=precision, accelerator="cpu", callbacks=[Clock()], logger=logger, log_every_n_steps=10).fit(
         module, datamodule=dm
@@ -179,7 +179,7 @@ def bench_ngdiff(model_dir: Path, dm: Any, enc: Any, steps: int, rounds: int = 2
     (CPU time of this process with ``cpu_time``: the steadier measure with one thread)."""
     import lightning as L
 
-    from percepdsl_runtime.losses import Objective
+    from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTModule, build_trainer
 
@@ -193,7 +193,7 @@ def bench_ngdiff(model_dir: Path, dm: Any, enc: Any, steps: int, rounds: int = 2
     specs = {"plain": {"kind": "token_mean"}, "ngdiff": ngdiff, "ngdiff_lagged": ngdiff | {"norm_every": 4}}
     med: dict[str, list[float]] = {k: [] for k in specs}
     for _ in range(rounds):
-        for name, spec in specs.items():
+        for name, loss in specs.items():
             times: list[float] = []
 
             class Clock(L.Callback):
@@ -203,7 +203,8 @@ def bench_ngdiff(model_dir: Path, dm: Any, enc: Any, steps: int, rounds: int = 2
                 def on_train_batch_end(self, *a: Any) -> None:
                     times.append((time.process_time() if cpu_time else time.perf_counter()) - self.t)  # noqa: B023 (the callback lives one iteration)
 
-            module = SFTModule(load_hf(model_dir), Objective(spec, enc.role_names), {"lr": 1e-3})
+            stage = SFTStageIR(name=name, steps=len(batches), lr=1e-3, loss=loss)
+            module = SFTModule(load_hf(model_dir), stage, enc.role_names)
             build_trainer(len(batches), accelerator="cpu", callbacks=[Clock()], log_every_n_steps=10).fit(module, train_dataloaders=loader)
             med[name].append(statistics.median(times[3:]))
     plain, ng, lag = (min(med[k]) for k in specs)  # best round of each, as for throughput
@@ -266,7 +267,7 @@ def main() -> None:
     task = build_task("graph_coloring", {}, seed=0)
     scratch = tempfile.TemporaryDirectory(prefix="bench-sft-")  # model, logs; removed at exit
     model_dir = Path(scratch.name)
-    loaded = build_tiny(task.vocabulary(), save_dir=model_dir, seed=0)
+    loaded = build_tiny(task.vocabulary(), image=task.params.image, save_dir=model_dir, seed=0)
     n_params = loaded.num_parameters()
     enc = Encoder(loaded, RULES)
     samples = [task.sample("train", i) for i in range(args.items)]

@@ -119,8 +119,8 @@ def compile_(
         print(f"  model  {ir.model.kind} {ir.model.path or ''}")
         print(f"  roles  {', '.join(ir.role_names)}")
         for st in ir.stages:
-            what = st.loss.kind if st.loss else "reward " + ", ".join(t.name for t in st.reward.terms())
-            print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.settings['steps']} steps, {what}")
+            what = st.loss.kind if st.kind == "sft" else "reward " + ", ".join(t.name for t in st.reward.terms())
+            print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.steps} steps, {what}")
     else:
         from .grid import expand
 
@@ -227,7 +227,7 @@ def grid(
     """Run an ablation grid, a `percep run` per cell (resumable), then a results table and plots.
 
     Exit 0 every cell complete, 2 refused before running, 3 some cell failed, 130 interrupted."""
-    from percepdsl_runtime.gridrun import grid_command
+    from percepdsl_runtime.grid import grid_command
 
     raise typer.Exit(
         grid_command(
@@ -247,7 +247,7 @@ def grid(
 @app.command()
 def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named).")) -> None:
     """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories."""
-    from percepdsl_runtime.gridrun import report_command
+    from percepdsl_runtime.grid import report_command
 
     raise typer.Exit(report_command(grid_dir))
 

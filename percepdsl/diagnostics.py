@@ -2,7 +2,8 @@
 
 Every stage (parse, check, include resolution, overrides) reports problems as
 `Diagnostic` values and keeps going; nothing is raised to the user. Positions are
-1-based; `end_column` is exclusive, as in LSP and editors.
+1-based; `end_column` is exclusive, as in LSP and editors. A `Span` names the file it
+is in, so a diagnostic is located by its span alone.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ class Span:
     column: int
     end_line: int
     end_column: int
+    file: str = ""  # as shown in diagnostics ("specs/a.pd", "<--set>")
 
     @staticmethod
-    def point(line: int = 1, column: int = 1) -> Span:
-        return Span(line, column, line, column + 1)
+    def point(line: int = 1, column: int = 1, file: str = "") -> Span:
+        return Span(line, column, line, column + 1, file)
 
     def cover(self, other: Span) -> Span:
         start = min((self.line, self.column), (other.line, other.column))
         end = max((self.end_line, self.end_column), (other.end_line, other.end_column))
-        return Span(start[0], start[1], end[0], end[1])
+        return Span(start[0], start[1], end[0], end[1], self.file)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class Related:
     file: str
     span: Span
     message: str
+
+    @staticmethod
+    def at(span: Span, message: str) -> Related:
+        return Related(span.file, span, message)
 
 
 @dataclass(frozen=True)
@@ -78,17 +84,16 @@ class Diagnostic:
 
 
 class Reporter:
-    """Collects diagnostics for one file; the checker's single way to complain."""
+    """Collects diagnostics, each in the file its span names: the one way to complain."""
 
-    def __init__(self, file: str):
-        self.file = file
+    def __init__(self) -> None:
         self.items: list[Diagnostic] = []
 
     def error(self, span: Span, code: str, message: str, hint: str | None = None, related=()) -> None:
-        self.items.append(Diagnostic(self.file, span, Severity.ERROR, code, message, hint, tuple(related)))
+        self.items.append(Diagnostic(span.file, span, Severity.ERROR, code, message, hint, tuple(related)))
 
     def warning(self, span: Span, code: str, message: str, hint: str | None = None, related=()) -> None:
-        self.items.append(Diagnostic(self.file, span, Severity.WARNING, code, message, hint, tuple(related)))
+        self.items.append(Diagnostic(span.file, span, Severity.WARNING, code, message, hint, tuple(related)))
 
     @property
     def has_errors(self) -> bool:

@@ -1,28 +1,131 @@
-"""Atomic file writes: nothing half-written is ever presented as a result."""
+"""Atomic file writes: nothing half-written is ever presented as a result.
+
+Every file a run or a grid leaves goes through ``atomic_path``: the writer fills a temporary
+file in the destination's directory, which is flushed to disk (fsync) and then renamed over
+the destination (``os.replace``, atomic on POSIX), and the directory entry is fsynced too. A
+reader, a resumed run, or the machine after a crash sees the old file or the new one, never
+a part of one. ``atomic_dir`` does the same for a directory that a library writes whole
+(``save_pretrained``, ``save_to_disk``).
+
+The small writers (text, JSON, JSON lines) are for content in memory; ``atomic_path``
+is for writers that want a path (safetensors, matplotlib, Lightning checkpoints, PIL).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def _sibling(path: Path, tag: str) -> Path:
+    """A hidden, unique name next to ``path`` that keeps its suffix (matplotlib and PIL pick
+    the format from it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}{path.suffix}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's data to disk. Directories cannot be opened for
+    fsync on every platform (Windows): there the rename alone has to do."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer to fill; when the block ends
+    without an error, put the file in place atomically (fsync, rename, fsync the directory).
+    On an error the temporary file is removed and ``path`` is left as it was. The temporary
+    file is created by the writer (with the usual permissions), not by this function."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = _sibling(path, "tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging directory next to ``path`` for a writer to fill; when the block
+    ends without an error, fsync what it wrote and rename the staging directory to ``path``,
+    replacing an existing one. Between the two renames of a replacement ``path`` is briefly
+    absent, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(path, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        for p in sorted(staging.rglob("*"), reverse=True):  # files before the directories holding them
+            _fsync(p)
+        _fsync(staging)
+        if path.exists():
+            old = _sibling(path, "old")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for what ``json`` cannot encode: numpy / torch scalars and arrays, sets; else ``str``."""
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # arrays
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    return str(obj)
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Any], default: Callable[[Any], Any] | None = json_default) -> Path:
+    """One JSON object per line. ``records`` may be a generator: if it raises, ``path`` keeps
+    its old content."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, default=default))
+            f.write("\n")
+    return Path(path)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Records of a JSONL file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -94,8 +94,8 @@ def _parser() -> tuple[Lark, list[Token]]:
     return parser, comments
 
 
-def _tok_span(tok: Token) -> Span:
-    return Span(tok.line, tok.column, tok.end_line, tok.end_column)
+def _tok_span(tok: Token, file: str) -> Span:
+    return Span(tok.line, tok.column, tok.end_line, tok.end_column, file)
 
 
 def _keyword_names() -> dict[str, str]:
@@ -125,10 +125,10 @@ def _describe_token(tok: Token) -> str:
     return f"`{text}`"
 
 
-def _syntax_diag(rep: Reporter, err: UnexpectedInput, text: str) -> None:
+def _syntax_diag(rep: Reporter, err: UnexpectedInput, text: str, file: str) -> None:
     if isinstance(err, UnexpectedCharacters):
         ch = err.char
-        span = Span.point(err.line, err.column)
+        span = Span.point(err.line, err.column, file)
         hint = None
         if ch == "'":
             hint = 'strings use double quotes: "..."'
@@ -140,18 +140,18 @@ def _syntax_diag(rep: Reporter, err: UnexpectedInput, text: str) -> None:
         tok = err.token
         if tok.type == "$END":
             line, col = _end_position(text)
-            rep.error(Span.point(line, col), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
+            rep.error(Span.point(line, col, file), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
             return
         hint = f"expected {_describe_expected(err.expected)}"
         if tok.type == "EQUAL" and "COLON" in err.expected:
             hint = "a param needs a type: `param name: float = 0.5`"
-        rep.error(_tok_span(tok), "syntax", f"unexpected {_describe_token(tok)}", hint)
+        rep.error(_tok_span(tok, file), "syntax", f"unexpected {_describe_token(tok)}", hint)
         return
     if isinstance(err, UnexpectedEOF):
         line, col = _end_position(text)
-        rep.error(Span.point(line, col), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
+        rep.error(Span.point(line, col, file), "syntax", "unexpected end of file", f"expected {_describe_expected(err.expected)}")
         return
-    rep.error(Span.point(getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1), "syntax", str(err).splitlines()[0])
+    rep.error(Span.point(getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1, file), "syntax", str(err).splitlines()[0])
 
 
 def _end_position(text: str) -> tuple[int, int]:
@@ -161,7 +161,7 @@ def _end_position(text: str) -> tuple[int, int]:
 
 def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
     """UTF-8 (a BOM is allowed); undecodable bytes are an error located at the first bad byte."""
-    rep = Reporter(file)
+    rep = Reporter()
     try:
         return data.decode("utf-8-sig"), []
     except UnicodeDecodeError as e:
@@ -169,7 +169,7 @@ def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
         line = good.count("\n") + 1
         col = len(good) - (good.rfind("\n") + 1) + 1
         rep.error(
-            Span.point(line, col),
+            Span.point(line, col, file),
             "encoding",
             f"file is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}",
             "save the spec as UTF-8 text",
@@ -179,7 +179,7 @@ def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
 
 def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[Diagnostic]]:
     """Parse `text`; returns the AST (None if there were syntax errors) and diagnostics."""
-    rep = Reporter(file)
+    rep = Reporter()
     parser, comments = _parser()
     comments.clear()
     _counter.depth = 0
@@ -188,7 +188,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
     def on_error(err: UnexpectedInput) -> bool:
         line = getattr(err, "line", 0) or 0
         if line > last_line[0]:  # one error per line: later ones on that line are usually echoes
-            _syntax_diag(rep, err, text)
+            _syntax_diag(rep, err, text, file)
             last_line[0] = line
         if isinstance(err, UnexpectedToken) and err.token.type == "$END":
             return False
@@ -198,7 +198,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
         tree = parser.parse(text, on_error=on_error)
     except _TooDeep as e:
         rep.error(
-            _tok_span(e.token),
+            _tok_span(e.token, file),
             "too-deep",
             f"brackets nested more than {MAX_DEPTH} levels deep",
             "flatten the expression; specs never need this much nesting",
@@ -206,15 +206,15 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
         return None, rep.items
     except UnexpectedInput as e:
         if not rep.items or (getattr(e, "line", 0) or 0) > last_line[0]:
-            _syntax_diag(rep, e, text)
+            _syntax_diag(rep, e, text, file)
         return None, rep.items
     if rep.items:
         return None, rep.items
-    builder = _Builder(rep)
+    builder = _Builder(rep, file)
     items = builder.transform(tree)
     ast_comments = tuple(A.Comment(c.line, c.column, str(c).rstrip()) for c in comments)
     end = text.split("\n")
-    span = Span(1, 1, len(end), len(end[-1]) + 1)
+    span = Span(1, 1, len(end), len(end[-1]) + 1, file)
     file_node = A.File(span, tuple(items), ast_comments)
     return (None if rep.has_errors else file_node), rep.items
 
@@ -230,16 +230,7 @@ def parse_expr(text: str) -> tuple[A.Expr | None, list[Diagnostic]]:
 # ---- tree → AST ----------------------------------------------------------------------
 
 
-def _span(meta) -> Span:
-    return Span(meta.line, meta.column, meta.end_line, meta.end_column)
-
-
-def _name(tok: Token) -> A.Name:
-    return A.Name(_tok_span(tok), str(tok))
-
-
-def _string(tok: Token) -> A.String:
-    raw = str(tok)
+def _string_value(raw: str) -> str:
     body = raw[1:-1]
     value = []
     i = 0
@@ -252,86 +243,99 @@ def _string(tok: Token) -> A.String:
         else:
             value.append(c)
             i += 1
-    return A.String(_tok_span(tok), "".join(value), raw)
+    return "".join(value)
 
 
 @v_args(meta=True)
 class _Builder(Transformer_NonRecursive):
     """Parse tree → AST. Numbers are range-checked here so nothing later sees inf/NaN."""
 
-    def __init__(self, rep: Reporter):
+    def __init__(self, rep: Reporter, file: str):
         super().__init__()
         self.rep = rep
+        self.file = file
+
+    def _span(self, meta) -> Span:
+        return Span(meta.line, meta.column, meta.end_line, meta.end_column, self.file)
+
+    def _tok(self, tok: Token) -> Span:
+        return _tok_span(tok, self.file)
+
+    def _name(self, tok: Token) -> A.Name:
+        return A.Name(self._tok(tok), str(tok))
+
+    def _string(self, tok: Token) -> A.String:
+        return A.String(self._tok(tok), _string_value(str(tok)), str(tok))
 
     def start(self, meta, items):
         return items
 
     # statements
     def experiment(self, meta, c):
-        return A.Experiment(_span(meta), _name(c[0]))
+        return A.Experiment(self._span(meta), self._name(c[0]))
 
     def param(self, meta, c):
-        return A.Param(_span(meta), _name(c[0]), _name(c[1]), c[2])
+        return A.Param(self._span(meta), self._name(c[0]), self._name(c[1]), c[2])
 
     def seed(self, meta, c):
-        return A.Seed(_span(meta), c[0])
+        return A.Seed(self._span(meta), c[0])
 
     def include(self, meta, c):
-        return A.Include(_span(meta), _string(c[0]))
+        return A.Include(self._span(meta), self._string(c[0]))
 
     def task(self, meta, c):
-        return A.Task(_span(meta), _name(c[0]), c[1])
+        return A.Task(self._span(meta), self._name(c[0]), c[1])
 
     def model(self, meta, c):
-        path = _string(c[1]) if c[1] is not None else None
-        return A.Model(_span(meta), _name(c[0]), path, c[2])
+        path = self._string(c[1]) if c[1] is not None else None
+        return A.Model(self._span(meta), self._name(c[0]), path, c[2])
 
     def roles(self, meta, c):
-        return A.Roles(_span(meta), c[0])
+        return A.Roles(self._span(meta), c[0])
 
     def stage(self, meta, c):
         name, kind, _from, parent, block = c
-        return A.Stage(_span(meta), _name(name), _name(kind), _name(parent) if parent is not None else None, block)
+        return A.Stage(self._span(meta), self._name(name), self._name(kind), self._name(parent) if parent is not None else None, block)
 
     def eval(self, meta, c):
-        return A.Eval(_span(meta), c[0])
+        return A.Eval(self._span(meta), c[0])
 
     def trainer(self, meta, c):
-        return A.Trainer(_span(meta), c[0])
+        return A.Trainer(self._span(meta), c[0])
 
     def grid(self, meta, c):
-        return A.Grid(_span(meta), _name(c[0]))
+        return A.Grid(self._span(meta), self._name(c[0]))
 
     def template(self, meta, c):
-        return A.Template(_span(meta), _string(c[0]))
+        return A.Template(self._span(meta), self._string(c[0]))
 
     def axis(self, meta, c):
-        return A.Axis(_span(meta), _name(c[0]), c[1])
+        return A.Axis(self._span(meta), self._name(c[0]), c[1])
 
     def zip(self, meta, c):
-        return A.Zip(_span(meta), c[0])
+        return A.Zip(self._span(meta), c[0])
 
     def seeds(self, meta, c):
-        return A.Seeds(_span(meta), c[0])
+        return A.Seeds(self._span(meta), c[0])
 
     def where(self, meta, c):
-        return A.Where(_span(meta), c[0])
+        return A.Where(self._span(meta), c[0])
 
     def report(self, meta, c):
-        return A.Report(_span(meta), c[0])
+        return A.Report(self._span(meta), c[0])
 
     def fix(self, meta, c):
-        return A.Fix(_span(meta), _name(c[0]), c[1])
+        return A.Fix(self._span(meta), self._name(c[0]), c[1])
 
     # blocks
     def block(self, meta, c):
-        return A.Block(_span(meta), tuple(c))
+        return A.Block(self._span(meta), tuple(c))
 
     def setting(self, meta, c):
-        return A.Setting(_span(meta), _name(c[0]), c[1])
+        return A.Setting(self._span(meta), self._name(c[0]), c[1])
 
     def subblock(self, meta, c):
-        return A.SubBlock(_span(meta), _name(c[0]), c[1])
+        return A.SubBlock(self._span(meta), self._name(c[0]), c[1])
 
     # expressions
     def _number_value(self, text: str, span: Span) -> int | float:
@@ -350,53 +354,53 @@ class _Builder(Transformer_NonRecursive):
 
     def number(self, meta, c):
         tok = c[0]
-        span = _tok_span(tok)
+        span = self._tok(tok)
         return A.Number(span, self._number_value(str(tok), span), str(tok))
 
     def dimension(self, meta, c):
         tok = c[0]
         text = str(tok)
         unit = "px" if text.endswith("px") else "%"
-        span = _tok_span(tok)
+        span = self._tok(tok)
         return A.Dimension(span, self._number_value(text[: -len(unit)], span), unit, text)
 
     def string(self, meta, c):
-        return _string(c[0])
+        return self._string(c[0])
 
     def true(self, meta, c):
-        return A.Bool(_tok_span(c[0]), True)
+        return A.Bool(self._tok(c[0]), True)
 
     def false(self, meta, c):
-        return A.Bool(_tok_span(c[0]), False)
+        return A.Bool(self._tok(c[0]), False)
 
     def none(self, meta, c):
-        return A.NoneLit(_tok_span(c[0]))
+        return A.NoneLit(self._tok(c[0]))
 
     def name(self, meta, c):
-        return _name(c[0])
+        return self._name(c[0])
 
     def call(self, meta, c):
         func, arglist = c
         args, kwargs = [], []
         for a in arglist or ():
             (kwargs if isinstance(a, A.Kwarg) else args).append(a)
-        return A.Call(_span(meta), _name(func), tuple(args), tuple(kwargs))
+        return A.Call(self._span(meta), self._name(func), tuple(args), tuple(kwargs))
 
     def arglist(self, meta, c):
         return c
 
     def kwarg(self, meta, c):
-        return A.Kwarg(_span(meta), _name(c[0]), c[1])
+        return A.Kwarg(self._span(meta), self._name(c[0]), c[1])
 
     def list(self, meta, c):
-        return A.ListExpr(_span(meta), tuple(x for x in c if x is not None))
+        return A.ListExpr(self._span(meta), tuple(x for x in c if x is not None))
 
     def range_expr(self, meta, c):
-        return A.Range(_span(meta), c[0], c[1])
+        return A.Range(self._span(meta), c[0], c[1])
 
     def _chain(self, cls, meta, c):
         rest = tuple((str(c[i]), c[i + 1]) for i in range(1, len(c), 2))
-        return cls(_span(meta), c[0], rest)
+        return cls(self._span(meta), c[0], rest)
 
     def sum(self, meta, c):
         return self._chain(A.Sum, meta, c)
@@ -406,16 +410,16 @@ class _Builder(Transformer_NonRecursive):
 
     def signed(self, meta, c):
         signs = "".join(str(t) for t in c[:-1])
-        return A.Signed(_span(meta), signs, c[-1])
+        return A.Signed(self._span(meta), signs, c[-1])
 
     def comparison(self, meta, c):
-        return A.Compare(_span(meta), c[0], str(c[1]), c[2])
+        return A.Compare(self._span(meta), c[0], str(c[1]), c[2])
 
     def and_test(self, meta, c):
-        return A.BoolOp(_span(meta), "and", tuple(c))
+        return A.BoolOp(self._span(meta), "and", tuple(c))
 
     def or_test(self, meta, c):
-        return A.BoolOp(_span(meta), "or", tuple(c))
+        return A.BoolOp(self._span(meta), "or", tuple(c))
 
     def not_(self, meta, c):
-        return A.Not(_span(meta), c[0])
+        return A.Not(self._span(meta), c[0])

@@ -1,4 +1,5 @@
-"""The three-way evaluation protocol (DESIGN §1) and its per-sample records.
+"""The study's three-way evaluation (end-to-end, perception, counterfactual reasoning) and its
+per-sample records.
 
 For every test item two generations are scored with the task's own verifier:
 
@@ -17,23 +18,23 @@ records (:func:`summarize_records`), so any figure in a report can be recomputed
 from, and traced back to, the records.
 
 Token caps: each generation is capped at ``ceil(1.3 * reference tokens) + 20``
-(DESIGN §7), measured against the task's reference response. Untrained models
-otherwise run to the global cap and dominate evaluation time.
+(DESIGN §7; ``cap_factor``, ``cap_margin``), measured against the task's reference
+response. Untrained models otherwise run to the global cap and dominate evaluation time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
+
+from percepdsl.catalogue import default
+from percepdsl.io import json_default
+from percepdsl.ir import EvalIR
 
 from .generation import Completion, GenConfig, GenerateFn, Prompt, generate, reference_cap
 
@@ -60,15 +61,32 @@ class EvalConfig:
     """How to evaluate.
 
     ``cap_factor``/``cap_margin`` set the per-item cap on new tokens from the
-    reference length (``None`` factor: no per-item cap, only ``gen.max_new_tokens``).
+    reference length, ``⌈cap_factor × reference tokens⌉ + cap_margin``, bounded by
+    ``max_cap`` when given (``None`` factor: every item gets ``gen.max_new_tokens``).
     ``counterfactual=False`` skips the a_r pass (halves the cost when only a and
-    a_p are wanted); ``reasoning`` is then ``None`` in the metrics.
+    a_p are wanted); ``reasoning`` is then ``None`` in the metrics. Defaults are the
+    catalogue's (``eval`` block); a run builds this from its IR (``from_ir``).
     """
 
     gen: GenConfig = field(default_factory=GenConfig)
     counterfactual: bool = True
-    cap_factor: float | None = 1.3
-    cap_margin: int = 20
+    cap_factor: float | None = default("block", "eval", "cap_factor")
+    cap_margin: int = default("block", "eval", "cap_margin")
+    max_cap: int | None = None
+
+    @classmethod
+    def from_ir(cls, ev: EvalIR) -> EvalConfig:
+        """The evaluation an ``eval`` block asks for: one cap for every item when it sets
+        ``max_new_tokens``, else per-item caps; a_r only when ``reasoning`` is a metric."""
+        gen = GenConfig(temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch, precision=ev.precision)
+        if ev.max_new_tokens is not None:
+            gen = replace(gen, max_new_tokens=ev.max_new_tokens)
+        return cls(
+            gen=gen,
+            counterfactual="reasoning" in ev.metrics,
+            cap_factor=None if ev.max_new_tokens is not None else ev.cap_factor,
+            cap_margin=ev.cap_margin,
+        )
 
 
 @dataclass
@@ -204,7 +222,8 @@ def count_text_tokens(encoder: Any, text: str) -> int:
 
 def _bounded_cap(n_reference: int, cfg: EvalConfig) -> int:
     assert cfg.cap_factor is not None
-    return min(cfg.gen.max_new_tokens, reference_cap(n_reference, cfg.cap_factor, cfg.cap_margin))
+    cap = reference_cap(n_reference, cfg.cap_factor, cfg.cap_margin)
+    return cap if cfg.max_cap is None else min(cfg.max_cap, cap)
 
 
 # ---------------------------------------------------------------------------
@@ -323,17 +342,7 @@ def safe_score(task: Any, instance: Any, text: str) -> tuple[dict[str, Any], str
 
 def _jsonable(obj: Any) -> Any:
     """Round-trip ``obj`` through JSON (tuples become lists, odd scalars strings)."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # arrays
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    return str(obj)
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 # ---------------------------------------------------------------------------
@@ -383,41 +392,6 @@ def sum_slot_errors(per_item: Iterable[Sequence[int]]) -> list[int]:
     return total
 
 
-# ---------------------------------------------------------------------------
-# eval.jsonl
-# ---------------------------------------------------------------------------
-
-
-def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write one JSON object per line to ``path`` atomically.
-
-    The file is written to a temporary sibling, flushed and fsynced, then moved
-    over ``path`` with ``os.replace``: a reader (or a crash) never sees half a file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False, default=_json_default))
-                fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return target
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Records of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 __all__ = [
     "METRIC_KEYS",
     "EvalConfig",
@@ -428,9 +402,7 @@ __all__ = [
     "evaluate",
     "extract_section",
     "join_prefix",
-    "read_jsonl",
     "safe_score",
     "sum_slot_errors",
     "summarize_records",
-    "write_jsonl_atomic",
 ]

@@ -3,9 +3,13 @@
 ``build_tiny`` makes a LLaVA-style model (small CLIP vision tower + small Llama) with
 random weights and a word-level tokenizer over the task vocabulary, saves it in Hugging
 Face format and loads it back through ``load_hf`` — so the tiny default exercises the
-same loading path as a real checkpoint (DESIGN §4). ``load_hf`` loads any local
+same loading path as a real checkpoint. ``load_hf`` loads any local
 checkpoint with ``AutoModelForImageTextToText`` + ``AutoProcessor``, optionally wrapping
 it in a PEFT LoRA adapter.
+
+A run builds its model through the catalogue's ``impl`` of the model kind, called as
+``impl(model: ModelIR, *, vocabulary, image, seed, save_dir) -> LoadedModel``: ``tiny_model``
+and ``hf_model`` here, or a plugin's function with the same signature.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from percepdsl.catalogue import default
+from percepdsl.io import atomic_dir
+from percepdsl.ir import LoraIR, ModelIR, TinyParams
 
 # Special tokens of the tiny word-level tokenizer; <image> is expanded by the processor
 # into one token per image patch.
@@ -76,24 +84,32 @@ class LoadedModel:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+def tiny_model(model: ModelIR, *, vocabulary: Sequence[str], image: int, seed: int, save_dir: Path) -> LoadedModel:
+    """The catalogue's `tiny` model kind (see the module doc for the signature)."""
+    return build_tiny(vocabulary, image=image, seed=seed, save_dir=save_dir, **model.params.model_dump())
+
+
+def hf_model(model: ModelIR, *, vocabulary: Sequence[str], image: int, seed: int, save_dir: Path) -> LoadedModel:
+    """The catalogue's `hf` model kind: the checkpoint at ``model.path``, with ``model.lora``."""
+    return load_hf(model.path, lora=model.lora, dtype=model.params.dtype)
+
+
 def build_tiny(
     vocab: Sequence[str],
     *,
-    width: int = 256,
-    depth: int = 4,
-    heads: int = 4,
-    vision_width: int = 128,
-    vision_depth: int = 2,
-    patch: int = 16,
-    image: int = 64,
+    image: int,
     seed: int = 0,
     save_dir: Path | None = None,
+    **sizes: int,
 ) -> LoadedModel:
     """Build the embedded tiny LLaVA (≈3M parameters at the defaults), save it, reload it.
 
-    ``vocab`` is the task vocabulary (space-separated words of queries and responses).
-    The model is written to ``save_dir`` (a fresh temporary directory if None) and
-    loaded back with ``load_hf``, so what trains is exactly what a later run reloads.
+    ``vocab`` is the task vocabulary (space-separated words of queries and responses);
+    ``image`` the task's image side; ``sizes`` some of ``percepdsl.ir.TinyParams``
+    (``width``, ``depth``, ``heads``, ``vision_width``, ``vision_depth``, ``patch``; the rest
+    are the catalogue's defaults). The model is written to ``save_dir`` (a fresh temporary
+    directory if None; an existing one is replaced whole, atomically) and loaded back with
+    ``load_hf``, so what trains is exactly what a later run reloads.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -106,6 +122,8 @@ def build_tiny(
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    p = TinyParams(**sizes)
+    width, depth, heads, vision_width, vision_depth, patch = p.width, p.depth, p.heads, p.vision_width, p.vision_depth, p.patch
     if image % patch:
         raise ValueError(f"image size {image} must be a multiple of the patch size {patch}")
     words = list(TINY_SPECIALS) + [w for w in dict.fromkeys(vocab) if w not in TINY_SPECIALS]
@@ -148,7 +166,7 @@ def build_tiny(
         ),
         text_config=LlamaConfig(
             hidden_size=width,
-            intermediate_size=2 * width,  # 2× (not Llama's 8/3×) gives the 3.05M model of DESIGN §7
+            intermediate_size=2 * width,  # 2× (not Llama's 8/3×): 3.05M parameters at the defaults
             num_hidden_layers=depth,
             num_attention_heads=heads,
             num_key_value_heads=heads,
@@ -176,10 +194,6 @@ def build_tiny(
     model.generation_config.eos_token_id = ids["<eos>"]
     if save_dir is None:
         save_dir = Path(tempfile.mkdtemp(prefix="percep-tiny-"))
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(save_dir)
-    processor.save_pretrained(save_dir)
     build = dict(
         width=width,
         depth=depth,
@@ -191,23 +205,26 @@ def build_tiny(
         seed=seed,
         attn_implementation=TINY_ATTENTION,
     )
-    (save_dir / TINY_MARKER).write_text(json.dumps(build, indent=2))
+    with atomic_dir(save_dir) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / TINY_MARKER).write_text(json.dumps(build, indent=2))
     return load_hf(save_dir)
 
 
 def load_hf(
     path: str | Path,
     *,
-    lora: dict | None = None,
-    dtype: str = "float32",
+    lora: LoraIR | None = None,
+    dtype: str = default("model", "hf", "dtype"),
     vocab: Sequence[str] | None = None,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a local image-text-to-text checkpoint (+ optional LoRA).
 
-    ``lora`` keys: ``r`` (8), ``alpha`` (2r), ``dropout`` (0.0), ``target_modules``
-    (default ``"all-linear"``: every linear layer but the output head, vision tower
-    included — perception is what the study trains, so the vision side must be able to move).
+    ``lora``: the typed LoRA settings (``LoraIR``, the catalogue's defaults: ``target_modules
+    = "all-linear"`` is every linear layer but the output head, vision tower included —
+    perception is what the study trains, so the vision side must be able to move).
     ``vocab``: if given, raise ``ModelLoadError`` when the tokenizer cannot encode a word.
     ``attn_implementation``: passed to transformers (default: its choice; eager for tiny).
     """
@@ -265,19 +282,10 @@ def load_hf(
     return loaded
 
 
-def _with_lora(model: Any, lora: dict) -> Any:
+def _with_lora(model: Any, lora: LoraIR) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
-    if unknown:
-        raise ModelLoadError(f"unknown LoRA option(s) {sorted(unknown)}; expected r, alpha, dropout, target_modules")
-    r = int(lora.get("r", 8))
-    config = LoraConfig(
-        r=r,
-        lora_alpha=float(lora.get("alpha", 2 * r)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=lora.get("target_modules") or "all-linear",
-    )
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

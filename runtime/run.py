@@ -32,8 +32,8 @@ from typing import Any
 
 import lightning as L
 
-from percepdsl.io import write_json_atomic, write_text_atomic
-from percepdsl.ir import ExperimentIR, StageIR, content_hash
+from percepdsl.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
 
 RESUME_EVERY = int(
     os.environ.get("PERCEP_RESUME_EVERY", 50)
@@ -88,7 +88,7 @@ def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
 
 def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Context:
     from .encoding import Encoder, EncodingError
-    from .models import ModelLoadError, build_tiny, check_vocabulary, load_hf
+    from .models import check_vocabulary
     from .plugins import ImplError, build_task
     from .sft import save_checkpoint_safetensors
 
@@ -97,26 +97,7 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     vocab = task.vocabulary()
-    try:
-        if ir.model.kind == "tiny":
-            p = ir.model.params
-            loaded = build_tiny(
-                vocab,
-                width=p["width"],
-                depth=p["depth"],
-                heads=p["heads"],
-                vision_width=p["vision_width"],
-                vision_depth=p["vision_depth"],
-                patch=p["patch"],
-                image=ir.task.params["image"],
-                seed=ir.seed,
-                save_dir=run_dir / "model_init",
-            )
-        else:
-            lora = ir.model.lora.model_dump() if ir.model.lora else None
-            loaded = load_hf(ir.model.path, lora=lora, dtype=ir.model.params.get("dtype", "float32"))
-    except ModelLoadError as exc:
-        raise RunRefused(str(exc)) from exc
+    loaded = build_model(ir, task, run_dir)
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
@@ -125,7 +106,7 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
             f"`{ir.task.name}` vocabulary: {shown}"
         )
     try:
-        encoder = Encoder(loaded, [r.model_dump() for r in ir.roles], max_length=_max_length(ir))
+        encoder = Encoder(loaded, ir.roles, max_length=_max_length(ir))
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     token_share = _preflight_roles(ir, task, encoder)
@@ -139,8 +120,36 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share)
 
 
+def build_model(ir: ExperimentIR, task: Any, run_dir: Path) -> Any:
+    """The model through its kind's catalogue `impl` (built-in or plugin), called as
+    `impl(model_ir, vocabulary=, image=, seed=, save_dir=) -> LoadedModel`; `image` is the
+    side of the task's images. Any failure is a refusal that names the model kind."""
+    from .models import LoadedModel, ModelLoadError
+    from .plugins import ImplError, resolve
+
+    kind = ir.model.kind
+    if not ir.model.impl:
+        raise RunRefused(f"model kind `{kind}` has no implementation (`impl`) in its catalogue entry")
+    try:
+        impl = resolve(ir.model.impl)
+        loaded = impl(
+            ir.model,
+            vocabulary=task.vocabulary(),
+            image=task.sample("train", 0).image.size[0],
+            seed=ir.seed,
+            save_dir=run_dir / "model_init",
+        )
+    except (ImplError, ModelLoadError) as exc:
+        raise RunRefused(str(exc)) from exc
+    except Exception as exc:  # a plugin's builder failing is bad input to this run, not a crash
+        raise RunRefused(f"model `{kind}` ({ir.model.impl}) failed to build: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(loaded, LoadedModel):
+        raise RunRefused(f"model `{kind}` ({ir.model.impl}) returned {type(loaded).__name__}, not a LoadedModel")
+    return loaded
+
+
 def _max_length(ir: ExperimentIR) -> int | None:
-    lengths = [s.settings.get("max_length") for s in ir.stages if s.settings.get("max_length")]
+    lengths = [s.max_length for s in ir.stages if isinstance(s, SFTStageIR) and s.max_length]
     return max(lengths) if lengths else None
 
 
@@ -169,16 +178,15 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, flo
 # ---- 2. stages --------------------------------------------------------------------------------------
 
 
-def stage_dir(ctx: Context, stage: StageIR) -> Path:
+def stage_dir(ctx: Context, stage: Stage) -> Path:
     return ctx.run_dir / "stages" / stage.name
 
 
-def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
+def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     """Train one stage (resuming if it was interrupted) and evaluate it; returns its record."""
     import torch
 
     from .evaluate import EvalConfig
-    from .generation import GenConfig
     from .sft import build_trainer, load_checkpoint_safetensors, save_checkpoint_safetensors
 
     sdir = stage_dir(ctx, stage)
@@ -186,22 +194,17 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model.safetensors" if stage.parent else ctx.init_weights
     load_checkpoint_safetensors(ctx.loaded.model, parent)
 
-    module, datamodule = _build_stage(ctx, stage)
+    module, datamodule = build_stage(ctx, stage)
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
-    every = stage.settings.get("eval_every") or ev.every
-    eval_cfg = EvalConfig(
-        gen=GenConfig(max_new_tokens=ev.max_new_tokens or 512, temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch),
-        counterfactual="reasoning" in ev.metrics,
-        cap_factor=None if ev.max_new_tokens else 1.3,
-    )
-    evaluator = StageEval(ctx, stage, eval_cfg, every)
+    every = stage.eval_every or ev.every
+    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every)
     if tr.threads:
         torch.set_num_threads(tr.threads)
     attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
     try:
         trainer = build_trainer(
-            stage.settings["steps"],
+            stage.steps,
             objective=getattr(module, "objective", None),
             precision=tr.precision,
             accelerator=tr.accelerator,
@@ -232,7 +235,7 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
     train_seconds = time.perf_counter() - start
-    save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.settings["steps"]})
+    save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.steps})
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
     diagnostics = evaluator.history[-1]["diagnostics"]
     record = {
@@ -249,33 +252,16 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     return record
 
 
-def _build_stage(ctx: Context, stage: StageIR):
-    from .losses import Objective
+def build_stage(ctx: Context, stage: Stage):
+    """The Lightning module and data module of a stage, from its typed IR as it is."""
     from .sft import SFTDataModule, SFTModule
 
-    s = stage.settings
     if stage.kind == "grpo":
         from .grpo import build_grpo
 
         return build_grpo(ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip)
-    lr = s["lr"]
-    schedule = lr.model_dump() if hasattr(lr, "model_dump") else 1.0
-    base_lr = lr.start if hasattr(lr, "model_dump") else float(lr)
-    if hasattr(lr, "model_dump"):  # the schedule is a multiplier of the base lr
-        schedule = {**schedule, "start": 1.0, "end": (lr.end / lr.start if lr.end is not None and lr.start else lr.end)}
-    objective = Objective(stage.loss.model_dump(mode="json"), ctx.encoder.role_names)
-    module = SFTModule(
-        ctx.loaded,
-        objective,
-        {
-            "lr": base_lr,
-            "schedule": schedule,
-            "weight_decay": s["weight_decay"],
-            "grad_clip": ctx.ir.trainer.clip,
-            "total_steps": s["steps"],
-        },
-    )
-    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed, bucket=s["batching"] == "length")
+    module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip)
+    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length")
     return module, datamodule
 
 
@@ -303,29 +289,25 @@ def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any) -> dict[str, 
 class StageEval(L.Callback):
     """Three-way evaluation every N steps and at the stage end."""
 
-    def __init__(self, ctx: Context, stage: StageIR, cfg: Any, every: int | None):
+    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
         self.history: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every and step % self.every == 0 and 0 < step < self.stage.settings["steps"]:
+        if self.every and step % self.every == 0 and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
             pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
 
     def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any]:
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
         and cosines) at the same point; both go into the stage's history."""
-        from .evaluate import evaluate, write_jsonl_atomic
+        from .evaluate import evaluate
+        from .generation import eval_mode
 
         ctx, ev = self.ctx, self.ctx.ir.eval
-        model = ctx.loaded.model
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(ctx.loaded.model):
             res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
-        finally:
-            model.train(was_training)
         tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
@@ -360,9 +342,13 @@ class ResumeCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
-            tmp = self.path.with_suffix(".tmp")
-            trainer.save_checkpoint(str(tmp))
-            os.replace(tmp, self.path)
+            # Every rank calls save_checkpoint (it synchronises them); only global rank 0 writes the
+            # file, so only rank 0 renames it into place.
+            if trainer.is_global_zero:
+                with atomic_path(self.path) as tmp:
+                    trainer.save_checkpoint(str(tmp))
+            else:
+                trainer.save_checkpoint(str(self.path))
 
 
 # ---- 3. report ---------------------------------------------------------------------------------------
@@ -413,11 +399,10 @@ def write_metrics_csv(ctx: Context) -> None:
                 for row in csv.DictReader(f):
                     rows[(st.name, row.get("step", ""))] = {"stage": st.name, **row}
                     keys += [k for k in row if k not in keys]
-    with (ctx.run_dir / "metrics.csv.tmp").open("w", newline="") as f:
+    with atomic_path(ctx.run_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows.values())
-    os.replace(ctx.run_dir / "metrics.csv.tmp", ctx.run_dir / "metrics.csv")
 
 
 def merge_eval_jsonl(ctx: Context) -> None:
@@ -442,7 +427,7 @@ def write_plots(ctx: Context) -> None:
             ys = [h[key] for h in hist if h.get(key) is not None]
             if xs:
                 ax.plot(xs, ys, style, label=f"{key} ({st.name})", markersize=4)
-        offset += st.settings["steps"]
+        offset += st.steps
         ax.axvline(offset, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("step (stages concatenated)")
     ax.set_ylabel("accuracy")
@@ -450,10 +435,9 @@ def write_plots(ctx: Context) -> None:
     ax.set_title(f"{ctx.ir.name}: a, a_p, a_r over training")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = ctx.run_dir / "curves.png"
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    with atomic_path(ctx.run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
 
 
 def write_reward_plot(ctx: Context) -> None:
@@ -472,7 +456,7 @@ def write_reward_plot(ctx: Context) -> None:
         rows = [r for r in csv.DictReader(f) if r["stage"] in grpo]
     offsets, offset = {}, 0
     for st in ctx.ir.stages:
-        offsets[st.name], offset = offset, offset + st.settings["steps"]
+        offsets[st.name], offset = offset, offset + st.steps
     cols = list(rows[0]) if rows else []
     panels = (
         ("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
@@ -489,10 +473,9 @@ def write_reward_plot(ctx: Context) -> None:
         ax.legend(fontsize=6)
     fig.suptitle(f"{ctx.ir.name}: GRPO rewards and reward coupling")
     fig.tight_layout()
-    path = ctx.run_dir / "rewards.png"
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    with atomic_path(ctx.run_dir / "rewards.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
 
 
 def write_report(ctx: Context, summary: dict[str, Any]) -> None:
@@ -547,7 +530,7 @@ def run(
             records[stage.name] = json.loads(done.read_text())
             echo(f"stage {stage.name}: done (resumed)")
             continue
-        echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.settings['steps']} steps")
+        echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps")
         records[stage.name] = run_stage(ctx, stage, progress)
     summary = summarize(ctx, records)
     write_metrics_csv(ctx)

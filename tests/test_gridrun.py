@@ -20,8 +20,7 @@ import pytest
 
 from percepdsl.check import check_file
 from percepdsl.ir import content_hash
-from percepdsl_runtime import gridrun
-from percepdsl_runtime.gridrun import (
+from percepdsl_runtime.grid import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -32,6 +31,8 @@ from percepdsl_runtime.gridrun import (
     plan_grid,
     report_command,
 )
+from percepdsl_runtime.grid.results import table_csv, table_markdown
+from percepdsl_runtime.grid.state import GridLock
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "specs" / "grids" / "smoke.pd"
@@ -67,7 +68,7 @@ def start_driver(out: Path, ignore_sigint: bool = False, **kw) -> subprocess.Pop
     `ignore_sigint`: started as a shell starts a background job (SIGINT ignored)."""
     args = ", ".join(f"{k}={v!r}" for k, v in {"out": str(out), "launcher": FAKE, **kw}.items())
     code = (
-        "import sys; from pathlib import Path; from percepdsl_runtime.gridrun import grid_command; "
+        "import sys; from pathlib import Path; from percepdsl_runtime.grid import grid_command; "
         f"kw = dict({args}); kw['out'] = Path(kw['out']); sys.exit(grid_command(Path({str(SMOKE)!r}), **kw))"
     )
     if ignore_sigint:
@@ -246,7 +247,7 @@ def test_failed_cells_are_recorded_do_not_stop_others_and_are_retried(tmp_path, 
 
 def test_a_grid_directory_is_run_by_one_grid_at_a_time(tmp_path):
     out = tmp_path / "g"
-    with gridrun.GridLock(out):
+    with GridLock(out):
         rc, _, err = run_grid(out)
         assert rc == EXIT_USAGE and "in use by another `percep grid` (pid" in err
         assert run_grid(out, dry_run=True)[0] == EXIT_OK  # looking is always allowed
@@ -348,10 +349,10 @@ def test_aggregate_means_stds_deltas_diagnostics_and_failures():
     assert math.isclose(e2e.mean, 0.5) and math.isclose(e2e.std, math.sqrt(0.02)) and e2e.n == 2
     assert math.isclose(high.values["delta_perception"].mean, 0.7)
     assert math.isclose(high.values["diag.reward_reasoning_corr"].mean, 0.6)
-    md = gridrun.table_markdown(t)
+    md = table_markdown(t)
     assert "| 0.0 | 1 | 1 | 0.300 |" in md and "0.500 ± 0.141" in md and "Δperception (base→post)" in md
     assert "Same in every row: `steps = 10`" in md and "—" in md
-    csv_text = gridrun.table_csv(t)
+    csv_text = table_csv(t)
     assert csv_text.splitlines()[0].startswith("lam,n_seeds,seeds,n_failed,end_to_end_mean,end_to_end_std,")
     assert csv_text.splitlines()[2].startswith("0.5,2,1;2,0,0.5,0.141421,")
 

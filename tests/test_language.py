@@ -231,6 +231,8 @@ def test_compile_json_and_schema() -> None:
     assert [t["weight"] for t in post["loss"]["terms"]] == [0.25, 0.75]
     schema = json.loads(run_cli("schema").stdout)
     assert "ExperimentIR" in schema["$defs"]
+    proc = run_cli("compile", "specs/gc_grpo_surrogate.pd")  # the summary names each stage's loss or reward
+    assert proc.returncode == 0 and b"rl = grpo from warm: 200 steps, reward self_consistency" in proc.stdout, proc.stderr.decode()
 
 
 def test_compile_refuses_errors_with_exit_2(tmp_path: Path) -> None:
@@ -306,5 +308,5 @@ def test_schedules_fold_into_the_ir(monkeypatch) -> None:
     terms = ir.stage("post").loss.terms
     assert (terms[0].weight.kind, terms[0].weight.start, terms[0].weight.end) == ("linear", 0.1, 0.5)
     assert (terms[1].weight.start, terms[1].weight.end) == pytest.approx((0.9, 0.5))
-    lr = ir.stage("base").settings["lr"]
+    lr = ir.stage("base").lr
     assert lr.kind == "cosine" and lr.warmup == 100

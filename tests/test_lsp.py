@@ -174,7 +174,7 @@ def test_hover(project_dir: Path) -> None:
     assert "stage base = sft" in h and "initial model" in h and "the base stage teaches the format" in h
     assert "optimizer steps" in _hover(p, MAIN, "steps = 400")
     assert "**cosine** — schedule" in _hover(p, MAIN, "cosine")
-    assert "linear warmup steps" in _hover(p, MAIN, "warmup = 50")
+    assert "linear ramp from 0" in _hover(p, MAIN, "warmup = 50")
     assert "**perception_match** — reward" in _hover(p, MAIN, "perception_match")
     assert "**perception** — metric" in _hover(p, MAIN, "perception, reasoning]")
     assert "**graph_coloring** — task" in _hover(p, MAIN, "graph_coloring")
@@ -521,7 +521,8 @@ def test_textmate_grammar_is_valid_and_knows_the_catalogue() -> None:
         return {e.name for e in BUILTINS if e.kind in kinds and pred(e)}
 
     assert listed("builtin-functions") == names(("loss", "schedule", "role_rule")) | names(("reward",), lambda e: bool(e.params))
-    assert listed("builtin-constants") == names(("reward",), lambda e: not e.params) | names(("metric",))
+    # a reward term whose parameters all have defaults is written bare or called: in both lists
+    assert listed("builtin-constants") == names(("reward",), lambda e: not any(p.required for p in e.params)) | names(("metric",))
     assert listed("builtin-types") == names(("task", "model")) | {"sft", "grpo"}
     statements = re.findall(r"[a-z]+", " ".join(p["match"] for p in grammar["repository"]["statements"]["patterns"]))
     assert S.STATEMENT_KEYWORDS <= set(statements)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from percepdsl.ir import LoraIR
 from percepdsl_runtime.encoding import Encoder, collate
 from percepdsl_runtime.models import ModelLoadError, build_tiny, check_vocabulary, load_hf
 from percepdsl_runtime.sft import role_losses
@@ -22,9 +24,9 @@ RULES = [
 
 # ------------------------------------------------------------------ tiny model
 def test_tiny_default_size_and_reload(task, tmp_path) -> None:
-    loaded = build_tiny(task.vocabulary(), save_dir=tmp_path)
+    loaded = build_tiny(task.vocabulary(), image=task.params.image, save_dir=tmp_path)
     assert loaded.kind == "tiny" and loaded.path == tmp_path
-    assert 2.8e6 < loaded.num_parameters() < 3.5e6  # DESIGN §7: ≈3M
+    assert 2.8e6 < loaded.num_parameters() < 3.5e6  # ≈3M parameters at the defaults
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
     again = load_hf(tmp_path)  # a reload is the same tiny model
     assert again.kind == "tiny"
@@ -123,8 +125,8 @@ def test_load_errors(tmp_path, tiny, task) -> None:
     with pytest.raises(ModelLoadError, match="cannot encode"):
         load_hf(tiny.path, vocab=task.vocabulary() + ["never-seen-word"])
     assert check_vocabulary(tiny, ["c1", "zebra"]) == ["zebra"]
-    with pytest.raises(ModelLoadError, match="unknown LoRA option"):
-        load_hf(tiny.path, lora={"rank": 4})
+    with pytest.raises(ValidationError, match="rank"):  # LoRA settings are typed: a wrong name cannot reach the loader
+        LoraIR(rank=4)
 
 
 # ------------------------------------------------------------------ real architectures
@@ -236,7 +238,7 @@ def make_gemma3(path: Path, task) -> Path:
 @pytest.mark.parametrize("make", [make_idefics3, make_gemma3], ids=["idefics3", "gemma3"])
 def test_real_architecture_with_lora(make, task, tmp_path) -> None:
     path = make(tmp_path / "ckpt", task)
-    loaded = load_hf(path, lora={"r": 4, "alpha": 8, "dropout": 0.0}, vocab=task.vocabulary())
+    loaded = load_hf(path, lora=LoraIR(r=4, alpha=8, dropout=0.0), vocab=task.vocabulary())
     assert loaded.kind == "hf" and hasattr(loaded.model, "peft_config")
     trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -74,6 +74,31 @@ def test_a_finished_run_is_not_redone(smoke_run: Path) -> None:
     assert proc.returncode == 0 and "already complete" in proc.stderr
 
 
+def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -> None:
+    """A stage counts as done only through its done.json, which is written after its weights:
+    a run killed while it saved a stage's weights (here: the file cut in half, as a writer
+    without atomic writes would leave it) redoes that stage on --resume."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    for st in ("base", "fixed", "balanced"):
+        sdir = smoke_run / "stages" / st
+        assert (sdir / "done.json").stat().st_mtime_ns >= (sdir / "model.safetensors").stat().st_mtime_ns
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").unlink()
+    weights = copy / "stages" / "balanced" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage base: done (resumed)" in proc.stderr and "stage balanced (" in proc.stderr
+    assert "stage fixed: done (resumed)" in proc.stderr
+    want, got = load_file(smoke_run / "stages" / "balanced" / "model.safetensors"), load_file(weights)
+    assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
+
+
 def test_missing_model_path_is_refused(tmp_path: Path) -> None:
     spec = tmp_path / "hf.pd"
     spec.write_text(

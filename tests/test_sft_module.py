@@ -3,12 +3,14 @@ diagnostics and safetensors checkpoints, on a small tiny VLM and the real task."
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
 
+from percepdsl.ir import LoraIR, SFTStageIR
 from percepdsl_runtime.encoding import Encoder
-from percepdsl_runtime.losses import Objective
 from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.sft import (
     LengthBucketSampler,
@@ -54,9 +56,9 @@ def _trainer(steps: int, **kw) -> L.Trainer:
     )
 
 
-def _fresh_module(tiny, encoder, spec, **cfg) -> SFTModule:
+def _fresh_module(tiny, encoder, loss, steps: int = 20, lr=3e-3, **kw) -> SFTModule:
     loaded = load_hf(tiny.path)  # fresh weights for every training test
-    return SFTModule(loaded, Objective(spec, encoder.role_names), {"lr": 3e-3, **cfg})
+    return SFTModule(loaded, SFTStageIR(name="t", steps=steps, lr=lr, loss=loss), encoder.role_names, **kw)
 
 
 # ------------------------------------------------------------------ data
@@ -88,8 +90,8 @@ def test_loader_batches(datamodule) -> None:
 
 # ------------------------------------------------------------------ training
 def test_token_mean_trains_and_logs(tiny, encoder, datamodule) -> None:
-    sched = {"kind": "cosine", "start": 1.0, "end": 0.0, "warmup": 2}
-    module = _fresh_module(tiny, encoder, {"kind": "token_mean"}, schedule=sched, grad_clip=1.0)
+    sched = {"kind": "cosine", "start": 3e-3, "end": 0.0, "warmup": 2}
+    module = _fresh_module(tiny, encoder, {"kind": "token_mean"}, lr=sched, grad_clip=1.0)
     history: list[dict[str, float]] = []
 
     class Keep(L.Callback):
@@ -119,7 +121,7 @@ def _trainer_metric(module: SFTModule, key: str) -> float:
 
 @pytest.mark.parametrize("auto_lr", [False, True])
 def test_ngdiff_manual_optimisation(tiny, encoder, datamodule, auto_lr: bool) -> None:
-    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": auto_lr}, grad_clip=5.0, auto_lr_every=2)
+    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": auto_lr, "auto_lr_every": 2}, grad_clip=5.0)
     before = [p.detach().clone() for p in module.model.parameters()]
     _trainer(4).fit(module, datamodule=datamodule)
     m = module.trainer.callback_metrics
@@ -185,25 +187,25 @@ def test_safetensors_roundtrip_full_and_lora(tiny, tmp_path) -> None:
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, ref[k]), k
 
-    lora = load_hf(tiny.path, lora={"r": 2})
+    lora = load_hf(tiny.path, lora=LoraIR(r=2))
     with torch.no_grad():
         for n, p in lora.model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
     p2 = save_checkpoint_safetensors(lora.model, tmp_path / "adapter.safetensors")
     assert p2.stat().st_size < path.stat().st_size / 5  # the adapter only
-    fresh = load_hf(tiny.path, lora={"r": 2})
+    fresh = load_hf(tiny.path, lora=LoraIR(r=2))
     load_checkpoint_safetensors(fresh.model, p2)
     for (n, a), (_, b) in zip(lora.model.named_parameters(), fresh.model.named_parameters()):
         assert torch.equal(a, b), n
 
 
 def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> None:
-    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True}, auto_lr_every=1)
+    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True, "auto_lr_every": 1})
     trainer = _trainer(2)
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(tmp_path / "resume.ckpt")
-    again = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True}, auto_lr_every=100)
+    again = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True, "auto_lr_every": 100})
     again.on_load_checkpoint(torch.load(tmp_path / "resume.ckpt", weights_only=False))
     assert again.lr_scale == pytest.approx(module.lr_scale) and again.objective._norms == module.objective._norms
 
@@ -229,7 +231,7 @@ import sys, torch, lightning as L
 torch.set_num_threads(1)
 from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.encoding import Encoder
-from percepdsl_runtime.losses import Objective
+from percepdsl.ir import SFTStageIR
 from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 from percepdsl_runtime.tasks import build_task
 RULES = {rules!r}
@@ -237,8 +239,9 @@ if __name__ == "__main__":
     task = build_task("graph_coloring", {}, seed=0)
     loaded = load_hf(sys.argv[1])
     enc = Encoder(loaded, RULES)
-    spec = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": True}
-    module = SFTModule(loaded, Objective(spec, enc.role_names), {"lr": 1e-3, "grad_clip": 1.0, "auto_lr_every": 1})
+    loss = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": True, "auto_lr_every": 1}
+    stage = SFTStageIR(name="t", steps=3, lr=1e-3, loss=loss)
+    module = SFTModule(loaded, stage, enc.role_names, grad_clip=1.0)
     trainer = build_trainer(3, objective=module.objective, accelerator="cpu", devices=2, strategy="ddp")
     trainer.fit(module, datamodule=SFTDataModule(task, enc, batch_size=4, seed=0, n_items=32))
     total = float(sum(p.detach().double().sum() for p in module.model.parameters()))
@@ -255,6 +258,7 @@ def test_ngdiff_under_ddp_keeps_ranks_in_sync(tiny, tmp_path) -> None:
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     out = subprocess.run([sys.executable, str(script), str(tiny.path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    lines = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RANK"))
+    # the ranks share one stdout pipe, so one rank's line can land inside the other's: match records, not lines
+    lines = sorted(m.split()[1:] for m in re.findall(r"RANK \d+ \d+ \S+e[+-]\d+ \S+e[+-]\d+", out.stdout))
     assert len(lines) == 2, out.stderr[-2000:]
     assert lines[0][1:] == lines[1][1:] and lines[0][1] == "3"

@@ -1,21 +1,21 @@
 """Materialise a task: a Hugging Face ``DatasetDict`` on disk, and a PNG contact sheet to eyeball.
 
-Both writers are atomic: they write next to the destination and rename into place, so a reader
-never sees a half-written data set or image.
+Both writers are atomic (``percepdsl.io``): they write next to the destination and rename into
+place, so a reader never sees a half-written data set or image.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFont
+
+from percepdsl.io import atomic_dir, atomic_path
 
 from .base import SPLITS, Task
 
@@ -56,21 +56,8 @@ def write_dataset(task: Task, out_dir: str | os.PathLike[str], splits: Mapping[s
     out = Path(out_dir).resolve()
     counts = dict(splits) if splits is not None else {s: task.size(s) for s in SPLITS}
     data = DatasetDict({split: build_split(task, split, n) for split, n in counts.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the data set is for every reader
+    with atomic_dir(out) as staging:
         data.save_to_disk(str(staging))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out
 
 
@@ -111,14 +98,6 @@ def contact_sheet(task: Task, path: str | os.PathLike[str], n: int = 8, split: s
             draw.text((x + 4, y + big.height + 6 + j * line_h), line, fill="black", font=font)
         draw.rectangle([x, y, x + tile_w - 1, y + tile_h - 1], outline=(200, 200, 200))
     out = Path(path).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out

@@ -19,11 +19,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from percepdsl.grid import literal  # noqa: E402
+from percepdsl.io import atomic_path  # noqa: E402
 
-from .gridrun import sort_value  # noqa: E402
+from .results import sort_value  # noqa: E402
 
 if TYPE_CHECKING:
-    from .gridrun import ResultsTable, Row, Stat
+    from .results import ResultsTable, Row, Stat
 
 
 def _is_number(v: Any) -> bool:
@@ -84,7 +85,8 @@ def plot_tradeoff(table: ResultsTable, path: Path) -> Path | None:
     if any(groups):
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path
 
@@ -110,7 +112,8 @@ def plot_metrics_vs_axis(table: ResultsTable, axis: str, path: Path) -> Path | N
             ax.legend(fontsize=7)
     fig.suptitle(f"{table.grid}: metrics against {axis} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path
 

@@ -1,0 +1,248 @@
+"""Grid files (see `percepdsl.grid`): checked into a `GridIR`.
+
+Checking resolves the template, verifies every axis names one of its params with
+values of the param's type, and compiles every cell so that a cell that would fail
+(a weight out of range for one λ) is reported before anything runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import nodes as A
+from ..catalogue import ParamSpec
+from ..diagnostics import Related, Span, did_you_mean, relpath
+from ..grid import MAX_CELL_CHECKS, MAX_CELLS, Cell, expand
+from ..ir import AxisIR, ExperimentIR, GridIR
+from .checker import Checker
+from .spec import SEED, check_spec_file
+from .values import List, Num, Range
+
+GRID_STATEMENTS = (A.Grid, A.Template, A.Axis, A.Zip, A.Seeds, A.Where, A.Report, A.Fix)
+
+
+def check_grid(ck: Checker) -> GridIR | None:
+    g = ck.group(ck.loaded.items, (A.Grid, A.Template, A.Seeds, A.Where, A.Report), GRID_STATEMENTS, "a grid file")
+    if A.Grid not in g:
+        ck.error(ck.at_file(), "missing-block", "the grid file has no `grid` header", "start it with `grid my_sweep`")
+    if A.Template not in g:
+        ck.error(ck.at_file(), "missing-block", "the grid file names no template spec", 'add `template "spec.pd"`')
+        return None
+    tmpl = g[A.Template][0]
+    base = ck.loaded.path.parent if ck.loaded.path is not None else Path.cwd()
+    tpath = (base / tmpl.path.value).resolve()
+    if not tpath.is_file():
+        near = [p.name for p in tpath.parent.glob("*.pd")] if tpath.parent.is_dir() else []
+        guess = did_you_mean(tpath.name, near)
+        ck.error(
+            tmpl.path.span,
+            "missing-file",
+            f"template spec `{tmpl.path.value}` does not exist",
+            f"did you mean `{guess}`?" if guess else "the path is relative to the grid file",
+        )
+        return None
+    tres = check_spec_file(tpath, catalogue=ck.cat)
+    if not tres.ok:
+        n = sum(d.is_error for d in tres.diagnostics)
+        ck.error(
+            tmpl.path.span,
+            "template-error",
+            f"template spec `{tmpl.path.value}` has {n} error{'s' if n > 1 else ''}",
+            f"run `percep check {relpath(tpath)}`",
+        )
+        ck.diags.extend(d for d in tres.diagnostics if d.is_error)
+        return None
+    tir: ExperimentIR = tres.ir
+    tparams = {name: _param_type(v) for name, v in tir.params.items()}
+
+    used: dict[str, Span] = {}
+
+    def claim(name: A.Name) -> str | None:
+        if name.id == "seed":
+            ck.error(name.span, "seed-axis", "seeds are swept with `seeds [...]`, not as a param", "write `seeds [1, 2, 3]`")
+            return None
+        if name.id not in tparams:
+            guess = did_you_mean(name.id, tparams)
+            ck.error(
+                name.span,
+                "unknown-axis-param",
+                f"the template has no param `{name.id}`",
+                f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tparams) or 'none'}",
+                [Related.at(Span.point(file=relpath(tpath)), "template spec")],
+            )
+            return None
+        if name.id in used:
+            ck.error(
+                name.span,
+                "duplicate",
+                f"param `{name.id}` is swept or fixed twice",
+                "give each param one axis",
+                [Related.at(used[name.id], "first here")],
+            )
+            return None
+        used[name.id] = name.span
+        return name.id
+
+    def values_of(expr: A.Expr, pname: str) -> list | None:
+        v = ck.eval(expr, "value")
+        if v is None:
+            return None
+        if isinstance(v, Range):
+            items = [Num(v.span, x) for x in range(v.lo, v.hi + 1)]
+        elif isinstance(v, List):
+            items = list(v.items)
+        else:
+            ck.error(
+                expr.span,
+                "type",
+                f"axis `{pname}` needs a list of values or a range, got {v.describe()}",
+                "e.g. `[0.1, 0.25, 0.5]` or `1..4`",
+            )
+            return None
+        if not items:
+            ck.error(expr.span, "type", f"axis `{pname}` has no values", None)
+            return None
+        out = [ck.coerce(it, ParamSpec(pname, tparams[pname]), f"value of `{pname}`") for it in items]
+        return None if any(x is None for x in out) else out
+
+    fixed: dict[str, Any] = {}
+    for f in g.get(A.Fix, []):
+        if (name := claim(f.name)) is not None:
+            val = ck.coerce_expr(f.value, ParamSpec(name, tparams[name]), f"`{name}`", literal_only=True)
+            if val is not None:
+                fixed[name] = val
+    axes: list[AxisIR] = []
+    axis_spans: list[Span] = []
+    for ax in g.get(A.Axis, []):
+        if (name := claim(ax.name)) is not None and (vals := values_of(ax.value, name)) is not None:
+            axes.append(AxisIR(names=[name], values=[[x] for x in vals]))
+            axis_spans.append(ax.span)
+    for z in g.get(A.Zip, []):
+        names, columns, first_len = [], [], None
+        for e in z.block.entries:
+            if isinstance(e, A.SubBlock):
+                ck.error(e.key.span, "type", "zip entries are `param = [values]`", None)
+                continue
+            if (name := claim(e.key)) is None or (vals := values_of(e.value, name)) is None:
+                continue
+            if first_len is not None and len(vals) != first_len[0]:
+                ck.error(
+                    e.value.span,
+                    "zip-length",
+                    f"zipped axes differ in length: `{name}` has {len(vals)} values, `{first_len[1]}` has {first_len[0]}",
+                    "zipped params vary together, so their lists must be equally long",
+                )
+                continue
+            first_len = first_len or (len(vals), name)
+            names.append(name)
+            columns.append(vals)
+        if names:
+            axes.append(AxisIR(names=names, values=[list(p) for p in zip(*columns)]))
+            axis_spans.append(z.span)
+    seeds: list[int] = []
+    if A.Seeds in g:
+        seeds = _seeds(ck, g[A.Seeds][0].value) or []
+    where = None
+    if A.Where in g:
+        known = set(tparams) | {"seed"}
+        where = _where_tree(ck, g[A.Where][0].condition, known)
+    report = ["end_to_end", "perception", "reasoning"]
+    if A.Report in g:
+        report = ck.coerce_expr(g[A.Report][0].value, ParamSpec("report", "metrics"), "`report`") or report
+    if ck.has_errors() or A.Grid not in g:
+        return None
+    header = g[A.Grid][0]
+    grid = GridIR(name=header.name.id, template=tmpl.path.value, fixed=fixed, axes=axes, seeds=seeds, where=where, report=report)
+    cells = expand(grid, tir.params)
+    if not cells:
+        ck.error(
+            g[A.Where][0].span if A.Where in g else header.span,
+            "empty-grid",
+            "the grid has no cells",
+            "the `where` filter rejects every combination",
+        )
+        return None
+    if len(cells) > MAX_CELLS:
+        ck.error(header.span, "grid-too-large", f"the grid has {len(cells)} cells (limit {MAX_CELLS})", "split it into several grids")
+        return None
+    # Compile cells: a value that passes the param's type can still break the template (a weight out of range).
+    failures = 0
+    seen_params: set[str] = set()
+    for cell in cells[:MAX_CELL_CHECKS]:
+        key = Cell(cell.params, None).label()
+        if key in seen_params:  # the seed never decides whether a cell compiles
+            continue
+        seen_params.add(key)
+        res = check_spec_file(tpath, cell.overrides(), catalogue=ck.cat, origin="grid")
+        if res.ok:
+            continue
+        failures += 1
+        if failures > 3:
+            break
+        first = next(d for d in res.diagnostics if d.is_error)
+        ck.error(
+            axis_spans[0] if axis_spans else header.span,
+            "cell-error",
+            f"cell {key} does not compile: {first.message}",
+            "restrict the axis values or add a `where` filter",
+            [Related(first.file, first.span, first.message)],
+        )
+    return None if failures else grid
+
+
+def _param_type(v: Any) -> str:
+    return "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "float" if isinstance(v, float) else "str"
+
+
+def _seeds(ck: Checker, expr: A.Expr) -> list[int] | None:
+    v = ck.eval(expr, "value")
+    if v is None:
+        return None
+    if isinstance(v, Range):
+        return list(range(v.lo, v.hi + 1))
+    items = v.items if isinstance(v, List) else (v,)
+    out = [ck.coerce(i, SEED, "a seed") for i in items]
+    if any(x is None for x in out):
+        return None
+    if len(set(out)) != len(out):
+        ck.error(expr.span, "duplicate", "a seed is listed twice", None)
+        return None
+    return out
+
+
+def _where_tree(ck: Checker, e: A.Expr, known: set[str]) -> dict | None:
+    """A filter as data: {"op": ..., "args": [...]} over {"name": ...} and {"const": ...}."""
+    if isinstance(e, (A.Number, A.String, A.Bool)):
+        return {"const": e.value}
+    if isinstance(e, A.Name):
+        if e.id not in known:
+            guess = did_you_mean(e.id, known)
+            ck.error(
+                e.span,
+                "unknown-axis-param",
+                f"`where` uses `{e.id}`, which is not a template param",
+                f"did you mean `{guess}`?" if guess else None,
+            )
+            return None
+        return {"name": e.id}
+    if isinstance(e, A.Compare):
+        args = [_where_tree(ck, e.left, known), _where_tree(ck, e.right, known)]
+        return None if None in args else {"op": e.op, "args": args}
+    if isinstance(e, A.BoolOp):
+        args = [_where_tree(ck, x, known) for x in e.values]
+        return None if None in args else {"op": e.op, "args": args}
+    if isinstance(e, A.Not):
+        a = _where_tree(ck, e.operand, known)
+        return None if a is None else {"op": "not", "args": [a]}
+    if isinstance(e, (A.Sum, A.Product)):
+        acc = _where_tree(ck, e.first, known)
+        for op, rhs in e.rest:
+            r = _where_tree(ck, rhs, known)
+            acc = None if acc is None or r is None else {"op": op, "args": [acc, r]}
+        return acc
+    if isinstance(e, A.Signed):
+        a = _where_tree(ck, e.operand, known)
+        return None if a is None else ({"op": "neg", "args": [a]} if e.signs.count("-") % 2 else a)
+    ck.error(e.span, "type", "`where` filters use params, numbers, arithmetic, comparisons, and/or/not", None)
+    return None

@@ -1,0 +1,108 @@
+"""Loading: read a file, parse it, and splice its includes in order.
+
+Include problems (a missing file, a cycle, bytes that are not UTF-8) are diagnostics
+located at the `include` that caused them; the statements of every file that did load
+are kept, so the checker still reports what it can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import nodes as A
+from ..diagnostics import Diagnostic, Reporter, Severity, Span, did_you_mean, relpath
+from ..parse import decode, parse_text
+
+
+@dataclass
+class Loaded:
+    """A parsed file and, flattened in order, the statements of it and its includes.
+
+    Each statement's span names the file it came from."""
+
+    path: Path | None
+    name: str  # as shown in diagnostics
+    text: str | None
+    tree: A.File | None
+    items: list[A.Statement] = field(default_factory=list)
+    # A headerless file is a fragment (checked leniently) unless it cannot be one:
+    # an empty file, or one given as text with no path (nothing could include it).
+    is_root_only: bool = False
+    sources: dict[str, str] = field(default_factory=dict)  # file name → text, for rendering
+
+
+def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
+    name = relpath(path)
+    at = Span.point(file=name)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"no such file: {name}")]
+    except IsADirectoryError:
+        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"{name} is a directory, not a spec file")]
+    except OSError as e:
+        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"cannot read {name}: {e.strerror}")]
+    return decode(data, name)
+
+
+def load(path: Path | None, text: str | None = None, name: str | None = None) -> tuple[Loaded, list[Diagnostic]]:
+    """Read, parse and splice includes. `text` given: check it as if it were at `path`."""
+    diags: list[Diagnostic] = []
+    if name is None:
+        name = relpath(path) if path is not None else "<string>"
+    if text is None:
+        assert path is not None
+        text, d = read_source(path)
+        diags += d
+    loaded = Loaded(path, name, text, None)
+    if text is None:
+        return loaded, diags
+    loaded.sources[name] = text
+    tree, d = parse_text(text, name)
+    diags += d
+    loaded.tree = tree
+    loaded.is_root_only = tree is not None and not tree.items
+    if tree is not None:
+        stack = [path.resolve()] if path is not None else []
+        rep = Reporter()
+        _splice(loaded, tree, path.parent if path is not None else Path.cwd(), stack, rep)
+        diags += rep.items
+    return loaded, diags
+
+
+def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Reporter) -> None:
+    for stmt in tree.items:
+        if not isinstance(stmt, A.Include):
+            loaded.items.append(stmt)
+            continue
+        target = (base / stmt.path.value).resolve()
+        if target in stack:
+            chain = " → ".join(relpath(p) for p in stack[stack.index(target) :] + [target])
+            rep.error(
+                stmt.path.span,
+                "include-cycle",
+                f"include cycle: {chain}",
+                "move the shared statements into a fragment that includes nothing",
+            )
+            continue
+        if not target.is_file():
+            near = [p.name for p in target.parent.glob("*.pd")] if target.parent.is_dir() else []
+            guess = did_you_mean(target.name, near)
+            rep.error(
+                stmt.path.span,
+                "missing-include",
+                f"included file `{stmt.path.value}` does not exist",
+                f"did you mean `{guess}`?" if guess else f"the path is relative to {relpath(base) or '.'}/",
+            )
+            continue
+        text, d = read_source(target)
+        rep.items += d
+        if text is None:
+            continue
+        inc_name = relpath(target)
+        loaded.sources[inc_name] = text
+        sub, d = parse_text(text, inc_name)
+        rep.items += d
+        if sub is not None:
+            _splice(loaded, sub, target.parent, stack + [target], rep)

@@ -1,0 +1,422 @@
+"""Experiment specs: params and overrides, seed, roles, task, model, stages (and their
+order), eval and trainer — checked in that order, into an `ExperimentIR`.
+
+A file without an `experiment` header that other specs include is a fragment: it is
+checked as far as it stands alone (no task or stage required, params may be unused,
+a stage may start from a stage of its includer).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .. import nodes as A
+from ..catalogue import Catalogue, ParamSpec
+from ..diagnostics import Related, Span, did_you_mean
+from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, SFTStageIR, TaskIR, TrainerIR
+from ..parse import parse_expr
+from .blocks import defaults
+from .checker import SET_FILE, Checker, Result, run
+from .load import load
+from .values import IMPLICIT_ROLE, ParamInfo, Rule
+
+PARAM_TYPES = ("int", "float", "bool", "str")
+DEFAULT_ROLES = (
+    RoleRuleIR(role="perception", kind="between", open="<perception>", close="</perception>"),
+    RoleRuleIR(role="reasoning", kind="between", open="<reasoning>", close="</reasoning>"),
+    RoleRuleIR(role="answer", kind="between", open="<answer>", close="</answer>"),
+)
+SEED = ParamSpec("seed", "int", 0, min=0, max=2**31 - 1)
+SPEC_STATEMENTS = (A.Experiment, A.Param, A.Seed, A.Task, A.Model, A.Roles, A.Stage, A.Eval, A.Trainer)
+
+
+def check_experiment(ck: Checker) -> ExperimentIR | None:
+    return _Spec(ck).check()
+
+
+def check_spec_file(
+    path: Path,
+    overrides: dict[str, str] | None = None,
+    catalogue: Catalogue | None = None,
+    origin: str = "--set",
+    fragment_ok: bool = True,
+) -> Result:
+    """Check a file as an experiment spec (whatever it holds)."""
+    loaded, diags = load(path)
+    return run(loaded, diags, check_experiment, overrides, catalogue, origin, fragment_ok)
+
+
+class _Spec:
+    def __init__(self, ck: Checker):
+        self.ck = ck
+        self.params = ck.scope.params
+        self.roles = ck.scope.roles
+        self.fragment = False
+
+    def check(self) -> ExperimentIR | None:
+        ck = self.ck
+        g = ck.group(ck.loaded.items, (A.Experiment, A.Seed, A.Model, A.Roles, A.Eval, A.Trainer), SPEC_STATEMENTS, "an experiment spec")
+        exp = g.get(A.Experiment, [])
+        # A file without a header that is only included by others is a fragment: it is
+        # checked as far as it stands alone, and not required to be a whole experiment.
+        self.fragment = not exp and not ck.loaded.is_root_only and ck.fragment_ok
+        if not exp and not self.fragment:
+            ck.error(ck.at_file(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`")
+        elif exp:
+            ck.symbol("experiment", exp[0].name.id, exp[0].name.span)
+        self._declare_params(g.get(A.Param, []))
+        self._apply_overrides()
+
+        seed = 0
+        if A.Seed in g:
+            seed = ck.coerce_expr(g[A.Seed][0].value, SEED, "seed")
+        if "seed" in ck.overrides:
+            seed = self._override_seed(seed)
+
+        roles = self._check_roles(g.get(A.Roles, []))
+        task = self._check_task(g.get(A.Task, []))
+        model = self._check_model(g.get(A.Model, []), task)
+        stages = self._check_stages(g.get(A.Stage, []))
+        ev = self._check_simple_block(g.get(A.Eval, []), "eval")
+        tr = self._check_simple_block(g.get(A.Trainer, []), "trainer")
+        self._report_unused_params()
+
+        if ck.has_errors() or not exp:
+            return None
+        role_names = [r.role for r in roles]
+        if not any(r.kind == "rest" for r in roles):
+            role_names.append(IMPLICIT_ROLE)
+        return ExperimentIR(
+            name=exp[0].name.id,
+            seed=seed,
+            params={n: p.value for n, p in self.params.items()},
+            task=task,
+            model=model,
+            roles=roles,
+            role_names=list(dict.fromkeys(role_names)),
+            stages=stages,
+            eval=EvalIR(**ev),
+            trainer=TrainerIR(**tr),
+        )
+
+    # -- params
+    def _declare_params(self, decls: list[A.Param]) -> None:
+        ck = self.ck
+        for p in decls:
+            name = p.name.id
+            if name in self.params:
+                prev = self.params[name]
+                ck.error(
+                    p.name.span,
+                    "duplicate",
+                    f"param `{name}` is declared twice",
+                    "remove one declaration",
+                    [Related.at(prev.decl.name.span, "first declared here")],
+                )
+                continue
+            ptype = p.type.id
+            if ptype not in PARAM_TYPES:
+                guess = did_you_mean(ptype, PARAM_TYPES)
+                ck.error(
+                    p.type.span,
+                    "unknown-type",
+                    f"unknown param type `{ptype}`",
+                    f"did you mean `{guess}`?" if guess else "param types are int, float, bool and str",
+                )
+                ptype = None
+            value = None
+            if p.default is not None and ptype is not None:
+                value = ck.coerce_expr(p.default, ParamSpec(name, ptype), f"param `{name}`")
+            self.params[name] = ParamInfo(p, ptype or "float", value, "default")
+            ck.symbol("param", name, p.name.span)
+
+    def _apply_overrides(self) -> None:
+        ck = self.ck
+        for name, text in ck.overrides.items():
+            if name == "seed":
+                continue
+            if name not in self.params:
+                guess = did_you_mean(name, self.params)
+                ck.error(
+                    ck.at_file(SET_FILE),
+                    "unknown-param",
+                    f"`--set {name}=...` names no param of this spec",
+                    f"did you mean `{guess}`?" if guess else f"declared params: {', '.join(self.params) or 'none'}",
+                )
+                continue
+            info = self.params[name]
+            expr, _ = parse_expr(text)
+            if expr is None:
+                ck.error(
+                    ck.at_file(SET_FILE),
+                    "bad-override",
+                    f"cannot parse the value of `--set {name}={text}`",
+                    'values are literals: 0.5, 3, true, "text"',
+                )
+                continue
+            if isinstance(expr, A.Name) and info.type == "str":
+                value = expr.id  # bare words are strings for str params: --set task=sudoku
+            else:
+                value = ck.coerce_expr(expr, ParamSpec(name, info.type), f"`--set {name}`", literal_only=True)
+            if value is not None:
+                info.value, info.origin = value, ck.override_origin
+        for name, info in self.params.items():
+            if info.value is None and info.type is not None and not any(d.is_error and d.span == info.decl.type.span for d in ck.diags):
+                if info.decl.default is None:
+                    ck.error(
+                        info.decl.name.span,
+                        "unset-param",
+                        f"param `{name}` has no default and is not set",
+                        f"give it a default (`param {name}: {info.type} = ...`) or pass `--set {name}=...`",
+                    )
+
+    def _override_seed(self, seed: int) -> int:
+        ck = self.ck
+        expr, _ = parse_expr(ck.overrides["seed"])
+        value = ck.coerce_expr(expr, SEED, "`--set seed`", literal_only=True) if expr else None
+        if expr is None:
+            ck.error(ck.at_file(SET_FILE), "bad-override", f"cannot parse `--set seed={ck.overrides['seed']}`", "seeds are integers")
+        return seed if value is None else value
+
+    def _report_unused_params(self) -> None:
+        if self.fragment:  # the params may be used by the specs that include the fragment
+            return
+        for name, info in self.params.items():
+            if not info.used and info.value is not None:  # a param with an error was reported already
+                self.ck.warning(
+                    info.decl.name.span, "unused-param", f"param `{name}` is declared but never used", "use it in a setting or remove it"
+                )
+
+    # -- roles
+    def _check_roles(self, decls: list[A.Roles]) -> list[RoleRuleIR]:
+        ck = self.ck
+        if not decls:
+            for r in DEFAULT_ROLES:
+                self.roles[r.role] = None
+            return list(DEFAULT_ROLES)
+        stmt = decls[0]
+        rules: list[RoleRuleIR] = []
+        rest_at: Span | None = None
+        for entry in stmt.block.entries:
+            if isinstance(entry, A.SubBlock):
+                ck.error(entry.key.span, "type", f'role `{entry.key.id}` needs a rule such as `between("<a>", "</a>")`, not a block')
+                continue
+            role = entry.key.id
+            if role in self.roles:
+                ck.error(
+                    entry.key.span,
+                    "duplicate",
+                    f"role `{role}` is declared twice",
+                    "give each role one rule",
+                    [Related.at(self.roles[role], "first declared here")],
+                )
+                continue
+            self.roles[role] = entry.key.span
+            ck.symbol("role", role, entry.key.span)
+            v = ck.eval(entry.value, "rule")
+            if v is None:
+                continue
+            if not isinstance(v, Rule):
+                ck.error(
+                    entry.value.span,
+                    "type",
+                    f"role `{role}` needs a rule (between, regex or rest), got {v.describe()}",
+                    'e.g. `perception = between("<perception>", "</perception>")`',
+                )
+                continue
+            if v.kind == "rest":
+                if rest_at is not None:
+                    ck.error(
+                        entry.value.span,
+                        "duplicate",
+                        "only one role can take `rest()`",
+                        "the other characters can go to one role only",
+                        [Related.at(rest_at, "`rest()` first used here")],
+                    )
+                    continue
+                rest_at = entry.value.span
+            rules.append(RoleRuleIR(role=role, kind=v.kind, **v.args))
+        ck.scope.has_rest = rest_at is not None
+        if not rules and stmt.block.entries == ():
+            ck.error(
+                stmt.span,
+                "missing-block",
+                "the roles block declares no role",
+                'e.g. `perception = between("<perception>", "</perception>")`',
+            )
+        return rules
+
+    # -- task and model
+    def _check_task(self, decls: list[A.Task]) -> TaskIR | None:
+        ck = self.ck
+        if not decls and self.fragment:
+            return None
+        if not decls:
+            ck.error(ck.at_file(), "missing-block", "the spec has no `task` block", "add e.g. `task graph_coloring { nodes = 5 }`")
+            return None
+        for extra in decls[1:]:
+            ck.error(
+                extra.span,
+                "duplicate",
+                "an experiment has one task",
+                "split the tasks into two experiments (or a grid)",
+                [Related.at(decls[0].span, "first task here")],
+            )
+        t = decls[0]
+        entry = ck.lookup(t.name, "task")
+        if entry is None:
+            return None
+        ck.symbol("task", t.name.id, t.name.span)
+        settings = ck.check_block(t.block, entry, f"task `{entry.name}`")
+        if settings is None:
+            return None
+        return TaskIR(name=entry.name, params=settings, impl=entry.impl)
+
+    def _check_model(self, decls: list[A.Model], task: TaskIR | None) -> ModelIR | None:
+        ck = self.ck
+        if not decls:
+            tiny = ck.cat.get("model", "tiny")
+            return ModelIR(kind="tiny", params={p.name: p.default for p in tiny.params}, impl=tiny.impl)
+        m = decls[0]
+        entry = ck.lookup(m.kind, "model")
+        if entry is None:
+            return None
+        block = m.block or A.Block(m.span, ())
+        lora_blk = block.get("lora")
+        if entry.name == "hf":
+            if m.path is None:
+                ck.error(
+                    m.kind.span,
+                    "missing-setting",
+                    "`model hf` needs the checkpoint's path",
+                    'write `model hf "/path/to/checkpoint" { ... }`',
+                )
+        elif m.path is not None:
+            ck.error(m.path.span, "unexpected-path", f"model `{entry.name}` takes no path", 'only `model hf "/path"` loads a checkpoint')
+        if lora_blk is not None and entry.name != "hf":
+            ck.error(
+                lora_blk.key.span,
+                "unknown-setting",
+                f"LoRA applies to `hf` models, not `{entry.name}`",
+                "the tiny model trains all its weights",
+            )
+        params = ck.check_block(block, entry, f"model `{entry.name}`", subblocks=("lora",))
+        lora = None
+        if isinstance(lora_blk, A.SubBlock) and entry.name == "hf":
+            lv = ck.check_block(lora_blk.block, ck.cat.get("block", "lora"), "lora")
+            if lv is not None:
+                lora = LoraIR(**lv)
+        if entry.name == "tiny" and params and task is not None:
+            image, patch = task.param("image"), params.get("patch")
+            if isinstance(image, int) and isinstance(patch, int) and image % patch:
+                sp = block.get("patch").span if block.get("patch") else m.span
+                ck.error(
+                    sp,
+                    "incompatible",
+                    f"image size {image}px is not a multiple of the patch size {patch}px",
+                    f"use patch = {math.gcd(image, patch)}px or an image size that is a multiple of {patch}",
+                )
+        if params is None:
+            return None
+        return ModelIR(kind=entry.name, path=m.path.value if m.path else None, params=params, lora=lora, impl=entry.impl)
+
+    # -- stages
+    def _check_stages(self, decls: list[A.Stage]) -> list[SFTStageIR | GRPOStageIR]:
+        ck = self.ck
+        if not decls and self.fragment:
+            return []
+        if not decls:
+            ck.error(ck.at_file(), "missing-block", "the spec has no stage", "add e.g. `stage base = sft { steps = 600 }`")
+            return []
+        seen: dict[str, A.Stage] = {}
+        built: dict[str, SFTStageIR | GRPOStageIR] = {}
+        for st in decls:
+            name = st.name.id
+            if name in seen:
+                ck.error(
+                    st.name.span,
+                    "duplicate",
+                    f"stage `{name}` is defined twice",
+                    "rename one of them",
+                    [Related.at(seen[name].name.span, "first defined here")],
+                )
+                continue
+            seen[name] = st
+            ck.symbol("stage", name, st.name.span)
+        for name, st in seen.items():
+            kind = st.kind.id
+            entry = ck.cat.get("block", kind) if kind in ("sft", "grpo") else None
+            if entry is None:
+                guess = did_you_mean(kind, ["sft", "grpo"])
+                ck.error(
+                    st.kind.span,
+                    "unknown-stage-kind",
+                    f"unknown stage kind `{kind}`",
+                    f"did you mean `{guess}`?" if guess else "stages are `sft` or `grpo`",
+                )
+                continue
+            # a fragment's stage may start from a stage of the spec that includes it
+            if st.parent is not None and st.parent.id not in seen and not self.fragment:
+                guess = did_you_mean(st.parent.id, [n for n in seen if n != name])
+                ck.error(
+                    st.parent.span,
+                    "unknown-stage",
+                    f"stage `{name}` starts from `{st.parent.id}`, which is not defined",
+                    f"did you mean `{guess}`?" if guess else "define that stage, or drop `from` to start from the initial model",
+                )
+            settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})")
+            if settings is None:
+                continue
+            # the checked settings are the typed stage's fields (the catalogue's block entry)
+            stage_ir = SFTStageIR if kind == "sft" else GRPOStageIR
+            built[name] = stage_ir(name=name, parent=st.parent.id if st.parent else None, **settings)
+            if kind == "grpo" and st.parent is None and self._model_is_tiny():
+                ck.warning(
+                    st.kind.span,
+                    "grpo-from-scratch",
+                    f"GRPO stage `{name}` starts from the randomly initialised tiny model",
+                    "start it `from` an sft stage that has taught the output format",
+                )
+        return self._order_stages(seen, built)
+
+    def _model_is_tiny(self) -> bool:
+        return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)
+
+    def _order_stages(self, seen: dict[str, A.Stage], built: dict[str, SFTStageIR | GRPOStageIR]) -> list[SFTStageIR | GRPOStageIR]:
+        """Topological order (declaration order among independent stages); cycles are errors."""
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = path[path.index(name) :] + [name]
+                st = seen[name]
+                self.ck.error(
+                    st.parent.span if st.parent else st.name.span,
+                    "stage-cycle",
+                    "stages form a cycle: " + " → ".join(f"`{c}`" for c in cycle),
+                    "one stage of the cycle must start from the initial model (drop its `from`)",
+                )
+                for c in cycle:
+                    state[c] = 2
+                return
+            state[name] = 1
+            parent = seen[name].parent
+            if parent is not None and parent.id in seen:
+                visit(parent.id, path + [name])
+            if state[name] == 1:
+                state[name] = 2
+                order.append(name)
+
+        for name in seen:
+            visit(name, [])
+        return [built[n] for n in order if n in built]
+
+    def _check_simple_block(self, decls: list[A.Eval] | list[A.Trainer], kind: str) -> dict:
+        entry = self.ck.cat.get("block", kind)
+        if not decls:
+            return defaults(entry)
+        return self.ck.check_block(decls[0].block, entry, f"`{kind}`") or defaults(entry)

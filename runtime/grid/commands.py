@@ -1,0 +1,182 @@
+"""`percep grid` and `percep report` (registered in percepdsl/cli.py): plan, (dry-)run and
+aggregate a grid; rebuild its results table and plots from the run directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from percepdsl.diagnostics import relpath
+from percepdsl.io import write_text_atomic
+
+from .backends import import_ray
+from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, GridError
+from .execute import describe_exit, execute
+from .plan import GridPlan, plan_grid
+from .progress import plural
+from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
+from .state import GridLock
+
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+
+
+def write_results(grid_dir: str | Path, plots: bool = True) -> tuple[ResultsTable, list[Path]]:
+    """Rebuild results.csv, results.md and the plots from the run directories (and state)."""
+    grid_dir = Path(grid_dir)
+    summaries, state = collect(grid_dir)
+    table = aggregate(summaries, state)
+    written: list[Path] = []
+    if plots and table.rows:
+        from .plots import write_plots
+
+        written = write_plots(table, grid_dir)
+    write_text_atomic(grid_dir / RESULTS_CSV, table_csv(table))
+    write_text_atomic(grid_dir / RESULTS_MD, table_markdown(table, written))
+    return table, written
+
+
+def list_cells(plan: GridPlan, stream: TextIO) -> None:
+    """The dry-run listing: a line per cell with its params, seed, IR hash, run dir, status."""
+    names = list(dict.fromkeys(n for c in plan.cells for n in c.cell.params))
+    head = ["#", *names, "seed", "hash", "run dir", "status"]
+    rows = []
+    for c in plan.cells:
+        status = c.status
+        if c.status == FAILED and c.previous:
+            status = f"failed (exit {c.previous.get('exit_code')}), will {'resume' if c.run_dir.is_dir() else 'rerun'}"
+        rows.append([str(c.index), *(fmt_param(c.cell.params.get(n)) for n in names), str(c.seed), c.hash, relpath(c.run_dir), status])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    n_set = len({row_key(c.cell.params) for c in plan.cells})
+    n_seeds = len(plan.grid.seeds) or 1
+    print(
+        f"grid {plan.grid.name}: {plural(len(plan.cells), 'cell')} ({plural(n_set, 'setting')}, {plural(n_seeds, 'seed')}) "
+        f"of {relpath(plan.template)} → {relpath(plan.out_dir)}",
+        file=stream,
+    )
+    for line in [head, *rows]:
+        print("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip(), file=stream)
+    print(
+        f"{plan.count(DONE)} done, {plan.count(PENDING)} pending, {plan.count(RESUME)} to resume, {plan.count(FAILED)} failed earlier",
+        file=stream,
+    )
+
+
+def grid_command(
+    grid_file: Path,
+    *,
+    dry_run: bool = False,
+    jobs: int | None = None,
+    out: Path | None = None,
+    sets: Sequence[str] = (),
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_cell: float = 1.0,
+    gpus_per_cell: float = 0.0,
+    launcher: Sequence[str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """`percep grid`: plan, (dry-)run and aggregate a grid. Returns the process exit code:
+    0 every cell complete, 2 refused before anything ran, 3 some cell failed, 130 interrupted.
+
+    `launcher` is the command a cell runs before its arguments (default `python -m percepdsl run`);
+    tests point it at a stand-in trainer."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    if backend not in ("local", "ray"):
+        print(f"error: unknown backend `{backend}` (local or ray)", file=stderr)
+        return EXIT_USAGE
+    if jobs is not None and jobs < 1:
+        print("error: --jobs must be at least 1", file=stderr)
+        return EXIT_USAGE
+    if backend != "ray" and (address is not None or cpus_per_cell != 1.0 or gpus_per_cell != 0.0):
+        print("error: --address, --cpus-per-cell and --gpus-per-cell are for --backend ray", file=stderr)
+        return EXIT_USAGE
+    if cpus_per_cell <= 0 or gpus_per_cell < 0:
+        print("error: --cpus-per-cell must be > 0 and --gpus-per-cell >= 0", file=stderr)
+        return EXIT_USAGE
+    try:
+        plan = plan_grid(grid_file, out, sets)
+        if dry_run:
+            list_cells(plan, stdout)
+            return EXIT_OK
+        if backend == "ray":
+            import_ray()
+    except GridError as exc:
+        print(exc.render(color=getattr(stderr, "isatty", lambda: False)()), file=stderr)
+        return EXIT_USAGE
+    if backend == "local":
+        jobs = jobs or 1
+        cpus = os.cpu_count() or 1
+        if jobs > 1 and jobs > cpus // 2:
+            print(
+                f"warning: --jobs {jobs} on {cpus} cores: a training run uses every core it gets, so parallel cells "
+                "slow each other down and the grid rarely finishes sooner than with --jobs 1",
+                file=stderr,
+            )
+    todo = len(plan.cells) - plan.count(DONE)
+    print(
+        f"grid {plan.grid.name}: {plural(len(plan.cells), 'cell')}, {plan.count(DONE)} already done, {todo} to run "
+        f"({backend}{'' if jobs is None else f', {jobs} at a time'}) → {relpath(plan.out_dir)}",
+        file=stderr,
+    )
+    try:
+        with GridLock(plan.out_dir):
+            outcome = execute(
+                plan,
+                jobs=jobs,
+                backend=backend,
+                address=address,
+                launcher=launcher,
+                stream=stderr,
+                cpus_per_cell=cpus_per_cell,
+                gpus_per_cell=gpus_per_cell,
+            )
+    except GridError as exc:  # another run holds the grid, Ray cannot be reached
+        print(exc.render(), file=stderr)
+        return EXIT_USAGE
+    if outcome.status == "interrupted":
+        print(
+            f"interrupted: {outcome.done}/{len(plan.cells)} cells done, {len(outcome.interrupted)} stopped; "
+            f"state in {relpath(plan.state_path)}; run the same command again to finish the rest",
+            file=stderr,
+        )
+        return EXIT_INTERRUPTED
+    try:
+        table, plots = write_results(plan.out_dir)
+    except Exception as exc:  # results are a view of the run dirs: never lose the run's exit status over them
+        print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stderr)
+    else:
+        print(
+            f"results: {relpath(plan.out_dir / RESULTS_MD)}, {relpath(plan.out_dir / RESULTS_CSV)}"
+            + "".join(f", {relpath(p)}" for p in plots),
+            file=stderr,
+        )
+        print(table_markdown(table), file=stdout, end="")
+    for c in outcome.failed:
+        e = outcome.entries.get(c.index, {})
+        tail = "\n".join("    " + ln for ln in (e.get("log_tail") or "").splitlines()[-8:])
+        print(f"failed: {c.label} (exit {describe_exit(e.get('exit_code', -1))}), log {relpath(c.log_path)}\n{tail}", file=stderr)
+    return outcome.exit_code
+
+
+def report_command(grid_dir: Path, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """`percep report GRID_OUT`: rebuild results.csv/.md and the plots from the run directories."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    grid_dir = Path(grid_dir)
+    if not (grid_dir / CELLS_DIR).is_dir():
+        print(f"error: {grid_dir} is not a grid directory (no {CELLS_DIR}/ inside; `percep grid GRID --out DIR` makes one)", file=stderr)
+        return EXIT_USAGE
+    table, plots = write_results(grid_dir)
+    if not table.rows:
+        print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
+        return EXIT_USAGE
+    print(table_markdown(table), file=stdout, end="")
+    print(
+        f"wrote {relpath(grid_dir / RESULTS_MD)}, {relpath(grid_dir / RESULTS_CSV)}" + "".join(f", {relpath(p)}" for p in plots),
+        file=stderr,
+    )
+    return EXIT_OK

@@ -1,0 +1,135 @@
+"""What a grid directory says about its cells: complete run summaries, grid_state.json (the
+plan and every cell's fate, rewritten atomically after each event), and the lock that keeps
+two `percep grid` runs off the same directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from percepdsl.diagnostics import relpath
+from percepdsl.io import write_json_atomic
+
+from .common import CELLS_DIR, DEFAULT_METRICS, DONE, FAILED, INTERRUPTED, PENDING, RUNNING, STATE_FILE, SUMMARY_FILE, GridError, now
+
+if TYPE_CHECKING:
+    from .plan import CellPlan, GridPlan
+
+LOCK_FILE = ".grid.lock"
+STATE_VERSION = 1
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary.json if it is there, parses, and says the run is complete."""
+    try:
+        data = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("status") == "complete" else None
+
+
+def load_state(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((out_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else None
+
+
+class GridLock:
+    """An exclusive lock on a grid directory, so that two `percep grid` runs never run the same
+    cells at once. Held with flock, so the kernel frees it when the process dies (POSIX only)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK_FILE
+        self._file: TextIO | None = None
+
+    def __enter__(self) -> GridLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            self._file = f
+            return self
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise GridError(
+                f"{relpath(self.path.parent)} is in use by another `percep grid` ({holder}); wait for it, or stop it (Ctrl-C) and run again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
+class GridState:
+    """grid_state.json: the plan and every cell's fate, rewritten atomically after each event."""
+
+    def __init__(self, plan: GridPlan, backend: str, jobs: int | None):
+        self.plan = plan
+        self.path = plan.state_path
+        self.header = {
+            "version": STATE_VERSION,
+            "grid": plan.grid.name,
+            "grid_file": str(plan.grid_file.absolute()),
+            "template": str(plan.template),
+            "experiment": plan.cells[0].experiment if plan.cells else None,
+            "axes": plan.swept,
+            "report": list(plan.grid.report or DEFAULT_METRICS),
+            "sets": plan.sets,
+            "backend": backend,
+            "jobs": jobs,
+            "started": now(),
+        }
+        self.entries: dict[int, dict[str, Any]] = {}
+        for c in plan.cells:
+            prev = c.previous or {}
+            e: dict[str, Any] = {
+                "index": c.index,
+                "label": c.label,
+                "params": c.params,
+                "grid_params": c.cell.params,
+                "seed": c.seed,
+                "hash": c.hash,
+                "run_dir": f"{CELLS_DIR}/{c.name}",
+                "log": f"{CELLS_DIR}/{c.name}.log",
+                "status": DONE if c.status == DONE else (FAILED if c.status == FAILED else PENDING),
+            }
+            for k in ("exit_code", "log_tail", "seconds", "finished"):
+                if k in prev and c.status != DONE:
+                    e[k] = prev[k]
+            self.entries[c.index] = e
+
+    def set(self, cell: CellPlan, **fields: Any) -> None:
+        self.entries[cell.index].update(fields)
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in (DONE, PENDING, RUNNING, FAILED, INTERRUPTED)}
+        for e in self.entries.values():
+            out[e["status"]] = out.get(e["status"], 0) + 1
+        return out
+
+    def write(self, status: str) -> None:
+        data = {
+            **self.header,
+            "status": status,
+            "updated": now(),
+            "counts": self.counts(),
+            "cells": [self.entries[i] for i in sorted(self.entries)],
+        }
+        write_json_atomic(self.path, data)

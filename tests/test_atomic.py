@@ -1,0 +1,167 @@
+"""Atomic writes (percepdsl/io.py): a reader, a crash or a resumed run sees a whole old file or a
+whole new one, never part of one; weights files included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from percepdsl.io import atomic_dir, atomic_path, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+
+
+def test_a_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half a new fi")
+        raise RuntimeError("killed")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_a_writer_that_writes_nothing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "x.png"):
+        pass
+    assert not list(tmp_path.iterdir())
+
+
+def test_temporary_keeps_the_suffix_and_small_writers_round_trip(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "sub" / "curves.png") as tmp:
+        assert tmp.parent == tmp_path / "sub" and tmp.suffix == ".png" and tmp.name.startswith(".curves.png.")
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "sub" / "curves.png").read_bytes() == b"png"
+    write_text_atomic(tmp_path / "a.md", "é\n")
+    write_json_atomic(tmp_path / "a.json", {"x": [1, 2]})
+    write_jsonl_atomic(tmp_path / "a.jsonl", [{"s": {3, 1}}, {"t": (1,)}])
+    assert (tmp_path / "a.md").read_text(encoding="utf-8") == "é\n"
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+    assert read_jsonl(tmp_path / "a.jsonl") == [{"s": [1, 3]}, {"t": [1]}]
+
+
+def test_atomic_dir_replaces_a_directory_whole(tmp_path: Path) -> None:
+    out = tmp_path / "model_init"
+    out.mkdir()
+    (out / "stale.json").write_text("{}")
+    with atomic_dir(out) as staging:
+        (staging / "config.json").write_text("{}")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "w").write_bytes(b"1")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["config.json", "sub", "sub/w"]
+    with pytest.raises(ValueError), atomic_dir(out) as staging:
+        (staging / "config.json").write_text("half")
+        raise ValueError
+    assert (out / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["model_init"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from percepdsl_runtime.sft import save_checkpoint_safetensors
+
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 256))
+    k = 0
+    while True:  # until killed: every version has all its tensors equal to k
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(k)
+        save_checkpoint_safetensors(model, sys.argv[1], metadata={"k": k})
+        k += 1
+    """
+)
+
+
+def test_weights_are_never_seen_half_written_while_saved_nor_after_a_kill(tmp_path: Path) -> None:
+    """The real weights writer rewrites a 5 MB safetensors file in a loop; this process reads it
+    as often as it can meanwhile, then SIGKILLs the writer. Every read and the file left behind
+    must be one whole version (a file written in place is seen truncated, and fails to load)."""
+    from safetensors.torch import load
+
+    path = tmp_path / "stage" / "model.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stderr=subprocess.PIPE)
+    seen: set[int] = set()
+    reads = 0
+
+    def read_whole() -> int:
+        data = path.read_bytes()  # one open: the bytes of one file, whatever is renamed meanwhile
+        n = int.from_bytes(data[:8], "little")  # safetensors: header length, JSON header, tensors
+        k = int(json.loads(data[8 : 8 + n])["__metadata__"]["k"])
+        for name, t in load(data).items():
+            assert bool((t == k).all()), f"{name} of version {k} is not whole"
+        return k
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (len(seen) < 4 or reads < 30):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            if path.exists():
+                seen.add(read_whole())
+                reads += 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(seen) >= 4, f"only versions {sorted(seen)} seen in {reads} reads: the writer did not get going"
+    read_whole()  # what the kill left in place is whole too
+    assert json.loads(path.with_suffix(".json").read_text())["k"].isdigit()
+
+
+DDP_RESUME = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+
+    from percepdsl_runtime.run import ResumeCheckpoint
+
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
+
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        trainer = L.Trainer(
+            max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[ResumeCheckpoint(Path(sys.argv[1]) / "resume.ckpt", 1)],
+        )
+        trainer.fit(Tiny())
+        Path(f"rank{trainer.global_rank}.done").write_text(str(trainer.global_step))
+    """
+)
+
+
+def test_the_resume_checkpoint_under_ddp(tmp_path: Path) -> None:
+    """Every rank joins the checkpoint save, only rank 0 writes and renames it into place (when
+    every rank renamed the same temporary, the second rank's rename failed and crashed the run)."""
+    import torch
+
+    (tmp_path / "ddp.py").write_text(DDP_RESUME)
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "ddp.py", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.done").read_text() for r in (0, 1)] == ["3", "3"]
+    assert [p.name for p in out.iterdir()] == ["resume.ckpt"]
+    assert torch.load(out / "resume.ckpt", weights_only=False)["global_step"] == 2  # the last save before max_steps
