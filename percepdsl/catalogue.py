@@ -37,6 +37,10 @@ from typing import Any
 import tomllib
 
 KINDS = ("task", "model", "role_rule", "loss", "schedule", "reward", "metric", "block", "keyword")
+# What a plugin may add: the runtime imports the `impl` of tasks and reward terms (and of
+# models). Losses, schedules, role rules and metrics are computed by percepdsl itself, and
+# blocks and keywords are the language's own: a plugin entry of those kinds is a problem.
+PLUGIN_KINDS = ("task", "model", "reward")
 
 # Parameter types understood by the checker (see check.py `coerce`):
 #   int, float, bool, str, px (an int size; `64px` or 64), int_range (int or lo..hi),
@@ -160,6 +164,11 @@ class Entry:
     # perception correctness a GRPO run reports. False for the terms that read labels (p* or the
     # true answer) and for `format`; plugin terms are candidates unless their TOML says otherwise.
     surrogate: bool = True
+
+    @property
+    def unsupported_plugin(self) -> bool:
+        """A plugin entry of a kind plugins cannot add (see PLUGIN_KINDS)."""
+        return self.source != "percepdsl" and self.kind not in PLUGIN_KINDS
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:
@@ -753,11 +762,27 @@ def plugin_entries() -> tuple[list[Entry], list[str]]:
     return entries, problems
 
 
+def plural(kind: str) -> str:
+    """`loss` → "losses", `role_rule` → "role rules"."""
+    words = kind.replace("_", " ")
+    return words + ("es" if words.endswith("s") else "s")
+
+
 @lru_cache(maxsize=1)
 def default_catalogue() -> Catalogue:
     cat = Catalogue()
     extra, problems = plugin_entries()
     for e in extra:
+        if e.unsupported_plugin:
+            kinds = plural(e.kind)
+            problems.append(
+                f"plugin `{e.source}`: {e.kind.replace('_', ' ')} `{e.name}` is not supported; plugins add tasks, models and reward"
+                f" terms, and percepdsl computes only its own {kinds} (a spec that uses `{e.name}` is refused)"
+            )
+            # kept where the name is new, so that a spec using it gets a located refusal;
+            # never over a built-in entry, nor as a block or keyword (the language's own)
+            if e.kind in ("block", "keyword") or cat.get(e.kind, e.name) is not None:
+                continue
         try:
             cat.add(e)
         except ValueError as exc:
@@ -766,4 +791,15 @@ def default_catalogue() -> Catalogue:
     return cat
 
 
-__all__ = ["Catalogue", "Entry", "ParamSpec", "P", "builtin", "default", "default_catalogue", "plugin_entries"]
+__all__ = [
+    "PLUGIN_KINDS",
+    "Catalogue",
+    "Entry",
+    "ParamSpec",
+    "P",
+    "builtin",
+    "default",
+    "default_catalogue",
+    "plugin_entries",
+    "plural",
+]

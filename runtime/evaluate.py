@@ -18,7 +18,7 @@ records (:func:`summarize_records`), so any figure in a report can be recomputed
 from, and traced back to, the records.
 
 Token caps: each generation is capped at ``ceil(1.3 * reference tokens) + 20``
-(DESIGN §7; ``cap_factor``, ``cap_margin``), measured against the task's reference
+(``cap_factor``, ``cap_margin``; see ``generation.reference_cap``), measured against the task's reference
 response. Untrained models otherwise run to the global cap and dominate evaluation time.
 """
 

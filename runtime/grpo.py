@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -180,6 +180,30 @@ def loss_mask(roll: Rollouts, mask_truncated: bool = True) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- log-probs
+def prompt_rows(prompt: Mapping[str, torch.Tensor], which: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The collated prompt batch's inputs for rows that repeat prompts ``which`` (one prompt
+    index per row).
+
+    Inputs with one entry per prompt (``input_ids``, masks, LLaVA's ``pixel_values [B, C, H, W]``,
+    Idefics3's ``[B, images, C, H, W]``) are indexed by ``which``. Models with flattened image
+    patches (Qwen2-VL, Qwen2.5-VL: ``pixel_values [Σ patches, D]`` with ``image_grid_thw
+    [images, 3]``, an image's patches being ``t·h·w`` consecutive rows) get each row's image:
+    the per-image blocks of patches and their grid rows, repeated per row. Indexing the
+    flattened patches by row would hand a row other images' patches. One image per prompt."""
+    B = prompt["input_ids"].shape[0]
+    grid = prompt.get("image_grid_thw")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in prompt.items():
+        if grid is not None and k == "pixel_values":
+            if grid.shape[0] != B:
+                raise ValueError(f"flattened image patches need one image per prompt; got {grid.shape[0]} images for {B} prompts")
+            blocks = v.split(grid.prod(dim=-1).tolist())
+            out[k] = torch.cat([blocks[i] for i in which.tolist()])
+        else:
+            out[k] = v[which]
+    return out
+
+
 def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """[n, T] float32 log-probabilities of the sampled tokens under ``model``, for the
     rollout rows ``rows`` (default: all N).
@@ -199,13 +223,18 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, ro
     """
     rows = torch.arange(roll.ids.shape[0], device=roll.ids.device) if rows is None else rows
     ids, G = roll.ids[rows], roll.group
+    which = torch.div(rows, G, rounding_mode="floor")  # the prompt of each row (row i*G+j samples prompt i)
     parts = llava_parts(model)
     if parts is None:  # generic: one full forward per row; models compute their own positions
-        # one image per prompt row (LLaVA-style pixel_values [B, C, H, W]): row i*G+j uses prompt i
-        inputs = {k: v.repeat_interleave(G, dim=0)[rows] for k, v in roll.prompt.items()}
+        inputs = prompt_rows(roll.prompt, which)
         P = inputs["input_ids"].shape[1]
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], roll.mask[rows]], dim=1)
+        for k, v in inputs.items():  # per-token inputs run on over the completion
+            if k == "input_ids":
+                inputs[k] = torch.cat([v, ids], dim=1)
+            elif k == "attention_mask":
+                inputs[k] = torch.cat([v, roll.mask[rows]], dim=1)
+            elif v.dim() == 2 and v.shape == (len(rows), P):  # e.g. Qwen2-VL's mm_token_type_ids: 0 = text
+                inputs[k] = torch.cat([v, v.new_zeros(ids.shape)], dim=1)
         logits = model(**inputs, use_cache=False).logits[:, P - 1 : -1]
     else:
         from transformers import DynamicCache
@@ -214,7 +243,6 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, ro
         prompt_mask = roll.prompt["attention_mask"]
         prompt_pos = position_ids(prompt_mask)
         out = full.model(**roll.prompt, position_ids=prompt_pos, use_cache=True)
-        which = torch.div(rows, G, rounding_mode="floor")  # the prompt of each row
         cache = DynamicCache(config=full.config.get_text_config())
         for i, layer in enumerate(cache_of(out).layers):
             cache.update(layer.keys[which], layer.values[which], i)
@@ -506,5 +534,6 @@ __all__ = [
     "loss_mask",
     "completion_logprobs",
     "group_advantages",
+    "prompt_rows",
     "grpo_loss",
 ]

@@ -5,8 +5,9 @@ The loss is the IR's typed ``Loss`` (``percepdsl.ir``): ``TokenMeanLoss``, ``Mix
 number or a schedule, evaluated at each step by ``percepdsl.ir.value_at`` (the one schedule
 evaluator, absolute values). A mix term is ``W * (token mean of the cross-entropy over tokens
 whose role is in roles)``; a term with no tokens in the batch contributes 0. NGDiff
-(DESIGN §1) steps along ``g = Σ_i g_i / ‖g_i‖`` where ``g_i`` is the gradient of group i's
-token-mean loss.
+(normalised gradient difference) steps along ``g = Σ_i g_i / ‖g_i‖`` where ``g_i`` is the
+gradient of group i's token-mean loss: every group contributes a direction of the same
+length, whatever the size of its loss and gradient.
 
 Everything starts from ``role_token_losses``: one cross-entropy pass over the target
 tokens, then per-role sums and counts by ``index_add`` — the cost is independent of the

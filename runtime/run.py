@@ -7,7 +7,8 @@ Read top to bottom, a run is:
    task vocabulary, a role that matches no target token): `RunRefused`, exit 2;
 2. **stages** — for each stage in topological order: start from the parent's
    weights, train under a Lightning `Trainer`, evaluate three ways (periodically
-   and at the end), save the weights in safetensors and mark the stage done;
+   and at the end), save the model as a Hugging Face directory (`save_pretrained`
+   of the model or PEFT adapter and of the processor) and mark the stage done;
 3. **report** — `summary.json` (final metrics, per-stage metrics and deltas,
    diagnostics), `metrics.csv`, `eval.jsonl`, plots and `report.md`.
 
@@ -88,9 +89,8 @@ def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
 
 def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Context:
     from .encoding import Encoder, EncodingError
-    from .models import check_vocabulary
+    from .models import check_vocabulary, save_pretrained_dir
     from .plugins import ImplError, build_task
-    from .sft import save_checkpoint_safetensors
 
     try:
         task = build_task(ir.task, ir.seed)
@@ -110,9 +110,9 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     token_share = _preflight_roles(ir, task, encoder)
-    init = run_dir / "init.safetensors"
-    if not init.exists():
-        save_checkpoint_safetensors(loaded.model, init)
+    init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
+    if not init.exists():  # written whole or not at all (atomic_dir)
+        save_pretrained_dir(loaded, init)
     echo(
         f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
         f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)"
@@ -137,7 +137,7 @@ def build_model(ir: ExperimentIR, task: Any, run_dir: Path) -> Any:
             vocabulary=task.vocabulary(),
             image=task.sample("train", 0).image.size[0],
             seed=ir.seed,
-            save_dir=run_dir / "model_init",
+            save_dir=run_dir / "init",
         )
     except (ImplError, ModelLoadError) as exc:
         raise RunRefused(str(exc)) from exc
@@ -187,12 +187,13 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     import torch
 
     from .evaluate import EvalConfig
-    from .sft import build_trainer, load_checkpoint_safetensors, save_checkpoint_safetensors
+    from .models import load_weights, save_pretrained_dir
+    from .sft import build_trainer
 
     sdir = stage_dir(ctx, stage)
     sdir.mkdir(parents=True, exist_ok=True)
-    parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model.safetensors" if stage.parent else ctx.init_weights
-    load_checkpoint_safetensors(ctx.loaded.model, parent)
+    parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model" if stage.parent else ctx.init_weights
+    load_weights(ctx.loaded, parent)
 
     module, datamodule = build_stage(ctx, stage)
     tr = ctx.ir.trainer
@@ -235,7 +236,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
     train_seconds = time.perf_counter() - start
-    save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.steps})
+    save_pretrained_dir(ctx.loaded, sdir / "model")
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
     diagnostics = evaluator.history[-1]["diagnostics"]
     record = {

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning under Lightning: module, data module, diagnostics, checkpoints.
+"""Supervised fine-tuning under Lightning: module, data module, diagnostics.
 
 ``SFTModule(loaded, stage, role_names, grad_clip=...)`` trains a ``LoadedModel`` as the
 typed ``SFTStageIR`` says: its loss becomes an ``Objective`` (losses.py); AdamW takes the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,7 +32,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from percepdsl.io import atomic_path, write_json_atomic
 from percepdsl.ir import SFTStageIR, value_at
 
 from .encoding import Encoder, collate, model_inputs
@@ -512,51 +510,3 @@ def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any], role_
 def _model_of(module: Any) -> Any:
     """The model inside a LightningModule (or the model itself)."""
     return module.model if isinstance(module, L.LightningModule) else module
-
-
-# --------------------------------------------------------------------------- checkpoints
-def save_checkpoint_safetensors(
-    module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None, metadata: Mapping[str, Any] | None = None
-) -> Path:
-    """Write the model weights to ``path`` (safetensors, atomically) with a JSON sidecar of metadata.
-
-    ``trainable_only`` (default: True for PEFT models) saves just the trainable tensors
-    (a LoRA adapter is then megabytes, not the whole base model).
-    """
-    from safetensors.torch import save_file, save_model
-
-    model = _model_of(module)
-    if trainable_only is None:
-        trainable_only = hasattr(model, "peft_config")
-    path = Path(path)
-    step = module.global_step if isinstance(module, L.LightningModule) and module._trainer is not None else 0
-    meta = {"trainable_only": str(bool(trainable_only)), "global_step": str(step)}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    with atomic_path(path) as tmp:
-        if trainable_only:
-            trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(trainable, str(tmp), metadata=meta)
-        else:
-            save_model(model, str(tmp), metadata=meta)  # deduplicates tied weights
-    write_json_atomic(path.with_suffix(".json"), meta)
-    return path
-
-
-def load_checkpoint_safetensors(module: SFTModule | Any, path: str | Path) -> dict[str, str]:
-    """Load weights saved by ``save_checkpoint_safetensors`` into ``module`` (or a model);
-    returns the metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, load_model
-
-    model = _model_of(module)
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("trainable_only") == "True":
-        state = load_file(str(path))
-        missing = set(state) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise KeyError(f"checkpoint tensors not in the model: {sorted(missing)[:5]}")
-        model.load_state_dict(state, strict=False)
-    else:
-        load_model(model, str(path))
-    return meta

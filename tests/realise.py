@@ -66,15 +66,16 @@ class Micro:
         not depend on the parent's) and return what each realised."""
         import dataclasses
 
+        from percepdsl_runtime.models import load_weights
         from percepdsl_runtime.run import build_stage
-        from percepdsl_runtime.sft import build_trainer, load_checkpoint_safetensors
+        from percepdsl_runtime.sft import build_trainer
 
         ctx = self.ctx
         assert (ir.task, ir.model, ir.roles) == (ctx.ir.task, ctx.ir.model, ctx.ir.roles), "not a micro spec"
         ctx = dataclasses.replace(ctx, ir=ir)
         out: dict[str, Realised] = {}
         for stage in ir.stages:
-            load_checkpoint_safetensors(ctx.loaded.model, ctx.init_weights)
+            load_weights(ctx.loaded, ctx.init_weights)
             module, datamodule = build_stage(ctx, stage)
             rec = out[stage.name] = Realised()
             _observe(module, rec)

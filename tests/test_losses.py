@@ -118,7 +118,7 @@ def test_mix_term_without_tokens_contributes_zero_and_schedule_weights() -> None
 
 
 def test_mean_over_some_roles_has_effective_lambda_zero() -> None:
-    """DESIGN §7's reasoner stage, `loss = mean(reasoning, answer)`: perception in context, not in
+    """The study's reasoner stage, `loss = mean(reasoning, answer)`: perception in context, not in
     the loss, so its share of the token weight (the effective λ) is 0 — it was logged as 1.0."""
     logits, labels, roles = _batch((4, 5, 3))
     sums, counts = role_token_losses(logits, labels, roles, 3)

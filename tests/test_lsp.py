@@ -161,6 +161,44 @@ def test_scanner_recovers_statements_and_blocks() -> None:
     assert S.context_at(deep, len(deep)).kind == "key"
 
 
+def test_scanner_tables_are_the_grammars() -> None:
+    """Every word the grammar spells out is a keyword the scanner knows, every other
+    literal token of the grammar scans as one operator token."""
+    from lark import Lark
+
+    from percepdsl.parse import grammar_text
+
+    lark = Lark(grammar_text(), parser="lalr")
+    literals = {t.pattern.value for t in lark.terminals if t.pattern.type == "str"}
+    words = {w for w in literals if w.isalpha()}
+    assert words == S.STATEMENT_KEYWORDS | S.OPERATOR_WORDS | {"true", "false", "none"}
+    assert S.OPERATOR_WORDS == {"and", "or", "not", "from"}
+    for op in sorted(literals - words) + ["+", "-", "*", "/", "==", "<=", "<", ">"]:
+        toks, _ = S.tokenize(op)
+        assert [(t.kind, t.text) for t in toks] == [("op", op)]
+
+
+def test_a_keyword_added_to_the_grammar_reaches_the_scanner(tmp_path: Path) -> None:
+    """A new statement `budget EXPR` in the grammar only: the scanner outlines it as a statement."""
+    code = textwrap.dedent(
+        """
+        import percepdsl.parse as P
+        text = P.grammar_text()
+        text = text.replace("?spec_item: experiment |", "?spec_item: experiment | budget |")
+        text = text.replace("seed: \\"seed\\" expr", "seed: \\"seed\\" expr\\nbudget: \\"budget\\" expr")
+        assert "budget" in text
+        P.grammar_text = lambda: text
+        from percepdsl.lsp import scan as S
+        assert "budget" in S.SPEC_KEYWORDS and "budget" not in S.GRID_KEYWORDS
+        o = S.outline("stage a = sft {\\n  steps = 3\\nbudget 5\\n")
+        print([s.kw for s in o.stmts])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['stage', 'budget']"
+
+
 # ---- hover, definition, outline -----------------------------------------------------------------
 
 
@@ -553,3 +591,13 @@ def test_stdio_negotiates_utf32_positions(tmp_path: Path) -> None:
             assert warn.range.start == T.Position(line=1, character=text.split("\n")[1].index("unused_x"))
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/a%00b.pd", "file:///tmp/" + "a" * 300 + ".pd", "untitled:Untitled-1"])
+def test_server_diagnostics_for_uris_no_file_can_have(uri: str) -> None:
+    """A buffer whose URI names no possible file is checked as text (a NUL in it raised ValueError)."""
+    from percepdsl.lsp.server import server
+
+    diags = server.diagnostics(uri, 'experiment x\ninclude "a\x00b.pd"\ntask graph_coloring {}\nstage base = sft { steps = 1 }\n')
+    assert [d.code for d in diags] == ["missing-include"]
+    assert "internal error" not in diags[0].message

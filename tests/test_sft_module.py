@@ -1,5 +1,5 @@
-"""SFT under Lightning: data module, module (token mean / mix / NGDiff + auto LR),
-diagnostics and safetensors checkpoints, on a small tiny VLM and the real task."""
+"""SFT under Lightning: data module, module (token mean / mix / NGDiff + auto LR) and
+diagnostics, on a small tiny VLM and the real task."""
 
 from __future__ import annotations
 
@@ -9,17 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from percepdsl.ir import LoraIR, SFTStageIR
+from percepdsl.ir import SFTStageIR
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.models import load_hf
-from percepdsl_runtime.sft import (
-    LengthBucketSampler,
-    SFTDataModule,
-    SFTModule,
-    load_checkpoint_safetensors,
-    per_role_grad_norms,
-    save_checkpoint_safetensors,
-)
+from percepdsl_runtime.sft import LengthBucketSampler, SFTDataModule, SFTModule, per_role_grad_norms
 
 RULES = [
     {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>"},
@@ -173,31 +166,6 @@ def test_per_role_grad_norms(tiny, encoder, datamodule) -> None:
         assert out[f"grad_norm/{r}"] > 0
     assert -1.0 <= out["grad_cos/perception/reasoning"] <= 1.0
     assert all(p.grad is None for p in module.model.parameters())  # .grad untouched
-
-
-def test_safetensors_roundtrip_full_and_lora(tiny, tmp_path) -> None:
-    loaded = load_hf(tiny.path)
-    path = save_checkpoint_safetensors(loaded.model, tmp_path / "full.safetensors", metadata={"stage": "base"})
-    ref = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            p.add_(1.0)
-    meta = load_checkpoint_safetensors(loaded.model, path)
-    assert meta["stage"] == "base" and meta["trainable_only"] == "False"
-    for k, v in loaded.model.state_dict().items():
-        assert torch.equal(v, ref[k]), k
-
-    lora = load_hf(tiny.path, lora=LoraIR(r=2))
-    with torch.no_grad():
-        for n, p in lora.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    p2 = save_checkpoint_safetensors(lora.model, tmp_path / "adapter.safetensors")
-    assert p2.stat().st_size < path.stat().st_size / 5  # the adapter only
-    fresh = load_hf(tiny.path, lora=LoraIR(r=2))
-    load_checkpoint_safetensors(fresh.model, p2)
-    for (n, a), (_, b) in zip(lora.model.named_parameters(), fresh.model.named_parameters()):
-        assert torch.equal(a, b), n
 
 
 def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> None:

@@ -29,6 +29,7 @@ DEFAULT_ROLES = (
 )
 SEED = ParamSpec("seed", "int", 0, min=0, max=2**31 - 1)
 SPEC_STATEMENTS = (A.Experiment, A.Param, A.Seed, A.Task, A.Model, A.Roles, A.Stage, A.Eval, A.Trainer)
+ONCE = (A.Experiment, A.Seed, A.Task, A.Model, A.Roles, A.Eval, A.Trainer)  # statements a spec holds at most once
 
 
 def check_experiment(ck: Checker) -> ExperimentIR | None:
@@ -56,15 +57,14 @@ class _Spec:
 
     def check(self) -> ExperimentIR | None:
         ck = self.ck
-        g = ck.group(ck.loaded.items, (A.Experiment, A.Seed, A.Model, A.Roles, A.Eval, A.Trainer), SPEC_STATEMENTS, "an experiment spec")
+        once = tuple(c for c in ONCE if c is not A.Task)  # a second task gets its own message (_check_task)
+        g = ck.group(ck.loaded.items, once, SPEC_STATEMENTS, "an experiment spec")
         exp = g.get(A.Experiment, [])
         # A file without a header that is only included by others is a fragment: it is
         # checked as far as it stands alone, and not required to be a whole experiment.
         self.fragment = not exp and not ck.loaded.is_root_only and ck.fragment_ok
         if not exp and not self.fragment:
             ck.error(ck.at_file(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`")
-        elif exp:
-            ck.symbol("experiment", exp[0].name.id, exp[0].name.span)
         self._declare_params(g.get(A.Param, []))
         self._apply_overrides()
 
@@ -129,7 +129,6 @@ class _Spec:
             if p.default is not None and ptype is not None:
                 value = ck.coerce_expr(p.default, ParamSpec(name, ptype), f"param `{name}`")
             self.params[name] = ParamInfo(p, ptype or "float", value, "default")
-            ck.symbol("param", name, p.name.span)
 
     def _apply_overrides(self) -> None:
         ck = self.ck
@@ -213,7 +212,6 @@ class _Spec:
                 )
                 continue
             self.roles[role] = entry.key.span
-            ck.symbol("role", role, entry.key.span)
             v = ck.eval(entry.value, "rule")
             if v is None:
                 continue
@@ -267,7 +265,6 @@ class _Spec:
         entry = ck.lookup(t.name, "task")
         if entry is None:
             return None
-        ck.symbol("task", t.name.id, t.name.span)
         settings = ck.check_block(t.block, entry, f"task `{entry.name}`")
         if settings is None:
             return None
@@ -343,7 +340,6 @@ class _Spec:
                 )
                 continue
             seen[name] = st
-            ck.symbol("stage", name, st.name.span)
         for name, st in seen.items():
             kind = st.kind.id
             entry = ck.cat.get("block", kind) if kind in ("sft", "grpo") else None

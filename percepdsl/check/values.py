@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import nodes as A
-from ..catalogue import Catalogue, Entry, ParamSpec
+from ..catalogue import Catalogue, Entry, ParamSpec, plural
 from ..diagnostics import Related, Reporter, Span, did_you_mean
 from ..ir import ConstantSchedule, CosineSchedule, LinearSchedule, LossTerm, MixLoss, NGDiffLoss, RewardIR, StepSchedule, TokenMeanLoss
 
@@ -30,9 +30,11 @@ def show(x: Any) -> str:
 
 
 # ---- typed values ---------------------------------------------------------------------------
+# Built once and never changed (`dataclasses.replace` makes a moved copy). Compared by
+# identity: plain dataclasses, because `percep check` creates these classes at every start.
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Value:
     span: Span
     origin: Related | None = field(default=None, kw_only=True)  # how an overridden param got here ("`lam` = 1.5, set by --set")
@@ -41,7 +43,7 @@ class Value:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Num(Value):
     value: int | float
 
@@ -49,7 +51,7 @@ class Num(Value):
         return f"the number {show(self.value)}"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Str(Value):
     value: str
 
@@ -57,7 +59,7 @@ class Str(Value):
         return f'the string "{self.value}"'
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Bool(Value):
     value: bool
 
@@ -65,13 +67,13 @@ class Bool(Value):
         return f"`{str(self.value).lower()}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Null(Value):
     def describe(self) -> str:
         return "`none`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Dim(Value):
     """A size with a unit: `64px`, `50%`."""
 
@@ -82,7 +84,7 @@ class Dim(Value):
         return f"the size `{show(self.value)}{self.unit}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Range(Value):
     lo: int
     hi: int
@@ -91,7 +93,7 @@ class Range(Value):
         return "a range"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class List(Value):
     items: tuple[Value, ...]
 
@@ -99,7 +101,7 @@ class List(Value):
         return "a list"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Sym(Value):
     """A bare name that is not a param: a role, a choice, a metric, or a mistake."""
 
@@ -130,7 +132,7 @@ class SchedArgs:
         return cls(start=self.start, end=self.end, warmup=self.warmup)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Sched(Value):
     schedule: SchedArgs
 
@@ -138,7 +140,7 @@ class Sched(Value):
         return "a schedule"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Term:
     """One weighted term of a loss: `weight * mean(roles)`; roles None is every token."""
 
@@ -147,7 +149,7 @@ class Term:
     span: Span
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Loss(Value):
     """A weighted sum of per-role token means."""
 
@@ -157,7 +159,7 @@ class Loss(Value):
         return "a loss"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class NGDiff(Value):
     """`ngdiff(groups...)`: balances its groups' gradients itself, so it is a whole loss."""
 
@@ -168,7 +170,7 @@ class NGDiff(Value):
         return "a loss"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Reward(Value):
     reward: RewardIR
 
@@ -176,7 +178,7 @@ class Reward(Value):
         return "a reward"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Rule(Value):
     """A role rule without its role: `between("<a>", "</a>")`, `regex(...)`, `rest()`."""
 
@@ -361,8 +363,7 @@ class Evaluator:
                 self.error(b.span, "division-by-zero", "division by zero", None)
                 return None
             x = _ARITH[op](a.value, b.value)
-            if isinstance(x, float) and not math.isfinite(x):
-                self.error(span, "bad-number", "arithmetic overflow", None)
+            if not self._fits(span, x):
                 return None
             return Num(span, x, origin=a.origin or b.origin)
         if isinstance(a, (Num, Sched)) and isinstance(b, (Num, Sched)):
@@ -374,14 +375,35 @@ class Evaluator:
         self.error(span, "type", f"cannot apply `{op}` to {a.describe()} and {b.describe()}", None)
         return None
 
+    def _fits(self, span: Span, *xs: float | None) -> bool:
+        """Arithmetic stays within what a literal may be: finite floats, integers below 10^18."""
+        for x in xs:
+            if x is not None and ((isinstance(x, float) and not math.isfinite(x)) or (isinstance(x, int) and abs(x) >= 10**18)):
+                self.error(span, "bad-number", "arithmetic overflow", None)
+                return False
+        return True
+
     def _sched_arith(self, op: str, a: Num | Sched, b: Num | Sched, span: Span) -> Value | None:
+        if isinstance(a, Sched) and isinstance(b, Sched):
+            self.error(
+                span,
+                "schedule-arith",
+                f"`{op}` cannot combine two schedules",
+                "a schedule can be scaled by a number, or offset by one (e.g. `1 - linear(0.1, 0.5)`)",
+            )
+            return None
         if isinstance(a, Sched):
             s, n, s_left = a.schedule, b.value, True
         else:
             s, n, s_left = b.schedule, a.value, False
+        if op == "/" and s_left and n == 0:
+            self.error(b.span, "division-by-zero", "division by zero", None)
+            return None
         if op == "*" or (op == "/" and s_left):
             f = n if op == "*" else 1.0 / n
             upd = {"start": s.start * f, "end": None if s.end is None else s.end * f}
+            if not self._fits(span, *upd.values()):
+                return None
             return Sched(span, replace(s, **upd))
         if op in "+-" and s.kind in ("constant", "linear", "cosine"):
             sgn = -1.0 if (op == "-" and s_left) else 1.0
@@ -397,6 +419,8 @@ class Evaluator:
                     "a schedule with warmup cannot be offset (its warmup ramps from 0)",
                     "apply the warmup to the result instead",
                 )
+                return None
+            if not self._fits(span, *upd.values()):
                 return None
             return Sched(span, replace(s, **upd))
         self.error(
@@ -503,6 +527,8 @@ class Evaluator:
                 self.error(b.span, "type", "a reward can only be divided by a non-zero number", None)
                 return None
             assert isinstance(a, Reward)
+            if not self._fits(span, 1.0 / b.value):
+                return None
             return Reward(span, RewardIR(kind="scale", value=1.0 / b.value, children=[a.reward]))
         ra, rb = as_reward(a), as_reward(b)
         if ra is None or rb is None:
@@ -531,6 +557,8 @@ class Evaluator:
             else:
                 msg = f"unknown function `{name}`"
             self.error(e.func.span, "unknown-function", msg, f"did you mean `{guess}`?" if guess else f"available here: {', '.join(pool)}")
+            return None
+        if not self.supported(entry, e.func.span):
             return None
         args = self._bind(e, entry, "value" if ctx == "rule" else ctx)
         if args is None:
@@ -574,6 +602,20 @@ class Evaluator:
         if entry.name == "gate":
             return Reward(e.span, RewardIR(kind="gate", children=[args["value"], args["by"]]))
         return Reward(e.span, RewardIR(kind="term", name=entry.name, params=args, impl=entry.impl))
+
+    def supported(self, entry: Entry, span: Span) -> bool:
+        """False (reported) for a plugin entry of a kind plugins cannot add: nothing would run it."""
+        if not entry.unsupported_plugin:
+            return True
+        kinds = plural(entry.kind)
+        own = [x.name for x in self.cat.entries(entry.kind) if x.source == "percepdsl"]
+        self.error(
+            span,
+            "plugin-unsupported",
+            f"`{entry.name}` is a {entry.kind.replace('_', ' ')} from plugin `{entry.source}`, and plugins cannot add {kinds}",
+            f"percepdsl computes only its own {kinds}: {', '.join(own)}",
+        )
+        return False
 
     def _bind(self, e: A.Call, entry: Entry, ctx: str) -> dict | None:
         params = list(entry.params)
@@ -766,7 +808,10 @@ class Evaluator:
                     self.error(it.span, "type", f"{what} lists metric names, got {it.describe()}", None)
                     return None
                 name = it.name if isinstance(it, Sym) else it.value
-                if self.cat.get("metric", name) is None:
+                entry = self.cat.get("metric", name)
+                if entry is not None and not self.supported(entry, it.span):
+                    return None
+                if entry is None:
                     guess = did_you_mean(name, self.cat.names("metric"))
                     self.error(
                         it.span,
