@@ -66,6 +66,20 @@ def run_dir(cell: Cell, runs: Path) -> Path:
     return runs / f"{res.ir.name}-{content_hash(res.ir)}"
 
 
+def find_run(cell: Cell, runs: Path) -> Path | None:
+    """The finished run of a cell: its own directory when complete, else another finished run of the
+    same experiment and seed (one made by an earlier version of the code, whose IR hash differs)."""
+    own = run_dir(cell, runs)
+    if (own / "summary.json").exists():
+        return own
+    experiment = own.name.rsplit("-", 1)[0]
+    for summary in sorted(runs.glob(f"{experiment}-*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        s = json.loads(summary.read_text())
+        if cell.seed is None or s.get("seed") == cell.seed:
+            return summary.parent
+    return None
+
+
 def command(cell: Cell, runs: Path) -> list[str]:
     args = [sys.executable, "-m", "percepdsl", "run", str(cell.spec), "--out", str(runs), "-q"]
     for k, v in cell.overrides().items():
@@ -187,9 +201,9 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         "`eval.jsonl`. Test items per evaluation are stated in each row (**fewer than the 500 the issue asks for**).",
         "",
     ]
-    base = run_dir(Cell(BASE_SPEC, None, "base"), runs)
-    base_m = checked_metrics(base) if (base / "summary.json").exists() else None
-    if base_m:
+    base = find_run(Cell(BASE_SPEC, None, "base"), runs)
+    base_m = checked_metrics(base) if base else None
+    if base and base_m:
         lines += [
             "## Shared start",
             "",
@@ -201,8 +215,8 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
     cells: dict[tuple[str, int], Path] = {}
     for arm in arms:
         for s in seeds:
-            rd = run_dir(Cell(SPECS / f"gc_{arm}.pd", s, f"{arm}-s{s}"), runs)
-            if (rd / "summary.json").exists():
+            rd = find_run(Cell(SPECS / f"gc_{arm}.pd", s, f"{arm}-s{s}"), runs)
+            if rd:
                 cells[(arm, s)] = rd
     lines += ["## Arms (per seed)", "", "| arm | seed | n | a | a_p | a_r | train min | run |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     metrics: dict[tuple[str, int], dict[str, float]] = {}

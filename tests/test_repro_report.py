@@ -27,7 +27,8 @@ def fake_cell(runs: Path, cell: repro.Cell, outcome: list[bool], perception: lis
     ]
     (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(reasoning))}
-    (rd / "summary.json").write_text(json.dumps({"final": final, "final_stage": "post", "stages": {"post": {"train_seconds": 60.0}}}))
+    summary = {"seed": cell.seed, "final": final, "final_stage": "post", "stages": {"post": {"train_seconds": 60.0}}}
+    (rd / "summary.json").write_text(json.dumps(summary))
     return rd
 
 
