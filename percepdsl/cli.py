@@ -216,6 +216,15 @@ def run(
     print(run_dir)
 
 
+BaselineOpt = typer.Option(
+    None,
+    "--baseline",
+    help="The arm the others are compared with, by its params: NAME=VALUE[,NAME=VALUE] (e.g. lam=0; experiment=NAME "
+    "across experiments). Adds paired differences per metric with 95% CIs over seeds and over seeds and items.",
+    metavar="NAME=VALUE",
+)
+
+
 class GridBackend(str, Enum):
     local = "local"
     ray = "ray"
@@ -236,6 +245,7 @@ def grid(
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
     cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="Ray: CPUs reserved for each cell (also its thread count)."),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="Ray: GPUs reserved for each cell."),
+    baseline: str | None = BaselineOpt,
 ) -> None:
     """Run an ablation grid, a `percep run` per cell (resumable), then a results table and plots.
 
@@ -253,16 +263,24 @@ def grid(
             address=address,
             cpus_per_cell=cpus_per_cell,
             gpus_per_cell=gpus_per_cell,
+            baseline=baseline,
         )
     )
 
 
 @app.command()
-def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named).")) -> None:
-    """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories."""
+def report(
+    paths: list[Path] = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named), or run directories."),
+    baseline: str | None = BaselineOpt,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where run directories' paired.md / paired.json go."),
+) -> None:
+    """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories; with
+    --baseline, each arm's paired differences to that arm with 95% CIs (paired.md, paired.json).
+
+    Exit 0 written, 2 not a grid / run directory or a baseline that names no single arm."""
     from percepdsl_runtime.grid import report_command
 
-    raise typer.Exit(report_command(grid_dir))
+    raise typer.Exit(report_command(paths, baseline=baseline, out=out))
 
 
 @app.command()
