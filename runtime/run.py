@@ -364,9 +364,11 @@ class StageEval(L.Callback):
         rank 0 evaluates, the others get None."""
         from .evaluate import evaluate
         from .generation import eval_mode
+        from .rewards import checkpoint_coupling
 
         ctx, ev = self.ctx, self.ctx.ir.eval
         module_diagnostics = module.diagnostics() if hasattr(module, "diagnostics") else {}  # gathered from every rank
+        window = module.diag.window() if hasattr(module, "diag") else None  # GRPO: reward and term means since the last point
         if not ctx.ranks.is_zero:
             ctx.ranks.barrier()
             return None
@@ -377,6 +379,9 @@ class StageEval(L.Callback):
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
         entry["slot_errors"] = res.metrics.get("slot_errors")
         entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule, module_diagnostics)
+        if window:
+            entry["reward_window"] = window
+            entry["diagnostics"] |= checkpoint_coupling([*self.history, entry])  # up to this point
         self.history.append(entry)
         self.echo(
             f"[{self.stage.name} step {step}] "
