@@ -43,6 +43,7 @@ import lightning as L
 from percepdsl.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
 
+from . import stagecache
 from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
 
 RESUME_EVERY = int(
@@ -444,6 +445,8 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
         base = records[st.parent]["metrics"] if st.parent else prev
         if base is not None:
             entry["delta"] = {k: (m[k] - base[k]) for k in HEADLINE if m.get(k) is not None and base.get(k) is not None}
+        if rec.get("reused_from"):  # trained by another run (the stage cache): which, and under what identity
+            entry["reused_from"] = rec["reused_from"]
         entry["slot_errors"] = rec["metrics"].get("slot_errors")
         entry["diagnostics"] = rec["diagnostics"]
         stages[st.name] = entry
@@ -534,7 +537,7 @@ def write_reward_plot(ctx: Context) -> None:
     cols = list(rows[0]) if rows else []
     panels = (
         ("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
-        ("Pearson r with correctness", [c for c in cols if "corr" in c]),
+        ("Pearson r with correctness", [c for c in cols if "corr" in c and "corr_groups" not in c]),
     )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (title, keys) in zip(axes, panels):
@@ -661,14 +664,30 @@ def _run_stages(ctx: Context, progress: bool) -> Path | None:
     ir, ranks, echo, run_dir = ctx.ir, ctx.ranks, ctx.echo, ctx.run_dir
     records: dict[str, dict[str, Any]] = {}
     for stage in ir.stages:
-        done = stage_dir(ctx, stage) / "done.json"
+        sdir = stage_dir(ctx, stage)
+        done = sdir / "done.json"
         record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
         if record is not None:
             records[stage.name] = record
             echo(f"stage {stage.name}: done (resumed)")
             continue
+        # the same stage (same identity: settings, ancestors, task, model, seed) finished in another run under --out
+        identity = stagecache.stage_identity(ir, stage) if stagecache.enabled() else None
+        reused = None
+        if ranks.is_zero and identity is not None and stagecache.lookup(run_dir, identity) is not None:
+            try:
+                reused = stagecache.reuse(run_dir, sdir, identity)
+            except OSError as exc:  # the entry went away while being linked (another run replaced it): train instead
+                echo(f"stage {stage.name}: could not reuse the cached stage {identity} ({exc}); training it")
+        if ranks.broadcast(reused is not None):
+            records[stage.name] = reused or {}
+            source = records[stage.name].get("reused_from", {})
+            echo(f"stage {stage.name}: reused, trained by run {source.get('run')} (stage identity {identity})")
+            continue
         echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps")
         records[stage.name] = run_stage(ctx, stage, progress)
+        if ranks.is_zero and identity is not None:
+            stagecache.publish(run_dir, sdir, identity)
     if not ranks.is_zero:
         return None
     summary = summarize(ctx, records)
