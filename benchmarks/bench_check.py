@@ -8,7 +8,7 @@ tree for the current side unless `--current` names a commit) and run as `python 
 the working directory, alternating baseline and current in every round so that load on the
 shared machine hits both alike. Each side is run once first to write its bytecode and
 Lark's cached parse tables, as an installed package has them. Timed per spec set: one small
-spec (`specs/quickstart.pd`, what the README quotes), and every spec and grid in `specs/`
+spec (`specs/quickstart.pd`, what docs/performance.md quotes), and every spec and grid in `specs/`
 (the grids compile their cells), each side its own copy of `specs/`. Prints medians and
 quartiles of wall time and of the process's CPU time (user + system), the least CPU time
 (what a run costs when nothing else interferes: the steadiest figure on a shared machine),

@@ -15,7 +15,7 @@ returns a `percepdsl_runtime.models.LoadedModel`; a reward term's as
 `impl(group: RolloutGroup, **params) -> list[float]`.
 
 The IR (`percepdsl/ir.py`) takes every default, range and choice of a built-in entry from
-here (`setting_field`), and `tests/test_catalogue_binding.py` binds every entry to its
+here (`percepdsl.ir.setting`), and `tests/test_catalogue_binding.py` binds every entry to its
 implementation, so a name, default or range cannot drift between the two.
 
 Plugins add entries as *data*: a package declares an entry point in the group
@@ -122,6 +122,16 @@ class ParamSpec:
             return f"at most {_fmt(self.max)}"
         return ""
 
+    def default_text(self) -> str:
+        """The default as a spec writes it (a choice bare, a string quoted)."""
+        if self.type == "choice" and self.default is not None:
+            return str(self.default)
+        if self.type == "loss" and isinstance(self.default, str):
+            return f"{self.default}()"  # a loss named by its default: `token_mean()`
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        return _fmt(self.default)
+
     def signature(self) -> str:
         s = f"{self.name}: {self.type}"
         if self.choices:
@@ -195,7 +205,7 @@ class Entry:
             for p in self.params:
                 rng = p.describe_range()
                 unit = f" {p.unit}" if p.unit else ""
-                req = "required" if p.required else f"default `{_fmt(p.default)}`"
+                req = "required" if p.required else f"default `{p.default_text()}`"
                 lines.append(f"- `{p.name}` ({p.describe_type()}{', ' + rng if rng else ''}{unit}; {req}): {p.doc}")
         return "\n".join(lines)
 
