@@ -436,8 +436,8 @@ class GRPOModule(L.LightningModule):
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=False)
-            loss, stats, n_tok = torch.zeros(()), {}, 0.0
-            for p in parts:  # each generated batch's share of the loss (one denominator): gradients add up
+            parts_loss, stats, n_tok = [], {}, 0.0
+            for p in parts:  # each generated batch's share of the loss (one denominator for all)
                 if not len(p.rows):
                     continue
                 logp = completion_logprobs(self.model, p.roll, st.temperature, p.rows)
@@ -454,13 +454,18 @@ class GRPOModule(L.LightningModule):
                     kl=st.kl,
                     denominator=denom,
                 )
-                if idle:
-                    part_loss, part_stats = part_loss * 0.0, {}
-                self.manual_backward(part_loss)
-                loss, w = loss + part_loss.detach(), float(p.mask.sum())
+                parts_loss.append(part_loss)
+                w = float(p.mask.sum())
                 for k, v in part_stats.items():  # token-weighted over the generated batches
                     stats[k] = (stats.get(k, 0.0) * n_tok + v * w) / max(n_tok + w, 1.0)
                 n_tok += w
+            loss = torch.zeros(())
+            if parts_loss:  # one backward per update on every rank, however many batches it drew
+                loss = torch.stack(parts_loss).sum()
+                if idle:
+                    loss, stats = loss * 0.0, {}
+                self.manual_backward(loss)
+                loss = loss.detach()
             logs["grad_norm"] = self._clip_grads()
             opt.step()  # also with zero gradients, as any GRPO step: Adam's momentum still moves
         n_rows = sum(int(p.keep.sum()) for p in parts) * st.group
