@@ -314,6 +314,14 @@ BUILTINS: tuple[Entry, ...] = (
                 max=81,
                 nullable=True,
             ),
+            P(
+                "perception_format",
+                "choice",
+                "grid",
+                "p* as rows separated by `/` (grid) or the n² cell words alone (cells: 3 words fewer at 4×4; "
+                "with `verbose` reasoning and 5 givens perception is then 4.7% of the target tokens instead of 5.4%)",
+                choices=("grid", "cells"),
+            ),
             *_STYLE,
             *_SPLITS,
         ),

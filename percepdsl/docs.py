@@ -3,7 +3,8 @@
 `reference()` writes every built-in entry of `percepdsl/catalogue.py` (tasks, model kinds,
 stage kinds and their settings, losses, schedules, reward terms, metrics, role rules, the
 `eval`, `trainer` and `lora` blocks and the statement keywords) as one Markdown page, with
-each setting's type, default, range, unit and doc as the catalogue states them. The
+each setting's type, default, range, unit and doc as the catalogue states them, followed by the
+grammar (`grammars/percep.lark`). The
 documentation site builds its reference page from this function at build time
 (`docs/hooks.py`), so the page cannot drift from the catalogue; `python -m percepdsl.docs`
 prints it (`--out FILE` writes it).
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from percepdsl.catalogue import Catalogue, Entry, ParamSpec
+from percepdsl.parse import grammar_text
 
 STAGE_KINDS = ("sft", "grpo")  # the `block` entries a `stage NAME = KIND { ... }` names
 
@@ -100,12 +102,13 @@ def reference(cat: Catalogue | None = None) -> str:
         "generated from the catalogue (`percepdsl/catalogue.py`) when the site is built, so it says what",
         "the checker accepts; `python -m percepdsl.docs` prints it. Entries added by installed plugins or",
         "registered from Python (`percepdsl.api.register_reward`) are not listed here; the language",
-        "server's hover shows them. The syntax is described in the [language tour](language.md).",
+        "server's hover shows them. The syntax is described in the [language tour](language.md); the",
+        "[grammar](#grammar) ends this page.",
         "",
         "A setting left out takes its default; `required` settings must be given. A value written",
         "`none` is accepted only where the type says so, and means what the setting's text says.",
         "",
-        "Contents: " + " · ".join(f"[{title}](#{anchor})" for title, anchor, *_ in SECTIONS),
+        "Contents: " + " · ".join(f"[{title}](#{anchor})" for title, anchor, *_ in SECTIONS) + " · [Grammar](#grammar)",
         "",
     ]
     for title, anchor, kind, names, what in SECTIONS:
@@ -122,6 +125,15 @@ def reference(cat: Catalogue | None = None) -> str:
             continue
         for e in entries:
             out += _entry(e)
+    out += [
+        "## Grammar {#grammar}",
+        "",
+        "The LALR grammar of spec and grid files (`grammars/percep.lark`), as the parser reads it.",
+        "",
+        "```",
+        grammar_text().rstrip(),
+        "```",
+    ]
     return "\n".join(out).rstrip() + "\n"
 
 

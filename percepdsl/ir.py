@@ -289,6 +289,7 @@ class GraphColoringParams(_Model):
 class SudokuParams(_Model):
     size: Literal[4, 9] = setting(*_sd, "size")
     givens: int | None = setting(*_sd, "givens")
+    perception_format: Literal["grid", "cells"] = setting(*_sd, "perception_format")
     reasoning: Literal["brief", "trace", "verbose"] = setting(*_sd, "reasoning")
     image: int = setting(*_sd, "image")
     jitter: float = setting(*_sd, "jitter")

@@ -16,6 +16,7 @@ from percepdsl.catalogue import BUILTINS
 from percepdsl.check import check_file
 from percepdsl.docs import main, reference
 from percepdsl.ir import content_hash
+from percepdsl.parse import grammar_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,7 @@ def test_the_reference_states_every_setting_as_the_catalogue_does(tmp_path: Path
                 assert f"`{p.default_text()}`" in row, (e.name, p.name, row)
         if e.impl:
             assert f"Implemented by `{e.impl}`." in section
+    assert grammar_text().rstrip() in text
     assert main(["--out", str(tmp_path / "reference.md")]) == 0
     assert (tmp_path / "reference.md").read_text(encoding="utf-8") == text
 
