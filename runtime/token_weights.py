@@ -74,10 +74,6 @@ class TokenWeighting:
         w = torch.tensor(self.role_weights(step, total) + [0.0], dtype=torch.float32, device=role_ids.device)
         return w[role_ids.clamp(min=-1)]  # index -1 is the appended 0
 
-    def group_masks(self, role_ids: torch.Tensor) -> list[torch.Tensor]:
-        """NGDiff: [N, T] float mask of each group's tokens."""
-        return [torch.isin(role_ids, torch.tensor(g, device=role_ids.device)).float() for g in self.groups]
-
     def exact_step(self, step: int) -> bool:
         return self.ir.norm_every <= 1 or step % self.ir.norm_every == 0 or not self._norms
 
@@ -131,24 +127,15 @@ class TokenWeighting:
         return logs
 
 
-def role_gradient_norms(
-    per_token: torch.Tensor,
-    role_ids: torch.Tensor,
-    reduce: Callable[[torch.Tensor], torch.Tensor],
-    params: Sequence[torch.nn.Parameter],
-    role_names: Sequence[str],
-) -> dict[str, float]:
-    """``pg_norm/<role>``: ‖∇ reduce(per_token · [role])‖ for every role with tokens, and
-    ``pg_share/<role>``: its share of the sum of those norms. ``reduce`` is the stage's
-    aggregation (so the parts add up to the loss); the graph is retained for the update's
-    own backward. One extra backward per role present: run it on logged steps only."""
+def role_gradient_norms(losses: dict[str, torch.Tensor], params: Sequence[torch.nn.Parameter]) -> dict[str, float]:
+    """``pg_norm/<role>``: the gradient norm of each role's share of the loss (``losses``: role
+    name → the aggregated loss of its tokens only, so the shares add up to the loss), and
+    ``pg_share/<role>``: its share of the sum of those norms. The graph is retained for the
+    update's own backward. One extra backward per role: run it on logged steps only."""
     params = [p for p in params if p.requires_grad]
     norms: dict[str, float] = {}
-    for r, name in enumerate(role_names):
-        sel = role_ids == r
-        if not bool(sel.any()):
-            continue
-        gs = torch.autograd.grad(reduce(per_token * sel), params, retain_graph=True, allow_unused=True)
+    for name, loss in losses.items():
+        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         norms[name] = _global_norm([g for g in gs if g is not None])
     total = sum(norms.values())
     logs = {f"pg_norm/{k}": v for k, v in norms.items()}
