@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from percepdsl.io import atomic_path, write_json_atomic
@@ -43,6 +43,7 @@ from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses, schedule_value
 from .models import LoadedModel
 from .optim import adamw
+from .packing import Layout, bucket, collate_packed, packable, text_model_of, training_attention
 
 
 # --------------------------------------------------------------------------- forward
@@ -58,17 +59,31 @@ def _split_head(model: Any) -> tuple[Any, Any] | None:
 
 
 def target_logits(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token logits at target positions only: (logits[N, V], labels[N], role_ids[N])."""
+    """Next-token logits at target positions only: (logits[N, V], labels[N], role_ids[N]).
+
+    ``batch`` is right-padded items or one packed row (``packing.collate_packed``); the text
+    decoder of a supported model attends with ``packing.packed_attention`` either way. In a
+    packed row the last token of an item "predicts" the next item's first token, a prompt
+    token with label -100: no target crosses an item boundary."""
     labels, roles = batch["labels"][:, 1:], batch["role_ids"][:, 1:]
     sel = labels != -100
     inputs = model_inputs(batch)
     split = _split_head(model)
-    if split is not None:
-        base, head = split
-        hidden = base(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        logits = head(hidden[sel])
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][sel]
+    with training_attention(model) as own_attention:
+        if "seq_lengths" in batch:
+            if not own_attention:
+                raise ValueError("a packed batch needs a model whose attention packing supports (packing.text_model_of)")
+            inputs["percep_layout"] = Layout.of(batch["seq_lengths"])
+        if split is not None:
+            base, head = split
+            hidden = base(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            # the LM head on bucket(n) rows (the extra ones repeat row 0 and are dropped): the
+            # number of targets changes every batch, and every new matmul shape costs a kernel compile
+            idx = sel.flatten().nonzero()[:, 0]
+            n = idx.shape[0]
+            logits = head(hidden.reshape(-1, hidden.shape[-1])[F.pad(idx, (0, bucket(n) - n))])[:n]
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, :-1][sel]
     return logits, labels[sel], roles[sel]
 
 
@@ -393,7 +408,12 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Task split → encoded items → seeded batches: random (default) or length-bucketed."""
+    """Task split → encoded items → seeded batches: random (default) or length-bucketed.
+
+    ``packing`` (default): each batch is one padding-free row (``packing.collate_packed``)
+    when the model and the items allow it (``packing.text_model_of``, ``packing.packable``),
+    else right-padded items; ``self.packed`` says which, after ``setup``. The batches hold
+    the same items either way: packing changes the layout, not the composition."""
 
     def __init__(
         self,
@@ -407,16 +427,29 @@ class SFTDataModule(L.LightningDataModule):
         bucket: bool = False,
         window: int = 50,
         num_workers: int = 0,
+        packing: bool = True,
     ):
         super().__init__()
         self.task, self.encoder = task, encoder
         self.batch_size, self.seed, self.split, self.n_items = batch_size, seed, split, n_items
         self.bucket, self.window, self.num_workers = bucket, window, num_workers
+        self.packing, self.packed = packing, False
         self.dataset: EncodedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = EncodedDataset(self.task, self.encoder, self.split, self.n_items)
+            self.packed = (
+                self.packing and text_model_of(self.encoder.loaded.model) is not None and all(packable(it) for it in self.dataset.items)
+            )
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """One training batch: a packed row, or right-padded items whose length is rounded up
+        by ``packing.bucket`` (fewer distinct matmul shapes, so fewer kernel compiles)."""
+        pad = self.encoder.pad_token_id
+        if self.packed:
+            return collate_packed(items, pad)
+        return collate(items, pad, length=bucket(max(int(it["input_ids"].shape[0]) for it in items)))
 
     def sampler(self) -> LengthBucketSampler:
         self.setup()
@@ -440,7 +473,7 @@ class SFTDataModule(L.LightningDataModule):
             self.dataset,
             batch_sampler=batches,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_token_id=self.encoder.pad_token_id),
+            collate_fn=self.collate,
         )
 
 
