@@ -180,7 +180,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     task = build_task("graph_coloring", {"test": max(args.items, 1)}, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:  # the model is loaded into memory
-        loaded = build_tiny(task.vocabulary(), seed=args.seed, save_dir=Path(tmp))
+        loaded = build_tiny(task.vocabulary(), image=task.params.image, seed=args.seed, save_dir=Path(tmp))
     enc = Encoder(loaded, ROLE_RULES)
     samples = [task.sample("test", i) for i in range(args.items)]
     prompts = [Prompt(s.query, s.image, p, args.fixed_tokens) for s in samples for p in ("", task.counterfactual_prefix(s))]

@@ -218,7 +218,7 @@ def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bo
     import lightning as L
 
     import percepdsl_runtime.grpo as grpo
-    from percepdsl.ir import StageIR
+    from percepdsl.ir import GRPOStageIR
     from percepdsl_runtime.encoding import Encoder
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sampling import FusedLlamaDecoder
@@ -227,23 +227,20 @@ def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bo
         FusedLlamaDecoder.supports = staticmethod(lambda *a, **k: False)
     loaded = load_hf(model_dir, lora=LORA if lora else None)
     enc = Encoder(loaded, bl.RULES)
-    stage = StageIR(
+    stage = GRPOStageIR(
         name="rl",
-        kind="grpo",
-        settings={
-            "steps": steps + warmup,
-            "lr": 1e-4,
-            "batch": PROMPTS,
-            "group": G,
-            "max_new_tokens": NEW_TOKENS,
-            "temperature": 1.0,
-            "kl": 0.0,
-            "mask_truncated": False,  # TRL's default
-            "compile": compile,
-        },
+        steps=steps + warmup,
+        lr=1e-4,
+        batch=PROMPTS,
+        group=G,
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.0,
+        kl=0.0,
+        mask_truncated=False,  # TRL's default
+        compile=compile,
         reward=reward_ir(),
     )
-    module, dm = grpo.build_grpo(loaded, enc, bl.task_of(REGIME), stage, seed=0)
+    module, dm = grpo.build_grpo(loaded, enc, bl.task_of(REGIME), stage, seed=0, grad_clip=1.0)
     timer = Timer()
     grpo.sample_completions = timer.wrap("generate", grpo.sample_completions)
     grpo.completion_logprobs = timer.wrap("forward", grpo.completion_logprobs)
@@ -319,14 +316,14 @@ def sft_warm_start(model_dir: Path, steps: int) -> None:
     SFT checkpoint, whose completions follow the format and run to the 64-token cap."""
     import lightning as L
 
+    from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.encoding import Encoder
-    from percepdsl_runtime.losses import Objective
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
     loaded = load_hf(model_dir)
     enc = Encoder(loaded, bl.RULES)
-    module = SFTModule(loaded, Objective({"kind": "token_mean"}, enc.role_names), {"lr": 2e-3})
+    module = SFTModule(loaded, SFTStageIR(name="warm", steps=steps, lr=2e-3), enc.role_names)
     dm = SFTDataModule(bl.task_of(REGIME), enc, batch_size=8, seed=0, n_items=8 * steps)
     build_trainer(steps, accelerator="cpu").fit(module, datamodule=dm)
     L.seed_everything(0, verbose=False)

@@ -107,7 +107,7 @@ def child_ours(model_dir: Path, regime: str, items: int, steps: int, warmup: int
     import lightning as L
 
     from percepdsl_runtime.encoding import Encoder
-    from percepdsl_runtime.losses import Objective
+    from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
@@ -126,7 +126,7 @@ def child_ours(model_dir: Path, regime: str, items: int, steps: int, warmup: int
             tokens.append(int(batch["n_target"].sum()))
             flops.append(count(batch))
 
-    module = SFTModule(loaded, Objective({"kind": "token_mean"}, enc.role_names), {"lr": 1e-3})
+    module = SFTModule(loaded, SFTStageIR(name="bench", steps=steps + warmup, lr=1e-3), enc.role_names)
     logger = L.pytorch.loggers.CSVLogger(tempfile.mkdtemp(prefix="bench-sft-"), name="", version="log")
     trainer = build_trainer(steps + warmup, accelerator="cpu", callbacks=[Clock()], logger=logger, log_every_n_steps=10)
     rss0 = bl.rss_mb()
@@ -144,7 +144,7 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, rounds: i
     import torch
 
     from percepdsl_runtime.encoding import Encoder
-    from percepdsl_runtime.losses import Objective
+    from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
@@ -171,7 +171,7 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, rounds: i
                 def on_train_batch_end(self, *a: Any) -> None:
                     times.append(bl.span(self.t, bl.now())["cpu_s"])  # noqa: B023 (the callback lives one iteration)
 
-            module = SFTModule(load_hf(model_dir), Objective(spec, enc.role_names), {"lr": 1e-3})
+            module = SFTModule(load_hf(model_dir), SFTStageIR(name=name, steps=len(batches), lr=1e-3, loss=spec), enc.role_names)
             build_trainer(len(batches), accelerator="cpu", callbacks=[Clock()], log_every_n_steps=10).fit(module, train_dataloaders=loader)
             med[name].append(statistics.median(times[3:]))
     plain, exact, lagged = (min(med[k]) for k in specs)

@@ -69,7 +69,8 @@ def build_model(regime: str, out: Path, **size: Any) -> Path:
     """The tiny VLM of ``regime`` (seed 0) saved to ``out``: every side loads these weights."""
     from percepdsl_runtime.models import build_tiny
 
-    build_tiny(task_of(regime).vocabulary(), patch=REGIMES[regime]["patch"], seed=0, save_dir=out, **size)
+    task = task_of(regime)
+    build_tiny(task.vocabulary(), image=task.params.image, patch=REGIMES[regime]["patch"], seed=0, save_dir=out, **size)
     return out
 
 

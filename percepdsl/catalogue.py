@@ -7,7 +7,16 @@ mean" from here, and the language server's hover and completion read the same
 entries. `impl` is a dotted path the runtime imports lazily; the language side never
 imports it.
 
-A task's `impl` is a class (or factory) called as `impl(params: dict, seed: int)`.
+A task's `impl` is a class (or factory) called as `impl(params, seed: int)`, where `params`
+are the checked parameters: the typed model of `percepdsl.ir` for a built-in task (every
+default filled from here), a dict for a plugin task. A model's `impl` is called as
+`impl(model: ModelIR, *, vocabulary: list[str], image: int, seed: int, save_dir: Path)` and
+returns a `percepdsl_runtime.models.LoadedModel`; a reward term's as
+`impl(group: RolloutGroup, **params) -> list[float]`.
+
+The IR (`percepdsl/ir.py`) takes every default, range and choice of a built-in entry from
+here (`setting_field`), and `tests/test_catalogue_binding.py` binds every entry to its
+implementation, so a name, default or range cannot drift between the two.
 
 Plugins add entries as *data*: a package declares an entry point in the group
 `percepdsl.catalogue` whose value is `package:file.toml`; the TOML file inside the
@@ -28,6 +37,10 @@ from typing import Any
 import tomllib
 
 KINDS = ("task", "model", "role_rule", "loss", "schedule", "reward", "metric", "block", "keyword")
+# What a plugin may add: the runtime imports the `impl` of tasks and reward terms (and of
+# models). Losses, schedules, role rules and metrics are computed by percepdsl itself, and
+# blocks and keywords are the language's own: a plugin entry of those kinds is a problem.
+PLUGIN_KINDS = ("task", "model", "reward")
 
 # Parameter types understood by the checker (see check.py `coerce`):
 #   int, float, bool, str, px (an int size; `64px` or 64), int_range (int or lo..hi),
@@ -65,6 +78,15 @@ class ParamSpec:
     required: bool = False
     nullable: bool = False  # `none` is accepted (and the default is None: "decided by the runtime")
     variadic: bool = False  # takes all remaining positional arguments
+
+    def ir_default(self) -> Any:
+        """The default in the form the IR holds it: a range as `(lo, hi)`, a metric list as a list."""
+        d = self.default
+        if self.type == "int_range" and isinstance(d, int):
+            return (d, d)
+        if self.type == "metrics" and isinstance(d, tuple):
+            return list(d)
+        return d
 
     def describe_type(self) -> str:
         base = {
@@ -138,6 +160,15 @@ class Entry:
     impl: str | None = None
     source: str = "percepdsl"  # "percepdsl" or the plugin distribution that declared it
     constraints: tuple[Constraint, ...] = ()
+    # reward terms: a candidate label-free perception surrogate, whose correlation with true
+    # perception correctness a GRPO run reports. False for the terms that read labels (p* or the
+    # true answer) and for `format`; plugin terms are candidates unless their TOML says otherwise.
+    surrogate: bool = True
+
+    @property
+    def unsupported_plugin(self) -> bool:
+        """A plugin entry of a kind plugins cannot add (see PLUGIN_KINDS)."""
+        return self.source != "percepdsl" and self.kind not in PLUGIN_KINDS
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:
@@ -168,10 +199,21 @@ def P(name: str, type: str, default: Any = None, doc: str = "", **kw: Any) -> Pa
 
 
 REASONING_STYLES = ("brief", "trace", "verbose")
-_MIN_GIVENS = {4: 5, 9: 25}  # below these, generating a uniquely solvable puzzle is impractical
+# Sudoku givens: below MIN_GIVENS a uniquely solvable puzzle is impractical to generate (the
+# generator's measurements are in runtime/tasks/sudoku.py); DEFAULT_GIVENS is what `givens = none`
+# means: half the 4×4 grid, and the usual range of "medium" 9×9 puzzles.
+MIN_GIVENS = {4: 5, 9: 25}
+DEFAULT_GIVENS = {4: 8, 9: 30}
 _SPLITS = (
     P("train", "int", 2000, "training instances", min=1, max=10_000_000),
     P("test", "int", 200, "held-out test instances (share no instance with train)", min=1, max=1_000_000),
+)
+# AdamW, in every training stage. Matrices are decayed, biases and norm gains are not.
+_ADAMW = (
+    P("weight_decay", "float", 0.0, "AdamW weight decay (matrices only; biases and norm gains are not decayed)", min=0, max=1),
+    P("adam_beta1", "float", 0.9, "AdamW β1 (first-moment decay)", min=0, max=0.9999),
+    P("adam_beta2", "float", 0.999, "AdamW β2 (second-moment decay)", min=0, max=0.99999),
+    P("adam_eps", "float", 1e-8, "AdamW ε (added to the second-moment root)", min=0, max=1),
 )
 _STYLE = (
     P(
@@ -243,7 +285,15 @@ BUILTINS: tuple[Entry, ...] = (
         "Solve a rendered, partially filled Sudoku with a unique solution; p* is the given grid.",
         (
             P("size", "int", 4, "grid side (4 for small models, 9 for real ones)", choices=(4, 9)),
-            P("givens", "int", None, "given cells (difficulty); none = 8 for 4×4, 30 for 9×9", min=5, max=81, nullable=True),
+            P(
+                "givens",
+                "int",
+                None,
+                f"given cells (difficulty); none = {DEFAULT_GIVENS[4]} for 4×4, {DEFAULT_GIVENS[9]} for 9×9",
+                min=5,
+                max=81,
+                nullable=True,
+            ),
             *_STYLE,
             *_SPLITS,
         ),
@@ -252,8 +302,8 @@ BUILTINS: tuple[Entry, ...] = (
             Constraint(
                 ("givens", "size"),
                 lambda s: (
-                    f"a {s['size']}×{s['size']} sudoku takes {_MIN_GIVENS[s['size']]} to {s['size'] ** 2} givens, got {s['givens']}"
-                    if s["givens"] is not None and not _MIN_GIVENS[s["size"]] <= s["givens"] <= s["size"] ** 2
+                    f"a {s['size']}×{s['size']} sudoku takes {MIN_GIVENS[s['size']]} to {s['size'] ** 2} givens, got {s['givens']}"
+                    if s["givens"] is not None and not MIN_GIVENS[s["size"]] <= s["givens"] <= s["size"] ** 2
                     else None
                 ),
                 "fewer givens than that rarely leave a unique solution",
@@ -282,14 +332,14 @@ BUILTINS: tuple[Entry, ...] = (
             P("vision_depth", "int", 2, "vision tower layers", min=1, max=48),
             P("patch", "px", 16, "vision patch size (image size must be a multiple)", min=2, max=64, unit="px"),
         ),
-        impl="percepdsl_runtime.models:build_tiny",
+        impl="percepdsl_runtime.models:tiny_model",
     ),
     Entry(
         "hf",
         "model",
         'A local Hugging Face image-text-to-text checkpoint: `model hf "/path" { lora { r = 16 } }`.',
         (P("dtype", "choice", "float32", "weights dtype", choices=("float32", "bfloat16", "float16")),),
-        impl="percepdsl_runtime.models:load_hf",
+        impl="percepdsl_runtime.models:hf_model",
     ),
     Entry(
         "lora",
@@ -335,45 +385,64 @@ BUILTINS: tuple[Entry, ...] = (
         "NGDiff dynamic balancing: each group's gradient is normalised to unit norm, then summed (g = g_p/‖g_p‖ + g_r/‖g_r‖).",
         (
             P("groups", "role_group", None, "role groups, e.g. `ngdiff(perception, [reasoning, answer])`", variadic=True),
-            P("auto_lr", "bool", False, "scale the step by the mean raw gradient norm (automatic learning rate)"),
+            P(
+                "auto_lr",
+                "bool",
+                False,
+                "automatic learning rate: every `auto_lr_every` steps a line search along the optimiser's step (losses at "
+                "θ+Δ and θ+2Δ, a parabola's minimum t*) sets an lr multiplier that follows t* (EMA 0.9, within [0.05, 20])",
+            ),
+            P("auto_lr_every", "int", 10, "steps between the auto-LR line searches (2 extra forwards each)", min=1, max=100_000),
+            P(
+                "norm_every",
+                "int",
+                1,
+                "measure the group gradient norms every N steps (1 = exact); in between, one backward of Σ L_i/‖g_i‖ "
+                "with the last norms (an approximation near the cost of a plain step)",
+                min=1,
+                max=100_000,
+            ),
         ),
     ),
     # ---- schedules ------------------------------------------------------------------
     Entry(
         "constant",
         "schedule",
-        "A constant value.",
-        (P("value", "float", None, "the value", required=True), P("warmup", "int", 0, "linear warmup steps from 0", min=0)),
+        "A constant value (after the warmup, if any).",
+        (
+            P("value", "float", None, "the value", required=True),
+            P("warmup", "int", 0, "steps of linear ramp from 0 to the schedule's start", min=0),
+        ),
     ),
     Entry(
         "linear",
         "schedule",
-        "Linear from start to end over the stage.",
+        "Linear from start (first step after the warmup) to end (reached at the stage's last step + 1, as in Hugging Face's schedulers).",
         (
             P("start", "float", None, "value at the first step", required=True),
             P("end", "float", None, "value at the last step", required=True),
-            P("warmup", "int", 0, "linear warmup steps from 0", min=0),
+            P("warmup", "int", 0, "steps of linear ramp from 0 to the schedule's start", min=0),
         ),
     ),
     Entry(
         "cosine",
         "schedule",
-        "Cosine from start to end over the stage.",
+        "Half a cosine from start (first step after the warmup) to end, over the rest of the stage.",
         (
             P("start", "float", None, "value at the first step", required=True),
             P("end", "float", 0.0, "value at the last step"),
-            P("warmup", "int", 0, "linear warmup steps from 0", min=0),
+            P("warmup", "int", 0, "steps of linear ramp from 0 to the schedule's start", min=0),
         ),
     ),
     Entry(
         "step",
         "schedule",
-        "Start value, multiplied by factor every N steps.",
+        "start × factor^⌊(step − warmup) / every⌋.",
         (
             P("start", "float", None, "initial value", required=True),
             P("factor", "float", 0.5, "multiplier", min=0),
             P("every", "int", 100, "steps between decays", min=1),
-            P("warmup", "int", 0, "linear warmup steps from 0", min=0),
+            P("warmup", "int", 0, "steps of linear ramp from 0 to the schedule's start", min=0),
         ),
     ),
     Entry(
@@ -388,29 +457,43 @@ BUILTINS: tuple[Entry, ...] = (
         "reward",
         "1 if the answer is correct for the true instance (needs ground truth).",
         impl="percepdsl_runtime.rewards:outcome",
+        surrogate=False,
     ),
     Entry(
         "perception_match",
         "reward",
         "1 if the perception section equals p* exactly (needs perception labels).",
         impl="percepdsl_runtime.rewards:perception_match",
+        surrogate=False,
     ),
     Entry(
         "perception_partial",
         "reward",
         "Partial perception credit: edge F1 (graph colouring) or cell accuracy (sudoku).",
         impl="percepdsl_runtime.rewards:perception_partial",
+        surrogate=False,
     ),
     Entry(
         "format",
         "reward",
         "1 if the output has the perception, reasoning and answer sections once, in order.",
         impl="percepdsl_runtime.rewards:format_ok",
+        surrogate=False,
     ),
     Entry(
         "self_consistency",
         "reward",
-        "Surrogate (no p*): agreement of a rollout's perception with the majority perception of its group.",
+        "Surrogate (no p*): the share of the other G−1 rollouts of the group whose parsed perception equals this "
+        "rollout's (0 if it does not parse); `mode = majority`: 1 if it is a plurality perception shared by ≥ 2 rollouts.",
+        (
+            P(
+                "mode",
+                "choice",
+                "agreement",
+                "`agreement`: share of the other rollouts that agree; `majority`: 1 for a plurality perception shared by ≥ 2",
+                choices=("agreement", "majority"),
+            ),
+        ),
         impl="percepdsl_runtime.rewards:self_consistency",
     ),
     Entry(
@@ -442,10 +525,17 @@ BUILTINS: tuple[Entry, ...] = (
         "Supervised fine-tuning stage on the task's chain-of-thought targets.",
         (
             P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
-            P("lr", "value", 1e-3, "learning rate: a number or a schedule such as `cosine(1e-3, 0, warmup = 50)`", min=0, max=1),
+            P(
+                "lr",
+                "value",
+                1e-3,
+                "learning rate at each step: a number or a schedule such as `cosine(1e-3, 0, warmup = 50)` (absolute values)",
+                min=0,
+                max=1,
+            ),
             P("batch", "int", 8, "sequences per optimizer step (before accumulation)", min=1, max=4096),
             P("loss", "loss", "token_mean", "training loss; default `token_mean()`"),
-            P("weight_decay", "float", 0.0, "AdamW weight decay", min=0, max=1),
+            *_ADAMW,
             P(
                 "batching",
                 "choice",
@@ -464,7 +554,7 @@ BUILTINS: tuple[Entry, ...] = (
         "GRPO reinforcement-learning stage with group-normalised advantages.",
         (
             P("steps", "int", None, "optimizer steps", required=True, min=1, max=10_000_000),
-            P("lr", "value", 1e-4, "learning rate (number or schedule)", min=0, max=1),
+            P("lr", "value", 1e-4, "learning rate at each step: a number or a schedule (absolute values)", min=0, max=1),
             P("batch", "int", 2, "prompts per step", min=1, max=4096),
             P("group", "int", 8, "samples per prompt (G)", min=2, max=1024),
             P("reward", "reward", None, "reward expression, e.g. `0.3 * perception_match + 0.7 * outcome`", required=True),
@@ -479,11 +569,22 @@ BUILTINS: tuple[Entry, ...] = (
             P(
                 "aggregation",
                 "choice",
-                "sequence",
-                "loss aggregation: per-sequence mean (GRPO) or over all tokens (DAPO / Dr. GRPO)",
-                choices=("sequence", "token"),
+                "grpo",
+                "loss aggregation, named as TRL's `loss_type`: `grpo` (mean over each completion's tokens, then over the "
+                "completions), `bnpo` (mean over all completion tokens of the batch), `dr_grpo` (token sum / (completions × "
+                "max_new_tokens)), `dapo` (token sum / active tokens of the global batch, across devices)",
+                choices=("grpo", "bnpo", "dr_grpo", "dapo"),
             ),
-            P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss"),
+            P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss (they still count in `grpo`'s mean)"),
+            *_ADAMW,
+            P(
+                "sample_precision",
+                "choice",
+                "bf16",
+                "weights of the rollout sampler: `bf16` copies (≈2× faster matmuls here) or `fp32` (Hugging Face's tokens exactly); "
+                "the training forward always follows the trainer's precision",
+                choices=("bf16", "fp32"),
+            ),
             P(
                 "compile",
                 "bool",
@@ -502,10 +603,26 @@ BUILTINS: tuple[Entry, ...] = (
             P("every", "int", None, "evaluate every N steps (none = at stage ends only)", min=1, nullable=True),
             P("metrics", "metrics", ("end_to_end", "perception", "reasoning"), "metrics to report"),
             P("test", "int", None, "test items to evaluate (none = the whole test split)", min=1, nullable=True),
-            P("max_new_tokens", "int", None, "generation cap (none = 1.3 × reference length + 20)", min=1, nullable=True),
+            P(
+                "max_new_tokens",
+                "int",
+                None,
+                "one generation cap for every item (none = a cap per item: ⌈cap_factor × reference tokens⌉ + cap_margin)",
+                min=1,
+                nullable=True,
+            ),
+            P("cap_factor", "float", 1.3, "per-item cap: multiple of the reference's token count", min=1, max=100),
+            P("cap_margin", "int", 20, "per-item cap: tokens added to the multiple", min=0, max=100_000),
             P("temperature", "float", 0.0, "0 = greedy", min=0, max=10),
             P("top_p", "float", 1.0, "nucleus sampling", min=0.01, max=1),
-            P("batch", "int", 50, "generation batch size", min=1, max=4096),
+            P("batch", "int", 50, "generated rows per batch (50 and 100 measured fastest for the tiny model)", min=1, max=4096),
+            P(
+                "precision",
+                "choice",
+                "fp32",
+                "generation precision: `fp32`, or `bf16` autocast (≈10% faster batched here; greedy outputs differ where logits nearly tie)",
+                choices=("fp32", "bf16"),
+            ),
         ),
     ),
     Entry(
@@ -548,6 +665,22 @@ BUILTINS: tuple[Entry, ...] = (
 )
 
 # `eval` is both a keyword and a block; the block entry documents both.
+
+_BUILTIN = {(e.kind, e.name): e for e in BUILTINS}
+
+
+def builtin(kind: str, name: str) -> Entry:
+    """A built-in entry (KeyError if there is none)."""
+    return _BUILTIN[(kind, name)]
+
+
+def default(kind: str, name: str, param: str) -> Any:
+    """The default of a built-in entry's parameter, in the form the IR holds it: a range as
+    `(lo, hi)`, a metric list as a list. The one place defaults are read from."""
+    spec = builtin(kind, name).param(param)
+    if spec is None:
+        raise KeyError(f"{kind} `{name}` has no parameter `{param}`")
+    return spec.ir_default()
 
 
 class Catalogue:
@@ -599,7 +732,7 @@ def _entry_from_toml(data: dict, source: str) -> Entry:
         )
         for p in data.get("params", [])
     )
-    return Entry(data["name"], data["kind"], data.get("doc", ""), params, data.get("impl"), source)
+    return Entry(data["name"], data["kind"], data.get("doc", ""), params, data.get("impl"), source, surrogate=data.get("surrogate", True))
 
 
 def plugin_entries() -> tuple[list[Entry], list[str]]:
@@ -621,11 +754,27 @@ def plugin_entries() -> tuple[list[Entry], list[str]]:
     return entries, problems
 
 
+def plural(kind: str) -> str:
+    """`loss` → "losses", `role_rule` → "role rules"."""
+    words = kind.replace("_", " ")
+    return words + ("es" if words.endswith("s") else "s")
+
+
 @lru_cache(maxsize=1)
 def default_catalogue() -> Catalogue:
     cat = Catalogue()
     extra, problems = plugin_entries()
     for e in extra:
+        if e.unsupported_plugin:
+            kinds = plural(e.kind)
+            problems.append(
+                f"plugin `{e.source}`: {e.kind.replace('_', ' ')} `{e.name}` is not supported; plugins add tasks, models and reward"
+                f" terms, and percepdsl computes only its own {kinds} (a spec that uses `{e.name}` is refused)"
+            )
+            # kept where the name is new, so that a spec using it gets a located refusal;
+            # never over a built-in entry, nor as a block or keyword (the language's own)
+            if e.kind in ("block", "keyword") or cat.get(e.kind, e.name) is not None:
+                continue
         try:
             cat.add(e)
         except ValueError as exc:
@@ -634,4 +783,15 @@ def default_catalogue() -> Catalogue:
     return cat
 
 
-__all__ = ["Catalogue", "Entry", "ParamSpec", "P", "default_catalogue", "plugin_entries"]
+__all__ = [
+    "PLUGIN_KINDS",
+    "Catalogue",
+    "Entry",
+    "ParamSpec",
+    "P",
+    "builtin",
+    "default",
+    "default_catalogue",
+    "plugin_entries",
+    "plural",
+]

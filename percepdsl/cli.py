@@ -38,10 +38,11 @@ SetOpt = typer.Option(None, "--set", help="Override a param: NAME=VALUE (repeata
 def _spec_files(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            out.extend(sorted(p.rglob("*.pd")))
-        else:
-            out.append(p)
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # a name too long: reading it reports the problem
+            is_dir = False
+        out.extend(sorted(p.rglob("*.pd")) if is_dir else [p])
     return out
 
 
@@ -84,6 +85,10 @@ def check(
         if res.loaded is not None:
             sources.update(res.loaded.sources)
     _print_diags(all_diags, sources, format, len(paths))
+    from .catalogue import default_catalogue
+
+    for problem in default_catalogue().problems:  # a broken plugin: said once, on stderr
+        print(f"percep: warning: {problem}", file=sys.stderr)
     raise typer.Exit(EXIT_ERRORS if any(d.is_error for d in all_diags) else EXIT_OK)
 
 
@@ -119,8 +124,8 @@ def compile_(
         print(f"  model  {ir.model.kind} {ir.model.path or ''}")
         print(f"  roles  {', '.join(ir.role_names)}")
         for st in ir.stages:
-            what = st.loss.kind if st.loss else "reward " + ", ".join(t.name for t in st.reward.terms())
-            print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.settings['steps']} steps, {what}")
+            what = st.loss.kind if st.kind == "sft" else "reward " + ", ".join(t.name for t in st.reward.terms())
+            print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.steps} steps, {what}")
     else:
         from .grid import expand
 
@@ -135,12 +140,15 @@ def fmt(
     """Rewrite specs in canonical form (comments preserved)."""
     from .fmt import format_text
     from .io import write_text_atomic
+    from .parse import decode
 
     if [str(f) for f in files] == ["-"]:
-        text = sys.stdin.read()
-        out, diags = format_text(text, "<stdin>")
+        text, diags = decode(sys.stdin.buffer.read(), "<stdin>")
+        out = None
+        if text is not None:
+            out, diags = format_text(text, "<stdin>")
         if out is None:
-            _print_diags(diags, {"<stdin>": text}, Format.text, 0, sys.stderr)
+            _print_diags(diags, {"<stdin>": text or ""}, Format.text, 0, sys.stderr)
             raise typer.Exit(EXIT_ERRORS)
         sys.stdout.write(out)
         return
@@ -157,9 +165,14 @@ def fmt(
             failed = True
             continue
         if out != text:
-            changed.append(path)
             if not check_only:
-                write_text_atomic(path, out)
+                try:
+                    write_text_atomic(path, out)
+                except OSError as e:
+                    print(f"percep: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+                    failed = True
+                    continue
+            changed.append(path)
     for p in changed:
         print(f"{'would reformat' if check_only else 'reformatted'} {p}")
     if failed or (check_only and changed):

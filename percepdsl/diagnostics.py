@@ -32,11 +32,6 @@ class Span:
     def point(line: int = 1, column: int = 1, file: str = "") -> Span:
         return Span(line, column, line, column + 1, file)
 
-    def cover(self, other: Span) -> Span:
-        start = min((self.line, self.column), (other.line, other.column))
-        end = max((self.end_line, self.end_column), (other.end_line, other.end_column))
-        return Span(start[0], start[1], end[0], end[1], self.file)
-
 
 @dataclass(frozen=True)
 class Related:
@@ -103,6 +98,9 @@ class Reporter:
 # ---- rendering ----------------------------------------------------------------
 
 _WINDOW = 100  # characters of a long source line shown around the caret
+# Control characters in a source line are shown as their Unicode pictures (NUL as ␀): one
+# column each, so the caret stays aligned, and nothing invisible reaches the terminal.
+_VISIBLE = {c: 0x2400 + c for c in range(0x20)} | {0x09: 0x20, 0x7F: 0x2421}
 
 
 def _excerpt(line_text: str, col: int, width: int) -> tuple[str, int, int]:
@@ -127,9 +125,10 @@ def render(diag: Diagnostic, source: str | None, color: bool = False) -> str:
     else:
         head = f"{diag.file}:{diag.span.line}:{diag.span.column}: {sev}[{diag.code}]: {diag.message}"
     out = [head]
-    lines = source.splitlines() if source is not None else []
+    # lines as the parser counts them: split at "\n" only (str.splitlines also splits at \f, \v, \x1c, ...)
+    lines = [ln.removesuffix("\r") for ln in source.split("\n")] if source is not None else []
     if 1 <= diag.span.line <= len(lines):
-        text = lines[diag.span.line - 1].replace("\t", " ")
+        text = lines[diag.span.line - 1].translate(_VISIBLE)
         width = diag.span.end_column - diag.span.column if diag.span.end_line == diag.span.line else len(text) - diag.span.column + 1
         text, col, width = _excerpt(text, diag.span.column, max(1, width))
         gutter = " " * len(str(diag.span.line))
@@ -175,7 +174,7 @@ def relpath(path: Path | str) -> str:
     p = Path(path)
     try:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # elsewhere, or a path no file can have (a NUL in it)
         return str(p)
 
 

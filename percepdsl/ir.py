@@ -3,49 +3,186 @@
 Plain pydantic data, JSON-serialisable, with a content hash over everything that
 changes what a run computes. Source spans, comments and formatting are not part of
 it, so reformatting a spec never changes its hash (nor its run directory).
+
+Every setting of a built-in entry is a typed field whose default, range and doc come
+from the catalogue (`setting`): the catalogue is the one place that declares them, and
+the runtime reads these objects as they are, never a dict with defaults of its own.
+
+- stages are a discriminated union on `kind`: `SFTStageIR` | `GRPOStageIR`;
+- a learning rate or a loss weight is a `Value`: a number, or a `Schedule` (one model per
+  schedule kind), evaluated in absolute values by `value_at` — the one schedule
+  evaluator, for learning rates and weights of both stage kinds;
+- a loss is a `Loss`: `TokenMeanLoss` | `MixLoss` | `NGDiffLoss`;
+- built-in tasks and models carry typed parameters (`GraphColoringParams`,
+  `SudokuParams`, `TinyParams`, `HFParams`); a plugin's parameters stay a checked dict.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IR_VERSION = 1
+from . import catalogue as cat
+
+IR_VERSION = 2
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ScheduleIR(_Model):
-    """A value over a stage's steps: `constant`, `linear`, `cosine`, `step`; all may warm up linearly from 0."""
+def setting(kind: str, entry: str, name: str) -> Any:
+    """The pydantic field of a built-in catalogue parameter: its default (none when the
+    catalogue requires the setting), its range (numbers), its doc."""
+    spec = cat.builtin(kind, entry).param(name)
+    assert spec is not None, f"{kind} `{entry}` has no parameter `{name}`"
+    kw: dict[str, Any] = {"description": spec.doc}
+    if spec.type in ("int", "float", "px") and not spec.choices:
+        if spec.min is not None:
+            kw["ge"] = spec.min
+        if spec.max is not None:
+            kw["le"] = spec.max
+    if spec.required:
+        return Field(**kw)
+    d = cat.default(kind, entry, name)
+    if spec.type == "loss" and d == "token_mean":
+        return Field(default_factory=TokenMeanLoss, **kw)
+    if isinstance(d, list):
+        return Field(default_factory=lambda: list(d), **kw)
+    return Field(default=d, **kw)
 
-    kind: Literal["constant", "linear", "cosine", "step"]
+
+# ---- schedules: a value over a stage's steps ------------------------------------------------------
+
+
+class _Schedule(_Model):
+    warmup: int = setting("schedule", "linear", "warmup")  # the same parameter in every schedule entry
+
+    def at(self, step: int, total: int) -> float:
+        """The value at optimiser step `step` (0-based) of a stage of `total` steps.
+
+        The first `warmup` steps ramp linearly from 0 to the schedule's start (0 at step 0);
+        the schedule then runs over the remaining `total - warmup` steps, `frac` going from 0
+        at the first step after the warmup to 1 one step past the last (Hugging Face's
+        convention)."""
+        if step < self.warmup:
+            return self.first * step / self.warmup
+        frac = min(max((step - self.warmup) / max(total - self.warmup, 1), 0.0), 1.0)
+        return self._after_warmup(step - self.warmup, frac)
+
+    @property
+    def first(self) -> float:
+        raise NotImplementedError
+
+    def _after_warmup(self, k: int, frac: float) -> float:
+        raise NotImplementedError
+
+
+class ConstantSchedule(_Schedule):
+    """`constant(value)` and `warmup(value, steps)`."""
+
+    kind: Literal["constant"] = "constant"
+    value: float
+
+    @property
+    def first(self) -> float:
+        return self.value
+
+    def _after_warmup(self, k: int, frac: float) -> float:
+        return self.value
+
+
+class LinearSchedule(_Schedule):
+    kind: Literal["linear"] = "linear"
     start: float
-    end: float | None = None  # constant/linear/cosine; step decays multiplicatively instead
-    factor: float | None = None  # step
-    every: int | None = None  # step
-    warmup: int = 0
+    end: float
+
+    @property
+    def first(self) -> float:
+        return self.start
+
+    def _after_warmup(self, k: int, frac: float) -> float:
+        return self.start + (self.end - self.start) * frac
 
 
-Weight = float | ScheduleIR
+class CosineSchedule(_Schedule):
+    kind: Literal["cosine"] = "cosine"
+    start: float
+    end: float = setting("schedule", "cosine", "end")
+
+    @property
+    def first(self) -> float:
+        return self.start
+
+    def _after_warmup(self, k: int, frac: float) -> float:
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-class LossTermIR(_Model):
-    weight: Weight
-    roles: list[str]
+class StepSchedule(_Schedule):
+    kind: Literal["step"] = "step"
+    start: float
+    factor: float = setting("schedule", "step", "factor")
+    every: int = setting("schedule", "step", "every")
+
+    @property
+    def first(self) -> float:
+        return self.start
+
+    def _after_warmup(self, k: int, frac: float) -> float:
+        return self.start * self.factor ** (k // self.every)
 
 
-class LossIR(_Model):
-    """`token_mean`; `mix` = Σ weight · token-mean CE over the term's roles; `ngdiff` over role groups."""
+Schedule = Annotated[ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule, Field(discriminator="kind")]
+Value = float | Schedule
 
-    kind: Literal["token_mean", "mix", "ngdiff"]
-    terms: list[LossTermIR] = Field(default_factory=list)
-    groups: list[list[str]] = Field(default_factory=list)
-    auto_lr: bool = False
+
+def value_at(v: float | _Schedule, step: int, total: int) -> float:
+    """A `Value` (number or schedule) at optimiser step `step` of `total`: the one schedule
+    evaluator, for learning rates and for loss and reward weights, in absolute values."""
+    return float(v) if isinstance(v, (int, float)) else v.at(step, total)
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+class LossTerm(_Model):
+    """`weight · (token mean of the cross-entropy over the tokens of `roles`)`."""
+
+    weight: Value
+    roles: list[str] = Field(min_length=1)
+
+
+class TokenMeanLoss(_Model):
+    """Cross-entropy averaged over every target token (the baseline)."""
+
+    kind: Literal["token_mean"] = "token_mean"
+
+
+class MixLoss(_Model):
+    """Σ terms; `mean(reasoning, answer)` alone is a mix of one term."""
+
+    kind: Literal["mix"] = "mix"
+    terms: list[LossTerm] = Field(min_length=1)
+
+
+class NGDiffLoss(_Model):
+    """Each group's token-mean gradient normalised to unit norm, then summed."""
+
+    kind: Literal["ngdiff"] = "ngdiff"
+    groups: list[list[str]] = Field(min_length=2)
+    auto_lr: bool = setting("loss", "ngdiff", "auto_lr")
+    auto_lr_every: int = setting("loss", "ngdiff", "auto_lr_every")
+    norm_every: int = setting("loss", "ngdiff", "norm_every")
+
+
+Loss = Annotated[TokenMeanLoss | MixLoss | NGDiffLoss, Field(discriminator="kind")]
+
+
+# ---- rewards --------------------------------------------------------------------------------------
 
 
 class RewardIR(_Model):
@@ -63,11 +200,28 @@ class RewardIR(_Model):
     value: float | None = None
     children: list[RewardIR] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _shape(self) -> RewardIR:
+        need = {
+            "term": self.name is not None and not self.children,
+            "const": self.value is not None and not self.children,
+            "sum": len(self.children) >= 1,
+            "product": len(self.children) >= 1,
+            "scale": self.value is not None and len(self.children) == 1,
+            "gate": len(self.children) == 2,
+        }[self.kind]
+        if not need:
+            raise ValueError(f"malformed `{self.kind}` reward node")
+        return self
+
     def terms(self) -> list[RewardIR]:
         """Every leaf term, in order (each is logged by name)."""
         if self.kind == "term":
             return [self]
         return [t for c in self.children for t in c.terms()]
+
+
+# ---- roles, task, model -----------------------------------------------------------------------------
 
 
 class RoleRuleIR(_Model):
@@ -79,55 +233,223 @@ class RoleRuleIR(_Model):
     pattern: str | None = None
 
 
+def _constraints(kind: str, name: str, values: dict[str, Any]) -> None:
+    for c in cat.builtin(kind, name).constraints:
+        if (msg := c.rule(values)) is not None:
+            raise ValueError(f"{msg} ({c.hint})" if c.hint else msg)
+
+
+def _int_range(kind: str, entry: str, name: str, v: Any) -> tuple[int, int]:
+    """An `int_range` parameter: an int n is (n, n); bounds within the catalogue's range."""
+    lo, hi = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
+    spec = cat.builtin(kind, entry).param(name)
+    if not (spec.min <= lo <= hi <= spec.max):
+        raise ValueError(f"`{name}` must be a range within {spec.min:g}..{spec.max:g}, low end first; got {lo}..{hi}")
+    return (int(lo), int(hi))
+
+
+_gc = ("task", "graph_coloring")
+_sd = ("task", "sudoku")
+
+
+class GraphColoringParams(_Model):
+    nodes: tuple[int, int] = setting(*_gc, "nodes")
+    edge_prob: float = setting(*_gc, "edge_prob")
+    edges: int | None = setting(*_gc, "edges")
+    layout: Literal["circle", "random"] = setting(*_gc, "layout")
+    perception_format: Literal["edges", "adjacency"] = setting(*_gc, "perception_format")
+    reasoning: Literal["brief", "trace", "verbose"] = setting(*_gc, "reasoning")
+    image: int = setting(*_gc, "image")
+    jitter: float = setting(*_gc, "jitter")
+    noise: float = setting(*_gc, "noise")
+    line_width: int = setting(*_gc, "line_width")
+    node_radius: int = setting(*_gc, "node_radius")
+    distractors: int = setting(*_gc, "distractors")
+    train: int = setting(*_gc, "train")
+    test: int = setting(*_gc, "test")
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> tuple[int, int]:
+        return _int_range(*_gc, "nodes", v)
+
+    @model_validator(mode="after")
+    def _check(self) -> GraphColoringParams:
+        _constraints(*_gc, self.model_dump())
+        return self
+
+
+class SudokuParams(_Model):
+    size: Literal[4, 9] = setting(*_sd, "size")
+    givens: int | None = setting(*_sd, "givens")
+    reasoning: Literal["brief", "trace", "verbose"] = setting(*_sd, "reasoning")
+    image: int = setting(*_sd, "image")
+    jitter: float = setting(*_sd, "jitter")
+    noise: float = setting(*_sd, "noise")
+    train: int = setting(*_sd, "train")
+    test: int = setting(*_sd, "test")
+
+    @model_validator(mode="after")
+    def _check(self) -> SudokuParams:
+        _constraints(*_sd, self.model_dump())
+        return self
+
+
+#: Built-in task name → its typed parameters. A plugin task's parameters stay a dict
+#: (checked against its catalogue entry by the checker).
+TASK_PARAMS: dict[str, type[_Model]] = {"graph_coloring": GraphColoringParams, "sudoku": SudokuParams}
+
+
 class TaskIR(_Model):
     name: str
-    params: dict[str, Any]
+    params: Annotated[dict[str, Any] | GraphColoringParams | SudokuParams, Field(union_mode="left_to_right")]
     impl: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_params(cls, data: Any) -> Any:
+        """A built-in task's params become its typed model (by name); a plugin's stay a dict
+        (the union tries `dict` first, so a plugin's dict is never read as a built-in's model)."""
+        if isinstance(data, dict) and data.get("name") in TASK_PARAMS and isinstance(data.get("params"), dict):
+            data = {**data, "params": TASK_PARAMS[data["name"]].model_validate(data["params"])}
+        return data
+
+    def param(self, name: str) -> Any:
+        """A parameter by name (None if the task has no such parameter), typed or plugin."""
+        return self.params.get(name) if isinstance(self.params, dict) else getattr(self.params, name, None)
+
+
+_tiny = ("model", "tiny")
+_lora = ("block", "lora")
+
+
+class TinyParams(_Model):
+    width: int = setting(*_tiny, "width")
+    depth: int = setting(*_tiny, "depth")
+    heads: int = setting(*_tiny, "heads")
+    vision_width: int = setting(*_tiny, "vision_width")
+    vision_depth: int = setting(*_tiny, "vision_depth")
+    patch: int = setting(*_tiny, "patch")
+
+
+class HFParams(_Model):
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("model", "hf", "dtype")
 
 
 class LoraIR(_Model):
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: str | list[str]
+    r: int = setting(*_lora, "r")
+    alpha: float = setting(*_lora, "alpha")
+    dropout: float = setting(*_lora, "dropout")
+    target_modules: str | list[str] = setting(*_lora, "target_modules")
+
+
+MODEL_PARAMS: dict[str, type[_Model]] = {"tiny": TinyParams, "hf": HFParams}
 
 
 class ModelIR(_Model):
-    kind: str  # "tiny" | "hf" | a plugin model
-    path: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    lora: LoraIR | None = None
+    """`kind`: "tiny", "hf" or a plugin model; `impl` builds it (see the catalogue's module doc)."""
+
+    kind: str
+    path: str | None = None  # hf: the checkpoint (the checker requires it)
+    # a built-in kind's may be left out (its defaults); a plugin's stays the checked dict
+    params: Annotated[dict[str, Any] | TinyParams | HFParams, Field(union_mode="left_to_right")]
+    lora: LoraIR | None = None  # hf only
     impl: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_params(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in MODEL_PARAMS and isinstance(data.get("params", {}), dict):
+            data = {**data, "params": MODEL_PARAMS[data["kind"]].model_validate(data.get("params", {}))}
+        return data
 
-class StageIR(_Model):
+
+# ---- stages -----------------------------------------------------------------------------------------
+
+_sft = ("block", "sft")
+_grpo = ("block", "grpo")
+
+
+class SFTStageIR(_Model):
+    """A `sft` stage: every setting of the catalogue's `sft` block, typed."""
+
+    kind: Literal["sft"] = "sft"
     name: str
-    kind: Literal["sft", "grpo"]
     parent: str | None = None
-    settings: dict[str, Any]  # the catalogue's block settings, defaults filled in (lr may be a schedule)
-    loss: LossIR | None = None  # sft
-    reward: RewardIR | None = None  # grpo
+    steps: int = setting(*_sft, "steps")
+    lr: Value = setting(*_sft, "lr")
+    batch: int = setting(*_sft, "batch")
+    loss: Loss = setting(*_sft, "loss")
+    weight_decay: float = setting(*_sft, "weight_decay")
+    adam_beta1: float = setting(*_sft, "adam_beta1")
+    adam_beta2: float = setting(*_sft, "adam_beta2")
+    adam_eps: float = setting(*_sft, "adam_eps")
+    batching: Literal["random", "length"] = setting(*_sft, "batching")
+    max_length: int | None = setting(*_sft, "max_length")
+    eval_every: int | None = setting(*_sft, "eval_every")
+
+
+class GRPOStageIR(_Model):
+    """A `grpo` stage: every setting of the catalogue's `grpo` block, typed."""
+
+    kind: Literal["grpo"] = "grpo"
+    name: str
+    parent: str | None = None
+    steps: int = setting(*_grpo, "steps")
+    lr: Value = setting(*_grpo, "lr")
+    batch: int = setting(*_grpo, "batch")
+    group: int = setting(*_grpo, "group")
+    reward: RewardIR = setting(*_grpo, "reward")
+    temperature: float = setting(*_grpo, "temperature")
+    top_p: float = setting(*_grpo, "top_p")
+    max_new_tokens: int = setting(*_grpo, "max_new_tokens")
+    kl: float = setting(*_grpo, "kl")
+    clip: float = setting(*_grpo, "clip")
+    clip_high: float | None = setting(*_grpo, "clip_high")
+    updates: int = setting(*_grpo, "updates")
+    scale: Literal["group", "batch", "none"] = setting(*_grpo, "scale")
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = setting(*_grpo, "aggregation")
+    mask_truncated: bool = setting(*_grpo, "mask_truncated")
+    weight_decay: float = setting(*_grpo, "weight_decay")
+    adam_beta1: float = setting(*_grpo, "adam_beta1")
+    adam_beta2: float = setting(*_grpo, "adam_beta2")
+    adam_eps: float = setting(*_grpo, "adam_eps")
+    sample_precision: Literal["bf16", "fp32"] = setting(*_grpo, "sample_precision")
+    compile: bool = setting(*_grpo, "compile")
+    eval_every: int | None = setting(*_grpo, "eval_every")
+
+
+Stage = Annotated[SFTStageIR | GRPOStageIR, Field(discriminator="kind")]
+
+
+# ---- evaluation, trainer, experiment ----------------------------------------------------------------
+
+_ev = ("block", "eval")
+_tr = ("block", "trainer")
 
 
 class EvalIR(_Model):
-    every: int | None = None
-    metrics: list[str]
-    test: int | None = None
-    max_new_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    batch: int = 50
+    every: int | None = setting(*_ev, "every")
+    metrics: list[str] = setting(*_ev, "metrics")
+    test: int | None = setting(*_ev, "test")
+    max_new_tokens: int | None = setting(*_ev, "max_new_tokens")
+    cap_factor: float = setting(*_ev, "cap_factor")
+    cap_margin: int = setting(*_ev, "cap_margin")
+    temperature: float = setting(*_ev, "temperature")
+    top_p: float = setting(*_ev, "top_p")
+    batch: int = setting(*_ev, "batch")
+    precision: Literal["fp32", "bf16"] = setting(*_ev, "precision")
 
 
 class TrainerIR(_Model):
-    precision: str = "bf16-mixed"
-    accelerator: str = "auto"
-    devices: int = 1
-    strategy: str = "auto"
-    accumulate: int = 1
-    clip: float | None = 1.0
-    log_every: int = 10
-    threads: int | None = None
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = setting(*_tr, "precision")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = setting(*_tr, "accelerator")
+    devices: int = setting(*_tr, "devices")
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = setting(*_tr, "strategy")
+    accumulate: int = setting(*_tr, "accumulate")
+    clip: float | None = setting(*_tr, "clip")
+    log_every: int = setting(*_tr, "log_every")
+    threads: int | None = setting(*_tr, "threads")
 
 
 class ExperimentIR(_Model):
@@ -139,11 +461,11 @@ class ExperimentIR(_Model):
     model: ModelIR
     roles: list[RoleRuleIR]
     role_names: list[str]
-    stages: list[StageIR]  # topological order: every parent before its children
-    eval: EvalIR
-    trainer: TrainerIR
+    stages: list[Stage]  # topological order: every parent before its children
+    eval: EvalIR = Field(default_factory=EvalIR)
+    trainer: TrainerIR = Field(default_factory=TrainerIR)
 
-    def stage(self, name: str) -> StageIR:
+    def stage(self, name: str) -> SFTStageIR | GRPOStageIR:
         return next(s for s in self.stages if s.name == name)
 
 

@@ -1,15 +1,21 @@
 """Text → AST. Lark LALR parse (grammar in `grammars/percep.lark`), then a
-non-recursive transform into the typed nodes of `ast.py`.
+non-recursive transform into the typed nodes of `nodes.py`.
 
 `parse_text` never raises: every problem (undecodable bytes, a stray character,
 an unexpected token, a number that does not fit, brackets nested too deep) comes
 back as a located `Diagnostic`. After a syntax error the parser resumes from the
 next token so that later, independent errors are reported too.
+
+Each call keeps its own state (bracket depth, comments, diagnostics), so parses may
+run in several threads at once or one inside another: the language server relies on it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -53,36 +59,56 @@ class _TooDeep(Exception):
         self.token = token
 
 
-class _DepthCounter:
-    """Lexer callback state: bracket depth of the parse in progress."""
+class _ParseState:
+    """What the lexer callbacks record during one parse: bracket depth and comments."""
+
+    __slots__ = ("depth", "comments")
 
     def __init__(self) -> None:
         self.depth = 0
-
-    def open(self, tok: Token) -> Token:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise _TooDeep(tok)
-        return tok
-
-    def close(self, tok: Token) -> Token:
-        self.depth -= 1
-        return tok
+        self.comments: list[Token] = []
 
 
-_counter = _DepthCounter()
+# The lexer's callbacks are fixed when the (cached) parser is built, so they find the
+# state of the parse in progress here. `parse_text` sets a fresh state for its call and
+# restores the previous one after: parses in other threads, or one started from inside
+# another, each see their own.
+_state: ContextVar[_ParseState] = ContextVar("percep_parse_state")
+
+
+def _open(tok: Token) -> Token:
+    st = _state.get()
+    st.depth += 1
+    if st.depth > MAX_DEPTH:
+        raise _TooDeep(tok)
+    return tok
+
+
+def _close(tok: Token) -> Token:
+    _state.get().depth -= 1
+    return tok
+
+
+def _comment(tok: Token) -> None:
+    _state.get().comments.append(tok)
 
 
 def grammar_text() -> str:
     return resources.files("percepdsl.grammars").joinpath("percep.lark").read_text(encoding="utf-8")
 
 
+_build_lock = threading.Lock()
+
+
+def _parser() -> Lark:
+    with _build_lock:  # built once, even when the first parses start in several threads
+        return _build_parser()
+
+
 @lru_cache(maxsize=1)
-def _parser() -> tuple[Lark, list[Token]]:
-    comments: list[Token] = []
-    callbacks = {name: _counter.open for name in _OPEN} | {name: _counter.close for name in _CLOSE}
-    callbacks["COMMENT"] = comments.append
-    parser = Lark(
+def _build_parser() -> Lark:
+    callbacks = {name: _open for name in _OPEN} | {name: _close for name in _CLOSE} | {"COMMENT": _comment}
+    return Lark(
         grammar_text(),
         parser="lalr",
         lexer="contextual",
@@ -91,7 +117,62 @@ def _parser() -> tuple[Lark, list[Token]]:
         lexer_callbacks=callbacks,
         cache=True,  # the compiled LALR tables are cached on disk: `percep check` starts fast
     )
-    return parser, comments
+
+
+@dataclass(eq=False)
+class GrammarTables:
+    """What the grammar says about its words and tokens, for tools that scan text without
+    parsing it (the language server's scanner)."""
+
+    spec_statements: tuple[str, ...]  # keywords that start a spec statement, in grammar order
+    grid_statements: tuple[str, ...]
+    keywords: frozenset[str]  # every word the grammar spells out
+    value_words: frozenset[str]  # keywords that are values on their own: true, false, none
+    punctuation: tuple[str, ...]  # regexes of the operator and bracket tokens, longest first
+    patterns: dict[str, str]  # regex of each named token: NAME, NUMBER, DIMENSION, STRING, COMMENT
+
+    @property
+    def statements(self) -> frozenset[str]:
+        return frozenset(self.spec_statements + self.grid_statements)
+
+
+_TOKEN_TERMINALS = ("NAME", "NUMBER", "DIMENSION", "STRING", "COMMENT")
+
+
+@lru_cache(maxsize=1)
+def grammar_tables() -> GrammarTables:
+    return tables_of(_parser())
+
+
+def tables_of(parser: Lark) -> GrammarTables:
+    """The tables of a grammar loaded by Lark (with `spec_item` and `grid_item` rules)."""
+    terminals = {t.name: t for t in parser.terminals}
+    keywords = {n: t.pattern.value for n, t in terminals.items() if t.pattern.type == "str" and t.pattern.value.isalpha()}
+    by_origin: dict[str, list] = {}
+    for rule in parser.rules:
+        by_origin.setdefault(rule.origin.name, []).append(rule)
+
+    def leading_keywords(group: str) -> tuple[str, ...]:
+        stmts = [r.expansion[0].name for r in by_origin[group]]
+        return tuple(dict.fromkeys(keywords[r.expansion[0].name] for s in stmts for r in by_origin[s]))
+
+    # a keyword that makes up a whole alternative on its own is a value (`TRUE -> true`)
+    values = {
+        keywords[r.expansion[0].name]
+        for rules in by_origin.values()
+        for r in rules
+        if len(r.expansion) == 1 and r.expansion[0].name in keywords
+    }
+    punct = [t for n, t in terminals.items() if n not in keywords and n not in _TOKEN_TERMINALS and not n.startswith("__IGNORE")]
+    punct.sort(key=lambda t: -t.pattern.max_width)
+    return GrammarTables(
+        spec_statements=leading_keywords("spec_item"),
+        grid_statements=leading_keywords("grid_item"),
+        keywords=frozenset(keywords.values()),
+        value_words=frozenset(values),
+        punctuation=tuple(t.pattern.to_regexp() for t in punct),
+        patterns={n: terminals[n].pattern.to_regexp() for n in _TOKEN_TERMINALS},
+    )
 
 
 def _tok_span(tok: Token, file: str) -> Span:
@@ -99,7 +180,7 @@ def _tok_span(tok: Token, file: str) -> Span:
 
 
 def _keyword_names() -> dict[str, str]:
-    parser, _ = _parser()
+    parser = _parser()
     names = {}
     for term in parser.terminals:
         pattern = term.pattern
@@ -180,9 +261,8 @@ def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
 def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[Diagnostic]]:
     """Parse `text`; returns the AST (None if there were syntax errors) and diagnostics."""
     rep = Reporter()
-    parser, comments = _parser()
-    comments.clear()
-    _counter.depth = 0
+    parser = _parser()
+    state = _ParseState()
     last_line = [0]
 
     def on_error(err: UnexpectedInput) -> bool:
@@ -194,6 +274,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
             return False
         return len(rep.items) < MAX_SYNTAX_ERRORS
 
+    outer = _state.set(state)
     try:
         tree = parser.parse(text, on_error=on_error)
     except _TooDeep as e:
@@ -208,11 +289,13 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
         if not rep.items or (getattr(e, "line", 0) or 0) > last_line[0]:
             _syntax_diag(rep, e, text, file)
         return None, rep.items
+    finally:
+        _state.reset(outer)
     if rep.items:
         return None, rep.items
     builder = _Builder(rep, file)
     items = builder.transform(tree)
-    ast_comments = tuple(A.Comment(c.line, c.column, str(c).rstrip()) for c in comments)
+    ast_comments = tuple(A.Comment(c.line, c.column, str(c).rstrip()) for c in state.comments)
     end = text.split("\n")
     span = Span(1, 1, len(end), len(end[-1]) + 1, file)
     file_node = A.File(span, tuple(items), ast_comments)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from percepdsl.ir import RoleRuleIR
+
 from .models import LoadedModel
 from .roles import RoleTagger, token_roles
 
@@ -35,7 +37,7 @@ class EncodingError(ValueError):
 class Encoder:
     """Turns (query, image, response) into model inputs, labels and role ids."""
 
-    def __init__(self, loaded: LoadedModel, role_rules: Sequence[Mapping[str, Any]], max_length: int | None = None):
+    def __init__(self, loaded: LoadedModel, role_rules: Sequence[RoleRuleIR | Mapping[str, Any]], max_length: int | None = None):
         self.loaded = loaded
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer

@@ -18,8 +18,8 @@ records (:func:`summarize_records`), so any figure in a report can be recomputed
 from, and traced back to, the records.
 
 Token caps: each generation is capped at ``ceil(1.3 * reference tokens) + 20``
-(DESIGN §7), measured against the task's reference response. Untrained models
-otherwise run to the global cap and dominate evaluation time.
+(``cap_factor``, ``cap_margin``; see ``generation.reference_cap``), measured against the task's reference
+response. Untrained models otherwise run to the global cap and dominate evaluation time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from percepdsl.catalogue import default
 from percepdsl.io import json_default
+from percepdsl.ir import EvalIR
 
 from .generation import Completion, GenConfig, GenerateFn, Prompt, generate, reference_cap
 
@@ -59,15 +61,32 @@ class EvalConfig:
     """How to evaluate.
 
     ``cap_factor``/``cap_margin`` set the per-item cap on new tokens from the
-    reference length (``None`` factor: no per-item cap, only ``gen.max_new_tokens``).
+    reference length, ``⌈cap_factor × reference tokens⌉ + cap_margin``, bounded by
+    ``max_cap`` when given (``None`` factor: every item gets ``gen.max_new_tokens``).
     ``counterfactual=False`` skips the a_r pass (halves the cost when only a and
-    a_p are wanted); ``reasoning`` is then ``None`` in the metrics.
+    a_p are wanted); ``reasoning`` is then ``None`` in the metrics. Defaults are the
+    catalogue's (``eval`` block); a run builds this from its IR (``from_ir``).
     """
 
     gen: GenConfig = field(default_factory=GenConfig)
     counterfactual: bool = True
-    cap_factor: float | None = 1.3
-    cap_margin: int = 20
+    cap_factor: float | None = default("block", "eval", "cap_factor")
+    cap_margin: int = default("block", "eval", "cap_margin")
+    max_cap: int | None = None
+
+    @classmethod
+    def from_ir(cls, ev: EvalIR) -> EvalConfig:
+        """The evaluation an ``eval`` block asks for: one cap for every item when it sets
+        ``max_new_tokens``, else per-item caps; a_r only when ``reasoning`` is a metric."""
+        gen = GenConfig(temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch, precision=ev.precision)
+        if ev.max_new_tokens is not None:
+            gen = replace(gen, max_new_tokens=ev.max_new_tokens)
+        return cls(
+            gen=gen,
+            counterfactual="reasoning" in ev.metrics,
+            cap_factor=None if ev.max_new_tokens is not None else ev.cap_factor,
+            cap_margin=ev.cap_margin,
+        )
 
 
 @dataclass
@@ -203,7 +222,8 @@ def count_text_tokens(encoder: Any, text: str) -> int:
 
 def _bounded_cap(n_reference: int, cfg: EvalConfig) -> int:
     assert cfg.cap_factor is not None
-    return min(cfg.gen.max_new_tokens, reference_cap(n_reference, cfg.cap_factor, cfg.cap_margin))
+    cap = reference_cap(n_reference, cfg.cap_factor, cfg.cap_margin)
+    return cap if cfg.max_cap is None else min(cfg.max_cap, cap)
 
 
 # ---------------------------------------------------------------------------

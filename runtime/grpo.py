@@ -1,8 +1,9 @@
 """GRPO under Lightning: rollouts, group-relative advantages, the clipped objective.
 
-``build_grpo(loaded, encoder, task, stage, seed)`` turns a ``grpo`` StageIR into a
-``GRPOModule`` (manual optimisation) and a ``PromptDataModule`` (batches of train-split
-prompt indices). One training step (``GRPOModule.training_step``):
+``build_grpo(loaded, encoder, task, stage, seed, grad_clip=...)`` turns a typed
+``GRPOStageIR`` into a ``GRPOModule`` (manual optimisation), which reads its settings from
+the stage as they are, and a ``PromptDataModule`` (batches of train-split prompt indices).
+One training step (``GRPOModule.training_step``):
 
 1. **Rollouts.** Each prompt of the batch is encoded once; its G samples share that
    encoding (the prompt rows are repeated, never re-processed). Sampling runs a KV-cached
@@ -15,12 +16,13 @@ prompt indices). One training step (``GRPOModule.training_step``):
    group``), over the batch (``batch``), or none (``none``, Dr. GRPO).
 4. **Updates.** ``updates`` optimiser steps on the same rollouts, each minimising the
    clipped surrogate ``−min(ρA, clip(ρ, 1−ε, 1+ε_high)A)`` (+ ``β·KL`` to a frozen
-   reference, k3 estimator, when ``kl > 0``), aggregated per sequence then averaged
-   (``sequence``, GRPO) or averaged over all tokens (``token``, DAPO / Dr. GRPO).
-   Completions that hit ``max_new_tokens`` are left out of the loss (``mask_truncated``).
+   reference, k3 estimator, when ``kl > 0``), aggregated as TRL's ``loss_type`` of the same
+   name (``aggregate``): ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``. Completions that hit
+   ``max_new_tokens`` are left out of the loss (``mask_truncated``). The learning rate at
+   step s is ``value_at(stage.lr, s, stage.steps)`` (the schedule evaluator SFT uses too).
 
-``stage.settings["steps"]`` counts optimiser steps (Lightning's ``global_step``), so a
-stage with ``updates = u`` generates ``ceil(steps / u)`` batches.
+``stage.steps`` counts optimiser steps (Lightning's ``global_step``), so a stage with
+``updates = u`` generates ``ceil(steps / u)`` batches.
 
 Logged every step (``self.log``): ``loss``, ``lr``, ``grad_norm``, ``clip_frac``, ``kl`` (when
 β > 0), ``adv_std``, ``trained_rows`` (share of rows in the update forward), ``completion_tokens``,
@@ -31,7 +33,7 @@ for the run's ``summary.json``.
 
 Numerics: the policy forward runs under the trainer's precision (bf16 autocast measured
 faster on CPU); log-probabilities are taken in float32. Sampling (``runtime/sampling.py``)
-runs outside that autocast, in ``gen_precision`` (bf16 weight copies by default; ``fp32``
+runs outside that autocast, in ``sample_precision`` (bf16 weight copies by default; ``fp32``
 reproduces Hugging Face's greedy tokens exactly). With ``updates = 1`` the importance ratio
 is exactly 1 (the old log-probs are the first update's own, detached), so the sampler's
 precision never enters the objective.
@@ -42,7 +44,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -50,60 +51,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from percepdsl.ir import GRPOStageIR, value_at
+
 from .encoding import collate
 from .generation import eval_mode
-from .losses import schedule_value
 from .optim import adamw
-from .rewards import Reward, RewardDiagnostics, RolloutGroup, compile_reward
+from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RolloutGroup, compile_reward
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 
 Scale = Literal["group", "batch", "none"]
-Aggregation = Literal["sequence", "token"]
+Aggregation = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ADV_EPS = 1e-4  # added to the std: a group with rewards {0, 0, 0, 1e-6} must not explode (TRL uses the same)
-
-
-# --------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class GRPOConfig:
-    """The settings of a ``grpo`` stage (catalogue defaults), plus runner-level knobs."""
-
-    steps: int
-    lr: float | dict[str, Any] = 1e-4  # a number or a schedule dict (losses.schedule_value)
-    batch: int = 2  # prompts per generated batch
-    group: int = 8  # G, samples per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    kl: float = 0.0  # β; 0 creates no reference model
-    clip: float = 0.2  # ε
-    clip_high: float | None = None  # ε_high (None = ε)
-    updates: int = 1
-    scale: Scale = "group"
-    aggregation: Aggregation = "sequence"
-    mask_truncated: bool = True
-    eval_every: int | None = None  # read by the runner
-    # not in the spec's grpo block:
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # the trainer block's `clip`
-    warn_after: int = 10  # consecutive flat-reward steps before a RewardWarning
-    gen_precision: Literal["fp32", "bf16"] = "bf16"  # sampling weights (see the module docstring)
-    compile: bool = False  # torch.compile the sampler's single-token decoder (see FusedLlamaDecoder.step)
-
-    @classmethod
-    def from_stage(cls, stage: Any, **overrides: Any) -> GRPOConfig:
-        settings = dict(stage.settings)
-        settings["lr"] = lr_spec(settings.get("lr", 1e-4))
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in {**settings, **overrides}.items() if k in known})
-
-
-def lr_spec(lr: Any) -> float | dict[str, Any]:
-    """A learning rate from the IR (float, ``ScheduleIR`` or its dict) for ``schedule_value``."""
-    if hasattr(lr, "model_dump"):
-        lr = lr.model_dump()
-    if isinstance(lr, Mapping):  # drop unset fields so schedule_value applies its defaults
-        return {k: v for k, v in lr.items() if v is not None}
-    return float(lr)
 
 
 # --------------------------------------------------------------------------- the math
@@ -124,30 +82,54 @@ def group_advantages(rewards: torch.Tensor, scale: Scale = "group", eps: float =
     raise ValueError(f"unknown advantage scale {scale!r}")
 
 
-def loss_denominator(mask: torch.Tensor, how: Aggregation = "sequence") -> float:
-    """What ``aggregate`` divides by: the number of sequences with at least one loss token
-    (``sequence``: a fully masked sequence is dropped, not counted as a 0) or the number of
-    loss tokens (``token``). Computed on the whole batch, so that rows which cannot
-    contribute can be left out of the forward without changing the loss."""
-    per_seq = mask.sum(dim=1)
-    n = (per_seq > 0).sum() if how == "sequence" else per_seq.sum()
-    return max(float(n), 1.0)
+AGGREGATIONS: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "sequence", denominator: float | None = None) -> torch.Tensor:
-    """Reduce ``per_token[N, T]`` over the tokens where ``mask`` is 1.
+def loss_denominator(
+    mask: torch.Tensor,
+    how: Aggregation = "grpo",
+    *,
+    max_new_tokens: int | None = None,
+    global_tokens: float | None = None,
+    world: int = 1,
+) -> float:
+    """What ``aggregate`` divides by, as TRL's ``loss_type`` of the same name, computed on the
+    whole generated batch ``mask[N, T]`` (so rows that cannot contribute can be left out of
+    the forward without changing the loss):
 
-    ``sequence``: the mean over each sequence's tokens, summed over sequences and divided
-    by the number of sequences (GRPO). ``token``: the sum over all tokens divided by their
-    number, so long sequences weigh more (DAPO / Dr. GRPO). ``denominator`` defaults to
-    ``loss_denominator(mask, how)``."""
-    if how not in ("sequence", "token"):
-        raise ValueError(f"unknown aggregation {how!r}")
+    - ``grpo``: N, the number of completions (each contributes its token mean; a completion
+      without loss tokens, e.g. a masked truncated one, contributes 0 and still counts);
+    - ``bnpo``: the number of loss tokens in this device's batch (at least 1);
+    - ``dr_grpo``: N × ``max_new_tokens``, a constant;
+    - ``dapo``: the loss tokens of the global batch (``global_tokens``: the count summed over
+      the ``world`` devices; default this batch's) divided by ``world``, because data-parallel
+      training averages the devices' gradients: the result is the token sum over the global
+      batch divided by its token count."""
+    if how == "grpo":
+        return float(max(mask.shape[0], 1))
+    if how == "bnpo":
+        return max(float(mask.sum()), 1.0)
+    if how == "dr_grpo":
+        if max_new_tokens is None:
+            raise ValueError("dr_grpo divides by completions × max_new_tokens: pass max_new_tokens")
+        return float(mask.shape[0] * max_new_tokens)
+    if how == "dapo":
+        return max(float(mask.sum()) if global_tokens is None else float(global_tokens), 1.0) / world
+    raise ValueError(f"unknown aggregation {how!r}; expected one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "grpo", denominator: float | None = None) -> torch.Tensor:
+    """Reduce ``per_token[N, T]`` over the tokens where ``mask`` is 1, as TRL's ``loss_type``:
+    ``grpo`` sums each completion's token mean, ``bnpo``/``dr_grpo``/``dapo`` sum all tokens;
+    both then divide by ``denominator`` (default ``loss_denominator(mask, how)``; ``dr_grpo``
+    needs it given)."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; expected one of {', '.join(AGGREGATIONS)}")
     m = mask.to(per_token.dtype)
     denominator = loss_denominator(mask, how) if denominator is None else denominator
-    if how == "token":
-        return (per_token * m).sum() / denominator
-    return ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum() / denominator
+    if how == "grpo":
+        return ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum() / denominator
+    return (per_token * m).sum() / denominator
 
 
 def grpo_loss(
@@ -158,7 +140,7 @@ def grpo_loss(
     *,
     clip: float = 0.2,
     clip_high: float | None = None,
-    aggregation: Aggregation = "sequence",
+    aggregation: Aggregation = "grpo",
     ref_logp: torch.Tensor | None = None,
     kl: float = 0.0,
     denominator: float | None = None,
@@ -198,6 +180,30 @@ def loss_mask(roll: Rollouts, mask_truncated: bool = True) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- log-probs
+def prompt_rows(prompt: Mapping[str, torch.Tensor], which: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The collated prompt batch's inputs for rows that repeat prompts ``which`` (one prompt
+    index per row).
+
+    Inputs with one entry per prompt (``input_ids``, masks, LLaVA's ``pixel_values [B, C, H, W]``,
+    Idefics3's ``[B, images, C, H, W]``) are indexed by ``which``. Models with flattened image
+    patches (Qwen2-VL, Qwen2.5-VL: ``pixel_values [Σ patches, D]`` with ``image_grid_thw
+    [images, 3]``, an image's patches being ``t·h·w`` consecutive rows) get each row's image:
+    the per-image blocks of patches and their grid rows, repeated per row. Indexing the
+    flattened patches by row would hand a row other images' patches. One image per prompt."""
+    B = prompt["input_ids"].shape[0]
+    grid = prompt.get("image_grid_thw")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in prompt.items():
+        if grid is not None and k == "pixel_values":
+            if grid.shape[0] != B:
+                raise ValueError(f"flattened image patches need one image per prompt; got {grid.shape[0]} images for {B} prompts")
+            blocks = v.split(grid.prod(dim=-1).tolist())
+            out[k] = torch.cat([blocks[i] for i in which.tolist()])
+        else:
+            out[k] = v[which]
+    return out
+
+
 def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """[n, T] float32 log-probabilities of the sampled tokens under ``model``, for the
     rollout rows ``rows`` (default: all N).
@@ -217,13 +223,18 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, ro
     """
     rows = torch.arange(roll.ids.shape[0], device=roll.ids.device) if rows is None else rows
     ids, G = roll.ids[rows], roll.group
+    which = torch.div(rows, G, rounding_mode="floor")  # the prompt of each row (row i*G+j samples prompt i)
     parts = llava_parts(model)
     if parts is None:  # generic: one full forward per row; models compute their own positions
-        # one image per prompt row (LLaVA-style pixel_values [B, C, H, W]): row i*G+j uses prompt i
-        inputs = {k: v.repeat_interleave(G, dim=0)[rows] for k, v in roll.prompt.items()}
+        inputs = prompt_rows(roll.prompt, which)
         P = inputs["input_ids"].shape[1]
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], roll.mask[rows]], dim=1)
+        for k, v in inputs.items():  # per-token inputs run on over the completion
+            if k == "input_ids":
+                inputs[k] = torch.cat([v, ids], dim=1)
+            elif k == "attention_mask":
+                inputs[k] = torch.cat([v, roll.mask[rows]], dim=1)
+            elif v.dim() == 2 and v.shape == (len(rows), P):  # e.g. Qwen2-VL's mm_token_type_ids: 0 = text
+                inputs[k] = torch.cat([v, v.new_zeros(ids.shape)], dim=1)
         logits = model(**inputs, use_cache=False).logits[:, P - 1 : -1]
     else:
         from transformers import DynamicCache
@@ -232,7 +243,6 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, ro
         prompt_mask = roll.prompt["attention_mask"]
         prompt_pos = position_ids(prompt_mask)
         out = full.model(**roll.prompt, position_ids=prompt_pos, use_cache=True)
-        which = torch.div(rows, G, rounding_mode="floor")  # the prompt of each row
         cache = DynamicCache(config=full.config.get_text_config())
         for i, layer in enumerate(cache_of(out).layers):
             cache.update(layer.keys[which], layer.values[which], i)
@@ -262,19 +272,21 @@ class GRPOModule(L.LightningModule):
         loaded: Any,
         encoder: Any,
         task: Any,
-        config: GRPOConfig,
-        reward: Reward,
+        stage: GRPOStageIR,
+        reward: Reward | None = None,
         *,
         seed: int = 0,
-        stage_name: str = "grpo",
+        grad_clip: float | None = None,
+        warn_after: int = WARN_AFTER,
         split: str = "train",
     ):
         super().__init__()
         self.automatic_optimization = False
         self.loaded, self.model, self.encoder, self.task = loaded, loaded.model, encoder, task
-        self.cfg, self.reward, self.seed, self.split = config, reward, int(seed), split
+        reward = compile_reward(stage.reward) if reward is None else reward  # tests pass one with their own resolver
+        self.stage, self.reward, self.seed, self.split, self.grad_clip = stage, reward, int(seed), split, grad_clip
         self._ref: list[torch.nn.Module] = []  # the KL reference (iff kl > 0): see setup_reference
-        self.diag = RewardDiagnostics(reward.term_names, reward.surrogates, config.warn_after, stage_name)
+        self.diag = RewardDiagnostics(reward.term_names, reward.surrogates, warn_after, stage.name)
         image_token = getattr(getattr(self.model, "config", None), "image_token_id", None) or getattr(
             getattr(self.model, "config", None), "image_token_index", None
         )
@@ -309,49 +321,60 @@ class GRPOModule(L.LightningModule):
         ones. None when β = 0, and none for PEFT models either: their base model (adapter
         disabled) is the reference."""
         self._ref.clear()
-        if self.cfg.kl > 0 and not hasattr(self.model, "disable_adapter"):
+        if self.stage.kl > 0 and not hasattr(self.model, "disable_adapter"):
             self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adamw(self.model, lr=self._lr(0), weight_decay=self.cfg.weight_decay)
+        st = self.stage
+        return adamw(self.model, lr=self._lr(0), weight_decay=st.weight_decay, betas=(st.adam_beta1, st.adam_beta2), eps=st.adam_eps)
 
     def _lr(self, step: int) -> float:
-        return schedule_value(self.cfg.lr, step, self.cfg.steps)
+        return value_at(self.stage.lr, step, self.stage.steps)
+
+    def _denominator(self, mask: torch.Tensor) -> float:
+        """``loss_denominator`` for this batch; ``dapo`` counts the loss tokens of every device."""
+        st, world = self.stage, self.trainer.world_size if self._trainer is not None else 1
+        tokens = None
+        if st.aggregation == "dapo" and world > 1:
+            count = mask.sum().to(torch.float64)
+            torch.distributed.all_reduce(count)
+            tokens = float(count)
+        return loss_denominator(mask, st.aggregation, max_new_tokens=st.max_new_tokens, global_tokens=tokens, world=world)
 
     # -- the step ------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        cfg = self.cfg
+        st = self.stage
         roll, rewards, logs = self.rollout(batch)  # may raise RewardError: no update was made yet
-        adv = group_advantages(rewards, cfg.scale).flatten().to(roll.ids.device)
-        mask = loss_mask(roll, cfg.mask_truncated)
+        adv = group_advantages(rewards, st.scale).flatten().to(roll.ids.device)
+        mask = loss_mask(roll, st.mask_truncated)
         # Rows with A = 0 (constant groups) and no KL term, or no loss tokens, add exactly 0 to
         # the loss and its gradient: leave them out of the forward, keep them in the denominator.
-        rows = (mask.any(dim=1) & ((adv != 0) | (cfg.kl > 0))).nonzero()[:, 0]
-        denom = loss_denominator(mask, cfg.aggregation)
-        ref = self.reference_logprobs(roll, rows) if cfg.kl > 0 and len(rows) else None
+        rows = (mask.any(dim=1) & ((adv != 0) | (st.kl > 0))).nonzero()[:, 0]
+        denom = self._denominator(mask)
+        ref = self.reference_logprobs(roll, rows) if st.kl > 0 and len(rows) else None
         opt = self.optimizers()
         t0 = time.perf_counter()
         old, loss, stats = None, torch.zeros(()), {}
-        for u in range(cfg.updates):
-            if u > 0 and self.global_step >= cfg.steps:
+        for u in range(st.updates):
+            if u > 0 and self.global_step >= st.steps:
                 break  # the stage's step budget ends inside this batch's updates
             lr = self._lr(self.global_step)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=False)
             if len(rows):
-                logp = completion_logprobs(self.model, roll, cfg.temperature, rows)
+                logp = completion_logprobs(self.model, roll, st.temperature, rows)
                 old = logp.detach() if old is None else old  # update 0 runs the sampling policy: ρ = 1
                 loss, stats = grpo_loss(
                     logp,
                     old,
                     adv[rows],
                     mask[rows],
-                    clip=cfg.clip,
-                    clip_high=cfg.clip_high,
-                    aggregation=cfg.aggregation,
+                    clip=st.clip,
+                    clip_high=st.clip_high,
+                    aggregation=st.aggregation,
                     ref_logp=ref,
-                    kl=cfg.kl,
+                    kl=st.kl,
                     denominator=denom,
                 )
                 self.manual_backward(loss)
@@ -376,24 +399,24 @@ class GRPOModule(L.LightningModule):
         prompt = collate([self.encoder.encode_prompt(s.query, s.image) for s in samples], self.encoder.pad_token_id)
         prompt = {k: v.to(self.device) for k, v in prompt.items() if isinstance(v, torch.Tensor)}
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.global_step)
-        bf16 = self.cfg.gen_precision == "bf16"  # fused decoder weights; autocast for prefill / HF generate
+        bf16 = self.stage.sample_precision == "bf16"  # fused decoder weights; autocast for prefill / HF generate
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with amp, eval_mode(self.model):
             roll = sample_completions(
                 self.model,
                 prompt,
-                group=self.cfg.group,
-                max_new_tokens=self.cfg.max_new_tokens,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
+                group=self.stage.group,
+                max_new_tokens=self.stage.max_new_tokens,
+                temperature=self.stage.temperature,
+                top_p=self.stage.top_p,
                 eos_token_id=self.encoder.eos_token_id,
                 pad_token_id=self.encoder.pad_token_id,
                 suppress=self.suppress,
                 generator=gen,
                 dtype=torch.bfloat16 if bf16 else torch.float32,
-                compile=self.cfg.compile,
+                compile=self.stage.compile,
             )
-        G, lengths = self.cfg.group, roll.lengths.tolist()
+        G, lengths = self.stage.group, roll.lengths.tolist()
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()
         groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
@@ -414,10 +437,10 @@ class GRPOModule(L.LightningModule):
     @torch.no_grad()
     def reference_logprobs(self, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.ref_model is not None:
-            return completion_logprobs(self.ref_model, roll, self.cfg.temperature, rows)
+            return completion_logprobs(self.ref_model, roll, self.stage.temperature, rows)
         if hasattr(self.model, "disable_adapter"):  # PEFT: the base model is the reference
             with self.model.disable_adapter():
-                return completion_logprobs(self.model, roll, self.cfg.temperature, rows)
+                return completion_logprobs(self.model, roll, self.stage.temperature, rows)
         raise RuntimeError("kl > 0 but no reference model: call setup_reference() (done in on_fit_start)")
 
     def _clip_grads(self) -> float:
@@ -425,7 +448,7 @@ class GRPOModule(L.LightningModule):
         for p in params:  # parameters the forward did not reach (or no forward at all): zero gradient
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
 
     # -- reporting -------------------------------------------------------------------------
@@ -488,22 +511,20 @@ class PromptDataModule(L.LightningDataModule):
 
 
 # --------------------------------------------------------------------------- entry point
-def build_grpo(loaded: Any, encoder: Any, task: Any, stage: Any, seed: int, **overrides: Any) -> tuple[GRPOModule, PromptDataModule]:
-    """The module and data module of a ``grpo`` stage.
-
-    ``overrides`` set ``GRPOConfig`` fields that are not in the stage's settings (e.g.
-    ``grad_clip`` from the trainer block, ``warn_after``). The trainer that fits them needs
-    ``max_steps = stage.settings["steps"]`` and no ``gradient_clip_val`` (manual
-    optimisation clips itself, at ``grad_clip``)."""
-    if stage.kind != "grpo" or stage.reward is None:
-        raise ValueError(f"stage `{stage.name}` is not a grpo stage with a reward")
-    cfg = GRPOConfig.from_stage(stage, **overrides)
-    module = GRPOModule(loaded, encoder, task, cfg, compile_reward(stage.reward), seed=seed, stage_name=stage.name)
-    return module, PromptDataModule(task.size("train"), cfg.batch, seed)
+def build_grpo(
+    loaded: Any, encoder: Any, task: Any, stage: GRPOStageIR, seed: int, *, grad_clip: float | None = None
+) -> tuple[GRPOModule, PromptDataModule]:
+    """The module and data module of a ``grpo`` stage. ``grad_clip`` is the trainer block's
+    ``clip``. The trainer that fits them needs ``max_steps = stage.steps`` and no
+    ``gradient_clip_val`` (manual optimisation clips itself, at ``grad_clip``)."""
+    if not isinstance(stage, GRPOStageIR):
+        raise ValueError(f"stage `{stage.name}` is not a grpo stage")
+    module = GRPOModule(loaded, encoder, task, stage, seed=seed, grad_clip=grad_clip)
+    return module, PromptDataModule(task.size("train"), stage.batch, seed)
 
 
 __all__ = [
-    "GRPOConfig",
+    "AGGREGATIONS",
     "GRPOModule",
     "PromptDataModule",
     "PromptSampler",
@@ -513,6 +534,6 @@ __all__ = [
     "loss_mask",
     "completion_logprobs",
     "group_advantages",
+    "prompt_rows",
     "grpo_loss",
-    "lr_spec",
 ]

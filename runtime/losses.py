@@ -1,71 +1,42 @@
 """SFT objectives over roles: token mean, per-role mixes, and NGDiff.
 
-The loss spec comes from the IR as a dict:
-
-    {"kind": "token_mean"}                          # optional "roles": [...] (default: all)
-    {"kind": "mix", "terms": [{"weight": W, "roles": ["perception"]},
-                              {"weight": W, "roles": ["reasoning", "answer"]}]}
-    {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": False}
-
-A weight ``W`` is a number or a schedule dict (``schedule_value``). A mix term is
-``W * (token mean of the cross-entropy over tokens whose role is in roles)``; a term
-with no tokens in the batch contributes 0. NGDiff (DESIGN §1) steps along
-``g = Σ_i g_i / ‖g_i‖`` where ``g_i`` is the gradient of group i's token-mean loss.
+The loss is the IR's typed ``Loss`` (``percepdsl.ir``): ``TokenMeanLoss``, ``MixLoss``
+(terms of a weight and roles) or ``NGDiffLoss`` (role groups, ``auto_lr``). A weight is a
+number or a schedule, evaluated at each step by ``percepdsl.ir.value_at`` (the one schedule
+evaluator, absolute values). A mix term is ``W * (token mean of the cross-entropy over tokens
+whose role is in roles)``; a term with no tokens in the batch contributes 0. NGDiff
+(normalised gradient difference) steps along ``g = Σ_i g_i / ‖g_i‖`` where ``g_i`` is the
+gradient of group i's token-mean loss: every group contributes a direction of the same
+length, whatever the size of its loss and gradient.
 
 Everything starts from ``role_token_losses``: one cross-entropy pass over the target
 tokens, then per-role sums and counts by ``index_add`` — the cost is independent of the
 number of roles and terms.
 
 Logged per step (``logs``): ``loss``; per role ``loss/<role>`` (its token mean),
-``token_share/<role>``, ``loss_share/<role>`` (share of the summed token losses);
-per term ``lambda/<term>`` (normalised weight); ``eff_lambda`` (the normalised weight of
-the perception term — for token_mean the perception token share, which is the λ plain
-token averaging implicitly uses); for NGDiff also ``grad_norm/<group>`` and ``grad_cos``.
+``token_share/<role>``, ``loss_share/<role>`` (share of the summed token losses) and
+``weight_share/<role>``; per term of a mix or NGDiff ``lambda/<term>`` (its weight over the
+sum of the weights); ``eff_lambda``; for NGDiff also ``grad_norm/<group>`` and ``grad_cos``.
+
+**Effective λ.** The loss puts a weight on every target token: a term of weight ``w`` over
+``n`` tokens gives each of them ``w / n`` (NGDiff: ``w = 1/‖g_i‖``). ``weight_share/<role>``
+is the share of the total token weight that falls on the role's tokens, and ``eff_lambda`` is
+``weight_share/perception``: λ for ``λ·mean(perception) + (1−λ)·mean(reasoning, answer)``,
+the perception token share for ``token_mean`` (the λ plain token averaging implicitly uses),
+0 for a loss without perception, ``(1/‖g_p‖)/(1/‖g_p‖ + 1/‖g_r‖)`` for NGDiff. It is not
+logged on a step whose weights are all 0, nor without a role named ``perception``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-Weight = float | int | Mapping[str, Any]
+from percepdsl.ir import Loss, Value, value_at
 
-
-# --------------------------------------------------------------------------- schedules
-def schedule_value(spec: Weight, step: int, total: int) -> float:
-    """Value of a constant or schedule at ``step`` of ``total`` (``step`` in [0, total]).
-
-    - number, or ``{"kind": "constant", "value"|"start": v}``
-    - ``linear``:  start → end over the run
-    - ``cosine``:  start → end along half a cosine
-    - ``step``:    start × factor^⌊step / every⌋
-    Every kind also takes ``warmup``: a linear ramp 0 → start over the
-    first ``warmup`` steps (at step 0 the value is 0, as in the usual LR warmup), after
-    which the schedule runs over the remaining ``total - warmup`` steps.
-    """
-    if isinstance(spec, (int, float)):
-        return float(spec)
-    kind = spec.get("kind", "constant")
-    start = float(spec.get("start", spec.get("value", 1.0)))
-    end = float(spec.get("end", start if kind in ("constant", "step") else 0.0))
-    warmup = int(spec.get("warmup", 0))
-    if kind not in ("constant", "linear", "cosine", "step"):
-        raise ValueError(f"unknown schedule kind {kind!r}")
-    if step < warmup:
-        return start * step / warmup
-    if kind == "constant":
-        return start
-    frac = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
-    if kind == "linear":
-        return start + (end - start) * frac
-    if kind == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    every = int(spec.get("every", max(total // 4, 1)))
-    return start * float(spec.get("factor", 0.5)) ** ((step - warmup) // max(every, 1))
+PERCEPTION = "perception"  # the role whose weight share is logged as `eff_lambda`
 
 
 # --------------------------------------------------------------------------- per-role losses
@@ -92,26 +63,22 @@ def role_token_losses(
 
 # --------------------------------------------------------------------------- objective
 class Objective:
-    """A loss spec bound to the encoder's role names."""
+    """A typed loss (``percepdsl.ir.Loss``) bound to the encoder's role names. NGDiff's
+    ``norm_every`` (1 = exact) is read by ``exact_step``; see ``ngdiff_backward``."""
 
-    def __init__(self, spec: Mapping[str, Any], role_names: Sequence[str]):
-        self.spec = dict(spec)
-        self.kind = str(spec.get("kind", "token_mean"))
+    def __init__(self, loss: Loss, role_names: Sequence[str]):
+        self.ir = loss
+        self.kind = loss.kind
         self.role_names = list(role_names)
-        self.auto_lr = bool(spec.get("auto_lr", False))
+        self.auto_lr = loss.kind == "ngdiff" and loss.auto_lr
+        self.norm_every = loss.norm_every if loss.kind == "ngdiff" else 1
         self._norms: dict[int, float] = {}  # NGDiff: last measured group gradient norms
-        if self.kind == "token_mean":
-            roles = list(spec.get("roles") or role_names)
-            self.terms: list[tuple[str, torch.Tensor, Weight]] = [("+".join(roles), self._mask(roles), 1.0)]
-        elif self.kind == "mix":
-            self.terms = [("+".join(t["roles"]), self._mask(t["roles"]), t.get("weight", 1.0)) for t in spec["terms"]]
-        elif self.kind == "ngdiff":
-            groups = [list(g) for g in spec["groups"]]
-            if len(groups) < 2:
-                raise ValueError("ngdiff needs at least two role groups")
-            self.terms = [("+".join(g), self._mask(g), 1.0) for g in groups]
+        if loss.kind == "token_mean":
+            self.terms: list[tuple[str, torch.Tensor, Value]] = [("+".join(self.role_names), self._mask(self.role_names), 1.0)]
+        elif loss.kind == "mix":
+            self.terms = [("+".join(t.roles), self._mask(t.roles), t.weight) for t in loss.terms]
         else:
-            raise ValueError(f"unknown loss kind {self.kind!r}; expected token_mean, mix or ngdiff")
+            self.terms = [("+".join(g), self._mask(g), 1.0) for g in loss.groups]
 
     def _mask(self, roles: Iterable[str]) -> torch.Tensor:
         roles = list(roles)
@@ -142,21 +109,21 @@ class Objective:
         """
         parts = self.term_losses(sums, counts)
         logs = self._role_logs(sums, counts)
-        if self.kind == "token_mean":
-            loss = parts[0] if parts[0] is not None else sums.sum() * 0.0
-            # each role's implicit weight is its share of the tokens in the loss
-            in_loss = self.terms[0][1].tolist()
-            logs.update(self._lambda_logs([float(c) * m for c, m in zip(counts.tolist(), in_loss)], self.role_names))
-        else:
-            weights = [schedule_value(w, step, total) for _, _, w in self.terms]
-            loss = sums.sum() * 0.0  # keeps the graph when every term is absent
-            for w, part in zip(weights, parts):
-                if part is not None:
-                    loss = loss + (w if self.kind == "mix" else 1.0) * part
-            if self.kind == "mix":
-                logs.update(self._lambda_logs(weights))
+        weights = self.weights(step, total)
+        loss = sums.sum() * 0.0  # keeps the graph when every term is absent
+        for w, part in zip(weights, parts):
+            if part is not None:
+                loss = loss + w * part
+        if self.kind == "mix":
+            logs.update(self._lambda_logs(weights))
+        if self.kind != "ngdiff":  # NGDiff's effective weights come from its gradient norms
+            logs.update(self._weight_logs(weights, counts))
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+    def weights(self, step: int, total: int) -> list[float]:
+        """Each term's weight at ``step`` of ``total`` (1 for token mean and NGDiff's groups)."""
+        return [value_at(w, step, total) for _, _, w in self.terms]
 
     def ngdiff_backward(
         self,
@@ -181,7 +148,7 @@ class Objective:
         gradient in ``.grad``; then ``.grad`` is rescaled and the stored gradients added in
         place (foreach ops). Extra memory: one gradient copy per extra group.
 
-        ``norm_every: n`` in the spec (default 1 = exact) recomputes the norms only every
+        ``ngdiff(..., norm_every = n)`` in the spec (default 1 = exact) recomputes the norms only every
         n steps; in between it backpropagates ``Σ_i L_i/‖g_i‖`` with the last norms in one
         pass — an approximation (norms drift slowly) that brings the cost near a plain step.
         ``all_reduce`` averages the autograd.grad gradients across data-parallel ranks;
@@ -196,7 +163,7 @@ class Objective:
             return {}
         if not self.exact_step(step) and not pre and all(i in self._norms for i in present):
             backward(sum(parts[i] / (self._norms[i] + eps) for i in present))
-            return self._ngdiff_logs({i: self._norms[i] for i in present}, eps)
+            return self._ngdiff_logs({i: self._norms[i] for i in present}, counts, eps)
         rest = [i for i in present if i not in pre]  # groups still to differentiate here
         stored: dict[int, list[torch.Tensor | None]] = {i: list(g) for i, g in pre.items()}
         for i in rest[:-1]:
@@ -218,15 +185,14 @@ class Objective:
             used = [(p.grad, g) for p, g in zip(params, grads_i) if g is not None]
             torch._foreach_add_([a for a, _ in used], [g for _, g in used], alpha=1.0 / (norms[i] + eps))
         grads = [p.grad for p in params if p.grad is not None]  # parameters no group reaches keep None
-        logs = self._ngdiff_logs(norms, eps)
+        logs = self._ngdiff_logs(norms, counts, eps)
         if diagnostics and len(present) == 2:  # ‖u+v‖² = 2 + 2cos for unit u, v: the cosine for one norm
             logs["grad_cos"] = (float(_global_norm(grads)) ** 2 - 2.0) / 2.0
         return logs
 
     def exact_step(self, step: int) -> bool:
         """Whether NGDiff measures the group gradient norms at this step (see norm_every)."""
-        every = int(self.spec.get("norm_every", 1))
-        return every <= 1 or step % every == 0 or not self._norms
+        return self.norm_every <= 1 or step % self.norm_every == 0 or not self._norms
 
     def prefix_ends(self, labels: torch.Tensor, role_ids: torch.Tensor) -> list[int]:
         """Per group: the length of the shortest batch prefix that holds all its targets
@@ -239,9 +205,11 @@ class Objective:
             out.append(int(pos[mine].max()) + 1 if bool(mine.any()) else 0)
         return out
 
-    def _ngdiff_logs(self, norms: Mapping[int, float], eps: float) -> dict[str, float]:
+    def _ngdiff_logs(self, norms: Mapping[int, float], counts: torch.Tensor, eps: float) -> dict[str, float]:
         logs = {f"grad_norm/{self.terms[i][0]}": n for i, n in norms.items()}
-        logs.update(self._lambda_logs([1.0 / (norms[i] + eps) if i in norms else 0.0 for i in range(len(self.terms))]))
+        weights = [1.0 / (norms[i] + eps) if i in norms else 0.0 for i in range(len(self.terms))]
+        logs.update(self._lambda_logs(weights))
+        logs.update(self._weight_logs(weights, counts))
         return logs
 
     # -- logging helpers -----------------------------------------------------------------
@@ -256,15 +224,34 @@ class Objective:
             logs[f"loss_share/{name}"] = si / total_s
         return logs
 
-    def _lambda_logs(self, weights: Sequence[float], names: Sequence[str] | None = None) -> dict[str, float]:
-        """Normalised weights as ``lambda/<name>`` (terms by default, or roles) and
-        ``eff_lambda``: the perception one (else the first)."""
-        names = list(names) if names is not None else [n for n, _, _ in self.terms]
+    def _lambda_logs(self, weights: Sequence[float]) -> dict[str, float]:
+        """Each term's weight over the sum of the weights, as ``lambda/<term>``."""
         total = sum(weights) or 1.0
-        lam = {n: w / total for n, w in zip(names, weights)}
-        logs = {f"lambda/{n}": v for n, v in lam.items()}
-        perception = next((n for n in names if "perception" in n.split("+")), names[0])
-        logs["eff_lambda"] = lam[perception]
+        return {f"lambda/{n}": w / total for (n, _, _), w in zip(self.terms, weights)}
+
+    def role_weights(self, weights: Sequence[float], counts: torch.Tensor) -> list[float]:
+        """The total weight the loss puts on each role's tokens: a term of weight w over n
+        tokens gives each w/n, so role r gets Σ_terms w · count_r / n (terms without tokens
+        in the batch give nothing)."""
+        c = [float(x) for x in counts.tolist()]
+        out = [0.0] * len(self.role_names)
+        for (_, mask, _), w in zip(self.terms, weights):
+            roles = [r for r, m in enumerate(mask.tolist()) if m]
+            n = sum(c[r] for r in roles)
+            for r in roles:
+                out[r] += w * c[r] / n if n else 0.0
+        return out
+
+    def _weight_logs(self, weights: Sequence[float], counts: torch.Tensor) -> dict[str, float]:
+        """``weight_share/<role>`` and ``eff_lambda`` (see the module doc); nothing when the
+        loss puts no weight on any token this step."""
+        per_role = self.role_weights(weights, counts)
+        total = sum(per_role)
+        if total <= 0:
+            return {}
+        logs = {f"weight_share/{n}": w / total for n, w in zip(self.role_names, per_role)}
+        if PERCEPTION in self.role_names:
+            logs["eff_lambda"] = logs[f"weight_share/{PERCEPTION}"]
         return logs
 
 

@@ -6,11 +6,24 @@ Face format and loads it back through ``load_hf`` — so the tiny default exerci
 same loading path as a real checkpoint. ``load_hf`` loads any local
 checkpoint with ``AutoModelForImageTextToText`` + ``AutoProcessor``, optionally wrapping
 it in a PEFT LoRA adapter.
+
+A run builds its model through the catalogue's ``impl`` of the model kind, called as
+``impl(model: ModelIR, *, vocabulary, image, seed, save_dir) -> LoadedModel``: ``tiny_model``
+and ``hf_model`` here, or a plugin's function with the same signature.
+
+``model hf`` takes a local path or a Hugging Face hub id (``org/name``), which is resolved
+through the local Hugging Face cache (``resolve_checkpoint``). A run's weights are written
+as standard Hugging Face directories (``save_pretrained_dir``): the model's and the
+processor's ``save_pretrained`` — for a PEFT model, PEFT's own adapter files — so
+``AutoModelForImageTextToText``/``AutoProcessor`` or ``PeftModel.from_pretrained`` load
+them; ``load_weights`` puts such a directory's weights back into a loaded model (stage
+chaining, resume).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -20,7 +33,9 @@ from typing import Any
 
 import torch
 
+from percepdsl.catalogue import default
 from percepdsl.io import atomic_dir
+from percepdsl.ir import LoraIR, ModelIR, TinyParams
 
 # Special tokens of the tiny word-level tokenizer; <image> is expanded by the processor
 # into one token per image patch.
@@ -78,25 +93,77 @@ class LoadedModel:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+def tiny_model(model: ModelIR, *, vocabulary: Sequence[str], image: int, seed: int, save_dir: Path) -> LoadedModel:
+    """The catalogue's `tiny` model kind (see the module doc for the signature)."""
+    return build_tiny(vocabulary, image=image, seed=seed, save_dir=save_dir, **model.params.model_dump())
+
+
+def hf_model(model: ModelIR, *, vocabulary: Sequence[str], image: int, seed: int, save_dir: Path) -> LoadedModel:
+    """The catalogue's `hf` model kind: the checkpoint at ``model.path`` (a local path or a hub
+    id in the local Hugging Face cache), with ``model.lora``."""
+    return load_hf(model.path, lora=model.lora, dtype=model.params.dtype)
+
+
+def resolve_checkpoint(ref: str | Path) -> Path:
+    """The local directory of a checkpoint named by a path or a Hugging Face hub id.
+
+    An existing path is itself. Otherwise a valid hub id (``org/name``) is looked up in the
+    local Hugging Face cache (``HF_HUB_CACHE``, default ``$HF_HOME/hub``); if it is not there
+    and ``HF_HUB_OFFLINE`` is not set, it is downloaded into the cache. ``ModelLoadError``
+    when neither works, naming the id, the cache and ``HF_HUB_OFFLINE``; a name that is no
+    hub id either is reported as a missing path."""
+    path = Path(ref).expanduser()
+    if path.exists() or not _is_hub_id(str(ref)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(ref), local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    where = f"no local path {str(ref)!r} and no copy of the hub model `{ref}` in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"{where}, and HF_HUB_OFFLINE is set, so it is not downloaded: download it into that cache where there is a "
+            f"network (`hf download {ref}`; HF_HOME or HF_HUB_CACHE choose the cache), or give the checkpoint's local path"
+        )
+    try:
+        return Path(snapshot_download(str(ref)))
+    except Exception as exc:  # noqa: BLE001 - no network, unknown or gated repository: one refusal
+        raise ModelLoadError(
+            f"{where}, and downloading it failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); without a network, "
+            f"download it into that cache elsewhere (`hf download {ref}`) or give a local path; HF_HUB_OFFLINE=1 skips the download"
+        ) from exc
+
+
+def _is_hub_id(ref: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
 def build_tiny(
     vocab: Sequence[str],
     *,
-    width: int = 256,
-    depth: int = 4,
-    heads: int = 4,
-    vision_width: int = 128,
-    vision_depth: int = 2,
-    patch: int = 16,
-    image: int = 64,
+    image: int,
     seed: int = 0,
     save_dir: Path | None = None,
+    **sizes: int,
 ) -> LoadedModel:
     """Build the embedded tiny LLaVA (≈3M parameters at the defaults), save it, reload it.
 
-    ``vocab`` is the task vocabulary (space-separated words of queries and responses).
-    The model is written to ``save_dir`` (a fresh temporary directory if None; an existing
-    one is replaced whole, atomically) and loaded back with ``load_hf``, so what trains is
-    exactly what a later run reloads.
+    ``vocab`` is the task vocabulary (space-separated words of queries and responses);
+    ``image`` the task's image side; ``sizes`` some of ``percepdsl.ir.TinyParams``
+    (``width``, ``depth``, ``heads``, ``vision_width``, ``vision_depth``, ``patch``; the rest
+    are the catalogue's defaults). The model is written to ``save_dir`` (a fresh temporary
+    directory if None; an existing one is replaced whole, atomically) and loaded back with
+    ``load_hf``, so what trains is exactly what a later run reloads.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -109,6 +176,8 @@ def build_tiny(
     )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    p = TinyParams(**sizes)
+    width, depth, heads, vision_width, vision_depth, patch = p.width, p.depth, p.heads, p.vision_width, p.vision_depth, p.patch
     if image % patch:
         raise ValueError(f"image size {image} must be a multiple of the patch size {patch}")
     words = list(TINY_SPECIALS) + [w for w in dict.fromkeys(vocab) if w not in TINY_SPECIALS]
@@ -200,22 +269,24 @@ def build_tiny(
 def load_hf(
     path: str | Path,
     *,
-    lora: dict | None = None,
-    dtype: str = "float32",
+    lora: LoraIR | None = None,
+    dtype: str = default("model", "hf", "dtype"),
     vocab: Sequence[str] | None = None,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load a local image-text-to-text checkpoint (+ optional LoRA).
+    """Load an image-text-to-text checkpoint (+ optional LoRA) from a local path or a hub id in
+    the local Hugging Face cache (``resolve_checkpoint``).
 
-    ``lora`` keys: ``r`` (8), ``alpha`` (2r), ``dropout`` (0.0), ``target_modules``
-    (default ``"all-linear"``: every linear layer but the output head, vision tower
-    included — perception is what the study trains, so the vision side must be able to move).
+    ``lora``: the typed LoRA settings (``LoraIR``, the catalogue's defaults: ``target_modules
+    = "all-linear"`` is every linear layer but the output head, vision tower included —
+    perception is what the study trains, so the vision side must be able to move).
     ``vocab``: if given, raise ``ModelLoadError`` when the tokenizer cannot encode a word.
     ``attn_implementation``: passed to transformers (default: its choice; eager for tiny).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(path).expanduser()
+    ref = str(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
@@ -257,6 +328,8 @@ def load_hf(
         )
     if not getattr(processor, "chat_template", None):
         raise ModelLoadError(f"the processor of {str(path)!r} has no chat template; training sequences are built with it")
+    if ref != str(path):  # a hub id: saved configs and adapters name it, not this machine's cache path
+        model.name_or_path = ref
     if lora:
         model = _with_lora(model, lora)
     loaded = LoadedModel(model=model, processor=processor, kind="tiny" if tiny else "hf", path=path)
@@ -267,19 +340,56 @@ def load_hf(
     return loaded
 
 
-def _with_lora(model: Any, lora: dict) -> Any:
+def save_pretrained_dir(loaded: LoadedModel, path: str | Path) -> Path:
+    """Write ``loaded`` as a Hugging Face directory, atomically (``atomic_dir``: a kill leaves
+    the old directory or the new one, never part of one): the model's ``save_pretrained`` —
+    for a PEFT model PEFT's own, which writes the adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) and not the base — and the processor's (tokenizer, image
+    processor, chat template). A tiny model's marker goes along, so ``load_hf`` of the
+    directory is the tiny model again (eager attention). Load the result with
+    ``AutoModelForImageTextToText``/``AutoProcessor``, ``PeftModel.from_pretrained(base, path)``,
+    ``load_hf`` or, into a loaded model, ``load_weights``."""
+    path = Path(path)
+    with atomic_dir(path) as staging, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes about the base model's config
+        loaded.model.save_pretrained(staging)
+        loaded.processor.save_pretrained(staging)
+        if loaded.path is not None and (Path(loaded.path) / TINY_MARKER).is_file():
+            shutil.copyfile(Path(loaded.path) / TINY_MARKER, staging / TINY_MARKER)
+    return path
+
+
+def load_weights(loaded: LoadedModel, path: str | Path) -> None:
+    """Put the weights of a ``save_pretrained_dir`` directory into ``loaded.model`` in place.
+
+    A PEFT model takes the adapter through PEFT's ``set_peft_model_state_dict`` (every saved
+    tensor must land); a full model loads the directory with transformers, which maps the
+    saved names (transformers writes some architectures, LLaVA among them, under their older
+    key names) and ties weights, and copies its state over."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    model = loaded.model
+    if hasattr(model, "peft_config"):
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise ModelLoadError(f"{path}: adapter tensors not in the model: {sorted(result.unexpected_keys)[:5]}")
+        return
+    from transformers import AutoModelForImageTextToText
+
+    dtype = next(model.parameters()).dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    model.load_state_dict(saved.state_dict())
+
+
+def _with_lora(model: Any, lora: LoraIR) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
-    if unknown:
-        raise ModelLoadError(f"unknown LoRA option(s) {sorted(unknown)}; expected r, alpha, dropout, target_modules")
-    r = int(lora.get("r", 8))
-    config = LoraConfig(
-        r=r,
-        lora_alpha=float(lora.get("alpha", 2 * r)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=lora.get("target_modules") or "all-linear",
-    )
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

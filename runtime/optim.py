@@ -11,13 +11,15 @@ def adamw(
     model: torch.nn.Module,
     *,
     lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
     fused: bool = True,
 ) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters in two groups: matrices (2-D and up) decay at
-    ``weight_decay``; biases and norm gains (1-D) do not (the nanoGPT convention).
+    ``weight_decay``; biases and norm gains (1-D) do not (the nanoGPT convention). The settings
+    come from the stage (``weight_decay``, ``adam_beta1``/``adam_beta2``, ``adam_eps``: the
+    catalogue's defaults), so this has none of its own.
 
     ``fused``: one kernel per step instead of a loop over tensors, where this torch build and
     device have it; otherwise the default implementation."""

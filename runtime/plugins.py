@@ -23,5 +23,8 @@ def resolve(impl: str) -> Any:
 
 
 def build_task(task_ir, seed: int):
-    """The task an IR names, through its catalogue `impl`."""
-    return resolve(task_ir.impl)(dict(task_ir.params), seed)
+    """The task an IR names, through its catalogue `impl`, given its checked parameters as
+    they are (typed for a built-in task, a dict for a plugin task)."""
+    if not task_ir.impl:
+        raise ImplError(f"task `{task_ir.name}` has no implementation (`impl`) in its catalogue entry")
+    return resolve(task_ir.impl)(task_ir.params, seed)

@@ -43,10 +43,18 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence[float]]
 
-#: Terms that read the labels (p* or the true answer). Every other term — the built-in
-#: surrogates and any plugin term — is a candidate perception surrogate, and its
-#: correlation with true perception correctness is reported (``surrogate_corr/<term>``).
-LABELLED_TERMS = frozenset({"outcome", "perception_match", "perception_partial", "format"})
+WARN_AFTER = 10  # consecutive flat-reward steps before a RewardWarning (a diagnostic threshold, not a spec setting)
+
+
+def is_surrogate(name: str) -> bool:
+    """Whether a reward term is a candidate perception surrogate, whose correlation with true
+    perception correctness is reported (``surrogate_corr/<term>``): the catalogue says so
+    (`Entry.surrogate`: not for the labelled terms and `format`); a term the catalogue does
+    not know is one."""
+    from percepdsl.catalogue import default_catalogue
+
+    entry = default_catalogue().get("reward", name)
+    return entry is None or entry.surrogate
 
 
 class RewardError(Exception):
@@ -123,13 +131,14 @@ def perceived_consistency(group: RolloutGroup, **_: Any) -> list[float]:
     return [float(s.reasoning) for s in group.scores]
 
 
-def self_consistency(group: RolloutGroup, mode: str = "agreement", **_: Any) -> list[float]:
+def self_consistency(group: RolloutGroup, *, mode: str, **_: Any) -> list[float]:
     """Surrogate (no p*): agreement of each completion's perception with the group's.
 
     Perceptions are compared exactly (``task.parse_perception``: the same graph, the same
-    grid); a perception that does not parse agrees with nothing and scores 0.
+    grid); a perception that does not parse agrees with nothing and scores 0. ``mode`` (the
+    catalogue's default is ``agreement``):
 
-    * ``agreement`` (default): the fraction of the *other* G−1 completions whose parsed
+    * ``agreement``: the fraction of the *other* G−1 completions whose parsed
       perception equals this one's. A soft majority vote: the plurality perception scores
       highest, ties need no breaking, and a lone perception scores 0.
     * ``majority``: 1 if this perception is a plurality of the group's parsed perceptions
@@ -156,11 +165,19 @@ class RewardValues:
 
 
 def term_key(name: str, params: Mapping[str, Any]) -> str:
-    """Log name of a term: its name, with its parameters when it has any non-empty ones
-    (``brevity(max_words=40)``), so the same term with two settings logs apart."""
-    if not params:
-        return name
-    return f"{name}({', '.join(f'{k}={params[k]}' for k in sorted(params))})"
+    """Log name of a term: its name, with the parameters that differ from the catalogue's
+    defaults (``brevity(max_words=40)``, ``self_consistency(mode=majority)``), so the same
+    term with two settings logs apart and a term at its defaults logs by its bare name."""
+    from percepdsl.catalogue import default_catalogue
+
+    entry = default_catalogue().get("reward", name)
+
+    def is_default(k: str) -> bool:
+        spec = entry.param(k) if entry is not None else None
+        return spec is not None and spec.default == params[k]
+
+    shown = sorted(k for k in params if not is_default(k))
+    return f"{name}({', '.join(f'{k}={params[k]}' for k in shown)})" if shown else name
 
 
 class Reward:
@@ -189,7 +206,7 @@ class Reward:
     @property
     def surrogates(self) -> list[str]:
         """Terms that read no labels: their correlation with perception is diagnosed."""
-        return [k for k, name in self.names.items() if name not in LABELLED_TERMS]
+        return [k for k, name in self.names.items() if is_surrogate(name)]
 
     def __call__(self, group: RolloutGroup) -> RewardValues:
         n = len(group)
@@ -305,7 +322,7 @@ class RewardDiagnostics:
     for how long (once per streak).
     """
 
-    def __init__(self, term_names: Sequence[str], surrogates: Sequence[str] = (), warn_after: int = 10, stage: str = "grpo"):
+    def __init__(self, term_names: Sequence[str], surrogates: Sequence[str] = (), warn_after: int = WARN_AFTER, stage: str = "grpo"):
         self.term_names, self.surrogates = list(term_names), list(surrogates)
         self.warn_after, self.stage = int(warn_after), stage
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in ("total", "perception", "reasoning", "group")}
@@ -415,7 +432,7 @@ class RewardDiagnostics:
 
 
 __all__ = [
-    "LABELLED_TERMS",
+    "WARN_AFTER",
     "Reward",
     "RewardDiagnostics",
     "RewardError",
@@ -426,6 +443,7 @@ __all__ = [
     "compile_reward",
     "constant_groups",
     "format_ok",
+    "is_surrogate",
     "outcome",
     "pearson",
     "perceived_consistency",

@@ -1,11 +1,12 @@
 """Role tagging: which part of a target response each character and token belongs to.
 
-Roles come from the compiled IR as a list of rule dicts, applied in declaration order;
-a character takes the role of the FIRST rule that covers it:
+Roles come from the compiled IR as a list of ``RoleRuleIR`` (a mapping of the same fields is
+validated into one), applied in declaration order; a character takes the role of the FIRST
+rule that covers it:
 
-    {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>", "markers": True}
-    {"role": "digits",     "kind": "regex",   "pattern": "[0-9]+"}
-    {"role": "reasoning",  "kind": "rest"}
+    RoleRuleIR(role="perception", kind="between", open="<perception>", close="</perception>")
+    RoleRuleIR(role="digits", kind="regex", pattern="[0-9]+")
+    RoleRuleIR(role="reasoning", kind="rest")
 
 - ``between`` covers every ``open ... close`` span (all occurrences, left to right); with
   ``markers`` (the default) the marker text belongs to the role, otherwise only the inside.
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from percepdsl.ir import RoleRuleIR
+
 OTHER = "other"  # implicit role of uncovered characters when there is no `rest` rule
 
 
@@ -37,24 +40,25 @@ OTHER = "other"  # implicit role of uncovered characters when there is no `rest`
 class RoleTagger:
     """Compiled role rules: ``tag(text)`` gives one role id per character."""
 
-    rules: tuple[Mapping[str, object], ...]
+    rules: tuple[RoleRuleIR, ...]
     role_names: tuple[str, ...]
     rest_id: int  # role id for uncovered characters (`rest` rule or implicit `other`)
 
     @classmethod
-    def from_rules(cls, rules: Sequence[Mapping[str, object]]) -> RoleTagger:
+    def from_rules(cls, rules: Sequence[RoleRuleIR | Mapping[str, object]]) -> RoleTagger:
+        """Raises ``ValueError`` for rules the tagger cannot apply (a pydantic ``ValidationError``
+        for a mapping that is not a rule)."""
+        rules = [r if isinstance(r, RoleRuleIR) else RoleRuleIR.model_validate(r) for r in rules]
         names: list[str] = []
         rest_id = -1
         for rule in rules:
-            kind, role = rule.get("kind"), rule.get("role")
-            if kind not in ("between", "regex", "rest"):
-                raise ValueError(f"role rule {dict(rule)!r}: kind must be between, regex or rest")
-            if not isinstance(role, str) or not role:
-                raise ValueError(f"role rule {dict(rule)!r}: needs a role name")
-            if kind == "between" and not (rule.get("open") and rule.get("close")):
-                raise ValueError(f"role rule {dict(rule)!r}: between needs open and close markers")
+            kind, role = rule.kind, rule.role
+            if not role:
+                raise ValueError(f"role rule {rule!r}: needs a role name")
+            if kind == "between" and not (rule.open and rule.close):
+                raise ValueError(f"role rule {rule!r}: between needs open and close markers")
             if kind == "regex":
-                re.compile(str(rule.get("pattern", "")))  # fail early on a bad pattern
+                re.compile(rule.pattern or "")  # fail early on a bad pattern
             if role not in names:
                 names.append(role)
             if kind == "rest":
@@ -66,16 +70,15 @@ class RoleTagger:
                 raise ValueError(f"role name `{OTHER}` is reserved for uncovered text when there is no rest rule")
             names.append(OTHER)
             rest_id = len(names) - 1
-        return cls(tuple(dict(r) for r in rules), tuple(names), rest_id)
+        return cls(tuple(rules), tuple(names), rest_id)
 
     def tag(self, text: str) -> np.ndarray:
         """Role id of every character of ``text`` (int64 array, same length)."""
         roles = np.full(len(text), -1, dtype=np.int64)
         for rule in self.rules:
-            kind = rule["kind"]
-            if kind == "rest":
+            if rule.kind == "rest":
                 continue  # applied last: it only takes what nothing else took
-            rid = self.role_names.index(str(rule["role"]))
+            rid = self.role_names.index(rule.role)
             for start, end in _spans(rule, text):
                 seg = roles[start:end]
                 seg[seg < 0] = rid  # first rule wins
@@ -83,12 +86,11 @@ class RoleTagger:
         return roles
 
 
-def _spans(rule: Mapping[str, object], text: str) -> list[tuple[int, int]]:
+def _spans(rule: RoleRuleIR, text: str) -> list[tuple[int, int]]:
     """Character spans a `between` or `regex` rule covers."""
-    if rule["kind"] == "regex":
-        return [m.span() for m in re.finditer(str(rule["pattern"]), text) if m.end() > m.start()]
-    open_, close = str(rule["open"]), str(rule["close"])
-    markers = bool(rule.get("markers", True))
+    if rule.kind == "regex":
+        return [m.span() for m in re.finditer(rule.pattern or "", text) if m.end() > m.start()]
+    open_, close, markers = rule.open or "", rule.close or "", rule.markers
     spans, pos = [], 0
     while (start := text.find(open_, pos)) >= 0:
         inner = start + len(open_)

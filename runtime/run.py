@@ -7,7 +7,8 @@ Read top to bottom, a run is:
    task vocabulary, a role that matches no target token): `RunRefused`, exit 2;
 2. **stages** — for each stage in topological order: start from the parent's
    weights, train under a Lightning `Trainer`, evaluate three ways (periodically
-   and at the end), save the weights in safetensors and mark the stage done;
+   and at the end), save the model as a Hugging Face directory (`save_pretrained`
+   of the model or PEFT adapter and of the processor) and mark the stage done;
 3. **report** — `summary.json` (final metrics, per-stage metrics and deltas,
    diagnostics), `metrics.csv`, `eval.jsonl`, plots and `report.md`.
 
@@ -33,7 +34,7 @@ from typing import Any
 import lightning as L
 
 from percepdsl.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from percepdsl.ir import ExperimentIR, StageIR, content_hash
+from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
 
 RESUME_EVERY = int(
     os.environ.get("PERCEP_RESUME_EVERY", 50)
@@ -88,35 +89,15 @@ def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
 
 def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Context:
     from .encoding import Encoder, EncodingError
-    from .models import ModelLoadError, build_tiny, check_vocabulary, load_hf
+    from .models import check_vocabulary, save_pretrained_dir
     from .plugins import ImplError, build_task
-    from .sft import save_checkpoint_safetensors
 
     try:
         task = build_task(ir.task, ir.seed)
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     vocab = task.vocabulary()
-    try:
-        if ir.model.kind == "tiny":
-            p = ir.model.params
-            loaded = build_tiny(
-                vocab,
-                width=p["width"],
-                depth=p["depth"],
-                heads=p["heads"],
-                vision_width=p["vision_width"],
-                vision_depth=p["vision_depth"],
-                patch=p["patch"],
-                image=ir.task.params["image"],
-                seed=ir.seed,
-                save_dir=run_dir / "model_init",
-            )
-        else:
-            lora = ir.model.lora.model_dump() if ir.model.lora else None
-            loaded = load_hf(ir.model.path, lora=lora, dtype=ir.model.params.get("dtype", "float32"))
-    except ModelLoadError as exc:
-        raise RunRefused(str(exc)) from exc
+    loaded = build_model(ir, task, run_dir)
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
@@ -125,13 +106,13 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
             f"`{ir.task.name}` vocabulary: {shown}"
         )
     try:
-        encoder = Encoder(loaded, [r.model_dump() for r in ir.roles], max_length=_max_length(ir))
+        encoder = Encoder(loaded, ir.roles, max_length=_max_length(ir))
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     token_share = _preflight_roles(ir, task, encoder)
-    init = run_dir / "init.safetensors"
-    if not init.exists():
-        save_checkpoint_safetensors(loaded.model, init)
+    init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
+    if not init.exists():  # written whole or not at all (atomic_dir)
+        save_pretrained_dir(loaded, init)
     echo(
         f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
         f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)"
@@ -139,8 +120,36 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
     return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share)
 
 
+def build_model(ir: ExperimentIR, task: Any, run_dir: Path) -> Any:
+    """The model through its kind's catalogue `impl` (built-in or plugin), called as
+    `impl(model_ir, vocabulary=, image=, seed=, save_dir=) -> LoadedModel`; `image` is the
+    side of the task's images. Any failure is a refusal that names the model kind."""
+    from .models import LoadedModel, ModelLoadError
+    from .plugins import ImplError, resolve
+
+    kind = ir.model.kind
+    if not ir.model.impl:
+        raise RunRefused(f"model kind `{kind}` has no implementation (`impl`) in its catalogue entry")
+    try:
+        impl = resolve(ir.model.impl)
+        loaded = impl(
+            ir.model,
+            vocabulary=task.vocabulary(),
+            image=task.sample("train", 0).image.size[0],
+            seed=ir.seed,
+            save_dir=run_dir / "init",
+        )
+    except (ImplError, ModelLoadError) as exc:
+        raise RunRefused(str(exc)) from exc
+    except Exception as exc:  # a plugin's builder failing is bad input to this run, not a crash
+        raise RunRefused(f"model `{kind}` ({ir.model.impl}) failed to build: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(loaded, LoadedModel):
+        raise RunRefused(f"model `{kind}` ({ir.model.impl}) returned {type(loaded).__name__}, not a LoadedModel")
+    return loaded
+
+
 def _max_length(ir: ExperimentIR) -> int | None:
-    lengths = [s.settings.get("max_length") for s in ir.stages if s.settings.get("max_length")]
+    lengths = [s.max_length for s in ir.stages if isinstance(s, SFTStageIR) and s.max_length]
     return max(lengths) if lengths else None
 
 
@@ -169,39 +178,34 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, flo
 # ---- 2. stages --------------------------------------------------------------------------------------
 
 
-def stage_dir(ctx: Context, stage: StageIR) -> Path:
+def stage_dir(ctx: Context, stage: Stage) -> Path:
     return ctx.run_dir / "stages" / stage.name
 
 
-def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
+def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     """Train one stage (resuming if it was interrupted) and evaluate it; returns its record."""
     import torch
 
     from .evaluate import EvalConfig
-    from .generation import GenConfig
-    from .sft import build_trainer, load_checkpoint_safetensors, save_checkpoint_safetensors
+    from .models import load_weights, save_pretrained_dir
+    from .sft import build_trainer
 
     sdir = stage_dir(ctx, stage)
     sdir.mkdir(parents=True, exist_ok=True)
-    parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model.safetensors" if stage.parent else ctx.init_weights
-    load_checkpoint_safetensors(ctx.loaded.model, parent)
+    parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model" if stage.parent else ctx.init_weights
+    load_weights(ctx.loaded, parent)
 
-    module, datamodule = _build_stage(ctx, stage)
+    module, datamodule = build_stage(ctx, stage)
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
-    every = stage.settings.get("eval_every") or ev.every
-    eval_cfg = EvalConfig(
-        gen=GenConfig(max_new_tokens=ev.max_new_tokens or 512, temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch),
-        counterfactual="reasoning" in ev.metrics,
-        cap_factor=None if ev.max_new_tokens else 1.3,
-    )
-    evaluator = StageEval(ctx, stage, eval_cfg, every)
+    every = stage.eval_every or ev.every
+    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every)
     if tr.threads:
         torch.set_num_threads(tr.threads)
     attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
     try:
         trainer = build_trainer(
-            stage.settings["steps"],
+            stage.steps,
             objective=getattr(module, "objective", None),
             precision=tr.precision,
             accelerator=tr.accelerator,
@@ -232,7 +236,7 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
     train_seconds = time.perf_counter() - start
-    save_checkpoint_safetensors(module, sdir / "model.safetensors", metadata={"stage": stage.name, "steps": stage.settings["steps"]})
+    save_pretrained_dir(ctx.loaded, sdir / "model")
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
     diagnostics = evaluator.history[-1]["diagnostics"]
     record = {
@@ -249,33 +253,16 @@ def run_stage(ctx: Context, stage: StageIR, progress: bool) -> dict[str, Any]:
     return record
 
 
-def _build_stage(ctx: Context, stage: StageIR):
-    from .losses import Objective
+def build_stage(ctx: Context, stage: Stage):
+    """The Lightning module and data module of a stage, from its typed IR as it is."""
     from .sft import SFTDataModule, SFTModule
 
-    s = stage.settings
     if stage.kind == "grpo":
         from .grpo import build_grpo
 
         return build_grpo(ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip)
-    lr = s["lr"]
-    schedule = lr.model_dump() if hasattr(lr, "model_dump") else 1.0
-    base_lr = lr.start if hasattr(lr, "model_dump") else float(lr)
-    if hasattr(lr, "model_dump"):  # the schedule is a multiplier of the base lr
-        schedule = {**schedule, "start": 1.0, "end": (lr.end / lr.start if lr.end is not None and lr.start else lr.end)}
-    objective = Objective(stage.loss.model_dump(mode="json"), ctx.encoder.role_names)
-    module = SFTModule(
-        ctx.loaded,
-        objective,
-        {
-            "lr": base_lr,
-            "schedule": schedule,
-            "weight_decay": s["weight_decay"],
-            "grad_clip": ctx.ir.trainer.clip,
-            "total_steps": s["steps"],
-        },
-    )
-    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=s["batch"], seed=ctx.ir.seed, bucket=s["batching"] == "length")
+    module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip)
+    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length")
     return module, datamodule
 
 
@@ -303,13 +290,13 @@ def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any) -> dict[str, 
 class StageEval(L.Callback):
     """Three-way evaluation every N steps and at the stage end."""
 
-    def __init__(self, ctx: Context, stage: StageIR, cfg: Any, every: int | None):
+    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
         self.history: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every and step % self.every == 0 and 0 < step < self.stage.settings["steps"]:
+        if self.every and step % self.every == 0 and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
             pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
 
@@ -441,7 +428,7 @@ def write_plots(ctx: Context) -> None:
             ys = [h[key] for h in hist if h.get(key) is not None]
             if xs:
                 ax.plot(xs, ys, style, label=f"{key} ({st.name})", markersize=4)
-        offset += st.settings["steps"]
+        offset += st.steps
         ax.axvline(offset, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("step (stages concatenated)")
     ax.set_ylabel("accuracy")
@@ -470,7 +457,7 @@ def write_reward_plot(ctx: Context) -> None:
         rows = [r for r in csv.DictReader(f) if r["stage"] in grpo]
     offsets, offset = {}, 0
     for st in ctx.ir.stages:
-        offsets[st.name], offset = offset, offset + st.settings["steps"]
+        offsets[st.name], offset = offset, offset + st.steps
     cols = list(rows[0]) if rows else []
     panels = (
         ("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
@@ -544,7 +531,7 @@ def run(
             records[stage.name] = json.loads(done.read_text())
             echo(f"stage {stage.name}: done (resumed)")
             continue
-        echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.settings['steps']} steps")
+        echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps")
         records[stage.name] = run_stage(ctx, stage, progress)
     summary = summarize(ctx, records)
     write_metrics_csv(ctx)

@@ -8,7 +8,7 @@ model takes the same path, its adapters merged into the decoder's weight copies
 (``dense_weights``); other models go through Hugging Face ``generate``.
 
 Numerics: the fused decoder runs on bf16 copies of the weights by default (the GRPO stage's
-``gen_precision``). bf16 *autocast* measured slower than fp32 for decoding here because it
+``sample_precision``). bf16 *autocast* measured slower than fp32 for decoding here because it
 re-casts every weight at every step; the copy is made once per rollout instead, and bf16
 matmuls of this size take about half the time of fp32 ones on this CPU (AMX). fp32 weights
 reproduce Hugging Face's greedy tokens exactly (tested). Attention always runs in fp32.

@@ -1,16 +1,13 @@
-"""Supervised fine-tuning under Lightning: module, data module, diagnostics, checkpoints.
+"""Supervised fine-tuning under Lightning: module, data module, diagnostics.
 
-``SFTModule`` trains a ``LoadedModel`` on an ``Objective`` (losses.py). Token-mean and
-mix losses use Lightning's automatic optimisation; NGDiff performs its own backward
-(manual optimisation), optionally with an automatic learning rate. The learning rate
-is ``lr × schedule_value(schedule, step, total)`` set before every optimiser step.
-
-Config dict (all optional): ``lr`` (1e-3), ``weight_decay`` (0.0), ``betas``
-((0.9, 0.999)), ``eps`` (1e-8), ``schedule`` (multiplier schedule dict, default constant
-1), ``total_steps`` (default: the trainer's ``max_steps``), ``grad_clip`` (max global
-norm, None = off), ``auto_lr_every`` (NGDiff auto-LR probe period, 10),
-``prefix_forward`` (NGDiff prefix trick, True), ``log_every_step`` (False: all metrics
-only on the logger's steps, ``loss`` every step).
+``SFTModule(loaded, stage, role_names, grad_clip=...)`` trains a ``LoadedModel`` as the
+typed ``SFTStageIR`` says: its loss becomes an ``Objective`` (losses.py); AdamW takes the
+stage's ``weight_decay``, ``adam_beta1``/``adam_beta2``/``adam_eps``; the learning rate at
+optimiser step ``s`` is ``value_at(stage.lr, s, stage.steps)`` in absolute values (the one
+schedule evaluator, shared with GRPO and the loss weights), times NGDiff's auto-LR
+multiplier when ``auto_lr`` is on. Token-mean and mix losses use Lightning's automatic
+optimisation; NGDiff performs its own backward (manual optimisation). ``grad_clip`` is the
+trainer block's ``clip``.
 
 Speed notes (the tiny model is small enough that overheads dominate):
 - logits are computed only at target positions (``target_logits``): the LM head and the
@@ -27,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -36,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from percepdsl.io import atomic_path, write_json_atomic
+from percepdsl.ir import SFTStageIR, value_at
 
 from .encoding import Encoder, collate, model_inputs
 from .generation import eval_mode
-from .losses import Objective, quadratic_step, role_token_losses, schedule_value
+from .losses import Objective, quadratic_step, role_token_losses
 from .models import LoadedModel
 from .optim import adamw
 from .packing import Layout, bucket, collate_packed, packable, text_model_of, training_attention
@@ -101,16 +97,32 @@ def role_losses(model: Any, batch: Mapping[str, Any], n_roles: int) -> tuple[tor
 
 # --------------------------------------------------------------------------- module
 class SFTModule(L.LightningModule):
-    """LightningModule for SFT with role-aware objectives."""
+    """LightningModule for SFT with role-aware objectives.
 
-    def __init__(self, loaded: LoadedModel, objective: Objective, config: Mapping[str, Any] | None = None):
+    Deliberately internal (not spec settings): ``prefix_forward`` (NGDiff's prefix pass: exact,
+    only faster) and ``log_every_step`` (tests: every metric on every step instead of only on
+    the logger's steps). NGDiff's ``auto_lr_every`` and ``norm_every`` are arguments of the
+    stage's ``ngdiff(...)`` loss."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        stage: SFTStageIR,
+        role_names: Sequence[str],
+        *,
+        grad_clip: float | None = None,
+        prefix_forward: bool = True,
+        log_every_step: bool = False,
+    ):
         super().__init__()
         self.loaded = loaded
         self.model = loaded.model
-        self.objective = objective
-        self.cfg = dict(config or {})
-        self.n_roles = len(objective.role_names)
-        self.automatic_optimization = not objective.manual_backward
+        self.stage = stage
+        self.objective = Objective(stage.loss, role_names)
+        self.grad_clip = grad_clip
+        self.prefix_forward, self.log_every_step = prefix_forward, log_every_step
+        self.n_roles = len(self.objective.role_names)
+        self.automatic_optimization = not self.objective.manual_backward
         self.lr_scale = 1.0  # NGDiff auto-LR multiplier (smoothed)
 
     def on_fit_start(self) -> None:
@@ -129,32 +141,29 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fused AdamW, but not under fp16 AMP, where Lightning's grad scaler must unscale before clipping
         fused = self._trainer is None or str(self.trainer.precision) != "16-mixed"
+        st = self.stage
         return adamw(
             self.model,
-            lr=float(self.cfg.get("lr", 1e-3)),
-            weight_decay=float(self.cfg.get("weight_decay", 0.0)),
-            betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
-            eps=float(self.cfg.get("eps", 1e-8)),
+            lr=value_at(st.lr, 0, st.steps),
+            weight_decay=st.weight_decay,
+            betas=(st.adam_beta1, st.adam_beta2),
+            eps=st.adam_eps,
             fused=fused,
         )
 
     @property
     def total_steps(self) -> int:
-        """Steps the schedules run over: config ``total_steps``, else the trainer's."""
-        total = self.cfg.get("total_steps")
-        if not total and self._trainer is not None:
-            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        return max(int(total or 1), 1)
+        """Steps the schedules run over: the stage's."""
+        return self.stage.steps
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = float(self.cfg.get("lr", 1e-3)) * schedule_value(self.cfg.get("schedule", 1.0), step, self.total_steps)
-        lr *= self.lr_scale
+        lr = value_at(self.stage.lr, step, self.total_steps) * self.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
-        clip = gradient_clip_val if gradient_clip_val is not None else self.cfg.get("grad_clip")
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
         if clip:
             self._clip(float(clip))
 
@@ -176,10 +185,9 @@ class SFTModule(L.LightningModule):
         else:  # NGDiff: g = Σ g_i/‖g_i‖ from our own backward, then clip and step
             opt.zero_grad(set_to_none=True)
             loss, obj_logs = self.ngdiff_backward(batch, step)
-            if self.cfg.get("grad_clip"):
-                self._clip(float(self.cfg["grad_clip"]))
-            every = int(self.cfg.get("auto_lr_every", 10))
-            if self.objective.auto_lr and step % max(every, 1) == 0:
+            if self.grad_clip:
+                self._clip(float(self.grad_clip))
+            if self.objective.auto_lr and step % self.stage.loss.auto_lr_every == 0:
                 obj_logs.update(self._auto_lr_step(opt, batch, float(loss.detach())))
             else:
                 opt.step()
@@ -194,7 +202,7 @@ class SFTModule(L.LightningModule):
         """Whether Lightning writes this step's metrics (``log_every_n_steps``). Logging all
         ~20 metrics costs ≈4% of a tiny-model step; on other steps only ``loss`` is logged."""
         connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True)) or bool(self.cfg.get("log_every_step"))
+        return bool(getattr(connector, "should_update_logs", True)) or self.log_every_step
 
     def ngdiff_backward(self, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Leave NGDiff's combined gradient in ``.grad``; returns (loss, logs) of the step.
@@ -210,7 +218,7 @@ class SFTModule(L.LightningModule):
         reduce = self._all_reduce()
         pre: dict[int, list[torch.Tensor | None]] = {}
         T = batch["input_ids"].shape[1]
-        if self.cfg.get("prefix_forward", True) and self.objective.exact_step(step):
+        if self.prefix_forward and self.objective.exact_step(step):
             for i, end in enumerate(self.objective.prefix_ends(batch["labels"], batch["role_ids"])):
                 if 0 < end <= 0.6 * T:
                     sums, counts = role_losses(self.model, _prefix(batch, end), self.n_roles)
@@ -535,51 +543,3 @@ def per_role_grad_norms(module: SFTModule | Any, batch: Mapping[str, Any], role_
 def _model_of(module: Any) -> Any:
     """The model inside a LightningModule (or the model itself)."""
     return module.model if isinstance(module, L.LightningModule) else module
-
-
-# --------------------------------------------------------------------------- checkpoints
-def save_checkpoint_safetensors(
-    module: SFTModule | Any, path: str | Path, *, trainable_only: bool | None = None, metadata: Mapping[str, Any] | None = None
-) -> Path:
-    """Write the model weights to ``path`` (safetensors, atomically) with a JSON sidecar of metadata.
-
-    ``trainable_only`` (default: True for PEFT models) saves just the trainable tensors
-    (a LoRA adapter is then megabytes, not the whole base model).
-    """
-    from safetensors.torch import save_file, save_model
-
-    model = _model_of(module)
-    if trainable_only is None:
-        trainable_only = hasattr(model, "peft_config")
-    path = Path(path)
-    step = module.global_step if isinstance(module, L.LightningModule) and module._trainer is not None else 0
-    meta = {"trainable_only": str(bool(trainable_only)), "global_step": str(step)}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    with atomic_path(path) as tmp:
-        if trainable_only:
-            trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(trainable, str(tmp), metadata=meta)
-        else:
-            save_model(model, str(tmp), metadata=meta)  # deduplicates tied weights
-    write_json_atomic(path.with_suffix(".json"), meta)
-    return path
-
-
-def load_checkpoint_safetensors(module: SFTModule | Any, path: str | Path) -> dict[str, str]:
-    """Load weights saved by ``save_checkpoint_safetensors`` into ``module`` (or a model);
-    returns the metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, load_model
-
-    model = _model_of(module)
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("trainable_only") == "True":
-        state = load_file(str(path))
-        missing = set(state) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise KeyError(f"checkpoint tensors not in the model: {sorted(missing)[:5]}")
-        model.load_state_dict(state, strict=False)
-    else:
-        load_model(model, str(path))
-    return meta

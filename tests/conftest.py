@@ -27,5 +27,12 @@ def task():
 @pytest.fixture(scope="module")
 def tiny(task, tmp_path_factory):
     return build_tiny(
-        task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1, save_dir=tmp_path_factory.mktemp("tiny")
+        task.vocabulary(),
+        image=task.params.image,
+        width=64,
+        depth=2,
+        heads=2,
+        vision_width=32,
+        vision_depth=1,
+        save_dir=tmp_path_factory.mktemp("tiny"),
     )

@@ -83,10 +83,9 @@ def main(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = run_dir / "progress.json"
     resumed = args.resume and progress.exists()
-    write_json_atomic(progress, {"pid": os.getpid(), "step": 0})
-    print(f"fake run {name}: params {ir.params} seed {ir.seed}{' (resumed)' if resumed else ''}", flush=True)
-
-    try:
+    try:  # from the first write on: a signal may come as soon as progress.json is in place (its directory is still being synced)
+        write_json_atomic(progress, {"pid": os.getpid(), "step": 0})
+        print(f"fake run {name}: params {ir.params} seed {ir.seed}{' (resumed)' if resumed else ''}", flush=True)
         if _matches(setting("fail"), overrides):
             print("Traceback (most recent call last):\n  ...\nRuntimeError: fake failure for this cell", file=sys.stderr, flush=True)
             return 3

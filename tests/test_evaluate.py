@@ -69,7 +69,7 @@ def task() -> Any:
 @pytest.fixture(scope="module")
 def loaded(task: Any, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     # A smaller tiny model than the default (same architecture) keeps the tests fast.
-    return build_tiny(task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
+    return build_tiny(task.vocabulary(), image=task.params.image, width=64, depth=2, heads=2, vision_width=32, vision_depth=1,
                       seed=0, save_dir=tmp_path_factory.mktemp("tiny"))  # fmt: skip
 
 
@@ -160,9 +160,9 @@ def test_split_completion_cuts_at_eos_or_cap() -> None:
 
 
 def test_reference_cap() -> None:
-    assert reference_cap(100) == 150  # ceil(1.3 * 100) + 20
-    assert reference_cap(7) == 30  # ceil(9.1) + 20
-    assert reference_cap(0) == 20
+    assert reference_cap(100, 1.3, 20) == 150  # ceil(1.3 * 100) + 20
+    assert reference_cap(7, 1.3, 20) == 30  # ceil(9.1) + 20
+    assert reference_cap(0, 1.3, 20) == 20
 
 
 # ---------------------------------------------------------------------------
@@ -272,8 +272,8 @@ def test_caps_follow_reference_length(task, encoder) -> None:
         s = gen.by_image[image_key(p.image)]
         assert p.max_new_tokens == math.ceil(1.3 * (len(s.response.split()) + 1 - len(p.prefix.split()))) + 20
     gen = CheatingGenerator(task)
-    evaluate(None, encoder, task, n=2, cfg=EvalConfig(gen=GenConfig(max_new_tokens=7)), generate_fn=gen)
-    assert all(p.max_new_tokens == 7 for p in gen.seen)  # the global cap bounds the per-item one
+    evaluate(None, encoder, task, n=2, cfg=EvalConfig(max_cap=7), generate_fn=gen)
+    assert all(p.max_new_tokens == 7 for p in gen.seen)  # max_cap bounds the per-item caps
     gen = CheatingGenerator(task)
     evaluate(None, encoder, task, n=2, cfg=EvalConfig(cap_factor=None), generate_fn=gen)
     assert all(p.max_new_tokens == GenConfig().max_new_tokens for p in gen.seen)

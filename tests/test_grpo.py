@@ -11,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 
-from percepdsl.ir import RewardIR, ScheduleIR, StageIR
+from percepdsl.ir import GRPOStageIR, RewardIR, value_at
 from percepdsl_runtime.encoding import Encoder, collate
 from percepdsl_runtime.grpo import (
-    GRPOConfig,
+    AGGREGATIONS,
     GRPOModule,
     PromptDataModule,
     PromptSampler,
@@ -25,9 +25,7 @@ from percepdsl_runtime.grpo import (
     grpo_loss,
     loss_denominator,
     loss_mask,
-    lr_spec,
 )
-from percepdsl_runtime.losses import schedule_value
 from percepdsl_runtime.models import build_tiny, load_hf
 from percepdsl_runtime.rewards import RewardError, compile_reward
 from percepdsl_runtime.sampling import FusedLlamaDecoder, Rollouts, _hf_generate, llava_parts, sample_completions
@@ -77,9 +75,9 @@ def test_clipped_objective_matches_a_hand_computation() -> None:
     #                                    row 1: min(-2.2, -2.2)=-2.2, min(-1.4, -1.6)=-1.6, min(-2.6, -2.6)=-2.6
     seq = (-(1.3 + 0.5) / 2 + -(-2.2 - 1.6 - 2.6) / 3) / 2
     tok = (-(1.3 + 0.5) + (2.2 + 1.6 + 2.6)) / 5
-    loss, stats = grpo_loss(logp, old, adv, mask, clip=0.2, clip_high=0.3, aggregation="sequence")
+    loss, stats = grpo_loss(logp, old, adv, mask, clip=0.2, clip_high=0.3, aggregation="grpo")
     assert float(loss) == pytest.approx(seq, rel=1e-5)
-    loss_t, _ = grpo_loss(logp, old, adv, mask, clip=0.2, clip_high=0.3, aggregation="token")
+    loss_t, _ = grpo_loss(logp, old, adv, mask, clip=0.2, clip_high=0.3, aggregation="bnpo")
     assert float(loss_t) == pytest.approx(tok, rel=1e-5)
     # clipped tokens (gradient removed): row 0 token 0 (1.5 > 1.3, A>0), row 1 token 1 (0.7 < 0.8, A<0)
     assert stats["clip_frac"] == pytest.approx(2 / 5)
@@ -92,15 +90,50 @@ def test_clipped_objective_matches_a_hand_computation() -> None:
     assert lp.grad[0, 0] == 0 and lp.grad[1, 1] == 0 and lp.grad[0, 2] == 0 and lp.grad[0, 1] != 0
 
 
-def test_token_and_sequence_aggregation_differ_by_length_weighting() -> None:
-    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])  # row 2 fully masked
-    assert float(aggregate(per_token, mask, "sequence")) == pytest.approx((1.0 + 3.0) / 2)  # masked row dropped
-    assert float(aggregate(per_token, mask, "token")) == pytest.approx((4.0 + 3.0) / 5)
+def _trl_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int, world: int = 1):
+    """TRL's GRPOTrainer._compute_loss aggregation (trl 1.16, one accumulation step), as written there."""
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    if loss_type == "dapo":  # num_items_in_batch: active tokens of the global batch, over all processes
+        normalizer = (mask.sum() * world).clamp(min=1.0) / world  # every process holds the same count here
+        return (per_token_loss * mask).sum() / normalizer
+    raise AssertionError(loss_type)
+
+
+def test_aggregations_are_trls_loss_types() -> None:
+    """`aggregation` is named and computed as TRL's `loss_type`: grpo (mean per completion,
+    then over completions, masked ones counting 0), bnpo (batch token mean), dr_grpo (token sum
+    over completions × max_new_tokens), dapo (token sum over the global batch's active tokens)."""
+    from percepdsl.catalogue import builtin
+
+    assert set(AGGREGATIONS) == set(builtin("block", "grpo").param("aggregation").choices)
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).long()
+    mask[2] = 0  # a masked (e.g. truncated) completion
+    T = 8  # max_new_tokens: the completions here are shorter than the cap
+    for how in AGGREGATIONS:
+        ours = aggregate(per_token, mask, how, loss_denominator(mask, how, max_new_tokens=T))
+        assert float(ours) == pytest.approx(float(_trl_loss(per_token, mask.float(), how, T)), rel=1e-6), how
+    # by hand on a toy batch: rows of 4, 1 and 0 loss tokens
+    pt = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert float(aggregate(pt, m, "grpo")) == pytest.approx((1.0 + 3.0 + 0.0) / 3)  # the masked row counts as 0
+    assert float(aggregate(pt, m, "bnpo")) == pytest.approx((4.0 + 3.0) / 5)
+    assert float(aggregate(pt, m, "dr_grpo", loss_denominator(m, "dr_grpo", max_new_tokens=4))) == pytest.approx(7.0 / 12)
+    # dapo over 2 devices: the global token count (5 here, 9 on the other device) / world
+    d = loss_denominator(m, "dapo", global_tokens=14, world=2)
+    assert float(aggregate(pt, m, "dapo", d)) == pytest.approx(7.0 / 7.0)
     # a subset of rows with the whole batch's denominator gives the same loss
-    for how in ("sequence", "token"):
-        d = loss_denominator(mask, how)
-        assert float(aggregate(per_token[:2], mask[:2], how, d)) == pytest.approx(float(aggregate(per_token, mask, how)))
+    for how in AGGREGATIONS:
+        den = loss_denominator(m, how, max_new_tokens=4)
+        assert float(aggregate(pt[:2], m[:2], how, den)) == pytest.approx(float(aggregate(pt, m, how, den)))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        loss_denominator(m, "dr_grpo")
 
 
 def test_kl_term_only_with_positive_beta() -> None:
@@ -141,19 +174,19 @@ def test_prompt_batches_are_seeded_endless_and_sharded() -> None:
     assert batch.dtype == torch.long and batch.shape == (4,)
 
 
-def test_config_from_stage_and_lr_schedule() -> None:
-    sched = ScheduleIR(kind="cosine", start=1e-4, end=0.0, warmup=2)
-    stage = StageIR(
+def test_stage_defaults_come_from_the_catalogue_and_lr_is_absolute() -> None:
+    from percepdsl.catalogue import default
+
+    stage = GRPOStageIR(
         name="rl",
-        kind="grpo",
-        settings={"steps": 10, "lr": sched, "group": 4, "clip_high": 0.28, "eval_every": None},
+        steps=10,
+        lr={"kind": "cosine", "start": 1e-4, "end": 0.0, "warmup": 2},
+        group=4,
+        clip_high=0.28,
         reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"),
     )
-    cfg = GRPOConfig.from_stage(stage, grad_clip=0.5)
-    assert cfg.group == 4 and cfg.clip_high == 0.28 and cfg.grad_clip == 0.5 and cfg.kl == 0.0
-    assert "factor" not in cfg.lr  # unset schedule fields are left to schedule_value's defaults
-    assert schedule_value(cfg.lr, 0, 10) == 0.0 and schedule_value(cfg.lr, 2, 10) == pytest.approx(1e-4)
-    assert lr_spec(3e-4) == 3e-4
+    assert stage.kl == default("block", "grpo", "kl") and stage.aggregation == default("block", "grpo", "aggregation")
+    assert value_at(stage.lr, 0, stage.steps) == 0.0 and value_at(stage.lr, 2, stage.steps) == pytest.approx(1e-4)
 
 
 def test_sampler_draws_from_the_tempered_nucleus() -> None:
@@ -183,7 +216,14 @@ def task():
 @pytest.fixture(scope="module")
 def tiny(task, tmp_path_factory):
     return build_tiny(
-        task.vocabulary(), width=64, depth=2, heads=2, vision_width=32, vision_depth=1, save_dir=tmp_path_factory.mktemp("tiny-grpo")
+        task.vocabulary(),
+        image=task.params.image,
+        width=64,
+        depth=2,
+        heads=2,
+        vision_width=32,
+        vision_depth=1,
+        save_dir=tmp_path_factory.mktemp("tiny-grpo"),
     )
 
 
@@ -349,9 +389,11 @@ def test_training_logprobs_match_an_unpadded_forward(tiny, task, encoder) -> Non
 
 def _module(tiny, encoder, task, reward_ir: RewardIR, resolve=None, **settings) -> tuple[GRPOModule, PromptDataModule]:
     loaded = load_hf(tiny.path)  # fresh weights for every training test
-    cfg = GRPOConfig(**{"steps": 2, "batch": 2, "group": 4, "max_new_tokens": 12, "lr": 1e-3, **settings})
-    module = GRPOModule(loaded, encoder, task, cfg, compile_reward(reward_ir, resolve), seed=0, stage_name="rl")
-    return module, PromptDataModule(task.size("train"), cfg.batch, seed=0)
+    stage = GRPOStageIR(
+        **{"name": "rl", "steps": 2, "batch": 2, "group": 4, "max_new_tokens": 12, "lr": 1e-3, "reward": reward_ir, **settings}
+    )
+    module = GRPOModule(loaded, encoder, task, stage, compile_reward(reward_ir, resolve), seed=0, grad_clip=1.0)
+    return module, PromptDataModule(task.size("train"), stage.batch, seed=0)
 
 
 def _fit(module, dm, steps: int) -> L.Trainer:
@@ -391,7 +433,7 @@ def _resolve(impl: str):
 
 def test_grpo_steps_run_end_to_end_and_change_the_weights(tiny, encoder, task) -> None:
     module, dm = _module(
-        tiny, encoder, task, DIVERSITY, _resolve, steps=4, updates=2, mask_truncated=False, aggregation="token", clip_high=0.28
+        tiny, encoder, task, DIVERSITY, _resolve, steps=4, updates=2, mask_truncated=False, aggregation="bnpo", clip_high=0.28
     )
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = _fit(module, dm, 4)
@@ -452,15 +494,17 @@ def test_nan_reward_stops_the_run_before_any_update(tiny, encoder, task) -> None
 
 
 def test_build_grpo_from_a_stage(tiny, encoder, task) -> None:
-    stage = StageIR(
+    stage = GRPOStageIR(
         name="rl",
-        kind="grpo",
-        settings={"steps": 3, "batch": 2, "group": 3, "kl": 0.0, "scale": "batch"},
+        steps=3,
+        batch=2,
+        group=3,
+        scale="batch",
         reward=RewardIR(kind="term", name="outcome", impl="percepdsl_runtime.rewards:outcome"),
     )
-    module, dm = build_grpo(load_hf(tiny.path), encoder, task, stage, seed=5)
+    module, dm = build_grpo(load_hf(tiny.path), encoder, task, stage, seed=5, grad_clip=0.5)
     assert isinstance(module, GRPOModule) and isinstance(dm, PromptDataModule)
-    assert module.cfg.scale == "batch" and module.cfg.group == 3 and module.reward.term_names == ["outcome"]
+    assert module.stage is stage and module.grad_clip == 0.5 and module.reward.term_names == ["outcome"]
     assert dm.batch_size == 2 and dm.n_prompts == task.size("train")
     with pytest.raises(ValueError, match="not a grpo stage"):
         build_grpo(tiny, encoder, task, SimpleNamespace(kind="sft", name="base", reward=None), seed=0)

@@ -231,6 +231,8 @@ def test_compile_json_and_schema() -> None:
     assert [t["weight"] for t in post["loss"]["terms"]] == [0.25, 0.75]
     schema = json.loads(run_cli("schema").stdout)
     assert "ExperimentIR" in schema["$defs"]
+    proc = run_cli("compile", "specs/gc_grpo_surrogate.pd")  # the summary names each stage's loss or reward
+    assert proc.returncode == 0 and b"rl = grpo from warm: 200 steps, reward self_consistency" in proc.stdout, proc.stderr.decode()
 
 
 def test_compile_refuses_errors_with_exit_2(tmp_path: Path) -> None:
@@ -306,5 +308,93 @@ def test_schedules_fold_into_the_ir(monkeypatch) -> None:
     terms = ir.stage("post").loss.terms
     assert (terms[0].weight.kind, terms[0].weight.start, terms[0].weight.end) == ("linear", 0.1, 0.5)
     assert (terms[1].weight.start, terms[1].weight.end) == pytest.approx((0.9, 0.5))
-    lr = ir.stage("base").settings["lr"]
+    lr = ir.stage("base").lr
     assert lr.kind == "cosine" and lr.warmup == 100
+
+
+@pytest.mark.parametrize("written", ["a\x00b.pd", "a" * 300 + ".pd", "x/" + "b" * 300 + "/c.pd"], ids=["nul", "long-name", "long-dir"])
+def test_an_include_path_no_file_can_have_is_a_located_diagnostic(written: str, tmp_path: Path) -> None:
+    """A NUL byte in the path was `ValueError: embedded null byte`; a name too long, an OSError."""
+    spec = tmp_path / "s.pd"
+    spec.write_text(f'experiment p\ninclude "{written}"\ntask graph_coloring {{}}\nstage base = sft {{ steps = 1 }}\n')
+    grid = tmp_path / "g.pd"
+    grid.write_text(f'grid g\ntemplate "{written}"\n')
+    for path in (spec, grid):
+        proc = run_cli("check", "--format", "json", str(path), cwd=tmp_path)
+        assert b"Traceback" not in proc.stderr and proc.returncode == 1
+        [d] = json.loads(proc.stdout)
+        assert d["code"] in ("missing-include", "missing-file") and (d["line"], d["column"]) == (2, 9 if path == spec else 10)
+    if "\x00" in written:
+        assert "`a\\x00b.pd` cannot exist" in d["message"]
+        text = run_cli("check", str(spec), cwd=tmp_path).stdout.decode()
+        assert 'include "a␀b.pd"' in text and "\x00" not in text
+
+
+@pytest.mark.parametrize(
+    "setting, code",
+    [
+        ("lr = linear(1e-3, 0) / 0", "division-by-zero"),  # was ZeroDivisionError
+        ("lr = linear(1e-3, 0) - linear(1e-3, 0)", "schedule-arith"),  # was TypeError / AttributeError
+        ("lr = linear(1e-3, 0) * cosine(1, 2)", "schedule-arith"),
+        ("lr = linear(1e-3, 0) * 1e300 * 1e300", "bad-number"),
+        ("eval_every = 999999999999999999 * 999999999999999999", "bad-number"),  # beyond what the IR's JSON holds
+    ],
+)
+def test_arithmetic_that_cannot_be_folded_is_a_diagnostic(setting: str, code: str) -> None:
+    res = check_text(f"experiment p\ntask graph_coloring {{}}\nstage base = sft {{ steps = 10, {setting} }}\n", "p.pd")
+    assert [d.code for d in res.diagnostics] == [code]
+    assert res.diagnostics[0].span.line == 3
+
+
+def test_a_reward_divided_into_infinity_is_a_diagnostic() -> None:
+    text = "experiment p\ntask graph_coloring {}\nstage base = sft { steps = 1 }\nstage rl = grpo from base { steps = 1, reward = outcome / 1e-320 }\n"
+    assert [d.code for d in check_text(text, "p.pd").diagnostics] == ["bad-number"]  # the IR held `Infinity`
+
+
+@pytest.mark.parametrize("template", ["common/roles.pd", "grids/smoke.pd"])
+def test_a_template_that_is_not_a_whole_spec_is_a_template_error(template: str, tmp_path: Path, monkeypatch) -> None:
+    """A fragment or a grid as a grid's template crashed (`'NoneType' object has no attribute 'params'`)."""
+    monkeypatch.chdir(ROOT)
+    res = check_text(f'grid g\ntemplate "{template}"\nseeds 1..2\n', "g.pd", base_dir=ROOT / "specs")
+    assert res.diagnostics[0].code == "template-error", res.diagnostics
+
+
+def test_fmt_stdin_that_is_not_utf8_is_an_encoding_error() -> None:
+    proc = run_cli("fmt", "-", input=b"experiment \xff\n")
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr  # was UnicodeDecodeError
+    assert b"<stdin>:1:12: error[encoding]" in proc.stderr
+
+
+def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import percepdsl.io
+    from percepdsl.cli import app
+
+    for name in ("a.pd", "b.pd"):
+        (tmp_path / name).write_text("experiment   x\n")
+    written = []
+
+    def write(path, text):
+        if Path(path).name == "a.pd":
+            raise PermissionError(13, "Permission denied")
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(percepdsl.io, "write_text_atomic", write)
+    res = CliRunner().invoke(app, ["fmt", str(tmp_path / "a.pd"), str(tmp_path / "b.pd")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert f"percep: cannot write {tmp_path / 'a.pd'}: Permission denied" in res.output
+    assert written == ["b.pd"] and "reformatted" in res.output
+
+
+@pytest.mark.parametrize("spec", [p for p in SPECS if p.parent.name != "common"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_compile_summarises_every_reference_spec(spec: Path, monkeypatch) -> None:
+    """`percep compile` without --json prints a line per stage (a GRPO stage raised AttributeError: no `loss`)."""
+    from typer.testing import CliRunner
+
+    from percepdsl.cli import app
+
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(app, ["compile", str(spec.relative_to(ROOT))])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "stage" in res.output or "cells" in res.output

@@ -7,40 +7,51 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
 
-from percepdsl_runtime.losses import Objective, quadratic_step, role_token_losses, schedule_value
+from percepdsl.ir import Loss, MixLoss, NGDiffLoss, Schedule, TokenMeanLoss, value_at
+from percepdsl_runtime.losses import Objective, quadratic_step, role_token_losses
 
 ROLES = ["perception", "reasoning", "answer"]
-MIX = lambda lam: {  # noqa: E731
-    "kind": "mix",
-    "terms": [{"weight": lam, "roles": ["perception"]}, {"weight": 1 - lam, "roles": ["reasoning", "answer"]}],
-}
-NGDIFF = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]]}
+LOSS = TypeAdapter(Loss)
+MIX = lambda lam: LOSS.validate_python(  # noqa: E731
+    {"kind": "mix", "terms": [{"weight": lam, "roles": ["perception"]}, {"weight": 1 - lam, "roles": ["reasoning", "answer"]}]}
+)
+NGDIFF = NGDiffLoss(groups=[["perception"], ["reasoning", "answer"]])
 
 
 # ------------------------------------------------------------------ schedules
 def test_schedules_at_endpoints() -> None:
-    assert schedule_value(0.3, 5, 10) == 0.3
-    assert schedule_value({"kind": "constant", "value": 2.0}, 7, 10) == 2.0
-    lin = {"kind": "linear", "start": 1.0, "end": 0.2}
-    assert schedule_value(lin, 0, 10) == 1.0 and schedule_value(lin, 10, 10) == pytest.approx(0.2)
-    assert schedule_value(lin, 5, 10) == pytest.approx(0.6)
-    cos = {"kind": "cosine", "start": 1.0, "end": 0.0}
-    assert schedule_value(cos, 0, 10) == 1.0 and schedule_value(cos, 10, 10) == pytest.approx(0.0)
-    assert schedule_value(cos, 5, 10) == pytest.approx(0.5)
-    wcos = {"kind": "cosine", "start": 1.0, "end": 0.1, "warmup": 4}
-    assert schedule_value(wcos, 0, 20) == 0.0
-    assert schedule_value(wcos, 2, 20) == pytest.approx(0.5)
-    assert schedule_value(wcos, 4, 20) == pytest.approx(1.0)
-    assert schedule_value(wcos, 20, 20) == pytest.approx(0.1)
-    step = {"kind": "step", "start": 1.0, "every": 3, "factor": 0.5}
-    assert [schedule_value(step, s, 10) for s in (0, 2, 3, 9)] == [1.0, 1.0, 0.5, 0.125]
+    """`value_at`, the one evaluator of learning rates and weights (absolute values)."""
+    sched = lambda **kw: TypeAdapter(Schedule).validate_python(kw)  # noqa: E731
+    assert value_at(0.3, 5, 10) == 0.3
+    assert value_at(sched(kind="constant", value=2.0), 7, 10) == 2.0
+    lin = sched(kind="linear", start=1.0, end=0.2)
+    assert value_at(lin, 0, 10) == 1.0 and value_at(lin, 10, 10) == pytest.approx(0.2)
+    assert value_at(lin, 5, 10) == pytest.approx(0.6)
+    cos = sched(kind="cosine", start=1.0, end=0.0)
+    assert value_at(cos, 0, 10) == 1.0 and value_at(cos, 10, 10) == pytest.approx(0.0)
+    assert value_at(cos, 5, 10) == pytest.approx(0.5)
+    wcos = sched(kind="cosine", start=1.0, end=0.1, warmup=4)
+    assert value_at(wcos, 0, 20) == 0.0
+    assert value_at(wcos, 2, 20) == pytest.approx(0.5)
+    assert value_at(wcos, 4, 20) == pytest.approx(1.0)
+    assert value_at(wcos, 20, 20) == pytest.approx(0.1)
+    step = sched(kind="step", start=1.0, every=3, factor=0.5)
+    assert [value_at(step, s, 10) for s in (0, 2, 3, 9)] == [1.0, 1.0, 0.5, 0.125]
     # the DSL's `warmup(0.8, steps = 10)` compiles to a constant with warmup
-    warm = {"kind": "constant", "start": 0.8, "end": 0.8, "warmup": 10}
-    assert schedule_value(warm, 0, 100) == 0.0 and schedule_value(warm, 5, 100) == pytest.approx(0.4)
-    assert schedule_value(warm, 10, 100) == pytest.approx(0.8) and schedule_value(warm, 100, 100) == pytest.approx(0.8)
-    with pytest.raises(ValueError):
-        schedule_value({"kind": "bogus"}, 0, 1)
+    warm = sched(kind="constant", value=0.8, warmup=10)
+    assert value_at(warm, 0, 100) == 0.0 and value_at(warm, 5, 100) == pytest.approx(0.4)
+    assert value_at(warm, 10, 100) == pytest.approx(0.8) and value_at(warm, 100, 100) == pytest.approx(0.8)
+    # a schedule that starts at 0 is absolute: linear(0, 1e-3) is 1e-3 · step / total
+    zero = sched(kind="linear", start=0.0, end=1e-3)
+    assert value_at(zero, 0, 10) == 0.0 and value_at(zero, 5, 10) == pytest.approx(5e-4)
+    with pytest.raises(ValidationError):
+        sched(kind="bogus")
+    with pytest.raises(ValidationError):  # a step schedule has no `end`; a linear one needs it
+        sched(kind="step", start=1.0, end=None)
+    with pytest.raises(ValidationError):
+        sched(kind="linear", start=1.0)
 
 
 # ------------------------------------------------------------------ per-role CE
@@ -73,7 +84,7 @@ def test_lambda_half_with_equal_role_sizes_equals_token_mean() -> None:
     logits, labels, roles = _batch((6, 3, 3))  # perception 6, reasoning+answer 6
     sums, counts = role_token_losses(logits, labels, roles, 3)
     mix, logs = Objective(MIX(0.5), ROLES).loss(sums, counts, 0, 10)
-    tm, tlogs = Objective({"kind": "token_mean"}, ROLES).loss(sums, counts, 0, 10)
+    tm, tlogs = Objective(TokenMeanLoss(), ROLES).loss(sums, counts, 0, 10)
     assert mix.item() == pytest.approx(tm.item(), rel=1e-6)
     g_mix = torch.autograd.grad(mix, logits, retain_graph=True)[0]
     g_tm = torch.autograd.grad(tm, logits)[0]
@@ -100,21 +111,43 @@ def test_mix_term_without_tokens_contributes_zero_and_schedule_weights() -> None
     expected = 0.3 * (sums[1] + sums[2]) / 8
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert "loss/perception" not in logs and logs["token_share/perception"] == 0.0
-    sched = {"kind": "mix", "terms": [{"weight": {"kind": "linear", "start": 0.0, "end": 1.0}, "roles": ["reasoning"]}]}
+    sched = MixLoss(terms=[{"weight": {"kind": "linear", "start": 0.0, "end": 1.0}, "roles": ["reasoning"]}])
     obj = Objective(sched, ROLES)
     assert obj.loss(sums, counts, 0, 10)[0].item() == 0.0
     assert obj.loss(sums, counts, 10, 10)[0].item() == pytest.approx((sums[1] / 5).item(), rel=1e-6)
 
 
-def test_token_mean_over_some_roles() -> None:
-    """DESIGN §7's reasoner stage: perception in context, not in the loss."""
+def test_mean_over_some_roles_has_effective_lambda_zero() -> None:
+    """The study's reasoner stage, `loss = mean(reasoning, answer)`: perception in context, not in
+    the loss, so its share of the token weight (the effective λ) is 0 — it was logged as 1.0."""
     logits, labels, roles = _batch((4, 5, 3))
     sums, counts = role_token_losses(logits, labels, roles, 3)
-    loss, logs = Objective({"kind": "token_mean", "roles": ["reasoning", "answer"]}, ROLES).loss(sums, counts, 0, 1)
+    loss, logs = Objective(MixLoss(terms=[{"weight": 1.0, "roles": ["reasoning", "answer"]}]), ROLES).loss(sums, counts, 0, 1)
     assert loss.item() == pytest.approx(((sums[1] + sums[2]) / 8).item(), rel=1e-6)
-    assert logs["eff_lambda"] == 0.0 and logs["lambda/reasoning"] == pytest.approx(5 / 8)
+    assert logs["eff_lambda"] == 0.0
+    assert logs["weight_share/reasoning"] == pytest.approx(5 / 8) and logs["weight_share/answer"] == pytest.approx(3 / 8)
     (g,) = torch.autograd.grad(loss, logits)
     assert torch.count_nonzero(g[roles == 0]) == 0
+
+
+def test_effective_lambda_is_the_perception_share_of_the_token_weight() -> None:
+    """A term over perception and reasoning gives each of its tokens weight w/n: perception's
+    share is 0.5 · 4/9 here; the weight shares sum to 1 and equal ∂loss/∂(role CE sum) shares."""
+    logits, labels, roles = _batch((4, 5, 3))
+    sums, counts = role_token_losses(logits, labels, roles, 3)
+    two = LOSS.validate_python(
+        {"kind": "mix", "terms": [{"weight": 0.5, "roles": ["perception", "reasoning"]}, {"weight": 0.5, "roles": ["answer"]}]}
+    )
+    leaf = sums.detach().requires_grad_(True)
+    loss, logs = Objective(two, ROLES).loss(leaf, counts, 0, 1)
+    (per_role,) = torch.autograd.grad(loss, leaf)  # the weight of one token of each role
+    realised = per_role * counts
+    assert logs["eff_lambda"] == pytest.approx(0.5 * 4 / 9)
+    for r, name in enumerate(ROLES):
+        assert logs[f"weight_share/{name}"] == pytest.approx(float(realised[r] / realised.sum()))
+    # a step where every weight is 0 has no defined share: nothing is logged
+    zero = LOSS.validate_python({"kind": "mix", "terms": [{"weight": {"kind": "linear", "start": 0.0, "end": 1.0}, "roles": ["answer"]}]})
+    assert "eff_lambda" not in Objective(zero, ROLES).loss(sums, counts, 0, 4)[1]
 
 
 def test_logs_shares_sum_to_one() -> None:
@@ -128,9 +161,9 @@ def test_logs_shares_sum_to_one() -> None:
 
 def test_unknown_role_and_kind() -> None:
     with pytest.raises(ValueError, match="unknown role"):
-        Objective(MIX(0.5) | {"terms": [{"weight": 1, "roles": ["perceptoin"]}]}, ROLES)
-    with pytest.raises(ValueError):
-        Objective({"kind": "nope"}, ROLES)
+        Objective(MixLoss(terms=[{"weight": 1, "roles": ["perceptoin"]}]), ROLES)
+    with pytest.raises(ValidationError):
+        LOSS.validate_python({"kind": "nope"})
 
 
 # ------------------------------------------------------------------ NGDiff
@@ -194,7 +227,7 @@ def test_ngdiff_missing_group_and_lagged_norms() -> None:
     # norm_every=3: steps 1, 2 reuse the step-0 norms in a single backward
     net, x, labels, roles = _ngdiff_setup()
     params = list(net.parameters())
-    obj = Objective(NGDIFF | {"norm_every": 3}, ROLES)
+    obj = Objective(NGDiffLoss(groups=NGDIFF.groups, norm_every=3), ROLES)
     sums, counts = role_token_losses(net(x), labels, roles, 3)
     exact = obj.ngdiff_backward(sums, counts, params, step=0)
     g0 = [p.grad.clone() if p.grad is not None else None for p in params]
@@ -207,8 +240,8 @@ def test_ngdiff_missing_group_and_lagged_norms() -> None:
 
 
 def test_ngdiff_needs_two_groups() -> None:
-    with pytest.raises(ValueError):
-        Objective({"kind": "ngdiff", "groups": [["perception"]]}, ROLES)
+    with pytest.raises(ValidationError):
+        NGDiffLoss(groups=[["perception"]])
 
 
 def test_quadratic_step() -> None:

@@ -161,6 +161,44 @@ def test_scanner_recovers_statements_and_blocks() -> None:
     assert S.context_at(deep, len(deep)).kind == "key"
 
 
+def test_scanner_tables_are_the_grammars() -> None:
+    """Every word the grammar spells out is a keyword the scanner knows, every other
+    literal token of the grammar scans as one operator token."""
+    from lark import Lark
+
+    from percepdsl.parse import grammar_text
+
+    lark = Lark(grammar_text(), parser="lalr")
+    literals = {t.pattern.value for t in lark.terminals if t.pattern.type == "str"}
+    words = {w for w in literals if w.isalpha()}
+    assert words == S.STATEMENT_KEYWORDS | S.OPERATOR_WORDS | {"true", "false", "none"}
+    assert S.OPERATOR_WORDS == {"and", "or", "not", "from"}
+    for op in sorted(literals - words) + ["+", "-", "*", "/", "==", "<=", "<", ">"]:
+        toks, _ = S.tokenize(op)
+        assert [(t.kind, t.text) for t in toks] == [("op", op)]
+
+
+def test_a_keyword_added_to_the_grammar_reaches_the_scanner(tmp_path: Path) -> None:
+    """A new statement `budget EXPR` in the grammar only: the scanner outlines it as a statement."""
+    code = textwrap.dedent(
+        """
+        import percepdsl.parse as P
+        text = P.grammar_text()
+        text = text.replace("?spec_item: experiment |", "?spec_item: experiment | budget |")
+        text = text.replace("seed: \\"seed\\" expr", "seed: \\"seed\\" expr\\nbudget: \\"budget\\" expr")
+        assert "budget" in text
+        P.grammar_text = lambda: text
+        from percepdsl.lsp import scan as S
+        assert "budget" in S.SPEC_KEYWORDS and "budget" not in S.GRID_KEYWORDS
+        o = S.outline("stage a = sft {\\n  steps = 3\\nbudget 5\\n")
+        print([s.kw for s in o.stmts])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['stage', 'budget']"
+
+
 # ---- hover, definition, outline -----------------------------------------------------------------
 
 
@@ -174,7 +212,7 @@ def test_hover(project_dir: Path) -> None:
     assert "stage base = sft" in h and "initial model" in h and "the base stage teaches the format" in h
     assert "optimizer steps" in _hover(p, MAIN, "steps = 400")
     assert "**cosine** — schedule" in _hover(p, MAIN, "cosine")
-    assert "linear warmup steps" in _hover(p, MAIN, "warmup = 50")
+    assert "linear ramp from 0" in _hover(p, MAIN, "warmup = 50")
     assert "**perception_match** — reward" in _hover(p, MAIN, "perception_match")
     assert "**perception** — metric" in _hover(p, MAIN, "perception, reasoning]")
     assert "**graph_coloring** — task" in _hover(p, MAIN, "graph_coloring")
@@ -521,7 +559,8 @@ def test_textmate_grammar_is_valid_and_knows_the_catalogue() -> None:
         return {e.name for e in BUILTINS if e.kind in kinds and pred(e)}
 
     assert listed("builtin-functions") == names(("loss", "schedule", "role_rule")) | names(("reward",), lambda e: bool(e.params))
-    assert listed("builtin-constants") == names(("reward",), lambda e: not e.params) | names(("metric",))
+    # a reward term whose parameters all have defaults is written bare or called: in both lists
+    assert listed("builtin-constants") == names(("reward",), lambda e: not any(p.required for p in e.params)) | names(("metric",))
     assert listed("builtin-types") == names(("task", "model")) | {"sft", "grpo"}
     statements = re.findall(r"[a-z]+", " ".join(p["match"] for p in grammar["repository"]["statements"]["patterns"]))
     assert S.STATEMENT_KEYWORDS <= set(statements)
@@ -552,3 +591,13 @@ def test_stdio_negotiates_utf32_positions(tmp_path: Path) -> None:
             assert warn.range.start == T.Position(line=1, character=text.split("\n")[1].index("unused_x"))
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/a%00b.pd", "file:///tmp/" + "a" * 300 + ".pd", "untitled:Untitled-1"])
+def test_server_diagnostics_for_uris_no_file_can_have(uri: str) -> None:
+    """A buffer whose URI names no possible file is checked as text (a NUL in it raised ValueError)."""
+    from percepdsl.lsp.server import server
+
+    diags = server.diagnostics(uri, 'experiment x\ninclude "a\x00b.pd"\ntask graph_coloring {}\nstage base = sft { steps = 1 }\n')
+    assert [d.code for d in diags] == ["missing-include"]
+    assert "internal error" not in diags[0].message

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from percepdsl.ir import LoraIR
 from percepdsl_runtime.encoding import Encoder, collate
-from percepdsl_runtime.models import ModelLoadError, build_tiny, check_vocabulary, load_hf
+from percepdsl_runtime.models import LoadedModel, ModelLoadError, build_tiny, check_vocabulary, load_hf, load_weights, save_pretrained_dir
 from percepdsl_runtime.sft import role_losses
 
 RULES = [
@@ -22,7 +24,7 @@ RULES = [
 
 # ------------------------------------------------------------------ tiny model
 def test_tiny_default_size_and_reload(task, tmp_path) -> None:
-    loaded = build_tiny(task.vocabulary(), save_dir=tmp_path)
+    loaded = build_tiny(task.vocabulary(), image=task.params.image, save_dir=tmp_path)
     assert loaded.kind == "tiny" and loaded.path == tmp_path
     assert 2.8e6 < loaded.num_parameters() < 3.5e6  # ≈3M parameters at the defaults
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
@@ -123,8 +125,8 @@ def test_load_errors(tmp_path, tiny, task) -> None:
     with pytest.raises(ModelLoadError, match="cannot encode"):
         load_hf(tiny.path, vocab=task.vocabulary() + ["never-seen-word"])
     assert check_vocabulary(tiny, ["c1", "zebra"]) == ["zebra"]
-    with pytest.raises(ModelLoadError, match="unknown LoRA option"):
-        load_hf(tiny.path, lora={"rank": 4})
+    with pytest.raises(ValidationError, match="rank"):  # LoRA settings are typed: a wrong name cannot reach the loader
+        LoraIR(rank=4)
 
 
 # ------------------------------------------------------------------ real architectures
@@ -236,7 +238,7 @@ def make_gemma3(path: Path, task) -> Path:
 @pytest.mark.parametrize("make", [make_idefics3, make_gemma3], ids=["idefics3", "gemma3"])
 def test_real_architecture_with_lora(make, task, tmp_path) -> None:
     path = make(tmp_path / "ckpt", task)
-    loaded = load_hf(path, lora={"r": 4, "alpha": 8, "dropout": 0.0}, vocab=task.vocabulary())
+    loaded = load_hf(path, lora=LoraIR(r=4, alpha=8, dropout=0.0), vocab=task.vocabulary())
     assert loaded.kind == "hf" and hasattr(loaded.model, "peft_config")
     trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -308,3 +310,67 @@ def test_text_only_items_encode(tiny, task) -> None:
     item = enc.encode_train("solve", None, "<answer> c1 </answer>")
     assert "pixel_values" not in item and item["n_target"] == 4
     assert int((item["input_ids"] == tiny.model.config.image_token_index).sum()) == 0
+
+
+# ------------------------------------------------------------------ standard artefacts
+def _logits(model, processor, task) -> torch.Tensor:
+    enc = Encoder(LoadedModel(model=model, processor=processor, kind="hf", path=None), RULES)
+    s = task.sample("test", 1)
+    batch = collate([enc.encode_train(s.query, s.image, s.response)], enc.pad_token_id)
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k not in ("labels", "role_ids", "n_target")}).logits.float()
+
+
+def test_saved_model_loads_with_transformers_and_gives_the_same_logits(tiny, task, tmp_path) -> None:
+    """A full model's directory (save_pretrained of the model and the processor) loads with
+    AutoModelForImageTextToText + AutoProcessor and computes the in-memory model's logits; its
+    weights put back into a loaded model (stage chaining) are the saved ones."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = load_hf(tiny.path)
+    with torch.no_grad():  # weights no fresh build has: as if trained
+        for p in loaded.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    loaded.model.eval()
+    path = save_pretrained_dir(loaded, tmp_path / "stage" / "model")
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(path)
+    want = _logits(loaded.model, loaded.processor, task)
+    assert torch.allclose(_logits(model, processor, task), want, atol=1e-5)
+
+    fresh = load_hf(tiny.path)
+    load_weights(fresh, path)
+    for (n, a), (_, b) in zip(loaded.model.state_dict().items(), fresh.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert load_hf(path).kind == "tiny"  # the marker went along: the tiny model's attention again
+
+
+def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny, task, tmp_path) -> None:
+    """A LoRA model's directory is PEFT's own adapter (adapter_config.json + adapter weights, no
+    base weights): PeftModel.from_pretrained over the base checkpoint gives the in-memory logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    lora = LoraIR(r=2, alpha=4.0, dropout=0.0)
+    loaded = load_hf(tiny.path, lora=lora)
+    with torch.no_grad():
+        for n, p in loaded.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    loaded.model.eval()
+    path = save_pretrained_dir(loaded, tmp_path / "model")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny.path) and config["r"] == 2
+    assert (path / "adapter_model.safetensors").stat().st_size < (tiny.path / "model.safetensors").stat().st_size / 5
+    assert not (path / "model.safetensors").exists()
+    base = AutoModelForImageTextToText.from_pretrained(tiny.path, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, path).eval()
+    want = _logits(loaded.model, loaded.processor, task)
+    assert torch.allclose(_logits(model, AutoProcessor.from_pretrained(path), task), want, atol=1e-5)
+    with model.disable_adapter():  # the adapter matters
+        assert not torch.allclose(_logits(model, loaded.processor, task), want, atol=1e-3)
+
+    fresh = load_hf(tiny.path, lora=lora)
+    load_weights(fresh, path)
+    for (n, a), (_, b) in zip(loaded.model.named_parameters(), fresh.model.named_parameters()):
+        assert torch.equal(a, b), n

@@ -20,7 +20,7 @@ def test_adamw_decays_trainable_matrices_only() -> None:
 
 def test_adamw_step_leaves_undecayed_parameters_alone_without_gradient() -> None:
     model = torch.nn.Linear(2, 2)
-    opt = adamw(model, lr=0.1, weight_decay=0.5)
+    opt = adamw(model, lr=0.1, weight_decay=0.5, betas=(0.9, 0.999), eps=1e-8)
     w, b = model.weight.detach().clone(), model.bias.detach().clone()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,32 @@ def test_example_plugin_reward_runs() -> None:
         sys.path.pop(0)
     group = SimpleNamespace(completions=["a " * 10, "a " * 30, "a " * 50])
     assert brevity(group, max_words=20) == [1.0, 0.5, 0.0]
+
+
+def test_a_plugin_loss_is_refused_where_it_is_used(tmp_path: Path) -> None:
+    """The runtime computes only the built-in losses: a plugin loss is a located error at its
+    use and a problem of the plugin, never a crash (it was `KeyError: 'groups'`)."""
+    site = tmp_path / "site"
+    _install_fake_plugin(site, poisoned=True)
+    toml = site / "poison_plugin" / "percep_catalogue.toml"
+    toml.write_text(
+        toml.read_text()
+        + '\n[[entry]]\nname = "focal"\nkind = "loss"\ndoc = "a focal loss"\nimpl = "poison_plugin:focal"\n'
+        + '\n[[entry]]\nname = "mean"\nkind = "loss"\ndoc = "shadows the built-in"\n'
+    )
+    spec = tmp_path / "p.pd"
+    spec.write_text(
+        SPEC.replace(
+            "stage base = sft { steps = 1 }",
+            "stage base = sft { steps = 1, loss = focal() }\nstage b2 = sft { steps = 1, loss = mean(answer) }",
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-m", "percepdsl", "check", str(spec)], capture_output=True, text=True, timeout=60, env=env)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "p.pd:3:38: error[plugin-unsupported]: `focal` is a loss from plugin `poison-plugin`" in proc.stdout
+    assert "percepdsl computes only its own losses: token_mean, mean, ngdiff" in proc.stdout
+    assert proc.stdout.count("error[") == 1  # the built-in `mean` is not replaced by the plugin's
+    assert "warning: plugin `poison-plugin`: loss `focal` is not supported" in proc.stderr
+    assert "loss `mean` is not supported" in proc.stderr

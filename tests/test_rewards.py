@@ -69,14 +69,14 @@ def test_label_terms_read_the_scores() -> None:
 
 def test_self_consistency_agreement_and_majority() -> None:
     g = group([(0, 0, 0, 0, 0)] * 4, perceptions=["A", "A", "B", None])
-    # agreement: share of the other G-1 rollouts with the same parsed perception; unparsed = 0
-    assert self_consistency(g) == pytest.approx([1 / 3, 1 / 3, 0.0, 0.0])
+    # agreement (the catalogue's default): share of the other G-1 rollouts with the same parsed perception; unparsed = 0
+    assert self_consistency(g, mode="agreement") == pytest.approx([1 / 3, 1 / 3, 0.0, 0.0])
     assert self_consistency(g, mode="majority") == [1.0, 1.0, 0.0, 0.0]
     tie = group([(0, 0, 0, 0, 0)] * 4, perceptions=["A", "B", "A", "B"])
     assert self_consistency(tie, mode="majority") == [1.0] * 4  # every tied mode counts
-    assert self_consistency(tie) == pytest.approx([1 / 3] * 4)
+    assert self_consistency(tie, mode="agreement") == pytest.approx([1 / 3] * 4)
     lone = group([(0, 0, 0, 0, 0)] * 3, perceptions=["A", "B", "C"])
-    assert self_consistency(lone) == [0.0] * 3 and self_consistency(lone, mode="majority") == [0.0] * 3
+    assert self_consistency(lone, mode="agreement") == [0.0] * 3 and self_consistency(lone, mode="majority") == [0.0] * 3
     with pytest.raises(ValueError, match="unknown mode"):
         self_consistency(g, mode="vote")
 
@@ -89,7 +89,7 @@ def test_rollout_group_scores_with_the_task() -> None:
     g = RolloutGroup.score(task, s, [s.response, "garbage", s.response])
     assert [sc.outcome for sc in g.scores] == [True, False, True]
     assert g.perceptions[0] == g.perceptions[2] is not None and g.perceptions[1] is None
-    assert self_consistency(g) == [0.5, 0.0, 0.5]
+    assert self_consistency(g, mode="agreement") == [0.5, 0.0, 0.5]
 
 
 # ------------------------------------------------------------------ algebra
@@ -197,7 +197,7 @@ def test_within_group_pearson_centres_each_group() -> None:
 
 
 def test_diagnostics_running_correlations_and_flat_groups() -> None:
-    ir = node("sum", node("scale", term("self_consistency"), value=0.5), node("scale", term("outcome"), value=0.5))
+    ir = node("sum", node("scale", term("self_consistency", mode="agreement"), value=0.5), node("scale", term("outcome"), value=0.5))
     r = compile_reward(ir)
     d = RewardDiagnostics(r.term_names, r.surrogates)
     assert r.surrogates == ["self_consistency"]

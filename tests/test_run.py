@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +47,10 @@ def test_run_directory_contract(smoke_run: Path) -> None:
     share = summary["diagnostics"]["token_share"]
     assert abs(sum(share.values()) - 1) < 1e-6 and share["perception"] > 0
     assert any(k.startswith("grad_norm/") for k in summary["diagnostics"])
-    for st in ("base", "fixed", "balanced"):
-        assert (smoke_run / "stages" / st / "model.safetensors").exists()
+    assert (smoke_run / "init" / "config.json").exists()  # the parent of root stages
+    for st in ("base", "fixed", "balanced"):  # Hugging Face directories: the model and its processor
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
+            assert (smoke_run / "stages" / st / "model" / name).exists(), (st, name)
 
 
 def test_summary_traces_back_to_eval_records(smoke_run: Path) -> None:
@@ -75,27 +78,27 @@ def test_a_finished_run_is_not_redone(smoke_run: Path) -> None:
 
 
 def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -> None:
-    """A stage counts as done only through its done.json, which is written after its weights:
-    a run killed while it saved a stage's weights (here: the file cut in half, as a writer
-    without atomic writes would leave it) redoes that stage on --resume."""
+    """A stage counts as done only through its done.json, which is written after its model
+    directory: a run killed while it saved a stage (here: the weights cut in half, as a writer
+    without atomic writes would leave them) redoes that stage on --resume."""
     import shutil
 
     from safetensors.torch import load_file
 
     for st in ("base", "fixed", "balanced"):
         sdir = smoke_run / "stages" / st
-        assert (sdir / "done.json").stat().st_mtime_ns >= (sdir / "model.safetensors").stat().st_mtime_ns
+        assert (sdir / "done.json").stat().st_mtime_ns >= (sdir / "model" / "model.safetensors").stat().st_mtime_ns
     copy = tmp_path / "runs" / smoke_run.name
     shutil.copytree(smoke_run, copy)
     (copy / "summary.json").unlink()
     (copy / "stages" / "balanced" / "done.json").unlink()
-    weights = copy / "stages" / "balanced" / "model.safetensors"
+    weights = copy / "stages" / "balanced" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage base: done (resumed)" in proc.stderr and "stage balanced (" in proc.stderr
     assert "stage fixed: done (resumed)" in proc.stderr
-    want, got = load_file(smoke_run / "stages" / "balanced" / "model.safetensors"), load_file(weights)
+    want, got = load_file(smoke_run / "stages" / "balanced" / "model" / "model.safetensors"), load_file(weights)
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
@@ -107,6 +110,91 @@ def test_missing_model_path_is_refused(tmp_path: Path) -> None:
     proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "/no/such/checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+HUB_SPEC = """experiment hub
+seed 0
+include "{root}/specs/common/roles.pd"
+task graph_coloring {{ nodes = 4, reasoning = brief, train = 16, test = 2 }}
+model hf "{model}" {{ lora {{ r = 4, alpha = 8 }} }}
+stage a = sft {{ steps = 2, batch = 2, lr = 0.01 }}
+stage b = sft from a {{ steps = 2, batch = 2, lr = 0.01 }}
+eval {{ test = 2, max_new_tokens = 8 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory, task) -> Path:
+    """HF_HOME with a tiny random checkpoint cached as the hub model `percep/tiny-vlm`, in the
+    cache's own layout (models--org--name/snapshots/<commit>/, refs/main)."""
+    from percepdsl_runtime.models import build_tiny
+
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / "models--percep--tiny-vlm"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    build_tiny(
+        task.vocabulary(), image=64, width=64, depth=2, heads=2, vision_width=32, vision_depth=1, save_dir=repo / "snapshots" / commit
+    )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return home
+
+
+def test_a_hub_id_runs_from_the_local_cache_and_saves_peft_adapters(hf_cache: Path, tmp_path: Path) -> None:
+    """`model hf "org/name"` is found in the local Hugging Face cache (offline); every stage is a
+    PEFT adapter directory that PeftModel.from_pretrained loads over the base, naming the hub id."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    spec = tmp_path / "hub.pd"
+    spec.write_text(HUB_SPEC.format(root=ROOT, model="percep/tiny-vlm"))
+    env = dict(os.environ, HF_HOME=str(hf_cache), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    base_dir = next((hf_cache / "hub" / "models--percep--tiny-vlm" / "snapshots").iterdir())
+    adapters = {}
+    for st in ("a", "b"):
+        model_dir = run_dir / "stages" / st / "model"
+        config = json.loads((model_dir / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "percep/tiny-vlm" and config["r"] == 4
+        PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), model_dir)
+        adapters[st] = load_file(model_dir / "adapter_model.safetensors")
+    init = load_file(run_dir / "init" / "adapter_model.safetensors")
+    assert any(not torch.equal(adapters["a"][k], init[k]) for k in init)  # trained
+    assert any(not torch.equal(adapters["b"][k], adapters["a"][k]) for k in init)  # b went on from a
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_a_hub_id_neither_cached_nor_downloadable_is_refused(hf_cache: Path, tmp_path: Path, offline: str) -> None:
+    """Not in the cache and no network (none here): exit 2 before training, naming the id, the
+    cache and HF_HUB_OFFLINE. Online mode tries the download first (it fails at once here)."""
+    spec = tmp_path / "hub.pd"
+    spec.write_text(HUB_SPEC.format(root=ROOT, model="percep/absent"))
+    env = dict(os.environ, HF_HOME=str(hf_cache), HF_HUB_OFFLINE=offline)
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = " ".join(proc.stderr.split())
+    assert "`percep/absent`" in err and str(hf_cache / "hub") in err and "HF_HUB_OFFLINE" in err and "Traceback" not in err
+    assert ("downloading it failed" in err) == (offline == "0")
+    assert not list((tmp_path / "runs").glob("*/stages"))  # refused before any training
 
 
 def test_roles_matching_nothing_are_refused(tmp_path: Path) -> None:
@@ -161,8 +249,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = percep("run", *args, "--out", str(tmp_path / "b"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = next((tmp_path / "a").glob("*/stages/balanced/model.safetensors"))
-    b = next((tmp_path / "b").glob("*/stages/balanced/model.safetensors"))
+    a = next((tmp_path / "a").glob("*/stages/balanced/model/model.safetensors"))
+    b = next((tmp_path / "b").glob("*/stages/balanced/model/model.safetensors"))
     wa, wb = load_file(a), load_file(b)
     assert wa.keys() == wb.keys()
     for k in wa:

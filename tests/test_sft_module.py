@@ -1,5 +1,5 @@
-"""SFT under Lightning: data module, module (token mean / mix / NGDiff + auto LR),
-diagnostics and safetensors checkpoints, on a small tiny VLM and the real task."""
+"""SFT under Lightning: data module, module (token mean / mix / NGDiff + auto LR) and
+diagnostics, on a small tiny VLM and the real task."""
 
 from __future__ import annotations
 
@@ -9,17 +9,10 @@ import lightning as L
 import pytest
 import torch
 
+from percepdsl.ir import SFTStageIR
 from percepdsl_runtime.encoding import Encoder
-from percepdsl_runtime.losses import Objective
 from percepdsl_runtime.models import load_hf
-from percepdsl_runtime.sft import (
-    LengthBucketSampler,
-    SFTDataModule,
-    SFTModule,
-    load_checkpoint_safetensors,
-    per_role_grad_norms,
-    save_checkpoint_safetensors,
-)
+from percepdsl_runtime.sft import LengthBucketSampler, SFTDataModule, SFTModule, per_role_grad_norms
 
 RULES = [
     {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>"},
@@ -56,9 +49,9 @@ def _trainer(steps: int, **kw) -> L.Trainer:
     )
 
 
-def _fresh_module(tiny, encoder, spec, **cfg) -> SFTModule:
+def _fresh_module(tiny, encoder, loss, steps: int = 20, lr=3e-3, **kw) -> SFTModule:
     loaded = load_hf(tiny.path)  # fresh weights for every training test
-    return SFTModule(loaded, Objective(spec, encoder.role_names), {"lr": 3e-3, **cfg})
+    return SFTModule(loaded, SFTStageIR(name="t", steps=steps, lr=lr, loss=loss), encoder.role_names, **kw)
 
 
 # ------------------------------------------------------------------ data
@@ -90,8 +83,8 @@ def test_loader_batches(datamodule) -> None:
 
 # ------------------------------------------------------------------ training
 def test_token_mean_trains_and_logs(tiny, encoder, datamodule) -> None:
-    sched = {"kind": "cosine", "start": 1.0, "end": 0.0, "warmup": 2}
-    module = _fresh_module(tiny, encoder, {"kind": "token_mean"}, schedule=sched, grad_clip=1.0)
+    sched = {"kind": "cosine", "start": 3e-3, "end": 0.0, "warmup": 2}
+    module = _fresh_module(tiny, encoder, {"kind": "token_mean"}, lr=sched, grad_clip=1.0)
     history: list[dict[str, float]] = []
 
     class Keep(L.Callback):
@@ -121,7 +114,7 @@ def _trainer_metric(module: SFTModule, key: str) -> float:
 
 @pytest.mark.parametrize("auto_lr", [False, True])
 def test_ngdiff_manual_optimisation(tiny, encoder, datamodule, auto_lr: bool) -> None:
-    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": auto_lr}, grad_clip=5.0, auto_lr_every=2)
+    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": auto_lr, "auto_lr_every": 2}, grad_clip=5.0)
     before = [p.detach().clone() for p in module.model.parameters()]
     _trainer(4).fit(module, datamodule=datamodule)
     m = module.trainer.callback_metrics
@@ -175,37 +168,12 @@ def test_per_role_grad_norms(tiny, encoder, datamodule) -> None:
     assert all(p.grad is None for p in module.model.parameters())  # .grad untouched
 
 
-def test_safetensors_roundtrip_full_and_lora(tiny, tmp_path) -> None:
-    loaded = load_hf(tiny.path)
-    path = save_checkpoint_safetensors(loaded.model, tmp_path / "full.safetensors", metadata={"stage": "base"})
-    ref = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            p.add_(1.0)
-    meta = load_checkpoint_safetensors(loaded.model, path)
-    assert meta["stage"] == "base" and meta["trainable_only"] == "False"
-    for k, v in loaded.model.state_dict().items():
-        assert torch.equal(v, ref[k]), k
-
-    lora = load_hf(tiny.path, lora={"r": 2})
-    with torch.no_grad():
-        for n, p in lora.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    p2 = save_checkpoint_safetensors(lora.model, tmp_path / "adapter.safetensors")
-    assert p2.stat().st_size < path.stat().st_size / 5  # the adapter only
-    fresh = load_hf(tiny.path, lora={"r": 2})
-    load_checkpoint_safetensors(fresh.model, p2)
-    for (n, a), (_, b) in zip(lora.model.named_parameters(), fresh.model.named_parameters()):
-        assert torch.equal(a, b), n
-
-
 def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> None:
-    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True}, auto_lr_every=1)
+    module = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True, "auto_lr_every": 1})
     trainer = _trainer(2)
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(tmp_path / "resume.ckpt")
-    again = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True}, auto_lr_every=100)
+    again = _fresh_module(tiny, encoder, NGDIFF | {"auto_lr": True, "auto_lr_every": 100})
     again.on_load_checkpoint(torch.load(tmp_path / "resume.ckpt", weights_only=False))
     assert again.lr_scale == pytest.approx(module.lr_scale) and again.objective._norms == module.objective._norms
 
@@ -231,7 +199,7 @@ import sys, torch, lightning as L
 torch.set_num_threads(1)
 from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.encoding import Encoder
-from percepdsl_runtime.losses import Objective
+from percepdsl.ir import SFTStageIR
 from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 from percepdsl_runtime.tasks import build_task
 RULES = {rules!r}
@@ -239,8 +207,9 @@ if __name__ == "__main__":
     task = build_task("graph_coloring", {}, seed=0)
     loaded = load_hf(sys.argv[1])
     enc = Encoder(loaded, RULES)
-    spec = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": True}
-    module = SFTModule(loaded, Objective(spec, enc.role_names), {"lr": 1e-3, "grad_clip": 1.0, "auto_lr_every": 1})
+    loss = {"kind": "ngdiff", "groups": [["perception"], ["reasoning", "answer"]], "auto_lr": True, "auto_lr_every": 1}
+    stage = SFTStageIR(name="t", steps=3, lr=1e-3, loss=loss)
+    module = SFTModule(loaded, stage, enc.role_names, grad_clip=1.0)
     trainer = build_trainer(3, objective=module.objective, accelerator="cpu", devices=2, strategy="ddp")
     trainer.fit(module, datamodule=SFTDataModule(task, enc, batch_size=4, seed=0, n_items=32))
     total = float(sum(p.detach().double().sum() for p in module.model.parameters()))

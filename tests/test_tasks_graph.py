@@ -12,6 +12,7 @@ from helpers import task_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from percepdsl.ir import GraphColoringParams
 from percepdsl_runtime.tasks import build_task
 from percepdsl_runtime.tasks.base import parse_sections
 from percepdsl_runtime.tasks.graph_coloring import (
@@ -37,7 +38,7 @@ def with_answer(response: str, answer: str) -> str:
 
 
 def with_perception(task: GraphColoringTask, response: str, graph: Graph) -> str:
-    words = " ".join(perception_text(graph, task.params["perception_format"]))
+    words = " ".join(perception_text(graph, task.params.perception_format))
     return f"<perception> {words} </perception>" + response[response.index(" <reasoning>") :]
 
 
@@ -149,7 +150,8 @@ def test_chromatic_number_equals_brute_force(case: tuple[int, set[tuple[int, int
 
 
 def test_determinism_within_and_across_processes() -> None:
-    params = {"nodes": (5, 7), "layout": "random", "jitter": 0.5, "noise": 0.3, "distractors": 2}
+    raw = {"nodes": (5, 7), "layout": "random", "jitter": 0.5, "noise": 0.3, "distractors": 2}
+    params = GraphColoringParams(**raw)
     here = {split: task_digest(GraphColoringTask(params, seed=11), split, 15) for split in ("train", "test")}
     again = GraphColoringTask(params, seed=11)
     # test items do not depend on the order they are asked for
@@ -158,8 +160,8 @@ def test_determinism_within_and_across_processes() -> None:
     assert task_digest(GraphColoringTask(params, seed=12), "train", 15) != here["train"]
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from helpers import task_digest;"
-        "from percepdsl_runtime.tasks.graph_coloring import GraphColoringTask as T;"
-        f"t = T({params!r}, seed=11); print(task_digest(t, 'train', 15), task_digest(t, 'test', 15))"
+        "from percepdsl_runtime.tasks.graph_coloring import GraphColoringTask as T; from percepdsl.ir import GraphColoringParams as P;"
+        f"t = T(P(**{raw!r}), seed=11); print(task_digest(t, 'train', 15), task_digest(t, 'test', 15))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [here["train"], here["test"]]

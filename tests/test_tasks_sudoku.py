@@ -15,6 +15,7 @@ from helpers import task_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from percepdsl.ir import SudokuParams
 from percepdsl_runtime.tasks import build_task
 from percepdsl_runtime.tasks.base import parse_sections
 from percepdsl_runtime.tasks.sudoku import (
@@ -152,14 +153,15 @@ def test_perturbed_perception_lowers_partial_credit_and_reasoning_uses_it() -> N
 
 
 def test_determinism_within_and_across_processes() -> None:
-    params = {"jitter": 0.5, "noise": 0.3}
+    raw = {"jitter": 0.5, "noise": 0.3}
+    params = SudokuParams(**raw)
     here = [task_digest(SudokuTask(params, seed=4), split, 10) for split in ("train", "test")]
     assert task_digest(SudokuTask(params, seed=4), "train", 10) == here[0]
     assert task_digest(SudokuTask(params, seed=5), "train", 10) != here[0]
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from helpers import task_digest;"
-        "from percepdsl_runtime.tasks.sudoku import SudokuTask as T;"
-        f"t = T({params!r}, seed=4); print(task_digest(t, 'train', 10), task_digest(t, 'test', 10))"
+        "from percepdsl_runtime.tasks.sudoku import SudokuTask as T; from percepdsl.ir import SudokuParams as P;"
+        f"t = T(P(**{raw!r}), seed=4); print(task_digest(t, 'train', 10), task_digest(t, 'test', 10))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == here

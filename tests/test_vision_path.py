@@ -13,8 +13,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from percepdsl.ir import SFTStageIR
 from percepdsl_runtime.encoding import Encoder, collate
-from percepdsl_runtime.losses import Objective
 from percepdsl_runtime.models import build_tiny
 from percepdsl_runtime.sft import SFTDataModule, SFTModule, target_logits
 from percepdsl_runtime.tasks import build_task
@@ -41,14 +41,16 @@ def test_tiny_model_learns_perception_from_pixels(tmp_path) -> None:
     task = build_task(
         "graph_coloring", {"nodes": 5, "perception_format": "adjacency", "reasoning": "brief", "train": 2400, "test": 100}, seed=0
     )
-    loaded = build_tiny(task.vocabulary(), patch=8, seed=1, save_dir=tmp_path / "tiny")
+    loaded = build_tiny(task.vocabulary(), image=task.params.image, patch=8, seed=1, save_dir=tmp_path / "tiny")
     encoder = Encoder(loaded, RULES)
     test = [encoder.encode_train(s.query, s.image, s.response) for s in (task.sample("test", i) for i in range(100))]
-    module = SFTModule(
-        loaded,
-        Objective({"kind": "token_mean", "roles": ["perception"]}, encoder.role_names),
-        {"lr": 1e-3, "schedule": {"kind": "cosine", "start": 1.0, "end": 0.0, "warmup": 50}},
+    stage = SFTStageIR(
+        name="perception",
+        steps=300,
+        lr={"kind": "cosine", "start": 1e-3, "end": 0.0, "warmup": 50},
+        loss={"kind": "mix", "terms": [{"weight": 1.0, "roles": ["perception"]}]},
     )
+    module = SFTModule(loaded, stage, encoder.role_names)
     L.Trainer(
         max_steps=300,
         accelerator="cpu",

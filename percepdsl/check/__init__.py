@@ -21,7 +21,6 @@ from .. import nodes as A
 from ..catalogue import Catalogue
 from ..diagnostics import Diagnostic
 from .checker import SET_FILE, Checker, Result, parse_overrides, run
-from .grid import check_grid
 from .load import Loaded, load, read_source
 from .spec import DEFAULT_ROLES, check_experiment, check_spec_file
 
@@ -58,7 +57,11 @@ def check_text(
 def _check(loaded: Loaded, diags: list[Diagnostic], overrides, catalogue, origin: str = "--set", fragment_ok: bool = True) -> Result:
     items = loaded.items
     is_grid = any(isinstance(s, (A.Grid, A.Template)) for s in items) and not any(isinstance(s, A.Experiment) for s in items)
-    return run(loaded, diags, check_grid if is_grid else check_experiment, overrides, catalogue, origin, fragment_ok)
+    if is_grid:
+        from .grid import check_grid  # imported when needed: most checks are of specs, and this starts faster
+
+        return run(loaded, diags, check_grid, overrides, catalogue, origin, fragment_ok)
+    return run(loaded, diags, check_experiment, overrides, catalogue, origin, fragment_ok)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The `Checker`: what checking a spec file and checking a grid file share.
 
-It holds the catalogue, the scope of names (params, roles), the diagnostics and the
-symbols an editor shows, and offers the services both file kinds use: reporting,
+It holds the catalogue, the scope of names (params, roles) and the diagnostics, and
+offers the services both file kinds use: reporting,
 evaluating and coercing expressions, checking a block against a catalogue entry, and
 grouping a file's statements by kind. `run` drives one file through a check function
 (`spec.check_experiment` or `grid.check_grid`) into a `Result`.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import nodes as A
@@ -29,12 +29,11 @@ _FATAL = ("syntax", "encoding", "too-deep", "missing-file", "bad-number")
 
 @dataclass
 class Result:
-    """What checking a file gives: the IR (None on error), diagnostics, and what editors need."""
+    """What checking a file gives: the IR (None on error), its diagnostics, and the loaded sources."""
 
     ir: ExperimentIR | GridIR | None
     diagnostics: list[Diagnostic]
     loaded: Loaded | None
-    symbols: dict[str, list[tuple[str, Span, str]]] = field(default_factory=dict)  # kind → (name, span, file)
 
     @property
     def ok(self) -> bool:
@@ -60,7 +59,6 @@ class Checker:
         self.report = Reporter()
         self.scope = Scope()
         self.values = Evaluator(catalogue, self.scope, self.report)
-        self.symbols: dict[str, list[tuple[str, Span, str]]] = {}
 
     @property
     def diags(self) -> list[Diagnostic]:
@@ -80,9 +78,9 @@ class Checker:
     def warning(self, span: Span, code: str, message: str, hint: str | None = None, related: Iterable[Related] = ()) -> None:
         self.report.warning(span, code, message, hint, related)
 
-    def symbol(self, kind: str, name: str, span: Span) -> None:
-        """Record a definition for editors (outline, go to definition)."""
-        self.symbols.setdefault(kind, []).append((name, span, span.file))
+    def add(self, diagnostics: Iterable[Diagnostic]) -> None:
+        """Report diagnostics found by another check (a grid's template)."""
+        self.report.items.extend(diagnostics)
 
     # -- values and blocks
     def eval(self, expr: A.Expr, ctx: str) -> Value | None:
@@ -121,7 +119,7 @@ class Checker:
                 self.error(
                     stmt.span,
                     "misplaced-statement",
-                    f"`{keyword(stmt)}` does not belong in {what}",
+                    f"`{keyword(type(stmt))}` does not belong in {what}",
                     "grid files hold grid, template, axis, zip, seeds, where, report and fix"
                     if what == "a grid file"
                     else "this statement belongs in a grid file",
@@ -134,15 +132,16 @@ class Checker:
                 self.error(
                     stmt.span,
                     "duplicate",
-                    f"`{keyword(stmt)}` appears more than once",
+                    f"`{keyword(type(stmt))}` appears more than once",
                     "keep one",
                     [Related.at(entries[0].span, "first defined here")],
                 )
         return groups
 
 
-def keyword(stmt: A.Node) -> str:
-    return {A.Zip: "zip", A.Fix: "fix"}.get(type(stmt), type(stmt).__name__.lower())
+def keyword(kind: type[A.Node]) -> str:
+    """The keyword that starts a statement of this kind."""
+    return kind.__name__.lower()
 
 
 CheckFn = Callable[[Checker], "ExperimentIR | GridIR | None"]
@@ -165,7 +164,7 @@ def run(
     all_diags = diags + checker.diags
     if any(d.is_error for d in all_diags):
         ir = None
-    return Result(ir, sorted(all_diags, key=lambda d: (d.file != loaded.name, d.file, d.span.line, d.span.column)), loaded, checker.symbols)
+    return Result(ir, sorted(all_diags, key=lambda d: (d.file != loaded.name, d.file, d.span.line, d.span.column)), loaded)
 
 
 def parse_overrides(pairs: list[str]) -> tuple[dict[str, str], list[Diagnostic]]:

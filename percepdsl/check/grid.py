@@ -16,14 +16,16 @@ from ..diagnostics import Related, Span, did_you_mean, relpath
 from ..grid import MAX_CELL_CHECKS, MAX_CELLS, Cell, expand
 from ..ir import AxisIR, ExperimentIR, GridIR
 from .checker import Checker
+from .load import is_file, pd_files_near, resolve_written, shown
 from .spec import SEED, check_spec_file
 from .values import List, Num, Range
 
 GRID_STATEMENTS = (A.Grid, A.Template, A.Axis, A.Zip, A.Seeds, A.Where, A.Report, A.Fix)
+ONCE = (A.Grid, A.Template, A.Seeds, A.Where, A.Report)  # statements a grid file holds at most once
 
 
 def check_grid(ck: Checker) -> GridIR | None:
-    g = ck.group(ck.loaded.items, (A.Grid, A.Template, A.Seeds, A.Where, A.Report), GRID_STATEMENTS, "a grid file")
+    g = ck.group(ck.loaded.items, ONCE, GRID_STATEMENTS, "a grid file")
     if A.Grid not in g:
         ck.error(ck.at_file(), "missing-block", "the grid file has no `grid` header", "start it with `grid my_sweep`")
     if A.Template not in g:
@@ -31,19 +33,26 @@ def check_grid(ck: Checker) -> GridIR | None:
         return None
     tmpl = g[A.Template][0]
     base = ck.loaded.path.parent if ck.loaded.path is not None else Path.cwd()
-    tpath = (base / tmpl.path.value).resolve()
-    if not tpath.is_file():
-        near = [p.name for p in tpath.parent.glob("*.pd")] if tpath.parent.is_dir() else []
-        guess = did_you_mean(tpath.name, near)
+    tpath = resolve_written(base, tmpl.path.value)
+    if tpath is None:
         ck.error(
             tmpl.path.span,
             "missing-file",
-            f"template spec `{tmpl.path.value}` does not exist",
+            f"template spec `{shown(tmpl.path.value)}` cannot exist",
+            "a file name cannot contain a NUL or other control character",
+        )
+        return None
+    if not is_file(tpath):
+        guess = did_you_mean(tpath.name, pd_files_near(tpath))
+        ck.error(
+            tmpl.path.span,
+            "missing-file",
+            f"template spec `{shown(tmpl.path.value)}` does not exist",
             f"did you mean `{guess}`?" if guess else "the path is relative to the grid file",
         )
         return None
-    tres = check_spec_file(tpath, catalogue=ck.cat)
-    if not tres.ok:
+    tres = check_spec_file(tpath, catalogue=ck.cat, fragment_ok=False)  # a template is a whole experiment
+    if not tres.ok or not isinstance(tres.ir, ExperimentIR):
         n = sum(d.is_error for d in tres.diagnostics)
         ck.error(
             tmpl.path.span,
@@ -51,7 +60,7 @@ def check_grid(ck: Checker) -> GridIR | None:
             f"template spec `{tmpl.path.value}` has {n} error{'s' if n > 1 else ''}",
             f"run `percep check {relpath(tpath)}`",
         )
-        ck.diags.extend(d for d in tres.diagnostics if d.is_error)
+        ck.add(d for d in tres.diagnostics if d.is_error)
         return None
     tir: ExperimentIR = tres.ir
     tparams = {name: _param_type(v) for name, v in tir.params.items()}

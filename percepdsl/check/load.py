@@ -32,6 +32,35 @@ class Loaded:
     sources: dict[str, str] = field(default_factory=dict)  # file name → text, for rendering
 
 
+def resolve_written(base: Path, written: str) -> Path | None:
+    """A path written in a spec, relative to `base`, resolved; None if no file can have
+    that name (a NUL byte in it) or it cannot be resolved (a symlink loop)."""
+    try:
+        return (base / written).resolve()
+    except (ValueError, OSError, RuntimeError):
+        return None
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system
+        return False
+
+
+def pd_files_near(path: Path) -> list[str]:
+    """Names of the spec files next to `path`: candidates for a "did you mean"."""
+    try:
+        return [p.name for p in path.parent.glob("*.pd")] if path.parent.is_dir() else []
+    except OSError:
+        return []
+
+
+def shown(written: str) -> str:
+    """A written path for a message: control characters escaped (`a\\x00b.pd`)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in written)
+
+
 def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
     name = relpath(path)
     at = Span.point(file=name)
@@ -43,6 +72,8 @@ def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
         return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"{name} is a directory, not a spec file")]
     except OSError as e:
         return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"cannot read {name}: {e.strerror}")]
+    except ValueError:  # a NUL in the name
+        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"no file can be named {shown(name)}")]
     return decode(data, name)
 
 
@@ -64,7 +95,8 @@ def load(path: Path | None, text: str | None = None, name: str | None = None) ->
     loaded.tree = tree
     loaded.is_root_only = tree is not None and not tree.items
     if tree is not None:
-        stack = [path.resolve()] if path is not None else []
+        own = resolve_written(path.parent, path.name) if path is not None else None
+        stack = [own] if own is not None else []
         rep = Reporter()
         _splice(loaded, tree, path.parent if path is not None else Path.cwd(), stack, rep)
         diags += rep.items
@@ -76,7 +108,15 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
         if not isinstance(stmt, A.Include):
             loaded.items.append(stmt)
             continue
-        target = (base / stmt.path.value).resolve()
+        target = resolve_written(base, stmt.path.value)
+        if target is None:
+            rep.error(
+                stmt.path.span,
+                "missing-include",
+                f"included file `{shown(stmt.path.value)}` cannot exist",
+                "a file name cannot contain a NUL or other control character",
+            )
+            continue
         if target in stack:
             chain = " → ".join(relpath(p) for p in stack[stack.index(target) :] + [target])
             rep.error(
@@ -86,13 +126,12 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
                 "move the shared statements into a fragment that includes nothing",
             )
             continue
-        if not target.is_file():
-            near = [p.name for p in target.parent.glob("*.pd")] if target.parent.is_dir() else []
-            guess = did_you_mean(target.name, near)
+        if not is_file(target):
+            guess = did_you_mean(target.name, pd_files_near(target))
             rep.error(
                 stmt.path.span,
                 "missing-include",
-                f"included file `{stmt.path.value}` does not exist",
+                f"included file `{shown(stmt.path.value)}` does not exist",
                 f"did you mean `{guess}`?" if guess else f"the path is relative to {relpath(base) or '.'}/",
             )
             continue

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import nodes as A
 from ..catalogue import Catalogue, ParamSpec
 from ..diagnostics import Related, Span, did_you_mean
-from ..ir import EvalIR, ExperimentIR, LoraIR, LossIR, ModelIR, RoleRuleIR, StageIR, TaskIR, TrainerIR
+from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, SFTStageIR, TaskIR, TrainerIR
 from ..parse import parse_expr
 from .blocks import defaults
 from .checker import SET_FILE, Checker, Result, run
@@ -29,6 +29,7 @@ DEFAULT_ROLES = (
 )
 SEED = ParamSpec("seed", "int", 0, min=0, max=2**31 - 1)
 SPEC_STATEMENTS = (A.Experiment, A.Param, A.Seed, A.Task, A.Model, A.Roles, A.Stage, A.Eval, A.Trainer)
+ONCE = (A.Experiment, A.Seed, A.Task, A.Model, A.Roles, A.Eval, A.Trainer)  # statements a spec holds at most once
 
 
 def check_experiment(ck: Checker) -> ExperimentIR | None:
@@ -56,15 +57,14 @@ class _Spec:
 
     def check(self) -> ExperimentIR | None:
         ck = self.ck
-        g = ck.group(ck.loaded.items, (A.Experiment, A.Seed, A.Model, A.Roles, A.Eval, A.Trainer), SPEC_STATEMENTS, "an experiment spec")
+        once = tuple(c for c in ONCE if c is not A.Task)  # a second task gets its own message (_check_task)
+        g = ck.group(ck.loaded.items, once, SPEC_STATEMENTS, "an experiment spec")
         exp = g.get(A.Experiment, [])
         # A file without a header that is only included by others is a fragment: it is
         # checked as far as it stands alone, and not required to be a whole experiment.
         self.fragment = not exp and not ck.loaded.is_root_only and ck.fragment_ok
         if not exp and not self.fragment:
             ck.error(ck.at_file(), "missing-block", "the spec has no `experiment` header", "start the file with `experiment my_experiment`")
-        elif exp:
-            ck.symbol("experiment", exp[0].name.id, exp[0].name.span)
         self._declare_params(g.get(A.Param, []))
         self._apply_overrides()
 
@@ -129,7 +129,6 @@ class _Spec:
             if p.default is not None and ptype is not None:
                 value = ck.coerce_expr(p.default, ParamSpec(name, ptype), f"param `{name}`")
             self.params[name] = ParamInfo(p, ptype or "float", value, "default")
-            ck.symbol("param", name, p.name.span)
 
     def _apply_overrides(self) -> None:
         ck = self.ck
@@ -213,7 +212,6 @@ class _Spec:
                 )
                 continue
             self.roles[role] = entry.key.span
-            ck.symbol("role", role, entry.key.span)
             v = ck.eval(entry.value, "rule")
             if v is None:
                 continue
@@ -267,7 +265,6 @@ class _Spec:
         entry = ck.lookup(t.name, "task")
         if entry is None:
             return None
-        ck.symbol("task", t.name.id, t.name.span)
         settings = ck.check_block(t.block, entry, f"task `{entry.name}`")
         if settings is None:
             return None
@@ -308,7 +305,7 @@ class _Spec:
             if lv is not None:
                 lora = LoraIR(**lv)
         if entry.name == "tiny" and params and task is not None:
-            image, patch = task.params.get("image"), params.get("patch")
+            image, patch = task.param("image"), params.get("patch")
             if isinstance(image, int) and isinstance(patch, int) and image % patch:
                 sp = block.get("patch").span if block.get("patch") else m.span
                 ck.error(
@@ -322,7 +319,7 @@ class _Spec:
         return ModelIR(kind=entry.name, path=m.path.value if m.path else None, params=params, lora=lora, impl=entry.impl)
 
     # -- stages
-    def _check_stages(self, decls: list[A.Stage]) -> list[StageIR]:
+    def _check_stages(self, decls: list[A.Stage]) -> list[SFTStageIR | GRPOStageIR]:
         ck = self.ck
         if not decls and self.fragment:
             return []
@@ -330,7 +327,7 @@ class _Spec:
             ck.error(ck.at_file(), "missing-block", "the spec has no stage", "add e.g. `stage base = sft { steps = 600 }`")
             return []
         seen: dict[str, A.Stage] = {}
-        built: dict[str, StageIR] = {}
+        built: dict[str, SFTStageIR | GRPOStageIR] = {}
         for st in decls:
             name = st.name.id
             if name in seen:
@@ -343,7 +340,6 @@ class _Spec:
                 )
                 continue
             seen[name] = st
-            ck.symbol("stage", name, st.name.span)
         for name, st in seen.items():
             kind = st.kind.id
             entry = ck.cat.get("block", kind) if kind in ("sft", "grpo") else None
@@ -368,18 +364,9 @@ class _Spec:
             settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})")
             if settings is None:
                 continue
-            loss = settings.pop("loss", None)
-            reward = settings.pop("reward", None)
-            if kind == "sft" and isinstance(loss, str):
-                loss = LossIR(kind="token_mean")
-            built[name] = StageIR(
-                name=name,
-                kind=kind,
-                parent=st.parent.id if st.parent else None,
-                settings=settings,
-                loss=loss if kind == "sft" else None,
-                reward=reward if kind == "grpo" else None,
-            )
+            # the checked settings are the typed stage's fields (the catalogue's block entry)
+            stage_ir = SFTStageIR if kind == "sft" else GRPOStageIR
+            built[name] = stage_ir(name=name, parent=st.parent.id if st.parent else None, **settings)
             if kind == "grpo" and st.parent is None and self._model_is_tiny():
                 ck.warning(
                     st.kind.span,
@@ -392,7 +379,7 @@ class _Spec:
     def _model_is_tiny(self) -> bool:
         return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)
 
-    def _order_stages(self, seen: dict[str, A.Stage], built: dict[str, StageIR]) -> list[StageIR]:
+    def _order_stages(self, seen: dict[str, A.Stage], built: dict[str, SFTStageIR | GRPOStageIR]) -> list[SFTStageIR | GRPOStageIR]:
         """Topological order (declaration order among independent stages); cycles are errors."""
         order: list[str] = []
         state: dict[str, int] = {}  # 1 = visiting, 2 = done

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import nodes as A
-from ..catalogue import Catalogue, Entry, ParamSpec
+from ..catalogue import Catalogue, Entry, ParamSpec, plural
 from ..diagnostics import Related, Reporter, Span, did_you_mean
-from ..ir import LossIR, LossTermIR, RewardIR, ScheduleIR
+from ..ir import ConstantSchedule, CosineSchedule, LinearSchedule, LossTerm, MixLoss, NGDiffLoss, RewardIR, StepSchedule, TokenMeanLoss
 
 IMPLICIT_ROLE = "other"  # uncovered characters when no `rest` rule is declared
 
@@ -30,9 +30,11 @@ def show(x: Any) -> str:
 
 
 # ---- typed values ---------------------------------------------------------------------------
+# Built once and never changed (`dataclasses.replace` makes a moved copy). Compared by
+# identity: plain dataclasses, because `percep check` creates these classes at every start.
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Value:
     span: Span
     origin: Related | None = field(default=None, kw_only=True)  # how an overridden param got here ("`lam` = 1.5, set by --set")
@@ -41,7 +43,7 @@ class Value:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Num(Value):
     value: int | float
 
@@ -49,7 +51,7 @@ class Num(Value):
         return f"the number {show(self.value)}"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Str(Value):
     value: str
 
@@ -57,7 +59,7 @@ class Str(Value):
         return f'the string "{self.value}"'
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Bool(Value):
     value: bool
 
@@ -65,13 +67,13 @@ class Bool(Value):
         return f"`{str(self.value).lower()}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Null(Value):
     def describe(self) -> str:
         return "`none`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Dim(Value):
     """A size with a unit: `64px`, `50%`."""
 
@@ -82,7 +84,7 @@ class Dim(Value):
         return f"the size `{show(self.value)}{self.unit}`"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Range(Value):
     lo: int
     hi: int
@@ -91,7 +93,7 @@ class Range(Value):
         return "a range"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class List(Value):
     items: tuple[Value, ...]
 
@@ -99,7 +101,7 @@ class List(Value):
         return "a list"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Sym(Value):
     """A bare name that is not a param: a role, a choice, a metric, or a mistake."""
 
@@ -110,23 +112,44 @@ class Sym(Value):
 
 
 @dataclass(frozen=True)
+class SchedArgs:
+    """A schedule as the checker folds it (scaled and offset by arithmetic); `to_ir` gives the
+    IR's typed schedule of its kind. `end` is None for `step`, `factor` and `every` for the others."""
+
+    kind: str
+    start: float
+    end: float | None = None
+    factor: float | None = None
+    every: int | None = None
+    warmup: int = 0
+
+    def to_ir(self) -> ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule:
+        if self.kind == "constant":
+            return ConstantSchedule(value=self.start, warmup=self.warmup)
+        if self.kind == "step":
+            return StepSchedule(start=self.start, factor=self.factor, every=self.every, warmup=self.warmup)
+        cls = LinearSchedule if self.kind == "linear" else CosineSchedule
+        return cls(start=self.start, end=self.end, warmup=self.warmup)
+
+
+@dataclass(eq=False)
 class Sched(Value):
-    schedule: ScheduleIR
+    schedule: SchedArgs
 
     def describe(self) -> str:
         return "a schedule"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Term:
     """One weighted term of a loss: `weight * mean(roles)`; roles None is every token."""
 
-    weight: float | ScheduleIR
+    weight: float | SchedArgs
     roles: tuple[str, ...] | None
     span: Span
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Loss(Value):
     """A weighted sum of per-role token means."""
 
@@ -136,18 +159,18 @@ class Loss(Value):
         return "a loss"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class NGDiff(Value):
     """`ngdiff(groups...)`: balances its groups' gradients itself, so it is a whole loss."""
 
     groups: tuple[tuple[str, ...], ...]
-    auto_lr: Any
+    options: dict[str, Any]  # the entry's other arguments (auto_lr, norm_every, ...), checked
 
     def describe(self) -> str:
         return "a loss"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Reward(Value):
     reward: RewardIR
 
@@ -155,7 +178,7 @@ class Reward(Value):
         return "a reward"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Rule(Value):
     """A role rule without its role: `between("<a>", "</a>")`, `regex(...)`, `rest()`."""
 
@@ -192,14 +215,9 @@ class Scope:
 
 def default_value(p: ParamSpec) -> Any:
     """A catalogue default as the IR holds it."""
-    d = p.default
-    if p.type == "int_range" and isinstance(d, int):
-        return (d, d)
-    if p.type == "metrics" and isinstance(d, tuple):
-        return list(d)
-    if p.type == "loss" and d == "token_mean":
-        return LossIR(kind="token_mean")
-    return d
+    if p.type == "loss" and p.default == "token_mean":
+        return TokenMeanLoss()
+    return p.ir_default()
 
 
 def _range_hint(spec: ParamSpec) -> str | None:
@@ -345,8 +363,7 @@ class Evaluator:
                 self.error(b.span, "division-by-zero", "division by zero", None)
                 return None
             x = _ARITH[op](a.value, b.value)
-            if isinstance(x, float) and not math.isfinite(x):
-                self.error(span, "bad-number", "arithmetic overflow", None)
+            if not self._fits(span, x):
                 return None
             return Num(span, x, origin=a.origin or b.origin)
         if isinstance(a, (Num, Sched)) and isinstance(b, (Num, Sched)):
@@ -358,15 +375,36 @@ class Evaluator:
         self.error(span, "type", f"cannot apply `{op}` to {a.describe()} and {b.describe()}", None)
         return None
 
+    def _fits(self, span: Span, *xs: float | None) -> bool:
+        """Arithmetic stays within what a literal may be: finite floats, integers below 10^18."""
+        for x in xs:
+            if x is not None and ((isinstance(x, float) and not math.isfinite(x)) or (isinstance(x, int) and abs(x) >= 10**18)):
+                self.error(span, "bad-number", "arithmetic overflow", None)
+                return False
+        return True
+
     def _sched_arith(self, op: str, a: Num | Sched, b: Num | Sched, span: Span) -> Value | None:
+        if isinstance(a, Sched) and isinstance(b, Sched):
+            self.error(
+                span,
+                "schedule-arith",
+                f"`{op}` cannot combine two schedules",
+                "a schedule can be scaled by a number, or offset by one (e.g. `1 - linear(0.1, 0.5)`)",
+            )
+            return None
         if isinstance(a, Sched):
             s, n, s_left = a.schedule, b.value, True
         else:
             s, n, s_left = b.schedule, a.value, False
+        if op == "/" and s_left and n == 0:
+            self.error(b.span, "division-by-zero", "division by zero", None)
+            return None
         if op == "*" or (op == "/" and s_left):
             f = n if op == "*" else 1.0 / n
             upd = {"start": s.start * f, "end": None if s.end is None else s.end * f}
-            return Sched(span, s.model_copy(update=upd))
+            if not self._fits(span, *upd.values()):
+                return None
+            return Sched(span, replace(s, **upd))
         if op in "+-" and s.kind in ("constant", "linear", "cosine"):
             sgn = -1.0 if (op == "-" and s_left) else 1.0
             flip = -1.0 if (op == "-" and not s_left) else 1.0
@@ -382,7 +420,9 @@ class Evaluator:
                     "apply the warmup to the result instead",
                 )
                 return None
-            return Sched(span, s.model_copy(update=upd))
+            if not self._fits(span, *upd.values()):
+                return None
+            return Sched(span, replace(s, **upd))
         self.error(
             span,
             "schedule-arith",
@@ -456,9 +496,9 @@ class Evaluator:
                     self.error(span, "schedule-arith", "a scheduled weight can only multiply an unweighted term", None)
                     return None
                 nw = w.schedule
-            elif isinstance(t.weight, ScheduleIR):
+            elif isinstance(t.weight, SchedArgs):
                 s = t.weight
-                nw = s.model_copy(update={"start": s.start * w.value, "end": None if s.end is None else s.end * w.value})
+                nw = replace(s, start=s.start * w.value, end=None if s.end is None else s.end * w.value)
             else:
                 nw = t.weight * w.value
             terms.append(Term(nw, t.roles, t.span))
@@ -487,6 +527,8 @@ class Evaluator:
                 self.error(b.span, "type", "a reward can only be divided by a non-zero number", None)
                 return None
             assert isinstance(a, Reward)
+            if not self._fits(span, 1.0 / b.value):
+                return None
             return Reward(span, RewardIR(kind="scale", value=1.0 / b.value, children=[a.reward]))
         ra, rb = as_reward(a), as_reward(b)
         if ra is None or rb is None:
@@ -515,6 +557,8 @@ class Evaluator:
             else:
                 msg = f"unknown function `{name}`"
             self.error(e.func.span, "unknown-function", msg, f"did you mean `{guess}`?" if guess else f"available here: {', '.join(pool)}")
+            return None
+        if not self.supported(entry, e.func.span):
             return None
         args = self._bind(e, entry, "value" if ctx == "rule" else ctx)
         if args is None:
@@ -554,10 +598,24 @@ class Evaluator:
             if dup:
                 self.error(e.span, "duplicate", f"role `{dup}` is in two ngdiff groups", "each role belongs to one group")
                 return None
-            return NGDiff(e.span, tuple(tuple(g) for g in groups), args["auto_lr"])
+            return NGDiff(e.span, tuple(tuple(g) for g in groups), {k: v for k, v in args.items() if k != "groups"})
         if entry.name == "gate":
             return Reward(e.span, RewardIR(kind="gate", children=[args["value"], args["by"]]))
         return Reward(e.span, RewardIR(kind="term", name=entry.name, params=args, impl=entry.impl))
+
+    def supported(self, entry: Entry, span: Span) -> bool:
+        """False (reported) for a plugin entry of a kind plugins cannot add: nothing would run it."""
+        if not entry.unsupported_plugin:
+            return True
+        kinds = plural(entry.kind)
+        own = [x.name for x in self.cat.entries(entry.kind) if x.source == "percepdsl"]
+        self.error(
+            span,
+            "plugin-unsupported",
+            f"`{entry.name}` is a {entry.kind.replace('_', ' ')} from plugin `{entry.source}`, and plugins cannot add {kinds}",
+            f"percepdsl computes only its own {kinds}: {', '.join(own)}",
+        )
+        return False
 
     def _bind(self, e: A.Call, entry: Entry, ctx: str) -> dict | None:
         params = list(entry.params)
@@ -724,7 +782,7 @@ class Evaluator:
                 for x in (s.start, s.end):
                     if x is not None and not self._check_range(v, spec, x, what):
                         return None
-                return s
+                return s.to_ir()
             return wrong()
         if t == "loss":
             if not isinstance(v, (Loss, NGDiff)):
@@ -750,7 +808,10 @@ class Evaluator:
                     self.error(it.span, "type", f"{what} lists metric names, got {it.describe()}", None)
                     return None
                 name = it.name if isinstance(it, Sym) else it.value
-                if self.cat.get("metric", name) is None:
+                entry = self.cat.get("metric", name)
+                if entry is not None and not self.supported(entry, it.span):
+                    return None
+                if entry is None:
                     guess = did_you_mean(name, self.cat.names("metric"))
                     self.error(
                         it.span,
@@ -793,9 +854,9 @@ class Evaluator:
             return None
         return v.name
 
-    def loss_ir(self, v: Loss | NGDiff) -> LossIR:
+    def loss_ir(self, v: Loss | NGDiff) -> TokenMeanLoss | MixLoss | NGDiffLoss:
         if isinstance(v, NGDiff):
-            return LossIR(kind="ngdiff", groups=[list(g) for g in v.groups], auto_lr=v.auto_lr)
+            return NGDiffLoss(groups=[list(g) for g in v.groups], **v.options)
         seen: dict[str, Span] = {}
         for t in v.terms:
             for r in t.roles or ():
@@ -811,17 +872,21 @@ class Evaluator:
         all_roles = self.scope.all_roles()
         terms = v.terms
         if len(terms) == 1 and terms[0].weight == 1.0 and (terms[0].roles is None or set(terms[0].roles) == set(all_roles)):
-            return LossIR(kind="token_mean")  # a mean over every role is the token mean: one IR, one hash
-        return LossIR(
-            kind="mix", terms=[LossTermIR(weight=t.weight, roles=list(t.roles) if t.roles is not None else all_roles) for t in terms]
+            return TokenMeanLoss()  # a mean over every role is the token mean: one IR, one hash
+        return MixLoss(
+            terms=[LossTerm(weight=_weight_ir(t.weight), roles=list(t.roles) if t.roles is not None else all_roles) for t in terms]
         )
 
 
-def _make_sched(name: str, a: dict) -> ScheduleIR:
+def _weight_ir(w: float | SchedArgs) -> Any:
+    return w.to_ir() if isinstance(w, SchedArgs) else w
+
+
+def _make_sched(name: str, a: dict) -> SchedArgs:
     if name == "constant":
-        return ScheduleIR(kind="constant", start=a["value"], end=a["value"], warmup=a["warmup"])
+        return SchedArgs(kind="constant", start=a["value"], end=a["value"], warmup=a["warmup"])
     if name == "warmup":
-        return ScheduleIR(kind="constant", start=a["value"], end=a["value"], warmup=a["steps"])
+        return SchedArgs(kind="constant", start=a["value"], end=a["value"], warmup=a["steps"])
     if name == "step":
-        return ScheduleIR(kind="step", start=a["start"], factor=a["factor"], every=a["every"], warmup=a["warmup"])
-    return ScheduleIR(kind=name, start=a["start"], end=a["end"], warmup=a["warmup"])
+        return SchedArgs(kind="step", start=a["start"], factor=a["factor"], every=a["every"], warmup=a["warmup"])
+    return SchedArgs(kind=name, start=a["start"], end=a["end"], warmup=a["warmup"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from lsprotocol import types as T
 
 from ..catalogue import Catalogue, Entry, ParamSpec, _fmt, default_catalogue
+from ..check.load import is_file, resolve_written
 from ..diagnostics import Diagnostic, Severity, Span
 from . import scan as S
 
@@ -156,7 +157,7 @@ class Doc:
         tok = stmt.string_tok()
         if tok is None:
             return None
-        return (self.base / tok.string_value()).resolve()
+        return resolve_written(self.base, tok.string_value())
 
 
 class Project:
@@ -553,6 +554,10 @@ def complete(project: Project, offset: int, enc: Encoder, snippets: bool = False
 
 
 def _complete_keywords(project: Project, ctx: S.Context, items: _Items) -> None:
+    from ..check import grid, spec
+    from ..check.checker import keyword
+
+    once = {keyword(c) for c in spec.ONCE + grid.ONCE}  # statements a file holds at most once
     o = project.doc.outline
     if o.is_grid():
         kws = S.GRID_KEYWORDS + ("include",)
@@ -562,7 +567,7 @@ def _complete_keywords(project: Project, ctx: S.Context, items: _Items) -> None:
         kws = S.SPEC_KEYWORDS + S.GRID_KEYWORDS
     present = {s.kw for s in o.stmts if s.keyword is not None and s.keyword.start != ctx.prefix_start}
     for kw in kws:
-        if kw in S.SINGLE_STATEMENTS and kw in present:
+        if kw in once and kw in present:
             continue
         entries = keyword_entry(project.cat, kw)
         doc = "\n\n---\n\n".join(e.markdown() for e in entries) if entries else None
@@ -866,7 +871,7 @@ def _complete_path(project: Project, ctx: S.Context, enc: Encoder, items: _Items
     rng = enc.range(lines, seg_start, ctx.offset)
     try:
         children = sorted(folder.iterdir())[:500]
-    except OSError:
+    except (OSError, ValueError):  # no such folder, or a NUL in the typed path
         return
     own = project.doc.path.resolve() if project.doc.path is not None else None
     for child in children:
@@ -1105,7 +1110,7 @@ def hover(project: Project, offset: int, enc: Encoder) -> T.Hover | None:
     elif tgt.kind == "role":
         md = _role_markdown(project, tgt.name, tgt.decl)
     elif tgt.kind == "file" and tgt.path is not None:
-        exists = tgt.path.is_file()
+        exists = is_file(tgt.path)
         md = f"`{tgt.path}`" + ("" if exists else " — **does not exist**")
     if not md:
         return None
@@ -1117,7 +1122,7 @@ def definition(project: Project, offset: int, enc: Encoder) -> list[T.Location]:
     if tok is None:
         return []
     if tgt.kind == "file" and tgt.path is not None:
-        if not tgt.path.is_file():
+        if not is_file(tgt.path):
             return []
         return [
             T.Location(uri=path_uri(tgt.path), range=T.Range(start=T.Position(line=0, character=0), end=T.Position(line=0, character=0)))

@@ -16,7 +16,8 @@ Recovery rules for unbalanced text:
 - a stray `}` at top level is ignored.
 
 Positions here are 0-based lines and columns in code points, offsets into the text.
-Nothing in this module imports the parser, the checker or the catalogue.
+The keyword and token tables come from the grammar; nothing here imports the checker
+or the catalogue, and no text is parsed.
 """
 
 from __future__ import annotations
@@ -25,28 +26,33 @@ import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-SPEC_KEYWORDS = ("experiment", "param", "seed", "include", "task", "model", "roles", "stage", "eval", "trainer")
-GRID_KEYWORDS = ("grid", "template", "axis", "zip", "seeds", "where", "report", "fix")
-STATEMENT_KEYWORDS = frozenset(SPEC_KEYWORDS + GRID_KEYWORDS)
-SINGLE_STATEMENTS = frozenset(
-    ("experiment", "seed", "task", "model", "roles", "eval", "trainer", "grid", "template", "seeds", "where", "report")
-)
-OPERATOR_WORDS = frozenset(("and", "or", "not", "from"))
-MAX_NESTING = 64
+from ..parse import MAX_DEPTH, grammar_tables
 
+# Keywords and tokens are the grammar's own (grammars/percep.lark, read through Lark):
+# a keyword or an operator added there is known here too.
+_G = grammar_tables()
+SPEC_KEYWORDS = _G.spec_statements
+GRID_KEYWORDS = _G.grid_statements
+STATEMENT_KEYWORDS = _G.statements
+OPERATOR_WORDS = _G.keywords - _G.statements - _G.value_words  # and, or, not, from: never end an operand
+MAX_NESTING = MAX_DEPTH
+
+# The grammar's tokens, plus what a document being typed contains: an unterminated
+# string, digits run into a name (`5p` on the way to `5px`), and any other character.
 _TOKEN = re.compile(
-    r"""
-    (?P<nl>\n)
-  | (?P<ws>[ \t\r\f\v]+)
-  | (?P<comment>\#[^\n]*)
-  | (?P<string>"(?:[^"\\\n]|\\.)*")
-  | (?P<ustring>"(?:[^"\\\n]|\\.)*)
-  | (?P<number>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?:px|%)?)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<op>\.\.|==|!=|<=|>=|[{}()\[\],:=+\-*/<>])
-  | (?P<err>.)
-    """,
-    re.X,
+    "|".join(
+        (
+            r"(?P<nl>\n)",
+            r"(?P<ws>[ \t\r\f\v]+)",
+            f"(?P<comment>{_G.patterns['COMMENT']})",
+            f"(?P<string>{_G.patterns['STRING']})",
+            r'(?P<ustring>"(?:[^"\\\n]|\\.)*)',
+            f"(?P<number>{_G.patterns['DIMENSION']}|{_G.patterns['NUMBER']}|\\d+(?:\\.\\d+)?)",
+            f"(?P<name>{_G.patterns['NAME']})",
+            f"(?P<op>{'|'.join(_G.punctuation)})",
+            r"(?P<err>.)",
+        )
+    )
 )
 
 
@@ -183,9 +189,6 @@ class Stmt:
     @property
     def kw(self) -> str:
         return self.keyword.text if self.keyword is not None else ""
-
-    def head_names(self) -> list[str]:
-        return [t.text for t in self.head]
 
     def name_tok(self) -> Tok | None:
         """The declared name: `stage NAME`, `param NAME`, `task NAME`, `model KIND`, ..."""
@@ -656,5 +659,4 @@ __all__ = [
     "SPEC_KEYWORDS",
     "GRID_KEYWORDS",
     "STATEMENT_KEYWORDS",
-    "SINGLE_STATEMENTS",
 ]

@@ -43,6 +43,8 @@ def uri_to_path(uri: str) -> Path | None:
     if parsed.scheme != "file":
         return None
     path = unquote(parsed.path)
+    if "\x00" in path:  # no file has this name: the buffer is checked as text
+        return None
     if os.name == "nt" and path.startswith("/") and len(path) > 2 and path[2] == ":":
         path = path[1:]
     return Path(path)

@@ -1,12 +1,14 @@
 """Diagnostic tasks whose images have a canonical text form ``p*``: graph colouring and sudoku.
 
-``build_task("graph_coloring", {"nodes": (5, 6)}, seed=7)`` returns a task; parameters not given
-take the defaults in ``graph_coloring.DEFAULTS`` / ``sudoku.DEFAULTS``. See ``README_SECTION.md``
-for formats, parameters and measured numbers.
+``build_task("graph_coloring", {"nodes": (5, 6)}, seed=7)`` returns a task: the parameters go
+through the task's typed parameters (``percepdsl.ir.GraphColoringParams`` / ``SudokuParams``),
+which fill the rest with the catalogue's defaults and check ranges and constraints
+(``ValueError`` otherwise). A run builds its task from the IR instead (``plugins.build_task``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .base import (
@@ -24,18 +26,21 @@ from .base import (
 from .graph_coloring import GraphColoringTask
 from .sudoku import SudokuTask
 
-#: Task name -> task class; each class takes ``(params: dict | None, seed: int)``.
+#: Task name -> task class; each class takes ``(params: its params_type, seed: int)``.
 TASKS: dict[str, type[TaskBase]] = {
     GraphColoringTask.name: GraphColoringTask,
     SudokuTask.name: SudokuTask,
 }
 
 
-def build_task(name: str, params: dict[str, Any] | None, seed: int) -> TaskBase:
-    """Instantiate task ``name``; raises ``ValueError`` for an unknown task or a bad parameter."""
+def build_task(name: str, params: Mapping[str, Any] | None, seed: int) -> TaskBase:
+    """Instantiate task ``name`` from some of its parameters (the rest: the catalogue's
+    defaults); raises ``ValueError`` for an unknown task or a bad parameter (pydantic's
+    ``ValidationError`` is one)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name](params, seed)
+    cls = TASKS[name]
+    return cls(cls.params_type.model_validate(dict(params or {})), seed)
 
 
 __all__ = [

@@ -6,6 +6,10 @@
   :class:`TaskBase`, the common implementation of the two built-in tasks;
 * deterministic seeding and the hash-defined held-out subset that keeps train and test apart.
 
+A task receives checked parameters: the typed model of ``percepdsl.ir`` (``GraphColoringParams``,
+``SudokuParams``), whose defaults, ranges, choices and cross-parameter constraints are the
+catalogue's. A task never re-defaults or re-checks them.
+
 Every text a task produces is a sequence of space-separated words, each in
 ``task.vocabulary()``: the embedded tiny model uses a whitespace word-level tokenizer.
 """
@@ -22,6 +26,9 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel
+
+from percepdsl.catalogue import REASONING_STYLES  # noqa: F401  (re-exported: the styles every task offers)
 
 PERCEPTION_OPEN = "<perception>"
 PERCEPTION_CLOSE = "</perception>"
@@ -39,7 +46,6 @@ MARKERS: tuple[str, ...] = (
     ANSWER_CLOSE,
 )
 SPLITS: tuple[str, ...] = ("train", "test")
-REASONING_STYLES: tuple[str, ...] = ("brief", "trace", "verbose")
 
 
 @dataclass
@@ -220,43 +226,6 @@ class DistinctStream(Generic[T]):
         return self._items[index]
 
 
-def check_int(params: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int:
-    """Read an integer parameter and check ``lo <= value <= hi``; raises ``ValueError``."""
-    value = params[name]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"parameter `{name}` must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"parameter `{name}` must be {bound}, got {value}")
-    return int(value)
-
-
-def check_unit(params: dict[str, Any], name: str) -> float:
-    """Read a float parameter in [0, 1]; raises ``ValueError``."""
-    value = params[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"parameter `{name}` must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"parameter `{name}` must be in [0, 1], got {value}")
-    return float(value)
-
-
-def check_choice(params: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
-    value = params[name]
-    if value not in choices:
-        raise ValueError(f"parameter `{name}` must be one of {', '.join(choices)}; got {value!r}")
-    return str(value)
-
-
-def merge_params(defaults: dict[str, Any], params: dict[str, Any] | None, task: str) -> dict[str, Any]:
-    """Defaults overridden by ``params``; unknown names raise ``ValueError``."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) for task `{task}`: {', '.join(unknown)}; known: {', '.join(defaults)}")
-    return {**defaults, **params}
-
-
 @runtime_checkable
 class Task(Protocol):
     """What the runtime needs from a task (the built-in ones and plugins alike)."""
@@ -276,20 +245,30 @@ class Task(Protocol):
     def parse_perception(self, text: str) -> object | None: ...
 
 
-class TaskBase(ABC):
-    """Common behaviour of the built-in tasks: splits, sample assembly, prefixes."""
+P = TypeVar("P", bound=BaseModel)
+
+
+class TaskBase(ABC, Generic[P]):
+    """Common behaviour of the built-in tasks: splits, sample assembly, prefixes.
+
+    ``params_type`` is the task's typed parameters (``percepdsl.ir``), which the constructor
+    takes as they are; from Python, ``build_task(name, {...}, seed)`` validates a mapping of
+    some of them through that type (the catalogue's defaults, ranges and constraints)."""
 
     name: ClassVar[str]
     query: ClassVar[str]
-    params: dict[str, Any]
+    params_type: ClassVar[type[BaseModel]]
+    params: P
 
-    def __init__(self, params: dict[str, Any], seed: int) -> None:
+    def __init__(self, params: P, seed: int) -> None:
+        if not isinstance(params, self.params_type):
+            raise TypeError(f"task `{self.name}` takes {self.params_type.__name__}, got {type(params).__name__}")
         self.params = params
         self.seed = int(seed)
 
     def size(self, split: str) -> int:
         self._check_split(split)
-        return int(self.params[split])
+        return int(getattr(self.params, split))
 
     def sample(self, split: str, index: int) -> Sample:
         """The ``index``-th item of ``split``; a pure function of (seed, params, split, index).

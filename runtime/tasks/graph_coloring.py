@@ -39,46 +39,25 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from percepdsl.ir import GraphColoringParams
+
 from .base import (
     MARKERS,
-    REASONING_STYLES,
     DistinctStream,
     Scores,
     TaskBase,
-    check_choice,
-    check_int,
-    check_unit,
     edge_f1,
     held_out_fraction,
     in_held_out,
-    merge_params,
     parse_sections,
     perception_words,
     rng_for,
 )
 from .render import NODE_COLORS, draw_graph
 
-MAX_NODES = len(NODE_COLORS)  # one distinct dot colour per node id
+MAX_NODES = len(NODE_COLORS)  # one distinct dot colour per node id (the catalogue's `nodes` range ends here)
 QUERY = "color the graph using the fewest colors"
-PERCEPTION_FORMATS = ("edges", "adjacency")
-LAYOUTS = ("circle", "random")
 
-DEFAULTS: dict[str, Any] = {
-    "nodes": (5, 5),
-    "edge_prob": 0.5,
-    "edges": None,
-    "layout": "circle",
-    "perception_format": "edges",
-    "reasoning": "trace",
-    "image": 64,
-    "line_width": 2,
-    "node_radius": 5,
-    "jitter": 0.0,
-    "noise": 0.0,
-    "distractors": 0,
-    "train": 2000,
-    "test": 200,
-}
 
 #: Draws allowed to find a graph on one side of the split before giving up. Each side holds at
 #: least 5% of the graph space, so this is only reached when the space is a handful of graphs.
@@ -266,7 +245,7 @@ def graph_space_size(lo: int, hi: int, edges: int | None) -> int:
     return sum(math.comb(p, edges) for p in pairs)
 
 
-class GraphColoringTask(TaskBase):
+class GraphColoringTask(TaskBase[GraphColoringParams]):
     """Graph colouring with an exact chromatic number and optimal colouring per instance.
 
     Train and test are split by graph: test graphs are a fixed hash-defined subset of the
@@ -276,36 +255,12 @@ class GraphColoringTask(TaskBase):
 
     name = "graph_coloring"
     query = QUERY
+    params_type = GraphColoringParams
 
-    def __init__(self, params: dict[str, Any] | None = None, seed: int = 0) -> None:
-        p = merge_params(DEFAULTS, params, self.name)
-        nodes = p["nodes"]
-        if isinstance(nodes, (list, tuple)):
-            if len(nodes) != 2:
-                raise ValueError(f"parameter `nodes` must be an int or a (lo, hi) range, got {nodes!r}")
-            lo = check_int({"nodes": nodes[0]}, "nodes", 3, MAX_NODES)
-            hi = check_int({"nodes": nodes[1]}, "nodes", lo, MAX_NODES)
-        else:
-            lo = hi = check_int(p, "nodes", 3, MAX_NODES)
-        p["nodes"] = (lo, hi)
-        p["edge_prob"] = check_unit(p, "edge_prob")
-        if p["edges"] is None and p["edge_prob"] == 0:
-            raise ValueError("parameter `edge_prob` must be > 0 (graphs have at least one edge)")
-        if p["edges"] is not None:
-            p["edges"] = check_int(p, "edges", 1, lo * (lo - 1) // 2)
-        p["layout"] = check_choice(p, "layout", LAYOUTS)
-        p["perception_format"] = check_choice(p, "perception_format", PERCEPTION_FORMATS)
-        p["reasoning"] = check_choice(p, "reasoning", REASONING_STYLES)
-        p["image"] = check_int(p, "image", 16)
-        p["line_width"] = check_int(p, "line_width", 1)
-        p["node_radius"] = check_int(p, "node_radius", 1, p["image"] // 8)  # a dot spans <= 1/4 of the image
-        p["jitter"] = check_unit(p, "jitter")
-        p["noise"] = check_unit(p, "noise")
-        p["distractors"] = check_int(p, "distractors", 0)
-        p["train"] = check_int(p, "train", 0)
-        p["test"] = check_int(p, "test", 0)
-        super().__init__(p, seed)
-        self.held_out = held_out_fraction(graph_space_size(lo, hi, p["edges"]), p["test"])
+    def __init__(self, params: GraphColoringParams, seed: int = 0) -> None:
+        super().__init__(params, seed)
+        lo, hi = params.nodes
+        self.held_out = held_out_fraction(graph_space_size(lo, hi, params.edges), params.test)
         # partial/attrgetter rather than lambdas keep the task picklable (data-loader workers)
         draw_test = partial(self._draw, rng_for(self.seed, "test", "graphs"), True)
         self._test_graphs = DistinctStream(draw_test, key=attrgetter("key"))
@@ -313,14 +268,14 @@ class GraphColoringTask(TaskBase):
     # -- instances -------------------------------------------------------------------------
 
     def _random_graph(self, rng: np.random.Generator) -> Graph:
-        lo, hi = self.params["nodes"]
+        lo, hi = self.params.nodes
         n = int(rng.integers(lo, hi + 1))
         pairs = node_pairs(n)
         while True:
-            if self.params["edges"] is not None:
-                picked = np.sort(rng.choice(len(pairs), size=self.params["edges"], replace=False))
+            if self.params.edges is not None:
+                picked = np.sort(rng.choice(len(pairs), size=self.params.edges, replace=False))
             else:
-                picked = np.flatnonzero(rng.random(len(pairs)) < self.params["edge_prob"])
+                picked = np.flatnonzero(rng.random(len(pairs)) < self.params.edge_prob)
             if len(picked):
                 return Graph(n, tuple(pairs[k] for k in picked))
 
@@ -349,7 +304,7 @@ class GraphColoringTask(TaskBase):
     def _make(self, split: str, index: int) -> tuple[list[str], list[str], list[str], dict[str, Any], Image.Image]:
         p = self.params
         g = self.graph(split, index)
-        style = p["reasoning"]
+        style = p.reasoning
         reasoning: list[str] = []
         if style == "verbose":  # neighbour lists first: the search consults them at every step
             for v, nbrs in enumerate(g.neighbours()):
@@ -370,17 +325,17 @@ class GraphColoringTask(TaskBase):
         image = draw_graph(
             g.num_nodes,
             g.edges,
-            size=p["image"],
-            layout=p["layout"],
-            line_width=p["line_width"],
-            node_radius=p["node_radius"],
-            jitter=p["jitter"],
-            noise=p["noise"],
-            distractors=p["distractors"],
+            size=p.image,
+            layout=p.layout,
+            line_width=p.line_width,
+            node_radius=p.node_radius,
+            jitter=p.jitter,
+            noise=p.noise,
+            distractors=p.distractors,
             rng=rng_for(self.seed, split, index, "image"),
         )
         answer = [color_word(c) for c in colors]
-        return perception_text(g, p["perception_format"]), reasoning, answer, instance, image
+        return perception_text(g, p.perception_format), reasoning, answer, instance, image
 
     # -- text ------------------------------------------------------------------------------
 
@@ -393,12 +348,12 @@ class GraphColoringTask(TaskBase):
 
     def parse_perception(self, text: str) -> Graph | None:
         """The graph a perception section (or a whole response) describes, or ``None``."""
-        return parse_graph(perception_words(text), self.params["perception_format"])
+        return parse_graph(perception_words(text), self.params.perception_format)
 
     # -- verdicts --------------------------------------------------------------------------
 
     def score(self, instance: dict[str, Any], output: str) -> Scores:
-        fmt = self.params["perception_format"]
+        fmt = self.params.perception_format
         truth = Graph(int(instance["num_nodes"]), tuple(sorted((int(i), int(j)) for i, j in instance["edges"])))
         sections = parse_sections(output)
         perceived = parse_graph(sections.perception, fmt)

@@ -39,17 +39,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from percepdsl.catalogue import DEFAULT_GIVENS
+from percepdsl.ir import SudokuParams
+
 from .base import (
     MARKERS,
-    REASONING_STYLES,
     DistinctStream,
     Scores,
     TaskBase,
-    check_choice,
-    check_int,
-    check_unit,
     in_held_out,
-    merge_params,
     parse_sections,
     perception_words,
     rng_for,
@@ -57,16 +55,14 @@ from .base import (
 from .render import draw_sudoku
 
 QUERY = "solve the sudoku"
-SIZES = (4, 9)
 BLANK = "_"
 ROW_SEP = "/"
-#: Default givens: 8 of 16 cells at 4x4 (half the grid: 8 forced placements to reason out);
-#: 30 of 81 at 9x9 (the usual range of "medium" newspaper puzzles is ~28-32).
-DEFAULT_GIVENS = {4: 8, 9: 30}
-#: Fewest givens accepted. One removal pass from a full grid ends at a minimal puzzle; measured
-#: over 2,000 4x4 and 100 9x9 passes, 99.6% of 4x4 passes get down to 5 givens and 81% of 9x9
-#: passes to 25. With up to _MAX_GRIDS grids per item, missing the target is a ~1e-6 event.
-MIN_GIVENS = {4: 5, 9: 25}
+# The catalogue holds the givens bounds (MIN_GIVENS, DEFAULT_GIVENS: 8 of 16 cells at 4x4 is half
+# the grid, 8 forced placements to reason out; 30 of 81 at 9x9 is the usual range of "medium"
+# newspaper puzzles, ~28-32). Why MIN_GIVENS is where it is: one removal pass from a full grid
+# ends at a minimal puzzle; measured over 2,000 4x4 and 100 9x9 passes, 99.6% of 4x4 passes get
+# down to 5 givens and 81% of 9x9 passes to 25. With up to _MAX_GRIDS grids per item, missing the
+# target is a ~1e-6 event.
 #: Share of solution grids held out for test. Train and test are split by *solution grid*, so no
 #: test solution is ever a train solution; 20% of the 288 4x4 grids is ~58 test grids, each the
 #: source of thousands of distinct puzzles.
@@ -77,17 +73,6 @@ HELD_OUT = 0.2
 _CHECK_BUDGET = 20_000
 #: Full grids tried per item before settling for the fewest givens reached (see _make_puzzle).
 _MAX_GRIDS = 8
-
-DEFAULTS: dict[str, Any] = {
-    "size": 4,
-    "givens": None,
-    "reasoning": "trace",
-    "image": 64,
-    "jitter": 0.0,
-    "noise": 0.0,
-    "train": 2000,
-    "test": 200,
-}
 
 
 @dataclass(frozen=True)
@@ -360,27 +345,16 @@ def is_solution(grid: Sequence[int], puzzle: Sequence[int], n: int) -> bool:
     )
 
 
-class SudokuTask(TaskBase):
+class SudokuTask(TaskBase[SudokuParams]):
     """Sudoku with unique solutions; train and test split by solution grid."""
 
     name = "sudoku"
     query = QUERY
+    params_type = SudokuParams
 
-    def __init__(self, params: dict[str, Any] | None = None, seed: int = 0) -> None:
-        p = merge_params(DEFAULTS, params, self.name)
-        if p["size"] not in SIZES:
-            raise ValueError(f"parameter `size` must be 4 or 9, got {p['size']!r}")
-        n = p["size"]
-        if p["givens"] is None:
-            p["givens"] = DEFAULT_GIVENS[n]
-        p["givens"] = check_int(p, "givens", MIN_GIVENS[n], n * n)
-        p["reasoning"] = check_choice(p, "reasoning", REASONING_STYLES)
-        p["image"] = check_int(p, "image", 4 * n)  # at least 4 px per cell
-        p["jitter"] = check_unit(p, "jitter")
-        p["noise"] = check_unit(p, "noise")
-        p["train"] = check_int(p, "train", 0)
-        p["test"] = check_int(p, "test", 0)
-        super().__init__(p, seed)
+    def __init__(self, params: SudokuParams, seed: int = 0) -> None:
+        super().__init__(params, seed)
+        self.givens = DEFAULT_GIVENS[params.size] if params.givens is None else params.givens
         # partial and a module function rather than lambdas keep the task picklable (data-loader workers)
         draw_test = partial(self._puzzle_from, rng_for(self.seed, "test", "puzzles"), True)
         self._test_items = DistinctStream(draw_test, key=_puzzle_key)
@@ -399,7 +373,7 @@ class SudokuTask(TaskBase):
         of givens and keeps the puzzle with the fewest givens otherwise, so the work per item is
         bounded even for targets near the minimum.
         """
-        n, target = self.params["size"], self.params["givens"]
+        n, target = self.params.size, self.givens
         best: tuple[list[int], list[int]] | None = None
         for _ in range(_MAX_GRIDS):
             solution = random_grid(n, rng)
@@ -422,9 +396,9 @@ class SudokuTask(TaskBase):
 
     def _make(self, split: str, index: int) -> tuple[list[str], list[str], list[str], dict[str, Any], Image.Image]:
         p = self.params
-        n = p["size"]
+        n = p.size
         puzzle, solution = self.puzzle(split, index)
-        style = p["reasoning"]
+        style = p.reasoning
         if style == "brief":
             reasoning = ["done"]
         else:
@@ -442,9 +416,9 @@ class SudokuTask(TaskBase):
         }
         image = draw_sudoku(
             instance["puzzle"],
-            size=p["image"],
-            jitter=p["jitter"],
-            noise=p["noise"],
+            size=p.image,
+            jitter=p.jitter,
+            noise=p.noise,
             rng=rng_for(self.seed, split, index, "image"),
         )
         return grid_words(puzzle, n), reasoning, grid_words(solution, n), instance, image
@@ -462,7 +436,7 @@ class SudokuTask(TaskBase):
 
     def parse_perception(self, text: str) -> tuple[int, ...] | None:
         """The givens (reading order, 0 = blank) a perception section or whole response states, or ``None``."""
-        return parse_grid(perception_words(text), self.params["size"], blanks=True)
+        return parse_grid(perception_words(text), self.params.size, blanks=True)
 
     # -- verdicts --------------------------------------------------------------------------
 
