@@ -106,8 +106,8 @@ def child_trl(model_dir: Path, regime: str, items: int, steps: int, warmup: int)
 def child_ours(model_dir: Path, regime: str, items: int, steps: int, warmup: int, packing: bool) -> dict[str, Any]:
     import lightning as L
 
-    from percepdsl_runtime.encoding import Encoder
     from percepdsl.ir import SFTStageIR
+    from percepdsl_runtime.encoding import Encoder
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
@@ -143,8 +143,8 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, rounds: i
     import lightning as L
     import torch
 
-    from percepdsl_runtime.encoding import Encoder
     from percepdsl.ir import SFTStageIR
+    from percepdsl_runtime.encoding import Encoder
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
