@@ -73,6 +73,24 @@ def collate_packed(items: Sequence[Mapping[str, Any]], pad_token_id: int) -> dic
     return batch
 
 
+def packed_prefixes(batch: Mapping[str, Any], ends: Sequence[int], pad_token_id: int) -> dict[str, Any]:
+    """A packed row of the items of ``batch`` (a ``collate_packed`` row), item i cut to its
+    first ``ends[i]`` tokens (at least its prompt, which holds its image): with causal
+    attention and per-item positions the kept tokens' logits are exactly the full row's.
+    NGDiff takes a group's gradient from such a row of each item's prefix that holds the
+    group's targets (``SFTModule.ngdiff_backward``)."""
+    items = []
+    for i, (s, n) in enumerate(zip(Layout.of(batch["seq_lengths"]).starts, batch["seq_lengths"].tolist())):
+        labels = batch["labels"][0, s : s + n]
+        prompt = int((labels == -100).long().argmin()) if bool((labels != -100).any()) else n
+        end = min(max(int(ends[i]), prompt), n)
+        cut = {k: batch[k][0, s : s + end] for k in ("input_ids", *_TOKEN_PAD)}
+        cut["pixel_values"] = batch["pixel_values"][i : i + 1]
+        cut["n_target"] = int((cut["labels"] != -100).sum())
+        items.append(cut)
+    return collate_packed(items, pad_token_id)
+
+
 def _cat(parts: list[torch.Tensor], fill: int, value: int) -> torch.Tensor:
     row = torch.cat(parts)
     return F.pad(row, (0, fill), value=value)[None]

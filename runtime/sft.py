@@ -39,7 +39,7 @@ from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses
 from .models import LoadedModel
 from .optim import adamw
-from .packing import Layout, bucket, collate_packed, packable, text_model_of, training_attention
+from .packing import Layout, bucket, collate_packed, packable, packed_prefixes, text_model_of, training_attention
 
 
 # --------------------------------------------------------------------------- forward
@@ -217,11 +217,10 @@ class SFTModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         reduce = self._all_reduce()
         pre: dict[int, list[torch.Tensor | None]] = {}
-        T = batch["input_ids"].shape[1]
         if self.prefix_forward and self.objective.exact_step(step):
-            for i, end in enumerate(self.objective.prefix_ends(batch["labels"], batch["role_ids"])):
-                if 0 < end <= 0.6 * T:
-                    sums, counts = role_losses(self.model, _prefix(batch, end), self.n_roles)
+            for i, (part_batch, share) in self._prefix_batches(batch).items():
+                if share <= 0.6:
+                    sums, counts = role_losses(self.model, part_batch, self.n_roles)
                     part = self.objective.term_losses(sums, counts)[i]
                     pre[i] = list(torch.autograd.grad(part, params, allow_unused=True))
                     if reduce is not None:
@@ -242,6 +241,28 @@ class SFTModule(L.LightningModule):
             )
         )
         return loss, logs
+
+    def _prefix_batches(self, batch: Mapping[str, Any]) -> dict[int, tuple[dict[str, Any], float]]:
+        """Per group with targets: the batch cut to the prefixes that hold them, and the share
+        of the batch's tokens it keeps. Padded items are cut to one common length (the latest
+        end over the rows); a packed row keeps each item's own prefix (``packing.packed_prefixes``)."""
+        labels, roles = batch["labels"], batch["role_ids"]
+        T = labels.shape[1]
+        out: dict[int, tuple[dict[str, Any], float]] = {}
+        if "seq_lengths" not in batch:
+            for i, end in enumerate(self.objective.prefix_ends(labels, roles)):
+                if end > 0:
+                    out[i] = (_prefix(batch, end), end / T)
+            return out
+        lengths = batch["seq_lengths"].tolist()
+        starts = Layout.of(batch["seq_lengths"]).starts
+        per_item = [self.objective.prefix_ends(labels[:, s : s + n], roles[:, s : s + n]) for s, n in zip(starts, lengths)]
+        for i in range(len(self.objective.terms)):
+            ends = [e[i] for e in per_item]
+            if any(ends):
+                cut = packed_prefixes(batch, ends, int(self.loaded.tokenizer.pad_token_id or 0))
+                out[i] = (cut, cut["input_ids"].shape[1] / T)
+        return out
 
     def _all_reduce(self) -> Any:
         """Under DDP, average the group gradients NGDiff computes with autograd.grad (the
