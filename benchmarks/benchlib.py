@@ -100,6 +100,8 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> dict[str, float]:
 
     clock = time.process_time if threads == 1 else time.perf_counter
     out = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         best = 0.0
@@ -110,6 +112,7 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> dict[str, float]:
                 a @ b
             best = max(best, 2 * n**3 * reps / (clock() - t) / 1e12)
         out[f"{name}_tflops"] = best
+    torch.set_num_threads(before)
     return out
 
 
