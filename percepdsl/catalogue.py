@@ -15,7 +15,7 @@ returns a `percepdsl_runtime.models.LoadedModel`; a reward term's as
 `impl(group: RolloutGroup, **params) -> list[float]`.
 
 The IR (`percepdsl/ir.py`) takes every default, range and choice of a built-in entry from
-here (`setting_field`), and `tests/test_catalogue_binding.py` binds every entry to its
+here (`percepdsl.ir.setting`), and `tests/test_catalogue_binding.py` binds every entry to its
 implementation, so a name, default or range cannot drift between the two.
 
 Plugins add entries as *data*: a package declares an entry point in the group
@@ -46,7 +46,8 @@ PLUGIN_KINDS = ("task", "model", "reward")
 #   int, float, bool, str, px (an int size; `64px` or 64), int_range (int or lo..hi),
 #   choice (one of `choices`, written bare or quoted), value (number or schedule),
 #   loss, reward, metrics (list of metric names), roles (role names; variadic),
-#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings)
+#   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings),
+#   choice_list (a list of some of `choices`, written bare or quoted)
 TYPES = (
     "int",
     "float",
@@ -62,6 +63,7 @@ TYPES = (
     "roles",
     "role_group",
     "str_list",
+    "choice_list",
 )
 
 
@@ -74,6 +76,9 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     choices: tuple = ()  # allowed values (strings for `choice`; ints for an `int` with a fixed set)
+    # values the setting knows but does not offer, each with the reason the checker gives: a
+    # `choice` refused by name (e.g. a strategy no test covers) rather than as unknown
+    refused: tuple[tuple[str, str], ...] = ()
     unit: str | None = None
     required: bool = False
     nullable: bool = False  # `none` is accepted (and the default is None: "decided by the runtime")
@@ -84,7 +89,7 @@ class ParamSpec:
         d = self.default
         if self.type == "int_range" and isinstance(d, int):
             return (d, d)
-        if self.type == "metrics" and isinstance(d, tuple):
+        if self.type in ("metrics", "choice_list") and isinstance(d, tuple):
             return list(d)
         return d
 
@@ -104,6 +109,7 @@ class ParamSpec:
             "roles": "role names",
             "role_group": "a role or a list of roles",
             "str_list": "a string or a list of strings",
+            "choice_list": "a list of " + ", ".join(f"`{c}`" for c in self.choices),
         }[self.type]
         return base + (" or `none`" if self.nullable else "")
 
@@ -115,6 +121,16 @@ class ParamSpec:
         if self.max is not None:
             return f"at most {_fmt(self.max)}"
         return ""
+
+    def default_text(self) -> str:
+        """The default as a spec writes it (a choice bare, a string quoted)."""
+        if self.type == "choice" and self.default is not None:
+            return str(self.default)
+        if self.type == "loss" and isinstance(self.default, str):
+            return f"{self.default}()"  # a loss named by its default: `token_mean()`
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        return _fmt(self.default)
 
     def signature(self) -> str:
         s = f"{self.name}: {self.type}"
@@ -134,8 +150,10 @@ def _fmt(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
         return str(int(v)) if v == 0 or abs(v) >= 1 else repr(v)
-    if isinstance(v, tuple):
-        return f"{v[0]}..{v[1]}"
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return f"{v[0]}..{v[1]}"  # an int range
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(map(str, v)) + "]"  # a list of names (metrics, loggers)
     return repr(v) if isinstance(v, str) else str(v)
 
 
@@ -187,7 +205,7 @@ class Entry:
             for p in self.params:
                 rng = p.describe_range()
                 unit = f" {p.unit}" if p.unit else ""
-                req = "required" if p.required else f"default `{_fmt(p.default)}`"
+                req = "required" if p.required else f"default `{p.default_text()}`"
                 lines.append(f"- `{p.name}` ({p.describe_type()}{', ' + rng if rng else ''}{unit}; {req}): {p.doc}")
         return "\n".join(lines)
 
@@ -195,6 +213,8 @@ class Entry:
 def P(name: str, type: str, default: Any = None, doc: str = "", **kw: Any) -> ParamSpec:
     if "choices" in kw:
         kw["choices"] = tuple(kw["choices"])
+    if "refused" in kw:
+        kw["refused"] = tuple(kw["refused"].items())
     return ParamSpec(name, type, default, doc, **kw)
 
 
@@ -294,6 +314,14 @@ BUILTINS: tuple[Entry, ...] = (
                 max=81,
                 nullable=True,
             ),
+            P(
+                "perception_format",
+                "choice",
+                "grid",
+                "p* as rows separated by `/` (grid) or the n² cell words alone (cells: 3 words fewer at 4×4; "
+                "with `verbose` reasoning and 5 givens perception is then 4.7% of the target tokens instead of 5.4%)",
+                choices=("grid", "cells"),
+            ),
             *_STYLE,
             *_SPLITS,
         ),
@@ -318,6 +346,58 @@ BUILTINS: tuple[Entry, ...] = (
                 "at least 4 px per cell; 144px or more keeps 9×9 digits legible",
             ),
         ),
+    ),
+    Entry(
+        "dataset",
+        "task",
+        "Items from a Hugging Face dataset on disk (save_to_disk, or parquet/JSON files), columns named below; "
+        "the target is built as `<perception> .. </perception> <reasoning> .. </reasoning> <answer> .. </answer>` "
+        "from the columns and scored by `verifier`.",
+        (
+            P(
+                "path",
+                "str",
+                None,
+                "the data: a directory written by `save_to_disk` (what `percep gen` writes), a local copy of a hub dataset "
+                "(parquet or JSON files, split by file or directory name: data/train-00000-of-00001.parquet), or one file "
+                "per split given by name; relative to the spec file",
+                required=True,
+            ),
+            P("image", "str", "image", "column of the image (an image feature, image bytes, or a file path relative to the data)"),
+            P("query", "str", "query", "column of the question"),
+            P("perception", "str", "perception", "column of p*: the perception section's text"),
+            P("reasoning", "str", "reasoning", "column of the reasoning section's text (none: an empty section)", nullable=True),
+            P("answer", "str", "answer", "column of the answer section's text"),
+            P(
+                "instance",
+                "str",
+                None,
+                "column of each row's instance as JSON (what `percep gen` writes); none = recovered by the verifier from "
+                "the perception column (graph_coloring: the edge list or y/n slots, the chromatic number computed; "
+                "sudoku: the givens)",
+                nullable=True,
+            ),
+            P(
+                "verifier",
+                "choice",
+                "exact_match",
+                "how an output is scored: `graph_coloring` (any optimal colouring of the instance's graph), `sudoku` (the "
+                "unique solution of the givens), `exact_match` (perception and answer words equal the row's)",
+                choices=("graph_coloring", "sudoku", "exact_match"),
+            ),
+            P(
+                "perception_format",
+                "choice",
+                "edges",
+                "graph_coloring: how the perception column writes the graph (`5 : 0-1 0-3 ..` or `5 : 0-1 y 0-2 n ..`)",
+                choices=("edges", "adjacency"),
+            ),
+            P("train_split", "str", "train", "the split to train on"),
+            P("test_split", "str", "test", "the split to evaluate on (held-out rows)"),
+            P("train", "int", None, "training rows used, the first ones (none = all)", min=1, max=100_000_000, nullable=True),
+            P("test", "int", None, "test rows used, the first ones (none = all)", min=1, max=100_000_000, nullable=True),
+        ),
+        impl="percepdsl_runtime.tasks.disk:DatasetTask",
     ),
     # ---- models ------------------------------------------------------------------
     Entry(
@@ -639,12 +719,32 @@ BUILTINS: tuple[Entry, ...] = (
         (
             P("precision", "choice", "bf16-mixed", "numeric precision", choices=("32-true", "bf16-mixed", "16-mixed", "bf16-true")),
             P("accelerator", "choice", "auto", "device type", choices=("auto", "cpu", "gpu", "cuda", "mps")),
-            P("devices", "int", 1, "devices per node", min=1, max=1024),
-            P("strategy", "choice", "auto", "distribution strategy", choices=("auto", "ddp", "fsdp", "deepspeed")),
+            P("devices", "int", 1, "devices per node: one process (rank) each; with `accelerator = cpu`, CPU processes", min=1, max=1024),
+            P("num_nodes", "int", 1, "machines; the run has devices × num_nodes ranks, each batch is per rank", min=1, max=1024),
+            P(
+                "strategy",
+                "choice",
+                "auto",
+                "distribution strategy: `ddp` (data parallel; `auto` is `ddp` with more than one rank)",
+                choices=("auto", "ddp"),
+                refused={
+                    "fsdp": "untested: Lightning runs FSDP on CUDA GPUs only and no test here has one; use `ddp`",
+                    "deepspeed": "untested: DeepSpeed is not installed and no test covers it; use `ddp`",
+                },
+            ),
             P("accumulate", "int", 1, "gradient accumulation steps", min=1, max=1024),
             P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
             P("log_every", "int", 10, "steps between metric rows", min=1),
             P("threads", "int", None, "torch CPU threads (none = all cores)", min=1, nullable=True),
+            P(
+                "loggers",
+                "choice_list",
+                ("csv",),
+                "where per-step metrics go, one run per stage under the run directory: `csv` (always: metrics.csv is built "
+                "from it), `tensorboard` (tensorboard/), `wandb` (Weights & Biases; WANDB_MODE=offline writes wandb/ "
+                "only), `mlflow` (an MLflow file store, mlruns/); each but csv needs its extra, e.g. pip install -e '.[wandb]'",
+                choices=("csv", "tensorboard", "wandb", "mlflow"),
+            ),
         ),
     ),
     # ---- keywords (hover / completion) ---------------------------------------------
@@ -660,7 +760,7 @@ BUILTINS: tuple[Entry, ...] = (
     Entry("model", "keyword", '`model tiny { ... }` or `model hf "/path" { lora { ... } }`.'),
     Entry("roles", "keyword", "`roles { NAME = RULE ... }` — which target characters belong to which role; rules are tried in order."),
     Entry("stage", "keyword", "`stage NAME = sft|grpo [from PARENT] { ... }` — a training stage, starting from its parent's weights."),
-    Entry("trainer", "keyword", "`trainer { ... }` — precision, devices, strategy, accumulation, clipping."),
+    Entry("trainer", "keyword", "`trainer { ... }` — precision, devices, nodes, strategy, accumulation, clipping."),
     Entry("grid", "keyword", "`grid NAME` — starts a grid file: a template spec swept over parameter axes."),
     Entry("template", "keyword", '`template "spec.pd"` — the spec a grid sweeps.'),
     Entry("axis", "keyword", "`axis NAME = [values]` — a product axis over a template param."),
@@ -767,8 +867,32 @@ def plural(kind: str) -> str:
     return words + ("es" if words.endswith("s") else "s")
 
 
+#: Entries registered from Python in this process (`percepdsl.api.register_reward`), by (kind, name).
+#: They are part of the default catalogue from their registration on, for this process only.
+_REGISTERED: dict[tuple[str, str], Entry] = {}
+
+
+def register(entry: Entry) -> None:
+    """Add `entry` to the default catalogue of this process (replacing an earlier registration
+    of the same name). A built-in or plugin entry of the same kind and name cannot be replaced."""
+    key = (entry.kind, entry.name)
+    if key not in _REGISTERED and _base_catalogue().get(entry.kind, entry.name) is not None:
+        owner = _base_catalogue().get(entry.kind, entry.name).source
+        raise ValueError(f"{entry.kind.replace('_', ' ')} `{entry.name}` already exists (from {owner}); register it under another name")
+    Catalogue().add(entry)  # the same validation as any entry (kind, parameter types)
+    _REGISTERED[key] = entry
+    default_catalogue.cache_clear()
+
+
+def unregister(kind: str, name: str) -> None:
+    """Remove an entry registered from Python (nothing if there is none)."""
+    if _REGISTERED.pop((kind, name), None) is not None:
+        default_catalogue.cache_clear()
+
+
 @lru_cache(maxsize=1)
-def default_catalogue() -> Catalogue:
+def _base_catalogue() -> Catalogue:
+    """The built-ins plus installed plugins' entries (read as data)."""
     cat = Catalogue()
     extra, problems = plugin_entries()
     for e in extra:
@@ -790,6 +914,19 @@ def default_catalogue() -> Catalogue:
     return cat
 
 
+@lru_cache(maxsize=1)
+def default_catalogue() -> Catalogue:
+    """The built-ins, installed plugins' entries and entries registered from Python."""
+    base = _base_catalogue()
+    if not _REGISTERED:
+        return base
+    cat = Catalogue(base.entries())
+    cat.problems = list(base.problems)
+    for e in _REGISTERED.values():
+        cat.add(e)
+    return cat
+
+
 __all__ = [
     "PLUGIN_KINDS",
     "Catalogue",
@@ -801,4 +938,6 @@ __all__ = [
     "default_catalogue",
     "plugin_entries",
     "plural",
+    "register",
+    "unregister",
 ]

@@ -204,6 +204,8 @@ def run(
 
     try:
         run_dir = run_experiment(ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo)
+        if run_dir is None:  # another rank than 0 of a multi-device run: rank 0 reports
+            return
     except RunRefused as exc:
         print(f"{spec}: error: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
@@ -219,6 +221,7 @@ def run(
 class GridBackend(str, Enum):
     local = "local"
     ray = "ray"
+    slurm = "slurm"
 
 
 @app.command()
@@ -231,15 +234,22 @@ def grid(
     out: Path | None = typer.Option(None, "--out", "-o", help="Grid directory (default runs/grids/<grid name>)."),
     set_: list[str] | None = SetOpt,
     backend: GridBackend = typer.Option(
-        GridBackend.local, "--backend", help="local processes, or Ray tasks on a cluster (pip install -e '.[ray]')."
+        GridBackend.local,
+        "--backend",
+        help="local processes, Ray tasks on a cluster (pip install -e '.[ray]') or SLURM jobs (pip install -e '.[slurm]').",
     ),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop the grid at the first failed cell (running cells are stopped)."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)."),
-    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="Ray: CPUs reserved for each cell (also its thread count)."),
-    gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="Ray: GPUs reserved for each cell."),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="Ray, SLURM: CPUs reserved for each cell (also its thread count)."),
+    gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="Ray, SLURM: GPUs reserved for each cell."),
+    partition: str | None = typer.Option(None, "--partition", help="SLURM: the partition of the cells' jobs."),
+    time_min: int | None = typer.Option(None, "--time", help="SLURM: each job's time limit in minutes (default 60).", metavar="MINUTES"),
+    mem_gb: float | None = typer.Option(None, "--mem", help="SLURM: memory per job in GB (default: the partition's).", metavar="GB"),
 ) -> None:
     """Run an ablation grid, a `percep run` per cell (resumable), then a results table and plots.
 
-    Exit 0 every cell complete, 2 refused before running, 3 some cell failed, 130 interrupted."""
+    Exit 0 every cell complete, 2 refused before running, 3 some cell failed (--fail-fast: the
+    first failure stopped the grid), 130 interrupted."""
     from percepdsl_runtime.grid import grid_command
 
     raise typer.Exit(
@@ -253,6 +263,10 @@ def grid(
             address=address,
             cpus_per_cell=cpus_per_cell,
             gpus_per_cell=gpus_per_cell,
+            fail_fast=fail_fast,
+            partition=partition,
+            time_min=time_min,
+            mem_gb=mem_gb,
         )
     )
 
@@ -265,12 +279,24 @@ def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/gri
     raise typer.Exit(report_command(grid_dir))
 
 
+class GenFormat(str, Enum):
+    hf = "hf"
+    trl = "trl"
+
+
 @app.command()
 def gen(
     spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),
     set_: list[str] | None = SetOpt,
     sheet: int = typer.Option(8, "--sheet", help="Samples on the contact sheet."),
+    format: GenFormat = typer.Option(
+        GenFormat.hf,
+        "--format",
+        "-f",
+        help="hf: query, image, perception, reasoning, answer, response, instance (what `task dataset` reads); "
+        "trl: TRL's conversational prompt/completion/images (SFTTrainer, GRPOTrainer).",
+    ),
 ) -> None:
     """Write the task's train/test data set as a Hugging Face dataset, plus a contact sheet PNG."""
     from .ir import ExperimentIR
@@ -294,7 +320,7 @@ def gen(
     splits = {s: task.size(s) for s in ("train", "test")}
     print(f"generating {ir.task.name}: {splits['train']} train + {splits['test']} test samples → {out}", file=sys.stderr)
     try:
-        path = write_dataset(task, out, splits=splits)
+        path = write_dataset(task, out, splits=splits, fmt=format.value)
         sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
     except OSError as exc:
         print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from typing import Any
 from .ir import GridIR
 
 MAX_CELLS = 10_000
+MAX_COMBINATIONS = 100_000  # points of the axes times seeds, enumerated before `where` filters them
 MAX_CELL_CHECKS = 200  # cells compiled at check time; beyond this the rest are compiled when run
 
 

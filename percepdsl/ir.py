@@ -188,23 +188,25 @@ Loss = Annotated[TokenMeanLoss | MixLoss | NGDiffLoss, Field(discriminator="kind
 class RewardIR(_Model):
     """A reward expression tree.
 
-    term: a catalogue reward term (`name`, `params`, `impl`); const: `value`;
-    sum: Σ `children`; product: Π `children`; scale: `value` · `children[0]`;
-    gate: `children[0]` where `children[1]` is 1, else 0.
+    term: a catalogue reward term (`name`, `params`, `impl`); const: `value` (a number);
+    sum: Σ `children`; product: Π `children`; scale: `value` · `children[0]`, where `value` is a
+    number or a schedule over the stage's steps (`linear(0.1, 0.5) * perception_match`: the
+    weight at each step is `value_at(value, step, steps)`, the evaluator of learning rates and
+    loss weights); gate: `children[0]` where `children[1]` is 1, else 0.
     """
 
     kind: Literal["term", "const", "sum", "product", "scale", "gate"]
     name: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     impl: str | None = None
-    value: float | None = None
+    value: Value | None = None
     children: list[RewardIR] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _shape(self) -> RewardIR:
         need = {
             "term": self.name is not None and not self.children,
-            "const": self.value is not None and not self.children,
+            "const": isinstance(self.value, (int, float)) and not self.children,
             "sum": len(self.children) >= 1,
             "product": len(self.children) >= 1,
             "scale": self.value is not None and len(self.children) == 1,
@@ -219,6 +221,11 @@ class RewardIR(_Model):
         if self.kind == "term":
             return [self]
         return [t for c in self.children for t in c.terms()]
+
+    def scheduled(self) -> list[RewardIR]:
+        """Every `scale` node whose weight is a schedule, in order (each weight is logged by name)."""
+        own = [self] if self.kind == "scale" and not isinstance(self.value, (int, float)) else []
+        return own + [s for c in self.children for s in c.scheduled()]
 
 
 # ---- roles, task, model -----------------------------------------------------------------------------
@@ -282,6 +289,7 @@ class GraphColoringParams(_Model):
 class SudokuParams(_Model):
     size: Literal[4, 9] = setting(*_sd, "size")
     givens: int | None = setting(*_sd, "givens")
+    perception_format: Literal["grid", "cells"] = setting(*_sd, "perception_format")
     reasoning: Literal["brief", "trace", "verbose"] = setting(*_sd, "reasoning")
     image: int = setting(*_sd, "image")
     jitter: float = setting(*_sd, "jitter")
@@ -295,14 +303,35 @@ class SudokuParams(_Model):
         return self
 
 
+_ds = ("task", "dataset")
+
+
+class DatasetParams(_Model):
+    """A dataset on disk; `path` is absolute in the IR (the checker resolves it against the spec file)."""
+
+    path: str = setting(*_ds, "path")
+    image: str = setting(*_ds, "image")
+    query: str = setting(*_ds, "query")
+    perception: str = setting(*_ds, "perception")
+    reasoning: str | None = setting(*_ds, "reasoning")
+    answer: str = setting(*_ds, "answer")
+    instance: str | None = setting(*_ds, "instance")
+    verifier: Literal["graph_coloring", "sudoku", "exact_match"] = setting(*_ds, "verifier")
+    perception_format: Literal["edges", "adjacency"] = setting(*_ds, "perception_format")
+    train_split: str = setting(*_ds, "train_split")
+    test_split: str = setting(*_ds, "test_split")
+    train: int | None = setting(*_ds, "train")
+    test: int | None = setting(*_ds, "test")
+
+
 #: Built-in task name → its typed parameters. A plugin task's parameters stay a dict
 #: (checked against its catalogue entry by the checker).
-TASK_PARAMS: dict[str, type[_Model]] = {"graph_coloring": GraphColoringParams, "sudoku": SudokuParams}
+TASK_PARAMS: dict[str, type[_Model]] = {"graph_coloring": GraphColoringParams, "sudoku": SudokuParams, "dataset": DatasetParams}
 
 
 class TaskIR(_Model):
     name: str
-    params: Annotated[dict[str, Any] | GraphColoringParams | SudokuParams, Field(union_mode="left_to_right")]
+    params: Annotated[dict[str, Any] | GraphColoringParams | SudokuParams | DatasetParams, Field(union_mode="left_to_right")]
     impl: str | None = None
 
     @model_validator(mode="before")
@@ -446,11 +475,20 @@ class TrainerIR(_Model):
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = setting(*_tr, "precision")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = setting(*_tr, "accelerator")
     devices: int = setting(*_tr, "devices")
-    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = setting(*_tr, "strategy")
+    num_nodes: int = setting(*_tr, "num_nodes")
+    strategy: Literal["auto", "ddp"] = setting(*_tr, "strategy")
     accumulate: int = setting(*_tr, "accumulate")
     clip: float | None = setting(*_tr, "clip")
     log_every: int = setting(*_tr, "log_every")
     threads: int | None = setting(*_tr, "threads")
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = setting(*_tr, "loggers")
+
+    @field_validator("loggers")
+    @classmethod
+    def _csv_first(cls, v: list[str]) -> list[str]:
+        """`csv` always runs (metrics.csv is built from it): `[tensorboard]` is `[csv, tensorboard]`,
+        one IR and one hash for what runs the same; repeats are dropped."""
+        return list(dict.fromkeys(["csv", *v]))
 
 
 class ExperimentIR(_Model):
@@ -488,13 +526,23 @@ class GridIR(_Model):
     report: list[str] = Field(default_factory=list)
 
 
+#: Settings that change where a run reports, not what it computes: left out of the content hash,
+#: so adding a TensorBoard logger to a spec keeps its run directory (and a grid its cells).
+OUTSIDE_HASH: dict[type[BaseModel], dict[str, Any]] = {}
+
+
 def canonical_json(model: BaseModel) -> str:
-    return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The model's JSON with sorted keys, without the settings of `OUTSIDE_HASH`."""
+    data = model.model_dump(mode="json", exclude=OUTSIDE_HASH.get(type(model)))
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def content_hash(model: BaseModel, length: int = 12) -> str:
     """Stable hash of what a run computes: names run and grid-cell directories."""
     return hashlib.sha256(canonical_json(model).encode("utf-8")).hexdigest()[:length]
+
+
+OUTSIDE_HASH[ExperimentIR] = {"trainer": {"loggers"}}
 
 
 def json_schema() -> dict:

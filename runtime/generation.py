@@ -12,7 +12,7 @@ things that matter:
   1.3x the reference length + 20): a per-row stopping criterion retires a row at
   its cap, and the batch stops when every row has hit EOS or its cap;
 * precision, KV-cache kind and attention kernel are parameters; the defaults come
-  from measurement (``benchmarks/bench_eval.py``, the README's Evaluation section).
+  from measurement (``benchmarks/bench_eval.py``, docs/performance.md, Evaluation).
   Precision: bf16 autocast evaluated 100 items ~10% faster than fp32 with 2 threads
   and ~20% faster with 1 thread, but was 1.6-2x slower at batch 1; fp32 stays the
   default because the gain at the default 2 threads is small, fp32 does not

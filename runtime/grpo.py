@@ -26,8 +26,9 @@ One training step (``GRPOModule.training_step``):
 
 Logged every step (``self.log``): ``loss``, ``lr``, ``grad_norm``, ``clip_frac``, ``kl`` (when
 β > 0), ``adv_std``, ``trained_rows`` (share of rows in the update forward), ``completion_tokens``,
-``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, and the reward diagnostics of the step (``reward``,
-``reward/<term>``, ``reward_perception_corr``, ... — see ``rewards.RewardDiagnostics``).
+``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, the reward diagnostics of the step (``reward``,
+``reward/<term>``, ``reward_perception_corr``, ... — see ``rewards.RewardDiagnostics``) and each scheduled
+reward weight at the step (``reward_weight/<term>``; ``value_at``, like the learning rate).
 ``GRPOModule.diagnostics()`` returns the same statistics aggregated over the whole stage,
 for the run's ``summary.json``.
 
@@ -56,7 +57,7 @@ from percepdsl.ir import GRPOStageIR, value_at
 from .encoding import collate
 from .generation import eval_mode
 from .optim import adamw
-from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RolloutGroup, compile_reward
+from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RewardError, RolloutGroup, compile_reward
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 
 Scale = Literal["group", "batch", "none"]
@@ -65,9 +66,10 @@ ADV_EPS = 1e-4  # added to the std: a group with rewards {0, 0, 0, 1e-6} must no
 
 
 # --------------------------------------------------------------------------- the math
-def group_advantages(rewards: torch.Tensor, scale: Scale = "group", eps: float = ADV_EPS) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, scale: Scale = "group", eps: float = ADV_EPS, batch_std: float | None = None) -> torch.Tensor:
     """Advantages of ``rewards[B, G]``: centred on each group's mean, divided by the
-    group's std (``group``), the whole batch's std (``batch``) or nothing (``none``).
+    group's std (``group``), the whole batch's std (``batch``; ``batch_std`` when given: the
+    global batch's under data parallelism) or nothing (``none``).
     Stds are unbiased (n−1), as in DeepSeekMath / TRL. A constant group gets exactly 0
     (not ±1e-17 of rounding), so its rows can be skipped in the update."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
@@ -78,7 +80,7 @@ def group_advantages(rewards: torch.Tensor, scale: Scale = "group", eps: float =
     if scale == "group":
         return centred / (rewards.std(dim=1, keepdim=True) + eps)
     if scale == "batch":
-        return centred / (rewards.std() + eps)
+        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     raise ValueError(f"unknown advantage scale {scale!r}")
 
 
@@ -292,6 +294,7 @@ class GRPOModule(L.LightningModule):
         )
         self.suppress: tuple[int, ...] = (int(image_token),) if image_token is not None else ()
         self.timing: dict[str, float] = {"gen_s": 0.0, "gen_tokens": 0.0, "steps": 0.0}
+        self.tokens_processed = 0  # completion tokens sampled: the progress bar's throughput
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -331,6 +334,36 @@ class GRPOModule(L.LightningModule):
     def _lr(self, step: int) -> float:
         return value_at(self.stage.lr, step, self.stage.steps)
 
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _batch_std(self, rewards: torch.Tensor) -> float | None:
+        """The unbiased std of the rewards of the global batch (every rank's), for ``scale =
+        batch`` under data parallelism; None otherwise (``group_advantages`` takes this batch's)."""
+        if self.stage.scale != "batch" or self._world() == 1:
+            return None
+        r = rewards.double().flatten()
+        moments = torch.stack([r.new_tensor(float(r.numel())), r.sum(), (r * r).sum()])
+        torch.distributed.all_reduce(moments)
+        n, s, ss = moments.tolist()
+        return float(max(ss - s * s / n, 0.0) / max(n - 1, 1.0)) ** 0.5
+
+    def _agree_on_reward_error(self, error: RewardError | None) -> None:
+        """Raise on every rank when a reward failed on any (a rank that went on would wait in the
+        next gradient all-reduce for ever); the message is the failing rank's."""
+        if self._world() == 1:
+            if error is not None:
+                raise error
+            return
+        if not self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            return
+        messages: list[Any] = [None] * self._world()
+        torch.distributed.all_gather_object(messages, None if error is None else str(error))
+        if error is not None:
+            raise error
+        rank, msg = next((r, m) for r, m in enumerate(messages) if m is not None)
+        raise RewardError(f"{msg} (on rank {rank})")
+
     def _denominator(self, mask: torch.Tensor) -> float:
         """``loss_denominator`` for this batch; ``dapo`` counts the loss tokens of every device."""
         st, world = self.stage, self.trainer.world_size if self._trainer is not None else 1
@@ -344,12 +377,22 @@ class GRPOModule(L.LightningModule):
     # -- the step ------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         st = self.stage
-        roll, rewards, logs = self.rollout(batch)  # may raise RewardError: no update was made yet
-        adv = group_advantages(rewards, st.scale).flatten().to(roll.ids.device)
+        error = None
+        try:
+            roll, rewards, logs = self.rollout(batch)  # a RewardError comes before any update
+        except RewardError as exc:
+            error = exc
+        self._agree_on_reward_error(error)
+        adv = group_advantages(rewards, st.scale, batch_std=self._batch_std(rewards)).flatten().to(roll.ids.device)
         mask = loss_mask(roll, st.mask_truncated)
         # Rows with A = 0 (constant groups) and no KL term, or no loss tokens, add exactly 0 to
         # the loss and its gradient: leave them out of the forward, keep them in the denominator.
         rows = (mask.any(dim=1) & ((adv != 0) | (st.kl > 0))).nonzero()[:, 0]
+        # Under data parallelism every rank must join each update's gradient all-reduce: a rank
+        # with no such row runs one row with its loss multiplied by 0 (its gradient share is 0).
+        idle = len(rows) == 0 and self._world() > 1
+        if idle:
+            rows = rows.new_zeros(1)
         denom = self._denominator(mask)
         ref = self.reference_logprobs(roll, rows) if st.kl > 0 and len(rows) else None
         opt = self.optimizers()
@@ -377,6 +420,8 @@ class GRPOModule(L.LightningModule):
                     kl=st.kl,
                     denominator=denom,
                 )
+                if idle:
+                    loss, stats = loss * 0.0, {}
                 self.manual_backward(loss)
             logs["grad_norm"] = self._clip_grads()
             opt.step()  # also with zero gradients, as any GRPO step: Adam's momentum still moves
@@ -385,7 +430,7 @@ class GRPOModule(L.LightningModule):
             loss=float(loss.detach()),
             lr=lr,
             adv_std=float(adv.std()),
-            trained_rows=len(rows) / max(len(adv), 1),
+            trained_rows=0.0 if idle else len(rows) / max(len(adv), 1),
             update_s=time.perf_counter() - t0,
         )
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(roll.ids.shape[0]))
@@ -398,7 +443,8 @@ class GRPOModule(L.LightningModule):
         samples = [self.task.sample(self.split, int(i)) for i in indices.tolist()]
         prompt = collate([self.encoder.encode_prompt(s.query, s.image) for s in samples], self.encoder.pad_token_id)
         prompt = {k: v.to(self.device) for k, v in prompt.items() if isinstance(v, torch.Tensor)}
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.global_step)
+        # a stream per (seed, step, rank): data-parallel ranks must not draw the same noise
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.global_step + (self.global_rank << 40))
         bf16 = self.stage.sample_precision == "bf16"  # fused decoder weights; autocast for prefill / HF generate
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with amp, eval_mode(self.model):
@@ -420,9 +466,12 @@ class GRPOModule(L.LightningModule):
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()
         groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
-        values = [self.reward(g) for g in groups]
+        step, steps = self.global_step, self.stage.steps  # scheduled reward weights are read at the step that samples
+        values = [self.reward(g, step, steps) for g in groups]
         logs = self.diag.update(groups, values)
+        logs.update(self.reward.weights(step, steps))
         n_tok = float(sum(lengths))
+        self.tokens_processed += int(n_tok)
         self.timing["gen_s"] += roll.gen_s
         self.timing["gen_tokens"] += n_tok
         self.timing["steps"] += 1
@@ -455,8 +504,14 @@ class GRPOModule(L.LightningModule):
     def diagnostics(self) -> dict[str, Any]:
         """Stage-wide aggregates for summary.json: the reward diagnostics (keys containing
         ``corr``: ``reward_perception_corr``, ``reward_reasoning_corr``, their ``_within``
-        variants, ``surrogate_corr/<term>``) plus generation throughput."""
-        out: dict[str, Any] = dict(self.diag.summary())
+        variants, ``surrogate_corr/<term>``) plus generation throughput (this rank's). Under data
+        parallelism the statistics are over every rank's rollouts, gathered: every rank must call it."""
+        diag = self.diag
+        if self._world() > 1:  # every rank's rollouts: a collective, so every rank calls this
+            states: list[Any] = [None] * self._world()
+            torch.distributed.all_gather_object(states, diag.state_dict())
+            diag = RewardDiagnostics.merged(states, diag.term_names, diag.surrogates, stage=self.stage.name)
+        out: dict[str, Any] = dict(diag.summary())
         if self.timing["gen_s"] > 0:
             out["gen_tokens_per_s"] = self.timing["gen_tokens"] / self.timing["gen_s"]
             out["gen_s_per_step"] = self.timing["gen_s"] / self.timing["steps"]
@@ -466,8 +521,9 @@ class GRPOModule(L.LightningModule):
 # --------------------------------------------------------------------------- data
 class PromptSampler(Sampler[list[int]]):
     """An endless stream of prompt-index batches: epoch e is a permutation seeded by
-    (seed, e), cut into batches of ``batch_size`` (the remainder is dropped); under DDP
-    rank r takes every world-th batch. Endless, so ``max_steps`` alone ends the stage."""
+    (seed, e), cut into global batches of ``batch_size × world`` (the remainder is dropped), of
+    which rank r takes the r-th ``batch_size``: a step's prompts are those of one process with
+    the global batch size. Endless, so ``max_steps`` alone ends the stage."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         if n < batch_size * world:
@@ -478,8 +534,9 @@ class PromptSampler(Sampler[list[int]]):
         epoch = 0
         while True:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            batches = [perm[i : i + self.batch_size].tolist() for i in range(0, self.n - self.batch_size + 1, self.batch_size)]
-            yield from batches[self.rank :: self.world]
+            size = self.batch_size * self.world
+            for i in range(0, self.n - size + 1, size):
+                yield perm[i + self.rank * self.batch_size : i + (self.rank + 1) * self.batch_size].tolist()
             epoch += 1
 
 

@@ -98,7 +98,7 @@ class Objective:
         for _, mask, _ in self.terms:
             m = mask.to(sums.device)
             n = counts[m].sum()
-            out.append(sums[m].sum() / n if int(n) > 0 else None)
+            out.append(sums[m].sum() / n if float(n) > 0 else None)
         return out
 
     def loss(self, sums: torch.Tensor, counts: torch.Tensor, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -73,6 +73,14 @@ def collate_packed(items: Sequence[Mapping[str, Any]], pad_token_id: int) -> dic
     return batch
 
 
+def n_tokens(batch: Mapping[str, Any]) -> int:
+    """The item tokens of a training batch, padding excluded: a packed row's item lengths, or
+    the ones of a padded batch's attention mask."""
+    if "seq_lengths" in batch:
+        return int(batch["seq_lengths"].sum())
+    return int(batch["attention_mask"].sum())
+
+
 def packed_prefixes(batch: Mapping[str, Any], ends: Sequence[int], pad_token_id: int) -> dict[str, Any]:
     """A packed row of the items of ``batch`` (a ``collate_packed`` row), item i cut to its
     first ``ends[i]`` tokens (at least its prompt, which holds its image): with causal

@@ -16,8 +16,11 @@ resolved by ``percepdsl_runtime.plugins.resolve``) have the same signature; para
 from the spec as keyword arguments, so accept ``**_`` for forward compatibility.
 
 ``compile_reward(ir)`` turns a ``RewardIR`` tree (term / const / sum / product / scale /
-gate) into a ``Reward``: called on a group it evaluates each distinct term once, checks
-every value is finite (else ``RewardError`` naming the term), and combines them.
+gate) into a ``Reward``: called on a group at optimiser step ``step`` of ``total`` it evaluates
+each distinct term once, checks every value is finite (else ``RewardError`` naming the term),
+and combines them. A ``scale`` weight may be a schedule (``linear(0.1, 0.5) * perception_match``),
+evaluated at that step by ``percepdsl.ir.value_at`` — the evaluator of learning rates and loss
+weights — and reported by name (``Reward.weights``: ``reward_weight/<what it weights>``).
 
 ``RewardDiagnostics`` accumulates, step by step, what shows reward coupling in an RL run (an
 outcome reward that tracks reasoning correctness far more than perception correctness): term
@@ -38,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from percepdsl.ir import value_at
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +213,29 @@ class Reward:
         """Terms that read no labels: their correlation with perception is diagnosed."""
         return [k for k, name in self.names.items() if is_surrogate(name)]
 
-    def __call__(self, group: RolloutGroup) -> RewardValues:
+    def weights(self, step: int, total: int) -> dict[str, float]:
+        """The scheduled weights at optimiser step ``step`` of ``total``, by log name:
+        ``reward_weight/<what the weight multiplies>`` (``reward_weight/perception_match``;
+        a second weight on the same thing gets ``#2``)."""
+        out: dict[str, float] = {}
+        for node in self.ir.scheduled():
+            name = f"reward_weight/{label(node.children[0])}"
+            k = 2
+            while name in out:
+                name, k = f"reward_weight/{label(node.children[0])}#{k}", k + 1
+            out[name] = value_at(node.value, step, total)
+        return out
+
+    def __call__(self, group: RolloutGroup, step: int = 0, total: int = 1) -> RewardValues:
+        """The rewards of one group at optimiser step ``step`` of ``total`` (what scheduled
+        weights are evaluated at; a reward without schedules does not depend on them)."""
         n = len(group)
         values = {key: self._term(key, fn, params, group, n) for key, (fn, params) in self.fns.items()}
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as an error
-            total = self._eval(self.ir, values, n)
-        if not np.isfinite(total).all():  # finite terms can still overflow under products/scales
-            raise RewardError("total", f"non-finite total reward {total.tolist()} for {_where(group)}")
-        return RewardValues(total=total, terms=values)
+            total_reward = self._eval(self.ir, values, n, step, total)
+        if not np.isfinite(total_reward).all():  # finite terms can still overflow under products/scales
+            raise RewardError("total", f"non-finite total reward {total_reward.tolist()} for {_where(group)}")
+        return RewardValues(total=total_reward, terms=values)
 
     @staticmethod
     def _term(key: str, fn: RewardFn, params: dict[str, Any], group: RolloutGroup, n: int) -> np.ndarray:
@@ -234,22 +254,39 @@ class Reward:
             raise RewardError(key, f"returned {vals[i]} for completion {i} of {_where(group)}")
         return vals
 
-    def _eval(self, node: Any, values: dict[str, np.ndarray], n: int) -> np.ndarray:
+    def _eval(self, node: Any, values: dict[str, np.ndarray], n: int, step: int, total: int) -> np.ndarray:
         kind = node.kind
         if kind == "term":
             return values[term_key(node.name, node.params)]
         if kind == "const":
             return np.full(n, float(node.value))
-        kids = [self._eval(c, values, n) for c in node.children]
+        kids = [self._eval(c, values, n, step, total) for c in node.children]
         if kind == "sum":
             return np.sum(kids, axis=0) if kids else np.zeros(n)
         if kind == "product":
             return np.prod(kids, axis=0) if kids else np.ones(n)
         if kind == "scale":
-            return float(node.value) * kids[0]
+            return value_at(node.value, step, total) * kids[0]
         if kind == "gate":  # value where the gate is exactly 1 (gates are 0/1 terms), else 0
             return np.where(kids[1] == 1.0, kids[0], 0.0)
         raise ValueError(f"unknown reward node kind {kind!r}")
+
+
+def label(node: Any) -> str:
+    """A reward node as expression text, for log names: a term by its log key (``outcome``,
+    ``brevity(max_words=40)``), ``0.5 * format``, ``gate(outcome, format)``; a scheduled weight
+    shows its schedule's kind (``linear * outcome``)."""
+    if node.kind == "term":
+        return term_key(node.name, node.params)
+    if node.kind == "const":
+        return f"{float(node.value):g}"
+    kids = [label(c) for c in node.children]
+    if node.kind == "scale":
+        w = f"{float(node.value):g}" if isinstance(node.value, (int, float)) else node.value.kind
+        return f"{w} * {kids[0] if node.children[0].kind in ('term', 'gate') else f'({kids[0]})'}"
+    if node.kind == "gate":
+        return f"gate({kids[0]}, {kids[1]})"
+    return (" + " if node.kind == "sum" else " * ").join(kids)
 
 
 def compile_reward(ir: Any, resolve: Callable[[str], RewardFn] | None = None) -> Reward:
@@ -401,6 +438,25 @@ class RewardDiagnostics:
         self._streak = dict(state["streak"])
         self._n_groups, self.steps = int(state["n_groups"]), int(state["steps"])
 
+    @classmethod
+    def merged(
+        cls, states: Sequence[Mapping[str, Any]], term_names: Sequence[str], surrogates: Sequence[str] = (), stage: str = "grpo"
+    ) -> RewardDiagnostics:
+        """One set of statistics over several ``state_dict``s (data-parallel ranks of one stage):
+        their rollouts together, group ids kept apart, ``steps`` the stage's (every rank runs each)."""
+        out = cls(term_names, surrogates, stage=stage)
+        for state in states:
+            part = cls(term_names, surrogates, stage=stage)
+            part.load_state_dict(state)
+            for k, arrays in part._cols.items():
+                out._cols[k] += [a + out._n_groups for a in arrays] if k == "group" else arrays
+            for k in out.term_names:
+                out._terms[k] += part._terms[k]
+            out._constant += part._constant
+            out._n_groups += part._n_groups
+            out.steps = max(out.steps, part.steps)
+        return out
+
     # -- aggregates -------------------------------------------------------------------------
     def _stats(
         self, total: np.ndarray, perc: np.ndarray, reas: np.ndarray, gid: np.ndarray, terms: Mapping[str, np.ndarray], const: np.ndarray
@@ -444,6 +500,7 @@ __all__ = [
     "constant_groups",
     "format_ok",
     "is_surrogate",
+    "label",
     "outcome",
     "pearson",
     "perceived_consistency",

@@ -16,11 +16,18 @@ Everything a run leaves is written atomically. A stage writes `resume.ckpt`
 (Lightning's full training state) every `RESUME_EVERY` steps, so a killed run
 continues with `--resume` where it stopped; the data order is a pure function of
 (seed, step), so the resumed run sees exactly the batches it would have seen.
+
+With `trainer { devices = n, num_nodes = m }` a run has n·m processes (`ranks.py`): every
+rank runs `run`, rank 0 alone prepares the run directory, writes, evaluates and reports,
+and the others build the same task and model privately, train, and take every decision
+from rank 0 (`Ranks.broadcast`); evaluation runs on rank 0 while the others wait at a
+barrier. `run` returns None on the other ranks.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +42,8 @@ import lightning as L
 
 from percepdsl.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
+
+from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
 
 RESUME_EVERY = int(
     os.environ.get("PERCEP_RESUME_EVERY", 50)
@@ -61,6 +70,7 @@ class Context:
     init_weights: Path
     echo: Callable[[str], None]
     token_share: dict[str, float] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 def quiet_libraries() -> None:
@@ -87,17 +97,28 @@ def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
 # ---- 1. prepare ---------------------------------------------------------------------------------
 
 
-def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Context:
+def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks: Ranks = Ranks()) -> Context:
+    """Task, model and encoder of the run. Rank 0 builds the model into `init/` and checks the
+    roles; other ranks build theirs in a private directory and write nothing."""
+    import tempfile
+
     from .encoding import Encoder, EncodingError
     from .models import check_vocabulary, save_pretrained_dir
+    from .observe import check_loggers
     from .plugins import ImplError, build_task
 
+    if (why := check_loggers(ir.trainer.loggers)) is not None:
+        raise RunRefused(why)
     try:
         task = build_task(ir.task, ir.seed)
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     vocab = task.vocabulary()
-    loaded = build_model(ir, task, run_dir)
+    if ranks.is_zero:
+        loaded = build_model(ir, task, run_dir / "init")
+    else:  # its weights are rank 0's once a stage starts (Ranks.sync_weights)
+        with tempfile.TemporaryDirectory(prefix="percep-rank-") as private:
+            loaded = build_model(ir, task, Path(private) / "init")
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
@@ -109,18 +130,20 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None]) -> Con
         encoder = Encoder(loaded, ir.roles, max_length=_max_length(ir))
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
-    token_share = _preflight_roles(ir, task, encoder)
     init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
+    if not ranks.is_zero:
+        return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks)
+    token_share = _preflight_roles(ir, task, encoder)
     if not init.exists():  # written whole or not at all (atomic_dir)
         save_pretrained_dir(loaded, init)
     echo(
         f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
-        f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)"
+        f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)" + (f", {ranks.world} ranks" if ranks.world > 1 else "")
     )
-    return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share)
+    return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share, ranks)
 
 
-def build_model(ir: ExperimentIR, task: Any, run_dir: Path) -> Any:
+def build_model(ir: ExperimentIR, task: Any, save_dir: Path) -> Any:
     """The model through its kind's catalogue `impl` (built-in or plugin), called as
     `impl(model_ir, vocabulary=, image=, seed=, save_dir=) -> LoadedModel`; `image` is the
     side of the task's images. Any failure is a refusal that names the model kind."""
@@ -137,7 +160,7 @@ def build_model(ir: ExperimentIR, task: Any, run_dir: Path) -> Any:
             vocabulary=task.vocabulary(),
             image=task.sample("train", 0).image.size[0],
             seed=ir.seed,
-            save_dir=run_dir / "init",
+            save_dir=save_dir,
         )
     except (ImplError, ModelLoadError) as exc:
         raise RunRefused(str(exc)) from exc
@@ -188,21 +211,34 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
 
     from .evaluate import EvalConfig
     from .models import load_weights, save_pretrained_dir
+    from .observe import RunProgress, close_loggers, open_loggers, stage_loggers
     from .sft import build_trainer
 
+    ranks = ctx.ranks
     sdir = stage_dir(ctx, stage)
-    sdir.mkdir(parents=True, exist_ok=True)
     parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model" if stage.parent else ctx.init_weights
-    load_weights(ctx.loaded, parent)
+    if ranks.is_zero:
+        sdir.mkdir(parents=True, exist_ok=True)
+        load_weights(ctx.loaded, parent)
+    ranks.sync_weights(ctx.loaded.model)  # before the module is built: a KL reference copies these weights
 
     module, datamodule = build_stage(ctx, stage)
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
     every = stage.eval_every or ev.every
-    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every)
+    bar = RunProgress() if progress else None  # evaluation lines print above it
+    evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every, echo=bar.wrap(ctx.echo) if bar else ctx.echo)
     if tr.threads:
         torch.set_num_threads(tr.threads)
-    attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
+    ckpt = sdir / "resume.ckpt"
+    loggers: list[Any] = []  # only rank 0 logs
+    if ranks.is_zero:
+        attempt = len(list(sdir.glob("log*")))  # a resumed stage logs into a new file; write_metrics_csv merges them
+        loggers = stage_loggers(tr.loggers, ctx.run_dir, ctx.ir.name, stage.name, attempt)
+    # every rank learns of a logger that cannot start: the others would wait for rank 0 in the first step
+    if (why := ranks.broadcast(open_loggers(loggers))) is not None:
+        close_loggers(loggers)
+        raise RunRefused(f"stage `{stage.name}`: {why}")
     try:
         trainer = build_trainer(
             stage.steps,
@@ -210,11 +246,13 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
             precision=tr.precision,
             accelerator=tr.accelerator,
             devices=tr.devices,
+            num_nodes=tr.num_nodes,
             strategy=tr.strategy,
             accumulate=tr.accumulate if stage.kind == "sft" else 1,
-            # the guard runs first: a non-finite step never reaches an evaluation or a checkpoint
-            callbacks=[FiniteLoss(stage.name), evaluator, ResumeCheckpoint(sdir / "resume.ckpt", RESUME_EVERY)],
-            logger=L.pytorch.loggers.CSVLogger(str(sdir), name="", version=f"log{attempt}"),
+            # the bar first (its batch end is the step's end: throughput excludes evaluations); then
+            # the guard: a non-finite step never reaches an evaluation or a checkpoint
+            callbacks=[*([bar] if bar else []), FiniteLoss(stage.name), evaluator, ResumeCheckpoint(ckpt, RESUME_EVERY)],
+            logger=loggers or False,
             log_every_n_steps=tr.log_every,
             enable_progress_bar=progress,
             num_sanity_val_steps=0,
@@ -222,7 +260,13 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise RunRefused(f"stage `{stage.name}`: {exc}") from exc
-    ckpt = sdir / "resume.ckpt"
+    resume = ranks.broadcast(ckpt.exists())
+    if resume and not all(seen := ranks.gather(ckpt.exists())):
+        blind = [r for r, ok in enumerate(seen) if not ok]
+        raise RunRefused(
+            f"--resume: rank(s) {blind} cannot read {ckpt}; every rank loads the checkpoint, so a run on several "
+            "nodes resumes only from a run directory on a filesystem every node shares"
+        )
     start = time.perf_counter()
     from .rewards import RewardError
 
@@ -230,14 +274,22 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         return f"the last good checkpoint is {ckpt}" if ckpt.exists() else f"the stage started from {parent}"
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except RewardError as exc:  # raised before the update of the bad step: no bad weights were saved
         raise RunFailed(f"stage `{stage.name}` at step {trainer.global_step}: {exc}; {kept()}") from exc
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
+    finally:
+        close_loggers(loggers)
     train_seconds = time.perf_counter() - start
-    save_pretrained_dir(ctx.loaded, sdir / "model")
+    digests = ranks.weights_digests(ctx.loaded.model) if ranks.world > 1 else []
+    if len(set(digests)) > 1:  # every rank sees this: all stop
+        raise RunFailed(f"stage `{stage.name}`: the ranks ended with different weights (SHA-256 {digests}); nothing was saved")
+    if ranks.is_zero:
+        save_pretrained_dir(ctx.loaded, sdir / "model")
     final = evaluator.evaluate_now(trainer.global_step, module, datamodule, final=True)
+    if not ranks.is_zero:
+        return {}
     diagnostics = evaluator.history[-1]["diagnostics"]
     record = {
         "stage": stage.name,
@@ -248,6 +300,8 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         "history": evaluator.history,
         "diagnostics": diagnostics,
     }
+    if digests:
+        record["ranks"] = {"world": ranks.world, "weights_sha256": digests}
     write_json_atomic(sdir / "done.json", record)
     ckpt.unlink(missing_ok=True)
     return record
@@ -268,11 +322,12 @@ def build_stage(ctx: Context, stage: Stage):
     return module, datamodule
 
 
-def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any) -> dict[str, Any]:
-    """Token and loss share per role, per-role gradient norms and their cosines, on one fixed batch."""
+def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any, module_diagnostics: dict[str, Any]) -> dict[str, Any]:
+    """Token and loss share per role, per-role gradient norms and their cosines, on one fixed
+    batch; a module's own statistics (GRPO's reward diagnostics) instead where there is none."""
     out: dict[str, Any] = {"token_share": ctx.token_share}
     if not hasattr(datamodule, "dataset") or datamodule.dataset is None:
-        return out | (module.diagnostics() if hasattr(module, "diagnostics") else {})
+        return out | module_diagnostics
     import torch
 
     from .encoding import collate
@@ -290,51 +345,64 @@ def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any) -> dict[str, 
 
 
 class StageEval(L.Callback):
-    """Three-way evaluation every N steps and at the stage end."""
+    """Three-way evaluation every N steps and at the stage end, on rank 0; the other ranks wait
+    at a barrier meanwhile (they would otherwise wait in the next step's gradient all-reduce)."""
 
-    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None):
+    def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None, echo: Callable[[str], None] | None = None):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
+        self.echo = echo or ctx.echo  # through the progress bar while it shows
         self.history: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every and step % self.every == 0 and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
-            pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
+            if metrics is not None:
+                pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in HEADLINE if metrics.get(k) is not None})
 
-    def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any]:
+    def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any] | None:
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
-        and cosines) at the same point; both go into the stage's history."""
+        and cosines) at the same point; both go into the stage's history. Every rank calls it;
+        rank 0 evaluates, the others get None."""
         from .evaluate import evaluate
         from .generation import eval_mode
 
         ctx, ev = self.ctx, self.ctx.ir.eval
+        module_diagnostics = module.diagnostics() if hasattr(module, "diagnostics") else {}  # gathered from every rank
+        if not ctx.ranks.is_zero:
+            ctx.ranks.barrier()
+            return None
         with eval_mode(ctx.loaded.model):
             res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
         tagged = [{"stage": self.stage.name, "step": step, "final": final, **r} for r in res.records]
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
         entry["slot_errors"] = res.metrics.get("slot_errors")
-        entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule)
+        entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule, module_diagnostics)
         self.history.append(entry)
-        ctx.echo(
+        self.echo(
             f"[{self.stage.name} step {step}] "
             + "  ".join(f"{k}={res.metrics.get(k):.3f}" for k in HEADLINE if res.metrics.get(k) is not None)
             + f"  ({res.seconds:.0f}s, n={res.metrics.get('n')})"
         )
+        ctx.ranks.barrier()
         return res.metrics
 
 
 class FiniteLoss(L.Callback):
-    """Stop the stage at the first non-finite training loss."""
+    """Stop the stage at the first non-finite training loss (of any rank: all stop together)."""
 
     def __init__(self, stage: str):
         self.stage = stage
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = trainer.callback_metrics.get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise RunFailed(f"stage `{self.stage}`: the training loss is {float(loss)} at step {trainer.global_step}")
+        bad = loss is not None and not math.isfinite(float(loss))
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            what = f"is {float(loss)}" if loss is not None and not math.isfinite(float(loss)) else "is not finite on another rank"
+            raise RunFailed(f"stage `{self.stage}`: the training loss {what} at step {trainer.global_step}")
 
 
 class ResumeCheckpoint(L.Callback):
@@ -473,7 +541,8 @@ def write_reward_plot(ctx: Context) -> None:
                 ax.plot(*zip(*pts), "--" if key.endswith("_within") else "-", label=key, lw=1)
         ax.set_title(title)
         ax.set_xlabel("step (stages concatenated)")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (every correlation undefined)
+            ax.legend(fontsize=6)
     fig.suptitle(f"{ctx.ir.name}: GRPO rewards and reward coupling")
     fig.tight_layout()
     with atomic_path(ctx.run_dir / "rewards.png") as tmp:
@@ -512,34 +581,98 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
 
 def run(
     ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print
-) -> Path:
-    """Execute `ir` into `out/<name>-<hash>/`; returns the run directory."""
+) -> Path | None:
+    """Execute `ir` into `out/<name>-<hash>/`; returns the run directory (None on a rank other
+    than 0, which ends quietly also when the run is refused or fails: rank 0 reports that).
+
+    Every rank prepares before the ranks join their process group (transformers writes a
+    model only on rank 0 of an initialised one, and the tiny model is built by writing it):
+    rank 0 opens the run directory and prepares in it, the others prepare privately. A
+    refusal on any rank is then every rank's."""
     run_dir = run_dir_for(ir, out)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
+    zero = launched_as_rank_zero(ir.trainer)
+    complete, ctx, refusal = False, None, None
+    try:
+        if zero:
+            complete = _open_run_dir(ir, sources, run_dir, resume)
+        if not complete:
+            ctx = prepare(
+                ir, run_dir, echo if zero else _silent, Ranks(world=ir.trainer.devices * ir.trainer.num_nodes, rank=0 if zero else 1)
+            )
+    except RunRefused as exc:
+        refusal = exc
+    if zero and (complete or refusal) and not others_wait_for_this_one(ir.trainer):  # no rank to start for nothing
+        if refusal is not None:
+            raise refusal
         echo(f"already complete: {run_dir} (delete it to run again)")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    try:
+        ranks = start(ir.trainer)
+    except LaunchError as exc:
+        tr = ir.trainer
+        raise RunRefused(f"trainer: cannot start {tr.devices} device(s) × {tr.num_nodes} node(s) on `{tr.accelerator}`: {exc}") from exc
+    if ranks.is_zero != zero:  # a launcher whose environment this process misread
+        raise RunRefused(f"rank {ranks.rank}: its launcher's environment named it rank {0 if zero else 'other than 0'}")
+    refusals = ranks.gather(None if refusal is None else str(refusal))
+    if any(refusals):
+        if not ranks.is_zero:
+            return None
+        r, msg = next((r, m) for r, m in enumerate(refusals) if m)
+        raise refusal if r == 0 and refusal is not None else RunRefused(f"rank {r}: {msg}")
+    if ranks.broadcast(complete):
+        echo(f"already complete: {run_dir} (delete it to run again)")
+        return run_dir if ranks.is_zero else None
+    assert ctx is not None
+    ctx = dataclasses.replace(ctx, ranks=ranks, echo=echo if ranks.is_zero else _silent)
+    try:
+        return _run_stages(ctx, progress)
+    except (RunRefused, RunFailed):
+        if ranks.is_zero:
+            raise
+        return None
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resume: bool) -> bool:
+    """Whether the run is complete already; else write its spec and IR (refusing a directory
+    that holds an interrupted run without `--resume`)."""
+    if (run_dir / "summary.json").exists():
+        return True
+    interrupted = run_dir.exists() and any(run_dir.iterdir())
+    if interrupted and not resume:
         raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in sources.items():
         write_text_atomic(run_dir / "spec" / Path(name).name, text)
     write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
-    ctx = prepare(ir, run_dir, echo)
+    from .observe import record_environment
+
+    record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
+    return False
+
+
+def _run_stages(ctx: Context, progress: bool) -> Path | None:
+    ir, ranks, echo, run_dir = ctx.ir, ctx.ranks, ctx.echo, ctx.run_dir
     records: dict[str, dict[str, Any]] = {}
     for stage in ir.stages:
         done = stage_dir(ctx, stage) / "done.json"
-        if done.exists():
-            records[stage.name] = json.loads(done.read_text())
+        record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
+        if record is not None:
+            records[stage.name] = record
             echo(f"stage {stage.name}: done (resumed)")
             continue
         echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps")
         records[stage.name] = run_stage(ctx, stage, progress)
+    if not ranks.is_zero:
+        return None
     summary = summarize(ctx, records)
     write_metrics_csv(ctx)
     merge_eval_jsonl(ctx)
     write_plots(ctx)
     write_reward_plot(ctx)
     write_report(ctx, summary)
-    write_json_atomic(summary_path, summary)  # last: its presence marks the run complete
+    write_json_atomic(run_dir / "summary.json", summary)  # last: its presence marks the run complete
     return run_dir

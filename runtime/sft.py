@@ -22,7 +22,6 @@ Speed notes (the tiny model is small enough that overheads dominate):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,7 @@ from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses
 from .models import LoadedModel
 from .optim import adamw
-from .packing import Layout, bucket, collate_packed, packable, packed_prefixes, text_model_of, training_attention
+from .packing import Layout, bucket, collate_packed, n_tokens, packable, packed_prefixes, text_model_of, training_attention
 
 
 # --------------------------------------------------------------------------- forward
@@ -124,6 +123,7 @@ class SFTModule(L.LightningModule):
         self.n_roles = len(self.objective.role_names)
         self.automatic_optimization = not self.objective.manual_backward
         self.lr_scale = 1.0  # NGDiff auto-LR multiplier (smoothed)
+        self.tokens_processed = 0  # tokens the training forwards read (padding excluded): the progress bar's throughput
 
     def on_fit_start(self) -> None:
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
@@ -177,26 +177,43 @@ class SFTModule(L.LightningModule):
     # -- the step ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         step, total = self.global_step, self.total_steps
+        self.tokens_processed += n_tokens(batch)
         opt = self.optimizers()
         logs = {"lr": self._set_lr(opt.optimizer if hasattr(opt, "optimizer") else opt, step)}
+        counts = self._global_counts(batch)
         if self.automatic_optimization:  # token mean, mix: Lightning does backward + step
-            sums, counts = role_losses(self.model, batch, self.n_roles)
-            loss, obj_logs = self.objective.loss(sums, counts, step, total)
+            sums, local = role_losses(self.model, batch, self.n_roles)
+            loss, obj_logs = self.objective.loss(sums, local if counts is None else counts, step, total)
         else:  # NGDiff: g = Σ g_i/‖g_i‖ from our own backward, then clip and step
             opt.zero_grad(set_to_none=True)
-            loss, obj_logs = self.ngdiff_backward(batch, step)
+            loss, obj_logs = self.ngdiff_backward(batch, step, counts)
             if self.grad_clip:
                 self._clip(float(self.grad_clip))
             if self.objective.auto_lr and step % self.stage.loss.auto_lr_every == 0:
-                obj_logs.update(self._auto_lr_step(opt, batch, float(loss.detach())))
+                obj_logs.update(self._auto_lr_step(opt, batch, float(loss.detach()), counts))
             else:
                 opt.step()
             obj_logs["lr_scale"] = self.lr_scale
         logs.update(obj_logs)
         if not self._logger_step():  # the logger writes every n-th step only: skip the rest's cost
             logs = {"loss": logs["loss"]}
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(batch["input_ids"].shape[0]))
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(batch["n_target"].shape[0]))
         return loss if self.automatic_optimization else None
+
+    def _global_counts(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Under data parallelism: the target tokens per role of the global batch (every rank's,
+        summed) over the number of ranks; None on one process.
+
+        Each rank's token means then divide its own loss sums by these, so the gradient the ranks
+        average is Σ_ranks ∇(sums) / global count: the token mean over the global batch, exactly
+        what one process with the whole batch computes. Dividing by each rank's own count instead
+        would average per-rank means, which weights a rank's tokens more the fewer it holds."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        labels, roles = batch["labels"][:, 1:], batch["role_ids"][:, 1:]
+        counts = torch.bincount(roles[(labels != -100) & (roles >= 0)], minlength=self.n_roles)[: self.n_roles].float()
+        torch.distributed.all_reduce(counts)
+        return counts / self.trainer.world_size
 
     def _logger_step(self) -> bool:
         """Whether Lightning writes this step's metrics (``log_every_n_steps``). Logging all
@@ -204,8 +221,12 @@ class SFTModule(L.LightningModule):
         connector = getattr(self.trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True)) or self.log_every_step
 
-    def ngdiff_backward(self, batch: Mapping[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def ngdiff_backward(
+        self, batch: Mapping[str, Any], step: int, counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Leave NGDiff's combined gradient in ``.grad``; returns (loss, logs) of the step.
+        ``counts``: the token counts to take group means over (``_global_counts`` under DDP;
+        default each forward's own).
 
         A group whose targets all sit in a short prefix of the batch (perception, right
         after the image and query) gets its gradient from a forward + backward over that
@@ -220,12 +241,13 @@ class SFTModule(L.LightningModule):
         if self.prefix_forward and self.objective.exact_step(step):
             for i, (part_batch, share) in self._prefix_batches(batch).items():
                 if share <= 0.6:
-                    sums, counts = role_losses(self.model, part_batch, self.n_roles)
-                    part = self.objective.term_losses(sums, counts)[i]
+                    sums, local = role_losses(self.model, part_batch, self.n_roles)
+                    part = self.objective.term_losses(sums, local if counts is None else counts)[i]
                     pre[i] = list(torch.autograd.grad(part, params, allow_unused=True))
                     if reduce is not None:
                         reduce([g for g in pre[i] if g is not None])
-        sums, counts = role_losses(self.model, batch, self.n_roles)
+        sums, local = role_losses(self.model, batch, self.n_roles)
+        counts = local if counts is None else counts
         loss, logs = self.objective.loss(sums, counts, step, self.total_steps)
         backward = self.manual_backward if self._trainer is not None else None
         logs.update(
@@ -279,7 +301,7 @@ class SFTModule(L.LightningModule):
         return reduce
 
     @torch.no_grad()
-    def _auto_lr_step(self, opt: Any, batch: Mapping[str, Any], l0: float) -> dict[str, float]:
+    def _auto_lr_step(self, opt: Any, batch: Mapping[str, Any], l0: float, counts: torch.Tensor | None = None) -> dict[str, float]:
         """NGDiff automatic learning rate (a GeN-style line search, forward-only).
 
         Take the optimiser step Δ at the current lr, measure the objective (Σ group token
@@ -296,8 +318,8 @@ class SFTModule(L.LightningModule):
         del before
 
         def objective_now() -> float:
-            sums, counts = role_losses(self.model, batch, self.n_roles)
-            return float(self.objective.loss(sums, counts, self.global_step, self.total_steps)[0])
+            sums, local = role_losses(self.model, batch, self.n_roles)
+            return float(self.objective.loss(sums, local if counts is None else counts, self.global_step, self.total_steps)[0])
 
         l1 = objective_now()
         torch._foreach_add_([p.data for p in params], delta)
@@ -318,6 +340,7 @@ def build_trainer(
     precision: str = "bf16-mixed",
     accelerator: str = "auto",
     devices: int | str = 1,
+    num_nodes: int = 1,
     strategy: str = "auto",
     accumulate: int = 1,
     callbacks: Sequence[L.Callback] = (),
@@ -330,9 +353,12 @@ def build_trainer(
     fp32 for the tiny model, see benchmarks/bench_sft.py). Gradient clipping is a module
     setting (``grad_clip``), because Lightning refuses Trainer-level clipping under manual
     optimisation. NGDiff normalises each batch's gradients, so it cannot accumulate.
+    With more than one device or node, ``auto`` is ``ddp`` (the one tested strategy).
     """
     if objective is not None and objective.manual_backward and accumulate > 1:
         raise ValueError("ngdiff normalises every batch's gradients; gradient accumulation is not supported (use a larger batch instead)")
+    if strategy == "auto" and (num_nodes > 1 or (isinstance(devices, int) and devices > 1)):
+        strategy = "ddp"
     if strategy == "ddp":  # VLMs carry unused parameters (e.g. CLIP's pooler norm under LLaVA)
         strategy = "ddp_find_unused_parameters_true"
     # use_distributed_sampler=False: LengthBucketSampler shards batches across ranks itself
@@ -341,6 +367,7 @@ def build_trainer(
         precision=precision,
         accelerator=accelerator,
         devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         accumulate_grad_batches=accumulate,
         callbacks=list(callbacks),
@@ -385,7 +412,12 @@ class LengthBucketSampler(Sampler[list[int]]):
     window by length and cut it into batches, then shuffle the batches. Larger windows
     cut more padding but make batch composition less random; 50 batches (400 items at
     batch 8) brings padding to a few percent for lengths that vary by ±50%.
-    Under DDP each rank takes every ``world``-th batch.
+
+    Under data parallelism (``world`` ranks, ``batch_size`` per rank) the batches above are
+    global batches of ``batch_size × world`` items and rank r takes the r-th part of each, so
+    the items of a step are those one process with the global batch size sees at that step,
+    whatever the number of ranks. A global batch too short to give every rank an item (the
+    last of an epoch) is left out.
     """
 
     def __init__(
@@ -405,26 +437,33 @@ class LengthBucketSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's batches of ``batch_size × world`` items, in order."""
         rng = np.random.default_rng([self.seed, self.epoch])
         perm = rng.permutation(len(self.lengths))
-        span = self.batch_size * max(self.window, 1)
+        size = self.batch_size * self.world
+        span = size * max(self.window, 1)
         out: list[list[int]] = []
         for w in range(0, len(perm), span):
             chunk = perm[w : w + span]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            out += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        if self.drop_last:
-            out = [b for b in out if len(b) == self.batch_size]
+            out += [chunk[i : i + size].tolist() for i in range(0, len(chunk), size)]
+        out = [b for b in out if len(b) == size or (not self.drop_last and len(b) >= self.world)]
         order = rng.permutation(len(out))
-        return [out[i] for i in order][self.rank :: self.world]
+        return [out[i] for i in order]
+
+    def batches(self) -> list[list[int]]:
+        """This rank's part of each global batch (all of it on one process)."""
+        cut = lambda b, r: b[r * len(b) // self.world : (r + 1) * len(b) // self.world]  # noqa: E731
+        return [cut(b, self.rank) for b in self.global_batches()]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
 
     def __len__(self) -> int:
-        n = len(self.lengths) // self.batch_size if self.drop_last else math.ceil(len(self.lengths) / self.batch_size)
-        return len(range(self.rank, n, self.world))
+        size = self.batch_size * self.world
+        n, rest = divmod(len(self.lengths), size)
+        return n + int(not self.drop_last and rest >= self.world)
 
     def padding_fraction(self) -> float:
         """Share of the batched token slots that are padding, this epoch."""

@@ -8,7 +8,8 @@ own `build_trainer`; the recording observes it without changing it:
   step post-hook (so: the value the update used), with NGDiff's auto-LR multiplier at that moment;
 - `role_weights`: for SFT, at every loss evaluation, the weight the loss puts on one token of each
   role — the gradient of the loss with respect to each role's summed cross-entropy — and the counts;
-- `rewards`: for GRPO, every group's rollout scores with the term values and the total reward.
+- `rewards`: for GRPO, every group's rollout scores with the term values and the total reward, and
+  the optimiser step it was computed at (what scheduled reward weights are evaluated at).
 
 The reference values these are compared with are computed in the tests, from the IR's JSON.
 """
@@ -48,7 +49,7 @@ def compile_spec(text: str, catalogue: Any = None) -> ExperimentIR:
 class Realised:
     lr: list[tuple[float, float]] = field(default_factory=list)  # (lr, auto-LR multiplier) per optimiser step
     role_weights: list[tuple[int, list[float], list[int]]] = field(default_factory=list)  # (step, per-token weight per role, counts)
-    rewards: list[tuple[Any, Any]] = field(default_factory=list)  # (RolloutGroup, RewardValues)
+    rewards: list[tuple[Any, Any, int]] = field(default_factory=list)  # (RolloutGroup, RewardValues, optimiser step)
     logs: list[dict[str, float]] = field(default_factory=list)  # the logged metrics after every step
 
 
@@ -123,9 +124,9 @@ def _observe(module: Any, rec: Realised) -> None:
     reward = getattr(module, "reward", None)
     if reward is not None:
 
-        def reward_and_record(group):
-            values = type(reward).__call__(reward, group)
-            rec.rewards.append((group, values))
+        def reward_and_record(group, step, total):
+            values = type(reward).__call__(reward, group, step, total)
+            rec.rewards.append((group, values, step))
             return values
 
         module.reward = _Callable(reward, reward_and_record)
@@ -137,8 +138,8 @@ class _Callable:
     def __init__(self, inner: Any, call: Any):
         self._inner, self._call = inner, call
 
-    def __call__(self, group: Any) -> Any:
-        return self._call(group)
+    def __call__(self, group: Any, step: int, total: int) -> Any:
+        return self._call(group, step, total)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

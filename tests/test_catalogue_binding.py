@@ -66,7 +66,7 @@ def assert_fields_are_the_entry(model: type, kind: str, name: str, skip: tuple[s
 
 # ---------------------------------------------------------------- tasks
 @pytest.mark.parametrize("entry", entries("task"), ids=lambda e: e.name)
-def test_task_params_are_the_catalogue_and_all_are_read(entry) -> None:
+def test_task_params_are_the_catalogue_and_all_are_read(entry, tmp_path: Path) -> None:
     cls = resolve(entry.impl)
     assert cls.name == entry.name and cls.params_type is IR.TASK_PARAMS[entry.name]
     assert_fields_are_the_entry(cls.params_type, "task", entry.name)
@@ -79,7 +79,14 @@ def test_task_params_are_the_catalogue_and_all_are_read(entry) -> None:
                 reads.add(attr)
             return super().__getattribute__(attr)
 
-    task = cls(Recording(train=4, test=2), seed=0)
+    extra: dict[str, Any] = {}
+    if entry.name == "dataset":  # data on disk, as `percep gen` writes it; its rows are the graph task's
+        from percepdsl_runtime.tasks import build_task
+        from percepdsl_runtime.tasks.dataset import write_dataset
+
+        gc = build_task("graph_coloring", {"train": 4, "test": 2}, seed=0)
+        extra = {"path": str(write_dataset(gc, tmp_path / "data")), "verifier": "graph_coloring", "instance": "instance"}
+    task = cls(Recording(train=4, test=2, **extra), seed=0)
     for split in ("train", "test"):
         s = task.sample(split, 0)
         task.score(s.instance, s.response)

@@ -24,7 +24,7 @@ def test_gen_writes_a_loadable_dataset_and_contact_sheet(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     ds = datasets.load_from_disk(str(out))
     assert ds["train"].num_rows == 64 and ds["test"].num_rows == 8
-    assert set(ds["train"].column_names) >= {"query", "image", "perception", "ground_truth", "response", "instance"}
+    assert set(ds["train"].column_names) >= {"query", "image", "perception", "reasoning", "answer", "response", "instance"}
     row = ds["test"][0]
     inst = json.loads(row["instance"])
     assert inst["task"] == "graph_coloring" and inst["num_nodes"] == 4

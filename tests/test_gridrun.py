@@ -466,3 +466,110 @@ def test_smoke_grid_end_to_end_with_the_real_percep_run(tmp_path):
         timeout=300,
     )
     assert again.returncode == 0 and sorted(out.glob("cells/*/summary.json")) == summaries
+
+
+# ---- --fail-fast and the SLURM backend ------------------------------------------------------------
+
+
+def test_fail_fast_stops_the_grid_at_the_first_failure(tmp_path, monkeypatch):
+    """The first failed cell stops the grid: running cells are stopped as by Ctrl-C (they keep their
+    state and are recorded `interrupted`), no pending cell starts, the state says why, exit 3; the
+    same command then resumes the stopped cells and runs the rest."""
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_FAIL", "lam=0.25 seed=1")
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.25 seed=0")
+    t0 = time.monotonic()
+    rc, _, err = run_grid(out, jobs=2, fail_fast=True)  # cells 1 (slow) and 2 (fails) start together
+    assert rc == EXIT_FAILED and time.monotonic() - t0 < 60, err
+    st = state(out)
+    assert st["status"] == "failed" and st["fail_fast"] and "cell lam=0.25 seed=1 failed (exit 3)" in st["stopped"]
+    assert st["counts"] == {"done": 0, "pending": 2, "running": 0, "failed": 1, "interrupted": 1}
+    stopped = next(c for c in st["cells"] if c["status"] == "interrupted")
+    assert stopped["label"] == "lam=0.25 seed=0" and (out / stopped["log"]).read_text().rstrip().endswith("interrupted")
+    assert "stopped: --fail-fast: cell lam=0.25 seed=1 failed (exit 3); 1 running cell(s) stopped, 2 not started" in err
+    assert len(calls(tmp_path)) == 2  # nothing started after the failure
+
+    monkeypatch.delenv("FAKE_RUN_FAIL")
+    monkeypatch.delenv("FAKE_RUN_SLEEP")
+    rc, _, err = run_grid(out, fail_fast=True)
+    assert rc == EXIT_OK, err
+    again = calls(tmp_path)[2:]
+    assert len(again) == 4 and sum(c["resume"] for c in again) == 2  # the stopped and the failed cell resume
+
+
+def test_slurm_backend_without_submitit_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    rc, _, err = run_grid(tmp_path / "g", backend="slurm")
+    assert rc == EXIT_USAGE and "pip install -e '.[slurm]'" in err and "Traceback" not in err
+    assert calls(tmp_path) == []
+
+
+def test_slurm_backend_without_sbatch_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here (nor on this test machine at all)
+    rc, _, err = run_grid(tmp_path / "g", backend="slurm")
+    assert rc == EXIT_USAGE and "`sbatch`, which is not on this machine's PATH" in err and "Traceback" not in err
+    assert calls(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"partition": "gpu"}, "--partition, --time and --mem are for --backend slurm"),
+        ({"backend": "slurm", "cpus_per_cell": 1.5}, "whole numbers"),
+        ({"backend": "slurm", "time_min": 0}, "--time must be at least 1 minute"),
+        ({"backend": "slurm", "address": "x:1"}, "--address is for --backend ray"),
+    ],
+)
+def test_slurm_options_are_checked_before_anything_runs(tmp_path, kw, message):
+    rc, _, err = run_grid(tmp_path / "g", **kw)
+    assert rc == EXIT_USAGE and message in err
+    assert calls(tmp_path) == [] and not (tmp_path / "g").exists()
+
+
+def test_slurm_backend_runs_cells_as_jobs_and_resumes(tmp_path, monkeypatch):
+    """Cells as submitit jobs (its local executor stands in for sbatch): results, job ids in the
+    state, a failed job recorded with its exit code, --fail-fast, and a re-run that resumes."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_FAIL", "lam=0.75 seed=1")
+    rc, table, err = run_grid(out, backend="slurm", slurm_cluster="local", jobs=2, time_min=5)
+    assert rc == EXIT_FAILED, err
+    st = state(out)
+    assert st["backend"] == "slurm" and st["counts"]["done"] == 3 and st["counts"]["failed"] == 1
+    assert all(c.get("job_id") for c in st["cells"]) and (out / "slurm").is_dir()
+    bad = next(c for c in st["cells"] if c["status"] == "failed")
+    assert bad["exit_code"] == 3 and "fake failure" in bad["log_tail"] and bad["host"]
+    assert "| 0.25 | 2 | 0 |" in table
+
+    monkeypatch.delenv("FAKE_RUN_FAIL")
+    rc, _, err = run_grid(out, backend="slurm", slurm_cluster="local", fail_fast=True)
+    assert rc == EXIT_OK, err
+    again = calls(tmp_path)[4:]
+    assert len(again) == 1 and again[0]["resume"] and state(out)["counts"]["done"] == 4
+
+
+def test_interrupting_a_slurm_grid_cancels_its_jobs_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """Ctrl-C on the driver cancels the running jobs (submitit's cancel: the job stops its cell as
+    Ctrl-C would), keeps the finished cells, and the same command resumes the stopped ones."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.75")
+    slow_dirs = [out / "cells" / smoke_hash("0.75", s) for s in (0, 1)]
+    proc = start_driver(out, backend="slurm", slurm_cluster="local")
+    wait_for_two_done_two_running(proc, out, slow_dirs)
+    interrupt(proc)
+    for d in slow_dirs:
+        log = out / "cells" / f"{d.name}.log"
+        deadline = time.monotonic() + 10
+        while not log.read_text().rstrip().endswith("interrupted") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log.read_text().rstrip().endswith("interrupted")
+        assert d.is_dir() and not (d / "summary.json").exists()
+    monkeypatch.delenv("FAKE_RUN_SLEEP")
+    rc, _, err = run_grid(out, backend="slurm", slurm_cluster="local")
+    assert rc == EXIT_OK, err
+    again = calls(tmp_path)[4:]
+    assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)

@@ -166,8 +166,11 @@ def test_prompt_batches_are_seeded_endless_and_sharded() -> None:
     assert all(len(b) == 3 for b in first) and len(set(sum(first[:3], []))) == 9
     assert first[:3] != first[3:]
     assert first == [b for b, _ in zip(PromptSampler(10, 3, seed=1), range(6))]
+    # DDP: a step's prompts over the ranks are one process's with the global batch size (2 × 2)
     ranks = [[b for b, _ in zip(PromptSampler(12, 2, seed=0, rank=r, world=2), range(3))] for r in range(2)]
     assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))
+    single = [b for b, _ in zip(PromptSampler(12, 4, seed=0), range(3))]
+    assert [a + b for a, b in zip(*ranks)] == single
     with pytest.raises(ValueError, match="fewer than one batch"):
         PromptSampler(3, 4)
     batch = next(iter(PromptDataModule(10, 4, seed=0).train_dataloader()))

@@ -398,3 +398,18 @@ def test_compile_summarises_every_reference_spec(spec: Path, monkeypatch) -> Non
     res = CliRunner().invoke(app, ["compile", str(spec.relative_to(ROOT))])
     assert res.exit_code == 0 and res.exception is None, res.output
     assert "stage" in res.output or "cells" in res.output
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("axis lam = 1..999999999999999999", "axis `lam` has 999999999999999999 values (limit 10000)"),  # was spelled out: memory
+        ("seeds 1..999999999999999", "`seeds` has 999999999999999 values (limit 10000)"),
+        ("axis lam = [0.1]\naxis steps = 1..9000\nseeds 1..20", "the grid's axes and seeds span 180000 combinations (limit 100000)"),
+        ("axis lam = [0.1]\nseeds -2..1", "a seed must be between 0 and 2147483647, got -2"),
+    ],
+)
+def test_grid_ranges_are_bounded_before_they_are_spelled_out(lines: str, message: str) -> None:
+    text = f'grid g\ntemplate "../gc_sft_fixed.pd"\n{lines}\n'
+    res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
+    assert [d.message for d in res.diagnostics] == [message]

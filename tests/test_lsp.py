@@ -93,7 +93,7 @@ def test_completion_contexts(project_dir: Path) -> None:
     assert not {"experiment", "seed", "task", "eval", "grid"} & set(top)
     assert _labels(p, "|") and "grid" in _labels(p, "|")
     # heads
-    assert _labels(p, "task |") == ["graph_coloring", "sudoku"]
+    assert _labels(p, "task |") == ["graph_coloring", "sudoku", "dataset"]
     assert _labels(p, "task gr|")[0] == "graph_coloring"
     assert _labels(p, "model |") == ["tiny", "hf"]
     assert _labels(p, "stage s = |") == ["sft", "grpo"]
@@ -345,7 +345,7 @@ def test_stdio_session(project_dir: Path, tmp_path: Path) -> None:
             assert h.contents.kind == T.MarkupKind.Markdown and "param lam: float = 0.3" in h.contents.value
             assert "group" not in await s.complete(uri, s.at(uri, "steps = 400"))
             assert "lr" in await s.complete(uri, s.at(uri, "steps = 400"))
-            assert await s.complete(uri, s.at(uri, "graph_coloring")) == ["graph_coloring", "sudoku"]
+            assert await s.complete(uri, s.at(uri, "graph_coloring")) == ["graph_coloring", "sudoku", "dataset"]
             locs = await s.definition(uri, s.at(uri, "from base", 5))
             assert locs[0].uri == uri and locs[0].range.start == T.Position(line=8, character=6)
             symbols = await s.symbols(uri)

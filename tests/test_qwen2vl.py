@@ -5,7 +5,7 @@ consecutive rows) with ``image_grid_thw [images, 3]``, and ``mm_token_type_ids``
 image tokens. Tiny random models are built from their configs; their inputs are laid out by
 hand the way the processor lays them out, because transformers cannot build the processor
 without torchvision (its video processor), and the only torchvision on the package mirror is
-the CUDA build, which does not import against the CPU torch here (see the README)."""
+the CUDA build, which does not import against the CPU torch here (see docs/training.md)."""
 
 from __future__ import annotations
 

@@ -63,8 +63,9 @@ def ref_token_weights(loss: dict, roles: list[str], step: int, total: int, count
     return out
 
 
-def ref_reward(node: dict, group: Any) -> list[float]:
-    """A reward tree on one group, from the task's scores (the labelled terms) or by definition."""
+def ref_reward(node: dict, group: Any, step: int, total: int) -> list[float]:
+    """A reward tree on one group at optimiser step `step` of `total` (a scheduled weight is
+    `ref_value` there), from the task's scores (the labelled terms) or by definition."""
     n = len(group.completions)
     kind = node["kind"]
     if kind == "term":
@@ -81,13 +82,13 @@ def ref_reward(node: dict, group: Any) -> list[float]:
         return [float(getattr(x, field[name])) for x in s]
     if kind == "const":
         return [node["value"]] * n
-    kids = [ref_reward(c, group) for c in node["children"]]
+    kids = [ref_reward(c, group, step, total) for c in node["children"]]
     if kind == "sum":
         return [sum(v) for v in zip(*kids)]
     if kind == "product":
         return [math.prod(v) for v in zip(*kids)]
     if kind == "scale":
-        return [node["value"] * v for v in kids[0]]
+        return [ref_value(node["value"], step, total) * v for v in kids[0]]
     assert kind == "gate"
     return [a if b == 1.0 else 0.0 for a, b in zip(*kids)]
 
@@ -113,8 +114,10 @@ def assert_as_written(ir: ExperimentIR, realised: dict[str, Realised]) -> None:
                     assert logs["eff_lambda"] == pytest.approx(mass[ir.role_names.index("perception")] / sum(mass), rel=1e-4, abs=1e-6)
         if stage["kind"] == "grpo":
             assert len(rec.rewards) == math.ceil(total / stage["updates"]) * stage["batch"]
-            for group, values in rec.rewards:
-                assert list(values.total) == pytest.approx(ref_reward(stage["reward"], group), abs=1e-9)
+            steps = [step for _, _, step in rec.rewards]
+            assert steps == sorted(steps) and set(steps) == set(range(0, total, stage["updates"])), steps
+            for group, values, step in rec.rewards:
+                assert list(values.total) == pytest.approx(ref_reward(stage["reward"], group, step, total), abs=1e-9)
 
 
 def realise(micro: Micro, stages: str, catalogue: Any = None) -> tuple[ExperimentIR, dict[str, Realised]]:
@@ -148,6 +151,33 @@ def test_effective_lambda_of_a_loss_without_perception_is_zero(micro: Micro) -> 
     ir, got = realise(micro, "stage s = sft { steps = 2, batch = 2, loss = mean(reasoning, answer) }\n")
     assert [logs["eff_lambda"] for logs in got["s"].logs] == [0.0, 0.0]
     assert_as_written(ir, got)
+
+
+def test_a_reward_weight_follows_its_schedule_and_is_logged_by_name(micro: Micro) -> None:
+    """`linear(0.1, 0.5) * perception_match + ...` was refused (losses took schedules, rewards did
+    not: trl#3036). The weight is the IR's schedule at each step, evaluated like the lr, and logged."""
+    ir, got = realise(
+        micro,
+        "stage g = grpo { steps = 4, batch = 1, group = 2, max_new_tokens = 4, reward = linear(0.1, 0.5) * format + 0.5 * outcome }\n",
+    )
+    assert [logs["reward_weight/format"] for logs in got["g"].logs] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert_as_written(ir, got)
+
+
+@pytest.mark.parametrize(
+    "reward, code",
+    [
+        ("linear(0, 1) + outcome", "schedule-arith"),
+        ("outcome * format * linear(0, 1) + step(1, every = 2)", "schedule-arith"),
+        ("linear(0, 2) * outcome", "out-of-range"),
+        ("outcome / linear(1, 2)", "type"),
+    ],
+)
+def test_a_schedule_weights_a_reward_term_and_nothing_else(reward: str, code: str) -> None:
+    from percepdsl.check import check_text
+
+    res = check_text(MICRO + f"stage g = grpo {{ steps = 2, reward = {reward} }}\n")
+    assert [d.code for d in res.diagnostics if d.is_error] == [code], [d.message for d in res.diagnostics]
 
 
 PLUGIN_TOML = """
@@ -267,6 +297,7 @@ TERMS = [
 def rewards(draw) -> str:
     a, b = draw(st.sampled_from(TERMS)), draw(st.sampled_from(TERMS))
     alpha = _num(draw(st.floats(0.0, 1.0)))
+    sched = draw(schedules(0.0, 1.0, sched_only=True))  # a weight that follows the stage's steps
     return draw(
         st.sampled_from(
             [
@@ -274,6 +305,8 @@ def rewards(draw) -> str:
                 f"gate({alpha} * {a} + 0.5 * {b}, format)",
                 f"{a} * {b} + 0.1",
                 f"{a} - {alpha} * {b}",
+                f"{sched} * {a} + {alpha} * {b}",
+                f"gate({b} * {sched}, format)",
             ]
         )
     )
@@ -303,7 +336,8 @@ def specs(draw) -> str:
 COVERAGE = [  # every schedule kind with and without warmup and from 0, every loss kind, every reward form
     "stage a = sft { steps = 4, batch = 2, lr = cosine(0, 1e-3, warmup = 2), batching = length, loss = token_mean() }\n"
     "stage b = sft from a { steps = 3, batch = 2, lr = step(1e-3, factor = 0.5, every = 1, warmup = 1), loss = linear(0, 1, warmup = 1) * mean(perception) + 0.5 * mean(reasoning, answer) }\n"
-    "stage c = grpo from a { steps = 3, batch = 1, group = 2, max_new_tokens = 4, updates = 2, lr = warmup(1e-3, 2), reward = gate(0.3 * self_consistency + 0.5 * outcome, format) }\n",
+    "stage c = grpo from a { steps = 3, batch = 1, group = 2, max_new_tokens = 4, updates = 2, lr = warmup(1e-3, 2), reward = gate(0.3 * self_consistency + 0.5 * outcome, format) }\n"
+    "stage d = grpo from a { steps = 4, batch = 1, group = 2, max_new_tokens = 4, reward = linear(0.1, 0.5) * format + (1 - linear(0.1, 0.5)) * perceived_consistency }\n",
     "stage a = sft { steps = 3, batch = 2, lr = linear(1e-3, 0), loss = ngdiff(perception, [reasoning, answer], auto_lr = true, auto_lr_every = 2, norm_every = 2) }\n"
     "stage b = sft from a { steps = 3, batch = 2, lr = constant(2e-3, warmup = 1), loss = 0.25 * mean(perception) + 0.75 * mean(reasoning, answer) }\n"
     "stage c = grpo from a { steps = 2, batch = 1, group = 2, max_new_tokens = 4, lr = 1e-3, reward = perception_partial * self_consistency(mode = majority) + 0.1 }\n",

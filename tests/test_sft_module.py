@@ -67,11 +67,19 @@ def test_batches_are_deterministic_and_bucketed(datamodule, task, encoder) -> No
     assert s.batches() != first and sorted(sum(s.batches(), [])) == list(range(48))
     flat = LengthBucketSampler(datamodule.dataset.lengths, 4, seed=3, window=1)
     assert datamodule.sampler().padding_fraction() <= flat.padding_fraction()
-    # DDP: ranks see disjoint batches that together cover every item once
-    shards = [LengthBucketSampler(datamodule.dataset.lengths, 5, seed=3, rank=r, world=3) for r in range(3)]
-    assert sum(len(sh) for sh in shards) == len(LengthBucketSampler(datamodule.dataset.lengths, 5, seed=3))
-    assert all(len(sh) == len(sh.batches()) for sh in shards)
+    # DDP: at every step the ranks' batches together are the batch of one process with the global
+    # batch size (5 × 3), and they cover every item once; the last global batch of 48 = 3·15 + 3
+    # items gives each rank one item
+    lengths = datamodule.dataset.lengths
+    for window in (1, 50):
+        shards = [LengthBucketSampler(lengths, 5, seed=3, window=window, rank=r, world=3) for r in range(3)]
+        single = LengthBucketSampler(lengths, 15, seed=3, window=window)
+        assert all(len(sh) == len(sh.batches()) == len(single) == 4 for sh in shards)
+        steps = list(zip(*(sh.batches() for sh in shards)))
+        assert [sorted(sum(parts, [])) for parts in steps] == [sorted(b) for b in single.batches()]
+        assert [len(b) for b in steps[-1]] in ([5, 5, 5], [1, 1, 1])
     assert sorted(i for sh in shards for b in sh for i in b) == list(range(48))
+    assert len(LengthBucketSampler(lengths[:46], 5, seed=3, world=3)) == 3  # a last global batch of 1 item is left out
 
 
 def test_loader_batches(datamodule) -> None:

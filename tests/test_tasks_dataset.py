@@ -22,7 +22,8 @@ def test_write_dataset_round_trips(tmp_path: Path) -> None:
         "query",
         "image",
         "perception",
-        "ground_truth",
+        "reasoning",
+        "answer",
         "response",
         "instance",
     }
@@ -32,6 +33,7 @@ def test_write_dataset_round_trips(tmp_path: Path) -> None:
     assert isinstance(row["image"], Image.Image) and row["image"].size == (64, 64)
     assert row["image"].convert("RGB").tobytes() == sample.image.tobytes()  # PNG is lossless
     assert json.loads(row["instance"]) == sample.instance
+    assert row["answer"] == sample.ground_truth and f"<reasoning> {row['reasoning']} </reasoning>" in sample.response
     assert task.score(json.loads(row["instance"]), row["response"]).outcome
 
 

@@ -82,6 +82,78 @@ def test_trace_states_the_search() -> None:
         assert reasoning.count("fail") == k - 2 and reasoning.count("done") == 1
 
 
+def replay_verbose(words: tuple[str, ...]) -> int:
+    """Replay a `verbose` trace and check that every step states only what its neighbour lists
+    and the earlier steps imply (the property that makes it learnable step by step); returns
+    the number of visits checked. A re-assigned node undoes every assignment made after it
+    (the search backtracked into it); `try` starts afresh."""
+    nbrs: dict[int, list[int]] = {}
+    i = 0
+    while words[i] == "adj":
+        v, j = int(words[i + 1]), i + 3
+        while words[j] not in ("adj", "try"):
+            j += 1
+        nbrs[v] = [int(w) for w in words[i + 3 : j]]
+        i = j
+    colors: dict[int, int] = {}
+    order: list[int] = []
+    untried: dict[int, list[str]] = {}  # per visited node: the candidates not yet assigned, in order
+    k = visits = 0
+    while i < len(words):
+        w = words[i]
+        if w == "try":
+            k, colors, order, i = int(words[i + 1]), {}, [], i + 3
+        elif w == "sat":  # per uncoloured node: its neighbours' distinct colours, then their count
+            i += 1
+            for u in sorted(set(nbrs) - set(colors)):
+                shown = sorted({colors[x] for x in nbrs[u] if x in colors})
+                expect = [str(u), *(f"c{c}" for c in shown), f"s{len(shown)}"]
+                assert list(words[i : i + len(expect)]) == expect
+                i += len(expect)
+        elif w == "check":  # the edge check after `done` restates the answer
+            break
+        elif w in ("fail", "done"):
+            i += 1
+        elif words[i + 1] == ":":  # a visit: each neighbour with its colour or -, then the candidates
+            v = int(w)
+            stated = list(words[i + 2 : i + 2 + 2 * len(nbrs[v])])
+            assert stated == [x for n in nbrs[v] for x in (str(n), f"c{colors[n]}" if n in colors else "-")]
+            j = i + 2 + 2 * len(nbrs[v])
+            assert words[j] == "?"
+            used = max(colors.values(), default=0)
+            blocked = {colors[n] for n in nbrs[v] if n in colors}
+            cands = [f"c{c}" for c in range(1, min(k, used + 1) + 1) if c not in blocked] or ["none"]
+            assert list(words[j + 1 : j + 1 + len(cands)]) == cands
+            untried[v] = cands
+            i, visits = j + 1 + len(cands), visits + 1
+        elif words[i + 1] == "=":
+            v = int(w)
+            if v in colors:  # backtracked into v: undo everything decided after it
+                for u in order[order.index(v) :]:
+                    del colors[u]
+                order = order[: order.index(v)]
+            assert words[i + 2] == untried[v].pop(0)  # candidates are tried in the order stated
+            colors[v] = int(words[i + 2][1:])
+            order.append(v)
+            i += 3
+        else:
+            assert words[i + 1] == "back", words[i : i + 3]
+            i += 2
+    return visits
+
+
+def test_verbose_trace_is_locally_checkable() -> None:
+    """Every visit of a `verbose` trace restates the colours of the neighbours it depends on and
+    the candidates they leave, every `sat` line the saturation of each uncoloured node: each step
+    can be checked from the neighbour lists and the steps before it."""
+    task = build_task("graph_coloring", {"nodes": (5, 8), "reasoning": "verbose"}, seed=3)
+    total = 0
+    for i in range(40):
+        s = task.sample("train", i)
+        total += replay_verbose(parse_sections(s.response).reasoning or ())
+    assert total >= 40 * 5  # at least one visit per node of every graph
+
+
 def test_any_optimal_colouring_counts_and_mutations_fail() -> None:
     task = build_task("graph_coloring", {"nodes": 6}, seed=1)
     for i in range(20):

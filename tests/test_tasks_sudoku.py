@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from percepdsl.ir import SudokuParams
-from percepdsl_runtime.tasks import build_task
+from percepdsl_runtime.tasks import build_task, perception_share
 from percepdsl_runtime.tasks.base import parse_sections
 from percepdsl_runtime.tasks.sudoku import (
     SudokuTask,
@@ -179,6 +179,32 @@ def test_train_and_test_share_no_solution_grid() -> None:
     assert 30 < held_out_grids < 90  # ~20% of the 288 grids
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_cells_format_states_the_same_slots_without_separators(style: str) -> None:
+    grid = build_task("sudoku", {"reasoning": style, "givens": 5}, seed=7)
+    cells = build_task("sudoku", {"reasoning": style, "givens": 5, "perception_format": "cells"}, seed=7)
+    for split in ("train", "test"):
+        for i in range(20):
+            g, c = grid.sample(split, i), cells.sample(split, i)
+            assert c.perception.split() == [w for w in g.perception.split() if w != "/"] and len(c.perception.split()) == 16
+            assert c.response.replace(c.perception, g.perception, 1) == g.response  # only p* differs
+            assert c.instance == g.instance and c.image.tobytes() == g.image.tobytes()
+            assert cells.parse_perception(c.response) == grid.parse_perception(g.response)
+            scores = cells.score(c.instance, c.response)
+            assert scores.format_ok and scores.outcome and scores.perception_exact and scores.slot_errors == [0] * 16
+            # either layout is read as the same perception by either task: `/` is cosmetic
+            assert cells.score(c.instance, g.response).perception_exact and grid.score(g.instance, c.response).perception_exact
+
+
+def test_cells_format_brings_verbose_perception_under_five_percent() -> None:
+    def share(fmt: str) -> float:
+        task = build_task("sudoku", {"reasoning": "verbose", "givens": 5, "perception_format": fmt}, seed=1)
+        return float(np.mean([perception_share(task.sample("train", i).response) for i in range(40)]))
+
+    # words inside the section over all words; the 2 markers (perception tokens in training) add ~0.5%
+    assert share("cells") < 0.045 < share("grid")
+
+
 VOCAB = build_task("sudoku", {}, 0).vocabulary()
 
 
@@ -204,7 +230,15 @@ def test_scoring_and_parsing_never_raise(text: str) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"size": 6}, {"givens": 3}, {"size": 9, "givens": 20}, {"givens": 17}, {"reasoning": "x"}, {"image": 10}],
+    [
+        {"size": 6},
+        {"givens": 3},
+        {"size": 9, "givens": 20},
+        {"givens": 17},
+        {"reasoning": "x"},
+        {"image": 10},
+        {"perception_format": "edges"},
+    ],
 )
 def test_bad_parameters_raise(params: dict) -> None:
     with pytest.raises(ValueError):

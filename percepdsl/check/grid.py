@@ -7,13 +7,14 @@ values of the param's type, and compiles every cell so that a cell that would fa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from .. import nodes as A
 from ..catalogue import ParamSpec
 from ..diagnostics import Related, Span, did_you_mean, relpath
-from ..grid import MAX_CELL_CHECKS, MAX_CELLS, Cell, expand
+from ..grid import MAX_CELL_CHECKS, MAX_CELLS, MAX_COMBINATIONS, Cell, expand
 from ..ir import AxisIR, ExperimentIR, GridIR
 from .checker import Checker
 from .load import is_file, pd_files_near, resolve_written, shown
@@ -98,6 +99,8 @@ def check_grid(ck: Checker) -> GridIR | None:
         if v is None:
             return None
         if isinstance(v, Range):
+            if not _range_fits(ck, v, f"axis `{pname}`"):
+                return None
             items = [Num(v.span, x) for x in range(v.lo, v.hi + 1)]
         elif isinstance(v, List):
             items = list(v.items)
@@ -163,6 +166,16 @@ def check_grid(ck: Checker) -> GridIR | None:
         return None
     header = g[A.Grid][0]
     grid = GridIR(name=header.name.id, template=tmpl.path.value, fixed=fixed, axes=axes, seeds=seeds, where=where, report=report)
+    combinations = math.prod(len(ax.values) for ax in axes) * max(1, len(seeds))
+    if combinations > MAX_COMBINATIONS:
+        ck.error(
+            header.span,
+            "grid-too-large",
+            f"the grid's axes and seeds span {combinations} combinations (limit {MAX_COMBINATIONS})",
+            "split it into several grids",
+            [Related.at(s, "an axis") for s in axis_spans],
+        )
+        return None
     cells = expand(grid, tir.params)
     if not cells:
         ck.error(
@@ -200,6 +213,14 @@ def check_grid(ck: Checker) -> GridIR | None:
     return None if failures else grid
 
 
+def _range_fits(ck: Checker, v: Range, what: str) -> bool:
+    """A range is spelled out value by value: no more of them than a grid may have cells."""
+    if v.hi - v.lo + 1 > MAX_CELLS:
+        ck.error(v.span, "grid-too-large", f"{what} has {v.hi - v.lo + 1} values (limit {MAX_CELLS})", "split it into several grids")
+        return False
+    return True
+
+
 def _param_type(v: Any) -> str:
     return "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "float" if isinstance(v, float) else "str"
 
@@ -209,7 +230,10 @@ def _seeds(ck: Checker, expr: A.Expr) -> list[int] | None:
     if v is None:
         return None
     if isinstance(v, Range):
-        return list(range(v.lo, v.hi + 1))
+        if not _range_fits(ck, v, "`seeds`"):
+            return None
+        ends = [ck.coerce(Num(v.span, x), SEED, "a seed") for x in (v.lo, v.hi)]
+        return None if None in ends else list(range(v.lo, v.hi + 1))
     items = v.items if isinstance(v, List) else (v,)
     out = [ck.coerce(i, SEED, "a seed") for i in items]
     if any(x is None for x in out):

@@ -266,6 +266,10 @@ class _Spec:
         if entry is None:
             return None
         settings = ck.check_block(t.block, entry, f"task `{entry.name}`")
+        if settings is not None and entry.name == "dataset" and entry.source == "percepdsl":
+            from .data import check_dataset  # reads the data's layout: only for specs that name data
+
+            settings = check_dataset(ck, t.block, settings)
         if settings is None:
             return None
         return TaskIR(name=entry.name, params=settings, impl=entry.impl)

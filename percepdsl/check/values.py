@@ -510,18 +510,28 @@ class Evaluator:
                 return x.reward
             if isinstance(x, Num):
                 return RewardIR(kind="const", value=float(x.value))
+            if isinstance(x, Sched):
+                self.error(
+                    x.span,
+                    "schedule-arith",
+                    "a schedule can weight a reward term, not be added to or multiply a reward on its own",
+                    "write it as a weight: `linear(0.1, 0.5) * perception_match + 0.5 * outcome`",
+                )
+                return None
             self.error(x.span, "type", f"cannot combine {x.describe()} with a reward", None)
             return None
 
         if sign:
             assert isinstance(b, Reward)
             return Reward(span, RewardIR(kind="scale", value=-1.0, children=[b.reward]))
-        if op == "*" and (isinstance(a, Num) or isinstance(b, Num)):
-            w, r = (a, b) if isinstance(a, Num) else (b, a)
+        if op == "*" and (isinstance(a, (Num, Sched)) or isinstance(b, (Num, Sched))):
+            # a weight: a number, or a schedule over the stage's steps (evaluated by `value_at`)
+            w, r = (a, b) if isinstance(a, (Num, Sched)) else (b, a)
             if not self._weight_ok(w):
                 return None
             assert isinstance(r, Reward)
-            return Reward(span, RewardIR(kind="scale", value=float(w.value), children=[r.reward]))
+            weight = float(w.value) if isinstance(w, Num) else w.schedule.to_ir()
+            return Reward(span, RewardIR(kind="scale", value=weight, children=[r.reward]))
         if op == "/":
             if not isinstance(b, Num) or b.value == 0:
                 self.error(b.span, "type", "a reward can only be divided by a non-zero number", None)
@@ -714,7 +724,7 @@ class Evaluator:
             self.error(v.span, "type", f"{what} cannot be `none`", f"it expects {spec.describe_type()}")
             return None
 
-        if isinstance(v, Sym) and t not in ("choice", "metrics", "roles", "role_group", "str"):
+        if isinstance(v, Sym) and t not in ("choice", "choice_list", "metrics", "roles", "role_group", "str"):
             self.unknown_name(v, {"reward": "reward", "loss": "loss"}.get(t, "value"))
             return None
 
@@ -751,6 +761,14 @@ class Evaluator:
             if not isinstance(v, (Str, Sym)):
                 return wrong()
             word = v.value if isinstance(v, Str) else v.name
+            if word in dict(spec.refused):
+                self.error(
+                    v.span,
+                    "unsupported-choice",
+                    f"{what} `{word}` is not offered: {dict(spec.refused)[word]}",
+                    "offered: " + ", ".join(f"`{c}`" for c in spec.choices),
+                )
+                return None
             if word not in spec.choices:
                 guess = did_you_mean(str(word), spec.choices)
                 self.error(
@@ -822,6 +840,14 @@ class Evaluator:
                     return None
                 names.append(name)
             return names
+        if t == "choice_list":
+            out = []
+            for it in v.items if isinstance(v, List) else (v,):
+                word = self.coerce(it, ParamSpec(spec.name, "choice", choices=spec.choices), what)
+                if word is None:
+                    return None
+                out.append(word)
+            return out
         if t == "str_list":
             if isinstance(v, Str):
                 return v.value

@@ -698,7 +698,7 @@ def _complete_value(project: Project, ctx: S.Context, items: _Items, snippets: b
                 if arg is not None:
                     _values(project, items, arg, ekind, snippets)
                 return
-            if spec is not None and spec.type in ("metrics", "role_group", "roles"):
+            if spec is not None and spec.type in ("metrics", "role_group", "roles", "choice_list"):
                 _values(project, items, spec, ekind, snippets)
             elif spec is not None and spec.type not in ("str_list",):
                 _params(project, items)
@@ -825,7 +825,7 @@ def _values(project: Project, items: _Items, spec: ParamSpec, ekind: str, snippe
         _params(project, items, ("bool",))
     elif t == "str":
         _params(project, items, ("str",))
-    elif t == "choice":
+    elif t in ("choice", "choice_list"):
         for c in spec.choices:
             items.add(str(c), T.CompletionItemKind.EnumMember, spec.describe_type(), spec.doc or None, sort="1")
     elif t == "metrics":
@@ -1052,7 +1052,7 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
         in_roles_arg = call_entry is not None and call_entry.kind == "loss"
         if (in_roles_arg or (spec is not None and spec.type in ("roles", "role_group"))) and word in project.roles():
             return tok, _decl_target(project, "role", word)
-        if spec is not None and spec.type == "choice" and word in spec.choices:
+        if spec is not None and spec.type in ("choice", "choice_list") and word in spec.choices:
             return tok, _Target("spec", spec=spec, owner=_owner_name(cat, ctx), name=word)
         if nxt is not None and nxt.text == "(":
             fe = function_entry(cat, word, ekind)
@@ -1101,7 +1101,7 @@ def hover(project: Project, offset: int, enc: Encoder) -> T.Hover | None:
         md = "\n\n---\n\n".join(e.markdown() for e in tgt.entries)
     elif tgt.kind == "spec" and tgt.spec is not None:
         md = spec_markdown(tgt.spec, tgt.owner)
-        if tgt.spec.type == "choice" and tgt.name in tgt.spec.choices:
+        if tgt.spec.type in ("choice", "choice_list") and tgt.name in tgt.spec.choices:
             md = f"`{tgt.name}` — one of the choices of `{tgt.spec.name}`\n\n" + md
     elif tgt.kind in ("param", "template_param") and tgt.decl is not None:
         md = _param_markdown(project, tgt.decl)

@@ -19,17 +19,19 @@ directory without one was interrupted (or failed) and is continued with
 `percep run --resume`. `grid_state.json` only adds what the directories cannot
 say (exit codes, log tails) and is rewritten atomically after every event.
 
-Execution backends: local processes (default; no extra dependency) or Ray tasks on an
-existing cluster (`--backend ray`; `pip install -e '.[ray]'`), each task running the
-same subprocess on a worker. This package never imports torch: it launches processes
-and reads JSON. Ray and matplotlib are imported only when used.
+Execution backends: local processes (default; no extra dependency), Ray tasks on an
+existing cluster (`--backend ray`; `pip install -e '.[ray]'`) or SLURM jobs through
+submitit (`--backend slurm`; `pip install -e '.[slurm]'`), each task or job running the
+same subprocess where it lands. `--fail-fast` stops the grid at the first failed cell.
+This package never imports torch: it launches processes and reads JSON. Ray, submitit and
+matplotlib are imported only when used.
 
 Modules, each importing only those above it:
 
 - `common`: file names, exit codes, cell status values, `GridError`
 - `state`: run summaries, grid_state.json, the grid directory's lock
 - `plan`: check, expand and compile the cells; their status on disk
-- `backends`: local processes and Ray tasks
+- `backends`: local processes, Ray tasks, SLURM jobs
 - `progress`: done / running / failed and an ETA
 - `execute`: run the cells that are not done, record every event
 - `results`: the results table (CSV, Markdown)
@@ -37,7 +39,8 @@ Modules, each importing only those above it:
 - `commands`: `percep grid` and `percep report`
 """
 
-from .commands import grid_command, report_command, write_results
+from .backends import SlurmOptions
+from .commands import grid_command, report_command, run_plan, write_results
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GridError
 from .execute import GridOutcome, execute
 from .plan import CellPlan, GridPlan, plan_grid
@@ -53,10 +56,12 @@ __all__ = [
     "GridOutcome",
     "GridPlan",
     "ResultsTable",
+    "SlurmOptions",
     "aggregate",
     "execute",
     "grid_command",
     "plan_grid",
     "report_command",
+    "run_plan",
     "write_results",
 ]

@@ -1,12 +1,13 @@
-"""Where cells run: child processes of the grid runner (`LocalBackend`), or Ray tasks on a
-cluster (`RayBackend`), each task running the same cell process on its worker. Ray is imported
-only when that backend is chosen."""
+"""Where cells run: child processes of the grid runner (`LocalBackend`), Ray tasks on a cluster
+(`RayBackend`), or SLURM jobs submitted through submitit (`SlurmBackend`); each task or job runs
+the same cell process where it lands. Ray and submitit are imported only when chosen."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .plan import CellPlan
 
 RAY_INSTALL = "pip install -e '.[ray]'"
+SLURM_INSTALL = "pip install -e '.[slurm]'"
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 STOP_GRACE_S = 15.0  # after SIGINT, how long a cell may take to stop (save a checkpoint) before SIGKILL
@@ -140,6 +142,9 @@ def run_cell_process(
 
     argv = [*(launcher or default_launcher()), *run_args]
     proc = _spawn(argv, Path(log_path), _child_env(env_extra))
+    # A cancelled SLURM job gets SIGTERM (submitit only logs it): stop the cell as Ctrl-C would.
+    main = threading.current_thread() is threading.main_thread()
+    prev_term = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         # Wait in short slices: Ray delivers a cancellation as an asynchronous KeyboardInterrupt,
         # which a single blocking wait() would never see.
@@ -148,7 +153,14 @@ def run_cell_process(
     except BaseException:
         _stop([proc], STOP_GRACE_S)
         raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, prev_term)
     return {"exit_code": rc, "log_tail": log_tail(log_path), "host": socket.gethostname(), "summary": read_summary(Path(run_dir))}
+
+
+def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
 
 
 @dataclass
@@ -300,3 +312,117 @@ class RayBackend:
         self.stop_all(0.0)
         if self.owns_ray:
             self.ray.shutdown()
+
+
+def import_submitit():
+    """`submitit`, or a GridError that says how to install it."""
+    try:
+        import submitit  # noqa: PLC0415 - optional dependency, imported only for --backend slurm
+    except ImportError as exc:
+        raise GridError(f"--backend slurm needs submitit, which is not installed ({exc}); install it with: {SLURM_INSTALL}") from None
+    return submitit
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What each cell's SLURM job asks for (`percep grid --backend slurm` options)."""
+
+    partition: str | None = None
+    time_min: int = 60  # the job's time limit; a cell that hits it is resumed by the next `percep grid`
+    cpus_per_cell: int = 1  # also the cell's thread count
+    gpus_per_cell: int = 0
+    mem_gb: float | None = None
+    cluster: str = "slurm"  # submitit's executor: "slurm", or "local" (its stand-in that runs the same job code; tests)
+
+
+class SlurmBackend:
+    """Cells as SLURM jobs through submitit: each job runs the cell process on its node.
+
+    Job scripts, submitit's logs and pickled results go to `<grid dir>/slurm/`; as with Ray, the
+    grid directory and the spec files must be at the same paths on every node (a shared
+    filesystem), and results also come back through the job's return value. Stopping the grid
+    cancels the jobs (`scancel`: SIGTERM, which stops the cell like a Ctrl-C, so it keeps its
+    resume checkpoint); the job ids are in grid_state.json."""
+
+    def __init__(self, launcher: Sequence[str] | None, env_extra: dict[str, str], folder: Path, options: SlurmOptions):
+        submitit = import_submitit()
+        if options.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise GridError(
+                "--backend slurm submits jobs with `sbatch`, which is not on this machine's PATH; run `percep grid` on a SLURM login node"
+            )
+        try:
+            self.executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster)
+        except Exception as exc:  # no sbatch here and no cluster named: say so, no traceback
+            raise GridError(f"cannot submit SLURM jobs from this machine: {type(exc).__name__}: {exc}") from None
+        params: dict[str, Any] = {
+            "timeout_min": options.time_min,
+            "cpus_per_task": options.cpus_per_cell,
+            "gpus_per_node": options.gpus_per_cell,
+            "name": "percep-grid",
+        }
+        if options.partition:
+            params["slurm_partition"] = options.partition
+        if options.mem_gb is not None:
+            params["mem_gb"] = options.mem_gb
+        self.executor.update_parameters(**params)
+        self.launcher = list(launcher) if launcher else None  # None: resolved on the node
+        self.env_extra = {"OMP_NUM_THREADS": str(max(1, options.cpus_per_cell)), **env_extra}
+        self.jobs: dict[int, tuple[CellPlan, Any]] = {}
+        self.failed_submits: list[tuple[CellPlan, Finished]] = []
+
+    @property
+    def running(self) -> int:
+        return len(self.jobs) + len(self.failed_submits)
+
+    def start(self, cell: CellPlan, args: list[str]) -> None:
+        try:
+            job = self.executor.submit(run_cell_process, args, self.launcher, str(cell.log_path), self.env_extra, str(cell.run_dir))
+        except Exception as exc:  # sbatch refused the job (bad partition, time over the limit, ...)
+            msg = f"percep grid: SLURM refused the job: {type(exc).__name__}: {exc}"[-LOG_TAIL_CHARS:]
+            self.failed_submits.append((cell, Finished(EXIT_NOT_STARTED, msg, error=msg)))
+            return
+        self.jobs[cell.index] = (cell, job)
+
+    def job_id(self, cell: CellPlan) -> str | None:
+        entry = self.jobs.get(cell.index)
+        return str(entry[1].job_id) if entry else None
+
+    def poll(self, timeout: float) -> list[tuple[CellPlan, Finished]]:
+        if self.failed_submits:
+            out, self.failed_submits = self.failed_submits, []
+            return out
+        deadline = time.monotonic() + timeout
+        while True:
+            done = [(c, j) for c, j in self.jobs.values() if j.done()]
+            if done or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.05, timeout))
+        out = []
+        for cell, job in done:
+            del self.jobs[cell.index]
+            try:
+                r = job.result()
+                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"))))
+            except Exception as exc:  # the job died (time limit, node failure, cancelled): submitit says why
+                why = f"SLURM job {job.job_id}: {type(exc).__name__}: {exc}"[-LOG_TAIL_CHARS:]
+                out.append((cell, Finished(-1, log_tail(cell.log_path), error=why)))
+        return out
+
+    def stop_all(self, grace: float) -> list[CellPlan]:
+        cells = [c for c, _ in self.jobs.values()]
+        for _, job in self.jobs.values():
+            try:
+                job.cancel(check=False)
+            except Exception:  # already gone
+                pass
+        deadline = time.monotonic() + grace
+        try:
+            while time.monotonic() < deadline and not all(j.done() for _, j in self.jobs.values()):
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            pass
+        self.jobs.clear()
+        return cells
+
+    def close(self) -> None:
+        self.stop_all(0.0)

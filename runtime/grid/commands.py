@@ -12,9 +12,9 @@ from typing import TextIO
 from percepdsl.diagnostics import relpath
 from percepdsl.io import write_text_atomic
 
-from .backends import import_ray
+from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, GridError
-from .execute import describe_exit, execute
+from .execute import GridOutcome, describe_exit, execute
 from .plan import GridPlan, plan_grid
 from .progress import plural
 from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
@@ -65,6 +65,43 @@ def list_cells(plan: GridPlan, stream: TextIO) -> None:
     )
 
 
+def run_plan(
+    plan: GridPlan,
+    *,
+    jobs: int | None = 1,
+    backend: str = "local",
+    fail_fast: bool = False,
+    launcher: Sequence[str] | None = None,
+    stream: TextIO | None = None,
+    address: str | None = None,
+    cpus_per_cell: float = 1.0,
+    gpus_per_cell: float = 0.0,
+    slurm: SlurmOptions | None = None,
+) -> GridOutcome:
+    """Run a planned grid under its directory's lock, then (unless interrupted) write the results
+    table and plots; the outcome carries the table (`outcome.table`). GridError when another
+    grid holds the directory or the backend cannot start."""
+    with GridLock(plan.out_dir):
+        outcome = execute(
+            plan,
+            jobs=jobs,
+            backend=backend,
+            address=address,
+            launcher=launcher,
+            stream=stream,
+            cpus_per_cell=cpus_per_cell,
+            gpus_per_cell=gpus_per_cell,
+            fail_fast=fail_fast,
+            slurm=slurm,
+        )
+    if outcome.status != "interrupted":
+        try:
+            outcome.table, outcome.plots = write_results(plan.out_dir)
+        except Exception as exc:  # results are a view of the run dirs: never lose the grid's outcome over them
+            print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stream or sys.stderr)
+    return outcome
+
+
 def grid_command(
     grid_file: Path,
     *,
@@ -76,28 +113,56 @@ def grid_command(
     address: str | None = None,
     cpus_per_cell: float = 1.0,
     gpus_per_cell: float = 0.0,
+    fail_fast: bool = False,
+    partition: str | None = None,
+    time_min: int | None = None,
+    mem_gb: float | None = None,
+    slurm_cluster: str | None = None,
     launcher: Sequence[str] | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
     """`percep grid`: plan, (dry-)run and aggregate a grid. Returns the process exit code:
-    0 every cell complete, 2 refused before anything ran, 3 some cell failed, 130 interrupted.
+    0 every cell complete, 2 refused before anything ran, 3 some cell failed (with `fail_fast`:
+    the first failure stopped the grid), 130 interrupted.
 
     `launcher` is the command a cell runs before its arguments (default `python -m percepdsl run`);
-    tests point it at a stand-in trainer."""
+    tests point it at a stand-in trainer. `slurm_cluster` is submitit's executor (tests: "local")."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    if backend not in ("local", "ray"):
-        print(f"error: unknown backend `{backend}` (local or ray)", file=stderr)
+    if backend not in ("local", "ray", "slurm"):
+        print(f"error: unknown backend `{backend}` (local, ray or slurm)", file=stderr)
         return EXIT_USAGE
     if jobs is not None and jobs < 1:
         print("error: --jobs must be at least 1", file=stderr)
         return EXIT_USAGE
-    if backend != "ray" and (address is not None or cpus_per_cell != 1.0 or gpus_per_cell != 0.0):
-        print("error: --address, --cpus-per-cell and --gpus-per-cell are for --backend ray", file=stderr)
+    if backend == "local" and (address is not None or cpus_per_cell != 1.0 or gpus_per_cell != 0.0):
+        print("error: --cpus-per-cell and --gpus-per-cell are for --backend ray or slurm, --address for ray", file=stderr)
+        return EXIT_USAGE
+    if backend != "ray" and address is not None:
+        print("error: --address is for --backend ray", file=stderr)
+        return EXIT_USAGE
+    if backend != "slurm" and (partition is not None or time_min is not None or mem_gb is not None):
+        print("error: --partition, --time and --mem are for --backend slurm", file=stderr)
         return EXIT_USAGE
     if cpus_per_cell <= 0 or gpus_per_cell < 0:
         print("error: --cpus-per-cell must be > 0 and --gpus-per-cell >= 0", file=stderr)
         return EXIT_USAGE
+    slurm = None
+    if backend == "slurm":
+        if not float(cpus_per_cell).is_integer() or not float(gpus_per_cell).is_integer():
+            print("error: with --backend slurm, --cpus-per-cell and --gpus-per-cell are whole numbers", file=stderr)
+            return EXIT_USAGE
+        if (time_min is not None and time_min < 1) or (mem_gb is not None and mem_gb <= 0):
+            print("error: --time must be at least 1 minute and --mem more than 0 GB", file=stderr)
+            return EXIT_USAGE
+        slurm = SlurmOptions(
+            partition=partition,
+            time_min=time_min if time_min is not None else SlurmOptions.time_min,
+            cpus_per_cell=int(cpus_per_cell),
+            gpus_per_cell=int(gpus_per_cell),
+            mem_gb=mem_gb,
+            cluster=slurm_cluster or "slurm",
+        )
     try:
         plan = plan_grid(grid_file, out, sets)
         if dry_run:
@@ -105,6 +170,8 @@ def grid_command(
             return EXIT_OK
         if backend == "ray":
             import_ray()
+        if backend == "slurm":
+            import_submitit()
     except GridError as exc:
         print(exc.render(color=getattr(stderr, "isatty", lambda: False)()), file=stderr)
         return EXIT_USAGE
@@ -124,18 +191,19 @@ def grid_command(
         file=stderr,
     )
     try:
-        with GridLock(plan.out_dir):
-            outcome = execute(
-                plan,
-                jobs=jobs,
-                backend=backend,
-                address=address,
-                launcher=launcher,
-                stream=stderr,
-                cpus_per_cell=cpus_per_cell,
-                gpus_per_cell=gpus_per_cell,
-            )
-    except GridError as exc:  # another run holds the grid, Ray cannot be reached
+        outcome = run_plan(
+            plan,
+            jobs=jobs,
+            backend=backend,
+            fail_fast=fail_fast,
+            launcher=launcher,
+            stream=stderr,
+            address=address,
+            cpus_per_cell=cpus_per_cell,
+            gpus_per_cell=gpus_per_cell,
+            slurm=slurm,
+        )
+    except GridError as exc:  # another run holds the grid, Ray or SLURM cannot be reached
         print(exc.render(), file=stderr)
         return EXIT_USAGE
     if outcome.status == "interrupted":
@@ -145,17 +213,20 @@ def grid_command(
             file=stderr,
         )
         return EXIT_INTERRUPTED
-    try:
-        table, plots = write_results(plan.out_dir)
-    except Exception as exc:  # results are a view of the run dirs: never lose the run's exit status over them
-        print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stderr)
-    else:
+    if outcome.table is not None:
         print(
             f"results: {relpath(plan.out_dir / RESULTS_MD)}, {relpath(plan.out_dir / RESULTS_CSV)}"
-            + "".join(f", {relpath(p)}" for p in plots),
+            + "".join(f", {relpath(p)}" for p in outcome.plots),
             file=stderr,
         )
-        print(table_markdown(table), file=stdout, end="")
+        print(table_markdown(outcome.table), file=stdout, end="")
+    if outcome.stopped:
+        pending = len(plan.cells) - outcome.done - len(outcome.failed) - len(outcome.interrupted)
+        print(
+            f"stopped: {outcome.stopped}; {len(outcome.interrupted)} running cell(s) stopped, {pending} not started; "
+            f"state in {relpath(plan.state_path)}; run the same command again to continue",
+            file=stderr,
+        )
     for c in outcome.failed:
         e = outcome.entries.get(c.index, {})
         tail = "\n".join("    " + ln for ln in (e.get("log_tail") or "").splitlines()[-8:])

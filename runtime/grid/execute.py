@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from percepdsl.diagnostics import relpath
 from percepdsl.io import write_json_atomic, write_text_atomic
 
-from .backends import POLL_S, STOP_GRACE_S, Backend, LocalBackend, RayBackend, log_tail
+from .backends import POLL_S, STOP_GRACE_S, Backend, LocalBackend, RayBackend, SlurmBackend, SlurmOptions, log_tail
 from .common import DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED, RUNNING, SUMMARY_FILE, now
 from .plan import CellPlan, GridPlan
 from .progress import Progress
@@ -27,8 +27,11 @@ class GridOutcome:
     status: str  # complete | failed | interrupted
     done: int = 0  # cells complete at the end (this run or earlier)
     failed: list[CellPlan] = field(default_factory=list)
-    interrupted: list[CellPlan] = field(default_factory=list)
+    interrupted: list[CellPlan] = field(default_factory=list)  # stopped by a signal, or cancelled by --fail-fast
     entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # cell index → its grid_state.json entry
+    stopped: str | None = None  # why the grid stopped before every cell ran (--fail-fast), else None
+    table: Any = None  # the results table (`ResultsTable`) once written (`run_plan`)
+    plots: list[Any] = field(default_factory=list)  # the plots written with it
 
     @property
     def exit_code(self) -> int:
@@ -53,13 +56,18 @@ def execute(
     stream: TextIO | None = None,
     cpus_per_cell: float = 1.0,
     gpus_per_cell: float = 0.0,
+    fail_fast: bool = False,
+    slurm: SlurmOptions | None = None,
 ) -> GridOutcome:
     """Run every cell that is not done; write grid_state.json after each event.
 
-    `jobs` limits cells in flight (None with Ray: as many as the cluster schedules; Ray reserves
-    `cpus_per_cell` and `gpus_per_cell` for each).
-    Failed cells are recorded and the others go on. SIGINT (or SIGTERM) stops the running
-    cells, keeps finished ones, and returns an `interrupted` outcome."""
+    `jobs` limits cells in flight (None with Ray or SLURM: as many as the cluster schedules; Ray
+    reserves `cpus_per_cell` and `gpus_per_cell` for each, SLURM what `slurm` asks for).
+    Failed cells are recorded and the others go on, unless `fail_fast`: then the first failure
+    stops the running cells (as SIGINT does: they keep their resume checkpoints, and are
+    recorded `interrupted`), starts no more, and the outcome is `failed` with `stopped` saying
+    why. SIGINT (or SIGTERM) stops the running cells, keeps finished ones, and returns an
+    `interrupted` outcome."""
     stream = stream or sys.stderr
     plan.cells_dir.mkdir(parents=True, exist_ok=True)
     state = GridState(plan, backend, jobs)
@@ -72,6 +80,7 @@ def execute(
             todo.append(c)
     local_jobs = jobs if jobs is not None else (1 if backend == "local" else len(todo) or 1)
     env_extra = thread_env(local_jobs) if backend == "local" else {}
+    state.header["fail_fast"] = fail_fast
     outcome = GridOutcome("complete")
     if not todo:
         state.write("complete")
@@ -81,6 +90,8 @@ def execute(
     runner: Backend
     if backend == "ray":
         runner = RayBackend(launcher, env_extra, address, cpus_per_cell, gpus_per_cell)  # GridError if unreachable
+    elif backend == "slurm":
+        runner = SlurmBackend(launcher, env_extra, plan.out_dir / "slurm", slurm or SlurmOptions())  # GridError without submitit
     else:
         runner = LocalBackend(launcher, env_extra)
     progress = Progress(len(plan.cells), plan.count(DONE), local_jobs, stream)
@@ -103,7 +114,8 @@ def execute(
                 resume = cell.run_dir.is_dir()
                 runner.start(cell, cell.run_args(plan.template, resume))
                 started_at[cell.index] = time.monotonic()
-                mark(cell, status=RUNNING, started=now(), resumed=resume, exit_code=None, log_tail=None)
+                job = {"job_id": runner.job_id(cell)} if isinstance(runner, SlurmBackend) else {}
+                mark(cell, status=RUNNING, started=now(), resumed=resume, exit_code=None, log_tail=None, **job)
                 state.write("running")
                 progress.cell_started(cell, resume)
             for cell, fin in runner.poll(POLL_S):
@@ -131,6 +143,16 @@ def execute(
                 state.write("running")
                 note = "" if ok else f" (exit {describe_exit(fin.exit_code)}; log: {relpath(cell.log_path)})"
                 progress.cell_finished(cell, ok, note, cells=len(twins[cell.hash]))
+                if not ok and fail_fast and outcome.stopped is None:
+                    outcome.stopped = f"--fail-fast: cell {cell.label} failed (exit {describe_exit(fin.exit_code)})"
+                    state.header["stopped"] = outcome.stopped
+                    todo.clear()  # start nothing more; the pending cells stay pending
+                    if runner.running:
+                        progress.note(f"{outcome.stopped}: stopping {runner.running} running cell(s)")
+                        for c in runner.stop_all(STOP_GRACE_S):
+                            mark(c, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(c.log_path))
+                            outcome.interrupted.append(c)
+                    state.write("running")
             progress.tick()
     except KeyboardInterrupt:
         progress.note(f"interrupted: stopping {runner.running} running cell(s); finished cells are kept")

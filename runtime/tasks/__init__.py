@@ -1,4 +1,5 @@
-"""Diagnostic tasks whose images have a canonical text form ``p*``: graph colouring and sudoku.
+"""Diagnostic tasks whose images have a canonical text form ``p*``: graph colouring and sudoku,
+and ``dataset``, items of a dataset on disk scored by one of their verifiers (``disk.py``).
 
 ``build_task("graph_coloring", {"nodes": (5, 6)}, seed=7)`` returns a task: the parameters go
 through the task's typed parameters (``percepdsl.ir.GraphColoringParams`` / ``SudokuParams``),
@@ -23,13 +24,15 @@ from .base import (
     parse_sections,
     perception_share,
 )
+from .disk import DatasetTask
 from .graph_coloring import GraphColoringTask
 from .sudoku import SudokuTask
 
 #: Task name -> task class; each class takes ``(params: its params_type, seed: int)``.
-TASKS: dict[str, type[TaskBase]] = {
+TASKS: dict[str, type[TaskBase] | type[DatasetTask]] = {
     GraphColoringTask.name: GraphColoringTask,
     SudokuTask.name: SudokuTask,
+    DatasetTask.name: DatasetTask,
 }
 
 
@@ -49,6 +52,7 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "GraphColoringTask",
+    "DatasetTask",
     "Sample",
     "Scores",
     "Sections",

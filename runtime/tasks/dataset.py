@@ -1,5 +1,17 @@
 """Materialise a task: a Hugging Face ``DatasetDict`` on disk, and a PNG contact sheet to eyeball.
 
+Two formats (``percep gen --format``):
+
+- ``hf`` (:data:`FEATURES`): ``id``, ``query``, ``image``, the three sections ``perception``,
+  ``reasoning``, ``answer``, the whole target ``response`` and the ``instance`` as JSON. The
+  ``dataset`` task reads it back with its default column names (``task dataset { path = ..,
+  verifier = graph_coloring }``).
+- ``trl`` (:data:`TRL_FEATURES`): TRL's conversational prompt-completion type with images, what
+  ``SFTTrainer`` and ``GRPOTrainer`` take for vision-language models: ``prompt`` (one user turn, the
+  query), ``completion`` (one assistant turn, the target), ``images`` (a list of one image); TRL
+  puts the image placeholder before the user's text itself. ``perception``, ``answer`` and
+  ``instance`` stay as columns, which GRPOTrainer hands to reward functions.
+
 Both writers are atomic (``percepdsl.io``): they write next to the destination and rename into
 place, so a reader never sees a half-written data set or image.
 """
@@ -11,13 +23,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFont
 
 from percepdsl.io import atomic_dir, atomic_path
 
-from .base import SPLITS, Task
+from .base import SPLITS, Task, parse_sections
 
 FEATURES = Features(
     {
@@ -25,37 +37,73 @@ FEATURES = Features(
         "query": Value("string"),
         "image": ImageFeature(),
         "perception": Value("string"),
-        "ground_truth": Value("string"),
+        "reasoning": Value("string"),
+        "answer": Value("string"),
         "response": Value("string"),
         "instance": Value("string"),  # JSON text of Sample.instance
     }
 )
+_TURN = {"role": Value("string"), "content": Value("string")}
+TRL_FEATURES = Features(
+    {
+        "prompt": List(_TURN),
+        "completion": List(_TURN),
+        "images": List(ImageFeature()),
+        "id": Value("string"),
+        "perception": Value("string"),
+        "answer": Value("string"),
+        "instance": Value("string"),
+    }
+)
+FORMATS = ("hf", "trl")
 
 
-def build_split(task: Task, split: str, n: int) -> Dataset:
-    """The first ``n`` samples of ``split`` as a ``datasets.Dataset`` with :data:`FEATURES`."""
-    columns: dict[str, list[object]] = {name: [] for name in FEATURES}
-    for index in range(n):
-        s = task.sample(split, index)
-        columns["id"].append(s.id)
-        columns["query"].append(s.query)
-        columns["image"].append(s.image)
-        columns["perception"].append(s.perception)
-        columns["ground_truth"].append(s.ground_truth)
-        columns["response"].append(s.response)
-        columns["instance"].append(json.dumps(s.instance, sort_keys=True))
-    return Dataset.from_dict(columns, features=FEATURES)
+def _row(task: Task, split: str, index: int, fmt: str) -> dict[str, object]:
+    s = task.sample(split, index)
+    instance = json.dumps(s.instance, sort_keys=True)
+    if fmt == "trl":
+        return {
+            "prompt": [{"role": "user", "content": s.query}],
+            "completion": [{"role": "assistant", "content": s.response}],
+            "images": [s.image],
+            "id": s.id,
+            "perception": s.perception,
+            "answer": s.ground_truth,
+            "instance": instance,
+        }
+    reasoning = parse_sections(s.response).reasoning or ()
+    return {
+        "id": s.id,
+        "query": s.query,
+        "image": s.image,
+        "perception": s.perception,
+        "reasoning": " ".join(reasoning),
+        "answer": s.ground_truth,
+        "response": s.response,
+        "instance": instance,
+    }
 
 
-def write_dataset(task: Task, out_dir: str | os.PathLike[str], splits: Mapping[str, int] | None = None) -> Path:
-    """Write ``{split: first n samples}`` (default: every split at ``task.size``) with ``save_to_disk``.
+def build_split(task: Task, split: str, n: int, fmt: str = "hf") -> Dataset:
+    """The first ``n`` samples of ``split`` as a ``datasets.Dataset`` in format ``fmt``
+    (:data:`FEATURES` or :data:`TRL_FEATURES`)."""
+    features = TRL_FEATURES if fmt == "trl" else FEATURES
+    rows = [_row(task, split, i, fmt) for i in range(n)]
+    return Dataset.from_dict({name: [r[name] for r in rows] for name in features}, features=features)
+
+
+def write_dataset(task: Task, out_dir: str | os.PathLike[str], splits: Mapping[str, int] | None = None, fmt: str = "hf") -> Path:
+    """Write ``{split: first n samples}`` (default: every split at ``task.size``) with ``save_to_disk``,
+    in format ``fmt`` (``hf`` or ``trl``, see the module doc).
 
     Load it back with ``datasets.load_from_disk(path)``. An existing ``out_dir`` is replaced.
     Returns the path of the data set.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     out = Path(out_dir).resolve()
     counts = dict(splits) if splits is not None else {s: task.size(s) for s in SPLITS}
-    data = DatasetDict({split: build_split(task, split, n) for split, n in counts.items()})
+    data = DatasetDict({split: build_split(task, split, n, fmt) for split, n in counts.items()})
     with atomic_dir(out) as staging:
         data.save_to_disk(str(staging))
     return out

@@ -23,6 +23,10 @@ Words (all space separated, all in :meth:`GraphColoringTask.vocabulary`):
     neighbours and their number (``sat 0 c1 s1 2 s0 4 c1 c2 s2 ...``), and for
     the visited node each neighbour with its colour or ``-`` (``4 : 0 c2 1 c1 ? c3``); at the
     end a check of every edge (``check 0-1 c2 c1 ok ...``).
+    Every step restates what it depends on (the neighbours' colours, the candidates they leave),
+    so each can be checked from the neighbour lists and the steps before it: the step-by-step
+    learnable format (a reasoner base reached a_r 0.89 in 1,000 steps on N=6, where ``trace``
+    stalls near 0.3-0.45).
 
 The ground-truth colouring is the first one this search finds, so the answer always matches the
 trace; the chromatic number is exact (the search is exhaustive), never a greedy bound.

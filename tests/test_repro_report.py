@@ -1,0 +1,73 @@
+"""benchmarks/repro.py's report: paired differences computed item by item from the cells' records,
+the pre-registered verdict, and the check that summary.json agrees with its eval.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import repro  # noqa: E402
+
+N = 40
+
+
+def fake_cell(runs: Path, cell: repro.Cell, outcome: list[bool], perception: list[bool], reasoning: list[bool]) -> Path:
+    """A finished run directory as `percep run` leaves it: summary.json and the final eval records."""
+    rd = repro.run_dir(cell, runs)
+    rd.mkdir(parents=True)
+    recs = [
+        {"stage": "post", "final": True, "id": f"graph_coloring/test/{i}", "outcome": o, "perception_exact": p, "cf_outcome": r}
+        for i, (o, p, r) in enumerate(zip(outcome, perception, reasoning))
+    ]
+    (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(reasoning))}
+    summary = {"seed": cell.seed, "final": final, "final_stage": "post", "stages": {"post": {"train_seconds": 60.0}}}
+    (rd / "summary.json").write_text(json.dumps(summary))
+    return rd
+
+
+def mask(k: int) -> list[bool]:
+    return [i < k for i in range(N)]
+
+
+def test_paired_differences_and_verdict(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # seeds 1-3: lam answers k more items right than tm, on the same items (paired)
+    for s, (tm_k, lam_k) in zip((1, 2, 3), ((10, 20), (12, 18), (15, 16))):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", s, ""), mask(tm_k), mask(0), mask(30))
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", s, ""), mask(lam_k), mask(lam_k), mask(28))
+    text = repro.report(tmp_path, ["tm", "lam"], [1, 2, 3]).read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    d = data["paired"]["lam"]["a"]
+    assert d["per_seed"] == pytest.approx([10 / N, 6 / N, 1 / N])
+    assert d["mean"] == pytest.approx(17 / (3 * N)) and d["n_pairs"] == 3 * N
+    assert 0 < d["lo"] < d["mean"] < d["hi"]
+    assert data["paired"]["lam"]["a_r"]["mean"] == pytest.approx(-2 / N)
+    assert "| lam | a | 1,2,3 | 120 | +0.142 |" in text and "reproduced" in text
+    assert (tmp_path / "paired.png").stat().st_size > 0 and (tmp_path / "arms.png").stat().st_size > 0
+
+
+def test_no_effect_is_not_reproduced(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for s in (1, 2, 3):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", s, ""), mask(10), mask(0), mask(30))
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", s, ""), mask(10 - s), mask(5), mask(30))
+    repro.report(tmp_path, ["tm", "lam"], [1, 2, 3])
+    d = json.loads((tmp_path / "report.json").read_text())["paired"]["lam"]["a"]
+    assert d["mean"] < 0 and repro.verdict(d) == "not reproduced"
+
+
+def test_summary_that_disagrees_with_its_records_is_refused(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    rd = fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", 1, ""), mask(10), mask(0), mask(30))
+    summary = json.loads((rd / "summary.json").read_text())
+    summary["final"]["end_to_end"] = 0.9
+    (rd / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="eval.jsonl gives 0.25"):
+        repro.report(tmp_path, ["tm"], [1])
