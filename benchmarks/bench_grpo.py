@@ -6,8 +6,8 @@ prompt), 2 prompts × 4 generations, 64 new tokens, temperature 1, β = 0, one u
 bf16 autocast for the training forward:
 
 - ``trl``: TRL ``GRPOTrainer`` at its defaults for this work (dynamic KV cache);
-- ``ours``: ``GRPOModule`` under a Lightning Trainer at the stage defaults (``mask_truncated =
-  false`` to match TRL); ``ours_eager``: the same with ``compile = false``;
+- ``ours_eager``: ``GRPOModule`` under a Lightning Trainer at the stage defaults (eager
+  sampler; ``mask_truncated = false`` to match TRL); ``ours``: the same with ``compile = true``;
 - with LoRA (r 8, all linear layers) on both sides: ``trl_lora`` (``peft_config``), ``ours_lora``
   (the fused sampler with the adapters merged) and ``ours_lora_generate`` (our step sampling
   through Hugging Face ``generate``, the path PEFT models took before).
@@ -372,6 +372,7 @@ def report(res: dict[str, Any]) -> str:
     lines = [
         f"GRPO step, {res['threads']} thread(s), {PROMPTS} prompts × {G}, {NEW_TOKENS} new tokens: {per} seconds "
         f"(median step of the best round; parts are medians too, so they need not add up)",
+        "",
         "| side | s/step | range | sampling | rollout rest | forward | backward | optimiser + rest | sampling tok/s | tok/step | peak RSS MiB (+) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -385,15 +386,16 @@ def report(res: dict[str, Any]) -> str:
             + " | ".join(f"{r[f'{p}_s']:.3f}" for p in PARTS)
             + f" | {r['sampling_tokens_per_s']:.0f} | {r['gen_tokens_per_step']:.0f} | {r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}) |"
         )
+    lines.append("")
     for ours, base in (("ours", "trl"), ("ours_eager", "trl"), ("ours_lora", "trl_lora"), ("ours_lora_generate", "trl_lora")):
         if f"{ours}_vs_{base}" in res:
             rng = bl.spread(res[f"{ours}_vs_{base}_rounds"])
             lines.append(
-                f"{ours} vs {base}: {res[f'{ours}_vs_{base}']:.2f}x per step (round by round {rng[0]:.2f}–{rng[2]:.2f}x); "
+                f"- {ours} vs {base}: {res[f'{ours}_vs_{base}']:.2f}x per step (round by round {rng[0]:.2f}–{rng[2]:.2f}x); "
                 f"sampling {res[f'{ours}_sampling_vs_{base}']:.2f}x tokens/s"
             )
     lines.append(
-        f"compile = true, one-time cost per process: {res['compile_cold_s']:.1f} s wall / {res['compile_cold_cpu_s']:.1f} s CPU "
+        f"- compile = true, one-time cost per process: {res['compile_cold_s']:.1f} s wall / {res['compile_cold_cpu_s']:.1f} s CPU "
         f"with an empty Inductor cache, {res['compile_warm_s']:.1f} s / {res['compile_warm_cpu_s']:.1f} s CPU from the on-disk cache"
     )
     return "\n".join(lines)

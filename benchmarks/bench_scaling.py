@@ -253,6 +253,7 @@ def report(res: dict[str, Any]) -> str:
     lines = [
         f"SFT step, {res['batch']} items of `length` tokens, CPU s (1 thread; best of the reps); activations: MiB saved for "
         f"backward; the others at width {b['width']}, depth {b['depth']}, length {b['length']}",
+        "",
         "| axis | value | params M | ours s | padded s | HF forward (TRL's compute) s | HF / ours | ours act. MiB | HF act. MiB | params+grads+Adam MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -266,6 +267,7 @@ def report(res: dict[str, Any]) -> str:
         "",
         f"GRPO rollout of 2 prompts × G completions, {res['new_tokens']} new tokens each (EOS suppressed), and the update's "
         "forward + backward over them, CPU s",
+        "",
         "| axis | value | width | G | fused sampler s | HF generate s | generate / fused | update s | update act. MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -304,6 +304,7 @@ def report(res: dict[str, Any]) -> str:
     per = "per CPU second" if clock == "tokens_per_cpu_s" else "per wall second"
     lines = [
         f"SFT, regime {res['regime']}, {res['threads']} thread(s): target tokens {per} (best of {res['rounds']} rounds; range)",
+        "",
         "| side | target tok/s | range | ms/step | target tok/step | peak RSS MiB (+ over start) |",
         "|---|---:|---|---:|---:|---:|",
     ]
@@ -315,12 +316,13 @@ def report(res: dict[str, Any]) -> str:
             f"| {side} | {r[clock]:,.0f} | {rng[0]:,.0f}–{rng[2]:,.0f} | {step * 1e3:.0f} | {r['target_tokens_per_step']:.0f} "
             f"| {r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}) |"
         )
+    lines.append("")
     for side in ("ours", "ours_padded"):
         rng = bl.spread(res[f"{side}_vs_trl_rounds"])
-        lines.append(f"{side} / TRL: {res[f'{side}_vs_trl']:.2f}x (best rounds); round by round {rng[0]:.2f}–{rng[2]:.2f}x")
+        lines.append(f"- {side} / TRL: {res[f'{side}_vs_trl']:.2f}x (best rounds); round by round {rng[0]:.2f}–{rng[2]:.2f}x")
     ng = res["ngdiff"]
     lines.append(
-        f"NGDiff step / token-mean step (exact gradients): {ng['ngdiff_ratio']:.2f}x "
+        f"- NGDiff step / token-mean step (exact gradients): {ng['ngdiff_ratio']:.2f}x "
         f"(rounds {', '.join(f'{x:.2f}' for x in ng['ngdiff_ratio_rounds'])}); norms every 4 steps: {ng['ngdiff_lagged_ratio']:.2f}x"
     )
     return "\n".join(lines)

@@ -11,7 +11,8 @@ with LoRA), ``eval_1`` (bench_eval.py: the three-way evaluation in items/s again
 ``model.generate``), ``scaling`` (bench_scaling.py). Every ratio is taken against its baseline
 measured in the same run, side by side (see benchlib). The JSON is rewritten after every piece,
 so an interrupted run keeps what it measured; ``--only`` updates those pieces in an existing
-perf.json and leaves the others.
+perf.json and leaves the others, and ``--add PIECE=FILE`` takes a piece from the JSON its own
+script wrote (``bench_sft.py --json``, ...: the same result), for pieces run separately.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ QUICK = {
 }
 
 
-def pieces(quick: bool) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-    size = QUICK if quick else FULL
+def pieces(quick: bool, rounds: int | None = None) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    size = {k: dict(v) for k, v in (QUICK if quick else FULL).items()}
+    for k in ("sft", "grpo"):
+        size[k]["rounds"] = rounds or size[k]["rounds"]
     n = size["matmul"]["n"]
     out: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"matmul": lambda _: {str(t): bl.matmul_peak(t, n) for t in (1, 2)}}
     for regime in ("quick",) if quick else ("quick", "long"):
@@ -136,10 +139,18 @@ def render(res: dict[str, Any]) -> str:
             )
     if "grpo_1" in p:
         r = p["grpo_1"]
-        for ours, base in (("ours", "trl"), ("ours_eager", "trl"), ("ours_lora", "trl_lora")):
+        labels = {
+            "ours_eager": "GRPO step, the defaults (eager sampler)",
+            "ours": "GRPO step, `compile = true`",
+            "ours_lora": "GRPO step with LoRA (fused sampler, adapters merged)",
+            "ours_lora_generate": "GRPO step with LoRA, sampling through `generate` (before)",
+        }
+        for ours, base in (("ours_eager", "trl"), ("ours", "trl"), ("ours_lora", "trl_lora"), ("ours_lora_generate", "trl_lora")):
             if f"{ours}_vs_{base}" in r:
                 rng = bl.spread(r[f"{ours}_vs_{base}_rounds"])
-                lines.append(_target(f"GRPO step, {ours}", f"TRL GRPOTrainer ({base})", r[f"{ours}_vs_{base}"], rng, "grpo"))
+                lines.append(
+                    _target(labels[ours], f"TRL GRPOTrainer{' + LoRA' if 'lora' in base else ''}", r[f"{ours}_vs_{base}"], rng, "grpo")
+                )
     if "eval_1" in p:
         rows = {row["name"]: row for row in p["eval_1"]["rows"]}
         base = next(v for k, v in rows.items() if k.startswith("naive"))
@@ -199,26 +210,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke check: every piece at tiny sizes")
     ap.add_argument("--only", nargs="+", default=None, help="run only these pieces")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where perf.md and perf.json go")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds of the SFT and GRPO comparisons")
+    ap.add_argument("--add", nargs="+", default=[], metavar="PIECE=FILE", help="take these pieces from their scripts' --json files")
     args = ap.parse_args(argv)
     from percepdsl.io import write_json_atomic
 
-    todo = pieces(args.quick)
-    unknown = sorted(set(args.only or ()) - set(todo))
-    if unknown:
-        ap.error(f"unknown piece(s) {', '.join(unknown)}; choose from {', '.join(todo)}")
+    todo = pieces(args.quick, args.rounds)
+    added = dict(a.split("=", 1) for a in args.add if "=" in a)
+    unknown = sorted((set(args.only or ()) | set(added)) - set(todo))
+    if unknown or len(added) < len(args.add):
+        ap.error(f"unknown piece(s) {', '.join(unknown) or args.add}; choose from {', '.join(todo)}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "perf.json"
-    res: dict[str, Any] = json.loads(path.read_text()) if args.only and path.exists() else {}
+    partial = args.only is not None or bool(added)
+    res: dict[str, Any] = json.loads(path.read_text()) if partial and path.exists() else {}
     res.update(quick=args.quick, started=_now(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     res.setdefault("pieces", {})
+    for name, file in added.items():
+        res["pieces"][name] = json.loads(Path(file).read_text())
+    if added and args.only is None:
+        args.only = []
     for name, fn in todo.items():
-        if args.only and name not in args.only:
+        if args.only is not None and name not in args.only:
             continue
         _log(f"{name} ...")
         res["pieces"][name] = fn(res)
         res["finished"] = _now()
         write_json_atomic(path, res)
         (args.out / "perf.md").write_text(render(res))
+    write_json_atomic(path, res)
+    (args.out / "perf.md").write_text(render(res))
     print((args.out / "perf.md").read_text())
     return 0
 
