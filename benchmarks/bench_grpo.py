@@ -102,9 +102,7 @@ def summarise(steps: list[dict[str, Any]], warmup: int, cpu: bool) -> dict[str, 
         "gen_tokens_per_step": statistics.mean(s["tokens"] for s in timed),
     }
     for part in PARTS:
-        out[f"{part}_s"] = statistics.median(
-            s["parts"].get(part, 0.0)[i] if isinstance(s["parts"].get(part), tuple) else 0.0 for s in timed
-        )
+        out[f"{part}_s"] = statistics.median(s["parts"][part][i] if part in s["parts"] else 0.0 for s in timed)  # (wall, cpu)
     out["sampling_tokens_per_s"] = out["gen_tokens_per_step"] / max(out["sampling_s"], 1e-9)
     return out
 
@@ -218,14 +216,15 @@ def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bo
     import lightning as L
 
     import percepdsl_runtime.grpo as grpo
-    from percepdsl.ir import GRPOStageIR
+    from percepdsl.ir import GRPOStageIR, LoraIR
     from percepdsl_runtime.encoding import Encoder
     from percepdsl_runtime.models import load_hf
     from percepdsl_runtime.sampling import FusedLlamaDecoder
 
     if generate:  # the path PEFT models took before the fused sampler merged adapters
         FusedLlamaDecoder.supports = staticmethod(lambda *a, **k: False)
-    loaded = load_hf(model_dir, lora=LORA if lora else None)
+    lora_ir = LoraIR(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules="all-linear")
+    loaded = load_hf(model_dir, lora=lora_ir if lora else None)
     enc = Encoder(loaded, bl.RULES)
     stage = GRPOStageIR(
         name="rl",

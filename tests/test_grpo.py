@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from percepdsl.ir import GRPOStageIR, RewardIR, value_at
+from percepdsl.ir import GRPOStageIR, LoraIR, RewardIR, value_at
 from percepdsl_runtime.encoding import Encoder, collate
 from percepdsl_runtime.grpo import (
     AGGREGATIONS,
@@ -267,7 +267,7 @@ def test_fused_sampler_merges_lora_adapters(tiny, task, encoder, pad: bool) -> N
     """A PEFT LoRA model takes the fast path with its adapters merged into the decoder's weight
     copies: in fp32 it writes Hugging Face's greedy tokens through the PEFT modules, and with the
     adapters disabled the base model's (which differ: the adapters matter here)."""
-    loaded = load_hf(tiny.path, lora={"r": 4, "alpha": 8})
+    loaded = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0))
     model = loaded.model.eval()
     gen = torch.Generator().manual_seed(0)
     for name, param in model.named_parameters():
