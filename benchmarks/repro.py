@@ -152,6 +152,22 @@ def checked_metrics(rd: Path) -> dict[str, float]:
     return out
 
 
+def stage_metrics(stage: Path) -> dict[str, float]:
+    """A stage's final metrics from its done.json, checked against its last evaluation's records."""
+    done = json.loads((stage / "done.json").read_text())
+    last = sorted(stage.glob("eval-*.jsonl"))[-1]
+    recs = [json.loads(line) for line in last.read_text().splitlines() if line.strip()]
+    out: dict[str, float] = {}
+    for m, (key, field) in METRICS.items():
+        from_records = float(np.mean([bool(r[field]) for r in recs]))
+        if abs(from_records - done["metrics"][key]) > 1e-9:
+            sys.exit(f"error: {stage}: done.json {key}={done['metrics'][key]} but {last.name} gives {from_records}")
+        out[m] = done["metrics"][key]
+    out["n"] = len(recs)
+    out["train_min"] = done.get("train_seconds", 0) / 60
+    return out
+
+
 def paired(diffs: list[np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
     """Pooled mean of per-item differences with a bootstrap 95% interval (items resampled within
     each seed), and the seed-level mean with its t interval."""
@@ -201,15 +217,15 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         "`eval.jsonl`. Test items per evaluation are stated in each row (**fewer than the 500 the issue asks for**).",
         "",
     ]
-    base = find_run(Cell(BASE_SPEC, None, "base"), runs)
-    base_m = checked_metrics(base) if base else None
+    base = out / "gc_base"  # the base stage the arms started from (its done.json and eval records)
+    base_m = stage_metrics(base) if (base / "done.json").exists() else None
     if base and base_m:
         lines += [
             "## Shared start",
             "",
             "| start | n | a | a_p | a_r | train min |",
             "|---|---:|---:|---:|---:|---:|",
-            f"| reasoner base (`{base.name}`) | {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {base_m['a_r']:.3f} | {base_m['train_min']:.1f} |",
+            f"| reasoner base (`{base.resolve()}`) | {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {base_m['a_r']:.3f} | {base_m['train_min']:.1f} |",
             "",
         ]
     cells: dict[tuple[str, int], Path] = {}
@@ -327,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--report", action="store_true", help="only write the report from the cells that exist")
+    ap.add_argument(
+        "--base-model", type=Path, help="start the arms from this stage directory (its model/, done.json) instead of training the base"
+    )
     a = ap.parse_args(argv)
     arms = [x for x in a.arms.split(",") if x]
     if unknown := [x for x in arms if x not in ARMS]:
@@ -337,15 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     if not a.report:
         t0 = time.time()
-        print("base (shared reasoner start):", flush=True)
-        failed += run_cells([Cell(BASE_SPEC, None, "base")], out, 1)
-        if failed:
-            print(f"the base failed: see {out / 'logs' / 'base.log'}", file=sys.stderr)
-            return 3
         link = out / "gc_base"
-        target = run_dir(Cell(BASE_SPEC, None, "base"), out / "runs") / "stages" / "base"
+        if a.base_model:
+            target = a.base_model.resolve()
+        else:
+            print("base (shared reasoner start):", flush=True)
+            failed += run_cells([Cell(BASE_SPEC, None, "base")], out, 1)
+            if failed:
+                print(f"the base failed: see {out / 'logs' / 'base.log'}", file=sys.stderr)
+                return 3
+            target = run_dir(Cell(BASE_SPEC, None, "base"), out / "runs") / "stages" / "base"
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)
+        elif link.resolve() != target:
+            sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
         print("arms:", flush=True)
         # seed-major order: complete seeds first, so an early stop still leaves paired comparisons
         failed += run_cells([Cell(SPECS / f"gc_{arm}.pd", s, f"{arm}-s{s}") for s in seeds for arm in arms], out, a.jobs)
