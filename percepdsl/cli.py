@@ -307,13 +307,14 @@ def gen(
         raise typer.Exit(EXIT_USAGE)
     import datasets
 
-    from percepdsl_runtime.plugins import ImplError, build_task
+    from percepdsl_runtime.plugins import ImplError
+    from percepdsl_runtime.tasks import build_task
     from percepdsl_runtime.tasks.dataset import contact_sheet, write_dataset
 
     datasets.disable_progress_bars()  # one line of our own says what is written
 
     try:
-        task = build_task(ir.task, ir.seed)
+        task = build_task(ir.task, seed=ir.seed)
     except (ImplError, ValueError) as exc:
         print(f"{spec}: error: cannot build task `{ir.task.name}`: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None

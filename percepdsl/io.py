@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +28,35 @@ def _sibling(path: Path, tag: str) -> Path:
     """A hidden, unique name next to ``path`` that keeps its suffix (matplotlib and PIL pick
     the format from it)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}{path.suffix}")
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.(tmp|old)(\.[^/]*)?$")
+
+
+def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries that writers killed mid-write (SIGKILL, power loss) left under
+    ``root``: names made by ``_sibling`` whose process is gone. A live writer's are kept.
+    Returns what was removed."""
+    removed = []
+    for p in sorted(Path(root).rglob(".*"), reverse=True):  # a staging directory's contents first
+        m = _TEMPORARY.match(p.name)
+        if m is None or _alive(int(m.group(1))) or not p.exists():
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or no way to tell: keep its file
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -20,11 +20,3 @@ def resolve(impl: str) -> Any:
     except (ImportError, AttributeError) as exc:
         raise ImplError(f"cannot import `{impl}`: {exc}") from exc
     return obj
-
-
-def build_task(task_ir, seed: int):
-    """The task an IR names, through its catalogue `impl`, given its checked parameters as
-    they are (typed for a built-in task, a dict for a plugin task)."""
-    if not task_ir.impl:
-        raise ImplError(f"task `{task_ir.name}` has no implementation (`impl`) in its catalogue entry")
-    return resolve(task_ir.impl)(task_ir.params, seed)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from typing import Any
 
 import lightning as L
 
-from percepdsl.io import atomic_path, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from percepdsl.io import atomic_path, remove_stale_temporaries, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
 
 from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
@@ -105,12 +106,13 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     from .encoding import Encoder, EncodingError
     from .models import check_vocabulary, save_pretrained_dir
     from .observe import check_loggers
-    from .plugins import ImplError, build_task
+    from .plugins import ImplError
+    from .tasks import build_task
 
     if (why := check_loggers(ir.trainer.loggers)) is not None:
         raise RunRefused(why)
     try:
-        task = build_task(ir.task, ir.seed)
+        task = build_task(ir.task, seed=ir.seed)
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     vocab = task.vocabulary()
@@ -464,10 +466,12 @@ def write_metrics_csv(ctx: Context) -> None:
     keys: list[str] = ["stage"]
     for st in ctx.ir.stages:
         for path in sorted(stage_dir(ctx, st).glob("log*/metrics.csv"), key=lambda p: int(p.parent.name[3:] or 0)):
-            with path.open() as f:
-                for row in csv.DictReader(f):
-                    rows[(st.name, row.get("step", ""))] = {"stage": st.name, **row}
-                    keys += [k for k in row if k not in keys]
+            text = path.read_text()
+            # Lightning appends its rows; a kill during a flush leaves a last line cut short, whose
+            # step or values would be wrong: only lines a newline ends are rows
+            for row in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])):
+                rows[(st.name, row.get("step", ""))] = {"stage": st.name, **row}
+                keys += [k for k in row if k not in keys]
     with atomic_path(ctx.run_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -642,6 +646,8 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
     interrupted = run_dir.exists() and any(run_dir.iterdir())
     if interrupted and not resume:
         raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
+    if interrupted:
+        remove_stale_temporaries(run_dir)  # what the killed writer was filling when it stopped
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in sources.items():
         write_text_atomic(run_dir / "spec" / Path(name).name, text)

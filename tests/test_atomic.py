@@ -4,6 +4,7 @@ whole new one, never part of one; weights files included."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,19 @@ def test_the_resume_checkpoint_under_ddp(tmp_path: Path) -> None:
     assert [(tmp_path / f"rank{r}.done").read_text() for r in (0, 1)] == ["3", "3"]
     assert [p.name for p in out.iterdir()] == ["resume.ckpt"]
     assert torch.load(out / "resume.ckpt", weights_only=False)["global_step"] == 2  # the last save before max_steps
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    from percepdsl.io import remove_stale_temporaries
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / "stages" / "s" / f".summary.json.{proc.pid}-0123abcd.tmp.json"
+    staging = tmp_path / "stages" / "s" / f".model.{proc.pid}-89abcdef.tmp"
+    live = tmp_path / f".metrics.csv.{os.getpid()}-0123abcd.tmp.csv"
+    other = tmp_path / ".hidden.tmp"  # not a name the writers make
+    for p in (dead, live, other, staging / "model.safetensors"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([dead, staging])
+    assert not dead.exists() and not staging.exists() and live.exists() and other.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -94,12 +95,30 @@ def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -
     (copy / "stages" / "balanced" / "done.json").unlink()
     weights = copy / "stages" / "balanced" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # what a kill mid-write leaves beside that: a writer's temporary, and a log row cut short
+    dead = _dead_pid()
+    stale = copy / "stages" / "balanced" / f".eval-000004.jsonl.{dead}-0123abcd.tmp.jsonl"
+    stale.write_text('{"id": 0, "a": 1')
+    log = copy / "stages" / "fixed" / "log0" / "metrics.csv"
+    log.write_text(log.read_text() + "7")  # a row's first field, written before the kill
     proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not stale.exists()
+    with (copy / "metrics.csv").open() as f, (smoke_run / "metrics.csv").open() as g:
+        got_rows, want_rows = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [(r["stage"], r["step"]) for r in got_rows if r["stage"] != "balanced"] == [
+        (r["stage"], r["step"]) for r in want_rows if r["stage"] != "balanced"
+    ]
     assert "stage base: done (resumed)" in proc.stderr and "stage balanced (" in proc.stderr
     assert "stage fixed: done (resumed)" in proc.stderr
     want, got = load_file(smoke_run / "stages" / "balanced" / "model" / "model.safetensors"), load_file(weights)
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_missing_model_path_is_refused(tmp_path: Path) -> None:
