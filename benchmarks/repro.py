@@ -148,6 +148,8 @@ def checked_metrics(rd: Path) -> dict[str, float]:
             sys.exit(f"error: {rd}: summary.json {key}={summary['final'][key]} but eval.jsonl gives {from_records}")
         out[m] = summary["final"][key]
     out["n"] = len(recs)
+    out["partial"] = summary["final"].get("perception_partial", float("nan"))  # edge F1 / cell accuracy
+    out["format_ok"] = summary["final"].get("format_ok", float("nan"))
     out["train_min"] = sum(s.get("train_seconds", 0) for s in summary["stages"].values()) / 60
     return out
 
@@ -164,6 +166,8 @@ def stage_metrics(stage: Path) -> dict[str, float]:
             sys.exit(f"error: {stage}: done.json {key}={done['metrics'][key]} but {last.name} gives {from_records}")
         out[m] = done["metrics"][key]
     out["n"] = len(recs)
+    out["partial"] = done["metrics"].get("perception_partial", float("nan"))
+    out["format_ok"] = done["metrics"].get("format_ok", float("nan"))
     out["train_min"] = done.get("train_seconds", 0) / 60
     return out
 
@@ -223,9 +227,10 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         lines += [
             "## Shared start",
             "",
-            "| start | n | a | a_p | a_r | train min |",
-            "|---|---:|---:|---:|---:|---:|",
-            f"| reasoner base (`{base.resolve()}`) | {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {base_m['a_r']:.3f} | {base_m['train_min']:.1f} |",
+            "| start | n | a | a_p | a_r | a_p partial | format_ok | train min |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| reasoner base (`{base.resolve()}`) | {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {base_m['a_r']:.3f} "
+            f"| {base_m['partial']:.3f} | {base_m['format_ok']:.3f} | {base_m['train_min']:.1f} |",
             "",
         ]
     cells: dict[tuple[str, int], Path] = {}
@@ -234,11 +239,19 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
             rd = find_run(Cell(SPECS / f"gc_{arm}.pd", s, f"{arm}-s{s}"), runs)
             if rd:
                 cells[(arm, s)] = rd
-    lines += ["## Arms (per seed)", "", "| arm | seed | n | a | a_p | a_r | train min | run |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "## Arms (per seed)",
+        "",
+        "| arm | seed | n | a | a_p | a_r | a_p partial | format_ok | train min | run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     metrics: dict[tuple[str, int], dict[str, float]] = {}
     for (arm, s), rd in sorted(cells.items()):
         m = metrics[(arm, s)] = checked_metrics(rd)
-        lines.append(f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['train_min']:.1f} | `{rd.name}` |")
+        lines.append(
+            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} | {m['format_ok']:.3f} "
+            f"| {m['train_min']:.1f} | `{rd.name}` |"
+        )
     lines.append("")
 
     # paired differences against the baseline arm, on the seeds both have
@@ -267,9 +280,10 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
                 v = verdict(d) if m == "a" else ""
                 seeds_txt = ",".join(map(str, d["seeds"]))
                 per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
+                seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
                 lines.append(
                     f"| {arm} | {m} | {seeds_txt} | {d['n_pairs']} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | "
-                    f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}] | {v} |"
+                    f"{seed_ci} | {v} |"
                 )
         lines.append("")
     # F1: the token-mean arm against the shared start
