@@ -458,6 +458,10 @@ def test_smoke_grid_end_to_end_with_the_real_percep_run(tmp_path):
     summaries = sorted(out.glob("cells/*/summary.json"))
     assert len(summaries) == 4
     assert (out / "tradeoff.png").exists()
+    # the λ arms of a seed share their base stage: trained by the first cell of the seed, reused by the other
+    reused = [json.loads(p.read_text())["stages"]["base"].get("reused_from") for p in summaries]
+    assert sum(r is not None for r in reused) == 2 and len({r["identity"] for r in reused if r}) == 2
+    assert all(json.loads(p.read_text())["stages"]["fixed"].get("reused_from") is None for p in summaries)
     again = subprocess.run(
         [sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
         capture_output=True,
