@@ -302,6 +302,7 @@ def _summary(lam: float, seed: int, e2e: float, p: float, r: float, base_p: floa
     diag = {"token_share": {"perception": 0.02, "reasoning": 0.9}, "grad_norm": {"perception": 3.0}}
     if corr is not None:
         diag["reward_reasoning_corr"] = corr
+        diag["term_corr_groups/outcome/reasoning"] = 3  # a count beside the correlations: no column
     return {
         "experiment": "x",
         "hash": f"h{lam}{seed}",

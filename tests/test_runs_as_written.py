@@ -188,6 +188,18 @@ def test_constant_groups_are_dropped_or_resampled_as_written(micro: Micro, mode:
     assert_as_written(ir, got)
 
 
+def test_resample_tries_without_resample_is_flagged() -> None:
+    from percepdsl.check import check_text
+
+    res = check_text(MICRO + "stage a = sft { steps = 1 }\nstage g = grpo from a { steps = 2, reward = outcome, resample_tries = 3 }\n")
+    (d,) = [d for d in res.diagnostics if d.code == "ignored-setting"]
+    assert not d.is_error and "constant_groups = keep" in d.message and (d.span.line, d.span.column) == (8, 54)
+    res = check_text(
+        MICRO + "stage a = sft { steps = 1 }\nstage g = grpo from a { steps = 2, reward = outcome, constant_groups = resample }\n"
+    )
+    assert res.ok and not res.diagnostics
+
+
 @pytest.mark.parametrize(
     "reward, code",
     [
