@@ -163,14 +163,17 @@ def run_grid(
     jobs: int | None = 1,
     backend: str = "local",
     fail_fast: bool = False,
+    baseline: str | None = None,
     **backend_options: Any,
 ) -> GridOutcome:
     """`percep grid`: run every cell that is not done (resumable), then write the results table
     and plots. Returns the outcome (`status`: complete | failed | interrupted, `exit_code`, the
-    failed and stopped cells, `stopped` with `fail_fast`, and `table`, the results).
+    failed and stopped cells, `stopped` with `fail_fast`, and `table`, the results). `baseline`
+    (`"lam=0"`, as `--baseline`) adds the paired differences to that setting (paired.md, .json).
     `backend_options` are `run_plan`'s: `address`, `cpus_per_cell`, `gpus_per_cell` (Ray), and
     `slurm` (a `SlurmOptions` or a dict of its fields: partition, time_min, cpus_per_cell, ...)."""
     from percepdsl_runtime.grid import GridError, SlurmOptions, run_plan
+    from percepdsl_runtime.grid.commands import check_baseline
 
     if isinstance(backend_options.get("slurm"), Mapping):
         backend_options["slurm"] = SlurmOptions(**backend_options["slurm"])
@@ -183,7 +186,9 @@ def run_grid(
             "process; its cells run as separate processes, which cannot see them (package the term as a plugin: examples/plugin)"
         )
     try:
-        return run_plan(plan, jobs=jobs, backend=backend, fail_fast=fail_fast, **backend_options)
+        if baseline:
+            check_baseline(plan, baseline)
+        return run_plan(plan, jobs=jobs, backend=backend, fail_fast=fail_fast, baseline=baseline, **backend_options)
     except GridError as exc:
         raise SpecError(exc.message, exc.diagnostics, exc.sources) from None
 

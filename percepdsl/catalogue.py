@@ -663,6 +663,16 @@ BUILTINS: tuple[Entry, ...] = (
                 choices=("grpo", "bnpo", "dr_grpo", "dapo"),
             ),
             P("mask_truncated", "bool", True, "drop completions that hit max_new_tokens from the loss (they still count in `grpo`'s mean)"),
+            P(
+                "constant_groups",
+                "choice",
+                "keep",
+                "groups whose rewards are all equal (advantage 0, no learning signal): `keep` them (they still count in the "
+                "loss's denominator), `drop` them from the loss, or `resample`: drop them and draw batches of fresh prompts "
+                "until `batch` groups with a signal are collected or `resample_tries` extra batches were drawn (DAPO's dynamic sampling)",
+                choices=("keep", "drop", "resample"),
+            ),
+            P("resample_tries", "int", 4, "`constant_groups = resample`: extra prompt batches drawn per step at most", min=1, max=64),
             *_ADAMW,
             P(
                 "sample_precision",

@@ -218,6 +218,15 @@ def run(
     print(run_dir)
 
 
+BaselineOpt = typer.Option(
+    None,
+    "--baseline",
+    help="The arm the others are compared with, by its params: NAME=VALUE[,NAME=VALUE] (e.g. lam=0; experiment=NAME "
+    "across experiments). Adds paired differences per metric with 95% CIs over seeds and over seeds and items.",
+    metavar="NAME=VALUE",
+)
+
+
 class GridBackend(str, Enum):
     local = "local"
     ray = "ray"
@@ -245,6 +254,7 @@ def grid(
     partition: str | None = typer.Option(None, "--partition", help="SLURM: the partition of the cells' jobs."),
     time_min: int | None = typer.Option(None, "--time", help="SLURM: each job's time limit in minutes (default 60).", metavar="MINUTES"),
     mem_gb: float | None = typer.Option(None, "--mem", help="SLURM: memory per job in GB (default: the partition's).", metavar="GB"),
+    baseline: str | None = BaselineOpt,
 ) -> None:
     """Run an ablation grid, a `percep run` per cell (resumable), then a results table and plots.
 
@@ -267,16 +277,24 @@ def grid(
             partition=partition,
             time_min=time_min,
             mem_gb=mem_gb,
+            baseline=baseline,
         )
     )
 
 
 @app.command()
-def report(grid_dir: Path = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named).")) -> None:
-    """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories."""
+def report(
+    paths: list[Path] = typer.Argument(..., help="A grid directory (runs/grids/<name>, or what --out named), or run directories."),
+    baseline: str | None = BaselineOpt,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where run directories' paired.md / paired.json go."),
+) -> None:
+    """Rebuild a grid's results table (CSV, Markdown) and plots from its run directories; with
+    --baseline, each arm's paired differences to that arm with 95% CIs (paired.md, paired.json).
+
+    Exit 0 written, 2 not a grid / run directory or a baseline that names no single arm."""
     from percepdsl_runtime.grid import report_command
 
-    raise typer.Exit(report_command(grid_dir))
+    raise typer.Exit(report_command(paths, baseline=baseline, out=out))
 
 
 class GenFormat(str, Enum):

@@ -440,6 +440,8 @@ class GRPOStageIR(_Model):
     scale: Literal["group", "batch", "none"] = setting(*_grpo, "scale")
     aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = setting(*_grpo, "aggregation")
     mask_truncated: bool = setting(*_grpo, "mask_truncated")
+    constant_groups: Literal["keep", "drop", "resample"] = setting(*_grpo, "constant_groups")
+    resample_tries: int = setting(*_grpo, "resample_tries")
     weight_decay: float = setting(*_grpo, "weight_decay")
     adam_beta1: float = setting(*_grpo, "adam_beta1")
     adam_beta2: float = setting(*_grpo, "adam_beta2")

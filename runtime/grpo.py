@@ -28,7 +28,10 @@ Logged every step (``self.log``): ``loss``, ``lr``, ``grad_norm``, ``clip_frac``
 β > 0), ``adv_std``, ``trained_rows`` (share of rows in the update forward), ``completion_tokens``,
 ``truncated_frac``, ``gen_s``, ``gen_tokens_per_s``, ``update_s``, the reward diagnostics of the step (``reward``,
 ``reward/<term>``, ``reward_perception_corr``, ... — see ``rewards.RewardDiagnostics``) and each scheduled
-reward weight at the step (``reward_weight/<term>``; ``value_at``, like the learning rate).
+reward weight at the step (``reward_weight/<term>``; ``value_at``, like the learning rate), and the
+constant-group filtering: ``constant_group_frac_before`` (share of constant groups in the sampler's
+batch), ``constant_group_frac_after`` (in the groups of the loss), ``trained_group_frac`` (groups in
+the loss / ``batch``) and ``resample_draws`` (extra prompt batches).
 ``GRPOModule.diagnostics()`` returns the same statistics aggregated over the whole stage,
 for the run's ``summary.json``.
 
@@ -57,7 +60,7 @@ from percepdsl.ir import GRPOStageIR, value_at
 from .encoding import collate
 from .generation import eval_mode
 from .optim import adamw
-from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RewardError, RolloutGroup, compile_reward
+from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RewardError, RolloutGroup, compile_reward, constant_groups
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 
 Scale = Literal["group", "batch", "none"]
@@ -172,6 +175,26 @@ def grpo_loss(
         per_token = per_token + kl * kl_tok
         stats["kl"] = float(kl_tok.detach()[m].mean()) if m.any() else 0.0
     return aggregate(per_token, mask, aggregation, denominator), stats
+
+
+def pad_cat(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Row-wise concatenation of [n_i, T_i] masks, right-padded with 0 to the longest T."""
+    T = max(m.shape[1] for m in masks)
+    return torch.cat([torch.nn.functional.pad(m, (0, T - m.shape[1])) for m in masks])
+
+
+class _Batch:
+    """One generated batch of a step (the sampler's, or a resampled one): its rollouts, rewards
+    [B, G] and the groups that enter the loss (``keep``); ``rows``/``mask`` are the rollout rows of
+    those groups and their loss masks, narrowed by the step to the rows the forward needs."""
+
+    def __init__(self, roll: Rollouts, rewards: torch.Tensor, keep: torch.Tensor, group: int, mask_truncated: bool):
+        self.roll, self.rewards, self.keep = roll, rewards, keep
+        self.rows = keep.repeat_interleave(group).nonzero()[:, 0].to(roll.ids.device)
+        self.mask = loss_mask(roll, mask_truncated)[self.rows]
+        self.adv: torch.Tensor = torch.zeros(0)
+        self.ref: torch.Tensor | None = None
+        self.old: torch.Tensor | None = None
 
 
 def loss_mask(roll: Rollouts, mask_truncated: bool = True) -> torch.Tensor:
@@ -295,6 +318,7 @@ class GRPOModule(L.LightningModule):
         self.suppress: tuple[int, ...] = (int(image_token),) if image_token is not None else ()
         self.timing: dict[str, float] = {"gen_s": 0.0, "gen_tokens": 0.0, "steps": 0.0}
         self.tokens_processed = 0  # completion tokens sampled: the progress bar's throughput
+        self.filtering: dict[str, float] = {}  # running sums of the constant-group logs (see gather)
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -305,12 +329,13 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resumable stage statistics (the weights and optimiser are Lightning's)."""
-        checkpoint["grpo"] = {"diagnostics": self.diag.state_dict(), "timing": dict(self.timing)}
+        checkpoint["grpo"] = {"diagnostics": self.diag.state_dict(), "timing": dict(self.timing), "filtering": dict(self.filtering)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "grpo" in checkpoint:
             self.diag.load_state_dict(checkpoint["grpo"]["diagnostics"])
             self.timing.update(checkpoint["grpo"]["timing"])
+            self.filtering.update(checkpoint["grpo"].get("filtering", {}))
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -379,25 +404,31 @@ class GRPOModule(L.LightningModule):
         st = self.stage
         error = None
         try:
-            roll, rewards, logs = self.rollout(batch)  # a RewardError comes before any update
+            parts, logs = self.gather(batch)  # a RewardError comes before any update
         except RewardError as exc:
             error = exc
         self._agree_on_reward_error(error)
-        adv = group_advantages(rewards, st.scale, batch_std=self._batch_std(rewards)).flatten().to(roll.ids.device)
-        mask = loss_mask(roll, st.mask_truncated)
+        rewards = torch.cat([p.rewards[p.keep] for p in parts])  # the groups in the loss, [B', G]
+        batch_std = self._batch_std(rewards)  # a collective under data parallelism: every rank calls it
+        adv = group_advantages(rewards, st.scale, batch_std=batch_std).flatten() if len(rewards) else rewards.flatten()
+        denom = self._denominator(pad_cat([p.mask for p in parts]))
         # Rows with A = 0 (constant groups) and no KL term, or no loss tokens, add exactly 0 to
         # the loss and its gradient: leave them out of the forward, keep them in the denominator.
-        rows = (mask.any(dim=1) & ((adv != 0) | (st.kl > 0))).nonzero()[:, 0]
+        for p, a in zip(parts, adv.split([len(p.rows) for p in parts])):
+            p.adv = a.to(p.roll.ids.device)
+            active = p.mask.any(dim=1) & ((p.adv != 0) | (st.kl > 0))
+            p.rows, p.adv, p.mask = p.rows[active], p.adv[active], p.mask[active]
         # Under data parallelism every rank must join each update's gradient all-reduce: a rank
         # with no such row runs one row with its loss multiplied by 0 (its gradient share is 0).
-        idle = len(rows) == 0 and self._world() > 1
+        idle = not any(len(p.rows) for p in parts) and self._world() > 1
         if idle:
-            rows = rows.new_zeros(1)
-        denom = self._denominator(mask)
-        ref = self.reference_logprobs(roll, rows) if st.kl > 0 and len(rows) else None
+            p = parts[0]
+            p.rows, p.adv, p.mask = p.rows.new_zeros(1), p.adv.new_zeros(1), loss_mask(p.roll, st.mask_truncated)[:1]
+        for p in parts:
+            p.ref = self.reference_logprobs(p.roll, p.rows) if st.kl > 0 and len(p.rows) else None
         opt = self.optimizers()
         t0 = time.perf_counter()
-        old, loss, stats = None, torch.zeros(()), {}
+        loss, stats = torch.zeros(()), {}
         for u in range(st.updates):
             if u > 0 and self.global_step >= st.steps:
                 break  # the stage's step budget ends inside this batch's updates
@@ -405,46 +436,120 @@ class GRPOModule(L.LightningModule):
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=False)
-            if len(rows):
-                logp = completion_logprobs(self.model, roll, st.temperature, rows)
-                old = logp.detach() if old is None else old  # update 0 runs the sampling policy: ρ = 1
-                loss, stats = grpo_loss(
+            parts_loss, stats, n_tok = [], {}, 0.0
+            for p in parts:  # each generated batch's share of the loss (one denominator for all)
+                if not len(p.rows):
+                    continue
+                logp = completion_logprobs(self.model, p.roll, st.temperature, p.rows)
+                p.old = logp.detach() if p.old is None else p.old  # update 0 runs the sampling policy: ρ = 1
+                part_loss, part_stats = grpo_loss(
                     logp,
-                    old,
-                    adv[rows],
-                    mask[rows],
+                    p.old,
+                    p.adv,
+                    p.mask,
                     clip=st.clip,
                     clip_high=st.clip_high,
                     aggregation=st.aggregation,
-                    ref_logp=ref,
+                    ref_logp=p.ref,
                     kl=st.kl,
                     denominator=denom,
                 )
+                parts_loss.append(part_loss)
+                w = float(p.mask.sum())
+                for k, v in part_stats.items():  # token-weighted over the generated batches
+                    stats[k] = (stats.get(k, 0.0) * n_tok + v * w) / max(n_tok + w, 1.0)
+                n_tok += w
+            loss = torch.zeros(())
+            if parts_loss:  # one backward per update on every rank, however many batches it drew
+                loss = torch.stack(parts_loss).sum()
                 if idle:
                     loss, stats = loss * 0.0, {}
                 self.manual_backward(loss)
+                loss = loss.detach()
             logs["grad_norm"] = self._clip_grads()
             opt.step()  # also with zero gradients, as any GRPO step: Adam's momentum still moves
+        n_rows = sum(int(p.keep.sum()) for p in parts) * st.group
         logs.update(
             stats,
-            loss=float(loss.detach()),
+            loss=float(loss),
             lr=lr,
-            adv_std=float(adv.std()),
-            trained_rows=0.0 if idle else len(rows) / max(len(adv), 1),
+            adv_std=float(adv.std()) if adv.numel() > 1 else 0.0,
+            trained_rows=0.0 if idle else sum(len(p.rows) for p in parts) / max(n_rows, 1),
             update_s=time.perf_counter() - t0,
         )
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(roll.ids.shape[0]))
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=max(n_rows, 1))
 
     # -- pieces of the step ----------------------------------------------------------------
+    def gather(self, indices: torch.Tensor) -> tuple[list[_Batch], dict[str, float]]:
+        """The step's generated batches and its logs. The sampler's batch comes first; groups
+        whose rewards are all equal (no advantage) are kept in it (``constant_groups = keep``)
+        or left out of the loss (``drop``, ``resample``); with ``resample``, batches of fresh
+        prompts follow, until ``batch`` groups with a reward signal are collected or
+        ``resample_tries`` extra batches were drawn (DAPO's dynamic sampling; their extra groups
+        beyond ``batch`` are not used). The reward diagnostics cover every group sampled."""
+        st, B = self.stage, len(indices)
+        parts: list[_Batch] = []
+        groups_all: list[RolloutGroup] = []
+        values_all: list[Any] = []
+        need = B
+        while True:
+            draw = len(parts)
+            idx = indices if draw == 0 else self.resample_indices(B, draw)
+            roll, groups, values = self.rollout(idx, draw)
+            groups_all += groups
+            values_all += values
+            rewards = torch.tensor(np.stack([v.total for v in values]), dtype=torch.float32)
+            const = torch.from_numpy(constant_groups(rewards.numpy()))
+            keep = torch.ones(B, dtype=torch.bool) if st.constant_groups == "keep" else ~const
+            keep &= keep.cumsum(0) <= need  # a fresh batch fills the rest of the batch, no more
+            parts.append(_Batch(roll, rewards, keep, st.group, st.mask_truncated))
+            if draw == 0:
+                before = float(const.float().mean())
+            need -= int(keep.sum())
+            if st.constant_groups != "resample" or need <= 0 or draw >= st.resample_tries:
+                break
+        step, steps = self.global_step, self.stage.steps
+        logs = self.diag.update(groups_all, values_all)
+        logs.update(self.reward.weights(step, steps))
+        kept = torch.cat([p.rewards[p.keep] for p in parts]).numpy()
+        after = float(constant_groups(kept).mean()) if len(kept) else 0.0
+        filt = {"constant_group_frac_before": before, "constant_group_frac_after": after}
+        filt |= {"trained_group_frac": (B - need) / B, "resample_draws": float(len(parts) - 1)}
+        for k, v in filt.items():
+            self.filtering[k] = self.filtering.get(k, 0.0) + v
+        self.filtering["steps"] = self.filtering.get("steps", 0.0) + 1
+        lengths = torch.cat([p.roll.lengths for p in parts]).tolist()
+        gen_s, n_tok = sum(p.roll.gen_s for p in parts), float(sum(lengths))
+        self.tokens_processed += int(n_tok)
+        self.timing["gen_s"] += gen_s
+        self.timing["gen_tokens"] += n_tok
+        self.timing["steps"] += 1
+        logs.update(
+            filt,
+            completion_tokens=n_tok / len(lengths),
+            truncated_frac=float(torch.cat([p.roll.truncated for p in parts]).float().mean()),
+            gen_s=gen_s,
+            gen_tokens_per_s=n_tok / max(gen_s, 1e-9),
+        )
+        return parts, logs
+
+    def resample_indices(self, n: int, draw: int) -> torch.Tensor:
+        """Fresh prompts for the ``draw``-th extra batch of a step: n distinct train-split
+        indices, a pure function of (seed, step, draw, rank), so a resumed run draws the same."""
+        rng = np.random.default_rng([self.seed, self.global_step, draw, self.global_rank])
+        size = self.task.size(self.split)
+        return torch.from_numpy(rng.choice(size, size=min(n, size), replace=False))
+
     @torch.no_grad()
-    def rollout(self, indices: torch.Tensor) -> tuple[Rollouts, torch.Tensor, dict[str, float]]:
+    def rollout(self, indices: torch.Tensor, draw: int = 0) -> tuple[Rollouts, list[RolloutGroup], list[Any]]:
         """Sample G completions per prompt, score them, evaluate the reward.
-        Returns the rollouts, rewards [B, G] and the step's logs."""
+        Returns the rollouts, the scored groups and their reward values."""
         samples = [self.task.sample(self.split, int(i)) for i in indices.tolist()]
         prompt = collate([self.encoder.encode_prompt(s.query, s.image) for s in samples], self.encoder.pad_token_id)
         prompt = {k: v.to(self.device) for k, v in prompt.items() if isinstance(v, torch.Tensor)}
-        # a stream per (seed, step, rank): data-parallel ranks must not draw the same noise
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.global_step + (self.global_rank << 40))
+        # a stream per (seed, step, rank, draw): data-parallel ranks and a step's batches must not draw the same noise
+        noise = self.seed * 1_000_003 + self.global_step + (self.global_rank << 40) + (draw << 50)
+        gen = torch.Generator(device=self.device).manual_seed(noise)
         bf16 = self.stage.sample_precision == "bf16"  # fused decoder weights; autocast for prefill / HF generate
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         with amp, eval_mode(self.model):
@@ -467,21 +572,7 @@ class GRPOModule(L.LightningModule):
         trunc = roll.truncated.tolist()
         groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
         step, steps = self.global_step, self.stage.steps  # scheduled reward weights are read at the step that samples
-        values = [self.reward(g, step, steps) for g in groups]
-        logs = self.diag.update(groups, values)
-        logs.update(self.reward.weights(step, steps))
-        n_tok = float(sum(lengths))
-        self.tokens_processed += int(n_tok)
-        self.timing["gen_s"] += roll.gen_s
-        self.timing["gen_tokens"] += n_tok
-        self.timing["steps"] += 1
-        logs.update(
-            completion_tokens=n_tok / len(lengths),
-            truncated_frac=float(np.mean(trunc)),
-            gen_s=roll.gen_s,
-            gen_tokens_per_s=n_tok / max(roll.gen_s, 1e-9),
-        )
-        return roll, torch.tensor(np.stack([v.total for v in values]), dtype=torch.float32), logs
+        return roll, groups, [self.reward(g, step, steps) for g in groups]
 
     @torch.no_grad()
     def reference_logprobs(self, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -512,6 +603,8 @@ class GRPOModule(L.LightningModule):
             torch.distributed.all_gather_object(states, diag.state_dict())
             diag = RewardDiagnostics.merged(states, diag.term_names, diag.surrogates, stage=self.stage.name)
         out: dict[str, Any] = dict(diag.summary())
+        n = self.filtering.get("steps", 0.0)  # this rank's constant-group filtering, mean per step
+        out.update({k: v / n for k, v in self.filtering.items() if k != "steps" and n})
         if self.timing["gen_s"] > 0:
             out["gen_tokens_per_s"] = self.timing["gen_tokens"] / self.timing["gen_s"]
             out["gen_s_per_step"] = self.timing["gen_s"] / self.timing["steps"]

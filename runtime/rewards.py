@@ -324,6 +324,39 @@ def within_group_pearson(
     return _r(xc, yc)
 
 
+def group_mean_pearson(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, groups: Sequence[int] | np.ndarray
+) -> tuple[float | None, int]:
+    """The mean of the per-group Pearson r over the groups where it is defined (both variables
+    vary within the group), and how many groups that is; ``(None, 0)`` when there are none."""
+    x, y, g = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), np.asarray(groups)
+    if x.size == 0:
+        return None, 0
+    _, inv = np.unique(g, return_inverse=True)
+    cnt = np.bincount(inv)
+    xc = x - (np.bincount(inv, weights=x) / cnt)[inv]  # centred per group: one pass for every group
+    yc = y - (np.bincount(inv, weights=y) / cnt)[inv]
+    sxx, syy, sxy = (np.bincount(inv, weights=a * b) for a, b in ((xc, xc), (yc, yc), (xc, yc)))
+    ok = (sxx > 1e-12) & (syy > 1e-12)  # as `_r`: a constant variable has no correlation
+    if not ok.any():
+        return None, 0
+    rs = np.clip(sxy[ok] / np.sqrt(sxx[ok] * syy[ok]), -1.0, 1.0)
+    return float(rs.mean()), int(ok.sum())
+
+
+def checkpoint_coupling(history: Sequence[Mapping[str, Any]]) -> dict[str, float | int | None]:
+    """Coupling across a stage's evaluation points: for the total reward and each term, the
+    Pearson r over the points of its mean over the training steps before the point
+    (``reward_window``) with the point's a_p (``perception``) and a_r (``reasoning``)."""
+    pts = [h for h in history if h.get("reward_window")]
+    out: dict[str, float | int | None] = {"term_corr_ckpt_points": len(pts)}
+    for term in dict.fromkeys(k for h in pts for k in h["reward_window"]):
+        for metric, label in (("perception", "perception"), ("reasoning", "reasoning")):
+            xy = [(h["reward_window"][term], h[metric]) for h in pts if h.get(metric) is not None and term in h["reward_window"]]
+            out[f"term_corr_ckpt/{term}/{label}"] = pearson(*zip(*xy)) if len(xy) >= 2 else None
+    return out
+
+
 def _r(xc: np.ndarray, yc: np.ndarray) -> float | None:
     # relative threshold: a vector of equal floats can centre to ±1e-17 instead of 0
     sxx, syy = float(xc @ xc), float(yc @ yc)
@@ -352,7 +385,12 @@ class RewardDiagnostics:
     ``perception_exact`` / ``reasoning``) and their ``_within`` variants (pooled
     within-group), ``surrogate_corr/<term>`` and ``surrogate_corr_within/<term>`` (r of a
     label-free term with ``perception_exact``), ``perception_rate``, ``reasoning_rate``,
-    ``constant_group_frac``; ``summary()`` adds ``rollouts``, ``groups``, ``steps``.
+    ``constant_group_frac``; for every term, its own coupling with perception and reasoning
+    correctness: ``term_corr/<term>/<perception|reasoning>`` (pooled r),
+    ``term_corr_group_mean/<term>/…`` (the mean of the per-group r over the groups where it is
+    defined) and ``term_corr_groups/<term>/…`` (how many groups that is); ``summary()`` adds
+    ``rollouts``, ``groups``, ``steps``. ``window()`` gives the term means since its last call
+    (an evaluation point), from which ``checkpoint_coupling`` correlates across checkpoints.
 
     The warning: when the total reward — or a term — is constant within every group of a
     step for ``warn_after`` consecutive steps, a ``RewardWarning`` names what is flat and
@@ -366,6 +404,7 @@ class RewardDiagnostics:
         self._terms: dict[str, list[np.ndarray]] = {k: [] for k in self.term_names}
         self._constant: list[np.ndarray] = []
         self._streak: dict[str, int] = {}
+        self._mark = 0  # the step where the current evaluation window starts (see `window`)
         self._n_groups = 0
         self.steps = 0
 
@@ -420,6 +459,17 @@ class RewardDiagnostics:
         label = key if key == "total reward" else f"term `{key}`"
         return f"{label} (always {float(vals[0]):g})" if same else label
 
+    def window(self) -> dict[str, float]:
+        """The total reward's (``reward``) and each term's mean over the steps since the previous
+        call: what the policy earned just before an evaluation point (see ``checkpoint_coupling``)."""
+        start, self._mark = self._mark, self.steps
+        out = {}
+        for name, arrays in (("reward", self._cols["total"]), *self._terms.items()):
+            vals = arrays[start:]
+            if vals:
+                out[name] = float(np.concatenate(vals).mean())
+        return out
+
     # -- checkpointing (plain lists: safe for weights-only checkpoint loading) ---------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -429,6 +479,7 @@ class RewardDiagnostics:
             "streak": dict(self._streak),
             "n_groups": self._n_groups,
             "steps": self.steps,
+            "mark": self._mark,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -437,6 +488,7 @@ class RewardDiagnostics:
         self._constant = [np.asarray(a, dtype=bool) for a in state["constant"]]
         self._streak = dict(state["streak"])
         self._n_groups, self.steps = int(state["n_groups"]), int(state["steps"])
+        self._mark = int(state.get("mark", 0))
 
     @classmethod
     def merged(
@@ -470,6 +522,12 @@ class RewardDiagnostics:
         for k in self.surrogates:
             out[f"surrogate_corr/{k}"] = pearson(terms[k], perc)
             out[f"surrogate_corr_within/{k}"] = within_group_pearson(terms[k], perc, gid)
+        for k in self.term_names:  # each term's own coupling: an α-mixed total contains perception_match by construction
+            for label, truth in (("perception", perc), ("reasoning", reas)):
+                out[f"term_corr/{k}/{label}"] = pearson(terms[k], truth)
+                mean_r, n = group_mean_pearson(terms[k], truth, gid)
+                out[f"term_corr_group_mean/{k}/{label}"] = mean_r
+                out[f"term_corr_groups/{k}/{label}"] = n
         out["perception_rate"] = float(perc.mean()) if perc.size else None
         out["reasoning_rate"] = float(reas.mean()) if reas.size else None
         out["constant_group_frac"] = float(const.mean()) if const.size else None
@@ -497,8 +555,10 @@ __all__ = [
     "RewardWarning",
     "RolloutGroup",
     "compile_reward",
+    "checkpoint_coupling",
     "constant_groups",
     "format_ok",
+    "group_mean_pearson",
     "is_surrogate",
     "label",
     "outcome",

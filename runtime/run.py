@@ -44,6 +44,7 @@ import lightning as L
 from percepdsl.io import atomic_path, remove_stale_temporaries, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
 
+from . import stagecache
 from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
 
 RESUME_EVERY = int(
@@ -368,9 +369,11 @@ class StageEval(L.Callback):
         rank 0 evaluates, the others get None."""
         from .evaluate import evaluate
         from .generation import eval_mode
+        from .rewards import checkpoint_coupling
 
         ctx, ev = self.ctx, self.ctx.ir.eval
         module_diagnostics = module.diagnostics() if hasattr(module, "diagnostics") else {}  # gathered from every rank
+        window = module.diag.window() if hasattr(module, "diag") else None  # GRPO: reward and term means since the last point
         if not ctx.ranks.is_zero:
             ctx.ranks.barrier()
             return None
@@ -381,6 +384,9 @@ class StageEval(L.Callback):
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
         entry["slot_errors"] = res.metrics.get("slot_errors")
         entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule, module_diagnostics)
+        if window:
+            entry["reward_window"] = window
+            entry["diagnostics"] |= checkpoint_coupling([*self.history, entry])  # up to this point
         self.history.append(entry)
         self.echo(
             f"[{self.stage.name} step {step}] "
@@ -443,6 +449,8 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
         base = records[st.parent]["metrics"] if st.parent else prev
         if base is not None:
             entry["delta"] = {k: (m[k] - base[k]) for k in HEADLINE if m.get(k) is not None and base.get(k) is not None}
+        if rec.get("reused_from"):  # trained by another run (the stage cache): which, and under what identity
+            entry["reused_from"] = rec["reused_from"]
         entry["slot_errors"] = rec["metrics"].get("slot_errors")
         entry["diagnostics"] = rec["diagnostics"]
         stages[st.name] = entry
@@ -535,7 +543,7 @@ def write_reward_plot(ctx: Context) -> None:
     cols = list(rows[0]) if rows else []
     panels = (
         ("reward (mean per step)", [c for c in cols if c == "reward" or c.startswith("reward/")]),
-        ("Pearson r with correctness", [c for c in cols if "corr" in c]),
+        ("Pearson r with correctness", [c for c in cols if "corr" in c and "corr_groups" not in c]),
     )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (title, keys) in zip(axes, panels):
@@ -664,14 +672,30 @@ def _run_stages(ctx: Context, progress: bool) -> Path | None:
     ir, ranks, echo, run_dir = ctx.ir, ctx.ranks, ctx.echo, ctx.run_dir
     records: dict[str, dict[str, Any]] = {}
     for stage in ir.stages:
-        done = stage_dir(ctx, stage) / "done.json"
+        sdir = stage_dir(ctx, stage)
+        done = sdir / "done.json"
         record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
         if record is not None:
             records[stage.name] = record
             echo(f"stage {stage.name}: done (resumed)")
             continue
+        # the same stage (same identity: settings, ancestors, task, model, seed) finished in another run under --out
+        identity = stagecache.stage_identity(ir, stage) if stagecache.enabled() else None
+        reused = None
+        if ranks.is_zero and identity is not None and stagecache.lookup(run_dir, identity) is not None:
+            try:
+                reused = stagecache.reuse(run_dir, sdir, identity)
+            except OSError as exc:  # the entry went away while being linked (another run replaced it): train instead
+                echo(f"stage {stage.name}: could not reuse the cached stage {identity} ({exc}); training it")
+        if ranks.broadcast(reused is not None):
+            records[stage.name] = reused or {}
+            source = records[stage.name].get("reused_from", {})
+            echo(f"stage {stage.name}: reused, trained by run {source.get('run')} (stage identity {identity})")
+            continue
         echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps")
         records[stage.name] = run_stage(ctx, stage, progress)
+        if ranks.is_zero and identity is not None:
+            stagecache.publish(run_dir, sdir, identity)
     if not ranks.is_zero:
         return None
     summary = summarize(ctx, records)

@@ -119,10 +119,12 @@ def test_plan_grid_and_run_grid_from_python(tmp_path: Path) -> None:
     assert len(plan.cells) == 4 and {c.status for c in plan.cells} == {"pending"}
     with pytest.raises(api.SpecError, match="swept by an axis"):
         api.plan_grid(ROOT / "specs" / "grids" / "smoke.pd", set={"lam": 0.5})
-    outcome = api.run_grid(
-        ROOT / "specs" / "grids" / "smoke.pd", out=tmp_path / "g", launcher=[sys.executable, str(ROOT / "tests" / "fake_run.py")]
-    )
+    fake = [sys.executable, str(ROOT / "tests" / "fake_run.py")]
+    with pytest.raises(api.SpecError, match="matches none of the arms"):  # checked before anything runs
+        api.run_grid(ROOT / "specs" / "grids" / "smoke.pd", out=tmp_path / "g", launcher=fake, baseline="lam=0.5")
+    outcome = api.run_grid(ROOT / "specs" / "grids" / "smoke.pd", out=tmp_path / "g", launcher=fake, baseline="lam=0.25")
     assert outcome.status == "complete" and outcome.exit_code == 0 and len(outcome.table.rows) == 2
+    assert (tmp_path / "g" / "paired.json").exists()
 
 
 def test_run_grid_refuses_a_template_with_a_python_term(tmp_path: Path) -> None:

@@ -302,6 +302,7 @@ def _summary(lam: float, seed: int, e2e: float, p: float, r: float, base_p: floa
     diag = {"token_share": {"perception": 0.02, "reasoning": 0.9}, "grad_norm": {"perception": 3.0}}
     if corr is not None:
         diag["reward_reasoning_corr"] = corr
+        diag["term_corr_groups/outcome/reasoning"] = 3  # a count beside the correlations: no column
     return {
         "experiment": "x",
         "hash": f"h{lam}{seed}",
@@ -458,6 +459,10 @@ def test_smoke_grid_end_to_end_with_the_real_percep_run(tmp_path):
     summaries = sorted(out.glob("cells/*/summary.json"))
     assert len(summaries) == 4
     assert (out / "tradeoff.png").exists()
+    # the λ arms of a seed share their base stage: trained by the first cell of the seed, reused by the other
+    reused = [json.loads(p.read_text())["stages"]["base"].get("reused_from") for p in summaries]
+    assert sum(r is not None for r in reused) == 2 and len({r["identity"] for r in reused if r}) == 2
+    assert all(json.loads(p.read_text())["stages"]["fixed"].get("reused_from") is None for p in summaries)
     again = subprocess.run(
         [sys.executable, "-m", "percepdsl", "grid", "specs/grids/smoke.pd", "--out", str(out)],
         capture_output=True,

@@ -511,3 +511,86 @@ def test_build_grpo_from_a_stage(tiny, encoder, task) -> None:
     assert dm.batch_size == 2 and dm.n_prompts == task.size("train")
     with pytest.raises(ValueError, match="not a grpo stage"):
         build_grpo(tiny, encoder, task, SimpleNamespace(kind="sft", name="base", reward=None), seed=0)
+
+
+# ---- constant groups: keep, drop, resample (DAPO's dynamic sampling) ----------------------------------
+def _odd_prompts_vary(group, **_):
+    """Constant (0.5) on prompts with an even index: no signal; 0, 1/G, … on odd ones."""
+    n = len(group.completions)
+    return [0.5] * n if group.sample.index % 2 == 0 else [i / n for i in range(n)]
+
+
+ODD_VARY = RewardIR(kind="term", name="odd", impl="test:odd")
+FLAT = RewardIR(kind="term", name="flat", impl="test:flat")
+
+
+def _resolve_groups(impl: str):
+    return {"test:odd": _odd_prompts_vary, "test:flat": lambda g, **_: [1.0] * len(g)}[impl]
+
+
+def _fit_watching(module, dm, steps: int):
+    """Fit, recording the loss denominator's mask rows and the prompts of every scored group per step."""
+    seen: dict[str, list] = {"denominator_rows": [], "prompts": []}
+    denominator, rollout = module._denominator, module.rollout
+
+    def watch_denominator(mask):
+        seen["denominator_rows"].append(mask.shape[0])
+        return denominator(mask)
+
+    def watch_rollout(indices, draw=0):
+        seen["prompts"].append((module.global_step, draw, indices.tolist()))
+        return rollout(indices, draw)
+
+    module._denominator, module.rollout = watch_denominator, watch_rollout
+    return _fit(module, dm, steps), seen
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+def test_constant_groups_keep_or_drop_from_the_loss(tiny, encoder, task, mode) -> None:
+    module, dm = _module(
+        tiny, encoder, task, ODD_VARY, _resolve_groups, steps=3, batch=4, group=3, aggregation="bnpo", constant_groups=mode
+    )
+    trainer, seen = _fit_watching(module, dm, 3)
+    odd = [sum(i % 2 for i in idx) for _, _, idx in seen["prompts"]]  # groups with a signal, per step
+    assert [d for _, d, _ in seen["prompts"]] == [0, 0, 0]  # no extra batches without `resample`
+    # `drop`: the constant groups' rows are out of the loss and its denominator (bnpo: their tokens)
+    assert seen["denominator_rows"] == ([12, 12, 12] if mode == "keep" else [3 * k for k in odd])
+    logs = trainer.logged_metrics
+    last_before = 1 - odd[-1] / 4
+    assert float(logs["constant_group_frac_before"]) == pytest.approx(last_before)
+    assert float(logs["constant_group_frac_after"]) == pytest.approx(last_before if mode == "keep" else 0.0)
+    assert float(logs["trained_group_frac"]) == pytest.approx(1.0 if mode == "keep" else odd[-1] / 4)
+    diag = module.diagnostics()  # summary.json: means per step
+    assert diag["constant_group_frac_before"] == pytest.approx(1 - sum(odd) / 12)
+    assert diag["resample_draws"] == 0.0
+
+
+def test_resample_fills_the_batch_with_groups_that_carry_a_signal(tiny, encoder, task) -> None:
+    module, dm = _module(tiny, encoder, task, ODD_VARY, _resolve_groups, steps=2, batch=4, group=3, constant_groups="resample")
+    trainer, seen = _fit_watching(module, dm, 2)
+    for step in (0, 1):
+        draws = [idx for s, _, idx in seen["prompts"] if s == step]
+        signal = sum(i % 2 for idx in draws for i in idx)
+        assert len(draws) > 1 or signal >= 4
+        if len(draws) > 1:  # drawn until 4 groups with a signal were there, and no further
+            assert sum(i % 2 for idx in draws[:-1] for i in idx) < 4 <= signal
+        assert all(len(set(idx)) == 4 for idx in draws[1:])  # fresh prompts: distinct within a batch
+    assert seen["denominator_rows"] == [12, 12]  # 4 groups × 3 rows in the loss
+    logs = trainer.logged_metrics
+    assert float(logs["constant_group_frac_after"]) == 0.0 and float(logs["trained_group_frac"]) == 1.0
+    assert float(logs["resample_draws"]) == len([1 for s, _, _ in seen["prompts"] if s == 1]) - 1
+    # the same run again draws the same prompts: a pure function of (seed, step, draw)
+    again, _ = _module(tiny, encoder, task, ODD_VARY, _resolve_groups, steps=2, batch=4, group=3, constant_groups="resample")
+    assert _fit_watching(again, PromptDataModule(task.size("train"), 4, seed=0), 2)[1]["prompts"] == seen["prompts"]
+
+
+def test_resample_is_bounded_by_its_tries(tiny, encoder, task) -> None:
+    module, dm = _module(tiny, encoder, task, FLAT, _resolve_groups, steps=2, constant_groups="resample", resample_tries=3)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer, seen = _fit_watching(module, dm, 2)
+    assert [(s, d) for s, d, _ in seen["prompts"]] == [(s, d) for s in (0, 1) for d in range(4)]
+    logs = trainer.logged_metrics
+    assert float(logs["resample_draws"]) == 3 and float(logs["trained_group_frac"]) == 0.0
+    assert float(logs["constant_group_frac_before"]) == 1.0 and float(logs["loss"]) == 0.0
+    assert seen["denominator_rows"] == [0, 0]
+    assert all(torch.equal(a, b) for a, b in zip(before, module.model.parameters()))  # nothing to learn from

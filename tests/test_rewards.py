@@ -17,8 +17,10 @@ from percepdsl_runtime.rewards import (
     RewardError,
     RewardWarning,
     RolloutGroup,
+    checkpoint_coupling,
     compile_reward,
     constant_groups,
+    group_mean_pearson,
     pearson,
     self_consistency,
     term_key,
@@ -222,6 +224,67 @@ def test_diagnostics_running_correlations_and_flat_groups() -> None:
     only_flat.update([g2], [v2])
     s = only_flat.summary()
     assert s["reward_perception_corr"] is None and s["surrogate_corr/self_consistency"] is None  # None, not NaN
+
+
+def test_group_mean_pearson_averages_the_groups_where_r_is_defined() -> None:
+    # group 0: r = +1; group 1: r = −1; group 2: y constant (undefined); group 3: r = 0.5 (hand-computed)
+    x = [0, 1, 0, 1, 1, 2, 0, 1, 2, 3]
+    y = [0, 1, 1, 0, 1, 1, 0, 1, 0, 1]
+    g = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    r3 = pearson([0, 1, 2, 3], [0, 1, 0, 1])
+    assert r3 == pytest.approx(2 / math.sqrt(20))
+    mean_r, n = group_mean_pearson(x, y, g)
+    assert n == 3 and mean_r == pytest.approx((1 - 1 + r3) / 3)
+    assert group_mean_pearson([1, 1, 2, 2], [0, 1, 0, 1], [0, 0, 1, 1]) == (None, 0)
+    assert group_mean_pearson([], [], []) == (None, 0)
+
+
+def test_each_term_has_its_own_coupling_within_groups_and_pooled() -> None:
+    """An α-mixed reward: outcome tracks reasoning, perception_match is perception by construction.
+    Each term's r with each kind of correctness is reported by name, not only the total's."""
+    r = compile_reward(node("sum", node("scale", term("perception_match"), value=0.3), node("scale", term("outcome"), value=0.7)))
+    d = RewardDiagnostics(r.term_names, r.surrogates)
+    # rows: (format, outcome, perception_exact, partial, reasoning); outcome = perceived AND reasoned here
+    g1 = group([(1, 1, 1, 1, 1), (1, 0, 1, 1, 0), (1, 0, 0, 0, 1), (1, 0, 0, 0, 0)], sid="t/1")
+    g2 = group([(1, 1, 1, 1, 1), (1, 1, 1, 1, 1), (1, 0, 1, 1, 0), (1, 0, 1, 1, 0)], sid="t/2")  # perception constant
+    step = d.update([g1, g2], [r(g1), r(g2)])
+    out = np.array([1, 0, 0, 0, 1, 1, 0, 0])
+    perc, reas = np.array([1, 1, 0, 0, 1, 1, 1, 1]), np.array([1, 0, 1, 0, 1, 1, 0, 0])
+    assert step["term_corr/outcome/reasoning"] == pytest.approx(pearson(out, reas))
+    assert step["term_corr/outcome/perception"] == pytest.approx(pearson(out, perc))
+    assert step["term_corr/perception_match/perception"] == pytest.approx(1.0)
+    # within groups: outcome vs reasoning r is 1/√3 in g1 and 1 in g2; vs perception only g1 is defined (1/√3)
+    assert step["term_corr_group_mean/outcome/reasoning"] == pytest.approx((1 / math.sqrt(3) + 1) / 2)
+    assert step["term_corr_groups/outcome/reasoning"] == 2
+    assert step["term_corr_group_mean/outcome/perception"] == pytest.approx(1 / math.sqrt(3))
+    assert step["term_corr_groups/outcome/perception"] == 1
+    assert step["term_corr_group_mean/perception_match/perception"] == pytest.approx(1.0)
+    assert step["term_corr_groups/perception_match/perception"] == 1
+    summary = d.summary()
+    assert summary["term_corr/outcome/reasoning"] == pytest.approx(step["term_corr/outcome/reasoning"])
+    assert summary["term_corr_groups/outcome/reasoning"] == 2
+
+
+def test_coupling_across_checkpoints_from_the_reward_before_each_evaluation_point() -> None:
+    r = compile_reward(term("outcome"))
+    d = RewardDiagnostics(r.term_names, r.surrogates)
+    history = []
+    for ok, (a_p, a_r) in zip((0, 1, 2, 3), ((0.5, 0.1), (0.4, 0.3), (0.6, 0.5), (0.5, 0.7))):
+        for _ in range(2):  # two steps per evaluation point; outcome mean ok/4
+            g = group([(1, int(i < ok), 1, 1, 1) for i in range(4)], sid=f"t/{ok}")
+            d.update([g], [r(g)])
+        history.append({"step": 2 * (ok + 1), "perception": a_p, "reasoning": a_r, "reward_window": d.window()})
+    assert [h["reward_window"]["outcome"] for h in history] == [0.0, 0.25, 0.5, 0.75]
+    assert history[0]["reward_window"]["reward"] == 0.0
+    c = checkpoint_coupling(history)
+    assert c["term_corr_ckpt_points"] == 4
+    assert c["term_corr_ckpt/outcome/reasoning"] == pytest.approx(1.0)  # a_r rises with the outcome reward
+    assert c["term_corr_ckpt/outcome/perception"] == pytest.approx(pearson([0, 1, 2, 3], [0.5, 0.4, 0.6, 0.5]))
+    assert checkpoint_coupling(history[:1])["term_corr_ckpt/outcome/perception"] is None  # one point: undefined
+    state = d.state_dict()  # the window's start survives a resume
+    again = RewardDiagnostics(r.term_names, r.surrogates)
+    again.load_state_dict(state)
+    assert again.window() == {}
 
 
 def test_flat_reward_for_many_steps_warns_once_naming_terms() -> None:

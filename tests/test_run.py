@@ -115,6 +115,29 @@ def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
+def test_runs_that_differ_after_the_base_train_it_once(smoke_run: Path) -> None:
+    """A second run under the same --out whose spec differs only after the base stage (another λ)
+    takes the base from the stage cache: recorded in its done.json and summary, and the weights
+    the child stage starts from are the first run's, file for file."""
+    proc = percep("run", "specs/sft_smoke.pd", "--set", "lam=0.25", "--out", str(smoke_run.parent), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = Path(proc.stdout.strip().splitlines()[-1])
+    assert other != smoke_run and f"stage base: reused, trained by run {smoke_run.name}" in proc.stderr
+    assert "stage fixed (sft from base)" in proc.stderr  # what differs is trained
+    record = json.loads((other / "stages" / "base" / "done.json").read_text())
+    summary = json.loads((other / "summary.json").read_text())
+    assert record["reused_from"]["run"] == smoke_run.name and summary["stages"]["base"]["reused_from"] == record["reused_from"]
+    assert "reused_from" not in summary["stages"]["fixed"]
+    for f in sorted((smoke_run / "stages" / "base" / "model").iterdir()):
+        assert (other / "stages" / "base" / "model" / f.name).read_bytes() == f.read_bytes(), f.name
+    mine = json.loads((smoke_run / "stages" / "base" / "done.json").read_text())
+    assert record["metrics"] == mine["metrics"]  # its evaluation comes with it
+    lines = [json.loads(x) for x in (other / "eval.jsonl").read_text().splitlines()]
+    assert sum(r["stage"] == "base" for r in lines) == sum(
+        r["stage"] == "base" for r in map(json.loads, (smoke_run / "eval.jsonl").read_text().splitlines())
+    )
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -334,3 +357,16 @@ def test_quickstart_learns_perception_and_reasoning(tmp_path: Path) -> None:
     base, post = summary["stages"]["base"]["metrics"], summary["stages"]["post"]["metrics"]
     assert base["perception"] >= 0.8 and post["perception"] >= 0.8
     assert base["format_ok"] >= 0.95 and post["end_to_end"] >= 0.2
+
+
+def test_a_stage_trained_by_other_code_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage cache's identity covers the code: a changed source file (or library version)
+    gives every stage a new identity, so a cached stage of the old code is never taken."""
+    from percepdsl.check import check_file
+    from percepdsl_runtime import stagecache
+
+    ir = check_file("specs/sft_smoke.pd").ir
+    before = stagecache.stage_identity(ir, ir.stages[0])
+    assert stagecache.stage_identity(ir, ir.stages[0]) == before  # a pure function of IR and code
+    monkeypatch.setattr(stagecache, "code_digest", lambda: "another build of the code")
+    assert stagecache.stage_identity(ir, ir.stages[0]) != before

@@ -113,9 +113,17 @@ def assert_as_written(ir: ExperimentIR, realised: dict[str, Realised]) -> None:
                 if sum(mass) > 0:
                     assert logs["eff_lambda"] == pytest.approx(mass[ir.role_names.index("perception")] / sum(mass), rel=1e-4, abs=1e-6)
         if stage["kind"] == "grpo":
-            assert len(rec.rewards) == math.ceil(total / stage["updates"]) * stage["batch"]
+            B, mode = stage["batch"], stage["constant_groups"]
+            draws = [int(logs["resample_draws"]) for logs in rec.logs]  # extra prompt batches of each generated batch
+            assert len(draws) == math.ceil(total / stage["updates"]) and len(rec.rewards) == sum(B * (1 + d) for d in draws)
+            assert all(d <= (stage["resample_tries"] if mode == "resample" else 0) for d in draws), (mode, draws)
             steps = [step for _, _, step in rec.rewards]
             assert steps == sorted(steps) and set(steps) == set(range(0, total, stage["updates"])), steps
+            for logs, step in zip(rec.logs, range(0, total, stage["updates"])):  # the constant-group logs, from the rewards
+                flat = [bool(min(v.total) == max(v.total)) for _, v, s in rec.rewards if s == step]
+                signal = min(flat.count(False) if mode == "resample" else flat[:B].count(False), B)
+                assert logs["constant_group_frac_before"] == pytest.approx(sum(flat[:B]) / B)
+                assert logs["trained_group_frac"] == pytest.approx(1.0 if mode == "keep" else signal / B)
             for group, values, step in rec.rewards:
                 assert list(values.total) == pytest.approx(ref_reward(stage["reward"], group, step, total), abs=1e-9)
 
@@ -162,6 +170,34 @@ def test_a_reward_weight_follows_its_schedule_and_is_logged_by_name(micro: Micro
     )
     assert [logs["reward_weight/format"] for logs in got["g"].logs] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert_as_written(ir, got)
+
+
+@pytest.mark.parametrize("mode", ["drop", "resample"])
+def test_constant_groups_are_dropped_or_resampled_as_written(micro: Micro, mode: str) -> None:
+    """`constant_groups` reaches the GRPO step: the logged shares of constant groups and of trained
+    groups, and the number of extra prompt batches, follow from the rewards the step computed."""
+    ir, got = realise(
+        micro,
+        "stage g = grpo { steps = 3, batch = 2, group = 2, max_new_tokens = 4, reward = 0.5 * format + outcome, "
+        f"constant_groups = {mode}, resample_tries = 2 }}\n",
+    )
+    assert (ir.stages[0].constant_groups, ir.stages[0].resample_tries) == (mode, 2)
+    assert [logs["constant_group_frac_after"] for logs in got["g"].logs] == [0.0, 0.0, 0.0]
+    if mode == "resample":  # an untrained model's rewards are flat: every step draws its 2 extra batches
+        assert [logs["resample_draws"] for logs in got["g"].logs] == [2.0, 2.0, 2.0]
+    assert_as_written(ir, got)
+
+
+def test_resample_tries_without_resample_is_flagged() -> None:
+    from percepdsl.check import check_text
+
+    res = check_text(MICRO + "stage a = sft { steps = 1 }\nstage g = grpo from a { steps = 2, reward = outcome, resample_tries = 3 }\n")
+    (d,) = [d for d in res.diagnostics if d.code == "ignored-setting"]
+    assert not d.is_error and "constant_groups = keep" in d.message and (d.span.line, d.span.column) == (8, 54)
+    res = check_text(
+        MICRO + "stage a = sft { steps = 1 }\nstage g = grpo from a { steps = 2, reward = outcome, constant_groups = resample }\n"
+    )
+    assert res.ok and not res.diagnostics
 
 
 @pytest.mark.parametrize(

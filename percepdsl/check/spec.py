@@ -371,6 +371,14 @@ class _Spec:
             # the checked settings are the typed stage's fields (the catalogue's block entry)
             stage_ir = SFTStageIR if kind == "sft" else GRPOStageIR
             built[name] = stage_ir(name=name, parent=st.parent.id if st.parent else None, **settings)
+            tries = st.block.get("resample_tries") if kind == "grpo" else None
+            if tries is not None and built[name].constant_groups != "resample":
+                ck.warning(
+                    tries.key.span,
+                    "ignored-setting",
+                    f"`resample_tries` has no effect: stage `{name}` has `constant_groups = {built[name].constant_groups}`",
+                    "set `constant_groups = resample`, or remove `resample_tries`",
+                )
             if kind == "grpo" and st.parent is None and self._model_is_tiny():
                 ck.warning(
                     st.kind.span,

@@ -11,6 +11,7 @@ Layout of a grid directory (default `runs/grids/<grid name>`)::
       cells/<experiment>-<hash>/ one `percep run` directory per cell; <hash> = content_hash(IR)
       cells/<experiment>-<hash>.log   the cell's stdout + stderr
       results.csv, results.md    a row per setting: mean ± std over seeds
+      paired.md, paired.json     with --baseline: each setting's paired differences to it, 95% CIs
       tradeoff.png, metrics_vs_<axis>.png
 
 Resumability comes from the run directories themselves: a cell whose
@@ -36,6 +37,7 @@ Modules, each importing only those above it:
 - `execute`: run the cells that are not done, record every event
 - `results`: the results table (CSV, Markdown)
 - `plots`: the table's plots (matplotlib)
+- `paired`: paired differences to a baseline arm, t and hierarchical-bootstrap intervals
 - `commands`: `percep grid` and `percep report`
 """
 

@@ -15,6 +15,7 @@ from percepdsl.io import write_text_atomic
 from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, GridError
 from .execute import GridOutcome, describe_exit, execute
+from .paired import Arm, BaselineError, label_arms, load_runs, paired_markdown, paired_report, parse_selector, select_baseline
 from .plan import GridPlan, plan_grid
 from .progress import plural
 from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
@@ -22,21 +23,52 @@ from .state import GridLock
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
+PAIRED_MD = "paired.md"
+PAIRED_JSON = "paired.json"
 
 
-def write_results(grid_dir: str | Path, plots: bool = True) -> tuple[ResultsTable, list[Path]]:
-    """Rebuild results.csv, results.md and the plots from the run directories (and state)."""
+def write_results(grid_dir: str | Path, plots: bool = True, baseline: str | None = None) -> tuple[ResultsTable, list[Path]]:
+    """Rebuild results.csv, results.md and the plots from the run directories (and state);
+    with a `baseline` selector (`lam=0`) also paired.md / paired.json, each arm's paired
+    differences to that arm (see `paired`), whose table results.md ends with.
+    Raises `BaselineError` when the selector names no single arm."""
     grid_dir = Path(grid_dir)
     summaries, state = collect(grid_dir)
     table = aggregate(summaries, state)
+    paired = ""
+    if baseline:
+        runs = load_runs([grid_dir / CELLS_DIR / s["_run_dir"] for s in summaries])
+        paired = write_paired(paired_report(runs, baseline), grid_dir)
     written: list[Path] = []
     if plots and table.rows:
         from .plots import write_plots
 
         written = write_plots(table, grid_dir)
     write_text_atomic(grid_dir / RESULTS_CSV, table_csv(table))
-    write_text_atomic(grid_dir / RESULTS_MD, table_markdown(table, written))
+    write_text_atomic(grid_dir / RESULTS_MD, table_markdown(table, written) + ("\n" + paired if paired else ""))
     return table, written
+
+
+def write_paired(rep, out_dir: Path) -> str:
+    """paired.json and paired.md in `out_dir` (atomically); returns the Markdown."""
+    from percepdsl.io import write_json_atomic
+
+    md = paired_markdown(rep)
+    write_json_atomic(out_dir / PAIRED_JSON, rep.to_json())
+    write_text_atomic(out_dir / PAIRED_MD, md)
+    return md
+
+
+def check_baseline(plan: GridPlan, baseline: str) -> None:
+    """Refuse (GridError) a `--baseline` that names no single setting of the planned grid."""
+    arms: dict[str, Arm] = {}
+    for c in plan.cells:
+        key = {"experiment": c.experiment, **{k: v for k, v in c.params.items() if k != "seed"}}
+        arms.setdefault(row_key(key), Arm(key, "", {}))
+    try:
+        select_baseline(label_arms(list(arms.values())), parse_selector(baseline), baseline)
+    except BaselineError as exc:
+        raise GridError(str(exc)) from None
 
 
 def list_cells(plan: GridPlan, stream: TextIO) -> None:
@@ -77,9 +109,10 @@ def run_plan(
     cpus_per_cell: float = 1.0,
     gpus_per_cell: float = 0.0,
     slurm: SlurmOptions | None = None,
+    baseline: str | None = None,
 ) -> GridOutcome:
     """Run a planned grid under its directory's lock, then (unless interrupted) write the results
-    table and plots; the outcome carries the table (`outcome.table`). GridError when another
+    table and plots (with `baseline`, the paired differences); the outcome carries the table (`outcome.table`). GridError when another
     grid holds the directory or the backend cannot start."""
     with GridLock(plan.out_dir):
         outcome = execute(
@@ -96,7 +129,7 @@ def run_plan(
         )
     if outcome.status != "interrupted":
         try:
-            outcome.table, outcome.plots = write_results(plan.out_dir)
+            outcome.table, outcome.plots = write_results(plan.out_dir, baseline=baseline)
         except Exception as exc:  # results are a view of the run dirs: never lose the grid's outcome over them
             print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stream or sys.stderr)
     return outcome
@@ -119,6 +152,7 @@ def grid_command(
     mem_gb: float | None = None,
     slurm_cluster: str | None = None,
     launcher: Sequence[str] | None = None,
+    baseline: str | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -165,6 +199,8 @@ def grid_command(
         )
     try:
         plan = plan_grid(grid_file, out, sets)
+        if baseline:
+            check_baseline(plan, baseline)
         if dry_run:
             list_cells(plan, stdout)
             return EXIT_OK
@@ -202,6 +238,7 @@ def grid_command(
             cpus_per_cell=cpus_per_cell,
             gpus_per_cell=gpus_per_cell,
             slurm=slurm,
+            baseline=baseline,
         )
     except GridError as exc:  # another run holds the grid, Ray or SLURM cannot be reached
         print(exc.render(), file=stderr)
@@ -234,20 +271,56 @@ def grid_command(
     return outcome.exit_code
 
 
-def report_command(grid_dir: Path, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """`percep report GRID_OUT`: rebuild results.csv/.md and the plots from the run directories."""
+def report_command(
+    paths: Path | Sequence[Path],
+    *,
+    baseline: str | None = None,
+    out: Path | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """`percep report GRID_OUT [--baseline NAME=VALUE]`: rebuild results.csv/.md and the plots
+    from the run directories, with the paired differences to the baseline arm when one is named.
+    `percep report RUN_DIR... --baseline NAME=VALUE --out DIR`: the paired differences between
+    the arms of separate run directories, written to DIR."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    grid_dir = Path(grid_dir)
-    if not (grid_dir / CELLS_DIR).is_dir():
-        print(f"error: {grid_dir} is not a grid directory (no {CELLS_DIR}/ inside; `percep grid GRID --out DIR` makes one)", file=stderr)
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if len(paths) == 1 and (paths[0] / CELLS_DIR).is_dir():
+        return _report_grid(paths[0], baseline, stdout, stderr)
+    not_runs = [p for p in paths if not (p / "summary.json").is_file()]
+    if not_runs:
+        p = not_runs[0]
+        what = "a grid directory (no cells/ inside) nor a finished run directory (no summary.json)"
+        print(f"error: {p} is neither {what}; `percep grid GRID --out DIR` or `percep run SPEC` makes one", file=stderr)
         return EXIT_USAGE
-    table, plots = write_results(grid_dir)
+    if not baseline or out is None:
+        print("error: run directories are compared against a baseline: give --baseline NAME=VALUE and --out DIR", file=stderr)
+        return EXIT_USAGE
+    runs = load_runs(paths)
+    try:
+        rep = paired_report(runs, baseline)
+    except BaselineError as exc:
+        print(f"error: {exc}", file=stderr)
+        return EXIT_USAGE
+    Path(out).mkdir(parents=True, exist_ok=True)
+    print(write_paired(rep, Path(out)), file=stdout, end="")
+    print(f"wrote {relpath(Path(out) / PAIRED_MD)}, {relpath(Path(out) / PAIRED_JSON)}", file=stderr)
+    return EXIT_OK
+
+
+def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: TextIO) -> int:
+    try:
+        table, plots = write_results(grid_dir, baseline=baseline)
+    except BaselineError as exc:
+        print(f"error: {exc}", file=stderr)
+        return EXIT_USAGE
     if not table.rows:
         print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
-    print(
-        f"wrote {relpath(grid_dir / RESULTS_MD)}, {relpath(grid_dir / RESULTS_CSV)}" + "".join(f", {relpath(p)}" for p in plots),
-        file=stderr,
-    )
+    written = [grid_dir / RESULTS_MD, grid_dir / RESULTS_CSV, *plots]
+    if baseline:
+        print("\n" + (grid_dir / PAIRED_MD).read_text(encoding="utf-8"), file=stdout, end="")
+        written += [grid_dir / PAIRED_MD, grid_dir / PAIRED_JSON]
+    print("wrote " + ", ".join(relpath(p) for p in written), file=stderr)
     return EXIT_OK

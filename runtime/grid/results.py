@@ -22,6 +22,8 @@ from .state import load_state, read_summary
 
 # Diagnostics (flattened with ".") worth a column: what the study's tables discuss.
 DIAGNOSTIC_PATTERNS = ("token_share.perception", "loss_share.perception", "*corr*", "*effective*")
+# ... but not the counts that come with the correlations (groups where a per-group r was defined, checkpoints)
+DIAGNOSTIC_EXCLUDED = ("*corr_groups*", "*corr_ckpt_points")
 
 
 @dataclass
@@ -161,7 +163,7 @@ def aggregate(
             stages = stages or st
             bucket.setdefault(f"delta_{m}", []).append(d)
         for dk, dv in flatten(s.get("diagnostics") or {}).items():
-            if any(fnmatch.fnmatch(dk, p) for p in DIAGNOSTIC_PATTERNS):
+            if any(fnmatch.fnmatch(dk, p) for p in DIAGNOSTIC_PATTERNS) and not any(fnmatch.fnmatch(dk, p) for p in DIAGNOSTIC_EXCLUDED):
                 if dk not in diag_keys:
                     diag_keys.append(dk)
                 bucket.setdefault(f"diag.{dk}", []).append(dv)

@@ -1,0 +1,231 @@
+"""Paired differences to a baseline arm (`percep report --baseline`, `percep grid --baseline`):
+known answers on synthetic run directories (summary.json + eval.jsonl), pairing by seed and
+item id, the two intervals, and the refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from percepdsl_runtime.grid import EXIT_OK, EXIT_USAGE, grid_command, report_command
+from percepdsl_runtime.grid.paired import (
+    BaselineError,
+    RunData,
+    hierarchical_bootstrap,
+    load_runs,
+    paired_report,
+    parse_selector,
+    t_interval,
+    t_quantile,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = [sys.executable, str(REPO / "tests" / "fake_run.py")]
+FIELDS = ("outcome", "perception_exact", "perception_partial", "cf_outcome", "format_ok")
+SUMMARY_OF = {"end_to_end": "outcome", "perception": "perception_exact", "perception_partial": "perception_partial"}
+SUMMARY_OF |= {"reasoning": "cf_outcome", "format_ok": "format_ok"}
+
+
+def make_run(root: Path, name: str, params: dict, seed: int, items: dict[str, dict], experiment: str = "exp", order=None) -> Path:
+    """A finished run directory: eval.jsonl with a non-final record of the base stage (ignored)
+    and the final records of stage `post` (in `order` of ids), and the summary computed from them."""
+    d = root / name
+    d.mkdir(parents=True)
+    recs = [{"stage": "base", "step": 10, "final": True, "id": "x0", **dict.fromkeys(FIELDS, 1.0)}]
+    recs += [{"stage": "post", "step": 20, "final": True, "id": i, **items[i]} for i in (order or list(items))]
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    final = {m: math.fsum(float(v[f]) for v in items.values()) / len(items) for m, f in SUMMARY_OF.items()}
+    summary = {"experiment": experiment, "status": "complete", "seed": seed, "params": {"lam": params["lam"], "seed": seed}}
+    summary |= {"final": final, "final_stage": "post", "stages": {"post": {"metrics": final}}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+def items(values: list[float], partial_shift: float = 0.0) -> dict[str, dict]:
+    """Items `q0…`: outcome and perception from `values`, reasoning 1, partial = value/2 + shift."""
+    return {
+        f"q{i}": {"outcome": v, "perception_exact": v, "perception_partial": v / 2 + partial_shift, "cf_outcome": 1.0, "format_ok": 1.0}
+        for i, v in enumerate(values)
+    }
+
+
+def metric(rep, arm: str, m: str) -> dict:
+    return next(a for a in rep.arms if a["arm"] == arm)["metrics"][m]
+
+
+@pytest.mark.parametrize("df, want", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (29, 2.045230), (1000, 1.962339)])
+def test_t_quantiles_match_the_table(df, want):
+    assert t_quantile(df) == pytest.approx(want, abs=1e-5)
+
+
+def test_t_interval_known_answer_and_single_seed():
+    lo, hi = t_interval([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, n 3
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert (lo, hi) == (pytest.approx(0.2 - half, abs=1e-6), pytest.approx(0.2 + half, abs=1e-6))
+    assert t_interval([0.3]) is None
+
+
+def test_bootstrap_one_seed_is_the_paired_item_interval_and_is_reproducible():
+    import numpy as np
+
+    d = np.array([1.0] * 100 + [0.0] * 400)  # 500 items, 100 gained: mean 0.2, SE sqrt(.2·.8/500) = 0.0179
+    lo, hi = hierarchical_bootstrap([d])
+    se = math.sqrt(0.2 * 0.8 / 500)
+    assert lo == pytest.approx(0.2 - 1.96 * se, abs=0.006) and hi == pytest.approx(0.2 + 1.96 * se, abs=0.006)
+    assert hierarchical_bootstrap([d]) == (lo, hi)  # fixed RNG seed
+    # three seeds with different gains: the interval spans the seed spread plus item noise
+    lo3, hi3 = hierarchical_bootstrap([d, np.roll(np.where(np.arange(500) < 50, 1.0, 0.0), 7), np.zeros(500)])
+    assert lo3 < 0.1 < hi3 and lo3 > -0.05 and hi3 < 0.25
+
+
+def test_identical_arms_differ_by_zero(tmp_path):
+    for seed, vals in ((1, [1, 0, 1, 1, 0, 1]), (2, [0, 0, 1, 1, 1, 1]), (3, [1, 1, 1, 0, 0, 0])):
+        make_run(tmp_path, f"a{seed}", {"lam": 0.0}, seed, items(vals))
+        make_run(tmp_path, f"b{seed}", {"lam": 0.5}, seed, items(vals), order=[f"q{i}" for i in reversed(range(6))])
+    rep = paired_report(load_runs(sorted(tmp_path.iterdir())), "lam=0")
+    assert rep.baseline == "lam=0.0" and rep.problems == []
+    for m in ("end_to_end", "perception", "perception_partial", "reasoning", "format_ok"):
+        r = metric(rep, "lam=0.5", m)
+        assert r["mean"] == 0 and r["n_seeds"] == 3
+        assert r["t_ci"][0] <= 0 <= r["t_ci"][1] and r["boot_ci"][0] <= 0 <= r["boot_ci"][1]
+        assert [p["seed"] for p in r["per_seed"]] == [1, 2, 3] and {p["n_items"] for p in r["per_seed"]} == {6}
+
+
+def test_a_constant_shift_is_exactly_that_shift(tmp_path):
+    for seed in (1, 2, 3):
+        vals = [float((i * seed) % 3 == 0) for i in range(20)]
+        make_run(tmp_path, f"a{seed}", {"lam": 0.0}, seed, items(vals))
+        make_run(tmp_path, f"b{seed}", {"lam": 0.25}, seed, items(vals, partial_shift=0.125))
+    r = metric(paired_report(load_runs(sorted(tmp_path.iterdir())), "lam=0.0"), "lam=0.25", "perception_partial")
+    assert r["mean"] == pytest.approx(0.125, abs=1e-12)
+    assert r["t_ci"] == pytest.approx([0.125, 0.125], abs=1e-12) and r["boot_ci"] == pytest.approx([0.125, 0.125], abs=1e-12)
+
+
+def test_pairs_by_item_id_and_seed_and_reports_what_it_left_out(tmp_path):
+    # baseline: item q_i correct iff i even; arm: the same plus q1 and q3 (per seed: +2/10, +1/10 …)
+    gains = {1: ["q1", "q3"], 2: ["q1"], 3: ["q1", "q3", "q5"]}
+    for seed, gained in gains.items():
+        base = items([float(i % 2 == 0) for i in range(10)])
+        arm = {k: dict(v) for k, v in base.items()}
+        for q in gained:
+            arm[q].update(outcome=1.0, perception_exact=1.0)
+        make_run(tmp_path, f"base{seed}", {"lam": 0.0}, seed, base, order=sorted(base, reverse=True))
+        make_run(tmp_path, f"arm{seed}", {"lam": 0.5}, seed, arm)
+    arm4 = items([1.0] * 10)
+    del arm4["q9"]
+    make_run(tmp_path, "arm4", {"lam": 0.5}, 4, arm4)  # no baseline run of seed 4: not paired
+    rep = paired_report(load_runs(sorted(tmp_path.iterdir())), "lam=0")
+    r = metric(rep, "lam=0.5", "end_to_end")
+    assert [p["diff"] for p in r["per_seed"]] == pytest.approx([0.2, 0.1, 0.3])
+    assert r["mean"] == pytest.approx(0.2) and r["t_df"] == 2
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert r["t_ci"] == pytest.approx([0.2 - half, 0.2 + half], abs=1e-6)
+    assert r["boot_ci"][0] < 0.2 < r["boot_ci"][1]
+    assert r["per_seed"][0]["run"] == "arm1" and r["per_seed"][0]["baseline_run"] == "base1"
+    assert any("seeds 4 are not in both" in p for p in rep.problems)
+
+
+def test_partly_overlapping_items_and_disagreeing_summaries_are_reported(tmp_path):
+    make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1, 0, 1, 0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, {k: v for k, v in items([1, 1, 1, 1]).items() if k != "q0"})
+    s = json.loads((b / "summary.json").read_text())
+    s["final"]["end_to_end"] = 0.5  # the records say 1.0
+    (b / "summary.json").write_text(json.dumps(s))
+    rep = paired_report(load_runs([tmp_path / "a", b]), "lam=0")
+    r = metric(rep, "lam=0.5", "end_to_end")
+    assert r["per_seed"][0]["n_items"] == 3 and r["mean"] == pytest.approx(2 / 3)
+    assert r["t_ci"] is None and r["boot_ci"] is not None  # one seed: only the item-level interval
+    assert any("3 items in both runs of 3 / 4" in p for p in rep.problems)
+    assert any("`end_to_end` is 1.000000 over eval.jsonl's final records but 0.500000 in summary.json" in p for p in rep.problems)
+
+
+def test_runs_without_eval_records_pair_their_summaries(tmp_path):
+    for seed in (1, 2):
+        for lam, v in ((0.0, 0.5), (1.0, 0.7 + 0.1 * seed)):
+            d = make_run(tmp_path, f"r{lam}-{seed}", {"lam": lam}, seed, items([v]))
+            (d / "eval.jsonl").unlink()
+    r = metric(paired_report(load_runs(sorted(tmp_path.iterdir())), "lam=0"), "lam=1.0", "end_to_end")
+    assert [p["source"] for p in r["per_seed"]] == ["summary.json"] * 2
+    assert r["mean"] == pytest.approx(0.35) and r["boot_ci"] is None and r["t_ci"] is not None
+
+
+@pytest.mark.parametrize(
+    "sel, message",
+    [
+        ("lam", "expected NAME=VALUE"),
+        ("alpha=0", "no run has a param `alpha`"),
+        ("lam=0.3", "matches none of the arms: lam=0.0; lam=0.5"),
+        ("experiment=exp", "matches 2 arms"),
+    ],
+)
+def test_a_baseline_that_names_no_single_arm_is_refused(tmp_path, sel, message):
+    make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0]))
+    make_run(tmp_path, "b", {"lam": 0.5}, 1, items([0.0]))
+    with pytest.raises(BaselineError, match=message.replace("(", r"\(")):
+        paired_report(load_runs([tmp_path / "a", tmp_path / "b"]), sel)
+
+
+def test_selector_values_read_as_set_values():
+    assert parse_selector('lam=0,mode="a b",flag=true,x=1e-3') == {"lam": 0, "mode": "a b", "flag": True, "x": 0.001}
+
+
+def test_report_on_run_directories_writes_markdown_and_json(tmp_path):
+    runs = [
+        make_run(tmp_path / "runs", f"{e}-{s}", {"lam": 0.5}, s, items([float(e == "arm" or i % 2) for i in range(8)]), experiment=e)
+        for e in ("tm", "arm")
+        for s in (1, 2, 3)
+    ]
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(runs, baseline="experiment=tm", out=tmp_path / "rep", stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    data = json.loads((tmp_path / "rep" / "paired.json").read_text())
+    assert data["baseline"] == "experiment=tm" and data["arms"][0]["arm"] == "experiment=arm"
+    assert data["arms"][0]["metrics"]["end_to_end"]["mean"] == pytest.approx(0.5)
+    md = (tmp_path / "rep" / "paired.md").read_text()
+    assert md == o.getvalue() and "| experiment=arm | a | 3 | +0.500 | [+0.500, +0.500] |" in md
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(runs, baseline="experiment=tm", stdout=o, stderr=e) == EXIT_USAGE
+    assert "--out DIR" in e.getvalue()
+    assert report_command([tmp_path], baseline="lam=0", out=tmp_path / "x", stdout=o, stderr=e) == EXIT_USAGE
+    assert "neither a grid directory" in e.getvalue()
+
+
+def test_grid_baseline_adds_paired_table_and_is_checked_before_running(tmp_path, monkeypatch):
+    monkeypatch.delenv("FAKE_RUN_CALLS", raising=False)
+    grid = REPO / "specs" / "grids" / "smoke.pd"
+    o, e = io.StringIO(), io.StringIO()
+    assert grid_command(grid, out=tmp_path / "g", launcher=FAKE, baseline="lam=0.5", stdout=o, stderr=e) == EXIT_USAGE
+    assert "matches none of the arms: lam=0.25; lam=0.75" in e.getvalue() and not (tmp_path / "g" / "cells").exists()
+    assert grid_command(grid, out=tmp_path / "g", launcher=FAKE, baseline="lam=0.25", stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    data = json.loads((tmp_path / "g" / "paired.json").read_text())
+    # the stand-in run's perception is 0.2 + 0.6·lam + 0.01·seed: the paired difference is 0.6 × 0.5 in every seed
+    r = data["arms"][0]["metrics"]["perception"]
+    assert r["mean"] == pytest.approx(0.3) and r["n_seeds"] == 2 and r["t_ci"] == pytest.approx([0.3, 0.3])
+    assert "## Paired differences against `lam=0.25`" in (tmp_path / "g" / "results.md").read_text()
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(tmp_path / "g", baseline="lam=0.75", stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert "| lam=0.25 | a_p | 2 | -0.300 |" in o.getvalue()
+
+
+def test_percep_report_on_the_command_line(tmp_path):
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    cmd = [sys.executable, "-m", "percepdsl", "report", str(a), str(b), "--out", str(tmp_path / "r")]
+    ok = subprocess.run([*cmd, "--baseline", "lam=0"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "| lam=0.5 | a | 1 | +0.500 | — |" in ok.stdout
+    bad = subprocess.run([*cmd, "--baseline", "lam=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "matches none of the arms" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_rundata_ignores_other_stages_and_non_final_records(tmp_path):
+    d = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    with (d / "eval.jsonl").open("a") as f:
+        f.write(json.dumps({"stage": "post", "step": 5, "final": False, "id": "q1", **dict.fromkeys(FIELDS, 1.0)}) + "\n")
+    run = load_runs([d])[0]
+    assert isinstance(run, RunData) and set(run.items) == {"q0", "q1"} and run.items["q1"]["end_to_end"] == 0.0 and not run.problems
