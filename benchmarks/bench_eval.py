@@ -250,8 +250,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", default=[], help="run only rows whose name contains one of these")
     ap.add_argument("--naive-repeats", type=int, default=1, help="repeats of the (slow) batch-1 rows")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--emit", action="store_true", help="end with the result as one JSON line (run_all.py reads it)")
     return ap.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run_benchmark(parse_args())
+    _args = parse_args()
+    _res = run_benchmark(_args)
+    if _args.emit:
+        print("\n" + json.dumps(_res, default=float), flush=True)

@@ -1,55 +1,52 @@
-"""GRPO step time on the embedded tiny VLM: TRL GRPOTrainer vs our Lightning GRPOModule.
+"""GRPO step time on the embedded tiny VLM: TRL's GRPOTrainer vs our GRPOModule, and where it goes.
 
-Side by side, same tiny LLaVA weights (``build_tiny`` defaults: CLIP h128×2, Llama h256×4,
-64 px), same graph-colouring prompts, same reward (our compiled reward, called on TRL's
-completions grouped by prompt), 2 prompts × 4 generations, 64 new tokens, temperature 1,
-β = 0, one optimiser update per generated batch, bf16 autocast for the training forward:
+Side by side on the same tiny LLaVA weights, the same graph-colouring prompts (the quick start's
+task and model), the same reward (our compiled reward, called on TRL's completions grouped by
+prompt), 2 prompts × 4 generations, 64 new tokens, temperature 1, β = 0, one update per batch,
+bf16 autocast for the training forward:
 
-1. TRL ``GRPOTrainer``, default generation (dynamic KV cache) and with
-   ``cache_implementation="static"`` (its fastest CPU setting here);
-2. our ``GRPOModule`` + ``PromptDataModule`` under a Lightning Trainer.
+- ``trl``: TRL ``GRPOTrainer`` at its defaults for this work (dynamic KV cache);
+- ``ours_eager``: ``GRPOModule`` under a Lightning Trainer at the stage defaults (eager
+  sampler; ``mask_truncated = false`` to match TRL); ``ours``: the same with ``compile = true``;
+- with LoRA (r 8, all linear layers) on both sides: ``trl_lora`` (``peft_config``), ``ours_lora``
+  (the fused sampler with the adapters merged) and ``ours_lora_generate`` (our step sampling
+  through Hugging Face ``generate``, the path PEFT models took before).
 
 The model first gets a short SFT warm start (``--sft-steps``), as GRPO starts from an SFT
-checkpoint: random weights emit EOS after a few tokens, which would time almost nothing
-but overhead. Our side uses ``mask_truncated = false`` (TRL's default) and both bf16 and
-fp32 sampling weights (``sample_precision``) are timed, and bf16 with ``compile = true`` (the
-sampler's decoder under torch.compile; its one-time compile is measured separately and
-left out of the timed steps, as warm-up is on every side).
+checkpoint: random weights emit EOS after a few tokens and would time mostly overhead.
 
-A step is timed end to end, between step ends (generation, scoring, reward, forward,
-backward, optimiser, framework overhead), in wall time and in process CPU time: with one
-torch thread CPU time is the work done and barely moves when other processes load the
-machine. Generated tokens are counted up to and including EOS on both sides. Runs
-alternate (ours, TRL, TRL static, ours, ...) so that load drifts hit every side alike;
-medians over rounds are reported.
+A step is timed end to end between step ends, and split into sampling (``generate`` on TRL's
+side), the rest of the rollout (prompt encoding, decoding, rewards; TRL: also its log-prob
+bookkeeping), the update's forward, its backward, and the optimiser with framework overhead.
+Generated tokens are counted up to and including EOS on both sides. Each side runs in its own
+process, in alternating rounds; medians over a run's timed steps, best round per side.
+``compile = true`` pays a one-time compile per process: measured separately with an empty
+Inductor cache (``compile_cold_s``) and with the on-disk cache an earlier process left
+(``compile_warm_s``), and left out of the timed steps.
 
-    python benchmarks/bench_grpo.py --threads 1      # ≈5 min on 2 cores
-    python benchmarks/bench_grpo.py --steps 10 --rounds 3 --threads 1 --json out.json
+    python benchmarks/bench_grpo.py --threads 1
+    python benchmarks/bench_grpo.py --steps 10 --rounds 3 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+import benchlib as bl
 
-ROOT = Path(__file__).resolve().parents[1]
-RULES = [
-    {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>", "markers": True},
-    {"role": "reasoning", "kind": "between", "open": "<reasoning>", "close": "</reasoning>", "markers": True},
-    {"role": "answer", "kind": "between", "open": "<answer>", "close": "</answer>", "markers": True},
-]
 PROMPTS, G, NEW_TOKENS = 2, 4, 64
+REGIME = "quick"
+SIDES = ("trl", "ours", "ours_eager", "trl_lora", "ours_lora", "ours_lora_generate")
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+PARTS = ("sampling", "rollout_rest", "forward", "backward", "optimizer_rest")
 
 
 def reward_ir() -> Any:
@@ -70,40 +67,71 @@ def reward_ir() -> Any:
     )
 
 
-def _stats(ends: list[tuple[float, float]], tokens: list[int], warmup: int) -> dict[str, float]:
-    """Per-step wall and CPU seconds (median over the timed steps) and generated tokens/s.
-    With one torch thread, process CPU time is the work a step did; unlike wall time it
-    hardly changes when other processes compete for the cores."""
-    wall = [b[0] - a[0] for a, b in zip(ends[warmup - 1 :], ends[warmup:])]
-    cpu = [b[1] - a[1] for a, b in zip(ends[warmup - 1 :], ends[warmup:])]
-    tok = tokens[warmup : warmup + len(wall)]
-    return {
-        "step_s": statistics.median(wall),
-        "cpu_step_s": statistics.median(cpu),
-        "gen_tokens_per_step": statistics.mean(tok),
-        "tokens_per_s": sum(tok) / sum(wall),
-        "tokens_per_cpu_s": sum(tok) / sum(cpu),
+class Timer:
+    """Wraps callables and accumulates their wall and CPU seconds per step."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, list[float]] = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **k: Any) -> Any:
+            t = bl.now()
+            try:
+                return fn(*a, **k)
+            finally:
+                d = bl.span(t, bl.now())
+                acc = self.acc.setdefault(name, [0.0, 0.0])
+                acc[0] += d["wall_s"]
+                acc[1] += d["cpu_s"]
+
+        return timed
+
+    def take(self) -> dict[str, tuple[float, float]]:
+        out = {k: (v[0], v[1]) for k, v in self.acc.items()}
+        self.acc = {}
+        return out
+
+
+def summarise(steps: list[dict[str, Any]], warmup: int, cpu: bool) -> dict[str, Any]:
+    """Medians over the timed steps of the step time, its parts, and generated tokens."""
+    timed = steps[warmup:]
+    i = 1 if cpu else 0
+    out: dict[str, Any] = {
+        "step_s": statistics.median(s["step"][0] for s in timed),
+        "step_cpu_s": statistics.median(s["step"][1] for s in timed),
+        "gen_tokens_per_step": statistics.mean(s["tokens"] for s in timed),
     }
+    for part in PARTS:
+        out[f"{part}_s"] = statistics.median(s["parts"][part][i] if part in s["parts"] else 0.0 for s in timed)  # (wall, cpu)
+    out["sampling_tokens_per_s"] = out["gen_tokens_per_step"] / max(out["sampling_s"], 1e-9)
+    return out
 
 
-def _gen_stats(gen_s: list[float], tokens: list[int], warmup: int) -> dict[str, float]:
-    """Sampling alone: seconds per step and generated tokens per second of sampling."""
-    g, tok = gen_s[warmup:], tokens[warmup : warmup + len(gen_s[warmup:])]
-    return {"gen_s": statistics.median(g), "gen_tokens_per_s": sum(tok) / sum(g)}
+def _parts(t: dict[str, tuple[float, float]], step: tuple[float, float], outer: str, inner: list[str]) -> dict[str, tuple[float, float]]:
+    """Split a step into PARTS from the wrapped timings (wall, cpu) of nested calls."""
+
+    def get(k: str) -> tuple[float, float]:
+        return t.get(k, (0.0, 0.0))
+
+    def sub(a: tuple[float, float], *bs: tuple[float, float]) -> tuple[float, float]:
+        return (a[0] - sum(b[0] for b in bs), a[1] - sum(b[1] for b in bs))
+
+    gen, roll, fwd, train = get("generate"), get("rollout"), get("forward"), get(outer)
+    parts = {"sampling": gen, "rollout_rest": sub(roll, gen), "forward": fwd}
+    parts["backward"] = sub(train, *(get(k) for k in inner))
+    parts["optimizer_rest"] = sub(step, train)
+    return parts
 
 
-def _now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-# ---------------------------------------------------------------------------------- TRL
-def bench_trl(model_dir: Path, task: Any, steps: int, warmup: int, cache: str | None) -> dict[str, float]:
+# ---------------------------------------------------------------------------------- children
+def child_trl(model_dir: Path, steps: int, warmup: int, lora: bool) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from percepdsl_runtime.rewards import RolloutGroup, compile_reward
 
+    task = bl.task_of(REGIME)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(model_dir)
     n = 64
@@ -115,8 +143,9 @@ def bench_trl(model_dir: Path, task: Any, steps: int, warmup: int, cache: str | 
     }
     reward = compile_reward(reward_ir())
     eos = processor.tokenizer.eos_token_id
-    ends: list[tuple[float, float]] = []
     tokens: list[int] = []
+    timer = Timer()
+    records: list[dict[str, Any]] = []
 
     def reward_fn(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], idx: list[int], **_: Any) -> list[float]:
         texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
@@ -127,10 +156,24 @@ def bench_trl(model_dir: Path, task: Any, steps: int, warmup: int, cache: str | 
             out += reward(group).total.tolist()
         return out
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            ends.append(_now())
+    last = [bl.now()]
 
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            last[0] = bl.now()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            end = bl.now()
+            d = bl.span(last[0], end)
+            step = (d["wall_s"], d["cpu_s"])
+            t = timer.take()
+            records.append({"step": step, "tokens": tokens[-1] if tokens else 0, "parts": _parts(t, step, "train", ["rollout", "forward"])})
+
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear")
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-grpo-"),
         per_device_train_batch_size=PROMPTS * G,
@@ -148,36 +191,41 @@ def bench_trl(model_dir: Path, task: Any, steps: int, warmup: int, cache: str | 
         logging_steps=10_000,
         remove_unused_columns=False,
         seed=0,
-        cache_implementation=cache,
         dataloader_num_workers=0,
     )
-    gen_s: list[float] = []
-    generate = model.generate
-
-    def timed_generate(*a: Any, **k: Any) -> Any:  # TRL samples through model.generate
-        t = time.perf_counter()
-        out = generate(*a, **k)
-        gen_s.append(time.perf_counter() - t)
-        return out
-
-    model.generate = timed_generate
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_dict(rows), processing_class=processor)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_fn,
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    gen_model = trainer.model
+    gen_model.generate = timer.wrap("generate", gen_model.generate)  # TRL samples through model.generate
+    trainer._generate_and_score_completions = timer.wrap("rollout", trainer._generate_and_score_completions)
+    trainer.compute_loss = timer.wrap("forward", trainer.compute_loss)
+    trainer.training_step = timer.wrap("train", trainer.training_step)
     trainer.add_callback(Clock())
+    rss0 = bl.rss_mb()
     trainer.train()
-    return _stats(ends, tokens, warmup) | _gen_stats(gen_s, tokens, warmup)
+    return {"rss_before_mb": rss0, "records": records}
 
 
-# ---------------------------------------------------------------------------------- ours
-def bench_ours(model_dir: Path, task: Any, steps: int, warmup: int, gen_precision: str, compile: bool = False) -> dict[str, float]:
+def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bool, generate: bool) -> dict[str, Any]:
     import lightning as L
 
-    from percepdsl.ir import GRPOStageIR
+    import percepdsl_runtime.grpo as grpo
+    from percepdsl.ir import GRPOStageIR, LoraIR
     from percepdsl_runtime.encoding import Encoder
-    from percepdsl_runtime.grpo import build_grpo
     from percepdsl_runtime.models import load_hf
+    from percepdsl_runtime.sampling import FusedLlamaDecoder
 
-    loaded = load_hf(model_dir)
-    enc = Encoder(loaded, RULES)
+    if generate:  # the path PEFT models took before the fused sampler merged adapters
+        FusedLlamaDecoder.supports = staticmethod(lambda *a, **k: False)
+    lora_ir = LoraIR(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules="all-linear")
+    loaded = load_hf(model_dir, lora=lora_ir if lora else None)
+    enc = Encoder(loaded, bl.RULES)
     stage = GRPOStageIR(
         name="rl",
         steps=steps + warmup,
@@ -189,21 +237,34 @@ def bench_ours(model_dir: Path, task: Any, steps: int, warmup: int, gen_precisio
         kl=0.0,
         mask_truncated=False,  # TRL's default
         compile=compile,
-        sample_precision=gen_precision,
         reward=reward_ir(),
     )
-    module, dm = build_grpo(loaded, enc, task, stage, seed=0, grad_clip=1.0)
-    ends: list[tuple[float, float]] = []
-    tokens: list[int] = []
-    trained: list[float] = []
-    gen_s: list[float] = []
+    module, dm = grpo.build_grpo(loaded, enc, bl.task_of(REGIME), stage, seed=0, grad_clip=1.0)
+    timer = Timer()
+    grpo.sample_completions = timer.wrap("generate", grpo.sample_completions)
+    grpo.completion_logprobs = timer.wrap("forward", grpo.completion_logprobs)
+    module.rollout = timer.wrap("rollout", module.rollout)
+    module.training_step = timer.wrap("train", module.training_step)
+    records: list[dict[str, Any]] = []
+    last = [bl.now()]
 
     class Clock(L.Callback):
+        def on_train_start(self, trainer: Any, *a: Any) -> None:
+            opt = trainer.optimizers[0]
+            opt.step = timer.wrap("opt", opt.step)
+
+        def on_train_batch_start(self, *a: Any) -> None:
+            last[0] = bl.now()
+
         def on_train_batch_end(self, trainer: Any, *a: Any) -> None:
-            ends.append(_now())
-            tokens.append(int(module.timing["gen_tokens"]) - sum(tokens))
-            trained.append(float(trainer.callback_metrics["trained_rows"]))
-            gen_s.append(float(trainer.callback_metrics["gen_s"]))
+            d = bl.span(last[0], bl.now())
+            step = (d["wall_s"], d["cpu_s"])
+            t = timer.take()
+            parts = _parts(t, step, "train", ["rollout", "forward", "opt"])
+            opt = t.get("opt", (0.0, 0.0))  # the optimiser step runs inside our training_step
+            parts["optimizer_rest"] = (parts["optimizer_rest"][0] + opt[0], parts["optimizer_rest"][1] + opt[1])
+            tokens = float(trainer.callback_metrics["completion_tokens"]) * PROMPTS * G
+            records.append({"step": step, "tokens": tokens, "parts": parts})
 
     trainer = L.Trainer(
         max_steps=steps + warmup,
@@ -216,132 +277,170 @@ def bench_ours(model_dir: Path, task: Any, steps: int, warmup: int, gen_precisio
         enable_model_summary=False,
         callbacks=[Clock()],
     )
+    rss0 = bl.rss_mb()
     trainer.fit(module, datamodule=dm)
-    # share of rows in the training forward (rows of constant-reward groups are skipped)
-    return _stats(ends, tokens, warmup) | _gen_stats(gen_s, tokens, warmup) | {"trained_rows": statistics.mean(trained[warmup:])}
+    return {"rss_before_mb": rss0, "records": records}
+
+
+def child_compile(model_dir: Path) -> dict[str, Any]:
+    """Seconds the first compiled rollout takes over an eager one (the compile, or its load
+    from Inductor's on-disk cache)."""
+    import torch
+
+    from percepdsl_runtime.encoding import Encoder, collate
+    from percepdsl_runtime.models import load_hf
+    from percepdsl_runtime.sampling import sample_completions
+
+    loaded = load_hf(model_dir)
+    enc = Encoder(loaded, bl.RULES)
+    task = bl.task_of(REGIME)
+    samples = [task.sample("train", i) for i in range(PROMPTS)]
+    prompt = collate([enc.encode_prompt(s.query, s.image) for s in samples], enc.pad_token_id)
+    kw = dict(group=G, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0, eos_token_id=-1, pad_token_id=enc.pad_token_id)
+    out = {}
+    for name, comp in (("eager", False), ("first_compiled", True), ("compiled", True)):
+        t = bl.now()
+        with torch.no_grad():
+            sample_completions(loaded.model.eval(), prompt, dtype=torch.bfloat16, compile=comp, **kw)
+        out[name] = bl.span(t, bl.now())
+    return {
+        "compile_s": out["first_compiled"]["wall_s"] - out["compiled"]["wall_s"],
+        "compile_cpu_s": out["first_compiled"]["cpu_s"] - out["compiled"]["cpu_s"],
+    }
 
 
 # ---------------------------------------------------------------------------------- warm start
-def sft_warm_start(model_dir: Path, task: Any, steps: int) -> None:
+def sft_warm_start(model_dir: Path, steps: int) -> None:
     """A few SFT steps on the task's targets, saved over ``model_dir``: GRPO starts from an
-    SFT checkpoint, whose completions follow the format and run to the 64-token cap (the
-    trace targets are longer), so both sides generate full-length rows."""
+    SFT checkpoint, whose completions follow the format and run to the 64-token cap."""
     import lightning as L
 
     from percepdsl.ir import SFTStageIR
     from percepdsl_runtime.encoding import Encoder
     from percepdsl_runtime.models import load_hf
-    from percepdsl_runtime.sft import SFTDataModule, SFTModule
+    from percepdsl_runtime.sft import SFTDataModule, SFTModule, build_trainer
 
     loaded = load_hf(model_dir)
-    enc = Encoder(loaded, RULES)
+    enc = Encoder(loaded, bl.RULES)
     module = SFTModule(loaded, SFTStageIR(name="warm", steps=steps, lr=2e-3), enc.role_names)
-    L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        precision="bf16-mixed",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(module, datamodule=SFTDataModule(task, enc, batch_size=8, seed=0, n_items=8 * steps))
+    dm = SFTDataModule(bl.task_of(REGIME), enc, batch_size=8, seed=0, n_items=8 * steps)
+    build_trainer(steps, accelerator="cpu").fit(module, datamodule=dm)
+    L.seed_everything(0, verbose=False)
     loaded.model.save_pretrained(model_dir)
 
 
-# ---------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------- parent
+def run(
+    threads: int, rounds: int, steps: int, warmup: int, sft_steps: int, sides: tuple[str, ...] = SIDES, log: Any = print
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
+        model_dir = bl.build_model(REGIME, Path(tmp) / "tiny")
+        bl.run_child("bench_grpo.py", ["--side", "warm_start", "--model-dir", str(model_dir), "--sft-steps", str(sft_steps)], threads)
+        common = ["--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup)]
+        cold_dir = Path(tmp) / "inductor-cold"
+        os.environ["TORCHINDUCTOR_CACHE_DIR_COLD"] = str(cold_dir)
+        cold = bl.run_child("bench_grpo.py", ["--side", "compile", "--cold", *common], threads)
+        warm = bl.run_child("bench_grpo.py", ["--side", "compile", *common], threads)
+        load0 = bl.loadavg()
+        runs = bl.alternate(
+            {s: (lambda s=s: _summary(bl.run_child("bench_grpo.py", ["--side", s, *common], threads), warmup, threads)) for s in sides},
+            rounds,
+            log,
+        )
+    key = "step_cpu_s" if threads == 1 else "step_s"
+    out: dict[str, Any] = {"threads": threads, "rounds": rounds, "clock": key, "loadavg": [load0, bl.loadavg()]}
+    out["compile_cold_s"], out["compile_cold_cpu_s"] = cold["compile_s"], cold["compile_cpu_s"]
+    out["compile_warm_s"], out["compile_warm_cpu_s"] = warm["compile_s"], warm["compile_cpu_s"]
+    for side, rs in runs.items():
+        out[side] = bl.best(rs, key, higher=False) | {f"{key}_rounds": [r[key] for r in rs]}
+    for ours, base in (("ours", "trl"), ("ours_eager", "trl"), ("ours_lora", "trl_lora"), ("ours_lora_generate", "trl_lora")):
+        if ours in runs and base in runs:
+            out[f"{ours}_vs_{base}"] = out[base][key] / out[ours][key]
+            out[f"{ours}_vs_{base}_rounds"] = [b[key] / o[key] for o, b in zip(runs[ours], runs[base])]
+            out[f"{ours}_sampling_vs_{base}"] = out[ours]["sampling_tokens_per_s"] / out[base]["sampling_tokens_per_s"]
+    return out
+
+
+def _summary(child: dict[str, Any], warmup: int, threads: int) -> dict[str, Any]:
+    return summarise(child["records"], warmup, cpu=threads == 1) | {k: v for k, v in child.items() if k != "records"}
+
+
+def report(res: dict[str, Any]) -> str:
+    key = res["clock"]
+    per = "CPU" if key == "step_cpu_s" else "wall"
+    lines = [
+        f"GRPO step, {res['threads']} thread(s), {PROMPTS} prompts × {G}, {NEW_TOKENS} new tokens: {per} seconds "
+        f"(median step of the best round; parts are medians too, so they need not add up)",
+        "",
+        "| side | s/step | range | sampling | rollout rest | forward | backward | optimiser + rest | sampling tok/s | tok/step | peak RSS MiB (+) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in SIDES:
+        if side not in res:
+            continue
+        r = res[side]
+        rng = bl.spread(r[f"{key}_rounds"])
+        lines.append(
+            f"| {side} | {r[key]:.3f} | {rng[0]:.3f}–{rng[2]:.3f} | "
+            + " | ".join(f"{r[f'{p}_s']:.3f}" for p in PARTS)
+            + f" | {r['sampling_tokens_per_s']:.0f} | {r['gen_tokens_per_step']:.0f} | {r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['rss_before_mb']:.0f}) |"
+        )
+    lines.append("")
+    for ours, base in (("ours", "trl"), ("ours_eager", "trl"), ("ours_lora", "trl_lora"), ("ours_lora_generate", "trl_lora")):
+        if f"{ours}_vs_{base}" in res:
+            rng = bl.spread(res[f"{ours}_vs_{base}_rounds"])
+            lines.append(
+                f"- {ours} vs {base}: {res[f'{ours}_vs_{base}']:.2f}x per step (round by round {rng[0]:.2f}–{rng[2]:.2f}x); "
+                f"sampling {res[f'{ours}_sampling_vs_{base}']:.2f}x tokens/s"
+            )
+    lines.append(
+        f"- compile = true, one-time cost per process: {res['compile_cold_s']:.1f} s wall / {res['compile_cold_cpu_s']:.1f} s CPU "
+        f"with an empty Inductor cache, {res['compile_warm_s']:.1f} s / {res['compile_warm_cpu_s']:.1f} s CPU from the on-disk cache"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
-    ap.add_argument(
-        "--sft-steps",
-        type=int,
-        default=60,
-        help="SFT steps before GRPO (0 = random weights, which emit EOS early and make short completions)",
-    )
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each side")
+    ap.add_argument("--sft-steps", type=int, default=60, help="SFT steps before GRPO (0: random weights, short completions)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(ROOT / "examples" / "plugin"))  # the brevity reward term
-
-    from percepdsl_runtime.models import build_tiny
-    from percepdsl_runtime.tasks import build_task
-
-    task = build_task("graph_coloring", {}, seed=0)
-    model_dir = Path(tempfile.mkdtemp(prefix="bench-grpo-tiny-"))
-    loaded = build_tiny(task.vocabulary(), image=task.params.image, save_dir=model_dir)
-    print(
-        f"tiny VLM: {loaded.num_parameters() / 1e6:.2f}M params; {PROMPTS} prompts x {G} generations, "
-        f"{NEW_TOKENS} new tokens; torch threads {torch.get_num_threads()}",
-        flush=True,
-    )
-    if args.sft_steps:
-        t0 = time.perf_counter()
-        sft_warm_start(model_dir, task, args.sft_steps)
-        print(f"SFT warm start: {args.sft_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-    # the one-time cost of compile = true: a 2-step run with it minus one without (the compile,
-    # or its load from Inductor's on-disk cache when an earlier process compiled the same graph)
-    t0 = time.perf_counter()
-    bench_ours(model_dir, task, 1, 1, "bf16", compile=True)
-    t1 = time.perf_counter()
-    bench_ours(model_dir, task, 1, 1, "bf16")
-    compile_s = max((t1 - t0) - (time.perf_counter() - t1), 0.0)
-    sides = {
-        "ours": lambda: bench_ours(model_dir, task, args.steps, args.warmup, "bf16"),
-        "ours_fp32": lambda: bench_ours(model_dir, task, args.steps, args.warmup, "fp32"),
-        # compile = true: the warm-up steps include the one-time compile (timed below, not in the steps)
-        "ours_compiled": lambda: bench_ours(model_dir, task, args.steps, args.warmup, "bf16", compile=True),
-        "trl": lambda: bench_trl(model_dir, task, args.steps, args.warmup, None),
-        "trl_static": lambda: bench_trl(model_dir, task, args.steps, args.warmup, "static"),
-    }
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
-    for r in range(args.rounds):
-        for name, fn in sides.items():
-            res = fn()
-            runs[name].append(res)
-            extra = f", {res['trained_rows']:.0%} of rows trained" if "trained_rows" in res else ""
-            print(
-                f"round {r}: {name:10s} {res['step_s']:.3f} s/step ({res['cpu_step_s']:.3f} CPU s), "
-                f"sampling {res['gen_s']:.3f} s ({res['gen_tokens_per_s']:.0f} tok/s), "
-                f"{res['gen_tokens_per_step']:.0f} tok/step{extra}",
-                flush=True,
+    if args.side:
+        if args.cold:  # an empty Inductor cache of our own
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+        bl.setup_process(args.threads)
+        if args.side == "warm_start":
+            sft_warm_start(args.model_dir, args.sft_steps)
+            res: dict[str, Any] = {}
+        elif args.side == "compile":
+            res = child_compile(args.model_dir)
+        elif args.side in ("trl", "trl_lora"):
+            res = child_trl(args.model_dir, args.steps, args.warmup, lora=args.side == "trl_lora")
+        else:
+            res = child_ours(
+                args.model_dir,
+                args.steps,
+                args.warmup,
+                compile=args.side != "ours_eager",
+                lora=args.side.startswith("ours_lora"),
+                generate=args.side == "ours_lora_generate",
             )
-    # Other processes share this machine: wall time per step swings with their load, CPU
-    # time (one thread) much less. Medians over rounds of both are reported; the speed-up
-    # is taken against TRL's faster setting.
-    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
-    out: dict[str, Any] = {"median": med, "runs": runs, "threads": torch.get_num_threads()}
-    print(
-        "\n| side | s/step (wall) | s/step (CPU) | tok/s per step (wall) | sampling s/step | sampling tok/s | tokens/step |"
-        "\n|---|---|---|---|---|---|---|"
-    )
-    for k, v in med.items():
-        print(
-            f"| {k} | {v['step_s']:.3f} | {v['cpu_step_s']:.3f} | {v['tokens_per_s']:.0f} | {v['gen_s']:.3f} "
-            f"| {v['gen_tokens_per_s']:.0f} | {v['gen_tokens_per_step']:.0f} |"
-        )
-    for ours in ("ours", "ours_compiled"):
-        for clock, step_key, tok_key in (("wall", "step_s", "tokens_per_s"), ("CPU", "cpu_step_s", "tokens_per_cpu_s")):
-            base = min(("trl", "trl_static"), key=lambda k: med[k][step_key])
-            speed = med[base][step_key] / med[ours][step_key]
-            tok = med[ours][tok_key] / med[base][tok_key]
-            print(f"{ours} vs TRL ({base}), {clock} time: {speed:.2f}x per step, {tok:.2f}x generated tokens/s (goal >= 2x)")
-            out[f"speedup_{ours}_{clock.lower()}"] = {"baseline": base, "step": speed, "tokens": tok}
-    print(f"compile = true: one-time cost {compile_s:.1f} s (compiling, or loading Inductor's on-disk cache)")
-    out["compile_s"] = compile_s
-    base = min(("trl", "trl_static"), key=lambda k: med[k]["gen_s"])
-    gen = med["ours"]["gen_tokens_per_s"] / med[base]["gen_tokens_per_s"]
-    print(f"sampling alone vs TRL ({base}): {gen:.2f}x tokens/s")
-    out["speedup_sampling"] = {"baseline": base, "tokens": gen}
+        bl.emit(res)
+        return
+    t0 = time.perf_counter()
+    res = run(args.threads, args.rounds, args.steps, args.warmup, args.sft_steps, tuple(args.sides))
+    res["wall_s"] = time.perf_counter() - t0
+    print(report(res))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.write_text(json.dumps(res, indent=2, default=float))
 
 
 if __name__ == "__main__":

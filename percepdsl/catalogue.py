@@ -636,6 +636,13 @@ BUILTINS: tuple[Entry, ...] = (
                 "less padding, but batches of look-alike items, which kept the tiny model from learning perception on graph colouring)",
                 choices=("random", "length"),
             ),
+            P(
+                "packing",
+                "bool",
+                True,
+                "lay each batch out as one padding-free row (the same items; each keeps its positions and attends only "
+                "to itself) when the model supports it (LLaVA over a Llama decoder), else right-padded items",
+            ),
             P("max_length", "int", None, "truncate sequences to this many tokens", min=8, nullable=True),
             P("eval_every", "int", None, "evaluate every N steps in this stage (overrides eval.every)", min=1, nullable=True),
         ),

@@ -428,6 +428,7 @@ class SFTStageIR(_Model):
     adam_beta2: float = setting(*_sft, "adam_beta2")
     adam_eps: float = setting(*_sft, "adam_eps")
     batching: Literal["random", "length"] = setting(*_sft, "batching")
+    packing: bool = setting(*_sft, "packing")
     max_length: int | None = setting(*_sft, "max_length")
     eval_every: int | None = setting(*_sft, "eval_every")
 

@@ -27,7 +27,7 @@ from .roles import RoleTagger, token_roles
 
 # keys of an encoded item that are one value per token (padded in `collate`), with pad values
 _SEQ_PAD = {"labels": -100, "role_ids": -1, "attention_mask": 0}
-_NOT_MODEL_INPUTS = ("labels", "role_ids", "n_target")
+_NOT_MODEL_INPUTS = ("labels", "role_ids", "n_target", "seq_lengths")
 
 
 class EncodingError(ValueError):
@@ -202,12 +202,13 @@ def _is_seq(v: Any, T: int) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == T
 
 
-def collate(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+def collate(items: list[dict[str, Any]], pad_token_id: int, length: int = 0) -> dict[str, Any]:
     """Batch encoded items: per-token tensors are padded (right for training items,
-    left for prompt items, i.e. items without labels); image tensors are concatenated
-    along their first dim; ints become a tensor."""
+    left for prompt items, i.e. items without labels) to the longest item or ``length``,
+    whichever is longer; image tensors are concatenated along their first dim; ints become
+    a tensor."""
     left = "labels" not in items[0]
-    T = max(int(it["input_ids"].shape[0]) for it in items)
+    T = max(max(int(it["input_ids"].shape[0]) for it in items), length)
     batch: dict[str, Any] = {}
     for key in items[0]:
         vals = [it[key] for it in items]

@@ -319,7 +319,9 @@ def build_stage(ctx: Context, stage: Stage):
 
         return build_grpo(ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip)
     module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip)
-    datamodule = SFTDataModule(ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length")
+    datamodule = SFTDataModule(
+        ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length", packing=stage.packing
+    )
     return module, datamodule
 
 

@@ -3,8 +3,9 @@
 ``sample_completions`` takes the fast path for LLaVA models with a plain Llama text decoder:
 each prompt is prefilled once by the Hugging Face forward (vision tower + decoder), its K/V
 copied to its G rows in a cache preallocated for prompt + cap, and ``FusedLlamaDecoder`` runs
-the single-token steps (eagerly, or as ``compiled_step`` under ``torch.compile``). Other models,
-PEFT-wrapped ones included, go through Hugging Face ``generate``.
+the single-token steps (eagerly, or as ``compiled_step`` under ``torch.compile``). A PEFT LoRA
+model takes the same path, its adapters merged into the decoder's weight copies
+(``dense_weights``); other models go through Hugging Face ``generate``.
 
 Numerics: the fused decoder runs on bf16 copies of the weights by default (the GRPO stage's
 ``sample_precision``). bf16 *autocast* measured slower than fp32 for decoding here because it
@@ -114,15 +115,15 @@ def sample_completions(
     prompt is prefilled once and its K/V shared by its G rows, in a cache preallocated for
     prompt + cap (Hugging Face's default dynamic cache concatenates every step, which
     profiled at ~75% of decoding time for the tiny model), and a fused decoder
-    (``FusedLlamaDecoder``) runs the steps until every row has emitted EOS. Other models
-    (and PEFT-wrapped ones) go through Hugging Face ``generate``.
+    (``FusedLlamaDecoder``) runs the steps until every row has emitted EOS; LoRA adapters are
+    merged into its weight copies. Other models go through Hugging Face ``generate``.
     ``suppress`` ids are never sampled (the image token: a sampled one would break the
     image-feature scatter in the training forward). ``compile``: the fast path's decoder
     runs under ``torch.compile`` (``compiled_step``); other models ignore it.
     """
     t0 = time.perf_counter()
     parts = llava_parts(model)
-    if parts is None or not FusedLlamaDecoder.supports(parts[0]):
+    if parts is None or not FusedLlamaDecoder.supports(parts[0], parts[1]):
         ids = _hf_generate(model, prompt, group, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, suppress, generator)
     else:
         ids = _decode_llava(
@@ -137,6 +138,33 @@ def sample_completions(
     )
 
 
+def dense_weights(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) that a linear projection applies in eval mode: an ``nn.Linear``'s own, or
+    for a PEFT LoRA linear its base weight plus each active adapter's ``B·A·scaling`` (exact:
+    LoRA's dropout is off in eval mode). ``_mergeable`` says which modules qualify."""
+    if type(mod) is torch.nn.Linear:
+        return mod.weight, mod.bias
+    base = mod.base_layer
+    weight = base.weight
+    if not mod.merged and not mod.disable_adapters:  # merged: the base weight already holds the deltas
+        for name in mod.active_adapters:
+            if name in mod.lora_A:
+                weight = weight + mod.get_delta_weight(name).to(weight.dtype)
+    return weight, base.bias
+
+
+def _mergeable(mod: Any) -> bool:
+    """A plain linear, or a PEFT LoRA linear over one, with vanilla adapters only (no DoRA or
+    other variants, no LoRA bias), unquantised."""
+    if type(mod) is torch.nn.Linear:
+        return True
+    base = getattr(mod, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(mod, "get_delta_weight") or not hasattr(mod, "lora_A"):
+        return False
+    active = [n for n in mod.active_adapters if n in mod.lora_A]
+    return not any(n in getattr(mod, "lora_variant", {}) or getattr(mod, "lora_bias", {}).get(n) for n in active)
+
+
 class FusedLlamaDecoder:
     """Single-token decoding for a plain Llama text decoder, with fused projections.
 
@@ -148,7 +176,8 @@ class FusedLlamaDecoder:
     for the tiny model), in ``dtype``: bf16 halves the time of these small matmuls on
     AMX CPUs (measured 58 vs 107 µs for 8×256 @ 256×768), fp32 reproduces Hugging Face's
     greedy tokens exactly (tested). ``supports`` says when it applies: a Llama whose
-    projections are plain ``nn.Linear`` (not PEFT-wrapped, not quantised).
+    projections are plain ``nn.Linear`` or PEFT LoRA linears over them (merged into the
+    copies: W + B·A·scaling per active adapter), not quantised.
     """
 
     def __init__(self, lm: Any, head: Any, dtype: torch.dtype = torch.float32, banned: tuple[int, ...] = ()):
@@ -158,8 +187,13 @@ class FusedLlamaDecoder:
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         cast = lambda *ts: None if ts[0] is None else torch.cat(ts).to(dtype)  # noqa: E731
-        self.embed, self.head = cast(lm.embed_tokens.weight), cast(head.weight)
-        self.head_b = cast(head.bias) if getattr(head, "bias", None) is not None else None
+
+        def proj(*mods: Any) -> tuple[torch.Tensor, torch.Tensor | None]:  # fused (weight, bias) of projections
+            dense = [dense_weights(mod) for mod in mods]
+            return cast(*(w for w, _ in dense)), cast(*(b for _, b in dense))
+
+        self.embed = cast(lm.embed_tokens.weight)
+        self.head, self.head_b = proj(head)
         if banned:  # never sampled: −inf in the head's bias costs no op per step
             if self.head_b is None:
                 self.head_b = torch.zeros(self.head.shape[0], dtype=dtype, device=self.head.device)
@@ -171,29 +205,33 @@ class FusedLlamaDecoder:
             a, m = layer.self_attn, layer.mlp
             # the attention scale is folded into q's rows (RoPE is linear, so it commutes); for
             # a power-of-two head dim it is a power of two and the product is exact
-            qkv_w = cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            qkv_w, qkv_b = proj(a.q_proj, a.k_proj, a.v_proj)
             qkv_w[:q_rows] *= a.scaling
-            qkv_b = cast(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
             if qkv_b is not None:
                 qkv_b[:q_rows] *= a.scaling
+            o_w, o_b = proj(a.o_proj)
+            gu_w, gu_b = proj(m.gate_proj, m.up_proj)
+            down_w, down_b = proj(m.down_proj)
             self.layers.append(
                 dict(
                     ln1=cast(layer.input_layernorm.weight),
                     ln2=cast(layer.post_attention_layernorm.weight),
                     qkv_w=qkv_w,
                     qkv_b=qkv_b,
-                    o_w=cast(a.o_proj.weight),
-                    o_b=cast(a.o_proj.bias),
-                    gu_w=cast(m.gate_proj.weight, m.up_proj.weight),
-                    gu_b=cast(m.gate_proj.bias, m.up_proj.bias),
-                    down_w=cast(m.down_proj.weight),
-                    down_b=cast(m.down_proj.bias),
+                    o_w=o_w,
+                    o_b=o_b,
+                    gu_w=gu_w,
+                    gu_b=gu_b,
+                    down_w=down_w,
+                    down_b=down_b,
                     act=m.act_fn,
                 )
             )
 
     @staticmethod
-    def supports(lm: Any) -> bool:
+    def supports(lm: Any, head: Any = None) -> bool:
+        """A Llama decoder whose projections (and head) are plain linears, or PEFT LoRA linears
+        that ``dense_weights`` can merge."""
         if getattr(lm.config, "model_type", None) != "llama":
             return False
         mods = [
@@ -209,7 +247,9 @@ class FusedLlamaDecoder:
                 layer.mlp.down_proj,
             )
         ]
-        return all(type(mod) is torch.nn.Linear for mod in mods)
+        if head is not None:
+            mods.append(head)
+        return all(_mergeable(mod) for mod in mods)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """RMSNorm in one fused op (it accumulates in fp32 for bf16 inputs)."""

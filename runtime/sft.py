@@ -23,12 +23,12 @@ Speed notes (the tiny model is small enough that overheads dominate):
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from percepdsl.ir import SFTStageIR, value_at
@@ -38,6 +38,7 @@ from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses
 from .models import LoadedModel
 from .optim import adamw
+from .packing import Layout, bucket, collate_packed, n_tokens, packable, packed_prefixes, text_model_of, training_attention
 
 
 # --------------------------------------------------------------------------- forward
@@ -53,17 +54,31 @@ def _split_head(model: Any) -> tuple[Any, Any] | None:
 
 
 def target_logits(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token logits at target positions only: (logits[N, V], labels[N], role_ids[N])."""
+    """Next-token logits at target positions only: (logits[N, V], labels[N], role_ids[N]).
+
+    ``batch`` is right-padded items or one packed row (``packing.collate_packed``); the text
+    decoder of a supported model attends with ``packing.packed_attention`` either way. In a
+    packed row the last token of an item "predicts" the next item's first token, a prompt
+    token with label -100: no target crosses an item boundary."""
     labels, roles = batch["labels"][:, 1:], batch["role_ids"][:, 1:]
     sel = labels != -100
     inputs = model_inputs(batch)
     split = _split_head(model)
-    if split is not None:
-        base, head = split
-        hidden = base(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        logits = head(hidden[sel])
-    else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][sel]
+    with training_attention(model) as own_attention:
+        if "seq_lengths" in batch:
+            if not own_attention:
+                raise ValueError("a packed batch needs a model whose attention packing supports (packing.text_model_of)")
+            inputs["percep_layout"] = Layout.of(batch["seq_lengths"])
+        if split is not None:
+            base, head = split
+            hidden = base(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            # the LM head on bucket(n) rows (the extra ones repeat row 0 and are dropped): the
+            # number of targets changes every batch, and every new matmul shape costs a kernel compile
+            idx = sel.flatten().nonzero()[:, 0]
+            n = idx.shape[0]
+            logits = head(hidden.reshape(-1, hidden.shape[-1])[F.pad(idx, (0, bucket(n) - n))])[:n]
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, :-1][sel]
     return logits, labels[sel], roles[sel]
 
 
@@ -162,7 +177,7 @@ class SFTModule(L.LightningModule):
     # -- the step ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         step, total = self.global_step, self.total_steps
-        self.tokens_processed += int(batch["attention_mask"].sum())
+        self.tokens_processed += n_tokens(batch)
         opt = self.optimizers()
         logs = {"lr": self._set_lr(opt.optimizer if hasattr(opt, "optimizer") else opt, step)}
         counts = self._global_counts(batch)
@@ -182,7 +197,7 @@ class SFTModule(L.LightningModule):
         logs.update(obj_logs)
         if not self._logger_step():  # the logger writes every n-th step only: skip the rest's cost
             logs = {"loss": logs["loss"]}
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(batch["input_ids"].shape[0]))
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=int(batch["n_target"].shape[0]))
         return loss if self.automatic_optimization else None
 
     def _global_counts(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
@@ -223,11 +238,10 @@ class SFTModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         reduce = self._all_reduce()
         pre: dict[int, list[torch.Tensor | None]] = {}
-        T = batch["input_ids"].shape[1]
         if self.prefix_forward and self.objective.exact_step(step):
-            for i, end in enumerate(self.objective.prefix_ends(batch["labels"], batch["role_ids"])):
-                if 0 < end <= 0.6 * T:
-                    sums, local = role_losses(self.model, _prefix(batch, end), self.n_roles)
+            for i, (part_batch, share) in self._prefix_batches(batch).items():
+                if share <= 0.6:
+                    sums, local = role_losses(self.model, part_batch, self.n_roles)
                     part = self.objective.term_losses(sums, local if counts is None else counts)[i]
                     pre[i] = list(torch.autograd.grad(part, params, allow_unused=True))
                     if reduce is not None:
@@ -249,6 +263,28 @@ class SFTModule(L.LightningModule):
             )
         )
         return loss, logs
+
+    def _prefix_batches(self, batch: Mapping[str, Any]) -> dict[int, tuple[dict[str, Any], float]]:
+        """Per group with targets: the batch cut to the prefixes that hold them, and the share
+        of the batch's tokens it keeps. Padded items are cut to one common length (the latest
+        end over the rows); a packed row keeps each item's own prefix (``packing.packed_prefixes``)."""
+        labels, roles = batch["labels"], batch["role_ids"]
+        T = labels.shape[1]
+        out: dict[int, tuple[dict[str, Any], float]] = {}
+        if "seq_lengths" not in batch:
+            for i, end in enumerate(self.objective.prefix_ends(labels, roles)):
+                if end > 0:
+                    out[i] = (_prefix(batch, end), end / T)
+            return out
+        lengths = batch["seq_lengths"].tolist()
+        starts = Layout.of(batch["seq_lengths"]).starts
+        per_item = [self.objective.prefix_ends(labels[:, s : s + n], roles[:, s : s + n]) for s, n in zip(starts, lengths)]
+        for i in range(len(self.objective.terms)):
+            ends = [e[i] for e in per_item]
+            if any(ends):
+                cut = packed_prefixes(batch, ends, int(self.loaded.tokenizer.pad_token_id or 0))
+                out[i] = (cut, cut["input_ids"].shape[1] / T)
+        return out
 
     def _all_reduce(self) -> Any:
         """Under DDP, average the group gradients NGDiff computes with autograd.grad (the
@@ -440,7 +476,12 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Task split → encoded items → seeded batches: random (default) or length-bucketed."""
+    """Task split → encoded items → seeded batches: random (default) or length-bucketed.
+
+    ``packing`` (default): each batch is one padding-free row (``packing.collate_packed``)
+    when the model and the items allow it (``packing.text_model_of``, ``packing.packable``),
+    else right-padded items; ``self.packed`` says which, after ``setup``. The batches hold
+    the same items either way: packing changes the layout, not the composition."""
 
     def __init__(
         self,
@@ -454,16 +495,29 @@ class SFTDataModule(L.LightningDataModule):
         bucket: bool = False,
         window: int = 50,
         num_workers: int = 0,
+        packing: bool = True,
     ):
         super().__init__()
         self.task, self.encoder = task, encoder
         self.batch_size, self.seed, self.split, self.n_items = batch_size, seed, split, n_items
         self.bucket, self.window, self.num_workers = bucket, window, num_workers
+        self.packing, self.packed = packing, False
         self.dataset: EncodedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             self.dataset = EncodedDataset(self.task, self.encoder, self.split, self.n_items)
+            self.packed = (
+                self.packing and text_model_of(self.encoder.loaded.model) is not None and all(packable(it) for it in self.dataset.items)
+            )
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """One training batch: a packed row, or right-padded items whose length is rounded up
+        by ``packing.bucket`` (fewer distinct matmul shapes, so fewer kernel compiles)."""
+        pad = self.encoder.pad_token_id
+        if self.packed:
+            return collate_packed(items, pad)
+        return collate(items, pad, length=bucket(max(int(it["input_ids"].shape[0]) for it in items)))
 
     def sampler(self) -> LengthBucketSampler:
         self.setup()
@@ -487,7 +541,7 @@ class SFTDataModule(L.LightningDataModule):
             self.dataset,
             batch_sampler=batches,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_token_id=self.encoder.pad_token_id),
+            collate_fn=self.collate,
         )
 
 

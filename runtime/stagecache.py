@@ -14,12 +14,14 @@ whole or absent). A run that reaches a stage with an identity in the cache takes
 directory instead of training (again hard links, staged and renamed), and its `done.json`
 records `reused_from` (the identity and the run that trained it). Files of a run are only
 ever replaced by renames, never rewritten in place, so the shared links cannot change under
-another run. Code changes are not part of the identity: delete `.stage-cache` after changing
-what training computes. Setting `PERCEP_STAGE_CACHE=off` turns the cache off.
+another run. The code is part of the identity too (a digest of percepdsl's and its runtime's
+source and grammar, and the versions of the libraries that train), so a stage trained by other
+code is never reused. Setting `PERCEP_STAGE_CACHE=off` turns the cache off.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +40,34 @@ def enabled() -> bool:
     return os.environ.get("PERCEP_STAGE_CACHE", "on").lower() not in ("off", "0", "false", "no")
 
 
+TRAINING_LIBRARIES = ("torch", "transformers", "peft", "lightning", "trl", "tokenizers")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 of what computes a stage besides its IR: the source files of `percepdsl` and
+    `percepdsl_runtime` (Python and grammar, by path and content) and the training libraries'
+    versions. Read once per process (≈0.2 MB of source)."""
+    from importlib import metadata
+
+    import percepdsl
+    import percepdsl.grammars
+    import percepdsl_runtime
+
+    h = hashlib.sha256()
+    for pkg in (percepdsl, percepdsl.grammars, percepdsl_runtime):  # the grammars live apart in a checkout
+        for root in map(Path, pkg.__path__):
+            for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".lark") and p.is_file()):
+                h.update(f"{pkg.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+                h.update(path.read_bytes())
+    for dist in TRAINING_LIBRARIES:
+        try:
+            h.update(f"{dist}=={metadata.version(dist)}\0".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist} absent\0".encode())
+    return h.hexdigest()
+
+
 def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
     """The hash naming a stage's cache entry (see the module doc)."""
     data = ir.model_dump(mode="json", exclude=OUTSIDE_HASH.get(ExperimentIR))
@@ -47,7 +77,9 @@ def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
     while st is not None:
         chain.append(st.model_dump(mode="json"))
         st = ir.stage(st.parent) if st.parent else None
-    text = json.dumps({"shared": shared, "chain": chain[::-1]}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(
+        {"code": code_digest(), "shared": shared, "chain": chain[::-1]}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 

@@ -78,7 +78,7 @@ def test_the_readme_example_is_the_quickstart(tmp_path: Path) -> None:
 
 
 def test_nothing_points_at_documents_outside_the_repository() -> None:
-    outside = re.compile(r"\bDESIGN\b|\.\./shared/")
+    outside = re.compile(r"\bD[E]SIGN\b|\.\./[s]hared/")  # written so that this line does not match itself
     files = [ROOT / "README.md"] + [
         p
         for d in ("percepdsl", "runtime", "specs", "docs", "tests", "examples", "benchmarks", "editors", "grammars")

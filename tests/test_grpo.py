@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from percepdsl.ir import GRPOStageIR, RewardIR, value_at
+from percepdsl.ir import GRPOStageIR, LoraIR, RewardIR, value_at
 from percepdsl_runtime.encoding import Encoder, collate
 from percepdsl_runtime.grpo import (
     AGGREGATIONS,
@@ -28,7 +28,7 @@ from percepdsl_runtime.grpo import (
 )
 from percepdsl_runtime.models import build_tiny, load_hf
 from percepdsl_runtime.rewards import RewardError, compile_reward
-from percepdsl_runtime.sampling import Rollouts, _hf_generate, sample_completions
+from percepdsl_runtime.sampling import FusedLlamaDecoder, Rollouts, _hf_generate, llava_parts, sample_completions
 from percepdsl_runtime.tasks import build_task
 
 RULES = [
@@ -260,6 +260,31 @@ def test_fused_sampler_reproduces_hf_greedy_generation(tiny, task, encoder, pad:
     assert torch.equal(roll.ids[0::2], roll.ids[1::2])  # greedy: the G copies of a prompt agree
     bf16 = sample_completions(model, prompt, group=2, max_new_tokens=12, dtype=torch.bfloat16, **kw)
     assert bf16.ids.shape == roll.ids.shape
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_fused_sampler_merges_lora_adapters(tiny, task, encoder, pad: bool) -> None:
+    """A PEFT LoRA model takes the fast path with its adapters merged into the decoder's weight
+    copies: in fp32 it writes Hugging Face's greedy tokens through the PEFT modules, and with the
+    adapters disabled the base model's (which differ: the adapters matter here)."""
+    loaded = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0))
+    model = loaded.model.eval()
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # LoRA starts at B = 0 (no change); give the adapters an effect
+            param.data.normal_(0.0, 0.5, generator=gen)
+    assert FusedLlamaDecoder.supports(*llava_parts(model)[:2])
+    prompt = _prompts(task, encoder, pad)
+    kw = dict(temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id, pad_token_id=encoder.pad_token_id)
+    suppress = (model.config.image_token_id,)
+    roll = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
+    ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, suppress, None)
+    assert torch.equal(roll.ids[0::2], ref.masked_fill(roll.mask[0::2] == 0, encoder.pad_token_id))
+    with model.disable_adapter():
+        base = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
+        base_ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, suppress, None)
+    assert torch.equal(base.ids[0::2], base_ref.masked_fill(base.mask[0::2] == 0, encoder.pad_token_id))
+    assert not torch.equal(base.ids, roll.ids)
 
 
 @pytest.mark.parametrize("pad", [False, True])

@@ -27,7 +27,15 @@ def fake_cell(runs: Path, cell: repro.Cell, outcome: list[bool], perception: lis
     ]
     (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(reasoning))}
-    summary = {"seed": cell.seed, "final": final, "final_stage": "post", "stages": {"post": {"train_seconds": 60.0}}}
+    summary = {
+        "experiment": rd.name.rsplit("-", 1)[0],
+        "status": "complete",
+        "seed": cell.seed,
+        "params": {},
+        "final": final,
+        "final_stage": "post",
+        "stages": {"post": {"train_seconds": 60.0}},
+    }
     (rd / "summary.json").write_text(json.dumps(summary))
     return rd
 
@@ -50,6 +58,8 @@ def test_paired_differences_and_verdict(tmp_path: Path) -> None:
     assert 0 < d["lo"] < d["mean"] < d["hi"]
     assert data["paired"]["lam"]["a_r"]["mean"] == pytest.approx(-2 / N)
     assert "| lam | a | 1,2,3 | 120 | +0.142 |" in text and "reproduced" in text
+    # the framework's paired table of the same records agrees on the mean
+    assert "| experiment=repro_gc_lam | a | 3 | +0.142 |" in text
     assert (tmp_path / "paired.png").stat().st_size > 0 and (tmp_path / "arms.png").stat().st_size > 0
 
 

@@ -357,3 +357,16 @@ def test_quickstart_learns_perception_and_reasoning(tmp_path: Path) -> None:
     base, post = summary["stages"]["base"]["metrics"], summary["stages"]["post"]["metrics"]
     assert base["perception"] >= 0.8 and post["perception"] >= 0.8
     assert base["format_ok"] >= 0.95 and post["end_to_end"] >= 0.2
+
+
+def test_a_stage_trained_by_other_code_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage cache's identity covers the code: a changed source file (or library version)
+    gives every stage a new identity, so a cached stage of the old code is never taken."""
+    from percepdsl.check import check_file
+    from percepdsl_runtime import stagecache
+
+    ir = check_file("specs/sft_smoke.pd").ir
+    before = stagecache.stage_identity(ir, ir.stages[0])
+    assert stagecache.stage_identity(ir, ir.stages[0]) == before  # a pure function of IR and code
+    monkeypatch.setattr(stagecache, "code_digest", lambda: "another build of the code")
+    assert stagecache.stage_identity(ir, ir.stages[0]) != before

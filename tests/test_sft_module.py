@@ -186,17 +186,21 @@ def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> No
     assert again.lr_scale == pytest.approx(module.lr_scale) and again.objective._norms == module.objective._norms
 
 
-def test_ngdiff_prefix_forward_gives_the_same_gradient(tiny, encoder, datamodule) -> None:
-    """Perception's gradient from a forward over the prefix alone equals the full one (causal attention)."""
-    batch = next(iter(datamodule.train_dataloader()))
+@pytest.mark.parametrize("packing", [True, False])
+def test_ngdiff_prefix_forward_gives_the_same_gradient(tiny, task, encoder, packing: bool) -> None:
+    """Perception's gradient from a forward over the prefix alone (padded items: one common
+    prefix; a packed row: each item's own prefix, re-packed) equals the full one (causal attention)."""
+    dm = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48, packing=packing)
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.packed == packing
     grads, logs = {}, {}
     for prefix in (True, False):
         module = _fresh_module(tiny, encoder, NGDIFF, prefix_forward=prefix)
         module.model.train()
         _, logs[prefix] = module.ngdiff_backward(batch, step=0)
         grads[prefix] = [p.grad for p in module.model.parameters()]
-    ends = module.objective.prefix_ends(batch["labels"], batch["role_ids"])
-    assert 0 < ends[0] <= 0.6 * batch["input_ids"].shape[1]  # perception: a short prefix
+    share = module._prefix_batches(batch)[0][1]
+    assert 0 < share <= 0.6  # perception: a short prefix
     assert logs[True]["eff_lambda"] == pytest.approx(logs[False]["eff_lambda"], rel=1e-4)
     for a, b in zip(grads[True], grads[False]):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-4)
