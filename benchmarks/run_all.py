@@ -44,7 +44,7 @@ FULL = {
 }
 QUICK = {
     "matmul": {"n": 256},
-    "sft": {"rounds": 1, "steps": 2, "warmup": 2, "items": 24, "ngdiff_steps": 2},
+    "sft": {"rounds": 1, "steps": 2, "warmup": 2, "items": 48, "ngdiff_steps": 2},
     "grpo": {"rounds": 1, "steps": 1, "warmup": 1, "sft_steps": 2, "sides": ("trl", "ours")},
     "eval": {"items": 4, "naive_items": 2, "repeats": 1},
     "scaling": {"reps": 1, "quick": True},
