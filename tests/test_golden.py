@@ -54,3 +54,22 @@ def test_ir_golden(spec: str, monkeypatch) -> None:
     assert res.ok, [d.message for d in res.diagnostics]
     doc = {"hash": content_hash(res.ir), "ir": res.ir.model_dump(mode="json")}
     _compare(GOLDEN / "ir" / (Path(spec).stem + ".json"), json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def test_every_diagnostic_code_is_pinned_by_a_test() -> None:
+    """Each code the checker emits (spelled out in its source) appears in a golden file's
+    rendered diagnostics or in a test that names it, so a code that stops firing fails a test."""
+    import re
+
+    emitted = {
+        m.group(1)
+        for path in (ROOT / "percepdsl").rglob("*.py")
+        for m in re.finditer(
+            r'\b(?:error|warning)\(\s*[^,()]*(?:\([^()]*\))?[^,()]*,\s*f?"([a-z]+(?:-[a-z]+)*)"', path.read_text(encoding="utf-8")
+        )
+    }
+    assert len(emitted) > 40, "the pattern no longer finds the checker's codes"
+    golden = "".join(p.read_text(encoding="utf-8") for p in (GOLDEN / "errors").glob("*.expected"))
+    tests = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("*.py") if p.name != "test_golden.py")
+    unpinned = sorted(c for c in emitted if f"[{c}]" not in golden and f'"{c}"' not in tests and f"[{c}]" not in tests)
+    assert not unpinned, f"diagnostic codes no golden file or test names: {unpinned}"
