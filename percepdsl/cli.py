@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 the spec has errors (check) or is not formatted (fmt --
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -24,7 +25,7 @@ app = typer.Typer(
     help="percepdsl: specs for perception vs reasoning experiments in VLM post-training.",
 )
 
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class Format(str, Enum):
@@ -197,7 +198,7 @@ def run(
     if not isinstance(ir, ExperimentIR):
         print(f"error: {spec} is a grid file; run it with `percep grid {spec}`", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    from percepdsl_runtime.run import RunFailed, RunRefused, quiet_libraries
+    from percepdsl_runtime.run import RunFailed, RunInterrupted, RunRefused, quiet_libraries
     from percepdsl_runtime.run import run as run_experiment
 
     quiet_libraries()
@@ -205,6 +206,8 @@ def run(
     def echo(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    resume_hint = f"finished stages and the last resume checkpoint are kept: continue with `percep run {spec} --resume`"
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a scheduler's stop (SLURM, Kubernetes) is a Ctrl-C
     try:
         run_dir = run_experiment(ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo)
         if run_dir is None:  # another rank than 0 of a multi-device run: rank 0 reports
@@ -215,6 +218,12 @@ def run(
     except RunFailed as exc:
         print(f"{spec}: error: run failed: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED) from None
+    except RunInterrupted as exc:
+        print(f"{spec}: interrupted: {exc}; continue with `percep run {spec} --resume`", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # outside training: preparing, evaluating, reporting
+        print(f"{spec}: interrupted; {resume_hint}", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
     echo("final: " + "  ".join(f"{k}={final[k]:.3f}" for k in ("end_to_end", "perception", "reasoning") if final.get(k) is not None))
@@ -404,9 +413,13 @@ def schema() -> None:
     print(json.dumps(json_schema(), indent=2))
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

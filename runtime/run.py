@@ -62,6 +62,11 @@ class RunFailed(Exception):
     """The run broke while running (exit 3); finished stages and the last checkpoint are kept."""
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training (exit 130); finished stages and the last checkpoint are
+    kept, and `--resume` continues."""
+
+
 @dataclass
 class Context:
     ir: ExperimentIR
@@ -282,6 +287,9 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         raise RunFailed(f"stage `{stage.name}` at step {trainer.global_step}: {exc}; {kept()}") from exc
     except RunFailed as exc:
         raise RunFailed(f"{exc}; {kept()}") from exc
+    except SystemExit:  # Lightning ends fit on Ctrl-C with exit(1), on SIGTERM with SIGTERMException (exit 0)
+        by = "SIGTERM" if trainer.received_sigterm else "Ctrl-C (SIGINT)"
+        raise RunInterrupted(f"stage `{stage.name}` stopped at step {trainer.global_step} by {by}; {kept()}") from None
     finally:
         close_loggers(loggers)
     train_seconds = time.perf_counter() - start
@@ -643,7 +651,7 @@ def run(
     ctx = dataclasses.replace(ctx, ranks=ranks, echo=echo if ranks.is_zero else _silent)
     try:
         return _run_stages(ctx, progress)
-    except (RunRefused, RunFailed):
+    except (RunRefused, RunFailed, RunInterrupted):
         if ranks.is_zero:
             raise
         return None

@@ -370,3 +370,35 @@ def test_a_stage_trained_by_other_code_is_not_reused(monkeypatch: pytest.MonkeyP
     assert stagecache.stage_identity(ir, ir.stages[0]) == before  # a pure function of IR and code
     monkeypatch.setattr(stagecache, "code_digest", lambda: "another build of the code")
     assert stagecache.stage_identity(ir, ir.stages[0]) != before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_during_training_stops_the_run_with_exit_130_and_a_resume_hint(tmp_path: Path, sig: int) -> None:
+    """SIGTERM (a scheduler's stop) and Ctrl-C during training end `percep run` with exit 130 and a
+    message naming the stage, the step, the signal and `--resume`; Lightning alone ended a SIGTERMed
+    run with exit 0 and no word, as if it had finished."""
+    spec = tmp_path / "long.pd"
+    spec.write_text(
+        f'experiment long\nseed 1\ninclude "{ROOT}/specs/common/roles.pd"\n'
+        "task graph_coloring { nodes = 4, reasoning = brief, train = 64, test = 4 }\nmodel tiny { width = 32, depth = 1 }\n"
+        "stage base = sft { steps = 100000, batch = 2, lr = 1e-3 }\neval { test = 4, every = 100000 }\n"
+    )
+    env = dict(os.environ, PERCEP_RESUME_EVERY="3", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "runs").glob("*/stages/base/resume.ckpt")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert "interrupted: stage `base` stopped at step" in err and name in err, err[-2000:]
+    assert f"percep run {spec} --resume" in err and "resume.ckpt" in err and "Traceback" not in err
