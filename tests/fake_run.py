@@ -26,10 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-from percepdsl.check import check_file, parse_overrides
-from percepdsl.io import write_json_atomic
-from percepdsl.ir import content_hash
-
 
 def _matches(rule: str | None, overrides: dict[str, str]) -> bool:
     if not rule:
@@ -62,6 +58,10 @@ def metrics(params: dict, seed: int, shift: float = 0.0) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
+    from percepdsl.check import check_file, parse_overrides
+    from percepdsl.io import write_json_atomic
+    from percepdsl.ir import content_hash
+
     ap = argparse.ArgumentParser()
     ap.add_argument("spec")
     ap.add_argument("--set", action="append", default=[])
@@ -121,4 +121,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # before the run began (importing, checking: seconds on a loaded machine)
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
