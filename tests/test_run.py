@@ -17,8 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def percep(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "percepdsl", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+def percep(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "percepdsl", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -193,14 +193,7 @@ def test_a_hub_id_runs_from_the_local_cache_and_saves_peft_adapters(hf_cache: Pa
     spec.write_text(HUB_SPEC.format(root=ROOT, model="percep/tiny-vlm"))
     env = dict(os.environ, HF_HOME=str(hf_cache), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), "-q", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     base_dir = next((hf_cache / "hub" / "models--percep--tiny-vlm" / "snapshots").iterdir())
@@ -332,14 +325,7 @@ def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
         .replace("reward = 0.5 * perception_match + 0.5 * outcome", "reward = 0.5 * nan_reward + 0.5 * outcome")
     )
     env = dict(os.environ, PYTHONPATH=str(site))
-    proc = subprocess.run(
-        [sys.executable, "-m", "percepdsl", "run", str(spec), "--out", str(tmp_path / "runs"), "-q"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), "-q", cwd=tmp_path, env=env)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "reward term `nan_reward`" in proc.stderr and "Traceback" not in proc.stderr
     run_dir = next((tmp_path / "runs").glob("grpo_smoke-*"))
