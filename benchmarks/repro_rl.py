@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repro import Cell, checked_metrics, final_records, find_run, paired, run_cells, run_dir, stage_metrics  # noqa: E402
+from repro import Cell, checked_metrics, final_records, find_run, paired, run_cells, run_dir, stage_metrics, verdict  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
@@ -155,8 +155,8 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         L += [
             f"## F4 and issue 16: paired differences against `{BASELINE}` (arm − {BASELINE})",
             "",
-            "| arm | metric | seeds | item pairs | Δ | 95% boot | Δ per seed | 95% t |",
-            "|---|---|---|---:|---:|---|---|---|",
+            "| arm | metric | seeds | item pairs | Δ | 95% boot | Δ per seed | 95% t | pre-registered verdict (on a) |",
+            "|---|---|---|---:|---:|---|---|---|---|",
         ]
         for arm, per in results.items():
             for m, d in per.items():
@@ -164,7 +164,7 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
                 t = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
                 L.append(
                     f"| {arm} | {m} | {','.join(map(str, d['seeds']))} | {d['n_pairs']} | {d['mean']:+.3f} "
-                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} |"
+                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {verdict(d) if m == 'a' else ''} |"
                 )
         L.append("")
         from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
@@ -220,6 +220,15 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
             + f". Evaluation points per stage: {f3[next(iter(f3))]['points']}.",
             "",
         ]
+        if BASELINE in f3:
+            gap = f3[BASELINE]["within_gap"]
+            ok = len(gap["per_seed"]) == len(seeds) and all(g > 0 for g in gap["per_seed"]) and gap["stats"][1] > 0
+            f3[BASELINE]["verdict"] = "reproduced" if ok else "not reproduced"
+            L += [
+                f"**F3 verdict** (pre-registered: within-group r(outcome, reasoning) > r(outcome, perception) in every seed, "
+                f"and the t interval of the gap over seeds excludes 0): **{f3[BASELINE]['verdict']}**.",
+                "",
+            ]
     # ---- surrogates: correlation with true perception beside the gain ----
     sur_rows = []
     for arm in arms:
@@ -300,7 +309,8 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
                     ax.plot([0, *xs] if base_m else xs, [base_m[m], *ys] if base_m else ys, marker="o", color=f"C{i}", label=arm)
                 ax.set_title(f"{m} over GRPO steps (seed mean)")
                 ax.set_xlabel("GRPO step")
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=110)
         plt.close(fig)
