@@ -61,7 +61,10 @@ def test_paired_gain_f3_verdict_and_surrogate_table(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for s, (out_k, sc_k), r_perc in zip((1, 2, 3), ((10, 14), (12, 15), (11, 13)), (0.2, 0.3, 0.25)):
         fake_cell(runs, "outcome", s, mask(out_k), mask(20), coupling(0.9, r_perc))
-        sur = {"surrogate_corr/self_consistency(mode=majority)": 0.4 + 0.1 * s, "surrogate_corr_within/self_consistency(mode=majority)": 0.3}
+        sur = {
+            "surrogate_corr/self_consistency(mode=majority)": 0.4 + 0.1 * s,
+            "surrogate_corr_within/self_consistency(mode=majority)": 0.3,
+        }
         fake_cell(runs, "sc_majority", s, mask(sc_k), mask(25), coupling(0.8, 0.4, **sur))
     text = repro_rl.report(tmp_path, ["outcome", "sc_majority"], [1, 2, 3]).read_text()
     data = json.loads((tmp_path / "report.json").read_text())
