@@ -73,7 +73,7 @@ def fmt_ci(m: float, lo: float, hi: float, signed: bool = False) -> str:
 def diagnostics(rd: Path) -> dict[str, Any]:
     summary = json.loads((rd / "summary.json").read_text())
     st = summary["stages"][summary["final_stage"]]
-    return {**st.get("diagnostics", {}), "train_seconds": st.get("train_seconds"), "history": None}
+    return {**st.get("diagnostics", {}), "train_seconds": st.get("train_seconds")}
 
 
 def history(rd: Path) -> list[dict[str, Any]]:
@@ -82,8 +82,18 @@ def history(rd: Path) -> list[dict[str, Any]]:
     return json.loads(done.read_text()).get("history", []) if done.exists() else []
 
 
-def terms_of(diag: dict[str, Any]) -> list[str]:
-    return sorted({k.split("/")[1] for k in diag if k.startswith("term_corr/")})
+def pg_share(rd: Path, role: str = "perception") -> float | None:
+    """The mean of `pg_share/<role>` over the logged steps of the run's GRPO stage (its metrics.csv:
+    the share is measured on logged steps only, so summary.json does not carry it)."""
+    import csv
+
+    summary = json.loads((rd / "summary.json").read_text())
+    path = rd / "stages" / summary["final_stage"] / "log0" / "metrics.csv"
+    if not path.exists():
+        return None
+    with path.open() as f:
+        vals = [float(r[f"pg_share/{role}"]) for r in csv.DictReader(f) if r.get(f"pg_share/{role}")]
+    return float(np.mean(vals)) if vals else None
 
 
 def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
@@ -121,7 +131,7 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
             if spec(arm).exists() and (rd := find_run(Cell(spec(arm), s, f"{arm}-s{s}"), runs)):
                 cells[(arm, s)] = rd
     metrics = {k: checked_metrics(rd) for k, rd in cells.items()}
-    diags = {k: diagnostics(rd) for k, rd in cells.items()}
+    diags = {k: {**diagnostics(rd), "pg_share/perception": pg_share(rd)} for k, rd in cells.items()}
     L += [
         "## Arms (per seed)",
         "",
@@ -222,8 +232,11 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         ]
         if BASELINE in f3:
             gap = f3[BASELINE]["within_gap"]
-            ok = len(gap["per_seed"]) == len(seeds) and all(g > 0 for g in gap["per_seed"]) and gap["stats"][1] > 0
-            f3[BASELINE]["verdict"] = "reproduced" if ok else "not reproduced"
+            done = len(gap["per_seed"]) == len(seeds) and len(seeds) > 1
+            ok = all(g > 0 for g in gap["per_seed"]) and gap["stats"][1] > 0
+            f3[BASELINE]["verdict"] = (
+                ("reproduced" if ok else "not reproduced") if done else f"pending ({len(gap['per_seed'])} of {len(seeds)} seeds)"
+            )
             L += [
                 f"**F3 verdict** (pre-registered: within-group r(outcome, reasoning) > r(outcome, perception) in every seed, "
                 f"and the t interval of the gap over seeds excludes 0): **{f3[BASELINE]['verdict']}**.",
@@ -263,7 +276,7 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         L += [
             "## Constant groups and the perception share of the policy gradient",
             "",
-            "| arm | constant groups, sampled: mean over seeds | groups in the loss | perception share of completion tokens | pg_share/perception (stage mean) |",
+            "| arm | constant groups, sampled: mean over seeds | groups in the loss | perception share of completion tokens | pg_share/perception (mean over logged steps, metrics.csv) |",
             "|---|---|---|---|---|",
         ]
         for arm in arms:
@@ -360,7 +373,7 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
             "cells": {f"{a}-s{s}": {**m, "run": cells[(a, s)].name} for (a, s), m in metrics.items()},
             "paired": results,
             "f3": f3,
-            "diagnostics": {f"{a}-s{s}": {k: v for k, v in d.items() if k != "history"} for (a, s), d in diags.items()},
+            "diagnostics": {f"{a}-s{s}": d for (a, s), d in diags.items()},
         },
     )
     return write_text_atomic(out / "report.md", "\n".join(L))
