@@ -177,6 +177,16 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
                     f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {verdict(d) if m == 'a' else ''} |"
                 )
         L.append("")
+        L += [
+            "Headline (pooled over seeds; 95% bootstrap intervals, items resampled within seeds):",
+            "",
+            f"| arm − {BASELINE} | seeds | item pairs | Δa | Δa_p | Δa_r | verdict (on a) |",
+            "|---|---:|---:|---|---|---|---|",
+        ]
+        for arm, per in results.items():
+            cis = [f"{per[m]['mean']:+.3f} [{per[m]['lo']:+.3f}, {per[m]['hi']:+.3f}]" for m in FIELDS]
+            L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} | {verdict(per['a'])} |")
+        L.append("")
         from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
 
         rep = paired_report(load_runs(sorted(cells.values())), f"experiment=repro_sudoku_rl_{BASELINE}")
@@ -312,13 +322,13 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
         for i, arm in enumerate(shown):
             for ax, m, key in zip(axes, ("a_p", "a_r"), ("perception", "reasoning")):
+                # the evaluation points every seed of the arm has (arms evaluated at their end only have one)
                 curves = [
-                    [(h["step"], h[key]) for h in history(cells[(arm, s)]) if h.get(key) is not None] for s in seeds if (arm, s) in cells
+                    {h["step"]: h[key] for h in history(cells[(arm, s)]) if h.get(key) is not None} for s in seeds if (arm, s) in cells
                 ]
-                n = min(len(c) for c in curves)
-                if n:
-                    xs = [c[j][0] for j in range(n) for c in curves[:1]]
-                    ys = [np.mean([c[j][1] for c in curves]) for j in range(n)]
+                xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                ys = [float(np.mean([c[x] for c in curves])) for x in xs]
+                if xs:
                     ax.plot([0, *xs] if base_m else xs, [base_m[m], *ys] if base_m else ys, marker="o", color=f"C{i}", label=arm)
                 ax.set_title(f"{m} over GRPO steps (seed mean)")
                 ax.set_xlabel("GRPO step")
