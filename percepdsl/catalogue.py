@@ -587,6 +587,34 @@ BUILTINS: tuple[Entry, ...] = (
         impl="percepdsl_runtime.rewards:perceived_consistency",
     ),
     Entry(
+        "visual_dependency",
+        "reward",
+        "Surrogate (no p*): how much the rollout's own perception tokens depend on its image — the mean Jensen–Shannon "
+        "divergence (bits) between the policy's next-token distributions with the true image and with an uninformative "
+        "one, teacher-forced on the rollout (2 extra no-grad forwards of the generated batch); 0 for a rollout without "
+        "perception tokens.",
+        (
+            P(
+                "against",
+                "choice",
+                "other",
+                "the uninformative image: `other` (the next item's of the split) or `blank` (white)",
+                choices=("other", "blank"),
+            ),
+            P(
+                "threshold",
+                "float",
+                None,
+                "`none`: the mean JS over the perception tokens; a number: the share of them whose JS exceeds it",
+                min=0,
+                max=1,
+                unit="bits",
+                nullable=True,
+            ),
+        ),
+        impl="percepdsl_runtime.rewards:visual_dependency",
+    ),
+    Entry(
         "gate",
         "reward",
         "`gate(value, by)`: value where the gate term is 1, else 0 — e.g. outcome only if the format is valid.",

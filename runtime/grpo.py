@@ -50,6 +50,7 @@ precision never enters the objective.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -64,6 +65,8 @@ from percepdsl.ir import GRPOStageIR, value_at
 from .encoding import collate
 from .generation import eval_mode
 from .optim import adamw
+from .probe import METRIC_ROLE as DEPENDENCY_ROLE
+from .probe import RolloutDependency, blank_like
 from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RewardError, RolloutGroup, compile_reward, constant_groups
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 from .token_weights import TokenWeighting, role_gradient_norms
@@ -258,13 +261,22 @@ def prompt_rows(prompt: Mapping[str, torch.Tensor], which: torch.Tensor) -> dict
 
 def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """[n, T] float32 log-probabilities of the sampled tokens under ``model``, for the
-    rollout rows ``rows`` (default: all N).
+    rollout rows ``rows`` (default: all N). Logits are divided by the sampling temperature
+    (the ratio compares the distributions the tokens were drawn from)."""
+    rows = torch.arange(roll.ids.shape[0], device=roll.ids.device) if rows is None else rows
+    logits = completion_logits(model, roll, rows) / max(temperature, 1e-6)
+    return torch.log_softmax(logits, dim=-1).gather(-1, roll.ids[rows][..., None])[..., 0]
+
+
+def completion_logits(model: Any, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, T, V] float32 next-token logits at the completion positions (position t predicts
+    completion token t) of the rollout rows ``rows`` (default: all N), teacher-forced on the
+    sampled tokens under ``roll.prompt`` (the same prompt text with other images gives the
+    visual-dependency reward term's forwards).
 
     The sequences are laid out as they were sampled — left-padded prompt, then the
     completion — with the same position ids, so the training forward sees exactly the
-    sampler's context. Logits are divided by the sampling temperature (the ratio compares
-    the distributions the tokens were drawn from) and only the completion positions go
-    through the LM head.
+    sampler's context. Only the completion positions go through the LM head.
 
     LLaVA models run the shared prompt once per prompt, not once per row: a forward over
     the B prompts (vision tower included) fills a KV cache, which is repeated for the G
@@ -305,8 +317,7 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, ro
         # the prompt's last position predicts completion token 0; completion position t predicts t+1
         hidden = torch.cat([out.last_hidden_state[which, -1:], hidden[:, :-1]], dim=1)
         logits = head(hidden)
-    logits = logits.float() / max(temperature, 1e-6)
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None])[..., 0]
+    return logits.float()
 
 
 # --------------------------------------------------------------------------- module
@@ -581,6 +592,10 @@ class GRPOModule(L.LightningModule):
         self.filtering["steps"] = self.filtering.get("steps", 0.0) + 1
         lengths = torch.cat([p.roll.lengths for p in parts]).tolist()
         gen_s, n_tok = sum(p.roll.gen_s for p in parts), float(sum(lengths))
+        probe_s = sum(p.roll.probe_s for p in parts)  # the visual_dependency term's forwards
+        if probe_s:
+            logs["visual_dependency_s"] = probe_s
+            self.timing["probe_s"] = self.timing.get("probe_s", 0.0) + probe_s
         self.tokens_processed += int(n_tok)
         self.timing["gen_s"] += gen_s
         self.timing["gen_tokens"] += n_tok
@@ -631,9 +646,42 @@ class GRPOModule(L.LightningModule):
         G, lengths = self.stage.group, roll.lengths.tolist()
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()
-        groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
+        dep = self.dependency(roll, samples, indices)  # lazy: costs nothing unless a reward term reads it
+        groups = [
+            RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G], dep.view(i * G, (i + 1) * G))
+            for i, s in enumerate(samples)
+        ]
         step, steps = self.global_step, self.stage.steps  # scheduled reward weights are read at the step that samples
-        return roll, groups, [self.reward(g, step, steps) for g in groups]
+        values = [self.reward(g, step, steps) for g in groups]
+        roll.probe_s = dep.seconds
+        return roll, groups, values
+
+    def dependency(self, roll: Rollouts, samples: list[Any], indices: torch.Tensor) -> RolloutDependency:
+        """The visual dependency of the rollouts' perception tokens on their image (the
+        ``visual_dependency`` reward term): no-grad teacher-forced forwards of the policy as it
+        sampled, under the trainer's precision, with the true image and with another item's (the
+        next item of the split) or a blank one, the prompt text unchanged."""
+        size = self.task.size(self.split)
+
+        def prompt(against: str) -> dict[str, torch.Tensor]:
+            if against == "other":
+                images = [self.task.sample(self.split, (int(i) + 1) % size).image for i in indices.tolist()]
+            else:
+                images = [blank_like(s.image) for s in samples]
+            alt = collate([self.encoder.encode_prompt(s.query, im) for s, im in zip(samples, images)], self.encoder.pad_token_id)
+            alt = {k: v.to(self.device) for k, v in alt.items() if isinstance(v, torch.Tensor)}
+            if not torch.equal(alt["input_ids"], roll.prompt["input_ids"]):
+                raise ValueError(f"the prompt with the {against} image has other tokens than the true one (images of different sizes?)")
+            return alt
+
+        def forward(alt: dict[str, torch.Tensor] | None, rows: torch.Tensor, length: int) -> torch.Tensor:
+            head = dataclasses.replace(roll, ids=roll.ids[:, :length], mask=roll.mask[:, :length], prompt=alt or roll.prompt)
+            with torch.no_grad(), eval_mode(self.model):
+                return completion_logits(self.model, head, rows.to(roll.ids.device))
+
+        names = self.encoder.role_names
+        role = names.index(DEPENDENCY_ROLE) if DEPENDENCY_ROLE in names else None
+        return RolloutDependency(forward, prompt, lambda: self.encoder.completion_roles(roll.ids.cpu(), roll.lengths.tolist()), role)
 
     @torch.no_grad()
     def reference_logprobs(self, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -669,6 +717,8 @@ class GRPOModule(L.LightningModule):
         if self.timing["gen_s"] > 0:
             out["gen_tokens_per_s"] = self.timing["gen_tokens"] / self.timing["gen_s"]
             out["gen_s_per_step"] = self.timing["gen_s"] / self.timing["steps"]
+        if self.timing.get("probe_s"):
+            out["visual_dependency_s_per_step"] = self.timing["probe_s"] / self.timing["steps"]
         return out
 
 
@@ -743,6 +793,7 @@ __all__ = [
     "build_grpo",
     "loss_denominator",
     "loss_mask",
+    "completion_logits",
     "completion_logprobs",
     "group_advantages",
     "prompt_rows",

@@ -163,6 +163,63 @@ def grounding(js: torch.Tensor, perception: torch.Tensor, thresholds: Sequence[f
     return out
 
 
+# --------------------------------------------------------------------------- GRPO rollouts
+class RolloutDependency:
+    """Visual dependency of sampled completions on their own image: what the
+    ``visual_dependency`` reward term reads (no perception labels).
+
+    Teacher-forced on the rollouts themselves (not on a reference target: a GRPO prompt has
+    none the reward may use): for each completion, the JS divergence (bits, ``js_bits``)
+    between the policy's next-token distributions with the true image and with an
+    uninformative one (``against``: another item's image, or a blank one) at the tokens of
+    one role (``perception``). Computed lazily, once per ``against`` for the whole generated
+    batch: a batched no-grad forward under the true prompt (shared by both baselines) and
+    one under the changed one, over the rows that have such tokens, up to the last of them
+    (a causal model's prediction at t reads tokens < t only, and perception comes first:
+    most of a completion never runs). ``seconds`` is the time spent (logged as
+    ``visual_dependency_s``).
+
+    ``forward(prompt, rows, length)``: [n, length, V] logits of the first ``length`` completion
+    tokens of rollout rows ``rows`` under a prompt batch (``None``: the sampled one);
+    ``prompt(against)``: the prompt batch with the changed images; ``roles``: [N, T] role ids of
+    the rollout tokens (or a function giving them, called on first use); ``role``: the role id
+    whose tokens count (``None``: the spec declares no such role, and no completion has any).
+    """
+
+    def __init__(self, forward: Any, prompt: Any, roles: Any, role: int | None):
+        self.forward, self.prompt, self.roles, self.role = forward, prompt, roles, role
+        self._true: torch.Tensor | None = None
+        self._js: dict[str, list[torch.Tensor]] = {}
+        self.seconds = 0.0
+
+    def __call__(self, against: str) -> list[torch.Tensor]:
+        """Per completion, the JS (bits) at each of its role tokens; empty for a completion
+        without any."""
+        if against not in self._js:
+            import time
+
+            t0 = time.perf_counter()
+            roles = self.roles() if callable(self.roles) else self.roles  # [N, T], computed on first use
+            tokens = roles == self.role if self.role is not None else torch.zeros(roles.shape, dtype=torch.bool)
+            rows = tokens.any(dim=1).nonzero()[:, 0]
+            out = [torch.zeros(0)] * tokens.shape[0]
+            if len(rows):
+                length = int(tokens.any(dim=0).nonzero().max()) + 1  # the forwards stop at the last role token
+                sel = tokens[rows, :length]
+                if self._true is None:
+                    self._true = self.forward(None, rows, length)[sel].cpu()
+                js = js_bits(self._true, self.forward(self.prompt(against), rows, length)[sel].cpu())
+                for row, part in zip(rows.tolist(), js.split(sel.sum(dim=1).tolist())):
+                    out[row] = part
+            self._js[against] = out
+            self.seconds += time.perf_counter() - t0
+        return self._js[against]
+
+    def view(self, lo: int, hi: int) -> Any:
+        """The same, restricted to completions ``lo:hi`` (one group)."""
+        return lambda against: self(against)[lo:hi]
+
+
 def _add_slots(acc: list[float], vals: Sequence[float]) -> None:
     acc.extend([0.0] * (len(vals) - len(acc)))
     for j, v in enumerate(vals):
@@ -290,6 +347,7 @@ __all__ = [
     "PROBE_ITEMS",
     "ProbeRefused",
     "ProbeResult",
+    "RolloutDependency",
     "blank_like",
     "grounding",
     "js_bits",

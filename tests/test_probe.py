@@ -68,6 +68,54 @@ def test_a_model_that_cannot_see_scores_zero_and_one_that_can_does_not(small) ->
     assert blank_like(task.sample("test", 0).image).getextrema() == ((255, 255), (255, 255), (255, 255))
 
 
+def _reference_rollouts(task, enc, n: int):
+    """The first n test items' reference targets laid out as GRPO rollouts (one per prompt)."""
+    from percepdsl_runtime.sampling import Rollouts
+
+    samples = [task.sample("test", i) for i in range(n)]
+    prompt = collate([enc.encode_prompt(s.query, s.image) for s in samples], enc.pad_token_id)
+    targets = []
+    for s in samples:
+        item = enc.encode_train(s.query, s.image, s.response)
+        targets.append(item["input_ids"][item["labels"] != -100])
+    ids = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=enc.pad_token_id)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in targets], batch_first=True)
+    prompt = {k: v for k, v in prompt.items() if isinstance(v, torch.Tensor)}
+    return samples, Rollouts(prompt=prompt, ids=ids, mask=mask, truncated=torch.zeros(n, dtype=torch.bool), group=1)
+
+
+def test_the_reward_term_reads_the_probes_divergence_on_the_rollouts_themselves(small) -> None:
+    """The `visual_dependency` reward term, teacher-forced on rollouts that happen to be the
+    reference targets, sees the probe's perception JS (the same tokens, the same other image:
+    the next item of the split); a blind model gets 0."""
+    from percepdsl.ir import GRPOStageIR, RewardIR
+    from percepdsl_runtime.grpo import GRPOModule
+    from percepdsl_runtime.rewards import RolloutGroup, visual_dependency
+
+    task, tiny, enc = small
+    loaded = load_hf(tiny.path)
+    n = task.size("test")
+    reward = RewardIR(
+        kind="term", name="visual_dependency", params={"against": "other"}, impl="percepdsl_runtime.rewards:visual_dependency"
+    )
+    module = GRPOModule(loaded, enc, task, GRPOStageIR(name="rl", steps=1, batch=n, group=2, reward=reward), split="test")
+    samples, roll = _reference_rollouts(task, enc, n)
+
+    def term(against: str, threshold: float | None = None) -> tuple[list[float], list]:
+        dep = module.dependency(roll, samples, torch.arange(n))
+        group = RolloutGroup.score(task, samples[0], [s.response for s in samples], dependency=dep.view(0, n))
+        return visual_dependency(group, against=against, threshold=threshold), dep(against)
+
+    for against in ("other", "blank"):
+        values, tokens = term(against)
+        assert values == pytest.approx([float(t.mean()) for t in tokens]) and all(v > 0 for v in values)
+        assert float(torch.cat(tokens).mean()) == pytest.approx(probe(loaded, enc, task, n=n).roles[against]["perception"], rel=1e-3)
+    assert term("other", threshold=1.0)[0] == [0.0] * n
+    with torch.no_grad():  # cut the vision path, as above: the image changes nothing
+        loaded.model.model.multi_modal_projector.linear_2.weight.zero_()
+    assert term("other")[0] == [0.0] * n and term("blank")[0] == [0.0] * n
+
+
 def percep(*args: str) -> tuple[int, str, str]:
     """`percep ARGS` in this process (torch is imported already: seconds, not a minute)."""
     res = CliRunner().invoke(app, list(args))

@@ -81,3 +81,37 @@ def test_summary_that_disagrees_with_its_records_is_refused(tmp_path: Path) -> N
     (rd / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(SystemExit, match="eval.jsonl gives 0.25"):
         repro.report(tmp_path, ["tm"], [1])
+
+
+def fake_base(out: Path, prefix: str, perception: list[bool], reasoning: list[bool]) -> None:
+    """The shared base stage the arms start from (`<out>/<prefix>_base`): done.json and its last evaluation."""
+    stage = out / f"{prefix}_base"
+    stage.mkdir(parents=True)
+    recs = [
+        {"id": f"graph_coloring/test/{i}", "outcome": p and r, "perception_exact": p, "cf_outcome": r}
+        for i, (p, r) in enumerate(zip(perception, reasoning))
+    ]
+    (stage / "eval-000100.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    metrics = {
+        "end_to_end": float(np.mean([r["outcome"] for r in recs])),
+        "perception": float(np.mean(perception)),
+        "reasoning": float(np.mean(reasoning)),
+    }
+    (stage / "done.json").write_text(json.dumps({"metrics": metrics, "train_seconds": 600.0}))
+
+
+def test_plan_p8_reads_its_own_cells_and_f1_gap(tmp_path: Path) -> None:
+    """`--plan p8` reports the gc8 cells (not session 2's gc ones) and F1: token mean from the base
+    raises a_r by 0.25 and a_p by 0.5 here, so Δa_r − Δa_p = −0.25 and F1 is not reproduced."""
+    runs = tmp_path / "runs"
+    fake_base(tmp_path, "gc8", mask(0), mask(20))
+    for s in (1, 2, 3):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10), mask(20), mask(30))
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", s, ""), mask(40), mask(40), mask(40))  # another plan's cell
+    text = repro.report(tmp_path, ["tm"], [1, 2, 3], "gc8").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["cells"]["tm-s1"]["a"] == pytest.approx(0.25)
+    f1 = data["f1"]
+    assert f1["per_seed"] == pytest.approx([-0.25] * 3) and f1["mean"] == pytest.approx(-0.25)
+    assert f1["lo"] < -0.25 < f1["hi"] < 0
+    assert "`--quick --plan p8`" in text and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **not reproduced**" in text
