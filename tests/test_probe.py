@@ -277,24 +277,25 @@ def test_a_reference_is_refreshed_from_the_policy_on_its_schedule() -> None:
 
 
 def test_a_spec_trains_on_a_visual_role(tmp_path: Path) -> None:
-    """`grounded = visual(...)` in an SFT loss checks, runs, and logs its token share; with
-    threshold 0 the start model (which sees its image) tags every target token not in a section."""
+    """`grounded = visual(...)` in an SFT loss and a grpo stage's token_weights checks, runs, and
+    logs its token share; with threshold 0 the start model (which sees its image) tags target tokens."""
+    import csv
+
     spec = tmp_path / "visual.pd"
     roles = (
         'roles {\n  perception = between("<perception>", "</perception>")\n  grounded = visual(threshold = 0)\n'
         '  reasoning = between("<reasoning>", "</reasoning>")\n  answer = rest()\n}\n'
     )
-    text = (
-        MICRO
-        + roles
-        + "stage base = sft { steps = 2, batch = 2, loss = 0.5 * mean(grounded) + 0.5 * mean(perception, reasoning, answer) }\n"
+    stages = (
+        "stage base = sft { steps = 2, batch = 2, loss = 0.5 * mean(grounded) + 0.5 * mean(perception, reasoning, answer) }\n"
+        "stage rl = grpo from base { steps = 1, batch = 2, group = 2, max_new_tokens = 4, kl = 0.1, reward = format, "
+        "token_weights { grounded = 2.0 } }\n"
     )
-    spec.write_text(text, encoding="utf-8")
+    spec.write_text(MICRO + roles + stages, encoding="utf-8")
     checked = check_file(spec, fragment_ok=False)
     assert checked.ok, [d.message for d in checked.diagnostics]
     run_dir = run(checked.ir, checked.loaded.sources, tmp_path / "runs", progress=False, echo=lambda _: None)
-    import csv
-
-    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("token_share/grounded")]
-    assert rows and all(float(r["token_share/grounded"]) > 0 and float(r["token_share/perception"]) > 0 for r in rows)
-    assert all(float(r["visual_roles_s"]) > 0 for r in rows)
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("visual_roles_s")]
+    sft = [r for r in rows if r["stage"] == "base"]
+    assert len(sft) == 2 and all(float(r["token_share/grounded"]) > 0 and float(r["token_share/perception"]) > 0 for r in sft)
+    assert all(float(r["visual_roles_s"]) > 0 for r in rows) and [r["stage"] for r in rows if r["stage"] == "rl"] == ["rl"]

@@ -250,8 +250,8 @@ class _Spec:
 
     def _check_visual_roles(self, decls: list[A.Roles], rules: list[RoleRuleIR], stage_decls: list[A.Stage], stages: list) -> None:
         """A `visual` rule's `reference` names a stage that finishes before every stage that trains
-        on the role (declared before it: stages run in declaration order); a grpo stage cannot
-        weight a visual role yet; a visual role no stage trains on is never computed (a warning)."""
+        on the role (declared before it: stages run in declaration order); a visual role no stage
+        trains on is never computed (a warning)."""
         ck = self.ck
         visual = [r for r in rules if r.kind == "visual"]
         if not visual or not decls or self.fragment:
@@ -274,15 +274,7 @@ class _Spec:
                 )
                 continue
             for st in users:
-                if st.kind == "grpo":
-                    ck.error(
-                        spans[st.name],
-                        "unsupported-option",
-                        f"grpo stage `{st.name}` weights role `{rule.role}`, a `visual` rule: token weights on visual roles "
-                        "are not supported yet (the role is computed on SFT targets)",
-                        "use the role in an sft stage's loss, or weight a role with a text rule",
-                    )
-                elif ref is not None and order.index(ref) >= order.index(st.name):
+                if ref is not None and order.index(ref) >= order.index(st.name):
                     ck.error(
                         ref_span,
                         "reference-order",
@@ -295,7 +287,7 @@ class _Spec:
                 ck.warning(
                     call.span,
                     "unused-role",
-                    f"role `{rule.role}` is a `visual` rule that no stage's loss names: it is never computed and tags no token",
+                    f"role `{rule.role}` is a `visual` rule that no stage's loss or token_weights names: it is never computed and tags no token",
                     f"name it in a loss, e.g. `0.5 * mean({rule.role}) + 0.5 * mean(...)`, or remove it",
                 )
 
