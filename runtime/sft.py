@@ -137,8 +137,10 @@ class SFTModule(L.LightningModule):
         grad_clip: float | None = None,
         chunked: bool = True,
         log_every_step: bool = False,
+        visual: Any = None,
     ):
         super().__init__()
+        self.visual = visual  # probe.VisualRoles: the stage's `visual(...)` role rules, or None
         self.loaded = loaded
         self.model = loaded.model
         self.stage = stage
@@ -156,11 +158,15 @@ class SFTModule(L.LightningModule):
     # resuming from a Lightning checkpoint restores the NGDiff state too
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["percep_sft"] = {"lr_scale": self.lr_scale, "ngdiff_norms": dict(self.objective._norms)}
+        if self.visual is not None:  # refreshed reference models: a resume tags as the run would have
+            checkpoint["percep_sft"]["visual_references"] = self.visual.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("percep_sft", {})
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.objective._norms = {int(k): float(v) for k, v in state.get("ngdiff_norms", {}).items()}
+        if self.visual is not None:
+            self.visual.load_state_dict(state.get("visual_references", {}))
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -205,6 +211,10 @@ class SFTModule(L.LightningModule):
         self.tokens_processed += n_tokens(batch)
         opt = self.optimizers()
         logs = {"lr": self._set_lr(opt.optimizer if hasattr(opt, "optimizer") else opt, step)}
+        if self.visual is not None:  # label-free roles: a frozen reference's visual dependency tags the targets
+            self.visual.refresh(self.model, step)
+            batch = self.visual.tag(batch)
+            logs["visual_roles_s"] = self.visual.seconds
         counts = self._global_counts(batch)
         if self.automatic_optimization:  # token mean, mix: Lightning does backward + step
             sums, local = role_losses(self.model, batch, self.n_roles)
