@@ -48,7 +48,8 @@ PLUGIN_KINDS = ("task", "model", "reward")
 #   loss, reward, metrics (list of metric names), roles (role names; variadic),
 #   role_group (a role or a list of roles; variadic), str_list (a string or a list of strings),
 #   choice_list (a list of some of `choices`, written bare or quoted),
-#   token_weights (a grpo stage's per-role token weights: a `{ role = value }` sub-block, or `ngdiff(...)`)
+#   token_weights (a grpo stage's per-role token weights: a `{ role = value }` sub-block, or `ngdiff(...)`),
+#   stage (the name of a stage of the spec, written bare)
 TYPES = (
     "int",
     "float",
@@ -66,6 +67,7 @@ TYPES = (
     "str_list",
     "choice_list",
     "token_weights",
+    "stage",
 )
 
 
@@ -113,6 +115,7 @@ class ParamSpec:
             "str_list": "a string or a list of strings",
             "choice_list": "a list of " + ", ".join(f"`{c}`" for c in self.choices),
             "token_weights": "a block of role weights such as `{ perception = 2.0 }`, or `ngdiff(...)`",
+            "stage": "a stage name",
         }[self.type]
         return base + (" or `none`" if self.nullable else "")
 
@@ -455,6 +458,41 @@ BUILTINS: tuple[Entry, ...] = (
         (P("pattern", "str", None, "the regular expression", required=True),),
     ),
     Entry("rest", "role_rule", "Every target character no earlier rule claimed."),
+    Entry(
+        "visual",
+        "role_rule",
+        "Label-free: target tokens whose visual dependency exceeds a threshold — the Jensen–Shannon divergence (bits) "
+        "between a frozen reference model's next-token distributions with the item's image and with an uninformative "
+        "one, teacher-forced on the target. Computed per batch (2 no-grad forwards of the reference) in the stages "
+        "whose loss or `token_weights` names the role; it takes tokens from the rules declared after it and from `rest`.",
+        (
+            P("threshold", "float", 0.1, "tag a token when its JS exceeds this", min=0, max=1, unit="bits"),
+            P(
+                "reference",
+                "stage",
+                None,
+                "the frozen reference: a stage declared before every stage that trains on the role (its saved weights), "
+                "or `none`: each such stage's start model (its parent's weights)",
+                nullable=True,
+            ),
+            P(
+                "refresh",
+                "int",
+                0,
+                "re-copy the reference from the policy every N optimiser steps of the stage (0: never)",
+                min=0,
+                max=10_000_000,
+                unit="steps",
+            ),
+            P(
+                "against",
+                "choice",
+                "other",
+                "the uninformative image: `other` (another item's of the batch) or `blank` (white)",
+                choices=("other", "blank"),
+            ),
+        ),
+    ),
     # ---- losses --------------------------------------------------------------------
     Entry("token_mean", "loss", "Cross-entropy averaged over all target tokens: the standard SFT loss (the baseline)."),
     Entry(
@@ -585,6 +623,34 @@ BUILTINS: tuple[Entry, ...] = (
         "reward",
         "Surrogate (no p*): 1 if the answer is a correct solution of the instance the rollout perceived (its perception is well-formed and its answer follows from it).",
         impl="percepdsl_runtime.rewards:perceived_consistency",
+    ),
+    Entry(
+        "visual_dependency",
+        "reward",
+        "Surrogate (no p*): how much the rollout's own perception tokens depend on its image — the mean Jensen–Shannon "
+        "divergence (bits) between the policy's next-token distributions with the true image and with an uninformative "
+        "one, teacher-forced on the rollout (2 extra no-grad forwards of the generated batch); 0 for a rollout without "
+        "perception tokens.",
+        (
+            P(
+                "against",
+                "choice",
+                "other",
+                "the uninformative image: `other` (the next item's of the split) or `blank` (white)",
+                choices=("other", "blank"),
+            ),
+            P(
+                "threshold",
+                "float",
+                None,
+                "`none`: the mean JS over the perception tokens; a number: the share of them whose JS exceeds it",
+                min=0,
+                max=1,
+                unit="bits",
+                nullable=True,
+            ),
+        ),
+        impl="percepdsl_runtime.rewards:visual_dependency",
     ),
     Entry(
         "gate",

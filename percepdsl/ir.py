@@ -245,13 +245,43 @@ class RewardIR(_Model):
 # ---- roles, task, model -----------------------------------------------------------------------------
 
 
+def _visual_spec(name: str) -> Any:
+    return cat.builtin("role_rule", "visual").param(name)
+
+
 class RoleRuleIR(_Model):
+    """One role rule. ``visual`` (label-free, computed with a reference model per batch by the
+    runtime, see ``percepdsl_runtime.probe.VisualRoles``) holds ``threshold``, ``reference``,
+    ``refresh`` and ``against``; the other kinds leave them unset and do not dump them (their
+    specs keep their content hashes)."""
+
     role: str
-    kind: Literal["between", "regex", "rest"]
+    kind: Literal["between", "regex", "rest", "visual"]
     open: str | None = None
     close: str | None = None
     markers: bool = True
     pattern: str | None = None
+    threshold: float | None = Field(default=None, ge=_visual_spec("threshold").min, le=_visual_spec("threshold").max)
+    reference: str | None = None
+    refresh: int | None = Field(default=None, ge=_visual_spec("refresh").min, le=_visual_spec("refresh").max)
+    against: Literal["other", "blank"] | None = None
+
+    @model_validator(mode="after")
+    def _visual(self) -> RoleRuleIR:
+        visual = (self.threshold, self.refresh, self.against)
+        if self.kind == "visual" and None in visual:
+            raise ValueError("a `visual` role rule needs threshold, refresh and against")
+        if self.kind != "visual" and (any(v is not None for v in visual) or self.reference is not None):
+            raise ValueError(f"threshold, reference, refresh and against belong to `visual` rules, not `{self.kind}`")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        out = handler(self)
+        if self.kind != "visual" and isinstance(out, dict):
+            for k in ("threshold", "reference", "refresh", "against"):
+                out.pop(k, None)
+        return out
 
 
 def _constraints(kind: str, name: str, values: dict[str, Any]) -> None:
@@ -476,6 +506,20 @@ class GRPOStageIR(_Model):
 
 
 Stage = Annotated[SFTStageIR | GRPOStageIR, Field(discriminator="kind")]
+
+
+def named_roles(stage: SFTStageIR | GRPOStageIR) -> set[str]:
+    """The roles a stage's objective tells apart: those its `mean(...)` terms or `ngdiff` groups
+    name (sft), or its `token_weights` (grpo). A `visual` role rule is computed, with its
+    reference model, in the stages that name its role, and only there."""
+    obj = stage.loss if isinstance(stage, SFTStageIR) else stage.token_weights
+    if isinstance(obj, MixLoss):
+        return {r for t in obj.terms for r in t.roles}
+    if isinstance(obj, NGDiffLoss):
+        return {r for g in obj.groups for r in g}
+    if isinstance(obj, RoleWeights):
+        return set(obj.weights)
+    return set()
 
 
 # ---- evaluation, trainer, experiment ----------------------------------------------------------------

@@ -27,7 +27,7 @@ from .roles import RoleTagger, token_roles
 
 # keys of an encoded item that are one value per token (padded in `collate`), with pad values
 _SEQ_PAD = {"labels": -100, "role_ids": -1, "attention_mask": 0}
-_NOT_MODEL_INPUTS = ("labels", "role_ids", "n_target", "seq_lengths")
+_NOT_MODEL_INPUTS = ("labels", "role_ids", "n_target", "seq_lengths", "next_labels", "next_roles")
 
 
 class EncodingError(ValueError):

@@ -50,6 +50,7 @@ precision never enters the objective.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -64,6 +65,8 @@ from percepdsl.ir import GRPOStageIR, value_at
 from .encoding import collate
 from .generation import eval_mode
 from .optim import adamw
+from .probe import METRIC_ROLE as DEPENDENCY_ROLE
+from .probe import RolloutDependency, blank_like
 from .rewards import WARN_AFTER, Reward, RewardDiagnostics, RewardError, RolloutGroup, compile_reward, constant_groups
 from .sampling import Rollouts, cache_kwarg, cache_of, llava_parts, position_ids, sample_completions
 from .token_weights import TokenWeighting, role_gradient_norms
@@ -258,13 +261,22 @@ def prompt_rows(prompt: Mapping[str, torch.Tensor], which: torch.Tensor) -> dict
 
 def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """[n, T] float32 log-probabilities of the sampled tokens under ``model``, for the
-    rollout rows ``rows`` (default: all N).
+    rollout rows ``rows`` (default: all N). Logits are divided by the sampling temperature
+    (the ratio compares the distributions the tokens were drawn from)."""
+    rows = torch.arange(roll.ids.shape[0], device=roll.ids.device) if rows is None else rows
+    logits = completion_logits(model, roll, rows) / max(temperature, 1e-6)
+    return torch.log_softmax(logits, dim=-1).gather(-1, roll.ids[rows][..., None])[..., 0]
+
+
+def completion_logits(model: Any, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, T, V] float32 next-token logits at the completion positions (position t predicts
+    completion token t) of the rollout rows ``rows`` (default: all N), teacher-forced on the
+    sampled tokens under ``roll.prompt`` (the same prompt text with other images gives the
+    visual-dependency reward term's forwards).
 
     The sequences are laid out as they were sampled — left-padded prompt, then the
     completion — with the same position ids, so the training forward sees exactly the
-    sampler's context. Logits are divided by the sampling temperature (the ratio compares
-    the distributions the tokens were drawn from) and only the completion positions go
-    through the LM head.
+    sampler's context. Only the completion positions go through the LM head.
 
     LLaVA models run the shared prompt once per prompt, not once per row: a forward over
     the B prompts (vision tower included) fills a KV cache, which is repeated for the G
@@ -305,8 +317,7 @@ def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, ro
         # the prompt's last position predicts completion token 0; completion position t predicts t+1
         hidden = torch.cat([out.last_hidden_state[which, -1:], hidden[:, :-1]], dim=1)
         logits = head(hidden)
-    logits = logits.float() / max(temperature, 1e-6)
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None])[..., 0]
+    return logits.float()
 
 
 # --------------------------------------------------------------------------- module
@@ -331,6 +342,7 @@ class GRPOModule(L.LightningModule):
         grad_clip: float | None = None,
         warn_after: int = WARN_AFTER,
         split: str = "train",
+        visual: Any = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -347,6 +359,7 @@ class GRPOModule(L.LightningModule):
         self.tokens_processed = 0  # completion tokens sampled: the progress bar's throughput
         self.filtering: dict[str, float] = {}  # running sums of the constant-group logs (see gather)
         self.weighting = TokenWeighting(stage.token_weights, encoder.role_names)
+        self.visual = visual  # probe.VisualRoles: the `visual(...)` roles token_weights names, or None
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -358,12 +371,16 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resumable stage statistics (the weights and optimiser are Lightning's)."""
         checkpoint["grpo"] = {"diagnostics": self.diag.state_dict(), "timing": dict(self.timing), "filtering": dict(self.filtering)}
+        if self.visual is not None:  # refreshed reference models of the visual roles
+            checkpoint["grpo"]["visual_references"] = self.visual.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "grpo" in checkpoint:
             self.diag.load_state_dict(checkpoint["grpo"]["diagnostics"])
             self.timing.update(checkpoint["grpo"]["timing"])
             self.filtering.update(checkpoint["grpo"].get("filtering", {}))
+            if self.visual is not None:
+                self.visual.load_state_dict(checkpoint["grpo"].get("visual_references", {}))
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -452,9 +469,14 @@ class GRPOModule(L.LightningModule):
         if idle:
             p = parts[0]
             p.rows, p.adv, p.mask = p.rows.new_zeros(1), p.adv.new_zeros(1), loss_mask(p.roll, st.mask_truncated)[:1]
+        if self.visual is not None:
+            self.visual.refresh(self.model, self.global_step)
         for p in parts:
             p.ref = self.reference_logprobs(p.roll, p.rows) if st.kl > 0 and len(p.rows) else None
             p.roles = self.encoder.completion_roles(p.roll.ids.cpu(), p.roll.lengths.tolist()).to(p.roll.ids.device)[p.rows]
+            if self.visual is not None and len(p.rows):  # label-free roles: a frozen reference reads the image there
+                p.roles = self.visual_roles(p.roll, p.rows, p.roles)
+                logs["visual_roles_s"] = logs.get("visual_roles_s", 0.0) + self.visual.seconds
         logs.update(
             self.weighting.share_logs(pad_cat([p.roles for p in parts]), pad_cat([p.mask for p in parts]), self.global_step, st.steps)
         )
@@ -581,6 +603,10 @@ class GRPOModule(L.LightningModule):
         self.filtering["steps"] = self.filtering.get("steps", 0.0) + 1
         lengths = torch.cat([p.roll.lengths for p in parts]).tolist()
         gen_s, n_tok = sum(p.roll.gen_s for p in parts), float(sum(lengths))
+        probe_s = sum(p.roll.probe_s for p in parts)  # the visual_dependency term's forwards
+        if probe_s:
+            logs["visual_dependency_s"] = probe_s
+            self.timing["probe_s"] = self.timing.get("probe_s", 0.0) + probe_s
         self.tokens_processed += int(n_tok)
         self.timing["gen_s"] += gen_s
         self.timing["gen_tokens"] += n_tok
@@ -631,9 +657,51 @@ class GRPOModule(L.LightningModule):
         G, lengths = self.stage.group, roll.lengths.tolist()
         texts = [self.encoder.decode(row[:n]) for row, n in zip(roll.ids.tolist(), lengths)]
         trunc = roll.truncated.tolist()
-        groups = [RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G]) for i, s in enumerate(samples)]
+        dep = self.dependency(roll, samples, indices)  # lazy: costs nothing unless a reward term reads it
+        groups = [
+            RolloutGroup.score(self.task, s, texts[i * G : (i + 1) * G], trunc[i * G : (i + 1) * G], dep.view(i * G, (i + 1) * G))
+            for i, s in enumerate(samples)
+        ]
         step, steps = self.global_step, self.stage.steps  # scheduled reward weights are read at the step that samples
-        return roll, groups, [self.reward(g, step, steps) for g in groups]
+        values = [self.reward(g, step, steps) for g in groups]
+        roll.probe_s = dep.seconds
+        return roll, groups, values
+
+    def dependency(self, roll: Rollouts, samples: list[Any], indices: torch.Tensor) -> RolloutDependency:
+        """The visual dependency of the rollouts' perception tokens on their image (the
+        ``visual_dependency`` reward term): no-grad teacher-forced forwards of the policy as it
+        sampled, under the trainer's precision, with the true image and with another item's (the
+        next item of the split) or a blank one, the prompt text unchanged."""
+        size = self.task.size(self.split)
+
+        def prompt(against: str) -> dict[str, torch.Tensor]:
+            if against == "other":
+                images = [self.task.sample(self.split, (int(i) + 1) % size).image for i in indices.tolist()]
+            else:
+                images = [blank_like(s.image) for s in samples]
+            alt = collate([self.encoder.encode_prompt(s.query, im) for s, im in zip(samples, images)], self.encoder.pad_token_id)
+            alt = {k: v.to(self.device) for k, v in alt.items() if isinstance(v, torch.Tensor)}
+            if not torch.equal(alt["input_ids"], roll.prompt["input_ids"]):
+                raise ValueError(f"the prompt with the {against} image has other tokens than the true one (images of different sizes?)")
+            return alt
+
+        def forward(alt: dict[str, torch.Tensor] | None, rows: torch.Tensor, length: int) -> torch.Tensor:
+            head = dataclasses.replace(roll, ids=roll.ids[:, :length], mask=roll.mask[:, :length], prompt=alt or roll.prompt)
+            with torch.no_grad(), eval_mode(self.model):
+                return completion_logits(self.model, head, rows.to(roll.ids.device))
+
+        names = self.encoder.role_names
+        role = names.index(DEPENDENCY_ROLE) if DEPENDENCY_ROLE in names else None
+        return RolloutDependency(forward, prompt, lambda: self.encoder.completion_roles(roll.ids.cpu(), roll.lengths.tolist()), role)
+
+    def visual_roles(self, roll: Rollouts, rows: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+        """``roles`` [n, T] of rollout rows ``rows`` re-tagged by the stage's visual role rules."""
+
+        def logits(model: Any, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
+            with eval_mode(model):
+                return completion_logits(model, dataclasses.replace(roll, prompt=prompt), rows)
+
+        return self.visual.tag_rollouts(logits, roll.prompt, roles, roll.mask[rows])
 
     @torch.no_grad()
     def reference_logprobs(self, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -669,6 +737,8 @@ class GRPOModule(L.LightningModule):
         if self.timing["gen_s"] > 0:
             out["gen_tokens_per_s"] = self.timing["gen_tokens"] / self.timing["gen_s"]
             out["gen_s_per_step"] = self.timing["gen_s"] / self.timing["steps"]
+        if self.timing.get("probe_s"):
+            out["visual_dependency_s_per_step"] = self.timing["probe_s"] / self.timing["steps"]
         return out
 
 
@@ -723,14 +793,15 @@ class PromptDataModule(L.LightningDataModule):
 
 # --------------------------------------------------------------------------- entry point
 def build_grpo(
-    loaded: Any, encoder: Any, task: Any, stage: GRPOStageIR, seed: int, *, grad_clip: float | None = None
+    loaded: Any, encoder: Any, task: Any, stage: GRPOStageIR, seed: int, *, grad_clip: float | None = None, visual: Any = None
 ) -> tuple[GRPOModule, PromptDataModule]:
     """The module and data module of a ``grpo`` stage. ``grad_clip`` is the trainer block's
-    ``clip``. The trainer that fits them needs ``max_steps = stage.steps`` and no
-    ``gradient_clip_val`` (manual optimisation clips itself, at ``grad_clip``)."""
+    ``clip``; ``visual``: the stage's ``probe.VisualRoles`` (``run.visual_roles``). The trainer
+    that fits them needs ``max_steps = stage.steps`` and no ``gradient_clip_val`` (manual
+    optimisation clips itself, at ``grad_clip``)."""
     if not isinstance(stage, GRPOStageIR):
         raise ValueError(f"stage `{stage.name}` is not a grpo stage")
-    module = GRPOModule(loaded, encoder, task, stage, seed=seed, grad_clip=grad_clip)
+    module = GRPOModule(loaded, encoder, task, stage, seed=seed, grad_clip=grad_clip, visual=visual)
     return module, PromptDataModule(task.size("train"), stage.batch, seed)
 
 
@@ -743,6 +814,7 @@ __all__ = [
     "build_grpo",
     "loss_denominator",
     "loss_mask",
+    "completion_logits",
     "completion_logprobs",
     "group_advantages",
     "prompt_rows",

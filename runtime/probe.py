@@ -26,7 +26,7 @@ so it can move a model that does not read *this* image's content).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +163,181 @@ def grounding(js: torch.Tensor, perception: torch.Tensor, thresholds: Sequence[f
     return out
 
 
+# --------------------------------------------------------------------------- GRPO rollouts
+class RolloutDependency:
+    """Visual dependency of sampled completions on their own image: what the
+    ``visual_dependency`` reward term reads (no perception labels).
+
+    Teacher-forced on the rollouts themselves (not on a reference target: a GRPO prompt has
+    none the reward may use): for each completion, the JS divergence (bits, ``js_bits``)
+    between the policy's next-token distributions with the true image and with an
+    uninformative one (``against``: another item's image, or a blank one) at the tokens of
+    one role (``perception``). Computed lazily, once per ``against`` for the whole generated
+    batch: a batched no-grad forward under the true prompt (shared by both baselines) and
+    one under the changed one, over the rows that have such tokens, up to the last of them
+    (a causal model's prediction at t reads tokens < t only, and perception comes first:
+    most of a completion never runs). ``seconds`` is the time spent (logged as
+    ``visual_dependency_s``).
+
+    ``forward(prompt, rows, length)``: [n, length, V] logits of the first ``length`` completion
+    tokens of rollout rows ``rows`` under a prompt batch (``None``: the sampled one);
+    ``prompt(against)``: the prompt batch with the changed images; ``roles``: [N, T] role ids of
+    the rollout tokens (or a function giving them, called on first use); ``role``: the role id
+    whose tokens count (``None``: the spec declares no such role, and no completion has any).
+    """
+
+    def __init__(self, forward: Any, prompt: Any, roles: Any, role: int | None):
+        self.forward, self.prompt, self.roles, self.role = forward, prompt, roles, role
+        self._true: torch.Tensor | None = None
+        self._js: dict[str, list[torch.Tensor]] = {}
+        self.seconds = 0.0
+
+    def __call__(self, against: str) -> list[torch.Tensor]:
+        """Per completion, the JS (bits) at each of its role tokens; empty for a completion
+        without any."""
+        if against not in self._js:
+            import time
+
+            t0 = time.perf_counter()
+            roles = self.roles() if callable(self.roles) else self.roles  # [N, T], computed on first use
+            tokens = roles == self.role if self.role is not None else torch.zeros(roles.shape, dtype=torch.bool)
+            rows = tokens.any(dim=1).nonzero()[:, 0]
+            out = [torch.zeros(0)] * tokens.shape[0]
+            if len(rows):
+                length = int(tokens.any(dim=0).nonzero().max()) + 1  # the forwards stop at the last role token
+                sel = tokens[rows, :length]
+                if self._true is None:
+                    self._true = self.forward(None, rows, length)[sel].cpu()
+                js = js_bits(self._true, self.forward(self.prompt(against), rows, length)[sel].cpu())
+                for row, part in zip(rows.tolist(), js.split(sel.sum(dim=1).tolist())):
+                    out[row] = part
+            self._js[against] = out
+            self.seconds += time.perf_counter() - t0
+        return self._js[against]
+
+    def view(self, lo: int, hi: int) -> Any:
+        """The same, restricted to completions ``lo:hi`` (one group)."""
+        return lambda against: self(against)[lo:hi]
+
+
+# --------------------------------------------------------------------------- the `visual` role rule
+def visual_role_ids(role_ids: torch.Tensor, js: torch.Tensor, rules: Sequence[tuple[int, float]], rest_id: int) -> torch.Tensor:
+    """Role ids after the `visual` rules: for each rule ``(role id, threshold)``, in declaration
+    order, a token whose ``js`` exceeds the threshold takes the rule's role if its current role
+    comes from a rule declared after it (a larger id: ids follow declaration order) or from
+    `rest` / the implicit `other` (``rest_id``): the first rule that claims a token wins, as for
+    text rules. ``role_ids``/``js``: matching shapes; ids < 0 (no target) are left alone."""
+    out = role_ids.clone()
+    for rid, threshold in rules:
+        out[(js > threshold) & (out >= 0) & ((out > rid) | (out == rest_id))] = rid
+    return out
+
+
+def changed_pixels(batch: Mapping[str, Any], against: str, blank: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The image inputs of a batch with uninformative images: ``other``, each item gets the
+    next item's image (cyclically, as in ``probe``: a single-item batch keeps its own, and tags
+    nothing); ``blank``, every image is ``blank`` (the pixel values of one white image). Works for
+    one image per item, as ``pixel_values [items, C, H, W]`` or flattened patches with
+    ``image_grid_thw`` (Qwen2-VL)."""
+    pv, grid = batch["pixel_values"], batch.get("image_grid_thw")
+    n = grid.shape[0] if grid is not None else pv.shape[0]
+    if against == "blank":
+        if blank is None:
+            raise ValueError("against = blank needs the pixel values of a white image")
+        return {"pixel_values": blank.to(pv).repeat(n, *([1] * (blank.dim() - 1)))}
+    if grid is None:
+        return {"pixel_values": torch.roll(pv, -1, dims=0)}
+    blocks = list(pv.split(grid.prod(dim=-1).tolist()))
+    return {"pixel_values": torch.cat(blocks[1:] + blocks[:1]), "image_grid_thw": torch.roll(grid, -1, dims=0)}
+
+
+class VisualRoles:
+    """The `visual(...)` role rules of one training stage (``percepdsl.ir.RoleRuleIR`` of kind
+    ``visual``), applied to each SFT batch (``tag``) or GRPO generated batch (``tag_rollouts``): a target token takes the rule's role when the JS
+    divergence (bits, ``js_bits``) between a frozen reference model's next-token distributions with
+    the item's image and with an uninformative one (``changed_pixels``) exceeds the threshold
+    (``visual_role_ids`` settles the order with the text rules).
+
+    ``rules``: (role id, rule); ``references``: the reference model of each (``reference``,
+    ``refresh``) the rules name, frozen (no grad, eval mode); ``rest_id``: the `rest` role's id (or
+    the implicit `other`'s). Per batch: one no-grad forward per reference under the true images,
+    one per (reference, ``against``) under the changed ones, logits at target positions only
+    (``sft.target_logits``: padded or packed batches). ``refresh(policy, step)`` re-copies a
+    reference from the policy every ``refresh`` steps (0: never). ``seconds``: the last batch's time.
+    """
+
+    def __init__(self, rules: Sequence[tuple[int, Any]], references: Mapping[tuple[str | None, int], Any], rest_id: int, blank: Any = None):
+        self.rules, self.references, self.rest_id, self.blank = list(rules), dict(references), rest_id, blank
+        self.seconds = 0.0  # of the last `tag`
+
+    def refresh(self, policy: Any, step: int) -> None:
+        for (_, every), ref in self.references.items():
+            if every and step > 0 and step % every == 0:
+                ref.load_state_dict(policy.state_dict())
+
+    @torch.no_grad()
+    def tag(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The batch with its ``role_ids`` re-tagged by the visual rules."""
+        import time
+
+        from .sft import target_logits
+
+        t0 = time.perf_counter()
+        sel = batch["labels"][:, 1:] != -100  # position t predicts token t+1: the target positions
+        true: dict[Any, torch.Tensor] = {}
+        js: dict[Any, torch.Tensor] = {}
+        for _, rule in self.rules:
+            key = (rule.reference, rule.refresh)
+            ref = self.references[key]
+            if key not in true:
+                true[key] = target_logits(ref, batch)[0].float()
+            if (key, rule.against) not in js:
+                changed = {**batch, **changed_pixels(batch, rule.against, self.blank)}
+                js[key, rule.against] = js_bits(true[key], target_logits(ref, changed)[0].float())
+        roles = batch["role_ids"].clone()
+        tagged = roles[:, 1:][sel]
+        for rid, rule in self.rules:  # one rule at a time, in declaration order (visual_role_ids' contract)
+            tagged = visual_role_ids(
+                tagged, js[(rule.reference, rule.refresh), rule.against].to(tagged.device), [(rid, rule.threshold)], self.rest_id
+            )
+        roles[:, 1:][sel] = tagged
+        self.seconds = time.perf_counter() - t0
+        return {**batch, "role_ids": roles}
+
+    @torch.no_grad()
+    def tag_rollouts(self, logits: Any, prompt: Mapping[str, Any], roles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GRPO: the role ids [n, T] of completion tokens re-tagged by the visual rules, each
+        reference teacher-forced on the completions (``logits(model, prompt)``: [n, T, V] logits of
+        the completion positions under a prompt batch, ``grpo.completion_logits``) with the
+        prompts' true images and with ``changed_pixels`` of them; ``mask``: the generated tokens."""
+        import time
+
+        t0 = time.perf_counter()
+        true: dict[Any, torch.Tensor] = {}
+        js: dict[Any, torch.Tensor] = {}
+        out = roles
+        for rid, rule in self.rules:
+            key = (rule.reference, rule.refresh)
+            if key not in true:
+                true[key] = logits(self.references[key], prompt)
+            if (key, rule.against) not in js:
+                changed = {**prompt, **changed_pixels(prompt, rule.against, self.blank)}
+                js[key, rule.against] = js_bits(true[key], logits(self.references[key], changed))
+            tag = js[key, rule.against].to(roles.device).masked_fill(~mask.bool().to(roles.device), 0.0)
+            out = visual_role_ids(out, tag, [(rid, rule.threshold)], self.rest_id)
+        self.seconds = time.perf_counter() - t0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The references that a refresh changed (for a resume); the others are rebuilt as they started."""
+        return {f"{ref}/{every}": m.state_dict() for (ref, every), m in self.references.items() if every}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for (ref, every), m in self.references.items():
+            if f"{ref}/{every}" in state:
+                m.load_state_dict(state[f"{ref}/{every}"])
+
+
 def _add_slots(acc: list[float], vals: Sequence[float]) -> None:
     acc.extend([0.0] * (len(vals) - len(acc)))
     for j, v in enumerate(vals):
@@ -290,10 +465,14 @@ __all__ = [
     "PROBE_ITEMS",
     "ProbeRefused",
     "ProbeResult",
+    "RolloutDependency",
+    "VisualRoles",
+    "changed_pixels",
     "blank_like",
     "grounding",
     "js_bits",
     "probe",
     "probe_run",
+    "visual_role_ids",
     "write_outputs",
 ]

@@ -91,12 +91,18 @@ class RolloutGroup:
     perceptions: list[Hashable | None]  # task.parse_perception of each completion
     truncated: list[bool] = field(default_factory=list)  # hit max_new_tokens without EOS
     task: Any = None
+    # against -> per completion, the JS (bits) of each of its perception tokens between the
+    # policy's predictions with the true image and with an uninformative one (probe.RolloutDependency);
+    # set by the GRPO module, which holds the model; None outside a GRPO rollout
+    dependency: Callable[[str], list[Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.completions)
 
     @classmethod
-    def score(cls, task: Any, sample: Any, completions: Sequence[str], truncated: Sequence[bool] | None = None) -> RolloutGroup:
+    def score(
+        cls, task: Any, sample: Any, completions: Sequence[str], truncated: Sequence[bool] | None = None, dependency: Any = None
+    ) -> RolloutGroup:
         """Score every completion against ``sample.instance`` and parse its perception."""
         texts = list(completions)
         return cls(
@@ -106,6 +112,7 @@ class RolloutGroup:
             perceptions=[task.parse_perception(t) for t in texts],
             truncated=list(truncated) if truncated is not None else [False] * len(texts),
             task=task,
+            dependency=dependency,
         )
 
 
@@ -158,6 +165,24 @@ def self_consistency(group: RolloutGroup, *, mode: str, **_: Any) -> list[float]
         top = max(counts.values(), default=0)
         return [float(p is not None and top >= 2 and counts[p] == top) for p in group.perceptions]
     raise ValueError(f"self_consistency: unknown mode {mode!r}; expected 'agreement' or 'majority'")
+
+
+def visual_dependency(group: RolloutGroup, *, against: str, threshold: float | None, **_: Any) -> list[float]:
+    """Surrogate (no p*): how much the rollout's own perception tokens depend on its image.
+
+    The mean, over the completion's perception tokens, of the JS divergence (bits) between
+    the policy's next-token distributions with the true image and with ``against`` (``other``:
+    another item's image; ``blank``: a white one), teacher-forced on the completion itself
+    (``probe.RolloutDependency``); with ``threshold``, the share of those tokens whose JS
+    exceeds it. A completion without perception tokens scores 0: it shows no reading of the
+    image (a blind model's score), so leaving the section out never beats writing one.
+    """
+    if group.dependency is None:
+        raise RewardError("visual_dependency", "needs the policy model's forwards, which only a grpo stage's rollouts carry")
+    per = group.dependency(against)
+    if threshold is None:
+        return [float(js.mean()) if js.numel() else 0.0 for js in per]
+    return [float((js > threshold).float().mean()) if js.numel() else 0.0 for js in per]
 
 
 # --------------------------------------------------------------------------- algebra
@@ -568,5 +593,6 @@ __all__ = [
     "perception_partial",
     "self_consistency",
     "term_key",
+    "visual_dependency",
     "within_group_pearson",
 ]

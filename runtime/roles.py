@@ -14,6 +14,8 @@ rule that covers it:
 - ``regex`` covers every non-empty match of ``pattern``.
 - ``rest`` covers every character no other rule covers, wherever it is declared. Without a
   ``rest`` rule, uncovered characters get an implicit role ``other`` (the last role id).
+- ``visual`` covers no character: it tags *tokens* by a reference model's visual dependency,
+  per batch, after the text rules (``probe.VisualRoles``); here its role only gets its id.
 
 Role ids follow the order in which role names first appear among the rules.
 
@@ -76,8 +78,8 @@ class RoleTagger:
         """Role id of every character of ``text`` (int64 array, same length)."""
         roles = np.full(len(text), -1, dtype=np.int64)
         for rule in self.rules:
-            if rule.kind == "rest":
-                continue  # applied last: it only takes what nothing else took
+            if rule.kind in ("rest", "visual"):
+                continue  # rest: applied last, it only takes what nothing else took; visual: per batch, by a model
             rid = self.role_names.index(rule.role)
             for start, end in _spans(rule, text):
                 seg = roles[start:end]

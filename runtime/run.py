@@ -42,7 +42,7 @@ from typing import Any
 import lightning as L
 
 from percepdsl.io import atomic_path, remove_stale_temporaries, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash
+from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash, named_roles
 
 from . import stagecache
 from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
@@ -194,7 +194,7 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, flo
         s = task.sample("train", i)
         roles = encoder.encode_train(s.query, s.image, s.response)["role_ids"]
         counts += torch.bincount(roles[roles >= 0], minlength=len(encoder.role_names))
-    declared = {r.role for r in ir.roles}
+    declared = {r.role for r in ir.roles if r.kind != "visual"}  # a visual role is tagged per batch, by a model
     empty = [name for name, c in zip(encoder.role_names, counts.tolist()) if c == 0 and name in declared]
     if empty:
         sample = task.sample("train", 0).response
@@ -325,12 +325,42 @@ def build_stage(ctx: Context, stage: Stage):
     if stage.kind == "grpo":
         from .grpo import build_grpo
 
-        return build_grpo(ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip)
-    module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip)
+        return build_grpo(
+            ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage)
+        )
+    module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage))
     datamodule = SFTDataModule(
         ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length", packing=stage.packing
     )
     return module, datamodule
+
+
+def visual_roles(ctx: Context, stage: Stage) -> Any:
+    """The `visual(...)` role rules a stage trains on (its loss names their roles; see
+    ``percepdsl.ir.named_roles``), with their frozen reference models: the stage's start model
+    (the weights loaded when the stage is built: its parent's) or a finished earlier stage's saved
+    weights. None when the stage names no visual role (the rule then tags nothing there)."""
+    import copy
+    import dataclasses
+
+    from .models import load_weights
+    from .probe import VisualRoles, blank_like
+
+    names = ctx.encoder.role_names
+    rules = [(names.index(r.role), r) for r in ctx.ir.roles if r.kind == "visual" and r.role in named_roles(stage)]
+    if not rules:
+        return None
+    refs: dict[tuple[str | None, int], Any] = {}
+    for _, r in rules:
+        if (r.reference, r.refresh) not in refs:
+            model = copy.deepcopy(ctx.loaded.model).eval().requires_grad_(False)
+            if r.reference is not None:
+                load_weights(dataclasses.replace(ctx.loaded, model=model), stage_dir(ctx, ctx.ir.stage(r.reference)) / "model")
+            refs[r.reference, r.refresh] = model
+    sample = ctx.task.sample("train", 0)
+    blank = ctx.encoder.encode_prompt(sample.query, blank_like(sample.image))["pixel_values"]  # one white image
+    rest = next((names.index(r.role) for r in ctx.ir.roles if r.kind == "rest"), len(names) - 1)  # else the implicit `other`
+    return VisualRoles(rules, refs, rest, blank)
 
 
 def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any, module_diagnostics: dict[str, Any]) -> dict[str, Any]:
@@ -346,6 +376,8 @@ def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any, module_diagno
 
     items = [datamodule.dataset[i] for i in range(min(16, len(datamodule.dataset)))]
     batch = collate(items, ctx.encoder.pad_token_id)
+    if getattr(module, "visual", None) is not None:  # the stage's visual roles, as its training steps tag them
+        batch = module.visual.tag(batch)
     with torch.no_grad():
         sums, counts = role_losses(ctx.loaded.model, batch, len(ctx.encoder.role_names))
     total = float(sums.sum()) or 1.0

@@ -38,6 +38,7 @@ class Rollouts:
     truncated: torch.Tensor  # [N] bool: no EOS within max_new_tokens
     group: int  # G
     gen_s: float = 0.0
+    probe_s: float = 0.0  # seconds of the reward's visual-dependency forwards (grpo.GRPOModule.dependency)
 
     @property
     def lengths(self) -> torch.Tensor:

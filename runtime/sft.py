@@ -16,8 +16,9 @@ Speed notes (the tiny model is small enough that overheads dominate):
   to padding, but a batch then holds look-alike items (on graph colouring, equal length means
   similar graphs), which kept the tiny model from learning perception; so it is opt-in;
 - items are encoded once in ``setup`` (processor + tokenizer cost paid once, not per epoch);
-- NGDiff takes perception's gradient from a forward over the prefix that holds it
-  (``SFTModule.ngdiff_backward``), ≈40% of the sequence, not from a second full backward.
+- NGDiff runs its forward in two chunks, the prefix that holds perception's targets and the
+  rest attending to the prefix's keys and values (``SFTModule.ngdiff_backward``): perception's
+  gradient then costs a backward through the prefix only, not a second full backward.
 """
 
 from __future__ import annotations
@@ -38,7 +39,18 @@ from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses
 from .models import LoadedModel
 from .optim import adamw
-from .packing import Layout, bucket, collate_packed, n_tokens, packable, packed_prefixes, text_model_of, training_attention
+from .packing import (
+    Layout,
+    PrefixKV,
+    bucket,
+    collate_packed,
+    n_tokens,
+    next_targets,
+    packable,
+    split_batch,
+    text_model_of,
+    training_attention,
+)
 
 
 # --------------------------------------------------------------------------- forward
@@ -53,52 +65,65 @@ def _split_head(model: Any) -> tuple[Any, Any] | None:
     return (base, head) if base is not None and isinstance(head, torch.nn.Module) else None
 
 
-def target_logits(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def target_logits(model: Any, batch: Mapping[str, Any], prefix: PrefixKV | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token logits at target positions only: (logits[N, V], labels[N], role_ids[N]).
 
-    ``batch`` is right-padded items or one packed row (``packing.collate_packed``); the text
-    decoder of a supported model attends with ``packing.packed_attention`` either way. In a
-    packed row the last token of an item "predicts" the next item's first token, a prompt
+    ``batch`` is right-padded items or one packed row (``packing.collate_packed``), or a chunk
+    of either (``packing.split_batch``, with ``prefix`` the chunked forward's hand-over); the
+    text decoder of a supported model attends with ``packing.packed_attention`` either way. In
+    a packed row the last token of an item "predicts" the next item's first token, a prompt
     token with label -100: no target crosses an item boundary."""
-    labels, roles = batch["labels"][:, 1:], batch["role_ids"][:, 1:]
+    labels, roles = next_targets(batch)
     sel = labels != -100
     inputs = model_inputs(batch)
     split = _split_head(model)
     with training_attention(model) as own_attention:
+        if ("seq_lengths" in batch or prefix is not None) and not own_attention:
+            raise ValueError("a packed or chunked batch needs a model whose attention packing supports (packing.text_model_of)")
         if "seq_lengths" in batch:
-            if not own_attention:
-                raise ValueError("a packed batch needs a model whose attention packing supports (packing.text_model_of)")
             inputs["percep_layout"] = Layout.of(batch["seq_lengths"])
+        if prefix is not None:
+            inputs["percep_prefix"] = prefix
         if split is not None:
             base, head = split
-            hidden = base(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            hidden = base(**inputs, use_cache=False).last_hidden_state
             # the LM head on bucket(n) rows (the extra ones repeat row 0 and are dropped): the
             # number of targets changes every batch, and every new matmul shape costs a kernel compile
             idx = sel.flatten().nonzero()[:, 0]
             n = idx.shape[0]
             logits = head(hidden.reshape(-1, hidden.shape[-1])[F.pad(idx, (0, bucket(n) - n))])[:n]
         else:
-            logits = model(**inputs, use_cache=False).logits[:, :-1][sel]
+            logits = model(**inputs, use_cache=False).logits[sel]
     return logits, labels[sel], roles[sel]
 
 
-def _prefix(batch: Mapping[str, Any], end: int) -> dict[str, Any]:
-    """The batch cut to its first ``end`` positions (per-token tensors only; images stay)."""
-    shape = batch["input_ids"].shape
-    return {k: (v[:, :end] if isinstance(v, torch.Tensor) and v.shape == shape and k != "pixel_values" else v) for k, v in batch.items()}
-
-
-def role_losses(model: Any, batch: Mapping[str, Any], n_roles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-role CE sums and token counts of one batch (one forward)."""
-    logits, labels, roles = target_logits(model, batch)
+def role_losses(model: Any, batch: Mapping[str, Any], n_roles: int, prefix: PrefixKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-role CE sums and token counts of one batch (one forward; a chunk's with ``prefix``)."""
+    logits, labels, roles = target_logits(model, batch, prefix)
     return role_token_losses(logits, labels, roles, n_roles)
+
+
+def chunked_role_losses(
+    model: Any, prefix: Mapping[str, Any], rest: Mapping[str, Any], n_roles: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Per-role CE sums and counts of a batch's prefix chunk and of the whole batch, from one
+    forward run in two chunks (``packing.split_batch``): the rest attends to the prefix's keys
+    and values, so its logits are the unchunked forward's, and a loss on the prefix's targets
+    depends on the prefix chunk's graph only."""
+    kv = PrefixKV(Layout.of(prefix["seq_lengths"]) if "seq_lengths" in prefix else None)
+    head = role_losses(model, prefix, n_roles, kv)
+    if rest["input_ids"].shape[1] == 0:  # every item ends inside its prefix
+        return head, head
+    kv.reading = True
+    tail = role_losses(model, rest, n_roles, kv)
+    return head, (head[0] + tail[0], head[1] + tail[1])
 
 
 # --------------------------------------------------------------------------- module
 class SFTModule(L.LightningModule):
     """LightningModule for SFT with role-aware objectives.
 
-    Deliberately internal (not spec settings): ``prefix_forward`` (NGDiff's prefix pass: exact,
+    Deliberately internal (not spec settings): ``chunked`` (NGDiff's chunked forward: exact,
     only faster) and ``log_every_step`` (tests: every metric on every step instead of only on
     the logger's steps). NGDiff's ``auto_lr_every`` and ``norm_every`` are arguments of the
     stage's ``ngdiff(...)`` loss."""
@@ -110,16 +135,18 @@ class SFTModule(L.LightningModule):
         role_names: Sequence[str],
         *,
         grad_clip: float | None = None,
-        prefix_forward: bool = True,
+        chunked: bool = True,
         log_every_step: bool = False,
+        visual: Any = None,
     ):
         super().__init__()
+        self.visual = visual  # probe.VisualRoles: the stage's `visual(...)` role rules, or None
         self.loaded = loaded
         self.model = loaded.model
         self.stage = stage
         self.objective = Objective(stage.loss, role_names)
         self.grad_clip = grad_clip
-        self.prefix_forward, self.log_every_step = prefix_forward, log_every_step
+        self.chunked, self.log_every_step = chunked, log_every_step
         self.n_roles = len(self.objective.role_names)
         self.automatic_optimization = not self.objective.manual_backward
         self.lr_scale = 1.0  # NGDiff auto-LR multiplier (smoothed)
@@ -131,11 +158,15 @@ class SFTModule(L.LightningModule):
     # resuming from a Lightning checkpoint restores the NGDiff state too
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["percep_sft"] = {"lr_scale": self.lr_scale, "ngdiff_norms": dict(self.objective._norms)}
+        if self.visual is not None:  # refreshed reference models: a resume tags as the run would have
+            checkpoint["percep_sft"]["visual_references"] = self.visual.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("percep_sft", {})
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.objective._norms = {int(k): float(v) for k, v in state.get("ngdiff_norms", {}).items()}
+        if self.visual is not None:
+            self.visual.load_state_dict(state.get("visual_references", {}))
 
     # -- optimisation -------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -180,6 +211,10 @@ class SFTModule(L.LightningModule):
         self.tokens_processed += n_tokens(batch)
         opt = self.optimizers()
         logs = {"lr": self._set_lr(opt.optimizer if hasattr(opt, "optimizer") else opt, step)}
+        if self.visual is not None:  # label-free roles: a frozen reference's visual dependency tags the targets
+            self.visual.refresh(self.model, step)
+            batch = self.visual.tag(batch)
+            logs["visual_roles_s"] = self.visual.seconds
         counts = self._global_counts(batch)
         if self.automatic_optimization:  # token mean, mix: Lightning does backward + step
             sums, local = role_losses(self.model, batch, self.n_roles)
@@ -228,25 +263,29 @@ class SFTModule(L.LightningModule):
         ``counts``: the token counts to take group means over (``_global_counts`` under DDP;
         default each forward's own).
 
-        A group whose targets all sit in a short prefix of the batch (perception, right
-        after the image and query) gets its gradient from a forward + backward over that
-        prefix alone — with causal attention its logits there are exactly the full
-        sequence's — instead of a second backward through the whole sequence. Done first,
-        so its graph is freed before the full forward. Worth it when the prefix is under
-        60% of the length: a backward costs ≈60% of forward + backward here.
+        The forward runs in two chunks (``chunked_role_losses``) when a group's targets all sit
+        in a prefix of every item (perception, right after the image and query; ``_chunk``):
+        that group's loss then depends on the prefix chunk's graph only, so its gradient
+        (``autograd.grad``, graph kept) costs a backward through the prefix, and the other
+        groups' one backward through the whole graph — one forward, no second full backward.
+        Otherwise (no such group, a model our attention does not serve, or norms reused under
+        ``norm_every``) one forward and the objective's backward per group (exact too).
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         reduce = self._all_reduce()
         pre: dict[int, list[torch.Tensor | None]] = {}
-        if self.prefix_forward and self.objective.exact_step(step):
-            for i, (part_batch, share) in self._prefix_batches(batch).items():
-                if share <= 0.6:
-                    sums, local = role_losses(self.model, part_batch, self.n_roles)
-                    part = self.objective.term_losses(sums, local if counts is None else counts)[i]
-                    pre[i] = list(torch.autograd.grad(part, params, allow_unused=True))
-                    if reduce is not None:
-                        reduce([g for g in pre[i] if g is not None])
-        sums, local = role_losses(self.model, batch, self.n_roles)
+        plan = self._chunk(batch) if self.chunked and self.objective.exact_step(step) else None
+        if plan is None:
+            sums, local = role_losses(self.model, batch, self.n_roles)
+        else:
+            i, prefix, rest = plan
+            (head, _), (sums, local) = chunked_role_losses(self.model, prefix, rest, self.n_roles)
+            part = self.objective.term_losses(head, local if counts is None else counts)[i]
+            assert part is not None  # _chunk picks a group with targets
+            # materialised: under DDP every rank must all-reduce the same list of tensors
+            pre[i] = list(torch.autograd.grad(part, params, retain_graph=True, allow_unused=True, materialize_grads=reduce is not None))
+            if reduce is not None:
+                reduce([g for g in pre[i] if g is not None])
         counts = local if counts is None else counts
         loss, logs = self.objective.loss(sums, counts, step, self.total_steps)
         backward = self.manual_backward if self._trainer is not None else None
@@ -264,27 +303,42 @@ class SFTModule(L.LightningModule):
         )
         return loss, logs
 
-    def _prefix_batches(self, batch: Mapping[str, Any]) -> dict[int, tuple[dict[str, Any], float]]:
-        """Per group with targets: the batch cut to the prefixes that hold them, and the share
-        of the batch's tokens it keeps. Padded items are cut to one common length (the latest
-        end over the rows); a packed row keeps each item's own prefix (``packing.packed_prefixes``)."""
+    def _chunk(self, batch: Mapping[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+        """The group to take from a prefix chunk and the batch's two chunks (``split_batch``),
+        or None. Item i's prefix ends after its last target of the group and not before its
+        prompt (which holds the image); the group chosen is the one whose prefixes hold the
+        fewest tokens (padded items: the longest prefix counts for all). Under DDP the ranks
+        choose together (the largest share over ranks), so their all-reduces pair up."""
+        if text_model_of(self.model) is None:
+            return None
         labels, roles = batch["labels"], batch["role_ids"]
-        T = labels.shape[1]
-        out: dict[int, tuple[dict[str, Any], float]] = {}
-        if "seq_lengths" not in batch:
-            for i, end in enumerate(self.objective.prefix_ends(labels, roles)):
-                if end > 0:
-                    out[i] = (_prefix(batch, end), end / T)
-            return out
-        lengths = batch["seq_lengths"].tolist()
-        starts = Layout.of(batch["seq_lengths"]).starts
-        per_item = [self.objective.prefix_ends(labels[:, s : s + n], roles[:, s : s + n]) for s, n in zip(starts, lengths)]
-        for i in range(len(self.objective.terms)):
-            ends = [e[i] for e in per_item]
-            if any(ends):
-                cut = packed_prefixes(batch, ends, int(self.loaded.tokenizer.pad_token_id or 0))
-                out[i] = (cut, cut["input_ids"].shape[1] / T)
-        return out
+        if "seq_lengths" in batch:
+            lay = Layout.of(batch["seq_lengths"])
+            spans = [(0, s, n) for s, n in zip(lay.starts, lay.lengths)]
+        else:
+            spans = [(r, 0, int(labels.shape[1])) for r in range(labels.shape[0])]
+        prompts: list[int] = []
+        ends: list[list[int]] = []
+        for r, s, n in spans:
+            lab, rol = labels[r : r + 1, s : s + n], roles[r : r + 1, s : s + n]
+            prompts.append(int((lab[0] == -100).long().argmin()) if bool((lab != -100).any()) else n)
+            ends.append(self.objective.prefix_ends(lab, rol))
+        total = sum(n for _, _, n in spans)
+        shares = []
+        for g in range(len(self.objective.terms)):
+            cut = [max(e[g], p) for e, p in zip(ends, prompts)]  # an item without the group's targets: its prompt
+            used = sum(cut) if "seq_lengths" in batch else max(cut) * len(spans)
+            shares.append(used / total if any(e[g] for e in ends) else 1.0)
+        if self._all_reduce() is not None:
+            shares_t = torch.tensor(shares)
+            torch.distributed.all_reduce(shares_t, op=torch.distributed.ReduceOp.MAX)
+            shares = shares_t.tolist()
+        g = min(range(len(shares)), key=shares.__getitem__)
+        if shares[g] >= 1.0:
+            return None
+        cut = [max(e[g], p) for e, p in zip(ends, prompts)]
+        prefix, rest = split_batch(batch, cut, int(self.loaded.tokenizer.pad_token_id or 0))
+        return g, prefix, rest
 
     def _all_reduce(self) -> Any:
         """Under DDP, average the group gradients NGDiff computes with autograd.grad (the

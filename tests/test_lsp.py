@@ -123,7 +123,8 @@ def test_completion_contexts(project_dir: Path) -> None:
     assert _labels(p, "task sudoku { size = |")[:2] == ["4", "9"]
     assert {"start =", "end =", "warmup ="} <= set(_labels(p, "stage s = sft { steps = 1 lr = cosine(1e-3, |"))
     assert "cosine" in _labels(p, "stage s = sft { steps = 1 lr = |")
-    assert _labels(p, "roles { p = |") == ["between", "regex", "rest"]
+    assert _labels(p, "roles { p = |") == ["between", "regex", "rest", "visual"]
+    assert _labels(p, MAIN + "roles { g = visual(reference = |) }") == ["none", "base", "post", "rl"]
     assert _labels(p, "eval { metrics = [end_to_end, |") == [
         "end_to_end",
         "perception",

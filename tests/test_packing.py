@@ -8,7 +8,7 @@ import torch
 
 from percepdsl_runtime.encoding import Encoder, collate
 from percepdsl_runtime.models import load_hf
-from percepdsl_runtime.packing import Layout, bucket, collate_packed, packed_attention, training_attention
+from percepdsl_runtime.packing import Layout, PrefixKV, bucket, collate_packed, packed_attention, training_attention
 from percepdsl_runtime.sft import SFTDataModule, role_losses
 
 RULES = [
@@ -109,3 +109,59 @@ def test_packed_attention_gradcheck() -> None:
         return out[:, : sum(lay.lengths)]
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def _row(parts: list[torch.Tensor], lay: Layout, gen: torch.Generator) -> torch.Tensor:
+    """[1, H, n, hd]: the items' [H, len, hd] tensors at their places in a packed row, random
+    filler elsewhere (which must not matter)."""
+    n = bucket(max(s + w for s, w in zip(lay.starts, lay.windows)))
+    row = torch.randn(1, parts[0].shape[0], n, parts[0].shape[2], dtype=torch.float64, generator=gen)
+    for s, x in zip(lay.starts, parts):
+        row[0, :, s : s + x.shape[1]] = x
+    return row
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_chunked_attention_equals_one_pass_and_gradcheck(packed: bool) -> None:
+    """A chunked forward's attention (the prefix chunk, then the rest attending to the prefix's
+    keys and values) gives the one-pass outputs, and its written-out backward (into the prefix's
+    keys and values too) passes gradcheck. Packed: item 2 lies wholly in its prefix."""
+    gen = torch.Generator().manual_seed(1)
+    lengths, ends = [7, 3, 5], [2, 3, 4]
+    if not packed:
+        lengths, ends = [6, 6], [4, 4]
+    qkv = [[torch.randn(2, n, 4, dtype=torch.float64, generator=gen) for n in lengths] for _ in range(3)]
+
+    def attend(q, k, v, lay, chunk=None):
+        if packed:
+            return packed_attention(None, q, k, v, None, 0.5, percep_layout=lay, percep_prefix=chunk)[0][0]
+        return packed_attention(None, q, k, v, None, 0.5, percep_prefix=chunk)[0]  # [B, T, H, hd]
+
+    if packed:
+        full_lay = Layout.of(torch.tensor(lengths))
+        pre_lay, rest_lay = Layout.of(torch.tensor(ends)), Layout.of(torch.tensor([n - e for n, e in zip(lengths, ends)]))
+        full = attend(*(_row(x, full_lay, gen) for x in qkv), full_lay)
+        want = torch.cat([full[s : s + n] for s, n in zip(full_lay.starts, full_lay.lengths)])
+        pre = [_row([x[:, :e] for x, e in zip(xs, ends)], pre_lay, gen).requires_grad_() for xs in qkv]
+        rest = [_row([x[:, e:] for x, e in zip(xs, ends)], rest_lay, gen).requires_grad_() for xs in qkv]
+    else:
+        full_lay = pre_lay = rest_lay = None
+        full = attend(*(torch.stack(x) for x in qkv), None)
+        want = full.reshape(-1, *full.shape[2:])
+        pre = [torch.stack(x)[:, :, : ends[0]].clone().requires_grad_() for x in qkv]
+        rest = [torch.stack(x)[:, :, ends[0] :].clone().requires_grad_() for x in qkv]
+
+    def chunked(qp, kp, vp, qr, kr, vr):
+        kv = PrefixKV(pre_lay)
+        head = attend(qp, kp, vp, pre_lay, kv)
+        kv.reading = True
+        tail = attend(qr, kr, vr, rest_lay, kv)
+        if not packed:
+            return torch.cat([head, tail], 1).reshape(-1, *head.shape[2:])
+        parts = []
+        for (ps, pn), (s, n) in zip(zip(pre_lay.starts, pre_lay.lengths), zip(rest_lay.starts, rest_lay.lengths)):
+            parts += [head[ps : ps + pn], tail[s : s + n]]
+        return torch.cat(parts)
+
+    torch.testing.assert_close(chunked(*pre, *rest), want)
+    assert torch.autograd.gradcheck(chunked, (*pre, *rest))

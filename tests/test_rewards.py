@@ -94,6 +94,28 @@ def test_rollout_group_scores_with_the_task() -> None:
     assert self_consistency(g, mode="agreement") == [0.5, 0.0, 0.5]
 
 
+def test_visual_dependency_averages_or_thresholds_the_perception_tokens() -> None:
+    import torch
+
+    js = {"other": [torch.tensor([0.4, 0.0, 0.2]), torch.zeros(0), torch.tensor([0.05])], "blank": [torch.tensor([1.0])] * 3}
+    seen: list[str] = []
+
+    def dependency(against: str) -> list:
+        seen.append(against)
+        return js[against]
+
+    g = group([(1, 1, 1, 1.0, 1)] * 3)
+    g.dependency = dependency
+    ir = node("sum", term("visual_dependency", against="other", threshold=None), term("visual_dependency", against="other", threshold=0.1))
+    vals = compile_reward(ir)(g).terms
+    assert vals["visual_dependency"] == pytest.approx([0.2, 0.0, 0.05])  # the mean JS; no perception tokens: 0
+    assert vals["visual_dependency(threshold=0.1)"] == pytest.approx([2 / 3, 0.0, 0.0])  # share above 0.1 bits
+    blank = compile_reward(term("visual_dependency", against="blank", threshold=None))(g)
+    assert blank.terms["visual_dependency(against=blank)"].tolist() == [1.0] * 3 and seen == ["other", "other", "blank"]
+    with pytest.raises(RewardError, match="only a grpo stage"):  # a group without the policy's forwards
+        compile_reward(term("visual_dependency", against="other", threshold=None))(G1)
+
+
 # ------------------------------------------------------------------ algebra
 def test_weighted_sum_gate_product_scale_const() -> None:
     # gate(0.3·perception_match + 0.7·outcome, format)

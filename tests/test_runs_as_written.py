@@ -71,6 +71,9 @@ def ref_reward(node: dict, group: Any, step: int, total: int) -> list[float]:
     if kind == "term":
         s = group.scores
         name = node["name"]
+        if name == "visual_dependency":  # the policy's JS per perception token, as the run computed it
+            t, per = node["params"]["threshold"], group.dependency(node["params"]["against"])
+            return [0.0 if not len(js) else float(js.mean()) if t is None else sum(float(x) > t for x in js) / len(js) for js in per]
         if name == "self_consistency":
             p = group.perceptions
             if node["params"]["mode"] == "agreement":
@@ -326,6 +329,8 @@ TERMS = [
     "perceived_consistency",
     "self_consistency",
     "self_consistency(mode = majority)",
+    "visual_dependency",
+    "visual_dependency(against = blank, threshold = 0.01)",
 ]
 
 
@@ -376,7 +381,7 @@ COVERAGE = [  # every schedule kind with and without warmup and from 0, every lo
     "stage d = grpo from a { steps = 4, batch = 1, group = 2, max_new_tokens = 4, reward = linear(0.1, 0.5) * format + (1 - linear(0.1, 0.5)) * perceived_consistency }\n",
     "stage a = sft { steps = 3, batch = 2, lr = linear(1e-3, 0), loss = ngdiff(perception, [reasoning, answer], auto_lr = true, auto_lr_every = 2, norm_every = 2) }\n"
     "stage b = sft from a { steps = 3, batch = 2, lr = constant(2e-3, warmup = 1), loss = 0.25 * mean(perception) + 0.75 * mean(reasoning, answer) }\n"
-    "stage c = grpo from a { steps = 2, batch = 1, group = 2, max_new_tokens = 4, lr = 1e-3, reward = perception_partial * self_consistency(mode = majority) + 0.1 }\n",
+    "stage c = grpo from a { steps = 2, batch = 1, group = 2, max_new_tokens = 4, lr = 1e-3, reward = perception_partial * self_consistency(mode = majority) + 0.1 + visual_dependency(against = blank) }\n",
     "stage a = sft { steps = 3, batch = 2, lr = 0, loss = step(1, factor = 0.5, every = 1) * mean(perception) + cosine(0, 1) * mean(reasoning, answer) }\n"
     "stage b = sft from a { steps = 2, batch = 2, lr = cosine(1e-3, 1e-4, warmup = 1), loss = ngdiff(perception, [reasoning, answer]) }\n"
     "stage c = grpo from a { steps = 2, batch = 1, group = 2, max_new_tokens = 4, lr = linear(0, 1e-3, warmup = 1), reward = perceived_consistency - 0.5 * format }\n",

@@ -12,7 +12,7 @@ import torch
 from percepdsl.ir import SFTStageIR
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.models import load_hf
-from percepdsl_runtime.sft import LengthBucketSampler, SFTDataModule, SFTModule, per_role_grad_norms
+from percepdsl_runtime.sft import LengthBucketSampler, SFTDataModule, SFTModule, chunked_role_losses, per_role_grad_norms, role_losses
 
 RULES = [
     {"role": "perception", "kind": "between", "open": "<perception>", "close": "</perception>"},
@@ -187,20 +187,25 @@ def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> No
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_ngdiff_prefix_forward_gives_the_same_gradient(tiny, task, encoder, packing: bool) -> None:
-    """Perception's gradient from a forward over the prefix alone (padded items: one common
-    prefix; a packed row: each item's own prefix, re-packed) equals the full one (causal attention)."""
+def test_ngdiff_chunked_forward_gives_the_same_gradient(tiny, task, encoder, packing: bool) -> None:
+    """NGDiff's chunked forward (the prefix holding perception's targets, then the rest
+    attending to its keys and values; padded items: one common prefix, a packed row: each
+    item's own) gives the batch's per-role losses and the one-pass NGDiff gradient."""
     dm = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48, packing=packing)
     batch = next(iter(dm.train_dataloader()))
     assert dm.packed == packing
     grads, logs = {}, {}
-    for prefix in (True, False):
-        module = _fresh_module(tiny, encoder, NGDIFF, prefix_forward=prefix)
+    for chunked in (True, False):
+        module = _fresh_module(tiny, encoder, NGDIFF, chunked=chunked)
         module.model.train()
-        _, logs[prefix] = module.ngdiff_backward(batch, step=0)
-        grads[prefix] = [p.grad for p in module.model.parameters()]
-    share = module._prefix_batches(batch)[0][1]
-    assert 0 < share <= 0.6  # perception: a short prefix
+        _, logs[chunked] = module.ngdiff_backward(batch, step=0)
+        grads[chunked] = [p.grad for p in module.model.parameters()]
+    group, prefix, rest = module._chunk(batch)
+    assert group == 0 and 0 < prefix["input_ids"].numel() < batch["input_ids"].numel()  # perception: a prefix
+    (head, head_counts), (sums, counts) = chunked_role_losses(module.model, prefix, rest, module.n_roles)
+    ref_sums, ref_counts = role_losses(module.model, batch, module.n_roles)
+    assert counts.tolist() == ref_counts.tolist() and head_counts[0] == counts[0] > 0
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-5)
     assert logs[True]["eff_lambda"] == pytest.approx(logs[False]["eff_lambda"], rel=1e-4)
     for a, b in zip(grads[True], grads[False]):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-4)

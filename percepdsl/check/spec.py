@@ -15,7 +15,7 @@ from typing import Any
 from .. import nodes as A
 from ..catalogue import TOKEN_WEIGHT_MAX, Catalogue, ParamSpec
 from ..diagnostics import Related, Span, did_you_mean
-from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, RoleWeights, SFTStageIR, TaskIR, TrainerIR
+from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, RoleWeights, SFTStageIR, TaskIR, TrainerIR, named_roles
 from ..parse import parse_expr
 from .blocks import defaults
 from .checker import SET_FILE, Checker, Result, run
@@ -82,6 +82,7 @@ class _Spec:
         ev = self._check_simple_block(g.get(A.Eval, []), "eval")
         tr = self._check_simple_block(g.get(A.Trainer, []), "trainer")
         self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
+        self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
         self._report_unused_params()
 
         if ck.has_errors() or not exp:
@@ -221,7 +222,7 @@ class _Spec:
                 ck.error(
                     entry.value.span,
                     "type",
-                    f"role `{role}` needs a rule (between, regex or rest), got {v.describe()}",
+                    f"role `{role}` needs a rule (between, regex, rest or visual), got {v.describe()}",
                     'e.g. `perception = between("<perception>", "</perception>")`',
                 )
                 continue
@@ -246,6 +247,49 @@ class _Spec:
                 'e.g. `perception = between("<perception>", "</perception>")`',
             )
         return rules
+
+    def _check_visual_roles(self, decls: list[A.Roles], rules: list[RoleRuleIR], stage_decls: list[A.Stage], stages: list) -> None:
+        """A `visual` rule's `reference` names a stage that finishes before every stage that trains
+        on the role (declared before it: stages run in declaration order); a visual role no stage
+        trains on is never computed (a warning)."""
+        ck = self.ck
+        visual = [r for r in rules if r.kind == "visual"]
+        if not visual or not decls or self.fragment:
+            return
+        calls = {e.key.id: e.value for e in decls[0].block.entries if not isinstance(e, A.SubBlock)}
+        order = [st.name.id for st in stage_decls]
+        spans = {st.name.id: st.name.span for st in stage_decls}
+        for rule in visual:
+            call = calls[rule.role]
+            users = [st for st in stages if rule.role in named_roles(st)]
+            ref = rule.reference
+            ref_span = next((kw.value.span for kw in getattr(call, "kwargs", ()) if kw.name.id == "reference"), call.span)
+            if ref is not None and ref not in order:
+                guess = did_you_mean(ref, order)
+                ck.error(
+                    ref_span,
+                    "unknown-stage",
+                    f"role `{rule.role}` takes its reference model from stage `{ref}`, which is not defined",
+                    f"did you mean `{guess}`?" if guess else "name an earlier stage, or drop `reference` to use each stage's start model",
+                )
+                continue
+            for st in users:
+                if ref is not None and order.index(ref) >= order.index(st.name):
+                    ck.error(
+                        ref_span,
+                        "reference-order",
+                        f"role `{rule.role}` takes its reference from stage `{ref}`, which has not finished when stage "
+                        f"`{st.name}` trains on the role ({'it is that stage' if ref == st.name else 'it is declared after it'})",
+                        "name a stage declared before it, or drop `reference` to use the stage's start model",
+                        [Related.at(spans[st.name], f"stage `{st.name}` trains on `{rule.role}` here")],
+                    )
+            if not users and len(stages) == len(stage_decls):  # (a stage with errors may name it)
+                ck.warning(
+                    call.span,
+                    "unused-role",
+                    f"role `{rule.role}` is a `visual` rule that no stage's loss or token_weights names: it is never computed and tags no token",
+                    f"name it in a loss, e.g. `0.5 * mean({rule.role}) + 0.5 * mean(...)`, or remove it",
+                )
 
     # -- task and model
     def _check_task(self, decls: list[A.Task]) -> TaskIR | None:

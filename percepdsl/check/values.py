@@ -724,7 +724,7 @@ class Evaluator:
             self.error(v.span, "type", f"{what} cannot be `none`", f"it expects {spec.describe_type()}")
             return None
 
-        if isinstance(v, Sym) and t not in ("choice", "choice_list", "metrics", "roles", "role_group", "str"):
+        if isinstance(v, Sym) and t not in ("choice", "choice_list", "metrics", "roles", "role_group", "str", "stage"):
             self.unknown_name(v, {"reward": "reward", "loss": "loss"}.get(t, "value"))
             return None
 
@@ -757,6 +757,8 @@ class Evaluator:
             return v.value if isinstance(v, Bool) else wrong()
         if t == "str":
             return v.value if isinstance(v, Str) else wrong()
+        if t == "stage":  # the spec checks that the stage exists (its stages come after its roles)
+            return v.name if isinstance(v, Sym) else wrong()
         if t == "choice":
             if not isinstance(v, (Str, Sym)):
                 return wrong()

@@ -830,6 +830,9 @@ def _values(project: Project, items: _Items, spec: ParamSpec, ekind: str, snippe
                 items.add(str(c), T.CompletionItemKind.EnumMember, spec.describe_type(), sort="1")
     elif t == "bool":
         _params(project, items, ("bool",))
+    elif t == "stage":  # a `visual` role rule's reference
+        for x in project.names("stage"):
+            items.add(x.name, T.CompletionItemKind.Module, _stage_detail(x), _stage_markdown(project, x), sort="1")
     elif t == "str":
         _params(project, items, ("str",))
     elif t in ("choice", "choice_list"):

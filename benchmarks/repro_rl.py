@@ -1,0 +1,425 @@
+"""The RL reproduction of issue 13 (F3, F4) and issue 16's RL measurements on sudoku 4×4, in one command.
+
+    python benchmarks/repro_rl.py --out runs/repro_rl                       # run (or resume) and report
+    python benchmarks/repro_rl.py --out runs/repro_rl --report              # report only, from what exists
+    python benchmarks/repro_rl.py --out runs/repro_rl --arms outcome,alpha --seeds 1,2,3
+
+The plan (`benchmarks/results/preregistration.md`, "RL reproduction"): one shared SFT base
+(`specs/repro/sudoku_rl_base.pd`, trained once, seed 1), then one GRPO stage per arm
+(`specs/repro/sudoku_rl_<arm>.pd`) from its checkpoint for each seed. The arms of one seed share
+the base, the prompt order and the test items, so they are compared item by item. Cells run one at
+a time (`benchmarks/repro.py`'s runner: resumable, each a plain `percep run` with one thread) in
+`OUT/runs/`, with OUT as working directory, where `sudoku_rl_base` links to the base stage.
+
+The report (`OUT/report.md`, `OUT/*.png`, `OUT/report.json`) takes every figure from the cells'
+summary.json (metrics checked against their eval.jsonl records): the arms' a / a_p / a_r; paired
+differences against `outcome` per seed and pooled (bootstrap over items within seeds, and the
+seed-level t interval), and `percep report --baseline`'s table from the same records; F3, the
+outcome term's own coupling with reasoning and with perception correctness (pooled, within groups,
+across evaluation points) per seed with its mean and t interval over seeds; each surrogate term's
+correlation with true perception beside its arm's gain; the share of constant-reward groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repro import Cell, checked_metrics, final_records, find_run, paired, run_cells, run_dir, stage_metrics, verdict  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SPECS = REPO / "specs" / "repro"
+BASE_SPEC = SPECS / "sudoku_rl_base.pd"
+LINK = "sudoku_rl_base"  # the arms' `model hf "sudoku_rl_base/model"`, relative to OUT
+ARMS = ("outcome", "alpha", "sc_majority", "tw", "vd", "ngdiff")  # pre-registered; `outcome` is the baseline
+BASELINE = "outcome"
+LATE = ("ngdiff",)  # optional (run if time allows): after every seed of the others
+SEEDS = (1, 2, 3)
+FIELDS = {"a": "outcome", "a_p": "perception_exact", "a_r": "cf_outcome"}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by df
+# the GRPO diagnostics the report reads from each cell's summary.json (stage `rl`)
+COUPLING = ("term_corr", "term_corr_group_mean", "term_corr_ckpt")
+
+
+def spec(arm: str) -> Path:
+    return SPECS / f"sudoku_rl_{arm}.pd"
+
+
+def seed_stats(xs: list[float]) -> tuple[float, float, float]:
+    """Mean over seeds with its t interval (nan bounds with one seed)."""
+    a = np.array([x for x in xs if x is not None], dtype=float)
+    if len(a) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(a) == 1:
+        return float(a[0]), float("nan"), float("nan")
+    half = T_975[len(a) - 1] * a.std(ddof=1) / np.sqrt(len(a))
+    return float(a.mean()), float(a.mean() - half), float(a.mean() + half)
+
+
+def fmt_ci(m: float, lo: float, hi: float, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    if np.isnan(m):
+        return "–"
+    return f.format(m) + ("" if np.isnan(lo) else f" [{f.format(lo)}, {f.format(hi)}]")
+
+
+def diagnostics(rd: Path) -> dict[str, Any]:
+    summary = json.loads((rd / "summary.json").read_text())
+    st = summary["stages"][summary["final_stage"]]
+    return {**st.get("diagnostics", {}), "train_seconds": st.get("train_seconds")}
+
+
+def history(rd: Path) -> list[dict[str, Any]]:
+    summary = json.loads((rd / "summary.json").read_text())
+    done = rd / "stages" / summary["final_stage"] / "done.json"
+    return json.loads(done.read_text()).get("history", []) if done.exists() else []
+
+
+def pg_share(rd: Path, role: str = "perception") -> float | None:
+    """The mean of `pg_share/<role>` over the logged steps of the run's GRPO stage (its metrics.csv:
+    the share is measured on logged steps only, so summary.json does not carry it)."""
+    import csv
+
+    summary = json.loads((rd / "summary.json").read_text())
+    path = rd / "stages" / summary["final_stage"] / "log0" / "metrics.csv"
+    if not path.exists():
+        return None
+    with path.open() as f:
+        vals = [float(r[f"pg_share/{role}"]) for r in csv.DictReader(f) if r.get(f"pg_share/{role}")]
+    return float(np.mean(vals)) if vals else None
+
+
+def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = out / "runs"
+    rng = np.random.default_rng(0)
+    L = ["# RL reproduction report (sudoku 4×4: F3, F4, role-weighted GRPO)", ""]
+    L += [
+        "Generated by `python benchmarks/repro_rl.py` from the cells in `runs/`; the plan and the decision rules are",
+        'pre-registered in `benchmarks/results/preregistration.md` ("RL reproduction"). Every metric is the cell\'s',
+        "`summary.json` (checked against its `eval.jsonl`), every correlation its GRPO stage's `diagnostics`, every",
+        "difference computed item by item from `eval.jsonl`. Intervals: 95%; `t` = over seeds (df = seeds − 1),",
+        "`boot` = items resampled within seeds.",
+        "",
+    ]
+    base = out / LINK
+    base_m = stage_metrics(base) if (base / "done.json").exists() else None
+    if base_m:
+        L += [
+            "## Shared start (SFT base)",
+            "",
+            "| n | a | a_p | a_r | a_p partial (cell accuracy) | format_ok | train min |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {base_m['a_r']:.3f} | {base_m['partial']:.3f} "
+            f"| {base_m['format_ok']:.3f} | {base_m['train_min']:.1f} |",
+            "",
+        ]
+    cells: dict[tuple[str, int], Path] = {}
+    for arm in arms:
+        for s in seeds:
+            if spec(arm).exists() and (rd := find_run(Cell(spec(arm), s, f"{arm}-s{s}"), runs)):
+                cells[(arm, s)] = rd
+    metrics = {k: checked_metrics(rd) for k, rd in cells.items()}
+    diags = {k: {**diagnostics(rd), "pg_share/perception": pg_share(rd)} for k, rd in cells.items()}
+    L += [
+        "## Arms (per seed)",
+        "",
+        "| arm | seed | n | a | a_p | a_r | a_p partial | format_ok | constant groups (sampled) | trained groups | GRPO min | run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for (arm, s), m in sorted(metrics.items(), key=lambda kv: (arms.index(kv[0][0]), kv[0][1])):
+        d = diags[(arm, s)]
+        L.append(
+            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} | {m['format_ok']:.3f} "
+            f"| {d.get('constant_group_frac_before', float('nan')):.3f} | {d.get('trained_group_frac', float('nan')):.3f} "
+            f"| {(d.get('train_seconds') or 0) / 60:.1f} | `{cells[(arm, s)].name}` |"
+        )
+    L.append("")
+
+    # ---- F4 / issue 16: paired differences against the outcome-only arm ----
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for arm in [a for a in arms if a != BASELINE]:
+        common = [s for s in seeds if (arm, s) in cells and (BASELINE, s) in cells]
+        if not common:
+            continue
+        results[arm] = {}
+        for m, field in FIELDS.items():
+            diffs = []
+            for s in common:
+                x, y = final_records(cells[(arm, s)]), final_records(cells[(BASELINE, s)])
+                ids = sorted(set(x) & set(y))
+                diffs.append(np.array([float(bool(x[i][field])) - float(bool(y[i][field])) for i in ids]))
+            results[arm][m] = {**paired(diffs, rng), "seeds": common}
+    if results:
+        L += [
+            f"## F4 and issue 16: paired differences against `{BASELINE}` (arm − {BASELINE})",
+            "",
+            "| arm | metric | seeds | item pairs | Δ | 95% boot | Δ per seed | 95% t | pre-registered verdict (on a) |",
+            "|---|---|---|---:|---:|---|---|---|---|",
+        ]
+        for arm, per in results.items():
+            for m, d in per.items():
+                per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
+                t = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
+                L.append(
+                    f"| {arm} | {m} | {','.join(map(str, d['seeds']))} | {d['n_pairs']} | {d['mean']:+.3f} "
+                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {verdict(d) if m == 'a' else ''} |"
+                )
+        L.append("")
+        from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
+
+        rep = paired_report(load_runs(sorted(cells.values())), f"experiment=repro_sudoku_rl_{BASELINE}")
+        L += ["### The same comparison by `percep report --baseline`", "", paired_markdown(rep).split("\n", 2)[-1].strip(), ""]
+
+    # ---- F3: the outcome term's own coupling, per seed, over seeds ----
+    f3: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        ss = [s for s in seeds if (arm, s) in diags]
+        if not ss:
+            continue
+        rows = {}
+        for kind in COUPLING:
+            for truth in ("reasoning", "perception"):
+                key = f"{kind}/outcome/{truth}"
+                vals = [diags[(arm, s)].get(key) for s in ss]
+                rows[key] = {"per_seed": vals, "stats": seed_stats(vals)}
+        gap = [
+            (diags[(arm, s)].get("term_corr_group_mean/outcome/reasoning") or np.nan)
+            - (diags[(arm, s)].get("term_corr_group_mean/outcome/perception") or np.nan)
+            for s in ss
+        ]
+        rows["within_gap"] = {"per_seed": gap, "stats": seed_stats([g for g in gap if not np.isnan(g)])}
+        rows["points"] = [diags[(arm, s)].get("term_corr_ckpt_points") for s in ss]
+        rows["groups"] = [diags[(arm, s)].get("term_corr_groups/outcome/perception") for s in ss]
+        rows["seeds"] = ss
+        f3[arm] = rows
+    if f3:
+        L += [
+            "## F3: the outcome term's coupling (`term_corr…/outcome/…`, per term, not the total)",
+            "",
+            "Pooled = Pearson r over every rollout of the stage; within groups = the mean of the per-group r over the",
+            "groups where both vary (what a group-centred advantage sees); across checkpoints = r over the stage's",
+            "evaluation points of the outcome term's mean since the previous point with that point's a_r / a_p.",
+            "",
+            "| arm | coupling | r with reasoning correct: per seed | mean [95% t] | r with perception correct: per seed | mean [95% t] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, rows in f3.items():
+            for kind, label in zip(COUPLING, ("pooled", "within groups (mean)", "across checkpoints")):
+                r, p = rows[f"{kind}/outcome/reasoning"], rows[f"{kind}/outcome/perception"]
+
+                def ps(v: dict[str, Any]) -> str:
+                    return " / ".join("–" if x is None else f"{x:.2f}" for x in v["per_seed"])
+
+                L.append(f"| {arm} | {label} | {ps(r)} | {fmt_ci(*r['stats'])} | {ps(p)} | {fmt_ci(*p['stats'])} |")
+        L += [
+            "",
+            "Within-group gap r(reasoning) − r(perception), mean over seeds [95% t]: "
+            + "; ".join(f"`{arm}` {fmt_ci(*rows['within_gap']['stats'], signed=True)}" for arm, rows in f3.items())
+            + f". Evaluation points per stage: {f3[next(iter(f3))]['points']}.",
+            "",
+        ]
+        if BASELINE in f3:
+            gap = f3[BASELINE]["within_gap"]
+            done = len(gap["per_seed"]) == len(seeds) and len(seeds) > 1
+            ok = all(g > 0 for g in gap["per_seed"]) and gap["stats"][1] > 0
+            f3[BASELINE]["verdict"] = (
+                ("reproduced" if ok else "not reproduced") if done else f"pending ({len(gap['per_seed'])} of {len(seeds)} seeds)"
+            )
+            L += [
+                f"**F3 verdict** (pre-registered: within-group r(outcome, reasoning) > r(outcome, perception) in every seed, "
+                f"and the t interval of the gap over seeds excludes 0): **{f3[BASELINE]['verdict']}**.",
+                "",
+            ]
+    # ---- surrogates: correlation with true perception beside the gain ----
+    sur_rows = []
+    for arm in arms:
+        ss = [s for s in seeds if (arm, s) in diags]
+        if not ss:
+            continue
+        for key in sorted({k.split("/", 1)[1] for s in ss for k in diags[(arm, s)] if k.startswith("surrogate_corr/")}):
+            pooled = [diags[(arm, s)].get(f"surrogate_corr/{key}") for s in ss]
+            within = [diags[(arm, s)].get(f"surrogate_corr_within/{key}") for s in ss]
+            gain = results.get(arm, {})
+            sur_rows.append((arm, key, pooled, within, gain))
+    if sur_rows:
+        L += [
+            "## Surrogates: correlation with true perception beside the gain (issue 16 item 4, F4)",
+            "",
+            "| arm | surrogate term | r with perception correct, pooled: per seed | mean [95% t] | within groups | Δa vs outcome [boot] | Δa_p [boot] |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def g(gain: dict[str, Any], m: str) -> str:
+            return f"{gain[m]['mean']:+.3f} [{gain[m]['lo']:+.3f}, {gain[m]['hi']:+.3f}]" if m in gain else "–"
+
+        for arm, key, pooled, within, gain in sur_rows:
+            L.append(
+                f"| {arm} | `{key}` | {' / '.join('–' if x is None else f'{x:.2f}' for x in pooled)} | {fmt_ci(*seed_stats(pooled))} "
+                f"| {fmt_ci(*seed_stats(within))} | {g(gain, 'a')} | {g(gain, 'a_p')} |"
+            )
+        L.append("")
+    # ---- role-weighted GRPO: the policy-gradient share of perception ----
+    pg = [(arm, s, diags[(arm, s)]) for arm in arms for s in seeds if (arm, s) in diags]
+    if pg:
+        L += [
+            "## Constant groups and the perception share of the policy gradient",
+            "",
+            "| arm | constant groups, sampled: mean over seeds | groups in the loss | perception share of completion tokens | pg_share/perception (mean over logged steps, metrics.csv) |",
+            "|---|---|---|---|---|",
+        ]
+        for arm in arms:
+            ds = [d for a, _, d in pg if a == arm]
+            if not ds:
+                continue
+            cg = seed_stats([d.get("constant_group_frac_before") for d in ds])
+            tg = seed_stats([d.get("trained_group_frac") for d in ds])
+            ts = seed_stats([(d.get("token_share") or {}).get("perception") for d in ds])
+            ps_ = seed_stats([d.get("pg_share/perception") for d in ds])
+            L.append(f"| {arm} | {fmt_ci(*cg)} | {fmt_ci(*tg)} | {fmt_ci(*ts)} | {fmt_ci(*ps_)} |")
+        L.append("")
+
+    # ---- plots ----
+    if metrics:
+        shown = [a for a in arms if any((a, s) in metrics for s in seeds)]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)
+        for ax, m in zip(axes, FIELDS):
+            for i, arm in enumerate(shown):
+                ys = [metrics[(arm, s)][m] for s in seeds if (arm, s) in metrics]
+                ax.scatter([i] * len(ys), ys, s=18, color="C0")
+                ax.bar(i, np.mean(ys), color="C0", alpha=0.3)
+            if base_m:
+                ax.axhline(base_m[m], color="k", lw=1, ls="--", label="base")
+            ax.set_xticks(range(len(shown)), shown, rotation=20)
+            ax.set_title(m)
+        axes[0].set_ylabel("accuracy (bars: seed mean; dots: seeds)")
+        fig.tight_layout()
+        fig.savefig(out / "arms.png", dpi=110)
+        plt.close(fig)
+        L += ["![arms](arms.png)", ""]
+        # a_p and a_r over the evaluation points, per arm (seed mean)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        for i, arm in enumerate(shown):
+            for ax, m, key in zip(axes, ("a_p", "a_r"), ("perception", "reasoning")):
+                curves = [
+                    [(h["step"], h[key]) for h in history(cells[(arm, s)]) if h.get(key) is not None] for s in seeds if (arm, s) in cells
+                ]
+                n = min(len(c) for c in curves)
+                if n:
+                    xs = [c[j][0] for j in range(n) for c in curves[:1]]
+                    ys = [np.mean([c[j][1] for c in curves]) for j in range(n)]
+                    ax.plot([0, *xs] if base_m else xs, [base_m[m], *ys] if base_m else ys, marker="o", color=f"C{i}", label=arm)
+                ax.set_title(f"{m} over GRPO steps (seed mean)")
+                ax.set_xlabel("GRPO step")
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=110)
+        plt.close(fig)
+        L += ["![curves](curves.png)", ""]
+    if results:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        labels, ys, los, his = [], [], [], []
+        for arm, per in results.items():
+            for m, d in per.items():
+                labels.append(f"{arm}\n{m}")
+                ys.append(d["mean"])
+                los.append(d["mean"] - d["lo"])
+                his.append(d["hi"] - d["mean"])
+        ax.errorbar(range(len(ys)), ys, yerr=[los, his], fmt="o", capsize=4)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(ys)), labels, fontsize=7)
+        ax.set_ylabel(f"paired Δ vs {BASELINE} (95% boot)")
+        fig.tight_layout()
+        fig.savefig(out / "paired.png", dpi=110)
+        plt.close(fig)
+        L += ["![paired differences](paired.png)", ""]
+    if BASELINE in f3:
+        rows = f3[BASELINE]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for j, kind in enumerate(COUPLING):
+            for k, (truth, c) in enumerate((("reasoning", "C0"), ("perception", "C3"))):
+                v = [x for x in rows[f"{kind}/outcome/{truth}"]["per_seed"] if x is not None]
+                ax.scatter([j + (k - 0.5) * 0.25] * len(v), v, color=c, s=20, label=truth if j == 0 else None)
+        ax.set_xticks(range(3), ["pooled", "within groups", "across ckpts"])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylabel("r(outcome term, correct)")
+        ax.set_title("F3: outcome-only GRPO, per seed")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "f3.png", dpi=110)
+        plt.close(fig)
+        L += ["![F3](f3.png)", ""]
+    missing = [f"{a}-s{s}" for a in arms for s in seeds if (a, s) not in cells]
+    if missing:
+        L += [f"Cells not run or not complete: {', '.join(missing)}.", ""]
+    from percepdsl.io import write_json_atomic, write_text_atomic
+
+    write_json_atomic(
+        out / "report.json",
+        {
+            "base": base_m,
+            "cells": {f"{a}-s{s}": {**m, "run": cells[(a, s)].name} for (a, s), m in metrics.items()},
+            "paired": results,
+            "f3": f3,
+            "diagnostics": {f"{a}-s{s}": d for (a, s), d in diags.items()},
+        },
+    )
+    return write_text_atomic(out / "report.md", "\n".join(L))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/repro_rl"))
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--report", action="store_true", help="only write the report from the cells that exist")
+    a = ap.parse_args(argv)
+    arms = [x for x in a.arms.split(",") if x]
+    if unknown := [x for x in arms if x not in ARMS]:
+        ap.error(f"unknown arm(s) {unknown}; the pre-registered arms are {list(ARMS)}")
+    if missing := [x for x in arms if not spec(x).exists()]:
+        ap.error(f"arm(s) {missing} have no spec (specs/repro/sudoku_rl_<arm>.pd)")
+    seeds = [int(x) for x in a.seeds.split(",") if x]
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    if not a.report:
+        t0 = time.time()
+        print("base (shared SFT start):", flush=True)
+        failed += run_cells([Cell(BASE_SPEC, None, "base")], out, 1)
+        if failed:
+            print(f"the base failed: see {out / 'logs' / 'base.log'}", file=sys.stderr)
+            return 3
+        target = run_dir(Cell(BASE_SPEC, None, "base"), out / "runs") / "stages" / "base"
+        link = out / LINK
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+        elif link.resolve() != target:
+            sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
+        # seed-major over the core arms, so an early stop still leaves paired comparisons; the
+        # optional arms (`ngdiff`) after every seed of the others
+        late = [a for a in arms if a in LATE]
+        order = [(a, s) for s in seeds for a in arms if a not in LATE] + [(a, s) for a in late for s in seeds]
+        print("arms (one at a time):", flush=True)
+        failed += run_cells([Cell(spec(arm), s, f"{arm}-s{s}") for arm, s in order], out, 1)
+        print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
+    path = report(out, arms, seeds)
+    print(path.read_text())
+    print(f"report: {path}")
+    return 3 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

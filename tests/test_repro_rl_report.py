@@ -1,0 +1,89 @@
+"""benchmarks/repro_rl.py's report: paired differences against the outcome-only arm from the cells'
+records, F3's per-seed coupling of the outcome term with its pre-registered verdict, and each
+surrogate's correlation with perception beside its gain, all read from the cells' summary.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import repro_rl  # noqa: E402
+
+N = 40
+
+
+def mask(k: int) -> list[bool]:
+    return [i < k for i in range(N)]
+
+
+def fake_cell(runs: Path, arm: str, seed: int, outcome: list[bool], perception: list[bool], diag: dict) -> Path:
+    """A finished GRPO run directory as `percep run` leaves it: summary.json and the final records."""
+    rd = repro_rl.run_dir(repro_rl.Cell(repro_rl.spec(arm), seed, ""), runs)
+    rd.mkdir(parents=True)
+    recs = [
+        {"stage": "rl", "final": True, "id": f"sudoku/test/{i}", "outcome": o, "perception_exact": p, "cf_outcome": o}
+        for i, (o, p) in enumerate(zip(outcome, perception))
+    ]
+    (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(outcome))}
+    summary = {
+        "experiment": rd.name.rsplit("-", 1)[0],
+        "status": "complete",
+        "seed": seed,
+        "params": {},
+        "final": final,
+        "final_stage": "rl",
+        "stages": {"rl": {"train_seconds": 120.0, "diagnostics": diag}},
+    }
+    (rd / "summary.json").write_text(json.dumps(summary))
+    return rd
+
+
+def coupling(reasoning: float, perception: float, **more: float) -> dict:
+    return {
+        "term_corr/outcome/reasoning": reasoning,
+        "term_corr/outcome/perception": perception,
+        "term_corr_group_mean/outcome/reasoning": reasoning,
+        "term_corr_group_mean/outcome/perception": perception,
+        "constant_group_frac_before": 0.5,
+        "trained_group_frac": 0.5,
+        **more,
+    }
+
+
+def test_paired_gain_f3_verdict_and_surrogate_table(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for s, (out_k, sc_k), r_perc in zip((1, 2, 3), ((10, 14), (12, 15), (11, 13)), (0.2, 0.3, 0.25)):
+        fake_cell(runs, "outcome", s, mask(out_k), mask(20), coupling(0.9, r_perc))
+        sur = {
+            "surrogate_corr/self_consistency(mode=majority)": 0.4 + 0.1 * s,
+            "surrogate_corr_within/self_consistency(mode=majority)": 0.3,
+        }
+        fake_cell(runs, "sc_majority", s, mask(sc_k), mask(25), coupling(0.8, 0.4, **sur))
+    text = repro_rl.report(tmp_path, ["outcome", "sc_majority"], [1, 2, 3]).read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    d = data["paired"]["sc_majority"]["a"]
+    assert d["per_seed"] == pytest.approx([4 / N, 3 / N, 2 / N])
+    assert d["n_pairs"] == 3 * N and 0 < d["lo"] < d["mean"] < d["hi"]
+    assert data["paired"]["sc_majority"]["a_p"]["mean"] == pytest.approx(5 / N)
+    assert "| sc_majority | a | 1,2,3 | 120 | +0.075 |" in text and "| reproduced |" in text
+    f3 = data["f3"]["outcome"]
+    assert f3["within_gap"]["per_seed"] == pytest.approx([0.7, 0.6, 0.65])
+    assert f3["verdict"] == "reproduced" and "**reproduced**" in text
+    # the surrogate's r with perception, per seed and its mean, beside its gain
+    assert "| sc_majority | `self_consistency(mode=majority)` | 0.50 / 0.60 / 0.70 | 0.600 [" in text
+    assert "+0.075 [" in text.split("## Surrogates", 1)[1]
+
+
+def test_f3_is_not_reproduced_when_one_seed_points_the_other_way(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for s, r_perc in zip((1, 2, 3), (0.2, 0.95, 0.3)):
+        fake_cell(runs, "outcome", s, mask(10), mask(20), coupling(0.9, r_perc))
+    repro_rl.report(tmp_path, ["outcome"], [1, 2, 3])
+    assert json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]["verdict"] == "not reproduced"
