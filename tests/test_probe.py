@@ -88,10 +88,13 @@ def test_the_reward_term_reads_the_probes_divergence_on_the_rollouts_themselves(
     """The `visual_dependency` reward term, teacher-forced on rollouts that happen to be the
     reference targets, sees the probe's perception JS (the same tokens, the same other image:
     the next item of the split); a blind model gets 0."""
+    from percepdsl.check.spec import DEPENDENCY_ROLE
     from percepdsl.ir import GRPOStageIR, RewardIR
     from percepdsl_runtime.grpo import GRPOModule
+    from percepdsl_runtime.probe import METRIC_ROLE
     from percepdsl_runtime.rewards import RolloutGroup, visual_dependency
 
+    assert DEPENDENCY_ROLE == METRIC_ROLE  # the role the checker requires is the one the runtime reads
     task, tiny, enc = small
     loaded = load_hf(tiny.path)
     n = task.size("test")
