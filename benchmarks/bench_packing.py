@@ -115,8 +115,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--items", type=int, default=400)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--emit", action="store_true", help="print the result as one JSON line (run_all.py's child)")
     args = ap.parse_args()
     res = measure(args.regime, args.threads, args.batches, args.items)
+    if args.emit:
+        bl.emit(res)
+        return
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=float))

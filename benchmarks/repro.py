@@ -40,6 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
 PLANS = {"quick16": "gc", "p8": "gc8"}  # plan name -> spec prefix (preregistration.md, sessions 2 and 3)
+GO = {"gc8": (0.6, 0.2)}  # pre-registered go/no-go of the base: a_r at least, a_p at most (session 3)
 ARMS = ("tm", "lam", "ngdiff")  # the pre-registered arms; `tm` is the baseline
 BASELINE = "tm"
 SEEDS = (1, 2, 3)
@@ -154,6 +155,7 @@ def checked_metrics(rd: Path) -> dict[str, float]:
     out["partial"] = summary["final"].get("perception_partial", float("nan"))  # edge F1 / cell accuracy
     out["format_ok"] = summary["final"].get("format_ok", float("nan"))
     out["train_min"] = sum(s.get("train_seconds", 0) for s in summary["stages"].values()) / 60
+    out["slot_errors"] = summary["stages"][summary["final_stage"]].get("slot_errors") or []  # per perception slot
     return out
 
 
@@ -179,6 +181,11 @@ def stage_metrics(stage: Path) -> dict[str, float]:
     out["format_ok"] = done["metrics"].get("format_ok", float("nan"))
     out["train_min"] = done.get("train_seconds", 0) / 60
     return out
+
+
+def slots(errors: list[int]) -> str:
+    """The perception slots with errors, `slot:items`, or `none`."""
+    return ", ".join(f"{i}:{e}" for i, e in enumerate(errors) if e) or "none"
 
 
 def paired(diffs: list[np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
@@ -263,6 +270,13 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
             f"| {base_m['partial']:.3f} | {base_m['format_ok']:.3f} | {base_m['train_min']:.1f} |",
             "",
         ]
+        if prefix in GO:
+            min_ar, max_ap = GO[prefix]
+            go = base_m["a_r"] >= min_ar and base_m["a_p"] <= max_ap
+            lines += [
+                f"Pre-registered go/no-go (a_r ≥ {min_ar}, a_p ≤ {max_ap}): **{'go' if go else 'no-go: outside the regime, no verdict'}**.",
+                "",
+            ]
     cells: dict[tuple[str, int], Path] = {}
     for arm in arms:
         for s in seeds:
@@ -272,15 +286,15 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     lines += [
         "## Arms (per seed)",
         "",
-        "| arm | seed | n | a | a_p | a_r | a_p partial | format_ok | train min | run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| arm | seed | n | a | a_p | a_r | a_p partial | format_ok | train min | slot errors (slot: items) | run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     metrics: dict[tuple[str, int], dict[str, float]] = {}
     for (arm, s), rd in sorted(cells.items()):
         m = metrics[(arm, s)] = checked_metrics(rd)
         lines.append(
             f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} | {m['format_ok']:.3f} "
-            f"| {m['train_min']:.1f} | `{rd.name}` |"
+            f"| {m['train_min']:.1f} | {slots(m['slot_errors'])} | `{rd.name}` |"
         )
     lines.append("")
 

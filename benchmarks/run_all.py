@@ -7,7 +7,8 @@
 Pieces (``--only``): ``matmul`` (the matmul peak, MFU's denominator, measured in this run),
 ``sft_<regime>_<threads>`` (bench_sft.py: SFT vs TRL's SFTTrainer, regimes ``quick`` and
 ``long``, 1 and 2 threads), ``ngdiff_<regime>_1`` (bench_sft.py --ngdiff: NGDiff's step against a
-token-mean step), ``grpo_1`` (bench_grpo.py: GRPO vs TRL's GRPOTrainer,
+token-mean step), ``packing_<regime>_1`` (bench_packing.py: packed rows against padded items,
+batch by batch), ``grpo_1`` (bench_grpo.py: GRPO vs TRL's GRPOTrainer,
 with LoRA), ``eval_1`` (bench_eval.py: the three-way evaluation in items/s against plain
 ``model.generate``), ``scaling`` (bench_scaling.py). Every ratio is taken against its baseline
 measured in the same run, side by side (see benchlib). The JSON is rewritten after every piece,
@@ -40,6 +41,7 @@ FULL = {
     "matmul": {"n": 2048},
     "sft": {"rounds": 3, "steps": 30, "warmup": 8, "items": 400},
     "ngdiff": {"rounds": 3, "steps": 20, "items": 400},
+    "packing": {"batches": 40, "items": 400},
     "grpo": {"rounds": 3, "steps": 8, "warmup": 3, "sft_steps": 60},
     "eval": {"items": 500, "naive_items": 20, "repeats": 2},
     "scaling": {"reps": 2},
@@ -48,6 +50,7 @@ QUICK = {
     "matmul": {"n": 256},
     "sft": {"rounds": 1, "steps": 2, "warmup": 2, "items": 48},
     "ngdiff": {"rounds": 1, "steps": 2, "items": 48},
+    "packing": {"batches": 2, "items": 48},
     "grpo": {"rounds": 1, "steps": 1, "warmup": 1, "sft_steps": 2, "sides": ("trl", "ours")},
     "eval": {"items": 4, "naive_items": 2, "repeats": 1},
     "scaling": {"reps": 1, "quick": True},
@@ -65,6 +68,7 @@ def pieces(quick: bool, rounds: int | None = None) -> dict[str, Callable[[dict[s
             out[f"sft_{regime}_{threads}"] = lambda _, r=regime, t=threads: _sft(r, t, size["sft"])
     for regime in ("quick",) if quick else ("quick", "long"):
         out[f"ngdiff_{regime}_1"] = lambda _, r=regime: _ngdiff(r, 1, size["ngdiff"])
+        out[f"packing_{regime}_1"] = lambda _, r=regime: _packing(r, 1, size["packing"])
     out["grpo_1"] = lambda _: _grpo(1, size["grpo"])
     out["eval_1"] = lambda _: _eval(1, size["eval"])
     out["scaling"] = lambda _: _scaling(size["scaling"])
@@ -81,6 +85,11 @@ def _ngdiff(regime: str, threads: int, s: dict[str, Any]) -> dict[str, Any]:
     import bench_sft
 
     return bench_sft.run_ngdiff(regime, threads, s["rounds"], s["steps"], s["items"])
+
+
+def _packing(regime: str, threads: int, s: dict[str, Any]) -> dict[str, Any]:
+    args = ["--regime", regime, "--batches", str(s["batches"]), "--items", str(s["items"]), "--emit"]
+    return bl.run_child("bench_packing.py", args, threads)
 
 
 def _grpo(threads: int, s: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +120,7 @@ def _log(msg: str) -> None:
 def render(res: dict[str, Any]) -> str:
     """perf.md from perf.json's content."""
     import bench_grpo
+    import bench_packing
     import bench_scaling
     import bench_sft
 
@@ -184,6 +194,8 @@ def render(res: dict[str, Any]) -> str:
             lines += ["", f"## {name}", "", bench_sft.report(r)]
         elif name.startswith("ngdiff_"):
             lines += ["", f"## {name}", "", bench_sft.report_ngdiff(r)]
+        elif name.startswith("packing_"):
+            lines += ["", f"## {name}", "", bench_packing.report(r)]
     if "grpo_1" in p:
         lines += ["", "## grpo_1", "", bench_grpo.report(p["grpo_1"])]
     if "eval_1" in p:

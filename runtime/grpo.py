@@ -342,6 +342,7 @@ class GRPOModule(L.LightningModule):
         grad_clip: float | None = None,
         warn_after: int = WARN_AFTER,
         split: str = "train",
+        visual: Any = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -358,6 +359,7 @@ class GRPOModule(L.LightningModule):
         self.tokens_processed = 0  # completion tokens sampled: the progress bar's throughput
         self.filtering: dict[str, float] = {}  # running sums of the constant-group logs (see gather)
         self.weighting = TokenWeighting(stage.token_weights, encoder.role_names)
+        self.visual = visual  # probe.VisualRoles: the `visual(...)` roles token_weights names, or None
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -369,12 +371,16 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resumable stage statistics (the weights and optimiser are Lightning's)."""
         checkpoint["grpo"] = {"diagnostics": self.diag.state_dict(), "timing": dict(self.timing), "filtering": dict(self.filtering)}
+        if self.visual is not None:  # refreshed reference models of the visual roles
+            checkpoint["grpo"]["visual_references"] = self.visual.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "grpo" in checkpoint:
             self.diag.load_state_dict(checkpoint["grpo"]["diagnostics"])
             self.timing.update(checkpoint["grpo"]["timing"])
             self.filtering.update(checkpoint["grpo"].get("filtering", {}))
+            if self.visual is not None:
+                self.visual.load_state_dict(checkpoint["grpo"].get("visual_references", {}))
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -463,9 +469,14 @@ class GRPOModule(L.LightningModule):
         if idle:
             p = parts[0]
             p.rows, p.adv, p.mask = p.rows.new_zeros(1), p.adv.new_zeros(1), loss_mask(p.roll, st.mask_truncated)[:1]
+        if self.visual is not None:
+            self.visual.refresh(self.model, self.global_step)
         for p in parts:
             p.ref = self.reference_logprobs(p.roll, p.rows) if st.kl > 0 and len(p.rows) else None
             p.roles = self.encoder.completion_roles(p.roll.ids.cpu(), p.roll.lengths.tolist()).to(p.roll.ids.device)[p.rows]
+            if self.visual is not None and len(p.rows):  # label-free roles: a frozen reference reads the image there
+                p.roles = self.visual_roles(p.roll, p.rows, p.roles)
+                logs["visual_roles_s"] = logs.get("visual_roles_s", 0.0) + self.visual.seconds
         logs.update(
             self.weighting.share_logs(pad_cat([p.roles for p in parts]), pad_cat([p.mask for p in parts]), self.global_step, st.steps)
         )
@@ -683,6 +694,15 @@ class GRPOModule(L.LightningModule):
         role = names.index(DEPENDENCY_ROLE) if DEPENDENCY_ROLE in names else None
         return RolloutDependency(forward, prompt, lambda: self.encoder.completion_roles(roll.ids.cpu(), roll.lengths.tolist()), role)
 
+    def visual_roles(self, roll: Rollouts, rows: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+        """``roles`` [n, T] of rollout rows ``rows`` re-tagged by the stage's visual role rules."""
+
+        def logits(model: Any, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
+            with eval_mode(model):
+                return completion_logits(model, dataclasses.replace(roll, prompt=prompt), rows)
+
+        return self.visual.tag_rollouts(logits, roll.prompt, roles, roll.mask[rows])
+
     @torch.no_grad()
     def reference_logprobs(self, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.ref_model is not None:
@@ -773,14 +793,15 @@ class PromptDataModule(L.LightningDataModule):
 
 # --------------------------------------------------------------------------- entry point
 def build_grpo(
-    loaded: Any, encoder: Any, task: Any, stage: GRPOStageIR, seed: int, *, grad_clip: float | None = None
+    loaded: Any, encoder: Any, task: Any, stage: GRPOStageIR, seed: int, *, grad_clip: float | None = None, visual: Any = None
 ) -> tuple[GRPOModule, PromptDataModule]:
     """The module and data module of a ``grpo`` stage. ``grad_clip`` is the trainer block's
-    ``clip``. The trainer that fits them needs ``max_steps = stage.steps`` and no
-    ``gradient_clip_val`` (manual optimisation clips itself, at ``grad_clip``)."""
+    ``clip``; ``visual``: the stage's ``probe.VisualRoles`` (``run.visual_roles``). The trainer
+    that fits them needs ``max_steps = stage.steps`` and no ``gradient_clip_val`` (manual
+    optimisation clips itself, at ``grad_clip``)."""
     if not isinstance(stage, GRPOStageIR):
         raise ValueError(f"stage `{stage.name}` is not a grpo stage")
-    module = GRPOModule(loaded, encoder, task, stage, seed=seed, grad_clip=grad_clip)
+    module = GRPOModule(loaded, encoder, task, stage, seed=seed, grad_clip=grad_clip, visual=visual)
     return module, PromptDataModule(task.size("train"), stage.batch, seed)
 
 

@@ -253,7 +253,7 @@ def changed_pixels(batch: Mapping[str, Any], against: str, blank: torch.Tensor |
 
 class VisualRoles:
     """The `visual(...)` role rules of one training stage (``percepdsl.ir.RoleRuleIR`` of kind
-    ``visual``), applied to each batch: a target token takes the rule's role when the JS
+    ``visual``), applied to each SFT batch (``tag``) or GRPO generated batch (``tag_rollouts``): a target token takes the rule's role when the JS
     divergence (bits, ``js_bits``) between a frozen reference model's next-token distributions with
     the item's image and with an uninformative one (``changed_pixels``) exceeds the threshold
     (``visual_role_ids`` settles the order with the text rules).
@@ -303,6 +303,30 @@ class VisualRoles:
         roles[:, 1:][sel] = tagged
         self.seconds = time.perf_counter() - t0
         return {**batch, "role_ids": roles}
+
+    @torch.no_grad()
+    def tag_rollouts(self, logits: Any, prompt: Mapping[str, Any], roles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GRPO: the role ids [n, T] of completion tokens re-tagged by the visual rules, each
+        reference teacher-forced on the completions (``logits(model, prompt)``: [n, T, V] logits of
+        the completion positions under a prompt batch, ``grpo.completion_logits``) with the
+        prompts' true images and with ``changed_pixels`` of them; ``mask``: the generated tokens."""
+        import time
+
+        t0 = time.perf_counter()
+        true: dict[Any, torch.Tensor] = {}
+        js: dict[Any, torch.Tensor] = {}
+        out = roles
+        for rid, rule in self.rules:
+            key = (rule.reference, rule.refresh)
+            if key not in true:
+                true[key] = logits(self.references[key], prompt)
+            if (key, rule.against) not in js:
+                changed = {**prompt, **changed_pixels(prompt, rule.against, self.blank)}
+                js[key, rule.against] = js_bits(true[key], logits(self.references[key], changed))
+            tag = js[key, rule.against].to(roles.device).masked_fill(~mask.bool().to(roles.device), 0.0)
+            out = visual_role_ids(out, tag, [(rid, rule.threshold)], self.rest_id)
+        self.seconds = time.perf_counter() - t0
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The references that a refresh changed (for a resume); the others are rebuilt as they started."""

@@ -325,7 +325,9 @@ def build_stage(ctx: Context, stage: Stage):
     if stage.kind == "grpo":
         from .grpo import build_grpo
 
-        return build_grpo(ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip)
+        return build_grpo(
+            ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage)
+        )
     module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage))
     datamodule = SFTDataModule(
         ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length", packing=stage.packing

@@ -594,3 +594,33 @@ def test_resample_is_bounded_by_its_tries(tiny, encoder, task) -> None:
     assert float(logs["constant_group_frac_before"]) == 1.0 and float(logs["loss"]) == 0.0
     assert seen["denominator_rows"] == [0, 0]
     assert all(torch.equal(a, b) for a, b in zip(before, module.model.parameters()))  # nothing to learn from
+
+
+def test_token_weights_on_a_visual_role_tag_the_rollouts_with_the_reference(tiny, task) -> None:
+    """`token_weights { grounded = 2 }` with `grounded = visual(threshold = 0)` declared first: the
+    reference (a copy of the start model, which sees its image) tags the generated tokens, the
+    share is logged; a reference that cannot see tags none."""
+    import copy
+
+    from percepdsl.ir import RoleRuleIR, RoleWeights
+    from percepdsl_runtime.probe import VisualRoles
+
+    rule = RoleRuleIR(role="grounded", kind="visual", threshold=0.0, refresh=0, against="other")
+    enc = Encoder(tiny, [rule, *RULES])
+    shares = {}
+    for blind in (False, True):
+        loaded = load_hf(tiny.path)
+        ref = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+        if blind:
+            with torch.no_grad():
+                ref.model.multi_modal_projector.linear_2.weight.zero_()
+        visual = VisualRoles([(0, rule)], {(None, 0): ref}, rest_id=enc.role_names.index("reasoning"))
+        stage = GRPOStageIR(
+            name="rl", steps=2, batch=2, group=4, max_new_tokens=12, lr=1e-3, mask_truncated=False,
+            reward=DIVERSITY, token_weights=RoleWeights(weights={"grounded": 2.0}),
+        )  # fmt: skip
+        module = GRPOModule(loaded, enc, task, stage, compile_reward(DIVERSITY, _resolve), seed=0, grad_clip=1.0, visual=visual)
+        logs = _fit(module, PromptDataModule(task.size("train"), 2, seed=0), 2).logged_metrics
+        shares[blind] = float(logs["token_share/grounded"])
+        assert float(logs["visual_roles_s"]) > 0
+    assert shares[False] > 0.5 and shares[True] == 0.0, shares

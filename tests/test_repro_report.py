@@ -114,4 +114,5 @@ def test_plan_p8_reads_its_own_cells_and_f1_gap(tmp_path: Path) -> None:
     f1 = data["f1"]
     assert f1["per_seed"] == pytest.approx([-0.25] * 3) and f1["mean"] == pytest.approx(-0.25)
     assert f1["lo"] < -0.25 < f1["hi"] < 0
+    assert "(a_r ≥ 0.6, a_p ≤ 0.2): **no-go" in text  # the base's a_r is 0.5
     assert "`--quick --plan p8`" in text and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **not reproduced**" in text

@@ -23,6 +23,7 @@ from .load import load
 from .values import IMPLICIT_ROLE, ParamInfo, Rule
 
 PARAM_TYPES = ("int", "float", "bool", "str")
+DEPENDENCY_ROLE = "perception"  # the role whose tokens the `visual_dependency` reward term reads (percepdsl_runtime.probe.METRIC_ROLE)
 DEFAULT_ROLES = (
     RoleRuleIR(role="perception", kind="between", open="<perception>", close="</perception>"),
     RoleRuleIR(role="reasoning", kind="between", open="<reasoning>", close="</reasoning>"),
@@ -83,6 +84,7 @@ class _Spec:
         tr = self._check_simple_block(g.get(A.Trainer, []), "trainer")
         self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
         self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
+        self._check_dependency_reward(roles, g.get(A.Stage, []), stages)
         self._report_unused_params()
 
         if ck.has_errors() or not exp:
@@ -248,10 +250,27 @@ class _Spec:
             )
         return rules
 
+    def _check_dependency_reward(self, rules: list[RoleRuleIR], stage_decls: list[A.Stage], stages: list) -> None:
+        """The `visual_dependency` reward term reads the rollout's `perception` tokens: the spec
+        must declare that role (else every rollout would score 0)."""
+        if self.fragment or any(r.role == DEPENDENCY_ROLE for r in rules):
+            return
+        decls = {st.name.id: st for st in stage_decls}
+        for st in stages:
+            if isinstance(st, GRPOStageIR) and any(t.name == "visual_dependency" for t in st.reward.terms()):
+                entry = decls[st.name].block.get("reward")
+                self.ck.error(
+                    entry.value.span if entry is not None else decls[st.name].name.span,
+                    "unknown-role",
+                    f"reward term `visual_dependency` of stage `{st.name}` reads the `{DEPENDENCY_ROLE}` tokens of each "
+                    "rollout, and the roles block does not declare that role",
+                    f'declare it, e.g. `{DEPENDENCY_ROLE} = between("<perception>", "</perception>")`',
+                )
+
     def _check_visual_roles(self, decls: list[A.Roles], rules: list[RoleRuleIR], stage_decls: list[A.Stage], stages: list) -> None:
         """A `visual` rule's `reference` names a stage that finishes before every stage that trains
-        on the role (declared before it: stages run in declaration order); a grpo stage cannot
-        weight a visual role yet; a visual role no stage trains on is never computed (a warning)."""
+        on the role (declared before it: stages run in declaration order); a visual role no stage
+        trains on is never computed (a warning)."""
         ck = self.ck
         visual = [r for r in rules if r.kind == "visual"]
         if not visual or not decls or self.fragment:
@@ -274,15 +293,7 @@ class _Spec:
                 )
                 continue
             for st in users:
-                if st.kind == "grpo":
-                    ck.error(
-                        spans[st.name],
-                        "unsupported-option",
-                        f"grpo stage `{st.name}` weights role `{rule.role}`, a `visual` rule: token weights on visual roles "
-                        "are not supported yet (the role is computed on SFT targets)",
-                        "use the role in an sft stage's loss, or weight a role with a text rule",
-                    )
-                elif ref is not None and order.index(ref) >= order.index(st.name):
+                if ref is not None and order.index(ref) >= order.index(st.name):
                     ck.error(
                         ref_span,
                         "reference-order",
@@ -295,7 +306,7 @@ class _Spec:
                 ck.warning(
                     call.span,
                     "unused-role",
-                    f"role `{rule.role}` is a `visual` rule that no stage's loss names: it is never computed and tags no token",
+                    f"role `{rule.role}` is a `visual` rule that no stage's loss or token_weights names: it is never computed and tags no token",
                     f"name it in a loss, e.g. `0.5 * mean({rule.role}) + 0.5 * mean(...)`, or remove it",
                 )
 
