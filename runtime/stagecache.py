@@ -4,7 +4,8 @@ Arms of a grid (or separate runs) that share a base stage need not train it agai
 *identity* is a hash of everything its weights and its evaluation depend on: the IR without
 the experiment's name, params and stages (so: IR version, seed, task, model, roles, eval and
 trainer blocks), plus the stage itself and each of its ancestors (name and every setting), so
-the parent's identity is part of the child's. Params are not in it: their values are already
+the parent's identity is part of the child's, and the identity of every stage whose weights a
+`visual` role rule of that chain takes as its reference. Params are not in it: their values are already
 in the settings that use them.
 
 Runs written under the same `--out` directory (a grid's `cells/`) share the cache
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from percepdsl.io import atomic_dir, write_json_atomic
-from percepdsl.ir import OUTSIDE_HASH, ExperimentIR, Stage
+from percepdsl.ir import OUTSIDE_HASH, ExperimentIR, Stage, named_roles
 
 CACHE_DIR = ".stage-cache"
 SKIP = ("resume.ckpt",)  # a finished stage has none; an unfinished one is never published
@@ -73,13 +74,17 @@ def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
     data = ir.model_dump(mode="json", exclude=OUTSIDE_HASH.get(ExperimentIR))
     shared = {k: v for k, v in data.items() if k not in ("name", "params", "stages")}
     chain: list[dict[str, Any]] = []
+    refs: set[str] = set()  # stages whose weights a `visual` role of the chain reads: their identities count too
     st: Stage | None = stage
     while st is not None:
         chain.append(st.model_dump(mode="json"))
+        used = named_roles(st)
+        refs |= {r.reference for r in ir.roles if r.kind == "visual" and r.role in used and r.reference is not None}
         st = ir.stage(st.parent) if st.parent else None
-    text = json.dumps(
-        {"code": code_digest(), "shared": shared, "chain": chain[::-1]}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    doc: dict[str, Any] = {"code": code_digest(), "shared": shared, "chain": chain[::-1]}
+    if refs:
+        doc["references"] = {name: stage_identity(ir, ir.stage(name), length) for name in sorted(refs)}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 

@@ -388,3 +388,23 @@ def test_a_signal_during_training_stops_the_run_with_exit_130_and_a_resume_hint(
     name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
     assert "interrupted: stage `base` stopped at step" in err and name in err, err[-2000:]
     assert f"percep run {spec} --resume" in err and "resume.ckpt" in err and "Traceback" not in err
+
+
+def test_a_stage_identity_covers_the_reference_of_its_visual_roles() -> None:
+    """A stage trained on a `visual` role whose reference is not its ancestor changes identity
+    with that reference stage (a cached stage would otherwise be reused after its reference changed)."""
+    from percepdsl.check import check_text
+    from percepdsl_runtime import stagecache
+
+    def identity(ref_steps: int) -> str:
+        text = (
+            'experiment v\nroles {\n  grounded = visual(reference = ref)\n  perception = between("<perception>", "</perception>")\n'
+            "  reasoning = rest()\n}\ntask sudoku { size = 4 }\nmodel tiny { width = 32, depth = 1 }\n"
+            f"stage base = sft {{ steps = 10 }}\nstage ref = sft {{ steps = {ref_steps} }}\n"
+            "stage post = sft from base { steps = 10, loss = 0.5 * mean(grounded) + 0.5 * mean(perception, reasoning) }\n"
+        )
+        res = check_text(text, "v.pd")
+        assert res.ok, [d.message for d in res.diagnostics]
+        return stagecache.stage_identity(res.ir, res.ir.stage("post"))
+
+    assert identity(10) == identity(10) != identity(20)

@@ -186,25 +186,35 @@ def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> No
     assert again.lr_scale == pytest.approx(module.lr_scale) and again.objective._norms == module.objective._norms
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_ngdiff_chunked_forward_gives_the_same_gradient(tiny, task, encoder, packing: bool) -> None:
-    """NGDiff's chunked forward (the prefix holding perception's targets, then the rest
+@pytest.mark.parametrize(
+    "packing, groups",
+    [
+        (True, NGDIFF["groups"]),
+        (False, NGDIFF["groups"]),
+        # groups that end near each item's end: a short rest chunk
+        (True, [["reasoning"], ["perception", "answer"]]),
+    ],
+)
+def test_ngdiff_chunked_forward_gives_the_same_gradient(tiny, task, encoder, packing: bool, groups) -> None:
+    """NGDiff's chunked forward (the prefix holding one group's targets, then the rest
     attending to its keys and values; padded items: one common prefix, a packed row: each
     item's own) gives the batch's per-role losses and the one-pass NGDiff gradient."""
     dm = SFTDataModule(task, encoder, batch_size=4, seed=3, n_items=48, packing=packing)
     batch = next(iter(dm.train_dataloader()))
     assert dm.packed == packing
+    loss = {"kind": "ngdiff", "groups": groups}
     grads, logs = {}, {}
     for chunked in (True, False):
-        module = _fresh_module(tiny, encoder, NGDIFF, chunked=chunked)
+        module = _fresh_module(tiny, encoder, loss, chunked=chunked)
         module.model.train()
         _, logs[chunked] = module.ngdiff_backward(batch, step=0)
         grads[chunked] = [p.grad for p in module.model.parameters()]
     group, prefix, rest = module._chunk(batch)
-    assert group == 0 and 0 < prefix["input_ids"].numel() < batch["input_ids"].numel()  # perception: a prefix
+    assert 0 < prefix["input_ids"].numel() < batch["input_ids"].numel() and (group == 0 or groups != NGDIFF["groups"])
     (head, head_counts), (sums, counts) = chunked_role_losses(module.model, prefix, rest, module.n_roles)
     ref_sums, ref_counts = role_losses(module.model, batch, module.n_roles)
-    assert counts.tolist() == ref_counts.tolist() and head_counts[0] == counts[0] > 0
+    mine = [module.objective.role_names.index(r) for r in groups[group]]
+    assert counts.tolist() == ref_counts.tolist() and all(head_counts[r] == counts[r] for r in mine) and head_counts[mine].sum() > 0
     torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-5)
     assert logs[True]["eff_lambda"] == pytest.approx(logs[False]["eff_lambda"], rel=1e-4)
     for a, b in zip(grads[True], grads[False]):
