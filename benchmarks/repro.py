@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
 PLANS = {"quick16": "gc", "p8": "gc8"}  # plan name -> spec prefix (preregistration.md, sessions 2 and 3)
 GO = {"gc8": (0.6, 0.2)}  # pre-registered go/no-go of the base: a_r at least, a_p at most (session 3)
+EXPLORATORY = {"gc8": {"ngdiff"}}  # arms added by an amendment after other arms' results were seen
 ARMS = ("tm", "lam", "ngdiff")  # the pre-registered arms; `tm` is the baseline
 BASELINE = "tm"
 SEEDS = (1, 2, 3)
@@ -322,6 +323,8 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
         for arm, per in results.items():
             for m, d in per.items():
                 v = verdict(d) if m == "a" else ""
+                if v and arm in EXPLORATORY.get(prefix, set()):  # added late: no verdict below 3 seeds
+                    v = f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
                 seeds_txt = ",".join(map(str, d["seeds"]))
                 per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
                 seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"

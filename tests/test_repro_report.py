@@ -116,3 +116,14 @@ def test_plan_p8_reads_its_own_cells_and_f1_gap(tmp_path: Path) -> None:
     assert f1["lo"] < -0.25 < f1["hi"] < 0
     assert "(a_r ≥ 0.6, a_p ≤ 0.2): **no-go" in text  # the base's a_r is 0.5
     assert "`--quick --plan p8`" in text and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **not reproduced**" in text
+
+
+def test_a_late_arm_gets_no_verdict_below_three_seeds(tmp_path: Path) -> None:
+    """NGDiff was added to the p8 plan by an amendment: with 2 seeds its F2 row says so instead of a verdict."""
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10), mask(0), mask(30))
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_ngdiff.pd", s, ""), mask(30), mask(30), mask(30))
+    text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2], "gc8").read_text()
+    assert "| ngdiff | a | 1,2 | 80 | +0.500 |" in text and "exploratory (< 3 seeds: no verdict)" in text
+    assert "| reproduced |" not in text
