@@ -241,6 +241,59 @@ def verdict(d: dict[str, Any]) -> str:
     return "not reproduced"
 
 
+def paired_against(
+    cells: dict[tuple[str, int], Path], arms: list[str], seeds: list[int], baseline: str, fields: dict[str, str], rng: np.random.Generator
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per arm and metric (``fields``: metric -> eval-record field), ``paired`` over the seeds that
+    both the arm and ``baseline`` have, each seed's items paired by id."""
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for arm in [a for a in arms if a != baseline]:
+        common = [s for s in seeds if (arm, s) in cells and (baseline, s) in cells]
+        if not common:
+            continue
+        results[arm] = {}
+        for m, field in fields.items():
+            diffs = []
+            for s in common:
+                x, y = final_records(cells[(arm, s)]), final_records(cells[(baseline, s)])
+                ids = sorted(set(x) & set(y))
+                diffs.append(np.array([float(bool(x[i][field])) - float(bool(y[i][field])) for i in ids]))
+            results[arm][m] = {**paired(diffs, rng), "seeds": common}
+    return results
+
+
+def plot_paired(results: dict[str, dict[str, dict[str, Any]]], baseline: str, path: Path, width: float = 6) -> None:
+    """Every arm's paired differences with their bootstrap intervals, one point per arm and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, 3.2))
+    labels, ys, los, his = [], [], [], []
+    for arm, per in results.items():
+        for m, d in per.items():
+            labels.append(f"{arm}\n{m}")
+            ys.append(d["mean"])
+            los.append(d["mean"] - d["lo"])
+            his.append(d["hi"] - d["mean"])
+    ax.errorbar(range(len(ys)), ys, yerr=[los, his], fmt="o", capsize=4)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(ys)), labels, fontsize=7)
+    ax.set_ylabel(f"paired Δ vs {baseline} (95% bootstrap)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def link_base(link: Path, target: Path) -> None:
+    """``link`` -> the shared base's stage directory; refuse an output folder whose link names another base."""
+    if not link.exists():
+        link.symlink_to(target, target_is_directory=True)
+    elif link.resolve() != target:
+        sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
+
+
 def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> Path:
     import matplotlib
 
@@ -300,19 +353,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     lines.append("")
 
     # paired differences against the baseline arm, on the seeds both have
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for arm in [a for a in arms if a != BASELINE]:
-        common = [s for s in seeds if (arm, s) in cells and (BASELINE, s) in cells]
-        if not common:
-            continue
-        results[arm] = {}
-        for m, (_, field) in METRICS.items():
-            diffs = []
-            for s in common:
-                x, y = final_records(cells[(arm, s)]), final_records(cells[(BASELINE, s)])
-                ids = sorted(set(x) & set(y))
-                diffs.append(np.array([float(bool(x[i][field])) - float(bool(y[i][field])) for i in ids]))
-            results[arm][m] = {**paired(diffs, rng), "seeds": common}
+    results = paired_against(cells, arms, seeds, BASELINE, {m: field for m, (_, field) in METRICS.items()}, rng)
     if results:
         lines += [
             f"## F2: paired differences against `{BASELINE}` (arm − {BASELINE})",
@@ -386,21 +427,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
         plt.close(fig)
         lines += ["![arms](arms.png)", ""]
     if results:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        labels, ys, los, his = [], [], [], []
-        for arm, per in results.items():
-            for m, d in per.items():
-                labels.append(f"{arm}\n{m}")
-                ys.append(d["mean"])
-                los.append(d["mean"] - d["lo"])
-                his.append(d["hi"] - d["mean"])
-        ax.errorbar(range(len(ys)), ys, yerr=[los, his], fmt="o", capsize=4)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(ys)), labels)
-        ax.set_ylabel(f"paired Δ vs {BASELINE} (95% CI)")
-        fig.tight_layout()
-        fig.savefig(out / "paired.png", dpi=110)
-        plt.close(fig)
+        plot_paired(results, BASELINE, out / "paired.png")
         lines += ["![paired differences](paired.png)", ""]
     missing = [f"{a}-s{s}" for a in arms for s in seeds if (a, s) not in cells]
     if missing:
@@ -447,10 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the base failed: see {out / 'logs' / 'base.log'}", file=sys.stderr)
                 return 3
             target = run_dir(Cell(base_spec, None, "base"), out / "runs") / "stages" / "base"
-        if not link.exists():
-            link.symlink_to(target, target_is_directory=True)
-        elif link.resolve() != target:
-            sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
+        link_base(link, target)
         print("arms:", flush=True)
         # seed-major order: complete seeds first, so an early stop still leaves paired comparisons
         failed += run_cells([Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}") for s in seeds for arm in arms], out, a.jobs)

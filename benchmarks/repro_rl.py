@@ -32,7 +32,18 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repro import Cell, checked_metrics, final_records, find_run, paired, run_cells, run_dir, stage_metrics, verdict  # noqa: E402
+from repro import (
+    Cell,
+    checked_metrics,
+    find_run,
+    link_base,
+    paired_against,
+    plot_paired,
+    run_cells,
+    run_dir,
+    stage_metrics,
+    verdict,
+)  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
@@ -148,19 +159,7 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
     L.append("")
 
     # ---- F4 / issue 16: paired differences against the outcome-only arm ----
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for arm in [a for a in arms if a != BASELINE]:
-        common = [s for s in seeds if (arm, s) in cells and (BASELINE, s) in cells]
-        if not common:
-            continue
-        results[arm] = {}
-        for m, field in FIELDS.items():
-            diffs = []
-            for s in common:
-                x, y = final_records(cells[(arm, s)]), final_records(cells[(BASELINE, s)])
-                ids = sorted(set(x) & set(y))
-                diffs.append(np.array([float(bool(x[i][field])) - float(bool(y[i][field])) for i in ids]))
-            results[arm][m] = {**paired(diffs, rng), "seeds": common}
+    results = paired_against(cells, arms, seeds, BASELINE, FIELDS, rng)
     if results:
         L += [
             f"## F4 and issue 16: paired differences against `{BASELINE}` (arm − {BASELINE})",
@@ -339,21 +338,7 @@ def report(out: Path, arms: list[str], seeds: list[int]) -> Path:
         plt.close(fig)
         L += ["![curves](curves.png)", ""]
     if results:
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        labels, ys, los, his = [], [], [], []
-        for arm, per in results.items():
-            for m, d in per.items():
-                labels.append(f"{arm}\n{m}")
-                ys.append(d["mean"])
-                los.append(d["mean"] - d["lo"])
-                his.append(d["hi"] - d["mean"])
-        ax.errorbar(range(len(ys)), ys, yerr=[los, his], fmt="o", capsize=4)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(range(len(ys)), labels, fontsize=7)
-        ax.set_ylabel(f"paired Δ vs {BASELINE} (95% boot)")
-        fig.tight_layout()
-        fig.savefig(out / "paired.png", dpi=110)
-        plt.close(fig)
+        plot_paired(results, BASELINE, out / "paired.png", width=8)
         L += ["![paired differences](paired.png)", ""]
     if BASELINE in f3:
         rows = f3[BASELINE]
@@ -414,10 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         target = run_dir(Cell(BASE_SPEC, None, "base"), out / "runs") / "stages" / "base"
         link = out / LINK
-        if not link.exists():
-            link.symlink_to(target, target_is_directory=True)
-        elif link.resolve() != target:
-            sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
+        link_base(link, target)
         # seed-major over the core arms, so an early stop still leaves paired comparisons; the
         # optional arms (`ngdiff`) after every seed of the others
         late = [a for a in arms if a in LATE]
