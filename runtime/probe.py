@@ -26,6 +26,7 @@ so it can move a model that does not read *this* image's content).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,8 +197,6 @@ class RolloutDependency:
         """Per completion, the JS (bits) at each of its role tokens; empty for a completion
         without any."""
         if against not in self._js:
-            import time
-
             t0 = time.perf_counter()
             roles = self.roles() if callable(self.roles) else self.roles  # [N, T], computed on first use
             tokens = roles == self.role if self.role is not None else torch.zeros(roles.shape, dtype=torch.bool)
@@ -278,8 +277,6 @@ class VisualRoles:
     @torch.no_grad()
     def tag(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch with its ``role_ids`` re-tagged by the visual rules."""
-        import time
-
         from .sft import target_logits
 
         t0 = time.perf_counter()
@@ -310,8 +307,6 @@ class VisualRoles:
         reference teacher-forced on the completions (``logits(model, prompt)``: [n, T, V] logits of
         the completion positions under a prompt batch, ``grpo.completion_logits``) with the
         prompts' true images and with ``changed_pixels`` of them; ``mask``: the generated tokens."""
-        import time
-
         t0 = time.perf_counter()
         true: dict[Any, torch.Tensor] = {}
         js: dict[Any, torch.Tensor] = {}
