@@ -127,3 +127,15 @@ def test_a_late_arm_gets_no_verdict_below_three_seeds(tmp_path: Path) -> None:
     text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2], "gc8").read_text()
     assert "| ngdiff | a | 1,2 | 80 | +0.500 |" in text and "exploratory (< 3 seeds: no verdict)" in text
     assert "| reproduced |" not in text
+
+
+def test_the_confirmatory_seeds_get_a_plain_verdict(tmp_path: Path) -> None:
+    """Only NGDiff's seeds 1-3 were run after other results were seen: the same arm on the fresh
+    seeds 4-6 (pre-registered before they ran) is judged by the F2 rule with no exploratory label."""
+    runs = tmp_path / "runs"
+    for s in (4, 5, 6):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10), mask(0), mask(30))
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_ngdiff.pd", s, ""), mask(30), mask(30), mask(30))
+    text = repro.report(tmp_path, ["tm", "ngdiff"], [4, 5, 6], "gc8").read_text()
+    assert "| ngdiff | a | 4,5,6 | 120 | +0.500 |" in text and "| reproduced |" in text
+    assert "exploratory" not in text
