@@ -139,3 +139,35 @@ def test_the_confirmatory_seeds_get_a_plain_verdict(tmp_path: Path) -> None:
     text = repro.report(tmp_path, ["tm", "ngdiff"], [4, 5, 6], "gc8").read_text()
     assert "| ngdiff | a | 4,5,6 | 120 | +0.500 |" in text and "| reproduced |" in text
     assert "exploratory" not in text
+
+
+def test_plan_p8_500_order_is_the_preregistered_priority() -> None:
+    """Session 4: the tm re-evaluation and NGDiff-auto interleaved by seed first, then the scheduled λ, ..."""
+    arms = [a for group in repro.PRIORITY_500 for a in group]
+    order = repro.order_500(arms, [1, 2])
+    assert order[:4] == [("tm", 1), ("ngdiff_auto", 1), ("tm", 2), ("ngdiff_auto", 2)]
+    assert order[4:6] == [("lamsched", 1), ("lamsched", 2)] and order[-1] == ("lam75", 2)
+    assert repro.order_500(["lam", "tm"], [1]) == [("tm", 1), ("lam", 1)]
+
+
+def test_a_reevaluation_cell_names_its_source_weights(tmp_path: Path) -> None:
+    """`--plan p8-500` re-evaluates a session-3 cell through a generated spec: experiment
+    repro_gc8_<arm>_eval500, the cell's seed, `model hf` at the cell's final weights, and the
+    shared one-step lr-0 fragment; the spec checks and is written once."""
+    src = fake_cell(tmp_path / "s3" / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", 2, ""), mask(10), mask(0), mask(30))
+    out = tmp_path / "s4"
+    cell = repro.eval_cell("tm", 2, out, tmp_path / "s3")
+    text = cell.spec.read_text()
+    assert f'model hf "{src}/stages/post/model"' in text and "seed 2" in text and "gc8_eval500.pd" in text
+    rd = repro.run_dir(cell, out / "runs")
+    assert rd.name.startswith("repro_gc8_tm_eval500-") and cell.seed == 2
+    assert repro.eval_cell("tm", 2, out, None).spec.read_text() == text  # written once, no source needed again
+    with pytest.raises(SystemExit, match="no finished cell lam-s2"):
+        repro.eval_cell("lam", 2, out, tmp_path / "s3")
+
+
+def test_no_cell_starts_after_the_cut_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cell = repro.Cell(repro.SPECS / "gc8_tm.pd", 1, "tm-s1")
+    assert repro.run_cells([cell], tmp_path, jobs=1, start_by=0.0) == []
+    assert "cut-off: not started: tm-s1" in capsys.readouterr().out
+    assert not (tmp_path / "logs" / "tm-s1.log").exists()
