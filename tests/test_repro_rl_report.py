@@ -120,3 +120,26 @@ def test_gc8_plan_pairs_each_arm_with_the_start_and_reads_a_and_a_p_only(tmp_pat
     assert "graph colouring" in text.splitlines()[0]
     assert "| outcome | 1 | 40 | 0.250 | 0.250 | – |" in text  # a_r not evaluated: shown as –
     assert data["f3"]["outcome"]["verdict"] == "reproduced"
+
+
+def test_f3_verdict_reads_the_seeds_that_finished_and_waits_for_three(tmp_path: Path) -> None:
+    """gc8's plan asks for seeds 1-5 with a start cut-off: the verdict uses every finished seed (>= 3)."""
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        fake_cell(runs, "outcome", s, mask(10), mask(10), coupling(0.9, 0.3), GC8)
+    repro_rl.report(tmp_path, ["outcome"], [1, 2, 3, 4, 5], GC8)
+    assert json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]["verdict"] == "pending (2 of 5 seeds)"
+    fake_cell(runs, "outcome", 3, mask(10), mask(10), coupling(0.8, 0.35), GC8)
+    text = repro_rl.report(tmp_path, ["outcome"], [1, 2, 3, 4, 5], GC8).read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]["verdict"] == "reproduced"
+    assert "(3 of 5 seeds finished)" in text
+
+
+def test_gc8_arms_use_the_start_s_task_and_split() -> None:
+    """The GRPO arms' task block equals the SFT arms' (common/gc8_task.pd): the same train/test split."""
+    from percepdsl.check import check_file
+
+    rl = check_file(GC8.spec("outcome"), {}, fragment_ok=False).ir
+    sft = check_file(REPO / "specs" / "repro" / "gc8_tm.pd", {}, fragment_ok=False).ir
+    assert rl is not None and sft is not None
+    assert rl.task == sft.task
