@@ -363,6 +363,36 @@ def link_base(link: Path, target: Path) -> None:
         sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
 
 
+def f2_rows(
+    results: dict[str, dict[str, dict[str, Any]]],
+    prefix: str,
+    beside: dict[str, dict[str, str]] | None = None,
+    min_seeds: int = 1,
+    rule: bool = True,
+) -> list[str]:
+    """The F2 table: each arm's paired differences, the pre-registered verdict on a (none for an arm
+    with fewer than ``min_seeds`` seeds, nor without ``rule``; an arm run after other results were
+    seen is labelled exploratory), and ``beside[arm][metric]`` in a last column."""
+    head = "| arm | metric | seeds | item pairs | Δ pooled | 95% paired bootstrap | Δ per seed | seed-level 95% t interval | F2 verdict (on a) |"
+    rule = "|---|---|---|---:|---:|---|---|---|---|"
+    if beside is not None:
+        head, rule = head + " 200 items (session 3) |", rule + "---|"
+    rows = [head, rule]
+    for arm, per in results.items():
+        for m, d in per.items():
+            v = verdict(d) if m == "a" and rule else ""
+            if v and set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
+                v = f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
+            if v and len(d["seeds"]) < min_seeds and "exploratory" not in v:
+                v = f"{len(d['seeds'])} of {min_seeds} seeds: no verdict"
+            seeds_txt = ",".join(map(str, d["seeds"]))
+            per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
+            seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
+            row = f"| {arm} | {m} | {seeds_txt} | {d['n_pairs']} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {seed_ci} | {v} |"
+            rows.append(row + (f" {beside.get(arm, {}).get(m, '–')} |" if beside is not None else ""))
+    return rows
+
+
 def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> Path:
     import matplotlib
 
@@ -424,25 +454,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     # paired differences against the baseline arm, on the seeds both have
     results = paired_against(cells, arms, seeds, BASELINE, {m: field for m, (_, field) in METRICS.items()}, rng)
     if results:
-        lines += [
-            f"## F2: paired differences against `{BASELINE}` (arm − {BASELINE})",
-            "",
-            "| arm | metric | seeds | item pairs | Δ pooled | 95% paired bootstrap | Δ per seed | seed-level 95% t interval | F2 verdict (on a) |",
-            "|---|---|---|---:|---:|---|---|---|---|",
-        ]
-        for arm, per in results.items():
-            for m, d in per.items():
-                v = verdict(d) if m == "a" else ""
-                if v and set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
-                    v = f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
-                seeds_txt = ",".join(map(str, d["seeds"]))
-                per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
-                seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
-                lines.append(
-                    f"| {arm} | {m} | {seeds_txt} | {d['n_pairs']} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | "
-                    f"{seed_ci} | {v} |"
-                )
-        lines.append("")
+        lines += [f"## F2: paired differences against `{BASELINE}` (arm − {BASELINE})", "", *f2_rows(results, prefix), ""]
     if cells and any(a == BASELINE for a, _ in cells):
         # the framework's own paired table (`percep report RUN... --baseline`), computed from the same
         # records: its bootstrap resamples seeds as well as items, so with 3 seeds it can differ from
@@ -509,6 +521,203 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     return write_text_atomic(out / "report.md", "\n".join(lines))
 
 
+# ---- session 4's report (`--plan p8-500`) ---------------------------------------------------------
+
+
+def source_of(rd: Path) -> Path:
+    """The session-3 run a re-evaluation cell loaded its weights from (its IR's `model hf` path,
+    `<run>/stages/<stage>/model`)."""
+    ir = json.loads((rd / "ir.json").read_text())["ir"]
+    return Path(ir["model"]["path"]).parents[2]
+
+
+def same_weights(rd: Path, src: Path) -> bool:
+    """Whether a re-evaluation's saved weights equal its source cell's, tensor for tensor."""
+    import torch
+    from safetensors.torch import load_file
+
+    stage = json.loads((rd / "summary.json").read_text())["final_stage"]
+    src_stage = json.loads((src / "summary.json").read_text())["final_stage"]
+    a = load_file(rd / "stages" / stage / "model" / "model.safetensors")
+    b = load_file(src / "stages" / src_stage / "model" / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def agreement(rd: Path, src: Path) -> tuple[float, int]:
+    """The share of the source's items whose a, a_p and a_r the re-evaluation scored alike, and their number."""
+    new, old = final_records(rd), final_records(src)
+    fields = [f for _, f in METRICS.values()]
+    same = [all(bool(new[i][f]) == bool(old[i][f]) for f in fields) for i in old if i in new]
+    return (float(np.mean(same)) if same else float("nan")), len(same)
+
+
+def mean_eff_lambda(rd: Path) -> float:
+    """The mean over the logged training steps of `eff_lambda` (the perception role's share of the
+    weight the loss puts on tokens; for token mean its token share, for NGDiff its normalised gradient's)."""
+    import csv
+
+    with (rd / "metrics.csv").open() as f:
+        vals = [float(r["eff_lambda"]) for r in csv.DictReader(f) if r.get("eff_lambda")]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
+    """Session 4's report: every arm on 500 items against the `tm` re-evaluation, the session-3
+    200-item figures beside, NGDiff with vs without automatic lr, and the λ trade-off curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from percepdsl.io import write_json_atomic, write_text_atomic
+
+    runs = out / "runs"
+    rng = np.random.default_rng(0)
+    fields = {m: field for m, (_, field) in METRICS.items()}
+    cells: dict[tuple[str, int], Path] = {}  # (arm, seed) -> the cell evaluated on 500 items
+    trained: dict[tuple[str, int], Path] = {}  # (arm, seed) -> the cell that trained it (its metrics.csv)
+    for arm in arms:
+        for s in seeds:
+            rd = find_eval(arm, s, runs) if arm in REEVAL else find_run(Cell(SPECS / f"gc8_{arm}.pd", s, f"{arm}-s{s}"), runs)
+            if rd:
+                cells[(arm, s)] = rd
+                trained[(arm, s)] = source_of(rd) if arm in REEVAL else rd
+    lines = [
+        "# Reproduction report (`--quick --plan p8-500`, graph colouring at patch 8, 500 test items)",
+        "",
+        "Generated by `python benchmarks/repro.py --plan p8-500 --report` from the cells in `runs/`; the plan, its order,",
+        'cut-off and decision rules are pre-registered in `benchmarks/results/preregistration.md` ("Session 4").',
+        "Every evaluation below is on the task's 500 test items of the cell's seed. Session 3's arms (`tm`, `lam`,",
+        "`ngdiff`, 300 steps from the shared patch-8 reasoner base) are re-evaluated from their saved weights",
+        "(`repro_gc8_<arm>_eval500`: one optimiser step at lr 0, then the runtime's evaluation; the weights are checked",
+        "equal to the source cell's); the other arms were trained here from the same base and evaluated on 500 items.",
+        "Every metric is the cell's `summary.json` (checked against its `eval.jsonl`); every difference is computed",
+        "item by item from `eval.jsonl`; session 3's 200-item figures (its cells' own evaluations) are kept beside.",
+        "",
+    ]
+    base = out / "gc8_base"
+    if (base / "done.json").exists():
+        b = stage_metrics(base)
+        lines += [
+            f"Shared start: the reasoner base `{base.resolve()}`: a {b['a']:.3f} / a_p {b['a_p']:.3f} / a_r {b['a_r']:.3f} "
+            f"on {b['n']} items (seed 1's; session 3's go/no-go: go).",
+            "",
+        ]
+    lines += [
+        "## Cells",
+        "",
+        "| arm | seed | n | a | a_p | a_r | a_p partial | format_ok | mean eff. λ (training) | trained | weights = source | items 1–200 as session 3 scored them | run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    metrics: dict[tuple[str, int], dict[str, Any]] = {}
+    checks: dict[str, dict[str, Any]] = {}
+    for (arm, s), rd in sorted(cells.items(), key=lambda kv: (arms.index(kv[0][0]), kv[0][1])):
+        m = metrics[(arm, s)] = checked_metrics(rd)
+        m["eff_lambda"] = mean_eff_lambda(trained[(arm, s)])
+        if arm in REEVAL:
+            src = trained[(arm, s)]
+            same, (agree, n_agree) = same_weights(rd, src), agreement(rd, src)
+            checks[f"{arm}-s{s}"] = {"source": str(src), "same_weights": same, "agreement": agree, "n": n_agree}
+            how, w, ag = f"session 3 (`{src.name}`)", "yes" if same else "**NO**", f"{agree:.3f} of {n_agree}"
+        else:
+            how, w, ag = f"here ({m['train_min']:.1f} min)", "–", "–"
+        lines.append(
+            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} | {m['format_ok']:.3f} "
+            f"| {m['eff_lambda']:.3f} | {how} | {w} | {ag} | `{rd.name}` |"
+        )
+    lines.append("")
+
+    results = paired_against(cells, arms, seeds, BASELINE, fields, rng)
+    # session 3's 200-item paired differences of the re-evaluated arms, from the source cells
+    sources = {k: trained[k] for k in cells if k[0] in REEVAL}
+    at200 = paired_against(sources, [a for a in arms if a in REEVAL], seeds, BASELINE, fields, rng)
+    beside = {
+        arm: {m: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()}
+        for arm, per in at200.items()
+    }
+    if results:
+        lines += [
+            f"## F2: paired differences against `{BASELINE}` on 500 items (arm − {BASELINE})",
+            "",
+            *f2_rows(results, "gc8", beside, min_seeds=3),
+            "",
+        ]
+    auto = paired_against(cells, ["ngdiff_auto"], seeds, "ngdiff", fields, rng) if "ngdiff_auto" in arms else {}
+    if auto:
+        lines += ["## NGDiff with vs without automatic lr (`ngdiff_auto` − `ngdiff`; descriptive, no verdict)", ""]
+        lines += [*f2_rows(auto, "gc8", rule=False), ""]
+
+    # the λ trade-off curve: each arm at its mean effective λ over training
+    curve = {}
+    for arm in arms:
+        ss = [s for s in seeds if (arm, s) in metrics]
+        if ss:
+            curve[arm] = {
+                "eff_lambda": float(np.mean([metrics[(arm, s)]["eff_lambda"] for s in ss])),
+                **{m: float(np.mean([metrics[(arm, s)][m] for s in ss])) for m in METRICS},
+                "seeds": ss,
+            }
+    if curve:
+        lines += [
+            "## The λ trade-off curve (seed means, 500 items; x = the arm's mean effective λ over training)",
+            "",
+            "| arm | seeds | mean eff. λ | a | a_p | a_r | Δa vs tm [95% paired bootstrap] | a at 200 items (session 3) |",
+            "|---|---|---:|---:|---:|---:|---|---:|",
+        ]
+        for arm, c in sorted(curve.items(), key=lambda kv: kv[1]["eff_lambda"]):
+            d = results.get(arm, {}).get("a")
+            delta = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "–"
+            old = [checked_metrics(trained[(arm, s)])["a"] for s in c["seeds"]] if arm in REEVAL else []
+            lines.append(
+                f"| {arm} | {','.join(map(str, c['seeds']))} | {c['eff_lambda']:.3f} | {c['a']:.3f} | {c['a_p']:.3f} | {c['a_r']:.3f} "
+                f"| {delta} | {f'{np.mean(old):.3f}' if old else '–'} |"
+            )
+        lines.append("")
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
+        fixed = [a for a in ("tm", "lam25", "lam", "lam75") if a in curve]
+        for ax, m in zip(axes, METRICS):
+            ax.plot([curve[a]["eff_lambda"] for a in fixed], [curve[a][m] for a in fixed], "-o", color="C0", label="token mean / fixed λ")
+            for i, arm in enumerate(a for a in curve if a not in fixed):
+                ax.plot(curve[arm]["eff_lambda"], curve[arm][m], "s", color=f"C{i + 1}", label=arm)
+            for arm in curve:
+                xs = [metrics[(arm, s)]["eff_lambda"] for s in curve[arm]["seeds"]]
+                ax.scatter(xs, [metrics[(arm, s)][m] for s in curve[arm]["seeds"]], s=8, color="grey", zorder=0)
+            old = [
+                (curve[a]["eff_lambda"], np.mean([checked_metrics(trained[(a, s)])[m] for s in curve[a]["seeds"]]))
+                for a in curve
+                if a in REEVAL
+            ]
+            if old:
+                ax.scatter(*zip(*old), facecolors="none", edgecolors="k", s=40, label="200 items (session 3)")
+            ax.set_title(m)
+            ax.set_xlabel("mean effective λ (perception's weight share)")
+        axes[0].set_ylabel("accuracy, 500 items (grey: seeds)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curve.png", dpi=110)
+        plt.close(fig)
+        lines += ["![the λ trade-off curve](curve.png)", ""]
+    if results:
+        plot_paired(results, BASELINE, out / "paired.png", width=9)
+        lines += ["![paired differences](paired.png)", ""]
+    missing = [f"{a}-s{s}" for a, s in order_500(arms, seeds) if (a, s) not in cells]
+    if missing:
+        lines += [f"Cells not run or not complete (pre-registered order; cut-off in preregistration.md): {', '.join(missing)}.", ""]
+    write_json_atomic(
+        out / "report.json",
+        {
+            "cells": {f"{a}-s{s}": m for (a, s), m in metrics.items()},
+            "reevaluation_checks": checks,
+            "paired": results,
+            "paired_200": at200,
+            "ngdiff_auto_vs_ngdiff": auto,
+            "curve": curve,
+            "missing": missing,
+        },
+    )
+    return write_text_atomic(out / "report.md", "\n".join(lines))
+
+
 def cutoff(hhmm: str) -> float:
     """``HH:MM`` UTC as a time.time(): today's, or tomorrow's if today's has passed."""
     import datetime as dt
@@ -569,10 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = [Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}") for s in seeds for arm in arms]
         failed += run_cells(cells, out, a.jobs, start_by)
         print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    if a.plan == "p8-500":
-        print(f"cells done; the report: python benchmarks/repro.py --quick --plan p8-500 --out {out} --report")
-        return 3 if failed else 0
-    path = report(out, arms, seeds, prefix)
+    path = report_500(out, arms, seeds) if a.plan == "p8-500" else report(out, arms, seeds, prefix)
     print(path.read_text())
     print(f"report: {path}")
     return 3 if failed else 0
