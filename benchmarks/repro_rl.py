@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--before", type=Path, help="a finished run that evaluated the start on the arms' test items (instead of the plan's `before` cell)"
     )
+    ap.add_argument("--no-before", action="store_true", help="do not run the plan's `before` cell (the start's evaluation)")
     ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
     a = ap.parse_args(argv)
     plan = PLANS[a.plan]
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         # the start's own evaluation, then seed-major over the core arms, so an early stop still
         # leaves paired comparisons; the optional arms (`ngdiff`) after every seed of the others
         order = [(a, s) for s in seeds for a in arms if a not in plan.late] + [(a, s) for a in arms if a in plan.late for s in seeds]
-        cells = [Cell(plan.spec(plan.before), 1, plan.before)] if plan.before and a.before is None else []
+        cells = [Cell(plan.spec(plan.before), 1, plan.before)] if plan.before and a.before is None and not a.no_before else []
         print("arms (one at a time):", flush=True)
         start_by = cutoff(a.start_by) if a.start_by else None
         failed += run_cells(cells + [Cell(plan.spec(arm), s, f"{arm}-s{s}") for arm, s in order], out, 1, start_by)
