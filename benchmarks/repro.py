@@ -215,6 +215,8 @@ def checked_metrics(rd: Path) -> dict[str, float]:
     recs = final_records(rd)
     out = {}
     for m, (key, field) in METRICS.items():
+        if summary["final"].get(key) is None:  # not evaluated (`eval { metrics = [...] }` without it)
+            continue
         from_records = float(np.mean([bool(r[field]) for r in recs.values()]))
         if abs(from_records - summary["final"][key]) > 1e-9:
             sys.exit(f"error: {rd}: summary.json {key}={summary['final'][key]} but eval.jsonl gives {from_records}")
