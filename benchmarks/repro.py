@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -373,15 +374,16 @@ def f2_rows(
     """The F2 table: each arm's paired differences, the pre-registered verdict on a (none for an arm
     with fewer than ``min_seeds`` seeds, nor without ``rule``; an arm run after other results were
     seen is labelled exploratory), and ``beside[arm][metric]`` in a last column."""
-    head = "| arm | metric | seeds | item pairs | Δ pooled | 95% paired bootstrap | Δ per seed | seed-level 95% t interval | F2 verdict (on a) |"
-    rule = "|---|---|---|---:|---:|---|---|---|---|"
+    last = "F2 verdict (on a)" if rule else "verdict"
+    head = f"| arm | metric | seeds | item pairs | Δ pooled | 95% paired bootstrap | Δ per seed | seed-level 95% t interval | {last} |"
+    bar = "|---|---|---|---:|---:|---|---|---|---|"
     if beside is not None:
-        head, rule = head + " 200 items (session 3) |", rule + "---|"
-    rows = [head, rule]
+        head, bar = head + " 200 items (session 3) |", bar + "---|"
+    rows = [head, bar]
     for arm, per in results.items():
         for m, d in per.items():
-            v = verdict(d) if m == "a" and rule else ""
-            if v and set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
+            v = (verdict(d) if rule else "none (descriptive)") if m == "a" else ""
+            if rule and v and set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
                 v = f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
             if v and len(d["seeds"]) < min_seeds and "exploratory" not in v:
                 v = f"{len(d['seeds'])} of {min_seeds} seeds: no verdict"
@@ -630,6 +632,11 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
     results = paired_against(cells, arms, seeds, BASELINE, fields, rng)
     # session 3's 200-item paired differences of the re-evaluated arms, from the source cells
     sources = {k: trained[k] for k in cells if k[0] in REEVAL}
+    for arm in [a for a in arms if a in REEVAL]:  # the re-evaluations not run: their sources, named in the generated specs
+        for s in seeds:
+            spec = out / "specs" / f"{arm}-s{s}.pd"
+            if (arm, s) not in sources and spec.exists() and (hit := re.search(r'^model hf "(.*)"$', spec.read_text(), re.M)):
+                sources[(arm, s)] = trained[(arm, s)] = Path(hit.group(1)).parents[2]
     at200 = paired_against(sources, [a for a in arms if a in REEVAL], seeds, BASELINE, fields, rng)
     beside = {
         arm: {m: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()}
@@ -642,57 +649,86 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
             *f2_rows(results, "gc8", beside, min_seeds=3),
             "",
         ]
-    auto = paired_against(cells, ["ngdiff_auto"], seeds, "ngdiff", fields, rng) if "ngdiff_auto" in arms else {}
+    # NGDiff with vs without automatic lr, paired on the items both have: 500 where `ngdiff` was
+    # re-evaluated, else the 200 its session-3 evaluation scored (the first 200 of the same stream)
+    ngd = {k: v for k, v in cells.items() if k[0] == "ngdiff"} or {k: v for k, v in sources.items() if k[0] == "ngdiff"}
+    both = {**{k: v for k, v in cells.items() if k[0] == "ngdiff_auto"}, **ngd}
+    auto = paired_against(both, ["ngdiff_auto"], seeds, "ngdiff", fields, rng) if "ngdiff_auto" in arms else {}
     if auto:
-        lines += ["## NGDiff with vs without automatic lr (`ngdiff_auto` − `ngdiff`; descriptive, no verdict)", ""]
-        lines += [*f2_rows(auto, "gc8", rule=False), ""]
-
-    # the λ trade-off curve: each arm at its mean effective λ over training
-    curve = {}
-    for arm in arms:
-        ss = [s for s in seeds if (arm, s) in metrics]
-        if ss:
-            curve[arm] = {
-                "eff_lambda": float(np.mean([metrics[(arm, s)]["eff_lambda"] for s in ss])),
-                **{m: float(np.mean([metrics[(arm, s)][m] for s in ss])) for m in METRICS},
-                "seeds": ss,
-            }
-    if curve:
         lines += [
-            "## The λ trade-off curve (seed means, 500 items; x = the arm's mean effective λ over training)",
+            "## NGDiff with vs without automatic lr (`ngdiff_auto` − `ngdiff`; descriptive, no verdict)",
             "",
-            "| arm | seeds | mean eff. λ | a | a_p | a_r | Δa vs tm [95% paired bootstrap] | a at 200 items (session 3) |",
-            "|---|---|---:|---:|---:|---:|---|---:|",
+            "Paired on the items both cells scored (`item pairs`: 200 per seed where `ngdiff` has only session 3's evaluation).",
+            "",
+            *f2_rows(auto, "gc8", rule=False),
+            "",
         ]
-        for arm, c in sorted(curve.items(), key=lambda kv: kv[1]["eff_lambda"]):
-            d = results.get(arm, {}).get("a")
-            delta = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "–"
-            old = [checked_metrics(trained[(arm, s)])["a"] for s in c["seeds"]] if arm in REEVAL else []
-            lines.append(
-                f"| {arm} | {','.join(map(str, c['seeds']))} | {c['eff_lambda']:.3f} | {c['a']:.3f} | {c['a_p']:.3f} | {c['a_r']:.3f} "
-                f"| {delta} | {f'{np.mean(old):.3f}' if old else '–'} |"
+
+    # the λ trade-off curve: each arm at its mean effective λ over training; 500 items where measured,
+    # session 3's 200 items beside (also for the arms whose re-evaluation did not run)
+    def point(found: dict[tuple[str, int], Path], arm: str) -> dict[str, Any] | None:
+        ss = [s for s in seeds if (arm, s) in found]
+        if not ss:
+            return None
+        ms = {s: checked_metrics(found[(arm, s)]) for s in ss}
+        lam = {s: mean_eff_lambda(trained.get((arm, s), found[(arm, s)])) for s in ss}
+        per = {m: {s: ms[s][m] for s in ss} for m in METRICS}
+        return {
+            "eff_lambda": float(np.mean(list(lam.values()))),
+            **{m: float(np.mean(list(v.values()))) for m, v in per.items()},
+            "seeds": ss,
+        }
+
+    curve = {a: c for a in arms if (c := point(cells, a))}
+    curve200 = {a: c for a in arms if a in REEVAL and (c := point(sources, a))}
+    if curve or curve200:
+        lines += [
+            "## The λ trade-off curve (seed means; x = the arm's mean effective λ over training)",
+            "",
+            "| arm | seeds | mean eff. λ | a | a_p | a_r | Δa vs tm [95% paired bootstrap] | 200 items (session 3): seeds, a / a_p / a_r |",
+            "|---|---|---:|---:|---:|---:|---|---|",
+        ]
+        for arm in sorted(set(curve) | set(curve200), key=lambda a: (curve.get(a) or curve200[a])["eff_lambda"]):
+            c, o, d = curve.get(arm), curve200.get(arm), results.get(arm, {}).get("a")
+            new = (
+                f"{','.join(map(str, c['seeds']))} | {c['eff_lambda']:.3f} | {c['a']:.3f} | {c['a_p']:.3f} | {c['a_r']:.3f}"
+                if c
+                else f"not run | {o['eff_lambda']:.3f} | – | – | –"
             )
+            delta = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "–"
+            old = f"{','.join(map(str, o['seeds']))}: {o['a']:.3f} / {o['a_p']:.3f} / {o['a_r']:.3f}" if o else "–"
+            lines.append(f"| {arm} | {new} | {delta} | {old} |")
         lines.append("")
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
         fixed = [a for a in ("tm", "lam25", "lam", "lam75") if a in curve]
         for ax, m in zip(axes, METRICS):
-            ax.plot([curve[a]["eff_lambda"] for a in fixed], [curve[a][m] for a in fixed], "-o", color="C0", label="token mean / fixed λ")
+            ax.plot(
+                [curve[a]["eff_lambda"] for a in fixed],
+                [curve[a][m] for a in fixed],
+                "-o",
+                color="C0",
+                label="500 items: token mean / fixed λ",
+            )
             for i, arm in enumerate(a for a in curve if a not in fixed):
-                ax.plot(curve[arm]["eff_lambda"], curve[arm][m], "s", color=f"C{i + 1}", label=arm)
+                ax.plot(curve[arm]["eff_lambda"], curve[arm][m], "s", color=f"C{i + 1}", label=f"500 items: {arm}")
             for arm in curve:
-                xs = [metrics[(arm, s)]["eff_lambda"] for s in curve[arm]["seeds"]]
+                xs = [mean_eff_lambda(trained[(arm, s)]) for s in curve[arm]["seeds"]]
                 ax.scatter(xs, [metrics[(arm, s)][m] for s in curve[arm]["seeds"]], s=8, color="grey", zorder=0)
-            old = [
-                (curve[a]["eff_lambda"], np.mean([checked_metrics(trained[(a, s)])[m] for s in curve[a]["seeds"]]))
-                for a in curve
-                if a in REEVAL
-            ]
-            if old:
-                ax.scatter(*zip(*old), facecolors="none", edgecolors="k", s=40, label="200 items (session 3)")
+            if curve200:
+                ax.scatter(
+                    [c["eff_lambda"] for c in curve200.values()],
+                    [c[m] for c in curve200.values()],
+                    facecolors="none",
+                    edgecolors="k",
+                    s=40,
+                    label="200 items (session 3)",
+                )
+                for arm, c in curve200.items():
+                    ax.annotate(arm, (c["eff_lambda"], c[m]), fontsize=6, xytext=(3, -8), textcoords="offset points")
             ax.set_title(m)
             ax.set_xlabel("mean effective λ (perception's weight share)")
-        axes[0].set_ylabel("accuracy, 500 items (grey: seeds)")
-        axes[0].legend(fontsize=7)
+        axes[0].set_ylabel("accuracy (grey: seeds at 500 items)")
+        axes[0].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "curve.png", dpi=110)
         plt.close(fig)
@@ -712,6 +748,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
             "paired_200": at200,
             "ngdiff_auto_vs_ngdiff": auto,
             "curve": curve,
+            "curve_200": curve200,
             "missing": missing,
         },
     )

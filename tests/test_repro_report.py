@@ -221,7 +221,13 @@ def test_plan_p8_500_report(tmp_path: Path) -> None:
         )
         new = fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8_ngdiff_auto.pd", s, ""), mask(20 + s), mask(30), mask(25))
         with_weights_and_lambda(new, "post", 3.0, 0.4)
-    text = repro.report_500(out, ["tm", "ngdiff_auto", "lam", "lamsched"], [1, 2, 3]).read_text()
+        # ngdiff: its re-evaluation's spec was written, the cell never ran; session 3's 200 items stand in
+        src_ngd = fake_cell(
+            s3 / "runs", repro.Cell(repro.SPECS / "gc8_ngdiff.pd", s, ""), mask(18)[:n200], mask(20)[:n200], mask(18)[:n200]
+        )
+        with_weights_and_lambda(src_ngd, "post", 4.0, 0.3)
+        repro.eval_cell("ngdiff", s, out, s3)
+    text = repro.report_500(out, ["tm", "ngdiff_auto", "lam", "ngdiff", "lamsched"], [1, 2, 3]).read_text()
     data = json.loads((out / "report.json").read_text())
     assert data["paired"]["ngdiff_auto"]["a"]["per_seed"] == pytest.approx([11 / N, 12 / N, 13 / N])
     assert "| ngdiff_auto | a | 1,2,3 | 120 |" in text and "| reproduced |" in text
@@ -233,7 +239,12 @@ def test_plan_p8_500_report(tmp_path: Path) -> None:
     assert "(seeds 1,2,3) |" in text
     assert data["curve"]["tm"]["eff_lambda"] == pytest.approx(0.04) and data["curve"]["ngdiff_auto"]["eff_lambda"] == pytest.approx(0.4)
     assert (out / "curve.png").stat().st_size > 0 and (out / "paired.png").stat().st_size > 0
-    assert "lamsched-s1, lamsched-s2, lamsched-s3" in text  # not run: listed
+    assert "lamsched-s1, lamsched-s2, lamsched-s3" in text and "ngdiff-s1" in text  # not run: listed
+    # NGDiff with vs without automatic lr, on the 200 items both scored; descriptive
+    auto = data["ngdiff_auto_vs_ngdiff"]["ngdiff_auto"]["a"]
+    assert auto["n_pairs"] == 3 * n200 and auto["per_seed"] == pytest.approx([2 / n200] * 3)  # items 1-20: all right vs 18
+    assert "| ngdiff_auto | a | 1,2,3 | 60 |" in text and "none (descriptive)" in text
+    assert data["curve_200"]["ngdiff"]["eff_lambda"] == pytest.approx(0.3) and "| ngdiff | not run | 0.300 |" in text
 
 
 def test_plan_p8_500_gives_no_verdict_below_three_seeds(tmp_path: Path) -> None:
