@@ -139,3 +139,111 @@ def test_the_confirmatory_seeds_get_a_plain_verdict(tmp_path: Path) -> None:
     text = repro.report(tmp_path, ["tm", "ngdiff"], [4, 5, 6], "gc8").read_text()
     assert "| ngdiff | a | 4,5,6 | 120 | +0.500 |" in text and "| reproduced |" in text
     assert "exploratory" not in text
+
+
+def test_plan_p8_500_order_is_the_preregistered_priority() -> None:
+    """Session 4: the tm re-evaluation and NGDiff-auto interleaved by seed first, then the scheduled λ, ..."""
+    arms = [a for group in repro.PRIORITY_500 for a in group]
+    order = repro.order_500(arms, [1, 2])
+    assert order[:4] == [("tm", 1), ("ngdiff_auto", 1), ("tm", 2), ("ngdiff_auto", 2)]
+    assert order[4:6] == [("lamsched", 1), ("lamsched", 2)] and order[-1] == ("lam75", 2)
+    assert repro.order_500(["lam", "tm"], [1]) == [("tm", 1), ("lam", 1)]
+
+
+def test_a_reevaluation_cell_names_its_source_weights(tmp_path: Path) -> None:
+    """`--plan p8-500` re-evaluates a session-3 cell through a generated spec: experiment
+    repro_gc8_<arm>_eval500, the cell's seed, `model hf` at the cell's final weights, and the
+    shared one-step lr-0 fragment; the spec checks and is written once."""
+    src = fake_cell(tmp_path / "s3" / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", 2, ""), mask(10), mask(0), mask(30))
+    out = tmp_path / "s4"
+    cell = repro.eval_cell("tm", 2, out, tmp_path / "s3")
+    text = cell.spec.read_text()
+    assert f'model hf "{src}/stages/post/model"' in text and "seed 2" in text and "gc8_eval500.pd" in text
+    rd = repro.run_dir(cell, out / "runs")
+    assert rd.name.startswith("repro_gc8_tm_eval500-") and cell.seed == 2
+    assert repro.eval_cell("tm", 2, out, None).spec.read_text() == text  # written once, no source needed again
+    with pytest.raises(SystemExit, match="no finished cell lam-s2"):
+        repro.eval_cell("lam", 2, out, tmp_path / "s3")
+
+
+def test_no_cell_starts_after_the_cut_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cell = repro.Cell(repro.SPECS / "gc8_tm.pd", 1, "tm-s1")
+    assert repro.run_cells([cell], tmp_path, jobs=1, start_by=0.0) == []
+    assert "cut-off: not started: tm-s1" in capsys.readouterr().out
+    assert not (tmp_path / "logs" / "tm-s1.log").exists()
+
+
+def with_weights_and_lambda(rd: Path, stage: str, value: float, eff_lambda: float) -> Path:
+    """Give a fake cell saved weights (one tensor) and a metrics.csv with its effective λ."""
+    import torch
+    from safetensors.torch import save_file
+
+    (rd / "stages" / stage / "model").mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((2, 2), value)}, rd / "stages" / stage / "model" / "model.safetensors")
+    (rd / "metrics.csv").write_text(f"stage,eff_lambda,step\n{stage},{eff_lambda},9\n{stage},,10\n{stage},{eff_lambda},19\n")
+    return rd
+
+
+def fake_reeval(
+    out: Path, s3: Path, arm: str, seed: int, outcome: list[bool], perception: list[bool], reasoning: list[bool], value: float
+) -> Path:
+    """A finished 500-item re-evaluation of session 3's (arm, seed) cell, as `percep run` of its generated spec leaves it."""
+    cell = repro.eval_cell(arm, seed, out, s3)
+    rd = fake_cell(out / "runs", cell, outcome, perception, reasoning)
+    src = repro.find_run(repro.Cell(repro.SPECS / f"gc8_{arm}.pd", seed, ""), s3 / "runs")
+    (rd / "ir.json").write_text(json.dumps({"ir": {"model": {"path": str(src / "stages" / "post" / "model")}}}))
+    with_weights_and_lambda(rd, "post", value, float("nan"))
+    return rd
+
+
+def test_plan_p8_500_report(tmp_path: Path) -> None:
+    """The 500-item report: the re-evaluated tm and lam (weights checked against their session-3
+    cells, items 1-200 compared with the 200-item records) and a new arm, each against tm's
+    re-evaluation; session 3's 200-item differences beside; the curve at each arm's effective λ."""
+    s3, out = tmp_path / "s3", tmp_path / "s4"
+    n200 = 20  # session 3 scored the first half of the items
+    for s in (1, 2, 3):
+        src_tm = fake_cell(s3 / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10)[:n200], mask(0)[:n200], mask(30)[:n200])
+        src_lam = fake_cell(s3 / "runs", repro.Cell(repro.SPECS / "gc8_lam.pd", s, ""), mask(8)[:n200], mask(20)[:n200], mask(8)[:n200])
+        with_weights_and_lambda(src_tm, "post", 1.0, 0.04)
+        with_weights_and_lambda(src_lam, "post", 2.0, 0.5)
+        fake_reeval(out, s3, "tm", s, mask(10), mask(0), mask(30), 1.0)
+        # lam's re-evaluation: other weights than its source in seed 3, and item 0 scored differently in seed 2
+        fake_reeval(
+            out,
+            s3,
+            "lam",
+            s,
+            [False] + mask(8)[1:] if s == 2 else mask(8),
+            mask(20),
+            mask(8),
+            2.0 if s != 3 else 9.0,
+        )
+        new = fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8_ngdiff_auto.pd", s, ""), mask(20 + s), mask(30), mask(25))
+        with_weights_and_lambda(new, "post", 3.0, 0.4)
+    text = repro.report_500(out, ["tm", "ngdiff_auto", "lam", "lamsched"], [1, 2, 3]).read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert data["paired"]["ngdiff_auto"]["a"]["per_seed"] == pytest.approx([11 / N, 12 / N, 13 / N])
+    assert "| ngdiff_auto | a | 1,2,3 | 120 |" in text and "| reproduced |" in text
+    checks = data["reevaluation_checks"]
+    assert checks["lam-s1"]["same_weights"] and not checks["lam-s3"]["same_weights"] and "| **NO** |" in text
+    assert checks["tm-s1"]["agreement"] == 1.0 and checks["lam-s2"]["agreement"] == pytest.approx(1 - 1 / n200)
+    # session 3's 200-item differences of lam beside its 500-item row
+    assert data["paired_200"]["lam"]["a"]["per_seed"] == pytest.approx([-2 / n200] * 3)
+    assert "(seeds 1,2,3) |" in text
+    assert data["curve"]["tm"]["eff_lambda"] == pytest.approx(0.04) and data["curve"]["ngdiff_auto"]["eff_lambda"] == pytest.approx(0.4)
+    assert (out / "curve.png").stat().st_size > 0 and (out / "paired.png").stat().st_size > 0
+    assert "lamsched-s1, lamsched-s2, lamsched-s3" in text  # not run: listed
+
+
+def test_plan_p8_500_gives_no_verdict_below_three_seeds(tmp_path: Path) -> None:
+    s3, out = tmp_path / "s3", tmp_path / "s4"
+    for s in (1, 2):
+        with_weights_and_lambda(
+            fake_cell(s3 / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10), mask(0), mask(30)), "post", 1.0, 0.04
+        )
+        fake_reeval(out, s3, "tm", s, mask(10), mask(0), mask(30), 1.0)
+        new = fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8_lamsched.pd", s, ""), mask(30), mask(30), mask(30))
+        with_weights_and_lambda(new, "post", 3.0, 0.3)
+    text = repro.report_500(out, ["tm", "lamsched"], [1, 2, 3]).read_text()
+    assert "| lamsched | a | 1,2 | 80 | +0.500 |" in text and "2 of 3 seeds: no verdict" in text and "| reproduced |" not in text

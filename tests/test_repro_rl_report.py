@@ -1,6 +1,7 @@
 """benchmarks/repro_rl.py's report: paired differences against the outcome-only arm from the cells'
 records, F3's per-seed coupling of the outcome term with its pre-registered verdict, and each
-surrogate's correlation with perception beside its gain, all read from the cells' summary.json."""
+surrogate's correlation with perception beside its gain, all read from the cells' summary.json; the
+graph-colouring plan's start cell (arm − start, paired) and its a / a_p-only evaluations."""
 
 from __future__ import annotations
 
@@ -22,16 +23,27 @@ def mask(k: int) -> list[bool]:
     return [i < k for i in range(N)]
 
 
-def fake_cell(runs: Path, arm: str, seed: int, outcome: list[bool], perception: list[bool], diag: dict) -> Path:
-    """A finished GRPO run directory as `percep run` leaves it: summary.json and the final records."""
-    rd = repro_rl.run_dir(repro_rl.Cell(repro_rl.spec(arm), seed, ""), runs)
+SUDOKU, GC8 = repro_rl.PLANS["sudoku"], repro_rl.PLANS["gc8"]
+
+
+def fake_cell(
+    runs: Path, arm: str, seed: int, outcome: list[bool], perception: list[bool], diag: dict, plan: repro_rl.Plan = SUDOKU
+) -> Path:
+    """A finished GRPO run directory as `percep run` leaves it: summary.json and the final records
+    (without the counterfactual pass when the plan's evaluations have no a_r)."""
+    rd = repro_rl.run_dir(repro_rl.Cell(plan.spec(arm), seed, ""), runs)
     rd.mkdir(parents=True)
+    cf = "a_r" in plan.fields
     recs = [
-        {"stage": "rl", "final": True, "id": f"sudoku/test/{i}", "outcome": o, "perception_exact": p, "cf_outcome": o}
+        {"stage": "rl", "final": True, "id": f"t/test/{i}", "outcome": o, "perception_exact": p, **({"cf_outcome": o} if cf else {})}
         for i, (o, p) in enumerate(zip(outcome, perception))
     ]
     (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(outcome))}
+    final = {
+        "end_to_end": float(np.mean(outcome)),
+        "perception": float(np.mean(perception)),
+        "reasoning": float(np.mean(outcome)) if cf else None,
+    }
     summary = {
         "experiment": rd.name.rsplit("-", 1)[0],
         "status": "complete",
@@ -87,3 +99,47 @@ def test_f3_is_not_reproduced_when_one_seed_points_the_other_way(tmp_path: Path)
         fake_cell(runs, "outcome", s, mask(10), mask(20), coupling(0.9, r_perc))
     repro_rl.report(tmp_path, ["outcome"], [1, 2, 3])
     assert json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]["verdict"] == "not reproduced"
+
+
+def test_gc8_plan_pairs_each_arm_with_the_start_and_reads_a_and_a_p_only(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # the start cell (seed 1 only) is every seed's "before"; 8 of 40 items right, 10 perceived
+    fake_cell(runs, "start", 1, mask(8), mask(10), coupling(0.5, 0.5), GC8)
+    for s, (out_k, al_k, al_p) in zip((1, 2, 3), ((10, 12, 16), (11, 12, 15), (9, 12, 14))):
+        fake_cell(runs, "outcome", s, mask(out_k), mask(10), coupling(0.9, 0.3), GC8)
+        fake_cell(runs, "alpha", s, mask(al_k), mask(al_p), coupling(0.8, 0.5), GC8)
+    text = repro_rl.report(tmp_path, ["outcome", "alpha"], [1, 2, 3], GC8).read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["paired"]["alpha"]) == {"a", "a_p"}  # no a_r: the evaluations had no counterfactual pass
+    assert data["paired"]["alpha"]["a"]["per_seed"] == pytest.approx([2 / N, 1 / N, 3 / N])
+    assert data["paired"]["alpha"]["a_p"]["mean"] == pytest.approx(5 / N)
+    # arm − start, paired item by item with the one start cell in every seed
+    assert data["vs_start"]["outcome"]["a"]["per_seed"] == pytest.approx([2 / N, 3 / N, 1 / N])
+    assert data["vs_start"]["alpha"]["a_p"]["per_seed"] == pytest.approx([6 / N, 5 / N, 4 / N])
+    assert "## What GRPO changed: arm − start" in text and "| `alpha` | 3 | 120 |" in text
+    assert "graph colouring" in text.splitlines()[0]
+    assert "| outcome | 1 | 40 | 0.250 | 0.250 | – |" in text  # a_r not evaluated: shown as –
+    assert data["f3"]["outcome"]["verdict"] == "reproduced"
+
+
+def test_f3_verdict_reads_the_seeds_that_finished_and_waits_for_three(tmp_path: Path) -> None:
+    """gc8's plan asks for seeds 1-5 with a start cut-off: the verdict uses every finished seed (>= 3)."""
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        fake_cell(runs, "outcome", s, mask(10), mask(10), coupling(0.9, 0.3), GC8)
+    repro_rl.report(tmp_path, ["outcome"], [1, 2, 3, 4, 5], GC8)
+    assert json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]["verdict"] == "pending (2 of 5 seeds)"
+    fake_cell(runs, "outcome", 3, mask(10), mask(10), coupling(0.8, 0.35), GC8)
+    text = repro_rl.report(tmp_path, ["outcome"], [1, 2, 3, 4, 5], GC8).read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]["verdict"] == "reproduced"
+    assert "(3 of 5 seeds finished)" in text
+
+
+def test_gc8_arms_use_the_start_s_task_and_split() -> None:
+    """The GRPO arms' task block equals the SFT arms' (common/gc8_task.pd): the same train/test split."""
+    from percepdsl.check import check_file
+
+    rl = check_file(GC8.spec("outcome"), {}, fragment_ok=False).ir
+    sft = check_file(REPO / "specs" / "repro" / "gc8_tm.pd", {}, fragment_ok=False).ir
+    assert rl is not None and sft is not None
+    assert rl.task == sft.task
