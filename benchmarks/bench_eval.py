@@ -1,19 +1,29 @@
-"""Evaluation benchmark: naive vs batched/sorted/capped generation, and its knobs.
+"""Evaluation benchmark: naive vs batched/sorted/capped generation, the fused decoder, and its knobs.
 
     python benchmarks/bench_eval.py                        # 100 test items, 1 thread (~6 min)
     python benchmarks/bench_eval.py --threads 2 --json out.json
     python benchmarks/bench_eval.py --only "batch 1," "[default]" --naive-repeats 2
+    python benchmarks/bench_eval.py --regime long --model CHECKPOINT --only naive "[generate]" "[default]"
 
-Setup: graph colouring (task defaults: N=5, edge list, backtracking trace; references
-~70 tokens) and the embedded tiny LLaVA at its defaults (CLIP h128 x 2 layers, 64 px,
-patch 16; Llama h256 x 4 layers; ~3.3M parameters with this vocabulary), untrained.
+Setup, ``--regime quick``: graph colouring (task defaults: N=5, edge list, backtracking
+trace; references ~70 tokens) and the embedded tiny LLaVA at its defaults (CLIP h128 x 2
+layers, 64 px, patch 16; Llama h256 x 4 layers; ~3.3M parameters with this vocabulary).
+``--regime long``: the reproduction's task (N=6, edge probability 0.5, edge-list
+perception, verbose reasoning: references ~140-320 tokens) and the tiny model at patch 8
+(64 image tokens). ``--model PATH`` evaluates a checkpoint instead of the untrained tiny
+model (a trained one ends its rows at its own EOS: the real cost).
 
 Regimes:
 
 * **evaluation** — the real ``evaluate`` (end-to-end + counterfactual pass, scoring
-  included) over ``--items`` test items. EOS is masked out so every generation runs to
-  its cap, exactly what an untrained model costs and independent of random EOS draws.
-  The naive baseline (batch 1, no per-item cap, ``--global-cap`` tokens) is timed on ``--naive-items`` items and reported per item.
+  included) over ``--items`` test items. For the untrained tiny model EOS is taken away
+  (the encoder's EOS id is replaced by one outside the vocabulary, which either decoder
+  honours; a hook on the head would switch the fused decoder off) so every generation
+  runs to its cap, exactly what an untrained model costs and independent of random EOS
+  draws. The naive baseline (plain ``model.generate`` at batch 1, no per-item cap,
+  ``--global-cap`` tokens) is timed on ``--naive-items`` items and reported per item;
+  ``[generate]`` is the batched, sorted, capped ``model.generate`` evaluation that was
+  the default before the fused decoder (``[default]``).
 * **fixed new tokens** — every row generates exactly ``--fixed-tokens`` tokens, to
   compare per-token throughput across batch sizes and precisions.
 
@@ -33,8 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,13 +53,18 @@ import torch
 from percepdsl_runtime.encoding import Encoder
 from percepdsl_runtime.evaluate import EvalConfig, evaluate
 from percepdsl_runtime.generation import GenConfig, Prompt, generate
-from percepdsl_runtime.models import LoadedModel, build_tiny
+from percepdsl_runtime.models import LoadedModel, build_tiny, load_hf
 from percepdsl_runtime.tasks import build_task
 
 ROLE_RULES = [
     {"kind": "between", "role": "perception", "open": "<perception>", "close": "</perception>"},
     {"kind": "rest", "role": "reasoning"},
 ]
+# task parameters and tiny-model sizes of each regime; `long` is specs/repro/common/gc8_arm.pd's
+REGIMES: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {"task": {}, "tiny": {}},
+    "long": {"task": {"nodes": 6, "edge_prob": 0.5, "perception_format": "edges", "reasoning": "verbose"}, "tiny": {"patch": 8}},
+}
 
 
 # ---------------------------------------------------------------------------
@@ -111,18 +125,16 @@ def measure(fn: Callable[[], int]) -> Run:
     return Run(wall, cpu, other, tokens)
 
 
-@contextmanager
-def eos_masked(model: torch.nn.Module, eos_token_id: int) -> Iterator[None]:
-    """Make EOS impossible (logit -inf) so every row generates to its cap."""
+class NoEos:
+    """The encoder with an EOS id outside the vocabulary: no row ever ends before its cap.
+    (A hook forbidding EOS on the head would switch the fused decoder off, which never
+    calls the modules; a changed id works the same for both decoders.)"""
 
-    def hook(module: Any, inputs: Any, out: torch.Tensor) -> torch.Tensor:
-        return out.index_fill(-1, torch.tensor([eos_token_id], device=out.device), float("-inf"))
+    def __init__(self, encoder: Encoder, vocab_size: int) -> None:
+        self._encoder, self.eos_token_id = encoder, vocab_size
 
-    handle = model.get_output_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
 
 
 # ---------------------------------------------------------------------------
@@ -148,16 +160,19 @@ def fixed_workload(loaded: LoadedModel, enc: Encoder, prompts: list[Prompt], cfg
 def eval_configs(args: argparse.Namespace) -> list[tuple[str, int, EvalConfig]]:
     """(name, items, config) of the evaluation regime; the first is the naive baseline."""
     bs = args.batch_size
-    naive = GenConfig(batch_size=1, sort_by_length=False, max_new_tokens=args.global_cap)
+    naive = GenConfig(batch_size=1, sort_by_length=False, max_new_tokens=args.global_cap, decoder="generate")
     best = GenConfig(batch_size=bs, max_new_tokens=args.global_cap)  # the module defaults
+    hf = replace(best, decoder="generate")
     return [
-        ("naive: batch 1, no cap", args.naive_items, EvalConfig(gen=naive, cap_factor=None)),
-        ("batch 1, capped", args.naive_items, EvalConfig(gen=naive)),
-        (f"batch {bs}, unsorted, capped", args.items, EvalConfig(gen=replace(best, sort_by_length=False))),
-        (f"batch {bs}, sorted, capped, fp32 [default]", args.items, EvalConfig(gen=best)),
-        (f"batch {bs}, sorted, capped, bf16 autocast", args.items, EvalConfig(gen=replace(best, precision="bf16"))),
-        (f"batch {bs}, sorted, capped, fp32, static cache", args.items, EvalConfig(gen=replace(best, cache="static"))),
-        (f"batch {bs}, sorted, capped, fp32, sdpa", args.items, EvalConfig(gen=replace(best, attention="sdpa"))),
+        ("naive: plain model.generate, batch 1, no cap", args.naive_items, EvalConfig(gen=naive, cap_factor=None)),
+        ("generate, batch 1, capped", args.naive_items, EvalConfig(gen=naive)),
+        (f"generate, batch {bs}, unsorted, capped", args.items, EvalConfig(gen=replace(hf, sort_by_length=False))),
+        (f"generate, batch {bs}, sorted, capped, fp32 [generate]", args.items, EvalConfig(gen=hf)),
+        (f"generate, batch {bs}, sorted, capped, bf16 autocast", args.items, EvalConfig(gen=replace(hf, precision="bf16"))),
+        (f"generate, batch {bs}, sorted, capped, fp32, static cache", args.items, EvalConfig(gen=replace(hf, cache="static"))),
+        (f"generate, batch {bs}, sorted, capped, fp32, sdpa", args.items, EvalConfig(gen=replace(hf, attention="sdpa"))),
+        (f"fused, batch {bs}, sorted, capped, fp32 [default]", args.items, EvalConfig(gen=best)),
+        (f"fused, batch {bs}, sorted, capped, bf16 weights", args.items, EvalConfig(gen=replace(best, precision="bf16"))),
     ]  # fmt: skip
 
 
@@ -178,10 +193,17 @@ def fixed_configs(args: argparse.Namespace) -> list[tuple[str, int, GenConfig]]:
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    task = build_task("graph_coloring", {"test": max(args.items, 1)}, seed=args.seed)
-    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:  # the model is loaded into memory
-        loaded = build_tiny(task.vocabulary(), image=task.params.image, seed=args.seed, save_dir=Path(tmp))
-    enc = Encoder(loaded, ROLE_RULES)
+    task = build_task("graph_coloring", {**REGIMES[args.regime]["task"], "test": max(args.items, 1)}, seed=args.seed)
+    if args.model:
+        loaded = load_hf(args.model)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:  # the model is loaded into memory
+            loaded = build_tiny(
+                task.vocabulary(), image=task.params.image, seed=args.seed, save_dir=Path(tmp), **REGIMES[args.regime]["tiny"]
+            )
+    enc: Any = Encoder(loaded, ROLE_RULES)
+    if not args.model:  # untrained: every row runs to its cap
+        enc = NoEos(enc, loaded.model.config.get_text_config().vocab_size)
     samples = [task.sample("test", i) for i in range(args.items)]
     prompts = [Prompt(s.query, s.image, p, args.fixed_tokens) for s in samples for p in ("", task.counterfactual_prefix(s))]
 
@@ -195,20 +217,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.only:
         jobs = [j for j in jobs if any(key in j[0].name for key in args.only)]
-    with eos_masked(loaded.model, enc.eos_token_id):
-        evaluate(loaded, enc, task, n=2, cfg=EvalConfig(gen=GenConfig(max_new_tokens=8)))  # warm-up
-        for rep in range(max(r for _, _, r in jobs)):  # interleaved repeats
-            for row, fn, repeats in jobs:
-                if rep < repeats:
-                    row.runs.append(measure(fn))
-                    if args.verbose:
-                        print(f"  {row.name}: {row.runs[-1]}", file=sys.stderr, flush=True)
+    for decoder in ("generate", "fused"):  # warm-up
+        evaluate(loaded, enc, task, n=2, cfg=EvalConfig(gen=GenConfig(max_new_tokens=8, decoder=decoder)))
+    for rep in range(max(r for _, _, r in jobs)):  # interleaved repeats
+        for row, fn, repeats in jobs:
+            if rep < repeats:
+                row.runs.append(measure(fn))
+                if args.verbose:
+                    print(f"  {row.name}: {row.runs[-1]}", file=sys.stderr, flush=True)
     return report(args, loaded, samples, enc, [row for row, _, _ in jobs])
 
 
 def report(args: argparse.Namespace, loaded: LoadedModel, samples: list[Any], enc: Encoder, rows: list[Row]) -> dict[str, Any]:
     ref = [len(enc.tokenizer(s.response, add_special_tokens=False)["input_ids"]) for s in samples]
-    head = (f"graph_coloring test items: {args.items}; reference tokens mean {statistics.mean(ref):.0f} "
+    model = args.model or "the tiny model, untrained (EOS never ends a row)"
+    head = (f"regime {args.regime}: graph_coloring {REGIMES[args.regime]['task'] or '(defaults)'}, model {model}; "
+            f"test items: {args.items}; reference tokens mean {statistics.mean(ref):.0f} "
             f"(min {min(ref)}, max {max(ref)}); model {loaded.num_parameters() / 1e6:.2f}M params "
             f"({loaded.model.config._attn_implementation} attention); torch {torch.__version__}, "
             f"{torch.get_num_threads()} thread(s), {platform.machine()}")  # fmt: skip
@@ -237,6 +261,8 @@ def report(args: argparse.Namespace, loaded: LoadedModel, samples: list[Any], en
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="quick", help="task settings (and the tiny model's patch)")
+    ap.add_argument("--model", default="", help="a checkpoint to evaluate instead of the untrained tiny model")
     ap.add_argument("--items", type=int, default=100, help="test items evaluated (2 generations each)")
     ap.add_argument("--naive-items", type=int, default=4, help="items timed for the batch-1 rows")
     ap.add_argument("--batch-size", type=int, default=50)

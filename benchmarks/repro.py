@@ -600,7 +600,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         b = stage_metrics(base)
         lines += [
             f"Shared start: the reasoner base `{base.resolve()}`: a {b['a']:.3f} / a_p {b['a_p']:.3f} / a_r {b['a_r']:.3f} "
-            f"on {b['n']} items (seed 1's; session 3's go/no-go: go).",
+            f"on {b['n']} items of seed 1 (session 3's go/no-go: go).",
             "",
         ]
     lines += [

@@ -9,8 +9,10 @@ Pieces (``--only``): ``matmul`` (the matmul peak, MFU's denominator, measured in
 ``long``, 1 and 2 threads), ``ngdiff_<regime>_1`` (bench_sft.py --ngdiff: NGDiff's step against a
 token-mean step), ``packing_<regime>_1`` (bench_packing.py: packed rows against padded items,
 batch by batch), ``grpo_1`` (bench_grpo.py: GRPO vs TRL's GRPOTrainer,
-with LoRA), ``eval_1`` (bench_eval.py: the three-way evaluation in items/s against plain
-``model.generate``), ``scaling`` (bench_scaling.py). Every ratio is taken against its baseline
+with LoRA), ``eval_1`` and ``eval_long_1`` (bench_eval.py: the three-way evaluation in items/s,
+through the fused decoder, against plain ``model.generate`` and the batched ``generate`` evaluation,
+regimes ``quick`` and ``long``; ``--eval-model PATH`` evaluates a checkpoint in the long regime
+instead of the untrained tiny model), ``scaling`` (bench_scaling.py). Every ratio is taken against its baseline
 measured in the same run, side by side (see benchlib). The JSON is rewritten after every piece,
 so an interrupted run keeps what it measured; ``--only`` updates those pieces in an existing
 perf.json and leaves the others, and ``--add PIECE=FILE`` takes a piece from the JSON its own
@@ -43,7 +45,8 @@ FULL = {
     "ngdiff": {"rounds": 3, "steps": 20, "items": 400},
     "packing": {"batches": 40, "items": 400},
     "grpo": {"rounds": 3, "steps": 8, "warmup": 3, "sft_steps": 60},
-    "eval": {"items": 500, "naive_items": 20, "repeats": 2},
+    "eval": {"items": 500, "naive_items": 10, "repeats": 2},
+    "eval_long": {"items": 100, "naive_items": 8, "repeats": 2},
     "scaling": {"reps": 2},
 }
 QUICK = {
@@ -53,11 +56,12 @@ QUICK = {
     "packing": {"batches": 2, "items": 48},
     "grpo": {"rounds": 1, "steps": 1, "warmup": 1, "sft_steps": 2, "sides": ("trl", "ours")},
     "eval": {"items": 4, "naive_items": 2, "repeats": 1},
+    "eval_long": {"items": 2, "naive_items": 1, "repeats": 1},
     "scaling": {"reps": 1, "quick": True},
 }
 
 
-def pieces(quick: bool, rounds: int | None = None) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+def pieces(quick: bool, rounds: int | None = None, eval_model: str = "") -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
     size = {k: dict(v) for k, v in (QUICK if quick else FULL).items()}
     for k in ("sft", "ngdiff", "grpo"):
         size[k]["rounds"] = rounds or size[k]["rounds"]
@@ -70,7 +74,8 @@ def pieces(quick: bool, rounds: int | None = None) -> dict[str, Callable[[dict[s
         out[f"ngdiff_{regime}_1"] = lambda _, r=regime: _ngdiff(r, 1, size["ngdiff"])
         out[f"packing_{regime}_1"] = lambda _, r=regime: _packing(r, 1, size["packing"])
     out["grpo_1"] = lambda _: _grpo(1, size["grpo"])
-    out["eval_1"] = lambda _: _eval(1, size["eval"])
+    out["eval_1"] = lambda _: _eval("quick", 1, size["eval"])
+    out["eval_long_1"] = lambda _: _eval("long", 1, size["eval_long"], eval_model)
     out["scaling"] = lambda _: _scaling(size["scaling"])
     return out
 
@@ -99,12 +104,12 @@ def _grpo(threads: int, s: dict[str, Any]) -> dict[str, Any]:
     return bench_grpo.run(threads, s["rounds"], s["steps"], s["warmup"], s["sft_steps"], tuple(sides), log=_log)
 
 
-def _eval(threads: int, s: dict[str, Any]) -> dict[str, Any]:
-    """The default evaluation and the plain ``model.generate`` baseline (batch 1, one global
-    cap), in a child process (bench_eval.py)."""
-    args = ["--items", str(s["items"]), "--naive-items", str(s["naive_items"]), "--repeats", str(s["repeats"])]
-    args += ["--only", "naive", "[default]", "--emit"]
-    return bl.run_child("bench_eval.py", args, threads)
+def _eval(regime: str, threads: int, s: dict[str, Any], model: str = "") -> dict[str, Any]:
+    """The default evaluation (fused decoder), the batched ``generate`` one it replaced and the
+    plain ``model.generate`` baseline (batch 1, one global cap), in a child process (bench_eval.py)."""
+    args = ["--regime", regime, "--items", str(s["items"]), "--naive-items", str(s["naive_items"]), "--repeats", str(s["repeats"])]
+    args += ["--naive-repeats", str(s["repeats"]), "--only", "naive", "[generate]", "[default]", "--emit"]
+    return bl.run_child("bench_eval.py", args + (["--model", model] if model else []), threads)
 
 
 def _scaling(s: dict[str, Any]) -> dict[str, Any]:
@@ -165,14 +170,9 @@ def render(res: dict[str, Any]) -> str:
                 if ours == "ours_lora_generate":  # a reference point, not a configuration with a target
                     row = row.rsplit("|", 3)[0] + "| — | — |"
                 lines.append(row)
-    if "eval_1" in p:
-        rows = {row["name"]: row for row in p["eval_1"]["rows"]}
-        base = next(v for k, v in rows.items() if k.startswith("naive"))
-        ours = next(v for k, v in rows.items() if "[default]" in k)
-        lines.append(
-            f"| three-way evaluation, {ours['items']} items: {ours['items_per_cpu_s']:.2f} items/CPU-s | plain `model.generate` "
-            f"(batch 1, no per-item cap): {base['items_per_cpu_s']:.2f} items/CPU-s | {ours['items_per_cpu_s'] / base['items_per_cpu_s']:.1f}x | | | |"
-        )
+    for name in ("eval_1", "eval_long_1"):
+        if name in p:
+            lines += _eval_targets(name, p[name])
     if "matmul" in p:
         m = p["matmul"]
         lines += ["", "## Matmul peak (MFU's denominator, this run)", ""]
@@ -198,23 +198,41 @@ def render(res: dict[str, Any]) -> str:
             lines += ["", f"## {name}", "", bench_packing.report(r)]
     if "grpo_1" in p:
         lines += ["", "## grpo_1", "", bench_grpo.report(p["grpo_1"])]
-    if "eval_1" in p:
-        lines += [
-            "",
-            "## eval_1",
-            "",
-            p["eval_1"]["header"],
-            "",
-            "| configuration | items | items/s | items/CPU-s | x (CPU) |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for row in p["eval_1"]["rows"]:
+    for name in ("eval_1", "eval_long_1"):
+        if name not in p:
+            continue
+        lines += ["", f"## {name}", "", p[name]["header"], ""]
+        lines += ["| configuration | items | items/s | items/CPU-s | x (CPU) | CPU s by round |", "|---|---:|---:|---:|---:|---|"]
+        for row in p[name]["rows"]:
+            cpu = ", ".join(f"{run['cpu']:.1f}" for run in row["runs"])
             lines.append(
-                f"| {row['name']} | {row['items']} | {row['items_per_s']:.2f} | {row['items_per_cpu_s']:.2f} | {row['speedup_cpu']:.1f} |"
+                f"| {row['name']} | {row['items']} | {row['items_per_s']:.2f} | {row['items_per_cpu_s']:.2f} | {row['speedup_cpu']:.1f} | {cpu} |"
             )
     if "scaling" in p:
         lines += ["", "## scaling", "", bench_scaling.report(p["scaling"])]
     return "\n".join(lines) + "\n"
+
+
+def _eval_targets(name: str, r: dict[str, Any]) -> list[str]:
+    """Target-table rows of an evaluation piece: the default (fused decoder) against plain
+    ``model.generate`` and, where measured, against the batched ``generate`` evaluation."""
+    rows = {row["name"]: row for row in r["rows"]}
+    base = next(v for k, v in rows.items() if k.startswith("naive"))
+    ours = next(v for k, v in rows.items() if "[default]" in k)
+    regime = r.get("args", {}).get("regime", "quick")
+    what = f"three-way evaluation, regime {regime}, {ours['items']} items: {ours['items_per_cpu_s']:.2f} items/CPU-s"
+    out = [
+        f"| {what} | plain `model.generate` (batch 1, no per-item cap): {base['items_per_cpu_s']:.2f} items/CPU-s "
+        f"| {ours['items_per_cpu_s'] / base['items_per_cpu_s']:.1f}x | | | |"
+    ]
+    hf = next((v for k, v in rows.items() if "[generate]" in k), None)
+    if hf is not None:
+        ratios = [h["cpu"] / o["cpu"] for h, o in zip(hf["runs"], ours["runs"])]  # same items, round by round
+        out.append(
+            f"| {what} | batched `generate` evaluation (the default before): {hf['items_per_cpu_s']:.2f} items/CPU-s "
+            f"| {ours['items_per_cpu_s'] / hf['items_per_cpu_s']:.2f}x | {min(ratios):.2f}–{max(ratios):.2f}x | | |"
+        )
+    return out
 
 
 def _target(what: str, base: str, value: float, rng: list[float], kind: str, lower: bool = False) -> str:
@@ -230,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="where perf.md and perf.json go")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds of the SFT and GRPO comparisons")
     ap.add_argument("--add", nargs="+", default=[], metavar="PIECE=FILE", help="take these pieces from their scripts' --json files")
+    ap.add_argument("--eval-model", default="", help="a checkpoint for eval_long_1 (default: the untrained tiny model)")
     args = ap.parse_args(argv)
     from percepdsl.io import write_json_atomic
 
-    todo = pieces(args.quick, args.rounds)
+    todo = pieces(args.quick, args.rounds, args.eval_model)
     added = dict(a.split("=", 1) for a in args.add if "=" in a)
     unknown = sorted((set(args.only or ()) | set(added)) - set(todo))
     if unknown or len(added) < len(args.add):

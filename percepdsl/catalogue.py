@@ -806,7 +806,9 @@ BUILTINS: tuple[Entry, ...] = (
                 "precision",
                 "choice",
                 "fp32",
-                "generation precision: `fp32`, or `bf16` autocast (≈10% faster batched here; greedy outputs differ where logits nearly tie)",
+                "generation precision: `fp32` (the fused decoder writes Hugging Face's greedy tokens exactly), or `bf16`: the prefill "
+                "under bf16 autocast and the decoding steps on bf16 weight copies, attention in fp32 (≈10% faster here; greedy outputs "
+                "differ where logits nearly tie)",
                 choices=("fp32", "bf16"),
             ),
         ),

@@ -3,8 +3,14 @@
 Generation is the dominant cost of evaluating small models, so this module does the few
 things that matter:
 
-* it goes through Hugging Face ``model.generate`` with the KV cache, so each new
-  token costs one forward over one position instead of the whole sequence;
+* LLaVA models with a plain Llama text decoder decode through GRPO's sampler path
+  (``sampling.decode_llava``: one Hugging Face prefill, then ``FusedLlamaDecoder``'s
+  single-token steps over a preallocated KV cache); in fp32 it writes exactly the tokens
+  of ``model.generate`` (tested), 1.7x (short outputs) to 2.1x (the reproduction
+  regime's long ones) faster than batched ``generate`` (docs/performance.md, Evaluation).
+  Other models (and ``decoder="generate"``) go through Hugging Face ``model.generate``
+  with the KV cache, so each new token costs one forward over one position instead of
+  the whole sequence;
 * prompts are sorted by *prompt length + token cap* and cut into batches of
   ``batch_size`` rows, so that rows sharing a batch need similar amounts of left
   padding and finish at about the same step (a batch runs until its slowest row);
@@ -13,13 +19,13 @@ things that matter:
   its cap, and the batch stops when every row has hit EOS or its cap;
 * precision, KV-cache kind and attention kernel are parameters; the defaults come
   from measurement (``benchmarks/bench_eval.py``, docs/performance.md, Evaluation).
-  Precision: bf16 autocast evaluated 100 items ~10% faster than fp32 with 2 threads
-  and ~20% faster with 1 thread, but was 1.6-2x slower at batch 1; fp32 stays the
-  default because the gain at the default 2 threads is small, fp32 does not
-  depend on native bf16 support (AMX/AVX512-BF16), and greedy outputs of the two
-  precisions differ wherever logits nearly tie (compare runs at one precision).
-  Cache: dynamic — with the tiny model's eager attention a static cache attends
-  over its whole preallocated length every step and measured 7-13% slower.
+  Precision: ``bf16`` runs the prefill under bf16 autocast and, on the fused path,
+  the decoding steps on bf16 weight copies (attention in fp32, as GRPO's sampler);
+  through ``generate`` it is bf16 autocast throughout. fp32 stays the default: it
+  does not depend on native bf16 support (AMX/AVX512-BF16), and greedy outputs of
+  the two precisions differ wherever logits nearly tie (compare runs at one precision).
+  Cache (``generate`` only): dynamic — with the tiny model's eager attention a static
+  cache attends over its whole preallocated length every step and measured 7-13% slower.
 
 Results come back in input order whatever the internal sorting was.
 
@@ -44,6 +50,7 @@ from percepdsl.catalogue import default
 
 Precision = Literal["fp32", "bf16"]
 CacheKind = Literal["dynamic", "static"]
+Decoder = Literal["fused", "generate"]
 
 
 # ---------------------------------------------------------------------------
@@ -105,8 +112,12 @@ class GenConfig:
     stand-in), slower with the tiny model's eager attention, which then attends over
     the whole preallocated length. ``attention`` switches the model's attention
     implementation for the call (``"sdpa"``, ``"eager"``; ``None`` keeps the loaded
-    one) and restores it. ``seed`` (sampling only) makes sampling reproducible
-    without touching the caller's global RNG stream.
+    one) and restores it; both apply to ``generate`` only. ``decoder="fused"`` decodes
+    through ``sampling.decode_llava`` where ``sampling.fused_parts`` accepts the model (a
+    LLaVA with a plain Llama decoder, no forward hooks) and the encoder has a single EOS id,
+    else through ``generate``; ``"generate"`` always uses ``generate`` (the benchmark's
+    baseline). ``seed`` (sampling only) makes sampling reproducible without touching the
+    caller's global RNG stream; the two decoders draw differently from the same distribution.
     """
 
     max_new_tokens: int = 512
@@ -119,6 +130,7 @@ class GenConfig:
     attention: str | None = None
     sort_by_length: bool = True
     seed: int | None = None
+    decoder: Decoder = "fused"
 
     @property
     def greedy(self) -> bool:
@@ -264,12 +276,13 @@ def generate(loaded: Any, encoder: Any, prompts: Sequence[Prompt], cfg: GenConfi
     lengths = [int(e["input_ids"].shape[-1]) + c for e, c in zip(encoded, caps)]
     prompts_per_batch = max(1, cfg.batch_size // k)
     results: list[list[Completion] | None] = [None] * len(prompts)
+    fused = _fused_decoder(model, encoder, cfg)
     rng = torch.random.fork_rng(devices=[]) if (not cfg.greedy and cfg.seed is not None) else contextlib.nullcontext()
     with rng, eval_mode(model), attention_impl(model, cfg.attention), torch.inference_mode():
         if not cfg.greedy and cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         for batch in plan_batches(lengths, prompts_per_batch, cfg.sort_by_length):
-            outs = _generate_batch(model, encoder, [encoded[i] for i in batch], [caps[i] for i in batch], cfg)
+            outs = _generate_batch(model, encoder, [encoded[i] for i in batch], [caps[i] for i in batch], cfg, fused)
             for j, i in enumerate(batch):
                 results[i] = [
                     Completion(c.text, c.n_tokens, c.truncated, c.token_ids, prompt_index=i, sample_index=s)
@@ -290,8 +303,27 @@ def _collate(encoder: Any, items: list[Mapping[str, Any]]) -> dict[str, Any]:
     return dict(collate_fn(items, encoder.pad_token_id))
 
 
-def _generate_batch(model: Any, encoder: Any, items: list[Mapping[str, Any]], caps: list[int], cfg: GenConfig) -> list[Completion]:
-    """Run one ``generate`` call over a left-padded batch; rows in batch order."""
+def _fused_decoder(model: Any, encoder: Any, cfg: GenConfig) -> tuple[Any, Any] | None:
+    """(the LLaVA model, the ``FusedLlamaDecoder`` of its text decoder) that decode this call's
+    batches (the weight copies made once per call, in ``cfg.precision``), or None: decode
+    through ``generate``."""
+    if cfg.decoder == "generate":
+        return None
+    if cfg.decoder != "fused":
+        raise ValueError(f"unknown decoder {cfg.decoder!r}; expected 'fused' or 'generate'")
+    from .sampling import FusedLlamaDecoder, fused_parts
+
+    parts = fused_parts(model)
+    if parts is None or not isinstance(encoder.eos_token_id, int):
+        return None
+    return parts[2], FusedLlamaDecoder(parts[0], parts[1], torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+
+
+def _generate_batch(
+    model: Any, encoder: Any, items: list[Mapping[str, Any]], caps: list[int], cfg: GenConfig, fused: tuple[Any, Any] | None = None
+) -> list[Completion]:
+    """Decode one left-padded batch (with ``fused``: ``sampling.decode_llava``, else one
+    ``generate`` call); rows in batch order."""
     device = _model_device(model)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in _collate(encoder, items).items()}
     input_ids = batch["input_ids"]
@@ -301,6 +333,12 @@ def _generate_batch(model: Any, encoder: Any, items: list[Mapping[str, Any]], ca
     k = cfg.num_return_sequences
     # generate expands each prompt into k consecutive rows (repeat_interleave).
     row_caps = torch.tensor(caps, dtype=torch.long).repeat_interleave(k)
+    if fused is not None:
+        from .sampling import decode_llava
+
+        with precision_context(cfg.precision, device):  # the prefill's; the steps run on the decoder's copies
+            ids = decode_llava(*fused, batch, k, row_caps, cfg.temperature, cfg.top_p, encoder.eos_token_id, encoder.pad_token_id)
+        return _completions(encoder, ids.tolist(), row_caps)
     from transformers import StoppingCriteriaList  # lazy: keeps module import light
 
     with precision_context(cfg.precision, device):
@@ -316,7 +354,11 @@ def _generate_batch(model: Any, encoder: Any, items: list[Mapping[str, Any]], ca
             **decoding_kwargs(cfg),
         )
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    new = sequences[:, prompt_length:].tolist()
+    return _completions(encoder, sequences[:, prompt_length:].tolist(), row_caps)
+
+
+def _completions(encoder: Any, new: list[list[int]], row_caps: torch.Tensor) -> list[Completion]:
+    """Completions of generated rows (new token ids), each cut at its EOS or cap."""
     completions = []
     for row, cap in zip(new, row_caps.tolist()):
         ids, truncated = split_completion(row, encoder.eos_token_id, cap)
@@ -381,6 +423,7 @@ def reference_cap(n_reference_tokens: int, factor: float, margin: int) -> int:
 __all__ = [
     "CacheKind",
     "Completion",
+    "Decoder",
     "GenConfig",
     "GenerateFn",
     "PerRowCap",

@@ -1,11 +1,13 @@
 """GRPO's sampler: G completions of every prompt of a batch, as ``Rollouts``.
 
-``sample_completions`` takes the fast path for LLaVA models with a plain Llama text decoder:
-each prompt is prefilled once by the Hugging Face forward (vision tower + decoder), its K/V
-copied to its G rows in a cache preallocated for prompt + cap, and ``FusedLlamaDecoder`` runs
-the single-token steps (eagerly, or as ``compiled_step`` under ``torch.compile``). A PEFT LoRA
-model takes the same path, its adapters merged into the decoder's weight copies
-(``dense_weights``); other models go through Hugging Face ``generate``.
+``sample_completions`` takes the fast path for LLaVA models with a plain Llama text decoder
+(``fused_parts``): ``decode_llava`` prefills each prompt once by the Hugging Face forward
+(vision tower + decoder), copies its K/V to its G rows in a cache preallocated for prompt +
+cap, and ``FusedLlamaDecoder`` runs the single-token steps (eagerly, or as ``compiled_step``
+under ``torch.compile``). A PEFT LoRA model takes the same path, its adapters merged into the
+decoder's weight copies (``dense_weights``); other models go through Hugging Face
+``generate``. Evaluation (``generation.generate``) decodes through the same ``decode_llava``,
+greedy, with a cap per row.
 
 Numerics: the fused decoder runs on bf16 copies of the weights by default (the GRPO stage's
 ``sample_precision``). bf16 *autocast* measured slower than fp32 for decoding here because it
@@ -54,6 +56,12 @@ def llava_parts(model: Any) -> tuple[Any, Any, Any] | None:
     lm = getattr(getattr(m, "model", None), "language_model", None)
     head = getattr(m, "lm_head", None)
     return (lm, head, m) if lm is not None and head is not None else None
+
+
+def fused_parts(model: Any) -> tuple[Any, Any, Any] | None:
+    """``llava_parts`` of a model that ``FusedLlamaDecoder`` can decode, else None."""
+    parts = llava_parts(model)
+    return parts if parts is not None and FusedLlamaDecoder.supports(parts[0], parts[1]) else None
 
 
 def cache_of(out: Any) -> Any:
@@ -112,7 +120,7 @@ def sample_completions(
 ) -> Rollouts:
     """Sample ``group`` completions of every prompt of a collated, left-padded batch.
 
-    LLaVA models with a plain Llama decoder take the fast path (``_decode_llava``): each
+    LLaVA models with a plain Llama decoder take the fast path (``decode_llava``): each
     prompt is prefilled once and its K/V shared by its G rows, in a cache preallocated for
     prompt + cap (Hugging Face's default dynamic cache concatenates every step, which
     profiled at ~75% of decoding time for the tiny model), and a fused decoder
@@ -123,13 +131,12 @@ def sample_completions(
     runs under ``torch.compile`` (``compiled_step``); other models ignore it.
     """
     t0 = time.perf_counter()
-    parts = llava_parts(model)
-    if parts is None or not FusedLlamaDecoder.supports(parts[0], parts[1]):
+    parts = fused_parts(model)
+    if parts is None:
         ids = _hf_generate(model, prompt, group, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, suppress, generator)
     else:
-        ids = _decode_llava(
-            parts, prompt, group, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, suppress, generator, dtype, compile
-        )
+        dec = FusedLlamaDecoder(parts[0], parts[1], dtype, banned=suppress)
+        ids = decode_llava(parts[2], dec, prompt, group, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, generator, compile)
     is_eos = ids == eos_token_id
     seen_eos = is_eos.long().cumsum(dim=1)
     mask = (seen_eos == 0) | (is_eos & (seen_eos == 1))  # tokens up to and including the first EOS
@@ -183,7 +190,7 @@ class FusedLlamaDecoder:
 
     def __init__(self, lm: Any, head: Any, dtype: torch.dtype = torch.float32, banned: tuple[int, ...] = ()):
         cfg = lm.config
-        self.dtype = dtype
+        self.dtype, self.banned = dtype, banned
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -232,8 +239,12 @@ class FusedLlamaDecoder:
     @staticmethod
     def supports(lm: Any, head: Any = None) -> bool:
         """A Llama decoder whose projections (and head) are plain linears, or PEFT LoRA linears
-        that ``dense_weights`` can merge."""
+        that ``dense_weights`` can merge, with no forward hooks (the decoder never calls the
+        modules, so a hook's effect would be silently lost)."""
         if getattr(lm.config, "model_type", None) != "llama":
+            return False
+        hooked = [mod for root in (lm, head) if root is not None for mod in root.modules() if mod._forward_hooks or mod._forward_pre_hooks]
+        if hooked:
             return False
         mods = [
             mod
@@ -344,30 +355,33 @@ def _compile_failed(exc: Exception) -> None:
     _COMPILED[:] = [None]
 
 
-def _decode_llava(
-    parts: tuple[Any, Any, Any],
+def decode_llava(
+    full: Any,
+    dec: FusedLlamaDecoder,
     prompt: Mapping[str, torch.Tensor],
     G: int,
-    T: int,
+    caps: int | torch.Tensor,
     temperature: float,
     top_p: float,
     eos: int,
     pad: int,
-    suppress: tuple[int, ...],
-    gen: torch.Generator | None,
-    dtype: torch.dtype,
+    gen: torch.Generator | None = None,
     compile: bool = False,
 ) -> torch.Tensor:
-    """Prefill the B prompts once (Hugging Face forward: vision tower + decoder), copy the
-    prompt K/V G times into an fp32 cache preallocated for prompt + cap, then decode B·G rows."""
-    lm, head, full = parts
+    """New token ids [B·G, max cap] of a LLaVA model ``full`` (prompt-major rows, pad after a
+    row's end): prefill the B prompts once (Hugging Face forward: vision tower + decoder, under
+    the caller's autocast if any), copy the prompt K/V G times into an fp32 cache preallocated
+    for prompt + cap, then decode B·G rows with ``dec`` (``FusedLlamaDecoder`` of ``full``'s
+    text decoder) until every row has emitted EOS or reached its cap. ``caps``: one cap for
+    every row (GRPO) or a tensor of B·G caps (evaluation's per-item caps)."""
     attn = prompt["attention_mask"]
     B, P = attn.shape
     N = B * G
+    row_caps = caps.to(attn.device) if isinstance(caps, torch.Tensor) else None
+    T = int(caps.max()) if isinstance(caps, torch.Tensor) else int(caps)
     pos = position_ids(attn)
     out = full(**prompt, position_ids=pos, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)
-    dec = FusedLlamaDecoder(lm, head, dtype, banned=suppress)
     keys, values = [], []
     for layer in cache_of(out).layers:  # [B, KV, P, hd] → rows of the shared prefix, G times
         for store, t in ((keys, layer.keys), (values, layer.values)):
@@ -383,8 +397,8 @@ def _decode_llava(
     next_pos = pos[:, -1].repeat_interleave(G, dim=0) + 1
     ids = torch.full((N, T), pad, dtype=torch.long, device=attn.device)
     done = torch.zeros(N, dtype=torch.bool, device=attn.device)
-    if suppress:  # the prefill's logits; the decoder's own carry the ban in the head bias
-        logits[:, list(suppress)] = -math.inf
+    if dec.banned:  # the prefill's logits; the decoder's own carry the ban in the head bias
+        logits[:, list(dec.banned)] = -math.inf
     step = compiled_step() if compile else None
     # The decoder sets its dtypes itself (weights in `dtype`, attention in fp32): a caller's
     # autocast would re-cast every op, which made sampling 15% slower per token here.
@@ -393,6 +407,8 @@ def _decode_llava(
             tok = _sample(logits, temperature, top_p, gen).masked_fill(done, pad)
             ids[:, t] = tok
             done |= tok == eos
+            if row_caps is not None:  # a row at its cap stops; later slots stay pad
+                done |= row_caps <= t + 1
             if t == T - 1 or bool(done.all()):
                 break
             new = None

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from percepdsl_runtime.generation import (
     Completion,
     GenConfig,
     Prompt,
+    _fused_decoder,
     generate,
     plan_batches,
     reference_cap,
@@ -199,10 +201,46 @@ def test_eos_stops_generation_and_is_not_truncated(task, loaded, encoder) -> Non
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_caches_and_attention_kernels_agree(task, loaded, encoder, cache) -> None:
     prompts = varied_prompts(task)
-    reference = generate(loaded, encoder, prompts, GenConfig(batch_size=1, cache="dynamic"))
-    assert generate(loaded, encoder, prompts, GenConfig(batch_size=4, cache=cache)) == reference
-    assert generate(loaded, encoder, prompts, GenConfig(batch_size=4, cache=cache, attention="sdpa")) == reference
+    reference = generate(loaded, encoder, prompts, GenConfig(batch_size=1))  # the fused decoder
+    via_generate = GenConfig(batch_size=4, cache=cache, decoder="generate")
+    assert generate(loaded, encoder, prompts, via_generate) == reference
+    assert generate(loaded, encoder, prompts, replace(via_generate, attention="sdpa")) == reference
     assert loaded.model.config._attn_implementation == "eager"  # restored after the call
+
+
+class OtherEos:
+    """The encoder with another token as its EOS: one this untrained model writes now and
+    then, so that rows end at different steps (a hook on the head would switch the fused
+    decoder off: it never calls the modules)."""
+
+    def __init__(self, encoder: Encoder, eos_token_id: int) -> None:
+        self._encoder, self.eos_token_id = encoder, eos_token_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+
+def test_fused_decoder_writes_generates_greedy_tokens(task, loaded, encoder) -> None:
+    """Evaluation's default decoder (GRPO's fused one, fp32) writes exactly the token ids of
+    Hugging Face ``generate``, with left padding, a cap per row and EOS ending rows at
+    different steps; a forward hook, or ``decoder = "generate"``, selects ``generate``."""
+    prompts = [replace(p, max_new_tokens=10 + 5 * i) for i, p in enumerate(varied_prompts(task, 8))]
+    enc = OtherEos(encoder, 19)
+    assert _fused_decoder(loaded.model, enc, GenConfig()) is not None
+    assert _fused_decoder(loaded.model, enc, GenConfig(decoder="generate")) is None
+    fused = generate(loaded, enc, prompts, GenConfig(batch_size=4))
+    assert fused == generate(loaded, enc, prompts, GenConfig(batch_size=4, decoder="generate"))
+    ended = [c.n_tokens for c in fused if not c.truncated]
+    assert len(set(ended)) >= 3 and all(c.token_ids[-1] == 19 for c in fused if not c.truncated)
+    assert any(c.truncated and c.n_tokens == p.max_new_tokens for c, p in zip(fused, prompts))
+    with eos_logit(loaded.model, encoder.eos_token_id, float("-inf")):
+        assert _fused_decoder(loaded.model, encoder, GenConfig()) is None
+
+
+def test_evaluation_records_are_the_same_through_either_decoder(task, loaded, encoder) -> None:
+    fused = evaluate(loaded, encoder, task, n=6, cfg=EvalConfig())
+    via_generate = evaluate(loaded, encoder, task, n=6, cfg=EvalConfig(gen=GenConfig(decoder="generate")))
+    assert fused.records == via_generate.records and fused.metrics == via_generate.metrics
 
 
 def test_bf16_autocast_generation_runs(task, loaded, encoder) -> None:
