@@ -8,7 +8,8 @@ Pieces (``--only``): ``matmul`` (the matmul peak, MFU's denominator, measured in
 ``sft_<regime>_<threads>`` (bench_sft.py: SFT vs TRL's SFTTrainer, regimes ``quick`` and
 ``long``, 1 and 2 threads), ``ngdiff_<regime>_1`` (bench_sft.py --ngdiff: NGDiff's step against a
 token-mean step), ``packing_<regime>_1`` (bench_packing.py: packed rows against padded items,
-batch by batch), ``grpo_1`` (bench_grpo.py: GRPO vs TRL's GRPOTrainer,
+batch by batch), ``grpo_1`` and ``grpo_equal_1`` (bench_grpo.py: GRPO vs TRL's GRPOTrainer; ``equal``: EOS
+suppressed on both sides, so both generate the same tokens per step,
 with LoRA), ``eval_1`` and ``eval_long_1`` (bench_eval.py: the three-way evaluation in items/s,
 through the fused decoder, against plain ``model.generate`` and the batched ``generate`` evaluation,
 regimes ``quick`` and ``long``; ``--eval-model PATH`` evaluates a checkpoint in the long regime
@@ -74,6 +75,7 @@ def pieces(quick: bool, rounds: int | None = None, eval_model: str = "") -> dict
         out[f"ngdiff_{regime}_1"] = lambda _, r=regime: _ngdiff(r, 1, size["ngdiff"])
         out[f"packing_{regime}_1"] = lambda _, r=regime: _packing(r, 1, size["packing"])
     out["grpo_1"] = lambda _: _grpo(1, size["grpo"])
+    out["grpo_equal_1"] = lambda _: _grpo(1, {**size["grpo"], "sides": ("trl", "ours_eager")}, no_eos=True)
     out["eval_1"] = lambda _: _eval("quick", 1, size["eval"])
     out["eval_long_1"] = lambda _: _eval("long", 1, size["eval_long"], eval_model)
     out["scaling"] = lambda _: _scaling(size["scaling"])
@@ -97,11 +99,11 @@ def _packing(regime: str, threads: int, s: dict[str, Any]) -> dict[str, Any]:
     return bl.run_child("bench_packing.py", args, threads)
 
 
-def _grpo(threads: int, s: dict[str, Any]) -> dict[str, Any]:
+def _grpo(threads: int, s: dict[str, Any], no_eos: bool = False) -> dict[str, Any]:
     import bench_grpo
 
     sides = s.get("sides", bench_grpo.SIDES)
-    return bench_grpo.run(threads, s["rounds"], s["steps"], s["warmup"], s["sft_steps"], tuple(sides), log=_log)
+    return bench_grpo.run(threads, s["rounds"], s["steps"], s["warmup"], s["sft_steps"], tuple(sides), log=_log, no_eos=no_eos)
 
 
 def _eval(regime: str, threads: int, s: dict[str, Any], model: str = "") -> dict[str, Any]:
@@ -170,6 +172,11 @@ def render(res: dict[str, Any]) -> str:
                 if ours == "ours_lora_generate":  # a reference point, not a configuration with a target
                     row = row.rsplit("|", 3)[0] + "| — | — |"
                 lines.append(row)
+    if "grpo_equal_1" in p:
+        r = p["grpo_equal_1"]
+        rng = bl.spread(r["ours_eager_vs_trl_rounds"])
+        what = "GRPO step, the defaults, equal tokens per step (EOS suppressed on both sides)"
+        lines.append(_target(what, "TRL GRPOTrainer", r["ours_eager_vs_trl"], rng, "grpo"))
     for name in ("eval_1", "eval_long_1"):
         if name in p:
             lines += _eval_targets(name, p[name])
@@ -196,8 +203,9 @@ def render(res: dict[str, Any]) -> str:
             lines += ["", f"## {name}", "", bench_sft.report_ngdiff(r)]
         elif name.startswith("packing_"):
             lines += ["", f"## {name}", "", bench_packing.report(r)]
-    if "grpo_1" in p:
-        lines += ["", "## grpo_1", "", bench_grpo.report(p["grpo_1"])]
+    for name in ("grpo_1", "grpo_equal_1"):
+        if name in p:
+            lines += ["", f"## {name}", "", bench_grpo.report(p[name])]
     for name in ("eval_1", "eval_long_1"):
         if name not in p:
             continue
