@@ -24,8 +24,13 @@ process, in alternating rounds; medians over a run's timed steps, best round per
 Inductor cache (``compile_cold_s``) and with the on-disk cache an earlier process left
 (``compile_warm_s``), and left out of the timed steps.
 
+``--no-eos`` suppresses EOS on both sides, so every completion runs to the cap and both sides
+generate the same tokens per step (at the defaults the two policies' completion lengths drift apart
+during the run: the reward's brevity term). The compile cost is measured only when a compiled side runs.
+
     python benchmarks/bench_grpo.py --threads 1
     python benchmarks/bench_grpo.py --steps 10 --rounds 3 --json out.json
+    python benchmarks/bench_grpo.py --sides trl ours_eager --no-eos
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def _parts(t: dict[str, tuple[float, float]], step: tuple[float, float], outer: 
 
 
 # ---------------------------------------------------------------------------------- children
-def child_trl(model_dir: Path, steps: int, warmup: int, lora: bool) -> dict[str, Any]:
+def child_trl(model_dir: Path, steps: int, warmup: int, lora: bool, no_eos: bool = False) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -192,6 +197,8 @@ def child_trl(model_dir: Path, steps: int, warmup: int, lora: bool) -> dict[str,
         remove_unused_columns=False,
         seed=0,
         dataloader_num_workers=0,
+        # TRL's own suppression is the image token; --no-eos adds EOS
+        generation_kwargs={"suppress_tokens": [model.config.image_token_id, eos]} if no_eos else None,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -212,7 +219,7 @@ def child_trl(model_dir: Path, steps: int, warmup: int, lora: bool) -> dict[str,
     return {"rss_before_mb": rss0, "records": records}
 
 
-def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bool, generate: bool) -> dict[str, Any]:
+def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bool, generate: bool, no_eos: bool = False) -> dict[str, Any]:
     import lightning as L
 
     import percepdsl_runtime.grpo as grpo
@@ -240,6 +247,8 @@ def child_ours(model_dir: Path, steps: int, warmup: int, compile: bool, lora: bo
         reward=reward_ir(),
     )
     module, dm = grpo.build_grpo(loaded, enc, bl.task_of(REGIME), stage, seed=0, grad_clip=1.0)
+    if no_eos:
+        module.suppress = (*module.suppress, enc.eos_token_id)
     timer = Timer()
     grpo.sample_completions = timer.wrap("generate", grpo.sample_completions)
     grpo.completion_logprobs = timer.wrap("forward", grpo.completion_logprobs)
@@ -331,16 +340,23 @@ def sft_warm_start(model_dir: Path, steps: int) -> None:
 
 # ---------------------------------------------------------------------------------- parent
 def run(
-    threads: int, rounds: int, steps: int, warmup: int, sft_steps: int, sides: tuple[str, ...] = SIDES, log: Any = print
+    threads: int,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    sft_steps: int,
+    sides: tuple[str, ...] = SIDES,
+    log: Any = print,
+    no_eos: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         model_dir = bl.build_model(REGIME, Path(tmp) / "tiny")
         bl.run_child("bench_grpo.py", ["--side", "warm_start", "--model-dir", str(model_dir), "--sft-steps", str(sft_steps)], threads)
-        common = ["--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup)]
-        cold_dir = Path(tmp) / "inductor-cold"
-        os.environ["TORCHINDUCTOR_CACHE_DIR_COLD"] = str(cold_dir)
-        cold = bl.run_child("bench_grpo.py", ["--side", "compile", "--cold", *common], threads)
-        warm = bl.run_child("bench_grpo.py", ["--side", "compile", *common], threads)
+        common = ["--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup)] + (["--no-eos"] if no_eos else [])
+        compiled = any(s not in ("trl", "trl_lora", "ours_eager") for s in sides)
+        if compiled:
+            cold = bl.run_child("bench_grpo.py", ["--side", "compile", "--cold", *common], threads)
+            warm = bl.run_child("bench_grpo.py", ["--side", "compile", *common], threads)
         load0 = bl.loadavg()
         runs = bl.alternate(
             {s: (lambda s=s: _summary(bl.run_child("bench_grpo.py", ["--side", s, *common], threads), warmup, threads)) for s in sides},
@@ -348,9 +364,10 @@ def run(
             log,
         )
     key = "step_cpu_s" if threads == 1 else "step_s"
-    out: dict[str, Any] = {"threads": threads, "rounds": rounds, "clock": key, "loadavg": [load0, bl.loadavg()]}
-    out["compile_cold_s"], out["compile_cold_cpu_s"] = cold["compile_s"], cold["compile_cpu_s"]
-    out["compile_warm_s"], out["compile_warm_cpu_s"] = warm["compile_s"], warm["compile_cpu_s"]
+    out: dict[str, Any] = {"threads": threads, "rounds": rounds, "clock": key, "loadavg": [load0, bl.loadavg()], "no_eos": no_eos}
+    if compiled:
+        out["compile_cold_s"], out["compile_cold_cpu_s"] = cold["compile_s"], cold["compile_cpu_s"]
+        out["compile_warm_s"], out["compile_warm_cpu_s"] = warm["compile_s"], warm["compile_cpu_s"]
     for side, rs in runs.items():
         out[side] = bl.best(rs, key, higher=False) | {f"{key}_rounds": [r[key] for r in rs]}
     for ours, base in (("ours", "trl"), ("ours_eager", "trl"), ("ours_lora", "trl_lora"), ("ours_lora_generate", "trl_lora")):
@@ -369,7 +386,8 @@ def report(res: dict[str, Any]) -> str:
     key = res["clock"]
     per = "CPU" if key == "step_cpu_s" else "wall"
     lines = [
-        f"GRPO step, {res['threads']} thread(s), {PROMPTS} prompts × {G}, {NEW_TOKENS} new tokens: {per} seconds "
+        f"GRPO step, {res['threads']} thread(s), {PROMPTS} prompts × {G}, {NEW_TOKENS} new tokens"
+        f"{' (EOS suppressed on both sides: every completion runs to the cap)' if res.get('no_eos') else ''}: {per} seconds "
         f"(median step of the best round; parts are medians too, so they need not add up)",
         "",
         "| side | s/step | range | sampling | rollout rest | forward | backward | optimiser + rest | sampling tok/s | tok/step | peak RSS MiB (+) |",
@@ -393,10 +411,11 @@ def report(res: dict[str, Any]) -> str:
                 f"- {ours} vs {base}: {res[f'{ours}_vs_{base}']:.2f}x per step (round by round {rng[0]:.2f}–{rng[2]:.2f}x); "
                 f"sampling {res[f'{ours}_sampling_vs_{base}']:.2f}x tokens/s"
             )
-    lines.append(
-        f"- compile = true, one-time cost per process: {res['compile_cold_s']:.1f} s wall / {res['compile_cold_cpu_s']:.1f} s CPU "
-        f"with an empty Inductor cache, {res['compile_warm_s']:.1f} s / {res['compile_warm_cpu_s']:.1f} s CPU from the on-disk cache"
-    )
+    if "compile_cold_s" in res:
+        lines.append(
+            f"- compile = true, one-time cost per process: {res['compile_cold_s']:.1f} s wall / {res['compile_cold_cpu_s']:.1f} s CPU "
+            f"with an empty Inductor cache, {res['compile_warm_s']:.1f} s / {res['compile_warm_cpu_s']:.1f} s CPU from the on-disk cache"
+        )
     return "\n".join(lines)
 
 
@@ -409,6 +428,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-eos", action="store_true", help="suppress EOS on both sides: equal tokens per step")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
@@ -423,7 +443,7 @@ def main() -> None:
         elif args.side == "compile":
             res = child_compile(args.model_dir)
         elif args.side in ("trl", "trl_lora"):
-            res = child_trl(args.model_dir, args.steps, args.warmup, lora=args.side == "trl_lora")
+            res = child_trl(args.model_dir, args.steps, args.warmup, lora=args.side == "trl_lora", no_eos=args.no_eos)
         else:
             res = child_ours(
                 args.model_dir,
@@ -432,11 +452,12 @@ def main() -> None:
                 compile=args.side != "ours_eager",
                 lora=args.side.startswith("ours_lora"),
                 generate=args.side == "ours_lora_generate",
+                no_eos=args.no_eos,
             )
         bl.emit(res)
         return
     t0 = time.perf_counter()
-    res = run(args.threads, args.rounds, args.steps, args.warmup, args.sft_steps, tuple(args.sides))
+    res = run(args.threads, args.rounds, args.steps, args.warmup, args.sft_steps, tuple(args.sides), no_eos=args.no_eos)
     res["wall_s"] = time.perf_counter() - t0
     print(report(res))
     if args.json:

