@@ -12,7 +12,9 @@ Behaviour is steered by environment variables:
   FAKE_RUN_SLEEP   seconds to sleep before finishing (default 0)
   FAKE_RUN_SLOW    only cells whose overrides include all these `k=v` (space separated) sleep
   FAKE_RUN_FAIL    cells whose overrides include all these `k=v` pairs fail with exit 3
-  FAKE_RUN_CONFIG  a JSON file whose keys (calls, sleep, slow, fail) override the variables above when
+  FAKE_RUN_FAIL_AFTER  a failing cell first waits (up to 60 s) until the calls file holds this many lines:
+                   a test can make sure the cells started with it are under way before it fails
+  FAKE_RUN_CONFIG  a JSON file whose keys (calls, sleep, slow, fail, fail_after) override the variables above when
                    it exists: a test can change the behaviour of Ray workers started earlier
 SIGINT makes it exit 130 with its progress file but no summary, like an interrupted run.
 """
@@ -32,6 +34,11 @@ def _matches(rule: str | None, overrides: dict[str, str]) -> bool:
         return False
     pairs = [p.partition("=") for p in rule.split()]
     return all(overrides.get(k) == v for k, _, v in pairs)
+
+
+def _lines(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
 
 
 def setting(name: str) -> str | None:
@@ -77,16 +84,21 @@ def main(argv: list[str]) -> int:
     ir = res.ir
     name = f"{ir.name}-{content_hash(ir)}"
     run_dir = Path(args.out) / name
-    if calls := setting("calls"):
-        with open(calls, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"name": name, "resume": args.resume, "pid": os.getpid()}) + "\n")
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = run_dir / "progress.json"
     resumed = args.resume and progress.exists()
+    calls = setting("calls")
     try:  # from the first write on: a signal may come as soon as progress.json is in place (its directory is still being synced)
         write_json_atomic(progress, {"pid": os.getpid(), "step": 0})
+        if calls:  # recorded once the run has state on disk: a recorded call is one that a resume finds
+            with open(calls, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"name": name, "resume": args.resume, "pid": os.getpid()}) + "\n")
         print(f"fake run {name}: params {ir.params} seed {ir.seed}{' (resumed)' if resumed else ''}", flush=True)
         if _matches(setting("fail"), overrides):
+            if calls and (after := setting("fail_after")):
+                deadline = time.monotonic() + 60
+                while _lines(calls) < int(after) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             print("Traceback (most recent call last):\n  ...\nRuntimeError: fake failure for this cell", file=sys.stderr, flush=True)
             return 3
         slow = setting("slow")

@@ -37,7 +37,7 @@ from percepdsl_runtime.grid.state import GridLock
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "specs" / "grids" / "smoke.pd"
 FAKE = [sys.executable, str(REPO / "tests" / "fake_run.py")]
-FAKE_VARS = ("FAKE_RUN_CALLS", "FAKE_RUN_SLEEP", "FAKE_RUN_SLOW", "FAKE_RUN_FAIL")
+FAKE_VARS = ("FAKE_RUN_CALLS", "FAKE_RUN_SLEEP", "FAKE_RUN_SLOW", "FAKE_RUN_FAIL", "FAKE_RUN_FAIL_AFTER")
 
 
 @pytest.fixture(autouse=True)
@@ -484,6 +484,7 @@ def test_fail_fast_stops_the_grid_at_the_first_failure(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_RUN_FAIL", "lam=0.25 seed=1")
     monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
     monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.25 seed=0")
+    monkeypatch.setenv("FAKE_RUN_FAIL_AFTER", "2")  # the slow cell is under way when the other fails (a loaded CI box starts it late)
     t0 = time.monotonic()
     rc, _, err = run_grid(out, jobs=2, fail_fast=True)  # cells 1 (slow) and 2 (fails) start together
     assert rc == EXIT_FAILED and time.monotonic() - t0 < 60, err
