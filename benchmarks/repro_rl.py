@@ -288,6 +288,14 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
 
     # ---- F4 / issue 16: paired differences against the outcome-only arm ----
     results = paired_against(cells, arms, seeds, BASELINE, fields, rng)
+
+    def rule(d: dict[str, Any]) -> str:
+        """The pre-registered verdict, read only once the comparison has 3 paired seeds (all, when fewer were asked)."""
+        n = len(d["per_seed"])
+        return verdict(d) if n >= min(3, len(seeds)) else f"no verdict ({n} of {len(seeds)} seeds paired)"
+
+    for per in results.values():
+        per["a"]["verdict"] = rule(per["a"])
     if results:
         L += [
             f"## F4 and issue 16: paired differences against `{BASELINE}` (arm − {BASELINE})",
@@ -301,7 +309,7 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
                 t = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
                 L.append(
                     f"| {arm} | {m} | {','.join(map(str, d['seeds']))} | {d['n_pairs']} | {d['mean']:+.3f} "
-                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {verdict(d) if m == 'a' else ''} |"
+                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {rule(d) if m == 'a' else ''} |"
                 )
         L.append("")
         L += [
@@ -312,7 +320,7 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
         ]
         for arm, per in results.items():
             cis = [f"{per[m]['mean']:+.3f} [{per[m]['lo']:+.3f}, {per[m]['hi']:+.3f}]" for m in fields]
-            L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} | {verdict(per['a'])} |")
+            L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} | {rule(per['a'])} |")
         L.append("")
         from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
 

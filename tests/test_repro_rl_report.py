@@ -226,3 +226,19 @@ def test_reeval_from_needs_a_plan_that_re_evaluates(tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit):
         repro_rl.main(["--plan", "sudoku", "--out", str(tmp_path), "--reeval-from", str(tmp_path), "--report"])
     assert "re-evaluates no arm" in capsys.readouterr().err
+
+
+def test_an_arm_with_fewer_than_three_paired_seeds_gets_intervals_and_no_verdict(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for s in (1, 2, 3):
+        fake_cell(runs, "outcome", s, mask(10), mask(10), coupling(0.9, 0.3), GC8)
+    for s in (1, 2):  # the surrogate arm's third seed did not start before the cut-off
+        fake_cell(runs, "sc_majority", s, mask(14), mask(12), coupling(0.8, 0.4), GC8)
+    fake_cell(runs, "alpha", 1, mask(14), mask(12), coupling(0.8, 0.4), GC8)
+    text = repro_rl.report(tmp_path, ["outcome", "alpha", "sc_majority"], [1, 2, 3], GC8).read_text()
+    paired = json.loads((tmp_path / "report.json").read_text())["paired"]
+    assert paired["sc_majority"]["a"]["verdict"] == "no verdict (2 of 3 seeds paired)"
+    assert paired["sc_majority"]["a"]["mean"] == pytest.approx(4 / N)  # the intervals are still there
+    assert "| `sc_majority` | 2 | 80 |" in text and "reproduced" not in text.split("## F3")[0]
+    assert paired["alpha"]["a"]["verdict"] == "no verdict (1 of 3 seeds paired)"
+    assert "Cells not run or not complete: alpha-s2, alpha-s3, sc_majority-s3." in text
