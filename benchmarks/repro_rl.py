@@ -5,6 +5,8 @@
     python benchmarks/repro_rl.py --out runs/repro_rl --arms outcome,alpha --seeds 1,2,3
     python benchmarks/repro_rl.py --plan gc8 --out runs/repro_rl_gc8        # graph colouring, patch 8
     python benchmarks/repro_rl.py --plan gc8 --out runs/repro_rl_gc8 --start STAGE_DIR   # an existing start
+    python benchmarks/repro_rl.py --plan gc8 --out runs/repro_rl_gc8 --start STAGE_DIR --reeval-from OLD_OUT
+        # session 5: the `outcome` cells of an earlier run (OLD_OUT/runs) re-evaluated on 500 items, not retrained
 
 The plans (`benchmarks/results/preregistration.md`, the "RL" sections) share one shape: a shared
 start made by a chain of SFT cells (sudoku: `specs/repro/sudoku_rl_base.pd`, trained once, seed 1;
@@ -12,6 +14,10 @@ graph colouring: the patch-8 reasoner base `gc8_base.pd` then the seed-1 token-m
 `gc8_tm.pd`, or `--start` an existing stage directory), then one GRPO stage per arm
 (`specs/repro/<prefix>_<arm>.pd`) from its checkpoint for each seed. The arms of one seed share
 the start, the prompt order and the test items, so they are compared item by item. A plan may name
+arms (`reeval`) whose finished cells from an earlier run (`--reeval-from`) are re-evaluated from their
+saved weights instead of trained again (`benchmarks/repro.py`'s `eval_cell`: a generated spec, one
+step at lr 0, then the arms' own evaluation; the report checks the weights tensor for tensor and the
+earlier evaluation's items, and reads the arm's GRPO diagnostics from the source cell). A plan may name
 a `before` cell (`gc8_rl_start.pd`: one GRPO step at lr 0, i.e. the start itself) that evaluates
 the start on the arms' test items, so each arm's own change (arm − start) is paired too. Cells run
 one at a time (`benchmarks/repro.py`'s runner: resumable, each a plain `percep run` with one
@@ -23,7 +29,8 @@ differences against `outcome` per seed and pooled (bootstrap over items within s
 seed-level t interval), and `percep report --baseline`'s table from the same records; F3, the
 outcome term's own coupling with reasoning and with perception correctness (pooled, within groups,
 across evaluation points) per seed with its mean and t interval over seeds; each surrogate term's
-correlation with true perception beside its arm's gain; the share of constant-reward groups.
+correlation with true perception beside its arm's gain; the share of constant-reward groups; F3 by
+training-step window (descriptive: the per-step within-group r of metrics.csv, weighted by its groups).
 """
 
 from __future__ import annotations
@@ -41,14 +48,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repro import (
     Cell,
+    agreement,
     checked_metrics,
     cutoff,
+    eval_cell,
+    find_eval,
     find_run,
     link_base,
     paired_against,
     plot_paired,
     run_cells,
     run_dir,
+    same_weights,
+    source_of,
     stage_metrics,
     verdict,
 )  # noqa: E402
@@ -71,6 +83,8 @@ class Plan:
     late: tuple[str, ...] = ()  # optional (run if time allows): after every seed of the others
     before: str | None = None  # a cell that evaluates the start on the arms' items (arm − start is then paired)
     fields: tuple[str, ...] = ("a", "a_p", "a_r")  # the metrics its evaluations have (FIELDS' keys)
+    reeval: tuple[str, ...] = ()  # arms whose earlier cells `--reeval-from` re-evaluates (not retrains)
+    reeval_fragment: str = ""  # specs/repro/common/<it>: the re-evaluation's one lr-0 step and evaluation
 
     def spec(self, arm: str) -> Path:
         return SPECS / f"{self.prefix}_{arm}.pd"
@@ -92,13 +106,17 @@ PLANS = {
         "gc8_rl",
         "gc8_rl_start",
         (("gc8_base.pd", None, "base", "gc8_base"), ("gc8_tm.pd", 1, "post", "gc8_rl_start")),
-        ("outcome", "alpha"),
+        ("outcome", "alpha", "sc_majority"),
+        late=("sc_majority",),  # session 5: alpha − outcome on every seed first
         before="start",
         fields=("a", "a_p"),  # `eval { metrics = [end_to_end, perception] }`: no counterfactual pass
+        reeval=("outcome",),  # session 4's cells (100 items) re-evaluated on 500 in session 5
+        reeval_fragment="gc8_rl_eval500.pd",
     ),
 }
 ARMS = PLANS["sudoku"].arms  # the default plan's
 SEEDS = (1, 2, 3)
+WINDOW = 4  # GRPO steps per window of F3-by-window (16-step stages: 4 windows of up to 16 groups each)
 FIELDS = {"a": "outcome", "a_p": "perception_exact", "a_r": "cf_outcome"}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by df
 # the GRPO diagnostics the report reads from each cell's summary.json (stage `rl`)
@@ -139,18 +157,44 @@ def history(rd: Path) -> list[dict[str, Any]]:
     return json.loads(done.read_text()).get("history", []) if done.exists() else []
 
 
-def pg_share(rd: Path, role: str = "perception") -> float | None:
-    """The mean of `pg_share/<role>` over the logged steps of the run's GRPO stage (its metrics.csv:
-    the share is measured on logged steps only, so summary.json does not carry it)."""
+def step_rows(rd: Path) -> list[dict[str, str]]:
+    """The logged steps of the run's GRPO stage (its metrics.csv), or none."""
     import csv
 
     summary = json.loads((rd / "summary.json").read_text())
     path = rd / "stages" / summary["final_stage"] / "log0" / "metrics.csv"
     if not path.exists():
-        return None
+        return []
     with path.open() as f:
-        vals = [float(r[f"pg_share/{role}"]) for r in csv.DictReader(f) if r.get(f"pg_share/{role}")]
+        return list(csv.DictReader(f))
+
+
+def pg_share(rd: Path, role: str = "perception") -> float | None:
+    """The mean of `pg_share/<role>` over the logged steps of the run's GRPO stage (the share is
+    measured on logged steps only, so summary.json does not carry it)."""
+    vals = [float(r[f"pg_share/{role}"]) for r in step_rows(rd) if r.get(f"pg_share/{role}")]
     return float(np.mean(vals)) if vals else None
+
+
+def coupling_windows(rd: Path, width: int = WINDOW, term: str = "outcome") -> dict[str, list[float | None]]:
+    """F3 by training-step window: per window of ``width`` GRPO steps (from step 0), the term's
+    within-group r with reasoning and with perception correctness, i.e. the logged per-step
+    `term_corr_group_mean/<term>/<truth>` weighted by that step's `term_corr_groups` (the groups where
+    both vary), so over the whole stage it is the stage's own within-group r; with each window's
+    groups. None where no group of the window varies."""
+    rows = [r for r in step_rows(rd) if r.get("step")]
+    windows = max((int(float(r["step"])) // width for r in rows), default=-1) + 1
+    out: dict[str, list[float | None]] = {}
+    for truth in ("reasoning", "perception"):
+        total, groups = [0.0] * windows, [0.0] * windows
+        for r in rows:
+            if (n := float(r.get(f"term_corr_groups/{term}/{truth}") or 0)) > 0:
+                w = int(float(r["step"])) // width
+                total[w] += n * float(r[f"term_corr_group_mean/{term}/{truth}"])
+                groups[w] += n
+        out[truth] = [t / g if g else None for t, g in zip(total, groups)]
+        out[f"groups/{truth}"] = groups
+    return out
 
 
 def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sudoku"], before: Path | None = None) -> Path:
@@ -191,13 +235,25 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
         ]
         if before:
             L += [f"(The start evaluated on the arms' test items by `{before.name}`: the start's weights after one step at lr 0.)", ""]
+    # each cell's evaluation, and the run that trained it (the same run unless the cell is a re-evaluation)
     cells: dict[tuple[str, int], Path] = {}
+    trained: dict[tuple[str, int], Path] = {}
+    checks: dict[str, dict[str, Any]] = {}
     for arm in arms:
         for s in seeds:
-            if plan.spec(arm).exists() and (rd := find_run(Cell(plan.spec(arm), s, f"{arm}-s{s}"), runs)):
-                cells[(arm, s)] = rd
+            if arm in plan.reeval and (rd := find_eval(arm, s, runs, plan.prefix)):
+                cells[(arm, s)], trained[(arm, s)] = rd, source_of(rd)
+                share, n = agreement(rd, trained[(arm, s)], plan.fields)
+                checks[f"{arm}-s{s}"] = {
+                    "source": trained[(arm, s)].name,
+                    "same_weights": same_weights(rd, trained[(arm, s)]),
+                    "agreement": share,
+                    "items_compared": n,
+                }
+            elif plan.spec(arm).exists() and (rd := find_run(Cell(plan.spec(arm), s, f"{arm}-s{s}"), runs)):
+                cells[(arm, s)] = trained[(arm, s)] = rd
     metrics = {k: checked_metrics(rd) for k, rd in cells.items()}
-    diags = {k: {**diagnostics(rd), "pg_share/perception": pg_share(rd)} for k, rd in cells.items()}
+    diags = {k: {**diagnostics(rd), "pg_share/perception": pg_share(rd)} for k, rd in trained.items()}
     L += [
         "## Arms (per seed)",
         "",
@@ -212,6 +268,23 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
             f"| {(d.get('train_seconds') or 0) / 60:.1f} | `{cells[(arm, s)].name}` |"
         )
     L.append("")
+    if checks:
+        L += [
+            "### Re-evaluations (arms trained in an earlier session, evaluated here from their saved weights)",
+            "",
+            "One optimiser step at lr 0, then the arms' own evaluation; the weights must equal the source cell's, tensor",
+            "for tensor, and the items the source's own evaluation scored must score alike (its GRPO diagnostics and",
+            "training minutes above are the source's).",
+            "",
+            f"| cell | source (trained) | weights equal | items of the source's evaluation scored alike ({', '.join(plan.fields)}) |",
+            "|---|---|---|---|",
+        ]
+        for label, c in checks.items():
+            L.append(
+                f"| {label} | `{c['source']}` | {'yes' if c['same_weights'] else '**NO**'} "
+                f"| {c['agreement']:.3f} of {c['items_compared']} |"
+            )
+        L.append("")
 
     # ---- F4 / issue 16: paired differences against the outcome-only arm ----
     results = paired_against(cells, arms, seeds, BASELINE, fields, rng)
@@ -243,7 +316,8 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
         L.append("")
         from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
 
-        rep = paired_report(load_runs(sorted(cells.values())), f"experiment=repro_{plan.prefix}_{BASELINE}")
+        base_exp = {json.loads((cells[(a, s)] / "summary.json").read_text())["experiment"] for a, s in cells if a == BASELINE}
+        rep = paired_report(load_runs(sorted(cells.values())), f"experiment={min(base_exp)}")
         L += ["### The same comparison by `percep report --baseline`", "", paired_markdown(rep).split("\n", 2)[-1].strip(), ""]
 
     # ---- each arm's own change: arm − start, on the same items (the start is one cell, every seed's pair) ----
@@ -336,6 +410,47 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
                 f"({f3[BASELINE]['seeds_finished']} seeds finished).",
                 "",
             ]
+    # ---- F3 by training-step window (descriptive) ----
+    windows: dict[str, dict[str, Any]] = {}
+    for arm in f3:
+        per_seed = {s: coupling_windows(trained[(arm, s)]) for s in f3[arm]["seeds"]}
+        n = max((len(w["reasoning"]) for w in per_seed.values()), default=0)
+        rows = []
+        for i in range(n):
+            r = [w["reasoning"][i] if i < len(w["reasoning"]) else None for w in per_seed.values()]
+            p = [w["perception"][i] if i < len(w["perception"]) else None for w in per_seed.values()]
+            gap = [x - y for x, y in zip(r, p) if x is not None and y is not None]
+            groups = sum(w["groups/perception"][i] for w in per_seed.values() if i < len(w["groups/perception"]))
+            rows.append(
+                {
+                    "steps": f"{i * WINDOW + 1}–{(i + 1) * WINDOW}",
+                    "reasoning": seed_stats(r),
+                    "perception": seed_stats(p),
+                    "gap": seed_stats(gap),
+                    "gap_per_seed": gap,
+                    "groups_perception": groups,
+                }
+            )
+        windows[arm] = {"seeds": f3[arm]["seeds"], "rows": rows}
+    if any(w["rows"] for w in windows.values()):
+        L += [
+            f"## F3 by training-step window (descriptive: {WINDOW} steps, up to {WINDOW * 4} groups a window per seed)",
+            "",
+            "The outcome term's within-group r in each window of GRPO steps: each step's logged mean per-group r",
+            "(`metrics.csv`) weighted by that step's groups where both vary (over all windows this is the stage's own",
+            "within-group r above). Mean over seeds [95% t]; no rule was pre-registered for it.",
+            "",
+            "| arm | steps | r with reasoning correct | r with perception correct | gap: per seed | gap: mean [95% t] | groups (perception, all seeds) |",
+            "|---|---|---|---|---|---|---:|",
+        ]
+        for arm, w in windows.items():
+            for row in w["rows"]:
+                L.append(
+                    f"| {arm} | {row['steps']} | {fmt_ci(*row['reasoning'])} | {fmt_ci(*row['perception'])} "
+                    f"| {' / '.join(f'{g:+.2f}' for g in row['gap_per_seed'])} | {fmt_ci(*row['gap'], signed=True)} "
+                    f"| {row['groups_perception']:.0f} |"
+                )
+        L.append("")
     # ---- surrogates: correlation with true perception beside the gain ----
     sur_rows = []
     for arm in arms:
@@ -408,7 +523,7 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
             for ax, m, key in zip(axes, ("a_p", "a_r"), ("perception", "reasoning")):
                 # the evaluation points every seed of the arm has (arms evaluated at their end only have one)
                 curves = [
-                    {h["step"]: h[key] for h in history(cells[(arm, s)]) if h.get(key) is not None} for s in seeds if (arm, s) in cells
+                    {h["step"]: h[key] for h in history(trained[(arm, s)]) if h.get(key) is not None} for s in seeds if (arm, s) in cells
                 ]
                 xs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 ys = [float(np.mean([c[x] for c in curves])) for x in xs]
@@ -451,10 +566,12 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
         out / "report.json",
         {
             "base": base_m,
-            "cells": {f"{a}-s{s}": {**m, "run": cells[(a, s)].name} for (a, s), m in metrics.items()},
+            "cells": {f"{a}-s{s}": {**m, "run": cells[(a, s)].name, "trained": trained[(a, s)].name} for (a, s), m in metrics.items()},
+            "reevaluation_checks": checks,
             "paired": results,
             "vs_start": moved,
             "f3": f3,
+            "f3_windows": windows,
             "diagnostics": {f"{a}-s{s}": d for (a, s), d in diags.items()},
         },
     )
@@ -488,6 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         "--before", type=Path, help="a finished run that evaluated the start on the arms' test items (instead of the plan's `before` cell)"
     )
     ap.add_argument("--no-before", action="store_true", help="do not run the plan's `before` cell (the start's evaluation)")
+    ap.add_argument(
+        "--reeval-from",
+        type=Path,
+        help="an earlier run's OUT: re-evaluate its finished cells of the plan's `reeval` arms (gc8: outcome) instead of training them",
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="cells at once (one thread each)")
     ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
     a = ap.parse_args(argv)
     plan = PLANS[a.plan]
@@ -500,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--start {a.start}: no model/ directory there (give a stage directory, e.g. RUN/stages/post)")
     if a.before is not None and not (a.before / "summary.json").exists():
         ap.error(f"--before {a.before}: no summary.json there (give a finished run directory)")
+    if a.reeval_from is not None and not plan.reeval:
+        ap.error(f"--reeval-from: the {a.plan} plan re-evaluates no arm")
+    if a.reeval_from is not None and not (a.reeval_from / "runs").is_dir():
+        ap.error(f"--reeval-from {a.reeval_from}: no runs/ folder there (give an earlier run's --out)")
     seeds = [int(x) for x in a.seeds.split(",") if x]
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -515,7 +642,14 @@ def main(argv: list[str] | None = None) -> int:
         cells = [Cell(plan.spec(plan.before), 1, plan.before)] if plan.before and a.before is None and not a.no_before else []
         print("arms (one at a time):", flush=True)
         start_by = cutoff(a.start_by) if a.start_by else None
-        failed += run_cells(cells + [Cell(plan.spec(arm), s, f"{arm}-s{s}") for arm, s in order], out, 1, start_by)
+
+        def cell(arm: str, seed: int) -> Cell:
+            if arm in plan.reeval and a.reeval_from is not None:
+                by = f"benchmarks/repro_rl.py --plan {a.plan} --reeval-from {a.reeval_from.resolve()}"
+                return eval_cell(arm, seed, out, a.reeval_from.resolve(), prefix=plan.prefix, fragment=plan.reeval_fragment, by=by)
+            return Cell(plan.spec(arm), seed, f"{arm}-s{seed}")
+
+        failed += run_cells(cells + [cell(arm, s) for arm, s in order], out, a.jobs, start_by)
         print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
     path = report(out, arms, seeds, plan, a.before.resolve() if a.before else None)
     print(path.read_text())

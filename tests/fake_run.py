@@ -87,12 +87,13 @@ def main(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = run_dir / "progress.json"
     resumed = args.resume and progress.exists()
-    calls = setting("calls")
+    # Recorded once the run directory exists (a recorded call is one that a later resume finds) and
+    # before progress.json (tests wait for progress.json, then count the calls).
+    if calls := setting("calls"):
+        with open(calls, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"name": name, "resume": args.resume, "pid": os.getpid()}) + "\n")
     try:  # from the first write on: a signal may come as soon as progress.json is in place (its directory is still being synced)
         write_json_atomic(progress, {"pid": os.getpid(), "step": 0})
-        if calls:  # recorded once the run has state on disk: a recorded call is one that a resume finds
-            with open(calls, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"name": name, "resume": args.resume, "pid": os.getpid()}) + "\n")
         print(f"fake run {name}: params {ir.params} seed {ir.seed}{' (resumed)' if resumed else ''}", flush=True)
         if _matches(setting("fail"), overrides):
             if calls and (after := setting("fail_after")):

@@ -258,3 +258,60 @@ def test_plan_p8_500_gives_no_verdict_below_three_seeds(tmp_path: Path) -> None:
         with_weights_and_lambda(new, "post", 3.0, 0.3)
     text = repro.report_500(out, ["tm", "lamsched"], [1, 2, 3]).read_text()
     assert "| lamsched | a | 1,2 | 80 | +0.500 |" in text and "2 of 3 seeds: no verdict" in text and "| reproduced |" not in text
+
+
+def test_the_confirmatory_seeds_are_judged_apart_at_500_items(tmp_path: Path) -> None:
+    """Session 5: tm and ngdiff seeds 4-6 (session 3's confirmatory cells, their own source folder)
+    re-evaluated on 500 items get their own F2 verdict, never pooled with the exploratory seeds 1-3,
+    with their 200-item result beside; lam25/lam75 join the F2 table and the λ curve."""
+    s3, confirm, out = tmp_path / "s3", tmp_path / "confirm", tmp_path / "s4"
+    n200 = 20
+    for s in (1, 2, 3):
+        src = fake_cell(s3 / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10)[:n200], mask(0)[:n200], mask(30)[:n200])
+        with_weights_and_lambda(src, "post", 1.0, 0.04)
+        fake_reeval(out, s3, "tm", s, mask(10), mask(0), mask(30), 1.0)
+        src = fake_cell(s3 / "runs", repro.Cell(repro.SPECS / "gc8_ngdiff.pd", s, ""), mask(5)[:n200], mask(5)[:n200], mask(5)[:n200])
+        with_weights_and_lambda(src, "post", 2.0, 0.3)
+        fake_reeval(out, s3, "ngdiff", s, mask(5), mask(5), mask(5), 2.0)  # seeds 1-3: ngdiff worse than tm
+        for arm, k, lam in (("lam25", 12, 0.25), ("lam75", 8, 0.75)):
+            new = fake_cell(out / "runs", repro.Cell(repro.SPECS / f"gc8_{arm}.pd", s, ""), mask(k), mask(30), mask(k))
+            with_weights_and_lambda(new, "post", 3.0, lam)
+    for s in (4, 5, 6):  # the confirmatory cells: ngdiff 10 / 8 / 12 items above tm; items 1-20 as at 200
+        src = fake_cell(confirm / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10)[:n200], mask(0)[:n200], mask(30)[:n200])
+        with_weights_and_lambda(src, "post", 1.0, 0.04)
+        fake_reeval(out, confirm, "tm", s, mask(10), mask(0), mask(30), 1.0)
+        k = {4: 20, 5: 18, 6: 22}[s]
+        src = fake_cell(confirm / "runs", repro.Cell(repro.SPECS / "gc8_ngdiff.pd", s, ""), mask(k)[:n200], mask(30)[:n200], mask(k)[:n200])
+        with_weights_and_lambda(src, "post", 2.0, 0.3)
+        fake_reeval(out, confirm, "ngdiff", s, mask(k), mask(30), mask(k), 2.0)
+    text = repro.report_500(out, ["tm", "lam", "ngdiff", "lam25", "lam75"], [1, 2, 3]).read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert data["paired"]["ngdiff"]["a"]["per_seed"] == pytest.approx([-5 / N] * 3)  # seeds 1-3 only
+    conf = data["confirmatory"]["paired"]["ngdiff"]["a"]
+    assert conf["seeds"] == [4, 5, 6] and conf["n_pairs"] == 3 * N
+    assert conf["per_seed"] == pytest.approx([10 / N, 8 / N, 12 / N]) and conf["lo"] > 0
+    # the 200-item result of the same cells: items 1-20, where ngdiff has 10 / 8 / 10 more right
+    assert data["confirmatory"]["paired_200"]["ngdiff"]["a"]["per_seed"] == pytest.approx([10 / n200, 8 / n200, 10 / n200])
+    block = text.split("## Confirmatory F2 on 500 items")[1].split("\n## ")[0]
+    assert "| ngdiff | a | 4,5,6 | 120 | +0.250 |" in block and "| reproduced |" in block and "exploratory" not in block
+    assert "(seeds 4,5,6) |" in block and "ngdiff-s6 1.000 of 20" in block and "Left out" not in block
+    assert data["paired"]["lam25"]["a"]["per_seed"] == pytest.approx([2 / N] * 3)
+    assert "| lam25 | a | 1,2,3 | 120 | +0.050 |" in text and "| lam75 | a | 1,2,3 | 120 | -0.050 |" in text
+    curve = [line.split(" | ")[0] for line in text.split("## The λ trade-off curve")[1].splitlines() if line.startswith("| ")][1:]
+    assert curve == ["| tm", "| lam25", "| ngdiff", "| lam75"]  # by mean effective λ (lam: no cell, no spec)
+    assert "Cells not run" in text and "lam-s1" in text and "tm-s4" not in text.split("Cells not run")[1]
+
+
+def test_a_confirmatory_reevaluation_with_other_weights_is_left_out(tmp_path: Path) -> None:
+    confirm, out = tmp_path / "confirm", tmp_path / "s4"
+    for s in (4, 5, 6):
+        for arm, k, value in (("tm", 10, 1.0), ("ngdiff", 30, 2.0)):
+            src = fake_cell(confirm / "runs", repro.Cell(repro.SPECS / f"gc8_{arm}.pd", s, ""), mask(k), mask(k), mask(k))
+            with_weights_and_lambda(src, "post", value, 0.1)
+            fake_reeval(out, confirm, arm, s, mask(k), mask(k), mask(k), 7.0 if (arm, s) == ("ngdiff", 6) else value)
+    text = repro.report_500(out, ["tm", "ngdiff"], [1, 2, 3]).read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert data["confirmatory"]["excluded"] == ["ngdiff-s6"]
+    assert data["confirmatory"]["paired"]["ngdiff"]["a"]["seeds"] == [4, 5]
+    assert "Left out (saved weights differ from the source's): ngdiff-s6." in text and "2 of 3 seeds: no verdict" in text
+    assert data["paired"] == {}  # nothing on seeds 1-3
