@@ -198,7 +198,7 @@ def run(
     if not isinstance(ir, ExperimentIR):
         print(f"error: {spec} is a grid file; run it with `percep grid {spec}`", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
-    from percepdsl_runtime.run import RunFailed, RunInterrupted, RunRefused, quiet_libraries
+    from percepdsl_runtime.run import RunFailed, RunInterrupted, RunRefused, quiet_libraries, stage_table
     from percepdsl_runtime.run import run as run_experiment
 
     quiet_libraries()
@@ -224,9 +224,7 @@ def run(
     except KeyboardInterrupt:  # outside training: preparing, evaluating, reporting
         print(f"{spec}: interrupted; {resume_hint}", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    summary = json.loads((run_dir / "summary.json").read_text())
-    final = summary["final"]
-    echo("final: " + "  ".join(f"{k}={final[k]:.3f}" for k in ("end_to_end", "perception", "reasoning") if final.get(k) is not None))
+    echo("\n".join(stage_table(json.loads((run_dir / "summary.json").read_text()))))
     print(run_dir)
 
 

@@ -480,7 +480,7 @@ class ResumeCheckpoint(L.Callback):
 
 def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     stages: dict[str, Any] = {}
-    prev: dict[str, Any] | None = None
+    prev: str | None = None  # a stage without a parent is compared with the stage before it
     for st in ctx.ir.stages:
         rec = records[st.name]
         m = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) or v is None}
@@ -491,15 +491,17 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
             "train_seconds": rec["train_seconds"],
             "metrics": m,
         }
-        base = records[st.parent]["metrics"] if st.parent else prev
-        if base is not None:
+        start = st.parent or prev
+        if start is not None:
+            base = records[start]["metrics"]
+            entry["delta_from"] = start
             entry["delta"] = {k: (m[k] - base[k]) for k in HEADLINE if m.get(k) is not None and base.get(k) is not None}
         if rec.get("reused_from"):  # trained by another run (the stage cache): which, and under what identity
             entry["reused_from"] = rec["reused_from"]
         entry["slot_errors"] = rec["metrics"].get("slot_errors")
         entry["diagnostics"] = rec["diagnostics"]
         stages[st.name] = entry
-        prev = m
+        prev = st.name
     last = ctx.ir.stages[-1].name
     return {
         "experiment": ctx.ir.name,
@@ -607,25 +609,41 @@ def write_reward_plot(ctx: Context) -> None:
     plt.close(fig)
 
 
-def write_report(ctx: Context, summary: dict[str, Any]) -> None:
-    def f(x: Any) -> str:
-        return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+def stage_table(summary: dict[str, Any]) -> list[str]:
+    """The stages side by side, from `summary.json`: a, a_p, a_r after each stage and Δ from the stage
+    it started from (its parent, else the stage before it). A Markdown table whose columns are padded
+    to line up, so the same lines serve report.md and the end of `percep run` on a terminal."""
 
+    def f(x: Any, sign: str = "") -> str:
+        return "–" if x is None else f"{x:{sign}.3f}" if isinstance(x, float) else str(x)
+
+    head = ["stage", "kind", "from", "steps", "a", "a_p", "a_r", "Δa", "Δa_p", "Δa_r"]
+    rows = [
+        [name, st["kind"], st.get("delta_from") or "–", str(st["steps"])]
+        + [f(st["metrics"].get(k)) for k in HEADLINE]
+        + [f(st.get("delta", {}).get(k), "+") for k in HEADLINE]
+        for name, st in summary["stages"].items()
+    ]
+    width = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    right = [i >= 3 for i in range(len(head))]  # numbers right-aligned
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, width, right)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(width, right)) + "|"
+    return [line(head), rule, *map(line, rows)]
+
+
+def write_report(ctx: Context, summary: dict[str, Any]) -> None:
     lines = [
         f"# {ctx.ir.name} ({summary['hash']})",
         "",
         f"Task `{ctx.ir.task.name}`, model `{ctx.ir.model.kind}`, seed {ctx.ir.seed}, params {ctx.ir.params or '{}'}.",
-        "Every figure below comes from `summary.json`, which is computed from the records in `eval.jsonl`.",
+        "Every figure below comes from `summary.json`, which is computed from the records in `eval.jsonl`:",
+        "a is end-to-end accuracy, a_p perception, a_r counterfactual reasoning; Δ is from the stage in `from`.",
         "",
-        "| stage | kind | steps | a (end-to-end) | a_p (perception) | a_r (reasoning) | Δa | Δa_p | Δa_r |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *stage_table(summary),
     ]
-    for name, st in summary["stages"].items():
-        m, d = st["metrics"], st.get("delta", {})
-        lines.append(
-            f"| {name} | {st['kind']} | {st['steps']} | {f(m.get('end_to_end'))} | {f(m.get('perception'))} | "
-            f"{f(m.get('reasoning'))} | {f(d.get('end_to_end'))} | {f(d.get('perception'))} | {f(d.get('reasoning'))} |"
-        )
     share = summary["diagnostics"].get("token_share", {})
     lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()), "", "![curves](curves.png)", ""]
     if (ctx.run_dir / "rewards.png").exists():

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
 from percepdsl_runtime.models import build_tiny
 from percepdsl_runtime.tasks import build_task
+
+
+def pytest_configure(config):
+    """A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT ignored,
+    and so would every process it starts: the tests that stop a run or a grid with Ctrl-C would then
+    wait in vain. Catching it here gives the children the default disposition back (exec resets a
+    caught signal, not an ignored one); `test_gridrun`'s `ignore_sigint` still tests the background case."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module", autouse=True)

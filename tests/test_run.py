@@ -78,6 +78,25 @@ def test_a_finished_run_is_not_redone(smoke_run: Path) -> None:
     assert proc.returncode == 0 and "already complete" in proc.stderr
 
 
+def test_the_run_ends_with_the_stages_side_by_side(smoke_run: Path) -> None:
+    """`percep run` ends with one table of every stage (a, a_p, a_r and Δ from the stage it started
+    from), read from summary.json; report.md holds the same lines."""
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(smoke_run.parent), "-q")  # complete: it reports again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stderr.splitlines() if line.startswith("|")]
+    assert table[2:] and all(line in (smoke_run / "report.md").read_text() for line in table)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert cells[0] == ["stage", "kind", "from", "steps", "a", "a_p", "a_r", "Δa", "Δa_p", "Δa_r"]
+    stages = json.loads((smoke_run / "summary.json").read_text())["stages"]
+    keys = ("end_to_end", "perception", "reasoning")
+    assert [row[:3] for row in cells[2:]] == [["base", "sft", "–"], ["fixed", "sft", "base"], ["balanced", "sft", "fixed"]]
+    for name, _, start, steps, *values in cells[2:]:
+        m = stages[name]["metrics"]
+        assert int(steps) == stages[name]["steps"] and values[:3] == [f"{m[k]:.3f}" for k in keys]
+        # Δ recomputed here from the two stages' own metrics
+        assert values[3:] == (["–"] * 3 if start == "–" else [f"{m[k] - stages[start]['metrics'][k]:+.3f}" for k in keys])
+
+
 def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -> None:
     """A stage counts as done only through its done.json, which is written after its model
     directory: a run killed while it saved a stage (here: the weights cut in half, as a writer
@@ -333,16 +352,28 @@ def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quickstart_learns_perception_and_reasoning(tmp_path: Path) -> None:
-    """The real quickstart (≈3.5 min on 2 cores): perception is learned from the pixels in the
-    base stage and end-to-end accuracy is well above what a blind model can reach. Measured:
-    base a_p 1.0 / a 0.32, post a_p 1.0 / a 0.375 on 200 held-out graphs."""
-    proc = percep("run", "specs/quickstart.pd", "--out", str(tmp_path), "-q", timeout=1800)
+def test_the_quickstart_shows_the_asymmetry(tmp_path: Path) -> None:
+    """The real quickstart (13–14 CPU-minutes): from one reasoner base whose perception is unlearned,
+    token-averaged SFT gains reasoning but not perception, while NGDiff puts ten times token mean's
+    weight on perception. Measured on seeds 1 / 2 / 3 (200 held-out graphs each): base a_p 0 and
+    a_r 0.090 / 0.090 / 0.080; tm Δa_r +0.060 / +0.080 / +0.055 against Δa_p +0.005 / +0.005 / +0.005;
+    mean effective λ (perception's share of the weight) tm 0.04, ngdiff 0.41 (seed 2). Whether NGDiff
+    then reads the image and gains on a did not hold across seeds at this budget (docs/results.md,
+    the quickstart), so it is not asserted."""
+    proc = percep("run", "specs/quickstart.pd", "--out", str(tmp_path), "-q", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
-    base, post = summary["stages"]["base"]["metrics"], summary["stages"]["post"]["metrics"]
-    assert base["perception"] >= 0.8 and post["perception"] >= 0.8
-    assert base["format_ok"] >= 0.95 and post["end_to_end"] >= 0.2
+    assert "| ngdiff | sft  | base |" in proc.stderr  # the stages side by side
+    run_dir = next(tmp_path.glob("quickstart-*"))
+    stages = json.loads((run_dir / "summary.json").read_text())["stages"]
+    base, tm = stages["base"]["metrics"], stages["tm"]
+    assert base["perception"] == 0 and base["reasoning"] > 0.03  # the shared start: a reasoner that cannot read the image
+    assert tm["delta"]["reasoning"] >= tm["delta"]["perception"] + 0.03  # the asymmetry under token mean
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eff_lambda")]
+    eff = {
+        st: sum(float(r["eff_lambda"]) for r in rows if r["stage"] == st) / sum(r["stage"] == st for r in rows) for st in ("tm", "ngdiff")
+    }
+    assert eff["tm"] < 0.1 and eff["ngdiff"] > 0.25  # the reweighting: NGDiff gives perception far more weight
 
 
 def test_a_stage_trained_by_other_code_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
