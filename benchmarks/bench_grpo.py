@@ -1,7 +1,7 @@
 """GRPO step time on the embedded tiny VLM: TRL's GRPOTrainer vs our GRPOModule, and where it goes.
 
-Side by side on the same tiny LLaVA weights, the same graph-colouring prompts (the quick start's
-task and model), the same reward (our compiled reward, called on TRL's completions grouped by
+Side by side on the same tiny LLaVA weights, the same graph-colouring prompts (the `quick` regime's:
+the quickstart's task and model until session 5), the same reward (our compiled reward, called on TRL's completions grouped by
 prompt), 2 prompts × 4 generations, 64 new tokens, temperature 1, β = 0, one update per batch,
 bf16 autocast for the training forward:
 

@@ -11,7 +11,7 @@ then targets), for:
   ``labels`` (eager attention, the LM head and the cross-entropy over every position of the
   padded batch), the loss on target tokens only, AdamW as TRL's default (``adamw_torch``: not
   fused). TRL itself adds its data collation and Trainer overhead on top (bench_sft.py measures
-  those at the quick start's and the reproduction's sizes); this isolates the model's compute.
+  those at the `quick` regime's and the reproduction's sizes); this isolates the model's compute.
 
 Items of equal length make ``ours`` and ``padded`` compute the same tokens: the difference
 between them there is the attention implementation and the LM head, not padding. Random

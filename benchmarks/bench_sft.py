@@ -16,7 +16,7 @@ both sides (each its own seeded shuffle), bf16 autocast:
 Throughput is *target* tokens per second (response tokens + end-of-turn: the tokens the loss is
 on), between step ends after a warm-up (data loading, collation, logging and the optimiser all
 count); both sides count the same tokens per item (from our encoder). Regimes (``--regime``):
-``quick`` (the quick start's sequences) and ``long`` (the reproduction regime's `verbose`
+``quick`` (short targets: the quickstart's settings until session 5) and ``long`` (the reproduction regime's `verbose`
 targets); see benchlib.REGIMES. Every side runs in its own process, in alternating rounds; the
 best round of each side is kept and the range over rounds reported.
 

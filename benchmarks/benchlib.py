@@ -31,7 +31,7 @@ RULES = [
     {"role": "answer", "kind": "between", "open": "<answer>", "close": "</answer>", "markers": True},
 ]
 
-# The sequences measured. `quick`: the quick start's task and model (graph colouring N=5,
+# The sequences measured. `quick`: the quickstart's task and model until session 5 (graph colouring N=5,
 # adjacency perception, `trace` reasoning, patch 8: ≈157 tokens, 85 of them targets).
 # `long`: the reproduction regime's long targets (N=6, edge-list perception ≈3% of the
 # targets, `verbose` reasoning, patch 16: ≈350 tokens, 190-650, ≈320 targets).
