@@ -20,7 +20,7 @@ step at lr 0, then the arms' own evaluation; the report checks the weights tenso
 earlier evaluation's items, and reads the arm's GRPO diagnostics from the source cell). A plan may name
 a `before` cell (`gc8_rl_start.pd`: one GRPO step at lr 0, i.e. the start itself) that evaluates
 the start on the arms' test items, so each arm's own change (arm − start) is paired too. Cells run
-one at a time (`benchmarks/repro.py`'s runner: resumable, each a plain `percep run` with one
+one at a time, or `--jobs N` at once (`benchmarks/repro.py`'s runner: resumable, each a plain `percep run` with one
 thread) in `OUT/runs/`, with OUT as working directory, where the plan's link names the start stage.
 
 The report (`OUT/report.md`, `OUT/*.png`, `OUT/report.json`) takes every figure from the cells'
@@ -309,7 +309,7 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
                 t = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
                 L.append(
                     f"| {arm} | {m} | {','.join(map(str, d['seeds']))} | {d['n_pairs']} | {d['mean']:+.3f} "
-                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {rule(d) if m == 'a' else ''} |"
+                    f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {d['verdict'] if m == 'a' else ''} |"
                 )
         L.append("")
         L += [
@@ -320,7 +320,7 @@ def report(out: Path, arms: list[str], seeds: list[int], plan: Plan = PLANS["sud
         ]
         for arm, per in results.items():
             cis = [f"{per[m]['mean']:+.3f} [{per[m]['lo']:+.3f}, {per[m]['hi']:+.3f}]" for m in fields]
-            L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} | {rule(per['a'])} |")
+            L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} | {per['a']['verdict']} |")
         L.append("")
         from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
 
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         # leaves paired comparisons; the optional arms (`ngdiff`) after every seed of the others
         order = [(a, s) for s in seeds for a in arms if a not in plan.late] + [(a, s) for a in arms if a in plan.late for s in seeds]
         cells = [Cell(plan.spec(plan.before), 1, plan.before)] if plan.before and a.before is None and not a.no_before else []
-        print("arms (one at a time):", flush=True)
+        print(f"arms ({a.jobs} at a time):", flush=True)
         start_by = cutoff(a.start_by) if a.start_by else None
 
         def cell(arm: str, seed: int) -> Cell:

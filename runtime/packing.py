@@ -200,7 +200,7 @@ def softmax_backward(dp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     gradient ``dp``: aten's softmax backward kernel (what autograd runs for ``torch.softmax``),
     one pass over the scores with fp32 accumulation and one rounding for bf16, where the
     written-out formula took five passes and rounded at each (measured 1.13x faster per
-    attention forward + backward at the quick start's sizes, bf16, 1 thread)."""
+    attention forward + backward at the `quick` benchmark regime's sizes, bf16, 1 thread)."""
     return torch._softmax_backward_data(dp, p, -1, p.dtype)
 
 

@@ -353,7 +353,7 @@ def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_quickstart_shows_the_asymmetry(tmp_path: Path) -> None:
-    """The real quickstart (13–14 CPU-minutes): from one reasoner base whose perception is unlearned,
+    """The real quickstart (13–16 CPU-minutes; 15 min 49 s wall at 1 thread on a quiet box): from one reasoner base whose perception is unlearned,
     token-averaged SFT gains reasoning but not perception, while NGDiff puts ten times token mean's
     weight on perception. Measured on seeds 1 / 2 / 3 (200 held-out graphs each): base a_p 0 and
     a_r 0.090 / 0.090 / 0.080; tm Δa_r +0.060 / +0.080 / +0.055 against Δa_p +0.005 / +0.005 / +0.005;
