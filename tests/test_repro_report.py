@@ -315,3 +315,32 @@ def test_a_confirmatory_reevaluation_with_other_weights_is_left_out(tmp_path: Pa
     assert data["confirmatory"]["paired"]["ngdiff"]["a"]["seeds"] == [4, 5]
     assert "Left out (saved weights differ from the source's): ngdiff-s6." in text and "2 of 3 seeds: no verdict" in text
     assert data["paired"] == {}  # nothing on seeds 1-3
+
+
+def test_plan_sudoku_order_go_and_paired_f1(tmp_path: Path) -> None:
+    """Session 6 (`--plan sudoku`): tm/NGDiff seed-major before the λ arm; the sudoku base's own go/no-go; F1
+    judged on the paired interval (the base and the arms score the same 500 items). Token mean raises a_p by
+    0.5 and a_r by 0.25 on every seed: Δa_r − Δa_p = −0.25 for every item pair, so F1 is not reproduced."""
+    assert repro.start_order("sudoku", ["tm", "ngdiff", "lam"], [1, 2]) == [
+        ("tm", 1),
+        ("ngdiff", 1),
+        ("tm", 2),
+        ("ngdiff", 2),
+        ("lam", 1),
+        ("lam", 2),
+    ]
+    assert repro.start_order("p8", ["tm", "lam"], [1, 2]) == [("tm", 1), ("lam", 1), ("tm", 2), ("lam", 2)]
+    runs = tmp_path / "runs"
+    fake_base(tmp_path, "sudoku", mask(0), mask(14))  # a_r 0.35, a_p 0: go
+    for s in (1, 2, 3):
+        fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), mask(10), mask(20), mask(24))
+        fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_ngdiff.pd", s, ""), mask(10 + s), mask(30), mask(24))
+    text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2, 3], "sudoku").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert "`--quick --plan sudoku`, sudoku 4×4" in text and "(a_r ≥ 0.3, a_p ≤ 0.2): **go**" in text
+    pairs = data["f1_paired"]
+    assert pairs["a_p"]["mean"] == pytest.approx(0.5) and pairs["a_r"]["mean"] == pytest.approx(0.25)
+    assert pairs["gap"]["mean"] == pytest.approx(-0.25) and pairs["gap"]["hi"] < 0
+    assert "**not reproduced** (the paired interval)" in text
+    d = data["paired"]["ngdiff"]["a"]
+    assert d["per_seed"] == pytest.approx([1 / N, 2 / N, 3 / N]) and "| ngdiff | a | 1,2,3 | 120 | +0.050 |" in text
