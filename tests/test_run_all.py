@@ -5,6 +5,7 @@ benchmark at tiny sizes, TRL included) is slow."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,22 @@ def test_quick_matmul_piece_writes_both_files(tmp_path: Path) -> None:
     assert set(peaks) == {"1", "2"} and all(v["bf16_tflops"] > 0 and v["fp32_tflops"] > 0 for v in peaks.values())
     md = (tmp_path / "perf.md").read_text()
     assert "Matmul peak" in md and "--quick" in md
+    assert f"measured {res['measured']['matmul']})" in md  # each piece says when it was measured
 
 
-def test_unknown_piece_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as err:
-        run_all.main(["--only", "nope", "--out", str(tmp_path)])
-    assert err.value.code == 2
+def test_a_piece_keeps_its_own_time(tmp_path: Path) -> None:
+    """A run that measures some pieces only leaves the others with their own times, and a piece
+    taken from a script's JSON file carries that file's time, so perf.md never dates an older
+    measurement with the latest run."""
+    peaks = {"1": {"bf16_tflops": 1.0, "fp32_tflops": 0.5}, "2": {"bf16_tflops": 2.0, "fp32_tflops": 1.0}}
+    added = tmp_path / "matmul.json"
+    added.write_text(json.dumps(peaks))
+    os.utime(added, (946684800, 946684800))  # 2000-01-01 00:00 UTC
+    (tmp_path / "perf.json").write_text(json.dumps({"pieces": {}, "measured": {"scaling": "by 1999"}}))
+    assert run_all.main(["--add", f"matmul={added}", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "perf.json").read_text())
+    assert res["measured"] == {"scaling": "by 1999", "matmul": "2000-01-01 00:00 UTC"}
+    assert "Matmul peak (MFU's denominator, measured 2000-01-01 00:00 UTC)" in (tmp_path / "perf.md").read_text()
 
 
 @pytest.mark.slow
