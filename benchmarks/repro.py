@@ -26,7 +26,7 @@ a spec of experiment `repro_gc8_<arm>_eval500` with the cell's seed and `model h
 final weights, including `specs/repro/common/gc8_eval500.pd` (one optimiser step at learning rate 0,
 then the runtime's own three-way evaluation), and runs it as a cell like any other. The new arms
 (`specs/repro/gc8_<arm>.pd` including `common/gc8_arm500.pd`) train and evaluate on 500 items. The
-cells start in the pre-registered order `order_500`.
+cells start in the pre-registered order (`PRIORITY["p8-500"]`).
 
 The report (`OUT/report.md`, `OUT/*.png`) takes each arm's metrics from its cell's summary.json
 and the paired differences from the same cell's eval.jsonl (the per-item records summary.json is
@@ -59,7 +59,10 @@ TASKS = {"gc": "graph colouring", "gc8": "graph colouring", "sudoku": "sudoku 4Ã
 GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2)}  # pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6)
 # the start order of a plan's cells: priority groups of arms, seed-major within a group, so an early stop
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
-PRIORITY = {"sudoku": (("tm", "ngdiff"), ("lam",))}
+PRIORITY = {
+    "p8-500": (("tm", "ngdiff_auto"), ("lamsched",), ("lam", "ngdiff"), ("lam25", "lam75")),  # session 4's
+    "sudoku": (("tm", "ngdiff"), ("lam",)),  # session 6's
+}
 # plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
 # task's whole test split), so each item's (a_r âˆ’ a_p) change is paired by id (session 6); the others' rule
 # reads the unpaired interval (the base scored seed 1's items, each arm its own seed's)
@@ -77,10 +80,8 @@ ARMS = ("tm", "lam", "ngdiff", "ngdiff_auto", "lamsched", "lam25", "lam75")  # t
 BASELINE = "tm"
 SEEDS = (1, 2, 3)
 # session 4 (`--plan p8-500`, preregistration.md "Session 4"): the session-3 arms re-evaluated on 500
-# items from their saved weights, and the priority groups in which every cell starts (seed-major
-# within a group, so an early stop leaves complete seeds of the groups before it)
+# items from their saved weights (its cells' start order: PRIORITY)
 REEVAL = ("tm", "lam", "ngdiff")
-PRIORITY_500 = (("tm", "ngdiff_auto"), ("lamsched",), ("lam", "ngdiff"), ("lam25", "lam75"))
 # session 3's confirmatory cells (`tm` and `ngdiff` on fresh seeds, pre-registered before they ran), re-evaluated
 # on 500 items in session 5 (preregistration.md "Session 5"); the report judges them apart, never pooled with 1-3
 CONFIRM_ARMS, CONFIRM_SEEDS = ("tm", "ngdiff"), (4, 5, 6)
@@ -129,11 +130,6 @@ def find_run(cell: Cell, runs: Path) -> Path | None:
         if cell.seed is None or s.get("seed") == cell.seed:
             return summary.parent
     return None
-
-
-def order_500(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
-    """Session 4's pre-registered start order of the (arm, seed) cells among ``arms`` and ``seeds``."""
-    return [(arm, s) for group in PRIORITY_500 for s in seeds for arm in group if arm in arms]
 
 
 def start_order(plan: str, arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -810,7 +806,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
     if results:
         plot_paired(results, BASELINE, out / "paired.png", width=9)
         lines += ["![paired differences](paired.png)", ""]
-    missing = [f"{a}-s{s}" for a, s in order_500(arms, seeds) + confirm if (a, s) not in cells]
+    missing = [f"{a}-s{s}" for a, s in start_order("p8-500", arms, seeds) + confirm if (a, s) not in cells]
     if missing:
         lines += [f"Cells not run or not complete (pre-registered order; cut-off in preregistration.md): {', '.join(missing)}.", ""]
     write_json_atomic(
@@ -901,9 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     start_by = cutoff(a.start_by) if a.start_by else None
     arms = [x for x in a.arms.split(",") if x]
-    if a.plan == "p8-500" and a.arms == ",".join(ARMS):
-        arms = [x for group in PRIORITY_500 for x in group]
-    elif a.plan in PRIORITY and a.arms == ",".join(ARMS):  # the plan's own arms
+    if a.plan in PRIORITY and a.arms == ",".join(ARMS):  # the plan's own arms
         arms = [x for group in PRIORITY[a.plan] for x in group]
     if unknown := [x for x in arms if x not in ARMS]:
         ap.error(f"unknown arm(s) {unknown}; the pre-registered arms are {list(ARMS)}")
@@ -926,13 +920,14 @@ def main(argv: list[str] | None = None) -> int:
                     return 3
                 link_base(out / name, run_dir(cell, out / "runs") / "stages" / "base")
         print("arms:", flush=True)
-        if a.plan == "p8-500":  # the pre-registered priority order; session 3's arms re-evaluated
-            cells = [
-                eval_cell(arm, s, out, a.reeval_from) if arm in REEVAL else Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}")
-                for arm, s in order_500(arms, seeds)
-            ]
-        else:  # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves paired comparisons
-            cells = [Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}") for arm, s in start_order(a.plan, arms, seeds)]
+        # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves
+        # paired comparisons; p8-500 re-evaluates session 3's arms
+        cells = [
+            eval_cell(arm, s, out, a.reeval_from)
+            if a.plan == "p8-500" and arm in REEVAL
+            else Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}")
+            for arm, s in start_order(a.plan, arms, seeds)
+        ]
         failed += run_cells(cells, out, a.jobs, start_by)
         print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
     path = report_500(out, arms, seeds) if a.plan == "p8-500" else report(out, arms, seeds, prefix)

@@ -143,11 +143,11 @@ def test_the_confirmatory_seeds_get_a_plain_verdict(tmp_path: Path) -> None:
 
 def test_plan_p8_500_order_is_the_preregistered_priority() -> None:
     """Session 4: the tm re-evaluation and NGDiff-auto interleaved by seed first, then the scheduled λ, ..."""
-    arms = [a for group in repro.PRIORITY_500 for a in group]
-    order = repro.order_500(arms, [1, 2])
+    arms = [a for group in repro.PRIORITY["p8-500"] for a in group]
+    order = repro.start_order("p8-500", arms, [1, 2])
     assert order[:4] == [("tm", 1), ("ngdiff_auto", 1), ("tm", 2), ("ngdiff_auto", 2)]
     assert order[4:6] == [("lamsched", 1), ("lamsched", 2)] and order[-1] == ("lam75", 2)
-    assert repro.order_500(["lam", "tm"], [1]) == [("tm", 1), ("lam", 1)]
+    assert repro.start_order("p8-500", ["lam", "tm"], [1]) == [("tm", 1), ("lam", 1)]
 
 
 def test_a_reevaluation_cell_names_its_source_weights(tmp_path: Path) -> None:
