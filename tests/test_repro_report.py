@@ -344,3 +344,29 @@ def test_plan_sudoku_order_go_and_paired_f1(tmp_path: Path) -> None:
     assert "**not reproduced** (the paired interval)" in text
     d = data["paired"]["ngdiff"]["a"]
     assert d["per_seed"] == pytest.approx([1 / N, 2 / N, 3 / N]) and "| ngdiff | a | 1,2,3 | 120 | +0.050 |" in text
+    # an arm with fewer than 3 finished seeds gets its intervals and no verdict (the session-6 rule)
+    text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2], "sudoku").read_text()
+    assert "| ngdiff | a | 1,2 | 80 |" in text and "2 of 3 seeds: no verdict" in text
+
+
+def test_plan_sudoku_trains_its_base_in_two_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --base-model, `--plan sudoku` trains sudoku_base.pd, links its stage where
+    sudoku_base_more.pd's `model hf "sudoku_base1000/model"` finds it, trains that, and starts the arms
+    from the continuation (`sudoku_base`). The cell runner is replaced by one that only makes the stage
+    folders, so the order and the links are what is checked here, not training."""
+    started: list[str] = []
+
+    def fake_run_cells(cells: list[repro.Cell], out: Path, jobs: int, start_by: float | None = None) -> list[str]:
+        for c in cells:
+            started.append(c.label)
+            (repro.run_dir(c, out / "runs") / "stages" / "base").mkdir(parents=True)
+        return []
+
+    monkeypatch.setattr(repro, "run_cells", fake_run_cells)
+    assert repro.main(["--quick", "--plan", "sudoku", "--out", str(tmp_path), "--arms", "tm", "--seeds", "1"]) == 0
+    assert started == ["base", "base_more", "tm-s1"]
+    first = repro.run_dir(repro.Cell(repro.SPECS / "sudoku_base.pd", None, ""), tmp_path / "runs")
+    more = repro.run_dir(repro.Cell(repro.SPECS / "sudoku_base_more.pd", None, ""), tmp_path / "runs")
+    assert (tmp_path / "sudoku_base1000").resolve() == first / "stages" / "base"
+    assert (tmp_path / "sudoku_base").resolve() == more / "stages" / "base"
+    assert 'model hf "sudoku_base1000/model"' in (repro.SPECS / "sudoku_base_more.pd").read_text()
