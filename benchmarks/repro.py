@@ -514,20 +514,25 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
         d_ar = [m["a_r"] - base_m["a_r"] for m in tm]
         d_ap = [m["a_p"] - base_m["a_p"] for m in tm]
 
+        def score(recs: Any, metric: str) -> np.ndarray:  # per item: 1 if right on the metric
+            return np.array([float(bool(r[METRICS[metric][1]])) for r in recs])
+
         def gap(recs: Any) -> np.ndarray:  # per item: a_r − a_p
-            return np.array([float(bool(r["cf_outcome"])) - float(bool(r["perception_exact"])) for r in recs])
+            recs = list(recs)
+            return score(recs, "a_r") - score(recs, "a_p")
 
         base_recs = {r["id"]: r for r in stage_records(base)}
-        f1 = f1_gap(gap(base_recs.values()), [gap(final_records(cells[(BASELINE, s)]).values()) for s in tm_seeds], rng)
-        # the same change paired item by item, on the seeds whose items are the base's: per metric and for the gap
         arm_recs = [final_records(cells[(BASELINE, s)]) for s in tm_seeds]
+        f1 = f1_gap(gap(base_recs.values()), [gap(r.values()) for r in arm_recs], rng)
+        # the same change paired item by item, on the seeds whose items are the base's: per metric and for the gap
         same = [s for s, r in zip(tm_seeds, arm_recs) if set(r) == set(base_recs)]
         if same:
             ids = sorted(base_recs)
-            recs = [r for s, r in zip(tm_seeds, arm_recs) if s in same]
-            for name, fn in (("a_r", lambda r: float(bool(r["cf_outcome"]))), ("a_p", lambda r: float(bool(r["perception_exact"])))):
-                f1_pairs[name] = paired([np.array([fn(r[i]) - fn(base_recs[i]) for i in ids]) for r in recs], rng)
-            f1_pairs["gap"] = paired([gap([r[i] for i in ids]) - gap([base_recs[i] for i in ids]) for r in recs], rng)
+            before = [base_recs[i] for i in ids]
+            after = [[r[i] for i in ids] for s, r in zip(tm_seeds, arm_recs) if s in same]
+            for name in ("a_r", "a_p"):
+                f1_pairs[name] = paired([score(a, name) - score(before, name) for a in after], rng)
+            f1_pairs["gap"] = paired([gap(a) - gap(before) for a in after], rng)
         rule = f1_pairs["gap"] if prefix in F1_PAIRED and f1_pairs else f1
         f1_verdict = "reproduced" if rule["lo"] > 0 else ("direction only (interval includes 0)" if rule["mean"] > 0 else "not reproduced")
         lines += [
