@@ -6,14 +6,15 @@
     python benchmarks/repro.py --plan p8 --out runs/repro8   # session 3's plan (patch 8)
     python benchmarks/repro.py --plan p8-500 --out runs/repro500 --base-model BASE_STAGE \
         --reeval-from runs/repro8 --start-by 00:40                      # session 4's (500 test items)
-    python benchmarks/repro.py --plan sudoku --out runs/repro-sudoku --start-by 06:05  # session 6's
+    python benchmarks/repro.py --plan sudoku --out runs/repro-sudoku --start-by 06:05  # sessions 6-7's
 
 The plans (`benchmarks/results/preregistration.md`): graph colouring, one shared reasoner base
 (`specs/repro/<prefix>_base.pd`, trained once), then the SFT arms `specs/repro/<prefix>_<arm>.pd`
 from its checkpoint for each seed (prefix `gc`: session 2's plan, patch 16 after its amendment 2;
 `gc8`: session 3's, patch 8, 300-step arms; `p8-500`: session 4's, the same base and arms, every evaluation
 on the task's 500 test items; `sudoku`: session 6's, the second task, sudoku 4×4 at 80 px / patch 16 with
-`verbose` reasoning, 300-step arms, 500 test items, its base trained in two parts: `BASES`); arms of one seed share the data order and the test items, so they are
+`verbose` reasoning, 300-step arms, 500 test items, its base trained in two parts: `BASES`; session 7 added the
+arms λ = 0.25 / 0.75, NGDiff with automatic lr and the scheduled λ, after session 6's in `PRIORITY`); arms of one seed share the data order and the test items, so they are
 compared item by item. Every cell is a plain `percep run` (one thread each, `--jobs` at once) in
 `OUT/runs/`; a cell whose summary.json exists is skipped, an interrupted one is resumed with
 `--resume`, so running the command again continues where it stopped. The arms run with OUT as
@@ -63,7 +64,9 @@ GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2)}  # pre-registered go/no-go of the
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
 PRIORITY = {
     "p8-500": (("tm", "ngdiff_auto"), ("lamsched",), ("lam", "ngdiff"), ("lam25", "lam75")),  # session 4's
-    "sudoku": (("tm", "ngdiff"), ("lam",)),  # session 6's
+    # session 6's groups, then session 7's (the rest of F2), one arm per group: with two cells at a time an arm's 3 seeds
+    # end before the next arm's, so a cut-off leaves whole arms; the λ curve's two points first, the slow NGDiff-auto next
+    "sudoku": (("tm", "ngdiff"), ("lam",), ("lam25",), ("lam75",), ("ngdiff_auto",), ("lamsched",)),
 }
 # plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
 # task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
@@ -966,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plan",
         choices=list(PLANS),
         default="quick16",
-        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: session 6's",
+        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's",
     )
     ap.add_argument("--out", type=Path, default=Path("runs/repro"))
     ap.add_argument("--jobs", type=int, default=2, help="cells at once (one thread each)")

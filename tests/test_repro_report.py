@@ -330,6 +330,11 @@ def test_plan_sudoku_order_go_and_paired_f1(tmp_path: Path) -> None:
         ("lam", 2),
     ]
     assert repro.start_order("p8", ["tm", "lam"], [1, 2]) == [("tm", 1), ("lam", 1), ("tm", 2), ("lam", 2)]
+    # session 7's arms come after session 6's nine cells (which keep their order), one arm's seeds at a time
+    full = repro.start_order("sudoku", [a for g in repro.PRIORITY["sudoku"] for a in g], [1, 2, 3])
+    assert full[:9] == repro.start_order("sudoku", ["tm", "ngdiff", "lam"], [1, 2, 3])
+    assert full[9:] == [(a, s) for a in ("lam25", "lam75", "ngdiff_auto", "lamsched") for s in (1, 2, 3)]
+    assert all((repro.SPECS / f"sudoku_{a}.pd").exists() for a, _ in full)
     runs = tmp_path / "runs"
     fake_base(tmp_path, "sudoku", mask(0), mask(14))  # a_r 0.35, a_p 0: go
     for s in (1, 2, 3):
