@@ -455,6 +455,110 @@ def miniature(specs: Path) -> str:
     return f": a MINIATURE (`{shown}`: too few steps, items and seeds for the study's verdicts)"
 
 
+def auto_lr(
+    cells: dict[tuple[str, int], Path], arms: list[str], seeds: list[int], rng: np.random.Generator, note: str
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """NGDiff with vs without automatic lr: `ngdiff_auto` − `ngdiff` paired on the seeds both have
+    (descriptive, no verdict; sessions 4 and 7); the report's lines (``note`` under the heading) and the differences."""
+    fields = {m: field for m, (_, field) in METRICS.items()}
+    auto = paired_against(cells, ["ngdiff_auto"], seeds, "ngdiff", fields, rng) if "ngdiff_auto" in arms else {}
+    if not auto:
+        return [], {}
+    head = "## NGDiff with vs without automatic lr (`ngdiff_auto` − `ngdiff`; descriptive, no verdict)"
+    return [head, "", note, "", *f2_rows(auto, "", rule=False), ""], auto
+
+
+def lambda_curve(
+    out: Path,
+    arms: list[str],
+    seeds: list[int],
+    cells: dict[tuple[str, int], Path],
+    results: dict[str, dict[str, dict[str, Any]]],
+    trained: dict[tuple[str, int], Path] | None = None,
+    older: dict[tuple[str, int], Path] | None = None,
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """The λ trade-off curve (descriptive; sessions 4, 5 and 7): a, a_p, a_r against each arm's mean effective λ
+    over training (seed means, seeds in grey), the fixed-λ arms joined from token mean up, the others marked
+    apart, beside each arm its paired Δa against the baseline (``results``). ``cells``: the 500-item cells;
+    ``trained``: the cell whose metrics.csv holds a cell's training (a re-evaluation's source; default the cell);
+    ``older``: session 3's 200-item cells, drawn beside. Writes OUT/curve.png; returns the report's lines and
+    the curve's points (500 items, 200 items)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained, older = trained or {}, older or {}
+
+    def point(found: dict[tuple[str, int], Path], arm: str) -> dict[str, Any] | None:
+        ss = [s for s in seeds if (arm, s) in found]
+        if not ss:
+            return None
+        ms = {s: checked_metrics(found[(arm, s)]) for s in ss}
+        lam = {s: mean_eff_lambda(trained.get((arm, s), found[(arm, s)])) for s in ss}
+        per = {m: {s: ms[s][m] for s in ss} for m in METRICS}
+        return {
+            "eff_lambda": float(np.mean(list(lam.values()))),
+            **{m: float(np.mean(list(v.values()))) for m, v in per.items()},
+            "seeds": ss,
+        }
+
+    curve = {a: c for a in arms if (c := point(cells, a))}
+    curve200 = {a: c for a in arms if (c := point(older, a))}
+    if not curve and not curve200:
+        return [], curve, curve200
+    head = "| arm | seeds | mean eff. λ | a | a_p | a_r | Δa vs tm [95% paired bootstrap] |"
+    bar = "|---|---|---:|---:|---:|---:|---|"
+    if older:
+        head, bar = head + " 200 items (session 3): seeds, a / a_p / a_r |", bar + "---|"
+    lines = ["## The λ trade-off curve (seed means; x = the arm's mean effective λ over training)", "", head, bar]
+    for arm in sorted(set(curve) | set(curve200), key=lambda a: (curve.get(a) or curve200[a])["eff_lambda"]):
+        c, o, d = curve.get(arm), curve200.get(arm), results.get(arm, {}).get("a")
+        new = (
+            f"{','.join(map(str, c['seeds']))} | {c['eff_lambda']:.3f} | {c['a']:.3f} | {c['a_p']:.3f} | {c['a_r']:.3f}"
+            if c
+            else f"not run | {o['eff_lambda']:.3f} | – | – | –"
+        )
+        delta = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "–"
+        old = f"{','.join(map(str, o['seeds']))}: {o['a']:.3f} / {o['a_p']:.3f} / {o['a_r']:.3f}" if o else "–"
+        lines.append(f"| {arm} | {new} | {delta} |" + (f" {old} |" if older else ""))
+    lines.append("")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
+    fixed = [a for a in ("tm", "lam25", "lam", "lam75") if a in curve]
+    for ax, m in zip(axes, METRICS):
+        ax.plot(
+            [curve[a]["eff_lambda"] for a in fixed],
+            [curve[a][m] for a in fixed],
+            "-o",
+            color="C0",
+            label="500 items: token mean / fixed λ",
+        )
+        for i, arm in enumerate(a for a in curve if a not in fixed):
+            ax.plot(curve[arm]["eff_lambda"], curve[arm][m], "s", color=f"C{i + 1}", label=f"500 items: {arm}")
+        for arm in curve:
+            xs = [mean_eff_lambda(trained.get((arm, s), cells[(arm, s)])) for s in curve[arm]["seeds"]]
+            ax.scatter(xs, [checked_metrics(cells[(arm, s)])[m] for s in curve[arm]["seeds"]], s=8, color="grey", zorder=0)
+        if curve200:
+            ax.scatter(
+                [c["eff_lambda"] for c in curve200.values()],
+                [c[m] for c in curve200.values()],
+                facecolors="none",
+                edgecolors="k",
+                s=40,
+                label="200 items (session 3)",
+            )
+            for arm, c in curve200.items():
+                ax.annotate(arm, (c["eff_lambda"], c[m]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+        ax.set_title(m)
+        ax.set_xlabel("mean effective λ (perception's weight share)")
+    axes[0].set_ylabel("accuracy (grey: seeds at 500 items)")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=110)
+    plt.close(fig)
+    return [*lines, "![the λ trade-off curve](curve.png)", ""], curve, curve200
+
+
 def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", specs: Path = SPECS) -> Path:
     import matplotlib
 
@@ -530,6 +634,9 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
 
         rep = paired_report(load_runs(sorted(cells.values())), f"experiment=repro_{prefix}_{BASELINE}")
         lines += ["### The same comparison by `percep report --baseline`", "", paired_markdown(rep).split("\n", 2)[-1].strip(), ""]
+    auto_lines, auto = auto_lr(cells, arms, seeds, rng, "Paired item by item on each seed's test items.")
+    curve_lines, curve, _ = lambda_curve(out, arms, seeds, cells, results)
+    lines += auto_lines + curve_lines
     # F1: the token-mean arm against the shared start
     f1: dict[str, Any] | None = None
     f1_pairs: dict[str, dict[str, Any]] = {}
@@ -603,9 +710,13 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
     if results:
         plot_paired(results, BASELINE, out / "paired.png")
         lines += ["![paired differences](paired.png)", ""]
-    missing = [f"{a}-s{s}" for a in arms for s in seeds if (a, s) not in cells]
-    if missing:
-        lines += [f"Cells not (yet) complete: {', '.join(missing)}.", ""]
+    # cells without a finished run, in the start order: a run directory without summary.json was started and stopped
+    # (or is still running); no directory: not run (preregistration.md: both reported as such)
+    missing = [(a, s) for a, s in start_order(plan, arms, seeds) if (a, s) not in cells]
+    started = {(a, s) for a, s in missing if run_dir(Cell(specs / f"{prefix}_{a}.pd", s, ""), runs).exists()}
+    for what, which in (("started, not finished", started), ("not run", set(missing) - started)):
+        if which:
+            lines += [f"Cells {what}: {', '.join(f'{a}-s{s}' for a, s in missing if (a, s) in which)}.", ""]
     from percepdsl.io import write_json_atomic, write_text_atomic
 
     write_json_atomic(
@@ -617,7 +728,9 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             "f1": f1,
             "f1_paired": f1_pairs,
             "f1_verdict": f1_verdict if f1 else None,
-            "f1_rule": which if f1 else None,
+            "f1_rule": ("paired" if prefix in F1_PAIRED and f1_pairs else "unpaired") if f1 else None,  # the interval its rule read
+            "ngdiff_auto_vs_ngdiff": auto,
+            "curve": curve,
         },
     )
     return write_text_atomic(out / "report.md", "\n".join(lines))
@@ -667,11 +780,6 @@ def mean_eff_lambda(rd: Path) -> float:
 def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
     """Session 4's report: every arm on 500 items against the `tm` re-evaluation, the session-3
     200-item figures beside, NGDiff with vs without automatic lr, and the λ trade-off curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from percepdsl.io import write_json_atomic, write_text_atomic
 
     runs = out / "runs"
@@ -760,87 +868,19 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
     # NGDiff with vs without automatic lr, paired on the items both have: 500 where `ngdiff` was
     # re-evaluated, else the 200 its session-3 evaluation scored (the first 200 of the same stream)
     ngd = {k: v for k, v in cells.items() if k[0] == "ngdiff"} or {k: v for k, v in sources.items() if k[0] == "ngdiff"}
-    both = {**{k: v for k, v in cells.items() if k[0] == "ngdiff_auto"}, **ngd}
-    auto = paired_against(both, ["ngdiff_auto"], seeds, "ngdiff", fields, rng) if "ngdiff_auto" in arms else {}
-    if auto:
-        lines += [
-            "## NGDiff with vs without automatic lr (`ngdiff_auto` − `ngdiff`; descriptive, no verdict)",
-            "",
-            "Paired on the items both cells scored (`item pairs`: 200 per seed where `ngdiff` has only session 3's evaluation).",
-            "",
-            *f2_rows(auto, "gc8", rule=False),
-            "",
-        ]
+    auto_lines, auto = auto_lr(
+        {**{k: v for k, v in cells.items() if k[0] == "ngdiff_auto"}, **ngd},
+        arms,
+        seeds,
+        rng,
+        "Paired on the items both cells scored (`item pairs`: 200 per seed where `ngdiff` has only session 3's evaluation).",
+    )
+    lines += auto_lines
 
-    # the λ trade-off curve: each arm at its mean effective λ over training; 500 items where measured,
-    # session 3's 200 items beside (also for the arms whose re-evaluation did not run)
-    def point(found: dict[tuple[str, int], Path], arm: str) -> dict[str, Any] | None:
-        ss = [s for s in seeds if (arm, s) in found]
-        if not ss:
-            return None
-        ms = {s: checked_metrics(found[(arm, s)]) for s in ss}
-        lam = {s: mean_eff_lambda(trained.get((arm, s), found[(arm, s)])) for s in ss}
-        per = {m: {s: ms[s][m] for s in ss} for m in METRICS}
-        return {
-            "eff_lambda": float(np.mean(list(lam.values()))),
-            **{m: float(np.mean(list(v.values()))) for m, v in per.items()},
-            "seeds": ss,
-        }
-
-    curve = {a: c for a in arms if (c := point(cells, a))}
-    curve200 = {a: c for a in arms if a in REEVAL and (c := point(sources, a))}
-    if curve or curve200:
-        lines += [
-            "## The λ trade-off curve (seed means; x = the arm's mean effective λ over training)",
-            "",
-            "| arm | seeds | mean eff. λ | a | a_p | a_r | Δa vs tm [95% paired bootstrap] | 200 items (session 3): seeds, a / a_p / a_r |",
-            "|---|---|---:|---:|---:|---:|---|---|",
-        ]
-        for arm in sorted(set(curve) | set(curve200), key=lambda a: (curve.get(a) or curve200[a])["eff_lambda"]):
-            c, o, d = curve.get(arm), curve200.get(arm), results.get(arm, {}).get("a")
-            new = (
-                f"{','.join(map(str, c['seeds']))} | {c['eff_lambda']:.3f} | {c['a']:.3f} | {c['a_p']:.3f} | {c['a_r']:.3f}"
-                if c
-                else f"not run | {o['eff_lambda']:.3f} | – | – | –"
-            )
-            delta = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "–"
-            old = f"{','.join(map(str, o['seeds']))}: {o['a']:.3f} / {o['a_p']:.3f} / {o['a_r']:.3f}" if o else "–"
-            lines.append(f"| {arm} | {new} | {delta} | {old} |")
-        lines.append("")
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
-        fixed = [a for a in ("tm", "lam25", "lam", "lam75") if a in curve]
-        for ax, m in zip(axes, METRICS):
-            ax.plot(
-                [curve[a]["eff_lambda"] for a in fixed],
-                [curve[a][m] for a in fixed],
-                "-o",
-                color="C0",
-                label="500 items: token mean / fixed λ",
-            )
-            for i, arm in enumerate(a for a in curve if a not in fixed):
-                ax.plot(curve[arm]["eff_lambda"], curve[arm][m], "s", color=f"C{i + 1}", label=f"500 items: {arm}")
-            for arm in curve:
-                xs = [mean_eff_lambda(trained[(arm, s)]) for s in curve[arm]["seeds"]]
-                ax.scatter(xs, [metrics[(arm, s)][m] for s in curve[arm]["seeds"]], s=8, color="grey", zorder=0)
-            if curve200:
-                ax.scatter(
-                    [c["eff_lambda"] for c in curve200.values()],
-                    [c[m] for c in curve200.values()],
-                    facecolors="none",
-                    edgecolors="k",
-                    s=40,
-                    label="200 items (session 3)",
-                )
-                for arm, c in curve200.items():
-                    ax.annotate(arm, (c["eff_lambda"], c[m]), fontsize=6, xytext=(3, -8), textcoords="offset points")
-            ax.set_title(m)
-            ax.set_xlabel("mean effective λ (perception's weight share)")
-        axes[0].set_ylabel("accuracy (grey: seeds at 500 items)")
-        axes[0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "curve.png", dpi=110)
-        plt.close(fig)
-        lines += ["![the λ trade-off curve](curve.png)", ""]
+    # the λ trade-off curve: 500 items where measured, session 3's 200 items beside (also for the arms whose
+    # re-evaluation did not run)
+    curve_lines, curve, curve200 = lambda_curve(out, arms, seeds, cells, results, trained, sources)
+    lines += curve_lines
     if results:
         plot_paired(results, BASELINE, out / "paired.png", width=9)
         lines += ["![paired differences](paired.png)", ""]

@@ -17,10 +17,14 @@ import repro  # noqa: E402
 N = 40
 
 
-def fake_cell(runs: Path, cell: repro.Cell, outcome: list[bool], perception: list[bool], reasoning: list[bool]) -> Path:
-    """A finished run directory as `percep run` leaves it: summary.json and the final eval records."""
+def fake_cell(
+    runs: Path, cell: repro.Cell, outcome: list[bool], perception: list[bool], reasoning: list[bool], eff_lambda: float = 0.05
+) -> Path:
+    """A finished run directory as `percep run` leaves it: summary.json, the final eval records and the
+    training log (metrics.csv, with the effective λ the report's curve reads)."""
     rd = repro.run_dir(cell, runs)
     rd.mkdir(parents=True)
+    (rd / "metrics.csv").write_text(f"stage,eff_lambda,step\npost,{eff_lambda},9\n")
     recs = [
         {"stage": "post", "final": True, "id": f"graph_coloring/test/{i}", "outcome": o, "perception_exact": p, "cf_outcome": r}
         for i, (o, p, r) in enumerate(zip(outcome, perception, reasoning))
@@ -352,6 +356,47 @@ def test_plan_sudoku_order_go_and_paired_f1(tmp_path: Path) -> None:
     # an arm with fewer than 3 finished seeds gets its intervals and no verdict (the session-6 rule)
     text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2], "sudoku").read_text()
     assert "| ngdiff | a | 1,2 | 80 |" in text and "2 of 3 seeds: no verdict" in text
+
+
+def test_plan_sudoku_rest_of_f2_auto_lr_curve_and_unfinished_cells(tmp_path: Path) -> None:
+    """Session 7 (`--plan sudoku`, all seven arms): NGDiff with vs without automatic lr paired per item, the λ curve
+    (each arm at its mean effective λ, sorted by it; the fixed-λ arms joined, the others apart) through the same
+    code as the graph-colouring report, and a cut-off's leftovers: `lamsched` has seed 1 finished, seed 2 started
+    and stopped (a run directory without summary.json), seed 3 not run."""
+    runs = tmp_path / "runs"
+    fake_base(tmp_path, "sudoku", mask(0), mask(14))
+    arms = [a for g in repro.PRIORITY["sudoku"] for a in g]
+    # arm: (items right on a, on a_p, the effective λ its training logged)
+    made = {"tm": (10, 1, 0.047), "lam25": (12, 8, 0.25), "lam": (14, 12, 0.5), "lam75": (8, 30, 0.75)}
+    made |= {"ngdiff": (20, 28, 0.24), "ngdiff_auto": (22, 30, 0.28), "lamsched": (11, 10, 0.3)}
+    for arm, (k_a, k_p, lam) in made.items():
+        for s in (1,) if arm == "lamsched" else (1, 2, 3):
+            cell = repro.Cell(repro.SPECS / f"sudoku_{arm}.pd", s, "")
+            fake_cell(runs, cell, mask(k_a + (s if arm == "ngdiff_auto" else 0)), mask(k_p), mask(24), eff_lambda=lam)
+    repro.run_dir(repro.Cell(repro.SPECS / "sudoku_lamsched.pd", 2, ""), runs).mkdir()  # stopped at the cut-off
+    text = repro.report(tmp_path, arms, [1, 2, 3], "sudoku").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    auto = data["ngdiff_auto_vs_ngdiff"]["ngdiff_auto"]["a"]
+    assert auto["per_seed"] == pytest.approx([3 / N, 4 / N, 5 / N]) and auto["seeds"] == [1, 2, 3]
+    assert "## NGDiff with vs without automatic lr" in text and "| ngdiff_auto | a | 1,2,3 | 120 | +0.100 |" in text
+    curve = data["curve"]
+    assert set(curve) == set(made) and curve["lam75"]["a_p"] == pytest.approx(30 / N)
+    assert curve["ngdiff_auto"]["eff_lambda"] == pytest.approx(0.28) and curve["lamsched"]["seeds"] == [1]
+    table = text.split("## The λ trade-off curve")[1].split("\n\n")[1].split("\n")
+    assert [r.split(" | ")[0] for r in table[2:]] == [
+        "| tm",
+        "| ngdiff",
+        "| lam25",
+        "| ngdiff_auto",
+        "| lamsched",
+        "| lam",
+        "| lam75",
+    ]  # by mean eff. λ
+    assert "| lam75 | 1,2,3 | 0.750 | 0.200 | 0.750 | 0.600 | -0.050 [" in text
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    # the F2 rule per arm; lamsched has one seed: intervals, no verdict
+    assert "| lamsched | a | 1 | 40 | +0.025 |" in text and "1 of 3 seeds: no verdict" in text
+    assert "Cells started, not finished: lamsched-s2." in text and "Cells not run: lamsched-s3." in text
 
 
 def test_plan_sudoku_trains_its_base_in_two_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
