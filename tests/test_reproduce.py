@@ -59,6 +59,7 @@ def sft_cell(runs: Path, spec: Path, seed: int, outcome: list[bool], perception:
         for i, (o, p, r) in enumerate(zip(outcome, perception, reasoning))
     ]
     (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (rd / "metrics.csv").write_text("step,eff_lambda\n1,0.05\n")  # the λ curve's x
     final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(reasoning))}
     return finish(rd, 10, "post", final, seed)
 
