@@ -922,7 +922,7 @@ def confirmatory(
     excluded = [f"{a}-s{s}" for a, s in done if not checks[f"{a}-s{s}"]["same_weights"]]
     usable = {k: v for k, v in done.items() if f"{k[0]}-s{k[1]}" not in excluded}
     arms, seeds = list(CONFIRM_ARMS), list(CONFIRM_SEEDS)
-    res = paired_against(usable, arms, seeds, BASELINE, fields, rng)
+    res = with_verdicts(paired_against(usable, arms, seeds, BASELINE, fields, rng), "gc8", min_seeds=3)
     at200 = paired_against({k: v for k, v in sources.items() if k in confirm}, arms, seeds, BASELINE, fields, rng)
     beside = {
         arm: {m: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()}

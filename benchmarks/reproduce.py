@@ -207,13 +207,17 @@ def rows_of(report: dict[str, Any], method: str, findings: tuple[str, ...], base
             }
         )
     if "F2" in findings or "F4" in findings:
-        for arm, per in (report.get("paired") or {}).items():
+        confirmatory = (report.get("confirmatory") or {}).get("paired") or {}  # p8-500: fresh seeds, judged apart
+        for arm, per, label in [
+            *((a, p, "") for a, p in (report.get("paired") or {}).items()),
+            *((a, p, " (confirmatory seeds)") for a, p in confirmatory.items()),
+        ]:
             finding = "F2" if method == "sft" else ("issue 16" if arm in BEYOND else "F4")
             d = per["a"]
             rows.append(
                 {
                     "finding": finding,
-                    "comparison": f"`{arm}` − `{baseline}`",
+                    "comparison": f"`{arm}` − `{baseline}`{label}",
                     "statistic": "Δa (paired by item)",
                     "value": d["mean"],
                     "lo": d["lo"],

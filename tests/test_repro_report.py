@@ -294,6 +294,7 @@ def test_the_confirmatory_seeds_are_judged_apart_at_500_items(tmp_path: Path) ->
     conf = data["confirmatory"]["paired"]["ngdiff"]["a"]
     assert conf["seeds"] == [4, 5, 6] and conf["n_pairs"] == 3 * N
     assert conf["per_seed"] == pytest.approx([10 / N, 8 / N, 12 / N]) and conf["lo"] > 0
+    assert conf["verdict"] == "reproduced"  # in report.json too, for the one-command headline (benchmarks/reproduce.py)
     # the 200-item result of the same cells: items 1-20, where ngdiff has 10 / 8 / 10 more right
     assert data["confirmatory"]["paired_200"]["ngdiff"]["a"]["per_seed"] == pytest.approx([10 / n200, 8 / n200, 10 / n200])
     block = text.split("## Confirmatory F2 on 500 items")[1].split("\n## ")[0]

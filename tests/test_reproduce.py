@@ -143,6 +143,22 @@ def test_the_headline_table_copies_the_parts_numbers_and_names_the_parts_not_run
     assert (tmp_path / "headline.png").stat().st_size > 0
 
 
+def test_the_confirmatory_seeds_get_their_own_headline_row() -> None:
+    """p8-500's report.json judges session 3's confirmatory seeds apart from seeds 1-3: the headline keeps
+    both rows, the confirmatory one labelled, each with its own numbers and verdict."""
+    diff = {"mean": 0.117, "lo": 0.089, "hi": 0.145, "per_seed": [0.148, 0.122, 0.08], "n_pairs": 1500}
+    report = {
+        "paired": {"ngdiff": {"a": {**diff, "mean": 0.111, "verdict": "exploratory: reproduced"}, "a_p": {"mean": 0.45}}},
+        "confirmatory": {"paired": {"ngdiff": {"a": {**diff, "verdict": "reproduced"}, "a_p": {"mean": 0.44}}}},
+    }
+    rows = reproduce.rows_of(report, "sft", ("F2",), "tm")
+    assert [(r["comparison"], r["value"], r["verdict"]) for r in rows] == [
+        ("`ngdiff` − `tm`", 0.111, "exploratory: reproduced"),
+        ("`ngdiff` − `tm` (confirmatory seeds)", 0.117, "reproduced"),
+    ]
+    assert rows[1]["seeds_items"] == "3 × 500" and rows[1]["also"] == {"Δa_p": 0.44}
+
+
 def test_quick_reports_a_miniature_in_its_first_line_and_gives_no_verdict(tmp_path: Path) -> None:
     sudoku_parts(tmp_path, reproduce.QUICK_SPECS, reproduce.QUICK_SEEDS)
     assert reproduce.main(["--quick", "--report", "--out", str(tmp_path), "--tasks", "sudoku"]) == 0
