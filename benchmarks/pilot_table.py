@@ -11,7 +11,9 @@ difference B − A of a, a_p and a_r on the same test items at the two stages' l
 with a 95% bootstrap interval over items (10,000 resamples; one seed: the interval says nothing
 about seed variance). With `--cells` (sudoku), prints for each run's last evaluation where the
 perception cell errors lie: on given cells (a digit misread, or read as blank) or on blank cells
-(read as a digit), by row and by column, and the most frequent digit confusions.
+(read as a digit), by row and by column, and the most frequent digit confusions; and the answer's
+given cells copied and blank cells filled right, beside the chance of a uniform pick among each
+blank's candidates.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +100,13 @@ def cell_errors(recs: list[dict[str, Any]]) -> dict[str, Any]:
     against the k-th cell of p*, as the task scores `slot_errors`; `/` ignored, a missing cell is
     an error). Returns counts over all items: given and blank cells and their errors by kind,
     the error rate per row and per column, and (truth, read) digit confusions, most frequent first.
+    Beside them, the answer read the same way against the solution: the share of given cells it
+    copies and of blank cells it fills right, and what picking a blank's digit uniformly among its
+    candidates (the digits its row, column and box do not hold) would fill right on average.
     """
     n = int(recs[0]["instance"]["size"])
+    box = math.isqrt(n)
+    answer = {"given": 0, "blank": 0, "candidates": 0.0}
     kinds = dict.fromkeys(("given", "given_as_other_digit", "given_as_blank", "blank", "blank_as_digit", "missing"), 0)
     rows, cols = np.zeros(n), np.zeros(n)
     confusions: dict[tuple[str, str], int] = {}
@@ -121,6 +129,20 @@ def cell_errors(recs: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 kinds["given_as_other_digit"] += 1
                 confusions[t, w] = confusions.get((t, w), 0) + 1
+        puzzle = [v for row in r["instance"]["puzzle"] for v in row]
+        solution = [v for row in r["instance"]["solution"] for v in row]
+        filled = [w for w in (r.get("generated_answer") or "").split() if w != "/"]
+        for k, v in enumerate(puzzle):
+            answer["given" if v else "blank"] += k < len(filled) and filled[k] == str(solution[k])
+            if not v:
+                i, j = divmod(k, n)
+                seen = {puzzle[i * n + c] for c in range(n)} | {puzzle[c * n + j] for c in range(n)}
+                seen |= {
+                    puzzle[a * n + b]
+                    for a in range(i // box * box, i // box * box + box)
+                    for b in range(j // box * box, j // box * box + box)
+                }
+                answer["candidates"] += 1 / len(set(range(1, n + 1)) - seen)
     cells = len(recs) * n  # cells per row (or column) over all items
     return {
         "n": len(recs),
@@ -128,6 +150,9 @@ def cell_errors(recs: list[dict[str, Any]]) -> dict[str, Any]:
         "row_error_rate": (rows / cells).round(4).tolist(),
         "col_error_rate": (cols / cells).round(4).tolist(),
         "confusions": sorted(([t, w, c] for (t, w), c in confusions.items()), key=lambda x: (-x[2], x[0], x[1])),
+        "answer_given_right": round(answer["given"] / max(kinds["given"], 1), 4),
+        "answer_blank_right": round(answer["blank"] / max(kinds["blank"], 1), 4),
+        "answer_blank_candidate_chance": round(answer["candidates"] / max(kinds["blank"], 1), 4),
     }
 
 
@@ -137,7 +162,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--pair", nargs=2, metavar=("STAGE_A", "STAGE_B"))
-    ap.add_argument("--cells", action="store_true", help="sudoku: where the perception cell errors lie (last evaluation)")
+    ap.add_argument("--cells", action="store_true", help="sudoku: where the cell errors lie, perception and answer (last evaluation)")
     args = ap.parse_args()
     if args.cells:
         for run in args.runs:
