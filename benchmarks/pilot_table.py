@@ -2,13 +2,18 @@
 
     python benchmarks/pilot_table.py RUN_DIR... [--json OUT.json] [--csv OUT.csv]
     python benchmarks/pilot_table.py RUN_DIR... --pair STAGE_A STAGE_B   # paired Δ within each run
+    python benchmarks/pilot_table.py RUN_DIR... --cells                  # sudoku: where the cell errors are
 
 Reads `stages/<stage>/eval-<step>.jsonl` (the per-item records) and, where the stage finished,
 `stages/<stage>/done.json` (train time, token and loss share). Every figure is recomputed from
 the records, so a row traces to its items. With `--pair A B`, prints for each run the paired
 difference B − A of a, a_p and a_r on the same test items at the two stages' last evaluation,
 with a 95% bootstrap interval over items (10,000 resamples; one seed: the interval says nothing
-about seed variance).
+about seed variance). With `--cells` (sudoku), prints for each run's last evaluation where the
+perception cell errors lie: on given cells (a digit misread, or read as blank) or on blank cells
+(read as a digit), by row and by column, and the most frequent digit confusions; and the answer's
+given cells copied and blank cells filled right, beside the chance of a uniform pick among each
+blank's candidates.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +95,82 @@ def paired(run: Path, a: str, b: str, resamples: int = 10_000, seed: int = 0) ->
     return out
 
 
+def cell_errors(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a sudoku evaluation's perception errors lie, cell by cell (the k-th cell word read
+    against the k-th cell of p*, as the task scores `slot_errors`; `/` ignored, a missing cell is
+    an error). Returns counts over all items: given and blank cells and their errors by kind,
+    the error rate per row and per column, and (truth, read) digit confusions, most frequent first.
+    Beside them, the answer read the same way against the solution: the share of given cells it
+    copies and of blank cells it fills right, and what picking a blank's digit uniformly among its
+    candidates (the digits its row, column and box do not hold) would fill right on average.
+    """
+    n = int(recs[0]["instance"]["size"])
+    box = math.isqrt(n)
+    answer = {"given": 0, "blank": 0, "candidates": 0.0}
+    kinds = dict.fromkeys(("given", "given_as_other_digit", "given_as_blank", "blank", "blank_as_digit", "missing"), 0)
+    rows, cols = np.zeros(n), np.zeros(n)
+    confusions: dict[tuple[str, str], int] = {}
+    for r in recs:
+        truth = [w for w in r["perception_ref"].split() if w != "/"]
+        read = [w for w in (r.get("generated_perception") or "").split() if w != "/"][: n * n]
+        for k, t in enumerate(truth):
+            w = read[k] if k < len(read) else None
+            kinds["blank" if t == "_" else "given"] += 1
+            if w == t:
+                continue
+            rows[k // n] += 1
+            cols[k % n] += 1
+            if w is None:
+                kinds["missing"] += 1
+            elif t == "_":
+                kinds["blank_as_digit"] += 1
+            elif w == "_":
+                kinds["given_as_blank"] += 1
+            else:
+                kinds["given_as_other_digit"] += 1
+                confusions[t, w] = confusions.get((t, w), 0) + 1
+        puzzle = [v for row in r["instance"]["puzzle"] for v in row]
+        solution = [v for row in r["instance"]["solution"] for v in row]
+        filled = [w for w in (r.get("generated_answer") or "").split() if w != "/"]
+        for k, v in enumerate(puzzle):
+            answer["given" if v else "blank"] += k < len(filled) and filled[k] == str(solution[k])
+            if not v:
+                i, j = divmod(k, n)
+                seen = {puzzle[i * n + c] for c in range(n)} | {puzzle[c * n + j] for c in range(n)}
+                seen |= {
+                    puzzle[a * n + b]
+                    for a in range(i // box * box, i // box * box + box)
+                    for b in range(j // box * box, j // box * box + box)
+                }
+                answer["candidates"] += 1 / len(set(range(1, n + 1)) - seen)
+    cells = len(recs) * n  # cells per row (or column) over all items
+    return {
+        "n": len(recs),
+        **kinds,
+        "row_error_rate": (rows / cells).round(4).tolist(),
+        "col_error_rate": (cols / cells).round(4).tolist(),
+        "confusions": sorted(([t, w, c] for (t, w), c in confusions.items()), key=lambda x: (-x[2], x[0], x[1])),
+        "answer_given_right": round(answer["given"] / max(kinds["given"], 1), 4),
+        "answer_blank_right": round(answer["blank"] / max(kinds["blank"], 1), 4),
+        "answer_blank_candidate_chance": round(answer["candidates"] / max(kinds["blank"], 1), 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--pair", nargs=2, metavar=("STAGE_A", "STAGE_B"))
+    ap.add_argument("--cells", action="store_true", help="sudoku: where the cell errors lie, perception and answer (last evaluation)")
     args = ap.parse_args()
+    if args.cells:
+        for run in args.runs:
+            stages = sorted(d.name for d in (run / "stages").glob("*") if any(d.glob("eval-*.jsonl")))
+            if not stages:
+                raise SystemExit(f"{run}: no evaluation yet")
+            print(json.dumps({"run": run.name, "stage": stages[-1], **cell_errors(last_eval(run, stages[-1]))}))
+        return
     if args.pair:
         for run in args.runs:
             print(json.dumps(paired(run, *args.pair)))

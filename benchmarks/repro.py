@@ -1,12 +1,12 @@
-"""The reproduction of issue 13 in one command: the pre-registered grid, resumable, and its report.
+"""The SFT reproduction of issue 13 (F1, F2), one task's pre-registered plan per command, resumable, and its report.
 
-    python benchmarks/repro.py --quick --out runs/repro          # run (or resume) and report
-    python benchmarks/repro.py --quick --out runs/repro --report # report only, from what exists
-    python benchmarks/repro.py --quick --out runs/repro --arms tm,lam --seeds 1,2,3
-    python benchmarks/repro.py --quick --plan p8 --out runs/repro8   # session 3's plan (patch 8)
-    python benchmarks/repro.py --quick --plan p8-500 --out runs/repro500 --base-model BASE_STAGE \
+    python benchmarks/repro.py --out runs/repro          # run (or resume) and report
+    python benchmarks/repro.py --out runs/repro --report # report only, from what exists
+    python benchmarks/repro.py --out runs/repro --arms tm,lam --seeds 1,2,3
+    python benchmarks/repro.py --plan p8 --out runs/repro8   # session 3's plan (patch 8)
+    python benchmarks/repro.py --plan p8-500 --out runs/repro500 --base-model BASE_STAGE \
         --reeval-from runs/repro8 --start-by 00:40                      # session 4's (500 test items)
-    python benchmarks/repro.py --quick --plan sudoku --out runs/repro-sudoku --start-by 06:05  # sessions 6-7's
+    python benchmarks/repro.py --plan sudoku --out runs/repro-sudoku --start-by 06:05  # sessions 6-7's
 
 The plans (`benchmarks/results/preregistration.md`): graph colouring, one shared reasoner base
 (`specs/repro/<prefix>_base.pd`, trained once), then the SFT arms `specs/repro/<prefix>_<arm>.pd`
@@ -34,7 +34,9 @@ and the paired differences from the same cell's eval.jsonl (the per-item records
 computed from; the script checks that the two agree): per seed, pooled over seeds with a 95%
 paired bootstrap interval (items resampled within seeds), and the seed-level t interval; F1 (the
 token-mean arm against the shared start) with a bootstrap interval of Δa_r − Δa_p.
-Only `--quick` plans are pre-registered so far; the full plan (both tasks, F3/F4) is not.
+The SFT part of the whole reproduction; `benchmarks/reproduce.py` runs it with the RL part
+(`benchmarks/repro_rl.py`) over both tasks, through `run_plan`. `--quick` (the sessions' name for these
+pre-registered plans) is still accepted and changes nothing; reproduce.py's `--quick` is its miniature.
 """
 
 from __future__ import annotations
@@ -402,6 +404,22 @@ def link_base(link: Path, target: Path) -> None:
         sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
 
 
+def f2_verdict(d: dict[str, Any], prefix: str, arm: str, min_seeds: int = 1) -> str:
+    """The F2 verdict of an arm's paired difference on a: the pre-registered rule, labelled exploratory for
+    cells run after other results were seen, and none for an arm with fewer than ``min_seeds`` seeds."""
+    v = verdict(d)
+    if set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
+        return f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
+    return f"{len(d['seeds'])} of {min_seeds} seeds: no verdict" if len(d["seeds"]) < min_seeds else v
+
+
+def with_verdicts(results: dict[str, dict[str, dict[str, Any]]], prefix: str, min_seeds: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
+    """``results`` with each arm's F2 verdict (`f2_verdict`) stored beside its difference on a (for report.json)."""
+    for arm, per in results.items():
+        per["a"]["verdict"] = f2_verdict(per["a"], prefix, arm, min_seeds)
+    return results
+
+
 def f2_rows(
     results: dict[str, dict[str, dict[str, Any]]],
     prefix: str,
@@ -420,17 +438,21 @@ def f2_rows(
     rows = [head, bar]
     for arm, per in results.items():
         for m, d in per.items():
-            v = (verdict(d) if rule else "none (descriptive)") if m == "a" else ""
-            if rule and v and set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
-                v = f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
-            if v and len(d["seeds"]) < min_seeds and "exploratory" not in v:
-                v = f"{len(d['seeds'])} of {min_seeds} seeds: no verdict"
+            v = (f2_verdict(d, prefix, arm, min_seeds) if rule else "none (descriptive)") if m == "a" else ""
             seeds_txt = ",".join(map(str, d["seeds"]))
             per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
             seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
             row = f"| {arm} | {m} | {seeds_txt} | {d['n_pairs']} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {seed_ci} | {v} |"
             rows.append(row + (f" {beside.get(arm, {}).get(m, '–')} |" if beside is not None else ""))
     return rows
+
+
+def miniature(specs: Path) -> str:
+    """The title's note for a report of cells made from other specs than the pre-registered ones."""
+    if specs.resolve() == SPECS.resolve():
+        return ""
+    shown = specs.resolve().relative_to(REPO) if specs.resolve().is_relative_to(REPO) else specs
+    return f": a MINIATURE (`{shown}`: too few steps, items and seeds for the study's verdicts)"
 
 
 def auto_lr(
@@ -537,7 +559,7 @@ def lambda_curve(
     return [*lines, "![the λ trade-off curve](curve.png)", ""], curve, curve200
 
 
-def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> Path:
+def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", specs: Path = SPECS) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -546,7 +568,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     runs = out / "runs"
     rng = np.random.default_rng(0)
     plan = next(k for k, v in PLANS.items() if v == prefix)
-    lines = [f"# Reproduction report (`--quick --plan {plan}`, {TASKS[prefix]})", ""]
+    lines = [f"# Reproduction report (`--plan {plan}`, {TASKS[prefix]}){miniature(specs)}", ""]
     lines += [
         "Generated by `python benchmarks/repro.py` from the cells in `runs/`; the plan and the decision rules are",
         "pre-registered in `benchmarks/results/preregistration.md`. Every metric below is the cell's",
@@ -577,7 +599,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     cells: dict[tuple[str, int], Path] = {}
     for arm in arms:
         for s in seeds:
-            rd = find_run(Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}"), runs)
+            rd = find_run(Cell(specs / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}"), runs)
             if rd:
                 cells[(arm, s)] = rd
     lines += [
@@ -691,7 +713,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
     # cells without a finished run, in the start order: a run directory without summary.json was started and stopped
     # (or is still running); no directory: not run (preregistration.md: both reported as such)
     missing = [(a, s) for a, s in start_order(plan, arms, seeds) if (a, s) not in cells]
-    started = {(a, s) for a, s in missing if run_dir(Cell(SPECS / f"{prefix}_{a}.pd", s, ""), runs).exists()}
+    started = {(a, s) for a, s in missing if run_dir(Cell(specs / f"{prefix}_{a}.pd", s, ""), runs).exists()}
     for what, which in (("started, not finished", started), ("not run", set(missing) - started)):
         if which:
             lines += [f"Cells {what}: {', '.join(f'{a}-s{s}' for a, s in missing if (a, s) in which)}.", ""]
@@ -702,9 +724,11 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc") -> 
         {
             "base": base_m,
             "cells": {f"{a}-s{s}": m for (a, s), m in metrics.items()},
-            "paired": results,
+            "paired": with_verdicts(results, prefix, MIN_SEEDS.get(prefix, 1)),
             "f1": f1,
             "f1_paired": f1_pairs,
+            "f1_verdict": f1_verdict if f1 else None,
+            "f1_rule": ("paired" if prefix in F1_PAIRED and f1_pairs else "unpaired") if f1 else None,  # the interval its rule read
             "ngdiff_auto_vs_ngdiff": auto,
             "curve": curve,
         },
@@ -775,7 +799,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
             cells[(arm, s)] = rd
             trained[(arm, s)] = source_of(rd)
     lines = [
-        "# Reproduction report (`--quick --plan p8-500`, graph colouring at patch 8, 500 test items)",
+        "# Reproduction report (`--plan p8-500`, graph colouring at patch 8, 500 test items)",
         "",
         "Generated by `python benchmarks/repro.py --plan p8-500 --report` from the cells in `runs/`; the plans, their order,",
         'cut-offs and decision rules are pre-registered in `benchmarks/results/preregistration.md` ("Session 4", "Session 5").',
@@ -868,7 +892,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         {
             "cells": {f"{a}-s{s}": m for (a, s), m in metrics.items()},
             "reevaluation_checks": checks,
-            "paired": results,
+            "paired": with_verdicts(results, "gc8", 3),
             "paired_200": at200,
             "ngdiff_auto_vs_ngdiff": auto,
             "confirmatory": confirmed,
@@ -898,7 +922,7 @@ def confirmatory(
     excluded = [f"{a}-s{s}" for a, s in done if not checks[f"{a}-s{s}"]["same_weights"]]
     usable = {k: v for k, v in done.items() if f"{k[0]}-s{k[1]}" not in excluded}
     arms, seeds = list(CONFIRM_ARMS), list(CONFIRM_SEEDS)
-    res = paired_against(usable, arms, seeds, BASELINE, fields, rng)
+    res = with_verdicts(paired_against(usable, arms, seeds, BASELINE, fields, rng), "gc8", min_seeds=3)
     at200 = paired_against({k: v for k, v in sources.items() if k in confirm}, arms, seeds, BASELINE, fields, rng)
     beside = {
         arm: {m: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()}
@@ -929,9 +953,58 @@ def cutoff(hhmm: str) -> float:
     return (t if t > now else t + dt.timedelta(days=1)).timestamp()
 
 
+def run_plan(
+    plan: str,
+    out: Path,
+    arms: list[str],
+    seeds: list[int],
+    *,
+    jobs: int = 2,
+    start_by: float | None = None,
+    report_only: bool = False,
+    base_model: Path | None = None,
+    reeval_from: Path | None = None,
+    specs: Path = SPECS,
+) -> tuple[Path | None, list[str]]:
+    """Run (or resume) a plan's cells in ``out`` unless ``report_only``, then write its report; returns
+    the report's path (None when the base failed: no report) and the cells that failed. ``specs``: the folder of the plan's specs (default the
+    pre-registered ones; `benchmarks/reproduce.py --quick` passes its miniatures, `specs/repro/quick/`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = PLANS[plan]
+    failed: list[str] = []
+    if not report_only:
+        t0 = time.time()
+        if base_model:
+            link_base(out / f"{prefix}_base", base_model.resolve())
+        else:
+            print("base (shared reasoner start):", flush=True)
+            for stem, name in BASES.get(prefix, (("base", f"{prefix}_base"),)):  # each part starts from the one before
+                cell = Cell(specs / f"{prefix}_{stem}.pd", None, stem)
+                failed += run_cells([cell], out, 1)
+                if failed:
+                    print(f"the base failed: see {out / 'logs' / (stem + '.log')}", file=sys.stderr)
+                    return None, failed
+                link_base(out / name, run_dir(cell, out / "runs") / "stages" / "base")
+        print("arms:", flush=True)
+        # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves
+        # paired comparisons; p8-500 re-evaluates session 3's arms
+        cells = [
+            eval_cell(arm, s, out, reeval_from)
+            if plan == "p8-500" and arm in REEVAL
+            else Cell(specs / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}")
+            for arm, s in start_order(plan, arms, seeds)
+        ]
+        failed += run_cells(cells, out, jobs, start_by)
+        print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
+    path = report_500(out, arms, seeds) if plan == "p8-500" else report(out, arms, seeds, prefix, specs)
+    return path, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", required=True, help="a pre-registered quick plan (the only kind so far)")
+    ap.add_argument(
+        "--quick", action="store_true", help="accepted for old command lines; changes nothing (every plan here is pre-registered)"
+    )
     ap.add_argument(
         "--plan",
         choices=list(PLANS),
@@ -956,35 +1029,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [x for x in arms if x not in ARMS]:
         ap.error(f"unknown arm(s) {unknown}; the pre-registered arms are {list(ARMS)}")
     seeds = [int(x) for x in a.seeds.split(",") if x]
-    out = a.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = PLANS[a.plan]
-    failed: list[str] = []
-    if not a.report:
-        t0 = time.time()
-        if a.base_model:
-            link_base(out / f"{prefix}_base", a.base_model.resolve())
-        else:
-            print("base (shared reasoner start):", flush=True)
-            for stem, name in BASES.get(prefix, (("base", f"{prefix}_base"),)):  # each part starts from the one before
-                cell = Cell(SPECS / f"{prefix}_{stem}.pd", None, stem)
-                failed += run_cells([cell], out, 1)
-                if failed:
-                    print(f"the base failed: see {out / 'logs' / (stem + '.log')}", file=sys.stderr)
-                    return 3
-                link_base(out / name, run_dir(cell, out / "runs") / "stages" / "base")
-        print("arms:", flush=True)
-        # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves
-        # paired comparisons; p8-500 re-evaluates session 3's arms
-        cells = [
-            eval_cell(arm, s, out, a.reeval_from)
-            if a.plan == "p8-500" and arm in REEVAL
-            else Cell(SPECS / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}")
-            for arm, s in start_order(a.plan, arms, seeds)
-        ]
-        failed += run_cells(cells, out, a.jobs, start_by)
-        print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    path = report_500(out, arms, seeds) if a.plan == "p8-500" else report(out, arms, seeds, prefix)
+    path, failed = run_plan(
+        a.plan,
+        a.out.resolve(),
+        arms,
+        seeds,
+        jobs=a.jobs,
+        start_by=start_by,
+        report_only=a.report,
+        base_model=a.base_model,
+        reeval_from=a.reeval_from,
+    )
+    if path is None:  # the base failed: no report
+        return 3
     print(path.read_text())
     print(f"report: {path}")
     return 3 if failed else 0

@@ -119,7 +119,7 @@ def test_plan_p8_reads_its_own_cells_and_f1_gap(tmp_path: Path) -> None:
     assert f1["per_seed"] == pytest.approx([-0.25] * 3) and f1["mean"] == pytest.approx(-0.25)
     assert f1["lo"] < -0.25 < f1["hi"] < 0
     assert "(a_r ≥ 0.6, a_p ≤ 0.2): **no-go" in text  # the base's a_r is 0.5
-    assert "`--quick --plan p8`" in text and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **not reproduced**" in text
+    assert "`--plan p8`" in text and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **not reproduced**" in text
 
 
 def test_a_late_arm_gets_no_verdict_below_three_seeds(tmp_path: Path) -> None:
@@ -294,6 +294,7 @@ def test_the_confirmatory_seeds_are_judged_apart_at_500_items(tmp_path: Path) ->
     conf = data["confirmatory"]["paired"]["ngdiff"]["a"]
     assert conf["seeds"] == [4, 5, 6] and conf["n_pairs"] == 3 * N
     assert conf["per_seed"] == pytest.approx([10 / N, 8 / N, 12 / N]) and conf["lo"] > 0
+    assert conf["verdict"] == "reproduced"  # in report.json too, for the one-command headline (benchmarks/reproduce.py)
     # the 200-item result of the same cells: items 1-20, where ngdiff has 10 / 8 / 10 more right
     assert data["confirmatory"]["paired_200"]["ngdiff"]["a"]["per_seed"] == pytest.approx([10 / n200, 8 / n200, 10 / n200])
     block = text.split("## Confirmatory F2 on 500 items")[1].split("\n## ")[0]
@@ -346,7 +347,7 @@ def test_plan_sudoku_order_go_and_paired_f1(tmp_path: Path) -> None:
         fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_ngdiff.pd", s, ""), mask(10 + s), mask(30), mask(24))
     text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2, 3], "sudoku").read_text()
     data = json.loads((tmp_path / "report.json").read_text())
-    assert "`--quick --plan sudoku`, sudoku 4×4" in text and "(a_r ≥ 0.3, a_p ≤ 0.2): **go**" in text
+    assert "`--plan sudoku`, sudoku 4×4" in text and "(a_r ≥ 0.3, a_p ≤ 0.2): **go**" in text
     pairs = data["f1_paired"]
     assert pairs["a_p"]["mean"] == pytest.approx(0.5) and pairs["a_r"]["mean"] == pytest.approx(0.25)
     assert pairs["gap"]["mean"] == pytest.approx(-0.25) and pairs["gap"]["hi"] < 0

@@ -15,9 +15,12 @@ from helpers import task_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from percepdsl.check import check_file
 from percepdsl.ir import SudokuParams
+from percepdsl_runtime.run import build_model
 from percepdsl_runtime.tasks import build_task, perception_share
 from percepdsl_runtime.tasks.base import parse_sections
+from percepdsl_runtime.tasks.render import draw_sudoku
 from percepdsl_runtime.tasks.sudoku import (
     SudokuTask,
     count_solutions,
@@ -27,6 +30,7 @@ from percepdsl_runtime.tasks.sudoku import (
 )
 
 STYLES = ("brief", "trace", "verbose")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def flat(rows: list[list[int]]) -> list[int]:
@@ -116,6 +120,28 @@ def test_nine_by_nine_generation_is_bounded() -> None:
         assert task.score(s.instance, s.response).outcome
         assert s.image.size == (144, 144)
     assert slowest < 2.0
+
+
+@pytest.mark.parametrize("arm", ["tm", "ngdiff"])
+def test_the_9x9_reference_specs_read_one_patch_per_cell(arm: str, tmp_path: Path, monkeypatch) -> None:
+    """specs/repro/sudoku9_<arm>.pd, from its text to the images and the model it builds: a 9×9
+    task whose every digit lies inside its own cell's patch, and a model that reads 81 patches."""
+    monkeypatch.chdir(ROOT)
+    res = check_file(Path(f"specs/repro/sudoku9_{arm}.pd"), fragment_ok=False)
+    assert res.ok and res.diagnostics == [], [d.message for d in res.diagnostics]
+    ir = res.ir
+    task_params, patch = ir.task.params, ir.model.params.patch
+    assert (task_params.size, task_params.image, patch) == (9, 144, 16)
+    task = build_task(ir.task, seed=ir.seed)
+    empty = np.array(draw_sudoku([[0] * 9] * 9, size=144, jitter=0.0, noise=0.0, rng=np.random.default_rng(0)))
+    for i in range(4):
+        s = task.sample("test", i)
+        ys, xs = np.nonzero(np.any(np.array(s.image) != empty, axis=2))  # the digits' ink
+        givens = {(r, c) for r, row in enumerate(s.instance["puzzle"]) for c, v in enumerate(row) if v}
+        assert set(zip((ys // patch).tolist(), (xs // patch).tolist())) == givens
+        assert len(givens) == 30
+    config = build_model(ir, task, tmp_path / "model").model.config
+    assert (config.vision_config.image_size, config.vision_config.patch_size, config.image_seq_length) == (144, 16, 81)
 
 
 def test_mutated_answers_fail() -> None:
