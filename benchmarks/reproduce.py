@@ -15,7 +15,7 @@ stopped. The plans (`PARTS`; `benchmarks/results/preregistration.md`):
   300 steps, 200 test items; its report gives F1) in `gc-sft/p8/`, then session 4's (`--plan p8-500`:
   those cells re-evaluated on all 500 test items and the other F2 arms trained and evaluated on 500;
   its report gives F2) in `gc-sft/`.
-- sudoku-sft: session 6's (`--plan sudoku`: F1 and F2, 500 items).
+- sudoku-sft: sessions 6-7's (`--plan sudoku`: F1 and F2, 500 items).
 - gc-grpo: session 5's (`repro_rl.py --plan gc8`: F3, F4 on 500 items), started from the gc-sft part's
   token-mean seed-1 cell when that ran (the plan's own start chain is the same two specs), else from its chain.
 - sudoku-grpo: session 3's (`repro_rl.py`: F3, F4 and role-weighted GRPO, 500 items).

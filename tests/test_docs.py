@@ -77,6 +77,18 @@ def test_the_readme_example_is_the_quickstart(tmp_path: Path) -> None:
     assert content_hash(shown.ir) == content_hash(shipped.ir)
 
 
+def test_the_readme_headline_table_is_the_one_command_report_s() -> None:
+    """The README leads with the headline table of `benchmarks/reproduce.py`'s report, row for row (its links
+    made relative to the repository), so every figure there traces to the parts' report.json."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    report = ROOT / "benchmarks" / "results" / "reproduce" / "report.md"
+    section = readme.split("## Headline results", 1)[1].split("\n## ", 1)[0]
+    shown = [line for line in section.splitlines() if line.startswith("| F") or line.startswith("| issue")]
+    table = report.read_text(encoding="utf-8").split("## Headline\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = [re.sub(r"\]\(", "](benchmarks/results/reproduce/", line) for line in table.splitlines()[2:]]
+    assert shown == rows
+
+
 def test_nothing_points_at_documents_outside_the_repository() -> None:
     outside = re.compile(r"\bD[E]SIGN\b|\.\./[s]hared/")  # written so that this line does not match itself
     files = [ROOT / "README.md"] + [
