@@ -87,12 +87,13 @@ def test_summary_that_disagrees_with_its_records_is_refused(tmp_path: Path) -> N
         repro.report(tmp_path, ["tm"], [1])
 
 
-def fake_base(out: Path, prefix: str, perception: list[bool], reasoning: list[bool]) -> None:
-    """The shared base stage the arms start from (`<out>/<prefix>_base`): done.json and its last evaluation."""
+def fake_base(out: Path, prefix: str, perception: list[bool], reasoning: list[bool], task: str = "graph_coloring") -> None:
+    """The shared base stage the arms start from (`<out>/<prefix>_base`): done.json and its last evaluation,
+    items `<task>/test/<i>`."""
     stage = out / f"{prefix}_base"
     stage.mkdir(parents=True)
     recs = [
-        {"id": f"graph_coloring/test/{i}", "outcome": p and r, "perception_exact": p, "cf_outcome": r}
+        {"id": f"{task}/test/{i}", "outcome": p and r, "perception_exact": p, "cf_outcome": r}
         for i, (p, r) in enumerate(zip(perception, reasoning))
     ]
     (stage / "eval-000100.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import repro  # noqa: E402
 import repro_rl  # noqa: E402
 import reproduce  # noqa: E402
+from test_repro_report import fake_base  # noqa: E402 (tests/ is on sys.path under pytest)
 
 from percepdsl.check import check_file  # noqa: E402
 
@@ -64,22 +65,6 @@ def sft_cell(runs: Path, spec: Path, seed: int, outcome: list[bool], perception:
     return finish(rd, 10, "post", final, seed)
 
 
-def sft_base(part: Path, prefix: str, perception: list[bool], reasoning: list[bool]) -> None:
-    stage = part / f"{prefix}_base"
-    stage.mkdir(parents=True)
-    recs = [
-        {"id": f"t/test/{i}", "outcome": p and r, "perception_exact": p, "cf_outcome": r}
-        for i, (p, r) in enumerate(zip(perception, reasoning))
-    ]
-    (stage / "eval-000100.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    metrics = {
-        "end_to_end": float(np.mean([r["outcome"] for r in recs])),
-        "perception": float(np.mean(perception)),
-        "reasoning": float(np.mean(reasoning)),
-    }
-    (stage / "done.json").write_text(json.dumps({"metrics": metrics, "train_seconds": 600.0}))
-
-
 def rl_cell(runs: Path, spec: Path, seed: int, outcome: list[bool], perception: list[bool], r_reason: float, r_perc: float) -> Path:
     rd = repro.run_dir(repro.Cell(spec, seed, ""), runs)
     rd.mkdir(parents=True)
@@ -101,7 +86,7 @@ def rl_cell(runs: Path, spec: Path, seed: int, outcome: list[bool], perception: 
 def sudoku_parts(out: Path, specs: Path, seeds: tuple[int, ...]) -> None:
     """A finished sudoku SFT part (base; tm, ngdiff) and a finished sudoku GRPO part (outcome, alpha)."""
     sft = out / "sudoku-sft"
-    sft_base(sft, "sudoku", mask(0), mask(14))
+    fake_base(sft, "sudoku", mask(0), mask(14), task="t")
     for s in seeds:
         sft_cell(sft / "runs", specs / "sudoku_tm.pd", s, mask(10), mask(20), mask(24))
         sft_cell(sft / "runs", specs / "sudoku_ngdiff.pd", s, mask(10 + 2 * s), mask(30), mask(24))
