@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="the miniature (specs/repro/quick/, 2 seeds): a pipeline check, too small to learn (55.7 min at --jobs 1 under load)",
+        help="the miniature (specs/repro/quick/, 2 seeds): a pipeline check, too small to learn (16 min at --jobs 2 on 2 quiet cores)",
     )
     a = ap.parse_args(argv)
     tasks = [x for x in a.tasks.split(",") if x]
