@@ -135,8 +135,11 @@ def seed_stats(xs: list[float]) -> tuple[float, float, float]:
     return float(a.mean()), float(a.mean() - half), float(a.mean() + half)
 
 
-def num(x: float | None) -> str:
-    return "–" if x is None else f"{x:.3f}"
+def num(x: float | None, signed: bool = False) -> str:
+    """``x`` to 3 decimals (with its sign if ``signed``), or – when missing or NaN."""
+    if x is None or x != x:
+        return "–"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
 def fmt_ci(m: float, lo: float, hi: float, signed: bool = False) -> str:

@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import repro  # noqa: E402
 import repro_rl  # noqa: E402
+from repro_rl import num  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_SPECS = REPO / "specs" / "repro" / "quick"
@@ -230,12 +231,6 @@ def rows_of(report: dict[str, Any], method: str, findings: tuple[str, ...], base
     return rows
 
 
-def num(x: float | None, signed: bool = True) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "–"
-    return f"{x:+.3f}" if signed else f"{x:.3f}"
-
-
 def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: str, failed: dict[str, list[str]]) -> Path:
     """OUT/report.md, report.json and headline.png from the parts' report.json and their cells' records."""
     import matplotlib
@@ -296,9 +291,9 @@ def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: 
     ]
     for r in rows:
         verdict = f"miniature, no verdict (the rule reads: {r['verdict']})" if quick else f"**{r['verdict']}**"
-        also = ", ".join(f"{k} {num(v)}" for k, v in r["also"].items()) or "–"
+        also = ", ".join(f"{k} {num(v, signed=True)}" for k, v in r["also"].items()) or "–"
         L.append(
-            f"| {r['finding']} | {r['task']} | {r['comparison']} | {r['statistic']} | {num(r['value'])} | [{num(r['lo'])}, {num(r['hi'])}] "
+            f"| {r['finding']} | {r['task']} | {r['comparison']} | {r['statistic']} | {num(r['value'], signed=True)} | [{num(r['lo'], signed=True)}, {num(r['hi'], signed=True)}] "
             f"| {verdict} | {r['seeds_items']} | {also} | [{r['source']}]({r['source']}) |"
         )
     if not rows:
