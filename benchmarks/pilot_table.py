@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +103,10 @@ def cell_errors(recs: list[dict[str, Any]]) -> dict[str, Any]:
     copies and of blank cells it fills right, and what picking a blank's digit uniformly among its
     candidates (the digits its row, column and box do not hold) would fill right on average.
     """
+    from percepdsl_runtime.tasks.sudoku import _geometry
+
     n = int(recs[0]["instance"]["size"])
-    box = math.isqrt(n)
+    geometry = _geometry(n)
     answer = {"given": 0, "blank": 0, "candidates": 0.0}
     kinds = dict.fromkeys(("given", "given_as_other_digit", "given_as_blank", "blank", "blank_as_digit", "missing"), 0)
     rows, cols = np.zeros(n), np.zeros(n)
@@ -134,15 +135,8 @@ def cell_errors(recs: list[dict[str, Any]]) -> dict[str, Any]:
         filled = [w for w in (r.get("generated_answer") or "").split() if w != "/"]
         for k, v in enumerate(puzzle):
             answer["given" if v else "blank"] += k < len(filled) and filled[k] == str(solution[k])
-            if not v:
-                i, j = divmod(k, n)
-                seen = {puzzle[i * n + c] for c in range(n)} | {puzzle[c * n + j] for c in range(n)}
-                seen |= {
-                    puzzle[a * n + b]
-                    for a in range(i // box * box, i // box * box + box)
-                    for b in range(j // box * box, j // box * box + box)
-                }
-                answer["candidates"] += 1 / len(set(range(1, n + 1)) - seen)
+            if not v:  # the digits its row, column and box do not hold (the task's own geometry)
+                answer["candidates"] += 1 / len(set(range(1, n + 1)) - {puzzle[j] for j in geometry.peers[k]})
     cells = len(recs) * n  # cells per row (or column) over all items
     return {
         "n": len(recs),
