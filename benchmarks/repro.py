@@ -57,9 +57,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
-PLANS = {"quick16": "gc", "p8": "gc8", "p8-500": "gc8", "sudoku": "sudoku"}  # plan -> spec prefix (preregistration.md, sessions 2-6)
-TASKS = {"gc": "graph colouring", "gc8": "graph colouring", "sudoku": "sudoku 4×4"}  # spec prefix -> the report's task name
-GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2)}  # pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6)
+# plan -> spec prefix (preregistration.md, sessions 2-6; session 8's verbosity sweep: sudoku's other reasoning levels)
+PLANS = {"quick16": "gc", "p8": "gc8", "p8-500": "gc8", "sudoku": "sudoku", "sudoku-trace": "sudoku_trace", "sudoku-brief": "sudoku_brief"}
+# spec prefix -> the report's task name
+TASKS = {
+    "gc": "graph colouring",
+    "gc8": "graph colouring",
+    "sudoku": "sudoku 4×4",
+    "sudoku_trace": "sudoku 4×4, `trace` reasoning",
+    "sudoku_brief": "sudoku 4×4, `brief` reasoning",
+}
+# pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6; session 8 keeps session 6's at every level)
+GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
 # the start order of a plan's cells: priority groups of arms, seed-major within a group, so an early stop
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
 PRIORITY = {
@@ -67,17 +76,24 @@ PRIORITY = {
     # session 6's groups, then session 7's (the rest of F2), one arm per group: with two cells at a time an arm's 3 seeds
     # end before the next arm's, so a cut-off leaves whole arms; the λ curve's two points first, the slow NGDiff-auto next
     "sudoku": (("tm", "ngdiff"), ("lam",), ("lam25",), ("lam75",), ("ngdiff_auto",), ("lamsched",)),
+    "sudoku-trace": (("tm", "ngdiff"),),  # session 8's levels: session 6's two F2 arms only
+    "sudoku-brief": (("tm", "ngdiff"),),
 }
 # plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
 # task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
 # reads the unpaired interval (the base scored seed 1's items, each arm its own seed's)
-F1_PAIRED = {"sudoku"}
+F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # the shared base trained in parts (plans not named here: one part, `<prefix>_base.pd`): each part's spec
 # `<prefix>_<stem>.pd` and the name its stage `base` gets in OUT, where the next part's `model hf` finds it; the
 # last part's name is `<prefix>_base`, the arms' start. Sudoku's 1,000-step base fell short of its go threshold
 # and was continued for 500 steps (preregistration.md "Session 6").
-BASES = {"sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base"))}
-MIN_SEEDS = {"sudoku": 3}  # plans whose F2 rule gives no verdict to an arm with fewer finished seeds (session 6)
+# Session 8's levels keep that two-part recipe whatever their first part reaches (preregistration.md "Session 8").
+BASES = {p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base")) for p in ("sudoku", "sudoku_trace", "sudoku_brief")}
+MIN_SEEDS = {
+    "sudoku": 3,
+    "sudoku_trace": 3,
+    "sudoku_brief": 3,
+}  # plans whose F2 rule gives no verdict to an arm with fewer finished seeds (sessions 6, 8)
 # cells run after other results were seen (session 3's amendments 1 and 2): prefix -> arm -> seeds;
 # a comparison that uses any of them is labelled exploratory (the confirmatory seeds 4-6 are not)
 EXPLORATORY = {"gc8": {"ngdiff": {1, 2, 3}}}
@@ -1009,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plan",
         choices=list(PLANS),
         default="quick16",
-        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's",
+        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's; sudoku-trace/-brief: session 8's",
     )
     ap.add_argument("--out", type=Path, default=Path("runs/repro"))
     ap.add_argument("--jobs", type=int, default=2, help="cells at once (one thread each)")
