@@ -87,8 +87,12 @@ F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # `<prefix>_<stem>.pd` and the name its stage `base` gets in OUT, where the next part's `model hf` finds it; the
 # last part's name is `<prefix>_base`, the arms' start. Sudoku's 1,000-step base fell short of its go threshold
 # and was continued for 500 steps (preregistration.md "Session 6").
-# Session 8's levels keep that two-part recipe whatever their first part reaches (preregistration.md "Session 8").
-BASES = {p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base")) for p in ("sudoku", "sudoku_trace", "sudoku_brief")}
+# Session 8's levels ran that recipe too; both were no-go after it (a_r 0.164 at `trace`, 0.240 at `brief`) and get a
+# third part of 1,500 steps (preregistration.md "Session 8", amendment 1).
+BASES = {
+    "sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base")),
+    **{p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base1500"), ("base_more2", f"{p}_base")) for p in ("sudoku_trace", "sudoku_brief")},
+}
 MIN_SEEDS = {
     "sudoku": 3,
     "sudoku_trace": 3,

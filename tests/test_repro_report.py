@@ -453,13 +453,13 @@ def fake_level(out: Path, prefix: str, base_ar: int, share: float, gains: tuple[
 
 
 def test_sweep_levels_are_session_6s_plan_but_for_the_reasoning_style() -> None:
-    """Session 8's levels: `trace` and `brief` run session 6's two-part base and its tm/ngdiff arms (specs that
-    differ from `verbose`'s only in the task's `reasoning` and the names), seed-major."""
+    """Session 8's levels: `trace` and `brief` run session 6's two-part base (then amendment 1's third part) and its
+    tm/ngdiff arms (specs that differ from `verbose`'s only in the task's `reasoning` and the names), seed-major."""
     for level in ("trace", "brief"):
         plan = repro.LEVELS[level]
         prefix = repro.PLANS[plan]
         assert repro.start_order(plan, ["tm", "ngdiff"], [1, 2]) == [("tm", 1), ("ngdiff", 1), ("tm", 2), ("ngdiff", 2)]
-        assert repro.BASES[prefix] == (("base", f"{prefix}_base1000"), ("base_more", f"{prefix}_base"))
+        assert repro.BASES[prefix] == (("base", f"{prefix}_base1000"), ("base_more", f"{prefix}_base1500"), ("base_more2", f"{prefix}_base"))
         assert repro.GO[prefix] == repro.GO["sudoku"] and repro.MIN_SEEDS[prefix] == 3
         for stem in ("base", "base_more", "tm", "ngdiff"):
             ours = (repro.SPECS / f"{prefix}_{stem}.pd").read_text().split("\nexperiment ", 1)[1]
