@@ -91,7 +91,10 @@ F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # third part of 1,500 steps (preregistration.md "Session 8", amendment 1).
 BASES = {
     "sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base")),
-    **{p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base1500"), ("base_more2", f"{p}_base")) for p in ("sudoku_trace", "sudoku_brief")},
+    **{
+        p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base1500"), ("base_more2", f"{p}_base"))
+        for p in ("sudoku_trace", "sudoku_brief")
+    },
 }
 MIN_SEEDS = {
     "sudoku": 3,

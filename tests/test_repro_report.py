@@ -459,7 +459,11 @@ def test_sweep_levels_are_session_6s_plan_but_for_the_reasoning_style() -> None:
         plan = repro.LEVELS[level]
         prefix = repro.PLANS[plan]
         assert repro.start_order(plan, ["tm", "ngdiff"], [1, 2]) == [("tm", 1), ("ngdiff", 1), ("tm", 2), ("ngdiff", 2)]
-        assert repro.BASES[prefix] == (("base", f"{prefix}_base1000"), ("base_more", f"{prefix}_base1500"), ("base_more2", f"{prefix}_base"))
+        assert repro.BASES[prefix] == (
+            ("base", f"{prefix}_base1000"),
+            ("base_more", f"{prefix}_base1500"),
+            ("base_more2", f"{prefix}_base"),
+        )
         assert repro.GO[prefix] == repro.GO["sudoku"] and repro.MIN_SEEDS[prefix] == 3
         for stem in ("base", "base_more", "tm", "ngdiff"):
             ours = (repro.SPECS / f"{prefix}_{stem}.pd").read_text().split("\nexperiment ", 1)[1]
