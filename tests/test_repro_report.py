@@ -442,14 +442,14 @@ def test_plan_sudoku_trains_its_base_in_two_parts(tmp_path: Path, monkeypatch: p
 
 def fake_level(out: Path, prefix: str, base_ar: int, share: float, gains: tuple[int, int, int], puzzles: int = 0) -> None:
     """One level of the verbosity sweep in its plan folder: the base (a_p 0, ``base_ar`` of N items right on a_r),
-    then per seed `tm` right on items 0..9 and `ngdiff` on items 0..9+gain (a and a_p alike)."""
+    then per seed `tm` right on items 0..9 and `ngdiff` on items 0..9+gain (a and a_p alike); token mean's effective λ is
+    the share, NGDiff's 0.25."""
     fake_base(out, prefix, mask(0), mask(base_ar))
     for s, gain in zip((1, 2, 3), gains):
-        fake_cell(
-            out / "runs", repro.Cell(repro.SPECS / f"{prefix}_tm.pd", s, ""), mask(10), mask(10), mask(24), share=share, puzzles=puzzles
-        )
+        tm = repro.Cell(repro.SPECS / f"{prefix}_tm.pd", s, "")
+        fake_cell(out / "runs", tm, mask(10), mask(10), mask(24), eff_lambda=share, share=share, puzzles=puzzles)
         ng = repro.Cell(repro.SPECS / f"{prefix}_ngdiff.pd", s, "")
-        fake_cell(out / "runs", ng, mask(10 + gain), mask(10 + gain), mask(24), share=share, puzzles=puzzles)
+        fake_cell(out / "runs", ng, mask(10 + gain), mask(10 + gain), mask(24), eff_lambda=0.25, share=share, puzzles=puzzles)
 
 
 def test_sweep_levels_are_session_6s_plan_but_for_the_reasoning_style() -> None:
@@ -491,7 +491,8 @@ def test_sweep_report_gap_against_share_and_trend(tmp_path: Path) -> None:
     assert [lv["share"] for lv in data["levels"]] == pytest.approx([0.05, 0.17, 0.42])
     assert [lv["go"] for lv in data["levels"]] == [True, True, False]
     assert data["levels"][1]["gap"]["a"]["mean"] == pytest.approx(0.25) and data["levels"][1]["gap"]["a"]["verdict"] == "reproduced"
-    assert "| `brief` | `--plan sudoku-brief` | 0.420 | 0.000 / 0.000 / 0.100 | no-go |" in text and "none: base no-go (reproduced)" in text
+    assert "| `brief` | `--plan sudoku-brief` | 0.420 | 0.000 / 0.000 / 0.100 | no-go | 0.420 / 0.250 |" in text
+    assert "none: base no-go (reproduced)" in text and data["levels"][0]["eff_lambda"] == pytest.approx({"tm": 0.05, "ngdiff": 0.25})
     (d,) = data["differences"]
     assert (d["from"], d["to"], d["adjacent"]) == ("verbose", "trace", True)
     assert d["a"]["mean"] == pytest.approx(-0.25) and d["a"]["hi"] < 0 and d["a"]["n_pairs"] == 3 * N
