@@ -7,6 +7,9 @@
     python benchmarks/repro.py --plan p8-500 --out runs/repro500 --base-model BASE_STAGE \
         --reeval-from runs/repro8 --start-by 00:40                      # session 4's (500 test items)
     python benchmarks/repro.py --plan sudoku --out runs/repro-sudoku --start-by 06:05  # sessions 6-7's
+    python benchmarks/repro.py --plan sudoku-brief --out runs/sweep-brief               # session 8's (also sudoku-trace)
+    python benchmarks/repro.py --sweep verbose=runs/repro-sudoku,trace=runs/sweep-trace,brief=runs/sweep-brief \
+        --out runs/sweep                                                   # the verbosity sweep's report
 
 The plans (`benchmarks/results/preregistration.md`): graph colouring, one shared reasoner base
 (`specs/repro/<prefix>_base.pd`, trained once), then the SFT arms `specs/repro/<prefix>_<arm>.pd`
@@ -19,7 +22,10 @@ compared item by item. Every cell is a plain `percep run` (one thread each, `--j
 `OUT/runs/`; a cell whose summary.json exists is skipped, an interrupted one is resumed with
 `--resume`, so running the command again continues where it stopped. The arms run with OUT as
 working directory, where `<prefix>_base` links to the base stage (their `model hf "<prefix>_base/model"`).
-`--start-by HH:MM` (UTC) is a pre-registered cut-off: no cell starts after it.
+`--start-by HH:MM` (UTC) is a pre-registered cut-off: no cell starts after it. Session 8's verbosity sweep runs
+sudoku's plan at the other reasoning styles (`sudoku-trace`, `sudoku-brief`: the same task, test puzzles, base recipe
+and arms `tm`/`ngdiff`, its bases in three parts) and `--sweep` reports the gap NGDiff − token mean against
+perception's token share over the levels' folders (`LEVELS`), with the pre-registered trend test.
 
 `--plan p8-500` re-evaluates session 3's finished arms (`REEVAL`, found under `--reeval-from`) on all
 500 test items from their saved weights: for each such cell it writes `OUT/specs/<arm>-s<seed>.pd`,
