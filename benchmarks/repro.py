@@ -57,9 +57,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
-PLANS = {"quick16": "gc", "p8": "gc8", "p8-500": "gc8", "sudoku": "sudoku"}  # plan -> spec prefix (preregistration.md, sessions 2-6)
-TASKS = {"gc": "graph colouring", "gc8": "graph colouring", "sudoku": "sudoku 4×4"}  # spec prefix -> the report's task name
-GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2)}  # pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6)
+# plan -> spec prefix (preregistration.md, sessions 2-6; session 8's verbosity sweep: sudoku's other reasoning levels)
+PLANS = {"quick16": "gc", "p8": "gc8", "p8-500": "gc8", "sudoku": "sudoku", "sudoku-trace": "sudoku_trace", "sudoku-brief": "sudoku_brief"}
+# spec prefix -> the report's task name
+TASKS = {
+    "gc": "graph colouring",
+    "gc8": "graph colouring",
+    "sudoku": "sudoku 4×4",
+    "sudoku_trace": "sudoku 4×4, `trace` reasoning",
+    "sudoku_brief": "sudoku 4×4, `brief` reasoning",
+}
+# pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6; session 8 keeps session 6's at every level)
+GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
 # the start order of a plan's cells: priority groups of arms, seed-major within a group, so an early stop
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
 PRIORITY = {
@@ -67,17 +76,31 @@ PRIORITY = {
     # session 6's groups, then session 7's (the rest of F2), one arm per group: with two cells at a time an arm's 3 seeds
     # end before the next arm's, so a cut-off leaves whole arms; the λ curve's two points first, the slow NGDiff-auto next
     "sudoku": (("tm", "ngdiff"), ("lam",), ("lam25",), ("lam75",), ("ngdiff_auto",), ("lamsched",)),
+    "sudoku-trace": (("tm", "ngdiff"),),  # session 8's levels: session 6's two F2 arms only
+    "sudoku-brief": (("tm", "ngdiff"),),
 }
 # plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
 # task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
 # reads the unpaired interval (the base scored seed 1's items, each arm its own seed's)
-F1_PAIRED = {"sudoku"}
+F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # the shared base trained in parts (plans not named here: one part, `<prefix>_base.pd`): each part's spec
 # `<prefix>_<stem>.pd` and the name its stage `base` gets in OUT, where the next part's `model hf` finds it; the
 # last part's name is `<prefix>_base`, the arms' start. Sudoku's 1,000-step base fell short of its go threshold
 # and was continued for 500 steps (preregistration.md "Session 6").
-BASES = {"sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base"))}
-MIN_SEEDS = {"sudoku": 3}  # plans whose F2 rule gives no verdict to an arm with fewer finished seeds (session 6)
+# Session 8's levels ran that recipe too; both were no-go after it (a_r 0.164 at `trace`, 0.240 at `brief`) and get a
+# third part of 1,500 steps (preregistration.md "Session 8", amendment 1).
+BASES = {
+    "sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base")),
+    **{
+        p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base1500"), ("base_more2", f"{p}_base"))
+        for p in ("sudoku_trace", "sudoku_brief")
+    },
+}
+MIN_SEEDS = {
+    "sudoku": 3,
+    "sudoku_trace": 3,
+    "sudoku_brief": 3,
+}  # plans whose F2 rule gives no verdict to an arm with fewer finished seeds (sessions 6, 8)
 # cells run after other results were seen (session 3's amendments 1 and 2): prefix -> arm -> seeds;
 # a comparison that uses any of them is labelled exploratory (the confirmatory seeds 4-6 are not)
 EXPLORATORY = {"gc8": {"ngdiff": {1, 2, 3}}}
@@ -767,14 +790,19 @@ def agreement(rd: Path, src: Path, metrics: tuple[str, ...] = tuple(METRICS)) ->
     return (float(np.mean(same)) if same else float("nan")), len(same)
 
 
-def mean_eff_lambda(rd: Path) -> float:
-    """The mean over the logged training steps of `eff_lambda` (the perception role's share of the
-    weight the loss puts on tokens; for token mean its token share, for NGDiff its normalised gradient's)."""
+def mean_logged(rd: Path, column: str) -> float:
+    """The mean over a run's logged training steps (its metrics.csv) of ``column``; NaN if it never logged it."""
     import csv
 
     with (rd / "metrics.csv").open() as f:
-        vals = [float(r["eff_lambda"]) for r in csv.DictReader(f) if r.get("eff_lambda")]
+        vals = [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def mean_eff_lambda(rd: Path) -> float:
+    """The mean over the logged training steps of `eff_lambda` (the perception role's share of the
+    weight the loss puts on tokens; for token mean its token share, for NGDiff its normalised gradient's)."""
+    return mean_logged(rd, "eff_lambda")
 
 
 def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
@@ -943,6 +971,217 @@ def confirmatory(
     return {"paired": res, "paired_200": at200, "excluded": excluded, "lines": lines}
 
 
+# ---- session 8's verbosity sweep (`--sweep`) ----------------------------------------------------
+
+# the sweep's levels: the reasoning style -> the plan that runs sudoku 4×4 at it (preregistration.md "Session 8")
+LEVELS = {"verbose": "sudoku", "trace": "sudoku-trace", "brief": "sudoku-brief"}
+SWEEP_ARM = "ngdiff"  # the reweighted arm whose gap over `tm` (on a) the sweep follows
+
+
+def sweep_level(level: str, out: Path, seeds: list[int], rng: np.random.Generator) -> dict[str, Any]:
+    """One level of the sweep from its plan's output folder: the base and its go/no-go, the `tm` and `SWEEP_ARM`
+    cells, perception's share of the target tokens (the runtime's `token_share/perception` over the logged
+    training batches of the token-mean cells) and the paired gap `SWEEP_ARM` − `tm` per metric."""
+    plan = LEVELS[level]
+    prefix = PLANS[plan]
+    base = out / f"{prefix}_base"
+    base_m = stage_metrics(base) if (base / "done.json").exists() else None
+    min_ar, max_ap = GO[prefix]
+    go = base_m is not None and base_m["a_r"] >= min_ar and base_m["a_p"] <= max_ap
+    arms = [BASELINE, SWEEP_ARM]
+    cells = {(arm, s): rd for arm in arms for s in seeds if (rd := find_run(Cell(SPECS / f"{prefix}_{arm}.pd", s, ""), out / "runs"))}
+    metrics = {f"{arm}-s{s}": checked_metrics(rd) for (arm, s), rd in sorted(cells.items())}
+    shares = [mean_logged(cells[(BASELINE, s)], "token_share/perception") for s in seeds if (BASELINE, s) in cells]
+    fields = {m: field for m, (_, field) in METRICS.items()}
+    gap = paired_against(cells, arms, seeds, BASELINE, fields, rng).get(SWEEP_ARM, {})
+    if gap:
+        gap["a"]["verdict"] = f2_verdict(gap["a"], prefix, SWEEP_ARM, MIN_SEEDS.get(prefix, 1))
+    missing = [(a, s) for a, s in start_order(plan, arms, seeds) if (a, s) not in cells]
+    started = [(a, s) for a, s in missing if run_dir(Cell(SPECS / f"{prefix}_{a}.pd", s, ""), out / "runs").exists()]
+    return {
+        "level": level,
+        "plan": plan,
+        "out": str(out),
+        "share": float(np.mean(shares)) if shares else float("nan"),
+        "base": base_m,
+        "go": go,
+        "cells": metrics,
+        "means": {
+            arm: {m: float(np.mean([metrics[f"{arm}-s{s}"][m] for s in seeds if (arm, s) in cells])) for m in METRICS}
+            for arm in arms
+            if any((arm, s) in cells for s in seeds)
+        },
+        "gap": gap,
+        "complete": all((a, s) in cells for a in arms for s in seeds),
+        "started": [f"{a}-s{s}" for a, s in started],
+        "not_run": [f"{a}-s{s}" for a, s in missing if (a, s) not in started],
+        "_cells": cells,
+    }
+
+
+def item_gaps(cells: dict[tuple[str, int], Path], seed: int, field: str) -> dict[str, tuple[float, Any]]:
+    """Per test item of a seed: (`SWEEP_ARM` − `tm` on ``field``, the item's puzzle as its records state it)."""
+    x, y = final_records(cells[(SWEEP_ARM, seed)]), final_records(cells[(BASELINE, seed)])
+    return {
+        i: (float(bool(x[i][field])) - float(bool(y[i][field])), (x[i].get("instance") or {}).get("puzzle"))
+        for i in sorted(set(x) & set(y))
+    }
+
+
+def gap_difference(lo: dict[str, Any], hi: dict[str, Any], seeds: list[int], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+    """The difference of gaps ``hi`` − ``lo`` per metric: per seed and test puzzle, (ngdiff − tm) at ``hi`` minus
+    (ngdiff − tm) at ``lo``, pooled with `paired`'s bootstrap (puzzles resampled within seeds, the same resample for
+    both levels). Items pair by id; a puzzle that differs between the levels under one id stops the report (the
+    levels' test splits must be the same puzzles)."""
+    common = [s for s in seeds if all((a, s) in lv["_cells"] for lv in (lo, hi) for a in (BASELINE, SWEEP_ARM))]
+    out: dict[str, dict[str, Any]] = {}
+    if not common:
+        return out
+    for m, (_, field) in METRICS.items():
+        diffs = []
+        for s in common:
+            a, b = item_gaps(lo["_cells"], s, field), item_gaps(hi["_cells"], s, field)
+            ids = sorted(set(a) & set(b))
+            if bad := [i for i in ids if a[i][1] != b[i][1]]:
+                sys.exit(
+                    f"error: test item {bad[0]} is another puzzle at `{lo['level']}` than at `{hi['level']}` (seed {s}): the levels do not share a test split"
+                )
+            diffs.append(np.array([b[i][0] - a[i][0] for i in ids]))
+        out[m] = {**paired(diffs, rng), "seeds": common}
+    return out
+
+
+def trend_verdict(end: dict[str, Any], adjacent: list[dict[str, Any]]) -> str:
+    """The pre-registered trend test (preregistration.md "Session 8") from the difference of gaps on a between the
+    largest- and the smallest-share level (``end``) and between neighbours in share order (``adjacent``)."""
+    if end["hi"] < 0:
+        return "the gap shrinks as the share grows" if all(d["mean"] < 0 for d in adjacent) else "shrinks, not monotone"
+    if end["lo"] > 0:
+        return "the gap grows"
+    return "no trend shown (interval includes 0)"
+
+
+def ci(d: dict[str, Any]) -> str:
+    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
+def sweep_report(levels: dict[str, Path], out: Path, seeds: tuple[int, ...] = SEEDS) -> Path:
+    """The verbosity sweep's report (OUT/report.md, report.json, sweep.png): per level its share, base, arms and
+    gap; the difference of gaps between every two go levels with 3 seeds of both arms; the trend test over them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from percepdsl.io import write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    seeds = list(seeds)
+    found = [sweep_level(name, path, seeds, rng) for name, path in levels.items()]
+    found.sort(key=lambda lv: (np.isnan(lv["share"]), lv["share"]))
+    judged = [lv for lv in found if lv["go"] and lv["complete"]]
+    lines = [
+        f"# Verbosity sweep (sudoku 4×4, session 8): the F2 gap `{SWEEP_ARM}` − `{BASELINE}` against perception's token share",
+        "",
+        "Generated by `python benchmarks/repro.py --sweep` from each level's plan folder; the plan, the go rule and the",
+        'trend test are pre-registered in `benchmarks/results/preregistration.md` ("Session 8"). Every level is sudoku 4×4',
+        "with the same task, test puzzles, base recipe and arms; only `reasoning` differs. Share: the runtime's",
+        "`token_share/perception` over the logged training batches of the level's token-mean cells. Metrics: seed means",
+        "of the cells' `summary.json` (checked against `eval.jsonl`); gaps: paired item by item (95% bootstrap over items",
+        "within seeds).",
+        "",
+        "| level | plan | perception share | base a / a_p / a_r | go | tm a / a_p / a_r | ngdiff a / a_p / a_r | Δa [95%] | Δa_p [95%] | Δa_r [95%] | F2 verdict (on a) |",
+        "|---|---|---:|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in found:
+        b = lv["base"]
+        base_txt = f"{b['a']:.3f} / {b['a_p']:.3f} / {b['a_r']:.3f}" if b else "not run"
+        go_txt = ("**go**" if lv["go"] else "no-go") if b else "–"
+        arm_txt = [
+            " / ".join(f"{lv['means'][a][m]:.3f}" for m in METRICS) if a in lv["means"] else "not run" for a in (BASELINE, SWEEP_ARM)
+        ]
+        g = lv["gap"]
+        gaps = [ci(g[m]) if g else "–" for m in METRICS]
+        v = g["a"]["verdict"] if g else "–"
+        if g and not lv["go"]:
+            v = f"none: base no-go ({v})"
+        share = f"{lv['share']:.3f}" if not np.isnan(lv["share"]) else "–"
+        lines.append(
+            f"| `{lv['level']}` | `--plan {lv['plan']}` | {share} | {base_txt} | {go_txt} | {arm_txt[0]} | {arm_txt[1]} | {' | '.join(gaps)} | {v} |"
+        )
+    lines += ["", f"Go rule per level (session 6's): base a_r ≥ {GO['sudoku'][0]} and a_p ≤ {GO['sudoku'][1]}.", ""]
+    diffs: list[dict[str, Any]] = []
+    for i, lo in enumerate(judged):
+        for hi in judged[i + 1 :]:
+            d = gap_difference(lo, hi, seeds, rng)
+            if d:
+                diffs.append({"from": lo["level"], "to": hi["level"], "adjacent": judged.index(hi) == i + 1, **d})
+    verdict_txt = "no trend test (fewer than two go levels with 3 seeds of both arms)"
+    if diffs:
+        lines += [
+            "## Difference of gaps between levels (the larger share's gap − the smaller's)",
+            "",
+            "| levels | metric | seeds | item pairs | Δ gap pooled [95% bootstrap] | per seed | adjacent in share |",
+            "|---|---|---|---:|---|---|---|",
+        ]
+        for d in diffs:
+            for m in METRICS:
+                x = d[m]
+                per = " / ".join(f"{v:+.3f}" for v in x["per_seed"])
+                lines.append(
+                    f"| `{d['to']}` − `{d['from']}` | {m} | {','.join(map(str, x['seeds']))} | {x['n_pairs']} | {ci(x)} | {per} | {'yes' if d['adjacent'] else 'no'} |"
+                )
+        end = next(d for d in diffs if d["from"] == judged[0]["level"] and d["to"] == judged[-1]["level"])
+        verdict_txt = trend_verdict(end["a"], [d["a"] for d in diffs if d["adjacent"]])
+        lines += [""]
+    lines += [
+        f"Pre-registered trend test over the go levels ({', '.join('`' + lv['level'] + '`' for lv in judged) or 'none'}), on a: **{verdict_txt}**.",
+        "",
+    ]
+    for lv in found:
+        for what, which in (("started, not finished", lv["started"]), ("not run", lv["not_run"])):
+            if which:
+                lines += [f"`{lv['level']}`: cells {what}: {', '.join(which)}.", ""]
+    lines += [
+        "## Cells",
+        "",
+        "| level | cell | n | a | a_p | a_r | a_p partial | train min | run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for lv in found:
+        for label, m in lv["cells"].items():
+            arm, s = label.rsplit("-s", 1)
+            lines.append(
+                f"| `{lv['level']}` | {label} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} "
+                f"| {m['train_min']:.1f} | `{lv['_cells'][(arm, int(s))]}` |"
+            )
+    lines += ["", "![the gap against the perception share](sweep.png)", ""]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, m in zip(axes, METRICS):
+        for lv in (lv for lv in found if lv["gap"] and not np.isnan(lv["share"])):
+            d = lv["gap"][m]
+            style = {"fmt": "o", "capsize": 4, "color": "C0"} if lv in judged else {"fmt": "o", "capsize": 4, "color": "C0", "mfc": "none"}
+            ax.errorbar([lv["share"]], [d["mean"]], yerr=[[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]], **style)
+            ax.annotate(lv["level"], (lv["share"], d["mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{SWEEP_ARM} − {BASELINE} on {m}")
+        ax.set_xlabel("perception's share of the target tokens")
+    axes[0].set_ylabel("paired Δ (95% bootstrap; hollow: no verdict)")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
+    write_json_atomic(
+        out / "report.json",
+        {
+            "levels": [{k: v for k, v in lv.items() if k != "_cells"} for lv in found],
+            "differences": diffs,
+            "trend": verdict_txt,
+        },
+    )
+    return write_text_atomic(out / "report.md", "\n".join(lines))
+
+
 def cutoff(hhmm: str) -> float:
     """``HH:MM`` UTC as a time.time(): today's, or tomorrow's if today's has passed."""
     import datetime as dt
@@ -1009,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plan",
         choices=list(PLANS),
         default="quick16",
-        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's",
+        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's; sudoku-trace/-brief: session 8's",
     )
     ap.add_argument("--out", type=Path, default=Path("runs/repro"))
     ap.add_argument("--jobs", type=int, default=2, help="cells at once (one thread each)")
@@ -1021,7 +1260,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reeval-from", type=Path, help="p8-500: the output folder of session 3's run, whose cells are re-evaluated")
     ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
+    ap.add_argument(
+        "--sweep",
+        help=f"LEVEL=FOLDER,...: only write the verbosity sweep's report to --out from each level's plan folder (levels: {', '.join(LEVELS)})",
+    )
     a = ap.parse_args(argv)
+    if a.sweep:
+        levels = dict(x.split("=", 1) for x in a.sweep.split(",") if x)
+        if unknown := [x for x in levels if x not in LEVELS]:
+            ap.error(f"unknown level(s) {unknown}; the sweep's levels are {list(LEVELS)}")
+        path = sweep_report(
+            {k: Path(v).resolve() for k, v in levels.items()}, a.out.resolve(), tuple(int(x) for x in a.seeds.split(",") if x)
+        )
+        print(path.read_text())
+        print(f"report: {path}")
+        return 0
     start_by = cutoff(a.start_by) if a.start_by else None
     arms = [x for x in a.arms.split(",") if x]
     if a.plan in PRIORITY and a.arms == ",".join(ARMS):  # the plan's own arms

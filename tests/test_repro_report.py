@@ -18,15 +18,31 @@ N = 40
 
 
 def fake_cell(
-    runs: Path, cell: repro.Cell, outcome: list[bool], perception: list[bool], reasoning: list[bool], eff_lambda: float = 0.05
+    runs: Path,
+    cell: repro.Cell,
+    outcome: list[bool],
+    perception: list[bool],
+    reasoning: list[bool],
+    eff_lambda: float = 0.05,
+    share: float = 0.05,
+    puzzles: int = 0,
 ) -> Path:
-    """A finished run directory as `percep run` leaves it: summary.json, the final eval records and the
-    training log (metrics.csv, with the effective λ the report's curve reads)."""
+    """A finished run directory as `percep run` leaves it: summary.json, the final eval records (item i's puzzle
+    `puzzles + i`) and the training log (metrics.csv, with the effective λ the report's curve reads and perception's
+    token share)."""
     rd = repro.run_dir(cell, runs)
     rd.mkdir(parents=True)
-    (rd / "metrics.csv").write_text(f"stage,eff_lambda,step\npost,{eff_lambda},9\n")
+    (rd / "metrics.csv").write_text(f"stage,eff_lambda,step,token_share/perception\npost,{eff_lambda},9,{share}\n")
     recs = [
-        {"stage": "post", "final": True, "id": f"graph_coloring/test/{i}", "outcome": o, "perception_exact": p, "cf_outcome": r}
+        {
+            "stage": "post",
+            "final": True,
+            "id": f"graph_coloring/test/{i}",
+            "outcome": o,
+            "perception_exact": p,
+            "cf_outcome": r,
+            "instance": {"puzzle": puzzles + i},
+        }
         for i, (o, p, r) in enumerate(zip(outcome, perception, reasoning))
     ]
     (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -422,3 +438,88 @@ def test_plan_sudoku_trains_its_base_in_two_parts(tmp_path: Path, monkeypatch: p
     assert (tmp_path / "sudoku_base1000").resolve() == first / "stages" / "base"
     assert (tmp_path / "sudoku_base").resolve() == more / "stages" / "base"
     assert 'model hf "sudoku_base1000/model"' in (repro.SPECS / "sudoku_base_more.pd").read_text()
+
+
+def fake_level(out: Path, prefix: str, base_ar: int, share: float, gains: tuple[int, int, int], puzzles: int = 0) -> None:
+    """One level of the verbosity sweep in its plan folder: the base (a_p 0, ``base_ar`` of N items right on a_r),
+    then per seed `tm` right on items 0..9 and `ngdiff` on items 0..9+gain (a and a_p alike)."""
+    fake_base(out, prefix, mask(0), mask(base_ar))
+    for s, gain in zip((1, 2, 3), gains):
+        fake_cell(
+            out / "runs", repro.Cell(repro.SPECS / f"{prefix}_tm.pd", s, ""), mask(10), mask(10), mask(24), share=share, puzzles=puzzles
+        )
+        ng = repro.Cell(repro.SPECS / f"{prefix}_ngdiff.pd", s, "")
+        fake_cell(out / "runs", ng, mask(10 + gain), mask(10 + gain), mask(24), share=share, puzzles=puzzles)
+
+
+def test_sweep_levels_are_session_6s_plan_but_for_the_reasoning_style() -> None:
+    """Session 8's levels: `trace` and `brief` run session 6's two-part base (then amendment 1's third part) and its
+    tm/ngdiff arms (specs that differ from `verbose`'s only in the task's `reasoning` and the names), seed-major."""
+    for level in ("trace", "brief"):
+        plan = repro.LEVELS[level]
+        prefix = repro.PLANS[plan]
+        assert repro.start_order(plan, ["tm", "ngdiff"], [1, 2]) == [("tm", 1), ("ngdiff", 1), ("tm", 2), ("ngdiff", 2)]
+        assert repro.BASES[prefix] == (
+            ("base", f"{prefix}_base1000"),
+            ("base_more", f"{prefix}_base1500"),
+            ("base_more2", f"{prefix}_base"),
+        )
+        assert repro.GO[prefix] == repro.GO["sudoku"] and repro.MIN_SEEDS[prefix] == 3
+        for stem in ("base", "base_more", "tm", "ngdiff"):
+            ours = (repro.SPECS / f"{prefix}_{stem}.pd").read_text().split("\nexperiment ", 1)[1]
+            theirs = (repro.SPECS / f"sudoku_{stem}.pd").read_text().split("\nexperiment ", 1)[1]
+            assert ours.replace(f"sudoku_{level}", "sudoku") == theirs
+        task = (repro.SPECS / "common" / f"{prefix}_task.pd").read_text().split("include ", 1)[1]
+        assert (
+            task.replace(f"reasoning = {level}", "reasoning = verbose")
+            == (repro.SPECS / "common/sudoku_task.pd").read_text().split("include ", 1)[1]
+        )
+
+
+def test_sweep_report_gap_against_share_and_trend(tmp_path: Path) -> None:
+    """Three levels: `verbose` (share 0.05, NGDiff gains 20 items of 40 per seed), `trace` (0.17, 10) and `brief`
+    (0.42, 2, but its base is no-go). The levels come in share order, `brief` is reported without a verdict and
+    left out of the trend test, and the difference of gaps `trace` − `verbose` is −0.25 on a (items 20-29 of
+    every seed), so the gap shrinks."""
+    fake_level(tmp_path / "v", "sudoku", 14, 0.05, (20, 20, 20))
+    fake_level(tmp_path / "t", "sudoku_trace", 16, 0.17, (10, 10, 10))
+    fake_level(tmp_path / "b", "sudoku_brief", 4, 0.42, (2, 2, 2))
+    levels = {"brief": tmp_path / "b", "verbose": tmp_path / "v", "trace": tmp_path / "t"}
+    text = repro.sweep_report(levels, tmp_path / "sweep").read_text()
+    data = json.loads((tmp_path / "sweep" / "report.json").read_text())
+    assert [lv["level"] for lv in data["levels"]] == ["verbose", "trace", "brief"]
+    assert [lv["share"] for lv in data["levels"]] == pytest.approx([0.05, 0.17, 0.42])
+    assert [lv["go"] for lv in data["levels"]] == [True, True, False]
+    assert data["levels"][1]["gap"]["a"]["mean"] == pytest.approx(0.25) and data["levels"][1]["gap"]["a"]["verdict"] == "reproduced"
+    assert "| `brief` | `--plan sudoku-brief` | 0.420 | 0.000 / 0.000 / 0.100 | no-go |" in text and "none: base no-go (reproduced)" in text
+    (d,) = data["differences"]
+    assert (d["from"], d["to"], d["adjacent"]) == ("verbose", "trace", True)
+    assert d["a"]["mean"] == pytest.approx(-0.25) and d["a"]["hi"] < 0 and d["a"]["n_pairs"] == 3 * N
+    assert d["a_r"]["mean"] == 0 and data["trend"] == "the gap shrinks as the share grows"
+    assert "over the go levels (`verbose`, `trace`), on a: **the gap shrinks as the share grows**" in text
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    # a level whose last cell was stopped at the cut-off gets its intervals, no verdict and no place in the trend test
+    (repro.run_dir(repro.Cell(repro.SPECS / "sudoku_trace_ngdiff.pd", 3, ""), tmp_path / "t" / "runs") / "summary.json").unlink()
+    text = repro.sweep_report(levels, tmp_path / "sweep").read_text()
+    assert "2 of 3 seeds: no verdict" in text and "`trace`: cells started, not finished: ngdiff-s3." in text
+    assert "**no trend test (fewer than two go levels with 3 seeds of both arms)**" in text
+
+
+def test_sweep_trend_rule() -> None:
+    """The pre-registered trend test: the end-to-end difference of gaps decides, the adjacent ones its monotony."""
+
+    def d(mean: float, lo: float, hi: float) -> dict[str, float]:
+        return {"mean": mean, "lo": lo, "hi": hi}
+
+    assert repro.trend_verdict(d(-0.2, -0.3, -0.1), [d(-0.1, -0.2, 0.01), d(-0.1, -0.2, 0.0)]) == "the gap shrinks as the share grows"
+    assert repro.trend_verdict(d(-0.2, -0.3, -0.1), [d(0.05, -0.1, 0.2), d(-0.25, -0.3, -0.2)]) == "shrinks, not monotone"
+    assert repro.trend_verdict(d(-0.05, -0.1, 0.01), [d(-0.05, -0.1, 0.01)]).startswith("no trend shown")
+    assert repro.trend_verdict(d(0.1, 0.05, 0.15), [d(0.1, 0.05, 0.15)]) == "the gap grows"
+
+
+def test_sweep_refuses_levels_with_other_test_puzzles(tmp_path: Path) -> None:
+    """Levels pair item by item only if their test split is the same puzzles: another puzzle under an id stops the report."""
+    fake_level(tmp_path / "v", "sudoku", 14, 0.05, (20, 20, 20))
+    fake_level(tmp_path / "t", "sudoku_trace", 16, 0.17, (10, 10, 10), puzzles=1)
+    with pytest.raises(SystemExit, match="is another puzzle at `verbose` than at `trace`"):
+        repro.sweep_report({"verbose": tmp_path / "v", "trace": tmp_path / "t"}, tmp_path / "sweep")
