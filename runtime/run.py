@@ -753,7 +753,7 @@ def _run_stages(ctx: Context, progress: bool, jobs: int = 1) -> Path | None:
     if jobs > 1:  # stages whose inputs are done train at the same time, each in its own process
         from .stagepool import run_parallel
 
-        records = run_parallel(ctx, jobs, finished)
+        records = run_parallel(ctx, jobs)
     else:
         records: dict[str, dict[str, Any]] = {}
         for stage in ir.stages:

@@ -25,22 +25,21 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from percepdsl.ir import ExperimentIR, Stage
+from percepdsl.ir import ExperimentIR
 
 STOP_GRACE_S = 60  # a stopped worker's time to leave training cleanly before it is killed
 
 
-def run_parallel(ctx: Any, jobs: int, finished: Callable[[Any, Stage], dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
-    """Every stage's record, in the IR's order: `finished(ctx, stage)` (done or cached), or trained
+def run_parallel(ctx: Any, jobs: int) -> dict[str, dict[str, Any]]:
+    """Every stage's record, in the IR's order: `finished(ctx, stage)` (done, or cached), or trained
     by a worker process, at most `jobs` at a time."""
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    from .run import RunInterrupted, announce
+    from .run import RunInterrupted, announce, finished
 
     ir: ExperimentIR = ctx.ir
     spawn = mp.get_context("spawn")
@@ -98,20 +97,16 @@ def _receive(conn: Any, proc: Any, name: str) -> tuple[str, Any]:
     try:
         message = conn.recv()
     except EOFError:  # it died before reporting: killed (out of memory?) or crashed in the interpreter
+        proc.join(timeout=STOP_GRACE_S)
         message = (
             "died",
-            f"stage `{name}`: its process ended with exit code {_exit_code(proc)} before reporting (killed by the "
+            f"stage `{name}`: its process ended with exit code {proc.exitcode} before reporting (killed by the "
             "system, e.g. out of memory?); its last resume checkpoint is kept",
         )
     finally:
         conn.close()
     proc.join()
     return message
-
-
-def _exit_code(proc: Any) -> int | None:
-    proc.join(timeout=STOP_GRACE_S)
-    return proc.exitcode
 
 
 def _stop(running: dict[Any, tuple[str, Any]]) -> list[str]:
