@@ -124,10 +124,13 @@ def run_spec(
     *,
     progress: bool = False,
     echo: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """`percep run` in this process: check, train, evaluate; returns the run's `summary.json`
     as a dict, plus `run_dir` (the run directory, a `Path`). A run that is complete already
-    is not redone (its summary is returned). Raises `SpecError`, `RunRefused` or `RunFailed`."""
+    is not redone (its summary is returned). `jobs` > 1 trains stages that can run at the same
+    time (the arms of a shared base) in that many worker processes. Raises `SpecError`,
+    `RunRefused` or `RunFailed`."""
     from .check import load
 
     ir = check(path, set)
@@ -135,7 +138,7 @@ def run_spec(
     from percepdsl_runtime.run import quiet_libraries, run
 
     quiet_libraries()
-    run_dir = run(ir, loaded.sources, Path(out), resume=resume, progress=progress, echo=echo or (lambda _: None))
+    run_dir = run(ir, loaded.sources, Path(out), resume=resume, progress=progress, echo=echo or (lambda _: None), jobs=jobs)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     return {**summary, "run_dir": run_dir}
 

@@ -190,6 +190,14 @@ def run(
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Parent of the run directory <experiment>-<hash>."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in its directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    jobs: int = typer.Option(
+        1,
+        "--jobs",
+        "-j",
+        min=1,
+        help="Train up to N stages at once, each in its own process, as soon as the stages they start from are done "
+        "(e.g. the arms of a shared base); the results are those of --jobs 1.",
+    ),
 ) -> None:
     """Train and evaluate a spec; leaves summary.json, metrics.csv, eval.jsonl, plots and report.md."""
     from .ir import ExperimentIR
@@ -209,7 +217,9 @@ def run(
     resume_hint = f"finished stages and the last resume checkpoint are kept: continue with `percep run {spec} --resume`"
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a scheduler's stop (SLURM, Kubernetes) is a Ctrl-C
     try:
-        run_dir = run_experiment(ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo)
+        run_dir = run_experiment(
+            ir, res.loaded.sources, out, resume=resume, progress=not quiet and sys.stderr.isatty(), echo=echo, jobs=jobs
+        )
         if run_dir is None:  # another rank than 0 of a multi-device run: rank 0 reports
             return
     except RunRefused as exc:

@@ -577,6 +577,15 @@ class ExperimentIR(_Model):
     def stage(self, name: str) -> SFTStageIR | GRPOStageIR:
         return next(s for s in self.stages if s.name == name)
 
+    def visual_references(self, stage: SFTStageIR | GRPOStageIR) -> set[str]:
+        """Earlier stages whose saved weights the `visual` role rules this stage trains on read."""
+        used = named_roles(stage)
+        return {r.reference for r in self.roles if r.kind == "visual" and r.role in used and r.reference is not None}
+
+    def inputs(self, stage: SFTStageIR | GRPOStageIR) -> set[str]:
+        """The stages that must have finished before `stage` starts: its parent and its visual references."""
+        return self.visual_references(stage) | ({stage.parent} if stage.parent else set())
+
 
 class AxisIR(_Model):
     """One product axis; several names when the params are zipped together."""

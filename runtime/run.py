@@ -104,9 +104,10 @@ def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
 # ---- 1. prepare ---------------------------------------------------------------------------------
 
 
-def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks: Ranks = Ranks()) -> Context:
+def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks: Ranks = Ranks(), private: bool = False) -> Context:
     """Task, model and encoder of the run. Rank 0 builds the model into `init/` and checks the
-    roles; other ranks build theirs in a private directory and write nothing."""
+    roles; other ranks, and the stage workers of `--jobs` (`private`), build theirs in a private
+    directory and write nothing."""
     import tempfile
 
     from .encoding import Encoder, EncodingError
@@ -122,9 +123,9 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     vocab = task.vocabulary()
-    if ranks.is_zero:
+    if ranks.is_zero and not private:
         loaded = build_model(ir, task, run_dir / "init")
-    else:  # its weights are rank 0's once a stage starts (Ranks.sync_weights)
+    else:  # its weights are rank 0's (Ranks.sync_weights), or the parent stage's, once a stage starts
         with tempfile.TemporaryDirectory(prefix="percep-rank-") as private:
             loaded = build_model(ir, task, Path(private) / "init")
     missing = check_vocabulary(loaded, vocab)
@@ -139,7 +140,7 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
-    if not ranks.is_zero:
+    if private or not ranks.is_zero:
         return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks)
     token_share = _preflight_roles(ir, task, encoder)
     if not init.exists():  # written whole or not at all (atomic_dir)
@@ -655,25 +656,41 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
 
 
 def run(
-    ir: ExperimentIR, sources: dict[str, str], out: Path, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print
+    ir: ExperimentIR,
+    sources: dict[str, str],
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> Path | None:
     """Execute `ir` into `out/<name>-<hash>/`; returns the run directory (None on a rank other
     than 0, which ends quietly also when the run is refused or fails: rank 0 reports that).
+
+    `jobs` > 1 trains up to that many stages at once, each in its own process, as soon as the
+    stages they start from are done (the arms of a shared base side by side); every stage's
+    weights and records are the ones a one-at-a-time run writes (`stagepool.py`).
 
     Every rank prepares before the ranks join their process group (transformers writes a
     model only on rank 0 of an initialised one, and the tiny model is built by writing it):
     rank 0 opens the run directory and prepares in it, the others prepare privately. A
     refusal on any rank is then every rank's."""
     run_dir = run_dir_for(ir, out)
+    world = ir.trainer.devices * ir.trainer.num_nodes
+    if jobs < 1:
+        raise RunRefused(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and world > 1:
+        raise RunRefused(
+            f"--jobs {jobs} runs stages side by side in processes of one machine; this spec trains each stage on "
+            f"{world} ranks (trainer devices × num_nodes): run it with --jobs 1"
+        )
     zero = launched_as_rank_zero(ir.trainer)
     complete, ctx, refusal = False, None, None
     try:
         if zero:
             complete = _open_run_dir(ir, sources, run_dir, resume)
         if not complete:
-            ctx = prepare(
-                ir, run_dir, echo if zero else _silent, Ranks(world=ir.trainer.devices * ir.trainer.num_nodes, rank=0 if zero else 1)
-            )
+            ctx = prepare(ir, run_dir, echo if zero else _silent, Ranks(world=world, rank=0 if zero else 1))
     except RunRefused as exc:
         refusal = exc
     if zero and (complete or refusal) and not others_wait_for_this_one(ir.trainer):  # no rank to start for nothing
@@ -700,7 +717,7 @@ def run(
     assert ctx is not None
     ctx = dataclasses.replace(ctx, ranks=ranks, echo=echo if ranks.is_zero else _silent)
     try:
-        return _run_stages(ctx, progress)
+        return _run_stages(ctx, progress, jobs)
     except (RunRefused, RunFailed, RunInterrupted):
         if ranks.is_zero:
             raise
@@ -731,34 +748,20 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
     return False
 
 
-def _run_stages(ctx: Context, progress: bool) -> Path | None:
+def _run_stages(ctx: Context, progress: bool, jobs: int = 1) -> Path | None:
     ir, ranks, echo, run_dir = ctx.ir, ctx.ranks, ctx.echo, ctx.run_dir
-    records: dict[str, dict[str, Any]] = {}
-    for stage in ir.stages:
-        sdir = stage_dir(ctx, stage)
-        done = sdir / "done.json"
-        record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
-        if record is not None:
+    if jobs > 1:  # stages whose inputs are done train at the same time, each in its own process
+        from .stagepool import run_parallel
+
+        records = run_parallel(ctx, jobs)
+    else:
+        records: dict[str, dict[str, Any]] = {}
+        for stage in ir.stages:
+            record = finished(ctx, stage)
+            if record is None:
+                echo(announce(stage))
+                record = train_stage(ctx, stage, progress)
             records[stage.name] = record
-            echo(f"stage {stage.name}: done (resumed)")
-            continue
-        # the same stage (same identity: settings, ancestors, task, model, seed) finished in another run under --out
-        identity = stagecache.stage_identity(ir, stage) if stagecache.enabled() else None
-        reused = None
-        if ranks.is_zero and identity is not None and stagecache.lookup(run_dir, identity) is not None:
-            try:
-                reused = stagecache.reuse(run_dir, sdir, identity)
-            except OSError as exc:  # the entry went away while being linked (another run replaced it): train instead
-                echo(f"stage {stage.name}: could not reuse the cached stage {identity} ({exc}); training it")
-        if ranks.broadcast(reused is not None):
-            records[stage.name] = reused or {}
-            source = records[stage.name].get("reused_from", {})
-            echo(f"stage {stage.name}: reused, trained by run {source.get('run')} (stage identity {identity})")
-            continue
-        echo(f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps")
-        records[stage.name] = run_stage(ctx, stage, progress)
-        if ranks.is_zero and identity is not None:
-            stagecache.publish(run_dir, sdir, identity)
     if not ranks.is_zero:
         return None
     summary = summarize(ctx, records)
@@ -769,3 +772,39 @@ def _run_stages(ctx: Context, progress: bool) -> Path | None:
     write_report(ctx, summary)
     write_json_atomic(run_dir / "summary.json", summary)  # last: its presence marks the run complete
     return run_dir
+
+
+def announce(stage: Stage) -> str:
+    return f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps"
+
+
+def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
+    """The stage's record when it needs no training: done in this run directory (an interrupted
+    run resumed), or the same stage (same identity: settings, ancestors, task, model, seed)
+    finished in another run under `--out` and taken from the stage cache; else None."""
+    ranks, echo = ctx.ranks, ctx.echo
+    done = stage_dir(ctx, stage) / "done.json"
+    record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
+    if record is not None:
+        echo(f"stage {stage.name}: done (resumed)")
+        return record
+    identity = stagecache.stage_identity(ctx.ir, stage) if stagecache.enabled() else None
+    reused = None
+    if ranks.is_zero and identity is not None and stagecache.lookup(ctx.run_dir, identity) is not None:
+        try:
+            reused = stagecache.reuse(ctx.run_dir, stage_dir(ctx, stage), identity)
+        except OSError as exc:  # the entry went away while being linked (another run replaced it): train instead
+            echo(f"stage {stage.name}: could not reuse the cached stage {identity} ({exc}); training it")
+    if not ranks.broadcast(reused is not None):
+        return None
+    record = reused or {}  # the other ranks keep no record
+    echo(f"stage {stage.name}: reused, trained by run {record.get('reused_from', {}).get('run')} (stage identity {identity})")
+    return record
+
+
+def train_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
+    """Train and evaluate the stage (`run_stage`), then publish it to the stage cache."""
+    record = run_stage(ctx, stage, progress)
+    if ctx.ranks.is_zero and stagecache.enabled():
+        stagecache.publish(ctx.run_dir, stage_dir(ctx, stage), stagecache.stage_identity(ctx.ir, stage))
+    return record

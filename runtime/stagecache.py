@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from percepdsl.io import atomic_dir, write_json_atomic
-from percepdsl.ir import OUTSIDE_HASH, ExperimentIR, Stage, named_roles
+from percepdsl.ir import OUTSIDE_HASH, ExperimentIR, Stage
 
 CACHE_DIR = ".stage-cache"
 SKIP = ("resume.ckpt",)  # a finished stage has none; an unfinished one is never published
@@ -78,8 +78,7 @@ def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
     st: Stage | None = stage
     while st is not None:
         chain.append(st.model_dump(mode="json"))
-        used = named_roles(st)
-        refs |= {r.reference for r in ir.roles if r.kind == "visual" and r.role in used and r.reference is not None}
+        refs |= ir.visual_references(st)
         st = ir.stage(st.parent) if st.parent else None
     doc: dict[str, Any] = {"code": code_digest(), "shared": shared, "chain": chain[::-1]}
     if refs:

@@ -1,0 +1,149 @@
+"""`percep run --jobs N`: the arms of a shared base train side by side, each in its own process, and
+leave exactly what a one-at-a-time run leaves; a failing or stopped arm loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = """experiment arms
+seed 3
+include "{root}/specs/common/roles.pd"
+task graph_coloring {{ nodes = 4, reasoning = brief, train = 32, test = 4 }}
+model tiny {{ width = 64, depth = 2, heads = 2, vision_width = 32, vision_depth = 1 }}
+stage base = sft {{ steps = 6, batch = 4 }}
+stage tm = sft from base {{ steps = {steps}, batch = 4 }}
+stage ngdiff = sft from base {{ steps = {steps}, batch = 4, loss = ngdiff(perception, [reasoning, answer]) }}
+eval {{ test = 4, max_new_tokens = 32, every = 100000 }}
+trainer {{ precision = "bf16-mixed", log_every = 1, threads = 1 }}
+"""
+# cache off: every stage trains in the run under test, none is taken from the other's
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PERCEP_STAGE_CACHE="off")
+
+
+def spec(tmp_path: Path, steps: int = 4) -> Path:
+    path = tmp_path / "arms.pd"
+    path.write_text(ARMS.format(root=ROOT, steps=steps))
+    return path
+
+
+def percep(*args: str, cwd: Path, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "percepdsl", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+
+
+def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = spec(tmp_path)
+    one = percep("run", str(path), "--out", "one", "-q", cwd=tmp_path)
+    two = percep("run", str(path), "--out", "two", "-q", "--jobs", "2", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (tmp_path / p.stdout.split()[-1] for p in (one, two))
+    assert a.name == b.name  # --jobs is not part of the experiment: the same IR, the same run name
+    for stage in ("base", "tm", "ngdiff"):
+        wa, wb = (load_file(d / "stages" / stage / "model" / "model.safetensors") for d in (a, b))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert (wa[k] == wb[k]).all(), (stage, k)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert list(sb["stages"]) == ["base", "tm", "ngdiff"]
+    for stage in sa["stages"]:
+        assert sa["stages"][stage]["metrics"] == sb["stages"][stage]["metrics"], stage
+    records = [json.loads(line) for line in (b / "eval.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"base", "tm", "ngdiff"}
+    # the workers' lines carry their stage; both arms were announced by the parent
+    assert "stage tm (sft from base)" in two.stderr and "stage ngdiff (sft from base)" in two.stderr
+    assert "[tm] " in two.stderr and "[ngdiff] " in two.stderr and "Traceback" not in two.stderr
+
+
+def workers(pid: int) -> list[int]:
+    """The stage workers among a process's children (spawned: `spawn_main` in their command line)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_an_arm_whose_process_dies_fails_the_run_and_the_other_arm_is_kept(tmp_path: Path) -> None:
+    """An arm's process killed (as the out-of-memory killer does) while the other arm finishes:
+    exit 3 naming the stage and the exit code, the finished arm kept, no summary, no traceback."""
+    path = spec(tmp_path)
+    path.write_text(path.read_text().replace("stage tm = sft from base { steps = 4", "stage tm = sft from base { steps = 100000"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "percepdsl", "run", str(path), "--out", "runs", "-q", "--jobs", "2"],
+        cwd=tmp_path,
+        env=dict(ENV, PERCEP_RESUME_EVERY="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    left: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        if list((tmp_path / "runs").glob("*/stages/ngdiff/done.json")) and list((tmp_path / "runs").glob("*/stages/tm/resume.ckpt")):
+            left = workers(proc.pid)
+            if len(left) == 1:  # ngdiff's worker has exited: the one left trains tm
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None and len(left) == 1, proc.stderr.read()[-2000:]
+    os.kill(left[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "run failed: stage `tm`: its process ended with exit code -9" in err and "Traceback" not in err, err[-3000:]
+    run_dir = next((tmp_path / "runs").glob("arms-*"))
+    assert (run_dir / "stages" / "ngdiff" / "done.json").exists() and (run_dir / "stages" / "tm" / "resume.ckpt").exists()
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["sigterm", "sigint"])
+def test_a_signal_stops_every_arm_with_exit_130_and_resume_checkpoints(tmp_path: Path, sig: int) -> None:
+    """A signal to `percep run --jobs 2` (to it alone, as a scheduler sends SIGTERM, or to its
+    process group, as Ctrl-C does) stops both arms, each keeping its resume checkpoint."""
+    path = spec(tmp_path, steps=100000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "percepdsl", "run", str(path), "--out", "runs", "-q", "--jobs", "2"],
+        cwd=tmp_path,
+        env=dict(ENV, PERCEP_RESUME_EVERY="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job has
+    )
+    deadline = time.time() + 300
+    ckpts: list[Path] = []
+    while time.time() < deadline and proc.poll() is None and len(ckpts) < 2:
+        ckpts = list((tmp_path / "runs").glob("*/stages/*/resume.ckpt"))
+        time.sleep(0.05)
+    assert proc.poll() is None and len(ckpts) == 2, proc.stderr.read()[-2000:]
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: " in err and "--resume" in err and "Traceback" not in err, err[-3000:]
+    assert {p.parent.name for p in (tmp_path / "runs").glob("*/stages/*/resume.ckpt")} == {"tm", "ngdiff"}
+
+
+def test_jobs_with_several_ranks_per_stage_is_refused(tmp_path: Path) -> None:
+    path = spec(tmp_path)
+    path.write_text(path.read_text().replace("threads = 1 }", "threads = 1, devices = 2 }"))
+    proc = percep("run", str(path), "--out", "runs", "-q", "--jobs", "2", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--jobs 2 runs stages side by side" in proc.stderr and "2 ranks" in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
