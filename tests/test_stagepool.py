@@ -147,3 +147,24 @@ def test_jobs_with_several_ranks_per_stage_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--jobs 2 runs stages side by side" in proc.stderr and "2 ranks" in proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_stage_waits_for_the_stages_its_visual_roles_read() -> None:
+    """`ExperimentIR.inputs`, what `--jobs` waits for: the parent, and a `visual` rule's reference
+    stage where the stage's loss names that role (`post` reads `ref`'s weights though `ref` is not
+    its ancestor); a root stage waits for nothing."""
+    from percepdsl.check import check_text
+
+    text = (
+        'experiment v\nroles {\n  grounded = visual(reference = ref)\n  perception = between("<perception>", "</perception>")\n'
+        "  reasoning = rest()\n}\ntask sudoku { size = 4 }\nmodel tiny { width = 32, depth = 1 }\n"
+        "stage base = sft { steps = 10 }\nstage ref = sft { steps = 10 }\n"
+        "stage post = sft from base { steps = 10, loss = 0.5 * mean(grounded) + 0.5 * mean(perception, reasoning) }\n"
+        "stage plain = sft from base { steps = 10, loss = mean(perception, reasoning) }\n"
+    )
+    res = check_text(text, "v.pd")
+    assert res.ok, [d.message for d in res.diagnostics]
+    ir = res.ir
+    assert ir.inputs(ir.stage("post")) == {"base", "ref"}
+    assert ir.inputs(ir.stage("plain")) == {"base"}
+    assert ir.inputs(ir.stage("base")) == ir.inputs(ir.stage("ref")) == set()
