@@ -524,3 +524,15 @@ def test_sweep_refuses_levels_with_other_test_puzzles(tmp_path: Path) -> None:
     fake_level(tmp_path / "t", "sudoku_trace", 16, 0.17, (10, 10, 10), puzzles=1)
     with pytest.raises(SystemExit, match="is another puzzle at `verbose` than at `trace`"):
         repro.sweep_report({"verbose": tmp_path / "v", "trace": tmp_path / "t"}, tmp_path / "sweep")
+
+
+def test_sweep_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`repro.py --sweep LEVEL=FOLDER,...` writes the sweep's report to --out and runs nothing; an unknown level is refused."""
+    fake_level(tmp_path / "v", "sudoku", 14, 0.05, (20, 20, 20))
+    fake_level(tmp_path / "b", "sudoku_brief", 16, 0.42, (0, 1, 0))
+    assert repro.main(["--sweep", f"verbose={tmp_path / 'v'},brief={tmp_path / 'b'}", "--out", str(tmp_path / "sweep")]) == 0
+    assert "**the gap shrinks as the share grows**" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sweep" / "report.json").read_text())["trend"] == "the gap shrinks as the share grows"
+    with pytest.raises(SystemExit):
+        repro.main(["--sweep", f"terse={tmp_path / 'v'}", "--out", str(tmp_path / "sweep")])
+    assert "unknown level(s) ['terse']" in capsys.readouterr().err
