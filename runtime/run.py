@@ -8,7 +8,9 @@ Read top to bottom, a run is:
 2. **stages** — for each stage in topological order: start from the parent's
    weights, train under a Lightning `Trainer`, evaluate three ways (periodically
    and at the end), save the model as a Hugging Face directory (`save_pretrained`
-   of the model or PEFT adapter and of the processor) and mark the stage done;
+   of the model or PEFT adapter and of the processor) and mark the stage done
+   (`--jobs N`: the stages whose inputs are done train side by side, each in its
+   own process: `stagepool.py`);
 3. **report** — `summary.json` (final metrics, per-stage metrics and deltas,
    diagnostics), `metrics.csv`, `eval.jsonl`, plots and `report.md`.
 
@@ -126,8 +128,8 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     if ranks.is_zero and not private:
         loaded = build_model(ir, task, run_dir / "init")
     else:  # its weights are rank 0's (Ranks.sync_weights), or the parent stage's, once a stage starts
-        with tempfile.TemporaryDirectory(prefix="percep-rank-") as private:
-            loaded = build_model(ir, task, Path(private) / "init")
+        with tempfile.TemporaryDirectory(prefix="percep-rank-") as scratch:
+            loaded = build_model(ir, task, Path(scratch) / "init")
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
