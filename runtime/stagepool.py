@@ -148,8 +148,8 @@ def _worker(conn: Any, ir: ExperimentIR, run_dir: str, name: str, threads: int) 
 
     quiet_libraries()
 
-    def echo(msg: str) -> None:
-        print(f"[{name}] {msg}", file=sys.stderr, flush=True)
+    def echo(msg: str) -> None:  # evaluation lines name their stage already: `[tm step 300] …`
+        print(msg, file=sys.stderr, flush=True)
 
     try:
         ctx = prepare(ir, Path(run_dir), echo, private=True)

@@ -60,9 +60,9 @@ def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path)
         assert sa["stages"][stage]["metrics"] == sb["stages"][stage]["metrics"], stage
     records = [json.loads(line) for line in (b / "eval.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"base", "tm", "ngdiff"}
-    # the workers' lines carry their stage; both arms were announced by the parent
+    # the parent announced both arms; the workers' evaluation lines name their stage
     assert "stage tm (sft from base)" in two.stderr and "stage ngdiff (sft from base)" in two.stderr
-    assert "[tm] " in two.stderr and "[ngdiff] " in two.stderr and "Traceback" not in two.stderr
+    assert "[tm step 4]" in two.stderr and "[ngdiff step 4]" in two.stderr and "Traceback" not in two.stderr
 
 
 def workers(pid: int) -> list[int]:
