@@ -39,6 +39,20 @@ def percep(*args: str, cwd: Path, env: dict[str, str] = ENV) -> subprocess.Compl
     return subprocess.run([sys.executable, "-m", "percepdsl", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
+def start(path: Path) -> subprocess.Popen:
+    """`percep run --jobs 2` in the background, in its own process group (as a shell job is), with a
+    resume checkpoint every 3 steps."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "percepdsl", "run", str(path), "--out", "runs", "-q", "--jobs", "2"],
+        cwd=path.parent,
+        env=dict(ENV, PERCEP_RESUME_EVERY="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -84,14 +98,7 @@ def test_an_arm_whose_process_dies_fails_the_run_and_the_other_arm_is_kept(tmp_p
     exit 3 naming the stage and the exit code, the finished arm kept, no summary, no traceback."""
     path = spec(tmp_path)
     path.write_text(path.read_text().replace("stage tm = sft from base { steps = 4", "stage tm = sft from base { steps = 100000"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "percepdsl", "run", str(path), "--out", "runs", "-q", "--jobs", "2"],
-        cwd=tmp_path,
-        env=dict(ENV, PERCEP_RESUME_EVERY="3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(path)
     deadline = time.time() + 300
     left: list[int] = []
     while time.time() < deadline and proc.poll() is None:
@@ -115,15 +122,7 @@ def test_a_signal_stops_every_arm_with_exit_130_and_resume_checkpoints(tmp_path:
     """A signal to `percep run --jobs 2` (to it alone, as a scheduler sends SIGTERM, or to its
     process group, as Ctrl-C does) stops both arms, each keeping its resume checkpoint."""
     path = spec(tmp_path, steps=100000)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "percepdsl", "run", str(path), "--out", "runs", "-q", "--jobs", "2"],
-        cwd=tmp_path,
-        env=dict(ENV, PERCEP_RESUME_EVERY="3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a shell job has
-    )
+    proc = start(path)
     deadline = time.time() + 300
     ckpts: list[Path] = []
     while time.time() < deadline and proc.poll() is None and len(ckpts) < 2:
