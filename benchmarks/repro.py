@@ -131,6 +131,11 @@ BOOT = 10_000
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by df
 
 
+def ci(d: dict[str, Any]) -> str:
+    """A paired difference (`paired`'s mean, lo, hi) as `+0.123 [+0.100, +0.150]`."""
+    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
 @dataclass(frozen=True)
 class Cell:
     spec: Path
@@ -548,7 +553,7 @@ def lambda_curve(
             if c
             else f"not run | {o['eff_lambda']:.3f} | – | – | –"
         )
-        delta = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "–"
+        delta = ci(d) if d else "–"
         old = f"{','.join(map(str, o['seeds']))}: {o['a']:.3f} / {o['a_p']:.3f} / {o['a_r']:.3f}" if o else "–"
         lines.append(f"| {arm} | {new} | {delta} |" + (f" {old} |" if older else ""))
     lines.append("")
@@ -710,7 +715,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             "(95% bootstrap, the base's and each arm's items resampled independently) treats them as unpaired.",
         ]
         if f1_pairs:
-            fmt = {k: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" for k, d in f1_pairs.items()}
+            fmt = {k: ci(d) for k, d in f1_pairs.items()}
             lines += [
                 "",
                 f"Paired item by item (seeds {','.join(map(str, same))}, whose items are the base's; 95% bootstrap over items within seeds):",
@@ -886,10 +891,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         if (arm, s) not in sources and spec.exists() and (hit := re.search(r'^model hf "(.*)"$', spec.read_text(), re.M)):
             sources[(arm, s)] = trained[(arm, s)] = Path(hit.group(1)).parents[2]
     at200 = paired_against(sources, [a for a in arms if a in REEVAL], seeds, BASELINE, fields, rng)
-    beside = {
-        arm: {m: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()}
-        for arm, per in at200.items()
-    }
+    beside = {arm: {m: f"{ci(d)} (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()} for arm, per in at200.items()}
     if results:
         lines += [
             f"## F2: paired differences against `{BASELINE}` on 500 items (arm − {BASELINE})",
@@ -958,10 +960,7 @@ def confirmatory(
     arms, seeds = list(CONFIRM_ARMS), list(CONFIRM_SEEDS)
     res = with_verdicts(paired_against(usable, arms, seeds, BASELINE, fields, rng), "gc8", min_seeds=3)
     at200 = paired_against({k: v for k, v in sources.items() if k in confirm}, arms, seeds, BASELINE, fields, rng)
-    beside = {
-        arm: {m: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()}
-        for arm, per in at200.items()
-    }
+    beside = {arm: {m: f"{ci(d)} (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()} for arm, per in at200.items()}
     agree = ", ".join(f"{k} {checks[k]['agreement']:.3f} of {checks[k]['n']}" for k in (f"{a}-s{s}" for a, s in done))
     lines = [
         f"## Confirmatory F2 on 500 items (`ngdiff` − `{BASELINE}`, seeds {', '.join(map(str, seeds))}; judged apart from seeds 1–3)",
@@ -1071,10 +1070,6 @@ def trend_verdict(end: dict[str, Any], adjacent: list[dict[str, Any]]) -> str:
     if end["lo"] > 0:
         return "the gap grows"
     return "no trend shown (interval includes 0)"
-
-
-def ci(d: dict[str, Any]) -> str:
-    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
 
 def sweep_report(levels: dict[str, Path], out: Path, seeds: tuple[int, ...] = SEEDS) -> Path:

@@ -50,6 +50,7 @@ from repro import (
     Cell,
     agreement,
     checked_metrics,
+    ci,
     cutoff,
     eval_cell,
     find_eval,
@@ -326,7 +327,7 @@ def report(
             "|---|---:|---:|" + "---|" * len(fields) + "---|",
         ]
         for arm, per in results.items():
-            cis = [f"{per[m]['mean']:+.3f} [{per[m]['lo']:+.3f}, {per[m]['hi']:+.3f}]" for m in fields]
+            cis = [ci(per[m]) for m in fields]
             L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} | {per['a']['verdict']} |")
         L.append("")
         from percepdsl_runtime.grid.paired import load_runs, paired_markdown, paired_report
@@ -350,7 +351,7 @@ def report(
             "|---|---:|---:|" + "---|" * len(fields),
         ]
         for arm, per in moved.items():
-            cis = [f"{per[m]['mean']:+.3f} [{per[m]['lo']:+.3f}, {per[m]['hi']:+.3f}]" for m in fields]
+            cis = [ci(per[m]) for m in fields]
             L.append(f"| `{arm}` | {len(per['a']['seeds'])} | {per['a']['n_pairs']} | {' | '.join(cis)} |")
         L.append("")
 
@@ -486,7 +487,7 @@ def report(
         ]
 
         def g(gain: dict[str, Any], m: str) -> str:
-            return f"{gain[m]['mean']:+.3f} [{gain[m]['lo']:+.3f}, {gain[m]['hi']:+.3f}]" if m in gain else "–"
+            return ci(gain[m]) if m in gain else "–"
 
         for arm, key, pooled, within, gain in sur_rows:
             L.append(
