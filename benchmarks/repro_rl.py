@@ -115,6 +115,16 @@ PLANS = {
         reeval=("outcome",),  # session 4's cells (100 items) re-evaluated on 500 in session 5
         reeval_fragment="gc8_rl_eval500.pd",
     ),
+    # session 9: gc8's `outcome` arm trained again with evaluation points every 4 steps (a, a_p, a_r on 200
+    # items each), for F3 across checkpoints; the start's 500-item evaluation is `--before`
+    "gc8-ckpt": Plan(
+        "graph colouring, 6 nodes, patch 8, evaluation points every 4 steps",
+        "Session 9: F3 across checkpoints on graph colouring",
+        "gc8_rl_ckpt",
+        "gc8_rl_start",
+        (("gc8_base.pd", None, "base", "gc8_base"), ("gc8_tm.pd", 1, "post", "gc8_rl_start")),
+        ("outcome",),
+    ),
 }
 ARMS = PLANS["sudoku"].arms  # the default plan's
 SEEDS = (1, 2, 3)
