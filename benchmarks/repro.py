@@ -64,17 +64,27 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
 # plan -> spec prefix (preregistration.md, sessions 2-6; session 8's verbosity sweep: sudoku's other reasoning levels)
-PLANS = {"quick16": "gc", "p8": "gc8", "p8-500": "gc8", "sudoku": "sudoku", "sudoku-trace": "sudoku_trace", "sudoku-brief": "sudoku_brief"}
+# session 9's p8-adj: session 3's patch-8 graph colouring in the fixed-slot perception format
+PLANS = {
+    "quick16": "gc",
+    "p8": "gc8",
+    "p8-500": "gc8",
+    "sudoku": "sudoku",
+    "sudoku-trace": "sudoku_trace",
+    "sudoku-brief": "sudoku_brief",
+    "p8-adj": "gc8adj",
+}
 # spec prefix -> the report's task name
 TASKS = {
     "gc": "graph colouring",
     "gc8": "graph colouring",
+    "gc8adj": "graph colouring, fixed-slot (`adjacency`) perception",
     "sudoku": "sudoku 4×4",
     "sudoku_trace": "sudoku 4×4, `trace` reasoning",
     "sudoku_brief": "sudoku 4×4, `brief` reasoning",
 }
 # pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6; session 8 keeps session 6's at every level)
-GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
+GO = {"gc8": (0.6, 0.2), "gc8adj": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
 # the start order of a plan's cells: priority groups of arms, seed-major within a group, so an early stop
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
 PRIORITY = {
@@ -84,6 +94,7 @@ PRIORITY = {
     "sudoku": (("tm", "ngdiff"), ("lam",), ("lam25",), ("lam75",), ("ngdiff_auto",), ("lamsched",)),
     "sudoku-trace": (("tm", "ngdiff"),),  # session 8's levels: session 6's two F2 arms only
     "sudoku-brief": (("tm", "ngdiff"),),
+    "p8-adj": (("tm", "ngdiff"),),  # session 9's fixed-slot format: the edge-list plan's two F2 arms, seed 1 both, then 2, 3
 }
 # plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
 # task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
@@ -103,6 +114,7 @@ BASES = {
     },
 }
 MIN_SEEDS = {
+    "gc8adj": 3,
     "sudoku": 3,
     "sudoku_trace": 3,
     "sudoku_brief": 3,
