@@ -28,7 +28,7 @@ sudoku's plan at the other reasoning styles (`sudoku-trace`, `sudoku-brief`: the
 and arms `tm`/`ngdiff`, its bases in three parts) and `--sweep` reports the gap NGDiff − token mean against
 perception's token share over the levels' folders (`LEVELS`), with the pre-registered trend test. Session 9's
 `p8-adj` is session 3's patch-8 plan (`gc8adj`: base, arms `tm`/`ngdiff`, 500 items) in the fixed-slot perception
-format; `--compare` sets the edge list's 500-item cells (`--plan p8-500`'s folder) beside it (`COMPARE`).
+format (its base in two parts: `BASES`); `--compare` sets the edge list's 500-item cells (`--plan p8-500`'s folder) beside it (`COMPARE`).
 
 `--plan p8-500` re-evaluates session 3's finished arms (`REEVAL`, found under `--reeval-from`) on all
 500 test items from their saved weights: for each such cell it writes `OUT/specs/<arm>-s<seed>.pd`,
@@ -108,9 +108,12 @@ F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # last part's name is `<prefix>_base`, the arms' start. Sudoku's 1,000-step base fell short of its go threshold
 # and was continued for 500 steps (preregistration.md "Session 6").
 # Session 8's levels ran that recipe too; both were no-go after it (a_r 0.164 at `trace`, 0.240 at `brief`) and get a
-# third part of 1,500 steps (preregistration.md "Session 8", amendment 1).
+# third part of 1,500 steps (preregistration.md "Session 8", amendment 1). Session 9's fixed-slot base was no-go after
+# 1,000 steps (a_r 0.445) and is continued for 1,000 more (preregistration.md "Session 9 (graph colouring, the
+# fixed-slot format)", amendment 1).
 BASES = {
     "sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base")),
+    "gc8adj": (("base", "gc8adj_base1000"), ("base_more", "gc8adj_base")),
     **{
         p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base1500"), ("base_more2", f"{p}_base"))
         for p in ("sudoku_trace", "sudoku_brief")

@@ -548,6 +548,17 @@ def fake_edge_cell(folder: Path, arm: str, seed: int, k: int, slot_errors: list[
     return rd.rename(folder / "runs" / f"repro_gc8_{arm}_eval500-s{seed}")
 
 
+def test_plan_p8_adj_base_continues_as_amendment_1_says() -> None:
+    """Session 9 amendment 1: the fixed-slot base runs in two parts, the second (1,000 steps, cosine restarted at half
+    the first part's peak) from the first part's weights on the same task, loss, batch and 200 evaluation items."""
+    assert repro.BASES["gc8adj"] == (("base", "gc8adj_base1000"), ("base_more", "gc8adj_base"))
+    first, more = ((repro.SPECS / f"gc8adj_{stem}.pd").read_text().split("\nexperiment ", 1)[1] for stem in ("base", "base_more"))
+    assert 'model hf "gc8adj_base1000/model"' in more and "model tiny" in first
+    assert "lr = cosine(1e-3, 0, warmup = 100)" in first and "lr = cosine(5e-4, 0, warmup = 100)" in more
+    for line in ('include "common/gc8adj_task.pd"', "steps = 1000", "batch = 8", "loss = mean(reasoning, answer)", "eval { test = 200 }"):
+        assert line in first and line in more
+
+
 def test_plan_p8_adj_sets_the_two_formats_side_by_side(tmp_path: Path) -> None:
     """`--plan p8-adj` (session 9): the fixed-slot arms' F2 (no verdict below 3 seeds) beside the edge list's cells found
     under `--compare`, on the same seeds and on the confirmatory ones, the difference of the gaps item by item, and
