@@ -16,11 +16,12 @@ both sides (each its own seeded shuffle), bf16 autocast:
 Throughput is *target* tokens per second (response tokens + end-of-turn: the tokens the loss is
 on), between step ends after a warm-up (data loading, collation, logging and the optimiser all
 count); both sides count the same tokens per item (from our encoder). Regimes (``--regime``):
-``quick`` (short targets: the quickstart's settings until session 5) and ``long`` (the reproduction regime's `verbose`
+``quickstart`` (specs/quickstart.pd's task and model, read from the spec), ``quick`` (short targets:
+the quickstart's settings until session 5) and ``long`` (the reproduction regime's `verbose`
 targets); see benchlib.REGIMES. Every side runs in its own process, in alternating rounds; the
 best round of each side is kept and the range over rounds reported.
 
-    python benchmarks/bench_sft.py --regime quick --threads 1
+    python benchmarks/bench_sft.py --regime quickstart --threads 1
     python benchmarks/bench_sft.py --regime long --threads 2 --rounds 3 --json out.json
     python benchmarks/bench_sft.py --regime quick --ngdiff --rounds 5 --json ngdiff.json
 """

@@ -31,14 +31,30 @@ RULES = [
     {"role": "answer", "kind": "between", "open": "<answer>", "close": "</answer>", "markers": True},
 ]
 
-# The sequences measured. `quick`: the quickstart's task and model until session 5 (graph colouring N=5,
-# adjacency perception, `trace` reasoning, patch 8: ≈157 tokens, 85 of them targets).
-# `long`: the reproduction regime's long targets (N=6, edge-list perception ≈3% of the
+# The sequences measured. `quickstart`: specs/quickstart.pd's task and model, read from the spec
+# itself (graph colouring N=5, edge-list perception ≈4% of the targets, `verbose` reasoning,
+# patch 8: ≈350 tokens, ≈270 targets). `quick`: the quickstart's task and model until session 5
+# (N=5, adjacency perception, `trace` reasoning, patch 8: ≈157 tokens, 85 of them targets): short
+# targets. `long`: the reproduction regime's long targets (N=6, edge-list perception ≈3% of the
 # targets, `verbose` reasoning, patch 16: ≈350 tokens, 190-650, ≈320 targets).
 REGIMES: dict[str, dict[str, Any]] = {
     "quick": {"task": {"nodes": 5, "edge_prob": 0.5, "perception_format": "adjacency", "reasoning": "trace"}, "patch": 8},
     "long": {"task": {"nodes": 6, "edge_prob": 0.5, "perception_format": "edges", "reasoning": "verbose"}, "patch": 16},
 }
+
+
+def _spec_regime(spec: Path) -> dict[str, Any]:
+    """The task parameters and tiny-model sizes a spec compiles to (no torch: the checker only)."""
+    from percepdsl.api import check
+
+    ir = check(spec)
+    if ir.model.kind != "tiny":
+        raise ValueError(f"{spec}: a benchmark regime needs the embedded tiny model, not `model {ir.model.kind}`")
+    sizes = ir.model.params.model_dump()
+    return {"task": ir.task.params.model_dump(), "patch": sizes.pop("patch"), "sizes": sizes}
+
+
+REGIMES["quickstart"] = _spec_regime(ROOT / "specs" / "quickstart.pd")
 
 
 def setup_process(threads: int) -> None:
@@ -70,6 +86,7 @@ def build_model(regime: str, out: Path, **size: Any) -> Path:
     from percepdsl_runtime.models import build_tiny
 
     task = task_of(regime)
+    size = {**REGIMES[regime].get("sizes", {}), **size}
     build_tiny(task.vocabulary(), image=task.params.image, patch=REGIMES[regime]["patch"], seed=0, save_dir=out, **size)
     return out
 

@@ -8,6 +8,7 @@
         --reeval-from runs/repro8 --start-by 00:40                      # session 4's (500 test items)
     python benchmarks/repro.py --plan sudoku --out runs/repro-sudoku --start-by 06:05  # sessions 6-7's
     python benchmarks/repro.py --plan sudoku-brief --out runs/sweep-brief               # session 8's (also sudoku-trace)
+    python benchmarks/repro.py --plan p8-adj --out runs/repro-adj --compare runs/repro500   # session 9's fixed slots
     python benchmarks/repro.py --sweep verbose=runs/repro-sudoku,trace=runs/sweep-trace,brief=runs/sweep-brief \
         --out runs/sweep                                                   # the verbosity sweep's report
 
@@ -25,7 +26,9 @@ working directory, where `<prefix>_base` links to the base stage (their `model h
 `--start-by HH:MM` (UTC) is a pre-registered cut-off: no cell starts after it. Session 8's verbosity sweep runs
 sudoku's plan at the other reasoning styles (`sudoku-trace`, `sudoku-brief`: the same task, test puzzles, base recipe
 and arms `tm`/`ngdiff`, its bases in three parts) and `--sweep` reports the gap NGDiff − token mean against
-perception's token share over the levels' folders (`LEVELS`), with the pre-registered trend test.
+perception's token share over the levels' folders (`LEVELS`), with the pre-registered trend test. Session 9's
+`p8-adj` is session 3's patch-8 plan (`gc8adj`: base, arms `tm`/`ngdiff`, 500 items) in the fixed-slot perception
+format (its base in two parts: `BASES`); `--compare` sets the edge list's 500-item cells (`--plan p8-500`'s folder) beside it (`COMPARE`).
 
 `--plan p8-500` re-evaluates session 3's finished arms (`REEVAL`, found under `--reeval-from`) on all
 500 test items from their saved weights: for each such cell it writes `OUT/specs/<arm>-s<seed>.pd`,
@@ -64,17 +67,27 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs" / "repro"
 # plan -> spec prefix (preregistration.md, sessions 2-6; session 8's verbosity sweep: sudoku's other reasoning levels)
-PLANS = {"quick16": "gc", "p8": "gc8", "p8-500": "gc8", "sudoku": "sudoku", "sudoku-trace": "sudoku_trace", "sudoku-brief": "sudoku_brief"}
+# session 9's p8-adj: session 3's patch-8 graph colouring in the fixed-slot perception format
+PLANS = {
+    "quick16": "gc",
+    "p8": "gc8",
+    "p8-500": "gc8",
+    "sudoku": "sudoku",
+    "sudoku-trace": "sudoku_trace",
+    "sudoku-brief": "sudoku_brief",
+    "p8-adj": "gc8adj",
+}
 # spec prefix -> the report's task name
 TASKS = {
     "gc": "graph colouring",
     "gc8": "graph colouring",
+    "gc8adj": "graph colouring, fixed-slot (`adjacency`) perception",
     "sudoku": "sudoku 4×4",
     "sudoku_trace": "sudoku 4×4, `trace` reasoning",
     "sudoku_brief": "sudoku 4×4, `brief` reasoning",
 }
 # pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6; session 8 keeps session 6's at every level)
-GO = {"gc8": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
+GO = {"gc8": (0.6, 0.2), "gc8adj": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
 # the start order of a plan's cells: priority groups of arms, seed-major within a group, so an early stop
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
 PRIORITY = {
@@ -84,6 +97,7 @@ PRIORITY = {
     "sudoku": (("tm", "ngdiff"), ("lam",), ("lam25",), ("lam75",), ("ngdiff_auto",), ("lamsched",)),
     "sudoku-trace": (("tm", "ngdiff"),),  # session 8's levels: session 6's two F2 arms only
     "sudoku-brief": (("tm", "ngdiff"),),
+    "p8-adj": (("tm", "ngdiff"),),  # session 9's fixed-slot format: the edge-list plan's two F2 arms, seed 1 both, then 2, 3
 }
 # plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
 # task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
@@ -94,15 +108,19 @@ F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # last part's name is `<prefix>_base`, the arms' start. Sudoku's 1,000-step base fell short of its go threshold
 # and was continued for 500 steps (preregistration.md "Session 6").
 # Session 8's levels ran that recipe too; both were no-go after it (a_r 0.164 at `trace`, 0.240 at `brief`) and get a
-# third part of 1,500 steps (preregistration.md "Session 8", amendment 1).
+# third part of 1,500 steps (preregistration.md "Session 8", amendment 1). Session 9's fixed-slot base was no-go after
+# 1,000 steps (a_r 0.445) and is continued for 1,000 more (preregistration.md "Session 9 (graph colouring, the
+# fixed-slot format)", amendment 1).
 BASES = {
     "sudoku": (("base", "sudoku_base1000"), ("base_more", "sudoku_base")),
+    "gc8adj": (("base", "gc8adj_base1000"), ("base_more", "gc8adj_base")),
     **{
         p: (("base", f"{p}_base1000"), ("base_more", f"{p}_base1500"), ("base_more2", f"{p}_base"))
         for p in ("sudoku_trace", "sudoku_brief")
     },
 }
 MIN_SEEDS = {
+    "gc8adj": 3,
     "sudoku": 3,
     "sudoku_trace": 3,
     "sudoku_brief": 3,
@@ -119,6 +137,11 @@ REEVAL = ("tm", "lam", "ngdiff")
 # session 3's confirmatory cells (`tm` and `ngdiff` on fresh seeds, pre-registered before they ran), re-evaluated
 # on 500 items in session 5 (preregistration.md "Session 5"); the report judges them apart, never pooled with 1-3
 CONFIRM_ARMS, CONFIRM_SEEDS = ("tm", "ngdiff"), (4, 5, 6)
+# session 9 (preregistration.md "Session 9 (graph colouring, the fixed-slot format)"): a plan set beside the same
+# experiment in the other perception format (`--compare` names that plan's output folder): prefix -> (the other
+# prefix, its name, this plan's name, the instance field that identifies a test item in both). The edge list's cells
+# are session 4-5's 500-item re-evaluations (`--plan p8-500`'s folder: seeds 1-3, and the confirmatory 4-6)
+COMPARE = {"gc8adj": ("gc8", "edge list", "fixed slots", "edges")}
 EVAL_SPEC = """# Generated by {by}: cell {label} of {source}
 # re-evaluated on the task's 500 test items from its final weights.
 experiment repro_{prefix}_{arm}_eval500
@@ -593,7 +616,63 @@ def lambda_curve(
     return [*lines, "![the λ trade-off curve](curve.png)", ""], curve, curve200
 
 
-def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", specs: Path = SPECS) -> Path:
+def format_comparison(
+    cells: dict[tuple[str, int], Path], seeds: list[int], prefix: str, other: Path, rng: np.random.Generator
+) -> tuple[list[str], dict[str, Any]]:
+    """This plan's F2 comparison (`SWEEP_ARM` − `tm`) beside the same experiment in the other perception format
+    (`COMPARE`; ``other``: that plan's output folder, its 500-item cells found by experiment and seed): each format's
+    paired differences on this plan's finished seeds (and the other's confirmatory seeds), the difference of the gaps
+    item by item on the seeds both finished, and each cell's per-slot errors. Descriptive: no verdict."""
+    oprefix, oname, name, what = COMPARE[prefix]
+    arms = [BASELINE, SWEEP_ARM]
+    fields = {m: field for m, (_, field) in METRICS.items()}
+    theirs = {(a, s): rd for a in arms for s in (*SEEDS, *CONFIRM_SEEDS) if (rd := find_eval(a, s, other / "runs", oprefix))}
+    done = [s for s in seeds if all((a, s) in cells for a in arms)]
+    rows = [(name, cells, done), (oname, theirs, done), (f"{oname}, confirmatory seeds", theirs, list(CONFIRM_SEEDS))]
+    found = {label: paired_against(c, arms, ss, BASELINE, fields, rng).get(SWEEP_ARM, {}) for label, c, ss in rows}
+    lines = [
+        f"## The two perception formats side by side ({name} against {oname}; descriptive, no verdict)",
+        "",
+        f"`{SWEEP_ARM}` − `{BASELINE}`, paired by item within seeds, in each format ({oname}: the 500-item cells under "
+        f"`{other}`). Both formats draw the same graphs for a seed, so the same seeds score the same test graphs; each",
+        "format has its own reasoner base, and perception's token share differs (preregistration.md).",
+        "",
+        "| format | seeds | Δa | Δa_p | Δa_r |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, per in found.items():
+        if per:
+            seeds_txt = ",".join(map(str, per["a"]["seeds"]))
+            lines.append(f"| {label} | {seeds_txt} | {ci(per['a'])} | {ci(per['a_p'])} | {ci(per['a_r'])} |")
+        else:
+            lines.append(f"| {label} | – | no finished pair of cells | | |")
+    gaps = gap_difference({"_cells": theirs, "level": oname}, {"_cells": cells, "level": name}, done, rng, what) if done else {}
+    if gaps:
+        seeds_txt = ",".join(map(str, gaps["a"]["seeds"]))
+        lines += [
+            "",
+            f"Difference of the gaps ({name} − {oname}), item by item on seeds {seeds_txt} (the same test graphs; 95% bootstrap "
+            f"over items within seeds): Δa {ci(gaps['a'])}, Δa_p {ci(gaps['a_p'])}, Δa_r {ci(gaps['a_r'])}.",
+        ]
+    slot_rows = [(label, a, s, c[(a, s)]) for label, c, ss in rows[:2] for s in done for a in arms if (a, s) in c]
+    slot_rows += [(oname, a, s, theirs[(a, s)]) for s in CONFIRM_SEEDS for a in arms if (a, s) in theirs]
+    lines += [
+        "",
+        "Per-slot perception errors (slot k: how many test items got node pair k wrong; the 15 pairs of N = 6 in sorted",
+        "order: 0 = 0-1, 1 = 0-2, …, 4 = 0-5, 5 = 1-2, …, 9 = 2-3, …, 12 = 3-4, 13 = 3-5, 14 = 4-5):",
+        "",
+        "| format | arm | seed | n | a_p | slot errors (slot: items) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    slot_data = []
+    for label, a, s, rd in slot_rows:
+        m = checked_metrics(rd)
+        lines.append(f"| {label} | {a} | {s} | {m['n']} | {m['a_p']:.3f} | {slots(m['slot_errors'])} |")
+        slot_data.append({"format": label, "arm": a, "seed": s, "n": m["n"], "a_p": m["a_p"], "slot_errors": m["slot_errors"]})
+    return lines + [""], {"paired": found, "gap_difference": gaps, "slot_errors": slot_data}
+
+
+def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", specs: Path = SPECS, compare: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -668,6 +747,10 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
 
         rep = paired_report(load_runs(sorted(cells.values())), f"experiment=repro_{prefix}_{BASELINE}")
         lines += ["### The same comparison by `percep report --baseline`", "", paired_markdown(rep).split("\n", 2)[-1].strip(), ""]
+    formats: dict[str, Any] | None = None
+    if compare is not None and prefix in COMPARE:
+        format_lines, formats = format_comparison(cells, seeds, prefix, compare, rng)
+        lines += format_lines
     auto_lines, auto = auto_lr(cells, arms, seeds, rng, "Paired item by item on each seed's test items.")
     curve_lines, curve, _ = lambda_curve(out, arms, seeds, cells, results)
     lines += auto_lines + curve_lines
@@ -765,6 +848,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             "f1_rule": ("paired" if prefix in F1_PAIRED and f1_pairs else "unpaired") if f1 else None,  # the interval its rule read
             "ngdiff_auto_vs_ngdiff": auto,
             "curve": curve,
+            "formats": formats,
         },
     )
     return write_text_atomic(out / "report.md", "\n".join(lines))
@@ -1030,20 +1114,22 @@ def sweep_level(level: str, out: Path, seeds: list[int], rng: np.random.Generato
     }
 
 
-def item_gaps(cells: dict[tuple[str, int], Path], seed: int, field: str) -> dict[str, tuple[float, Any]]:
-    """Per test item of a seed: (`SWEEP_ARM` − `tm` on ``field``, the item's puzzle as its records state it)."""
+def item_gaps(cells: dict[tuple[str, int], Path], seed: int, field: str, what: str = "puzzle") -> dict[str, tuple[float, Any]]:
+    """Per test item of a seed: (`SWEEP_ARM` − `tm` on ``field``, the item's puzzle (instance field ``what``) as its
+    records state it)."""
     x, y = final_records(cells[(SWEEP_ARM, seed)]), final_records(cells[(BASELINE, seed)])
     return {
-        i: (float(bool(x[i][field])) - float(bool(y[i][field])), (x[i].get("instance") or {}).get("puzzle"))
-        for i in sorted(set(x) & set(y))
+        i: (float(bool(x[i][field])) - float(bool(y[i][field])), (x[i].get("instance") or {}).get(what)) for i in sorted(set(x) & set(y))
     }
 
 
-def gap_difference(lo: dict[str, Any], hi: dict[str, Any], seeds: list[int], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+def gap_difference(
+    lo: dict[str, Any], hi: dict[str, Any], seeds: list[int], rng: np.random.Generator, what: str = "puzzle"
+) -> dict[str, dict[str, Any]]:
     """The difference of gaps ``hi`` − ``lo`` per metric: per seed and test puzzle, (ngdiff − tm) at ``hi`` minus
     (ngdiff − tm) at ``lo``, pooled with `paired`'s bootstrap (puzzles resampled within seeds, the same resample for
-    both levels). Items pair by id; a puzzle that differs between the levels under one id stops the report (the
-    levels' test splits must be the same puzzles)."""
+    both levels). Items pair by id; a puzzle (instance field ``what``) that differs between the levels under one id
+    stops the report (the levels' test splits must be the same puzzles)."""
     common = [s for s in seeds if all((a, s) in lv["_cells"] for lv in (lo, hi) for a in (BASELINE, SWEEP_ARM))]
     out: dict[str, dict[str, Any]] = {}
     if not common:
@@ -1051,11 +1137,12 @@ def gap_difference(lo: dict[str, Any], hi: dict[str, Any], seeds: list[int], rng
     for m, (_, field) in METRICS.items():
         diffs = []
         for s in common:
-            a, b = item_gaps(lo["_cells"], s, field), item_gaps(hi["_cells"], s, field)
+            a, b = item_gaps(lo["_cells"], s, field, what), item_gaps(hi["_cells"], s, field, what)
             ids = sorted(set(a) & set(b))
             if bad := [i for i in ids if a[i][1] != b[i][1]]:
                 sys.exit(
-                    f"error: test item {bad[0]} is another puzzle at `{lo['level']}` than at `{hi['level']}` (seed {s}): the levels do not share a test split"
+                    f"error: test item {bad[0]} has another `{what}` at `{lo['level']}` than at `{hi['level']}` (seed {s}): "
+                    "the levels do not share a test split"
                 )
             diffs.append(np.array([b[i][0] - a[i][0] for i in ids]))
         out[m] = {**paired(diffs, rng), "seeds": common}
@@ -1213,10 +1300,12 @@ def run_plan(
     base_model: Path | None = None,
     reeval_from: Path | None = None,
     specs: Path = SPECS,
+    compare: Path | None = None,
 ) -> tuple[Path | None, list[str]]:
     """Run (or resume) a plan's cells in ``out`` unless ``report_only``, then write its report; returns
     the report's path (None when the base failed: no report) and the cells that failed. ``specs``: the folder of the plan's specs (default the
-    pre-registered ones; `benchmarks/reproduce.py --quick` passes its miniatures, `specs/repro/quick/`)."""
+    pre-registered ones; `benchmarks/reproduce.py --quick` passes its miniatures, `specs/repro/quick/`). ``compare``: the
+    output folder of the same experiment in the other perception format (`COMPARE`), set beside in the report."""
     out.mkdir(parents=True, exist_ok=True)
     prefix = PLANS[plan]
     failed: list[str] = []
@@ -1244,7 +1333,7 @@ def run_plan(
         ]
         failed += run_cells(cells, out, jobs, start_by)
         print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    path = report_500(out, arms, seeds) if plan == "p8-500" else report(out, arms, seeds, prefix, specs)
+    path = report_500(out, arms, seeds) if plan == "p8-500" else report(out, arms, seeds, prefix, specs, compare)
     return path, failed
 
 
@@ -1257,7 +1346,8 @@ def main(argv: list[str] | None = None) -> int:
         "--plan",
         choices=list(PLANS),
         default="quick16",
-        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's; sudoku-trace/-brief: session 8's",
+        help="quick16: session 2's plan; p8: session 3's (patch 8); p8-500: session 4's; sudoku: sessions 6-7's; "
+        "sudoku-trace/-brief: session 8's; p8-adj: session 9's (p8 in the fixed-slot format)",
     )
     ap.add_argument("--out", type=Path, default=Path("runs/repro"))
     ap.add_argument("--jobs", type=int, default=2, help="cells at once (one thread each)")
@@ -1268,6 +1358,9 @@ def main(argv: list[str] | None = None) -> int:
         "--base-model", type=Path, help="start the arms from this stage directory (its model/, done.json) instead of training the base"
     )
     ap.add_argument("--reeval-from", type=Path, help="p8-500: the output folder of session 3's run, whose cells are re-evaluated")
+    ap.add_argument(
+        "--compare", type=Path, help="p8-adj: the edge-list plan's 500-item output folder (--plan p8-500's), set beside in the report"
+    )
     ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
     ap.add_argument(
         "--sweep",
@@ -1301,6 +1394,7 @@ def main(argv: list[str] | None = None) -> int:
         report_only=a.report,
         base_model=a.base_model,
         reeval_from=a.reeval_from,
+        compare=a.compare,
     )
     if path is None:  # the base failed: no report
         return 3

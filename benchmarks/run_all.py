@@ -5,8 +5,8 @@
     python benchmarks/run_all.py --only matmul sft_quick_1
 
 Pieces (``--only``): ``matmul`` (the matmul peak, MFU's denominator, measured in this run),
-``sft_<regime>_<threads>`` (bench_sft.py: SFT vs TRL's SFTTrainer, regimes ``quick`` and
-``long``, 1 and 2 threads), ``ngdiff_<regime>_1`` (bench_sft.py --ngdiff: NGDiff's step against a
+``sft_<regime>_<threads>`` (bench_sft.py: SFT vs TRL's SFTTrainer, regimes ``quickstart``
+(specs/quickstart.pd's sequences), ``quick`` (short targets) and ``long``, 1 and 2 threads), ``ngdiff_<regime>_1`` (bench_sft.py --ngdiff: NGDiff's step against a
 token-mean step), ``packing_<regime>_1`` (bench_packing.py: packed rows against padded items,
 batch by batch), ``grpo_1`` and ``grpo_equal_1`` (bench_grpo.py: GRPO vs TRL's GRPOTrainer; ``equal``: EOS
 suppressed on both sides, so both generate the same tokens per step,
@@ -69,10 +69,11 @@ def pieces(quick: bool, rounds: int | None = None, eval_model: str = "") -> dict
         size[k]["rounds"] = rounds or size[k]["rounds"]
     n = size["matmul"]["n"]
     out: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"matmul": lambda _: {str(t): bl.matmul_peak(t, n) for t in (1, 2)}}
-    for regime in ("quick",) if quick else ("quick", "long"):
+    regimes = ("quick",) if quick else ("quickstart", "quick", "long")
+    for regime in regimes:
         for threads in (1,) if quick else (1, 2):
             out[f"sft_{regime}_{threads}"] = lambda _, r=regime, t=threads: _sft(r, t, size["sft"])
-    for regime in ("quick",) if quick else ("quick", "long"):
+    for regime in regimes:
         out[f"ngdiff_{regime}_1"] = lambda _, r=regime: _ngdiff(r, 1, size["ngdiff"])
         out[f"packing_{regime}_1"] = lambda _, r=regime: _packing(r, 1, size["packing"])
     out["grpo_1"] = lambda _: _grpo(1, size["grpo"])

@@ -26,10 +26,11 @@ def fake_cell(
     eff_lambda: float = 0.05,
     share: float = 0.05,
     puzzles: int = 0,
+    slot_errors: list[int] | None = None,
 ) -> Path:
-    """A finished run directory as `percep run` leaves it: summary.json, the final eval records (item i's puzzle
-    `puzzles + i`) and the training log (metrics.csv, with the effective λ the report's curve reads and perception's
-    token share)."""
+    """A finished run directory as `percep run` leaves it: summary.json (with the final stage's per-slot errors), the
+    final eval records (item i's puzzle, or graph, `puzzles + i`) and the training log (metrics.csv, with the effective
+    λ the report's curve reads and perception's token share)."""
     rd = repro.run_dir(cell, runs)
     rd.mkdir(parents=True)
     (rd / "metrics.csv").write_text(f"stage,eff_lambda,step,token_share/perception\npost,{eff_lambda},9,{share}\n")
@@ -41,7 +42,7 @@ def fake_cell(
             "outcome": o,
             "perception_exact": p,
             "cf_outcome": r,
-            "instance": {"puzzle": puzzles + i},
+            "instance": {"puzzle": puzzles + i, "edges": puzzles + i},
         }
         for i, (o, p, r) in enumerate(zip(outcome, perception, reasoning))
     ]
@@ -54,7 +55,7 @@ def fake_cell(
         "params": {},
         "final": final,
         "final_stage": "post",
-        "stages": {"post": {"train_seconds": 60.0}},
+        "stages": {"post": {"train_seconds": 60.0, "slot_errors": slot_errors}},
     }
     (rd / "summary.json").write_text(json.dumps(summary))
     return rd
@@ -522,7 +523,7 @@ def test_sweep_refuses_levels_with_other_test_puzzles(tmp_path: Path) -> None:
     """Levels pair item by item only if their test split is the same puzzles: another puzzle under an id stops the report."""
     fake_level(tmp_path / "v", "sudoku", 14, 0.05, (20, 20, 20))
     fake_level(tmp_path / "t", "sudoku_trace", 16, 0.17, (10, 10, 10), puzzles=1)
-    with pytest.raises(SystemExit, match="is another puzzle at `verbose` than at `trace`"):
+    with pytest.raises(SystemExit, match="has another `puzzle` at `verbose` than at `trace`"):
         repro.sweep_report({"verbose": tmp_path / "v", "trace": tmp_path / "t"}, tmp_path / "sweep")
 
 
@@ -536,3 +537,65 @@ def test_sweep_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         repro.main(["--sweep", f"terse={tmp_path / 'v'}", "--out", str(tmp_path / "sweep")])
     assert "unknown level(s) ['terse']" in capsys.readouterr().err
+
+
+def fake_edge_cell(folder: Path, arm: str, seed: int, k: int, slot_errors: list[int], graphs: int = 0) -> Path:
+    """A finished 500-item edge-list cell of `--plan p8-500`'s folder (a re-evaluation, found by experiment and seed)."""
+    rd = fake_cell(folder / "runs", repro.Cell(repro.SPECS / f"gc8_{arm}.pd", seed, ""), mask(k), mask(k), mask(30), puzzles=graphs)
+    summary = json.loads((rd / "summary.json").read_text())
+    summary["stages"]["post"]["slot_errors"] = slot_errors
+    (rd / "summary.json").write_text(json.dumps(summary))
+    return rd.rename(folder / "runs" / f"repro_gc8_{arm}_eval500-s{seed}")
+
+
+def test_plan_p8_adj_base_continues_as_amendment_1_says() -> None:
+    """Session 9 amendment 1: the fixed-slot base runs in two parts, the second (1,000 steps, cosine restarted at half
+    the first part's peak) from the first part's weights on the same task, loss, batch and 200 evaluation items."""
+    assert repro.BASES["gc8adj"] == (("base", "gc8adj_base1000"), ("base_more", "gc8adj_base"))
+    first, more = ((repro.SPECS / f"gc8adj_{stem}.pd").read_text().split("\nexperiment ", 1)[1] for stem in ("base", "base_more"))
+    assert 'model hf "gc8adj_base1000/model"' in more and "model tiny" in first
+    assert "lr = cosine(1e-3, 0, warmup = 100)" in first and "lr = cosine(5e-4, 0, warmup = 100)" in more
+    for line in ('include "common/gc8adj_task.pd"', "steps = 1000", "batch = 8", "loss = mean(reasoning, answer)", "eval { test = 200 }"):
+        assert line in first and line in more
+
+
+def test_plan_p8_adj_sets_the_two_formats_side_by_side(tmp_path: Path) -> None:
+    """`--plan p8-adj` (session 9): the fixed-slot arms' F2 (no verdict below 3 seeds) beside the edge list's cells found
+    under `--compare`, on the same seeds and on the confirmatory ones, the difference of the gaps item by item, and
+    each cell's per-slot errors."""
+    assert repro.PLANS["p8-adj"] == "gc8adj" and repro.GO["gc8adj"] == repro.GO["gc8"]
+    assert repro.start_order("p8-adj", ["tm", "ngdiff"], [1, 2]) == [("tm", 1), ("ngdiff", 1), ("tm", 2), ("ngdiff", 2)]
+    edges, out = tmp_path / "edges", tmp_path / "adj"
+    for s, (tm_k, ng_k) in {1: (10, 22), 2: (12, 18), 4: (10, 14)}.items():
+        fake_edge_cell(edges, "tm", s, tm_k, [0] * 12 + [7, 0, 3])
+        fake_edge_cell(edges, "ngdiff", s, ng_k, [0] * 15)
+    # fixed slots: seed 1 both arms (ngdiff 5 items more), seed 2 only tm (started, its pair not finished)
+    fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8adj_tm.pd", 1, ""), mask(10), mask(10), mask(30), slot_errors=[0, 2] + [0] * 13)
+    fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8adj_ngdiff.pd", 1, ""), mask(15), mask(15), mask(30), slot_errors=[0] * 15)
+    fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8adj_tm.pd", 2, ""), mask(12), mask(12), mask(30), slot_errors=[0] * 15)
+    text = repro.report(out, ["tm", "ngdiff"], [1, 2, 3], "gc8adj", compare=edges).read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert data["paired"]["ngdiff"]["a"]["verdict"] == "1 of 3 seeds: no verdict"
+    formats = data["formats"]
+    assert formats["paired"]["fixed slots"]["a"]["mean"] == pytest.approx(5 / N) and formats["paired"]["fixed slots"]["a"]["seeds"] == [1]
+    # the edge list on this plan's finished seeds only (its seed 2 pair is left out), and apart on its confirmatory seeds
+    assert formats["paired"]["edge list"]["a"]["mean"] == pytest.approx(12 / N) and formats["paired"]["edge list"]["a"]["seeds"] == [1]
+    assert formats["paired"]["edge list, confirmatory seeds"]["a"]["seeds"] == [4]
+    assert formats["gap_difference"]["a"]["mean"] == pytest.approx((5 - 12) / N)
+    assert "| fixed slots | 1 | +0.125 [" in text and "| edge list, confirmatory seeds | 4 | +0.100 [" in text
+    assert "| fixed slots | tm | 1 | 40 | 0.250 | 1:2 |" in text and "| edge list | tm | 4 | 40 | 0.250 | 12:7, 14:3 |" in text
+    assert "| fixed slots | ngdiff | 1 | 40 | 0.375 | none |" in text
+    assert "Cells not run: ngdiff-s2, tm-s3, ngdiff-s3." in text
+    # without --compare the section is left out
+    assert "side by side" not in repro.report(out, ["tm", "ngdiff"], [1, 2, 3], "gc8adj").read_text()
+
+
+def test_formats_pair_only_the_same_test_graphs(tmp_path: Path) -> None:
+    """The difference of the gaps pairs items by id: an edge-list cell whose item is another graph stops the report."""
+    edges, out = tmp_path / "edges", tmp_path / "adj"
+    fake_edge_cell(edges, "tm", 1, 10, [0] * 15, graphs=1)
+    fake_edge_cell(edges, "ngdiff", 1, 20, [0] * 15, graphs=1)
+    for arm, k in (("tm", 10), ("ngdiff", 15)):
+        fake_cell(out / "runs", repro.Cell(repro.SPECS / f"gc8adj_{arm}.pd", 1, ""), mask(k), mask(k), mask(30))
+    with pytest.raises(SystemExit, match="has another `edges` at `edge list` than at `fixed slots`"):
+        repro.report(out, ["tm", "ngdiff"], [1], "gc8adj", compare=edges)

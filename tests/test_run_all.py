@@ -43,6 +43,21 @@ def test_a_piece_keeps_its_own_time(tmp_path: Path) -> None:
     assert "Matmul peak (MFU's denominator, measured 2000-01-01 00:00 UTC)" in (tmp_path / "perf.md").read_text()
 
 
+def test_the_full_run_measures_the_quickstarts_own_sequences() -> None:
+    """The SFT, NGDiff and packing pieces run on `specs/quickstart.pd`'s task and model as the spec
+    says them (benchlib reads the spec), beside the short-target and long-target regimes."""
+    import benchlib as bl
+
+    from percepdsl.api import check
+
+    names = set(run_all.pieces(quick=False))
+    for regime in ("quickstart", "quick", "long"):
+        assert {f"sft_{regime}_1", f"sft_{regime}_2", f"ngdiff_{regime}_1", f"packing_{regime}_1"} <= names
+    ir = check(ROOT / "specs" / "quickstart.pd")
+    assert bl.task_of("quickstart").params == ir.task.params
+    assert bl.REGIMES["quickstart"]["patch"] == ir.model.params.patch
+
+
 @pytest.mark.slow
 def test_quick_run_of_every_benchmark(tmp_path: Path) -> None:
     proc = subprocess.run(

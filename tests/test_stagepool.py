@@ -20,18 +20,23 @@ include "{root}/specs/common/roles.pd"
 task graph_coloring {{ nodes = 4, reasoning = brief, train = 32, test = 4 }}
 model tiny {{ width = 64, depth = 2, heads = 2, vision_width = 32, vision_depth = 1 }}
 stage base = sft {{ steps = 6, batch = 4 }}
-stage tm = sft from base {{ steps = {steps}, batch = 4 }}
-stage ngdiff = sft from base {{ steps = {steps}, batch = 4, loss = ngdiff(perception, [reasoning, answer]) }}
+{arms}
 eval {{ test = 4, max_new_tokens = 32, every = 100000 }}
 trainer {{ precision = "bf16-mixed", log_every = 1, threads = 1 }}
 """
+SFT_ARMS = """stage tm = sft from base {{ steps = {steps}, batch = 4 }}
+stage ngdiff = sft from base {{ steps = {steps}, batch = 4, loss = ngdiff(perception, [reasoning, answer]) }}"""
+# two GRPO arms sampling side by side: each worker's sampler must draw what a one-at-a-time run draws
+# (named as the SFT arms, so that one test checks both)
+GRPO_ARMS = """stage tm = grpo from base {{ steps = {steps}, batch = 2, group = 2, max_new_tokens = 12, reward = outcome }}
+stage ngdiff = grpo from base {{ steps = {steps}, batch = 2, group = 2, max_new_tokens = 12, reward = perception_partial + outcome }}"""
 # cache off: every stage trains in the run under test, none is taken from the other's
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PERCEP_STAGE_CACHE="off")
 
 
-def spec(tmp_path: Path, steps: int = 4) -> Path:
+def spec(tmp_path: Path, steps: int = 4, arms: str = SFT_ARMS) -> Path:
     path = tmp_path / "arms.pd"
-    path.write_text(ARMS.format(root=ROOT, steps=steps))
+    path.write_text(ARMS.format(root=ROOT, arms=arms.format(steps=steps)))
     return path
 
 
@@ -53,10 +58,11 @@ def start(path: Path) -> subprocess.Popen:
     )
 
 
-def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arms", [SFT_ARMS, GRPO_ARMS], ids=["sft", "grpo"])
+def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path, arms: str) -> None:
     from safetensors.torch import load_file
 
-    path = spec(tmp_path)
+    path = spec(tmp_path, arms=arms)
     one = percep("run", str(path), "--out", "one", "-q", cwd=tmp_path)
     two = percep("run", str(path), "--out", "two", "-q", "--jobs", "2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -75,7 +81,8 @@ def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path)
     records = [json.loads(line) for line in (b / "eval.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"base", "tm", "ngdiff"}
     # the parent announced both arms; the workers' evaluation lines name their stage
-    assert "stage tm (sft from base)" in two.stderr and "stage ngdiff (sft from base)" in two.stderr
+    kind = arms.split("= ", 1)[1].split()[0]
+    assert f"stage tm ({kind} from base)" in two.stderr and f"stage ngdiff ({kind} from base)" in two.stderr
     assert "[tm step 4]" in two.stderr and "[ngdiff step 4]" in two.stderr and "Traceback" not in two.stderr
 
 
