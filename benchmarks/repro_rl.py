@@ -7,6 +7,8 @@
     python benchmarks/repro_rl.py --plan gc8 --out runs/repro_rl_gc8 --start STAGE_DIR   # an existing start
     python benchmarks/repro_rl.py --plan gc8 --out runs/repro_rl_gc8 --start STAGE_DIR --reeval-from OLD_OUT
         # session 5: the `outcome` cells of an earlier run (OLD_OUT/runs) re-evaluated on 500 items, not retrained
+    python benchmarks/repro_rl.py --plan gc8-ckpt --out runs/f3 --arms outcome --seeds 2,3,4,5,6 --start STAGE_DIR
+        # session 9: gc8's `outcome` arm with evaluation points every 4 steps: F3 across checkpoints, with its rule
 
 The plans (`benchmarks/results/preregistration.md`, the "RL" sections) share one shape: a shared
 start made by a chain of SFT cells (sudoku: `specs/repro/sudoku_rl_base.pd`, trained once, seed 1;
@@ -30,7 +32,9 @@ seed-level t interval), and `percep report --baseline`'s table from the same rec
 outcome term's own coupling with reasoning and with perception correctness (pooled, within groups,
 across evaluation points) per seed with its mean and t interval over seeds; each surrogate term's
 correlation with true perception beside its arm's gain; the share of constant-reward groups; F3 by
-training-step window (descriptive: the per-step within-group r of metrics.csv, weighted by its groups).
+training-step window (descriptive: the per-step within-group r of metrics.csv, weighted by its groups);
+for a plan with `ckpt_rule` (gc8-ckpt), F3 across checkpoints under session 9's rule with every
+evaluation point, and its pilot seeds beside it.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class Plan:
     fields: tuple[str, ...] = ("a", "a_p", "a_r")  # the metrics its evaluations have (FIELDS' keys)
     reeval: tuple[str, ...] = ()  # arms whose earlier cells `--reeval-from` re-evaluates (not retrains)
     reeval_fragment: str = ""  # specs/repro/common/<it>: the re-evaluation's one lr-0 step and evaluation
+    ckpt_rule: bool = False  # F3 across checkpoints has a pre-registered rule (`ckpt_verdict`) and a table of the points
+    pilot_seeds: tuple[int, ...] = ()  # seeds run as pilots before the plan: shown beside it, never in a verdict
 
     def spec(self, arm: str, specs: Path = SPECS) -> Path:
         return specs / f"{self.prefix}_{arm}.pd"
@@ -124,6 +130,8 @@ PLANS = {
         "gc8_rl_start",
         (("gc8_base.pd", None, "base", "gc8_base"), ("gc8_tm.pd", 1, "post", "gc8_rl_start")),
         ("outcome",),
+        ckpt_rule=True,
+        pilot_seeds=(1,),
     ),
 }
 ARMS = PLANS["sudoku"].arms  # the default plan's
@@ -144,6 +152,24 @@ def seed_stats(xs: list[float]) -> tuple[float, float, float]:
         return float(a[0]), float("nan"), float("nan")
     half = T_975[len(a) - 1] * a.std(ddof=1) / np.sqrt(len(a))
     return float(a.mean()), float(a.mean() - half), float(a.mean() + half)
+
+
+def ckpt_verdict(gaps: list[float | None]) -> str:
+    """Session 9's rule for F3 across checkpoints, on the per-seed gaps r(outcome, a_r) − r(outcome, a_p)
+    (None where either r is undefined): reproduced if the mean gap is above 0 with its 95% t interval
+    excluding 0 and the gap is above 0 in at least 2/3 of the seeds; direction only if the mean is
+    above 0 otherwise; not reproduced if it is not; no verdict with fewer than 3 seeds."""
+    g = [x for x in gaps if x is not None and x == x]
+    if len(g) < 3:
+        return f"no verdict ({len(g)} seeds with both r defined)"
+    mean, lo, _ = seed_stats(g)
+    up = sum(x > 0 for x in g)
+    if mean > 0 and lo > 0 and 3 * up >= 2 * len(g):
+        return "reproduced"
+    if mean > 0:
+        why = [*(["interval includes 0"] if lo <= 0 else []), *([f"{up} of {len(g)} seeds above 0"] if 3 * up < 2 * len(g) else [])]
+        return f"direction only ({'; '.join(why)})"
+    return "not reproduced"
 
 
 def num(x: float | None, signed: bool = False) -> str:
@@ -210,6 +236,55 @@ def coupling_windows(rd: Path, width: int = WINDOW, term: str = "outcome") -> di
         out[truth] = [t / g if g else None for t, g in zip(total, groups)]
         out[f"groups/{truth}"] = groups
     return out
+
+
+def ckpt_section(rows: dict[str, Any], cells: dict[int, Path], plan: Plan, runs: Path, seeds: list[int], specs: Path) -> list[str]:
+    """F3 across checkpoints under its pre-registered rule (``ckpt_verdict``; adds ``ckpt_gap`` and
+    ``ckpt_verdict`` to ``rows``, the baseline's F3 rows), and every evaluation point of the baseline's
+    cells: the outcome term's mean over the steps before it, a_r, a_p; the plan's pilot seeds beside
+    them (in the table and a descriptive mean, never in the verdict)."""
+
+    def gap(d: dict[str, Any]) -> float | None:
+        r, p = d.get("term_corr_ckpt/outcome/reasoning"), d.get("term_corr_ckpt/outcome/perception")
+        return None if r is None or p is None else r - p
+
+    gaps = [gap(diagnostics(cells[s])) for s in rows["seeds"]]
+    rows["ckpt_gap"] = {"per_seed": gaps, "stats": seed_stats(gaps)}
+    rows["ckpt_verdict"] = ckpt_verdict(gaps)
+    pilots = {s: rd for s in plan.pilot_seeds if s not in seeds and (rd := find_run(Cell(plan.spec(BASELINE, specs), s, ""), runs))}
+    pilot_gaps = [gap(diagnostics(rd)) for rd in pilots.values()]
+    rows["ckpt_gap_with_pilots"] = {"seeds": [*pilots, *rows["seeds"]], "per_seed": [*pilot_gaps, *gaps]}
+    rows["ckpt_gap_with_pilots"]["stats"] = seed_stats(rows["ckpt_gap_with_pilots"]["per_seed"])
+    L = [
+        f"**F3 across checkpoints** (pre-registered: the gap r(outcome, a_r) − r(outcome, a_p) over the "
+        f"{rows['points'][0] if rows['points'] else '–'} evaluation points, mean over seeds > 0 with its 95% t interval "
+        "excluding 0, and > 0 in at least 2/3 of the seeds): per seed "
+        + " / ".join(num(g, signed=True) for g in gaps)
+        + f", mean {fmt_ci(*rows['ckpt_gap']['stats'], signed=True)}: **{rows['ckpt_verdict']}**.",
+        "",
+    ]
+    if pilots:
+        L += [
+            f"With the pilot seed{'s' if len(pilots) > 1 else ''} {', '.join(map(str, pilots))} (seen before the plan; descriptive): "
+            f"per seed {' / '.join(num(g, signed=True) for g in pilot_gaps)}, mean over seeds "
+            f"{', '.join(map(str, rows['ckpt_gap_with_pilots']['seeds']))} {fmt_ci(*rows['ckpt_gap_with_pilots']['stats'], signed=True)}.",
+            "",
+        ]
+    L += [
+        "### The evaluation points (the outcome term's mean over the GRPO steps before each point; a_r, a_p at it)",
+        "",
+        "| seed | step | outcome (rollouts since the last point) | a_r | a_p | n | r(outcome, a_r) | r(outcome, a_p) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s, rd in [*pilots.items(), *cells.items()]:
+        d = diagnostics(rd)
+        for i, h in enumerate(h for h in history(rd) if h.get("reward_window")):
+            rs = (num(d.get("term_corr_ckpt/outcome/reasoning")), num(d.get("term_corr_ckpt/outcome/perception"))) if i == 0 else ("", "")
+            L.append(
+                f"| {s}{' (pilot)' if s in pilots else ''} | {h['step']} | {num(h['reward_window'].get('outcome'))} "
+                f"| {num(h.get('reasoning'))} | {num(h.get('perception'))} | {h.get('n', '–')} | {rs[0]} | {rs[1]} |"
+            )
+    return [*L, ""]
 
 
 def report(
@@ -436,6 +511,8 @@ def report(
                 f"({f3[BASELINE]['seeds_finished']} seeds finished).",
                 "",
             ]
+        if BASELINE in f3 and plan.ckpt_rule:
+            L += ckpt_section(f3[BASELINE], {s: trained[(BASELINE, s)] for s in f3[BASELINE]["seeds"]}, plan, runs, seeds, specs)
     # ---- F3 by training-step window (descriptive) ----
     windows: dict[str, dict[str, Any]] = {}
     for arm in f3:
@@ -664,7 +741,12 @@ def run_plan(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", choices=list(PLANS), default="sudoku", help="sudoku: session 3's grid; gc8: graph colouring, patch 8")
+    ap.add_argument(
+        "--plan",
+        choices=list(PLANS),
+        default="sudoku",
+        help="sudoku: session 3's grid; gc8: graph colouring, patch 8; gc8-ckpt: gc8's outcome arm with evaluation points",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/repro_rl"))
     ap.add_argument("--arms", help="a subset of the plan's arms (default: all)")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))

@@ -242,3 +242,55 @@ def test_an_arm_with_fewer_than_three_paired_seeds_gets_intervals_and_no_verdict
     assert "| `sc_majority` | 2 | 80 |" in text and "reproduced" not in text.split("## F3")[0]
     assert paired["alpha"]["a"]["verdict"] == "no verdict (1 of 3 seeds paired)"
     assert "Cells not run or not complete: alpha-s2, alpha-s3, sc_majority-s3." in text
+
+
+CKPT = repro_rl.PLANS["gc8-ckpt"]
+
+
+def with_points(rd: Path, points: list[tuple[int, float, float, float]]) -> Path:
+    """Give a fake cell its GRPO stage's evaluation points (done.json's history): per point (step,
+    the outcome term's mean since the previous point, a_r, a_p)."""
+    hist = [{"step": s, "reasoning": r, "perception": p, "n": N, "reward_window": {"reward": o, "outcome": o}} for s, o, r, p in points]
+    (rd / "stages" / "rl").mkdir(parents=True, exist_ok=True)
+    (rd / "stages" / "rl" / "done.json").write_text(json.dumps({"history": hist}))
+    return rd
+
+
+@pytest.mark.parametrize(
+    ("gaps", "expected"),
+    [
+        ([0.5, 0.6, 0.55], "reproduced"),
+        ([0.5, 0.6, 0.55, -0.1, 0.52], "reproduced"),  # 4 of 5 positive (at least 2/3), the interval above 0
+        ([0.5, 0.6, 0.55, -0.9, 0.52], "direction only (interval includes 0)"),
+        ([0.9, 0.5, -0.4], "direction only (interval includes 0)"),
+        ([1.2, -0.1, -0.2, -0.1, -0.1], "direction only (interval includes 0; 1 of 5 seeds above 0)"),
+        ([0.2, -0.5, 0.1], "not reproduced"),
+        ([0.5, None, 0.6], "no verdict (2 seeds with both r defined)"),
+    ],
+)
+def test_ckpt_verdict_is_session_9_s_rule(gaps: list[float | None], expected: str) -> None:
+    assert repro_rl.ckpt_verdict(gaps) == expected
+
+
+def test_gc8_ckpt_plan_reads_f3_across_checkpoints_with_its_rule_and_the_pilot_beside_it(tmp_path: Path) -> None:
+    """Session 9: the cells' `term_corr_ckpt` gap gets the pre-registered verdict over the plan's seeds; the
+    pilot seed (a finished cell of the same spec) is shown in the points table and a descriptive mean only."""
+    runs = tmp_path / "runs"
+    pts = [(4, 0.40, 0.80, 0.40), (8, 0.45, 0.82, 0.38), (12, 0.35, 0.78, 0.41), (16, 0.42, 0.81, 0.39)]
+    for s, (rr, rp) in zip((1, 2, 3, 4), ((0.9, 0.95), (0.8, 0.1), (0.7, -0.2), (0.9, 0.3))):
+        diag = coupling(
+            0.6, 0.3, **{"term_corr_ckpt/outcome/reasoning": rr, "term_corr_ckpt/outcome/perception": rp, "term_corr_ckpt_points": 4}
+        )
+        with_points(fake_cell(runs, "outcome", s, mask(10), mask(8), diag, CKPT), pts)
+    text = repro_rl.report(tmp_path, ["outcome"], [2, 3, 4], CKPT).read_text()
+    f3 = json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]
+    assert f3["ckpt_gap"]["per_seed"] == pytest.approx([0.7, 0.9, 0.6])
+    assert f3["ckpt_verdict"] == "reproduced" and "+0.700 / +0.900 / +0.600, mean +0.733 [" in text
+    assert f3["ckpt_gap_with_pilots"]["seeds"] == [1, 2, 3, 4]
+    assert f3["ckpt_gap_with_pilots"]["per_seed"] == pytest.approx([-0.05, 0.7, 0.9, 0.6])
+    assert "With the pilot seed 1 (seen before the plan; descriptive): per seed -0.050," in text
+    table = text.split("### The evaluation points", 1)[1]
+    assert "| 1 (pilot) | 4 | 0.400 | 0.800 | 0.400 | 40 | 0.900 | 0.950 |" in table
+    assert "| 3 | 16 | 0.420 | 0.810 | 0.390 | 40 |  |  |" in table
+    assert "| outcome | 1 |" not in text and "| outcome | 2 |" in text  # the pilot is not one of the plan's cells
+    assert f3["verdict"] == "reproduced"  # session 4's within-group rule still reads the plan's seeds
