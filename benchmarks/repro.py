@@ -271,7 +271,8 @@ def run_cells(cells: list[Cell], out: Path, jobs: int, start_by: float | None = 
     try:
         while todo or live:
             if todo and start_by is not None and time.time() > start_by:
-                print(f"  cut-off: not started: {', '.join(c.label for c in todo)}", flush=True)
+                when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start_by))
+                print(f"  cut-off {when} passed: not started: {', '.join(c.label for c in todo)}", flush=True)
                 todo = []
             while todo and len(live) < jobs:
                 c = todo.pop(0)
@@ -1278,14 +1279,20 @@ def sweep_report(levels: dict[str, Path], out: Path, seeds: tuple[int, ...] = SE
     return write_text_atomic(out / "report.md", "\n".join(lines))
 
 
-def cutoff(hhmm: str) -> float:
-    """``HH:MM`` UTC as a time.time(): today's, or tomorrow's if today's has passed."""
+def cutoff(hhmm: str, now: float | None = None) -> float:
+    """``HH:MM`` UTC as a time.time(): its occurrence nearest to ``now`` (within 12 hours either way), so a
+    cut-off that passed minutes ago stops the runner at once instead of meaning tomorrow's, and an evening
+    run with a morning cut-off gets the next morning's."""
     import datetime as dt
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now_t = dt.datetime.now(dt.timezone.utc) if now is None else dt.datetime.fromtimestamp(now, dt.timezone.utc)
     h, m = (int(x) for x in hhmm.split(":"))
-    t = now.replace(hour=h, minute=m, second=0, microsecond=0)
-    return (t if t > now else t + dt.timedelta(days=1)).timestamp()
+    t = now_t.replace(hour=h, minute=m, second=0, microsecond=0)
+    if t > now_t + dt.timedelta(hours=12):  # e.g. 23:50 read at 00:10: yesterday's, passed 20 min ago
+        t -= dt.timedelta(days=1)
+    elif t <= now_t - dt.timedelta(hours=12):
+        t += dt.timedelta(days=1)
+    return t.timestamp()
 
 
 def run_plan(
@@ -1361,7 +1368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compare", type=Path, help="p8-adj: the edge-list plan's 500-item output folder (--plan p8-500's), set beside in the report"
     )
-    ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
+    ap.add_argument("--start-by", help="HH:MM (UTC; the occurrence nearest now, within 12 h either way): no cell starts after it")
     ap.add_argument(
         "--sweep",
         help=f"LEVEL=FOLDER,...: only write the verbosity sweep's report to --out from each level's plan folder (levels: {', '.join(LEVELS)})",

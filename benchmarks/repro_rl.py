@@ -762,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier run's OUT: re-evaluate its finished cells of the plan's `reeval` arms (gc8: outcome) instead of training them",
     )
     ap.add_argument("--jobs", type=int, default=1, help="cells at once (one thread each)")
-    ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
+    ap.add_argument("--start-by", help="HH:MM (UTC; the occurrence nearest now, within 12 h either way): no cell starts after it")
     a = ap.parse_args(argv)
     plan = PLANS[a.plan]
     arms = [x for x in (a.arms or ",".join(plan.arms)).split(",") if x]

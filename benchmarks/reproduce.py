@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
     ap.add_argument("--jobs", type=int, default=2, help="cells at once within a part (one thread each)")
     ap.add_argument("--report", action="store_true", help="only write the reports from the cells that exist")
-    ap.add_argument("--start-by", help="HH:MM (UTC, today or, if past, tomorrow): no cell starts after it")
+    ap.add_argument("--start-by", help="HH:MM (UTC; the occurrence nearest now, within 12 h either way): no cell starts after it")
     ap.add_argument(
         "--quick",
         action="store_true",

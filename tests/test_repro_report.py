@@ -191,7 +191,7 @@ def test_a_reevaluation_cell_names_its_source_weights(tmp_path: Path) -> None:
 def test_no_cell_starts_after_the_cut_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cell = repro.Cell(repro.SPECS / "gc8_tm.pd", 1, "tm-s1")
     assert repro.run_cells([cell], tmp_path, jobs=1, start_by=0.0) == []
-    assert "cut-off: not started: tm-s1" in capsys.readouterr().out
+    assert "cut-off 1970-01-01 00:00 UTC passed: not started: tm-s1" in capsys.readouterr().out
     assert not (tmp_path / "logs" / "tm-s1.log").exists()
 
 
@@ -599,3 +599,20 @@ def test_formats_pair_only_the_same_test_graphs(tmp_path: Path) -> None:
         fake_cell(out / "runs", repro.Cell(repro.SPECS / f"gc8adj_{arm}.pd", 1, ""), mask(k), mask(k), mask(30))
     with pytest.raises(SystemExit, match="has another `edges` at `edge list` than at `fixed slots`"):
         repro.report(out, ["tm", "ngdiff"], [1], "gc8adj", compare=edges)
+
+
+def test_a_cut_off_is_the_nearest_occurrence_of_its_time() -> None:
+    """`--start-by HH:MM` is its occurrence nearest to now: a time that passed minutes ago means stop now, not
+    tomorrow (a runner started with a cut-off it had just missed went on into its next cell); tonight's waits, and
+    at midnight yesterday evening's has passed."""
+    import datetime as dt
+
+    at = dt.datetime(2026, 11, 30, 14, 0, 30, tzinfo=dt.timezone.utc).timestamp()
+    hours = lambda hhmm, now=at: (repro.cutoff(hhmm, now=now) - now) / 3600  # noqa: E731
+    assert -0.03 < hours("13:59") < 0  # 90 s ago, just passed: in the past, no cell starts
+    assert 0 < hours("14:35") < 1
+    assert 9 < hours("23:30") < 10
+    assert -8.1 < hours("06:00") < -7.9  # this morning's (8 h ago) is nearer than tomorrow's (16 h ahead)
+    assert 11.9 < hours("06:00", at + 4 * 3600) < 12  # at 18:00, the next morning's (12 h ahead) is the nearer
+    midnight = dt.datetime(2026, 12, 1, 0, 10, tzinfo=dt.timezone.utc).timestamp()
+    assert -0.4 < hours("23:50", midnight) < 0  # yesterday's 23:50, passed 20 minutes ago
