@@ -1285,6 +1285,8 @@ def cutoff(hhmm: str, now: float | None = None) -> float:
     run with a morning cut-off gets the next morning's."""
     import datetime as dt
 
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", hhmm):
+        raise ValueError(f"--start-by {hhmm!r}: give HH:MM (UTC), e.g. 09:00")
     now_t = dt.datetime.now(dt.timezone.utc) if now is None else dt.datetime.fromtimestamp(now, dt.timezone.utc)
     h, m = (int(x) for x in hhmm.split(":"))
     t = now_t.replace(hour=h, minute=m, second=0, microsecond=0)
@@ -1293,6 +1295,14 @@ def cutoff(hhmm: str, now: float | None = None) -> float:
     elif t <= now_t - dt.timedelta(hours=12):
         t += dt.timedelta(days=1)
     return t.timestamp()
+
+
+def start_by_arg(ap: argparse.ArgumentParser, hhmm: str | None) -> float | None:
+    """``--start-by``'s cut-off (``cutoff``), None when not given; a malformed time is a usage error (exit 2)."""
+    try:
+        return cutoff(hhmm) if hhmm else None
+    except ValueError as exc:
+        ap.error(str(exc))
 
 
 def run_plan(
@@ -1384,7 +1394,15 @@ def main(argv: list[str] | None = None) -> int:
         print(path.read_text())
         print(f"report: {path}")
         return 0
-    start_by = cutoff(a.start_by) if a.start_by else None
+    start_by = start_by_arg(ap, a.start_by)
+    if a.compare is not None:
+        if PLANS[a.plan] not in COMPARE:
+            ap.error(
+                f"--compare: plan {a.plan} has no other format to set beside it (plans with one: "
+                f"{', '.join(p for p, x in PLANS.items() if x in COMPARE)})"
+            )
+        if not (a.compare / "runs").is_dir():
+            ap.error(f"--compare {a.compare}: no runs/ folder there (give the other plan's --out folder)")
     arms = [x for x in a.arms.split(",") if x]
     if a.plan in PRIORITY and a.arms == ",".join(ARMS):  # the plan's own arms
         arms = [x for group in PRIORITY[a.plan] for x in group]

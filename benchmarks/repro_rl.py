@@ -55,7 +55,6 @@ from repro import (
     agreement,
     checked_metrics,
     ci,
-    cutoff,
     eval_cell,
     find_eval,
     find_run,
@@ -68,6 +67,7 @@ from repro import (
     same_weights,
     source_of,
     stage_metrics,
+    start_by_arg,
     verdict,
 )  # noqa: E402
 
@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         arms,
         [int(x) for x in a.seeds.split(",") if x],
         jobs=a.jobs,
-        start_by=cutoff(a.start_by) if a.start_by else None,
+        start_by=start_by_arg(ap, a.start_by),
         report_only=a.report,
         start=a.start,
         before=a.before,

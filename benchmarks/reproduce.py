@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,13 +367,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag}: none given; choose from {','.join(known)}")
     if a.jobs < 1:
         ap.error(f"--jobs {a.jobs}: give at least 1")
-    if a.start_by is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", a.start_by):
-        ap.error(f"--start-by {a.start_by!r}: give HH:MM (UTC), e.g. 09:00")
+    start_by = repro.start_by_arg(ap, a.start_by)
     out = (a.out or Path("runs/reproduce-quick" if a.quick else "runs/reproduce")).resolve()
     if out.exists() and not out.is_dir():
         ap.error(f"--out {out}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    start_by = repro.cutoff(a.start_by) if a.start_by else None
     seeds = list(QUICK_SEEDS if a.quick else SEEDS)
     parts = [(t, m) for t in TASKS if t in tasks for m in METHODS if m in methods]  # gc-sft before gc-grpo: its start
     failed: dict[str, list[str]] = {}

@@ -7,9 +7,9 @@ model and encoder privately (`prepare(..., private=True)`), loads its parent's s
 the `train_stage` a one-at-a-time run calls. Its weights, records and evaluation are the ones that run
 writes, because what a stage computes depends on its IR and its parent's weights only (the data order
 is a function of (seed, step), GRPO samples from seeded generators), not on what its process ran
-before; tests/test_stagepool.py compares the weights of SFT and of GRPO arms byte for byte. The parent process keeps the run
-directory's shared files (`init/`, the summary, the report): a worker writes only its stage's
-directory and that stage's cache entry.
+before; tests/test_stagepool.py compares the weights of SFT and of GRPO arms byte for byte. The
+parent process keeps the run directory's shared files (`init/`, the summary, the report): a worker
+writes only its stage's directory and that stage's cache entry.
 
 Threads: `trainer { threads }` per worker when the spec sets it, else the machine's cores shared
 among the workers (two processes' OpenMP threads competing for one core stall each other).

@@ -616,3 +616,21 @@ def test_a_cut_off_is_the_nearest_occurrence_of_its_time() -> None:
     assert 11.9 < hours("06:00", at + 4 * 3600) < 12  # at 18:00, the next morning's (12 h ahead) is the nearer
     midnight = dt.datetime(2026, 12, 1, 0, 10, tzinfo=dt.timezone.utc).timestamp()
     assert -0.4 < hours("23:50", midnight) < 0  # yesterday's 23:50, passed 20 minutes ago
+
+
+def test_the_command_line_refuses_a_bad_cut_off_or_comparison(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Usage errors (exit 2, one line naming the flag) before any cell starts: a cut-off that is not HH:MM, and
+    `--compare` for a plan with no other format or a folder that holds no runs."""
+    for argv, message in (
+        (["--plan", "p8-adj", "--start-by", "25:00"], "--start-by '25:00': give HH:MM (UTC), e.g. 09:00"),
+        (
+            ["--plan", "sudoku", "--compare", str(tmp_path)],
+            "--compare: plan sudoku has no other format to set beside it (plans with one: p8-adj)",
+        ),
+        (["--plan", "p8-adj", "--compare", str(tmp_path / "nowhere")], f"--compare {tmp_path / 'nowhere'}: no runs/ folder there"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            repro.main([*argv, "--out", str(tmp_path / "out")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing ran
