@@ -101,13 +101,23 @@ def cells_of(folder: Path) -> list[Path]:
 
 def cell_time(rd: Path) -> dict[str, Any]:
     """A cell's time from its own records: its first start (`environment.json`) to its `summary.json`
-    (written last, so its modification time is the end), its starts, and its stages' training seconds."""
+    (written last, so its modification time is the end), its starts, its stages' training seconds, and
+    their CPU seconds (None when a stage did not record them: runs before session 10)."""
     starts = json.loads((rd / "environment.json").read_text())["starts"]
     begin = dt.datetime.fromisoformat(starts[0]["started"]).timestamp()
     end = (rd / "summary.json").stat().st_mtime
-    summary = json.loads((rd / "summary.json").read_text())
-    train = sum(s.get("train_seconds") or 0 for s in summary["stages"].values())
-    return {"run": rd.name, "begin": begin, "end": end, "seconds": end - begin, "starts": len(starts), "train_seconds": train}
+    stages = json.loads((rd / "summary.json").read_text())["stages"].values()
+    train = sum(s.get("train_seconds") or 0 for s in stages)
+    cpu = [s.get("cpu_seconds") for s in stages]
+    return {
+        "run": rd.name,
+        "begin": begin,
+        "end": end,
+        "seconds": end - begin,
+        "starts": len(starts),
+        "train_seconds": train,
+        "cpu_seconds": None if None in cpu else sum(cpu),
+    }
 
 
 def part_time(folder: Path) -> dict[str, Any] | None:
@@ -121,6 +131,7 @@ def part_time(folder: Path) -> dict[str, Any] | None:
         "cells": len(times),
         "cell_minutes": sum(t["seconds"] for t in times) / 60,
         "train_minutes": sum(t["train_seconds"] for t in times) / 60,
+        "cpu_minutes": None if any(t["cpu_seconds"] is None for t in times) else sum(t["cpu_seconds"] for t in times) / 60,
         "elapsed_minutes": (max(t["end"] for t in times) - min(t["begin"] for t in times)) / 60,
         "resumed": [t["run"] for t in times if t["starts"] > 1],
     }
@@ -302,24 +313,28 @@ def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: 
         "## Parts",
         "",
         "Time from the cells' records: `cells` = the sum over cells of first start → `summary.json` (one process of one",
-        "thread each: the part's time at `--jobs 1`); `elapsed` = the first cell's start → the last cell's end here.",
+        "thread each: the part's time at `--jobs 1`); `elapsed` = the first cell's start → the last cell's end here;",
+        "`CPU` = the sum of the cells' process CPU time (their stages' `cpu_seconds`; – where a cell ran before it was",
+        "recorded): unlike the wall times it barely moves when other processes share the cores, so it is the part's",
+        "time at `--jobs 1` on cores of its own (a resumed stage counts its last attempt only).",
         "",
-        "| part | plans | status | cells | cell time (sum) | elapsed | training only (sum) | report | plots |",
-        "|---|---|---|---:|---:|---:|---:|---|---|",
+        "| part | plans | status | cells | cell time (sum) | elapsed | training only (sum) | CPU (sum) | report | plots |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, s in status.items():
         t = s["time"]
         plans_txt = ", ".join(f"`{p}`" for p in s["plans"])
         if t is None:
             why = f" (failed: {', '.join(s['failed'])})" if s["failed"] else ""
-            L.append(f"| {name} | {plans_txt} | **not run**{why} | 0 | – | – | – | – | – |")
+            L.append(f"| {name} | {plans_txt} | **not run**{why} | 0 | – | – | – | – | – | – |")
             continue
         state = f"{len(s['failed'])} cell(s) failed: {', '.join(s['failed'])}" if s["failed"] else "ran"
         links = ", ".join(f"[{p}]({p})" for p in s["reports"])
         pngs = ", ".join(f"[{Path(p).name}]({p})" for p in s["plots"]) or "–"
+        cpu = "–" if t["cpu_minutes"] is None else f"{t['cpu_minutes']:.1f} min"
         L.append(
             f"| {name} | {plans_txt} | {state} | {t['cells']} | {t['cell_minutes']:.1f} min | {t['elapsed_minutes']:.1f} min "
-            f"| {t['train_minutes']:.1f} min | {links} | {pngs} |"
+            f"| {t['train_minutes']:.1f} min | {cpu} | {links} | {pngs} |"
         )
     total = sum(s["time"]["cell_minutes"] for s in status.values() if s["time"])
     L += ["", f"Cell time, all parts: {total:.1f} min ({len(ran)} of {len(TASKS) * len(METHODS)} parts ran)."]

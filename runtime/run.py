@@ -278,7 +278,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
             f"--resume: rank(s) {blind} cannot read {ckpt}; every rank loads the checkpoint, so a run on several "
             "nodes resumes only from a run directory on a filesystem every node shares"
         )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     from .rewards import RewardError
 
     def kept() -> str:
@@ -310,6 +310,9 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         "kind": stage.kind,
         "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
+        # this process's CPU time (all its threads) for the training and every evaluation of the stage:
+        # unlike the wall time it barely moves when other processes share the cores
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "metrics": final,
         "history": evaluator.history,
         "diagnostics": diagnostics,
@@ -492,6 +495,7 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
             "parent": st.parent,
             "steps": rec["steps"],
             "train_seconds": rec["train_seconds"],
+            "cpu_seconds": rec.get("cpu_seconds"),  # None in a stage cached before it was recorded
             "metrics": m,
         }
         start = st.parent or prev

@@ -33,9 +33,10 @@ def mask(k: int) -> list[bool]:
     return [i < k for i in range(N)]
 
 
-def finish(rd: Path, minutes: float, stage: str, final: dict, seed: int | None, diag: dict | None = None) -> Path:
+def finish(rd: Path, minutes: float, stage: str, final: dict, seed: int | None, diag: dict | None = None, cpu: float | None = None) -> Path:
     """The records `percep run` leaves last: environment.json (its start at T0) and summary.json, whose
-    modification time (the cell's end) is set ``minutes`` after T0."""
+    modification time (the cell's end) is set ``minutes`` after T0; ``cpu``: the stage's CPU seconds
+    (None: a run from before they were recorded)."""
     (rd / "environment.json").write_text(json.dumps({"starts": [{"started": T0.isoformat(timespec="seconds"), "resumed": False}]}))
     summary = {
         "experiment": rd.name.rsplit("-", 1)[0],
@@ -44,7 +45,7 @@ def finish(rd: Path, minutes: float, stage: str, final: dict, seed: int | None, 
         "params": {},
         "final": final,
         "final_stage": stage,
-        "stages": {stage: {"train_seconds": 60.0, **({"diagnostics": diag} if diag else {})}},
+        "stages": {stage: {"train_seconds": 60.0, "cpu_seconds": cpu, **({"diagnostics": diag} if diag else {})}},
     }
     (rd / "summary.json").write_text(json.dumps(summary))
     end = T0.timestamp() + 60 * minutes
@@ -62,7 +63,7 @@ def sft_cell(runs: Path, spec: Path, seed: int, outcome: list[bool], perception:
     (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (rd / "metrics.csv").write_text("step,eff_lambda\n1,0.05\n")  # the λ curve's x
     final = {"end_to_end": float(np.mean(outcome)), "perception": float(np.mean(perception)), "reasoning": float(np.mean(reasoning))}
-    return finish(rd, 10, "post", final, seed)
+    return finish(rd, 10, "post", final, seed, cpu=300.0)
 
 
 def rl_cell(runs: Path, spec: Path, seed: int, outcome: list[bool], perception: list[bool], r_reason: float, r_perc: float) -> Path:
@@ -124,6 +125,10 @@ def test_the_headline_table_copies_the_parts_numbers_and_names_the_parts_not_run
     assert "**Not run**: gc-grpo, gc-sft" in text and top["not_run"] == ["gc-grpo", "gc-sft"]
     assert top["parts"]["sudoku-sft"]["time"]["cells"] == 6 and top["parts"]["sudoku-sft"]["time"]["cell_minutes"] == pytest.approx(60)
     assert top["parts"]["sudoku-grpo"]["time"]["cell_minutes"] == pytest.approx(30)
+    # CPU time: summed where every cell recorded it (5 CPU-minutes each), "–" where a cell did not
+    assert top["parts"]["sudoku-sft"]["time"]["cpu_minutes"] == pytest.approx(30)
+    assert top["parts"]["sudoku-grpo"]["time"]["cpu_minutes"] is None
+    assert "| ran | 6 | 60.0 min | 10.0 min | 6.0 min | 30.0 min |" in text and "| ran | 6 | 30.0 min | 5.0 min | 6.0 min | – |" in text
     assert "[sudoku-sft/report.md](sudoku-sft/report.md)" in text and "[paired.png](sudoku-sft/paired.png)" in text
     assert (tmp_path / "headline.png").stat().st_size > 0
 

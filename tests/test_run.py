@@ -67,6 +67,15 @@ def test_summary_traces_back_to_eval_records(smoke_run: Path) -> None:
             assert recomputed[k] == entry["metrics"][k]
 
 
+def test_every_stage_records_its_wall_and_cpu_seconds(smoke_run: Path) -> None:
+    """Each stage's training wall time and its process CPU time (training and evaluations): the CPU
+    time is what reproduce.py sums for a part's cost on cores of its own."""
+    for name, entry in json.loads((smoke_run / "summary.json").read_text())["stages"].items():
+        assert entry["train_seconds"] > 0 and entry["cpu_seconds"] > 0, name
+        done = json.loads((smoke_run / "stages" / name / "done.json").read_text())
+        assert done["cpu_seconds"] == entry["cpu_seconds"]
+
+
 def test_metrics_csv_logs_losses_by_role(smoke_run: Path) -> None:
     header = (smoke_run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "stage"
