@@ -9,11 +9,16 @@ decoder's weight copies (``dense_weights``); other models go through Hugging Fac
 ``generate``. Evaluation (``generation.generate``) decodes through the same ``decode_llava``,
 greedy, with a cap per row.
 
-Numerics: the fused decoder runs on bf16 copies of the weights by default (the GRPO stage's
-``sample_precision``). bf16 *autocast* measured slower than fp32 for decoding here because it
-re-casts every weight at every step; the copy is made once per rollout instead, and bf16
-matmuls of this size take about half the time of fp32 ones on this CPU (AMX). fp32 weights
-reproduce Hugging Face's greedy tokens exactly (tested). Attention always runs in fp32.
+Numerics: the fused decoder runs on copies of the weights in the GRPO stage's
+``sample_precision`` (fp32 by default, and in evaluation), made once per rollout (bf16
+*autocast* re-cast every weight at every step); attention and the RMSNorm statistics run in
+fp32. With fp32 weights the decoder writes Hugging Face's greedy tokens (tested); its logits
+differ from Hugging Face's by float rounding only (the norm weights are folded into the
+next projection; tested to 1e-5). Where a decoding step's time goes (session 10, see
+docs/performance.md): on the tiny model it is bound by memory traffic (each step streams
+the weights, ~10 MB in fp32, and the KV cache) and by the ops that run cold after it;
+bf16 halves the weight bytes but its matmuls (oneDNN) have a fixed cost per call and its
+casts add ops, so fp32 sampled faster than bf16 on the session-10 machine.
 """
 
 from __future__ import annotations
@@ -176,17 +181,19 @@ def _mergeable(mod: Any) -> bool:
 class FusedLlamaDecoder:
     """Single-token decoding for a plain Llama text decoder, with fused projections.
 
-    For the tiny model a decoding step is a few dozen ops of a few µs to tens of µs each
-    (8 rows × width 256: a matmul is ~1 MFLOP), so what counts is the cost of each op, and
-    which kernel a shape lands in. A step here, per layer: RMSNorm, one matmul for q|k|v, RoPE
-    over the whole q|k|v row (3 ops), one write of the new K and V to the cache, attention as
-    2 batched matmuls and a softmax, then o with its residual add (``addmm``), RMSNorm, one
-    matmul for gate|up, the activation, and down with its residual add.
+    For the tiny model a decoding step is ~60 ops (8 rows × width 256: a matmul is ~1 MFLOP),
+    and each costs far more in the loop than alone: the step streams the weights and the KV
+    cache through a 2 MB L2, so every small op runs with cold caches (a softmax measured 36 µs
+    after a 10 MB stream, 3 µs in a warm loop). So: few ops, few bytes. A step here, per
+    layer: RMSNorm (3 ops), one matmul for q|k|v, RoPE over the whole q|k|v row (3 ops), one
+    write each of the new K and V, attention as 2 batched matmuls and a softmax, o with its
+    residual add (``addmm``), RMSNorm, one matmul for gate|up, the activation, and down with
+    its residual add.
 
     The weights are copied from the live model once per rollout (under no_grad, a few MB for
-    the tiny model), in ``dtype``, transposed to [in, out]: an [8, 256] @ [256, 768] product
-    measured 24 µs that way against 41 µs for ``F.linear`` on the [out, in] weight (fp32;
-    bf16: 51 and 62 µs, oneDNN's fixed cost per call, session 10). ``supports`` says when it
+    the tiny model), in ``dtype``, transposed to [in, out] for a plain ``mm``: with the copy's
+    cost (~7 ms a rollout) a rollout took 227 against 248 ms with ``F.linear``-style products
+    on the [out, in] weight (in-process A/B, fp32, session 10). ``supports`` says when it
     applies: a Llama whose projections are plain ``nn.Linear`` or PEFT LoRA linears over them
     (merged into the copies: W + B·A·scaling per active adapter), not quantised.
     """
@@ -284,7 +291,8 @@ class FusedLlamaDecoder:
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm without its weight (folded into the next projection) in 3 ops, in fp32
         like Hugging Face's: x · rsqrt(eps + Σx²/D), the sum of squares as one batched dot
-        product (it measured 12 vs 16 µs for ``F.rms_norm``, a composite of ~9 ops on CPU)."""
+        product. ``F.rms_norm`` is a composite of ~9 ops on CPU; this made a rollout 5%
+        faster (242 vs 255 ms, in-process A/B, session 10)."""
         xf = x.float()
         v = torch.baddbmm(self.eps, xf[:, None], xf[:, :, None], alpha=1 / x.shape[-1])  # [N, 1, 1]
         return (xf * v.rsqrt_().view(-1, 1)).to(self.dtype)
