@@ -766,9 +766,9 @@ BUILTINS: tuple[Entry, ...] = (
             P(
                 "sample_precision",
                 "choice",
-                "bf16",
-                "weights of the rollout sampler: `bf16` copies (≈2× faster matmuls here) or `fp32` (Hugging Face's tokens exactly); "
-                "the training forward always follows the trainer's precision",
+                "fp32",
+                "weights of the rollout sampler: `fp32` copies (Hugging Face's greedy tokens; faster than `bf16` in the session-10 "
+                "measurement, docs/performance.md) or `bf16` (half the bytes); the training forward always follows the trainer's precision",
                 choices=("bf16", "fp32"),
             ),
             P(

@@ -41,10 +41,10 @@ for the run's ``summary.json``.
 
 Numerics: the policy forward runs under the trainer's precision (bf16 autocast measured
 faster on CPU); log-probabilities are taken in float32. Sampling (``runtime/sampling.py``)
-runs outside that autocast, in ``sample_precision`` (bf16 weight copies by default; ``fp32``
-reproduces Hugging Face's greedy tokens exactly). With ``updates = 1`` the importance ratio
-is exactly 1 (the old log-probs are the first update's own, detached), so the sampler's
-precision never enters the objective.
+runs outside that autocast, in ``sample_precision`` (fp32 weight copies by default, which
+reproduce Hugging Face's greedy tokens; ``bf16`` copies halve the bytes, and sampled slower
+here). With ``updates = 1`` the importance ratio is exactly 1 (the old log-probs are the first
+update's own, detached), so the sampler's precision never enters the objective.
 """
 
 from __future__ import annotations

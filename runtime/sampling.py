@@ -9,11 +9,16 @@ decoder's weight copies (``dense_weights``); other models go through Hugging Fac
 ``generate``. Evaluation (``generation.generate``) decodes through the same ``decode_llava``,
 greedy, with a cap per row.
 
-Numerics: the fused decoder runs on bf16 copies of the weights by default (the GRPO stage's
-``sample_precision``). bf16 *autocast* measured slower than fp32 for decoding here because it
-re-casts every weight at every step; the copy is made once per rollout instead, and bf16
-matmuls of this size take about half the time of fp32 ones on this CPU (AMX). fp32 weights
-reproduce Hugging Face's greedy tokens exactly (tested). Attention always runs in fp32.
+Numerics: the fused decoder runs on copies of the weights in the GRPO stage's
+``sample_precision`` (fp32 by default, and in evaluation), made once per rollout (bf16
+*autocast* re-cast every weight at every step); attention and the RMSNorm statistics run in
+fp32. With fp32 weights the decoder writes Hugging Face's greedy tokens (tested); its logits
+differ from Hugging Face's by float rounding only (the norm weights are folded into the
+next projection; tested to 1e-5). Where a decoding step's time goes (session 10, see
+docs/performance.md): on the tiny model it is bound by memory traffic (each step streams
+the weights, ~10 MB in fp32, and the KV cache) and by the ops that run cold after it;
+bf16 halves the weight bytes but its matmuls (oneDNN) have a fixed cost per call and its
+casts add ops, so fp32 sampled faster than bf16 on the session-10 machine.
 """
 
 from __future__ import annotations
@@ -176,54 +181,74 @@ def _mergeable(mod: Any) -> bool:
 class FusedLlamaDecoder:
     """Single-token decoding for a plain Llama text decoder, with fused projections.
 
-    For the tiny model a decoding step is overhead-bound (8 rows × width 256: each matmul
-    is ~1 MFLOP), so kernel launches and Python calls are what cost. A step here is 4
-    matmuls per layer (q|k|v fused, o, gate|up fused, down) and a 3-op attention over a
-    preallocated KV cache, instead of 7 matmuls, SDPA and the generic module stack.
-    The weights are copied from the live model once per rollout (under no_grad, a few MB
-    for the tiny model), in ``dtype``: bf16 halves the time of these small matmuls on
-    AMX CPUs (measured 58 vs 107 µs for 8×256 @ 256×768), fp32 reproduces Hugging Face's
-    greedy tokens exactly (tested). ``supports`` says when it applies: a Llama whose
-    projections are plain ``nn.Linear`` or PEFT LoRA linears over them (merged into the
-    copies: W + B·A·scaling per active adapter), not quantised.
+    For the tiny model a decoding step is ~60 ops (8 rows × width 256: a matmul is ~1 MFLOP),
+    and each costs far more in the loop than alone: the step streams the weights and the KV
+    cache through a 2 MB L2, so every small op runs with cold caches (a softmax measured 36 µs
+    after a 10 MB stream, 3 µs in a warm loop). So: few ops, few bytes. A step here, per
+    layer: RMSNorm (3 ops), one matmul for q|k|v, RoPE over the whole q|k|v row (3 ops), one
+    write each of the new K and V, attention as 2 batched matmuls and a softmax, o with its
+    residual add (``addmm``), RMSNorm, one matmul for gate|up, the activation, and down with
+    its residual add.
+
+    The weights are copied from the live model once per rollout (under no_grad, a few MB for
+    the tiny model), in ``dtype``, transposed to [in, out] for a plain ``mm``: with the copy's
+    cost (~7 ms a rollout) a rollout took 227 against 248 ms with ``F.linear``-style products
+    on the [out, in] weight (in-process A/B, fp32, session 10). ``supports`` says when it
+    applies: a Llama whose projections are plain ``nn.Linear`` or PEFT LoRA linears over them
+    (merged into the copies: W + B·A·scaling per active adapter), not quantised.
     """
 
+    @torch.no_grad()  # copies of the live weights, never part of a graph
     def __init__(self, lm: Any, head: Any, dtype: torch.dtype = torch.float32, banned: tuple[int, ...] = ()):
         cfg = lm.config
         self.dtype, self.banned = dtype, banned
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
-        cast = lambda *ts: None if ts[0] is None else torch.cat(ts).to(dtype)  # noqa: E731
+        self.eps = torch.tensor(cfg.rms_norm_eps, device=lm.embed_tokens.weight.device)
+        H, KV, hd = self.n_heads, self.n_kv, self.hd
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
 
-        def proj(*mods: Any) -> tuple[torch.Tensor, torch.Tensor | None]:  # fused (weight, bias) of projections
+        def proj(*mods: Any, order: torch.Tensor | None = None, norm: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Fused (weight [in, out], bias) of projections, output features in ``order``,
+            the RMSNorm weight ``norm`` of their input folded into the weight's rows; one
+            copy of the weights per projection where it can (they are copied every rollout)."""
             dense = [dense_weights(mod) for mod in mods]
-            return cast(*(w for w, _ in dense)), cast(*(b for _, b in dense))
+            w = dense[0][0] if len(dense) == 1 else torch.cat([w for w, _ in dense])
+            b = None if dense[0][1] is None else torch.cat([b for _, b in dense])
+            if order is not None:
+                w, b = w[order], None if b is None else b[order]
+            out = torch.empty(w.shape[::-1], dtype=dtype, device=w.device)
+            if norm is None:
+                out.copy_(w.t())
+            else:
+                torch.mul(w.t(), norm.weight[:, None], out=out)
+            return out, cast(b)
 
         self.embed = cast(lm.embed_tokens.weight)
-        self.head, self.head_b = proj(head)
+        self.head, self.head_b = proj(head, norm=lm.norm)
         if banned:  # never sampled: −inf in the head's bias costs no op per step
             if self.head_b is None:
-                self.head_b = torch.zeros(self.head.shape[0], dtype=dtype, device=self.head.device)
+                self.head_b = torch.zeros(self.head.shape[1], dtype=dtype, device=self.head.device)
             self.head_b[list(banned)] = -math.inf
-        self.norm, self.rotary = cast(lm.norm.weight), lm.rotary_emb
+        self.rotary = lm.rotary_emb
+        # q|k|v's output features: the H q heads, then each KV head's k and v side by side, so
+        # that one slice of the row is the [KV, 2·hd] block a cache slot holds
+        kv = torch.arange(KV * hd).view(KV, 1, hd)
+        order = torch.cat([torch.arange(H * hd), (H * hd + torch.cat([kv, kv + KV * hd], dim=1)).flatten()])
         self.layers = []
-        q_rows = self.n_heads * self.hd
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
-            # the attention scale is folded into q's rows (RoPE is linear, so it commutes); for
+            # the attention scale is folded into q's columns (RoPE is linear, so it commutes); for
             # a power-of-two head dim it is a power of two and the product is exact
-            qkv_w, qkv_b = proj(a.q_proj, a.k_proj, a.v_proj)
-            qkv_w[:q_rows] *= a.scaling
+            qkv_w, qkv_b = proj(a.q_proj, a.k_proj, a.v_proj, order=order, norm=layer.input_layernorm)
+            qkv_w[:, : H * hd] *= a.scaling
             if qkv_b is not None:
-                qkv_b[:q_rows] *= a.scaling
+                qkv_b[: H * hd] *= a.scaling
             o_w, o_b = proj(a.o_proj)
-            gu_w, gu_b = proj(m.gate_proj, m.up_proj)
+            gu_w, gu_b = proj(m.gate_proj, m.up_proj, norm=layer.post_attention_layernorm)
             down_w, down_b = proj(m.down_proj)
             self.layers.append(
                 dict(
-                    ln1=cast(layer.input_layernorm.weight),
-                    ln2=cast(layer.post_attention_layernorm.weight),
                     qkv_w=qkv_w,
                     qkv_b=qkv_b,
                     o_w=o_w,
@@ -263,31 +288,60 @@ class FusedLlamaDecoder:
             mods.append(head)
         return all(_mergeable(mod) for mod in mods)
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """RMSNorm in one fused op (it accumulates in fp32 for bf16 inputs)."""
-        return F.rms_norm(x, x.shape[-1:], w, self.eps)
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its weight (folded into the next projection) in 3 ops, in fp32
+        like Hugging Face's: x · rsqrt(eps + Σx²/D), the sum of squares as one batched dot
+        product. ``F.rms_norm`` is a composite of ~9 ops on CPU; this made a rollout 5%
+        faster (242 vs 255 ms, in-process A/B, session 10)."""
+        xf = x.float()
+        v = torch.baddbmm(self.eps, xf[:, None], xf[:, :, None], alpha=1 / x.shape[-1])  # [N, 1, 1]
+        return (xf * v.rsqrt_().view(-1, 1)).to(self.dtype)
 
     def rope_table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin [n, hd] for positions 0..n-1, from the model's own rotary module
-        (its scaling included), so a step indexes a table instead of recomputing them.
-        The sin table carries rotate_half's sign: rope(x) = x·cos + roll(x, hd/2)·sin±."""
+        """cos and signed sin [n, (H + 2·KV)·hd] for positions 0..n-1 over a whole q|k|v row,
+        from the model's own rotary module (its scaling included), so a step indexes a table
+        instead of recomputing them. The sin table carries rotate_half's sign: per head,
+        rope(x) = x·cos + roll(x, hd/2)·sin±; the v heads get cos 1 and sin 0 (x·1 + y·0 = x
+        exactly), so RoPE runs over the row as it comes out of the matmul."""
         x = torch.zeros(1, 1, dtype=torch.float32, device=device)
         cos, sin = self.rotary(x, torch.arange(n, device=device)[None])
-        half = self.hd // 2
-        return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        half, H, KV = self.hd // 2, self.n_heads, self.n_kv
+        cos, sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        one, zero = torch.ones_like(cos), torch.zeros_like(sin)
+        kv_cos, kv_sin = torch.cat([cos, one], dim=-1).repeat(1, KV), torch.cat([sin, zero], dim=-1).repeat(1, KV)
+        return torch.cat([cos.repeat(1, H), kv_cos], dim=-1), torch.cat([sin.repeat(1, H), kv_sin], dim=-1)
+
+    def prefix_cache(self, prefix: Any, G: int, slots: int, zero: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys [rows, KV, hd, slots], values [rows, KV, slots, hd]), fp32, holding
+        the K/V of a Hugging Face cache's layers (``prefix``: [B, KV, P, hd] each) in slots
+        0..P-1, each prompt's G times (rows prompt-major). Keys are stored transposed: q·Kᵀ is
+        then a plain [1, hd] @ [hd, t] product (29 vs 49 µs for 136 slots in a warm loop, equal
+        when the cache is cold). The slots after P are left unset unless ``zero`` (the static
+        form reads them all: masked, but a NaN in V would still reach the output)."""
+        out = []
+        for layer in prefix:
+            k, v = layer.keys, layer.values
+            B, KV, P, hd = k.shape
+            new = torch.zeros if zero else torch.empty
+            keys = new(B * G, KV, hd, slots, dtype=torch.float32, device=k.device)
+            values = new(B * G, KV, slots, hd, dtype=torch.float32, device=k.device)
+            keys[..., :P] = k.transpose(-1, -2).repeat_interleave(G, dim=0)
+            values[:, :, :P] = v.repeat_interleave(G, dim=0)
+            out.append((keys, values))
+        return out
 
     def step(
         self,
         tok: torch.Tensor,
         pos: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
         at: int | torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
         """Logits [N, V] after feeding ``tok[N]`` at positions ``pos[N]``; its K/V go to cache
-        slot ``at``; attention covers slots ``0..at`` (``bias``: additive padding mask).
+        slot ``at`` (``cache``: ``prefix_cache``'s); attention covers slots ``0..at`` (``bias``:
+        additive padding mask, [N, 1, 1, slots]).
 
         ``at`` as an int: attention over the slice ``0..at``, which grows every step (eager).
         ``at`` as a 1-element tensor: the static-shape form that ``compiled_step`` compiles
@@ -295,39 +349,43 @@ class FusedLlamaDecoder:
         covering the whole cache."""
         N, H, KV, hd = tok.shape[0], self.n_heads, self.n_kv, self.hd
         static = isinstance(at, torch.Tensor)
-        unwritten = torch.arange(keys[0].shape[2], device=tok.device) > at if static else None
-        x = F.embedding(tok[:, None], self.embed)  # [N, 1, D]
-        cos, sin = rope[0][pos][:, None, None], rope[1][pos][:, None, None]  # [N, 1, 1, hd]
-        for i, layer in enumerate(self.layers):
+        unwritten = torch.arange(cache[0][1].shape[2], device=tok.device) > at if static else None
+        x = F.embedding(tok, self.embed)  # [N, D]
+        cos, sin = rope[0][pos], rope[1][pos]  # [N, (H + 2·KV)·hd]
+        for layer, (keys, values) in zip(self.layers, cache):
             # attention runs in fp32 whatever the weights: bf16 bmm over a cache whose length
             # changes every step measured ~5x slower than fp32 here (no kernel per new shape)
-            qkv = F.linear(self._norm(x, layer["ln1"]), layer["qkv_w"], layer["qkv_b"]).float()  # [N, 1, (H + 2·KV)·hd]
-            # one position, so [N, 1, heads·hd] → [N, heads, 1, hd] is a view; q and k rotate together
-            qk = qkv[..., : (H + KV) * hd].view(N, H + KV, 1, hd)
-            qk = torch.addcmul(qk * cos, qk.roll(self.hd // 2, dims=-1), sin)
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[..., (H + KV) * hd :].view(N, KV, 1, hd)
+            qkv = _linear(self._norm(x), layer["qkv_w"], layer["qkv_b"]).float()
+            qkv = torch.addcmul(qkv * cos, qkv.view(N, H + 2 * KV, hd).roll(hd // 2, dims=-1).view(N, -1), sin)
+            kv = qkv[:, H * hd :].view(N, KV, 2, hd)  # one position's k and v per KV head
             if static:
-                keys[i].index_copy_(2, at, k)
-                values[i].index_copy_(2, at, v)
-                K, V = keys[i], values[i]
+                keys.index_copy_(3, at, kv[:, :, 0, :, None])
+                values.index_copy_(2, at, kv[:, :, 1:])
+                K, V = keys, values
             else:
-                keys[i][:, :, at : at + 1] = k
-                values[i][:, :, at : at + 1] = v
-                K, V = keys[i][:, :, : at + 1], values[i][:, :, : at + 1]
-            if KV != H:  # grouped-query attention: each K/V head serves H/KV query heads
-                K, V = K.repeat_interleave(H // KV, dim=1), V.repeat_interleave(H // KV, dim=1)
-            # eager attention: for one query position 2 bmm + softmax beat CPU SDPA (~3x per call here)
-            att = q @ K.transpose(-1, -2)  # q carries the scale
+                keys[:, :, :, at] = kv[:, :, 0]
+                values[:, :, at] = kv[:, :, 1]
+                K, V = keys[:, :, :, : at + 1], values[:, :, : at + 1]
+            # the H/KV query heads that share a KV head as rows of one product (grouped-query
+            # attention without repeating K and V); q carries the scale
+            att = qkv[:, : H * hd].view(N, KV, H // KV, hd) @ K  # [N, KV, H/KV, t]
             if bias is not None:
                 att = att + bias
             if static:
                 att = att.masked_fill(unwritten, -math.inf)
-            y = (torch.softmax(att, dim=-1) @ V).to(self.dtype)
-            x = x + F.linear(y.view(N, 1, H * hd), layer["o_w"], layer["o_b"])
-            gate, up = F.linear(self._norm(x, layer["ln2"]), layer["gu_w"], layer["gu_b"]).chunk(2, dim=-1)
-            x = x + F.linear(layer["act"](gate) * up, layer["down_w"], layer["down_b"])
-        return F.linear(self._norm(x, self.norm)[:, 0], self.head, self.head_b).float()
+            y = (torch.softmax(att, dim=-1) @ V).view(N, H * hd).to(self.dtype)
+            x = _linear(y, layer["o_w"], layer["o_b"], residual=x)
+            gate, up = _linear(self._norm(x), layer["gu_w"], layer["gu_b"]).chunk(2, dim=-1)
+            x = _linear(layer["act"](gate) * up, layer["down_w"], layer["down_b"], residual=x)
+        return _linear(self._norm(x), self.head, self.head_b).float()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + x @ w + b`` for a weight stored [in, out], in as few ops as there are terms."""
+    if residual is not None:
+        out = torch.addmm(residual, x, w)
+        return out if b is None else out.add_(b)
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
 
 _COMPILED: list[Any] = []  # the compiled FusedLlamaDecoder.step, made on first use; [None] if compiling failed
@@ -382,12 +440,7 @@ def decode_llava(
     pos = position_ids(attn)
     out = full(**prompt, position_ids=pos, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)
-    keys, values = [], []
-    for layer in cache_of(out).layers:  # [B, KV, P, hd] → rows of the shared prefix, G times
-        for store, t in ((keys, layer.keys), (values, layer.values)):
-            buf = t.new_zeros(N, t.shape[1], P + T, t.shape[3], dtype=torch.float32)
-            buf[:, :, :P] = t.repeat_interleave(G, dim=0)
-            store.append(buf)
+    cache = dec.prefix_cache(cache_of(out).layers, G, P + T, zero=compile)
     # left padding: an additive mask over cache slots (0 = attend, -inf = pad); none without padding
     bias = None
     if not bool(attn.all()):
@@ -414,12 +467,12 @@ def decode_llava(
             new = None
             if step is not None:
                 try:  # a compile error surfaces at the first call, before the graph touches the cache
-                    new = step(dec, tok, next_pos, rope, keys, values, torch.tensor([P + t], device=attn.device), bias)
+                    new = step(dec, tok, next_pos, rope, cache, torch.tensor([P + t], device=attn.device), bias)
                 except Exception as exc:  # noqa: BLE001
                     _compile_failed(exc)
                     step = None
             if new is None:
-                new = dec.step(tok, next_pos, rope, keys, values, P + t, None if bias is None else bias[..., : P + t + 1])
+                new = dec.step(tok, next_pos, rope, cache, P + t, None if bias is None else bias[..., : P + t + 1])
             logits = new
             next_pos = next_pos + 1
     return ids

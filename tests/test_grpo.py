@@ -262,6 +262,50 @@ def test_fused_sampler_reproduces_hf_greedy_generation(tiny, task, encoder, pad:
     assert bf16.ids.shape == roll.ids.shape
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_fused_decoder_step_matches_hf_logits_with_grouped_query_attention_and_biases(static: bool) -> None:
+    """The fused step's layout choices (q|k|v columns reordered so each KV head's k and v sit
+    together, RoPE over the whole row, the RMSNorm weights folded into the next projection,
+    grouped-query attention as a view of q, keys stored transposed) give Hugging Face's
+    logits, here on a Llama with 4 query heads over 2 KV heads and biases on every
+    projection, for two steps after a prefix shared by G = 2 rows; eager and static forms."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # non-trivial norms and biases
+            if "norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    dec = FusedLlamaDecoder(model.model, model.lm_head)
+    prompt = torch.randint(0, 40, (1, 5), generator=gen)
+    nxt = torch.tensor([[7], [11]])  # the two rows of the group continue differently
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        cache = dec.prefix_cache(out.past_key_values.layers, 2, 8, zero=True)
+        rope = dec.rope_table(8, prompt.device)
+        pos = torch.tensor([5, 5])
+        for t in range(2):
+            at = torch.tensor([5 + t]) if static else 5 + t
+            logits = dec.step(nxt[:, t], pos + t, rope, cache, at, None)
+            ref = model(torch.cat([prompt.repeat(2, 1), nxt[:, : t + 1]], dim=1)).logits[:, -1]
+            torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+            nxt = torch.cat([nxt, logits.argmax(-1, keepdim=True)], dim=1)
+
+
 @pytest.mark.parametrize("pad", [False, True])
 def test_fused_sampler_merges_lora_adapters(tiny, task, encoder, pad: bool) -> None:
     """A PEFT LoRA model takes the fast path with its adapters merged into the decoder's weight
