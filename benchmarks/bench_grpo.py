@@ -31,6 +31,7 @@ during the run: the reward's brevity term). The compile cost is measured only wh
     python benchmarks/bench_grpo.py --threads 1
     python benchmarks/bench_grpo.py --steps 10 --rounds 3 --json out.json
     python benchmarks/bench_grpo.py --sides trl ours_eager --no-eos
+    python benchmarks/bench_grpo.py --sides trl ours_eager --no-eos --group 8 --new-tokens 128   # the stage's defaults
 """
 
 from __future__ import annotations
@@ -339,6 +340,12 @@ def sft_warm_start(model_dir: Path, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- parent
+def set_shape(group: int, new_tokens: int) -> None:
+    """G and the generation cap of this process (a child gets them as flags)."""
+    global G, NEW_TOKENS
+    G, NEW_TOKENS = group, new_tokens
+
+
 def run(
     threads: int,
     rounds: int,
@@ -349,10 +356,11 @@ def run(
     log: Any = print,
     no_eos: bool = False,
 ) -> dict[str, Any]:
+    shape = ["--group", str(G), "--new-tokens", str(NEW_TOKENS)]
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         model_dir = bl.build_model(REGIME, Path(tmp) / "tiny")
         bl.run_child("bench_grpo.py", ["--side", "warm_start", "--model-dir", str(model_dir), "--sft-steps", str(sft_steps)], threads)
-        common = ["--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup)] + (["--no-eos"] if no_eos else [])
+        common = ["--model-dir", str(model_dir), "--steps", str(steps), "--warmup", str(warmup), *shape] + (["--no-eos"] if no_eos else [])
         compiled = any(s not in ("trl", "trl_lora", "ours_eager") for s in sides)
         if compiled:
             cold = bl.run_child("bench_grpo.py", ["--side", "compile", "--cold", *common], threads)
@@ -365,6 +373,7 @@ def run(
         )
     key = "step_cpu_s" if threads == 1 else "step_s"
     out: dict[str, Any] = {"threads": threads, "rounds": rounds, "clock": key, "loadavg": [load0, bl.loadavg()], "no_eos": no_eos}
+    out |= {"prompts": PROMPTS, "group": G, "new_tokens": NEW_TOKENS}
     if compiled:
         out["compile_cold_s"], out["compile_cold_cpu_s"] = cold["compile_s"], cold["compile_cpu_s"]
         out["compile_warm_s"], out["compile_warm_cpu_s"] = warm["compile_s"], warm["compile_cpu_s"]
@@ -386,7 +395,8 @@ def report(res: dict[str, Any]) -> str:
     key = res["clock"]
     per = "CPU" if key == "step_cpu_s" else "wall"
     lines = [
-        f"GRPO step, {res['threads']} thread(s), {PROMPTS} prompts × {G}, {NEW_TOKENS} new tokens"
+        f"GRPO step, {res['threads']} thread(s), {res.get('prompts', PROMPTS)} prompts × {res.get('group', G)}, "
+        f"{res.get('new_tokens', NEW_TOKENS)} new tokens"
         f"{' (EOS suppressed on both sides: every completion runs to the cap)' if res.get('no_eos') else ''}: {per} seconds "
         f"(median step of the best round; parts are medians too, so they need not add up)",
         "",
@@ -429,10 +439,13 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-eos", action="store_true", help="suppress EOS on both sides: equal tokens per step")
+    ap.add_argument("--group", type=int, default=G, help="completions per prompt (the GRPO stage's default is 8)")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="generation cap (the GRPO stage's default is 128)")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    set_shape(args.group, args.new_tokens)
     if args.side:
         if args.cold:  # an empty Inductor cache of our own
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
