@@ -295,7 +295,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         raise RunInterrupted(f"stage `{stage.name}` stopped at step {trainer.global_step} by {by}; {kept()}") from None
     finally:
         close_loggers(loggers)
-    train_seconds = time.perf_counter() - start
+    train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     digests = ranks.weights_digests(ctx.loaded.model) if ranks.world > 1 else []
     if len(set(digests)) > 1:  # every rank sees this: all stop
         raise RunFailed(f"stage `{stage.name}`: the ranks ended with different weights (SHA-256 {digests}); nothing was saved")
@@ -310,8 +310,9 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         "kind": stage.kind,
         "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
-        # this process's CPU time (all its threads) for the training and every evaluation of the stage:
-        # unlike the wall time it barely moves when other processes share the cores
+        # this process's CPU time (all its threads), unlike the wall time barely moved by other processes
+        # on the cores: for the training (with any evaluation during it), and for the whole stage
+        "train_cpu_seconds": round(train_cpu, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "metrics": final,
         "history": evaluator.history,
@@ -495,7 +496,9 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
             "parent": st.parent,
             "steps": rec["steps"],
             "train_seconds": rec["train_seconds"],
-            "cpu_seconds": rec.get("cpu_seconds"),  # None in a stage cached before it was recorded
+            # None in a stage cached before they were recorded
+            "train_cpu_seconds": rec.get("train_cpu_seconds"),
+            "cpu_seconds": rec.get("cpu_seconds"),
             "metrics": m,
         }
         start = st.parent or prev
