@@ -365,7 +365,7 @@ def gen(
     spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),
     set_: list[str] | None = SetOpt,
-    sheet: int = typer.Option(8, "--sheet", help="Samples on the contact sheet."),
+    sheet: int = typer.Option(8, "--sheet", min=1, help="Samples on the contact sheet (at most the test split's size)."),
     format: GenFormat = typer.Option(
         GenFormat.hf,
         "--format",
@@ -385,9 +385,14 @@ def gen(
 
     from percepdsl_runtime.plugins import ImplError
     from percepdsl_runtime.tasks import build_task
-    from percepdsl_runtime.tasks.dataset import contact_sheet, write_dataset
+    from percepdsl_runtime.tasks.dataset import contact_sheet, why_not_replace, write_dataset
+
+    from .io import os_error_text
 
     datasets.disable_progress_bars()  # one line of our own says what is written
+    if (why := why_not_replace(out)) is not None:  # before generating: nothing to lose, no time spent
+        print(f"{spec}: error: {why}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
 
     try:
         task = build_task(ir.task, seed=ir.seed)
@@ -400,7 +405,7 @@ def gen(
         path = write_dataset(task, out, splits=splits, fmt=format.value)
         sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
     except OSError as exc:
-        print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{spec}: error: cannot write the data set to {out}: {os_error_text(exc)}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED) from None
     print(f"wrote {path} and {sheet_path}")
 

@@ -134,6 +134,13 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def os_error_text(exc: OSError) -> str:
+    """An OSError for a message: what went wrong and on which path (`Not a directory: runs/x`),
+    without Python's `[Errno 20]`."""
+    what = exc.strerror or str(exc)
+    return f"{what}: {exc.filename}" if exc.filename is not None else what
+
+
 def json_default(obj: Any) -> Any:
     """JSON for what ``json`` cannot encode: numpy / torch scalars and arrays, sets; else ``str``."""
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
