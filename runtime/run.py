@@ -43,7 +43,14 @@ from typing import Any
 
 import lightning as L
 
-from percepdsl.io import atomic_path, remove_stale_temporaries, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from percepdsl.io import (
+    atomic_path,
+    os_error_text,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash, named_roles
 
 from . import stagecache
@@ -724,6 +731,10 @@ def run(
         if ranks.is_zero:
             raise
         return None
+    except OSError as exc:  # a full disk, a run directory removed or made read-only under the run
+        if ranks.is_zero:
+            raise RunFailed(f"{os_error_text(exc)}; finished stages and the last resume checkpoint are kept") from exc
+        return None
 
 
 def _silent(_: str) -> None:
@@ -732,21 +743,29 @@ def _silent(_: str) -> None:
 
 def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resume: bool) -> bool:
     """Whether the run is complete already; else write its spec and IR (refusing a directory
-    that holds an interrupted run without `--resume`)."""
-    if (run_dir / "summary.json").exists():
-        return True
-    interrupted = run_dir.exists() and any(run_dir.iterdir())
-    if interrupted and not resume:
-        raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
-    if interrupted:
-        remove_stale_temporaries(run_dir)  # what the killed writer was filling when it stopped
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in sources.items():
-        write_text_atomic(run_dir / "spec" / Path(name).name, text)
-    write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
-    from .observe import record_environment
+    that holds an interrupted run without `--resume`, and one that cannot be made or written).
 
-    record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
+    Interrupted means a stage started (`stages/` is not empty): a run refused or killed while
+    preparing leaves only its spec, IR and `init/` (the same for the same IR), so the next
+    `percep run` of that spec, its model or data fixed, starts without `--resume`."""
+    try:
+        if (run_dir / "summary.json").exists():
+            return True
+        stages = run_dir / "stages"
+        interrupted = stages.is_dir() and any(stages.iterdir())
+        if interrupted and not resume:
+            raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
+        if run_dir.exists():
+            remove_stale_temporaries(run_dir)  # what a killed writer was filling when it stopped
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in sources.items():
+            write_text_atomic(run_dir / "spec" / Path(name).name, text)
+        write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
+        from .observe import record_environment
+
+        record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
+    except OSError as exc:  # --out is a file, read-only, on a full disk, ...
+        raise RunRefused(f"cannot use the run directory {run_dir}: {os_error_text(exc)}") from exc
     return False
 
 

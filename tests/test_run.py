@@ -173,6 +173,54 @@ def test_missing_model_path_is_refused(tmp_path: Path) -> None:
     assert "/no/such/checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_refused_run_does_not_block_the_next_one(tmp_path: Path) -> None:
+    """A run refused while preparing (here: a model directory without config.json) trained
+    nothing; running the spec again, its model fixed or not, is not taken for resuming an
+    interrupted run."""
+    (tmp_path / "m").mkdir()
+    spec = tmp_path / "hf.pd"
+    spec.write_text('experiment hf\ntask graph_coloring { train = 8, test = 2 }\nmodel hf "m"\nstage s = sft { steps = 1 }\n')
+    for _ in range(2):
+        proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "no config.json" in proc.stderr and "interrupted" not in proc.stderr
+
+
+def test_an_out_that_cannot_hold_runs_is_refused(tmp_path: Path) -> None:
+    """--out naming a file (or a path under one): exit 2 naming the path, no traceback."""
+    (tmp_path / "a_file").write_text("mine")
+    for out in ("a_file", "a_file/sub"):
+        proc = percep("run", str(ROOT / "specs/sft_smoke.pd"), "--out", out, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "cannot use the run directory a_file/" in proc.stderr and "a_file" in proc.stderr.split(": ")[-1]
+        assert "Traceback" not in proc.stderr
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_write_that_fails_while_running_is_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError after training started (a full disk) is `RunFailed` (exit 3), naming the error
+    and the path, and the finished stage is kept."""
+    import errno
+
+    from percepdsl.api import run_spec
+    from percepdsl_runtime import run as run_module
+
+    def full_disk(ctx, summary) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run_dir / "report.md"))
+
+    monkeypatch.setattr(run_module, "write_report", full_disk)
+    spec = tmp_path / "s.pd"
+    spec.write_text(
+        "experiment s\ntask graph_coloring { nodes = 4, train = 8, test = 2 }\n"
+        "model tiny { width = 32, depth = 1, heads = 2, vision_width = 32, vision_depth = 1 }\n"
+        "stage a = sft { steps = 1, batch = 2 }\neval { test = 2, max_new_tokens = 4 }\n"
+    )
+    with pytest.raises(run_module.RunFailed, match=r"No space left on device: .*report\.md; finished stages"):
+        run_spec(spec, out=tmp_path / "runs")
+    (run_dir,) = (tmp_path / "runs").glob("s-*")
+    assert (run_dir / "stages" / "a" / "done.json").exists() and not (run_dir / "summary.json").exists()
+
+
 HUB_SPEC = """experiment hub
 seed 0
 include "{root}/specs/common/roles.pd"
