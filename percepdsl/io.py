@@ -135,8 +135,13 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
 
 
 def os_error_text(exc: OSError) -> str:
-    """An OSError for a message: what went wrong and on which path (`Not a directory: runs/x`),
-    without Python's `[Errno 20]`."""
+    """An OSError for a message: what went wrong and on which path (`Permission denied: runs/x`),
+    without Python's `[Errno 13]`. The two a file in the way of a directory raises are said so
+    (`Path.mkdir` raises FileExistsError for the file itself, NotADirectoryError below it)."""
+    if isinstance(exc, FileExistsError) and exc.filename is not None:
+        return f"{exc.filename} exists and is not a directory"
+    if isinstance(exc, NotADirectoryError) and exc.filename is not None:
+        return f"{exc.filename}: a part of this path is a file, not a directory"
     what = exc.strerror or str(exc)
     return f"{what}: {exc.filename}" if exc.filename is not None else what
 

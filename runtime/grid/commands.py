@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from percepdsl.diagnostics import relpath
-from percepdsl.io import write_text_atomic
+from percepdsl.io import os_error_text, write_text_atomic
 
 from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, GridError
@@ -285,11 +285,22 @@ def report_command(
     the arms of separate run directories, written to DIR."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    try:
+        return _report(paths, baseline, out, stdout, stderr)
+    except OSError as exc:  # --out or the grid directory cannot be written (a file, read-only, a full disk)
+        print(f"error: cannot write the report: {os_error_text(exc)}", file=stderr)
+        return EXIT_USAGE
+
+
+def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: TextIO, stderr: TextIO) -> int:
     if len(paths) == 1 and (paths[0] / CELLS_DIR).is_dir():
         return _report_grid(paths[0], baseline, stdout, stderr)
     not_runs = [p for p in paths if not (p / "summary.json").is_file()]
     if not_runs:
         p = not_runs[0]
+        if not p.exists():
+            print(f"error: {p}: no such directory", file=stderr)
+            return EXIT_USAGE
         what = "a grid directory (no cells/ inside) nor a finished run directory (no summary.json)"
         print(f"error: {p} is neither {what}; `percep grid GRID --out DIR` or `percep run SPEC` makes one", file=stderr)
         return EXIT_USAGE

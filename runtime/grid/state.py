@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from percepdsl.diagnostics import relpath
-from percepdsl.io import write_json_atomic
+from percepdsl.io import os_error_text, write_json_atomic
 
 from .common import CELLS_DIR, DEFAULT_METRICS, DONE, FAILED, INTERRUPTED, PENDING, RUNNING, STATE_FILE, SUMMARY_FILE, GridError, now
 
@@ -48,8 +48,11 @@ class GridLock:
         self._file: TextIO | None = None
 
     def __enter__(self) -> GridLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        except OSError as exc:  # --out is a file, under a file, read-only: the grid's first write
+            raise GridError(f"cannot use the grid directory {relpath(self.path.parent)}: {os_error_text(exc)}") from None
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no lock
