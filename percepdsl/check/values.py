@@ -284,7 +284,11 @@ class Evaluator:
                 if not isinstance(b, Num) or not float(b.value).is_integer():
                     self.error(b.span, "type", f"range bounds are integers, got {b.describe()}", None)
                     return None
-            return Range(e.span, int(lo.value), int(hi.value))
+            lo_i, hi_i = int(lo.value), int(hi.value)
+            if lo_i > hi_i:  # every use (a task's size range, seeds, an axis) would get nothing from it
+                self.error(e.span, "out-of-range", f"range {lo_i}..{hi_i} is empty", f"ranges count up: write {hi_i}..{lo_i}")
+                return None
+            return Range(e.span, lo_i, hi_i)
         if isinstance(e, A.Call):
             return self._call(e, ctx)
         if isinstance(e, (A.Sum, A.Product)):
@@ -787,9 +791,6 @@ class Evaluator:
                 return None if x is None else (x, x)
             if isinstance(v, Range):
                 lo, hi = v.lo, v.hi
-                if lo > hi:
-                    self.error(v.span, "out-of-range", f"{what}: range {lo}..{hi} is empty", f"write {hi}..{lo}")
-                    return None
                 ok = self._check_range(v, spec, lo, what) and self._check_range(v, spec, hi, what)
                 return (lo, hi) if ok else None
             return wrong()
