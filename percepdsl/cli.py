@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from .diagnostics import Diagnostic, render, summary_line, to_json
+from .diagnostics import Diagnostic, Severity, Span, relpath, render, summary_line, to_json
 
 app = typer.Typer(
     add_completion=False,
@@ -36,15 +36,22 @@ class Format(str, Enum):
 SetOpt = typer.Option(None, "--set", help="Override a param: NAME=VALUE (repeatable).", metavar="NAME=VALUE")
 
 
-def _spec_files(paths: list[Path]) -> list[Path]:
+def _spec_files(paths: list[Path]) -> tuple[list[Path], list[Diagnostic]]:
+    """The files named, directories replaced by the `*.pd` files under them; an error for a
+    directory with none (a mistyped folder would otherwise check nothing and pass)."""
     out: list[Path] = []
+    empty: list[Diagnostic] = []
     for p in paths:
         try:
             is_dir = p.is_dir()
         except OSError:  # a name too long: reading it reports the problem
             is_dir = False
-        out.extend(sorted(p.rglob("*.pd")) if is_dir else [p])
-    return out
+        found = sorted(p.rglob("*.pd")) if is_dir else [p]
+        if not found:
+            name = relpath(p)
+            empty.append(Diagnostic(name, Span.point(file=name), Severity.ERROR, "missing-file", f"no .pd files in the directory {name}"))
+        out.extend(found)
+    return out, empty
 
 
 def _print_diags(diags: list[Diagnostic], sources: dict[str, str], fmt: Format, n_files: int, stream=None) -> None:
@@ -77,9 +84,8 @@ def check(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Check specs: every error and warning, located. Exit 1 if any file has an error."""
-    all_diags: list[Diagnostic] = []
     sources: dict[str, str] = {}
-    paths = _spec_files(files)
+    paths, all_diags = _spec_files(files)
     for path in paths:
         res = _check(path, set_)
         all_diags += res.diagnostics
@@ -156,8 +162,10 @@ def fmt(
             raise typer.Exit(EXIT_ERRORS)
         sys.stdout.write(out)
         return
-    changed, failed = [], False
-    for path in _spec_files(files):
+    paths, empty = _spec_files(files)
+    _print_diags(empty, {}, Format.text, 0, sys.stderr)
+    changed, failed = [], bool(empty)
+    for path in paths:
         from .check import read_source
 
         text, diags = read_source(path)

@@ -175,6 +175,18 @@ def test_missing_file_is_a_diagnostic(tmp_path: Path) -> None:
     assert b"Traceback" not in proc.stderr
 
 
+def test_a_directory_without_specs_is_an_error(tmp_path: Path) -> None:
+    """`percep check DIR` / `percep fmt DIR` with no .pd under DIR (a mistyped folder) checked
+    nothing and exited 0; it is an error located at the directory."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a spec")
+    proc = run_cli("check", "empty", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.decode().startswith("empty:1:1: error[missing-file]: no .pd files in the directory empty")
+    fmt = run_cli("fmt", "--check", "empty", cwd=tmp_path)
+    assert fmt.returncode == 1 and b"no .pd files in the directory empty" in fmt.stderr
+
+
 # ---- CLI contract ----------------------------------------------------------------------------------
 
 
