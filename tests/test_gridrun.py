@@ -380,6 +380,13 @@ def test_report_rebuilds_results_from_run_directories(tmp_path):
     e = io.StringIO()
     rc = report_command([r.parent for r in runs], baseline="lam=0.25", out=tmp_path / "a_file", stdout=o, stderr=e)
     assert rc == EXIT_USAGE and "cannot write the report" in e.getvalue() and (tmp_path / "a_file").read_text() == "mine"
+    half = sorted((out / "cells").glob("*/summary.json"))[0]  # a cell whose run never finished
+    half.unlink()
+    (out / "grid_state.json").write_text("{cut sho")
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(out, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert f"note: not in the table: 1 cell with no complete summary.json: {half.parent}" in e.getvalue()
+    assert "grid_state.json cannot be read" in e.getvalue() and ".stage-cache" not in e.getvalue()
 
 
 # ---- scale-out ----------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from percepdsl.diagnostics import relpath
 from percepdsl.io import os_error_text, write_text_atomic
 
 from .backends import SlurmOptions, import_ray, import_submitit
-from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, GridError
+from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .execute import GridOutcome, describe_exit, execute
 from .paired import Arm, BaselineError, label_arms, load_runs, paired_markdown, paired_report, parse_selector, select_baseline
 from .plan import GridPlan, plan_grid
 from .progress import plural
 from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
-from .state import GridLock
+from .state import GridLock, load_state, read_summary
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
@@ -329,6 +329,12 @@ def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: T
         print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
+    unfinished = [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None]
+    if unfinished:
+        shown = ", ".join(relpath(d) for d in unfinished[:5]) + (" …" if len(unfinished) > 5 else "")
+        print(f"note: not in the table: {plural(len(unfinished), 'cell')} with no complete summary.json: {shown}", file=stderr)
+    if (grid_dir / STATE_FILE).exists() and load_state(grid_dir) is None:
+        print(f"warning: {relpath(grid_dir / STATE_FILE)} cannot be read: failed cells are not counted", file=stderr)
     written = [grid_dir / RESULTS_MD, grid_dir / RESULTS_CSV, *plots]
     if baseline:
         print("\n" + (grid_dir / PAIRED_MD).read_text(encoding="utf-8"), file=stdout, end="")
