@@ -288,7 +288,9 @@ def load_hf(
     ref = str(path)
     path = resolve_checkpoint(path)
     if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+        # include and dataset paths are relative to the spec; a model path is not (it is also a hub id)
+        where = "" if path.is_absolute() else f" (a relative model path is relative to the current directory, {Path.cwd()})"
+        raise ModelLoadError(f"model path {str(path)!r} does not exist{where}")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
     if dtype not in _DTYPES:
