@@ -350,7 +350,12 @@ class Evaluator:
             msg = f"`{v.name}` is neither a declared param nor a reward term"
         else:
             msg = f"`{v.name}` is not a declared param"
-        hint = f"did you mean `{guess}`?" if guess else ("declare it: `param " + v.name + ": float = ...`")
+        if guess:
+            hint = f"did you mean `{guess}`?"
+        elif v.name.lower() in ("nan", "inf", "infinity"):  # what Python's float() would take: not a number here
+            hint = "numbers in a spec are finite: write one (e.g. 1e6), or leave the setting at its default"
+        else:
+            hint = "declare it: `param " + v.name + ": float = ...`"
         related = []
         if guess in params:
             related = [Related.at(params[guess].decl.name.span, f"param `{guess}` declared here")]
@@ -896,7 +901,11 @@ class Evaluator:
         roles = self.scope.roles
         guess = did_you_mean(name, roles)
         declared = roles[guess] if guess else None
-        where = f" (declared at line {declared.line})" if declared is not None else ""
+        where = ""
+        if declared is not None:  # the roles block may be in an included file
+            where = (
+                f" (declared at line {declared.line})" if declared.file == span.file else f" (declared at {declared.file}:{declared.line})"
+            )
         hint = f"did you mean `{guess}`?{where}" if guess else f"declared roles: {', '.join(roles)}"
         self.error(span, "unknown-role", f"{user} role `{name}`, which the roles block does not declare", hint)
 
