@@ -283,6 +283,9 @@ def test_set_overrides_are_type_checked(monkeypatch) -> None:
     assert expr.diagnostics[0].code == "bad-override"
     _, bad = parse_overrides(["lam"])
     assert bad[0].code == "bad-override"
+    for name, text, why in (("lam", "1e400", "number `1e400`"), ("seed", "1" + "0" * 20, "integer with 21 digits")):
+        (huge,) = check_file("specs/gc_sft_fixed.pd", {name: text}).diagnostics
+        assert huge.code == "bad-override" and huge.message == f"cannot parse the value of `--set {name}={text}`: {why} is too large"
 
 
 def test_hash_ignores_formatting_and_comments_but_not_meaning(tmp_path: Path) -> None:
