@@ -285,6 +285,11 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
             f"--resume: rank(s) {blind} cannot read {ckpt}; every rank loads the checkpoint, so a run on several "
             "nodes resumes only from a run directory on a filesystem every node shares"
         )
+    if resume and (why := ranks.broadcast(damaged_checkpoint(ckpt) if ranks.is_zero else None)) is not None:
+        raise RunFailed(
+            f"stage `{stage.name}`: its resume checkpoint {ckpt} is damaged ({why}); delete it to train the stage "
+            f"again from its start ({parent}), the same steps and batches"
+        )
     start = time.perf_counter()
     from .rewards import RewardError
 
@@ -326,6 +331,20 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     write_json_atomic(sdir / "done.json", record)
     ckpt.unlink(missing_ok=True)
     return record
+
+
+def damaged_checkpoint(path: Path) -> str | None:
+    """Why a resume checkpoint cannot be loaded, or None. It is written atomically, so only the disk
+    or a hand breaks one; torch saves a zip archive, whose CRCs are checked here without unpickling
+    (a truncated or overwritten file made `trainer.fit` end in an UnpicklingError traceback)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if bad is None else f"the CRC of its member {bad} does not match"
 
 
 def build_stage(ctx: Context, stage: Stage):

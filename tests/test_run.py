@@ -134,6 +134,34 @@ def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
+def test_a_damaged_resume_checkpoint_fails_the_run_with_advice(smoke_run: Path, tmp_path: Path) -> None:
+    """A resume.ckpt cut short or overwritten (only the disk or a hand does that: it is written
+    atomically) ended --resume in an UnpicklingError traceback; now exit 3 naming the file and
+    what to do. A checkpoint torch wrote passes the check, a flipped byte does not."""
+    import shutil
+
+    from percepdsl_runtime.run import damaged_checkpoint
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.arange(1000.0)}, good)
+    assert damaged_checkpoint(good) is None
+    data = bytearray(good.read_bytes())
+    data[data.index(b"\x00\x00\x80?") + 2] ^= 0xFF  # inside the stored tensor: 1.0 becomes another number
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    assert "CRC" in damaged_checkpoint(flipped)
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").unlink()
+    ckpt = copy / "stages" / "balanced" / "resume.ckpt"
+    ckpt.write_bytes(good.read_bytes()[:300])
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"its resume checkpoint {ckpt} is damaged" in proc.stderr and "delete it" in proc.stderr
+    assert "Traceback" not in proc.stderr and ckpt.exists()
+
+
 def test_runs_that_differ_after_the_base_train_it_once(smoke_run: Path) -> None:
     """A second run under the same --out whose spec differs only after the base stage (another λ)
     takes the base from the stage cache: recorded in its done.json and summary, and the weights
