@@ -167,6 +167,15 @@ def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Any], def
     return Path(path)
 
 
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``, or None when it is absent, unreadable or not JSON (atomic
+    writes never leave one cut short, but a failing disk or a hand can)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a JSONL file (blank lines skipped)."""
     with open(path, encoding="utf-8") as fh:

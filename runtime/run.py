@@ -46,6 +46,7 @@ import lightning as L
 from percepdsl.io import (
     atomic_path,
     os_error_text,
+    read_json,
     remove_stale_temporaries,
     write_json_atomic,
     write_jsonl_atomic,
@@ -768,7 +769,8 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
     preparing leaves only its spec, IR and `init/` (the same for the same IR), so the next
     `percep run` of that spec, its model or data fixed, starts without `--resume`."""
     try:
-        if (run_dir / "summary.json").exists():
+        summary = read_json(run_dir / "summary.json")  # a damaged one: not complete, and --resume rewrites it
+        if isinstance(summary, dict) and summary.get("status") == "complete":
             return True
         stages = run_dir / "stages"
         interrupted = stages.is_dir() and any(stages.iterdir())
@@ -824,7 +826,13 @@ def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
     finished in another run under `--out` and taken from the stage cache; else None."""
     ranks, echo = ctx.ranks, ctx.echo
     done = stage_dir(ctx, stage) / "done.json"
-    record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
+    record = None
+    if ranks.is_zero and done.exists():
+        record = read_json(done)
+        if not isinstance(record, dict):  # the batches are a function of (seed, step): training again changes nothing
+            echo(f"stage {stage.name}: its done.json cannot be read; training the stage again")
+            record = None
+    record = ranks.broadcast(record)
     if record is not None:
         echo(f"stage {stage.name}: done (resumed)")
         return record

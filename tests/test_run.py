@@ -162,6 +162,32 @@ def test_a_damaged_resume_checkpoint_fails_the_run_with_advice(smoke_run: Path, 
     assert "Traceback" not in proc.stderr and ckpt.exists()
 
 
+def test_damaged_records_are_redone_not_tracebacks(smoke_run: Path, tmp_path: Path) -> None:
+    """A summary.json or done.json that is not JSON (a failing disk, a hand) ended `percep run` in
+    a JSONDecodeError traceback. A damaged summary is no complete run: --resume writes it again
+    from the stages; a damaged done.json is no finished stage: --resume trains it again (the same
+    batches, so the same weights) and says so."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").write_text('{"status": "compl')
+    (copy / "stages" / "fixed" / "done.json").write_text("\x00\x00")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent))
+    assert proc.returncode == 2 and "holds an interrupted run; continue it with --resume" in proc.stderr, proc.stderr[-2000:]
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage fixed: its done.json cannot be read; training the stage again" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stage base: done (resumed)" in proc.stderr and "stage balanced: done (resumed)" in proc.stderr
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
+    want = load_file(smoke_run / "stages" / "fixed" / "model" / "model.safetensors")
+    got = load_file(copy / "stages" / "fixed" / "model" / "model.safetensors")
+    assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
+
+
 def test_runs_that_differ_after_the_base_train_it_once(smoke_run: Path) -> None:
     """A second run under the same --out whose spec differs only after the base stage (another λ)
     takes the base from the stage cache: recorded in its done.json and summary, and the weights
