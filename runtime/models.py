@@ -372,20 +372,25 @@ def load_weights(loaded: LoadedModel, path: str | Path) -> None:
 
     path = Path(path)
     model = loaded.model
-    if hasattr(model, "peft_config"):
-        from peft.utils import set_peft_model_state_dict
+    try:
+        if hasattr(model, "peft_config"):
+            from peft.utils import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-        if result.unexpected_keys:
-            raise ModelLoadError(f"{path}: adapter tensors not in the model: {sorted(result.unexpected_keys)[:5]}")
-        return
-    from transformers import AutoModelForImageTextToText
+            result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+            if result.unexpected_keys:
+                raise ModelLoadError(f"{path}: adapter tensors not in the model: {sorted(result.unexpected_keys)[:5]}")
+            return
+        from transformers import AutoModelForImageTextToText
 
-    dtype = next(model.parameters()).dtype
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    model.load_state_dict(saved.state_dict())
+        dtype = next(model.parameters()).dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model.load_state_dict(saved.state_dict())
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged directory fails in transformers, safetensors or torch alike
+        raise ModelLoadError(f"cannot load the weights saved in {path}: {type(exc).__name__}: {str(exc)[:300].rstrip('.')}") from exc
 
 
 def _with_lora(model: Any, lora: LoraIR) -> Any:

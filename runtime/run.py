@@ -229,16 +229,23 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     import torch
 
     from .evaluate import EvalConfig
-    from .models import load_weights, save_pretrained_dir
+    from .models import ModelLoadError, load_weights, save_pretrained_dir
     from .observe import RunProgress, close_loggers, open_loggers, stage_loggers
     from .sft import build_trainer
 
     ranks = ctx.ranks
     sdir = stage_dir(ctx, stage)
     parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model" if stage.parent else ctx.init_weights
+    damaged = None
     if ranks.is_zero:
         sdir.mkdir(parents=True, exist_ok=True)
-        load_weights(ctx.loaded, parent)
+        try:
+            load_weights(ctx.loaded, parent)
+        except ModelLoadError as exc:
+            redo = parent.parent if stage.parent else parent  # the parent stage's directory, or init/
+            damaged = f"stage `{stage.name}` cannot start: {exc}; delete {redo} and run again with --resume to rebuild it"
+    if (damaged := ranks.broadcast(damaged)) is not None:  # every rank stops, not only rank 0
+        raise RunFailed(damaged)
     ranks.sync_weights(ctx.loaded.model)  # before the module is built: a KL reference copies these weights
 
     module, datamodule = build_stage(ctx, stage)

@@ -188,6 +188,34 @@ def test_damaged_records_are_redone_not_tracebacks(smoke_run: Path, tmp_path: Pa
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
+def test_a_damaged_stage_model_is_named_with_the_way_to_rebuild_it(smoke_run: Path, tmp_path: Path) -> None:
+    """A finished stage's model directory that cannot be loaded (its config.json overwritten) ended
+    --resume of the next stage, and `percep probe`, in a traceback from transformers; now the run
+    fails (exit 3) naming the directory and what to delete, the probe is refused (exit 2), and
+    following the advice finishes the run. An ir.json that is JSON but no IR is refused too."""
+    import shutil
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").unlink()
+    shutil.rmtree(copy / "stages" / "balanced" / "model")
+    (copy / "stages" / "fixed" / "model" / "config.json").write_text("overwritten")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = " ".join(proc.stderr.split())
+    assert f"cannot load the weights saved in {copy}/stages/fixed/model" in err and "Traceback" not in err
+    assert f"delete {copy}/stages/fixed and run again with --resume" in err
+    probe = percep("probe", str(copy), "--stage", "fixed", "--items", "2")
+    assert probe.returncode == 2 and "cannot load the weights saved in" in probe.stderr and "Traceback" not in probe.stderr
+    shutil.rmtree(copy / "stages" / "fixed")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (copy / "ir.json").write_text("[1, 2]")
+    probe = percep("probe", str(copy), "--items", "2")
+    assert probe.returncode == 2 and "no readable ir.json" in probe.stderr and "Traceback" not in probe.stderr
+
+
 def test_runs_that_differ_after_the_base_train_it_once(smoke_run: Path) -> None:
     """A second run under the same --out whose spec differs only after the base stage (another λ)
     takes the base from the stage cache: recorded in its done.json and summary, and the weights
