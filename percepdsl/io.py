@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` for a writer to fill; when the block ends
     without an error, put the file in place atomically (fsync, rename, fsync the directory).
     On an error the temporary file is removed and ``path`` is left as it was. The temporary
-    file is created by the writer (with the usual permissions), not by this function."""
+    file is created by the writer (with the usual permissions), not by this function; a file it
+    replaces keeps its permission bits (`percep fmt` of a 0600 spec left it 0644), and a symlink
+    is kept, its target replaced (`percep fmt` of a linked spec replaced the link by a file)."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
         yield tmp
         _fsync(tmp)
+        with contextlib.suppress(FileNotFoundError):  # a new file: the writer's permissions
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
