@@ -149,5 +149,14 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
         loaded.sources[inc_name] = text
         sub, d = parse_text(text, inc_name)
         rep.items += d
-        if sub is not None:
+        header = next((s for s in sub.items if isinstance(s, (A.Experiment, A.Grid))), None) if sub is not None else None
+        if header is not None:  # its task, stages, ... would each be reported as a duplicate of the includer's
+            kind = "an experiment" if isinstance(header, A.Experiment) else "a grid"
+            rep.error(
+                stmt.path.span,
+                "not-a-fragment",
+                f"included file `{shown(stmt.path.value)}` is {kind} (line {header.span.line}), not a fragment",
+                "include only headerless files; to vary a whole experiment, make it a grid's `template`",
+            )
+        elif sub is not None:
             _splice(loaded, sub, target.parent, stack + [target], rep)
