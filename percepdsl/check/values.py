@@ -220,10 +220,10 @@ def default_value(p: ParamSpec) -> Any:
     return p.ir_default()
 
 
-def _range_hint(spec: ParamSpec) -> str | None:
+def _range_hint(spec: ParamSpec, x: float) -> str | None:
     if spec.min is not None and spec.max is not None and (spec.min, spec.max) == (0, 1):
         return "probabilities and weights are between 0 and 1"
-    if spec.min == 1:
+    if spec.min == 1 and x < 1:  # above the maximum, "positive" would be no help
         return "counts and sizes are positive"
     return None
 
@@ -718,7 +718,7 @@ class Evaluator:
                 v.span,
                 "out-of-range",
                 f"{what} must be {spec.describe_range()}, got {show(x)}",
-                _range_hint(spec),
+                _range_hint(spec, x),
                 [v.origin] if v.origin else [],
             )
             return False
