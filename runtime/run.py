@@ -793,7 +793,7 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
 
         record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
     except OSError as exc:  # --out is a file, read-only, on a full disk, ...
-        raise RunRefused(f"cannot use the run directory {run_dir}: {os_error_text(exc)}") from exc
+        raise RunRefused(f"cannot use the run directory: {os_error_text(exc)}") from exc  # the path that failed
     return False
 
 

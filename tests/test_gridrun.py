@@ -193,7 +193,7 @@ def test_refuses_experiment_specs_broken_grids_and_bad_options(tmp_path):
     (tmp_path / "a_file").write_text("mine")
     for out, says in (("a_file", "exists and is not a directory"), ("a_file/sub", "is a file, not a directory")):
         rc, _, err = run_grid(tmp_path / out)
-        assert rc == EXIT_USAGE and f"cannot use the grid directory {tmp_path / out}" in err and says in err
+        assert rc == EXIT_USAGE and f"cannot use the grid directory: {tmp_path / out}" in err and says in err
     assert (tmp_path / "a_file").read_text() == "mine"
     assert calls(tmp_path) == []
 

@@ -45,7 +45,7 @@ class GridLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
         except OSError as exc:  # --out is a file, under a file, read-only: the grid's first write
-            raise GridError(f"cannot use the grid directory {relpath(self.path.parent)}: {os_error_text(exc)}") from None
+            raise GridError(f"cannot use the grid directory: {os_error_text(exc)}") from None  # the path that failed
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no lock
