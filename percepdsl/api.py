@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,8 @@ def _override_text(value: Any) -> str:
     """A Python value as the literal `--set` takes: true/false, a number, a quoted string."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):  # repr would write `nan`, read as a name
+        raise SpecError(f"a `set` value must be a finite number, got {value!r}")
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):

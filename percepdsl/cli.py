@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from .diagnostics import Diagnostic, render, summary_line, to_json
+from .diagnostics import Diagnostic, Severity, Span, relpath, render, summary_line, to_json
 
 app = typer.Typer(
     add_completion=False,
@@ -36,15 +36,22 @@ class Format(str, Enum):
 SetOpt = typer.Option(None, "--set", help="Override a param: NAME=VALUE (repeatable).", metavar="NAME=VALUE")
 
 
-def _spec_files(paths: list[Path]) -> list[Path]:
+def _spec_files(paths: list[Path]) -> tuple[list[Path], list[Diagnostic]]:
+    """The files named, directories replaced by the `*.pd` files under them; an error for a
+    directory with none (a mistyped folder would otherwise check nothing and pass)."""
     out: list[Path] = []
+    empty: list[Diagnostic] = []
     for p in paths:
         try:
             is_dir = p.is_dir()
         except OSError:  # a name too long: reading it reports the problem
             is_dir = False
-        out.extend(sorted(p.rglob("*.pd")) if is_dir else [p])
-    return out
+        found = sorted(p.rglob("*.pd")) if is_dir else [p]
+        if not found:
+            name = relpath(p)
+            empty.append(Diagnostic(name, Span.point(file=name), Severity.ERROR, "missing-file", f"no .pd files in the directory {name}"))
+        out.extend(found)
+    return out, empty
 
 
 def _print_diags(diags: list[Diagnostic], sources: dict[str, str], fmt: Format, n_files: int, stream=None) -> None:
@@ -77,9 +84,8 @@ def check(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Check specs: every error and warning, located. Exit 1 if any file has an error."""
-    all_diags: list[Diagnostic] = []
     sources: dict[str, str] = {}
-    paths = _spec_files(files)
+    paths, all_diags = _spec_files(files)
     for path in paths:
         res = _check(path, set_)
         all_diags += res.diagnostics
@@ -156,8 +162,10 @@ def fmt(
             raise typer.Exit(EXIT_ERRORS)
         sys.stdout.write(out)
         return
-    changed, failed = [], False
-    for path in _spec_files(files):
+    paths, empty = _spec_files(files)
+    _print_diags(empty, {}, Format.text, 0, sys.stderr)
+    changed, failed = [], bool(empty)
+    for path in paths:
         from .check import read_source
 
         text, diags = read_source(path)
@@ -365,7 +373,7 @@ def gen(
     spec: Path = typer.Argument(..., help="Spec whose task to materialise."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the dataset (datasets.load_from_disk) and contact sheet."),
     set_: list[str] | None = SetOpt,
-    sheet: int = typer.Option(8, "--sheet", help="Samples on the contact sheet."),
+    sheet: int = typer.Option(8, "--sheet", min=1, help="Samples on the contact sheet (at most the test split's size)."),
     format: GenFormat = typer.Option(
         GenFormat.hf,
         "--format",
@@ -385,9 +393,14 @@ def gen(
 
     from percepdsl_runtime.plugins import ImplError
     from percepdsl_runtime.tasks import build_task
-    from percepdsl_runtime.tasks.dataset import contact_sheet, write_dataset
+    from percepdsl_runtime.tasks.dataset import contact_sheet, why_not_replace, write_dataset
+
+    from .io import os_error_text
 
     datasets.disable_progress_bars()  # one line of our own says what is written
+    if (why := why_not_replace(out)) is not None:  # before generating: nothing to lose, no time spent
+        print(f"{spec}: error: {why}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
 
     try:
         task = build_task(ir.task, seed=ir.seed)
@@ -400,7 +413,7 @@ def gen(
         path = write_dataset(task, out, splits=splits, fmt=format.value)
         sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
     except OSError as exc:
-        print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{spec}: error: cannot write the data set to {out}: {os_error_text(exc)}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED) from None
     print(f"wrote {path} and {sheet_path}")
 

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` for a writer to fill; when the block ends
     without an error, put the file in place atomically (fsync, rename, fsync the directory).
     On an error the temporary file is removed and ``path`` is left as it was. The temporary
-    file is created by the writer (with the usual permissions), not by this function."""
+    file is created by the writer (with the usual permissions), not by this function; a file it
+    replaces keeps its permission bits (`percep fmt` of a 0600 spec left it 0644), and a symlink
+    is kept, its target replaced (`percep fmt` of a linked spec replaced the link by a file)."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
         yield tmp
         _fsync(tmp)
+        with contextlib.suppress(FileNotFoundError):  # a new file: the writer's permissions
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -134,6 +141,18 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def os_error_text(exc: OSError) -> str:
+    """An OSError for a message: what went wrong and on which path (`Permission denied: runs/x`),
+    without Python's `[Errno 13]`. The two a file in the way of a directory raises are said so
+    (`Path.mkdir` raises FileExistsError for the file itself, NotADirectoryError below it)."""
+    if isinstance(exc, FileExistsError) and exc.filename is not None:
+        return f"{exc.filename} exists and is not a directory"
+    if isinstance(exc, NotADirectoryError) and exc.filename is not None:
+        return f"{exc.filename}: a part of this path is a file, not a directory"
+    what = exc.strerror or str(exc)
+    return f"{what}: {exc.filename}" if exc.filename is not None else what
+
+
 def json_default(obj: Any) -> Any:
     """JSON for what ``json`` cannot encode: numpy / torch scalars and arrays, sets; else ``str``."""
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
@@ -153,6 +172,15 @@ def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Any], def
             f.write(json.dumps(rec, ensure_ascii=False, default=default))
             f.write("\n")
     return Path(path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``, or None when it is absent, unreadable or not JSON (atomic
+    writes never leave one cut short, but a failing disk or a hand can)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

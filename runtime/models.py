@@ -288,7 +288,9 @@ def load_hf(
     ref = str(path)
     path = resolve_checkpoint(path)
     if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+        # include and dataset paths are relative to the spec; a model path is not (it is also a hub id)
+        where = "" if path.is_absolute() else f" (a relative model path is relative to the current directory, {Path.cwd()})"
+        raise ModelLoadError(f"model path {str(path)!r} does not exist{where}")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
     if dtype not in _DTYPES:
@@ -370,20 +372,25 @@ def load_weights(loaded: LoadedModel, path: str | Path) -> None:
 
     path = Path(path)
     model = loaded.model
-    if hasattr(model, "peft_config"):
-        from peft.utils import set_peft_model_state_dict
+    try:
+        if hasattr(model, "peft_config"):
+            from peft.utils import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-        if result.unexpected_keys:
-            raise ModelLoadError(f"{path}: adapter tensors not in the model: {sorted(result.unexpected_keys)[:5]}")
-        return
-    from transformers import AutoModelForImageTextToText
+            result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+            if result.unexpected_keys:
+                raise ModelLoadError(f"{path}: adapter tensors not in the model: {sorted(result.unexpected_keys)[:5]}")
+            return
+        from transformers import AutoModelForImageTextToText
 
-    dtype = next(model.parameters()).dtype
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    model.load_state_dict(saved.state_dict())
+        dtype = next(model.parameters()).dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model.load_state_dict(saved.state_dict())
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged directory fails in transformers, safetensors or torch alike
+        raise ModelLoadError(f"cannot load the weights saved in {path}: {type(exc).__name__}: {str(exc)[:300].rstrip('.')}") from exc
 
 
 def _with_lora(model: Any, lora: LoraIR) -> Any:

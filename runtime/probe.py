@@ -421,19 +421,22 @@ class ProbeRefused(Exception):
 def probe_run(run_dir: Any, stage: str | None = None, items: int = PROBE_ITEMS, echo: Any = print) -> tuple[ProbeResult, Any]:
     """Probe a stage of a run directory (default: its last finished stage) on the first
     ``items`` test items; writes ``probe/<stage>/probe.{json,csv,md,png}`` there."""
-    import json
     from pathlib import Path
 
+    from percepdsl.io import read_json
     from percepdsl.ir import ExperimentIR
 
-    from .models import load_weights
+    from .models import ModelLoadError, load_weights
     from .run import RunRefused, prepare, stage_dir
 
     run_dir = Path(run_dir)
+    record = read_json(run_dir / "ir.json")
+    if not isinstance(record, dict) or "ir" not in record:
+        raise ProbeRefused(f"{run_dir} is not a run directory (no readable ir.json)")
     try:
-        ir = ExperimentIR.model_validate(json.loads((run_dir / "ir.json").read_text())["ir"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ProbeRefused(f"{run_dir} is not a run directory (no readable ir.json: {exc})") from exc
+        ir = ExperimentIR.model_validate(record["ir"])
+    except ValueError as exc:  # pydantic's ValidationError: another version's IR, or an edited one
+        raise ProbeRefused(f"{run_dir}/ir.json is not an IR this version reads: {str(exc).splitlines()[0]}") from exc
     names = [s.name for s in ir.stages]
     done = [n for n in names if (run_dir / "stages" / n / "model").exists()]
     if stage is not None and stage not in names:
@@ -449,7 +452,10 @@ def probe_run(run_dir: Any, stage: str | None = None, items: int = PROBE_ITEMS, 
         ctx = prepare(ir, run_dir, lambda _msg: None)
     except RunRefused as exc:
         raise ProbeRefused(str(exc)) from exc
-    load_weights(ctx.loaded, stage_dir(ctx, ir.stage(stage)) / "model")
+    try:
+        load_weights(ctx.loaded, stage_dir(ctx, ir.stage(stage)) / "model")
+    except ModelLoadError as exc:
+        raise ProbeRefused(str(exc)) from exc
     result = probe(ctx.loaded, ctx.encoder, ctx.task, "test", items)
     paths = write_outputs(result, run_dir / "probe" / stage, f"{ir.name}, stage `{stage}`")
     return result, paths

@@ -43,7 +43,15 @@ from typing import Any
 
 import lightning as L
 
-from percepdsl.io import atomic_path, remove_stale_temporaries, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from percepdsl.io import (
+    atomic_path,
+    os_error_text,
+    read_json,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash, named_roles
 
 from . import stagecache
@@ -221,16 +229,23 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     import torch
 
     from .evaluate import EvalConfig
-    from .models import load_weights, save_pretrained_dir
+    from .models import ModelLoadError, load_weights, save_pretrained_dir
     from .observe import RunProgress, close_loggers, open_loggers, stage_loggers
     from .sft import build_trainer
 
     ranks = ctx.ranks
     sdir = stage_dir(ctx, stage)
     parent = stage_dir(ctx, ctx.ir.stage(stage.parent)) / "model" if stage.parent else ctx.init_weights
+    damaged = None
     if ranks.is_zero:
         sdir.mkdir(parents=True, exist_ok=True)
-        load_weights(ctx.loaded, parent)
+        try:
+            load_weights(ctx.loaded, parent)
+        except ModelLoadError as exc:
+            redo = parent.parent if stage.parent else parent  # the parent stage's directory, or init/
+            damaged = f"stage `{stage.name}` cannot start: {exc}; delete {redo} and run again with --resume to rebuild it"
+    if (damaged := ranks.broadcast(damaged)) is not None:  # every rank stops, not only rank 0
+        raise RunFailed(damaged)
     ranks.sync_weights(ctx.loaded.model)  # before the module is built: a KL reference copies these weights
 
     module, datamodule = build_stage(ctx, stage)
@@ -278,6 +293,11 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
             f"--resume: rank(s) {blind} cannot read {ckpt}; every rank loads the checkpoint, so a run on several "
             "nodes resumes only from a run directory on a filesystem every node shares"
         )
+    if resume and (why := ranks.broadcast(damaged_checkpoint(ckpt) if ranks.is_zero else None)) is not None:
+        raise RunFailed(
+            f"stage `{stage.name}`: its resume checkpoint {ckpt} is damaged ({why}); delete it to train the stage "
+            f"again from its start ({parent}), the same steps and batches"
+        )
     start, cpu_start = time.perf_counter(), time.process_time()
     from .rewards import RewardError
 
@@ -323,6 +343,20 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     write_json_atomic(sdir / "done.json", record)
     ckpt.unlink(missing_ok=True)
     return record
+
+
+def damaged_checkpoint(path: Path) -> str | None:
+    """Why a resume checkpoint cannot be loaded, or None. It is written atomically, so only the disk
+    or a hand breaks one; torch saves a zip archive, whose CRCs are checked here without unpickling
+    (a truncated or overwritten file made `trainer.fit` end in an UnpicklingError traceback)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if bad is None else f"the CRC of its member {bad} does not match"
 
 
 def build_stage(ctx: Context, stage: Stage):
@@ -731,6 +765,10 @@ def run(
         if ranks.is_zero:
             raise
         return None
+    except OSError as exc:  # a full disk, a run directory removed or made read-only under the run
+        if ranks.is_zero:
+            raise RunFailed(f"{os_error_text(exc)}; finished stages and the last resume checkpoint are kept") from exc
+        return None
 
 
 def _silent(_: str) -> None:
@@ -739,21 +777,30 @@ def _silent(_: str) -> None:
 
 def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resume: bool) -> bool:
     """Whether the run is complete already; else write its spec and IR (refusing a directory
-    that holds an interrupted run without `--resume`)."""
-    if (run_dir / "summary.json").exists():
-        return True
-    interrupted = run_dir.exists() and any(run_dir.iterdir())
-    if interrupted and not resume:
-        raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
-    if interrupted:
-        remove_stale_temporaries(run_dir)  # what the killed writer was filling when it stopped
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in sources.items():
-        write_text_atomic(run_dir / "spec" / Path(name).name, text)
-    write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
-    from .observe import record_environment
+    that holds an interrupted run without `--resume`, and one that cannot be made or written).
 
-    record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
+    Interrupted means a stage started (`stages/` is not empty): a run refused or killed while
+    preparing leaves only its spec, IR and `init/` (the same for the same IR), so the next
+    `percep run` of that spec, its model or data fixed, starts without `--resume`."""
+    try:
+        summary = read_json(run_dir / "summary.json")  # a damaged one: not complete, and --resume rewrites it
+        if isinstance(summary, dict) and summary.get("status") == "complete":
+            return True
+        stages = run_dir / "stages"
+        interrupted = stages.is_dir() and any(stages.iterdir())
+        if interrupted and not resume:
+            raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
+        if run_dir.exists():
+            remove_stale_temporaries(run_dir)  # what a killed writer was filling when it stopped
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in sources.items():
+            write_text_atomic(run_dir / "spec" / Path(name).name, text)
+        write_json_atomic(run_dir / "ir.json", {"hash": content_hash(ir), "ir": ir.model_dump(mode="json")})
+        from .observe import record_environment
+
+        record_environment(run_dir, resumed=interrupted)  # versions and code revision: beside the IR, outside its hash
+    except OSError as exc:  # --out is a file, read-only, on a full disk, ...
+        raise RunRefused(f"cannot use the run directory: {os_error_text(exc)}") from exc  # the path that failed
     return False
 
 
@@ -793,7 +840,13 @@ def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
     finished in another run under `--out` and taken from the stage cache; else None."""
     ranks, echo = ctx.ranks, ctx.echo
     done = stage_dir(ctx, stage) / "done.json"
-    record = ranks.broadcast(json.loads(done.read_text()) if ranks.is_zero and done.exists() else None)
+    record = None
+    if ranks.is_zero and done.exists():
+        record = read_json(done)
+        if not isinstance(record, dict):  # the batches are a function of (seed, step): training again changes nothing
+            echo(f"stage {stage.name}: its done.json cannot be read; training the stage again")
+            record = None
+    record = ranks.broadcast(record)
     if record is not None:
         echo(f"stage {stage.name}: done (resumed)")
         return record

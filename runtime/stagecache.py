@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from percepdsl.io import atomic_dir, write_json_atomic
+from percepdsl.io import atomic_dir, read_json, write_json_atomic
 from percepdsl.ir import OUTSIDE_HASH, ExperimentIR, Stage
 
 CACHE_DIR = ".stage-cache"
@@ -105,10 +105,8 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def lookup(run_dir: Path, identity: str) -> dict[str, Any] | None:
     """The cached stage's record (its done.json), if the cache holds this identity."""
-    try:
-        return json.loads((cache_entry(run_dir, identity) / "done.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    record = read_json(cache_entry(run_dir, identity) / "done.json")
+    return record if isinstance(record, dict) else None
 
 
 def publish(run_dir: Path, stage_dir: Path, identity: str) -> None:

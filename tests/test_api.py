@@ -111,6 +111,9 @@ def test_run_spec_refuses_a_spec_that_does_not_check(tmp_path: Path) -> None:
     assert [d.code for d in info.value.diagnostics] == ["unknown-reward"]
     with pytest.raises(api.SpecError, match="a `set` value must be"):
         api.check(spec, set={"x": [1]})
+    for x in (float("nan"), float("-inf")):  # not "a literal value, not an expression" (repr gives the name `nan`)
+        with pytest.raises(api.SpecError, match="a `set` value must be a finite number"):
+            api.check(spec, set={"x": x})
     assert not any(tmp_path.glob("x-*"))
 
 

@@ -26,6 +26,23 @@ def test_a_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
+def test_a_replaced_file_keeps_its_mode_and_a_symlink_stays_a_link(tmp_path: Path) -> None:
+    """`percep fmt` of a 0600 spec left it world-readable, and of a symlinked spec replaced the link
+    by a formatted copy, the linked file unformatted."""
+    private = tmp_path / "private.pd"
+    private.write_text("old")
+    private.chmod(0o600)
+    write_text_atomic(private, "new")
+    assert private.read_text() == "new" and (private.stat().st_mode & 0o777) == 0o600
+    real = tmp_path / "real.pd"
+    real.write_text("old")
+    link = tmp_path / "link.pd"
+    link.symlink_to("real.pd")
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pd", "private.pd", "real.pd"]
+
+
 def test_a_writer_that_writes_nothing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "x.png"):
         pass

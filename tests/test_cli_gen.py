@@ -47,3 +47,44 @@ def test_gen_refuses_a_broken_spec(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2 and "out-of-range" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _gen(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "percepdsl", "gen", "specs/sft_smoke.pd", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_gen_never_replaces_what_is_not_a_data_set(tmp_path: Path) -> None:
+    """A data set replaces a directory wholesale: an --out that is a file, or a directory of
+    something else, is refused (exit 2) and left as it was, before any sample is generated."""
+    notes = tmp_path / "project"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine too")
+    for out, what in ((notes, "holds no data set"), (a_file, "is a file")):
+        proc = _gen(out)
+        assert proc.returncode == 2, proc.stderr
+        assert what in proc.stderr and "choose another --out" in proc.stderr and "Traceback" not in proc.stderr
+        assert "generating" not in proc.stderr
+    assert (notes / "notes.txt").read_text() == "mine" and sorted(p.name for p in notes.iterdir()) == ["notes.txt"]
+    assert a_file.read_text() == "mine too"
+
+
+def test_gen_contact_sheet_counts(tmp_path: Path) -> None:
+    """--sheet below 1 is a usage error; above the test split it shows the split (8 here), not
+    samples beyond it; a data set written before is replaced (what a second `gen` does)."""
+    from PIL import Image
+
+    assert _gen(tmp_path / "zero", "--sheet", "0").returncode == 2
+    out = tmp_path / "data"
+    for _ in range(2):
+        proc = _gen(out, "--sheet", "1000")
+        assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "contact_sheet.png") as img:
+        assert img.width == 4 * 192 and img.height < 3 * 192 + 200  # 8 samples: 2 rows of 4 tiles

@@ -190,6 +190,11 @@ def test_refuses_experiment_specs_broken_grids_and_bad_options(tmp_path):
     assert rc == EXIT_USAGE and "unknown-axis-param" in err and "did you mean `lam`" in err
     assert run_grid(tmp_path / "o", jobs=0)[0] == EXIT_USAGE
     assert run_grid(tmp_path / "o", address="127.0.0.1:6379")[0] == EXIT_USAGE
+    (tmp_path / "a_file").write_text("mine")
+    for out, says in (("a_file", "exists and is not a directory"), ("a_file/sub", "is a file, not a directory")):
+        rc, _, err = run_grid(tmp_path / out)
+        assert rc == EXIT_USAGE and f"cannot use the grid directory: {tmp_path / out}" in err and says in err
+    assert (tmp_path / "a_file").read_text() == "mine"
     assert calls(tmp_path) == []
 
 
@@ -369,6 +374,19 @@ def test_report_rebuilds_results_from_run_directories(tmp_path):
     assert (out / "results.csv").read_text() == before  # the run dirs alone give the same table
     assert (out / "tradeoff.png").exists() and "| 0.75 | 2 | 0 |" in o.getvalue()
     assert report_command(tmp_path / "nowhere", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"{tmp_path / 'nowhere'}: no such directory" in e.getvalue()
+    runs = sorted((out / "cells").glob("*/summary.json"))[:2]
+    (tmp_path / "a_file").write_text("mine")
+    e = io.StringIO()
+    rc = report_command([r.parent for r in runs], baseline="lam=0.25", out=tmp_path / "a_file", stdout=o, stderr=e)
+    assert rc == EXIT_USAGE and "cannot write the report" in e.getvalue() and (tmp_path / "a_file").read_text() == "mine"
+    half = sorted((out / "cells").glob("*/summary.json"))[0]  # a cell whose run never finished
+    half.unlink()
+    (out / "grid_state.json").write_text("{cut sho")
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(out, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert f"note: not in the table: 1 cell with no complete summary.json: {half.parent}" in e.getvalue()
+    assert "grid_state.json cannot be read" in e.getvalue() and ".stage-cache" not in e.getvalue()
 
 
 # ---- scale-out ----------------------------------------------------------------------------------------

@@ -175,6 +175,18 @@ def test_missing_file_is_a_diagnostic(tmp_path: Path) -> None:
     assert b"Traceback" not in proc.stderr
 
 
+def test_a_directory_without_specs_is_an_error(tmp_path: Path) -> None:
+    """`percep check DIR` / `percep fmt DIR` with no .pd under DIR (a mistyped folder) checked
+    nothing and exited 0; it is an error located at the directory."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a spec")
+    proc = run_cli("check", "empty", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.decode().startswith("empty:1:1: error[missing-file]: no .pd files in the directory empty")
+    fmt = run_cli("fmt", "--check", "empty", cwd=tmp_path)
+    assert fmt.returncode == 1 and b"no .pd files in the directory empty" in fmt.stderr
+
+
 # ---- CLI contract ----------------------------------------------------------------------------------
 
 
@@ -271,6 +283,9 @@ def test_set_overrides_are_type_checked(monkeypatch) -> None:
     assert expr.diagnostics[0].code == "bad-override"
     _, bad = parse_overrides(["lam"])
     assert bad[0].code == "bad-override"
+    for name, text, why in (("lam", "1e400", "number `1e400`"), ("seed", "1" + "0" * 20, "integer with 21 digits")):
+        (huge,) = check_file("specs/gc_sft_fixed.pd", {name: text}).diagnostics
+        assert huge.code == "bad-override" and huge.message == f"cannot parse the value of `--set {name}={text}`: {why} is too large"
 
 
 def test_hash_ignores_formatting_and_comments_but_not_meaning(tmp_path: Path) -> None:

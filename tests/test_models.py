@@ -110,8 +110,10 @@ def test_max_length_truncates(tiny, task) -> None:
 
 # ------------------------------------------------------------------ loading errors
 def test_load_errors(tmp_path, tiny, task) -> None:
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="does not exist$"):
         load_hf(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match=r"does not exist \(a relative model path is relative to the current directory"):
+        load_hf("nope/not/here")  # not a hub id either (three parts)
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_hf(tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -143,6 +143,88 @@ def test_resume_never_accepts_a_partial_stage(smoke_run: Path, tmp_path: Path) -
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
+def test_a_damaged_resume_checkpoint_fails_the_run_with_advice(smoke_run: Path, tmp_path: Path) -> None:
+    """A resume.ckpt cut short or overwritten (only the disk or a hand does that: it is written
+    atomically) ended --resume in an UnpicklingError traceback; now exit 3 naming the file and
+    what to do. A checkpoint torch wrote passes the check, a flipped byte does not."""
+    import shutil
+
+    from percepdsl_runtime.run import damaged_checkpoint
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.arange(1000.0)}, good)
+    assert damaged_checkpoint(good) is None
+    data = bytearray(good.read_bytes())
+    data[data.index(b"\x00\x00\x80?") + 2] ^= 0xFF  # inside the stored tensor: 1.0 becomes another number
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    assert "CRC" in damaged_checkpoint(flipped)
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").unlink()
+    ckpt = copy / "stages" / "balanced" / "resume.ckpt"
+    ckpt.write_bytes(good.read_bytes()[:300])
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"its resume checkpoint {ckpt} is damaged" in proc.stderr and "delete it" in proc.stderr
+    assert "Traceback" not in proc.stderr and ckpt.exists()
+
+
+def test_damaged_records_are_redone_not_tracebacks(smoke_run: Path, tmp_path: Path) -> None:
+    """A summary.json or done.json that is not JSON (a failing disk, a hand) ended `percep run` in
+    a JSONDecodeError traceback. A damaged summary is no complete run: --resume writes it again
+    from the stages; a damaged done.json is no finished stage: --resume trains it again (the same
+    batches, so the same weights) and says so."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").write_text('{"status": "compl')
+    (copy / "stages" / "fixed" / "done.json").write_text("\x00\x00")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent))
+    assert proc.returncode == 2 and "holds an interrupted run; continue it with --resume" in proc.stderr, proc.stderr[-2000:]
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage fixed: its done.json cannot be read; training the stage again" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stage base: done (resumed)" in proc.stderr and "stage balanced: done (resumed)" in proc.stderr
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
+    want = load_file(smoke_run / "stages" / "fixed" / "model" / "model.safetensors")
+    got = load_file(copy / "stages" / "fixed" / "model" / "model.safetensors")
+    assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
+
+
+def test_a_damaged_stage_model_is_named_with_the_way_to_rebuild_it(smoke_run: Path, tmp_path: Path) -> None:
+    """A finished stage's model directory that cannot be loaded (its config.json overwritten) ended
+    --resume of the next stage, and `percep probe`, in a traceback from transformers; now the run
+    fails (exit 3) naming the directory and what to delete, the probe is refused (exit 2), and
+    following the advice finishes the run. An ir.json that is JSON but no IR is refused too."""
+    import shutil
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").unlink()
+    shutil.rmtree(copy / "stages" / "balanced" / "model")
+    (copy / "stages" / "fixed" / "model" / "config.json").write_text("overwritten")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = " ".join(proc.stderr.split())
+    assert f"cannot load the weights saved in {copy}/stages/fixed/model" in err and "Traceback" not in err
+    assert f"delete {copy}/stages/fixed and run again with --resume" in err
+    probe = percep("probe", str(copy), "--stage", "fixed", "--items", "2")
+    assert probe.returncode == 2 and "cannot load the weights saved in" in probe.stderr and "Traceback" not in probe.stderr
+    shutil.rmtree(copy / "stages" / "fixed")
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (copy / "ir.json").write_text("[1, 2]")
+    probe = percep("probe", str(copy), "--items", "2")
+    assert probe.returncode == 2 and "no readable ir.json" in probe.stderr and "Traceback" not in probe.stderr
+
+
 def test_runs_that_differ_after_the_base_train_it_once(smoke_run: Path) -> None:
     """A second run under the same --out whose spec differs only after the base stage (another λ)
     takes the base from the stage cache: recorded in its done.json and summary, and the weights
@@ -180,6 +262,54 @@ def test_missing_model_path_is_refused(tmp_path: Path) -> None:
     proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "/no/such/checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_refused_run_does_not_block_the_next_one(tmp_path: Path) -> None:
+    """A run refused while preparing (here: a model directory without config.json) trained
+    nothing; running the spec again, its model fixed or not, is not taken for resuming an
+    interrupted run."""
+    (tmp_path / "m").mkdir()
+    spec = tmp_path / "hf.pd"
+    spec.write_text('experiment hf\ntask graph_coloring { train = 8, test = 2 }\nmodel hf "m"\nstage s = sft { steps = 1 }\n')
+    for _ in range(2):
+        proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "no config.json" in proc.stderr and "interrupted" not in proc.stderr
+
+
+def test_an_out_that_cannot_hold_runs_is_refused(tmp_path: Path) -> None:
+    """--out naming a file (or a path under one): exit 2 naming the path, no traceback."""
+    (tmp_path / "a_file").write_text("mine")
+    for out in ("a_file", "a_file/sub"):
+        proc = percep("run", str(ROOT / "specs/sft_smoke.pd"), "--out", out, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"cannot use the run directory: {out}" in proc.stderr and "is a file, not a directory" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_write_that_fails_while_running_is_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError after training started (a full disk) is `RunFailed` (exit 3), naming the error
+    and the path, and the finished stage is kept."""
+    import errno
+
+    from percepdsl.api import run_spec
+    from percepdsl_runtime import run as run_module
+
+    def full_disk(ctx, summary) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run_dir / "report.md"))
+
+    monkeypatch.setattr(run_module, "write_report", full_disk)
+    spec = tmp_path / "s.pd"
+    spec.write_text(
+        "experiment s\ntask graph_coloring { nodes = 4, train = 8, test = 2 }\n"
+        "model tiny { width = 32, depth = 1, heads = 2, vision_width = 32, vision_depth = 1 }\n"
+        "stage a = sft { steps = 1, batch = 2 }\neval { test = 2, max_new_tokens = 4 }\n"
+    )
+    with pytest.raises(run_module.RunFailed, match=r"No space left on device: .*report\.md; finished stages"):
+        run_spec(spec, out=tmp_path / "runs")
+    (run_dir,) = (tmp_path / "runs").glob("s-*")
+    assert (run_dir / "stages" / "a" / "done.json").exists() and not (run_dir / "summary.json").exists()
 
 
 HUB_SPEC = """experiment hub

@@ -126,10 +126,23 @@ def check_grid(ck: Checker) -> GridIR | None:
                 fixed[name] = val
     axes: list[AxisIR] = []
     axis_spans: list[Span] = []
+
+    def distinct(rows: list[list[Any]], names: list[str], span: Span) -> bool:
+        """Two equal rows would be two cells with one IR hash: one run directory, trained twice."""
+        seen = set()
+        for row in rows:
+            if (key := tuple(row)) in seen:
+                shown = ", ".join(f"{n} = {v!r}" for n, v in zip(names, row))
+                ck.error(span, "duplicate", f"{shown} is listed twice: its cells would be the same run", "list each value once")
+                return False
+            seen.add(key)
+        return True
+
     for ax in g.get(A.Axis, []):
         if (name := claim(ax.name)) is not None and (vals := values_of(ax.value, name)) is not None:
-            axes.append(AxisIR(names=[name], values=[[x] for x in vals]))
-            axis_spans.append(ax.span)
+            if distinct([[x] for x in vals], [name], ax.value.span):
+                axes.append(AxisIR(names=[name], values=[[x] for x in vals]))
+                axis_spans.append(ax.span)
     for z in g.get(A.Zip, []):
         names, columns, first_len = [], [], None
         for e in z.block.entries:
@@ -149,8 +162,8 @@ def check_grid(ck: Checker) -> GridIR | None:
             first_len = first_len or (len(vals), name)
             names.append(name)
             columns.append(vals)
-        if names:
-            axes.append(AxisIR(names=names, values=[list(p) for p in zip(*columns)]))
+        if names and distinct(rows := [list(p) for p in zip(*columns)], names, z.span):
+            axes.append(AxisIR(names=names, values=rows))
             axis_spans.append(z.span)
     seeds: list[int] = []
     if A.Seeds in g:

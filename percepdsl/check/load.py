@@ -41,9 +41,10 @@ def resolve_written(base: Path, written: str) -> Path | None:
         return None
 
 
-def is_file(path: Path) -> bool:
+def is_file(path: Path, kind: str = "file") -> bool:
+    """`path.is_file()` (`kind="dir"`: `is_dir()`), False where the name itself is an error."""
     try:
-        return path.is_file()
+        return path.is_file() if kind == "file" else path.is_dir()
     except OSError:  # a name too long for the file system
         return False
 
@@ -128,11 +129,16 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
             continue
         if not is_file(target):
             guess = did_you_mean(target.name, pd_files_near(target))
+            is_dir = not guess and is_file(target, "dir")
             rep.error(
                 stmt.path.span,
                 "missing-include",
-                f"included file `{shown(stmt.path.value)}` does not exist",
-                f"did you mean `{guess}`?" if guess else f"the path is relative to {relpath(base) or '.'}/",
+                f"included file `{shown(stmt.path.value)}` " + ("is a directory" if is_dir else "does not exist"),
+                f"did you mean `{guess}`?"
+                if guess
+                else "include one .pd file of it"
+                if is_dir
+                else f"the path is relative to {relpath(base) or '.'}/",
             )
             continue
         text, d = read_source(target)
@@ -143,5 +149,14 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
         loaded.sources[inc_name] = text
         sub, d = parse_text(text, inc_name)
         rep.items += d
-        if sub is not None:
+        header = next((s for s in sub.items if isinstance(s, (A.Experiment, A.Grid))), None) if sub is not None else None
+        if header is not None:  # its task, stages, ... would each be reported as a duplicate of the includer's
+            kind = "an experiment" if isinstance(header, A.Experiment) else "a grid"
+            rep.error(
+                stmt.path.span,
+                "not-a-fragment",
+                f"included file `{shown(stmt.path.value)}` is {kind} (line {header.span.line}), not a fragment",
+                "include only headerless files; to vary a whole experiment, make it a grid's `template`",
+            )
+        elif sub is not None:
             _splice(loaded, sub, target.parent, stack + [target], rep)

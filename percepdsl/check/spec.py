@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import nodes as A
 from ..catalogue import TOKEN_WEIGHT_MAX, Catalogue, ParamSpec
-from ..diagnostics import Related, Span, did_you_mean
+from ..diagnostics import Diagnostic, Related, Span, did_you_mean
 from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, RoleWeights, SFTStageIR, TaskIR, TrainerIR, named_roles
 from ..parse import parse_expr
 from .blocks import defaults
@@ -150,14 +150,9 @@ class _Spec:
                 )
                 continue
             info = self.params[name]
-            expr, _ = parse_expr(text)
+            expr, diags = parse_expr(text)
             if expr is None:
-                ck.error(
-                    ck.at_file(SET_FILE),
-                    "bad-override",
-                    f"cannot parse the value of `--set {name}={text}`",
-                    'values are literals: 0.5, 3, true, "text"',
-                )
+                self._unparsable(name, text, diags, 'values are literals: 0.5, 3, true, "text"')
                 continue
             if isinstance(expr, A.Name) and info.type == "str":
                 value = expr.id  # bare words are strings for str params: --set task=sudoku
@@ -175,12 +170,20 @@ class _Spec:
                         f"give it a default (`param {name}: {info.type} = ...`) or pass `--set {name}=...`",
                     )
 
+    def _unparsable(self, name: str, text: str, diags: list[Diagnostic], hint: str) -> None:
+        """A `--set` value that does not parse; a number out of bounds says so (`1e400`, 20 digits)."""
+        bad = next((d for d in diags if d.code == "bad-number"), None)
+        what = f": {bad.message}" if bad else ""
+        self.ck.error(
+            self.ck.at_file(SET_FILE), "bad-override", f"cannot parse the value of `--set {name}={text}`{what}", bad.hint if bad else hint
+        )
+
     def _override_seed(self, seed: int) -> int:
         ck = self.ck
-        expr, _ = parse_expr(ck.overrides["seed"])
+        expr, diags = parse_expr(ck.overrides["seed"])
         value = ck.coerce_expr(expr, SEED, "`--set seed`", literal_only=True) if expr else None
         if expr is None:
-            ck.error(ck.at_file(SET_FILE), "bad-override", f"cannot parse `--set seed={ck.overrides['seed']}`", "seeds are integers")
+            self._unparsable("seed", ck.overrides["seed"], diags, "seeds are integers")
         return seed if value is None else value
 
     def _report_unused_params(self) -> None:

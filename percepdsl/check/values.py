@@ -220,10 +220,10 @@ def default_value(p: ParamSpec) -> Any:
     return p.ir_default()
 
 
-def _range_hint(spec: ParamSpec) -> str | None:
+def _range_hint(spec: ParamSpec, x: float) -> str | None:
     if spec.min is not None and spec.max is not None and (spec.min, spec.max) == (0, 1):
         return "probabilities and weights are between 0 and 1"
-    if spec.min == 1:
+    if spec.min == 1 and x < 1:  # above the maximum, "positive" would be no help
         return "counts and sizes are positive"
     return None
 
@@ -284,7 +284,11 @@ class Evaluator:
                 if not isinstance(b, Num) or not float(b.value).is_integer():
                     self.error(b.span, "type", f"range bounds are integers, got {b.describe()}", None)
                     return None
-            return Range(e.span, int(lo.value), int(hi.value))
+            lo_i, hi_i = int(lo.value), int(hi.value)
+            if lo_i > hi_i:  # every use (a task's size range, seeds, an axis) would get nothing from it
+                self.error(e.span, "out-of-range", f"range {lo_i}..{hi_i} is empty", f"ranges count up: write {hi_i}..{lo_i}")
+                return None
+            return Range(e.span, lo_i, hi_i)
         if isinstance(e, A.Call):
             return self._call(e, ctx)
         if isinstance(e, (A.Sum, A.Product)):
@@ -346,7 +350,12 @@ class Evaluator:
             msg = f"`{v.name}` is neither a declared param nor a reward term"
         else:
             msg = f"`{v.name}` is not a declared param"
-        hint = f"did you mean `{guess}`?" if guess else ("declare it: `param " + v.name + ": float = ...`")
+        if guess:
+            hint = f"did you mean `{guess}`?"
+        elif v.name.lower() in ("nan", "inf", "infinity"):  # what Python's float() would take: not a number here
+            hint = "numbers in a spec are finite: write one (e.g. 1e6), or leave the setting at its default"
+        else:
+            hint = "declare it: `param " + v.name + ": float = ...`"
         related = []
         if guess in params:
             related = [Related.at(params[guess].decl.name.span, f"param `{guess}` declared here")]
@@ -709,7 +718,7 @@ class Evaluator:
                 v.span,
                 "out-of-range",
                 f"{what} must be {spec.describe_range()}, got {show(x)}",
-                _range_hint(spec),
+                _range_hint(spec, x),
                 [v.origin] if v.origin else [],
             )
             return False
@@ -787,9 +796,6 @@ class Evaluator:
                 return None if x is None else (x, x)
             if isinstance(v, Range):
                 lo, hi = v.lo, v.hi
-                if lo > hi:
-                    self.error(v.span, "out-of-range", f"{what}: range {lo}..{hi} is empty", f"write {hi}..{lo}")
-                    return None
                 ok = self._check_range(v, spec, lo, what) and self._check_range(v, spec, hi, what)
                 return (lo, hi) if ok else None
             return wrong()
@@ -895,7 +901,11 @@ class Evaluator:
         roles = self.scope.roles
         guess = did_you_mean(name, roles)
         declared = roles[guess] if guess else None
-        where = f" (declared at line {declared.line})" if declared is not None else ""
+        where = ""
+        if declared is not None:  # the roles block may be in an included file
+            where = (
+                f" (declared at line {declared.line})" if declared.file == span.file else f" (declared at {declared.file}:{declared.line})"
+            )
         hint = f"did you mean `{guess}`?{where}" if guess else f"declared roles: {', '.join(roles)}"
         self.error(span, "unknown-role", f"{user} role `{name}`, which the roles block does not declare", hint)
 

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import TextIO
 
 from percepdsl.diagnostics import relpath
-from percepdsl.io import write_text_atomic
+from percepdsl.io import os_error_text, write_text_atomic
 
 from .backends import SlurmOptions, import_ray, import_submitit
-from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, GridError
+from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .execute import GridOutcome, describe_exit, execute
 from .paired import Arm, BaselineError, label_arms, load_runs, paired_markdown, paired_report, parse_selector, select_baseline
 from .plan import GridPlan, plan_grid
 from .progress import plural
 from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
-from .state import GridLock
+from .state import GridLock, load_state, read_summary
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
@@ -285,11 +285,22 @@ def report_command(
     the arms of separate run directories, written to DIR."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    try:
+        return _report(paths, baseline, out, stdout, stderr)
+    except OSError as exc:  # --out or the grid directory cannot be written (a file, read-only, a full disk)
+        print(f"error: cannot write the report: {os_error_text(exc)}", file=stderr)
+        return EXIT_USAGE
+
+
+def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: TextIO, stderr: TextIO) -> int:
     if len(paths) == 1 and (paths[0] / CELLS_DIR).is_dir():
         return _report_grid(paths[0], baseline, stdout, stderr)
     not_runs = [p for p in paths if not (p / "summary.json").is_file()]
     if not_runs:
         p = not_runs[0]
+        if not p.exists():
+            print(f"error: {p}: no such directory", file=stderr)
+            return EXIT_USAGE
         what = "a grid directory (no cells/ inside) nor a finished run directory (no summary.json)"
         print(f"error: {p} is neither {what}; `percep grid GRID --out DIR` or `percep run SPEC` makes one", file=stderr)
         return EXIT_USAGE
@@ -318,6 +329,12 @@ def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: T
         print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
+    unfinished = [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None]
+    if unfinished:
+        shown = ", ".join(relpath(d) for d in unfinished[:5]) + (" …" if len(unfinished) > 5 else "")
+        print(f"note: not in the table: {plural(len(unfinished), 'cell')} with no complete summary.json: {shown}", file=stderr)
+    if (grid_dir / STATE_FILE).exists() and load_state(grid_dir) is None:
+        print(f"warning: {relpath(grid_dir / STATE_FILE)} cannot be read: failed cells are not counted", file=stderr)
     written = [grid_dir / RESULTS_MD, grid_dir / RESULTS_CSV, *plots]
     if baseline:
         print("\n" + (grid_dir / PAIRED_MD).read_text(encoding="utf-8"), file=stdout, end="")

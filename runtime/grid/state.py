@@ -4,14 +4,13 @@ two `percep grid` runs off the same directory."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from percepdsl.diagnostics import relpath
-from percepdsl.io import write_json_atomic
+from percepdsl.io import os_error_text, read_json, write_json_atomic
 
 from .common import CELLS_DIR, DEFAULT_METRICS, DONE, FAILED, INTERRUPTED, PENDING, RUNNING, STATE_FILE, SUMMARY_FILE, GridError, now
 
@@ -24,18 +23,12 @@ STATE_VERSION = 1
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """The run's summary.json if it is there, parses, and says the run is complete."""
-    try:
-        data = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    data = read_json(run_dir / SUMMARY_FILE)
     return data if isinstance(data, dict) and data.get("status") == "complete" else None
 
 
 def load_state(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((out_dir / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    data = read_json(out_dir / STATE_FILE)
     return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else None
 
 
@@ -48,8 +41,11 @@ class GridLock:
         self._file: TextIO | None = None
 
     def __enter__(self) -> GridLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        except OSError as exc:  # --out is a file, under a file, read-only: the grid's first write
+            raise GridError(f"cannot use the grid directory: {os_error_text(exc)}") from None  # the path that failed
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no lock

@@ -27,7 +27,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFont
 
-from percepdsl.io import atomic_dir, atomic_path
+from percepdsl.io import atomic_dir, atomic_path, os_error_text
 
 from .base import SPLITS, Task, parse_sections
 
@@ -92,15 +92,32 @@ def build_split(task: Task, split: str, n: int, fmt: str = "hf") -> Dataset:
     return Dataset.from_dict({name: [r[name] for r in rows] for name in features}, features=features)
 
 
+def why_not_replace(out_dir: str | os.PathLike[str]) -> str | None:
+    """Why ``out_dir`` must not be replaced by a data set, or None: it is absent, an empty directory
+    or a data set (``dataset_dict.json``, what ``save_to_disk`` writes). Anything else there (a file,
+    a directory of other things) would be deleted by the replacement."""
+    out = Path(out_dir)
+    try:
+        if not out.exists() or (out.is_dir() and ((out / "dataset_dict.json").is_file() or not any(out.iterdir()))):
+            return None
+    except OSError as exc:
+        return f"cannot read {out}: {os_error_text(exc)}"
+    what = "a directory that holds no data set (no dataset_dict.json)" if out.is_dir() else "a file"
+    return f"{out} is {what}; writing the data set there would delete it: choose another --out, or delete it first"
+
+
 def write_dataset(task: Task, out_dir: str | os.PathLike[str], splits: Mapping[str, int] | None = None, fmt: str = "hf") -> Path:
     """Write ``{split: first n samples}`` (default: every split at ``task.size``) with ``save_to_disk``,
     in format ``fmt`` (``hf`` or ``trl``, see the module doc).
 
-    Load it back with ``datasets.load_from_disk(path)``. An existing ``out_dir`` is replaced.
+    Load it back with ``datasets.load_from_disk(path)``. An existing data set at ``out_dir`` is
+    replaced; anything else there is refused (``FileExistsError``, see :func:`why_not_replace`).
     Returns the path of the data set.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if (why := why_not_replace(out_dir)) is not None:
+        raise FileExistsError(why)
     out = Path(out_dir).resolve()
     counts = dict(splits) if splits is not None else {s: task.size(s) for s in SPLITS}
     data = DatasetDict({split: build_split(task, split, n, fmt) for split, n in counts.items()})
@@ -126,7 +143,11 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
 
 def contact_sheet(task: Task, path: str | os.PathLike[str], n: int = 8, split: str = "test", scale: int = 3) -> Path:
     """A PNG grid of the first ``n`` samples of ``split``, each image enlarged ``scale`` x
-    (nearest neighbour, so pixels stay visible) and captioned with its id and ``p*``."""
+    (nearest neighbour, so pixels stay visible) and captioned with its id and ``p*``; at most the
+    split's size (the data set holds no more), at least one."""
+    if n < 1:
+        raise ValueError(f"a contact sheet shows at least 1 sample, got {n}")
+    n = min(n, task.size(split))
     samples = [task.sample(split, i) for i in range(n)]
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
