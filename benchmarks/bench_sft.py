@@ -154,8 +154,11 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, passes: i
     every new matmul shape, and NGDiff's chunks have shapes of their own), then ``passes``
     timed passes go over the same batches. A step's time is the process's CPU time from
     ``on_train_batch_start`` to ``on_train_batch_end`` (one torch thread; the other variants'
-    threads wait meanwhile). A variant's ratio is its summed step time over the token-mean steps'
-    on the same batches (also per pass); ``<variant>_per_batch`` holds the per-batch ratios."""
+    threads wait meanwhile; ``run_ngdiff`` starts this process with ``MALLOC_ARENA_MAX=1``, so the
+    threads allocate from one malloc arena as a training run's one thread does: with an arena per
+    thread, processes on the quickstart's batches gave NGDiff 1.23x to 1.46x, with one arena three
+    processes gave 1.24-1.28x). A variant's ratio is its summed step time over the token-mean
+    steps' on the same batches (also per pass); ``<variant>_per_batch`` holds the per-batch ratios."""
     import threading
 
     import lightning as L
@@ -366,14 +369,15 @@ def run(regime: str, threads: int, rounds: int, steps: int, warmup: int, items: 
 
 def run_ngdiff(regime: str, threads: int, rounds: int, steps: int, items: int, passes: int = 2) -> dict[str, Any]:
     """NGDiff's step against a token-mean step: ``rounds`` processes, each pairing the variants
-    batch by batch (``child_ngdiff``). Within a process the passes agree to a few percent, while
-    on this shared machine one process's ratio differed from the next one's by up to 20%, so a
-    round is a process: the median over rounds is the figure, and their range its spread."""
+    batch by batch (``child_ngdiff``). Within a process the passes agree to a few percent; a round
+    is a process, so that what differs between processes (memory layout, the neighbours' load)
+    shows in the spread: the median over rounds is the figure."""
     with tempfile.TemporaryDirectory(prefix="bench-sft-model-") as tmp:
         model_dir = bl.build_model(regime, Path(tmp) / "tiny")
         load0 = bl.loadavg()
         args = ["--side", "ngdiff", "--model-dir", str(model_dir), "--regime", regime, "--items", str(items)]
-        runs = [bl.run_child("bench_sft.py", [*args, "--steps", str(steps), "--passes", str(passes)], threads) for _ in range(rounds)]
+        args += ["--steps", str(steps), "--passes", str(passes)]
+        runs = [bl.run_child("bench_sft.py", args, threads, env={"MALLOC_ARENA_MAX": "1"}) for _ in range(rounds)]
     first = runs[0]
     ng: dict[str, Any] = {
         "plain_step_cpu_s": statistics.median(r["plain_step_cpu_s"] for r in runs),
