@@ -33,6 +33,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,6 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, passes: i
     thread, processes on the quickstart's batches gave NGDiff 1.23x to 1.46x, with one arena three
     processes gave 1.24-1.28x). A variant's ratio is its summed step time over the token-mean
     steps' on the same batches (also per pass); ``<variant>_per_batch`` holds the per-batch ratios."""
-    import threading
-
     import lightning as L
     import torch
 
@@ -237,8 +236,6 @@ class Turns:
     too) instead of leaving them waiting for a turn that never comes; ``check()`` re-raises."""
 
     def __init__(self, order: list[Any]):
-        import threading
-
         self.order, self.pos, self.cond = order, 0, threading.Condition()
         self.errors: list[BaseException] = []
 
