@@ -10,8 +10,9 @@ both sides (each its own seeded shuffle), bf16 autocast:
    (``batching = random``, ``packing = true``: one padding-free row per batch);
 3. ``ours_padded``: the same with ``packing = false`` (right-padded items);
 4. ``ngdiff`` (``--ngdiff``, its own comparison): step time of NGDiff over a token-mean step on
-   the same batches, in one process, alternating: exact (the default chunked forward, and one
-   forward with a second full backward), and with ``norm_every = 4``.
+   the same batches, in one process, paired batch by batch (``child_ngdiff``): exact (the
+   default chunked forward, and one forward with a second full backward), and with
+   ``norm_every = 4``.
 
 Throughput is *target* tokens per second (response tokens + end-of-turn: the tokens the loss is
 on), between step ends after a warm-up (data loading, collation, logging and the optimiser all
@@ -32,6 +33,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +142,24 @@ def child_ours(model_dir: Path, regime: str, items: int, steps: int, warmup: int
     return res | {"rss_before_mb": rss0, "packed": dm.packed, "padding_fraction": padding(dm)}
 
 
-def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, rounds: int) -> dict[str, Any]:
-    """Median step time of NGDiff (exact: chunked forward, and one forward with a second full
-    backward; norms every 4 steps) over a token-mean step on the same batches, each best of
-    ``rounds`` alternating runs in this process."""
+def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, passes: int) -> dict[str, Any]:
+    """Step CPU time of NGDiff (exact: chunked forward, and one forward with a second full
+    backward; norms every 4 steps) over a token-mean step's, paired batch by batch in this process
+    (one round of ``run_ngdiff``).
+
+    Every variant trains under its own Lightning Trainer (``grad_clip`` 1.0, as the quickstart's
+    trainer block) in its own thread, and the threads take turns one step at a time
+    (``Turns``): on every batch each variant steps once, the order rotating from batch to batch,
+    so a neighbour's burst on this shared machine falls on the variants alike and no variant
+    always runs first. One pass over ``steps`` batches warms up (oneDNN compiles a kernel for
+    every new matmul shape, and NGDiff's chunks have shapes of their own), then ``passes``
+    timed passes go over the same batches. A step's time is the process's CPU time from
+    ``on_train_batch_start`` to ``on_train_batch_end`` (one torch thread; the other variants'
+    threads wait meanwhile; ``run_ngdiff`` starts this process with ``MALLOC_ARENA_MAX=1``, so the
+    threads allocate from one malloc arena as a training run's one thread does: with an arena per
+    thread, processes on the quickstart's batches gave NGDiff 1.23x to 1.46x, with one arena three
+    processes gave 1.24-1.28x). A variant's ratio is its summed step time over the token-mean
+    steps' on the same batches (also per pass); ``<variant>_per_batch`` holds the per-batch ratios."""
     import lightning as L
     import torch
 
@@ -155,8 +171,9 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, rounds: i
     enc = Encoder(load_hf(model_dir), bl.RULES)
     dm = SFTDataModule(bl.task_of(regime), enc, batch_size=BATCH, seed=0, n_items=items)
     dm.setup()
-    batches = [dm.collate([dm.dataset[i] for i in b]) for b in dm.sampler().batches()[: steps + 3]]
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    batches = [dm.collate([dm.dataset[i] for i in b]) for b in dm.sampler().batches()[:steps]]
+    stream = batches * (passes + 1)  # the warm-up pass, then the timed ones
+    loader = torch.utils.data.DataLoader(stream, batch_size=None)
     groups = [["perception"], ["reasoning", "answer"]]
     specs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "plain": ({"kind": "token_mean"}, {}),
@@ -164,39 +181,94 @@ def child_ngdiff(model_dir: Path, regime: str, items: int, steps: int, rounds: i
         "ngdiff_one_pass": ({"kind": "ngdiff", "groups": groups}, {"chunked": False}),
         "ngdiff_lagged": ({"kind": "ngdiff", "groups": groups, "norm_every": 4}, {}),
     }
-    med: dict[str, list[float]] = {k: [] for k in specs}
-    chunked: list[bool] = []
-    for _ in range(rounds):
-        for name, (spec, kw) in specs.items():
-            times: list[float] = []
+    names = list(specs)
+    turns = Turns([(names[(j + k) % len(names)], j) for j in range(len(stream)) for k in range(len(names))])
+    times: dict[str, list[float]] = {k: [] for k in names}
+    modules: dict[str, Any] = {}
 
-            class Clock(L.Callback):
-                def on_train_batch_start(self, *a: Any) -> None:
-                    self.t = bl.now()
+    class Clock(L.Callback):
+        def __init__(self, name: str):
+            self.name, self.step, self.t = name, 0, bl.now()
 
-                def on_train_batch_end(self, *a: Any) -> None:
-                    times.append(bl.span(self.t, bl.now())["cpu_s"])  # noqa: B023 (the callback lives one iteration)
+        def on_train_batch_start(self, *a: Any) -> None:
+            turns.wait((self.name, self.step))
+            self.t = bl.now()
 
-            stage = SFTStageIR(name=name, steps=len(batches), lr=1e-3, loss=spec)
-            module = SFTModule(load_hf(model_dir), stage, enc.role_names, **kw)
-            build_trainer(len(batches), accelerator="cpu", callbacks=[Clock()], log_every_n_steps=10).fit(module, train_dataloaders=loader)
-            med[name].append(statistics.median(times[min(3, len(times) - 1) :]))  # the first steps warm up
-            if name == "ngdiff" and not chunked:
-                chunked = [module._chunk(b) is not None for b in batches]
-    plain = min(med["plain"])
+        def on_train_batch_end(self, *a: Any) -> None:
+            times[self.name].append(bl.span(self.t, bl.now())["cpu_s"])
+            self.step += 1
+            turns.next()
+
+    def fit(name: str) -> None:
+        spec, kw = specs[name]
+        stage = SFTStageIR(name=name, steps=len(stream), lr=1e-3, loss=spec)
+        modules[name] = SFTModule(load_hf(model_dir), stage, enc.role_names, grad_clip=1.0, **kw)
+        trainer = build_trainer(len(stream), accelerator="cpu", callbacks=[Clock(name)], log_every_n_steps=10)
+        turns.run(lambda: trainer.fit(modules[name], train_dataloaders=loader))
+
+    threads = [threading.Thread(target=fit, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    turns.check()
+    n = len(batches)
+    timed = {k: v[n:] for k, v in times.items()}  # the first pass warmed up
+    out: dict[str, Any] = {"plain_step_cpu_s": statistics.median(timed["plain"]), "batches": n}
+    for name in names[1:]:
+        out[f"{name}_step_cpu_s"] = statistics.median(timed[name])
+        out[f"{name}_ratio"] = sum(timed[name]) / sum(timed["plain"])
+        out[f"{name}_passes"] = [sum(timed[name][r * n : (r + 1) * n]) / sum(timed["plain"][r * n : (r + 1) * n]) for r in range(passes)]
+        out[f"{name}_per_batch"] = [a / b for a, b in zip(timed[name], timed["plain"])]
+    module = modules["ngdiff"]
     shares = [_prefix_share(module, b) for b in batches]
-    return {
-        "plain_step_cpu_s": plain,
-        "ngdiff_step_cpu_s": min(med["ngdiff"]),
-        "ngdiff_ratio": min(med["ngdiff"]) / plain,
-        "ngdiff_ratio_rounds": [e / p for e, p in zip(med["ngdiff"], med["plain"])],
-        "ngdiff_one_pass_ratio": min(med["ngdiff_one_pass"]) / plain,
-        "ngdiff_one_pass_ratio_rounds": [e / p for e, p in zip(med["ngdiff_one_pass"], med["plain"])],
-        "ngdiff_lagged_ratio": min(med["ngdiff_lagged"]) / plain,
-        "chunked_share": sum(chunked) / len(chunked),
+    return out | {
+        "chunked_share": sum(module._chunk(b) is not None for b in batches) / n,
         "prefix_share": statistics.mean(shares),
         "packed": dm.packed,
     }
+
+
+class Turns:
+    """Threads that run one at a time in a given order: ``order`` lists keys (here (variant,
+    step)); ``wait(key)`` blocks until it is that key's turn, ``next()`` passes the turn on.
+    ``run(fn)`` runs a thread's work and, should it fail, wakes the others (which then fail
+    too) instead of leaving them waiting for a turn that never comes; ``check()`` re-raises."""
+
+    def __init__(self, order: list[Any]):
+        self.order, self.pos, self.cond = order, 0, threading.Condition()
+        self.errors: list[BaseException] = []
+
+    def wait(self, key: Any) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.errors or (self.pos < len(self.order) and self.order[self.pos] == key))
+            if self.errors:
+                raise RuntimeError("another variant failed")
+
+    def next(self) -> None:
+        with self.cond:
+            self.pos += 1
+            self.cond.notify_all()
+
+    def run(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as e:  # re-raised by check() in the main thread
+            with self.cond:
+                self.errors.append(e)
+                self.cond.notify_all()
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """[lower quartile, median, upper quartile] (all three the value itself for one value)."""
+    if len(values) < 2:
+        return [values[0]] * 3
+    q = statistics.quantiles(values, n=4)
+    return [q[0], statistics.median(values), q[2]]
 
 
 def _prefix_share(module: Any, batch: dict[str, Any]) -> float:
@@ -292,13 +364,32 @@ def run(regime: str, threads: int, rounds: int, steps: int, warmup: int, items: 
     return out
 
 
-def run_ngdiff(regime: str, threads: int, rounds: int, steps: int, items: int) -> dict[str, Any]:
-    """NGDiff's step against a token-mean step (``child_ngdiff``: one process, alternating)."""
+def run_ngdiff(regime: str, threads: int, rounds: int, steps: int, items: int, passes: int = 2) -> dict[str, Any]:
+    """NGDiff's step against a token-mean step: ``rounds`` processes, each pairing the variants
+    batch by batch (``child_ngdiff``). Within a process the passes agree to a few percent; a round
+    is a process, so that what differs between processes (memory layout, the neighbours' load)
+    shows in the spread: the median over rounds is the figure."""
     with tempfile.TemporaryDirectory(prefix="bench-sft-model-") as tmp:
         model_dir = bl.build_model(regime, Path(tmp) / "tiny")
         load0 = bl.loadavg()
         args = ["--side", "ngdiff", "--model-dir", str(model_dir), "--regime", regime, "--items", str(items)]
-        ng = bl.run_child("bench_sft.py", [*args, "--steps", str(steps), "--rounds", str(rounds)], threads)
+        args += ["--steps", str(steps), "--passes", str(passes)]
+        runs = [bl.run_child("bench_sft.py", args, threads, env={"MALLOC_ARENA_MAX": "1"}) for _ in range(rounds)]
+    first = runs[0]
+    ng: dict[str, Any] = {
+        "plain_step_cpu_s": statistics.median(r["plain_step_cpu_s"] for r in runs),
+        "batches": first["batches"],
+        "passes": passes,
+        "chunked_share": first["chunked_share"],
+        "prefix_share": first["prefix_share"],
+        "packed": first["packed"],
+    }
+    for name in ("ngdiff", "ngdiff_one_pass", "ngdiff_lagged"):
+        ng[f"{name}_step_cpu_s"] = statistics.median(r[f"{name}_step_cpu_s"] for r in runs)
+        ng[f"{name}_ratio_rounds"] = [r[f"{name}_ratio"] for r in runs]
+        ng[f"{name}_ratio"] = min(ng[f"{name}_ratio_rounds"])  # the best round (run_all's "best rounds" column)
+        ng[f"{name}_passes"] = [r[f"{name}_passes"] for r in runs]
+        ng[f"{name}_paired"] = quartiles([x for r in runs for x in r[f"{name}_per_batch"]])
     return {"regime": regime, "threads": threads, "rounds": rounds, "loadavg": [load0, bl.loadavg()], "ngdiff": ng}
 
 
@@ -311,7 +402,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--items", type=int, default=400)
     ap.add_argument("--ngdiff", action="store_true", help="measure NGDiff's step against a token-mean step instead")
-    ap.add_argument("--ngdiff-steps", type=int, default=20)
+    ap.add_argument("--ngdiff-steps", type=int, default=20, help="--ngdiff: batches, a warm-up pass then --passes timed passes over them")
+    ap.add_argument("--passes", type=int, default=2, help="--ngdiff: timed passes over the batches in each round (process)")
     ap.add_argument("--json", type=Path, default=None)
     # one side in this process (what the parent runs)
     ap.add_argument("--side", choices=(*SIDES, "ngdiff"), default=None)
@@ -322,13 +414,13 @@ def main() -> None:
         if args.side == "trl":
             res = child_trl(args.model_dir, args.regime, args.items, args.steps, args.warmup)
         elif args.side == "ngdiff":
-            res = child_ngdiff(args.model_dir, args.regime, args.items, args.steps, args.rounds)
+            res = child_ngdiff(args.model_dir, args.regime, args.items, args.steps, args.passes)
         else:
             res = child_ours(args.model_dir, args.regime, args.items, args.steps, args.warmup, args.side == "ours")
         bl.emit(res)
         return
     if args.ngdiff:
-        res = run_ngdiff(args.regime, args.threads, args.rounds, args.ngdiff_steps, args.items)
+        res = run_ngdiff(args.regime, args.threads, args.rounds, args.ngdiff_steps, args.items, args.passes)
         print(report_ngdiff(res))
     else:
         res = run(args.regime, args.threads, args.rounds, args.steps, args.warmup, args.items)
@@ -366,6 +458,35 @@ def report(res: dict[str, Any]) -> str:
 def report_ngdiff(res: dict[str, Any]) -> str:
     ng = res["ngdiff"]
     rounds = lambda key: ", ".join(f"{x:.2f}" for x in ng[key])  # noqa: E731
+    if "ngdiff_paired" in ng:
+        load = ", load {:.1f}–{:.1f}".format(*res["loadavg"]) if "loadavg" in res else ""
+        lines = [
+            f"NGDiff, regime {res['regime']}, {res['threads']} thread(s): summed step CPU time over the token-mean steps' on the same "
+            f"batches, paired batch by batch in one process per round ({res['rounds']} rounds; {ng['batches']} batches, a warm-up pass, "
+            f"then {ng['passes']} timed passes{load}); the median and range over rounds, and the quartiles of the per-batch ratios",
+            "",
+        ]
+
+        def with_passes(key: str) -> str:  # each round's ratio, its passes' in brackets
+            return ", ".join(
+                f"{r:.2f} [{'/'.join(f'{x:.2f}' for x in ps)}]" for r, ps in zip(ng[f"{key}_ratio_rounds"], ng[f"{key}_passes"])
+            )
+
+        what = {
+            "ngdiff": f"chunked forward (the default; {ng['chunked_share']:.0%} of the steps chunked, prefix chunk "
+            f"{ng['prefix_share']:.0%} of the tokens, {'packed rows' if ng['packed'] else 'padded items'})",
+            "ngdiff_one_pass": "one forward, second full backward (the fallback)",
+            "ngdiff_lagged": "norms every 4 steps (an approximation)",
+        }
+        for key, text in what.items():
+            q = ng[f"{key}_paired"]
+            lines.append(
+                f"- {text}: median {statistics.median(ng[f'{key}_ratio_rounds']):.2f}x (rounds {with_passes(key)}); "
+                f"per batch {q[1]:.2f}x (quartiles {q[0]:.2f}–{q[2]:.2f}x)"
+            )
+        lines.append(f"- token-mean step: {ng['plain_step_cpu_s'] * 1e3:.0f} ms CPU (median)")
+        return "\n".join(lines)
+    # measured before session 10: each variant a Lightning run of its own, one after the other
     lines = [f"NGDiff, regime {res['regime']}, {res['threads']} thread(s): median step CPU time over a token-mean step's, same batches"]
     if "ngdiff_one_pass_ratio" in ng:
         lines += [

@@ -139,10 +139,10 @@ def emit(result: dict[str, Any]) -> None:
     print("\n" + json.dumps(result, default=float), flush=True)
 
 
-def run_child(script: str, args: Sequence[str], threads: int, timeout: float = 3600) -> dict[str, Any]:
-    """Run ``benchmarks/<script> <args>`` in a fresh process pinned to ``threads`` threads and
-    return the JSON it emitted (its last stdout line)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+def run_child(script: str, args: Sequence[str], threads: int, timeout: float = 3600, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``benchmarks/<script> <args>`` in a fresh process pinned to ``threads`` threads (and
+    ``env`` added to its environment) and return the JSON it emitted (its last stdout line)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "examples" / "plugin"), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)

@@ -44,7 +44,7 @@ TARGETS = {"sft": 1.5, "ngdiff": 1.3, "grpo": 3.0}
 FULL = {
     "matmul": {"n": 2048},
     "sft": {"rounds": 3, "steps": 30, "warmup": 8, "items": 400},
-    "ngdiff": {"rounds": 3, "steps": 20, "items": 400},
+    "ngdiff": {"rounds": 5, "steps": 20, "items": 400, "passes": 2},  # a round: one process (bench_sft.run_ngdiff)
     "packing": {"batches": 40, "items": 400},
     "grpo": {"rounds": 3, "steps": 8, "warmup": 3, "sft_steps": 60},
     "eval": {"items": 500, "naive_items": 10, "repeats": 2},
@@ -54,7 +54,7 @@ FULL = {
 QUICK = {
     "matmul": {"n": 256},
     "sft": {"rounds": 1, "steps": 2, "warmup": 2, "items": 48},
-    "ngdiff": {"rounds": 1, "steps": 2, "items": 48},
+    "ngdiff": {"rounds": 1, "steps": 2, "items": 48, "passes": 1},
     "packing": {"batches": 2, "items": 48},
     "grpo": {"rounds": 1, "steps": 1, "warmup": 1, "sft_steps": 2, "sides": ("trl", "ours")},
     "eval": {"items": 4, "naive_items": 2, "repeats": 1},
@@ -93,7 +93,7 @@ def _sft(regime: str, threads: int, s: dict[str, Any]) -> dict[str, Any]:
 def _ngdiff(regime: str, threads: int, s: dict[str, Any]) -> dict[str, Any]:
     import bench_sft
 
-    return bench_sft.run_ngdiff(regime, threads, s["rounds"], s["steps"], s["items"])
+    return bench_sft.run_ngdiff(regime, threads, s["rounds"], s["steps"], s["items"], s["passes"])
 
 
 def _packing(regime: str, threads: int, s: dict[str, Any]) -> dict[str, Any]:

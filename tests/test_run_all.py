@@ -73,3 +73,74 @@ def test_quick_run_of_every_benchmark(tmp_path: Path) -> None:
     md = (tmp_path / "perf.md").read_text()
     for heading in ("## Targets", *(f"## {name}" for name in pieces)):
         assert heading in md
+
+
+def test_ngdiff_variants_take_turns_in_the_given_order() -> None:
+    """bench_sft's NGDiff comparison steps its variants (one thread each) one at a time, in the
+    order given: here the order within each batch alternates."""
+    import threading
+
+    import bench_sft
+
+    order = [(n, j) for j in range(4) for n in (("a", "b") if j % 2 == 0 else ("b", "a"))]
+    turns, ran = bench_sft.Turns(order), []
+
+    def work(name: str) -> None:
+        for j in range(4):
+            turns.wait((name, j))
+            ran.append((name, j))
+            turns.next()
+
+    threads = [threading.Thread(target=turns.run, args=(lambda n=n: work(n),)) for n in ("b", "a")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    turns.check()
+    assert ran == order
+
+
+def test_a_failing_variant_wakes_the_others() -> None:
+    """A variant that fails does not leave the others waiting for its turn: they stop, and the
+    first error is raised in the main thread."""
+    import threading
+
+    import bench_sft
+
+    turns = bench_sft.Turns([("a", 0), ("b", 0), ("a", 1), ("b", 1)])
+
+    def a() -> None:
+        turns.wait(("a", 0))
+        turns.next()
+        turns.wait(("a", 1))
+        raise ValueError("a failed")
+
+    def b() -> None:
+        for j in range(2):
+            turns.wait(("b", j))
+            turns.next()
+
+    threads = [threading.Thread(target=turns.run, args=(f,)) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    with pytest.raises(ValueError, match="a failed"):
+        turns.check()
+
+
+def test_ngdiff_report_reads_both_layouts() -> None:
+    """perf.json keeps NGDiff pieces measured with the old design (a Lightning run per variant, one
+    after another) and the paired one; the report renders both."""
+    import bench_sft
+
+    old = json.loads((ROOT / "benchmarks" / "results" / "perf.json").read_text())["pieces"]["ngdiff_long_1"]
+    assert "best of rounds" in bench_sft.report_ngdiff(old)
+    ng = {"plain_step_cpu_s": 0.4, "batches": 20, "passes": 2, "chunked_share": 1.0, "prefix_share": 0.27, "packed": True}
+    for name, r in (("ngdiff", 1.25), ("ngdiff_one_pass", 1.45), ("ngdiff_lagged", 1.05)):
+        rounds = [r, r + 0.02, r - 0.01]
+        ng |= {f"{name}_ratio_rounds": rounds, f"{name}_passes": [[x, x] for x in rounds], f"{name}_paired": [r - 0.1, r, r + 0.1]}
+    text = bench_sft.report_ngdiff({"regime": "quickstart", "threads": 1, "rounds": 3, "loadavg": [2.0, 2.5], "ngdiff": ng})
+    assert "chunked forward" in text and "median 1.25x (rounds 1.25 [1.25/1.25], 1.27 [1.27/1.27], 1.24 [1.24/1.24])" in text
+    assert "per batch 1.45x (quartiles 1.35–1.55x)" in text and "load 2.0–2.5" in text
