@@ -330,8 +330,9 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         "kind": stage.kind,
         "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
-        # this process's CPU time (all its threads), unlike the wall time barely moved by other processes
-        # on the cores: for the training (with any evaluation during it), and for the whole stage
+        # this process's CPU time (all its threads), less moved than the wall time by other processes on
+        # the cores (not immune: shared caches): for the training (with any evaluation during it), and for
+        # the whole stage
         "train_cpu_seconds": round(train_cpu, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "metrics": final,
