@@ -225,6 +225,39 @@ def test_a_damaged_stage_model_is_named_with_the_way_to_rebuild_it(smoke_run: Pa
     assert probe.returncode == 2 and "no readable ir.json" in probe.stderr and "Traceback" not in probe.stderr
 
 
+def test_a_damaged_stage_model_shared_with_the_stage_cache_is_named_with_its_entry(smoke_run: Path, tmp_path: Path) -> None:
+    """A finished stage is published to the stage cache as hard links, so damage to its files damages
+    the cache entry too, and deleting the stage directory alone would link the same files back in on
+    --resume: the message names the entry as well, and deleting both finishes the run."""
+    import shutil
+
+    out = tmp_path / "runs"
+    copy = out / smoke_run.name
+    for src, dst in ((smoke_run, copy), (smoke_run.parent / ".stage-cache", out / ".stage-cache")):
+        shutil.copytree(src, dst, copy_function=os.link)  # the run and its cache share files, as in place
+
+    def entry_of(stage: str) -> Path:
+        mine = copy / "stages" / stage / "model" / "config.json"
+        shared = [p for p in (out / ".stage-cache").glob("*/model/config.json") if os.path.samefile(p, mine)]
+        assert len(shared) == 1
+        return shared[0].parent.parent
+
+    shutil.rmtree(entry_of("balanced"))  # the last stage never finished: neither in the run nor in the cache
+    for rm in (copy / "summary.json", copy / "stages" / "balanced" / "done.json"):
+        rm.unlink()
+    shutil.rmtree(copy / "stages" / "balanced" / "model")
+    entry, damaged = entry_of("fixed"), copy / "stages" / "fixed" / "model" / "config.json"
+    damaged.write_text("overwritten")  # in place: the cache entry's file is the same file
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(out), "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = " ".join(proc.stderr.split())
+    assert f"delete {copy}/stages/fixed and its stage-cache entry {entry} and run again with --resume" in err
+    shutil.rmtree(copy / "stages" / "fixed")
+    shutil.rmtree(entry)
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(out), "--resume", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_runs_that_differ_after_the_base_train_it_once(smoke_run: Path) -> None:
     """A second run under the same --out whose spec differs only after the base stage (another λ)
     takes the base from the stage cache: recorded in its done.json and summary, and the weights
