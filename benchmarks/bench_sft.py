@@ -263,14 +263,6 @@ class Turns:
             raise self.errors[0]
 
 
-def quartiles(values: list[float]) -> list[float]:
-    """[lower quartile, median, upper quartile] (all three the value itself for one value)."""
-    if len(values) < 2:
-        return [values[0]] * 3
-    q = statistics.quantiles(values, n=4)
-    return [q[0], statistics.median(values), q[2]]
-
-
 def _prefix_share(module: Any, batch: dict[str, Any]) -> float:
     """The share of the batch's tokens in the prefix chunk of NGDiff's chunked forward."""
     plan = module._chunk(batch)
@@ -389,7 +381,7 @@ def run_ngdiff(regime: str, threads: int, rounds: int, steps: int, items: int, p
         ng[f"{name}_ratio_rounds"] = [r[f"{name}_ratio"] for r in runs]
         ng[f"{name}_ratio"] = min(ng[f"{name}_ratio_rounds"])  # the best round (run_all's "best rounds" column)
         ng[f"{name}_passes"] = [r[f"{name}_passes"] for r in runs]
-        ng[f"{name}_paired"] = quartiles([x for r in runs for x in r[f"{name}_per_batch"]])
+        ng[f"{name}_paired"] = bl.quartiles([x for r in runs for x in r[f"{name}_per_batch"]])
     return {"regime": regime, "threads": threads, "rounds": rounds, "loadavg": [load0, bl.loadavg()], "ngdiff": ng}
 
 

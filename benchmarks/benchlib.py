@@ -179,5 +179,13 @@ def spread(values: Sequence[float]) -> list[float]:
     return [min(values), statistics.median(values), max(values)]
 
 
+def quartiles(values: Sequence[float]) -> list[float]:
+    """[lower quartile, median, upper quartile] (all three the value itself for one value)."""
+    if len(values) < 2:
+        return [values[0]] * 3
+    q = statistics.quantiles(values, n=4)
+    return [q[0], statistics.median(values), q[2]]
+
+
 def loadavg() -> float:
     return os.getloadavg()[0]

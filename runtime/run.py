@@ -242,14 +242,11 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         try:
             load_weights(ctx.loaded, parent)
         except ModelLoadError as exc:
-            redo = [parent.parent if stage.parent else parent]  # the parent stage's directory, or init/
+            redo = f"{parent.parent if stage.parent else parent}"  # the parent stage's directory, or init/
             if stage.parent and stagecache.enabled():  # published there as hard links: the same damaged files
                 entry = stagecache.cache_entry(ctx.run_dir, stagecache.stage_identity(ctx.ir, ctx.ir.stage(stage.parent)))
-                redo += [entry] if entry.exists() else []
-            damaged = (
-                f"stage `{stage.name}` cannot start: {exc}; delete {' and its stage-cache entry '.join(map(str, redo))} "
-                "and run again with --resume to rebuild it"
-            )
+                redo += f" and its stage-cache entry {entry}" if entry.exists() else ""
+            damaged = f"stage `{stage.name}` cannot start: {exc}; delete {redo} and run again with --resume to rebuild it"
     if (damaged := ranks.broadcast(damaged)) is not None:  # every rank stops, not only rank 0
         raise RunFailed(damaged)
     ranks.sync_weights(ctx.loaded.model)  # before the module is built: a KL reference copies these weights
