@@ -61,13 +61,14 @@ def _gen(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_gen_never_replaces_what_is_not_a_data_set(tmp_path: Path) -> None:
     """A data set replaces a directory wholesale: an --out that is a file, or a directory of
-    something else, is refused (exit 2) and left as it was, before any sample is generated."""
+    something else, is refused (exit 2) and left as it was, before any sample is generated; so is
+    one below a file, which could not be written."""
     notes = tmp_path / "project"
     notes.mkdir()
     (notes / "notes.txt").write_text("mine")
     a_file = tmp_path / "a_file"
     a_file.write_text("mine too")
-    for out, what in ((notes, "holds no data set"), (a_file, "is a file")):
+    for out, what in ((notes, "holds no data set"), (a_file, "is a file"), (a_file / "sub", "is a file, so")):
         proc = _gen(out)
         assert proc.returncode == 2, proc.stderr
         assert what in proc.stderr and "choose another --out" in proc.stderr and "Traceback" not in proc.stderr

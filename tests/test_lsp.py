@@ -612,3 +612,17 @@ def test_server_diagnostics_for_uris_no_file_can_have(uri: str) -> None:
     diags = server.diagnostics(uri, 'experiment x\ninclude "a\x00b.pd"\ntask graph_coloring {}\nstage base = sft { steps = 1 }\n')
     assert [d.code for d in diags] == ["missing-include"]
     assert "internal error" not in diags[0].message
+
+
+def test_malformed_message_is_one_log_line_and_the_server_goes_on() -> None:
+    """A client that sends a body that is not JSON gets pygls's `window/showMessage`; the server's
+    log (stderr) names the error in a line, no traceback, and the server reads on to the next
+    message (here an `exit`)."""
+    exit_msg = b'{"jsonrpc": "2.0", "method": "exit"}'
+    garbage = b"{garbage!}"
+    stdin = b"".join(b"Content-Length: %d\r\n\r\n%s" % (len(m), m) for m in (garbage, exit_msg))
+    proc = subprocess.run([sys.executable, "-m", "percepdsl.lsp"], input=stdin, capture_output=True, timeout=60, cwd=ROOT)
+    err, out = proc.stderr.decode(), proc.stdout.decode()
+    assert "JSONDecodeError: Expecting property name" in err and "Traceback" not in err, err
+    assert "window/showMessage" in out and "Error in server" in out
+    assert proc.returncode == 0

@@ -268,9 +268,23 @@ def code_action(ls: PercepLanguageServer, params: T.CodeActionParams) -> list[T.
     return F.quick_fixes(params.text_document.uri, doc.text, params.context.diagnostics, ls.enc)
 
 
+class _LogFormat(logging.Formatter):
+    """The server's log on stderr (an editor's output panel). An error that pygls logs with its
+    traceback (a malformed JSON-RPC message from the client: it answers the client with a
+    `window/showMessage` and goes on) gets the exception's own line instead; the traceback
+    only with `PERCEP_LSP_LOG=DEBUG`."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        if log.isEnabledFor(logging.DEBUG):
+            return super().formatException(ei)
+        return f"  {ei[0].__name__}: {ei[1]}" if ei[0] is not None else ""
+
+
 def main() -> None:
     """Serve LSP over stdin/stdout until the client says exit."""
-    logging.basicConfig(level=os.environ.get("PERCEP_LSP_LOG", "WARNING").upper(), format="percep-lsp %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat("percep-lsp %(levelname)s: %(message)s"))
+    logging.basicConfig(level=os.environ.get("PERCEP_LSP_LOG", "WARNING").upper(), handlers=[handler])
     server.start_io()
 
 

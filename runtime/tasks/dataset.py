@@ -95,10 +95,14 @@ def build_split(task: Task, split: str, n: int, fmt: str = "hf") -> Dataset:
 def why_not_replace(out_dir: str | os.PathLike[str]) -> str | None:
     """Why ``out_dir`` must not be replaced by a data set, or None: it is absent, an empty directory
     or a data set (``dataset_dict.json``, what ``save_to_disk`` writes). Anything else there (a file,
-    a directory of other things) would be deleted by the replacement."""
+    a directory of other things) would be deleted by the replacement; a path below a file could
+    not be written at all."""
     out = Path(out_dir)
     try:
-        if not out.exists() or (out.is_dir() and ((out / "dataset_dict.json").is_file() or not any(out.iterdir()))):
+        if not out.exists():
+            above = next(p for p in out.absolute().parents if p.exists())  # the root always exists
+            return None if above.is_dir() else f"{above} is a file, so {out} cannot be a directory: choose another --out"
+        if out.is_dir() and ((out / "dataset_dict.json").is_file() or not any(out.iterdir())):
             return None
     except OSError as exc:
         return f"cannot read {out}: {os_error_text(exc)}"
