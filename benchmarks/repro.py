@@ -51,12 +51,14 @@ pre-registered plans) is still accepted and changes nothing; reproduce.py's `--q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,45 +257,121 @@ def command(cell: Cell, runs: Path) -> list[str]:
     return args
 
 
-def run_cells(cells: list[Cell], out: Path, jobs: int, start_by: float | None = None) -> list[str]:
-    """Run the cells not yet done, `jobs` at a time, each in its own process group; returns failures.
-    No cell starts after ``start_by`` (a time.time()); the ones left are listed as not started."""
+class Slots:
+    """The cores the cells share: at most ``n`` cells run at once over every `run_cells` call that
+    uses it (`benchmarks/reproduce.py` runs a task's parts side by side in threads over one, set as
+    ``SLOTS``). A cell that others start from (a base or a start: ``gate``) takes the next free
+    slot before any arm waiting for one, so the parts' critical paths are not queued behind arms.
+    It keeps the live processes, so an interrupt stops every part's cells."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.stopped = False
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._gates = 0  # gate cells waiting for a slot
+        self._live: set[subprocess.Popen] = set()
+
+    def waiting_gate(self, delta: int) -> None:
+        with self._lock:
+            self._gates += delta
+
+    def take(self, gate: bool) -> bool:
+        """Reserve a slot if one is free (and, for an arm, no gate cell is waiting)."""
+        with self._lock:
+            if self.stopped or self._taken >= self.n or (self._gates and not gate):
+                return False
+            self._taken += 1
+            return True
+
+    def started(self, p: subprocess.Popen) -> None:
+        with self._lock:
+            self._live.add(p)
+
+    def release(self, p: subprocess.Popen | None) -> None:
+        with self._lock:
+            self._taken -= 1
+            self._live.discard(p)
+
+    def interrupt(self) -> None:
+        """Start nothing more; SIGINT every live cell (`percep run` checkpoints on it) and wait for them."""
+        with self._lock:
+            self.stopped, live = True, list(self._live)
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+        for p in live:
+            p.wait()
+
+
+SLOTS: Slots | None = None  # shared by the parts reproduce.py runs side by side; None: each call has its own `jobs`
+REPORTING = threading.Lock()  # the reports draw with pyplot, which is not thread-safe
+_TAG = threading.local()  # the part a thread runs (reproduce.py), before each line it prints
+
+
+def say(text: str, *, err: bool = False) -> None:
+    tag = getattr(_TAG, "text", "")
+    print(f"{tag}: {text.strip()}" if tag else text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def tagged(tag: str) -> None:
+    """Prefix this thread's progress lines with ``tag`` (a part's name)."""
+    _TAG.text = tag
+
+
+def run_cells(cells: list[Cell], out: Path, jobs: int, start_by: float | None = None, *, gate: bool = False) -> list[str]:
+    """Run the cells not yet done, `jobs` at a time (and within ``SLOTS`` when set), each in its own
+    process group; returns failures. No cell starts after ``start_by`` (a time.time()); the ones left
+    are listed as not started. ``gate``: other cells start from these (a base, a start; see `Slots`)."""
     runs, logs = out / "runs", out / "logs"
     runs.mkdir(parents=True, exist_ok=True)
     logs.mkdir(exist_ok=True)
     todo = [c for c in cells if not (run_dir(c, runs) / "summary.json").exists()]
     for c in cells:
         if c not in todo:
-            print(f"  done    {c.label}")
+            say(f"  done    {c.label}")
+    slots = SLOTS or Slots(jobs)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per cell: two stall each other otherwise
     live: dict[subprocess.Popen, tuple[Cell, float]] = {}
     failed: list[str] = []
+    waiting = len(todo) if gate else 0
+    slots.waiting_gate(waiting)
     try:
         while todo or live:
             if todo and start_by is not None and time.time() > start_by:
                 when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start_by))
-                print(f"  cut-off {when} passed: not started: {', '.join(c.label for c in todo)}", flush=True)
+                say(f"  cut-off {when} passed: not started: {', '.join(c.label for c in todo)}")
                 todo = []
-            while todo and len(live) < jobs:
+            if todo and slots.stopped:  # interrupted (another thread's Slots.interrupt)
+                todo = []
+            while todo and len(live) < jobs and slots.take(gate):
                 c = todo.pop(0)
+                if gate:
+                    waiting -= 1
+                    slots.waiting_gate(-1)
                 log = open(logs / f"{c.label}.log", "ab")  # noqa: SIM115 (closed with the process)
-                p = subprocess.Popen(command(c, runs), cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    p = subprocess.Popen(command(c, runs), cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                except BaseException:
+                    slots.release(None)
+                    raise
+                slots.started(p)
                 live[p] = (c, time.time())
-                print(f"  start   {c.label}  (log: {logs / (c.label + '.log')})", flush=True)
+                say(f"  start   {c.label}  (log: {logs / (c.label + '.log')})")
             time.sleep(2)
             for p in [p for p in live if p.poll() is not None]:
                 c, t0 = live.pop(p)
+                slots.release(p)
                 ok = p.returncode == 0
-                print(f"  {'done' if ok else 'FAILED'}    {c.label}  ({(time.time() - t0) / 60:.1f} min, exit {p.returncode})", flush=True)
+                say(f"  {'done' if ok else 'FAILED'}    {c.label}  ({(time.time() - t0) / 60:.1f} min, exit {p.returncode})")
                 if not ok:
                     failed.append(c.label)
     except KeyboardInterrupt:
-        for p in live:  # percep run checkpoints on SIGINT; the next call resumes
-            os.killpg(p.pid, signal.SIGINT)
-        for p in live:
-            p.wait()
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        slots.interrupt()  # percep run checkpoints on SIGINT; the next call resumes
+        say("interrupted: run the same command again to resume", err=True)
         sys.exit(130)
+    finally:
+        slots.waiting_gate(-waiting)
     return failed
 
 
@@ -1331,15 +1409,15 @@ def run_plan(
         if base_model:
             link_base(out / f"{prefix}_base", base_model.resolve())
         else:
-            print("base (shared reasoner start):", flush=True)
+            say("base (shared reasoner start):")
             for stem, name in BASES.get(prefix, (("base", f"{prefix}_base"),)):  # each part starts from the one before
                 cell = Cell(specs / f"{prefix}_{stem}.pd", None, stem)
-                failed += run_cells([cell], out, 1)
+                failed += run_cells([cell], out, 1, gate=True)
                 if failed:
-                    print(f"the base failed: see {out / 'logs' / (stem + '.log')}", file=sys.stderr)
+                    say(f"the base failed: see {out / 'logs' / (stem + '.log')}", err=True)
                     return None, failed
                 link_base(out / name, run_dir(cell, out / "runs") / "stages" / "base")
-        print("arms:", flush=True)
+        say("arms:")
         # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves
         # paired comparisons; p8-500 re-evaluates session 3's arms
         cells = [
@@ -1349,8 +1427,9 @@ def run_plan(
             for arm, s in start_order(plan, arms, seeds)
         ]
         failed += run_cells(cells, out, jobs, start_by)
-        print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    path = report_500(out, arms, seeds) if plan == "p8-500" else report(out, arms, seeds, prefix, specs, compare)
+        say(f"wall time: {(time.time() - t0) / 60:.1f} min")
+    with REPORTING:
+        path = report_500(out, arms, seeds) if plan == "p8-500" else report(out, arms, seeds, prefix, specs, compare)
     return path, failed
 
 

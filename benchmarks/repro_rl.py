@@ -51,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repro import (
+    REPORTING,
     Cell,
     agreement,
     checked_metrics,
@@ -65,6 +66,7 @@ from repro import (
     run_cells,
     run_dir,
     same_weights,
+    say,
     source_of,
     stage_metrics,
     start_by_arg,
@@ -689,8 +691,8 @@ def make_start(plan: Plan, out: Path, start: Path | None, specs: Path = SPECS) -
         return []
     for spec_name, seed, stage, link in plan.chain:
         cell = Cell(specs / spec_name, seed, link)
-        if failed := run_cells([cell], out, 1):
-            print(f"the start failed: see {out / 'logs' / (link + '.log')}", file=sys.stderr)
+        if failed := run_cells([cell], out, 1, gate=True):
+            say(f"the start failed: see {out / 'logs' / (link + '.log')}", err=True)
             return failed
         link_base(out / link, run_dir(cell, out / "runs") / "stages" / stage)
     return []
@@ -719,14 +721,14 @@ def run_plan(
     failed: list[str] = []
     if not report_only:
         t0 = time.time()
-        print("the shared start:", flush=True)
+        say("the shared start:")
         if failed := make_start(plan, out, start, specs):
             return None, failed
         # the start's own evaluation, then seed-major over the core arms, so an early stop still
         # leaves paired comparisons; the optional arms (`ngdiff`) after every seed of the others
         order = [(a, s) for s in seeds for a in arms if a not in plan.late] + [(a, s) for a in arms if a in plan.late for s in seeds]
         cells = [Cell(plan.spec(plan.before, specs), 1, plan.before)] if plan.before and before is None and not no_before else []
-        print(f"arms ({jobs} at a time):", flush=True)
+        say(f"arms ({jobs} at a time):")
 
         def cell(arm: str, seed: int) -> Cell:
             if arm in plan.reeval and reeval_from is not None:
@@ -735,8 +737,9 @@ def run_plan(
             return Cell(plan.spec(arm, specs), seed, f"{arm}-s{seed}")
 
         failed += run_cells(cells + [cell(arm, s) for arm, s in order], out, jobs, start_by)
-        print(f"wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    return report(out, arms, seeds, plan, before.resolve() if before else None, specs), failed
+        say(f"wall time: {(time.time() - t0) / 60:.1f} min")
+    with REPORTING:
+        return report(out, arms, seeds, plan, before.resolve() if before else None, specs), failed
 
 
 def main(argv: list[str] | None = None) -> int:

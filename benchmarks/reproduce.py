@@ -9,7 +9,10 @@ Four parts, each in its own folder `OUT/<task>-<method>/` with its own report (M
 report.json), written by the pre-registered plans' own runners, which this script imports and calls
 (`repro.run_plan` for SFT, `repro_rl.run_plan` for GRPO): every cell is a plain `percep run`, a finished
 cell is skipped and an interrupted one resumed, so running the same command again continues where it
-stopped. The plans (`PARTS`; `benchmarks/results/preregistration.md`):
+stopped. The tasks run one after the other; a task's two parts run side by side (`run_parts`), their
+cells sharing the `--jobs` cores (`repro.Slots`), so one part's cells use the core that the other's
+base leaves idle; a base or start goes before waiting arms, and gc-grpo waits for gc-sft's p8 step,
+whose cell it starts from. The plans (`PARTS`; `benchmarks/results/preregistration.md`):
 
 - gc-sft: session 3's patch-8 plan (`--plan p8`: the reasoner base, then token mean, λ = 0.5 and NGDiff,
   300 steps, 200 test items; its report gives F1) in `gc-sft/p8/`, then session 4's (`--plan p8-500`:
@@ -37,6 +40,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +136,8 @@ def part_time(folder: Path) -> dict[str, Any] | None:
         "cell_minutes": sum(t["seconds"] for t in times) / 60,
         "train_minutes": sum(t["train_seconds"] for t in times) / 60,
         "cpu_minutes": None if any(t["cpu_seconds"] is None for t in times) else sum(t["cpu_seconds"] for t in times) / 60,
+        "begin": min(t["begin"] for t in times),
+        "end": max(t["end"] for t in times),
         "elapsed_minutes": (max(t["end"] for t in times) - min(t["begin"] for t in times)) / 60,
         "resumed": [t["run"] for t in times if t["starts"] > 1],
     }
@@ -339,6 +345,11 @@ def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: 
         )
     total = sum(s["time"]["cell_minutes"] for s in status.values() if s["time"])
     L += ["", f"Cell time, all parts: {total:.1f} min ({len(ran)} of {len(TASKS) * len(METHODS)} parts ran)."]
+    for task, label in TASKS.items():  # a task's parts run side by side: its time is from its first cell to its last
+        times = [t for m in METHODS if (t := status.get(part_name(task, m), {}).get("time"))]
+        if times:
+            span = (max(t["end"] for t in times) - min(t["begin"] for t in times)) / 60
+            L.append(f"{label}: {span:.1f} min from its first cell's start to its last cell's end ({len(times)} part(s)).")
     if absent:
         L += ["", f"**Not run**: {', '.join(sorted(set(absent)))} (no finished cell in `OUT/<part>/`)."]
     if rows:
@@ -360,12 +371,71 @@ def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: 
     return write_text_atomic(out / "report.md", "\n".join(L) + "\n")
 
 
+def step_key(name: str, step: Step) -> str:
+    """A step's folder relative to OUT (what another part's ``Step.start`` names)."""
+    return f"{name}/{step.sub}" if step.sub else name
+
+
+def run_parts(
+    parts: list[tuple[str, str]], out: Path, seeds: list[int], quick: bool, jobs: int, start_by: float | None, report_only: bool
+) -> dict[str, list[str]]:
+    """Run (or only report) the parts (one task's) side by side, one thread each, their cells sharing
+    ``jobs`` cores (`repro.Slots`): while one part trains its base alone, another's cells use the other
+    core. A part
+    whose start is another part's cell (gc-grpo, from gc-sft's p8 step) waits for that step. Returns
+    the failed cells per part; Ctrl-C stops every part's cells (they checkpoint) and exits 130."""
+    plans = QUICK if quick else PARTS
+    repro.SLOTS = repro.Slots(jobs)
+    finished = {step_key(part_name(*tm), st): threading.Event() for tm in parts for st in plans[tm]}
+    failed: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def run_part(task: str, method: str) -> None:
+        name = part_name(task, method)
+        repro.tagged(name)
+        try:
+            if report_only and not cells_of(out / name):
+                return  # not run: said so in the report
+            repro.say(f"== {name}")
+            for step in plans[(task, method)]:
+                if step.start and step.start[0] in finished:  # another part of this command leaves its start
+                    finished[step.start[0]].wait()
+                path, bad = run_step(step, method, out / name, out, seeds, quick, jobs, start_by, report_only)
+                failed.setdefault(name, []).extend(bad)
+                finished[step_key(name, step)].set()
+                if path is None:  # its base or start failed: the later steps have nothing to start from
+                    break
+                repro.say(f"   report: {path}")
+        except BaseException as exc:  # noqa: BLE001 (re-raised by the main thread)
+            errors.append(exc)
+        finally:
+            for step in plans[(task, method)]:  # nothing waits on a part that stopped
+                finished[step_key(name, step)].set()
+
+    threads = [threading.Thread(target=run_part, args=tm, name=part_name(*tm), daemon=True) for tm in parts]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.5)  # in slices: the main thread takes Ctrl-C
+    except KeyboardInterrupt:
+        repro.SLOTS.interrupt()
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        repro.SLOTS = None
+    if errors:
+        raise errors[0]
+    return {name: failed[name] for name in (part_name(*tm) for tm in parts) if name in failed}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="the output folder (default runs/reproduce, or runs/reproduce-quick with --quick)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"a subset of {','.join(TASKS)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"a subset of {','.join(METHODS)}")
-    ap.add_argument("--jobs", type=int, default=2, help="cells at once within a part (one thread each)")
+    ap.add_argument("--jobs", type=int, default=2, help="cells at once (one thread each), shared by a task's parts, which run side by side")
     ap.add_argument("--report", action="store_true", help="only write the reports from the cells that exist")
     ap.add_argument("--start-by", help="HH:MM (UTC; the occurrence nearest now, within 12 h either way): no cell starts after it")
     ap.add_argument(
@@ -391,17 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(QUICK_SEEDS if a.quick else SEEDS)
     parts = [(t, m) for t in TASKS if t in tasks for m in METHODS if m in methods]  # gc-sft before gc-grpo: its start
     failed: dict[str, list[str]] = {}
-    for task, method in parts:
-        name = part_name(task, method)
-        if a.report and not cells_of(out / name):
-            continue  # not run: said so in the report
-        print(f"== {name}", flush=True)
-        for step in (QUICK if a.quick else PARTS)[(task, method)]:
-            path, bad = run_step(step, method, out / name, out, seeds, a.quick, a.jobs, start_by, a.report)
-            failed.setdefault(name, []).extend(bad)
-            if path is None:  # its base or start failed: the later steps have nothing to start from
-                break
-            print(f"   report: {path}", flush=True)
+    for task in dict.fromkeys(t for t, _ in parts):  # one task after the other, so each task's time is its own
+        failed.update(run_parts([tm for tm in parts if tm[0] == task], out, seeds, a.quick, a.jobs, start_by, a.report))
     argv_txt = " ".join(argv if argv is not None else sys.argv[1:])
     path = write_report(out, parts, a.quick, f"python benchmarks/reproduce.py {argv_txt}".strip(), failed)
     print(path.read_text())

@@ -11,6 +11,8 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +182,7 @@ def test_bad_arguments_exit_cleanly(argv: list[str], message: str, tmp_path: Pat
 
 def test_the_parts_are_delegated_in_order_and_gc_grpo_starts_from_the_sft_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runners are replaced by ones that record their calls (and leave gc-sft's token-mean seed-1 cell):
-    p8, then p8-500 re-evaluating p8's folder from its base, then the GRPO plan from that cell's stage."""
+    p8, then p8-500 re-evaluating p8's folder from its base and, beside it, the GRPO plan from that cell's stage."""
     calls: list[tuple] = []
 
     def sft(plan: str, folder: Path, arms: list[str], seeds: list[int], **kw) -> tuple[Path | None, list[str]]:
@@ -201,10 +203,11 @@ def test_the_parts_are_delegated_in_order_and_gc_grpo_starts_from_the_sft_part(t
     assert reproduce.main(["--out", str(tmp_path), "--tasks", "gc"]) == 3  # a failed cell: exit 3
     p8 = tmp_path / "gc-sft" / "p8"
     tm = repro.run_dir(repro.Cell(repro.SPECS / "gc8_tm.pd", 1, ""), p8 / "runs")
-    assert calls == [
-        ("sft", "p8", p8, None, None),
-        ("sft", "p8-500", tmp_path / "gc-sft", p8 / "gc8_base", p8),
+    # p8 first; then p8-500 and the GRPO plan, side by side (either may be called first)
+    assert calls[0] == ("sft", "p8", p8, None, None)
+    assert sorted(calls[1:], key=str) == [
         ("grpo", "gc8", tmp_path / "gc-grpo", tm / "stages" / "post", ["outcome", "alpha", "sc_majority"]),
+        ("sft", "p8-500", tmp_path / "gc-sft", p8 / "gc8_base", p8),
     ]
     text = (tmp_path / "report.md").read_text()
     assert "| gc-grpo | `gc8` | **not run** (failed: alpha-s1) |" in text and "| gc-sft | `p8`, `p8-500` | ran | 1 | 3.0 min |" in text
@@ -239,3 +242,105 @@ def test_every_quick_part_has_its_specs() -> None:
                 stems = list(step.arms) + ([plan.before] if plan.before else [])
                 assert all((reproduce.QUICK_SPECS / spec).exists() for spec, *_ in plan.chain)
             assert all((reproduce.QUICK_SPECS / f"{prefix}_{s}.pd").exists() for s in stems), (task, method)
+
+
+def test_slots_cap_the_cells_and_a_waiting_gate_goes_first() -> None:
+    slots = repro.Slots(2)
+    assert slots.take(False) and slots.take(False) and not slots.take(True)  # full
+    slots.waiting_gate(1)  # a base waits
+    slots.release(None)
+    assert not slots.take(False)  # an arm does not take the slot the base waits for
+    assert slots.take(True)
+    slots.waiting_gate(-1)
+    slots.release(None)
+    assert slots.take(False)
+    slots.interrupt()
+    slots.release(None)
+    assert not slots.take(True)  # interrupted: nothing starts
+
+
+def sleeper_cells(monkeypatch: pytest.MonkeyPatch, stamps: Path, seconds: float) -> None:
+    """Cells are processes that note their start and end in ``stamps`` and sleep ``seconds`` before
+    leaving summary.json (a cell is done when it exists), each in OUT/runs/<label>."""
+    code = (
+        "import json, sys, time; from pathlib import Path; rd, f = Path(sys.argv[1]), open(sys.argv[2], 'a');"
+        "f.write(json.dumps(['start', rd.name, time.time()]) + '\\n'); f.flush(); time.sleep(float(sys.argv[3]));"
+        "f.write(json.dumps(['end', rd.name, time.time()]) + '\\n'); rd.mkdir(parents=True, exist_ok=True);"
+        "(rd / 'summary.json').write_text('{}')"
+    )
+    monkeypatch.setattr(repro, "run_dir", lambda c, runs: runs / c.label)
+    monkeypatch.setattr(repro, "command", lambda c, runs: [sys.executable, "-c", code, str(runs / c.label), str(stamps), str(seconds)])
+
+
+def concurrency(stamps: Path) -> int:
+    """The most cells that ran at once, from their stamps."""
+    events = sorted((t, 1 if kind == "start" else -1) for kind, _, t in map(json.loads, stamps.read_text().splitlines()))
+    return max(np.cumsum([d for _, d in events]))
+
+
+def test_parts_side_by_side_share_the_slots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads (two parts) over one Slots(2): a base, then its arms, beside another part's cells;
+    never more than two cells at once, and all of them run."""
+    stamps = tmp_path / "stamps.jsonl"
+    sleeper_cells(monkeypatch, stamps, 0.5)
+    monkeypatch.setattr(repro, "SLOTS", repro.Slots(2))
+    cell = lambda label: repro.Cell(tmp_path / "x.pd", None, label)  # noqa: E731
+
+    def part_a() -> None:
+        assert repro.run_cells([cell("base")], tmp_path / "a", 1, gate=True) == []
+        assert repro.run_cells([cell(f"a{i}") for i in range(3)], tmp_path / "a", 2) == []
+
+    def part_b() -> None:
+        assert repro.run_cells([cell(f"b{i}") for i in range(3)], tmp_path / "b", 2) == []
+
+    threads = [threading.Thread(target=f) for f in (part_a, part_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    ran = {name for kind, name, _ in map(json.loads, stamps.read_text().splitlines()) if kind == "end"}
+    assert ran == {"base", "a0", "a1", "a2", "b0", "b1", "b2"}
+    assert concurrency(stamps) == 2
+
+
+def test_an_interrupt_stops_every_part_s_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slots.interrupt (the main thread's Ctrl-C) sends SIGINT to the live cells of every part and starts
+    no more: the parts' run_cells return their interrupted cells as failed, the rest never started."""
+    stamps = tmp_path / "stamps.jsonl"
+    sleeper_cells(monkeypatch, stamps, 60)
+    slots = repro.Slots(2)
+    monkeypatch.setattr(repro, "SLOTS", slots)
+    results: dict[str, list[str]] = {}
+
+    def part(name: str) -> None:
+        results[name] = repro.run_cells([repro.Cell(tmp_path / "x.pd", None, f"{name}{i}") for i in range(2)], tmp_path / name, 1)
+
+    threads = [threading.Thread(target=part, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while (not stamps.exists() or len(stamps.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    slots.interrupt()
+    for t in threads:
+        t.join(60)
+    assert results == {"a": ["a0"], "b": ["b0"]}
+    assert [kind for kind, _, _ in map(json.loads, stamps.read_text().splitlines())] == ["start", "start"]
+
+
+def test_a_task_s_parts_run_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sudoku's SFT and GRPO parts (neither starts from the other) run at once: each fake runner waits
+    until the other has been entered, which only two parts side by side can satisfy."""
+    entered = {"sft": threading.Event(), "grpo": threading.Event()}
+
+    def runner(method: str):
+        def run(plan: str, folder: Path, *a, **kw) -> tuple[Path | None, list[str]]:
+            entered[method].set()
+            other = entered["grpo" if method == "sft" else "sft"]
+            return (folder / "report.md", []) if other.wait(30) else (None, ["not side by side"])
+
+        return run
+
+    monkeypatch.setattr(repro, "run_plan", runner("sft"))
+    monkeypatch.setattr(repro_rl, "run_plan", runner("grpo"))
+    assert reproduce.main(["--out", str(tmp_path), "--tasks", "sudoku"]) == 0
