@@ -381,9 +381,9 @@ def run_parts(
 ) -> dict[str, list[str]]:
     """Run (or only report) the parts (one task's) side by side, one thread each, their cells sharing
     ``jobs`` cores (`repro.Slots`): while one part trains its base alone, another's cells use the other
-    core. A part
-    whose start is another part's cell (gc-grpo, from gc-sft's p8 step) waits for that step. Returns
-    the failed cells per part; Ctrl-C stops every part's cells (they checkpoint) and exits 130."""
+    core. A part whose start is another part's cell (gc-grpo, from gc-sft's p8 step) waits for that
+    step. Returns the failed cells per part; Ctrl-C stops every part's cells (they checkpoint) and
+    exits 130."""
     plans = QUICK if quick else PARTS
     repro.SLOTS = repro.Slots(jobs)
     finished = {step_key(part_name(*tm), st): threading.Event() for tm in parts for st in plans[tm]}
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--out {out}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(QUICK_SEEDS if a.quick else SEEDS)
-    parts = [(t, m) for t in TASKS if t in tasks for m in METHODS if m in methods]  # gc-sft before gc-grpo: its start
+    parts = [(t, m) for t in TASKS if t in tasks for m in METHODS if m in methods]
     failed: dict[str, list[str]] = {}
     for task in dict.fromkeys(t for t, _ in parts):  # one task after the other, so each task's time is its own
         failed.update(run_parts([tm for tm in parts if tm[0] == task], out, seeds, a.quick, a.jobs, start_by, a.report))
