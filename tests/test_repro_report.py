@@ -423,17 +423,17 @@ def test_plan_sudoku_trains_its_base_in_two_parts(tmp_path: Path, monkeypatch: p
     sudoku_base_more.pd's `model hf "sudoku_base1000/model"` finds it, trains that, and starts the arms
     from the continuation (`sudoku_base`). The cell runner is replaced by one that only makes the stage
     folders, so the order and the links are what is checked here, not training."""
-    started: list[str] = []
+    started: list[tuple[str, bool]] = []
 
-    def fake_run_cells(cells: list[repro.Cell], out: Path, jobs: int, start_by: float | None = None) -> list[str]:
+    def fake_run_cells(cells: list[repro.Cell], out: Path, jobs: int, start_by: float | None = None, *, gate: bool = False) -> list[str]:
         for c in cells:
-            started.append(c.label)
+            started.append((c.label, gate))
             (repro.run_dir(c, out / "runs") / "stages" / "base").mkdir(parents=True)
         return []
 
     monkeypatch.setattr(repro, "run_cells", fake_run_cells)
     assert repro.main(["--quick", "--plan", "sudoku", "--out", str(tmp_path), "--arms", "tm", "--seeds", "1"]) == 0
-    assert started == ["base", "base_more", "tm-s1"]
+    assert started == [("base", True), ("base_more", True), ("tm-s1", False)]  # the bases go before waiting arms
     first = repro.run_dir(repro.Cell(repro.SPECS / "sudoku_base.pd", None, ""), tmp_path / "runs")
     more = repro.run_dir(repro.Cell(repro.SPECS / "sudoku_base_more.pd", None, ""), tmp_path / "runs")
     assert (tmp_path / "sudoku_base1000").resolve() == first / "stages" / "base"
