@@ -345,11 +345,14 @@ def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: 
         )
     total = sum(s["time"]["cell_minutes"] for s in status.values() if s["time"])
     L += ["", f"Cell time, all parts: {total:.1f} min ({len(ran)} of {len(TASKS) * len(METHODS)} parts ran)."]
-    for task, label in TASKS.items():  # a task's parts run side by side: its time is from its first cell to its last
-        times = [t for m in METHODS if (t := status.get(part_name(task, m), {}).get("time"))]
-        if times:
-            span = (max(t["end"] for t in times) - min(t["begin"] for t in times)) / 60
-            L.append(f"{label}: {span:.1f} min from its first cell's start to its last cell's end ({len(times)} part(s)).")
+    spans = []  # a task's parts run side by side: its time is from its first cell's start to its last cell's end
+    for task, label in TASKS.items():
+        if times := [t for m in METHODS if (t := status.get(part_name(task, m), {}).get("time"))]:
+            spans.append(
+                f"- {label}: {(max(t['end'] for t in times) - min(t['begin'] for t in times)) / 60:.1f} min ({len(times)} part(s))"
+            )
+    if spans:
+        L += ["", "Per task, from its first cell's start to its last cell's end:", "", *spans]
     if absent:
         L += ["", f"**Not run**: {', '.join(sorted(set(absent)))} (no finished cell in `OUT/<part>/`)."]
     if rows:

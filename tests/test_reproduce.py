@@ -131,6 +131,8 @@ def test_the_headline_table_copies_the_parts_numbers_and_names_the_parts_not_run
     assert top["parts"]["sudoku-sft"]["time"]["cpu_minutes"] == pytest.approx(30)
     assert top["parts"]["sudoku-grpo"]["time"]["cpu_minutes"] is None
     assert "| ran | 6 | 60.0 min | 10.0 min | 6.0 min | 30.0 min |" in text and "| ran | 6 | 30.0 min | 5.0 min | 6.0 min | – |" in text
+    # a task's time: its parts' first cell start to their last cell end (here both parts began at T0)
+    assert "- sudoku 4×4: 10.0 min (2 part(s))" in text and "- graph colouring:" not in text
     assert "[sudoku-sft/report.md](sudoku-sft/report.md)" in text and "[paired.png](sudoku-sft/paired.png)" in text
     assert (tmp_path / "headline.png").stat().st_size > 0
 
