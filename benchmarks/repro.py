@@ -310,8 +310,12 @@ _TAG = threading.local()  # the part a thread runs (reproduce.py), before each l
 
 
 def say(text: str, *, err: bool = False) -> None:
+    """Print a progress line, after this thread's tag (`tagged`); one write per line, so that the lines of
+    parts running side by side do not interleave (``print`` writes the text and its newline apart)."""
     tag = getattr(_TAG, "text", "")
-    print(f"{tag}: {text.strip()}" if tag else text, file=sys.stderr if err else sys.stdout, flush=True)
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"{tag}: {text.strip()}\n" if tag else f"{text}\n")
+    stream.flush()
 
 
 def tagged(tag: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -346,3 +347,23 @@ def test_a_task_s_parts_run_side_by_side(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(repro, "run_plan", runner("sft"))
     monkeypatch.setattr(repro_rl, "run_plan", runner("grpo"))
     assert reproduce.main(["--out", str(tmp_path), "--tasks", "sudoku"]) == 0
+
+
+def test_progress_lines_of_parts_side_by_side_do_not_interleave(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each part's thread prints its lines after its tag, each line whole (`say` writes a line and its
+    newline at once; `print` wrote them apart and a real run interleaved two parts' first lines). The
+    race needs an I/O wait between the two writes, which this test cannot force: it checks the lines'
+    form from two threads, not the race."""
+
+    def part(tag: str) -> None:
+        repro.tagged(tag)
+        for i in range(300):
+            repro.say(f"  start   cell-{i}")
+
+    threads = [threading.Thread(target=part, args=(t,)) for t in ("gc-sft", "gc-grpo")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 600 and all(re.fullmatch(r"gc-(sft|grpo): start   cell-\d+", line) for line in lines)
