@@ -54,7 +54,7 @@ from percepdsl.io import (
 )
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash, named_roles
 
-from . import stagecache
+from . import inputs, stagecache
 from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
 
 RESUME_EVERY = int(
@@ -738,6 +738,8 @@ def run(
             complete = _open_run_dir(ir, sources, run_dir, resume)
         if not complete:
             ctx = prepare(ir, run_dir, echo if zero else _silent, Ranks(world=world, rank=0 if zero else 1))
+            if zero:  # after prepare: a hub model is in the local cache by then
+                inputs.record(run_dir, ir)
     except RunRefused as exc:
         refusal = exc
     if zero and (complete or refusal) and not others_wait_for_this_one(ir.trainer):  # no rank to start for nothing
@@ -788,12 +790,20 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
     `percep run` of that spec, its model or data fixed, starts without `--resume`."""
     try:
         summary = read_json(run_dir / "summary.json")  # a damaged one: not complete, and --resume rewrites it
-        if isinstance(summary, dict) and summary.get("status") == "complete":
-            return True
+        complete = isinstance(summary, dict) and summary.get("status") == "complete"
         stages = run_dir / "stages"
-        interrupted = stages.is_dir() and any(stages.iterdir())
+        interrupted = not complete and stages.is_dir() and any(stages.iterdir())
         if interrupted and not resume:
             raise RunRefused(f"{run_dir} holds an interrupted run; continue it with --resume, or delete it")
+        if (complete or interrupted) and (diff := inputs.changed(run_dir, ir)):
+            what = "is a complete run" if complete else "holds a run started"
+            raise RunRefused(
+                f"{run_dir} {what} with other inputs than the spec names now: {'; '.join(diff)} has changed since. "
+                "The run directory is named by the spec, which names its inputs by path only: run this one into "
+                f"another --out, or delete {run_dir} to run it again"
+            )
+        if complete:
+            return True
         if run_dir.exists():
             remove_stale_temporaries(run_dir)  # what a killed writer was filling when it stopped
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -854,9 +864,9 @@ def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
     if record is not None:
         echo(f"stage {stage.name}: done (resumed)")
         return record
-    identity = stagecache.stage_identity(ctx.ir, stage) if stagecache.enabled() else None
+    identity = stagecache.stage_identity(ctx.ir, stage) if stagecache.enabled() and ranks.is_zero else None
     reused = None
-    if ranks.is_zero and identity is not None and stagecache.lookup(ctx.run_dir, identity) is not None:
+    if identity is not None and stagecache.lookup(ctx.run_dir, identity) is not None:
         try:
             reused = stagecache.reuse(ctx.run_dir, stage_dir(ctx, stage), identity)
         except OSError as exc:  # the entry went away while being linked (another run replaced it): train instead

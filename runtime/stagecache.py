@@ -17,7 +17,9 @@ records `reused_from` (the identity and the run that trained it). Files of a run
 ever replaced by renames, never rewritten in place, so the shared links cannot change under
 another run. The code is part of the identity too (a digest of percepdsl's and its runtime's
 source and grammar, and the versions of the libraries that train), so a stage trained by other
-code is never reused. Setting `PERCEP_STAGE_CACHE=off` turns the cache off.
+code is never reused; so are the contents of what the run reads from disk (an `hf` checkpoint, a
+dataset, a plugin's source: `inputs.py`), so a stage trained from a checkpoint since retrained in
+place is not either. Setting `PERCEP_STAGE_CACHE=off` turns the cache off.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 from percepdsl.io import atomic_dir, read_json, write_json_atomic
 from percepdsl.ir import OUTSIDE_HASH, ExperimentIR, Stage
+
+from . import inputs
 
 CACHE_DIR = ".stage-cache"
 SKIP = ("resume.ckpt",)  # a finished stage has none; an unfinished one is never published
@@ -81,6 +85,8 @@ def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
         refs |= ir.visual_references(st)
         st = ir.stage(st.parent) if st.parent else None
     doc: dict[str, Any] = {"code": code_digest(), "shared": shared, "chain": chain[::-1]}
+    if read := inputs.digests(ir):  # none for a spec that reads nothing from disk (the tiny model, built-in tasks)
+        doc["inputs"] = read
     if refs:
         doc["references"] = {name: stage_identity(ir, ir.stage(name), length) for name in sorted(refs)}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

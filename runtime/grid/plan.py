@@ -12,6 +12,7 @@ from percepdsl.diagnostics import Diagnostic, did_you_mean, relpath
 from percepdsl.grid import Cell, expand, template_path
 from percepdsl.ir import ExperimentIR, GridIR, content_hash
 
+from .. import inputs
 from .common import CELLS_DIR, DONE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .state import load_state, read_summary
 
@@ -169,6 +170,7 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
 
     plans: list[CellPlan] = []
     broken: list[str] = []
+    stale: list[str] = []  # cells run (or begun) with other inputs than the template names now
     for i, cell in enumerate(expand(grid, tparams), start=1):
         try:
             ir = compile_spec(tpath, cell.overrides(), origin="grid")
@@ -178,7 +180,15 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
         h = content_hash(ir)
         plan = CellPlan(i, cell, dict(ir.params), ir.seed, ir.name, h, cells_dir, previous=prev_by_hash.get(h))
         plan.status = _disk_status(plan)
+        if plan.status in (DONE, RESUME) and (diff := inputs.changed(plan.run_dir, ir)):
+            stale.append(f"cell {cell.label()} ({relpath(plan.run_dir)}): {'; '.join(diff)}")
         plans.append(plan)
+    if stale:
+        more = f" (and {len(stale) - 3} more)" if len(stale) > 3 else ""
+        raise GridError(
+            f"{len(stale)} cell{'s' if len(stale) > 1 else ''} of grid `{grid.name}` ran with other inputs than the template "
+            f"names now{more}; run the grid into another --out, or delete those cells:\n  " + "\n  ".join(stale[:3])
+        )
     if not plans and not broken:
         raise GridError(f"grid `{grid.name}` has no cells with these --set values (its `where` filter rejects every combination)")
     if broken:
