@@ -798,7 +798,7 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
         if (complete or interrupted) and (diff := inputs.changed(run_dir, ir)):
             what = "is a complete run" if complete else "holds a run started"
             raise RunRefused(
-                f"{run_dir} {what} with other inputs than the spec names now: {'; '.join(diff)} has changed since. "
+                f"{run_dir} {what} with other inputs than the spec names now; changed since: {'; '.join(diff)}. "
                 "The run directory is named by the spec, which names its inputs by path only: run this one into "
                 f"another --out, or delete {run_dir} to run it again"
             )
