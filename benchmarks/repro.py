@@ -491,6 +491,25 @@ def verdict(d: dict[str, Any]) -> str:
     return "not reproduced"
 
 
+def base_go(prefix: str, base_m: dict[str, Any] | None) -> bool | None:
+    """The pre-registered go/no-go of a plan's shared base from its metrics (`GO`); None when the plan has
+    no such rule or the base is not there."""
+    if prefix not in GO or base_m is None:
+        return None
+    min_ar, max_ap = GO[prefix]
+    return base_m["a_r"] >= min_ar and base_m["a_p"] <= max_ap
+
+
+def judged(v: str, go: bool | None) -> str:
+    """A verdict as the pre-registration lets it stand: none when the base was no-go (outside the regime)."""
+    return f"none: base no-go (the rule would read: {v})" if go is False else v
+
+
+def go_line(prefix: str, go: bool) -> str:
+    min_ar, max_ap = GO[prefix]
+    return f"Pre-registered go/no-go (a_r ≥ {min_ar}, a_p ≤ {max_ap}): **{'go' if go else 'no-go: outside the regime, no verdict'}**."
+
+
 def paired_against(
     cells: dict[tuple[str, int], Path], arms: list[str], seeds: list[int], baseline: str, fields: dict[str, str], rng: np.random.Generator
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -544,19 +563,26 @@ def link_base(link: Path, target: Path) -> None:
         sys.exit(f"error: {link} points at {link.resolve()}, not {target}: use another --out")
 
 
-def f2_verdict(d: dict[str, Any], prefix: str, arm: str, min_seeds: int = 1) -> str:
+def f2_verdict(d: dict[str, Any], prefix: str, arm: str, min_seeds: int = 1, go: bool | None = None) -> str:
     """The F2 verdict of an arm's paired difference on a: the pre-registered rule, labelled exploratory for
-    cells run after other results were seen, and none for an arm with fewer than ``min_seeds`` seeds."""
+    cells run after other results were seen, none for an arm with fewer than ``min_seeds`` seeds, and none
+    from a no-go base (``go`` False: `judged`)."""
     v = verdict(d)
     if set(d["seeds"]) & EXPLORATORY.get(prefix, {}).get(arm, set()):  # run late: no verdict below 3 seeds
-        return f"exploratory: {v}" if len(d["seeds"]) >= 3 else "exploratory (< 3 seeds: no verdict)"
-    return f"{len(d['seeds'])} of {min_seeds} seeds: no verdict" if len(d["seeds"]) < min_seeds else v
+        if len(d["seeds"]) < 3:
+            return "exploratory (< 3 seeds: no verdict)"
+        v = f"exploratory: {v}"
+    elif len(d["seeds"]) < min_seeds:
+        return f"{len(d['seeds'])} of {min_seeds} seeds: no verdict"
+    return judged(v, go)
 
 
-def with_verdicts(results: dict[str, dict[str, dict[str, Any]]], prefix: str, min_seeds: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
+def with_verdicts(
+    results: dict[str, dict[str, dict[str, Any]]], prefix: str, min_seeds: int = 1, go: bool | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
     """``results`` with each arm's F2 verdict (`f2_verdict`) stored beside its difference on a (for report.json)."""
     for arm, per in results.items():
-        per["a"]["verdict"] = f2_verdict(per["a"], prefix, arm, min_seeds)
+        per["a"]["verdict"] = f2_verdict(per["a"], prefix, arm, min_seeds, go)
     return results
 
 
@@ -566,6 +592,7 @@ def f2_rows(
     beside: dict[str, dict[str, str]] | None = None,
     min_seeds: int = 1,
     rule: bool = True,
+    go: bool | None = None,
 ) -> list[str]:
     """The F2 table: each arm's paired differences, the pre-registered verdict on a (none for an arm
     with fewer than ``min_seeds`` seeds, nor without ``rule``; an arm run after other results were
@@ -578,7 +605,7 @@ def f2_rows(
     rows = [head, bar]
     for arm, per in results.items():
         for m, d in per.items():
-            v = (f2_verdict(d, prefix, arm, min_seeds) if rule else "none (descriptive)") if m == "a" else ""
+            v = (f2_verdict(d, prefix, arm, min_seeds, go) if rule else "none (descriptive)") if m == "a" else ""
             seeds_txt = ",".join(map(str, d["seeds"]))
             per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
             seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
@@ -775,6 +802,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
     ]
     base = out / f"{prefix}_base"  # the base stage the arms started from (its done.json and eval records)
     base_m = stage_metrics(base) if (base / "done.json").exists() else None
+    go = base_go(prefix, base_m)
     if base and base_m:
         lines += [
             "## Shared start",
@@ -785,13 +813,8 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             f"| {base_m['partial']:.3f} | {base_m['format_ok']:.3f} | {base_m['train_min']:.1f} |",
             "",
         ]
-        if prefix in GO:
-            min_ar, max_ap = GO[prefix]
-            go = base_m["a_r"] >= min_ar and base_m["a_p"] <= max_ap
-            lines += [
-                f"Pre-registered go/no-go (a_r ≥ {min_ar}, a_p ≤ {max_ap}): **{'go' if go else 'no-go: outside the regime, no verdict'}**.",
-                "",
-            ]
+        if go is not None:
+            lines += [go_line(prefix, go), ""]
     cells: dict[tuple[str, int], Path] = {}
     for arm in arms:
         for s in seeds:
@@ -819,7 +842,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
         lines += [
             f"## F2: paired differences against `{BASELINE}` (arm − {BASELINE})",
             "",
-            *f2_rows(results, prefix, min_seeds=MIN_SEEDS.get(prefix, 1)),
+            *f2_rows(results, prefix, min_seeds=MIN_SEEDS.get(prefix, 1), go=go),
             "",
         ]
     if cells and any(a == BASELINE for a, _ in cells):
@@ -866,7 +889,9 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
                 f1_pairs[name] = paired([score(a, name) - score(before, name) for a in after], rng)
             f1_pairs["gap"] = paired([gap(a) - gap(before) for a in after], rng)
         rule = f1_pairs["gap"] if prefix in F1_PAIRED and f1_pairs else f1
-        f1_verdict = "reproduced" if rule["lo"] > 0 else ("direction only (interval includes 0)" if rule["mean"] > 0 else "not reproduced")
+        f1_verdict = judged(
+            "reproduced" if rule["lo"] > 0 else ("direction only (interval includes 0)" if rule["mean"] > 0 else "not reproduced"), go
+        )
         lines += [
             f"## F1: token-averaged SFT from the shared start (`{BASELINE}` − base)",
             "",
@@ -924,7 +949,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
         {
             "base": base_m,
             "cells": {f"{a}-s{s}": m for (a, s), m in metrics.items()},
-            "paired": with_verdicts(results, prefix, MIN_SEEDS.get(prefix, 1)),
+            "paired": with_verdicts(results, prefix, MIN_SEEDS.get(prefix, 1), go),
             "f1": f1,
             "f1_paired": f1_pairs,
             "f1_verdict": f1_verdict if f1 else None,
@@ -1019,11 +1044,12 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         "",
     ]
     base = out / "gc8_base"
-    if (base / "done.json").exists():
+    go = base_go("gc8", stage_metrics(base) if (base / "done.json").exists() else None)
+    if go is not None:
         b = stage_metrics(base)
         lines += [
             f"Shared start: the reasoner base `{base.resolve()}`: a {b['a']:.3f} / a_p {b['a_p']:.3f} / a_r {b['a_r']:.3f} "
-            f"on {b['n']} items of seed 1 (session 3's go/no-go: go).",
+            f"on {b['n']} items of seed 1. {go_line('gc8', go)}",
             "",
         ]
     lines += [
@@ -1063,10 +1089,10 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         lines += [
             f"## F2: paired differences against `{BASELINE}` on 500 items (arm − {BASELINE})",
             "",
-            *f2_rows(results, "gc8", beside, min_seeds=3),
+            *f2_rows(results, "gc8", beside, min_seeds=3, go=go),
             "",
         ]
-    confirmed = confirmatory(cells, sources, checks, confirm, fields, rng)
+    confirmed = confirmatory(cells, sources, checks, confirm, fields, rng, go)
     lines += confirmed.pop("lines")
     # NGDiff with vs without automatic lr, paired on the items both have: 500 where `ngdiff` was
     # re-evaluated, else the 200 its session-3 evaluation scored (the first 200 of the same stream)
@@ -1095,7 +1121,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         {
             "cells": {f"{a}-s{s}": m for (a, s), m in metrics.items()},
             "reevaluation_checks": checks,
-            "paired": with_verdicts(results, "gc8", 3),
+            "paired": with_verdicts(results, "gc8", 3, go),
             "paired_200": at200,
             "ngdiff_auto_vs_ngdiff": auto,
             "confirmatory": confirmed,
@@ -1114,6 +1140,7 @@ def confirmatory(
     confirm: list[tuple[str, int]],
     fields: dict[str, str],
     rng: np.random.Generator,
+    go: bool | None = None,
 ) -> dict[str, Any]:
     """Session 5's confirmatory block: `ngdiff` − `tm` on the re-evaluated seeds 4-6 (500 items), judged by
     the F2 rule apart from seeds 1-3; a re-evaluation whose weights differ from its source's is left out
@@ -1125,7 +1152,7 @@ def confirmatory(
     excluded = [f"{a}-s{s}" for a, s in done if not checks[f"{a}-s{s}"]["same_weights"]]
     usable = {k: v for k, v in done.items() if f"{k[0]}-s{k[1]}" not in excluded}
     arms, seeds = list(CONFIRM_ARMS), list(CONFIRM_SEEDS)
-    res = with_verdicts(paired_against(usable, arms, seeds, BASELINE, fields, rng), "gc8", min_seeds=3)
+    res = with_verdicts(paired_against(usable, arms, seeds, BASELINE, fields, rng), "gc8", 3, go)
     at200 = paired_against({k: v for k, v in sources.items() if k in confirm}, arms, seeds, BASELINE, fields, rng)
     beside = {arm: {m: f"{ci(d)} (seeds {','.join(map(str, d['seeds']))})" for m, d in per.items()} for arm, per in at200.items()}
     agree = ", ".join(f"{k} {checks[k]['agreement']:.3f} of {checks[k]['n']}" for k in (f"{a}-s{s}" for a, s in done))
@@ -1134,7 +1161,11 @@ def confirmatory(
         "",
         'Session 3\'s confirmatory cells (pre-registered before they ran), re-evaluated on 500 items (preregistration.md "Session 5").',
         "",
-        *(f2_rows(res, "gc8", beside, min_seeds=3) if res else ["No seed has both re-evaluations with unchanged weights: no result."]),
+        *(
+            f2_rows(res, "gc8", beside, min_seeds=3, go=go)
+            if res
+            else ["No seed has both re-evaluations with unchanged weights: no result."]
+        ),
         "",
         f"Items 1–200 scored as session 3's evaluation did (a, a_p and a_r alike): {agree}.",
         *([f"Left out (saved weights differ from the source's): {', '.join(excluded)}."] if excluded else []),
@@ -1158,8 +1189,7 @@ def sweep_level(level: str, out: Path, seeds: list[int], rng: np.random.Generato
     prefix = PLANS[plan]
     base = out / f"{prefix}_base"
     base_m = stage_metrics(base) if (base / "done.json").exists() else None
-    min_ar, max_ap = GO[prefix]
-    go = base_m is not None and base_m["a_r"] >= min_ar and base_m["a_p"] <= max_ap
+    go = bool(base_go(prefix, base_m))
     arms = [BASELINE, SWEEP_ARM]
     cells = {(arm, s): rd for arm in arms for s in seeds if (rd := find_run(Cell(SPECS / f"{prefix}_{arm}.pd", s, ""), out / "runs"))}
     metrics = {f"{arm}-s{s}": checked_metrics(rd) for (arm, s), rd in sorted(cells.items())}
@@ -1167,7 +1197,7 @@ def sweep_level(level: str, out: Path, seeds: list[int], rng: np.random.Generato
     fields = {m: field for m, (_, field) in METRICS.items()}
     gap = paired_against(cells, arms, seeds, BASELINE, fields, rng).get(SWEEP_ARM, {})
     if gap:
-        gap["a"]["verdict"] = f2_verdict(gap["a"], prefix, SWEEP_ARM, MIN_SEEDS.get(prefix, 1))
+        gap["a"]["verdict"] = f2_verdict(gap["a"], prefix, SWEEP_ARM, MIN_SEEDS.get(prefix, 1), go)
     missing = [(a, s) for a, s in start_order(plan, arms, seeds) if (a, s) not in cells]
     started = [(a, s) for a, s in missing if run_dir(Cell(SPECS / f"{prefix}_{a}.pd", s, ""), out / "runs").exists()]
     return {
@@ -1282,8 +1312,6 @@ def sweep_report(levels: dict[str, Path], out: Path, seeds: tuple[int, ...] = SE
         g = lv["gap"]
         gaps = [ci(g[m]) if g else "–" for m in METRICS]
         v = g["a"]["verdict"] if g else "–"
-        if g and not lv["go"]:
-            v = f"none: base no-go ({v})"
         share = f"{lv['share']:.3f}" if not np.isnan(lv["share"]) else "–"
         weight = " / ".join(f"{lv['eff_lambda'][a]:.3f}" if a in lv["eff_lambda"] else "–" for a in (BASELINE, SWEEP_ARM))
         lines.append(

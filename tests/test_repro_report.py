@@ -4,6 +4,7 @@ the pre-registered verdict, and the check that summary.json agrees with its eval
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -137,7 +138,43 @@ def test_plan_p8_reads_its_own_cells_and_f1_gap(tmp_path: Path) -> None:
     assert f1["per_seed"] == pytest.approx([-0.25] * 3) and f1["mean"] == pytest.approx(-0.25)
     assert f1["lo"] < -0.25 < f1["hi"] < 0
     assert "(a_r ≥ 0.6, a_p ≤ 0.2): **no-go" in text  # the base's a_r is 0.5
-    assert "`--plan p8`" in text and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **not reproduced**" in text
+    # outside the pre-registered regime the rule's reading is shown, never as a verdict (the headline copies report.json)
+    assert (
+        "`--plan p8`" in text
+        and "F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **none: base no-go (the rule would read: not reproduced)**" in text
+    )
+    assert data["f1_verdict"] == "none: base no-go (the rule would read: not reproduced)"
+
+
+def test_arms_from_a_no_go_base_get_no_f2_verdict(tmp_path: Path) -> None:
+    """The base's go/no-go is read from the base, in both the p8 and the p8-500 report (the latter said "go"
+    whatever the base): from a no-go base, an arm that the rule would call reproduced gets no verdict, in the
+    table and in report.json; from a go base it does."""
+    runs = tmp_path / "runs"
+    for s in (1, 2, 3):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10), mask(0), mask(30))
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc8_ngdiff.pd", s, ""), mask(30), mask(30), mask(30))
+    for a_r, verdict in (
+        (mask(20), "none: base no-go (the rule would read: exploratory: reproduced)"),
+        (mask(30), "exploratory: reproduced"),
+    ):
+        shutil.rmtree(tmp_path / "gc8_base", ignore_errors=True)
+        fake_base(tmp_path, "gc8", mask(0), a_r)  # a_r 0.5 (no-go), then 0.75 (go)
+        text = repro.report(tmp_path, ["tm", "ngdiff"], [1, 2, 3], "gc8").read_text()
+        assert json.loads((tmp_path / "report.json").read_text())["paired"]["ngdiff"]["a"]["verdict"] == verdict
+        assert f"| {verdict} |" in text
+    s3, out = tmp_path / "s3", tmp_path / "s4"
+    for s in (1, 2, 3):
+        with_weights_and_lambda(
+            fake_cell(s3 / "runs", repro.Cell(repro.SPECS / "gc8_tm.pd", s, ""), mask(10), mask(0), mask(30)), "post", 1.0, 0.04
+        )
+        fake_reeval(out, s3, "tm", s, mask(10), mask(0), mask(30), 1.0)
+        new = fake_cell(out / "runs", repro.Cell(repro.SPECS / "gc8_lamsched.pd", s, ""), mask(30), mask(30), mask(30))
+        with_weights_and_lambda(new, "post", 3.0, 0.3)
+    fake_base(out, "gc8", mask(0), mask(20))
+    text = repro.report_500(out, ["tm", "lamsched"], [1, 2, 3]).read_text()
+    assert "(a_r ≥ 0.6, a_p ≤ 0.2): **no-go" in text and "go/no-go: go" not in text
+    assert "| none: base no-go (the rule would read: reproduced) |" in text
 
 
 def test_a_late_arm_gets_no_verdict_below_three_seeds(tmp_path: Path) -> None:
@@ -493,7 +530,9 @@ def test_sweep_report_gap_against_share_and_trend(tmp_path: Path) -> None:
     assert [lv["go"] for lv in data["levels"]] == [True, True, False]
     assert data["levels"][1]["gap"]["a"]["mean"] == pytest.approx(0.25) and data["levels"][1]["gap"]["a"]["verdict"] == "reproduced"
     assert "| `brief` | `--plan sudoku-brief` | 0.420 | 0.000 / 0.000 / 0.100 | no-go | 0.420 / 0.250 |" in text
-    assert "none: base no-go (reproduced)" in text and data["levels"][0]["eff_lambda"] == pytest.approx({"tm": 0.05, "ngdiff": 0.25})
+    assert "none: base no-go (the rule would read: reproduced)" in text and data["levels"][0]["eff_lambda"] == pytest.approx(
+        {"tm": 0.05, "ngdiff": 0.25}
+    )
     (d,) = data["differences"]
     assert (d["from"], d["to"], d["adjacent"]) == ("verbose", "trace", True)
     assert d["a"]["mean"] == pytest.approx(-0.25) and d["a"]["hi"] < 0 and d["a"]["n_pairs"] == 3 * N
