@@ -55,7 +55,9 @@ def test_a_checkpoint_retrained_in_place_is_not_taken_for_the_old_one(tmp_path: 
     before = stagecache.stage_identity(ir, ir.stage("a"))
 
     _checkpoint(ckpt, seed=1)  # retrained in place: same files, other weights
-    with pytest.raises(RunRefused, match=rf"complete run with other inputs .*; changed since: the model at {ckpt} \(SHA-256 .*another --out"):
+    with pytest.raises(
+        RunRefused, match=rf"complete run with other inputs .*; changed since: the model at {ckpt} \(SHA-256 .*another --out"
+    ):
         run_spec(spec, out=tmp_path / "runs")
     assert stagecache.stage_identity(ir, ir.stage("a")) != before
 
