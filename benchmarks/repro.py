@@ -1045,11 +1045,11 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
     ]
     base = out / "gc8_base"
     b = stage_metrics(base) if (base / "done.json").exists() else None
-    go = base_go("gc8", b)
-    if b is not None and go is not None:
+    go = base_go("gc8", b)  # None only when the base is not there
+    if b is not None:
         lines += [
             f"Shared start: the reasoner base `{base.resolve()}`: a {b['a']:.3f} / a_p {b['a_p']:.3f} / a_r {b['a_r']:.3f} "
-            f"on {b['n']} items of seed 1. {go_line('gc8', go)}",
+            f"on {b['n']} items of seed 1. {go_line('gc8', bool(go))}",
             "",
         ]
     lines += [
