@@ -204,7 +204,8 @@ def run(
         "-j",
         min=1,
         help="Train up to N stages at once, each in its own process, as soon as the stages they start from are done "
-        "(e.g. the arms of a shared base); the results are those of --jobs 1.",
+        "(e.g. the arms of a shared base); the results are those of --jobs 1 when the spec sets `trainer { threads }` "
+        "(else each worker gets the cores divided among the workers, and another thread count rounds differently).",
     ),
 ) -> None:
     """Train and evaluate a spec; leaves summary.json, metrics.csv, eval.jsonl, plots and report.md."""

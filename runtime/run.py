@@ -88,6 +88,22 @@ class Context:
     echo: Callable[[str], None]
     token_share: dict[str, float] = field(default_factory=dict)
     ranks: Ranks = field(default_factory=Ranks)
+    threads: int = 1  # CPU threads every stage of this process trains with (`stage_threads`)
+
+
+def stage_threads(ir: ExperimentIR, jobs: int = 1) -> int:
+    """The CPU threads a stage trains and evaluates with: `trainer { threads }`; when the spec leaves
+    it open, torch's default (the cores) in a one-at-a-time run, the cores divided among the workers
+    under `--jobs`. It is part of what a stage computes: with another thread count some reductions
+    split differently and round differently (the quickstart's stages after 30 steps: weights apart by
+    up to 2e-3), so each stage records it and, when the spec leaves it open, its identity holds it."""
+    if ir.trainer.threads:
+        return ir.trainer.threads
+    if jobs > 1:
+        return max(1, (os.cpu_count() or 1) // jobs)
+    import torch
+
+    return torch.get_num_threads()
 
 
 def quiet_libraries() -> None:
@@ -244,7 +260,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         except ModelLoadError as exc:
             redo = f"{parent.parent if stage.parent else parent}"  # the parent stage's directory, or init/
             if stage.parent and stagecache.enabled():  # published there as hard links: the same damaged files
-                entry = stagecache.cache_entry(ctx.run_dir, stagecache.stage_identity(ctx.ir, ctx.ir.stage(stage.parent)))
+                entry = stagecache.cache_entry(ctx.run_dir, identity(ctx, ctx.ir.stage(stage.parent)))
                 redo += f" and its stage-cache entry {entry}" if entry.exists() else ""
             damaged = f"stage `{stage.name}` cannot start: {exc}; delete {redo} and run again with --resume to rebuild it"
     if (damaged := ranks.broadcast(damaged)) is not None:  # every rank stops, not only rank 0
@@ -257,8 +273,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     every = stage.eval_every or ev.every
     bar = RunProgress() if progress else None  # evaluation lines print above it
     evaluator = StageEval(ctx, stage, EvalConfig.from_ir(ev), every, echo=bar.wrap(ctx.echo) if bar else ctx.echo)
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
+    torch.set_num_threads(ctx.threads)
     ckpt = sdir / "resume.ckpt"
     loggers: list[Any] = []  # only rank 0 logs
     if ranks.is_zero:
@@ -338,6 +353,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         # the whole stage
         "train_cpu_seconds": round(train_cpu, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "threads": ctx.threads,
         "metrics": final,
         "history": evaluator.history,
         "diagnostics": diagnostics,
@@ -764,7 +780,7 @@ def run(
         echo(f"already complete: {run_dir} (delete it to run again)")
         return run_dir if ranks.is_zero else None
     assert ctx is not None
-    ctx = dataclasses.replace(ctx, ranks=ranks, echo=echo if ranks.is_zero else _silent)
+    ctx = dataclasses.replace(ctx, ranks=ranks, echo=echo if ranks.is_zero else _silent, threads=stage_threads(ir, jobs))
     try:
         return _run_stages(ctx, progress, jobs)
     except (RunRefused, RunFailed, RunInterrupted):
@@ -864,23 +880,28 @@ def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
     if record is not None:
         echo(f"stage {stage.name}: done (resumed)")
         return record
-    identity = stagecache.stage_identity(ctx.ir, stage) if stagecache.enabled() and ranks.is_zero else None
+    key = identity(ctx, stage) if stagecache.enabled() and ranks.is_zero else None
     reused = None
-    if identity is not None and stagecache.lookup(ctx.run_dir, identity) is not None:
+    if key is not None and stagecache.lookup(ctx.run_dir, key) is not None:
         try:
-            reused = stagecache.reuse(ctx.run_dir, stage_dir(ctx, stage), identity)
+            reused = stagecache.reuse(ctx.run_dir, stage_dir(ctx, stage), key)
         except OSError as exc:  # the entry went away while being linked (another run replaced it): train instead
-            echo(f"stage {stage.name}: could not reuse the cached stage {identity} ({exc}); training it")
+            echo(f"stage {stage.name}: could not reuse the cached stage {key} ({exc}); training it")
     if not ranks.broadcast(reused is not None):
         return None
     record = reused or {}  # the other ranks keep no record
-    echo(f"stage {stage.name}: reused, trained by run {record.get('reused_from', {}).get('run')} (stage identity {identity})")
+    echo(f"stage {stage.name}: reused, trained by run {record.get('reused_from', {}).get('run')} (stage identity {key})")
     return record
+
+
+def identity(ctx: Context, stage: Stage) -> str:
+    """The stage's cache identity as this run trains it (its thread count included)."""
+    return stagecache.stage_identity(ctx.ir, stage, threads=ctx.threads)
 
 
 def train_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     """Train and evaluate the stage (`run_stage`), then publish it to the stage cache."""
     record = run_stage(ctx, stage, progress)
     if ctx.ranks.is_zero and stagecache.enabled():
-        stagecache.publish(ctx.run_dir, stage_dir(ctx, stage), stagecache.stage_identity(ctx.ir, stage))
+        stagecache.publish(ctx.run_dir, stage_dir(ctx, stage), identity(ctx, stage))
     return record

@@ -19,7 +19,9 @@ another run. The code is part of the identity too (a digest of percepdsl's and i
 source and grammar, and the versions of the libraries that train), so a stage trained by other
 code is never reused; so are the contents of what the run reads from disk (an `hf` checkpoint, a
 dataset, a plugin's source: `inputs.py`), so a stage trained from a checkpoint since retrained in
-place is not either. Setting `PERCEP_STAGE_CACHE=off` turns the cache off.
+place is not either; and so is the thread count it trains with when the spec's trainer does not
+set it (the IR holds it when it does), since another thread count rounds differently. Setting
+`PERCEP_STAGE_CACHE=off` turns the cache off.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
-    """The hash naming a stage's cache entry (see the module doc)."""
+def stage_identity(ir: ExperimentIR, stage: Stage, *, threads: int, length: int = 16) -> str:
+    """The hash naming a stage's cache entry (see the module doc); `threads`: the CPU threads it
+    trains with (`run.stage_threads`), part of it when the spec's trainer leaves them open."""
     data = ir.model_dump(mode="json", exclude=OUTSIDE_HASH.get(ExperimentIR))
     shared = {k: v for k, v in data.items() if k not in ("name", "params", "stages")}
     chain: list[dict[str, Any]] = []
@@ -87,8 +90,10 @@ def stage_identity(ir: ExperimentIR, stage: Stage, length: int = 16) -> str:
     doc: dict[str, Any] = {"code": code_digest(), "shared": shared, "chain": chain[::-1]}
     if read := inputs.digests(ir):  # none for a spec that reads nothing from disk (the tiny model, built-in tasks)
         doc["inputs"] = read
+    if ir.trainer.threads is None:  # another thread count rounds differently: another stage
+        doc["threads"] = threads
     if refs:
-        doc["references"] = {name: stage_identity(ir, ir.stage(name), length) for name in sorted(refs)}
+        doc["references"] = {name: stage_identity(ir, ir.stage(name), threads=threads, length=length) for name in sorted(refs)}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 

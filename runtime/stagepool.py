@@ -12,7 +12,10 @@ parent process keeps the run directory's shared files (`init/`, the summary, the
 writes only its stage's directory and that stage's cache entry.
 
 Threads: `trainer { threads }` per worker when the spec sets it, else the machine's cores shared
-among the workers (two processes' OpenMP threads competing for one core stall each other).
+among the workers (two processes' OpenMP threads competing for one core stall each other;
+`run.stage_threads`). Only a spec that sets it gets the weights of `--jobs 1` byte for byte: a
+one-at-a-time run of a spec without it trains on all the cores, and another thread count rounds
+differently, so such a stage's identity holds its thread count and a cache entry is not shared.
 
 Nothing is lost on failure: when a stage fails, the stages already running finish (their work is
 kept), no new stage starts, and the run fails with the first failure. Ctrl-C or SIGTERM stops every
@@ -21,7 +24,7 @@ worker; each keeps its last resume checkpoint and `--resume` continues them all.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import signal
 import sys
 import traceback
@@ -43,7 +46,7 @@ def run_parallel(ctx: Any, jobs: int) -> dict[str, dict[str, Any]]:
 
     ir: ExperimentIR = ctx.ir
     spawn = mp.get_context("spawn")
-    threads = ir.trainer.threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = ctx.threads
     records: dict[str, dict[str, Any]] = {}
     todo = list(ir.stages)
     to_train: set[str] = set()  # stages `finished` said need training (asked once each)
@@ -152,7 +155,7 @@ def _worker(conn: Any, ir: ExperimentIR, run_dir: str, name: str, threads: int) 
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        ctx = prepare(ir, Path(run_dir), echo, private=True)
+        ctx = dataclasses.replace(prepare(ir, Path(run_dir), echo, private=True), threads=threads)
         message: tuple[str, Any] = ("ok", train_stage(ctx, ir.stage(name), progress=False))
     except RunRefused as exc:
         message = ("refused", str(exc))

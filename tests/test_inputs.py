@@ -52,14 +52,14 @@ def test_a_checkpoint_retrained_in_place_is_not_taken_for_the_old_one(tmp_path: 
     config_sha = hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest()
     assert len(recorded["model"]["sha256"]) == 64 and recorded["model"]["sha256"] != config_sha
     assert run_spec(spec, out=tmp_path / "runs") == first  # unchanged inputs: complete, not redone
-    before = stagecache.stage_identity(ir, ir.stage("a"))
+    before = stagecache.stage_identity(ir, ir.stage("a"), threads=1)
 
     _checkpoint(ckpt, seed=1)  # retrained in place: same files, other weights
     with pytest.raises(
         RunRefused, match=rf"complete run with other inputs .*; changed since: the model at {ckpt} \(SHA-256 .*another --out"
     ):
         run_spec(spec, out=tmp_path / "runs")
-    assert stagecache.stage_identity(ir, ir.stage("a")) != before
+    assert stagecache.stage_identity(ir, ir.stage("a"), threads=1) != before
 
     (run_dir / "summary.json").unlink()  # the same run directory, now an interrupted run
     with pytest.raises(RunRefused, match=r"holds a run started with other inputs"):

@@ -555,10 +555,32 @@ def test_a_stage_trained_by_other_code_is_not_reused(monkeypatch: pytest.MonkeyP
     from percepdsl_runtime import stagecache
 
     ir = check_file("specs/sft_smoke.pd").ir
-    before = stagecache.stage_identity(ir, ir.stages[0])
-    assert stagecache.stage_identity(ir, ir.stages[0]) == before  # a pure function of IR and code
+    before = stagecache.stage_identity(ir, ir.stages[0], threads=1)
+    assert stagecache.stage_identity(ir, ir.stages[0], threads=1) == before  # a pure function of IR and code
     monkeypatch.setattr(stagecache, "code_digest", lambda: "another build of the code")
-    assert stagecache.stage_identity(ir, ir.stages[0]) != before
+    assert stagecache.stage_identity(ir, ir.stages[0], threads=1) != before
+
+
+def test_a_stage_identity_holds_its_thread_count_when_the_spec_leaves_it_open() -> None:
+    """Another thread count rounds differently (the quickstart's weights after 30 steps: up to 2e-3
+    apart), so a stage trained on 2 threads is not the stage a 1-thread run would train: unless the
+    spec's trainer sets `threads` (then the IR holds it), the identity holds the count the stage
+    trains with, as `stage_threads` resolves it (a one-at-a-time run: torch's default; `--jobs N`:
+    the cores divided among the workers)."""
+    from percepdsl.check import check_file
+    from percepdsl_runtime import stagecache
+    from percepdsl_runtime.run import stage_threads
+
+    open_ = check_file("specs/sft_smoke.pd").ir  # no `threads`
+    assert open_.trainer.threads is None
+    one, two = (stagecache.stage_identity(open_, open_.stages[0], threads=n) for n in (1, 2))
+    assert one != two
+    assert stage_threads(open_, jobs=1) == torch.get_num_threads()
+    assert stage_threads(open_, jobs=2) == max(1, (os.cpu_count() or 1) // 2)
+    text = Path("specs/sft_smoke.pd").read_text().replace("log_every = 1 }", "log_every = 1, threads = 1 }")
+    pinned = check_file("specs/sft_smoke.pd", text=text).ir
+    assert pinned.trainer.threads == 1 and stage_threads(pinned, jobs=2) == 1
+    assert stagecache.stage_identity(pinned, pinned.stages[0], threads=1) == stagecache.stage_identity(pinned, pinned.stages[0], threads=2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
@@ -608,6 +630,6 @@ def test_a_stage_identity_covers_the_reference_of_its_visual_roles() -> None:
         )
         res = check_text(text, "v.pd")
         assert res.ok, [d.message for d in res.diagnostics]
-        return stagecache.stage_identity(res.ir, res.ir.stage("post"))
+        return stagecache.stage_identity(res.ir, res.ir.stage("post"), threads=1)
 
     assert identity(10) == identity(10) != identity(20)

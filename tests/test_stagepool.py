@@ -74,6 +74,8 @@ def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path,
         assert wa.keys() == wb.keys()
         for k in wa:
             assert (wa[k] == wb[k]).all(), (stage, k)
+        for d in (a, b):  # the spec sets `threads = 1`: both runs train every stage on one thread, and say so
+            assert json.loads((d / "stages" / stage / "done.json").read_text())["threads"] == 1
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert list(sb["stages"]) == ["base", "tm", "ngdiff"]
     for stage in sa["stages"]:
