@@ -90,6 +90,10 @@ TASKS = {
 }
 # pre-registered go/no-go of the base: a_r at least, a_p at most (sessions 3, 6; session 8 keeps session 6's at every level)
 GO = {"gc8": (0.6, 0.2), "gc8adj": (0.6, 0.2), "sudoku": (0.3, 0.2), "sudoku_trace": (0.3, 0.2), "sudoku_brief": (0.3, 0.2)}
+# plans whose pre-registration says that no arm runs from a no-go base (session 9's); the others' say the arms
+# still run and are reported without a verdict (sessions 3, 6 and 8: `judged`)
+NO_ARMS_AT_NO_GO = {"gc8adj"}
+NO_ARMS_RULE = "By the plan's pre-registered rule no arm runs from it."
 # the start order of a plan's cells: priority groups of arms, seed-major within a group, so an early stop
 # leaves complete seeds of the groups before it (plans not named here: seed-major over the arms given)
 PRIORITY = {
@@ -814,7 +818,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             "",
         ]
         if go is not None:
-            lines += [go_line(prefix, go), ""]
+            lines += [go_line(prefix, go) + (f" {NO_ARMS_RULE}" if go is False and prefix in NO_ARMS_AT_NO_GO else ""), ""]
     cells: dict[tuple[str, int], Path] = {}
     for arm in arms:
         for s in seeds:
@@ -1449,7 +1453,9 @@ def run_plan(
                     say(f"the base failed: see {out / 'logs' / (stem + '.log')}", err=True)
                     return None, failed
                 link_base(out / name, run_dir(cell, out / "runs") / "stages" / "base")
-        say("arms:")
+        base = out / f"{prefix}_base"
+        stop = prefix in NO_ARMS_AT_NO_GO and base_go(prefix, stage_metrics(base) if (base / "done.json").exists() else None) is False
+        say("arms:" if not stop else f"arms: none run ({go_line(prefix, False)} {NO_ARMS_RULE})")
         # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves
         # paired comparisons; p8-500 re-evaluates session 3's arms
         cells = [
@@ -1458,7 +1464,7 @@ def run_plan(
             else Cell(specs / f"{prefix}_{arm}.pd", s, f"{arm}-s{s}")
             for arm, s in start_order(plan, arms, seeds)
         ]
-        failed += run_cells(cells, out, jobs, start_by)
+        failed += [] if stop else run_cells(cells, out, jobs, start_by)
         say(f"wall time: {(time.time() - t0) / 60:.1f} min")
     with REPORTING:
         path = report_500(out, arms, seeds) if plan == "p8-500" else report(out, arms, seeds, prefix, specs, compare)

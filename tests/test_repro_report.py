@@ -673,3 +673,28 @@ def test_the_command_line_refuses_a_bad_cut_off_or_comparison(tmp_path: Path, ca
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("go", [False, True], ids=["no-go", "go"])
+def test_session_9s_plan_runs_no_arm_from_a_no_go_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, go: bool) -> None:
+    """Session 9's pre-registration (`--plan p8-adj`): "if no-go, no arm runs"; the report then shows the base, the
+    rule and no arm. From a go base the arms run (sessions 3 and 6 ran their arms either way: `judged`)."""
+    started: list[str] = []
+
+    def fake_run_cells(cells: list[repro.Cell], out: Path, jobs: int, start_by: float | None = None, *, gate: bool = False) -> list[str]:
+        started.extend(c.label for c in cells)
+        return []
+
+    monkeypatch.setattr(repro, "run_cells", fake_run_cells)
+    fake_base(tmp_path / "src", "gc8adj", mask(0), mask(30 if go else 20))  # a_r 0.75 (go) or 0.5 (no-go)
+    out = tmp_path / "out"
+    path, failed = repro.run_plan("p8-adj", out, ["tm", "ngdiff"], [1, 2, 3], base_model=tmp_path / "src" / "gc8adj_base")
+    assert failed == []
+    text = path.read_text()
+    if go:
+        assert started == ["tm-s1", "ngdiff-s1", "tm-s2", "ngdiff-s2", "tm-s3", "ngdiff-s3"]
+        assert repro.NO_ARMS_RULE not in text
+    else:
+        assert started == []
+        assert f"**no-go: outside the regime, no verdict**. {repro.NO_ARMS_RULE}" in text
+    assert "p8" not in repro.NO_ARMS_AT_NO_GO and "gc8" not in repro.NO_ARMS_AT_NO_GO  # session 3: arms run, no verdict
