@@ -162,13 +162,16 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
             f"`{ir.task.name}` vocabulary: {shown}"
         )
     try:
-        encoder = Encoder(loaded, ir.roles, max_length=_max_length(ir))
+        encoder = Encoder(loaded, ir.roles)  # items whole; an sft stage cuts its own (`build_stage`)
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
     if private or not ranks.is_zero:
         return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks)
     token_share = _preflight_roles(ir, task, encoder)
+    for stage in ir.stages:  # a stage that cuts its items must keep a token of every role too
+        if isinstance(stage, SFTStageIR) and stage.max_length is not None:
+            _preflight_roles(ir, task, encoder.truncating(stage.max_length), f"stage `{stage.name}` (`max_length = {stage.max_length}`)")
     if not init.exists():  # written whole or not at all (atomic_dir)
         save_pretrained_dir(loaded, init)
     echo(
@@ -206,20 +209,21 @@ def build_model(ir: ExperimentIR, task: Any, save_dir: Path) -> Any:
     return loaded
 
 
-def _max_length(ir: ExperimentIR) -> int | None:
-    lengths = [s.max_length for s in ir.stages if isinstance(s, SFTStageIR) and s.max_length]
-    return max(lengths) if lengths else None
-
-
-def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, float]:
-    """Encode a few targets: every declared role must own tokens; returns the token share per role."""
+def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any, cut: str | None = None) -> dict[str, float]:
+    """Encode a few targets: every declared role must own tokens; returns the token share per role.
+    `cut`: the stage whose `max_length` the encoder truncates at (named in a refusal)."""
     import torch
+
+    from .encoding import EncodingError
 
     counts = torch.zeros(len(encoder.role_names), dtype=torch.long)
     n = min(PREFLIGHT_ITEMS, task.size("train"))
     for i in range(n):
         s = task.sample("train", i)
-        roles = encoder.encode_train(s.query, s.image, s.response)["role_ids"]
+        try:
+            roles = encoder.encode_train(s.query, s.image, s.response)["role_ids"]
+        except EncodingError as exc:
+            raise RunRefused(f"{cut}: {exc}" if cut else str(exc)) from exc
         counts += torch.bincount(roles[roles >= 0], minlength=len(encoder.role_names))
     declared = {r.role for r in ir.roles if r.kind != "visual"}  # a visual role is tagged per batch, by a model
     empty = [name for name, c in zip(encoder.role_names, counts.tolist()) if c == 0 and name in declared]
@@ -227,7 +231,7 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, flo
         sample = task.sample("train", 0).response
         raise RunRefused(
             f"role(s) {', '.join(f'`{r}`' for r in empty)} match no target token in the first {n} training "
-            f"items; check the roles block against a target such as: {sample[:160]}"
+            f"items{' of ' + cut if cut else ''}; check the roles block against a target such as: {sample[:160]}"
         )
     total = max(int(counts.sum()), 1)
     return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
@@ -391,7 +395,12 @@ def build_stage(ctx: Context, stage: Stage):
         )
     module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage))
     datamodule = SFTDataModule(
-        ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length", packing=stage.packing
+        ctx.task,
+        ctx.encoder.truncating(stage.max_length),  # this stage's own cut (none: whole items)
+        batch_size=stage.batch,
+        seed=ctx.ir.seed,
+        bucket=stage.batching == "length",
+        packing=stage.packing,
     )
     return module, datamodule
 

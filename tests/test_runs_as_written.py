@@ -191,6 +191,46 @@ def test_constant_groups_are_dropped_or_resampled_as_written(micro: Micro, mode:
     assert_as_written(ir, got)
 
 
+def test_max_length_is_each_stages_own(tmp_path: Path) -> None:
+    """`max_length` of one sft stage truncated the items of every stage, to the largest one any
+    stage set: `a { max_length = 26 }` beside `b { }` trained b on items cut at 29 tokens, and a on
+    items of up to 29 (c's). The micro items have 28-32 tokens; 8 steps of 2 see all 16: each stage
+    trains on its own cut, or on whole items."""
+    from percepdsl_runtime.run import build_stage, prepare
+    from percepdsl_runtime.sft import build_trainer
+
+    ir = compile_spec(
+        MICRO + "stage a = sft { steps = 8, batch = 2, max_length = 26 }\n"
+        "stage b = sft from a { steps = 8, batch = 2 }\n"
+        "stage c = sft from a { steps = 8, batch = 2, max_length = 29 }\n"
+    )
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    seen: dict[str, list[int]] = {}
+    for stage in ir.stages:
+        module, datamodule = build_stage(ctx, stage)
+        step = module.training_step
+
+        def record(batch, batch_idx, name=stage.name, step=step):  # the items of every training batch
+            lengths = batch["seq_lengths"].flatten().tolist() if "seq_lengths" in batch else batch["attention_mask"].sum(1).tolist()
+            seen.setdefault(name, []).extend(int(n) for n in lengths if n)
+            return step(batch, batch_idx)
+
+        module.training_step = record
+        build_trainer(stage.steps, precision="32-true", accelerator="cpu", num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(
+            module, datamodule=datamodule
+        )
+    assert (max(seen["a"]), max(seen["b"]), max(seen["c"]), min(seen["b"])) == (26, 32, 29, 28), seen
+
+
+def test_a_max_length_that_cuts_into_the_prompt_is_refused_with_its_stage(tmp_path: Path) -> None:
+    """A cut inside the 12-token prompt raised an EncodingError traceback out of `prepare`."""
+    from percepdsl_runtime.run import RunRefused, prepare
+
+    ir = compile_spec(MICRO + "stage a = sft { steps = 1 }\nstage b = sft from a { steps = 1, max_length = 10 }\n")
+    with pytest.raises(RunRefused, match=r"stage `b` \(`max_length = 10`\): max_length 10 leaves no room for targets"):
+        prepare(ir, tmp_path, echo=lambda _: None)
+
+
 def test_resample_tries_without_resample_is_flagged() -> None:
     from percepdsl.check import check_text
 
