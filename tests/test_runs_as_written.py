@@ -231,6 +231,45 @@ def test_a_max_length_that_cuts_into_the_prompt_is_refused_with_its_stage(tmp_pa
         prepare(ir, tmp_path, echo=lambda _: None)
 
 
+def _diagnostics(text: str) -> list[tuple[str, bool, int, int, str]]:
+    from percepdsl.check import check_text
+
+    res = check_text(text, "spec.pd")
+    return [(d.code, d.is_error, d.span.line, d.span.column, d.message) for d in res.diagnostics]
+
+
+def test_a_batch_larger_than_the_training_split_is_an_error() -> None:
+    """`batch = 20` of 16 training items checked clean; SFT then trained on batches of all 16 (the
+    sampler keeps a short last batch), and GRPO stopped in its first step with a ValueError."""
+    sft, grpo = "stage s = sft { steps = 1, batch = 20 }", "stage g = grpo from s { steps = 1, batch = 17, reward = outcome }"
+    diags = _diagnostics(MICRO + sft + "\n" + grpo + "\n")
+    assert [d[:4] for d in diags] == [("incompatible", True, 7, sft.index("batch") + 1), ("incompatible", True, 8, grpo.index("batch") + 1)]
+    assert "stage `s`: `batch = 20` is more than the 16 training items of the task" in diags[0][4]
+    ddp = MICRO.replace("clip = 1.0", "clip = 1.0, accelerator = cpu, devices = 2")  # a batch on each rank
+    assert [d[0] for d in _diagnostics(ddp + "stage s = sft { steps = 1, batch = 9 }\n")] == ["incompatible"]
+    assert not _diagnostics(MICRO + "stage s = sft { steps = 1, batch = 16 }\n")
+
+
+def test_an_eval_test_count_beyond_the_test_split_is_an_error() -> None:
+    """`eval { test = 5 }` of a 2-item test split checked clean and evaluated 2 items."""
+    diags = _diagnostics(MICRO.replace("eval { test = 2", "eval { test = 5") + "stage s = sft { steps = 1 }\n")
+    assert [d[:4] for d in diags] == [("incompatible", True, 5, len("eval { ") + 1)], diags
+    assert "`test = 5` is more than the 2 test items of the task" in diags[0][4]
+
+
+def test_gradient_accumulation_is_refused_by_ngdiff_and_flagged_as_ignored_by_grpo() -> None:
+    """`trainer { accumulate = 2 }` checked clean beside an ngdiff stage (the run then refused it)
+    and beside a grpo stage (which trains without accumulation)."""
+    spec = MICRO.replace("clip = 1.0", "clip = 1.0, accumulate = 2")
+    diags = _diagnostics(spec + "stage s = sft { steps = 1, loss = ngdiff(perception, [reasoning, answer]) }\n")
+    col = spec.splitlines()[5].index("accumulate") + 1
+    assert [d[:4] for d in diags] == [("incompatible", True, 6, col)], diags
+    diags = _diagnostics(spec + "stage s = sft { steps = 1 }\nstage g = grpo from s { steps = 1, reward = outcome }\n")
+    assert [d[:4] for d in diags] == [("ignored-setting", False, 6, col)], diags
+    assert "stage `g`" in diags[0][4]
+    assert not _diagnostics(spec + "stage s = sft { steps = 1 }\n")
+
+
 def test_resample_tries_without_resample_is_flagged() -> None:
     from percepdsl.check import check_text
 
