@@ -849,6 +849,17 @@ BUILTINS: tuple[Entry, ...] = (
                 choices=("csv", "tensorboard", "wandb", "mlflow"),
             ),
         ),
+        constraints=(
+            Constraint(
+                ("precision", "accelerator"),
+                lambda s: (
+                    '`precision = "16-mixed"` does not run on the CPU: Lightning trains in `bf16-mixed` there instead'
+                    if s["precision"] == "16-mixed" and s["accelerator"] == "cpu"
+                    else None
+                ),
+                'write `precision = "bf16-mixed"` (or "32-true"), or train on a GPU',
+            ),
+        ),
     ),
     # ---- keywords (hover / completion) ---------------------------------------------
     Entry("experiment", "keyword", "`experiment NAME` — names the experiment; run directories are `NAME-HASH`."),

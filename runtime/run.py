@@ -308,6 +308,12 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise RunRefused(f"stage `{stage.name}`: {exc}") from exc
+    if str(trainer.precision) != tr.precision:  # Lightning swaps fp16 AMP for bf16 on the CPU (a warning only)
+        close_loggers(loggers)
+        raise RunRefused(
+            f'trainer: `precision = "{tr.precision}"` does not run on {trainer.accelerator.__class__.__name__.replace("Accelerator", "")}: '
+            f'Lightning would train in `{trainer.precision}`; write `precision = "{trainer.precision}"` or train on a GPU'
+        )
     resume = ranks.broadcast(ckpt.exists())
     if resume and not all(seen := ranks.gather(ckpt.exists())):
         blind = [r for r, ok in enumerate(seen) if not ok]

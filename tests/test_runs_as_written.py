@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from realise import MICRO, Micro, Realised, compile_spec
@@ -268,6 +269,24 @@ def test_gradient_accumulation_is_refused_by_ngdiff_and_flagged_as_ignored_by_gr
     assert [d[:4] for d in diags] == [("ignored-setting", False, 6, col)], diags
     assert "stage `g`" in diags[0][4]
     assert not _diagnostics(spec + "stage s = sft { steps = 1 }\n")
+
+
+def test_fp16_mixed_precision_on_cpu_is_refused_not_run_as_bf16(tmp_path: Path) -> None:
+    """`precision = "16-mixed"` checked clean and, on CPU, trained in bf16-mixed: Lightning swaps
+    fp16 AMP for bf16 there with a warning. An explicit CPU accelerator is a located error; an `auto`
+    one that resolves to the CPU refuses the run before its first step."""
+    from percepdsl_runtime.run import RunRefused, run
+
+    spec = MICRO.replace('precision = "32-true"', 'precision = "16-mixed", accelerator = cpu')
+    diags = _diagnostics(spec + "stage s = sft { steps = 1 }\n")
+    assert [d[:4] for d in diags] == [("incompatible", True, 6, len("trainer { ") + 1)], diags
+    assert "bf16-mixed" in diags[0][4]
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("`auto` resolves to an accelerator with fp16 AMP")
+    ir = compile_spec(MICRO.replace('precision = "32-true"', 'precision = "16-mixed"') + "stage s = sft { steps = 1 }\n")
+    with pytest.raises(RunRefused, match=r"`precision = \"16-mixed\"`.*CPU"):
+        run(ir, {}, tmp_path, progress=False, echo=lambda _: None)
+    assert not list(tmp_path.glob("*/stages/s/done.json"))
 
 
 def test_resample_tries_without_resample_is_flagged() -> None:
