@@ -148,6 +148,8 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         task = build_task(ir.task, seed=ir.seed)
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
+    if (why := _unfilled(ir, task)) is not None:
+        raise RunRefused(why)
     vocab = task.vocabulary()
     if ranks.is_zero and not private:
         loaded = build_model(ir, task, run_dir / "init")
@@ -207,6 +209,22 @@ def build_model(ir: ExperimentIR, task: Any, save_dir: Path) -> Any:
     if not isinstance(loaded, LoadedModel):
         raise RunRefused(f"model `{kind}` ({ir.model.impl}) returned {type(loaded).__name__}, not a LoadedModel")
     return loaded
+
+
+def _unfilled(ir: ExperimentIR, task: Any) -> str | None:
+    """A batch (on every rank) or an eval test count the task's splits cannot fill, else None. The
+    checker refuses them where it knows the counts (a built-in task's `train` and `test`); a dataset's
+    rows and a plugin task's splits are counted here. Else the sft sampler makes the batch the whole
+    split, the grpo sampler stops in the first step, and the evaluation takes the whole test split."""
+    ranks = ir.trainer.devices * ir.trainer.num_nodes
+    train, test = task.size("train"), task.size("test")
+    for stage in ir.stages:
+        if stage.batch * ranks > train:
+            what = f"`batch = {stage.batch}`" + (f" on each of {ranks} ranks" if ranks > 1 else "")
+            return f"stage `{stage.name}`: {what} is more than the {train} training items of the task"
+    if ir.eval.test is not None and ir.eval.test > test:
+        return f"eval: `test = {ir.eval.test}` is more than the {test} test items of the task"
+    return None
 
 
 def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any, cut: str | None = None) -> dict[str, float]:
