@@ -289,6 +289,28 @@ def test_fp16_mixed_precision_on_cpu_is_refused_not_run_as_bf16(tmp_path: Path) 
     assert not list(tmp_path.glob("*/stages/s/done.json"))
 
 
+@pytest.mark.parametrize(
+    "old, new, setting",
+    [
+        ("loss = token_mean()", "loss = ngdiff(perception, [reasoning, answer], auto_lr_every = 5)", "auto_lr_every"),
+        ("eval { test = 2, max_new_tokens = 8 }", "eval { test = 2, max_new_tokens = 8, cap_factor = 2 }", "cap_factor"),
+        ("eval { test = 2, max_new_tokens = 8 }", "eval { test = 2, max_new_tokens = 8, cap_margin = 5 }", "cap_margin"),
+        ("eval { test = 2, max_new_tokens = 8 }", "eval { test = 2, top_p = 0.9 }", "top_p"),
+    ],
+)
+def test_a_setting_the_run_does_not_read_is_flagged(old: str, new: str, setting: str) -> None:
+    """Settings that checked clean and changed nothing: `auto_lr_every` without `auto_lr = true`
+    (no line search runs), `cap_factor` and `cap_margin` beside an eval `max_new_tokens` (one cap for
+    every item), `top_p` with greedy evaluation (`temperature = 0`). Each is an `ignored-setting` warning."""
+    text = MICRO + "stage s = sft { steps = 1, loss = token_mean() }\n"
+    assert not _diagnostics(text)
+    text = text.replace(old, new)
+    diags = _diagnostics(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if setting in row)
+    assert [d[:4] for d in diags] == [("ignored-setting", False, line, text.splitlines()[line - 1].index(setting) + 1)], diags
+    assert f"`{setting}` has no effect" in diags[0][4]
+
+
 def test_resample_tries_without_resample_is_flagged() -> None:
     from percepdsl.check import check_text
 

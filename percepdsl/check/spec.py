@@ -98,6 +98,7 @@ class _Spec:
         self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
         self._check_sizes(task, g.get(A.Stage, []), stages, g.get(A.Eval, []), ev, tr)
         self._check_accumulate(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
+        self._check_eval_reads(g.get(A.Eval, []), ev)
         self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
         self._check_dependency_reward(roles, g.get(A.Stage, []), stages)
         self._report_unused_params()
@@ -596,6 +597,22 @@ class _Spec:
                 "raise the grpo stage's `batch` for more prompts per update",
                 [Related.at(spans[n], f"grpo stage `{n}`") for n in grpo if n in spans],
             )
+
+    def _check_eval_reads(self, decls: list[A.Eval], ev: dict) -> None:
+        """Eval settings that a written other setting leaves unread: the per-item cap's `cap_factor` and
+        `cap_margin` beside one `max_new_tokens` for every item, and `top_p` under greedy decoding."""
+        if not decls:
+            return
+        block = decls[0].block
+        unread = []
+        if ev.get("max_new_tokens") is not None:
+            why = f"`max_new_tokens = {ev['max_new_tokens']}` caps every item"
+            unread += [(k, why, f"remove `{k}`, or `max_new_tokens` for per-item caps") for k in ("cap_factor", "cap_margin")]
+        if ev.get("temperature") == 0:
+            unread.append(("top_p", "`temperature = 0` decodes greedily", "remove `top_p`, or sample with a `temperature` above 0"))
+        for key, why, hint in unread:
+            if (setting := block.get(key)) is not None:
+                self.ck.warning(setting.key.span, "ignored-setting", f"`{key}` has no effect: {why}", hint)
 
     def _model_is_tiny(self) -> bool:
         return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)
