@@ -489,10 +489,15 @@ class StageEval(L.Callback):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
         self.echo = echo or ctx.echo  # through the progress bar while it shows
         self.history: list[dict[str, Any]] = []
+        self.last = 0  # the optimiser step at the last batch end
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last = trainer.global_step  # a resumed stage: the points before it were evaluated
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every and step % self.every == 0 and 0 < step < self.stage.steps:
+        step, last = trainer.global_step, self.last
+        self.last = step
+        if self.every and passed(last, step, self.every) and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
             if metrics is not None:
                 pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in (*HEADLINE, "visual_dependency") if metrics.get(k) is not None})
@@ -552,14 +557,27 @@ class FiniteLoss(L.Callback):
             raise RunFailed(f"stage `{self.stage}`: the training loss {what} at step {trainer.global_step}")
 
 
+def passed(last: int, step: int, every: int) -> bool:
+    """Whether the optimiser steps since the last batch end (`last` → `step`) reached a multiple of
+    `every`. A batch end is not always a step's: under `accumulate = k` a step ends every k-th batch
+    (the others see the same step again), and a grpo batch with `updates = u` takes u steps (its batch
+    ends see every u-th step only); the point is taken at the first batch end on or past it, once."""
+    return step // every > last // every
+
+
 class ResumeCheckpoint(L.Callback):
-    """The full training state (weights, optimiser, loop position) every N steps, written atomically."""
+    """The full training state (weights, optimiser, loop position) every N steps, written atomically,
+    at the end of an optimiser step (`passed`): never mid-accumulation, never twice for one step."""
 
     def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+        self.path, self.every, self.last = path, every, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
+        last, self.last = self.last, trainer.global_step
+        if passed(last, trainer.global_step, self.every) and trainer.global_step < trainer.max_steps:
             # Every rank calls save_checkpoint (it synchronises them); only global rank 0 writes the
             # file, so only rank 0 renames it into place.
             if trainer.is_global_zero:

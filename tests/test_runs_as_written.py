@@ -9,6 +9,7 @@ The regression tests pin the bugs this used to miss; the property test generates
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,43 @@ def test_a_setting_the_run_does_not_read_is_flagged(old: str, new: str, setting:
     line = next(i for i, row in enumerate(text.splitlines(), 1) if setting in row)
     assert [d[:4] for d in diags] == [("ignored-setting", False, line, text.splitlines()[line - 1].index(setting) + 1)], diags
     assert f"`{setting}` has no effect" in diags[0][4]
+
+
+@pytest.mark.parametrize(
+    "trainer, stage, evaluated",
+    [
+        ("accumulate = 2", "stage s = sft { steps = 4, batch = 2 }", [2, 4]),
+        (
+            "log_every = 1",
+            "stage a = sft { steps = 1 }\nstage s = grpo from a { steps = 6, batch = 1, group = 2, max_new_tokens = 4, updates = 2, reward = outcome }",
+            [4, 6],
+        ),
+    ],
+    ids=["accumulate", "updates"],
+)
+def test_eval_every_evaluates_once_at_each_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trainer: str, stage: str, evaluated: list[int]
+) -> None:
+    """`eval { every = N }` evaluated at the end of every batch whose step was a multiple of N: with
+    `accumulate = 2` twice at step 2 (the step ends two batches), and a grpo stage with `updates = 2`
+    (two steps a batch) never at step 3. Each multiple of N now takes one evaluation, at the first step
+    on or past it; and the resume checkpoint, saved by the same rule, is never one taken mid-step."""
+    import lightning as L
+
+    from percepdsl_runtime import run as run_module
+
+    saved: list[int] = []
+    save = L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, *a, **k: (saved.append(self.global_step), save(self, *a, **k))[1])
+    monkeypatch.setattr(run_module, "RESUME_EVERY", 2 if "accumulate" in trainer else 3)
+    spec = MICRO.replace("log_every = 1", trainer).replace(
+        "max_new_tokens = 8 }", "max_new_tokens = 8, every = 3 }" if "updates" in stage else "max_new_tokens = 8, every = 2 }"
+    )
+    ir = compile_spec(spec + stage + "\n")
+    run_dir = run_module.run(ir, {}, tmp_path, progress=False, echo=lambda _: None)
+    history = json.loads((run_dir / "stages" / "s" / "done.json").read_text())["history"]
+    assert [h["step"] for h in history] == evaluated
+    assert saved == evaluated[:1], saved
 
 
 def test_resample_tries_without_resample_is_flagged() -> None:
