@@ -349,6 +349,33 @@ def test_eval_every_evaluates_once_at_each_point(
     assert saved == evaluated[:1], saved
 
 
+def test_a_visual_reference_is_refreshed_on_schedule_by_a_grpo_stage_with_several_updates(tmp_path: Path) -> None:
+    """`visual(refresh = 3)` re-copied its reference when the step at a batch's start was a multiple
+    of 3; a grpo batch with `updates = 2` starts at steps 0, 2, 4 only, so it was never refreshed.
+    It is now refreshed at the first batch start on or past each multiple."""
+    from percepdsl_runtime.run import build_stage, prepare
+    from percepdsl_runtime.sft import build_trainer
+
+    roles = (
+        'roles {\n  perception = between("<perception>", "</perception>")\n  grounded = visual(threshold = 0, refresh = 3)\n'
+        '  reasoning = between("<reasoning>", "</reasoning>")\n  answer = rest()\n}\n'
+    )
+    ir = compile_spec(
+        MICRO + roles + "stage g = grpo { steps = 6, batch = 1, group = 2, max_new_tokens = 4, updates = 2, reward = format, "
+        "token_weights { grounded = 2.0 } }\n"
+    )
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    module, datamodule = build_stage(ctx, ir.stages[0])
+    refreshed: list[int] = []
+    for ref in module.visual.references.values():
+        load = ref.load_state_dict
+        ref.load_state_dict = lambda state, load=load: (refreshed.append(module.global_step), load(state))[1]
+    build_trainer(6, precision="32-true", accelerator="cpu", num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(
+        module, datamodule=datamodule
+    )
+    assert refreshed == [4]
+
+
 def test_resample_tries_without_resample_is_flagged() -> None:
     from percepdsl.check import check_text
 
