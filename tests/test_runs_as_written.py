@@ -376,6 +376,18 @@ def test_a_visual_reference_is_refreshed_on_schedule_by_a_grpo_stage_with_severa
     assert refreshed == [4]
 
 
+@pytest.mark.parametrize(
+    "sizes, other", [("width = 18, depth = 1, heads = 4", "width"), ("width = 16, depth = 1, heads = 4, vision_width = 18", "vision_width")]
+)
+def test_tiny_sizes_the_heads_do_not_divide_are_located_errors(sizes: str, other: str) -> None:
+    """`model tiny { width = 18, heads = 4 }` checked clean and the run was refused while building the
+    model (transformers: the hidden size is not a multiple of the heads); the vision tower has the same heads."""
+    text = MICRO.replace("width = 16, depth = 1, heads = 1, vision_width = 16", sizes) + "stage s = sft { steps = 1 }\n"
+    diags = _diagnostics(text)
+    assert [d[:4] for d in diags] == [("incompatible", True, 4, text.splitlines()[3].index("heads") + 1)], diags
+    assert f"`{other} = 18`" in diags[0][4]
+
+
 def test_resample_tries_without_resample_is_flagged() -> None:
     from percepdsl.check import check_text
 
