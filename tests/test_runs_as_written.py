@@ -388,6 +388,16 @@ def test_tiny_sizes_the_heads_do_not_divide_are_located_errors(sizes: str, other
     assert f"`{other} = 18`" in diags[0][4]
 
 
+def test_edge_prob_beside_a_fixed_edge_count_is_flagged() -> None:
+    """`task graph_coloring { edges = 3, edge_prob = 0.2 }` checked clean: every graph has 3 edges, and
+    `edge_prob` changed nothing."""
+    text = MICRO.replace("nodes = 4,", "nodes = 4, edges = 3, edge_prob = 0.2,") + "stage s = sft { steps = 1 }\n"
+    diags = _diagnostics(text)
+    assert [d[:4] for d in diags] == [("ignored-setting", False, 3, text.splitlines()[2].index("edge_prob") + 1)], diags
+    assert "`edge_prob` has no effect: `edges = 3`" in diags[0][4]
+    assert not _diagnostics(text.replace(" edge_prob = 0.2,", ""))
+
+
 def test_resample_tries_without_resample_is_flagged() -> None:
     from percepdsl.check import check_text
 

@@ -356,6 +356,14 @@ class _Spec:
             settings = check_dataset(ck, t.block, settings)
         if settings is None:
             return None
+        setting = t.block.get("edge_prob")
+        if entry.name == "graph_coloring" and settings.get("edges") is not None and setting is not None:
+            ck.warning(
+                setting.key.span,
+                "ignored-setting",
+                f"`edge_prob` has no effect: `edges = {settings['edges']}` fixes every graph's edge count",
+                "remove `edge_prob`, or `edges` to draw each edge with probability `edge_prob`",
+            )
         return TaskIR(name=entry.name, params=settings, impl=entry.impl)
 
     def _check_model(self, decls: list[A.Model], task: TaskIR | None) -> ModelIR | None:
