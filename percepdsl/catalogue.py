@@ -420,6 +420,15 @@ BUILTINS: tuple[Entry, ...] = (
             P("patch", "px", 16, "vision patch size (image size must be a multiple)", min=2, max=64, unit="px"),
         ),
         impl="percepdsl_runtime.models:tiny_model",
+        # both towers attend with `heads` heads, each a slice of the hidden size
+        constraints=tuple(
+            Constraint(
+                ("heads", size),
+                lambda s, size=size: f"`{size} = {s[size]}` is not a multiple of `heads = {s['heads']}`" if s[size] % s["heads"] else None,
+                "each attention head takes an equal slice of the hidden size: choose sizes that `heads` divides",
+            )
+            for size in ("width", "vision_width")
+        ),
     ),
     Entry(
         "hf",
@@ -847,6 +856,17 @@ BUILTINS: tuple[Entry, ...] = (
                 "from it), `tensorboard` (tensorboard/), `wandb` (Weights & Biases; WANDB_MODE=offline writes wandb/ "
                 "only), `mlflow` (an MLflow file store, mlruns/); each but csv needs its extra, e.g. pip install -e '.[wandb]'",
                 choices=("csv", "tensorboard", "wandb", "mlflow"),
+            ),
+        ),
+        constraints=(
+            Constraint(
+                ("precision", "accelerator"),
+                lambda s: (
+                    '`precision = "16-mixed"` does not run on the CPU: Lightning trains in `bf16-mixed` there instead'
+                    if s["precision"] == "16-mixed" and s["accelerator"] == "cpu"
+                    else None
+                ),
+                'write `precision = "bf16-mixed"` (or "32-true"), or train on a GPU',
             ),
         ),
     ),

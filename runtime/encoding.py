@@ -14,6 +14,7 @@ each — the offsets of the unexpanded tokenization tell which are targets and t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,15 @@ class Encoder:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = int(pad if pad is not None else self.eos_token_id)
         self._checked_prefix = False
+
+    def truncating(self, max_length: int | None) -> Encoder:
+        """This encoder with another ``max_length`` (an sft stage's own: ``None`` keeps items whole);
+        the same model, template and role rules."""
+        if max_length == self.max_length:
+            return self
+        other = copy.copy(self)
+        other.max_length = max_length
+        return other
 
     # -- text -------------------------------------------------------------------------
     def _render(self, query: str, response: str | None, image: bool = True) -> str:

@@ -469,8 +469,8 @@ class GRPOModule(L.LightningModule):
         if idle:
             p = parts[0]
             p.rows, p.adv, p.mask = p.rows.new_zeros(1), p.adv.new_zeros(1), loss_mask(p.roll, st.mask_truncated)[:1]
-        if self.visual is not None:
-            self.visual.refresh(self.model, self.global_step)
+        if self.visual is not None:  # the steps since the last batch: `updates` each (the stage's last may take fewer)
+            self.visual.refresh(self.model, self.global_step, since=self.global_step - st.updates)
         for p in parts:
             p.ref = self.reference_logprobs(p.roll, p.rows) if st.kl > 0 and len(p.rows) else None
             p.roles = self.encoder.completion_roles(p.roll.ids.cpu(), p.roll.lengths.tolist()).to(p.roll.ids.device)[p.rows]

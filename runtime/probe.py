@@ -269,9 +269,13 @@ class VisualRoles:
         self.rules, self.references, self.rest_id, self.blank = list(rules), dict(references), rest_id, blank
         self.seconds = 0.0  # of the last `tag`
 
-    def refresh(self, policy: Any, step: int) -> None:
+    def refresh(self, policy: Any, step: int, since: int | None = None) -> None:
+        """Re-copy each reference whose `refresh` period has a multiple in (`since`, `step`]: the steps
+        taken since the last call (default the one before `step`; a grpo batch with `updates = u` is
+        u steps, whose multiples it would otherwise skip unless one falls on a batch's start)."""
+        since = step - 1 if since is None else since
         for (_, every), ref in self.references.items():
-            if every and step > 0 and step % every == 0:
+            if every and step > 0 and step // every > max(since, 0) // every:
                 ref.load_state_dict(policy.state_dict())
 
     @torch.no_grad()

@@ -148,6 +148,8 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         task = build_task(ir.task, seed=ir.seed)
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
+    if (why := _unfilled(ir, task)) is not None:
+        raise RunRefused(why)
     vocab = task.vocabulary()
     if ranks.is_zero and not private:
         loaded = build_model(ir, task, run_dir / "init")
@@ -162,13 +164,16 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
             f"`{ir.task.name}` vocabulary: {shown}"
         )
     try:
-        encoder = Encoder(loaded, ir.roles, max_length=_max_length(ir))
+        encoder = Encoder(loaded, ir.roles)  # items whole; an sft stage cuts its own (`build_stage`)
     except EncodingError as exc:
         raise RunRefused(str(exc)) from exc
     init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
     if private or not ranks.is_zero:
         return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks)
     token_share = _preflight_roles(ir, task, encoder)
+    for stage in ir.stages:  # a stage that cuts its items must keep a token of every role too
+        if isinstance(stage, SFTStageIR) and stage.max_length is not None:
+            _preflight_roles(ir, task, encoder.truncating(stage.max_length), f"stage `{stage.name}` (`max_length = {stage.max_length}`)")
     if not init.exists():  # written whole or not at all (atomic_dir)
         save_pretrained_dir(loaded, init)
     echo(
@@ -206,20 +211,37 @@ def build_model(ir: ExperimentIR, task: Any, save_dir: Path) -> Any:
     return loaded
 
 
-def _max_length(ir: ExperimentIR) -> int | None:
-    lengths = [s.max_length for s in ir.stages if isinstance(s, SFTStageIR) and s.max_length]
-    return max(lengths) if lengths else None
+def _unfilled(ir: ExperimentIR, task: Any) -> str | None:
+    """A batch (on every rank) or an eval test count the task's splits cannot fill, else None. The
+    checker refuses them where it knows the counts (a built-in task's `train` and `test`); a dataset's
+    rows and a plugin task's splits are counted here. Else the sft sampler makes the batch the whole
+    split, the grpo sampler stops in the first step, and the evaluation takes the whole test split."""
+    ranks = ir.trainer.devices * ir.trainer.num_nodes
+    train, test = task.size("train"), task.size("test")
+    for stage in ir.stages:
+        if stage.batch * ranks > train:
+            what = f"`batch = {stage.batch}`" + (f" on each of {ranks} ranks" if ranks > 1 else "")
+            return f"stage `{stage.name}`: {what} is more than the {train} training items of the task"
+    if ir.eval.test is not None and ir.eval.test > test:
+        return f"eval: `test = {ir.eval.test}` is more than the {test} test items of the task"
+    return None
 
 
-def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, float]:
-    """Encode a few targets: every declared role must own tokens; returns the token share per role."""
+def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any, cut: str | None = None) -> dict[str, float]:
+    """Encode a few targets: every declared role must own tokens; returns the token share per role.
+    `cut`: the stage whose `max_length` the encoder truncates at (named in a refusal)."""
     import torch
+
+    from .encoding import EncodingError
 
     counts = torch.zeros(len(encoder.role_names), dtype=torch.long)
     n = min(PREFLIGHT_ITEMS, task.size("train"))
     for i in range(n):
         s = task.sample("train", i)
-        roles = encoder.encode_train(s.query, s.image, s.response)["role_ids"]
+        try:
+            roles = encoder.encode_train(s.query, s.image, s.response)["role_ids"]
+        except EncodingError as exc:
+            raise RunRefused(f"{cut}: {exc}" if cut else str(exc)) from exc
         counts += torch.bincount(roles[roles >= 0], minlength=len(encoder.role_names))
     declared = {r.role for r in ir.roles if r.kind != "visual"}  # a visual role is tagged per batch, by a model
     empty = [name for name, c in zip(encoder.role_names, counts.tolist()) if c == 0 and name in declared]
@@ -227,7 +249,7 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any) -> dict[str, flo
         sample = task.sample("train", 0).response
         raise RunRefused(
             f"role(s) {', '.join(f'`{r}`' for r in empty)} match no target token in the first {n} training "
-            f"items; check the roles block against a target such as: {sample[:160]}"
+            f"items{' of ' + cut if cut else ''}; check the roles block against a target such as: {sample[:160]}"
         )
     total = max(int(counts.sum()), 1)
     return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
@@ -304,6 +326,12 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         )
     except ValueError as exc:
         raise RunRefused(f"stage `{stage.name}`: {exc}") from exc
+    if str(trainer.precision) != tr.precision:  # Lightning swaps fp16 AMP for bf16 on the CPU (a warning only)
+        close_loggers(loggers)
+        raise RunRefused(
+            f'trainer: `precision = "{tr.precision}"` does not run on {trainer.accelerator.__class__.__name__.replace("Accelerator", "")}: '
+            f'Lightning would train in `{trainer.precision}`; write `precision = "{trainer.precision}"` or train on a GPU'
+        )
     resume = ranks.broadcast(ckpt.exists())
     if resume and not all(seen := ranks.gather(ckpt.exists())):
         blind = [r for r, ok in enumerate(seen) if not ok]
@@ -391,7 +419,12 @@ def build_stage(ctx: Context, stage: Stage):
         )
     module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage))
     datamodule = SFTDataModule(
-        ctx.task, ctx.encoder, batch_size=stage.batch, seed=ctx.ir.seed, bucket=stage.batching == "length", packing=stage.packing
+        ctx.task,
+        ctx.encoder.truncating(stage.max_length),  # this stage's own cut (none: whole items)
+        batch_size=stage.batch,
+        seed=ctx.ir.seed,
+        bucket=stage.batching == "length",
+        packing=stage.packing,
     )
     return module, datamodule
 
@@ -456,10 +489,15 @@ class StageEval(L.Callback):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
         self.echo = echo or ctx.echo  # through the progress bar while it shows
         self.history: list[dict[str, Any]] = []
+        self.last = 0  # the optimiser step at the last batch end
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last = trainer.global_step  # a resumed stage: the points before it were evaluated
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every and step % self.every == 0 and 0 < step < self.stage.steps:
+        step, last = trainer.global_step, self.last
+        self.last = step
+        if self.every and passed(last, step, self.every) and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
             if metrics is not None:
                 pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in (*HEADLINE, "visual_dependency") if metrics.get(k) is not None})
@@ -519,14 +557,27 @@ class FiniteLoss(L.Callback):
             raise RunFailed(f"stage `{self.stage}`: the training loss {what} at step {trainer.global_step}")
 
 
+def passed(last: int, step: int, every: int) -> bool:
+    """Whether the optimiser steps since the last batch end (`last` → `step`) reached a multiple of
+    `every`. A batch end is not always a step's: under `accumulate = k` a step ends every k-th batch
+    (the others see the same step again), and a grpo batch with `updates = u` takes u steps (its batch
+    ends see every u-th step only); the point is taken at the first batch end on or past it, once."""
+    return step // every > last // every
+
+
 class ResumeCheckpoint(L.Callback):
-    """The full training state (weights, optimiser, loop position) every N steps, written atomically."""
+    """The full training state (weights, optimiser, loop position) every N steps, written atomically,
+    at the end of an optimiser step (`passed`): never mid-accumulation, never twice for one step."""
 
     def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+        self.path, self.every, self.last = path, every, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0 and trainer.global_step < trainer.max_steps:
+        last, self.last = self.last, trainer.global_step
+        if passed(last, trainer.global_step, self.every) and trainer.global_step < trainer.max_steps:
             # Every rank calls save_checkpoint (it synchronises them); only global rank 0 writes the
             # file, so only rank 0 renames it into place.
             if trainer.is_global_zero:

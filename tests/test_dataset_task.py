@@ -5,6 +5,7 @@ by a named verifier; `percep gen --format trl`; and a spec that trains and evalu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -71,7 +72,7 @@ def test_hub_layout_parquet_with_other_column_names_and_exact_match(generated, t
         renamed.to_parquet(str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
     spec = (
         'experiment hub\ntask dataset { path = "hub", query = "question", perception = "p_star", reasoning = "cot",\n'
-        '  answer = "solution", verifier = exact_match, train = 4 }\nstage s = sft { steps = 1 }\n'
+        '  answer = "solution", verifier = exact_match, train = 4 }\nstage s = sft { steps = 1, batch = 4 }\n'
     )
     res = check_text(spec, "spec.pd", base_dir=tmp_path)
     assert res.ok, [d.message for d in res.diagnostics]
@@ -207,3 +208,27 @@ def test_split_names_of_the_data_and_exact_match_beside_an_instance_column(gener
     assert s.id == "dataset/ev/2" and s.response == ref.response and s.instance["row"] == ref.instance
     assert ds.score(s.instance, ref.response).outcome and not ds.score(s.instance, ref.response.replace(ref.ground_truth, "c9")).outcome
     assert ds.sample("train", 5).response == task.sample("train", 5).response
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        (
+            (", verifier = graph_coloring", ", verifier = graph_coloring, train = 10"),
+            "`train = 10` asks for more rows than split `train` has (6)",
+        ),
+        (("steps = 4, batch = 2", "steps = 4, batch = 8"), "stage `base`: `batch = 8` is more than the 6 training items of the task"),
+        (("eval { test = 3", "eval { test = 5"), "eval: `test = 5` is more than the 3 test items of the task"),
+    ],
+    ids=["rows", "batch", "eval"],
+)
+def test_counts_the_data_cannot_fill_are_refused_before_training(generated, tmp_path: Path, change, refusal: str) -> None:
+    """The checker cannot count a dataset's rows: `train = 10` of 6 rows trained on 6, `batch = 8`
+    on batches of 6, `eval { test = 5 }` of 3 rows evaluated 3, all silently. The run refuses them."""
+    from percepdsl_runtime.run import RunRefused, prepare
+
+    _, path = generated["graph_coloring"]
+    text = (SPEC % (path, "")).replace(*change)
+    assert change[1] in text
+    with pytest.raises(RunRefused, match=re.escape(refusal)):
+        prepare(compile_spec(text), tmp_path, echo=lambda _: None)

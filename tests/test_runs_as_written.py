@@ -9,11 +9,13 @@ The regression tests pin the bugs this used to miss; the property test generates
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from realise import MICRO, Micro, Realised, compile_spec
@@ -189,6 +191,211 @@ def test_constant_groups_are_dropped_or_resampled_as_written(micro: Micro, mode:
     if mode == "resample":  # an untrained model's rewards are flat: every step draws its 2 extra batches
         assert [logs["resample_draws"] for logs in got["g"].logs] == [2.0, 2.0, 2.0]
     assert_as_written(ir, got)
+
+
+def test_max_length_is_each_stages_own(tmp_path: Path) -> None:
+    """`max_length` of one sft stage truncated the items of every stage, to the largest one any
+    stage set: `a { max_length = 26 }` beside `b { }` trained b on items cut at 29 tokens, and a on
+    items of up to 29 (c's). The micro items have 28-32 tokens; 8 steps of 2 see all 16: each stage
+    trains on its own cut, or on whole items."""
+    from percepdsl_runtime.run import build_stage, prepare
+    from percepdsl_runtime.sft import build_trainer
+
+    ir = compile_spec(
+        MICRO + "stage a = sft { steps = 8, batch = 2, max_length = 26 }\n"
+        "stage b = sft from a { steps = 8, batch = 2 }\n"
+        "stage c = sft from a { steps = 8, batch = 2, max_length = 29 }\n"
+    )
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    seen: dict[str, list[int]] = {}
+    for stage in ir.stages:
+        module, datamodule = build_stage(ctx, stage)
+        step = module.training_step
+
+        def record(batch, batch_idx, name=stage.name, step=step):  # the items of every training batch
+            lengths = batch["seq_lengths"].flatten().tolist() if "seq_lengths" in batch else batch["attention_mask"].sum(1).tolist()
+            seen.setdefault(name, []).extend(int(n) for n in lengths if n)
+            return step(batch, batch_idx)
+
+        module.training_step = record
+        build_trainer(stage.steps, precision="32-true", accelerator="cpu", num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(
+            module, datamodule=datamodule
+        )
+    assert (max(seen["a"]), max(seen["b"]), max(seen["c"]), min(seen["b"])) == (26, 32, 29, 28), seen
+
+
+def test_a_max_length_that_cuts_into_the_prompt_is_refused_with_its_stage(tmp_path: Path) -> None:
+    """A cut inside the 12-token prompt raised an EncodingError traceback out of `prepare`."""
+    from percepdsl_runtime.run import RunRefused, prepare
+
+    ir = compile_spec(MICRO + "stage a = sft { steps = 1 }\nstage b = sft from a { steps = 1, max_length = 10 }\n")
+    with pytest.raises(RunRefused, match=r"stage `b` \(`max_length = 10`\): max_length 10 leaves no room for targets"):
+        prepare(ir, tmp_path, echo=lambda _: None)
+
+
+def _diagnostics(text: str) -> list[tuple[str, bool, int, int, str]]:
+    from percepdsl.check import check_text
+
+    res = check_text(text, "spec.pd")
+    return [(d.code, d.is_error, d.span.line, d.span.column, d.message) for d in res.diagnostics]
+
+
+def test_a_batch_larger_than_the_training_split_is_an_error() -> None:
+    """`batch = 20` of 16 training items checked clean; SFT then trained on batches of all 16 (the
+    sampler keeps a short last batch), and GRPO stopped in its first step with a ValueError."""
+    sft, grpo = "stage s = sft { steps = 1, batch = 20 }", "stage g = grpo from s { steps = 1, batch = 17, reward = outcome }"
+    diags = _diagnostics(MICRO + sft + "\n" + grpo + "\n")
+    assert [d[:4] for d in diags] == [("incompatible", True, 7, sft.index("batch") + 1), ("incompatible", True, 8, grpo.index("batch") + 1)]
+    assert "stage `s`: `batch = 20` is more than the 16 training items of the task" in diags[0][4]
+    ddp = MICRO.replace("clip = 1.0", "clip = 1.0, accelerator = cpu, devices = 2")  # a batch on each rank
+    assert [d[0] for d in _diagnostics(ddp + "stage s = sft { steps = 1, batch = 9 }\n")] == ["incompatible"]
+    assert not _diagnostics(MICRO + "stage s = sft { steps = 1, batch = 16 }\n")
+
+
+def test_an_eval_test_count_beyond_the_test_split_is_an_error() -> None:
+    """`eval { test = 5 }` of a 2-item test split checked clean and evaluated 2 items."""
+    diags = _diagnostics(MICRO.replace("eval { test = 2", "eval { test = 5") + "stage s = sft { steps = 1 }\n")
+    assert [d[:4] for d in diags] == [("incompatible", True, 5, len("eval { ") + 1)], diags
+    assert "`test = 5` is more than the 2 test items of the task" in diags[0][4]
+
+
+def test_gradient_accumulation_is_refused_by_ngdiff_and_flagged_as_ignored_by_grpo() -> None:
+    """`trainer { accumulate = 2 }` checked clean beside an ngdiff stage (the run then refused it)
+    and beside a grpo stage (which trains without accumulation)."""
+    spec = MICRO.replace("clip = 1.0", "clip = 1.0, accumulate = 2")
+    diags = _diagnostics(spec + "stage s = sft { steps = 1, loss = ngdiff(perception, [reasoning, answer]) }\n")
+    col = spec.splitlines()[5].index("accumulate") + 1
+    assert [d[:4] for d in diags] == [("incompatible", True, 6, col)], diags
+    diags = _diagnostics(spec + "stage s = sft { steps = 1 }\nstage g = grpo from s { steps = 1, reward = outcome }\n")
+    assert [d[:4] for d in diags] == [("ignored-setting", False, 6, col)], diags
+    assert "stage `g`" in diags[0][4]
+    assert not _diagnostics(spec + "stage s = sft { steps = 1 }\n")
+
+
+def test_fp16_mixed_precision_on_cpu_is_refused_not_run_as_bf16(tmp_path: Path) -> None:
+    """`precision = "16-mixed"` checked clean and, on CPU, trained in bf16-mixed: Lightning swaps
+    fp16 AMP for bf16 there with a warning. An explicit CPU accelerator is a located error; an `auto`
+    one that resolves to the CPU refuses the run before its first step."""
+    from percepdsl_runtime.run import RunRefused, run
+
+    spec = MICRO.replace('precision = "32-true"', 'precision = "16-mixed", accelerator = cpu')
+    diags = _diagnostics(spec + "stage s = sft { steps = 1 }\n")
+    assert [d[:4] for d in diags] == [("incompatible", True, 6, len("trainer { ") + 1)], diags
+    assert "bf16-mixed" in diags[0][4]
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("`auto` resolves to an accelerator with fp16 AMP")
+    ir = compile_spec(MICRO.replace('precision = "32-true"', 'precision = "16-mixed"') + "stage s = sft { steps = 1 }\n")
+    with pytest.raises(RunRefused, match=r"`precision = \"16-mixed\"`.*CPU"):
+        run(ir, {}, tmp_path, progress=False, echo=lambda _: None)
+    assert not list(tmp_path.glob("*/stages/s/done.json"))
+
+
+@pytest.mark.parametrize(
+    "old, new, setting",
+    [
+        ("loss = token_mean()", "loss = ngdiff(perception, [reasoning, answer], auto_lr_every = 5)", "auto_lr_every"),
+        ("eval { test = 2, max_new_tokens = 8 }", "eval { test = 2, max_new_tokens = 8, cap_factor = 2 }", "cap_factor"),
+        ("eval { test = 2, max_new_tokens = 8 }", "eval { test = 2, max_new_tokens = 8, cap_margin = 5 }", "cap_margin"),
+        ("eval { test = 2, max_new_tokens = 8 }", "eval { test = 2, top_p = 0.9 }", "top_p"),
+    ],
+)
+def test_a_setting_the_run_does_not_read_is_flagged(old: str, new: str, setting: str) -> None:
+    """Settings that checked clean and changed nothing: `auto_lr_every` without `auto_lr = true`
+    (no line search runs), `cap_factor` and `cap_margin` beside an eval `max_new_tokens` (one cap for
+    every item), `top_p` with greedy evaluation (`temperature = 0`). Each is an `ignored-setting` warning."""
+    text = MICRO + "stage s = sft { steps = 1, loss = token_mean() }\n"
+    assert not _diagnostics(text)
+    text = text.replace(old, new)
+    diags = _diagnostics(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if setting in row)
+    assert [d[:4] for d in diags] == [("ignored-setting", False, line, text.splitlines()[line - 1].index(setting) + 1)], diags
+    assert f"`{setting}` has no effect" in diags[0][4]
+
+
+@pytest.mark.parametrize(
+    "trainer, stage, evaluated",
+    [
+        ("accumulate = 2", "stage s = sft { steps = 4, batch = 2 }", [2, 4]),
+        (
+            "log_every = 1",
+            "stage a = sft { steps = 1 }\nstage s = grpo from a { steps = 6, batch = 1, group = 2, max_new_tokens = 4, updates = 2, reward = outcome }",
+            [4, 6],
+        ),
+    ],
+    ids=["accumulate", "updates"],
+)
+def test_eval_every_evaluates_once_at_each_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trainer: str, stage: str, evaluated: list[int]
+) -> None:
+    """`eval { every = N }` evaluated at the end of every batch whose step was a multiple of N: with
+    `accumulate = 2` twice at step 2 (the step ends two batches), and a grpo stage with `updates = 2`
+    (two steps a batch) never at step 3. Each multiple of N now takes one evaluation, at the first step
+    on or past it; and the resume checkpoint, saved by the same rule, is never one taken mid-step."""
+    import lightning as L
+
+    from percepdsl_runtime import run as run_module
+
+    saved: list[int] = []
+    save = L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, *a, **k: (saved.append(self.global_step), save(self, *a, **k))[1])
+    monkeypatch.setattr(run_module, "RESUME_EVERY", 2 if "accumulate" in trainer else 3)
+    spec = MICRO.replace("log_every = 1", trainer).replace(
+        "max_new_tokens = 8 }", "max_new_tokens = 8, every = 3 }" if "updates" in stage else "max_new_tokens = 8, every = 2 }"
+    )
+    ir = compile_spec(spec + stage + "\n")
+    run_dir = run_module.run(ir, {}, tmp_path, progress=False, echo=lambda _: None)
+    history = json.loads((run_dir / "stages" / "s" / "done.json").read_text())["history"]
+    assert [h["step"] for h in history] == evaluated
+    assert saved == evaluated[:1], saved
+
+
+def test_a_visual_reference_is_refreshed_on_schedule_by_a_grpo_stage_with_several_updates(tmp_path: Path) -> None:
+    """`visual(refresh = 3)` re-copied its reference when the step at a batch's start was a multiple
+    of 3; a grpo batch with `updates = 2` starts at steps 0, 2, 4 only, so it was never refreshed.
+    It is now refreshed at the first batch start on or past each multiple."""
+    from percepdsl_runtime.run import build_stage, prepare
+    from percepdsl_runtime.sft import build_trainer
+
+    roles = (
+        'roles {\n  perception = between("<perception>", "</perception>")\n  grounded = visual(threshold = 0, refresh = 3)\n'
+        '  reasoning = between("<reasoning>", "</reasoning>")\n  answer = rest()\n}\n'
+    )
+    ir = compile_spec(
+        MICRO + roles + "stage g = grpo { steps = 6, batch = 1, group = 2, max_new_tokens = 4, updates = 2, reward = format, "
+        "token_weights { grounded = 2.0 } }\n"
+    )
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    module, datamodule = build_stage(ctx, ir.stages[0])
+    refreshed: list[int] = []
+    for ref in module.visual.references.values():
+        load = ref.load_state_dict
+        ref.load_state_dict = lambda state, load=load: (refreshed.append(module.global_step), load(state))[1]
+    build_trainer(6, precision="32-true", accelerator="cpu", num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(
+        module, datamodule=datamodule
+    )
+    assert refreshed == [4]
+
+
+@pytest.mark.parametrize(
+    "sizes, other", [("width = 18, depth = 1, heads = 4", "width"), ("width = 16, depth = 1, heads = 4, vision_width = 18", "vision_width")]
+)
+def test_tiny_sizes_the_heads_do_not_divide_are_located_errors(sizes: str, other: str) -> None:
+    """`model tiny { width = 18, heads = 4 }` checked clean and the run was refused while building the
+    model (transformers: the hidden size is not a multiple of the heads); the vision tower has the same heads."""
+    text = MICRO.replace("width = 16, depth = 1, heads = 1, vision_width = 16", sizes) + "stage s = sft { steps = 1 }\n"
+    diags = _diagnostics(text)
+    assert [d[:4] for d in diags] == [("incompatible", True, 4, text.splitlines()[3].index("heads") + 1)], diags
+    assert f"`{other} = 18`" in diags[0][4]
+
+
+def test_edge_prob_beside_a_fixed_edge_count_is_flagged() -> None:
+    """`task graph_coloring { edges = 3, edge_prob = 0.2 }` checked clean: every graph has 3 edges, and
+    `edge_prob` changed nothing."""
+    text = MICRO.replace("nodes = 4,", "nodes = 4, edges = 3, edge_prob = 0.2,") + "stage s = sft { steps = 1 }\n"
+    diags = _diagnostics(text)
+    assert [d[:4] for d in diags] == [("ignored-setting", False, 3, text.splitlines()[2].index("edge_prob") + 1)], diags
+    assert "`edge_prob` has no effect: `edges = 3`" in diags[0][4]
+    assert not _diagnostics(text.replace(" edge_prob = 0.2,", ""))
 
 
 def test_resample_tries_without_resample_is_flagged() -> None:

@@ -15,7 +15,20 @@ from typing import Any
 from .. import nodes as A
 from ..catalogue import TOKEN_WEIGHT_MAX, Catalogue, ParamSpec
 from ..diagnostics import Diagnostic, Related, Span, did_you_mean
-from ..ir import EvalIR, ExperimentIR, GRPOStageIR, LoraIR, ModelIR, RoleRuleIR, RoleWeights, SFTStageIR, TaskIR, TrainerIR, named_roles
+from ..ir import (
+    TASK_PARAMS,
+    EvalIR,
+    ExperimentIR,
+    GRPOStageIR,
+    LoraIR,
+    ModelIR,
+    RoleRuleIR,
+    RoleWeights,
+    SFTStageIR,
+    TaskIR,
+    TrainerIR,
+    named_roles,
+)
 from ..parse import parse_expr
 from .blocks import defaults
 from .checker import SET_FILE, Checker, Result, run
@@ -83,6 +96,9 @@ class _Spec:
         ev = self._check_simple_block(g.get(A.Eval, []), "eval")
         tr = self._check_simple_block(g.get(A.Trainer, []), "trainer")
         self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
+        self._check_sizes(task, g.get(A.Stage, []), stages, g.get(A.Eval, []), ev, tr)
+        self._check_accumulate(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
+        self._check_eval_reads(g.get(A.Eval, []), ev)
         self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
         self._check_dependency_reward(roles, g.get(A.Stage, []), stages)
         self._report_unused_params()
@@ -340,6 +356,14 @@ class _Spec:
             settings = check_dataset(ck, t.block, settings)
         if settings is None:
             return None
+        setting = t.block.get("edge_prob")
+        if entry.name == "graph_coloring" and settings.get("edges") is not None and setting is not None:
+            ck.warning(
+                setting.key.span,
+                "ignored-setting",
+                f"`edge_prob` has no effect: `edges = {settings['edges']}` fixes every graph's edge count",
+                "remove `edge_prob`, or `edges` to draw each edge with probability `edge_prob`",
+            )
         return TaskIR(name=entry.name, params=settings, impl=entry.impl)
 
     def _check_model(self, decls: list[A.Model], task: TaskIR | None) -> ModelIR | None:
@@ -520,6 +544,83 @@ class _Spec:
                     f"stage `{st.name.id}`: `token_weights = ngdiff(...)` runs on one device, and the trainer block asks for several",
                     "use fixed or scheduled weights (`token_weights { perception = 2.0 }`) with several devices",
                 )
+
+    def _check_sizes(
+        self, task: TaskIR | None, decls: list[A.Stage], stages: list[SFTStageIR | GRPOStageIR], ev_decls: list[A.Eval], ev: dict, tr: dict
+    ) -> None:
+        """A stage's batch (on every rank) and the eval's `test` within the task's splits, where a
+        built-in task says how many items they hold: the sft sampler would make the batch the whole
+        split, the grpo sampler stops, and the evaluation would take the whole test split, each
+        silently something other than the spec says."""
+        if task is None or task.name not in TASK_PARAMS:
+            return
+        train, test = task.param("train"), task.param("test")  # none: a dataset's every row, counted at run time
+        ranks = tr.get("devices", 1) * tr.get("num_nodes", 1)
+        by_name = {st.name.id: st for st in decls}
+        for stage in stages:
+            if not isinstance(train, int) or stage.batch * ranks <= train or stage.name not in by_name:
+                continue
+            st = by_name[stage.name]
+            setting = st.block.get("batch")
+            what = f"`batch = {stage.batch}`" + (f" on each of {ranks} ranks" if ranks > 1 else "")
+            self.ck.error(
+                setting.span if setting is not None else st.name.span,
+                "incompatible",
+                f"stage `{stage.name}`: {what} is more than the {train} training items of the task",
+                "lower `batch` or raise the task's `train`",
+            )
+        setting = ev_decls[0].block.get("test") if ev_decls else None
+        if isinstance(test, int) and ev.get("test") is not None and ev["test"] > test and setting is not None:
+            self.ck.error(
+                setting.span,
+                "incompatible",
+                f"`test = {ev['test']}` is more than the {test} test items of the task",
+                "lower the eval's `test`, raise the task's `test`, or drop it to evaluate the whole test split",
+            )
+
+    def _check_accumulate(self, tr_decls: list[A.Trainer], decls: list[A.Stage], stages: list[SFTStageIR | GRPOStageIR], tr: dict) -> None:
+        """`trainer { accumulate }` is what sft stages do: ngdiff normalises each batch's gradients and
+        cannot accumulate them (an error), and a grpo stage trains without it (a warning)."""
+        setting = tr_decls[0].block.get("accumulate") if tr_decls else None
+        if setting is None or tr.get("accumulate", 1) <= 1:
+            return
+        spans = {st.name.id: st.name.span for st in decls}
+        ngdiff = [s.name for s in stages if isinstance(s, SFTStageIR) and s.loss.kind == "ngdiff"]
+        grpo = [s.name for s in stages if isinstance(s, GRPOStageIR)]
+        if ngdiff:
+            self.ck.error(
+                setting.span,
+                "incompatible",
+                f"`accumulate = {tr['accumulate']}`: ngdiff normalises every batch's gradients and cannot accumulate them "
+                f"(stage {', '.join(f'`{n}`' for n in ngdiff)})",
+                "use a larger `batch` instead",
+                [Related.at(spans[n], f"stage `{n}` trains with ngdiff") for n in ngdiff if n in spans],
+            )
+        if grpo:
+            self.ck.warning(
+                setting.span,
+                "ignored-setting",
+                f"`accumulate = {tr['accumulate']}` has no effect on grpo stage {', '.join(f'`{n}`' for n in grpo)}: "
+                "each of its steps updates on one generated batch",
+                "raise the grpo stage's `batch` for more prompts per update",
+                [Related.at(spans[n], f"grpo stage `{n}`") for n in grpo if n in spans],
+            )
+
+    def _check_eval_reads(self, decls: list[A.Eval], ev: dict) -> None:
+        """Eval settings that a written other setting leaves unread: the per-item cap's `cap_factor` and
+        `cap_margin` beside one `max_new_tokens` for every item, and `top_p` under greedy decoding."""
+        if not decls:
+            return
+        block = decls[0].block
+        unread = []
+        if ev.get("max_new_tokens") is not None:
+            why = f"`max_new_tokens = {ev['max_new_tokens']}` caps every item"
+            unread += [(k, why, f"remove `{k}`, or `max_new_tokens` for per-item caps") for k in ("cap_factor", "cap_margin")]
+        if ev.get("temperature") == 0:
+            unread.append(("top_p", "`temperature = 0` decodes greedily", "remove `top_p`, or sample with a `temperature` above 0"))
+        for key, why, hint in unread:
+            if (setting := block.get(key)) is not None:
+                self.ck.warning(setting.key.span, "ignored-setting", f"`{key}` has no effect: {why}", hint)
 
     def _model_is_tiny(self) -> bool:
         return not any(isinstance(s, A.Model) and s.kind.id != "tiny" for s in self.ck.loaded.items)

@@ -617,6 +617,14 @@ class Evaluator:
             if dup:
                 self.error(e.span, "duplicate", f"role `{dup}` is in two ngdiff groups", "each role belongs to one group")
                 return None
+            every = next((kw for kw in e.kwargs if kw.name.id == "auto_lr_every"), None)
+            if every is not None and not args["auto_lr"]:
+                self.report.warning(
+                    every.name.span,
+                    "ignored-setting",
+                    "`auto_lr_every` has no effect: this `ngdiff` has no `auto_lr = true`, so no line search runs",
+                    "set `auto_lr = true`, or remove `auto_lr_every`",
+                )
             return NGDiff(e.span, tuple(tuple(g) for g in groups), {k: v for k, v in args.items() if k != "groups"})
         if entry.name == "gate":
             return Reward(e.span, RewardIR(kind="gate", children=[args["value"], args["by"]]))

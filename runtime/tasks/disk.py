@@ -103,6 +103,8 @@ class DatasetTask:
             )
         if len(ds) == 0:
             raise ValueError(f"split `{split}` of {self.root} has no rows")
+        if n is not None and n > len(ds):  # fewer rows than the spec trains or evaluates on: not silently
+            raise ValueError(f"`{role} = {n}` asks for more rows than split `{split}` has ({len(ds)})")
         if n is not None and n < len(ds):
             ds = ds.select(range(n))
         # text columns are read once (small); images are decoded per item
