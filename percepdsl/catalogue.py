@@ -843,7 +843,7 @@ BUILTINS: tuple[Entry, ...] = (
                 },
             ),
             P("accumulate", "int", 1, "gradient accumulation steps", min=1, max=1024),
-            P("clip", "float", 1.0, "gradient norm clipping (none = off)", min=0, nullable=True),
+            P("clip", "float", 1.0, "gradient norm clipping (none or 0 = off)", min=0, nullable=True),
             P("log_every", "int", 10, "steps between metric rows", min=1),
             # max: threads = 100000 checked and went to torch.set_num_threads, which would start that many
             # OpenMP threads; 1024 is more cores than a node has, the bound `devices` has

@@ -88,6 +88,19 @@ class EvalConfig:
             cap_margin=ev.cap_margin,
         )
 
+    def seeded(self, seed: int) -> EvalConfig:
+        """This evaluation with its sampling drawn from ``seed`` (greedy decoding ignores it)."""
+        return replace(self, gen=replace(self.gen, seed=seed))
+
+
+def eval_seed(run_seed: int, step: int) -> int:
+    """The sampling seed of a run's evaluation at ``step`` (``eval { temperature > 0 }``): a function
+    of the run's seed and the step only, so a resumed stage, a `--jobs` worker and a one-at-a-time run
+    draw the same samples, and the stages of one run evaluated at the same step draw with common random
+    numbers (their paired differences carry less sampling noise). Without it, sampled evaluation drew
+    from torch's global stream, which depends on what the process ran before."""
+    return run_seed * 1_000_003 + step
+
 
 @dataclass
 class EvalResult:

@@ -506,7 +506,7 @@ class StageEval(L.Callback):
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms
         and cosines) at the same point; both go into the stage's history. Every rank calls it;
         rank 0 evaluates, the others get None."""
-        from .evaluate import evaluate
+        from .evaluate import eval_seed, evaluate
         from .generation import eval_mode
         from .rewards import checkpoint_coupling
 
@@ -517,7 +517,7 @@ class StageEval(L.Callback):
             ctx.ranks.barrier()
             return None
         with eval_mode(ctx.loaded.model):
-            res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg)
+            res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg.seeded(eval_seed(ctx.ir.seed, step)))
             if "visual_dependency" in ev.metrics:  # the probe: teacher-forced, no labels beyond the reference text
                 from .probe import PROBE_ITEMS, probe
 

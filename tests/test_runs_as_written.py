@@ -606,3 +606,20 @@ def test_covered_specs_run_as_written(micro: Micro, stages: str) -> None:
 def test_generated_specs_run_as_written(micro: Micro, stages: str) -> None:
     ir, got = realise(micro, stages)
     assert_as_written(ir, got)
+
+
+def test_fp16_loss_scaling_is_refused_beside_stages_that_step_their_own_optimiser() -> None:
+    """grpo stages and ngdiff sft stages clip (ngdiff also normalises) their gradients themselves,
+    before Lightning's fp16 scaler unscales them inside the optimiser step: with `16-mixed` the clip
+    would see gradients ×65,536 and ngdiff's step would be divided by the scale. A located error on a
+    GPU trainer too (no GPU needed to check); token-mean sft, clipped by Lightning, is not flagged."""
+    spec = MICRO.replace('precision = "32-true"', 'precision = "16-mixed", accelerator = gpu')
+    col = len("trainer { ") + 1
+    for stage in (
+        "stage s = sft { steps = 1, loss = ngdiff(perception, [reasoning, answer]) }\n",
+        "stage s = sft { steps = 1 }\nstage g = grpo from s { steps = 1, reward = outcome }\n",
+    ):
+        diags = _diagnostics(spec + stage)
+        assert [d[:4] for d in diags] == [("incompatible", True, 6, col)], diags
+        assert "before Lightning unscales them" in diags[0][4]
+    assert not _diagnostics(spec + "stage s = sft { steps = 1 }\n")

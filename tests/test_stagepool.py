@@ -58,11 +58,18 @@ def start(path: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("arms", [SFT_ARMS, GRPO_ARMS], ids=["sft", "grpo"])
-def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path, arms: str) -> None:
+@pytest.mark.parametrize(
+    "arms, sampled", [(SFT_ARMS, False), (GRPO_ARMS, False), (SFT_ARMS, True)], ids=["sft", "grpo", "sft-sampled-eval"]
+)
+def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path, arms: str, sampled: bool) -> None:
+    """Also with a sampled evaluation (`eval { temperature = 1.0 }`): its draws are seeded by (seed,
+    step) (`evaluate.eval_seed`), not taken from torch's global stream, which in a one-at-a-time run
+    holds what the stages before it drew."""
     from safetensors.torch import load_file
 
     path = spec(tmp_path, arms=arms)
+    if sampled:
+        path.write_text(path.read_text().replace("max_new_tokens = 32,", "max_new_tokens = 32, temperature = 1.0,"))
     one = percep("run", str(path), "--out", "one", "-q", cwd=tmp_path)
     two = percep("run", str(path), "--out", "two", "-q", "--jobs", "2", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -80,6 +87,11 @@ def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path,
     assert list(sb["stages"]) == ["base", "tm", "ngdiff"]
     for stage in sa["stages"]:
         assert sa["stages"][stage]["metrics"] == sb["stages"][stage]["metrics"], stage
+        ea, eb = (
+            [json.loads(x)["generated"] for x in sorted((d / "stages" / stage).glob("eval-*.jsonl"))[-1].read_text().splitlines()]
+            for d in (a, b)
+        )
+        assert ea == eb, stage  # the same texts, sampled or greedy
     records = [json.loads(line) for line in (b / "eval.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"base", "tm", "ngdiff"}
     # the parent announced both arms; the workers' evaluation lines name their stage

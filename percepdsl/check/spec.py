@@ -98,6 +98,7 @@ class _Spec:
         self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
         self._check_sizes(task, g.get(A.Stage, []), stages, g.get(A.Eval, []), ev, tr)
         self._check_accumulate(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
+        self._check_fp16_manual(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
         self._check_eval_reads(g.get(A.Eval, []), ev)
         self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
         self._check_dependency_reward(roles, g.get(A.Stage, []), stages)
@@ -604,6 +605,26 @@ class _Spec:
                 "each of its steps updates on one generated batch",
                 "raise the grpo stage's `batch` for more prompts per update",
                 [Related.at(spans[n], f"grpo stage `{n}`") for n in grpo if n in spans],
+            )
+
+    def _check_fp16_manual(self, tr_decls: list[A.Trainer], decls: list[A.Stage], stages: list[SFTStageIR | GRPOStageIR], tr: dict) -> None:
+        """`precision = "16-mixed"` beside a stage that steps its own optimiser (grpo, and an sft stage
+        trained with ngdiff): Lightning's fp16 loss scaler unscales the gradients only inside the
+        optimiser step, after such a stage has clipped them (and ngdiff has normalised them), so the clip
+        would act on gradients ×65,536 and ngdiff's step would be divided by the scale. bf16 needs no scaler."""
+        setting = tr_decls[0].block.get("precision") if tr_decls else None
+        if setting is None or tr.get("precision") != "16-mixed":
+            return
+        spans = {st.name.id: st.name.span for st in decls}
+        manual = [s.name for s in stages if isinstance(s, GRPOStageIR) or (isinstance(s, SFTStageIR) and s.loss.kind == "ngdiff")]
+        if manual:
+            self.ck.error(
+                setting.span,
+                "incompatible",
+                f'`precision = "16-mixed"` scales the loss for fp16, and stage {", ".join(f"`{n}`" for n in manual)} '
+                "clips (or normalises) its gradients before Lightning unscales them",
+                'write `precision = "bf16-mixed"` (no loss scaling) or "32-true"',
+                [Related.at(spans[n], f"stage `{n}` steps its own optimiser") for n in manual if n in spans],
             )
 
     def _check_eval_reads(self, decls: list[A.Eval], ev: dict) -> None:
