@@ -223,6 +223,37 @@ def test_percep_report_on_the_command_line(tmp_path):
     assert bad.returncode == 2 and "matches none of the arms" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "{cut sho", "", '{"status": "complete", "final": "x", "stages": 3}', '{"a": 1}'])
+def test_a_named_run_whose_summary_is_damaged_is_refused_not_left_out(tmp_path, text):
+    """A run directory named on the command line whose summary.json is not a complete run's (a list,
+    cut short, empty, another shape) was left out silently: exit 0 and a comparison without it (with
+    two runs, an empty table), or a traceback for one of another shape. Now exit 2 naming it."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    (b / "summary.json").write_text(text)
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([a, b], baseline="lam=0", out=tmp_path / "r", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"{b / 'summary.json'} is not a complete run's summary" in e.getvalue() and "--resume" in e.getvalue()
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_grid_cell_whose_summary_has_another_shape_is_left_out_with_a_note(tmp_path):
+    """A cell's summary.json that says complete but is of another shape (`final` a string) ended
+    `percep report` in an AttributeError traceback; now the cell is one with no complete summary."""
+    from percepdsl_runtime.grid.state import read_summary
+
+    grid = tmp_path / "g"
+    for lam in (0.0, 0.5):
+        make_run(grid / "cells", f"exp-{lam}", {"lam": lam}, 1, items([1.0, lam]))
+    bad = grid / "cells" / "exp-0.5" / "summary.json"
+    bad.write_text(json.dumps({"status": "complete", "params": {"lam": 0.5}, "final": "x", "stages": 3}))
+    assert read_summary(bad.parent) is None
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(grid, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert f"note: not in the table: 1 cell with no complete summary.json: {bad.parent}" in e.getvalue()
+    assert "1 finished run in 1 setting" in o.getvalue() and "| 0.0 | 1 | 0 | 0.500 |" in o.getvalue()
+
+
 def test_rundata_ignores_other_stages_and_non_final_records(tmp_path):
     d = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
     with (d / "eval.jsonl").open("a") as f:

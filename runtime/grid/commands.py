@@ -307,6 +307,16 @@ def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: T
     if not baseline or out is None:
         print("error: run directories are compared against a baseline: give --baseline NAME=VALUE and --out DIR", file=stderr)
         return EXIT_USAGE
+    damaged = [p for p in paths if read_summary(p) is None]
+    if damaged:  # named to be compared: left out silently, the comparison would lack it unsaid
+        p = damaged[0] / "summary.json"
+        print(
+            f"error: {relpath(p)} is not a complete run's summary (not JSON, or not the shape `percep run` writes); "
+            f"`percep run SPEC --out {relpath(damaged[0].parent)} --resume` (SPEC: the one in its spec/) writes it again, "
+            "or leave the directory out",
+            file=stderr,
+        )
+        return EXIT_USAGE
     runs = load_runs(paths)
     try:
         rep = paired_report(runs, baseline)

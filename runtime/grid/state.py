@@ -24,7 +24,22 @@ STATE_VERSION = 1
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """The run's summary.json if it is there, parses, and says the run is complete."""
     data = read_json(run_dir / SUMMARY_FILE)
-    return data if isinstance(data, dict) and data.get("status") == "complete" else None
+    return data if is_complete_summary(data) else None
+
+
+def is_complete_summary(data: Any) -> bool:
+    """Whether ``data`` says ``"status": "complete"`` and its parts that are read back are of the shapes
+    `percep run` writes (``final``, ``params``, ``diagnostics`` objects; ``stages`` an object of stage
+    objects whose ``metrics`` and ``delta`` are objects), where present. JSON of another shape
+    (another tool's file, a hand's edit) is no complete run: it was a traceback in the report."""
+    if not isinstance(data, dict) or data.get("status") != "complete":
+        return False
+    if any(not isinstance(data.get(k, {}), dict) for k in ("final", "params", "diagnostics", "stages")):
+        return False
+    return all(
+        isinstance(st, dict) and isinstance(st.get("metrics", {}), dict) and isinstance(st.get("delta", {}), dict)
+        for st in data.get("stages", {}).values()
+    )
 
 
 def load_state(out_dir: Path) -> dict[str, Any] | None:
