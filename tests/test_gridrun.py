@@ -266,6 +266,33 @@ def test_a_launcher_that_cannot_start_fails_each_cell_without_a_traceback(tmp_pa
     assert all(c["status"] == "failed" and c["exit_code"] == 127 and "cannot start" in c["log_tail"] for c in cells)
 
 
+def test_a_grid_directory_damaged_between_runs_is_named_not_a_traceback(tmp_path):
+    """A grid directory changed by hand between two runs of a grid: `cells` made a file, or
+    grid_state.json a directory, ended `percep grid` in a FileExistsError / IsADirectoryError
+    traceback; now it is refused before any cell runs (exit 2) naming the path. A cell's log that is
+    a directory ended it in a traceback too; now that cell fails (exit 127, the log named) and the
+    others run."""
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "cells").write_text("not a directory")
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_USAGE and "Traceback" not in err and f"cannot use the grid directory: {out / 'cells'} exists" in err
+    assert calls(tmp_path) == [] and (out / "cells").read_text() == "not a directory"
+    (out / "cells").unlink()
+    (out / "grid_state.json").mkdir()
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_USAGE and "cannot use the grid directory" in err and "grid_state.json" in err and calls(tmp_path) == []
+    (out / "grid_state.json").rmdir()
+    log = out / "cells" / f"{smoke_hash('0.25', 0)}.log"
+    log.mkdir(parents=True)
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_FAILED and "Traceback" not in err and len(calls(tmp_path)) == 3
+    failed = [c for c in state(out)["cells"] if c["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["exit_code"] == 127 and f"Is a directory: {log}" in failed[0]["log_tail"]
+    log.rmdir()
+    assert run_grid(out)[0] == EXIT_OK and len(calls(tmp_path)) == 4  # the way out: the failed cell runs
+
+
 def test_exit_zero_without_a_complete_summary_is_a_failure(tmp_path):
     out = tmp_path / "g"
     rc, _, err = run_grid(out, launcher=[sys.executable, "-c", "print('did nothing')"])
