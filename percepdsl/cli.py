@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 the spec has errors (check) or is not formatted (fmt --
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from enum import Enum
@@ -153,6 +154,9 @@ def fmt(
     from .parse import decode
 
     if [str(f) for f in files] == ["-"]:
+        if sys.stdin is None:  # started with it closed (`<&-`)
+            print("error: cannot read the spec from stdin: it is closed; pipe the spec in, or name the file", file=sys.stderr)
+            raise typer.Exit(EXIT_ERRORS)
         text, diags = decode(sys.stdin.buffer.read(), "<stdin>")
         out = None
         if text is not None:
@@ -422,6 +426,9 @@ def gen(
 @app.command()
 def lsp() -> None:
     """Language server over stdio (what editors run)."""
+    if sys.stdin is None:  # started with it closed (`<&-`): no client can talk to it
+        print("error: stdin is closed: the language server reads its client's messages there (an editor starts it)", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
     from .lsp import lsp_command
 
     lsp_command()
@@ -440,6 +447,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
 
 
 def main() -> None:
+    for name in ("stdout", "stderr"):  # started with it closed (`>&-`): what would be printed goes nowhere, the exit code stays
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the life of the process
     try:
         app()
     except KeyboardInterrupt:

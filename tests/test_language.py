@@ -380,6 +380,29 @@ def test_fmt_stdin_that_is_not_utf8_is_an_encoding_error() -> None:
     assert b"<stdin>:1:12: error[encoding]" in proc.stderr
 
 
+def _closed(*fds: int):
+    import os
+
+    return lambda: [os.close(fd) for fd in fds]
+
+
+def test_closed_standard_streams_are_said_not_tracebacks() -> None:
+    """A command started with stdin or stdout closed (`<&-`, `>&-`: a daemon, a cron job) gets
+    `sys.stdin` / `sys.stdout` None: `percep fmt -` and `percep lsp` ended in `'NoneType' object has
+    no attribute 'buffer'`, `percep check` in `... no attribute 'isatty'`. Now fmt - and lsp say that
+    stdin is closed (fmt's exit 1, lsp's 2), and a closed stdout takes what would be printed (the
+    exit code still says the outcome)."""
+    spec = str(ROOT / "specs" / "sft_smoke.pd")
+    cmd = [sys.executable, "-m", "percepdsl"]
+    fmt = subprocess.run([*cmd, "fmt", "-"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT)
+    assert fmt.returncode == 1 and "Traceback" not in fmt.stderr and "error: cannot read the spec from stdin: it is closed" in fmt.stderr
+    lsp = subprocess.run([*cmd, "lsp"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT, timeout=60)
+    assert lsp.returncode == 2 and "Traceback" not in lsp.stderr and "stdin is closed" in lsp.stderr
+    for args, rc in (([spec], 0), ([spec, "--set", "nope=1"], 1)):
+        chk = subprocess.run([*cmd, "check", *args], stderr=subprocess.PIPE, text=True, preexec_fn=_closed(1), cwd=ROOT)
+        assert chk.returncode == rc and "Traceback" not in chk.stderr, chk.stderr
+
+
 def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
