@@ -416,7 +416,7 @@ def gen(
     print(f"generating {ir.task.name}: {splits['train']} train + {splits['test']} test samples → {out}", file=sys.stderr)
     try:
         path = write_dataset(task, out, splits=splits, fmt=format.value)
-        sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
+        sheet_path = contact_sheet(task, path / "contact_sheet.png", n=sheet)  # resolved: `--out .` is a new directory now
     except OSError as exc:
         print(f"{spec}: error: cannot write the data set to {out}: {os_error_text(exc)}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED) from None

@@ -89,3 +89,18 @@ def test_gen_contact_sheet_counts(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     with Image.open(out / "contact_sheet.png") as img:
         assert img.width == 4 * 192 and img.height < 3 * 192 + 200  # 8 samples: 2 rows of 4 tiles
+
+
+def test_gen_into_the_current_directory_writes_the_contact_sheet_too(tmp_path: Path) -> None:
+    """`percep gen --out .` from an empty directory: the data set replaced the directory (a new one
+    renamed into place), and the contact sheet, written to the relative path `./contact_sheet.png`,
+    went to the old, deleted directory: `cannot write the data set to .: No such file or directory`,
+    exit 3, with the data set written. Now the sheet is written beside the data set."""
+    here = tmp_path / "here"
+    here.mkdir()
+    spec = str(ROOT / "specs" / "sft_smoke.pd")
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "gen", spec, "--out", "."], capture_output=True, text=True, cwd=here, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert datasets.load_from_disk(str(here))["test"].num_rows == 8 and (here / "contact_sheet.png").stat().st_size > 0
