@@ -451,3 +451,16 @@ def test_grid_ranges_are_bounded_before_they_are_spelled_out(lines: str, message
     text = f'grid g\ntemplate "../gc_sft_fixed.pd"\n{lines}\n'
     res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
     assert [d.message for d in res.diagnostics] == [message]
+
+
+@pytest.mark.parametrize("digits", ["\uff10.5", "\u0661", "1\u0660"])  # fullwidth 0, Arabic-Indic 1, 1 then Arabic-Indic 0
+def test_numbers_are_ascii_digits(digits: str) -> None:
+    """The number token matched `\\d`, which in Python's regex is any Unicode digit: `lam = ０.5` in a
+    spec, or `--set lam=١`, was read as 0.5 or 1 (the IR's value, not the text) while editors and
+    the docs know only 0-9. Now such a digit is a located syntax error like any other stray character."""
+    spec = (ROOT / "specs" / "sft_smoke.pd").read_text()
+    res = check_text(spec.replace("param lam: float = 0.5", f"param lam: float = {digits}"), "p.pd", base_dir=ROOT / "specs")
+    assert res.ir is None and {d.code for d in res.diagnostics if d.is_error} == {"syntax"}
+    assert res.diagnostics[0].span.line == 3 and "unexpected character" in res.diagnostics[0].message
+    res = check_text(spec, "p.pd", overrides={"lam": digits}, base_dir=ROOT / "specs")
+    assert res.ir is None and [d.code for d in res.diagnostics if d.is_error] == ["bad-override"]
