@@ -254,6 +254,55 @@ def test_a_grid_cell_whose_summary_has_another_shape_is_left_out_with_a_note(tmp
     assert "1 finished run in 1 setting" in o.getvalue() and "| 0.0 | 1 | 0 | 0.500 |" in o.getvalue()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"[1, 2]\n",  # a record that is no object
+        b'{"stage": "post", "final": true, "id": "q0", "outcome": "yes"}\n',  # a value that is no number
+        b'{"stage": "post", "final": true, "id": "q0", "outcome": NaN}\n',  # nor a finite one
+        b"\xff\xfe\n",  # not UTF-8
+    ],
+    ids=["list", "string", "nan", "not-utf8"],
+)
+def test_damaged_eval_records_fall_back_to_the_summary(tmp_path, damage):
+    """An eval.jsonl with a record that is no object, a value that is no finite number, or bytes that
+    are not UTF-8 ended `percep report` in an AttributeError / ValueError / UnicodeDecodeError
+    traceback (a NaN gave NaN in paired.json, which is not JSON). Now the file is named as a problem
+    and ignored: the run is paired on its summary's final metrics."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    with (b / "eval.jsonl").open("ab") as f:
+        f.write(damage)
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([a, b], baseline="lam=0", out=tmp_path / "r", stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    data = json.loads((tmp_path / "r" / "paired.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in paired.json"))
+    r = data["arms"][0]["metrics"]["end_to_end"]
+    assert r["mean"] == pytest.approx(0.5) and r["per_seed"][0]["source"] == "summary.json"
+    assert any(str(b / "eval.jsonl") in p and "the file is ignored" in p for p in data["problems"]), data["problems"]
+
+
+def test_a_seed_without_common_items_is_a_problem_not_left_out_unsaid(tmp_path):
+    """Two runs of a seed whose eval.jsonl share no item id (other test items, or ids rewritten) were
+    left out of the pairs without a word: an arm with no metrics and no problem listed."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, {f"other{i}": v for i, v in enumerate(items([1.0, 1.0]).values())})
+    rep = paired_report(load_runs([a, b]), "lam=0")
+    assert rep.arms[0]["metrics"] == {}
+    assert any("seed 1" in p and "no item in both runs" in p for p in rep.problems), rep.problems
+
+
+@pytest.mark.parametrize("seed", [[1], {"a": 1}])
+def test_a_summary_whose_seed_is_no_value_is_no_complete_run(tmp_path, seed):
+    """A seed that is a list or an object ended `percep report` in `unhashable type` while grouping arms."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    summary = json.loads((b / "summary.json").read_text())
+    (b / "summary.json").write_text(json.dumps({**summary, "seed": seed}))
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([a, b], baseline="lam=0", out=tmp_path / "r", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"{b / 'summary.json'} is not a complete run's summary" in e.getvalue()
+
+
 def test_rundata_ignores_other_stages_and_non_final_records(tmp_path):
     d = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
     with (d / "eval.jsonl").open("a") as f:

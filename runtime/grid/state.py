@@ -36,6 +36,8 @@ def is_complete_summary(data: Any) -> bool:
         return False
     if any(not isinstance(data.get(k, {}), dict) for k in ("final", "params", "diagnostics", "stages")):
         return False
+    if isinstance(data.get("seed"), (list, dict)):  # arms are grouped by seed
+        return False
     return all(
         isinstance(st, dict) and isinstance(st.get("metrics", {}), dict) and isinstance(st.get("delta", {}), dict)
         for st in data.get("stages", {}).values()
