@@ -309,3 +309,17 @@ def test_rundata_ignores_other_stages_and_non_final_records(tmp_path):
         f.write(json.dumps({"stage": "post", "step": 5, "final": False, "id": "q1", **dict.fromkeys(FIELDS, 1.0)}) + "\n")
     run = load_runs([d])[0]
     assert isinstance(run, RunData) and set(run.items) == {"q0", "q1"} and run.items["q1"]["end_to_end"] == 0.0 and not run.problems
+
+
+def test_report_of_a_grid_with_nothing_finished_says_so_and_writes_nothing(tmp_path):
+    """A grid directory whose cells/ holds no finished cell: with --baseline the refusal was `no run has
+    a param `lam` (params: )`, and either way results.md / results.csv were overwritten with an empty
+    table before the refusal. Now the refusal says that nothing is finished, and writes nothing."""
+    grid = tmp_path / "g"
+    (grid / "cells" / "exp-half").mkdir(parents=True)  # begun, never finished
+    (grid / "results.md").write_text("the table of an earlier report")
+    for baseline in ("lam=0", None):
+        o, e = io.StringIO(), io.StringIO()
+        assert report_command(grid, baseline=baseline, stdout=o, stderr=e) == EXIT_USAGE
+        assert f"no finished or failed cells in {grid / 'cells'}" in e.getvalue() and "no run has a param" not in e.getvalue()
+    assert (grid / "results.md").read_text() == "the table of an earlier report" and not (grid / "results.csv").exists()

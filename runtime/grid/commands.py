@@ -330,13 +330,13 @@ def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: T
 
 
 def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: TextIO) -> int:
+    if not aggregate(*collect(grid_dir)).rows:  # before writing: an earlier report's table stays, and no baseline to match
+        print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
+        return EXIT_USAGE
     try:
         table, plots = write_results(grid_dir, baseline=baseline)
     except BaselineError as exc:
         print(f"error: {exc}", file=stderr)
-        return EXIT_USAGE
-    if not table.rows:
-        print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
     unfinished = [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None]
