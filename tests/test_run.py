@@ -219,6 +219,22 @@ def test_a_summary_of_another_shape_is_no_complete_run(smoke_run: Path, tmp_path
     assert json.loads((copy / "summary.json").read_text())["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
 
 
+def test_a_done_record_of_another_shape_trains_the_stage_again(smoke_run: Path, tmp_path: Path) -> None:
+    """A stage's done.json that is a JSON object but not the record a finished stage writes (no
+    metrics: another tool's file, a hand's edit) ended --resume in a KeyError traceback while the
+    summary was made; now it is a damaged done.json: the stage is trained again (the same batches)."""
+    import shutil
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").write_text('{"status": "complete"}')
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "stage balanced: its done.json cannot be read; training the stage again" in proc.stderr
+    assert json.loads((copy / "summary.json").read_text())["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
+
+
 def test_a_damaged_stage_model_is_named_with_the_way_to_rebuild_it(smoke_run: Path, tmp_path: Path) -> None:
     """A finished stage's model directory that cannot be loaded (its config.json overwritten) ended
     --resume of the next stage, and `percep probe`, in a traceback from transformers; now the run
