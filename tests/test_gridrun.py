@@ -571,6 +571,12 @@ def test_slurm_backend_without_sbatch_is_refused(tmp_path, monkeypatch):
         ({"backend": "slurm", "cpus_per_cell": 1.5}, "whole numbers"),
         ({"backend": "slurm", "time_min": 0}, "--time must be at least 1 minute"),
         ({"backend": "slurm", "address": "x:1"}, "--address is for --backend ray"),
+        # NaN passed every comparison (`nan <= 0` is false), and inf is no number of CPUs or GBs
+        ({"backend": "ray", "cpus_per_cell": math.nan}, "--cpus-per-cell must be > 0"),
+        ({"backend": "ray", "cpus_per_cell": math.inf}, "--cpus-per-cell must be > 0"),
+        ({"backend": "ray", "gpus_per_cell": math.nan}, "--gpus-per-cell >= 0"),
+        ({"backend": "slurm", "mem_gb": math.nan}, "--mem more than 0 GB"),
+        ({"backend": "slurm", "mem_gb": math.inf}, "--mem more than 0 GB"),
     ],
 )
 def test_slurm_options_are_checked_before_anything_runs(tmp_path, kw, message):

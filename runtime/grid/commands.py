@@ -3,6 +3,7 @@ aggregate a grid; rebuild its results table and plots from the run directories."
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -178,15 +179,15 @@ def grid_command(
     if backend != "slurm" and (partition is not None or time_min is not None or mem_gb is not None):
         print("error: --partition, --time and --mem are for --backend slurm", file=stderr)
         return EXIT_USAGE
-    if cpus_per_cell <= 0 or gpus_per_cell < 0:
-        print("error: --cpus-per-cell must be > 0 and --gpus-per-cell >= 0", file=stderr)
+    if not (0 < cpus_per_cell < math.inf and 0 <= gpus_per_cell < math.inf):  # NaN fails these, and no comparison of <= 0
+        print("error: --cpus-per-cell must be > 0 and --gpus-per-cell >= 0 (finite numbers)", file=stderr)
         return EXIT_USAGE
     slurm = None
     if backend == "slurm":
         if not float(cpus_per_cell).is_integer() or not float(gpus_per_cell).is_integer():
             print("error: with --backend slurm, --cpus-per-cell and --gpus-per-cell are whole numbers", file=stderr)
             return EXIT_USAGE
-        if (time_min is not None and time_min < 1) or (mem_gb is not None and mem_gb <= 0):
+        if (time_min is not None and time_min < 1) or (mem_gb is not None and not 0 < mem_gb < math.inf):
             print("error: --time must be at least 1 minute and --mem more than 0 GB", file=stderr)
             return EXIT_USAGE
         slurm = SlurmOptions(
