@@ -464,3 +464,21 @@ def test_numbers_are_ascii_digits(digits: str) -> None:
     assert res.diagnostics[0].span.line == 3 and "unexpected character" in res.diagnostics[0].message
     res = check_text(spec, "p.pd", overrides={"lam": digits}, base_dir=ROOT / "specs")
     assert res.ir is None and [d.code for d in res.diagnostics if d.is_error] == ["bad-override"]
+
+
+def test_a_set_value_that_is_not_utf8_is_a_bad_override(tmp_path: Path) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates: `--set name="\\xff"` for a
+    str param passed the checker and ended `percep compile` / `percep run` in a UnicodeEncodeError
+    traceback when the IR was hashed. A spec file with such bytes is an encoding error; now the
+    --set value is one too (exit 2 from compile, 1 from check)."""
+    spec = tmp_path / "s.pd"
+    spec.write_text((ROOT / "specs" / "sft_smoke.pd").read_text().replace("seed 0", 'seed 0\nparam name: str = "a"'))
+    (tmp_path / "common").symlink_to(ROOT / "specs" / "common")
+    overrides, diags = parse_overrides(['name="\udcff"'])
+    assert overrides == {} and [d.code for d in diags] == ["bad-override"] and "not valid UTF-8" in diags[0].message
+    for cmd, rc in (("compile", 2), ("check", 1)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "percepdsl", cmd, str(spec), "--set", b'name="\xff"'], capture_output=True, cwd=ROOT, timeout=120
+        )
+        assert proc.returncode == rc and b"Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+        assert b"error[bad-override]" in proc.stderr + proc.stdout
