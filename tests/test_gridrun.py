@@ -416,6 +416,32 @@ def test_report_rebuilds_results_from_run_directories(tmp_path):
     assert "grid_state.json cannot be read" in e.getvalue() and ".stage-cache" not in e.getvalue()
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        {"cells": [{"hash": [1], "status": {}, "params": [1]}]},  # a hash that is a list: unhashable
+        {"cells": [{"hash": "x", "status": "failed", "params": 5}]},  # params that are no object
+        {"cells": [], "report": [1, None], "axes": [{}]},  # metric and axis names that are no strings
+        {"cells": [{"hash": "x", "status": "failed", "seed": [1], "exit_code": "x", "log_tail": 7}]},
+    ],
+    ids=["hash-list", "params-int", "names-not-str", "fields"],
+)
+def test_a_grid_state_of_another_shape_is_an_unreadable_one(tmp_path, damaged):
+    """grid_state.json that is a JSON object with `cells` a list, but whose entries are of other shapes
+    (a hand's edit, another tool), ended `percep grid --dry-run`, `percep grid` and `percep report` in
+    TypeError / AttributeError tracebacks. Now it is read as a damaged state (as one cut short): the
+    plan goes by the run directories, and the report says the state cannot be read."""
+    out = tmp_path / "g"
+    assert run_grid(out)[0] == EXIT_OK
+    (out / "grid_state.json").write_text(json.dumps(damaged))
+    rc, listing, err = run_grid(out, dry_run=True)
+    assert rc == EXIT_OK and "4 done" in listing + err, err
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(out, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert "grid_state.json cannot be read" in e.getvalue()
+    assert run_grid(out)[0] == EXIT_OK and state(out)["status"] == "complete"
+
+
 # ---- scale-out ----------------------------------------------------------------------------------------
 
 

@@ -46,7 +46,27 @@ def is_complete_summary(data: Any) -> bool:
 
 def load_state(out_dir: Path) -> dict[str, Any] | None:
     data = read_json(out_dir / STATE_FILE)
-    return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else None
+    return data if _is_state(data) else None
+
+
+def _is_state(data: Any) -> bool:
+    """grid_state.json in the shapes `GridState.write` gives what is read back (the cells' hash, status,
+    params, seed, exit code and log tail; the metric and axis names); another shape (a hand's edit) is
+    read as a damaged state, as one cut short is, where it was a traceback."""
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or not isinstance(data.get("grid", ""), str):
+        return False
+    if not all(isinstance(names := data.get(k, []), list) and all(isinstance(n, str) for n in names) for k in ("report", "axes")):
+        return False
+    return all(
+        isinstance(e, dict)
+        and isinstance(e.get("hash", ""), (str, type(None)))
+        and isinstance(e.get("status", ""), str)
+        and isinstance(e.get("params", {}), dict)
+        and not isinstance(e.get("seed"), (list, dict))
+        and isinstance(e.get("exit_code"), (int, type(None)))
+        and isinstance(e.get("log_tail"), (str, type(None)))
+        for e in data["cells"]
+    )
 
 
 class GridLock:
