@@ -870,14 +870,6 @@ def _run_stages(ctx: Context, progress: bool, jobs: int = 1) -> Path | None:
     return run_dir
 
 
-def is_done_record(record: Any) -> bool:
-    """Whether ``record`` is a finished stage's done.json, down to what `summarize` reads; not JSON or
-    another shape (another tool's file, a hand's edit) is a damaged one."""
-    if not isinstance(record, dict) or not {"steps", "train_seconds"} <= record.keys():
-        return False
-    return isinstance(record.get("metrics"), dict) and isinstance(record.get("diagnostics"), dict)
-
-
 def announce(stage: Stage) -> str:
     return f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps"
 
@@ -891,7 +883,7 @@ def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
     record = None
     if ranks.is_zero and done.exists():
         record = read_json(done)
-        if not is_done_record(record):  # the batches are a function of (seed, step): training again changes nothing
+        if not stagecache.is_done_record(record):  # the batches are a function of (seed, step): training again changes nothing
             echo(f"stage {stage.name}: its done.json cannot be read; training the stage again")
             record = None
     record = ranks.broadcast(record)

@@ -235,6 +235,23 @@ def test_a_done_record_of_another_shape_trains_the_stage_again(smoke_run: Path, 
     assert json.loads((copy / "summary.json").read_text())["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
 
 
+def test_a_damaged_stage_cache_entry_is_not_reused(smoke_run: Path, tmp_path: Path) -> None:
+    """A stage-cache entry whose done.json is not a finished stage's record (a hand's edit, a disk)
+    was reused as it was: the next stage's run ended in a KeyError traceback. Now it is no cache
+    hit: the stage is trained (the same batches: the same result)."""
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(smoke_run.parent, out)
+    entries = list((out / ".stage-cache").iterdir())
+    assert entries
+    for e in entries:
+        (e / "done.json").write_text('{"status": "complete"}')
+    proc = percep("run", "specs/sft_smoke.pd", "--set", "lam=0.25", "--out", str(out), "-q")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "reused" not in proc.stderr and "stage base (sft)" in proc.stderr
+
+
 def test_a_damaged_stage_model_is_named_with_the_way_to_rebuild_it(smoke_run: Path, tmp_path: Path) -> None:
     """A finished stage's model directory that cannot be loaded (its config.json overwritten) ended
     --resume of the next stage, and `percep probe`, in a traceback from transformers; now the run
