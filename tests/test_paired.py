@@ -323,3 +323,19 @@ def test_report_of_a_grid_with_nothing_finished_says_so_and_writes_nothing(tmp_p
         assert report_command(grid, baseline=baseline, stdout=o, stderr=e) == EXIT_USAGE
         assert f"no finished or failed cells in {grid / 'cells'}" in e.getvalue() and "no run has a param" not in e.getvalue()
     assert (grid / "results.md").read_text() == "the table of an earlier report" and not (grid / "results.csv").exists()
+
+
+def test_a_grid_directory_among_several_paths_is_named_as_one(tmp_path):
+    """`percep report GRID RUN...` said `GRID is neither a grid directory (no cells/ inside) nor a
+    finished run directory`, false of a directory with cells/: a grid directory is reported alone.
+    Now the message says so, with the two ways out; a grid's cells/ itself points at its grid."""
+    grid = tmp_path / "g"
+    make_run(grid / "cells", "exp-0", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    run = make_run(tmp_path, "r", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([grid, run], baseline="lam=0", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"error: {grid} is a grid directory: report it alone (`percep report {grid}`)" in e.getvalue()
+    assert "neither" not in e.getvalue()
+    e = io.StringIO()
+    assert report_command(grid / "cells", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"`percep report {grid}`" in e.getvalue()

@@ -302,6 +302,12 @@ def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: T
         if not p.exists():
             print(f"error: {p}: no such directory", file=stderr)
             return EXIT_USAGE
+        if (p / CELLS_DIR).is_dir():  # with other paths: a grid's table is not a comparison of named runs
+            print(f"error: {p} is a grid directory: report it alone (`percep report {p}`), or name its cells' run directories", file=stderr)
+            return EXIT_USAGE
+        if p.name == CELLS_DIR and p.is_dir():  # a grid's cells/ itself
+            print(f"error: {p} holds a grid's run directories: report the grid with `percep report {p.parent}`", file=stderr)
+            return EXIT_USAGE
         what = "a grid directory (no cells/ inside) nor a finished run directory (no summary.json)"
         print(f"error: {p} is neither {what}; `percep grid GRID --out DIR` or `percep run SPEC` makes one", file=stderr)
         return EXIT_USAGE
