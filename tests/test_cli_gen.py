@@ -68,7 +68,10 @@ def test_gen_never_replaces_what_is_not_a_data_set(tmp_path: Path) -> None:
     (notes / "notes.txt").write_text("mine")
     a_file = tmp_path / "a_file"
     a_file.write_text("mine too")
-    for out, what in ((notes, "holds no data set"), (a_file, "is a file"), (a_file / "sub", "is a file, so")):
+    loop = tmp_path / "loop"  # a symlink to itself: was a `RuntimeError: Symlink loop` traceback
+    loop.symlink_to(loop)
+    cases = ((notes, "holds no data set"), (a_file, "is a file"), (a_file / "sub", "is a file, so"), (loop, "is a symbolic link loop"))
+    for out, what in cases:
         proc = _gen(out)
         assert proc.returncode == 2, proc.stderr
         assert what in proc.stderr and "choose another --out" in proc.stderr and "Traceback" not in proc.stderr
