@@ -482,3 +482,19 @@ def test_a_set_value_that_is_not_utf8_is_a_bad_override(tmp_path: Path) -> None:
         )
         assert proc.returncode == rc and b"Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
         assert b"error[bad-override]" in proc.stderr + proc.stdout
+
+
+def test_an_include_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> None:
+    """An include naming a symlink loop said `cannot exist` with the help `a file name cannot contain
+    a NUL or other control character`, which is not why; one naming a directory `x.pd` beside other
+    specs said `does not exist` (the did-you-mean hid that it is a directory). Now each says what it is."""
+    (tmp_path / "loop.pd").symlink_to(tmp_path / "loop.pd")
+    (tmp_path / "dir.pd").mkdir()
+    (tmp_path / "dirs.pd").write_text("")
+    for target, message, hint in (
+        ("loop.pd", "included file `loop.pd` is a symbolic link loop", "point the link at a spec file"),
+        ("dir.pd", "included file `dir.pd` is a directory", "did you mean `dirs.pd`?"),
+    ):
+        res = check_text(f'experiment x\ninclude "{target}"\n', "s.pd", base_dir=tmp_path)
+        d = next(d for d in res.diagnostics if d.code == "missing-include")
+        assert d.message == message and hint in d.hint, (d.message, d.hint)
