@@ -339,3 +339,17 @@ def test_a_grid_directory_among_several_paths_is_named_as_one(tmp_path):
     e = io.StringIO()
     assert report_command(grid / "cells", stdout=o, stderr=e) == EXIT_USAGE
     assert f"`percep report {grid}`" in e.getvalue()
+
+
+def test_runs_of_one_arm_have_nothing_to_compare(tmp_path):
+    """Run directories that are all one arm: `--baseline lam=0` (that arm) wrote an empty comparison
+    and exited 0, and `--baseline lam=0.5` said `matches none of the arms: (all runs)`, hiding the
+    arm's params. Now the first is refused (exit 2: nothing to compare), and both name the arm."""
+    runs = [make_run(tmp_path, f"r{s}", {"lam": 0.0}, s, items([1.0, 0.0])) for s in (1, 2)]
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(runs, baseline="lam=0", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
+    assert "the runs are all one arm (experiment=exp lam=0.0): nothing to compare with the baseline" in e.getvalue()
+    assert not (tmp_path / "o").exists()
+    e = io.StringIO()
+    assert report_command(runs, baseline="lam=0.5", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
+    assert "matches none of the arms: experiment=exp lam=0.0" in e.getvalue()

@@ -16,7 +16,18 @@ from percepdsl.io import os_error_text, write_text_atomic
 from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .execute import GridOutcome, describe_exit, execute
-from .paired import Arm, BaselineError, label_arms, load_runs, paired_markdown, paired_report, parse_selector, select_baseline
+from .paired import (
+    Arm,
+    BaselineError,
+    full_label,
+    group_arms,
+    label_arms,
+    load_runs,
+    paired_markdown,
+    paired_report,
+    parse_selector,
+    select_baseline,
+)
 from .plan import GridPlan, plan_grid
 from .progress import plural
 from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
@@ -329,6 +340,10 @@ def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: T
         rep = paired_report(runs, baseline)
     except BaselineError as exc:
         print(f"error: {exc}", file=stderr)
+        return EXIT_USAGE
+    if not rep.arms:  # the baseline is the only arm: the comparison would be an empty table
+        arm = full_label(group_arms(runs)[0][0])
+        print(f"error: the runs are all one arm ({arm}): nothing to compare with the baseline; name runs of another arm too", file=stderr)
         return EXIT_USAGE
     Path(out).mkdir(parents=True, exist_ok=True)
     print(write_paired(rep, Path(out)), file=stdout, end="")

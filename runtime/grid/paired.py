@@ -277,11 +277,16 @@ def label_arms(arms: list[Arm]) -> list[Arm]:
     return arms
 
 
+def full_label(arm: Arm) -> str:
+    """An arm by all its params (`experiment=gc lam=0.5`), where the label names only what varies."""
+    return " ".join(f"{n}={literal(v) if n != 'experiment' else v}" for n, v in arm.key.items())
+
+
 def select_baseline(arms: Sequence[Arm], selector: Mapping[str, Any], text: str) -> Arm:
     hits = [a for a in arms if all(n in a.key and _same(a.key[n], v) for n, v in selector.items())]
     if len(hits) == 1:
         return hits[0]
-    listed = "; ".join(a.label for a in arms)
+    listed = "; ".join(a.label for a in arms) if len(arms) > 1 else full_label(arms[0]) if arms else "none"
     unknown = [n for n in selector if not any(n in a.key for a in arms)]
     if unknown:
         names = sorted({n for a in arms for n in a.key})
