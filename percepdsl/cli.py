@@ -153,6 +153,9 @@ def fmt(
     from .io import write_text_atomic
     from .parse import decode
 
+    if "-" in [str(f) for f in files] and len(files) > 1:
+        print("error: `-` (stdin) goes alone: `percep fmt -` formats stdin to stdout; name files without it", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
     if [str(f) for f in files] == ["-"]:
         if sys.stdin is None:  # started with it closed (`<&-`)
             print("error: cannot read the spec from stdin: it is closed; pipe the spec in, or name the file", file=sys.stderr)
@@ -164,6 +167,11 @@ def fmt(
         if out is None:
             _print_diags(diags, {"<stdin>": text or ""}, Format.text, 0, sys.stderr)
             raise typer.Exit(EXIT_ERRORS)
+        if check_only:  # as for files: change and print nothing, say whether it would be reformatted
+            if out != text:
+                print("would reformat <stdin>", file=sys.stderr)
+                raise typer.Exit(EXIT_ERRORS)
+            return
         sys.stdout.write(out)
         return
     paths, empty = _spec_files(files)

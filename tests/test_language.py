@@ -498,3 +498,16 @@ def test_an_include_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> 
         res = check_text(f'experiment x\ninclude "{target}"\n', "s.pd", base_dir=tmp_path)
         d = next(d for d in res.diagnostics if d.code == "missing-include")
         assert d.message == message and hint in d.hint, (d.message, d.hint)
+
+
+def test_fmt_check_of_stdin_checks_and_dash_goes_alone() -> None:
+    """`percep fmt --check -` ignored --check: it printed the formatted text and exited 0 for input
+    that is not formatted. Now it changes and prints nothing, and exits 1 saying `would reformat
+    <stdin>` (0 for formatted input). `percep fmt - FILE` read `-` as a file name (`no such file:
+    -`); now it says that `-` goes alone."""
+    proc = run_cli("fmt", "--check", "-", input=b"experiment  a\n")
+    assert proc.returncode == 1 and proc.stdout == b"" and b"would reformat <stdin>" in proc.stderr
+    proc = run_cli("fmt", "--check", "-", input=b"experiment a\n")
+    assert proc.returncode == 0 and proc.stdout == b"", proc.stderr
+    proc = run_cli("fmt", "-", "specs/sft_smoke.pd", input=b"experiment a\n")
+    assert proc.returncode == 2 and b"`-` (stdin) goes alone" in proc.stderr and b"no such file" not in proc.stderr
