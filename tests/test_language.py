@@ -511,3 +511,14 @@ def test_fmt_check_of_stdin_checks_and_dash_goes_alone() -> None:
     assert proc.returncode == 0 and proc.stdout == b"", proc.stderr
     proc = run_cli("fmt", "-", "specs/sft_smoke.pd", input=b"experiment a\n")
     assert proc.returncode == 2 and b"`-` (stdin) goes alone" in proc.stderr and b"no such file" not in proc.stderr
+
+
+def test_a_template_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> None:
+    """The grid template's path had the include's wrong messages: a symlink loop `cannot exist` (a NUL
+    in the name), a directory `does not exist`."""
+    (tmp_path / "loop.pd").symlink_to(tmp_path / "loop.pd")
+    (tmp_path / "dir.pd").mkdir()
+    for target, message in (("loop.pd", "is a symbolic link loop"), ("dir.pd", "is a directory")):
+        res = check_text(f'grid g\ntemplate "{target}"\nseeds 1..2\n', "g.pd", base_dir=tmp_path)
+        d = next(d for d in res.diagnostics if d.code == "missing-file")
+        assert d.message == f"template spec `{target}` {message}", d.message
