@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 the spec has errors (check) or is not formatted (fmt --
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from enum import Enum
@@ -152,7 +153,13 @@ def fmt(
     from .io import write_text_atomic
     from .parse import decode
 
+    if "-" in [str(f) for f in files] and len(files) > 1:
+        print("error: `-` (stdin) goes alone: `percep fmt -` formats stdin to stdout; name files without it", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
     if [str(f) for f in files] == ["-"]:
+        if sys.stdin is None:  # started with it closed (`<&-`)
+            print("error: cannot read the spec from stdin: it is closed; pipe the spec in, or name the file", file=sys.stderr)
+            raise typer.Exit(EXIT_ERRORS)
         text, diags = decode(sys.stdin.buffer.read(), "<stdin>")
         out = None
         if text is not None:
@@ -160,6 +167,11 @@ def fmt(
         if out is None:
             _print_diags(diags, {"<stdin>": text or ""}, Format.text, 0, sys.stderr)
             raise typer.Exit(EXIT_ERRORS)
+        if check_only:  # as for files: change and print nothing, say whether it would be reformatted
+            if out != text:
+                print("would reformat <stdin>", file=sys.stderr)
+                raise typer.Exit(EXIT_ERRORS)
+            return
         sys.stdout.write(out)
         return
     paths, empty = _spec_files(files)
@@ -412,7 +424,7 @@ def gen(
     print(f"generating {ir.task.name}: {splits['train']} train + {splits['test']} test samples → {out}", file=sys.stderr)
     try:
         path = write_dataset(task, out, splits=splits, fmt=format.value)
-        sheet_path = contact_sheet(task, Path(out) / "contact_sheet.png", n=sheet)
+        sheet_path = contact_sheet(task, path / "contact_sheet.png", n=sheet)  # resolved: `--out .` is a new directory now
     except OSError as exc:
         print(f"{spec}: error: cannot write the data set to {out}: {os_error_text(exc)}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILED) from None
@@ -422,6 +434,9 @@ def gen(
 @app.command()
 def lsp() -> None:
     """Language server over stdio (what editors run)."""
+    if sys.stdin is None:  # started with it closed (`<&-`): no client can talk to it
+        print("error: stdin is closed: the language server reads its client's messages there (an editor starts it)", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
     from .lsp import lsp_command
 
     lsp_command()
@@ -440,6 +455,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
 
 
 def main() -> None:
+    for name in ("stdout", "stderr"):  # started with it closed (`>&-`): what would be printed goes nowhere, the exit code stays
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - for the life of the process
     try:
         app()
     except KeyboardInterrupt:

@@ -844,6 +844,16 @@ def run(
         return None
 
 
+def is_run_summary(data: Any) -> bool:
+    """Whether ``data`` is a complete run's summary as `summarize` writes it, down to what
+    `stage_table` reads (each stage's kind, steps and metrics)."""
+    from .grid.state import is_complete_summary
+
+    if not is_complete_summary(data) or not isinstance(data.get("final"), dict) or not data.get("stages"):
+        return False
+    return all({"kind", "steps", "metrics"} <= st.keys() for st in data["stages"].values())
+
+
 def _silent(_: str) -> None:
     pass
 
@@ -856,8 +866,8 @@ def _open_run_dir(ir: ExperimentIR, sources: dict[str, str], run_dir: Path, resu
     preparing leaves only its spec, IR and `init/` (the same for the same IR), so the next
     `percep run` of that spec, its model or data fixed, starts without `--resume`."""
     try:
-        summary = read_json(run_dir / "summary.json")  # a damaged one: not complete, and --resume rewrites it
-        complete = isinstance(summary, dict) and summary.get("status") == "complete"
+        # a damaged one, or JSON of another shape: not complete, and --resume rewrites it
+        complete = is_run_summary(read_json(run_dir / "summary.json"))
         stages = run_dir / "stages"
         interrupted = not complete and stages.is_dir() and any(stages.iterdir())
         if interrupted and not resume:
@@ -924,7 +934,7 @@ def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:
     record = None
     if ranks.is_zero and done.exists():
         record = read_json(done)
-        if not isinstance(record, dict):  # the batches are a function of (seed, step): training again changes nothing
+        if not stagecache.is_done_record(record):  # the batches are a function of (seed, step): training again changes nothing
             echo(f"stage {stage.name}: its done.json cannot be read; training the stage again")
             record = None
     record = ranks.broadcast(record)

@@ -117,7 +117,15 @@ def _link_tree(src: Path, dst: Path) -> None:
 def lookup(run_dir: Path, identity: str) -> dict[str, Any] | None:
     """The cached stage's record (its done.json), if the cache holds this identity."""
     record = read_json(cache_entry(run_dir, identity) / "done.json")
-    return record if isinstance(record, dict) else None
+    return record if is_done_record(record) else None  # a damaged entry is no hit: the stage is trained
+
+
+def is_done_record(record: Any) -> bool:
+    """Whether ``record`` is a finished stage's done.json, down to what the run's summary reads; not
+    JSON or another shape (another tool's file, a hand's edit) is a damaged one."""
+    if not isinstance(record, dict) or not {"steps", "train_seconds"} <= record.keys():
+        return False
+    return isinstance(record.get("metrics"), dict) and isinstance(record.get("diagnostics"), dict)
 
 
 def publish(run_dir: Path, stage_dir: Path, identity: str) -> None:
@@ -146,4 +154,4 @@ def reuse(run_dir: Path, stage_dir: Path, identity: str) -> dict[str, Any]:
     return record
 
 
-__all__ = ["CACHE_DIR", "cache_entry", "enabled", "lookup", "publish", "reuse", "stage_identity"]
+__all__ = ["CACHE_DIR", "cache_entry", "enabled", "is_done_record", "lookup", "publish", "reuse", "stage_identity"]

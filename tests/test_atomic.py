@@ -43,6 +43,20 @@ def test_a_replaced_file_keeps_its_mode_and_a_symlink_stays_a_link(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pd", "private.pd", "real.pd"]
 
 
+def test_a_directory_in_the_way_is_named_not_the_temporary(tmp_path: Path) -> None:
+    """Replacing a file that is a directory (metrics.csv made one by hand) failed in the rename with
+    the temporary as the error's path: `percep run --resume` said `run failed: Is a directory:
+    runs/x/.metrics.csv.309-0f4d9c2f.tmp.csv`, a file that no longer exists. Now the error names the
+    path that is in the way, and no temporary is left."""
+    from percepdsl.io import os_error_text
+
+    (tmp_path / "metrics.csv").mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        write_text_atomic(tmp_path / "metrics.csv", "a,b\n")
+    assert os_error_text(err.value) == f"Is a directory: {tmp_path / 'metrics.csv'}"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
 def test_a_writer_that_writes_nothing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "x.png"):
         pass

@@ -68,7 +68,10 @@ def test_gen_never_replaces_what_is_not_a_data_set(tmp_path: Path) -> None:
     (notes / "notes.txt").write_text("mine")
     a_file = tmp_path / "a_file"
     a_file.write_text("mine too")
-    for out, what in ((notes, "holds no data set"), (a_file, "is a file"), (a_file / "sub", "is a file, so")):
+    loop = tmp_path / "loop"  # a symlink to itself: was a `RuntimeError: Symlink loop` traceback
+    loop.symlink_to(loop)
+    cases = ((notes, "holds no data set"), (a_file, "is a file"), (a_file / "sub", "is a file, so"), (loop, "is a symbolic link loop"))
+    for out, what in cases:
         proc = _gen(out)
         assert proc.returncode == 2, proc.stderr
         assert what in proc.stderr and "choose another --out" in proc.stderr and "Traceback" not in proc.stderr
@@ -89,3 +92,18 @@ def test_gen_contact_sheet_counts(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     with Image.open(out / "contact_sheet.png") as img:
         assert img.width == 4 * 192 and img.height < 3 * 192 + 200  # 8 samples: 2 rows of 4 tiles
+
+
+def test_gen_into_the_current_directory_writes_the_contact_sheet_too(tmp_path: Path) -> None:
+    """`percep gen --out .` from an empty directory: the data set replaced the directory (a new one
+    renamed into place), and the contact sheet, written to the relative path `./contact_sheet.png`,
+    went to the old, deleted directory: `cannot write the data set to .: No such file or directory`,
+    exit 3, with the data set written. Now the sheet is written beside the data set."""
+    here = tmp_path / "here"
+    here.mkdir()
+    spec = str(ROOT / "specs" / "sft_smoke.pd")
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl", "gen", spec, "--out", "."], capture_output=True, text=True, cwd=here, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert datasets.load_from_disk(str(here))["test"].num_rows == 8 and (here / "contact_sheet.png").stat().st_size > 0

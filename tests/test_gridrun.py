@@ -266,6 +266,33 @@ def test_a_launcher_that_cannot_start_fails_each_cell_without_a_traceback(tmp_pa
     assert all(c["status"] == "failed" and c["exit_code"] == 127 and "cannot start" in c["log_tail"] for c in cells)
 
 
+def test_a_grid_directory_damaged_between_runs_is_named_not_a_traceback(tmp_path):
+    """A grid directory changed by hand between two runs of a grid: `cells` made a file, or
+    grid_state.json a directory, ended `percep grid` in a FileExistsError / IsADirectoryError
+    traceback; now it is refused before any cell runs (exit 2) naming the path. A cell's log that is
+    a directory ended it in a traceback too; now that cell fails (exit 127, the log named) and the
+    others run."""
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "cells").write_text("not a directory")
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_USAGE and "Traceback" not in err and f"cannot use the grid directory: {out / 'cells'} exists" in err
+    assert calls(tmp_path) == [] and (out / "cells").read_text() == "not a directory"
+    (out / "cells").unlink()
+    (out / "grid_state.json").mkdir()
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_USAGE and "cannot use the grid directory" in err and "grid_state.json" in err and calls(tmp_path) == []
+    (out / "grid_state.json").rmdir()
+    log = out / "cells" / f"{smoke_hash('0.25', 0)}.log"
+    log.mkdir(parents=True)
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_FAILED and "Traceback" not in err and len(calls(tmp_path)) == 3
+    failed = [c for c in state(out)["cells"] if c["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["exit_code"] == 127 and f"Is a directory: {log}" in failed[0]["log_tail"]
+    log.rmdir()
+    assert run_grid(out)[0] == EXIT_OK and len(calls(tmp_path)) == 4  # the way out: the failed cell runs
+
+
 def test_exit_zero_without_a_complete_summary_is_a_failure(tmp_path):
     out = tmp_path / "g"
     rc, _, err = run_grid(out, launcher=[sys.executable, "-c", "print('did nothing')"])
@@ -387,6 +414,32 @@ def test_report_rebuilds_results_from_run_directories(tmp_path):
     assert report_command(out, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
     assert f"note: not in the table: 1 cell with no complete summary.json: {half.parent}" in e.getvalue()
     assert "grid_state.json cannot be read" in e.getvalue() and ".stage-cache" not in e.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        {"cells": [{"hash": [1], "status": {}, "params": [1]}]},  # a hash that is a list: unhashable
+        {"cells": [{"hash": "x", "status": "failed", "params": 5}]},  # params that are no object
+        {"cells": [], "report": [1, None], "axes": [{}]},  # metric and axis names that are no strings
+        {"cells": [{"hash": "x", "status": "failed", "seed": [1], "exit_code": "x", "log_tail": 7}]},
+    ],
+    ids=["hash-list", "params-int", "names-not-str", "fields"],
+)
+def test_a_grid_state_of_another_shape_is_an_unreadable_one(tmp_path, damaged):
+    """grid_state.json that is a JSON object with `cells` a list, but whose entries are of other shapes
+    (a hand's edit, another tool), ended `percep grid --dry-run`, `percep grid` and `percep report` in
+    TypeError / AttributeError tracebacks. Now it is read as a damaged state (as one cut short): the
+    plan goes by the run directories, and the report says the state cannot be read."""
+    out = tmp_path / "g"
+    assert run_grid(out)[0] == EXIT_OK
+    (out / "grid_state.json").write_text(json.dumps(damaged))
+    rc, listing, err = run_grid(out, dry_run=True)
+    assert rc == EXIT_OK and "4 done" in listing + err, err
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(out, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert "grid_state.json cannot be read" in e.getvalue()
+    assert run_grid(out)[0] == EXIT_OK and state(out)["status"] == "complete"
 
 
 # ---- scale-out ----------------------------------------------------------------------------------------
@@ -544,6 +597,12 @@ def test_slurm_backend_without_sbatch_is_refused(tmp_path, monkeypatch):
         ({"backend": "slurm", "cpus_per_cell": 1.5}, "whole numbers"),
         ({"backend": "slurm", "time_min": 0}, "--time must be at least 1 minute"),
         ({"backend": "slurm", "address": "x:1"}, "--address is for --backend ray"),
+        # NaN passed every comparison (`nan <= 0` is false), and inf is no number of CPUs or GBs
+        ({"backend": "ray", "cpus_per_cell": math.nan}, "--cpus-per-cell must be > 0"),
+        ({"backend": "ray", "cpus_per_cell": math.inf}, "--cpus-per-cell must be > 0"),
+        ({"backend": "ray", "gpus_per_cell": math.nan}, "--gpus-per-cell >= 0"),
+        ({"backend": "slurm", "mem_gb": math.nan}, "--mem more than 0 GB"),
+        ({"backend": "slurm", "mem_gb": math.inf}, "--mem more than 0 GB"),
     ],
 )
 def test_slurm_options_are_checked_before_anything_runs(tmp_path, kw, message):

@@ -380,6 +380,29 @@ def test_fmt_stdin_that_is_not_utf8_is_an_encoding_error() -> None:
     assert b"<stdin>:1:12: error[encoding]" in proc.stderr
 
 
+def _closed(*fds: int):
+    import os
+
+    return lambda: [os.close(fd) for fd in fds]
+
+
+def test_closed_standard_streams_are_said_not_tracebacks() -> None:
+    """A command started with stdin or stdout closed (`<&-`, `>&-`: a daemon, a cron job) gets
+    `sys.stdin` / `sys.stdout` None: `percep fmt -` and `percep lsp` ended in `'NoneType' object has
+    no attribute 'buffer'`, `percep check` in `... no attribute 'isatty'`. Now fmt - and lsp say that
+    stdin is closed (fmt's exit 1, lsp's 2), and a closed stdout takes what would be printed (the
+    exit code still says the outcome)."""
+    spec = str(ROOT / "specs" / "sft_smoke.pd")
+    cmd = [sys.executable, "-m", "percepdsl"]
+    fmt = subprocess.run([*cmd, "fmt", "-"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT)
+    assert fmt.returncode == 1 and "Traceback" not in fmt.stderr and "error: cannot read the spec from stdin: it is closed" in fmt.stderr
+    lsp = subprocess.run([*cmd, "lsp"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT, timeout=60)
+    assert lsp.returncode == 2 and "Traceback" not in lsp.stderr and "stdin is closed" in lsp.stderr
+    for args, rc in (([spec], 0), ([spec, "--set", "nope=1"], 1)):
+        chk = subprocess.run([*cmd, "check", *args], stderr=subprocess.PIPE, text=True, preexec_fn=_closed(1), cwd=ROOT)
+        assert chk.returncode == rc and "Traceback" not in chk.stderr, chk.stderr
+
+
 def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
@@ -428,3 +451,74 @@ def test_grid_ranges_are_bounded_before_they_are_spelled_out(lines: str, message
     text = f'grid g\ntemplate "../gc_sft_fixed.pd"\n{lines}\n'
     res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
     assert [d.message for d in res.diagnostics] == [message]
+
+
+@pytest.mark.parametrize("digits", ["\uff10.5", "\u0661", "1\u0660"])  # fullwidth 0, Arabic-Indic 1, 1 then Arabic-Indic 0
+def test_numbers_are_ascii_digits(digits: str) -> None:
+    """The number token matched `\\d`, which in Python's regex is any Unicode digit: `lam = ０.5` in a
+    spec, or `--set lam=١`, was read as 0.5 or 1 (the IR's value, not the text) while editors and
+    the docs know only 0-9. Now such a digit is a located syntax error like any other stray character."""
+    spec = (ROOT / "specs" / "sft_smoke.pd").read_text()
+    res = check_text(spec.replace("param lam: float = 0.5", f"param lam: float = {digits}"), "p.pd", base_dir=ROOT / "specs")
+    assert res.ir is None and {d.code for d in res.diagnostics if d.is_error} == {"syntax"}
+    assert res.diagnostics[0].span.line == 3 and "unexpected character" in res.diagnostics[0].message
+    res = check_text(spec, "p.pd", overrides={"lam": digits}, base_dir=ROOT / "specs")
+    assert res.ir is None and [d.code for d in res.diagnostics if d.is_error] == ["bad-override"]
+
+
+def test_a_set_value_that_is_not_utf8_is_a_bad_override(tmp_path: Path) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates: `--set name="\\xff"` for a
+    str param passed the checker and ended `percep compile` / `percep run` in a UnicodeEncodeError
+    traceback when the IR was hashed. A spec file with such bytes is an encoding error; now the
+    --set value is one too (exit 2 from compile, 1 from check)."""
+    spec = tmp_path / "s.pd"
+    spec.write_text((ROOT / "specs" / "sft_smoke.pd").read_text().replace("seed 0", 'seed 0\nparam name: str = "a"'))
+    (tmp_path / "common").symlink_to(ROOT / "specs" / "common")
+    overrides, diags = parse_overrides(['name="\udcff"'])
+    assert overrides == {} and [d.code for d in diags] == ["bad-override"] and "not valid UTF-8" in diags[0].message
+    for cmd, rc in (("compile", 2), ("check", 1)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "percepdsl", cmd, str(spec), "--set", b'name="\xff"'], capture_output=True, cwd=ROOT, timeout=120
+        )
+        assert proc.returncode == rc and b"Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+        assert b"error[bad-override]" in proc.stderr + proc.stdout
+
+
+def test_an_include_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> None:
+    """An include naming a symlink loop said `cannot exist` with the help `a file name cannot contain
+    a NUL or other control character`, which is not why; one naming a directory `x.pd` beside other
+    specs said `does not exist` (the did-you-mean hid that it is a directory). Now each says what it is."""
+    (tmp_path / "loop.pd").symlink_to(tmp_path / "loop.pd")
+    (tmp_path / "dir.pd").mkdir()
+    (tmp_path / "dirs.pd").write_text("")
+    for target, message, hint in (
+        ("loop.pd", "included file `loop.pd` is a symbolic link loop", "point the link at a spec file"),
+        ("dir.pd", "included file `dir.pd` is a directory", "did you mean `dirs.pd`?"),
+    ):
+        res = check_text(f'experiment x\ninclude "{target}"\n', "s.pd", base_dir=tmp_path)
+        d = next(d for d in res.diagnostics if d.code == "missing-include")
+        assert d.message == message and hint in d.hint, (d.message, d.hint)
+
+
+def test_fmt_check_of_stdin_checks_and_dash_goes_alone() -> None:
+    """`percep fmt --check -` ignored --check: it printed the formatted text and exited 0 for input
+    that is not formatted. Now it changes and prints nothing, and exits 1 saying `would reformat
+    <stdin>` (0 for formatted input). `percep fmt - FILE` read `-` as a file name (`no such file:
+    -`); now it says that `-` goes alone."""
+    proc = run_cli("fmt", "--check", "-", input=b"experiment  a\n")
+    assert proc.returncode == 1 and proc.stdout == b"" and b"would reformat <stdin>" in proc.stderr
+    proc = run_cli("fmt", "--check", "-", input=b"experiment a\n")
+    assert proc.returncode == 0 and proc.stdout == b"", proc.stderr
+    proc = run_cli("fmt", "-", "specs/sft_smoke.pd", input=b"experiment a\n")
+    assert proc.returncode == 2 and b"`-` (stdin) goes alone" in proc.stderr and b"no such file" not in proc.stderr
+
+
+def test_a_template_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> None:
+    """The grid template's path had the include's wrong messages: a symlink loop `cannot exist` (a NUL
+    in the name), a directory `does not exist`."""
+    (tmp_path / "loop.pd").symlink_to(tmp_path / "loop.pd")
+    (tmp_path / "dir.pd").mkdir()
+    for target, message in (("loop.pd", "is a symbolic link loop"), ("dir.pd", "is a directory")):
+        res = check_text(f'grid g\ntemplate "{target}"\nseeds 1..2\n', "g.pd", base_dir=tmp_path)
+        d = next(d for d in res.diagnostics if d.code == "missing-file")
+        assert d.message == f"template spec `{target}` {message}", d.message

@@ -223,9 +223,133 @@ def test_percep_report_on_the_command_line(tmp_path):
     assert bad.returncode == 2 and "matches none of the arms" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "{cut sho", "", '{"status": "complete", "final": "x", "stages": 3}', '{"a": 1}'])
+def test_a_named_run_whose_summary_is_damaged_is_refused_not_left_out(tmp_path, text):
+    """A run directory named on the command line whose summary.json is not a complete run's (a list,
+    cut short, empty, another shape) was left out silently: exit 0 and a comparison without it (with
+    two runs, an empty table), or a traceback for one of another shape. Now exit 2 naming it."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    (b / "summary.json").write_text(text)
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([a, b], baseline="lam=0", out=tmp_path / "r", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"{b / 'summary.json'} is not a complete run's summary" in e.getvalue() and "--resume" in e.getvalue()
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_grid_cell_whose_summary_has_another_shape_is_left_out_with_a_note(tmp_path):
+    """A cell's summary.json that says complete but is of another shape (`final` a string) ended
+    `percep report` in an AttributeError traceback; now the cell is one with no complete summary."""
+    from percepdsl_runtime.grid.state import read_summary
+
+    grid = tmp_path / "g"
+    for lam in (0.0, 0.5):
+        make_run(grid / "cells", f"exp-{lam}", {"lam": lam}, 1, items([1.0, lam]))
+    bad = grid / "cells" / "exp-0.5" / "summary.json"
+    bad.write_text(json.dumps({"status": "complete", "params": {"lam": 0.5}, "final": "x", "stages": 3}))
+    assert read_summary(bad.parent) is None
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(grid, stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    assert f"note: not in the table: 1 cell with no complete summary.json: {bad.parent}" in e.getvalue()
+    assert "1 finished run in 1 setting" in o.getvalue() and "| 0.0 | 1 | 0 | 0.500 |" in o.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"[1, 2]\n",  # a record that is no object
+        b'{"stage": "post", "final": true, "id": "q0", "outcome": "yes"}\n',  # a value that is no number
+        b'{"stage": "post", "final": true, "id": "q0", "outcome": NaN}\n',  # nor a finite one
+        b"\xff\xfe\n",  # not UTF-8
+    ],
+    ids=["list", "string", "nan", "not-utf8"],
+)
+def test_damaged_eval_records_fall_back_to_the_summary(tmp_path, damage):
+    """An eval.jsonl with a record that is no object, a value that is no finite number, or bytes that
+    are not UTF-8 ended `percep report` in an AttributeError / ValueError / UnicodeDecodeError
+    traceback (a NaN gave NaN in paired.json, which is not JSON). Now the file is named as a problem
+    and ignored: the run is paired on its summary's final metrics."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    with (b / "eval.jsonl").open("ab") as f:
+        f.write(damage)
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([a, b], baseline="lam=0", out=tmp_path / "r", stdout=o, stderr=e) == EXIT_OK, e.getvalue()
+    data = json.loads((tmp_path / "r" / "paired.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in paired.json"))
+    r = data["arms"][0]["metrics"]["end_to_end"]
+    assert r["mean"] == pytest.approx(0.5) and r["per_seed"][0]["source"] == "summary.json"
+    assert any(str(b / "eval.jsonl") in p and "the file is ignored" in p for p in data["problems"]), data["problems"]
+
+
+def test_a_seed_without_common_items_is_a_problem_not_left_out_unsaid(tmp_path):
+    """Two runs of a seed whose eval.jsonl share no item id (other test items, or ids rewritten) were
+    left out of the pairs without a word: an arm with no metrics and no problem listed."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, {f"other{i}": v for i, v in enumerate(items([1.0, 1.0]).values())})
+    rep = paired_report(load_runs([a, b]), "lam=0")
+    assert rep.arms[0]["metrics"] == {}
+    assert any("seed 1" in p and "no item in both runs" in p for p in rep.problems), rep.problems
+
+
+@pytest.mark.parametrize("seed", [[1], {"a": 1}])
+def test_a_summary_whose_seed_is_no_value_is_no_complete_run(tmp_path, seed):
+    """A seed that is a list or an object ended `percep report` in `unhashable type` while grouping arms."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    summary = json.loads((b / "summary.json").read_text())
+    (b / "summary.json").write_text(json.dumps({**summary, "seed": seed}))
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([a, b], baseline="lam=0", out=tmp_path / "r", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"{b / 'summary.json'} is not a complete run's summary" in e.getvalue()
+
+
 def test_rundata_ignores_other_stages_and_non_final_records(tmp_path):
     d = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
     with (d / "eval.jsonl").open("a") as f:
         f.write(json.dumps({"stage": "post", "step": 5, "final": False, "id": "q1", **dict.fromkeys(FIELDS, 1.0)}) + "\n")
     run = load_runs([d])[0]
     assert isinstance(run, RunData) and set(run.items) == {"q0", "q1"} and run.items["q1"]["end_to_end"] == 0.0 and not run.problems
+
+
+def test_report_of_a_grid_with_nothing_finished_says_so_and_writes_nothing(tmp_path):
+    """A grid directory whose cells/ holds no finished cell: with --baseline the refusal was `no run has
+    a param `lam` (params: )`, and either way results.md / results.csv were overwritten with an empty
+    table before the refusal. Now the refusal says that nothing is finished, and writes nothing."""
+    grid = tmp_path / "g"
+    (grid / "cells" / "exp-half").mkdir(parents=True)  # begun, never finished
+    (grid / "results.md").write_text("the table of an earlier report")
+    for baseline in ("lam=0", None):
+        o, e = io.StringIO(), io.StringIO()
+        assert report_command(grid, baseline=baseline, stdout=o, stderr=e) == EXIT_USAGE
+        assert f"no finished or failed cells in {grid / 'cells'}" in e.getvalue() and "no run has a param" not in e.getvalue()
+    assert (grid / "results.md").read_text() == "the table of an earlier report" and not (grid / "results.csv").exists()
+
+
+def test_a_grid_directory_among_several_paths_is_named_as_one(tmp_path):
+    """`percep report GRID RUN...` said `GRID is neither a grid directory (no cells/ inside) nor a
+    finished run directory`, false of a directory with cells/: a grid directory is reported alone.
+    Now the message says so, with the two ways out; a grid's cells/ itself points at its grid."""
+    grid = tmp_path / "g"
+    make_run(grid / "cells", "exp-0", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    run = make_run(tmp_path, "r", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command([grid, run], baseline="lam=0", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"error: {grid} is a grid directory: report it alone (`percep report {grid}`)" in e.getvalue()
+    assert "neither" not in e.getvalue()
+    e = io.StringIO()
+    assert report_command(grid / "cells", stdout=o, stderr=e) == EXIT_USAGE
+    assert f"`percep report {grid}`" in e.getvalue()
+
+
+def test_runs_of_one_arm_have_nothing_to_compare(tmp_path):
+    """Run directories that are all one arm: `--baseline lam=0` (that arm) wrote an empty comparison
+    and exited 0, and `--baseline lam=0.5` said `matches none of the arms: (all runs)`, hiding the
+    arm's params. Now the first is refused (exit 2: nothing to compare), and both name the arm."""
+    runs = [make_run(tmp_path, f"r{s}", {"lam": 0.0}, s, items([1.0, 0.0])) for s in (1, 2)]
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(runs, baseline="lam=0", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
+    assert "the runs are all one arm (experiment=exp lam=0.0): nothing to compare with the baseline" in e.getvalue()
+    assert not (tmp_path / "o").exists()
+    e = io.StringIO()
+    assert report_command(runs, baseline="lam=0.5", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
+    assert "matches none of the arms: experiment=exp lam=0.0" in e.getvalue()

@@ -197,6 +197,61 @@ def test_damaged_records_are_redone_not_tracebacks(smoke_run: Path, tmp_path: Pa
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
+@pytest.mark.parametrize(
+    "summary",
+    [{"status": "complete"}, {"status": "complete", "final": "x", "stages": 3}, {"status": "complete", "final": {}, "stages": {"base": 5}}],
+)
+def test_a_summary_of_another_shape_is_no_complete_run(smoke_run: Path, tmp_path: Path, summary: dict) -> None:
+    """A summary.json that parses and says complete but has not the shape `percep run` writes (another
+    tool's file, a hand's edit) ended `percep run` in a KeyError / AttributeError traceback while it
+    printed the stage table; now it is a damaged summary: refused as an interrupted run, and --resume
+    writes it again from the finished stages."""
+    import shutil
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent))
+    assert proc.returncode == 2 and "holds an interrupted run; continue it with --resume" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((copy / "summary.json").read_text())["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
+
+
+def test_a_done_record_of_another_shape_trains_the_stage_again(smoke_run: Path, tmp_path: Path) -> None:
+    """A stage's done.json that is a JSON object but not the record a finished stage writes (no
+    metrics: another tool's file, a hand's edit) ended --resume in a KeyError traceback while the
+    summary was made; now it is a damaged done.json: the stage is trained again (the same batches)."""
+    import shutil
+
+    copy = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stages" / "balanced" / "done.json").write_text('{"status": "complete"}')
+    proc = percep("run", "specs/sft_smoke.pd", "--out", str(copy.parent), "--resume")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "stage balanced: its done.json cannot be read; training the stage again" in proc.stderr
+    assert json.loads((copy / "summary.json").read_text())["final"] == json.loads((smoke_run / "summary.json").read_text())["final"]
+
+
+def test_a_damaged_stage_cache_entry_is_not_reused(smoke_run: Path, tmp_path: Path) -> None:
+    """A stage-cache entry whose done.json is not a finished stage's record (a hand's edit, a disk)
+    was reused as it was: the next stage's run ended in a KeyError traceback. Now it is no cache
+    hit: the stage is trained (the same batches: the same result)."""
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(smoke_run.parent, out)
+    entries = list((out / ".stage-cache").iterdir())
+    assert entries
+    for e in entries:
+        (e / "done.json").write_text('{"status": "complete"}')
+    proc = percep("run", "specs/sft_smoke.pd", "--set", "lam=0.25", "--out", str(out), "-q")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "reused" not in proc.stderr and "stage base (sft)" in proc.stderr
+
+
 def test_a_damaged_stage_model_is_named_with_the_way_to_rebuild_it(smoke_run: Path, tmp_path: Path) -> None:
     """A finished stage's model directory that cannot be loaded (its config.json overwritten) ended
     --resume of the next stage, and `percep probe`, in a traceback from transformers; now the run

@@ -185,5 +185,20 @@ def parse_overrides(pairs: list[str]) -> tuple[dict[str, str], list[Diagnostic]]
                 )
             )
             continue
+        try:
+            pair.encode("utf-8")
+        except UnicodeEncodeError as exc:  # command-line bytes that are not UTF-8 arrive as lone surrogates
+            byte = ord(pair[exc.start]) & 0xFF
+            diags.append(
+                Diagnostic(
+                    SET_FILE,
+                    Span.point(file=SET_FILE),
+                    Severity.ERROR,
+                    "bad-override",
+                    f"`--set {name}=...` is not valid UTF-8: byte {byte:#04x} at offset {exc.start}",
+                    "pass the value as UTF-8 text",
+                )
+            )
+            continue
         out[name] = value.strip()
     return out, diags

@@ -36,20 +36,24 @@ def check_grid(ck: Checker) -> GridIR | None:
     base = ck.loaded.path.parent if ck.loaded.path is not None else Path.cwd()
     tpath = resolve_written(base, tmpl.path.value)
     if tpath is None:
+        named = "\x00" not in tmpl.path.value  # a name a file can have: it cannot be resolved, a symlink loop
         ck.error(
             tmpl.path.span,
             "missing-file",
-            f"template spec `{shown(tmpl.path.value)}` cannot exist",
-            "a file name cannot contain a NUL or other control character",
+            f"template spec `{shown(tmpl.path.value)}` " + ("is a symbolic link loop" if named else "cannot exist"),
+            "point the link at a spec file, or name the file itself"
+            if named
+            else "a file name cannot contain a NUL or other control character",
         )
         return None
     if not is_file(tpath):
         guess = did_you_mean(tpath.name, pd_files_near(tpath))
+        is_dir = is_file(tpath, "dir")
         ck.error(
             tmpl.path.span,
             "missing-file",
-            f"template spec `{shown(tmpl.path.value)}` does not exist",
-            f"did you mean `{guess}`?" if guess else "the path is relative to the grid file",
+            f"template spec `{shown(tmpl.path.value)}` " + ("is a directory" if is_dir else "does not exist"),
+            f"did you mean `{guess}`?" if guess else "name one .pd file of it" if is_dir else "the path is relative to the grid file",
         )
         return None
     tres = check_spec_file(tpath, catalogue=ck.cat, fragment_ok=False)  # a template is a whole experiment

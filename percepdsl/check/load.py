@@ -52,7 +52,7 @@ def is_file(path: Path, kind: str = "file") -> bool:
 def pd_files_near(path: Path) -> list[str]:
     """Names of the spec files next to `path`: candidates for a "did you mean"."""
     try:
-        return [p.name for p in path.parent.glob("*.pd")] if path.parent.is_dir() else []
+        return [p.name for p in path.parent.glob("*.pd") if p.is_file()] if path.parent.is_dir() else []
     except OSError:
         return []
 
@@ -111,11 +111,14 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
             continue
         target = resolve_written(base, stmt.path.value)
         if target is None:
+            named = "\x00" not in stmt.path.value  # a name a file can have: it cannot be resolved, a symlink loop
             rep.error(
                 stmt.path.span,
                 "missing-include",
-                f"included file `{shown(stmt.path.value)}` cannot exist",
-                "a file name cannot contain a NUL or other control character",
+                f"included file `{shown(stmt.path.value)}` " + ("is a symbolic link loop" if named else "cannot exist"),
+                "point the link at a spec file, or include the file itself"
+                if named
+                else "a file name cannot contain a NUL or other control character",
             )
             continue
         if target in stack:
@@ -129,7 +132,7 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
             continue
         if not is_file(target):
             guess = did_you_mean(target.name, pd_files_near(target))
-            is_dir = not guess and is_file(target, "dir")
+            is_dir = is_file(target, "dir")  # said even with a guess: `x.pd` may be a directory beside specs
             rep.error(
                 stmt.path.span,
                 "missing-include",

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from percepdsl.io import os_error_text
+
 from .common import EXIT_NOT_STARTED, GridError, now
 from .state import read_summary
 
@@ -200,9 +202,10 @@ class LocalBackend:
         argv = [*self.launcher, *args]
         try:
             self.procs[cell.index] = (cell, _spawn(argv, cell.log_path, self.env))
-        except OSError as exc:  # the launcher does not exist or cannot be executed
-            msg = f"percep grid: cannot start {argv[0]}: {exc}"
-            with open(cell.log_path, "a", encoding="utf-8") as log:
+        except OSError as exc:  # the launcher does not exist or cannot be executed, the log cannot be opened
+            what = "the cell" if exc.filename is not None and Path(exc.filename) == cell.log_path else argv[0]
+            msg = f"percep grid: cannot start {what}: {os_error_text(exc)}"
+            with contextlib.suppress(OSError), open(cell.log_path, "a", encoding="utf-8") as log:  # a directory there
                 log.write(msg + "\n")
             self.unstarted.append((cell, Finished(EXIT_NOT_STARTED, msg, error=msg)))
 

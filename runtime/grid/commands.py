@@ -3,6 +3,7 @@ aggregate a grid; rebuild its results table and plots from the run directories."
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,18 @@ from percepdsl.io import os_error_text, write_text_atomic
 from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .execute import GridOutcome, describe_exit, execute
-from .paired import Arm, BaselineError, label_arms, load_runs, paired_markdown, paired_report, parse_selector, select_baseline
+from .paired import (
+    Arm,
+    BaselineError,
+    full_label,
+    group_arms,
+    label_arms,
+    load_runs,
+    paired_markdown,
+    paired_report,
+    parse_selector,
+    select_baseline,
+)
 from .plan import GridPlan, plan_grid
 from .progress import plural
 from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
@@ -178,15 +190,15 @@ def grid_command(
     if backend != "slurm" and (partition is not None or time_min is not None or mem_gb is not None):
         print("error: --partition, --time and --mem are for --backend slurm", file=stderr)
         return EXIT_USAGE
-    if cpus_per_cell <= 0 or gpus_per_cell < 0:
-        print("error: --cpus-per-cell must be > 0 and --gpus-per-cell >= 0", file=stderr)
+    if not (0 < cpus_per_cell < math.inf and 0 <= gpus_per_cell < math.inf):  # NaN fails these, and no comparison of <= 0
+        print("error: --cpus-per-cell must be > 0 and --gpus-per-cell >= 0 (finite numbers)", file=stderr)
         return EXIT_USAGE
     slurm = None
     if backend == "slurm":
         if not float(cpus_per_cell).is_integer() or not float(gpus_per_cell).is_integer():
             print("error: with --backend slurm, --cpus-per-cell and --gpus-per-cell are whole numbers", file=stderr)
             return EXIT_USAGE
-        if (time_min is not None and time_min < 1) or (mem_gb is not None and mem_gb <= 0):
+        if (time_min is not None and time_min < 1) or (mem_gb is not None and not 0 < mem_gb < math.inf):
             print("error: --time must be at least 1 minute and --mem more than 0 GB", file=stderr)
             return EXIT_USAGE
         slurm = SlurmOptions(
@@ -301,17 +313,37 @@ def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: T
         if not p.exists():
             print(f"error: {p}: no such directory", file=stderr)
             return EXIT_USAGE
+        if (p / CELLS_DIR).is_dir():  # with other paths: a grid's table is not a comparison of named runs
+            print(f"error: {p} is a grid directory: report it alone (`percep report {p}`), or name its cells' run directories", file=stderr)
+            return EXIT_USAGE
+        if p.name == CELLS_DIR and p.is_dir():  # a grid's cells/ itself
+            print(f"error: {p} holds a grid's run directories: report the grid with `percep report {p.parent}`", file=stderr)
+            return EXIT_USAGE
         what = "a grid directory (no cells/ inside) nor a finished run directory (no summary.json)"
         print(f"error: {p} is neither {what}; `percep grid GRID --out DIR` or `percep run SPEC` makes one", file=stderr)
         return EXIT_USAGE
     if not baseline or out is None:
         print("error: run directories are compared against a baseline: give --baseline NAME=VALUE and --out DIR", file=stderr)
         return EXIT_USAGE
+    damaged = [p for p in paths if read_summary(p) is None]
+    if damaged:  # named to be compared: left out silently, the comparison would lack it unsaid
+        p = damaged[0] / "summary.json"
+        print(
+            f"error: {relpath(p)} is not a complete run's summary (not JSON, or not the shape `percep run` writes); "
+            f"`percep run SPEC --out {relpath(damaged[0].parent)} --resume` (SPEC: the one in its spec/) writes it again, "
+            "or leave the directory out",
+            file=stderr,
+        )
+        return EXIT_USAGE
     runs = load_runs(paths)
     try:
         rep = paired_report(runs, baseline)
     except BaselineError as exc:
         print(f"error: {exc}", file=stderr)
+        return EXIT_USAGE
+    if not rep.arms:  # the baseline is the only arm: the comparison would be an empty table
+        arm = full_label(group_arms(runs)[0][0])
+        print(f"error: the runs are all one arm ({arm}): nothing to compare with the baseline; name runs of another arm too", file=stderr)
         return EXIT_USAGE
     Path(out).mkdir(parents=True, exist_ok=True)
     print(write_paired(rep, Path(out)), file=stdout, end="")
@@ -320,13 +352,13 @@ def _report(paths: list[Path], baseline: str | None, out: Path | None, stdout: T
 
 
 def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: TextIO) -> int:
+    if not aggregate(*collect(grid_dir)).rows:  # before writing: an earlier report's table stays, and no baseline to match
+        print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
+        return EXIT_USAGE
     try:
         table, plots = write_results(grid_dir, baseline=baseline)
     except BaselineError as exc:
         print(f"error: {exc}", file=stderr)
-        return EXIT_USAGE
-    if not table.rows:
-        print(f"error: no finished or failed cells in {grid_dir / CELLS_DIR}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
     unfinished = [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None]

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from percepdsl.diagnostics import relpath
-from percepdsl.io import write_json_atomic, write_text_atomic
+from percepdsl.io import os_error_text, write_json_atomic, write_text_atomic
 
 from .backends import POLL_S, STOP_GRACE_S, Backend, LocalBackend, RayBackend, SlurmBackend, SlurmOptions, log_tail
-from .common import DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED, RUNNING, SUMMARY_FILE, now
+from .common import DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED, RUNNING, SUMMARY_FILE, GridError, now
 from .plan import CellPlan, GridPlan
 from .progress import Progress
 from .state import GridState, read_summary
@@ -69,7 +69,6 @@ def execute(
     why. SIGINT (or SIGTERM) stops the running cells, keeps finished ones, and returns an
     `interrupted` outcome."""
     stream = stream or sys.stderr
-    plan.cells_dir.mkdir(parents=True, exist_ok=True)
     state = GridState(plan, backend, jobs)
     # One process per run directory (two cells that compile to the same IR share it).
     todo: list[CellPlan] = []
@@ -82,8 +81,12 @@ def execute(
     env_extra = thread_env(local_jobs) if backend == "local" else {}
     state.header["fail_fast"] = fail_fast
     outcome = GridOutcome("complete")
+    try:  # before any cell starts: a grid directory changed by hand (`cells` a file, the state a directory)
+        plan.cells_dir.mkdir(parents=True, exist_ok=True)
+        state.write("running" if todo else "complete")
+    except OSError as exc:
+        raise GridError(f"cannot use the grid directory: {os_error_text(exc)}") from None
     if not todo:
-        state.write("complete")
         outcome.done, outcome.entries = len(plan.cells), state.entries
         return outcome
 

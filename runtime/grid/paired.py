@@ -131,6 +131,9 @@ class RunData:
         except OSError as exc:
             run.problems.append(f"{path}: cannot read ({exc.strerror or exc})")
             return run
+        except UnicodeDecodeError as exc:
+            run.problems.append(f"{path}: not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); the file is ignored")
+            return run
         for ln, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -139,9 +142,17 @@ class RunData:
             except ValueError:
                 run.problems.append(f"{path}:{ln}: not JSON; the file is ignored")
                 return run
+            if not isinstance(rec, dict):
+                run.problems.append(f"{path}:{ln}: not a record (a JSON object); the file is ignored")
+                return run
             if rec.get("stage") != stage or not rec.get("final"):
                 continue
-            items[str(rec.get("id"))] = {m: float(rec[f]) for m, f in ITEM_FIELDS.items() if rec.get(f) is not None}
+            vals = {m: rec[f] for m, f in ITEM_FIELDS.items() if rec.get(f) is not None}
+            bad = next((f for m, f in ITEM_FIELDS.items() if m in vals and not _finite(vals[m])), None)
+            if bad is not None:
+                run.problems.append(f"{path}:{ln}: `{bad}` is {json.dumps(rec[bad])[:40]}, not a finite number; the file is ignored")
+                return run
+            items[str(rec.get("id"))] = {m: float(v) for m, v in vals.items()}
         run.items = items or None
         run.check_against_summary()
         return run
@@ -156,6 +167,11 @@ class RunData:
                 self.problems.append(
                     f"{self.run_dir}: `{m}` is {math.fsum(vals) / len(vals):.6f} over eval.jsonl's final records but {want:.6f} in summary.json"
                 )
+
+
+def _finite(v: Any) -> bool:
+    """A number an eval record holds: a verdict (true/false) or a finite score."""
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def arm_key(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,11 +277,16 @@ def label_arms(arms: list[Arm]) -> list[Arm]:
     return arms
 
 
+def full_label(arm: Arm) -> str:
+    """An arm by all its params (`experiment=gc lam=0.5`), where the label names only what varies."""
+    return " ".join(f"{n}={literal(v) if n != 'experiment' else v}" for n, v in arm.key.items())
+
+
 def select_baseline(arms: Sequence[Arm], selector: Mapping[str, Any], text: str) -> Arm:
     hits = [a for a in arms if all(n in a.key and _same(a.key[n], v) for n, v in selector.items())]
     if len(hits) == 1:
         return hits[0]
-    listed = "; ".join(a.label for a in arms)
+    listed = "; ".join(a.label for a in arms) if len(arms) > 1 else full_label(arms[0]) if arms else "none"
     unknown = [n for n in selector if not any(n in a.key for a in arms)]
     if unknown:
         names = sorted({n for a in arms for n in a.key})
@@ -310,6 +331,7 @@ def _compare(arm: Arm, base: Arm, seeds: Sequence[Any], m: str, reps: int, seed:
         if a.items is not None and b.items is not None:
             ids = [i for i in a.items if i in b.items and m in a.items[i] and m in b.items[i]]
             if not ids:
+                problems.append(f"{arm.label} seed {s}, `{m}`: no item in both runs ({len(a.items)} / {len(b.items)} items); not paired")
                 continue
             if len(ids) < max(len(a.items), len(b.items)):
                 problems.append(f"{arm.label} seed {s}, `{m}`: {len(ids)} items in both runs of {len(a.items)} / {len(b.items)}")

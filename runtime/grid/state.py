@@ -24,12 +24,49 @@ STATE_VERSION = 1
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """The run's summary.json if it is there, parses, and says the run is complete."""
     data = read_json(run_dir / SUMMARY_FILE)
-    return data if isinstance(data, dict) and data.get("status") == "complete" else None
+    return data if is_complete_summary(data) else None
+
+
+def is_complete_summary(data: Any) -> bool:
+    """Whether ``data`` says ``"status": "complete"`` and its parts that are read back are of the shapes
+    `percep run` writes (``final``, ``params``, ``diagnostics`` objects; ``stages`` an object of stage
+    objects whose ``metrics`` and ``delta`` are objects), where present. JSON of another shape
+    (another tool's file, a hand's edit) is no complete run: it was a traceback in the report."""
+    if not isinstance(data, dict) or data.get("status") != "complete":
+        return False
+    if any(not isinstance(data.get(k, {}), dict) for k in ("final", "params", "diagnostics", "stages")):
+        return False
+    if isinstance(data.get("seed"), (list, dict)):  # arms are grouped by seed
+        return False
+    return all(
+        isinstance(st, dict) and isinstance(st.get("metrics", {}), dict) and isinstance(st.get("delta", {}), dict)
+        for st in data.get("stages", {}).values()
+    )
 
 
 def load_state(out_dir: Path) -> dict[str, Any] | None:
     data = read_json(out_dir / STATE_FILE)
-    return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else None
+    return data if _is_state(data) else None
+
+
+def _is_state(data: Any) -> bool:
+    """grid_state.json in the shapes `GridState.write` gives what is read back (the cells' hash, status,
+    params, seed, exit code and log tail; the metric and axis names); another shape (a hand's edit) is
+    read as a damaged state, as one cut short is, where it was a traceback."""
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list) or not isinstance(data.get("grid", ""), str):
+        return False
+    if not all(isinstance(names := data.get(k, []), list) and all(isinstance(n, str) for n in names) for k in ("report", "axes")):
+        return False
+    return all(
+        isinstance(e, dict)
+        and isinstance(e.get("hash", ""), (str, type(None)))
+        and isinstance(e.get("status", ""), str)
+        and isinstance(e.get("params", {}), dict)
+        and not isinstance(e.get("seed"), (list, dict))
+        and isinstance(e.get("exit_code"), (int, type(None)))
+        and isinstance(e.get("log_tail"), (str, type(None)))
+        for e in data["cells"]
+    )
 
 
 class GridLock:

@@ -18,6 +18,7 @@ place, so a reader never sees a half-written data set or image.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Mapping
@@ -98,6 +99,11 @@ def why_not_replace(out_dir: str | os.PathLike[str]) -> str | None:
     a directory of other things) would be deleted by the replacement; a path below a file could
     not be written at all."""
     out = Path(out_dir)
+    try:
+        out.resolve()
+    except (RuntimeError, OSError) as exc:  # a loop (RuntimeError before Python 3.13): where to write cannot be known
+        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+            return f"{out} is a symbolic link loop: choose another --out"
     try:
         if not out.exists():
             above = next(p for p in out.absolute().parents if p.exists())  # the root always exists
