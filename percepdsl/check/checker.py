@@ -170,34 +170,22 @@ def run(
 def parse_overrides(pairs: list[str]) -> tuple[dict[str, str], list[Diagnostic]]:
     """`["lam=0.5", "seed=3"]` → {"lam": "0.5", "seed": "3"}; malformed pairs are diagnostics."""
     out, diags = {}, []
+
+    def bad(message: str, hint: str) -> None:
+        diags.append(Diagnostic(SET_FILE, Span.point(file=SET_FILE), Severity.ERROR, "bad-override", message, hint))
+
     for pair in pairs:
         name, eq, value = pair.partition("=")
         name = name.strip()
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or not value.strip():
-            diags.append(
-                Diagnostic(
-                    SET_FILE,
-                    Span.point(file=SET_FILE),
-                    Severity.ERROR,
-                    "bad-override",
-                    f"`--set {pair}` is not NAME=VALUE",
-                    "e.g. --set lam=0.5",
-                )
-            )
+            bad(f"`--set {pair}` is not NAME=VALUE", "e.g. --set lam=0.5")
             continue
         try:
             pair.encode("utf-8")
         except UnicodeEncodeError as exc:  # command-line bytes that are not UTF-8 arrive as lone surrogates
-            byte = ord(pair[exc.start]) & 0xFF
-            diags.append(
-                Diagnostic(
-                    SET_FILE,
-                    Span.point(file=SET_FILE),
-                    Severity.ERROR,
-                    "bad-override",
-                    f"`--set {name}=...` is not valid UTF-8: byte {byte:#04x} at offset {exc.start}",
-                    "pass the value as UTF-8 text",
-                )
+            bad(
+                f"`--set {name}=...` is not valid UTF-8: byte {ord(pair[exc.start]) & 0xFF:#04x} at offset {exc.start}",
+                "pass the value as UTF-8 text",
             )
             continue
         out[name] = value.strip()
