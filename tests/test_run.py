@@ -647,7 +647,7 @@ def test_a_signal_during_training_stops_the_run_with_exit_130_and_a_resume_hint(
     spec.write_text(
         f'experiment long\nseed 1\ninclude "{ROOT}/specs/common/roles.pd"\n'
         "task graph_coloring { nodes = 4, reasoning = brief, train = 64, test = 4 }\nmodel tiny { width = 32, depth = 1 }\n"
-        "stage base = sft { steps = 100000, batch = 2, lr = 1e-3 }\neval { test = 4, every = 100000 }\n"
+        "stage base = sft { steps = 100000, batch = 2, lr = 1e-3 }\neval { test = 4 }\n"
     )
     env = dict(os.environ, PERCEP_RESUME_EVERY="3", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(

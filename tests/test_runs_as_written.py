@@ -623,3 +623,18 @@ def test_fp16_loss_scaling_is_refused_beside_stages_that_step_their_own_optimise
         assert [d[:4] for d in diags] == [("incompatible", True, 6, col)], diags
         assert "before Lightning unscales them" in diags[0][4]
     assert not _diagnostics(spec + "stage s = sft { steps = 1 }\n")
+
+
+def test_settings_a_stage_is_too_short_to_reach_are_flagged() -> None:
+    """An lr warmup of at least the stage's steps (the learning rate never reaches its peak) and an
+    evaluation interval of at least the stage's steps (only the final evaluation runs) checked clean;
+    they run as written, which is rarely what was meant: `ignored-setting` warnings at the setting."""
+    warm = _diagnostics(MICRO + "stage s = sft { steps = 10, lr = cosine(1e-3, 0, warmup = 10) }\n")
+    assert [(d[0], d[1]) for d in warm] == [("ignored-setting", False)] and "never reaches 0.001" in warm[0][4], warm
+    assert not _diagnostics(MICRO + "stage s = sft { steps = 11, lr = cosine(1e-3, 0, warmup = 10) }\n")
+    late = _diagnostics(MICRO + "stage s = sft { steps = 10, eval_every = 10 }\n")
+    assert [(d[0], d[1]) for d in late] == [("ignored-setting", False)] and "every 10 steps" in late[0][4], late
+    assert not _diagnostics(MICRO + "stage s = sft { steps = 10, eval_every = 5 }\n")
+    every = MICRO.replace("max_new_tokens = 8 }", "max_new_tokens = 8, every = 20 }")
+    block = _diagnostics(every + "stage s = sft { steps = 10 }\nstage t = sft from s { steps = 40 }\n")
+    assert [d[4].split(":")[0] for d in block] == ["stage `s`"], block  # the block's interval: flagged where it never comes

@@ -21,7 +21,7 @@ task graph_coloring {{ nodes = 4, reasoning = brief, train = 32, test = 4 }}
 model tiny {{ width = 64, depth = 2, heads = 2, vision_width = 32, vision_depth = 1 }}
 stage base = sft {{ steps = 6, batch = 4 }}
 {arms}
-eval {{ test = 4, max_new_tokens = 32, every = 100000 }}
+eval {{ test = 4, max_new_tokens = 32 }}
 trainer {{ precision = "bf16-mixed", log_every = 1, threads = 1 }}
 """
 SFT_ARMS = """stage tm = sft from base {{ steps = {steps}, batch = 4 }}

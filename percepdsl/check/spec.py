@@ -99,6 +99,7 @@ class _Spec:
         self._check_sizes(task, g.get(A.Stage, []), stages, g.get(A.Eval, []), ev, tr)
         self._check_accumulate(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
         self._check_fp16_manual(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
+        self._check_stage_lengths(g.get(A.Stage, []), stages, g.get(A.Eval, []), ev)
         self._check_eval_reads(g.get(A.Eval, []), ev)
         self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
         self._check_dependency_reward(roles, g.get(A.Stage, []), stages)
@@ -626,6 +627,37 @@ class _Spec:
                 'write `precision = "bf16-mixed"` (no loss scaling) or "32-true"',
                 [Related.at(spans[n], f"stage `{n}` steps its own optimiser") for n in manual if n in spans],
             )
+
+    def _check_stage_lengths(self, decls: list[A.Stage], stages: list[SFTStageIR | GRPOStageIR], ev_decls: list[A.Eval], ev: dict) -> None:
+        """Written settings a stage is too short to reach (warnings: the run does what they say, which is
+        rarely what was meant): an lr warmup of at least the stage's steps (the learning rate never
+        reaches its peak), and an evaluation interval (`eval_every`, or the eval block's `every` for
+        every stage) of at least the stage's steps (no evaluation but the final one, which always runs)."""
+        by_name = {st.name.id: st for st in decls}
+        every = ev_decls[0].block.get("every") if ev_decls else None
+        for stage in stages:
+            st = by_name.get(stage.name)
+            if st is None:
+                continue
+            lr = st.block.get("lr")
+            if lr is not None and not isinstance(stage.lr, float) and stage.lr.warmup >= stage.steps:
+                self.ck.warning(
+                    lr.span,
+                    "ignored-setting",
+                    f"stage `{stage.name}`: the lr warmup of {stage.lr.warmup} steps is at least its {stage.steps} steps: "
+                    f"the learning rate never reaches {stage.lr.first:g}",
+                    "shorten the warmup or lengthen the stage",
+                )
+            own = st.block.get("eval_every")
+            setting, n = (own, stage.eval_every) if own is not None else (every, ev.get("every"))
+            if setting is not None and n is not None and n >= stage.steps:
+                self.ck.warning(
+                    setting.span,
+                    "ignored-setting",
+                    f"stage `{stage.name}`: an evaluation every {n} steps never comes before its end at step {stage.steps} "
+                    "(the final evaluation always runs)",
+                    "evaluate more often, or remove the interval",
+                )
 
     def _check_eval_reads(self, decls: list[A.Eval], ev: dict) -> None:
         """Eval settings that a written other setting leaves unread: the per-item cap's `cap_factor` and
