@@ -17,7 +17,7 @@ from ..diagnostics import Related, Span, did_you_mean, relpath
 from ..grid import MAX_CELL_CHECKS, MAX_CELLS, MAX_COMBINATIONS, Cell, expand
 from ..ir import AxisIR, ExperimentIR, GridIR
 from .checker import Checker
-from .load import is_file, pd_files_near, resolve_written, shown
+from .load import path_problem, resolve_written
 from .spec import SEED, check_spec_file
 from .values import List, Num, Range
 
@@ -35,26 +35,8 @@ def check_grid(ck: Checker) -> GridIR | None:
     tmpl = g[A.Template][0]
     base = ck.loaded.path.parent if ck.loaded.path is not None else Path.cwd()
     tpath = resolve_written(base, tmpl.path.value)
-    if tpath is None:
-        named = "\x00" not in tmpl.path.value  # a name a file can have: it cannot be resolved, a symlink loop
-        ck.error(
-            tmpl.path.span,
-            "missing-file",
-            f"template spec `{shown(tmpl.path.value)}` " + ("is a symbolic link loop" if named else "cannot exist"),
-            "point the link at a spec file, or name the file itself"
-            if named
-            else "a file name cannot contain a NUL or other control character",
-        )
-        return None
-    if not is_file(tpath):
-        guess = did_you_mean(tpath.name, pd_files_near(tpath))
-        is_dir = is_file(tpath, "dir")
-        ck.error(
-            tmpl.path.span,
-            "missing-file",
-            f"template spec `{shown(tmpl.path.value)}` " + ("is a directory" if is_dir else "does not exist"),
-            f"did you mean `{guess}`?" if guess else "name one .pd file of it" if is_dir else "the path is relative to the grid file",
-        )
+    if problem := path_problem("template spec", tmpl.path.value, tpath, "name", "the grid file"):
+        ck.error(tmpl.path.span, "missing-file", *problem)
         return None
     tres = check_spec_file(tpath, catalogue=ck.cat, fragment_ok=False)  # a template is a whole experiment
     if not tres.ok or not isinstance(tres.ir, ExperimentIR):

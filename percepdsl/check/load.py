@@ -62,6 +62,22 @@ def shown(written: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in written)
 
 
+def path_problem(what: str, written: str, target: Path | None, verb: str, relative_to: str) -> tuple[str, str] | None:
+    """(message, hint) when the spec file a statement names (`written`, resolved to `target`, None when it
+    cannot be) is not one to read: a name no file can have, a symbolic link loop, a directory, or nothing
+    there; else None. `what` names it in the message ("included file"), `verb` in the hints ("include")."""
+    if target is None:
+        if "\x00" in written:
+            return f"{what} `{shown(written)}` cannot exist", "a file name cannot contain a NUL or other control character"
+        return f"{what} `{shown(written)}` is a symbolic link loop", f"point the link at a spec file, or {verb} the file itself"
+    if is_file(target):
+        return None
+    guess = did_you_mean(target.name, pd_files_near(target))
+    is_dir = is_file(target, "dir")  # said even with a guess: `x.pd` may be a directory beside specs
+    hint = f"did you mean `{guess}`?" if guess else f"{verb} one .pd file of it" if is_dir else f"the path is relative to {relative_to}"
+    return f"{what} `{shown(written)}` " + ("is a directory" if is_dir else "does not exist"), hint
+
+
 def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
     name = relpath(path)
     at = Span.point(file=name)
@@ -110,16 +126,8 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
             loaded.items.append(stmt)
             continue
         target = resolve_written(base, stmt.path.value)
-        if target is None:
-            named = "\x00" not in stmt.path.value  # a name a file can have: it cannot be resolved, a symlink loop
-            rep.error(
-                stmt.path.span,
-                "missing-include",
-                f"included file `{shown(stmt.path.value)}` " + ("is a symbolic link loop" if named else "cannot exist"),
-                "point the link at a spec file, or include the file itself"
-                if named
-                else "a file name cannot contain a NUL or other control character",
-            )
+        if problem := path_problem("included file", stmt.path.value, target, "include", f"{relpath(base) or '.'}/"):
+            rep.error(stmt.path.span, "missing-include", *problem)
             continue
         if target in stack:
             chain = " → ".join(relpath(p) for p in stack[stack.index(target) :] + [target])
@@ -128,20 +136,6 @@ def _splice(loaded: Loaded, tree: A.File, base: Path, stack: list[Path], rep: Re
                 "include-cycle",
                 f"include cycle: {chain}",
                 "move the shared statements into a fragment that includes nothing",
-            )
-            continue
-        if not is_file(target):
-            guess = did_you_mean(target.name, pd_files_near(target))
-            is_dir = is_file(target, "dir")  # said even with a guess: `x.pd` may be a directory beside specs
-            rep.error(
-                stmt.path.span,
-                "missing-include",
-                f"included file `{shown(stmt.path.value)}` " + ("is a directory" if is_dir else "does not exist"),
-                f"did you mean `{guess}`?"
-                if guess
-                else "include one .pd file of it"
-                if is_dir
-                else f"the path is relative to {relpath(base) or '.'}/",
             )
             continue
         text, d = read_source(target)
