@@ -614,6 +614,17 @@ def test_server_diagnostics_for_uris_no_file_can_have(uri: str) -> None:
     assert "internal error" not in diags[0].message
 
 
+def test_a_header_announcing_an_absurd_body_stops_the_server_with_one_line() -> None:
+    """`Content-Length: 99999999999` made pygls allocate the body: a MemoryError traceback. The stream
+    cannot be followed past it, so the server stops: one log line naming the size, exit 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "percepdsl.lsp"], input=b"Content-Length: 99999999999\r\n\r\n{}", capture_output=True, timeout=60, cwd=ROOT
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "announced 99999999999 bytes (over 64 MiB)" in err and "Traceback" not in err and "MemoryError" not in err, err
+
+
 def test_malformed_message_is_one_log_line_and_the_server_goes_on() -> None:
     """A client that sends a body that is not JSON gets pygls's `window/showMessage`; the server's
     log (stderr) names the error in a line, no traceback, and the server reads on to the next

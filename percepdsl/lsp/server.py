@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lsprotocol import types as T
@@ -280,12 +282,42 @@ class _LogFormat(logging.Formatter):
         return f"  {ei[0].__name__}: {ei[1]}" if ei[0] is not None else ""
 
 
+MAX_MESSAGE_BYTES = 64 << 20  # a message carries a document and positions: far below this from any editor
+
+
+class _BoundedStdin:
+    """stdin as pygls reads it (``readline``; ``read(n)`` of a body whose header announced n bytes), with
+    a bound on n: a header announcing more than ``MAX_MESSAGE_BYTES`` (a corrupt stream, or not an LSP
+    client) made pygls allocate it, a MemoryError and a traceback. The stream cannot be followed past
+    such a header, so the read returns nothing (pygls's end of input) and ``main`` says why and exits 2."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.oversized = raw, 0
+
+    def readline(self) -> bytes:
+        return self.raw.readline()
+
+    def read(self, n: int = -1) -> bytes:
+        if n > MAX_MESSAGE_BYTES:
+            self.oversized = n
+            return b""
+        return self.raw.read(n)
+
+
 def main() -> None:
     """Serve LSP over stdin/stdout until the client says exit."""
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormat("percep-lsp %(levelname)s: %(message)s"))
     logging.basicConfig(level=os.environ.get("PERCEP_LSP_LOG", "WARNING").upper(), handlers=[handler])
-    server.start_io()
+    stdin = _BoundedStdin(sys.stdin.buffer)
+    server.start_io(stdin=stdin)
+    if stdin.oversized:
+        log.error(
+            "a message header announced %d bytes (over %d MiB): not an LSP stream this server can follow; stopping",
+            stdin.oversized,
+            MAX_MESSAGE_BYTES >> 20,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":
