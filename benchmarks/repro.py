@@ -420,6 +420,11 @@ def stage_records(stage: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in last.read_text().splitlines() if line.strip()]
 
 
+def base_metrics(stage: Path) -> dict[str, float] | None:
+    """A shared base's `stage_metrics`, None while it has not finished (no done.json)."""
+    return stage_metrics(stage) if (stage / "done.json").exists() else None
+
+
 def stage_metrics(stage: Path) -> dict[str, float]:
     """A stage's final metrics from its done.json, checked against its last evaluation's records."""
     done = json.loads((stage / "done.json").read_text())
@@ -805,7 +810,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
         "",
     ]
     base = out / f"{prefix}_base"  # the base stage the arms started from (its done.json and eval records)
-    base_m = stage_metrics(base) if (base / "done.json").exists() else None
+    base_m = base_metrics(base)
     go = base_go(prefix, base_m)
     if base and base_m:
         lines += [
@@ -1048,7 +1053,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         "",
     ]
     base = out / "gc8_base"
-    b = stage_metrics(base) if (base / "done.json").exists() else None
+    b = base_metrics(base)
     go = base_go("gc8", b)  # None only when the base is not there
     if b is not None:
         lines += [
@@ -1192,7 +1197,7 @@ def sweep_level(level: str, out: Path, seeds: list[int], rng: np.random.Generato
     plan = LEVELS[level]
     prefix = PLANS[plan]
     base = out / f"{prefix}_base"
-    base_m = stage_metrics(base) if (base / "done.json").exists() else None
+    base_m = base_metrics(base)
     go = bool(base_go(prefix, base_m))
     arms = [BASELINE, SWEEP_ARM]
     cells = {(arm, s): rd for arm in arms for s in seeds if (rd := find_run(Cell(SPECS / f"{prefix}_{arm}.pd", s, ""), out / "runs"))}
@@ -1454,7 +1459,7 @@ def run_plan(
                     return None, failed
                 link_base(out / name, run_dir(cell, out / "runs") / "stages" / "base")
         base = out / f"{prefix}_base"
-        stop = prefix in NO_ARMS_AT_NO_GO and base_go(prefix, stage_metrics(base) if (base / "done.json").exists() else None) is False
+        stop = prefix in NO_ARMS_AT_NO_GO and base_go(prefix, base_metrics(base)) is False
         say("arms:" if not stop else f"arms: none run ({go_line(prefix, False)} {NO_ARMS_RULE})")
         # seed-major order (within the plan's priority groups): complete seeds first, so an early stop still leaves
         # paired comparisons; p8-500 re-evaluates session 3's arms

@@ -54,6 +54,7 @@ from repro import (
     REPORTING,
     Cell,
     agreement,
+    base_metrics,
     checked_metrics,
     ci,
     eval_cell,
@@ -68,7 +69,6 @@ from repro import (
     same_weights,
     say,
     source_of,
-    stage_metrics,
     start_by_arg,
     verdict,
 )  # noqa: E402
@@ -313,7 +313,7 @@ def report(
         "",
     ]
     base = out / plan.link
-    base_m = stage_metrics(base) if (base / "done.json").exists() else None
+    base_m = base_metrics(base)
     if before is None and plan.before:
         before = find_run(Cell(plan.spec(plan.before, specs), 1, plan.before), runs)
     if before is not None:
