@@ -26,7 +26,7 @@ from percepdsl_runtime.grpo import (
     loss_denominator,
     loss_mask,
 )
-from percepdsl_runtime.models import build_tiny, load_hf
+from percepdsl_runtime.models import load_hf
 from percepdsl_runtime.rewards import RewardError, compile_reward
 from percepdsl_runtime.sampling import FusedLlamaDecoder, Rollouts, _hf_generate, llava_parts, sample_completions
 from percepdsl_runtime.tasks import build_task
@@ -210,24 +210,10 @@ def test_sampler_draws_from_the_tempered_nucleus() -> None:
     assert _sample(logits[:3], 0.0, 1.0, g).tolist() == [0, 0, 0]  # temperature 0: greedy
 
 
-# ------------------------------------------------------------------ tiny model
+# ------------------------------------------------------------------ tiny model (conftest.py's, on this task)
 @pytest.fixture(scope="module")
 def task():
     return build_task("graph_coloring", {"nodes": 4, "reasoning": "brief", "train": 32, "test": 4}, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny(task, tmp_path_factory):
-    return build_tiny(
-        task.vocabulary(),
-        image=task.params.image,
-        width=64,
-        depth=2,
-        heads=2,
-        vision_width=32,
-        vision_depth=1,
-        save_dir=tmp_path_factory.mktemp("tiny-grpo"),
-    )
 
 
 @pytest.fixture(scope="module")
