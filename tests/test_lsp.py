@@ -637,3 +637,29 @@ def test_malformed_message_is_one_log_line_and_the_server_goes_on() -> None:
     assert "JSONDecodeError: Expecting property name" in err and "Traceback" not in err, err
     assert "window/showMessage" in out and "Error in server" in out
     assert proc.returncode == 0
+
+
+def test_stdio_diagnostics_for_a_path_the_client_percent_encodes(tmp_path: Path) -> None:
+    """Clients percent-encode URIs (`my%20specs/a.pd`); pygls keys its open documents by the decoded
+    URI, so the server found no open document under the client's spelling and never published."""
+    folder = tmp_path / "my specs"
+    folder.mkdir()
+    spec = folder / "a.pd"
+    frag = folder / "frag.pd"
+    spec.write_text('experiment a\ninclude "frag.pd"\ntask graph_coloring {}\nstage base = sft { stepz = 10 }\n', encoding="utf-8")
+    frag.write_text("param lam: float = 0.5\n", encoding="utf-8")
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec)
+            assert "%20" in uri
+            codes = [d.code for d in await s.diagnostics(uri, version=1, timeout=10)]
+            assert "unknown-setting" in codes and "unused-param" in codes
+            f = s.open(frag)
+            await s.diagnostics(f, version=1, timeout=10)
+            t = s.published[-1][0]
+            s.save(f)  # the includer is checked again, and published under the client's own URI
+            _, p = await s.publication(uri, after=t, timeout=10)
+            assert p.uri == uri
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

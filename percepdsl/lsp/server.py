@@ -113,12 +113,21 @@ class PercepLanguageServer(LanguageServer):
         except Exception:  # before initialize
             return F.Encoder()
 
+    def is_open(self, uri: str) -> bool:
+        """Whether the client has this document open. pygls keys its documents by the decoded URI
+        (`my specs/a.pd`), while the client names them as it spells them (`my%20specs/a.pd`)."""
+        return unquote(uri) in self.workspace.text_documents
+
+    def open_uris(self) -> list[str]:
+        """The open documents, each under the URI the client spelt (the one it expects diagnostics for)."""
+        return [td.uri for td in self.workspace.text_documents.values()]
+
     def reader(self, path: Path) -> str | None:
         """Open buffers first (what the user sees), then the disk. Compared as paths: clients
         spell URIs in their own ways (percent-encoding, drive letters)."""
         target = path.resolve()
-        for uri, td in self.workspace.text_documents.items():
-            p = uri_to_path(uri)
+        for td in self.workspace.text_documents.values():
+            p = uri_to_path(td.uri)
             if p is not None and p.resolve() == target:
                 return td.source
         return F.read_disk(path)
@@ -151,14 +160,14 @@ class PercepLanguageServer(LanguageServer):
     async def _check_loop(self, uri: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while uri in self.workspace.text_documents:
+            while self.is_open(uri):
                 self.again.discard(uri)
                 td = self.workspace.get_text_document(uri)
                 text, version, enc = td.source, td.version, self.enc
                 diags = await loop.run_in_executor(self.worker, self.safe_diagnostics, uri, text, enc)
                 if uri in self.again:
                     continue  # the text changed while it was checked: check the new text instead
-                if uri in self.workspace.text_documents:
+                if self.is_open(uri):
                     self.text_document_publish_diagnostics(T.PublishDiagnosticsParams(uri=uri, diagnostics=diags, version=version))
                 break
         finally:
@@ -221,7 +230,7 @@ def did_save(ls: PercepLanguageServer, params: T.DidSaveTextDocumentParams) -> N
     saved = params.text_document.uri
     ls.debouncer.now(saved)
     # other open documents may include the saved file: the checker reads includes from disk
-    for uri in list(ls.workspace.text_documents):
+    for uri in ls.open_uris():
         if uri != saved:
             ls.debouncer.changed(uri)
 
