@@ -663,3 +663,23 @@ def test_stdio_diagnostics_for_a_path_the_client_percent_encodes(tmp_path: Path)
             assert p.uri == uri
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_stdio_a_form_feed_in_a_comment_does_not_corrupt_incremental_edits(tmp_path: Path) -> None:
+    """LSP lines end at \\n, \\r\\n or \\r only; pygls split its buffer with str.splitlines, which also
+    breaks at a form feed, \\x85 or U+2028, so an edit below such a comment landed on the wrong line."""
+    spec = tmp_path / "ff.pd"
+    text = "experiment e  # page\x0c break\u2028 and\x85 more\ntask graph_coloring {}\nstage base = sft { steps = 10 }\n"
+    spec.write_text(text, encoding="utf-8")
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec)
+            assert len(await s.diagnostics(uri, version=1)) == 0
+            col = text.split("\n")[2].index("steps")
+            s.edit(uri, 2, col, col + 5, "stepz", text.replace("steps", "stepz"))
+            diags = await s.diagnostics(uri, version=2)
+            assert {d.code for d in diags} == {"unknown-setting", "missing-setting"}
+            assert next(d for d in diags if d.code == "unknown-setting").range.start == T.Position(line=2, character=col)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

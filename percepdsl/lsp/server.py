@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlparse
 
 from lsprotocol import types as T
 from pygls.lsp.server import LanguageServer
+from pygls.workspace import TextDocument, Workspace
 
 from .. import __version__ as _version
 from . import features as F
@@ -50,6 +51,34 @@ def uri_to_path(uri: str) -> Path | None:
     if os.name == "nt" and path.startswith("/") and len(path) > 2 and path[2] == ":":
         path = path[1:]
     return Path(path)
+
+
+class _Document(TextDocument):
+    """pygls's document with LSP's lines: they end at \\n, \\r\\n or \\r only. pygls splits with
+    `str.splitlines`, which also breaks at a form feed, \\x1c-\\x1e, \\x85, U+2028 and U+2029, so an
+    incremental edit below a comment holding one was applied to the wrong line."""
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for piece in self.source.splitlines(True):
+            if out and not out[-1].endswith(("\n", "\r")):
+                out[-1] += piece
+            else:
+                out.append(piece)
+        return tuple(out)
+
+
+class _Workspace(Workspace):
+    def _create_text_document(self, doc_uri: str, source=None, version=None, language_id=None) -> TextDocument:
+        return _Document(
+            doc_uri,
+            source=source,
+            version=version,
+            language_id=language_id,
+            sync_kind=self._sync_kind,
+            position_codec=self._position_codec,
+        )
 
 
 class Debouncer:
@@ -206,6 +235,8 @@ server = PercepLanguageServer()
 
 @server.feature(T.INITIALIZE)
 def initialize(ls: PercepLanguageServer, params: T.InitializeParams) -> None:
+    # pygls has just made the workspace (no document is open yet): its documents split lines as LSP does
+    ls.workspace.__class__ = _Workspace
     opts = params.initialization_options
     if isinstance(opts, dict) and isinstance(opts.get("debounceMs"), (int, float)):
         ls.debouncer.delay = max(0.0, float(opts["debounceMs"]) / 1000)
