@@ -683,3 +683,48 @@ def test_stdio_a_form_feed_in_a_comment_does_not_corrupt_incremental_edits(tmp_p
             assert next(d for d in diags if d.code == "unknown-setting").range.start == T.Position(line=2, character=col)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def _raw_session(messages: list[dict], cwd: Path) -> tuple[list[dict], str]:
+    """Send these JSON-RPC messages (after initialize) and an exit; the server's messages and its log."""
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"processId": None, "rootUri": None, "capabilities": {}}}
+    tail = [{"jsonrpc": "2.0", "id": 999, "method": "shutdown"}, {"jsonrpc": "2.0", "method": "exit"}]
+    stdin = b""
+    for m in [init, {"jsonrpc": "2.0", "method": "initialized", "params": {}}, *messages, *tail]:
+        body = json.dumps(m).encode()
+        stdin += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    proc = subprocess.run([sys.executable, "-m", "percepdsl.lsp"], input=stdin, capture_output=True, timeout=60, cwd=cwd)
+    out, msgs = proc.stdout, []
+    while out:
+        head, _, rest = out.partition(b"\r\n\r\n")
+        n = int(head.split(b"Content-Length:")[1].split(b"\r\n")[0])
+        msgs.append(json.loads(rest[:n]))
+        out = rest[n:]
+    return msgs, proc.stderr.decode()
+
+
+def test_bad_requests_get_lsp_errors_without_tracebacks(tmp_path: Path) -> None:
+    """A request for a document that is neither open nor on disk answered with pygls's internal error,
+    the server's Python traceback in its `data`; a request whose params do not fit the method got no
+    answer at all (the client waits forever) and a traceback in the log. Both are LSP errors now."""
+    gone = (tmp_path / "gone.pd").as_uri()
+    pos = {"line": 0, "character": 0}
+    requests = [
+        {"method": "textDocument/hover", "params": {"textDocument": {"uri": gone}, "position": pos}},
+        {"method": "textDocument/completion", "params": {"textDocument": {"uri": gone}, "position": pos}},
+        {"method": "textDocument/definition", "params": {"textDocument": {"uri": gone}, "position": pos}},
+        {"method": "textDocument/documentSymbol", "params": {"textDocument": {"uri": gone}}},
+        {"method": "textDocument/formatting", "params": {"textDocument": {"uri": gone}, "options": {"tabSize": 2, "insertSpaces": True}}},
+        {"method": "textDocument/hover", "params": {"textDocument": {"uri": gone}}},  # no position
+        {"method": "textDocument/hover", "params": {"textDocument": {"uri": gone}, "position": {"line": 0, "character": "x"}}},
+    ]
+    msgs, err = _raw_session([{"jsonrpc": "2.0", "id": i + 1, **r} for i, r in enumerate(requests)], tmp_path)
+    answers = {m["id"]: m for m in msgs if "id" in m and "method" not in m}
+    for i in range(1, len(requests) + 1):
+        assert i in answers, f"request {i} ({requests[i - 1]['method']}) got no answer"
+        e = answers[i].get("error")
+        assert e is not None and e["code"] == -32602 and "Traceback" not in json.dumps(e) and "data" not in e, answers[i]
+    assert "gone.pd" in answers[1]["error"]["message"]
+    assert "position" in answers[6]["error"]["message"] and "character" in answers[7]["error"]["message"]
+    assert answers[999].get("result", 1) is None
+    assert "Traceback" not in err and "Exception Group" not in err, err

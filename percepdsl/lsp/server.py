@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import cattrs
 from lsprotocol import types as T
+from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
 from pygls.workspace import TextDocument, Workspace
 
 from .. import __version__ as _version
@@ -81,6 +84,49 @@ class _Workspace(Workspace):
         )
 
 
+class _Rejected:
+    """A message whose params do not fit its method (`structure_message` could not type them)."""
+
+    def __init__(self, data: dict, reason: str):
+        self.data, self.reason = data, reason
+
+
+class _Protocol(LanguageServerProtocol):
+    """pygls's protocol, answering bad requests with LSP errors and no Python internals.
+
+    - A request whose params do not fit its method (a missing `position`, a string for a line)
+      got no response at all (the client waits for ever) and a traceback in the log: it is
+      answered with InvalidParams naming the field; such a notification is logged in a line.
+    - An error response carried the server's traceback in its `data`: it is left out (logged
+      with `PERCEP_LSP_LOG=DEBUG`)."""
+
+    def structure_message(self, data: dict) -> Any:
+        method = data.get("method") if "jsonrpc" in data and "error" not in data else None
+        msg_type = self.get_message_type(method) if isinstance(method, str) else None
+        if msg_type is None:
+            return super().structure_message(data)
+        try:
+            return self._converter.structure(data, msg_type)
+        except Exception as exc:
+            reason = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, cattrs.ClassValidationError) else str(exc)
+            return _Rejected(data, reason)
+
+    def handle_message(self, message: Any) -> None:
+        if not isinstance(message, _Rejected):
+            return super().handle_message(message)
+        method, msg_id = message.data.get("method"), message.data.get("id")
+        text = f"invalid params for {method}: {message.reason}"
+        log.warning("%s", text)
+        if msg_id is not None:
+            self._send_response(msg_id, error=JsonRpcInvalidParams(text).to_response_error())
+
+    def _send_response(self, msg_id: Any, result: Any = None, error: T.ResponseError | None = None) -> None:
+        if error is not None and isinstance(error.data, dict) and "traceback" in error.data:
+            log.debug("the error answering %s came from:\n%s", msg_id, "".join(error.data["traceback"]))
+            error = T.ResponseError(code=error.code, message=error.message)
+        super()._send_response(msg_id, result=result, error=error)
+
+
 class Debouncer:
     """Leading and trailing edge: an edit after a quiet spell is checked at once; edits that
     follow within `delay` of the last check are coalesced into one check `delay` after
@@ -123,7 +169,7 @@ class Debouncer:
 
 class PercepLanguageServer(LanguageServer):
     def __init__(self) -> None:
-        super().__init__("percep-lsp", _version, text_document_sync_kind=T.TextDocumentSyncKind.Incremental)
+        super().__init__("percep-lsp", _version, text_document_sync_kind=T.TextDocumentSyncKind.Incremental, protocol_cls=_Protocol)
         ms = os.environ.get("PERCEP_LSP_DEBOUNCE_MS")
         self.debouncer = Debouncer((int(ms) if ms and ms.isdigit() else DEFAULT_DEBOUNCE_MS) / 1000, self.request_check)
         self.snippets = False
@@ -163,8 +209,13 @@ class PercepLanguageServer(LanguageServer):
 
     def doc(self, uri: str) -> F.Doc:
         """The buffer with its scan, kept while the text is unchanged: hover, completion and the outline share it."""
-        td = self.workspace.get_text_document(uri)
-        text = td.source
+        if not self.is_open(uri):  # a request about a document the client has not opened: the file, if there is one
+            path = uri_to_path(uri)
+            text = F.read_disk(path) if path is not None else None
+            if text is None:
+                raise JsonRpcInvalidParams(f"{uri} is not open, and no readable file is there")
+            return F.Doc(text, path, uri)
+        text = self.workspace.get_text_document(uri).source
         cached = self.docs.get(uri)
         if cached is not None and cached.text == text:
             return cached
