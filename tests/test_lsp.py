@@ -628,10 +628,11 @@ def test_a_header_announcing_an_absurd_body_stops_the_server_with_one_line() -> 
 def test_malformed_message_is_one_log_line_and_the_server_goes_on() -> None:
     """A client that sends a body that is not JSON gets pygls's `window/showMessage`; the server's
     log (stderr) names the error in a line, no traceback, and the server reads on to the next
-    message (here an `exit`)."""
+    messages (here `shutdown` and `exit`: exit status 0)."""
+    shutdown_msg = b'{"jsonrpc": "2.0", "id": 1, "method": "shutdown"}'
     exit_msg = b'{"jsonrpc": "2.0", "method": "exit"}'
     garbage = b"{garbage!}"
-    stdin = b"".join(b"Content-Length: %d\r\n\r\n%s" % (len(m), m) for m in (garbage, exit_msg))
+    stdin = b"".join(b"Content-Length: %d\r\n\r\n%s" % (len(m), m) for m in (garbage, shutdown_msg, exit_msg))
     proc = subprocess.run([sys.executable, "-m", "percepdsl.lsp"], input=stdin, capture_output=True, timeout=60, cwd=ROOT)
     err, out = proc.stderr.decode(), proc.stdout.decode()
     assert "JSONDecodeError: Expecting property name" in err and "Traceback" not in err, err
@@ -685,10 +686,15 @@ def test_stdio_a_form_feed_in_a_comment_does_not_corrupt_incremental_edits(tmp_p
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
-def _raw_session(messages: list[dict], cwd: Path) -> tuple[list[dict], str]:
-    """Send these JSON-RPC messages (after initialize) and an exit; the server's messages and its log."""
+def _raw_session(messages: list[dict], cwd: Path, end: bool = True) -> tuple[list[dict], str]:
+    """Send these JSON-RPC messages (after initialize), then (if `end`) shutdown and exit; the server's messages and its log."""
+    msgs, err, _ = _raw_run(messages, cwd, end)
+    return msgs, err
+
+
+def _raw_run(messages: list[dict], cwd: Path, end: bool = True) -> tuple[list[dict], str, int]:
     init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"processId": None, "rootUri": None, "capabilities": {}}}
-    tail = [{"jsonrpc": "2.0", "id": 999, "method": "shutdown"}, {"jsonrpc": "2.0", "method": "exit"}]
+    tail = [{"jsonrpc": "2.0", "id": 999, "method": "shutdown"}, {"jsonrpc": "2.0", "method": "exit"}] if end else []
     stdin = b""
     for m in [init, {"jsonrpc": "2.0", "method": "initialized", "params": {}}, *messages, *tail]:
         body = json.dumps(m).encode()
@@ -700,7 +706,7 @@ def _raw_session(messages: list[dict], cwd: Path) -> tuple[list[dict], str]:
         n = int(head.split(b"Content-Length:")[1].split(b"\r\n")[0])
         msgs.append(json.loads(rest[:n]))
         out = rest[n:]
-    return msgs, proc.stderr.decode()
+    return msgs, proc.stderr.decode(), proc.returncode
 
 
 def test_bad_requests_get_lsp_errors_without_tracebacks(tmp_path: Path) -> None:
@@ -728,3 +734,21 @@ def test_bad_requests_get_lsp_errors_without_tracebacks(tmp_path: Path) -> None:
     assert "position" in answers[6]["error"]["message"] and "character" in answers[7]["error"]["message"]
     assert answers[999].get("result", 1) is None
     assert "Traceback" not in err and "Exception Group" not in err, err
+
+
+def test_shutdown_and_exit_follow_the_protocol(tmp_path: Path) -> None:
+    """`exit` without `shutdown` must end the server with status 1 (pygls's sys.exit(1) was swallowed:
+    always 0), and a request after `shutdown` must be answered with InvalidRequest (it got no answer)."""
+    hover = {"method": "textDocument/hover", "params": {"textDocument": {"uri": "file:///x.pd"}, "position": {"line": 0, "character": 0}}}
+    msgs, err, rc = _raw_run([{"jsonrpc": "2.0", "method": "exit"}], tmp_path, end=False)
+    assert rc == 1, err
+    msgs, err, rc = _raw_run(
+        [{"jsonrpc": "2.0", "id": 1, "method": "shutdown"}, {"jsonrpc": "2.0", "id": 2, **hover}, {"jsonrpc": "2.0", "method": "exit"}],
+        tmp_path,
+        end=False,
+    )
+    answers = {m["id"]: m for m in msgs if "id" in m and "method" not in m}
+    assert answers[1].get("result", 1) is None and rc == 0, err
+    assert answers[2]["error"]["code"] == -32600 and "shut down" in answers[2]["error"]["message"]
+    _, err, rc = _raw_run([], tmp_path, end=False)  # the client went away without shutdown
+    assert rc == 1 and "Traceback" not in err, err

@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 
 import cattrs
 from lsprotocol import types as T
-from pygls.exceptions import JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.workspace import TextDocument, Workspace
@@ -112,6 +112,11 @@ class _Protocol(LanguageServerProtocol):
             return _Rejected(data, reason)
 
     def handle_message(self, message: Any) -> None:
+        method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        if self._shutdown and method is not None and method != T.EXIT and msg_id is not None:
+            # pygls dropped it with a log line, so the client waited for an answer that never came
+            self._send_response(msg_id, error=JsonRpcInvalidRequest(f"{method}: the server is shut down").to_response_error())
+            return None
         if not isinstance(message, _Rejected):
             return super().handle_message(message)
         method, msg_id = message.data.get("method"), message.data.get("id")
@@ -401,7 +406,7 @@ def main() -> None:
     handler.setFormatter(_LogFormat("percep-lsp %(levelname)s: %(message)s"))
     logging.basicConfig(level=os.environ.get("PERCEP_LSP_LOG", "WARNING").upper(), handlers=[handler])
     stdin = _BoundedStdin(sys.stdin.buffer)
-    server.start_io(stdin=stdin)
+    server.start_io(stdin=stdin)  # returns on `exit` (pygls's sys.exit in it is swallowed) or the end of input
     if stdin.oversized:
         log.error(
             "a message header announced %d bytes (over %d MiB): not an LSP stream this server can follow; stopping",
@@ -409,6 +414,8 @@ def main() -> None:
             MAX_MESSAGE_BYTES >> 20,
         )
         sys.exit(2)
+    # LSP: exit status 0 after a `shutdown` request, 1 otherwise (an `exit` without one, or the client gone)
+    sys.exit(0 if server.protocol._shutdown else 1)
 
 
 if __name__ == "__main__":
