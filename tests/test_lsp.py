@@ -752,3 +752,28 @@ def test_shutdown_and_exit_follow_the_protocol(tmp_path: Path) -> None:
     assert answers[2]["error"]["code"] == -32600 and "shut down" in answers[2]["error"]["message"]
     _, err, rc = _raw_run([], tmp_path, end=False)  # the client went away without shutdown
     assert rc == 1 and "Traceback" not in err, err
+
+
+def test_stdio_no_quick_fix_rewrites_the_include_line(tmp_path: Path) -> None:
+    """A "did you mean" problem inside an included file is shown on the `include` line; its quick
+    fix replaced that whole line with the suggested name (`include "frag.pd"` → `steps`), preferred,
+    so an editor's auto-fix deleted the include. The fix belongs in the fragment (open it: its own
+    diagnostics carry it); on the including spec, no quick fix."""
+    (tmp_path / "frag.pd").write_text("param lam: float = 0.3\nstage base = sft { stepz = 10 }\n", encoding="utf-8")
+    spec = tmp_path / "main.pd"
+    spec.write_text('experiment m\ninclude "frag.pd"\ntask graph_coloring {}\nstage s = sft from base { stepz = 1 }\n', encoding="utf-8")
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec)
+            diags = await s.diagnostics(uri, version=1)
+            folded = [d for d in diags if d.range.start.line == 1 and d.code == "unknown-setting"]
+            own = [d for d in diags if d.range.start.line == 3 and d.code == "unknown-setting"]
+            assert folded and own
+            assert not await s.code_actions(uri, folded)
+            assert [a.title for a in await s.code_actions(uri, own)] == ["Replace `stepz` with `steps`"]
+            f = s.open(tmp_path / "frag.pd")
+            fd = [d for d in await s.diagnostics(f, version=1) if d.code == "unknown-setting"]
+            assert [a.title for a in await s.code_actions(f, fd)] == ["Replace `stepz` with `steps`"]
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -315,9 +315,11 @@ def lsp_diagnostics(diags: list[Diagnostic], doc_name: str, project: Project, en
             loc = _span_location(r.file, r.span, project, enc)
             if loc is not None:
                 related.append(T.DiagnosticRelatedInformation(location=loc, message=r.message))
-        data = {"file": d.file, "code": d.code}
+        data: dict = {"file": d.file, "code": d.code}
         if d.hint:
             data["hint"] = d.hint
+        if not here:
+            data["elsewhere"] = True  # the range is the statement that brings the file in, not the problem
         out.append(
             T.Diagnostic(
                 range=rng,
@@ -371,8 +373,8 @@ def quick_fixes(uri: str, text: str, diagnostics: Iterable[T.Diagnostic], enc: E
         data = d.data if isinstance(d.data, dict) else {}
         hint = data.get("hint") or ""
         m = _DID_YOU_MEAN.search(hint)
-        if not m or d.code in _NO_QUICK_FIX or d.source != "percep":
-            continue
+        if not m or d.code in _NO_QUICK_FIX or d.source != "percep" or data.get("elsewhere"):
+            continue  # a problem in an included file is fixed there (its own diagnostics carry the fix)
         start, end = enc.to_offset(lines, d.range.start), enc.to_offset(lines, d.range.end)
         old = text[start:end]
         if not old or "\n" in old:
