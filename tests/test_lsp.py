@@ -777,3 +777,36 @@ def test_stdio_no_quick_fix_rewrites_the_include_line(tmp_path: Path) -> None:
             assert [a.title for a in await s.code_actions(f, fd)] == ["Replace `stepz` with `steps`"]
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_stdio_an_included_file_changed_on_disk_rechecks_its_includers(tmp_path: Path) -> None:
+    """Included files are read from disk, but only a save in the editor re-checked the specs that
+    include them: a fragment rewritten by another program (git checkout, a generator) left stale
+    diagnostics until the next keystroke. The server now watches `.pd` files (dynamic registration
+    of workspace/didChangeWatchedFiles) and re-checks the open documents when one changes."""
+    frag = tmp_path / "frag.pd"
+    frag.write_text("param lam: float = 0.3\n", encoding="utf-8")
+    spec = tmp_path / "main.pd"
+    spec.write_text('experiment m\ninclude "frag.pd"\ntask graph_coloring {}\nstage s = sft { steps = 10, lr = lam }\n', encoding="utf-8")
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec)
+            assert len(await s.diagnostics(uri, version=1)) == 0
+            deadline = asyncio.get_running_loop().time() + 10
+            while not s.registrations and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            (reg,) = [r for r in s.registrations if r.method == T.WORKSPACE_DID_CHANGE_WATCHED_FILES]
+            assert [w["globPattern"] for w in reg.register_options["watchers"]] == ["**/*.pd"]
+            frag.write_text("param lam: float = 0.3\nparam unused: int = 1\n", encoding="utf-8")
+            t = s.published[-1][0]
+            s.files_changed((frag, T.FileChangeType.Changed))
+            _, p = await s.publication(uri, after=t + 1e-9)
+            assert [d.code for d in p.diagnostics] == ["unused-param"] and p.diagnostics[0].range.start.line == 1
+            frag.unlink()
+            t = s.published[-1][0]
+            s.files_changed((frag, T.FileChangeType.Deleted))
+            _, p = await s.publication(uri, after=t + 1e-9)
+            assert "missing-include" in [d.code for d in p.diagnostics]
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

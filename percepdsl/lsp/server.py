@@ -322,6 +322,29 @@ def did_save(ls: PercepLanguageServer, params: T.DidSaveTextDocumentParams) -> N
             ls.debouncer.changed(uri)
 
 
+WATCHED = "**/*.pd"
+
+
+@server.feature(T.INITIALIZED)
+def initialized(ls: PercepLanguageServer, params: T.InitializedParams) -> None:
+    """Ask the client to watch the `.pd` files: includes and templates are read from disk, so one
+    rewritten by another program (a checkout, a generator) must re-check the documents that read it."""
+    try:
+        dynamic = bool(ls.client_capabilities.workspace.did_change_watched_files.dynamic_registration)
+    except AttributeError:
+        dynamic = False
+    if dynamic:
+        watch = T.DidChangeWatchedFilesRegistrationOptions(watchers=[T.FileSystemWatcher(glob_pattern=WATCHED)])
+        reg = T.Registration(id="percep-watch-pd", method=T.WORKSPACE_DID_CHANGE_WATCHED_FILES, register_options=watch)
+        ls.client_register_capability(T.RegistrationParams(registrations=[reg]))
+
+
+@server.feature(T.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+def did_change_watched_files(ls: PercepLanguageServer, params: T.DidChangeWatchedFilesParams) -> None:
+    for uri in ls.open_uris():  # any of them may include (or be a grid over) a changed file
+        ls.debouncer.changed(uri)
+
+
 @server.feature(T.TEXT_DOCUMENT_DID_CLOSE)
 def did_close(ls: PercepLanguageServer, params: T.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
