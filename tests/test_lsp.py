@@ -810,3 +810,26 @@ def test_stdio_an_included_file_changed_on_disk_rechecks_its_includers(tmp_path:
             assert "missing-include" in [d.code for d in p.diagnostics]
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_stdio_hover_and_definition_of_a_role_weighted_in_token_weights(tmp_path: Path) -> None:
+    """A grpo stage's `token_weights { role = weight }` names roles as keys; completion offered them,
+    but hover showed nothing and go-to-definition went nowhere (the key was looked up as a setting)."""
+    (tmp_path / "roles.pd").write_text('roles {\n  percep = between("<p>", "</p>")\n  rest_ = rest()\n}\n', encoding="utf-8")
+    spec = tmp_path / "main.pd"
+    spec.write_text(
+        'experiment m\ninclude "roles.pd"\ntask graph_coloring {}\nstage base = sft { steps = 10 }\n'
+        "stage r = grpo from base { steps = 5  reward = outcome  token_weights { percep = 2, rest_ = 1 } }\n",
+        encoding="utf-8",
+    )
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec)
+            await s.diagnostics(uri, version=1)
+            h = await s.hover(uri, s.at(uri, "percep = 2", 2))
+            assert h is not None and 'percep = between("<p>", "</p>")' in h.contents.value and "role" in h.contents.value
+            (loc,) = await s.definition(uri, s.at(uri, "rest_ = 1", 1))
+            assert loc.uri == (tmp_path / "roles.pd").resolve().as_uri() and loc.range.start == T.Position(line=2, character=2)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -1038,6 +1038,8 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
             return tok, _decl_target(project, "role", word)
         if stmt is not None and stmt.kw == "zip" and not path:
             return tok, _template_target(project, word)
+        if stmt is not None and stmt.kw == "stage" and path == ["token_weights"]:  # a grpo stage's role weights
+            return tok, _decl_target(project, "role", word)
         if word == "lora" and stmt is not None and stmt.kw == "model" and nxt is not None and nxt.text == "{":
             return tok, _Target("entry", [e for e in [cat.get("block", "lora")] if e], name=word)
         entry = block_entry(cat, stmt, path)
