@@ -833,3 +833,22 @@ def test_stdio_hover_and_definition_of_a_role_weighted_in_token_weights(tmp_path
             assert loc.uri == (tmp_path / "roles.pd").resolve().as_uri() and loc.range.start == T.Position(line=2, character=2)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_change_to_a_document_never_opened_is_ignored_with_a_log_line(tmp_path: Path) -> None:
+    """didChange for a document the client never opened (or already closed) made pygls raise KeyError,
+    shown to the user as the popup "Error in server: KeyError: 'file:///...'"; it is logged and ignored."""
+    uri = (tmp_path / "never.pd").as_uri()
+    change = {"range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 0}}, "text": "x"}
+    msgs, err = _raw_session(
+        [
+            {
+                "jsonrpc": "2.0",
+                "method": "textDocument/didChange",
+                "params": {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [change]},
+            }
+        ],
+        tmp_path,
+    )
+    assert not [m for m in msgs if m.get("method") == "window/showMessage"], msgs
+    assert f"didChange for {uri}, which is not open: ignored" in err and "KeyError" not in err, err

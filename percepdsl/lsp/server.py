@@ -73,6 +73,12 @@ class _Document(TextDocument):
 
 
 class _Workspace(Workspace):
+    def update_text_document(self, text_doc: T.VersionedTextDocumentIdentifier, change: T.TextDocumentContentChangeEvent) -> None:
+        if unquote(text_doc.uri) not in self.text_documents:  # pygls raised KeyError: a popup "Error in server: KeyError"
+            log.warning("didChange for %s, which is not open: ignored", text_doc.uri)
+            return
+        super().update_text_document(text_doc, change)
+
     def _create_text_document(self, doc_uri: str, source=None, version=None, language_id=None) -> TextDocument:
         return _Document(
             doc_uri,
