@@ -852,3 +852,25 @@ def test_a_change_to_a_document_never_opened_is_ignored_with_a_log_line(tmp_path
     )
     assert not [m for m in msgs if m.get("method") == "window/showMessage"], msgs
     assert f"didChange for {uri}, which is not open: ignored" in err and "KeyError" not in err, err
+
+
+def test_stdio_path_completion_after_a_leading_slash_lists_the_root(tmp_path: Path) -> None:
+    """`include "/` (the `/` is a trigger character) listed the spec's own folder, so accepting
+    `frag.pd` wrote `"/frag.pd"`, a file at the root that does not exist; an absolute path lists from
+    the root, a relative one from the spec's folder."""
+    (tmp_path / "frag.pd").write_text("param lam: float = 0.3\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.pd").write_text("param mu: float = 0.3\n", encoding="utf-8")
+    spec = tmp_path / "main.pd"
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec, 'experiment m\ninclude "/')
+            at_root = await s.complete(uri, T.Position(line=1, character=10))
+            assert "frag.pd" not in at_root and "tmp/" in at_root
+            s.change(uri, 'experiment m\ninclude "sub/')
+            assert await s.complete(uri, T.Position(line=1, character=13)) == ["inner.pd"]
+            s.change(uri, f'experiment m\ninclude "{tmp_path}/')
+            assert {"frag.pd", "sub/"} <= set(await s.complete(uri, T.Position(line=1, character=10 + len(str(tmp_path)))))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

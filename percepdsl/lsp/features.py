@@ -876,9 +876,9 @@ def _complete_path(project: Project, ctx: S.Context, enc: Encoder, items: _Items
     if tok is None:
         return
     typed = project.doc.text[tok.start + 1 : ctx.offset]
-    dirpart, _, _ = typed.rpartition("/")
-    folder = (project.doc.base / dirpart) if dirpart else project.doc.base
-    seg_start = tok.start + 1 + (len(dirpart) + 1 if dirpart or typed.startswith("/") else 0)
+    head = typed[: typed.rfind("/") + 1]  # the folders typed so far, with their last `/` ("/" alone: the root)
+    folder = project.doc.base / head
+    seg_start = tok.start + 1 + len(head)
     lines = project.doc.lines
     rng = enc.range(lines, seg_start, ctx.offset)
     try:
