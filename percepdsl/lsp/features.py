@@ -31,6 +31,10 @@ MAX_INCLUDE_DEPTH = 32
 
 
 def read_disk(path: Path) -> str | None:
+    """A spec file's text; None unless it is a regular file, as the checker reads them (`is_file`):
+    a named pipe would block the server for ever, /dev/zero fill its memory."""
+    if not is_file(path):
+        return None
     try:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
