@@ -896,3 +896,29 @@ def test_stdio_an_include_naming_a_pipe_does_not_freeze_the_server(tmp_path: Pat
             assert "steps" in await asyncio.wait_for(s.complete(uri, s.at(uri, "steps")), 10)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_stdio_formatting_a_crlf_document_is_idempotent(tmp_path: Path) -> None:
+    """A document with CRLF line endings was formatted to LF text; an editor keeps the document's line
+    endings when it applies the edit (VS Code does), so the next format request got the same CRLF text
+    back and answered a whole-document edit again, every time. The canonical form keeps the text's line
+    ending (its first line's), so a formatted CRLF document gets no edit; `percep fmt` leaves it CRLF."""
+    text = "experiment   e  # head\r\ntask graph_coloring {nodes=5 # inner\r\n}\r\nstage base = sft { steps = 10 }\r\n"
+    spec = tmp_path / "crlf.pd"
+    spec.write_bytes(text.encode())
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec, text)
+            (edit,) = await s.format(uri)
+            assert (
+                edit.new_text
+                == "experiment e  # head\r\ntask graph_coloring {\r\n  nodes = 5  # inner\r\n}\r\nstage base = sft { steps = 10 }\r\n"
+            )
+            s.change(uri, edit.new_text)
+            assert not await s.format(uri)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    res = CliRunner().invoke(app, ["fmt", str(spec)])
+    assert res.exit_code == 0 and spec.read_bytes().count(b"\r\n") == 5 and b"\n" not in spec.read_bytes().replace(b"\r\n", b"")
+    assert CliRunner().invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
