@@ -922,3 +922,24 @@ def test_stdio_formatting_a_crlf_document_is_idempotent(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["fmt", str(spec)])
     assert res.exit_code == 0 and spec.read_bytes().count(b"\r\n") == 5 and b"\n" not in spec.read_bytes().replace(b"\r\n", b"")
     assert CliRunner().invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
+
+
+def test_stdio_positions_count_a_lone_cr_as_a_line_break(tmp_path: Path) -> None:
+    """LSP ends lines at \\n, \\r\\n and a lone \\r (editors count an old Mac line break in a comment as
+    one); the parser and the scanner count \\n only, so after a lone \\r every diagnostic, hover and
+    completion was a line off. Positions are converted through the text's offsets, counted both ways."""
+    spec = tmp_path / "cr.pd"
+    text = "experiment e  # old\rmac\ntask graph_coloring {}\nstage base = sft { stepz = 10 }\n"
+    spec.write_bytes(text.encode())
+
+    async def scenario() -> None:
+        async with LspSession(cwd=tmp_path) as s:
+            uri = s.open(spec, text)
+            diags = await s.diagnostics(uri, version=1)
+            unknown = next(d for d in diags if d.code == "unknown-setting")
+            assert unknown.range.start == T.Position(line=3, character=19) and unknown.range.end == T.Position(line=3, character=24)
+            h = await s.hover(uri, T.Position(line=3, character=2))
+            assert h is not None and "**stage**" in h.contents.value
+            assert h.range.start == T.Position(line=3, character=0)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -15,6 +15,7 @@ converts at the edge.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,14 +59,14 @@ class Encoder:
         return len(s) + sum(1 for c in s if ord(c) > 0xFFFF)
 
     def position(self, lines: S.Lines, line: int, col: int) -> T.Position:
-        """0-based line and code-point column → LSP position (clamped to the text)."""
+        """0-based line and code-point column, as the parser counts them (lines end at \\n) → LSP
+        position (clamped to the text), whose lines also end at a lone \\r."""
         if line >= len(lines):
             line = len(lines) - 1
             col = len(lines.line(line))
-        line = max(line, 0)
-        text = lines.line(line)
-        col = max(0, min(col, len(text)))
-        return T.Position(line=line, character=self._units(text[:col]))
+        offset = lines.offset(max(line, 0), col)
+        i = bisect_right(lines.lsp_starts, offset) - 1
+        return T.Position(line=i, character=self._units(lines.text[lines.lsp_starts[i] : offset]))
 
     def offset_position(self, lines: S.Lines, offset: int) -> T.Position:
         return self.position(lines, *lines.position(offset))
@@ -81,9 +82,12 @@ class Encoder:
 
     def to_offset(self, lines: S.Lines, pos: T.Position) -> int:
         """LSP position → offset into the text."""
-        if pos.line >= len(lines):
+        if pos.line >= len(lines.lsp_starts):
             return len(lines.text)
-        text = lines.line(pos.line)
+        if pos.line < 0:
+            return 0
+        start, end = lines.lsp_line(pos.line)
+        text = lines.text[start:end]
         if text.isascii() or self.encoding == "utf-32":
             col = min(pos.character, len(text))
         else:
@@ -93,7 +97,7 @@ class Encoder:
                     break
                 units += self._units(ch)
                 col += 1
-        return lines.offset(pos.line, col)
+        return start + max(col, 0)
 
 
 # ---- a document and what it declares ---------------------------------------------------------
