@@ -1,7 +1,8 @@
 """`percep lsp`: the language server, a thin pygls adapter over the library.
 
 - Diagnostics: `check_file(path, text=buffer)`, exactly what `percep check` reports, on
-  open and save (at once) and on change (debounced, see `Debouncer`). Problems located
+  open and save (at once), on change (debounced, see `Debouncer`) and when a watched `.pd`
+  file changes on disk (includes and templates are read from disk). Problems located
   in included files are shown on the `include` line that brings them in, with the exact
   place as related information.
 - Hover, completion, go-to-definition, the outline and quick fixes read a tolerant scan
