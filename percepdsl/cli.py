@@ -191,7 +191,7 @@ def fmt(
         if out != text:
             if not check_only:
                 try:
-                    write_text_atomic(path, out)
+                    write_text_atomic(path, out, newline="")  # the line endings format_text kept
                 except OSError as e:
                     print(f"percep: cannot write {path}: {e.strerror or e}", file=sys.stderr)
                     failed = True

@@ -4,7 +4,8 @@ Printed from the AST, so it is idempotent, and it preserves comments: each comme
 is attached to the statement or block entry it trails, or precedes, or to the end
 of its block. A block is printed on one line when it has no comments and fits in
 `WIDTH` columns, otherwise one entry per line. Single blank lines between
-statements and entries are kept. Numbers and strings keep their spelling.
+statements and entries are kept. Numbers and strings keep their spelling, and lines
+end as the source's first line does (CRLF or LF).
 """
 
 from __future__ import annotations
@@ -226,10 +227,18 @@ def format_tree(tree: A.File, source: str) -> str:
 
 
 def format_text(text: str, file: str = "<string>"):
-    """Canonical text, or None with the syntax diagnostics if the text does not parse."""
+    """Canonical text, or None with the syntax diagnostics if the text does not parse.
+
+    Lines end as the text's first line does (`\\r\\n` or `\\n`): an editor keeps a document's line
+    endings when it applies a formatting edit, so CRLF output for a CRLF document is what makes
+    formatting it again change nothing (strings and comments hold no line break)."""
     from .parse import parse_text
 
     tree, diags = parse_text(text, file)
     if tree is None:
         return None, diags
-    return format_tree(tree, text), diags
+    out = format_tree(tree, text)
+    first = text.find("\n")
+    if first > 0 and text[first - 1] == "\r":
+        out = out.replace("\n", "\r\n")
+    return out, diags

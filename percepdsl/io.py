@@ -134,8 +134,9 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync(path.parent)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+def write_text_atomic(path: str | os.PathLike[str], text: str, newline: str | None = None) -> Path:
+    """`newline=""` writes the text's line endings as they are (no translation to the platform's)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
         f.write(text)
     return Path(path)
 

@@ -413,7 +413,7 @@ def test_fmt_reports_a_file_it_cannot_write(tmp_path: Path, monkeypatch) -> None
         (tmp_path / name).write_text("experiment   x\n")
     written = []
 
-    def write(path, text):
+    def write(path, text, newline=None):
         if Path(path).name == "a.pd":
             raise PermissionError(13, "Permission denied")
         written.append(Path(path).name)

@@ -64,14 +64,21 @@ def shown(written: str) -> str:
 
 def path_problem(what: str, written: str, target: Path | None, verb: str, relative_to: str) -> tuple[str, str] | None:
     """(message, hint) when the spec file a statement names (`written`, resolved to `target`, None when it
-    cannot be) is not one to read: a name no file can have, a symbolic link loop, a directory, or nothing
-    there; else None. `what` names it in the message ("included file"), `verb` in the hints ("include")."""
+    cannot be) is not one to read: a name no file can have, a symbolic link loop, a directory, something
+    that is not a regular file (a named pipe, a device), or nothing there; else None. `what` names it in
+    the message ("included file"), `verb` in the hints ("include")."""
     if target is None:
         if "\x00" in written:
             return f"{what} `{shown(written)}` cannot exist", "a file name cannot contain a NUL or other control character"
         return f"{what} `{shown(written)}` is a symbolic link loop", f"point the link at a spec file, or {verb} the file itself"
     if is_file(target):
         return None
+    try:
+        special = target.exists() and not target.is_dir()  # a named pipe, a device, a socket: never read
+    except OSError:
+        special = False
+    if special:
+        return f"{what} `{shown(written)}` is not a regular file", f"{verb} a spec file"
     guess = did_you_mean(target.name, pd_files_near(target))
     is_dir = is_file(target, "dir")  # said even with a guess: `x.pd` may be a directory beside specs
     hint = f"did you mean `{guess}`?" if guess else f"{verb} one .pd file of it" if is_dir else f"the path is relative to {relative_to}"

@@ -15,6 +15,7 @@ converts at the edge.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ MAX_INCLUDE_DEPTH = 32
 
 
 def read_disk(path: Path) -> str | None:
+    """A spec file's text; None unless it is a regular file, as the checker reads them (`is_file`):
+    a named pipe would block the server for ever, /dev/zero fill its memory."""
+    if not is_file(path):
+        return None
     try:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
@@ -54,14 +59,14 @@ class Encoder:
         return len(s) + sum(1 for c in s if ord(c) > 0xFFFF)
 
     def position(self, lines: S.Lines, line: int, col: int) -> T.Position:
-        """0-based line and code-point column → LSP position (clamped to the text)."""
+        """0-based line and code-point column, as the parser counts them (lines end at \\n) → LSP
+        position (clamped to the text), whose lines also end at a lone \\r."""
         if line >= len(lines):
             line = len(lines) - 1
             col = len(lines.line(line))
-        line = max(line, 0)
-        text = lines.line(line)
-        col = max(0, min(col, len(text)))
-        return T.Position(line=line, character=self._units(text[:col]))
+        offset = lines.offset(max(line, 0), col)
+        i = bisect_right(lines.lsp_starts, offset) - 1
+        return T.Position(line=i, character=self._units(lines.text[lines.lsp_starts[i] : offset]))
 
     def offset_position(self, lines: S.Lines, offset: int) -> T.Position:
         return self.position(lines, *lines.position(offset))
@@ -77,9 +82,12 @@ class Encoder:
 
     def to_offset(self, lines: S.Lines, pos: T.Position) -> int:
         """LSP position → offset into the text."""
-        if pos.line >= len(lines):
+        if pos.line >= len(lines.lsp_starts):
             return len(lines.text)
-        text = lines.line(pos.line)
+        if pos.line < 0:
+            return 0
+        start, end = lines.lsp_line(pos.line)
+        text = lines.text[start:end]
         if text.isascii() or self.encoding == "utf-32":
             col = min(pos.character, len(text))
         else:
@@ -89,7 +97,7 @@ class Encoder:
                     break
                 units += self._units(ch)
                 col += 1
-        return lines.offset(pos.line, col)
+        return start + max(col, 0)
 
 
 # ---- a document and what it declares ---------------------------------------------------------
@@ -315,9 +323,11 @@ def lsp_diagnostics(diags: list[Diagnostic], doc_name: str, project: Project, en
             loc = _span_location(r.file, r.span, project, enc)
             if loc is not None:
                 related.append(T.DiagnosticRelatedInformation(location=loc, message=r.message))
-        data = {"file": d.file, "code": d.code}
+        data: dict = {"file": d.file, "code": d.code}
         if d.hint:
             data["hint"] = d.hint
+        if not here:
+            data["elsewhere"] = True  # the range is the statement that brings the file in, not the problem
         out.append(
             T.Diagnostic(
                 range=rng,
@@ -371,8 +381,8 @@ def quick_fixes(uri: str, text: str, diagnostics: Iterable[T.Diagnostic], enc: E
         data = d.data if isinstance(d.data, dict) else {}
         hint = data.get("hint") or ""
         m = _DID_YOU_MEAN.search(hint)
-        if not m or d.code in _NO_QUICK_FIX or d.source != "percep":
-            continue
+        if not m or d.code in _NO_QUICK_FIX or d.source != "percep" or data.get("elsewhere"):
+            continue  # a problem in an included file is fixed there (its own diagnostics carry the fix)
         start, end = enc.to_offset(lines, d.range.start), enc.to_offset(lines, d.range.end)
         old = text[start:end]
         if not old or "\n" in old:
@@ -874,9 +884,9 @@ def _complete_path(project: Project, ctx: S.Context, enc: Encoder, items: _Items
     if tok is None:
         return
     typed = project.doc.text[tok.start + 1 : ctx.offset]
-    dirpart, _, _ = typed.rpartition("/")
-    folder = (project.doc.base / dirpart) if dirpart else project.doc.base
-    seg_start = tok.start + 1 + (len(dirpart) + 1 if dirpart or typed.startswith("/") else 0)
+    head = typed[: typed.rfind("/") + 1]  # the folders typed so far, with their last `/` ("/" alone: the root)
+    folder = project.doc.base / head
+    seg_start = tok.start + 1 + len(head)
     lines = project.doc.lines
     rng = enc.range(lines, seg_start, ctx.offset)
     try:
@@ -1036,6 +1046,8 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
             return tok, _decl_target(project, "role", word)
         if stmt is not None and stmt.kw == "zip" and not path:
             return tok, _template_target(project, word)
+        if stmt is not None and stmt.kw == "stage" and path == ["token_weights"]:  # a grpo stage's role weights
+            return tok, _decl_target(project, "role", word)
         if word == "lora" and stmt is not None and stmt.kw == "model" and nxt is not None and nxt.text == "{":
             return tok, _Target("entry", [e for e in [cat.get("block", "lora")] if e], name=word)
         entry = block_entry(cat, stmt, path)

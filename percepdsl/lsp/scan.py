@@ -105,6 +105,9 @@ class Lines:
     def __init__(self, text: str):
         self.text = text
         self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        # LSP's lines also end at a lone \r (editors count one); the parser's do not
+        lone_cr = "\r" in text and re.search("\r(?!\n)", text) is not None
+        self.lsp_starts = [0] + [m.end() for m in re.finditer("\r\n|\r|\n", text)] if lone_cr else self.starts
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -125,6 +128,14 @@ class Lines:
     def position(self, offset: int) -> tuple[int, int]:
         i = bisect_right(self.starts, offset) - 1
         return i, offset - self.starts[i]
+
+    def lsp_line(self, i: int) -> tuple[int, int]:
+        """LSP line i's [start, end) offsets, its line break left out."""
+        start = self.lsp_starts[i]
+        if i + 1 >= len(self.lsp_starts):
+            return start, len(self.text)
+        end = self.lsp_starts[i + 1]
+        return start, end - (2 if self.text[start:end].endswith("\r\n") else 1)
 
 
 # ---- outline ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`percep lsp`: the language server, a thin pygls adapter over the library.
 
 - Diagnostics: `check_file(path, text=buffer)`, exactly what `percep check` reports, on
-  open and save (at once) and on change (debounced, see `Debouncer`). Problems located
+  open and save (at once), on change (debounced, see `Debouncer`) and when a watched `.pd`
+  file changes on disk (includes and templates are read from disk). Problems located
   in included files are shown on the `include` line that brings them in, with the exact
   place as related information.
 - Hover, completion, go-to-definition, the outline and quick fixes read a tolerant scan
@@ -28,8 +29,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import cattrs
 from lsprotocol import types as T
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.workspace import TextDocument, Workspace
 
 from .. import __version__ as _version
 from . import features as F
@@ -50,6 +55,88 @@ def uri_to_path(uri: str) -> Path | None:
     if os.name == "nt" and path.startswith("/") and len(path) > 2 and path[2] == ":":
         path = path[1:]
     return Path(path)
+
+
+class _Document(TextDocument):
+    """pygls's document with LSP's lines: they end at \\n, \\r\\n or \\r only. pygls splits with
+    `str.splitlines`, which also breaks at a form feed, \\x1c-\\x1e, \\x85, U+2028 and U+2029, so an
+    incremental edit below a comment holding one was applied to the wrong line."""
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for piece in self.source.splitlines(True):
+            if out and not out[-1].endswith(("\n", "\r")):
+                out[-1] += piece
+            else:
+                out.append(piece)
+        return tuple(out)
+
+
+class _Workspace(Workspace):
+    def update_text_document(self, text_doc: T.VersionedTextDocumentIdentifier, change: T.TextDocumentContentChangeEvent) -> None:
+        if unquote(text_doc.uri) not in self.text_documents:  # pygls raised KeyError: a popup "Error in server: KeyError"
+            log.warning("didChange for %s, which is not open: ignored", text_doc.uri)
+            return
+        super().update_text_document(text_doc, change)
+
+    def _create_text_document(self, doc_uri: str, source=None, version=None, language_id=None) -> TextDocument:
+        return _Document(
+            doc_uri,
+            source=source,
+            version=version,
+            language_id=language_id,
+            sync_kind=self._sync_kind,
+            position_codec=self._position_codec,
+        )
+
+
+class _Rejected:
+    """A message whose params do not fit its method (`structure_message` could not type them)."""
+
+    def __init__(self, data: dict, reason: str):
+        self.data, self.reason = data, reason
+
+
+class _Protocol(LanguageServerProtocol):
+    """pygls's protocol, answering bad requests with LSP errors and no Python internals.
+
+    - A request whose params do not fit its method (a missing `position`, a string for a line)
+      got no response at all (the client waits for ever) and a traceback in the log: it is
+      answered with InvalidParams naming the field; such a notification is logged in a line.
+    - An error response carried the server's traceback in its `data`: it is left out (logged
+      with `PERCEP_LSP_LOG=DEBUG`)."""
+
+    def structure_message(self, data: dict) -> Any:
+        method = data.get("method") if "jsonrpc" in data and "error" not in data else None
+        msg_type = self.get_message_type(method) if isinstance(method, str) else None
+        if msg_type is None:
+            return super().structure_message(data)
+        try:
+            return self._converter.structure(data, msg_type)
+        except Exception as exc:
+            reason = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, cattrs.ClassValidationError) else str(exc)
+            return _Rejected(data, reason)
+
+    def handle_message(self, message: Any) -> None:
+        method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        if self._shutdown and method is not None and method != T.EXIT and msg_id is not None:
+            # pygls dropped it with a log line, so the client waited for an answer that never came
+            self._send_response(msg_id, error=JsonRpcInvalidRequest(f"{method}: the server is shut down").to_response_error())
+            return None
+        if not isinstance(message, _Rejected):
+            return super().handle_message(message)
+        method, msg_id = message.data.get("method"), message.data.get("id")
+        text = f"invalid params for {method}: {message.reason}"
+        log.warning("%s", text)
+        if msg_id is not None:
+            self._send_response(msg_id, error=JsonRpcInvalidParams(text).to_response_error())
+
+    def _send_response(self, msg_id: Any, result: Any = None, error: T.ResponseError | None = None) -> None:
+        if error is not None and isinstance(error.data, dict) and "traceback" in error.data:
+            log.debug("the error answering %s came from:\n%s", msg_id, "".join(error.data["traceback"]))
+            error = T.ResponseError(code=error.code, message=error.message)
+        super()._send_response(msg_id, result=result, error=error)
 
 
 class Debouncer:
@@ -94,7 +181,7 @@ class Debouncer:
 
 class PercepLanguageServer(LanguageServer):
     def __init__(self) -> None:
-        super().__init__("percep-lsp", _version, text_document_sync_kind=T.TextDocumentSyncKind.Incremental)
+        super().__init__("percep-lsp", _version, text_document_sync_kind=T.TextDocumentSyncKind.Incremental, protocol_cls=_Protocol)
         ms = os.environ.get("PERCEP_LSP_DEBOUNCE_MS")
         self.debouncer = Debouncer((int(ms) if ms and ms.isdigit() else DEFAULT_DEBOUNCE_MS) / 1000, self.request_check)
         self.snippets = False
@@ -113,20 +200,34 @@ class PercepLanguageServer(LanguageServer):
         except Exception:  # before initialize
             return F.Encoder()
 
+    def is_open(self, uri: str) -> bool:
+        """Whether the client has this document open. pygls keys its documents by the decoded URI
+        (`my specs/a.pd`), while the client names them as it spells them (`my%20specs/a.pd`)."""
+        return unquote(uri) in self.workspace.text_documents
+
+    def open_uris(self) -> list[str]:
+        """The open documents, each under the URI the client spelt (the one it expects diagnostics for)."""
+        return [td.uri for td in self.workspace.text_documents.values()]
+
     def reader(self, path: Path) -> str | None:
         """Open buffers first (what the user sees), then the disk. Compared as paths: clients
         spell URIs in their own ways (percent-encoding, drive letters)."""
         target = path.resolve()
-        for uri, td in self.workspace.text_documents.items():
-            p = uri_to_path(uri)
+        for td in self.workspace.text_documents.values():
+            p = uri_to_path(td.uri)
             if p is not None and p.resolve() == target:
                 return td.source
         return F.read_disk(path)
 
     def doc(self, uri: str) -> F.Doc:
         """The buffer with its scan, kept while the text is unchanged: hover, completion and the outline share it."""
-        td = self.workspace.get_text_document(uri)
-        text = td.source
+        if not self.is_open(uri):  # a request about a document the client has not opened: the file, if there is one
+            path = uri_to_path(uri)
+            text = F.read_disk(path) if path is not None else None
+            if text is None:
+                raise JsonRpcInvalidParams(f"{uri} is not open, and no readable file is there")
+            return F.Doc(text, path, uri)
+        text = self.workspace.get_text_document(uri).source
         cached = self.docs.get(uri)
         if cached is not None and cached.text == text:
             return cached
@@ -151,14 +252,14 @@ class PercepLanguageServer(LanguageServer):
     async def _check_loop(self, uri: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while uri in self.workspace.text_documents:
+            while self.is_open(uri):
                 self.again.discard(uri)
                 td = self.workspace.get_text_document(uri)
                 text, version, enc = td.source, td.version, self.enc
                 diags = await loop.run_in_executor(self.worker, self.safe_diagnostics, uri, text, enc)
                 if uri in self.again:
                     continue  # the text changed while it was checked: check the new text instead
-                if uri in self.workspace.text_documents:
+                if self.is_open(uri):
                     self.text_document_publish_diagnostics(T.PublishDiagnosticsParams(uri=uri, diagnostics=diags, version=version))
                 break
         finally:
@@ -197,6 +298,8 @@ server = PercepLanguageServer()
 
 @server.feature(T.INITIALIZE)
 def initialize(ls: PercepLanguageServer, params: T.InitializeParams) -> None:
+    # pygls has just made the workspace (no document is open yet): its documents split lines as LSP does
+    ls.workspace.__class__ = _Workspace
     opts = params.initialization_options
     if isinstance(opts, dict) and isinstance(opts.get("debounceMs"), (int, float)):
         ls.debouncer.delay = max(0.0, float(opts["debounceMs"]) / 1000)
@@ -221,9 +324,32 @@ def did_save(ls: PercepLanguageServer, params: T.DidSaveTextDocumentParams) -> N
     saved = params.text_document.uri
     ls.debouncer.now(saved)
     # other open documents may include the saved file: the checker reads includes from disk
-    for uri in list(ls.workspace.text_documents):
+    for uri in ls.open_uris():
         if uri != saved:
             ls.debouncer.changed(uri)
+
+
+WATCHED = "**/*.pd"
+
+
+@server.feature(T.INITIALIZED)
+def initialized(ls: PercepLanguageServer, params: T.InitializedParams) -> None:
+    """Ask the client to watch the `.pd` files: includes and templates are read from disk, so one
+    rewritten by another program (a checkout, a generator) must re-check the documents that read it."""
+    try:
+        dynamic = bool(ls.client_capabilities.workspace.did_change_watched_files.dynamic_registration)
+    except AttributeError:
+        dynamic = False
+    if dynamic:
+        watch = T.DidChangeWatchedFilesRegistrationOptions(watchers=[T.FileSystemWatcher(glob_pattern=WATCHED)])
+        reg = T.Registration(id="percep-watch-pd", method=T.WORKSPACE_DID_CHANGE_WATCHED_FILES, register_options=watch)
+        ls.client_register_capability(T.RegistrationParams(registrations=[reg]))
+
+
+@server.feature(T.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+def did_change_watched_files(ls: PercepLanguageServer, params: T.DidChangeWatchedFilesParams) -> None:
+    for uri in ls.open_uris():  # any of them may include (or be a grid over) a changed file
+        ls.debouncer.changed(uri)
 
 
 @server.feature(T.TEXT_DOCUMENT_DID_CLOSE)
@@ -310,7 +436,7 @@ def main() -> None:
     handler.setFormatter(_LogFormat("percep-lsp %(levelname)s: %(message)s"))
     logging.basicConfig(level=os.environ.get("PERCEP_LSP_LOG", "WARNING").upper(), handlers=[handler])
     stdin = _BoundedStdin(sys.stdin.buffer)
-    server.start_io(stdin=stdin)
+    server.start_io(stdin=stdin)  # returns on `exit` (pygls's sys.exit in it is swallowed) or the end of input
     if stdin.oversized:
         log.error(
             "a message header announced %d bytes (over %d MiB): not an LSP stream this server can follow; stopping",
@@ -318,6 +444,8 @@ def main() -> None:
             MAX_MESSAGE_BYTES >> 20,
         )
         sys.exit(2)
+    # LSP: exit status 0 after a `shutdown` request, 1 otherwise (an `exit` without one, or the client gone)
+    sys.exit(0 if server.protocol._shutdown else 1)
 
 
 if __name__ == "__main__":

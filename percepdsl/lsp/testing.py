@@ -59,6 +59,13 @@ class LspSession:
             self.published.append((time.perf_counter(), params))
             self._new.set()
 
+        self.registrations: list[T.Registration] = []
+
+        @self.client.feature(T.CLIENT_REGISTER_CAPABILITY)
+        def _on_register(params: T.RegistrationParams) -> None:
+            self.registrations.extend(params.registrations)
+            self._new.set()
+
         @self.client.feature(T.WINDOW_LOG_MESSAGE)
         def _on_log(params) -> None:  # pragma: no cover - only when the server logs
             pass
@@ -74,6 +81,9 @@ class LspSession:
         general = T.GeneralClientCapabilities(position_encodings=self.position_encodings) if self.position_encodings else None
         caps = T.ClientCapabilities(
             general=general,
+            workspace=T.WorkspaceClientCapabilities(
+                did_change_watched_files=T.DidChangeWatchedFilesClientCapabilities(dynamic_registration=True)
+            ),
             text_document=T.TextDocumentClientCapabilities(
                 completion=T.CompletionClientCapabilities(completion_item=T.ClientCompletionItemOptions(snippet_support=False)),
                 hover=T.HoverClientCapabilities(content_format=[T.MarkupKind.Markdown, T.MarkupKind.PlainText]),
@@ -141,6 +151,11 @@ class LspSession:
 
     def save(self, uri: str) -> None:
         self.client.text_document_did_save(T.DidSaveTextDocumentParams(text_document=T.TextDocumentIdentifier(uri=uri)))
+
+    def files_changed(self, *changes: tuple[Path, T.FileChangeType]) -> None:
+        """What an editor's file watcher says when files change on disk (another program wrote them)."""
+        events = [T.FileEvent(uri=Path(p).resolve().as_uri(), type=kind) for p, kind in changes]
+        self.client.workspace_did_change_watched_files(T.DidChangeWatchedFilesParams(changes=events))
 
     def close(self, uri: str) -> None:
         self.client.text_document_did_close(T.DidCloseTextDocumentParams(text_document=T.TextDocumentIdentifier(uri=uri)))
