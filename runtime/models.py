@@ -315,8 +315,8 @@ def load_hf(
                 f"(config {type(config).__name__}, architectures {archs}); expected a vision-language model"
             ) from exc
         raise ModelLoadError(f"cannot load the model in {str(path)!r}: {exc}") from exc
-    except (OSError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load the model in {str(path)!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - damaged weights fail in transformers, safetensors or torch alike
+        raise ModelLoadError(f"cannot load the model in {str(path)!r}: {type(exc).__name__}: {str(exc)[:300].rstrip('.')}") from exc
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001

@@ -307,6 +307,18 @@ def test_checkpoint_without_weights_is_reported(tmp_path) -> None:
         load_hf(path)  # no weights, no processor files
 
 
+def test_a_truncated_weights_file_is_reported_with_its_checkpoint(tiny, tmp_path) -> None:
+    """A model.safetensors cut short (an interrupted copy) names the checkpoint, not only safetensors' error."""
+    import shutil
+
+    path = tmp_path / "cut"
+    shutil.copytree(tiny.path, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=rf"cannot load the model in {str(path)!r}: SafetensorError"):
+        load_hf(path)
+
+
 def test_text_only_items_encode(tiny, task) -> None:
     enc = Encoder(tiny, RULES)
     item = enc.encode_train("solve", None, "<answer> c1 </answer>")
