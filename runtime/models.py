@@ -393,6 +393,27 @@ def load_weights(loaded: LoadedModel, path: str | Path) -> None:
         raise ModelLoadError(f"cannot load the weights saved in {path}: {type(exc).__name__}: {str(exc)[:300].rstrip('.')}") from exc
 
 
+def drop_frozen(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Leave a module's frozen parameters out of a Lightning checkpoint's ``state_dict`` (its
+    ``on_save_checkpoint``): a stage never changes them, and the runner loads them from the parent
+    stage before it resumes. With LoRA that is the whole base model: gigabytes of a real
+    checkpoint, written every ``RESUME_EVERY`` steps. ``restore_frozen`` puts them back on load."""
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if frozen and "state_dict" in checkpoint:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+
+def restore_frozen(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The module's own frozen parameters for those a checkpoint left out (``drop_frozen``; its
+    ``on_load_checkpoint``, before Lightning's strict load of the ``state_dict``)."""
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if not param.requires_grad and name not in state:
+            state[name] = param.detach()
+
+
 def _with_lora(model: Any, lora: LoraIR) -> Any:
     from peft import LoraConfig, get_peft_model
 
