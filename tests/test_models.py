@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from percepdsl.ir import LoraIR
-from percepdsl_runtime.encoding import Encoder, collate
+from percepdsl_runtime.encoding import Encoder, EncodingError, collate
 from percepdsl_runtime.models import LoadedModel, ModelLoadError, build_tiny, check_vocabulary, load_hf, load_weights, save_pretrained_dir
 from percepdsl_runtime.sft import role_losses
 
@@ -317,6 +317,28 @@ def test_a_truncated_weights_file_is_reported_with_its_checkpoint(tiny, tmp_path
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match=rf"cannot load the model in {str(path)!r}: SafetensorError"):
         load_hf(path)
+
+
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        (lambda t: t.replace("<image>", ""), r"the processor cannot encode an item .*0 <image> tokens and 1 images"),
+        (lambda t: "{{ raise_exception('roles must alternate') }}", r"the chat template cannot render .*roles must alternate"),
+    ],
+    ids=["no-image-token", "template-raises"],
+)
+def test_a_chat_template_that_cannot_serve_is_an_encoding_error(tiny, task, tmp_path, template, error) -> None:
+    """A chat template that writes no image placeholder (the processor then refuses the image) or
+    that raises: EncodingError, which a run reports as a refusal, not a ValueError or TemplateError traceback."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, path)
+    (path / "chat_template.jinja").write_text(template((path / "chat_template.jinja").read_text()))
+    loaded = load_hf(path)
+    s = task.sample("train", 0)
+    with pytest.raises(EncodingError, match=error):
+        Encoder(loaded, RULES).encode_train(s.query, s.image, s.response)
 
 
 def test_text_only_items_encode(tiny, task) -> None:
