@@ -292,6 +292,16 @@ def load_hf(
         where = "" if path.is_absolute() else f" (a relative model path is relative to the current directory, {Path.cwd()})"
         raise ModelLoadError(f"model path {str(path)!r} does not exist{where}")
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():  # a LoRA stage's model directory
+            try:
+                base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            raise ModelLoadError(
+                f"{str(path)!r} is a PEFT adapter (adapter_config.json, over the base {base!r}), not a full checkpoint; "
+                "`model hf` loads full checkpoints: merge the adapter into its base and save that "
+                "(PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(...), with the processor), or train from the base"
+            )
         raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")

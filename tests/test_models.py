@@ -127,6 +127,11 @@ def test_load_errors(tmp_path, tiny, task) -> None:
     with pytest.raises(ModelLoadError, match="cannot encode"):
         load_hf(tiny.path, vocab=task.vocabulary() + ["never-seen-word"])
     assert check_vocabulary(tiny, ["c1", "zebra"]) == ["zebra"]
+    adapter = save_pretrained_dir(load_hf(tiny.path, lora=LoraIR(r=4, alpha=8)), tmp_path / "adapter")
+    with pytest.raises(
+        ModelLoadError, match=rf"is a PEFT adapter \(adapter_config.json, over the base '{tiny.path}'\), not a full checkpoint"
+    ):
+        load_hf(adapter)  # a LoRA run's stage directory
     with pytest.raises(ValidationError, match="rank"):  # LoRA settings are typed: a wrong name cannot reach the loader
         LoraIR(rank=4)
 
