@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .generation import NEUTRAL_DECODING
+
 
 @dataclass
 class Rollouts:
@@ -510,6 +512,7 @@ def _hf_generate(
             pad_token_id=pad,
             suppress_tokens=list(suppress) or None,
             use_cache=True,
+            **NEUTRAL_DECODING,  # not the checkpoint's generation_config: the policy's own distribution
             **sampling,
         )
     new = seqs[:, prompt["input_ids"].shape[1] :]

@@ -352,6 +352,26 @@ def test_fused_sampler_keeps_an_embedding_adapter(tiny, task, encoder) -> None:
     assert not torch.equal(base.ids, roll.ids)  # the adapters matter here
 
 
+def test_hf_sampling_ignores_the_checkpoints_generation_config(task, tmp_path) -> None:
+    """Rollouts of a model off the fused path (here Idefics3) go through Hugging Face `generate`, which
+    fills every knob left unset from the checkpoint's generation_config: a real checkpoint shipping
+    `repetition_penalty`, `no_repeat_ngram_size`, `num_beams` or `min_new_tokens` sampled from another
+    distribution than the policy whose log-probs GRPO takes. The neutral values are spelled out."""
+    from test_models import make_idefics3
+
+    from percepdsl_runtime.sampling import fused_parts
+
+    loaded = load_hf(make_idefics3(tmp_path / "ckpt", task))
+    enc = Encoder(loaded, RULES)
+    model = loaded.model.eval()
+    assert fused_parts(model) is None
+    prompt = _prompts(task, enc, True)
+    kw = dict(group=1, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=enc.eos_token_id, pad_token_id=enc.pad_token_id)
+    plain = sample_completions(model, prompt, **kw)
+    model.generation_config.update(repetition_penalty=50.0, no_repeat_ngram_size=1, num_beams=2, min_new_tokens=8)
+    assert torch.equal(sample_completions(model, prompt, **kw).ids, plain.ids)
+
+
 @pytest.mark.parametrize("pad", [False, True])
 def test_compiled_decoder_matches_the_eager_one(tiny, task, encoder, pad: bool) -> None:
     """`compile = true`: the static-shape decoder under torch.compile writes the same greedy
