@@ -375,7 +375,7 @@ NEUTRAL_DECODING: dict[str, Any] = {
     "no_repeat_ngram_size": 0,
     "num_beams": 1,
     "min_length": 0,
-    "min_new_tokens": 0,
+    "min_new_tokens": None,  # None, not 0: with min_length also set, transformers warns on every call
 }
 
 

@@ -366,10 +366,13 @@ def test_hf_sampling_ignores_the_checkpoints_generation_config(task, tmp_path) -
     model = loaded.model.eval()
     assert fused_parts(model) is None
     prompt = _prompts(task, enc, True)
-    kw = dict(group=1, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=enc.eos_token_id, pad_token_id=enc.pad_token_id)
-    plain = sample_completions(model, prompt, **kw)
-    model.generation_config.update(repetition_penalty=50.0, no_repeat_ngram_size=1, num_beams=2, min_new_tokens=8)
-    assert torch.equal(sample_completions(model, prompt, **kw).ids, plain.ids)
+    kw = dict(group=1, max_new_tokens=8, temperature=0.0, top_p=1.0, pad_token_id=enc.pad_token_id)
+    stop = int(sample_completions(model, prompt, eos_token_id=enc.eos_token_id, **kw).ids[0, 2])  # a token it writes
+    plain = sample_completions(model, prompt, eos_token_id=stop, **kw)  # stops early: a minimum length would show
+    assert plain.mask[0].sum() <= 3
+    for knobs in (dict(repetition_penalty=50.0, no_repeat_ngram_size=1, num_beams=2), dict(min_new_tokens=8), dict(min_length=60)):
+        model.generation_config.update(**knobs)
+        assert torch.equal(sample_completions(model, prompt, eos_token_id=stop, **kw).ids, plain.ids), knobs
 
 
 @pytest.mark.parametrize("pad", [False, True])
