@@ -427,6 +427,16 @@ def restore_frozen(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
 def _with_lora(model: Any, lora: LoraIR) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    if isinstance(lora.target_modules, list):
+        # PEFT refuses a list only when no name matches; one typo beside a real name was silently not adapted
+        names = [n for n, _ in model.named_modules() if n]
+        unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)})
+            raise ModelLoadError(
+                f"LoRA: target module(s) {', '.join(f'`{t}`' for t in unmatched)} match no module of "
+                f"{type(model).__name__} (a name matches a module's full name or its last parts); its linear layers are named {leaves[:30]}"
+            )
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
     try:
         return get_peft_model(model, config)

@@ -132,6 +132,8 @@ def test_load_errors(tmp_path, tiny, task) -> None:
         ModelLoadError, match=rf"is a PEFT adapter \(adapter_config.json, over the base '{tiny.path}'\), not a full checkpoint"
     ):
         load_hf(adapter)  # a LoRA run's stage directory
+    with pytest.raises(ModelLoadError, match=r"LoRA: target module\(s\) `v_prj` match no module of .*named .*v_proj"):
+        load_hf(tiny.path, lora=LoraIR(target_modules=["q_proj", "v_prj"]))  # PEFT adapted q_proj alone, silently
     with pytest.raises(ValidationError, match="rank"):  # LoRA settings are typed: a wrong name cannot reach the loader
         LoraIR(rank=4)
 
