@@ -331,7 +331,7 @@ def load_hf(
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(
-            f"cannot load the processor of {str(path)!r}: {type(exc).__name__}: {exc} "
+            f"cannot load the processor of {str(path)!r}: {_missing_processor_files(path)}{type(exc).__name__}: {exc} "
             "(some processors need optional packages, e.g. Qwen2-VL's video processor needs torchvision)"
         ) from exc
     if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
@@ -350,6 +350,17 @@ def load_hf(
         if missing:
             raise ModelLoadError(f"the tokenizer of {str(path)!r} cannot encode {len(missing)} task word(s), e.g. {missing[:8]}")
     return loaded
+
+
+def _missing_processor_files(path: Path) -> str:
+    """What a checkpoint directory lacks that ``AutoProcessor`` reads (transformers' own message for a
+    missing tokenizer speaks of sentencepiece and tiktoken), as the start of a refusal; '' if it has both."""
+    missing = []
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")):
+        missing.append("it has no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model)")
+    if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json", "image_processor_config.json")):
+        missing.append("it has no processor or image-processor config (processor_config.json, preprocessor_config.json)")
+    return "".join(f"{m}; " for m in missing)
 
 
 def save_pretrained_dir(loaded: LoadedModel, path: str | Path) -> Path:

@@ -348,6 +348,26 @@ def test_a_chat_template_that_cannot_serve_is_an_encoding_error(tiny, task, tmp_
         Encoder(loaded, RULES).encode_train(s.query, s.image, s.response)
 
 
+@pytest.mark.parametrize(
+    "remove, says",
+    [
+        (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer files"),
+        (("processor_config.json",), "has no processor or image-processor config"),
+    ],
+    ids=["no-tokenizer", "no-processor"],
+)
+def test_a_checkpoint_without_processor_files_says_which(tiny, tmp_path, remove, says) -> None:
+    """Without its tokenizer files transformers talks of sentencepiece and tiktoken; the message says what is missing."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, path)
+    for name in remove:
+        (path / name).unlink()
+    with pytest.raises(ModelLoadError, match=rf"cannot load the processor of {str(path)!r}: .*{says}"):
+        load_hf(path)
+
+
 def test_text_only_items_encode(tiny, task) -> None:
     enc = Encoder(tiny, RULES)
     item = enc.encode_train("solve", None, "<answer> c1 </answer>")
