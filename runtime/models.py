@@ -338,6 +338,8 @@ def load_hf(
         raise ModelLoadError(
             f"{str(path)!r} has a {type(processor).__name__}, not a multimodal processor with a tokenizer and an image processor"
         )
+    if not getattr(processor, "chat_template", None) and isinstance(getattr(processor.tokenizer, "chat_template", None), str):
+        processor.chat_template = processor.tokenizer.chat_template  # older checkpoints keep it in tokenizer_config.json only
     if not getattr(processor, "chat_template", None):
         raise ModelLoadError(f"the processor of {str(path)!r} has no chat template; training sequences are built with it")
     if ref != str(path):  # a hub id: saved configs and adapters name it, not this machine's cache path

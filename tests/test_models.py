@@ -368,6 +368,25 @@ def test_a_checkpoint_without_processor_files_says_which(tiny, tmp_path, remove,
         load_hf(path)
 
 
+def test_a_chat_template_kept_by_the_tokenizer_alone_serves(tiny, task, tmp_path) -> None:
+    """Older checkpoints keep the chat template in tokenizer_config.json only; the processor then has
+    none and was refused ("has no chat template") though the checkpoint has one. It is used, and
+    encodes as the processor's own did."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+    loaded = load_hf(path)
+    assert loaded.processor.chat_template == template
+    s = task.sample("train", 0)
+    got, want = (Encoder(m, RULES).encode_train(s.query, s.image, s.response) for m in (loaded, tiny))
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+
+
 def test_text_only_items_encode(tiny, task) -> None:
     enc = Encoder(tiny, RULES)
     item = enc.encode_train("solve", None, "<answer> c1 </answer>")
