@@ -77,13 +77,19 @@ class Encoder:
         messages: list[dict[str, Any]] = [{"role": "user", "content": parts}]
         if response is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
+        try:
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
+        except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (raise_exception), or the template's own bugs
+            raise EncodingError(f"the chat template cannot render a user turn{' and a reply' if response else ''}: {exc}") from exc
 
     def _process(self, text: str, image: Any) -> dict[str, torch.Tensor]:
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
         if image is not None:
             kwargs["images"] = [[image]]
-        out = self.processor(**kwargs)
+        try:
+            out = self.processor(**kwargs)
+        except ValueError as exc:  # e.g. a chat template that writes no image placeholder for the image
+            raise EncodingError(f"the processor cannot encode an item its chat template rendered: {exc}") from exc
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     # -- public API ---------------------------------------------------------------------

@@ -366,16 +366,25 @@ def _completions(encoder: Any, new: list[list[int]], row_caps: torch.Tensor) -> 
     return completions
 
 
-def decoding_kwargs(cfg: GenConfig) -> dict[str, Any]:
-    """Every decoding knob set explicitly.
+# ``generate`` fills knobs left unset from the checkpoint's ``generation_config`` (a real checkpoint
+# may ship e.g. ``repetition_penalty=1.05``, ``num_beams=3`` or ``min_new_tokens``): evaluation and
+# GRPO's rollouts (``sampling._hf_generate``) pass these neutral values, so both decode the model's own
+# distribution whatever the checkpoint ships.
+NEUTRAL_DECODING: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "num_beams": 1,
+    "min_length": 0,
+    "min_new_tokens": None,  # None, not 0: with min_length also set, transformers warns on every call
+}
 
-    ``generate`` fills knobs left unset from the checkpoint's ``generation_config``
-    (a real checkpoint may ship e.g. ``repetition_penalty=1.05`` or ``top_k=1``);
-    evaluation must not depend on that, so the neutral values are spelled out.
-    When sampling, ``top_k=0`` disables top-k filtering (transformers' default is 50);
-    greedy decoding ignores temperature, top-p and top-k.
+
+def decoding_kwargs(cfg: GenConfig) -> dict[str, Any]:
+    """Every decoding knob set explicitly (``NEUTRAL_DECODING``: evaluation must not depend on the
+    checkpoint's ``generation_config``). When sampling, ``top_k=0`` disables top-k filtering
+    (transformers' default is 50); greedy decoding ignores temperature, top-p and top-k.
     """
-    common = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    common = dict(NEUTRAL_DECODING)
     if cfg.greedy:
         return {**common, "do_sample": False}
     return {**common, "do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}

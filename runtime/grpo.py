@@ -64,6 +64,7 @@ from percepdsl.ir import GRPOStageIR, value_at
 
 from .encoding import collate
 from .generation import eval_mode
+from .models import drop_frozen, restore_frozen
 from .optim import adamw
 from .probe import METRIC_ROLE as DEPENDENCY_ROLE
 from .probe import RolloutDependency, blank_like
@@ -369,12 +370,15 @@ class GRPOModule(L.LightningModule):
             self.ref_model.to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resumable stage statistics (the weights and optimiser are Lightning's)."""
+        """Resumable stage statistics (the weights and optimiser are Lightning's; frozen weights,
+        LoRA's base model, are left out: ``models.drop_frozen``)."""
+        drop_frozen(self, checkpoint)
         checkpoint["grpo"] = {"diagnostics": self.diag.state_dict(), "timing": dict(self.timing), "filtering": dict(self.filtering)}
         if self.visual is not None:  # refreshed reference models of the visual roles
             checkpoint["grpo"]["visual_references"] = self.visual.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen(self, checkpoint)
         if "grpo" in checkpoint:
             self.diag.load_state_dict(checkpoint["grpo"]["diagnostics"])
             self.timing.update(checkpoint["grpo"]["timing"])

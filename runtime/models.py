@@ -292,6 +292,16 @@ def load_hf(
         where = "" if path.is_absolute() else f" (a relative model path is relative to the current directory, {Path.cwd()})"
         raise ModelLoadError(f"model path {str(path)!r} does not exist{where}")
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():  # a LoRA stage's model directory
+            try:
+                base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            raise ModelLoadError(
+                f"{str(path)!r} is a PEFT adapter (adapter_config.json, over the base {base!r}), not a full checkpoint; "
+                "`model hf` loads full checkpoints: merge the adapter into its base and save that "
+                "(PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(...), with the processor), or train from the base"
+            )
         raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
@@ -315,19 +325,21 @@ def load_hf(
                 f"(config {type(config).__name__}, architectures {archs}); expected a vision-language model"
             ) from exc
         raise ModelLoadError(f"cannot load the model in {str(path)!r}: {exc}") from exc
-    except (OSError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load the model in {str(path)!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - damaged weights fail in transformers, safetensors or torch alike
+        raise ModelLoadError(f"cannot load the model in {str(path)!r}: {type(exc).__name__}: {str(exc)[:300].rstrip('.')}") from exc
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(
-            f"cannot load the processor of {str(path)!r}: {type(exc).__name__}: {exc} "
+            f"cannot load the processor of {str(path)!r}: {_missing_processor_files(path)}{type(exc).__name__}: {exc} "
             "(some processors need optional packages, e.g. Qwen2-VL's video processor needs torchvision)"
         ) from exc
     if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
         raise ModelLoadError(
             f"{str(path)!r} has a {type(processor).__name__}, not a multimodal processor with a tokenizer and an image processor"
         )
+    if not getattr(processor, "chat_template", None) and isinstance(getattr(processor.tokenizer, "chat_template", None), str):
+        processor.chat_template = processor.tokenizer.chat_template  # older checkpoints keep it in tokenizer_config.json only
     if not getattr(processor, "chat_template", None):
         raise ModelLoadError(f"the processor of {str(path)!r} has no chat template; training sequences are built with it")
     if ref != str(path):  # a hub id: saved configs and adapters name it, not this machine's cache path
@@ -340,6 +352,17 @@ def load_hf(
         if missing:
             raise ModelLoadError(f"the tokenizer of {str(path)!r} cannot encode {len(missing)} task word(s), e.g. {missing[:8]}")
     return loaded
+
+
+def _missing_processor_files(path: Path) -> str:
+    """What a checkpoint directory lacks that ``AutoProcessor`` reads (transformers' own message for a
+    missing tokenizer speaks of sentencepiece and tiktoken), as the start of a refusal; '' if it has both."""
+    missing = []
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")):
+        missing.append("it has no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model)")
+    if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json", "image_processor_config.json")):
+        missing.append("it has no processor or image-processor config (processor_config.json, preprocessor_config.json)")
+    return "".join(f"{m}; " for m in missing)
 
 
 def save_pretrained_dir(loaded: LoadedModel, path: str | Path) -> Path:
@@ -393,9 +416,40 @@ def load_weights(loaded: LoadedModel, path: str | Path) -> None:
         raise ModelLoadError(f"cannot load the weights saved in {path}: {type(exc).__name__}: {str(exc)[:300].rstrip('.')}") from exc
 
 
+def drop_frozen(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Leave a module's frozen parameters out of a Lightning checkpoint's ``state_dict`` (its
+    ``on_save_checkpoint``): a stage never changes them, and the runner loads them from the parent
+    stage before it resumes. With LoRA that is the whole base model: gigabytes of a real
+    checkpoint, written every ``RESUME_EVERY`` steps. ``restore_frozen`` puts them back on load."""
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if frozen and "state_dict" in checkpoint:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+
+def restore_frozen(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The module's own frozen parameters for those a checkpoint left out (``drop_frozen``; its
+    ``on_load_checkpoint``, before Lightning's strict load of the ``state_dict``)."""
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if not param.requires_grad and name not in state:
+            state[name] = param.detach()
+
+
 def _with_lora(model: Any, lora: LoraIR) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    if isinstance(lora.target_modules, list):
+        # PEFT refuses a list only when no name matches; one typo beside a real name was silently not adapted
+        names = [n for n, _ in model.named_modules() if n]
+        unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)})
+            raise ModelLoadError(
+                f"LoRA: target module(s) {', '.join(f'`{t}`' for t in unmatched)} match no module of "
+                f"{type(model).__name__} (a name matches a module's full name or its last parts); its linear layers are named {leaves[:30]}"
+            )
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
     try:
         return get_peft_model(model, config)

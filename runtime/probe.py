@@ -328,13 +328,26 @@ class VisualRoles:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The references that a refresh changed (for a resume); the others are rebuilt as they started."""
-        return {f"{ref}/{every}": m.state_dict() for (ref, every), m in self.references.items() if every}
+        """The references that a refresh changed (for a resume); the others are rebuilt as they started.
+        A PEFT reference by its adapter alone: a refresh copies the policy, whose base model is frozen,
+        so only the adapter moves (the whole state would put a copy of the base in every checkpoint)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return {
+            f"{ref}/{every}": get_peft_model_state_dict(m) if hasattr(m, "peft_config") else m.state_dict()
+            for (ref, every), m in self.references.items()
+            if every
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
         for (ref, every), m in self.references.items():
             if f"{ref}/{every}" in state:
-                m.load_state_dict(state[f"{ref}/{every}"])
+                if hasattr(m, "peft_config"):
+                    set_peft_model_state_dict(m, state[f"{ref}/{every}"])
+                else:
+                    m.load_state_dict(state[f"{ref}/{every}"])
 
 
 def _add_slots(acc: list[float], vals: Sequence[float]) -> None:

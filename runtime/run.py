@@ -171,6 +171,7 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     if private or not ranks.is_zero:
         return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks)
     token_share = _preflight_roles(ir, task, encoder)
+    _preflight_forward(ir, task, loaded, encoder)
     for stage in ir.stages:  # a stage that cuts its items must keep a token of every role too
         if isinstance(stage, SFTStageIR) and stage.max_length is not None:
             _preflight_roles(ir, task, encoder.truncating(stage.max_length), f"stage `{stage.name}` (`max_length = {stage.max_length}`)")
@@ -253,6 +254,33 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any, cut: str | None 
         )
     total = max(int(counts.sum()), 1)
     return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
+
+
+def _preflight_forward(ir: ExperimentIR, task: Any, loaded: Any, encoder: Any) -> None:
+    """One no-grad forward of the first training item's prompt: a checkpoint whose processor does
+    not fit its model (an image expanded into more or fewer tokens than the vision tower gives
+    features, a token id past the embedding) is refused here, naming the checkpoint, not by a
+    traceback from the first training step or generation."""
+    import torch
+
+    from .encoding import collate, model_inputs
+
+    s = task.sample("train", 0)
+    batch = model_inputs(collate([encoder.encode_prompt(s.query, s.image)], encoder.pad_token_id))
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the checkpoint's, before anything trained
+        where = ir.model.path or ir.model.kind
+        raise RunRefused(
+            f"the model in {str(where)!r} cannot read an encoded training item: {type(exc).__name__}: "
+            f"{str(exc)[:300].rstrip('.')}; its processor (image tokens per image, tokenizer) must match the model's config"
+        ) from exc
+    finally:
+        model.train(was_training)
 
 
 # ---- 2. stages --------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .generation import NEUTRAL_DECODING
+
 
 @dataclass
 class Rollouts:
@@ -152,29 +154,36 @@ def sample_completions(
 
 
 def dense_weights(mod: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) that a linear projection applies in eval mode: an ``nn.Linear``'s own, or
-    for a PEFT LoRA linear its base weight plus each active adapter's ``B·A·scaling`` (exact:
-    LoRA's dropout is off in eval mode). ``_mergeable`` says which modules qualify."""
-    if type(mod) is torch.nn.Linear:
-        return mod.weight, mod.bias
+    """(weight, bias) that a linear projection (or an embedding: bias None) applies in eval mode:
+    an ``nn.Linear``'s or ``nn.Embedding``'s own, or for a PEFT LoRA layer over one its base weight
+    plus each active adapter's delta (``B·A·scaling``; exact: LoRA's dropout is off in eval mode).
+    ``_mergeable`` says which modules qualify."""
+    if type(mod) in (torch.nn.Linear, torch.nn.Embedding):
+        return mod.weight, getattr(mod, "bias", None)
     base = mod.base_layer
     weight = base.weight
     if not mod.merged and not mod.disable_adapters:  # merged: the base weight already holds the deltas
-        for name in mod.active_adapters:
-            if name in mod.lora_A:
-                weight = weight + mod.get_delta_weight(name).to(weight.dtype)
-    return weight, base.bias
+        for name in _active(mod):
+            weight = weight + mod.get_delta_weight(name).to(weight.dtype)
+    return weight, getattr(base, "bias", None)
 
 
-def _mergeable(mod: Any) -> bool:
-    """A plain linear, or a PEFT LoRA linear over one, with vanilla adapters only (no DoRA or
-    other variants, no LoRA bias), unquantised."""
-    if type(mod) is torch.nn.Linear:
+def _active(mod: Any) -> list[str]:
+    """The active adapters a PEFT LoRA layer holds (an embedding's are in ``lora_embedding_A``, its
+    ``lora_A`` is empty)."""
+    held = set(mod.lora_A) | set(getattr(mod, "lora_embedding_A", {}))
+    return [name for name in mod.active_adapters if name in held]
+
+
+def _mergeable(mod: Any, kind: type = torch.nn.Linear) -> bool:
+    """A plain ``kind`` (a linear, or the token embedding), or a PEFT LoRA layer over one, with
+    vanilla adapters only (no DoRA or other variants, no LoRA bias), unquantised."""
+    if type(mod) is kind:
         return True
     base = getattr(mod, "base_layer", None)
-    if type(base) is not torch.nn.Linear or not hasattr(mod, "get_delta_weight") or not hasattr(mod, "lora_A"):
+    if type(base) is not kind or not hasattr(mod, "get_delta_weight") or not hasattr(mod, "lora_A"):
         return False
-    active = [n for n in mod.active_adapters if n in mod.lora_A]
+    active = _active(mod)
     return not any(n in getattr(mod, "lora_variant", {}) or getattr(mod, "lora_bias", {}).get(n) for n in active)
 
 
@@ -224,7 +233,7 @@ class FusedLlamaDecoder:
                 torch.mul(w.t(), norm.weight[:, None], out=out)
             return out, cast(b)
 
-        self.embed = cast(lm.embed_tokens.weight)
+        self.embed = cast(dense_weights(lm.embed_tokens)[0])  # with an embedding adapter's delta (LoRA on embed_tokens)
         self.head, self.head_b = proj(head, norm=lm.norm)
         if banned:  # never sampled: −inf in the head's bias costs no op per step
             if self.head_b is None:
@@ -286,7 +295,7 @@ class FusedLlamaDecoder:
         ]
         if head is not None:
             mods.append(head)
-        return all(_mergeable(mod) for mod in mods)
+        return _mergeable(lm.embed_tokens, torch.nn.Embedding) and all(_mergeable(mod) for mod in mods)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm without its weight (folded into the next projection) in 3 ops, in fp32
@@ -503,6 +512,7 @@ def _hf_generate(
             pad_token_id=pad,
             suppress_tokens=list(suppress) or None,
             use_cache=True,
+            **NEUTRAL_DECODING,  # not the checkpoint's generation_config: the policy's own distribution
             **sampling,
         )
     new = seqs[:, prompt["input_ids"].shape[1] :]

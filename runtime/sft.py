@@ -37,7 +37,7 @@ from percepdsl.ir import SFTStageIR, value_at
 from .encoding import Encoder, collate, model_inputs
 from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses
-from .models import LoadedModel
+from .models import LoadedModel, drop_frozen, restore_frozen
 from .optim import adamw
 from .packing import (
     Layout,
@@ -157,11 +157,13 @@ class SFTModule(L.LightningModule):
 
     # resuming from a Lightning checkpoint restores the NGDiff state too
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        drop_frozen(self, checkpoint)  # LoRA: the adapter, not the base model
         checkpoint["percep_sft"] = {"lr_scale": self.lr_scale, "ngdiff_norms": dict(self.objective._norms)}
         if self.visual is not None:  # refreshed reference models: a resume tags as the run would have
             checkpoint["percep_sft"]["visual_references"] = self.visual.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen(self, checkpoint)
         state = checkpoint.get("percep_sft", {})
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.objective._norms = {int(k): float(v) for k, v in state.get("ngdiff_norms", {}).items()}

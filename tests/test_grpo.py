@@ -317,6 +317,50 @@ def test_fused_sampler_merges_lora_adapters(tiny, task, encoder, pad: bool) -> N
     assert not torch.equal(base.ids, roll.ids)
 
 
+def test_fused_sampler_keeps_an_embedding_adapter(tiny, task, encoder) -> None:
+    """`lora { target_modules = ["embed_tokens", "q_proj", "lm_head"] }`: the decoder looks new tokens up
+    in its own copy of the embedding, so that copy must hold the embedding adapter's delta too; else
+    rollouts come from another policy than the one trained. Greedy tokens equal Hugging Face's."""
+    loaded = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0, target_modules=["embed_tokens", "q_proj", "lm_head"]))
+    model = loaded.model.eval()
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "lora_embedding" in name:  # no change at the start: give the adapters an effect
+            param.data.normal_(0.0, 0.5, generator=gen)
+    prompt = _prompts(task, encoder, True)
+    kw = dict(temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id, pad_token_id=encoder.pad_token_id)
+    suppress = (model.config.image_token_id,)
+    roll = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
+    ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, suppress, None)
+    assert torch.equal(roll.ids[0::2], ref.masked_fill(roll.mask[0::2] == 0, encoder.pad_token_id))
+    with model.disable_adapter():
+        base = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
+    assert not torch.equal(base.ids, roll.ids)  # the adapters matter here
+
+
+def test_hf_sampling_ignores_the_checkpoints_generation_config(task, tmp_path) -> None:
+    """Rollouts of a model off the fused path (here Idefics3) go through Hugging Face `generate`, which
+    fills every knob left unset from the checkpoint's generation_config: a real checkpoint shipping
+    `repetition_penalty`, `no_repeat_ngram_size`, `num_beams` or `min_new_tokens` sampled from another
+    distribution than the policy whose log-probs GRPO takes. The neutral values are spelled out."""
+    from test_models import make_idefics3
+
+    from percepdsl_runtime.sampling import fused_parts
+
+    loaded = load_hf(make_idefics3(tmp_path / "ckpt", task))
+    enc = Encoder(loaded, RULES)
+    model = loaded.model.eval()
+    assert fused_parts(model) is None
+    prompt = _prompts(task, enc, True)
+    kw = dict(group=1, max_new_tokens=8, temperature=0.0, top_p=1.0, pad_token_id=enc.pad_token_id)
+    stop = int(sample_completions(model, prompt, eos_token_id=enc.eos_token_id, **kw).ids[0, 2])  # a token it writes
+    plain = sample_completions(model, prompt, eos_token_id=stop, **kw)  # stops early: a minimum length would show
+    assert plain.mask[0].sum() <= 3
+    for knobs in (dict(repetition_penalty=50.0, no_repeat_ngram_size=1, num_beams=2), dict(min_new_tokens=8), dict(min_length=60)):
+        model.generation_config.update(**knobs)
+        assert torch.equal(sample_completions(model, prompt, eos_token_id=stop, **kw).ids, plain.ids), knobs
+
+
 @pytest.mark.parametrize("pad", [False, True])
 def test_compiled_decoder_matches_the_eager_one(tiny, task, encoder, pad: bool) -> None:
     """`compile = true`: the static-shape decoder under torch.compile writes the same greedy

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from percepdsl.ir import LoraIR
-from percepdsl_runtime.encoding import Encoder, collate
+from percepdsl_runtime.encoding import Encoder, EncodingError, collate
 from percepdsl_runtime.models import LoadedModel, ModelLoadError, build_tiny, check_vocabulary, load_hf, load_weights, save_pretrained_dir
 from percepdsl_runtime.sft import role_losses
 
@@ -127,6 +127,13 @@ def test_load_errors(tmp_path, tiny, task) -> None:
     with pytest.raises(ModelLoadError, match="cannot encode"):
         load_hf(tiny.path, vocab=task.vocabulary() + ["never-seen-word"])
     assert check_vocabulary(tiny, ["c1", "zebra"]) == ["zebra"]
+    adapter = save_pretrained_dir(load_hf(tiny.path, lora=LoraIR(r=4, alpha=8)), tmp_path / "adapter")
+    with pytest.raises(
+        ModelLoadError, match=rf"is a PEFT adapter \(adapter_config.json, over the base '{tiny.path}'\), not a full checkpoint"
+    ):
+        load_hf(adapter)  # a LoRA run's stage directory
+    with pytest.raises(ModelLoadError, match=r"LoRA: target module\(s\) `v_prj` match no module of .*named .*v_proj"):
+        load_hf(tiny.path, lora=LoraIR(target_modules=["q_proj", "v_prj"]))  # PEFT adapted q_proj alone, silently
     with pytest.raises(ValidationError, match="rank"):  # LoRA settings are typed: a wrong name cannot reach the loader
         LoraIR(rank=4)
 
@@ -305,6 +312,79 @@ def test_checkpoint_without_weights_is_reported(tmp_path) -> None:
     )
     with pytest.raises(ModelLoadError):
         load_hf(path)  # no weights, no processor files
+
+
+def test_a_truncated_weights_file_is_reported_with_its_checkpoint(tiny, tmp_path) -> None:
+    """A model.safetensors cut short (an interrupted copy) names the checkpoint, not only safetensors' error."""
+    import shutil
+
+    path = tmp_path / "cut"
+    shutil.copytree(tiny.path, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=rf"cannot load the model in {str(path)!r}: SafetensorError"):
+        load_hf(path)
+
+
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        (lambda t: t.replace("<image>", ""), r"the processor cannot encode an item .*0 <image> tokens and 1 images"),
+        (lambda t: "{{ raise_exception('roles must alternate') }}", r"the chat template cannot render .*roles must alternate"),
+    ],
+    ids=["no-image-token", "template-raises"],
+)
+def test_a_chat_template_that_cannot_serve_is_an_encoding_error(tiny, task, tmp_path, template, error) -> None:
+    """A chat template that writes no image placeholder (the processor then refuses the image) or
+    that raises: EncodingError, which a run reports as a refusal, not a ValueError or TemplateError traceback."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, path)
+    (path / "chat_template.jinja").write_text(template((path / "chat_template.jinja").read_text()))
+    loaded = load_hf(path)
+    s = task.sample("train", 0)
+    with pytest.raises(EncodingError, match=error):
+        Encoder(loaded, RULES).encode_train(s.query, s.image, s.response)
+
+
+@pytest.mark.parametrize(
+    "remove, says",
+    [
+        (("tokenizer.json", "tokenizer_config.json"), "has no tokenizer files"),
+        (("processor_config.json",), "has no processor or image-processor config"),
+    ],
+    ids=["no-tokenizer", "no-processor"],
+)
+def test_a_checkpoint_without_processor_files_says_which(tiny, tmp_path, remove, says) -> None:
+    """Without its tokenizer files transformers talks of sentencepiece and tiktoken; the message says what is missing."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, path)
+    for name in remove:
+        (path / name).unlink()
+    with pytest.raises(ModelLoadError, match=rf"cannot load the processor of {str(path)!r}: .*{says}"):
+        load_hf(path)
+
+
+def test_a_chat_template_kept_by_the_tokenizer_alone_serves(tiny, task, tmp_path) -> None:
+    """Older checkpoints keep the chat template in tokenizer_config.json only; the processor then has
+    none and was refused ("has no chat template") though the checkpoint has one. It is used, and
+    encodes as the processor's own did."""
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny.path, path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+    loaded = load_hf(path)
+    assert loaded.processor.chat_template == template
+    s = task.sample("train", 0)
+    got, want = (Encoder(m, RULES).encode_train(s.query, s.image, s.response) for m in (loaded, tiny))
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
 
 
 def test_text_only_items_encode(tiny, task) -> None:

@@ -301,6 +301,32 @@ def test_a_reference_is_refreshed_from_the_policy_on_its_schedule() -> None:
     assert set(v.state_dict()) == {"base/3"}  # a resume restores the refreshed one
 
 
+def test_a_refreshed_lora_reference_is_saved_as_its_adapter(tiny) -> None:
+    """With LoRA a refreshed reference differs from its start only in the adapter: a resume
+    checkpoint holds that, not a copy of the frozen base model (gigabytes for a real checkpoint)."""
+    import copy
+
+    from percepdsl.ir import LoraIR, RoleRuleIR
+    from percepdsl_runtime.models import load_hf
+    from percepdsl_runtime.probe import VisualRoles
+
+    policy = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0)).model
+    start = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref = copy.deepcopy(start)
+    rule = RoleRuleIR(role="g", kind="visual", threshold=0.1, refresh=1, against="other")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(1.0)
+    v = VisualRoles([(0, rule)], {(None, 1): ref}, rest_id=1)
+    v.refresh(policy, 1)
+    (state,) = v.state_dict().values()
+    assert state and all("lora_" in k for k in state)
+    again = VisualRoles([(0, rule)], {(None, 1): start}, rest_id=1)
+    again.load_state_dict(v.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), ref.state_dict().values()))
+
+
 def test_a_spec_trains_on_a_visual_role(tmp_path: Path) -> None:
     """`grounded = visual(...)` in an SFT loss and a grpo stage's token_weights checks, runs, and
     logs its token share; with threshold 0 the start model (which sees its image) tags target tokens."""

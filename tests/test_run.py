@@ -478,6 +478,28 @@ def test_a_hub_id_neither_cached_nor_downloadable_is_refused(hf_cache: Path, tmp
     assert not list((tmp_path / "runs").glob("*/stages"))  # refused before any training
 
 
+def test_a_processor_whose_image_tokens_do_not_fit_the_model_is_refused(task, tmp_path: Path) -> None:
+    """A checkpoint whose processor expands an image into more tokens than its vision tower gives
+    features (here LLaVA's processor told patch 8 over a patch-16 tower): exit 2 before training,
+    naming the checkpoint and transformers' complaint, not a traceback from the first step."""
+    from percepdsl_runtime.models import build_tiny
+
+    model = tmp_path / "m"
+    build_tiny(task.vocabulary(), image=64, width=32, depth=1, heads=2, vision_width=32, vision_depth=1, save_dir=model)
+    config = json.loads((model / "processor_config.json").read_text())
+    config["patch_size"] = 8
+    (model / "processor_config.json").write_text(json.dumps(config))
+    spec = tmp_path / "hf.pd"
+    spec.write_text(
+        f'experiment hf\ntask graph_coloring {{ nodes = 4, train = 8, test = 2 }}\nmodel hf "{model}"\nstage s = sft {{ steps = 1 }}\n'
+    )
+    proc = percep("run", str(spec), "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = " ".join(proc.stderr.split())
+    assert f"the model in {str(model)!r} cannot read" in err and "Image features and image tokens do not match" in err
+    assert "Traceback" not in err and not list((tmp_path / "runs").glob("*/stages"))
+
+
 def test_roles_matching_nothing_are_refused(tmp_path: Path) -> None:
     spec = tmp_path / "roles.pd"
     spec.write_text(

@@ -291,6 +291,30 @@ def test_fp16_mixed_precision_on_cpu_is_refused_not_run_as_bf16(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
+    "dtype, trainer, error",
+    [
+        ("float16", "", True),  # the default precision is bf16-mixed
+        ("float16", 'trainer { precision = "bf16-mixed" }', True),
+        ("bfloat16", 'trainer { precision = "16-mixed" }', True),
+        ("float16", 'trainer { precision = "32-true" }', False),
+        ("bfloat16", "", False),
+        ("float16", 'trainer { precision = "bf16-true" }', False),  # Lightning casts the weights to bf16
+    ],
+)
+def test_half_weights_under_the_other_half_autocast_are_an_error(dtype: str, trainer: str, error: bool) -> None:
+    """`model hf "..." { dtype = float16 }` under bf16 autocast (the default precision) checked clean and
+    stopped in the first step with a traceback: autocast mixes only its own half type with fp32
+    (`RuntimeError: Unexpected floating ScalarType in at::autocast::prioritize`, in CLIP's embeddings)."""
+    spec = f'experiment d\ntask graph_coloring {{ train = 8, test = 2 }}\nmodel hf "/m" {{ dtype = {dtype} }}\nstage s = sft {{ steps = 1 }}\n{trainer}\n'
+    diags = [d for d in _diagnostics(spec) if d[0] == "incompatible"]
+    if not error:
+        assert not diags, diags
+        return
+    assert [d[:4] for d in diags] == [("incompatible", True, 3, len('model hf "/m" { ') + 1)], diags
+    assert f"`dtype = {dtype}`" in diags[0][4] and "autocast" in diags[0][4]
+
+
+@pytest.mark.parametrize(
     "old, new, setting",
     [
         ("loss = token_mean()", "loss = ngdiff(perception, [reasoning, answer], auto_lr_every = 5)", "auto_lr_every"),

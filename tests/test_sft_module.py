@@ -186,6 +186,29 @@ def test_resume_restores_ngdiff_state(tiny, encoder, datamodule, tmp_path) -> No
     assert again.lr_scale == pytest.approx(module.lr_scale) and again.objective._norms == module.objective._norms
 
 
+def test_a_lora_resume_checkpoint_holds_the_adapter_not_the_frozen_base(tiny, encoder, datamodule, tmp_path) -> None:
+    """A LoRA stage's resume checkpoint leaves out the frozen base weights (the runner loads them
+    from the parent before resuming: on a real checkpoint they are gigabytes written every 50
+    steps); loading it into a fresh module from the same parent gives the trained weights."""
+    from percepdsl.ir import LoraIR
+
+    def module() -> SFTModule:
+        loaded = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0))
+        return SFTModule(loaded, SFTStageIR(name="t", steps=2, lr=3e-2), encoder.role_names)
+
+    trained = module()
+    trainer = _trainer(2)
+    trainer.fit(trained, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "resume.ckpt")
+    saved = torch.load(tmp_path / "resume.ckpt", weights_only=False)["state_dict"]
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert trainable and set(saved) - set(dict(trained.named_buffers())) == trainable
+    again = module()
+    _trainer(2).fit(again, datamodule=datamodule, ckpt_path=str(tmp_path / "resume.ckpt"))  # at max_steps: loads, trains nothing
+    want, got = trained.state_dict(), again.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize(
     "packing, groups",
     [

@@ -99,6 +99,7 @@ class _Spec:
         self._check_sizes(task, g.get(A.Stage, []), stages, g.get(A.Eval, []), ev, tr)
         self._check_accumulate(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
         self._check_fp16_manual(g.get(A.Trainer, []), g.get(A.Stage, []), stages, tr)
+        self._check_dtype_precision(g.get(A.Model, []), model, tr)
         self._check_stage_lengths(g.get(A.Stage, []), stages, g.get(A.Eval, []), ev)
         self._check_eval_reads(g.get(A.Eval, []), ev)
         self._check_visual_roles(g.get(A.Roles, []), roles, g.get(A.Stage, []), stages)
@@ -627,6 +628,31 @@ class _Spec:
                 'write `precision = "bf16-mixed"` (no loss scaling) or "32-true"',
                 [Related.at(spans[n], f"stage `{n}` steps its own optimiser") for n in manual if n in spans],
             )
+
+    def _check_dtype_precision(self, decls: list[A.Model], model: ModelIR | None, tr: dict) -> None:
+        """Half-precision weights under the other half's autocast (`dtype = float16` under
+        `bf16-mixed`, the default, or `bfloat16` under `16-mixed`): autocast mixes only its own half
+        type with fp32, so the first step stopped with `RuntimeError: Unexpected floating ScalarType in
+        at::autocast::prioritize` (CLIP's embeddings concatenate an fp16 weight with a bf16 product)."""
+        other = {"float16": "bf16-mixed", "bfloat16": "16-mixed"}
+        if (
+            model is None
+            or not decls
+            or (dtype := getattr(model.params, "dtype", None)) not in other
+            or tr.get("precision") != other[dtype]
+        ):
+            return
+        setting = (decls[0].block or A.Block(decls[0].span, ())).get("dtype")
+        if setting is None:
+            return
+        fits = "bf16-true" if dtype == "float16" else "bf16-mixed"
+        self.ck.error(
+            setting.span,
+            "incompatible",
+            f'`dtype = {dtype}` weights under `precision = "{tr["precision"]}"`: its autocast mixes only '
+            f"{'bfloat16' if dtype == 'float16' else 'float16'} with float32, so training stops in its first step",
+            f'write `dtype = {"bfloat16" if dtype == "float16" else "float16"}` (or float32), or `precision = "32-true"` or "{fits}" in the trainer block',
+        )
 
     def _check_stage_lengths(self, decls: list[A.Stage], stages: list[SFTStageIR | GRPOStageIR], ev_decls: list[A.Eval], ev: dict) -> None:
         """Written settings a stage is too short to reach (warnings: the run does what they say, which is
