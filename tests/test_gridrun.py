@@ -487,6 +487,18 @@ def test_ray_backend_runs_cells_as_tasks_on_a_cluster(tmp_path, monkeypatch):
     assert "0.75,1,0,1," in (out / "results.csv").read_text()
 
 
+def test_a_ray_cell_no_node_can_hold_is_refused_not_left_waiting(tmp_path, monkeypatch):
+    # Ray keeps an infeasible task waiting forever: the grid hung with every cell "running".
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "g"
+    proc = start_driver(out, backend="ray", cpus_per_cell=float((os.cpu_count() or 1) * 4))  # Ray started by the grid itself
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_USAGE, err
+    assert "no node of the cluster has that much" in err and "Traceback" not in err
+    assert calls(tmp_path) == []
+
+
 # ---- the command line (active once `percep grid` / `percep report` are registered in percepdsl/cli.py) ----
 
 

@@ -272,6 +272,31 @@ class RayBackend:
         self.env_extra = {"OMP_NUM_THREADS": str(max(1, int(cpus_per_cell))), **env_extra}
         self.task = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(run_cell_process)
         self.refs: dict[Any, CellPlan] = {}
+        try:
+            self._check_fits(cpus_per_cell, gpus_per_cell)
+        except GridError:
+            self.close()
+            raise
+
+    def _check_fits(self, cpus: float, gpus: float) -> None:
+        """A cell that no node can hold never starts: Ray keeps an infeasible task waiting, and the
+        grid would wait with it. Refused when Ray was started here (a local instance cannot grow);
+        on a cluster reached by address, said once (an autoscaler may add such a node)."""
+        try:
+            nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        except Exception:  # a client connection or another Ray: nothing to check against
+            return
+        if not nodes or any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+            return
+        big = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)))
+        why = (
+            f"a cell asks Ray for {cpus:g} CPU(s) and {gpus:g} GPU(s) (--cpus-per-cell, --gpus-per-cell), "
+            f"but no node of the cluster has that much (the largest: {big.get('CPU', 0):g} CPU(s), {big.get('GPU', 0):g} GPU(s))"
+        )
+        node = getattr(getattr(getattr(self.ray, "_private", None), "worker", None), "_global_node", None)
+        if self.owns_ray and getattr(node, "head", False):  # the local instance ray.init started for this grid
+            raise GridError(why + "; lower them, or run Ray with bigger nodes and pass --address")
+        print(f"warning: {why}; the cells wait until a node that fits joins the cluster", file=sys.stderr)
 
     @property
     def running(self) -> int:
