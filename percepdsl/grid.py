@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .ir import GridIR
+from .ir import ExperimentIR, GridIR, content_hash
 
 MAX_CELLS = 10_000
 MAX_COMBINATIONS = 100_000  # points of the axes times seeds, enumerated before `where` filters them
@@ -55,6 +55,12 @@ def literal(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)
     return repr(v)
+
+
+def training_key(ir: ExperimentIR) -> str:
+    """What a cell trains, whatever its params and seed are called: two settings of a grid with the
+    same key differ only in params the template does not use, and would train the same run twice."""
+    return content_hash(ir.model_copy(update={"params": {}, "seed": 0}))
 
 
 def template_path(grid_file: Path | None, grid: GridIR) -> Path:

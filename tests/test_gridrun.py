@@ -668,3 +668,18 @@ def test_interrupting_a_slurm_grid_cancels_its_jobs_and_a_rerun_resumes(tmp_path
     assert rc == EXIT_OK, err
     again = calls(tmp_path)[4:]
     assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
+
+
+def test_cells_beyond_those_the_checker_compiles_that_train_the_same_run_are_refused(tmp_path, monkeypatch):
+    """The checker compiles the first MAX_CELL_CHECKS cells; the plan compiles them all and refuses the rest's repeats too."""
+    import percepdsl.check.grid as check_grid
+
+    monkeypatch.setattr(check_grid, "MAX_CELL_CHECKS", 1)
+    spec = (REPO / "specs" / "sft_smoke.pd").read_text().replace("seed 0", "seed 0\nparam unused: int = 3")
+    (tmp_path / "common").symlink_to(REPO / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    grid = tmp_path / "g.pd"
+    grid.write_text('grid g\ntemplate "t.pd"\naxis unused = [1, 2]\n')
+    rc, _, err = run_grid(tmp_path / "out", grid=grid)
+    assert rc == EXIT_USAGE and "cell unused=2: trains the same run as cell unused=1" in err, err
+    assert calls(tmp_path) == []

@@ -522,3 +522,22 @@ def test_a_template_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> 
         res = check_text(f'grid g\ntemplate "{target}"\nseeds 1..2\n', "g.pd", base_dir=tmp_path)
         d = next(d for d in res.diagnostics if d.code == "missing-file")
         assert d.message == f"template spec `{target}` {message}", d.message
+
+
+def test_a_grid_sweeping_a_param_the_template_never_uses_is_an_error(tmp_path: Path) -> None:
+    """`axis unused = [1, 2]` over a param the template declares but never uses made cells with different
+    params (so different IR hashes and run directories) that trained the very same run: no diagnostic, a
+    grid twice as long and "arms" whose difference is pure noise. Now the cells are compared by what they
+    train (the IR without params and seed) and such an axis is a located error."""
+    spec = (ROOT / "specs" / "sft_smoke.pd").read_text().replace("seed 0", "seed 0\nparam unused: int = 3")
+    (tmp_path / "common").symlink_to(ROOT / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    grid = 'grid g\ntemplate "t.pd"\naxis lam = [0.25, 0.75]\naxis unused = [1, 2]\nseeds [0, 1]\n'
+    res = check_text(grid, "g.pd", base_dir=tmp_path)
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert res.ir is None and [d.code for d in errors] == ["duplicate-cell"]
+    assert errors[0].span.line == 4, "located at the axis that sweeps the unused param"
+    assert "lam=0.25 unused=1 and lam=0.25 unused=2 train the same run" in errors[0].message
+    assert "the template never uses `unused`" in errors[0].message
+    fine = check_text(grid.replace("axis unused = [1, 2]\n", ""), "g.pd", base_dir=tmp_path)
+    assert fine.ok, [d.message for d in fine.diagnostics]

@@ -14,7 +14,7 @@ from typing import Any
 from .. import nodes as A
 from ..catalogue import ParamSpec
 from ..diagnostics import Related, Span, did_you_mean, relpath
-from ..grid import MAX_CELL_CHECKS, MAX_CELLS, MAX_COMBINATIONS, Cell, expand
+from ..grid import MAX_CELL_CHECKS, MAX_CELLS, MAX_COMBINATIONS, Cell, expand, training_key
 from ..ir import AxisIR, ExperimentIR, GridIR
 from .checker import Checker
 from .load import path_problem, resolve_written
@@ -190,6 +190,8 @@ def check_grid(ck: Checker) -> GridIR | None:
     # Compile cells: a value that passes the param's type can still break the template (a weight out of range).
     failures = 0
     seen_params: set[str] = set()
+    trains: dict[str, Cell] = {}  # what a cell trains (`training_key`) -> the first cell that trains it
+    unused = {d.message for d in tres.diagnostics if d.code == "unused-param"}
     for cell in cells[:MAX_CELL_CHECKS]:
         key = Cell(cell.params, None).label()
         if key in seen_params:  # the seed never decides whether a cell compiles
@@ -197,6 +199,19 @@ def check_grid(ck: Checker) -> GridIR | None:
         seen_params.add(key)
         res = check_spec_file(tpath, cell.overrides(), catalogue=ck.cat, origin="grid")
         if res.ok:
+            if isinstance(res.ir, ExperimentIR) and (twin := trains.setdefault(training_key(res.ir), cell)) is not cell:
+                differ = [n for n in cell.params if cell.params[n] != twin.params.get(n)]
+                never = [n for n in differ if any(f"`{n}`" in m for m in unused)]
+                why = f"; the template never uses {', '.join(f'`{n}`' for n in never)}" if never else ""
+                at = next((sp for ax, sp in zip(axes, axis_spans) if set(ax.names) & set(differ)), header.span)
+                ck.error(
+                    at,
+                    "duplicate-cell",
+                    f"cells {Cell(twin.params, None).label()} and {key} train the same run: they differ only in params "
+                    f"that change nothing the template computes ({', '.join(differ)}){why}",
+                    "sweep a param the template uses, or use it in the template",
+                )
+                return None
             continue
         failures += 1
         if failures > 3:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from percepdsl.diagnostics import Diagnostic, did_you_mean, relpath
-from percepdsl.grid import Cell, expand, template_path
+from percepdsl.grid import Cell, expand, template_path, training_key
 from percepdsl.ir import ExperimentIR, GridIR, content_hash
 
 from .. import inputs
@@ -170,6 +170,7 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
 
     plans: list[CellPlan] = []
     broken: list[str] = []
+    trains: dict[tuple[str, int], Cell] = {}  # what a cell trains (and its seed) -> the first cell that trains it
     stale: list[str] = []  # cells run (or begun) with other inputs than the template names now
     for i, cell in enumerate(expand(grid, tparams), start=1):
         try:
@@ -178,6 +179,12 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
             broken.append(f"cell {cell.label()}: {exc.diagnostics[0].message if exc.diagnostics else exc.message}")
             continue
         h = content_hash(ir)
+        twin = trains.setdefault((training_key(ir), ir.seed), cell)
+        if twin is not cell and twin.params != cell.params:  # beyond the cells the checker compiles
+            broken.append(
+                f"cell {cell.label()}: trains the same run as cell {twin.label()} (their params differ in nothing the template uses)"
+            )
+            continue
         plan = CellPlan(i, cell, dict(ir.params), ir.seed, ir.name, h, cells_dir, previous=prev_by_hash.get(h))
         plan.status = _disk_status(plan)
         if plan.status in (DONE, RESUME) and (diff := inputs.changed(plan.run_dir, ir)):
