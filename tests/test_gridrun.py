@@ -327,6 +327,44 @@ def test_sigint_stops_running_cells_keeps_finished_ones_and_rerun_resumes(tmp_pa
     assert all(json.loads((d / "summary.json").read_text())["resumed"] for d in slow_dirs)
 
 
+def test_a_grid_killed_outright_does_not_leave_its_cells_running(tmp_path, monkeypatch):
+    """SIGKILL of `percep grid` (an OOM killer, `kill -9`, a dead ssh session's job) cannot stop its cells;
+    they ran on in their own sessions, so the re-run (the lock died with the driver) started a second
+    process on each unfinished cell's run directory. Now each cell is asked to stop (SIGINT: it keeps
+    its resume checkpoint) when the grid process dies, and the re-run resumes it alone."""
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.75")
+    slow_dirs = [out / "cells" / smoke_hash("0.75", s) for s in (0, 1)]
+    proc = start_driver(out, jobs=2)
+    wait_for_two_done_two_running(proc, out, slow_dirs)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    pids = [c["pid"] for c in calls(tmp_path)[2:]]
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "cell processes outlived the killed grid"
+    for d in slow_dirs:
+        assert (out / "cells" / f"{d.name}.log").read_text().rstrip().endswith("interrupted")
+    monkeypatch.delenv("FAKE_RUN_SLEEP")
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_OK, err
+    again = calls(tmp_path)[4:]
+    assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
+
+
 # ---- aggregation and `percep report` -------------------------------------------------------------
 
 

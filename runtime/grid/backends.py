@@ -68,10 +68,40 @@ def _spawn(argv: Sequence[str], log_path: Path, env: dict[str, str]) -> subproce
     try:
         with _sigint_inheritable():
             return subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=(os.name == "posix")
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=(os.name == "posix"),
+                preexec_fn=_stop_with_parent(),
             )
     finally:
         log.close()  # the child holds its own descriptor
+
+
+def _stop_with_parent():
+    """In the child before exec (Linux): SIGINT when the process that started it dies.
+
+    A cell runs in its own session, so a grid runner killed outright (SIGKILL, the OOM killer) could
+    not stop it: it ran on, and the re-run of the grid started a second process on the same run
+    directory. SIGINT stops it as Ctrl-C does (it keeps its resume checkpoint). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(130)
+
+    return preexec
 
 
 @contextlib.contextmanager
