@@ -55,7 +55,7 @@ from percepdsl.io import (
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash, named_roles
 
 from . import inputs, stagecache
-from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
+from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start, usable_cpus
 
 RESUME_EVERY = int(
     os.environ.get("PERCEP_RESUME_EVERY", 50)
@@ -100,7 +100,7 @@ def stage_threads(ir: ExperimentIR, jobs: int = 1) -> int:
     if ir.trainer.threads:
         return ir.trainer.threads
     if jobs > 1:
-        return max(1, (os.cpu_count() or 1) // jobs)
+        return max(1, usable_cpus() // jobs)
     import torch
 
     return torch.get_num_threads()

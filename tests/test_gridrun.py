@@ -224,6 +224,20 @@ def test_runs_cells_writes_results_and_skips_finished_cells(tmp_path):
     assert "4 done, 0 pending" in listing
 
 
+def test_parallel_cells_split_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """Under a SLURM allocation, `taskset` or a container's cpuset the grid may use 2 of a node's 64 cores:
+    `--jobs 2` gave each cell os.cpu_count() // 2 = 32 OpenMP threads on 2 cores, which stall each other."""
+    from percepdsl_runtime.grid.execute import thread_env
+    from percepdsl_runtime.ranks import usable_cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert usable_cpus() == 2
+    assert thread_env(2) == {"OMP_NUM_THREADS": "1"} and thread_env(4) == {"OMP_NUM_THREADS": "1"}
+    assert thread_env(1) == {}
+
+
 def test_failed_cells_are_recorded_do_not_stop_others_and_are_retried(tmp_path, monkeypatch):
     out = tmp_path / "g"
     monkeypatch.setenv("FAKE_RUN_FAIL", "lam=0.75")

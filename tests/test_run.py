@@ -624,6 +624,7 @@ def test_a_stage_identity_holds_its_thread_count_when_the_spec_leaves_it_open() 
     the cores divided among the workers)."""
     from percepdsl.check import check_file
     from percepdsl_runtime import stagecache
+    from percepdsl_runtime.ranks import usable_cpus
     from percepdsl_runtime.run import stage_threads
 
     open_ = check_file("specs/sft_smoke.pd").ir  # no `threads`
@@ -631,7 +632,7 @@ def test_a_stage_identity_holds_its_thread_count_when_the_spec_leaves_it_open() 
     one, two = (stagecache.stage_identity(open_, open_.stages[0], threads=n) for n in (1, 2))
     assert one != two
     assert stage_threads(open_, jobs=1) == torch.get_num_threads()
-    assert stage_threads(open_, jobs=2) == max(1, (os.cpu_count() or 1) // 2)
+    assert stage_threads(open_, jobs=2) == max(1, usable_cpus() // 2)
     text = Path("specs/sft_smoke.pd").read_text().replace("log_every = 1 }", "log_every = 1, threads = 1 }")
     pinned = check_file("specs/sft_smoke.pd", text=text).ir
     assert pinned.trainer.threads == 1 and stage_threads(pinned, jobs=2) == 1

@@ -4,7 +4,6 @@ aggregate a grid; rebuild its results table and plots from the run directories."
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import TextIO
 from percepdsl.diagnostics import relpath
 from percepdsl.io import os_error_text, write_text_atomic
 
+from ..ranks import usable_cpus
 from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .execute import GridOutcome, describe_exit, execute
@@ -225,7 +225,7 @@ def grid_command(
         return EXIT_USAGE
     if backend == "local":
         jobs = jobs or 1
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         if jobs > 1 and jobs > cpus // 2:
             print(
                 f"warning: --jobs {jobs} on {cpus} cores: a training run uses every core it gets, so parallel cells "

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from percepdsl.diagnostics import relpath
 from percepdsl.io import os_error_text, write_json_atomic, write_text_atomic
 
+from ..ranks import usable_cpus
 from .backends import POLL_S, STOP_GRACE_S, Backend, LocalBackend, RayBackend, SlurmBackend, SlurmOptions, log_tail
 from .common import DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED, RUNNING, SUMMARY_FILE, GridError, now
 from .plan import CellPlan, GridPlan
@@ -40,7 +41,7 @@ class GridOutcome:
 
 def thread_env(jobs: int, cpus: int | None = None) -> dict[str, str]:
     """With several local cells at once, split the cores between them (unless the user chose)."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, cpus // jobs))}
