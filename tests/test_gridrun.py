@@ -468,6 +468,26 @@ def test_report_rebuilds_results_from_run_directories(tmp_path):
     assert "grid_state.json cannot be read" in e.getvalue() and ".stage-cache" not in e.getvalue()
 
 
+def test_cells_of_an_earlier_template_are_not_counted_with_the_grids_cells(two_param_grid, tmp_path):
+    """Editing the template gives every cell a new hash and run directory; the old ones stay in cells/, and the
+    table (and the paired report) counted them as more seeds of the same settings: 4 seeds where the grid has 2."""
+    out = tmp_path / "g"
+    assert run_grid(out, grid=two_param_grid)[0] == EXIT_OK
+    tmpl = tmp_path / "tmpl.pd"
+    tmpl.write_text(tmpl.read_text().replace("steps = 12", "steps = 10"))
+    rc, table, err = run_grid(out, grid=two_param_grid, baseline="lam=0.25")
+    assert rc == EXIT_OK, err
+    assert len(list((out / "cells").glob("*/summary.json"))) == 8
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["lam"], r["n_seeds"], r["seeds"]) for r in rows] == [("0.25", "2", "0;1"), ("0.75", "2", "0;1")]
+    assert "4 finished runs" in table
+    arm = json.loads((out / "paired.json").read_text())["arms"][0]
+    assert len(arm["metrics"]["end_to_end"]["per_seed"]) == 2
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(out, stdout=o, stderr=e) == EXIT_OK
+    assert "4 finished runs" in o.getvalue() and "note: not in the table: 4 run directories of no cell of the grid" in e.getvalue()
+
+
 @pytest.mark.parametrize(
     "damaged",
     [

@@ -30,7 +30,7 @@ from .paired import (
 )
 from .plan import GridPlan, plan_grid
 from .progress import plural
-from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
+from .results import ResultsTable, aggregate, collect, fmt_param, other_runs, row_key, table_csv, table_markdown
 from .state import GridLock, load_state, read_summary
 
 RESULTS_CSV = "results.csv"
@@ -361,7 +361,17 @@ def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: T
         print(f"error: {exc}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
-    unfinished = [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None]
+    others = other_runs(grid_dir)
+    if others:
+        shown = ", ".join(relpath(d) for d in others[:5]) + (" …" if len(others) > 5 else "")
+        print(
+            f"note: not in the table: {len(others)} run director{'y' if len(others) == 1 else 'ies'} of no cell of the grid as last run "
+            f"(an earlier template or --set): {shown}",
+            file=stderr,
+        )
+    unfinished = [
+        d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None and d not in others
+    ]
     if unfinished:
         shown = ", ".join(relpath(d) for d in unfinished[:5]) + (" …" if len(unfinished) > 5 else "")
         print(f"note: not in the table: {plural(len(unfinished), 'cell')} with no complete summary.json: {shown}", file=stderr)
