@@ -163,6 +163,19 @@ def test_set_fixes_a_template_param_for_every_cell(two_param_grid, tmp_path):
     assert plan_grid(two_param_grid, tmp_path / "out").cells[3].hash != content_hash(ir)
 
 
+def test_a_grid_runs_a_template_that_leaves_its_swept_param_without_a_default(two_param_grid, tmp_path):
+    tmpl = tmp_path / "tmpl.pd"
+    tmpl.write_text(tmpl.read_text().replace("param lam: float = 0.5", "param lam: float"))
+    rc, _, err = run_grid(tmp_path / "g", grid=two_param_grid, sets=["post_steps=3"])
+    assert rc == EXIT_OK, err
+    assert sorted((c["params"]["lam"], c["params"]["post_steps"]) for c in state(tmp_path / "g")["cells"]) == [
+        (0.25, 3),
+        (0.25, 3),
+        (0.75, 3),
+        (0.75, 3),
+    ]
+
+
 @pytest.mark.parametrize(
     "sets, message",
     [

@@ -541,3 +541,18 @@ def test_a_grid_sweeping_a_param_the_template_never_uses_is_an_error(tmp_path: P
     assert "the template never uses `unused`" in errors[0].message
     fine = check_text(grid.replace("axis unused = [1, 2]\n", ""), "g.pd", base_dir=tmp_path)
     assert fine.ok, [d.message for d in fine.diagnostics]
+
+
+def test_a_template_param_without_a_default_may_be_left_to_the_grid(tmp_path: Path) -> None:
+    """`param lam: float` (no default) in a template whose grid sweeps `lam` was refused as a template
+    error ("has no default and is not set"), though every cell sets it. A param the grid leaves unset is still one."""
+    spec = (ROOT / "specs" / "sft_smoke.pd").read_text().replace("param lam: float = 0.5", "param lam: float")
+    (tmp_path / "common").symlink_to(ROOT / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    for axis in ("axis lam = [0.25, 0.75]", "zip { lam = [0.25, 0.75] }", "fix lam = 0.25"):
+        res = check_text(f'grid g\ntemplate "t.pd"\n{axis}\nseeds [0, 1]\n', "g.pd", base_dir=tmp_path)
+        assert res.ok, (axis, [d.message for d in res.diagnostics])
+    bad = check_text('grid g\ntemplate "t.pd"\nseeds [0, 1]\n', "g.pd", base_dir=tmp_path)
+    assert bad.ir is None and {d.code for d in bad.diagnostics if d.is_error} == {"template-error", "unset-param"}
+    out_of_range = check_text('grid g\ntemplate "t.pd"\naxis lam = [1.5, 0.5]\n', "g.pd", base_dir=tmp_path)
+    assert [d.code for d in out_of_range.diagnostics if d.is_error] == ["cell-error"]

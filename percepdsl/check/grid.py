@@ -39,6 +39,10 @@ def check_grid(ck: Checker) -> GridIR | None:
         ck.error(tmpl.path.span, "missing-file", *problem)
         return None
     tres = check_spec_file(tpath, catalogue=ck.cat, fragment_ok=False)  # a template is a whole experiment
+    for probe in _set_by_the_grid(tres, g) if not tres.ok else []:  # params without a default, each one swept or fixed here
+        tres = check_spec_file(tpath, probe, catalogue=ck.cat, origin="grid", fragment_ok=False)
+        if tres.ok:
+            break
     if not tres.ok or not isinstance(tres.ir, ExperimentIR):
         n = sum(d.is_error for d in tres.diagnostics)
         ck.error(
@@ -225,6 +229,48 @@ def check_grid(ck: Checker) -> GridIR | None:
             [Related(first.file, first.span, first.message)],
         )
     return None if failures else grid
+
+
+def _set_by_the_grid(tres: Any, g: dict) -> list[dict[str, str]]:
+    """A template may leave params without a default for its grid to set: when those are its only
+    errors and the grid sweeps or fixes each of them, values to check the template with (the i-th
+    value of each axis, for the first few i: a value that breaks the template is a cell's error);
+    none otherwise (its errors stand)."""
+    if tres.loaded is None or any(d.is_error and d.code != "unset-param" for d in tres.diagnostics):
+        return []
+    unset = {p.name.id for p in tres.loaded.items if isinstance(p, A.Param) and p.default is None}
+    given: dict[str, A.Expr] = {}
+    for f in g.get(A.Fix, []):
+        given.setdefault(f.name.id, f.value)
+    for ax in g.get(A.Axis, []):
+        given.setdefault(ax.name.id, ax.value)
+    for z in g.get(A.Zip, []):
+        for e in z.block.entries:
+            if isinstance(e, A.Setting):
+                given.setdefault(e.key.id, e.value)
+    values: dict[str, list[str]] = {}
+    for name in unset:
+        if name not in given or not (texts := _literals(given[name])):
+            return []
+        values[name] = texts
+    n = min(max(map(len, values.values()), default=0), 8)
+    return [{name: texts[i % len(texts)] for name, texts in values.items()} for i in range(n)]
+
+
+def _literals(e: A.Expr) -> list[str]:
+    """The values of an axis (or a fixed value) as `--set` text, where each is written as a literal."""
+    items = list(e.items) if isinstance(e, A.ListExpr) else [e.lo, e.hi] if isinstance(e, A.Range) else [e]
+    out = []
+    for x in items:
+        if isinstance(x, (A.Number, A.String)):
+            out.append(x.text)
+        elif isinstance(x, A.Bool):
+            out.append("true" if x.value else "false")
+        elif isinstance(x, A.Name):
+            out.append(x.id)
+        elif isinstance(x, A.Signed) and isinstance(x.operand, A.Number):
+            out.append(("-" if x.signs.count("-") % 2 else "") + x.operand.text)
+    return out
 
 
 def _range_fits(ck: Checker, v: Range, what: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from percepdsl.diagnostics import Diagnostic, did_you_mean, relpath
-from percepdsl.grid import Cell, expand, template_path, training_key
+from percepdsl.grid import Cell, expand, literal, template_path, training_key
 from percepdsl.ir import ExperimentIR, GridIR, content_hash
 
 from .. import inputs
@@ -107,12 +107,27 @@ def compile_spec(path: Path, overrides: dict[str, str], origin: str = "--set") -
     return res.ir
 
 
+def first_point(grid: GridIR) -> dict[str, str]:
+    """The grid's fixed values and each axis's first value, as `--set` text."""
+    params = dict(grid.fixed)
+    for ax in grid.axes:
+        params.update(zip(ax.names, ax.values[0]))
+    return {k: literal(v) for k, v in params.items()}
+
+
 def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR, dict[str, Any]]:
     """Fold `--set` values into the grid (as `fix` entries); return it and the template's params.
 
     A --set must name a template param that no axis sweeps; `seed` only when the grid has no
     `seeds`. Values are type-checked by compiling the template with them."""
-    tparams = compile_spec(tpath, {}).params
+    first: dict[str, str] = {}
+    try:
+        tparams = compile_spec(tpath, {}).params
+    except GridError:  # params without a default, which the grid sets (it checked): compile it with one of its cells
+        cells = expand(grid)
+        first = cells[0].overrides() if cells else first_point(grid)
+        first.pop("seed", None)
+        tparams = compile_spec(tpath, first, origin="grid").params
     swept = {n for ax in grid.axes for n in ax.names}
     for name in sets:
         if name == "seed":
@@ -132,7 +147,7 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
             raise GridError(f"--set {name}=...: the template {relpath(tpath)} has no param `{name}` ({hint})")
     if not sets:
         return grid, dict(tparams)
-    ir = compile_spec(tpath, sets)
+    ir = compile_spec(tpath, {**first, **sets})
     typed = {n: ir.params[n] for n in sets if n != "seed"}
     update: dict[str, Any] = {"fixed": {**grid.fixed, **typed}}
     if "seed" in sets:
