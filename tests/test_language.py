@@ -556,3 +556,18 @@ def test_a_template_param_without_a_default_may_be_left_to_the_grid(tmp_path: Pa
     assert bad.ir is None and {d.code for d in bad.diagnostics if d.is_error} == {"template-error", "unset-param"}
     out_of_range = check_text('grid g\ntemplate "t.pd"\naxis lam = [1.5, 0.5]\n', "g.pd", base_dir=tmp_path)
     assert [d.code for d in out_of_range.diagnostics if d.is_error] == ["cell-error"]
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ('lam < 0.5 or steps == "4"', "`where` compares a number with a string"),  # dropped every steps=4 cell, silently
+        ("lam == true", "`where` compares a number with a bool"),
+        ('steps + "a" > 1', "`where` arithmetic is on numbers"),
+    ],
+)
+def test_a_where_filter_comparing_a_param_with_a_value_of_another_type_is_an_error(where: str, message: str) -> None:
+    text = f'grid g\ntemplate "../gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nwhere {where}\n'
+    res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert res.ir is None and [(d.code, d.message, d.span.line) for d in errors] == [("type", message, 4)]

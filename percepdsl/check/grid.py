@@ -160,7 +160,7 @@ def check_grid(ck: Checker) -> GridIR | None:
         seeds = _seeds(ck, g[A.Seeds][0].value) or []
     where = None
     if A.Where in g:
-        known = set(tparams) | {"seed"}
+        known = {**{n: _KINDS[t] for n, t in tparams.items()}, "seed": "number"}
         where = _where_tree(ck, g[A.Where][0].condition, known)
     report = ["end_to_end", "perception", "reasoning"]
     if A.Report in g:
@@ -304,7 +304,29 @@ def _seeds(ck: Checker, expr: A.Expr) -> list[int] | None:
     return out
 
 
-def _where_tree(ck: Checker, e: A.Expr, known: set[str]) -> dict | None:
+def _operands(tree: dict) -> list[dict]:
+    """The leaves and non-arithmetic subtrees of an arithmetic `where` subtree."""
+    if tree.get("op") in ("+", "-", "*", "/"):
+        return [x for a in tree["args"] for x in _operands(a)]
+    return [tree]
+
+
+_KINDS = {"int": "number", "float": "number", "str": "string", "bool": "bool"}
+
+
+def _kind(tree: dict, known: dict[str, str]) -> str | None:
+    """What a `where` subtree evaluates to (number, string, bool), where that is known before any cell."""
+    if "const" in tree:
+        c = tree["const"]
+        return "bool" if isinstance(c, bool) else "string" if isinstance(c, str) else "number"
+    if "name" in tree:
+        return known.get(tree["name"])
+    if tree["op"] in ("+", "-", "*", "/", "neg"):
+        return "number"
+    return "bool"
+
+
+def _where_tree(ck: Checker, e: A.Expr, known: dict[str, str]) -> dict | None:
     """A filter as data: {"op": ..., "args": [...]} over {"name": ...} and {"const": ...}."""
     if isinstance(e, (A.Number, A.String, A.Bool)):
         return {"const": e.value}
@@ -321,7 +343,13 @@ def _where_tree(ck: Checker, e: A.Expr, known: set[str]) -> dict | None:
         return {"name": e.id}
     if isinstance(e, A.Compare):
         args = [_where_tree(ck, e.left, known), _where_tree(ck, e.right, known)]
-        return None if None in args else {"op": e.op, "args": args}
+        if None in args:
+            return None
+        kinds = [_kind(a, known) for a in args if a is not None]
+        if None not in kinds and kinds[0] != kinds[1]:  # `steps == "4"`: false for every cell, the filter silently drops them
+            ck.error(e.span, "type", f"`where` compares a {kinds[0]} with a {kinds[1]}", "compare a param with a value of its type")
+            return None
+        return {"op": e.op, "args": args}
     if isinstance(e, A.BoolOp):
         args = [_where_tree(ck, x, known) for x in e.values]
         return None if None in args else {"op": e.op, "args": args}
@@ -333,6 +361,9 @@ def _where_tree(ck: Checker, e: A.Expr, known: set[str]) -> dict | None:
         for op, rhs in e.rest:
             r = _where_tree(ck, rhs, known)
             acc = None if acc is None or r is None else {"op": op, "args": [acc, r]}
+        if acc is not None and any(_kind(a, known) in ("string", "bool") for a in _operands(acc)):
+            ck.error(e.span, "type", "`where` arithmetic is on numbers", "use number params and values in + - * /")
+            return None
         return acc
     if isinstance(e, A.Signed):
         a = _where_tree(ck, e.operand, known)
