@@ -571,3 +571,11 @@ def test_a_where_filter_comparing_a_param_with_a_value_of_another_type_is_an_err
     res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
     errors = [d for d in res.diagnostics if d.is_error]
     assert res.ir is None and [(d.code, d.message, d.span.line) for d in errors] == [("type", message, 4)]
+
+
+def test_a_cell_error_points_at_the_axis_that_broke_the_cell() -> None:
+    """It pointed at the grid's first axis whatever broke the cell: here `steps`, when `lam = 1.5` is out of range."""
+    text = 'grid g\ntemplate "../gc_sft_fixed.pd"\naxis steps = [300, 600]\naxis lam = [0.25, 1.5]\n'
+    res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert errors and all(d.code == "cell-error" and "lam=1.5" in d.message and d.span.line == 4 for d in errors)

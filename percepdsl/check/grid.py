@@ -8,6 +8,7 @@ values of the param's type, and compiles every cell so that a cell that would fa
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -222,13 +223,28 @@ def check_grid(ck: Checker) -> GridIR | None:
             break
         first = next(d for d in res.diagnostics if d.is_error)
         ck.error(
-            axis_spans[0] if axis_spans else header.span,
+            _culprit(first, res, axes, axis_spans) or (axis_spans[0] if axis_spans else header.span),
             "cell-error",
             f"cell {key} does not compile: {first.message}",
             "restrict the axis values or add a `where` filter",
             [Related(first.file, first.span, first.message)],
         )
     return None if failures else grid
+
+
+def _culprit(diag: Any, res: Any, axes: list[AxisIR], spans: list[Span]) -> Span | None:
+    """The axis whose param the template's failing line names (`lam` in `loss = lam * ...`), so that
+    a cell error points at the axis that broke it rather than at the first one."""
+    text = (res.loaded.sources.get(diag.file) if res.loaded else None) or ""
+    lines = text.splitlines()
+    if not 0 < diag.span.line <= len(lines):
+        return None
+    line, sp = lines[diag.span.line - 1], diag.span
+    for where in (line[sp.column - 1 : sp.end_column - 1] if sp.end_line == sp.line else "", line):  # the failing expression, else its line
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", where))
+        if found := next((at for ax, at in zip(axes, spans) if words & set(ax.names)), None):
+            return found
+    return None
 
 
 def _set_by_the_grid(tres: Any, g: dict) -> list[dict[str, str]]:
