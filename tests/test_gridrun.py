@@ -572,6 +572,25 @@ def test_ray_backend_runs_cells_as_tasks_on_a_cluster(tmp_path, monkeypatch):
     assert "0.75,1,0,1," in (out / "results.csv").read_text()
 
 
+def test_a_ray_cells_time_is_its_run_not_its_wait_for_a_slot(tmp_path, monkeypatch):
+    """Every cell is submitted at once; on a 1-CPU cluster the last waited for three others, and its
+    recorded time (grid_state.json, the progress line, the ETA) was that wait plus its run."""
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "g"
+    config = tmp_path / "fake.json"
+    monkeypatch.setenv("FAKE_RUN_CONFIG", str(config))
+    config.write_text(json.dumps({"sleep": 2}))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        proc = start_driver(out, backend="ray", address=ray.get_runtime_context().gcs_address)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        ray.shutdown()
+    assert proc.returncode == EXIT_OK, err
+    seconds = sorted(c["seconds"] for c in state(out)["cells"])
+    assert seconds[-1] < 2 * seconds[0] and seconds[0] >= 2, seconds
+
+
 def test_a_ray_cell_no_node_can_hold_is_refused_not_left_waiting(tmp_path, monkeypatch):
     # Ray keeps an infeasible task waiting forever: the grid hung with every cell "running".
     pytest.importorskip("ray")

@@ -173,6 +173,7 @@ def run_cell_process(
     import socket
 
     argv = [*(launcher or default_launcher()), *run_args]
+    t0 = time.monotonic()  # a queued Ray task or SLURM job starts here, not when the grid submitted it
     proc = _spawn(argv, Path(log_path), _child_env(env_extra))
     # A cancelled SLURM job gets SIGTERM (submitit only logs it): stop the cell as Ctrl-C would.
     main = threading.current_thread() is threading.main_thread()
@@ -188,7 +189,13 @@ def run_cell_process(
     finally:
         if main:
             signal.signal(signal.SIGTERM, prev_term)
-    return {"exit_code": rc, "log_tail": log_tail(log_path), "host": socket.gethostname(), "summary": read_summary(Path(run_dir))}
+    return {
+        "exit_code": rc,
+        "log_tail": log_tail(log_path),
+        "host": socket.gethostname(),
+        "summary": read_summary(Path(run_dir)),
+        "seconds": round(time.monotonic() - t0, 2),
+    }
 
 
 def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
@@ -204,6 +211,7 @@ class Finished:
     summary: dict[str, Any] | None = None
     host: str | None = None
     error: str | None = None  # the backend failed to run it at all
+    seconds: float | None = None  # how long the cell process ran, where the backend measured it (a task may wait in a queue first)
 
 
 class Backend(Protocol):
@@ -346,7 +354,7 @@ class RayBackend:
             cell = self.refs.pop(ref)
             try:
                 r = self.ray.get(ref)
-                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"))))
+                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"), seconds=r.get("seconds"))))
             except Exception as exc:  # the task itself died (worker lost, cancelled, import error on the worker)
                 out.append((cell, Finished(-1, "", error=f"{type(exc).__name__}: {exc}"[-LOG_TAIL_CHARS:])))
         return out
@@ -460,7 +468,7 @@ class SlurmBackend:
             del self.jobs[cell.index]
             try:
                 r = job.result()
-                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"))))
+                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"), seconds=r.get("seconds"))))
             except Exception as exc:  # the job died (time limit, node failure, cancelled): submitit says why
                 why = f"SLURM job {job.job_id}: {type(exc).__name__}: {exc}"[-LOG_TAIL_CHARS:]
                 out.append((cell, Finished(-1, log_tail(cell.log_path), error=why)))

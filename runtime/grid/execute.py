@@ -124,6 +124,8 @@ def execute(
                 progress.cell_started(cell, resume)
             for cell, fin in runner.poll(POLL_S):
                 secs = round(time.monotonic() - started_at.pop(cell.index, time.monotonic()), 2)
+                if fin.seconds is not None:  # Ray, SLURM: the cell's own run time, not its wait in the queue
+                    secs = fin.seconds
                 if fin.summary is not None and read_summary(cell.run_dir) is None:
                     write_json_atomic(cell.run_dir / SUMMARY_FILE, fin.summary)  # Ray without a shared filesystem
                 if fin.error and not cell.log_path.exists():
@@ -146,7 +148,7 @@ def execute(
                     outcome.failed.append(cell)
                 state.write("running")
                 note = "" if ok else f" (exit {describe_exit(fin.exit_code)}; log: {relpath(cell.log_path)})"
-                progress.cell_finished(cell, ok, note, cells=len(twins[cell.hash]))
+                progress.cell_finished(cell, ok, note, cells=len(twins[cell.hash]), seconds=fin.seconds)
                 if not ok and fail_fast and outcome.stopped is None:
                     outcome.stopped = f"--fail-fast: cell {cell.label} failed (exit {describe_exit(fin.exit_code)})"
                     state.header["stopped"] = outcome.stopped
