@@ -601,6 +601,11 @@ def test_a_ray_cell_no_node_can_hold_is_refused_not_left_waiting(tmp_path, monke
     assert proc.returncode == EXIT_USAGE, err
     assert "no node of the cluster has that much" in err and "Traceback" not in err
     assert calls(tmp_path) == []
+    # a quantity Ray does not take at all was a ValueError traceback (exit 1)
+    proc = start_driver(tmp_path / "g2", backend="ray", cpus_per_cell=0.00001)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_USAGE and "Ray refuses --cpus-per-cell 1e-05" in err and "Traceback" not in err, err
+    assert calls(tmp_path) == []
 
 
 # ---- the command line (active once `percep grid` / `percep report` are registered in percepdsl/cli.py) ----

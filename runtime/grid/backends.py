@@ -308,8 +308,12 @@ class RayBackend:
         self.launcher = list(launcher) if launcher else None  # None: resolved on the worker
         # A cell uses the CPUs Ray reserved for it, no more (torch would otherwise take every core of the node).
         self.env_extra = {"OMP_NUM_THREADS": str(max(1, int(cpus_per_cell))), **env_extra}
-        self.task = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(run_cell_process)
         self.refs: dict[Any, CellPlan] = {}
+        try:
+            self.task = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(run_cell_process)
+        except ValueError as exc:  # a quantity Ray does not take: 0.00001 CPUs, 1.5 GPUs
+            self.close()
+            raise GridError(f"Ray refuses --cpus-per-cell {cpus_per_cell:g} --gpus-per-cell {gpus_per_cell:g}: {exc}") from None
         try:
             self._check_fits(cpus_per_cell, gpus_per_cell)
         except GridError:
