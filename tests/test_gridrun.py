@@ -724,6 +724,7 @@ def test_slurm_backend_without_sbatch_is_refused(tmp_path, monkeypatch):
         ({"backend": "ray", "gpus_per_cell": math.nan}, "--gpus-per-cell >= 0"),
         ({"backend": "slurm", "mem_gb": math.nan}, "--mem more than 0 GB"),
         ({"backend": "slurm", "mem_gb": math.inf}, "--mem more than 0 GB"),
+        ({"backend": "slurm", "mem_gb": 0.0001}, "at least 1 MB"),  # submitted as --mem=0MB: all of the node's memory
     ],
 )
 def test_slurm_options_are_checked_before_anything_runs(tmp_path, kw, message):

@@ -198,8 +198,9 @@ def grid_command(
         if not float(cpus_per_cell).is_integer() or not float(gpus_per_cell).is_integer():
             print("error: with --backend slurm, --cpus-per-cell and --gpus-per-cell are whole numbers", file=stderr)
             return EXIT_USAGE
-        if (time_min is not None and time_min < 1) or (mem_gb is not None and not 0 < mem_gb < math.inf):
-            print("error: --time must be at least 1 minute and --mem more than 0 GB", file=stderr)
+        # submitit asks for whole MB (rounding down), and SLURM reads --mem=0 as all of a node's memory
+        if (time_min is not None and time_min < 1) or (mem_gb is not None and not 1 / 1024 <= mem_gb < math.inf):
+            print("error: --time must be at least 1 minute and --mem more than 0 GB (at least 1 MB, 0.001 GB)", file=stderr)
             return EXIT_USAGE
         slurm = SlurmOptions(
             partition=partition,
