@@ -579,3 +579,15 @@ def test_a_cell_error_points_at_the_axis_that_broke_the_cell() -> None:
     res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
     errors = [d for d in res.diagnostics if d.is_error]
     assert errors and all(d.code == "cell-error" and "lam=1.5" in d.message and d.span.line == 4 for d in errors)
+
+
+def test_a_where_on_the_template_seed_and_params_counts_the_cells_the_grid_runs(tmp_path: Path) -> None:
+    """`where seed == 1` in a grid without `seeds` read the seed as missing (None): every cell was dropped
+    ("the grid has no cells"), though the template's seed is 1. And `percep compile GRID` expanded the
+    grid without the template's params, so a `where` on one (`steps > 2`) counted 0 cells."""
+    (tmp_path / "g.pd").write_text('grid g\ntemplate "../gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nwhere seed == 1 and lam < 0.3\n')
+    res = check_text((tmp_path / "g.pd").read_text(), "g.pd", base_dir=ROOT / "specs" / "grids")
+    assert res.ok, [d.message for d in res.diagnostics]
+    (tmp_path / "h.pd").write_text(f'grid h\ntemplate "{ROOT}/specs/gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nseeds 1..3\nwhere steps > 2\n')
+    res = run_cli("compile", str(tmp_path / "h.pd"))
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].endswith(b": 6 cells"), (res.stdout, res.stderr)

@@ -180,7 +180,7 @@ def check_grid(ck: Checker) -> GridIR | None:
             [Related.at(s, "an axis") for s in axis_spans],
         )
         return None
-    cells = expand(grid, tir.params)
+    cells = expand(grid, {**tir.params, "seed": tir.seed})
     if not cells:
         ck.error(
             g[A.Where][0].span if A.Where in g else header.span,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from percepdsl.diagnostics import Diagnostic, did_you_mean, relpath
-from percepdsl.grid import Cell, expand, literal, template_path, training_key
+from percepdsl.grid import Cell, expand, first_point, template_path, training_key
 from percepdsl.ir import ExperimentIR, GridIR, content_hash
 
 from .. import inputs
@@ -107,14 +107,6 @@ def compile_spec(path: Path, overrides: dict[str, str], origin: str = "--set") -
     return res.ir
 
 
-def first_point(grid: GridIR) -> dict[str, str]:
-    """The grid's fixed values and each axis's first value, as `--set` text."""
-    params = dict(grid.fixed)
-    for ax in grid.axes:
-        params.update(zip(ax.names, ax.values[0]))
-    return {k: literal(v) for k, v in params.items()}
-
-
 def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR, dict[str, Any]]:
     """Fold `--set` values into the grid (as `fix` entries); return it and the template's params.
 
@@ -122,12 +114,13 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
     `seeds`. Values are type-checked by compiling the template with them."""
     first: dict[str, str] = {}
     try:
-        tparams = compile_spec(tpath, {}).params
+        tir = compile_spec(tpath, {})
     except GridError:  # params without a default, which the grid sets (it checked): compile it with one of its cells
         cells = expand(grid)
         first = cells[0].overrides() if cells else first_point(grid)
         first.pop("seed", None)
-        tparams = compile_spec(tpath, first, origin="grid").params
+        tir = compile_spec(tpath, first, origin="grid")
+    tparams = {**tir.params, "seed": tir.seed}  # `seed`: a `where` on it in a grid without `seeds`
     swept = {n for ax in grid.axes for n in ax.names}
     for name in sets:
         if name == "seed":
@@ -141,9 +134,9 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
                 f"--set {name}=...: `{name}` is swept by an axis of grid `{grid.name}`; "
                 "--set fixes only template params that no axis sweeps (edit the axis instead)"
             )
-        elif name not in tparams:
-            guess = did_you_mean(name, tparams)
-            hint = f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tparams) or 'none'}"
+        elif name not in tir.params:
+            guess = did_you_mean(name, tir.params)
+            hint = f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tir.params) or 'none'}"
             raise GridError(f"--set {name}=...: the template {relpath(tpath)} has no param `{name}` ({hint})")
     if not sets:
         return grid, dict(tparams)
@@ -152,7 +145,7 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
     update: dict[str, Any] = {"fixed": {**grid.fixed, **typed}}
     if "seed" in sets:
         update["seeds"] = [ir.seed]
-    return grid.model_copy(update=update), dict(ir.params)
+    return grid.model_copy(update=update), {**ir.params, "seed": ir.seed}
 
 
 def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequence[str] | dict[str, str] = ()) -> GridPlan:
