@@ -353,3 +353,19 @@ def test_runs_of_one_arm_have_nothing_to_compare(tmp_path):
     e = io.StringIO()
     assert report_command(runs, baseline="lam=0.5", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
     assert "matches none of the arms: experiment=exp lam=0.0" in e.getvalue()
+
+
+def test_the_intervals_do_not_depend_on_the_order_the_run_directories_are_named_in(tmp_path):
+    """Seeds were paired in the order of the arm's run directories (named by IR hash), and the bootstrap's
+    fixed RNG draws by position: the same runs under other names gave another boot CI and per-seed order."""
+    reports = []
+    for names in (("a", "b", "c"), ("c", "b", "a")):  # directory order: seed 1 first, then seed 1 last
+        root = tmp_path / "".join(names)
+        for seed, name in zip((1, 2, 3), names):
+            base = [float((i * seed) % 3 == 0) for i in range(30)]
+            arm = [float((i * seed + seed) % 2 == 0) for i in range(30)]
+            make_run(root, f"{name}-base", {"lam": 0.0}, seed, items(base))
+            make_run(root, f"{name}-arm", {"lam": 0.25}, seed, items(arm))
+        reports.append(metric(paired_report(load_runs(sorted(root.iterdir())), "lam=0.0"), "lam=0.25", "end_to_end"))
+    assert [p["seed"] for p in reports[0]["per_seed"]] == [p["seed"] for p in reports[1]["per_seed"]] == [1, 2, 3]
+    assert reports[0]["boot_ci"] == reports[1]["boot_ci"]
