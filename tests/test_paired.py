@@ -362,8 +362,8 @@ def test_the_intervals_do_not_depend_on_the_order_the_run_directories_are_named_
     for names in (("a", "b", "c"), ("c", "b", "a")):  # directory order: seed 1 first, then seed 1 last
         root = tmp_path / "".join(names)
         for seed, name in zip((1, 2, 3), names):
-            base = [float((i * seed) % 3 == 0) for i in range(30)]
-            arm = [float((i * seed + seed) % 2 == 0) for i in range(30)]
+            base = [((i * 0.37 + seed * 0.11) % 1) for i in range(30)]
+            arm = [((i * 0.53 + seed * 0.29) % 1) * seed / 3 for i in range(30)]
             make_run(root, f"{name}-base", {"lam": 0.0}, seed, items(base))
             make_run(root, f"{name}-arm", {"lam": 0.25}, seed, items(arm))
         reports.append(metric(paired_report(load_runs(sorted(root.iterdir())), "lam=0.0"), "lam=0.25", "end_to_end"))
