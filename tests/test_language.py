@@ -541,6 +541,8 @@ def test_a_grid_sweeping_a_param_the_template_never_uses_is_an_error(tmp_path: P
     assert "the template never uses `unused`" in errors[0].message
     fine = check_text(grid.replace("axis unused = [1, 2]\n", ""), "g.pd", base_dir=tmp_path)
     assert fine.ok, [d.message for d in fine.diagnostics]
+    fixed = check_text(grid.replace("axis unused = [1, 2]", "fix unused = 2"), "g.pd", base_dir=tmp_path)  # no repeat, but no effect
+    assert fixed.ok and [(d.code, d.span.line) for d in fixed.diagnostics] == [("unused-param", 4)]
 
 
 def test_a_template_param_without_a_default_may_be_left_to_the_grid(tmp_path: Path) -> None:

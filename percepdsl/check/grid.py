@@ -56,6 +56,8 @@ def check_grid(ck: Checker) -> GridIR | None:
         return None
     tir: ExperimentIR = tres.ir
     tparams = {name: _param_type(v) for name, v in tir.params.items()}
+    # params the template declares and never uses (its `unused-param` warnings)
+    unused = {m.group(1) for d in tres.diagnostics if d.code == "unused-param" and (m := re.search(r"`([^`]+)`", d.message))}
 
     used: dict[str, Span] = {}
 
@@ -115,6 +117,8 @@ def check_grid(ck: Checker) -> GridIR | None:
             val = ck.coerce_expr(f.value, ParamSpec(name, tparams[name]), f"`{name}`", literal_only=True)
             if val is not None:
                 fixed[name] = val
+            if name in unused:
+                ck.warning(f.name.span, "unused-param", f"the template never uses `{name}`: fixing it changes nothing it trains", None)
     axes: list[AxisIR] = []
     axis_spans: list[Span] = []
 
@@ -196,7 +200,6 @@ def check_grid(ck: Checker) -> GridIR | None:
     failures = 0
     seen_params: set[str] = set()
     trains: dict[str, Cell] = {}  # what a cell trains (`training_key`) -> the first cell that trains it
-    unused = {d.message for d in tres.diagnostics if d.code == "unused-param"}
     for cell in cells[:MAX_CELL_CHECKS]:
         key = Cell(cell.params, None).label()
         if key in seen_params:  # the seed never decides whether a cell compiles
@@ -206,7 +209,7 @@ def check_grid(ck: Checker) -> GridIR | None:
         if res.ok:
             if isinstance(res.ir, ExperimentIR) and (twin := trains.setdefault(training_key(res.ir), cell)) is not cell:
                 differ = [n for n in cell.params if cell.params[n] != twin.params.get(n)]
-                never = [n for n in differ if any(f"`{n}`" in m for m in unused)]
+                never = [n for n in differ if n in unused]
                 why = f"; the template never uses {', '.join(f'`{n}`' for n in never)}" if never else ""
                 at = next((sp for ax, sp in zip(axes, axis_spans) if set(ax.names) & set(differ)), header.span)
                 ck.error(
