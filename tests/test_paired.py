@@ -212,6 +212,28 @@ def test_grid_baseline_adds_paired_table_and_is_checked_before_running(tmp_path,
     assert "| lam=0.25 | a_p | 2 | -0.300 |" in o.getvalue()
 
 
+def test_a_grid_whose_baseline_cells_all_failed_still_writes_its_results_table(tmp_path, monkeypatch):
+    """The baseline was checked before the cells ran, but its cells then failed: the paired report raised and
+    run_plan's catch-all dropped the whole results table (no results.csv, .md or plots; a one-line warning)."""
+    monkeypatch.delenv("FAKE_RUN_CALLS", raising=False)
+    monkeypatch.setenv("FAKE_RUN_FAIL", "lam=0.25")
+    grid, out = REPO / "specs" / "grids" / "smoke.pd", tmp_path / "g"
+    o, e = io.StringIO(), io.StringIO()
+    assert grid_command(grid, out=out, launcher=FAKE, baseline="lam=0.25", stdout=o, stderr=e) == 3
+    assert "warning: no paired differences: --baseline `lam=0.25` matches none of the arms" in e.getvalue()
+    assert (out / "results.csv").exists() and "| 0.75 | 2 | 0 |" in o.getvalue() and "| 0.25 | 0 | 2 |" in o.getvalue()
+    assert not (out / "paired.md").exists() and "paired" not in e.getvalue().split("results: ")[1].splitlines()[0]
+
+
+def test_a_grid_with_a_baseline_prints_the_paired_table_and_names_its_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("FAKE_RUN_CALLS", raising=False)
+    o, e = io.StringIO(), io.StringIO()
+    out = tmp_path / "g"
+    assert grid_command(REPO / "specs" / "grids" / "smoke.pd", out=out, launcher=FAKE, baseline="lam=0.25", stdout=o, stderr=e) == EXIT_OK
+    assert "## Paired differences against `lam=0.25`" in o.getvalue() and "| lam=0.75 | a_p | 2 | +0.300 |" in o.getvalue()
+    assert f"{out / 'paired.md'}, {out / 'paired.json'}" in e.getvalue()
+
+
 def test_percep_report_on_the_command_line(tmp_path):
     a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
     b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))

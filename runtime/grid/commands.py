@@ -141,7 +141,12 @@ def run_plan(
         )
     if outcome.status != "interrupted":
         try:
-            outcome.table, outcome.plots = write_results(plan.out_dir, baseline=baseline)
+            try:
+                outcome.table, outcome.plots = write_results(plan.out_dir, baseline=baseline)
+                outcome.paired = bool(baseline)
+            except BaselineError as exc:  # checked before the cells ran, but its cells failed: the table without the pairs
+                print(f"warning: no paired differences: {exc}", file=stream or sys.stderr)
+                outcome.table, outcome.plots = write_results(plan.out_dir)
         except Exception as exc:  # results are a view of the run dirs: never lose the grid's outcome over them
             print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stream or sys.stderr)
     return outcome
@@ -264,12 +269,15 @@ def grid_command(
         )
         return EXIT_INTERRUPTED
     if outcome.table is not None:
+        paired = [plan.out_dir / PAIRED_MD, plan.out_dir / PAIRED_JSON] if baseline and outcome.paired else []
         print(
             f"results: {relpath(plan.out_dir / RESULTS_MD)}, {relpath(plan.out_dir / RESULTS_CSV)}"
-            + "".join(f", {relpath(p)}" for p in outcome.plots),
+            + "".join(f", {relpath(p)}" for p in [*outcome.plots, *paired]),
             file=stderr,
         )
         print(table_markdown(outcome.table), file=stdout, end="")
+        if paired:
+            print("\n" + paired[0].read_text(encoding="utf-8"), file=stdout, end="")
     if outcome.stopped:
         pending = len(plan.cells) - outcome.done - len(outcome.failed) - len(outcome.interrupted)
         print(

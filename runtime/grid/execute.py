@@ -33,6 +33,7 @@ class GridOutcome:
     stopped: str | None = None  # why the grid stopped before every cell ran (--fail-fast), else None
     table: Any = None  # the results table (`ResultsTable`) once written (`run_plan`)
     plots: list[Any] = field(default_factory=list)  # the plots written with it
+    paired: bool = False  # paired.md / paired.json written with it (a baseline, and its arm finished)
 
     @property
     def exit_code(self) -> int:
