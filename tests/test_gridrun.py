@@ -37,7 +37,7 @@ from percepdsl_runtime.grid.state import GridLock
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "specs" / "grids" / "smoke.pd"
 FAKE = [sys.executable, str(REPO / "tests" / "fake_run.py")]
-FAKE_VARS = ("FAKE_RUN_CALLS", "FAKE_RUN_SLEEP", "FAKE_RUN_SLOW", "FAKE_RUN_FAIL", "FAKE_RUN_FAIL_AFTER")
+FAKE_VARS = ("FAKE_RUN_CALLS", "FAKE_RUN_SLEEP", "FAKE_RUN_SLOW", "FAKE_RUN_FAIL", "FAKE_RUN_FAIL_AFTER", "FAKE_RUN_FINISH_ON_INTERRUPT")
 
 
 @pytest.fixture(autouse=True)
@@ -352,6 +352,24 @@ def test_sigint_stops_running_cells_keeps_finished_ones_and_rerun_resumes(tmp_pa
     again = calls(tmp_path)[4:]
     assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
     assert all(json.loads((d / "summary.json").read_text())["resumed"] for d in slow_dirs)
+
+
+def test_a_cell_that_finishes_while_being_stopped_is_done_not_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C reached a cell at its last step and it finished (summary.json, exit 0) in the grace period; the grid
+    recorded it `interrupted` and said so ("2/4 cells done, 2 stopped") though the cell was complete."""
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.75")
+    monkeypatch.setenv("FAKE_RUN_FINISH_ON_INTERRUPT", "1")
+    slow_dirs = [out / "cells" / smoke_hash("0.75", s) for s in (0, 1)]
+    proc = start_driver(out, jobs=2)
+    wait_for_two_done_two_running(proc, out, slow_dirs)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "interrupted: 4/4 cells done, 0 stopped" in err
+    st = state(out)
+    assert st["counts"]["done"] == 4 and st["counts"]["interrupted"] == 0, st["counts"]
 
 
 def test_a_grid_killed_outright_does_not_leave_its_cells_running(tmp_path, monkeypatch):

@@ -105,6 +105,14 @@ def execute(
         for twin in twins[cell.hash]:
             state.set(twin, **fields)
 
+    def stopped(cell: CellPlan) -> None:
+        """A running cell the grid stopped: interrupted, unless it completed while stopping (at its last step)."""
+        if read_summary(cell.run_dir) is not None:
+            mark(cell, status=DONE, finished=now(), exit_code=0, log_tail=None)
+        else:
+            mark(cell, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(cell.log_path))
+            outcome.interrupted.append(cell)
+
     prev_term = _raise_on_sigterm()
     started_at: dict[int, float] = {}
     try:
@@ -157,15 +165,13 @@ def execute(
                     if runner.running:
                         progress.note(f"{outcome.stopped}: stopping {runner.running} running cell(s)")
                         for c in runner.stop_all(STOP_GRACE_S):
-                            mark(c, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(c.log_path))
-                            outcome.interrupted.append(c)
+                            stopped(c)
                     state.write("running")
             progress.tick()
     except KeyboardInterrupt:
         progress.note(f"interrupted: stopping {runner.running} running cell(s); finished cells are kept")
         for cell in runner.stop_all(STOP_GRACE_S):
-            mark(cell, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(cell.log_path))
-            outcome.interrupted.append(cell)
+            stopped(cell)
         outcome.status = "interrupted"
     finally:
         _restore_sigterm(prev_term)
