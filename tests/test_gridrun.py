@@ -798,6 +798,20 @@ def test_interrupting_a_slurm_grid_cancels_its_jobs_and_a_rerun_resumes(tmp_path
     assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
 
 
+def test_a_set_of_a_param_the_template_never_uses_is_refused(tmp_path):
+    """`--set unused=5` changed every cell's params, so its hash and run directory: the whole grid ran again
+    and trained what it had trained already."""
+    spec = (REPO / "specs" / "sft_smoke.pd").read_text().replace("seed 0", "seed 0\nparam unused: int = 3")
+    (tmp_path / "common").symlink_to(REPO / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    grid = tmp_path / "g.pd"
+    grid.write_text('grid g\ntemplate "t.pd"\naxis lam = [0.25, 0.75]\n')
+    rc, _, err = run_grid(tmp_path / "out", grid=grid, sets=["unused=5"])
+    assert rc == EXIT_USAGE and "--set unused=...: the template" in err and "never uses `unused`" in err, err
+    assert calls(tmp_path) == []
+    assert run_grid(tmp_path / "out", grid=grid, sets=["unused=3"], dry_run=True)[0] == EXIT_OK  # its default: no change
+
+
 def test_cells_beyond_those_the_checker_compiles_that_train_the_same_run_are_refused(tmp_path, monkeypatch):
     """The checker compiles the first MAX_CELL_CHECKS cells; the plan compiles them all and refuses the rest's repeats too."""
     import percepdsl.check.grid as check_grid

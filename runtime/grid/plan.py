@@ -138,6 +138,15 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
             guess = did_you_mean(name, tir.params)
             hint = f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tir.params) or 'none'}"
             raise GridError(f"--set {name}=...: the template {relpath(tpath)} has no param `{name}` ({hint})")
+    for name in sets:
+        if name == "seed":
+            continue
+        one = compile_spec(tpath, {**first, name: sets[name]})
+        if one.params != tir.params and training_key(one) == training_key(tir):
+            raise GridError(
+                f"--set {name}=...: the template {relpath(tpath)} never uses `{name}`; the cells would train what they train "
+                "without it, under new names (every cell run again)"
+            )
     if not sets:
         return grid, dict(tparams)
     ir = compile_spec(tpath, {**first, **sets})
