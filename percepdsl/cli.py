@@ -138,9 +138,9 @@ def compile_(
                 what += ", token weights " + (", ".join(tw.weights) if tw.kind == "weights" else "ngdiff")
             print(f"  stage  {st.name} = {st.kind}{' from ' + st.parent if st.parent else ''}: {st.steps} steps, {what}")
     else:
-        from .grid import expand
+        from .grid import expand, template_defaults
 
-        print(f"  template {ir.template}: {len(expand(ir))} cells")
+        print(f"  template {ir.template}: {len(expand(ir, template_defaults(spec, ir)))} cells")
 
 
 @app.command()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .ir import GridIR
+from .ir import ExperimentIR, GridIR, content_hash
 
 MAX_CELLS = 10_000
 MAX_COMBINATIONS = 100_000  # points of the axes times seeds, enumerated before `where` filters them
@@ -55,6 +55,12 @@ def literal(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)
     return repr(v)
+
+
+def training_key(ir: ExperimentIR) -> str:
+    """What a cell trains, whatever its params and seed are called: two settings of a grid with the
+    same key differ only in params the template does not use, and would train the same run twice."""
+    return content_hash(ir.model_copy(update={"params": {}, "seed": 0}))
 
 
 def template_path(grid_file: Path | None, grid: GridIR) -> Path:
@@ -98,8 +104,30 @@ def eval_where(tree: dict, env: dict[str, Any]) -> Any:
         return False
 
 
+def first_point(grid: GridIR) -> dict[str, str]:
+    """The grid's fixed values and each axis's first value, as `--set` text."""
+    params = dict(grid.fixed)
+    for ax in grid.axes:
+        params.update(zip(ax.names, ax.values[0]))
+    return {k: literal(v) for k, v in params.items()}
+
+
+def template_defaults(grid_file: Path | None, grid: GridIR) -> dict[str, Any] | None:
+    """The template's params and seed (`seed`), what a `where` reads of params no axis sets; None when
+    the template does not compile (with the grid's first values for params it leaves without a default)."""
+    from .check import check_file
+
+    tpath = template_path(grid_file, grid)
+    res = check_file(tpath, fragment_ok=False)
+    if not isinstance(res.ir, ExperimentIR):
+        res = check_file(tpath, first_point(grid), origin="grid", fragment_ok=False)
+    return {**res.ir.params, "seed": res.ir.seed} if isinstance(res.ir, ExperimentIR) else None
+
+
 def expand(grid: GridIR, template_defaults: dict[str, Any] | None = None) -> list[Cell]:
-    """Cells in a stable order: axes in declaration order (product), then seeds."""
+    """Cells in a stable order: axes in declaration order (product), then seeds. `template_defaults`:
+    the template's params and `seed`, for a `where` that reads a param no axis sets (or the seed of a
+    grid without `seeds`)."""
     points = itertools.product(*[ax.values for ax in grid.axes]) if grid.axes else [()]
     cells = []
     for point in points:
@@ -107,7 +135,8 @@ def expand(grid: GridIR, template_defaults: dict[str, Any] | None = None) -> lis
         for ax, vals in zip(grid.axes, point):
             params.update(zip(ax.names, vals))
         for seed in grid.seeds or [None]:
-            env = {**(template_defaults or {}), **params, "seed": seed}
+            env = {**(template_defaults or {}), **params}
+            env["seed"] = seed if seed is not None else env.get("seed")  # no `seeds` line: the template's seed
             if grid.where is not None and not eval_where(grid.where, env):
                 continue
             cells.append(Cell(params, seed))

@@ -32,6 +32,17 @@ from typing import Any
 
 from percepdsl.ir import TrainerIR
 
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (a SLURM allocation, `taskset`, a container's
+    cpuset), not every core of the machine (`os.cpu_count()`), which split among parallel cells or stage
+    workers gave each as many threads as the node has cores and left them stalling on a few."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity here (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 # Collectives wait this long for every rank. Evaluation runs on rank 0 while the others wait at a
 # barrier, and evaluating a real model on a CPU can take well over Lightning's default 30 min.
 TIMEOUT = timedelta(hours=4)

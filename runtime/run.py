@@ -55,7 +55,7 @@ from percepdsl.io import (
 from percepdsl.ir import ExperimentIR, SFTStageIR, Stage, content_hash, named_roles
 
 from . import inputs, stagecache
-from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start
+from .ranks import LaunchError, Ranks, launched_as_rank_zero, others_wait_for_this_one, start, usable_cpus
 
 RESUME_EVERY = int(
     os.environ.get("PERCEP_RESUME_EVERY", 50)
@@ -100,7 +100,7 @@ def stage_threads(ir: ExperimentIR, jobs: int = 1) -> int:
     if ir.trainer.threads:
         return ir.trainer.threads
     if jobs > 1:
-        return max(1, (os.cpu_count() or 1) // jobs)
+        return max(1, usable_cpus() // jobs)
     import torch
 
     return torch.get_num_threads()
@@ -827,6 +827,58 @@ def run(
             f"{world} ranks (trainer devices × num_nodes): run it with --jobs 1"
         )
     zero = launched_as_rank_zero(ir.trainer)
+    lock = lock_run_dir(run_dir) if zero else None  # RunRefused while another process runs it
+    try:
+        return _run(ir, sources, run_dir, resume, progress, echo, jobs, zero, world)
+    finally:
+        if lock is not None:
+            lock.close()  # closing releases the flock
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """An exclusive lock on a run directory (flock on `.<name>.lock` beside it, released when the process
+    ends), or RunRefused naming the process that holds it. Two processes on one run directory (a grid
+    re-run while a cell of a killed grid was still saving its checkpoint) deleted each other's temporaries
+    and trained the same stage twice. None where it cannot be taken (no flock; an --out that is no
+    directory: opening the run directory says so)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the run ends
+    except OSError:
+        return None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunRefused(f"{run_dir} is in use by another `percep run` ({holder}); wait for it to end, or stop it") from None
+    except OSError:  # a filesystem without locks (some network mounts): run unguarded, as before
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _run(
+    ir: ExperimentIR,
+    sources: dict[str, str],
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    echo: Callable[[str], None],
+    jobs: int,
+    zero: bool,
+    world: int,
+) -> Path | None:
     complete, ctx, refusal = False, None, None
     try:
         if zero:

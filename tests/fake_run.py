@@ -14,6 +14,7 @@ Behaviour is steered by environment variables:
   FAKE_RUN_FAIL    cells whose overrides include all these `k=v` pairs fail with exit 3
   FAKE_RUN_FAIL_AFTER  a failing cell first waits (up to 60 s) until the calls file holds this many lines:
                    a test can make sure the cells started with it are under way before it fails
+  FAKE_RUN_FINISH_ON_INTERRUPT  SIGINT during the sleep finishes the run (summary, exit 0), as a run stopped at its last step does
   FAKE_RUN_CONFIG  a JSON file whose keys (calls, sleep, slow, fail, fail_after) override the variables above when
                    it exists: a test can change the behaviour of Ray workers started earlier
 SIGINT makes it exit 130 with its progress file but no summary, like an interrupted run.
@@ -106,8 +107,10 @@ def main(argv: list[str]) -> int:
         if slow is None or _matches(slow, overrides):
             time.sleep(float(setting("sleep") or 0))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+        if not setting("finish_on_interrupt"):
+            print("interrupted", file=sys.stderr, flush=True)
+            return 130
+        print("interrupted at its last step: finishing", flush=True)
 
     stages = {"base": metrics(ir.params, ir.seed, shift=-0.1), "post": metrics(ir.params, ir.seed)}
     summary = {

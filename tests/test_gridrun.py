@@ -37,7 +37,7 @@ from percepdsl_runtime.grid.state import GridLock
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "specs" / "grids" / "smoke.pd"
 FAKE = [sys.executable, str(REPO / "tests" / "fake_run.py")]
-FAKE_VARS = ("FAKE_RUN_CALLS", "FAKE_RUN_SLEEP", "FAKE_RUN_SLOW", "FAKE_RUN_FAIL", "FAKE_RUN_FAIL_AFTER")
+FAKE_VARS = ("FAKE_RUN_CALLS", "FAKE_RUN_SLEEP", "FAKE_RUN_SLOW", "FAKE_RUN_FAIL", "FAKE_RUN_FAIL_AFTER", "FAKE_RUN_FINISH_ON_INTERRUPT")
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +163,19 @@ def test_set_fixes_a_template_param_for_every_cell(two_param_grid, tmp_path):
     assert plan_grid(two_param_grid, tmp_path / "out").cells[3].hash != content_hash(ir)
 
 
+def test_a_grid_runs_a_template_that_leaves_its_swept_param_without_a_default(two_param_grid, tmp_path):
+    tmpl = tmp_path / "tmpl.pd"
+    tmpl.write_text(tmpl.read_text().replace("param lam: float = 0.5", "param lam: float"))
+    rc, _, err = run_grid(tmp_path / "g", grid=two_param_grid, sets=["post_steps=3"])
+    assert rc == EXIT_OK, err
+    assert sorted((c["params"]["lam"], c["params"]["post_steps"]) for c in state(tmp_path / "g")["cells"]) == [
+        (0.25, 3),
+        (0.25, 3),
+        (0.75, 3),
+        (0.75, 3),
+    ]
+
+
 @pytest.mark.parametrize(
     "sets, message",
     [
@@ -222,6 +235,20 @@ def test_runs_cells_writes_results_and_skips_finished_cells(tmp_path):
     assert len(calls(tmp_path)) == 4
     rc, listing, _ = run_grid(out, dry_run=True)
     assert "4 done, 0 pending" in listing
+
+
+def test_parallel_cells_split_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """Under a SLURM allocation, `taskset` or a container's cpuset the grid may use 2 of a node's 64 cores:
+    `--jobs 2` gave each cell os.cpu_count() // 2 = 32 OpenMP threads on 2 cores, which stall each other."""
+    from percepdsl_runtime.grid.execute import thread_env
+    from percepdsl_runtime.ranks import usable_cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert usable_cpus() == 2
+    assert thread_env(2) == {"OMP_NUM_THREADS": "1"} and thread_env(4) == {"OMP_NUM_THREADS": "1"}
+    assert thread_env(1) == {}
 
 
 def test_failed_cells_are_recorded_do_not_stop_others_and_are_retried(tmp_path, monkeypatch):
@@ -327,6 +354,62 @@ def test_sigint_stops_running_cells_keeps_finished_ones_and_rerun_resumes(tmp_pa
     assert all(json.loads((d / "summary.json").read_text())["resumed"] for d in slow_dirs)
 
 
+def test_a_cell_that_finishes_while_being_stopped_is_done_not_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C reached a cell at its last step and it finished (summary.json, exit 0) in the grace period; the grid
+    recorded it `interrupted` and said so ("2/4 cells done, 2 stopped") though the cell was complete."""
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.75")
+    monkeypatch.setenv("FAKE_RUN_FINISH_ON_INTERRUPT", "1")
+    slow_dirs = [out / "cells" / smoke_hash("0.75", s) for s in (0, 1)]
+    proc = start_driver(out, jobs=2)
+    wait_for_two_done_two_running(proc, out, slow_dirs)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "interrupted: 4/4 cells done, 0 stopped" in err
+    st = state(out)
+    assert st["counts"]["done"] == 4 and st["counts"]["interrupted"] == 0, st["counts"]
+
+
+def test_a_grid_killed_outright_does_not_leave_its_cells_running(tmp_path, monkeypatch):
+    """SIGKILL of `percep grid` (an OOM killer, `kill -9`, a dead ssh session's job) cannot stop its cells;
+    they ran on in their own sessions, so the re-run (the lock died with the driver) started a second
+    process on each unfinished cell's run directory. Now each cell is asked to stop (SIGINT: it keeps
+    its resume checkpoint) when the grid process dies, and the re-run resumes it alone."""
+    out = tmp_path / "g"
+    monkeypatch.setenv("FAKE_RUN_SLEEP", "120")
+    monkeypatch.setenv("FAKE_RUN_SLOW", "lam=0.75")
+    slow_dirs = [out / "cells" / smoke_hash("0.75", s) for s in (0, 1)]
+    proc = start_driver(out, jobs=2)
+    wait_for_two_done_two_running(proc, out, slow_dirs)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    pids = [c["pid"] for c in calls(tmp_path)[2:]]
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "cell processes outlived the killed grid"
+    for d in slow_dirs:
+        assert (out / "cells" / f"{d.name}.log").read_text().rstrip().endswith("interrupted")
+    monkeypatch.delenv("FAKE_RUN_SLEEP")
+    rc, _, err = run_grid(out)
+    assert rc == EXIT_OK, err
+    again = calls(tmp_path)[4:]
+    assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
+
+
 # ---- aggregation and `percep report` -------------------------------------------------------------
 
 
@@ -416,6 +499,26 @@ def test_report_rebuilds_results_from_run_directories(tmp_path):
     assert "grid_state.json cannot be read" in e.getvalue() and ".stage-cache" not in e.getvalue()
 
 
+def test_cells_of_an_earlier_template_are_not_counted_with_the_grids_cells(two_param_grid, tmp_path):
+    """Editing the template gives every cell a new hash and run directory; the old ones stay in cells/, and the
+    table (and the paired report) counted them as more seeds of the same settings: 4 seeds where the grid has 2."""
+    out = tmp_path / "g"
+    assert run_grid(out, grid=two_param_grid)[0] == EXIT_OK
+    tmpl = tmp_path / "tmpl.pd"
+    tmpl.write_text(tmpl.read_text().replace("steps = 12", "steps = 10"))
+    rc, table, err = run_grid(out, grid=two_param_grid, baseline="lam=0.25")
+    assert rc == EXIT_OK, err
+    assert len(list((out / "cells").glob("*/summary.json"))) == 8
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["lam"], r["n_seeds"], r["seeds"]) for r in rows] == [("0.25", "2", "0;1"), ("0.75", "2", "0;1")]
+    assert "4 finished runs" in table
+    arm = json.loads((out / "paired.json").read_text())["arms"][0]
+    assert len(arm["metrics"]["end_to_end"]["per_seed"]) == 2
+    o, e = io.StringIO(), io.StringIO()
+    assert report_command(out, stdout=o, stderr=e) == EXIT_OK
+    assert "4 finished runs" in o.getvalue() and "note: not in the table: 4 run directories of no cell of the grid" in e.getvalue()
+
+
 @pytest.mark.parametrize(
     "damaged",
     [
@@ -485,6 +588,42 @@ def test_ray_backend_runs_cells_as_tasks_on_a_cluster(tmp_path, monkeypatch):
     good = next(c for c in st["cells"] if c["grid_params"] == {"lam": 0.75} and c["seed"] == 0)
     assert good["resumed"] and json.loads((out / good["run_dir"] / "summary.json").read_text())["resumed"]
     assert "0.75,1,0,1," in (out / "results.csv").read_text()
+
+
+def test_a_ray_cells_time_is_its_run_not_its_wait_for_a_slot(tmp_path, monkeypatch):
+    """Every cell is submitted at once; on a 1-CPU cluster the last waited for three others, and its
+    recorded time (grid_state.json, the progress line, the ETA) was that wait plus its run."""
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "g"
+    config = tmp_path / "fake.json"
+    monkeypatch.setenv("FAKE_RUN_CONFIG", str(config))
+    config.write_text(json.dumps({"sleep": 2}))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        proc = start_driver(out, backend="ray", address=ray.get_runtime_context().gcs_address)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        ray.shutdown()
+    assert proc.returncode == EXIT_OK, err
+    seconds = sorted(c["seconds"] for c in state(out)["cells"])
+    assert seconds[-1] < 2 * seconds[0] and seconds[0] >= 2, seconds
+
+
+def test_a_ray_cell_no_node_can_hold_is_refused_not_left_waiting(tmp_path, monkeypatch):
+    # Ray keeps an infeasible task waiting forever: the grid hung with every cell "running".
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "g"
+    proc = start_driver(out, backend="ray", cpus_per_cell=float((os.cpu_count() or 1) * 4))  # Ray started by the grid itself
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_USAGE, err
+    assert "no node of the cluster has that much" in err and "Traceback" not in err
+    assert calls(tmp_path) == []
+    # a quantity Ray does not take at all was a ValueError traceback (exit 1)
+    proc = start_driver(tmp_path / "g2", backend="ray", cpus_per_cell=0.00001)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_USAGE and "Ray refuses --cpus-per-cell 1e-05" in err and "Traceback" not in err, err
+    assert calls(tmp_path) == []
 
 
 # ---- the command line (active once `percep grid` / `percep report` are registered in percepdsl/cli.py) ----
@@ -603,6 +742,7 @@ def test_slurm_backend_without_sbatch_is_refused(tmp_path, monkeypatch):
         ({"backend": "ray", "gpus_per_cell": math.nan}, "--gpus-per-cell >= 0"),
         ({"backend": "slurm", "mem_gb": math.nan}, "--mem more than 0 GB"),
         ({"backend": "slurm", "mem_gb": math.inf}, "--mem more than 0 GB"),
+        ({"backend": "slurm", "mem_gb": 0.0001}, "at least 1 MB"),  # submitted as --mem=0MB: all of the node's memory
     ],
 )
 def test_slurm_options_are_checked_before_anything_runs(tmp_path, kw, message):
@@ -656,3 +796,32 @@ def test_interrupting_a_slurm_grid_cancels_its_jobs_and_a_rerun_resumes(tmp_path
     assert rc == EXIT_OK, err
     again = calls(tmp_path)[4:]
     assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
+
+
+def test_a_set_of_a_param_the_template_never_uses_is_refused(tmp_path):
+    """`--set unused=5` changed every cell's params, so its hash and run directory: the whole grid ran again
+    and trained what it had trained already."""
+    spec = (REPO / "specs" / "sft_smoke.pd").read_text().replace("seed 0", "seed 0\nparam unused: int = 3")
+    (tmp_path / "common").symlink_to(REPO / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    grid = tmp_path / "g.pd"
+    grid.write_text('grid g\ntemplate "t.pd"\naxis lam = [0.25, 0.75]\n')
+    rc, _, err = run_grid(tmp_path / "out", grid=grid, sets=["unused=5"])
+    assert rc == EXIT_USAGE and "--set unused=...: the template" in err and "never uses `unused`" in err, err
+    assert calls(tmp_path) == []
+    assert run_grid(tmp_path / "out", grid=grid, sets=["unused=3"], dry_run=True)[0] == EXIT_OK  # its default: no change
+
+
+def test_cells_beyond_those_the_checker_compiles_that_train_the_same_run_are_refused(tmp_path, monkeypatch):
+    """The checker compiles the first MAX_CELL_CHECKS cells; the plan compiles them all and refuses the rest's repeats too."""
+    import percepdsl.check.grid as check_grid
+
+    monkeypatch.setattr(check_grid, "MAX_CELL_CHECKS", 1)
+    spec = (REPO / "specs" / "sft_smoke.pd").read_text().replace("seed 0", "seed 0\nparam unused: int = 3")
+    (tmp_path / "common").symlink_to(REPO / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    grid = tmp_path / "g.pd"
+    grid.write_text('grid g\ntemplate "t.pd"\naxis unused = [1, 2]\n')
+    rc, _, err = run_grid(tmp_path / "out", grid=grid)
+    assert rc == EXIT_USAGE and "cell unused=2: trains the same run as cell unused=1" in err, err
+    assert calls(tmp_path) == []

@@ -522,3 +522,74 @@ def test_a_template_that_is_a_loop_or_a_directory_says_which(tmp_path: Path) -> 
         res = check_text(f'grid g\ntemplate "{target}"\nseeds 1..2\n', "g.pd", base_dir=tmp_path)
         d = next(d for d in res.diagnostics if d.code == "missing-file")
         assert d.message == f"template spec `{target}` {message}", d.message
+
+
+def test_a_grid_sweeping_a_param_the_template_never_uses_is_an_error(tmp_path: Path) -> None:
+    """`axis unused = [1, 2]` over a param the template declares but never uses made cells with different
+    params (so different IR hashes and run directories) that trained the very same run: no diagnostic, a
+    grid twice as long and "arms" whose difference is pure noise. Now the cells are compared by what they
+    train (the IR without params and seed) and such an axis is a located error."""
+    spec = (ROOT / "specs" / "sft_smoke.pd").read_text().replace("seed 0", "seed 0\nparam unused: int = 3")
+    (tmp_path / "common").symlink_to(ROOT / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    grid = 'grid g\ntemplate "t.pd"\naxis lam = [0.25, 0.75]\naxis unused = [1, 2]\nseeds [0, 1]\n'
+    res = check_text(grid, "g.pd", base_dir=tmp_path)
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert res.ir is None and [d.code for d in errors] == ["duplicate-cell"]
+    assert errors[0].span.line == 4, "located at the axis that sweeps the unused param"
+    assert "lam=0.25 unused=1 and lam=0.25 unused=2 train the same run" in errors[0].message
+    assert "the template never uses `unused`" in errors[0].message
+    fine = check_text(grid.replace("axis unused = [1, 2]\n", ""), "g.pd", base_dir=tmp_path)
+    assert fine.ok, [d.message for d in fine.diagnostics]
+    fixed = check_text(grid.replace("axis unused = [1, 2]", "fix unused = 2"), "g.pd", base_dir=tmp_path)  # no repeat, but no effect
+    assert fixed.ok and [(d.code, d.span.line) for d in fixed.diagnostics] == [("unused-param", 4)]
+
+
+def test_a_template_param_without_a_default_may_be_left_to_the_grid(tmp_path: Path) -> None:
+    """`param lam: float` (no default) in a template whose grid sweeps `lam` was refused as a template
+    error ("has no default and is not set"), though every cell sets it. A param the grid leaves unset is still one."""
+    spec = (ROOT / "specs" / "sft_smoke.pd").read_text().replace("param lam: float = 0.5", "param lam: float")
+    (tmp_path / "common").symlink_to(ROOT / "specs" / "common")
+    (tmp_path / "t.pd").write_text(spec)
+    for axis in ("axis lam = [0.25, 0.75]", "zip { lam = [0.25, 0.75] }", "fix lam = 0.25"):
+        res = check_text(f'grid g\ntemplate "t.pd"\n{axis}\nseeds [0, 1]\n', "g.pd", base_dir=tmp_path)
+        assert res.ok, (axis, [d.message for d in res.diagnostics])
+    bad = check_text('grid g\ntemplate "t.pd"\nseeds [0, 1]\n', "g.pd", base_dir=tmp_path)
+    assert bad.ir is None and {d.code for d in bad.diagnostics if d.is_error} == {"template-error", "unset-param"}
+    out_of_range = check_text('grid g\ntemplate "t.pd"\naxis lam = [1.5, 0.5]\n', "g.pd", base_dir=tmp_path)
+    assert [d.code for d in out_of_range.diagnostics if d.is_error] == ["cell-error"]
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ('lam < 0.5 or steps == "4"', "`where` compares a number with a string"),  # dropped every steps=4 cell, silently
+        ("lam == true", "`where` compares a number with a bool"),
+        ('steps + "a" > 1', "`where` arithmetic is on numbers"),
+    ],
+)
+def test_a_where_filter_comparing_a_param_with_a_value_of_another_type_is_an_error(where: str, message: str) -> None:
+    text = f'grid g\ntemplate "../gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nwhere {where}\n'
+    res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert res.ir is None and [(d.code, d.message, d.span.line) for d in errors] == [("type", message, 4)]
+
+
+def test_a_cell_error_points_at_the_axis_that_broke_the_cell() -> None:
+    """It pointed at the grid's first axis whatever broke the cell: here `steps`, when `lam = 1.5` is out of range."""
+    text = 'grid g\ntemplate "../gc_sft_fixed.pd"\naxis steps = [300, 600]\naxis lam = [0.25, 1.5]\n'
+    res = check_text(text, "g.pd", base_dir=ROOT / "specs" / "grids")
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert errors and all(d.code == "cell-error" and "lam=1.5" in d.message and d.span.line == 4 for d in errors)
+
+
+def test_a_where_on_the_template_seed_and_params_counts_the_cells_the_grid_runs(tmp_path: Path) -> None:
+    """`where seed == 1` in a grid without `seeds` read the seed as missing (None): every cell was dropped
+    ("the grid has no cells"), though the template's seed is 1. And `percep compile GRID` expanded the
+    grid without the template's params, so a `where` on one (`steps > 2`) counted 0 cells."""
+    (tmp_path / "g.pd").write_text('grid g\ntemplate "../gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nwhere seed == 1 and lam < 0.3\n')
+    res = check_text((tmp_path / "g.pd").read_text(), "g.pd", base_dir=ROOT / "specs" / "grids")
+    assert res.ok, [d.message for d in res.diagnostics]
+    (tmp_path / "h.pd").write_text(f'grid h\ntemplate "{ROOT}/specs/gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nseeds 1..3\nwhere steps > 2\n')
+    res = run_cli("compile", str(tmp_path / "h.pd"))
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].endswith(b": 6 cells"), (res.stdout, res.stderr)

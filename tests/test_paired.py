@@ -212,6 +212,28 @@ def test_grid_baseline_adds_paired_table_and_is_checked_before_running(tmp_path,
     assert "| lam=0.25 | a_p | 2 | -0.300 |" in o.getvalue()
 
 
+def test_a_grid_whose_baseline_cells_all_failed_still_writes_its_results_table(tmp_path, monkeypatch):
+    """The baseline was checked before the cells ran, but its cells then failed: the paired report raised and
+    run_plan's catch-all dropped the whole results table (no results.csv, .md or plots; a one-line warning)."""
+    monkeypatch.delenv("FAKE_RUN_CALLS", raising=False)
+    monkeypatch.setenv("FAKE_RUN_FAIL", "lam=0.25")
+    grid, out = REPO / "specs" / "grids" / "smoke.pd", tmp_path / "g"
+    o, e = io.StringIO(), io.StringIO()
+    assert grid_command(grid, out=out, launcher=FAKE, baseline="lam=0.25", stdout=o, stderr=e) == 3
+    assert "warning: no paired differences: --baseline `lam=0.25` matches none of the arms" in e.getvalue()
+    assert (out / "results.csv").exists() and "| 0.75 | 2 | 0 |" in o.getvalue() and "| 0.25 | 0 | 2 |" in o.getvalue()
+    assert not (out / "paired.md").exists() and "paired" not in e.getvalue().split("results: ")[1].splitlines()[0]
+
+
+def test_a_grid_with_a_baseline_prints_the_paired_table_and_names_its_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("FAKE_RUN_CALLS", raising=False)
+    o, e = io.StringIO(), io.StringIO()
+    out = tmp_path / "g"
+    assert grid_command(REPO / "specs" / "grids" / "smoke.pd", out=out, launcher=FAKE, baseline="lam=0.25", stdout=o, stderr=e) == EXIT_OK
+    assert "## Paired differences against `lam=0.25`" in o.getvalue() and "| lam=0.75 | a_p | 2 | +0.300 |" in o.getvalue()
+    assert f"{out / 'paired.md'}, {out / 'paired.json'}" in e.getvalue()
+
+
 def test_percep_report_on_the_command_line(tmp_path):
     a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
     b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
@@ -353,3 +375,19 @@ def test_runs_of_one_arm_have_nothing_to_compare(tmp_path):
     e = io.StringIO()
     assert report_command(runs, baseline="lam=0.5", out=tmp_path / "o", stdout=o, stderr=e) == EXIT_USAGE
     assert "matches none of the arms: experiment=exp lam=0.0" in e.getvalue()
+
+
+def test_the_intervals_do_not_depend_on_the_order_the_run_directories_are_named_in(tmp_path):
+    """Seeds were paired in the order of the arm's run directories (named by IR hash), and the bootstrap's
+    fixed RNG draws by position: the same runs under other names gave another boot CI and per-seed order."""
+    reports = []
+    for names in (("a", "b", "c"), ("c", "b", "a")):  # directory order: seed 1 first, then seed 1 last
+        root = tmp_path / "".join(names)
+        for seed, name in zip((1, 2, 3), names):
+            base = [((i * 0.37 + seed * 0.11) % 1) for i in range(30)]
+            arm = [((i * 0.53 + seed * 0.29) % 1) * seed / 3 for i in range(30)]
+            make_run(root, f"{name}-base", {"lam": 0.0}, seed, items(base))
+            make_run(root, f"{name}-arm", {"lam": 0.25}, seed, items(arm))
+        reports.append(metric(paired_report(load_runs(sorted(root.iterdir())), "lam=0.0"), "lam=0.25", "end_to_end"))
+    assert [p["seed"] for p in reports[0]["per_seed"]] == [p["seed"] for p in reports[1]["per_seed"]] == [1, 2, 3]
+    assert reports[0]["boot_ci"] == reports[1]["boot_ci"]

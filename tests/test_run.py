@@ -365,6 +365,24 @@ def test_a_refused_run_does_not_block_the_next_one(tmp_path: Path) -> None:
         assert "no config.json" in proc.stderr and "interrupted" not in proc.stderr
 
 
+def test_a_run_directory_another_process_runs_is_refused(tmp_path: Path) -> None:
+    """Two `percep run`s of one run directory at once (a grid run again while a cell of the killed one was
+    still saving its checkpoint) removed each other's temporaries and trained the same stages twice. Now
+    the second is refused (exit 2) naming the first, and the directory is untouched."""
+    from percepdsl.check import check_file
+    from percepdsl_runtime.run import lock_run_dir, run_dir_for
+
+    ir = check_file(ROOT / "specs" / "sft_smoke.pd").ir
+    held = lock_run_dir(run_dir_for(ir, tmp_path / "runs"))  # another process's lock (flock: per open file)
+    try:
+        proc = percep("run", str(ROOT / "specs/sft_smoke.pd"), "--out", str(tmp_path / "runs"), "--resume", cwd=tmp_path)
+    finally:
+        held.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is in use by another `percep run` (pid " in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir_for(ir, tmp_path / "runs").exists()
+
+
 def test_an_out_that_cannot_hold_runs_is_refused(tmp_path: Path) -> None:
     """--out naming a file (or a path under one): exit 2 naming the path, no traceback."""
     (tmp_path / "a_file").write_text("mine")
@@ -646,6 +664,7 @@ def test_a_stage_identity_holds_its_thread_count_when_the_spec_leaves_it_open() 
     the cores divided among the workers)."""
     from percepdsl.check import check_file
     from percepdsl_runtime import stagecache
+    from percepdsl_runtime.ranks import usable_cpus
     from percepdsl_runtime.run import stage_threads
 
     open_ = check_file("specs/sft_smoke.pd").ir  # no `threads`
@@ -653,7 +672,7 @@ def test_a_stage_identity_holds_its_thread_count_when_the_spec_leaves_it_open() 
     one, two = (stagecache.stage_identity(open_, open_.stages[0], threads=n) for n in (1, 2))
     assert one != two
     assert stage_threads(open_, jobs=1) == torch.get_num_threads()
-    assert stage_threads(open_, jobs=2) == max(1, (os.cpu_count() or 1) // 2)
+    assert stage_threads(open_, jobs=2) == max(1, usable_cpus() // 2)
     text = Path("specs/sft_smoke.pd").read_text().replace("log_every = 1 }", "log_every = 1, threads = 1 }")
     pinned = check_file("specs/sft_smoke.pd", text=text).ir
     assert pinned.trainer.threads == 1 and stage_threads(pinned, jobs=2) == 1

@@ -68,10 +68,40 @@ def _spawn(argv: Sequence[str], log_path: Path, env: dict[str, str]) -> subproce
     try:
         with _sigint_inheritable():
             return subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=(os.name == "posix")
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=(os.name == "posix"),
+                preexec_fn=_stop_with_parent(),
             )
     finally:
         log.close()  # the child holds its own descriptor
+
+
+def _stop_with_parent():
+    """In the child before exec (Linux): SIGINT when the process that started it dies.
+
+    A cell runs in its own session, so a grid runner killed outright (SIGKILL, the OOM killer) could
+    not stop it: it ran on, and the re-run of the grid started a second process on the same run
+    directory. SIGINT stops it as Ctrl-C does (it keeps its resume checkpoint). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(130)
+
+    return preexec
 
 
 @contextlib.contextmanager
@@ -143,6 +173,7 @@ def run_cell_process(
     import socket
 
     argv = [*(launcher or default_launcher()), *run_args]
+    t0 = time.monotonic()  # a queued Ray task or SLURM job starts here, not when the grid submitted it
     proc = _spawn(argv, Path(log_path), _child_env(env_extra))
     # A cancelled SLURM job gets SIGTERM (submitit only logs it): stop the cell as Ctrl-C would.
     main = threading.current_thread() is threading.main_thread()
@@ -158,7 +189,13 @@ def run_cell_process(
     finally:
         if main:
             signal.signal(signal.SIGTERM, prev_term)
-    return {"exit_code": rc, "log_tail": log_tail(log_path), "host": socket.gethostname(), "summary": read_summary(Path(run_dir))}
+    return {
+        "exit_code": rc,
+        "log_tail": log_tail(log_path),
+        "host": socket.gethostname(),
+        "summary": read_summary(Path(run_dir)),
+        "seconds": round(time.monotonic() - t0, 2),
+    }
 
 
 def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
@@ -174,6 +211,7 @@ class Finished:
     summary: dict[str, Any] | None = None
     host: str | None = None
     error: str | None = None  # the backend failed to run it at all
+    seconds: float | None = None  # how long the cell process ran, where the backend measured it (a task may wait in a queue first)
 
 
 class Backend(Protocol):
@@ -270,8 +308,37 @@ class RayBackend:
         self.launcher = list(launcher) if launcher else None  # None: resolved on the worker
         # A cell uses the CPUs Ray reserved for it, no more (torch would otherwise take every core of the node).
         self.env_extra = {"OMP_NUM_THREADS": str(max(1, int(cpus_per_cell))), **env_extra}
-        self.task = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(run_cell_process)
         self.refs: dict[Any, CellPlan] = {}
+        try:
+            self.task = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)(run_cell_process)
+        except ValueError as exc:  # a quantity Ray does not take: 0.00001 CPUs, 1.5 GPUs
+            self.close()
+            raise GridError(f"Ray refuses --cpus-per-cell {cpus_per_cell:g} --gpus-per-cell {gpus_per_cell:g}: {exc}") from None
+        try:
+            self._check_fits(cpus_per_cell, gpus_per_cell)
+        except GridError:
+            self.close()
+            raise
+
+    def _check_fits(self, cpus: float, gpus: float) -> None:
+        """A cell that no node can hold never starts: Ray keeps an infeasible task waiting, and the
+        grid would wait with it. Refused when Ray was started here (a local instance cannot grow);
+        on a cluster reached by address, said once (an autoscaler may add such a node)."""
+        try:
+            nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        except Exception:  # a client connection or another Ray: nothing to check against
+            return
+        if not nodes or any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+            return
+        big = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)))
+        why = (
+            f"a cell asks Ray for {cpus:g} CPU(s) and {gpus:g} GPU(s) (--cpus-per-cell, --gpus-per-cell), "
+            f"but no node of the cluster has that much (the largest: {big.get('CPU', 0):g} CPU(s), {big.get('GPU', 0):g} GPU(s))"
+        )
+        node = getattr(getattr(getattr(self.ray, "_private", None), "worker", None), "_global_node", None)
+        if self.owns_ray and getattr(node, "head", False):  # the local instance ray.init started for this grid
+            raise GridError(why + "; lower them, or run Ray with bigger nodes and pass --address")
+        print(f"warning: {why}; the cells wait until a node that fits joins the cluster", file=sys.stderr)
 
     @property
     def running(self) -> int:
@@ -291,7 +358,7 @@ class RayBackend:
             cell = self.refs.pop(ref)
             try:
                 r = self.ray.get(ref)
-                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"))))
+                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"), seconds=r.get("seconds"))))
             except Exception as exc:  # the task itself died (worker lost, cancelled, import error on the worker)
                 out.append((cell, Finished(-1, "", error=f"{type(exc).__name__}: {exc}"[-LOG_TAIL_CHARS:])))
         return out
@@ -405,7 +472,7 @@ class SlurmBackend:
             del self.jobs[cell.index]
             try:
                 r = job.result()
-                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"))))
+                out.append((cell, Finished(r["exit_code"], r["log_tail"], r.get("summary"), r.get("host"), seconds=r.get("seconds"))))
             except Exception as exc:  # the job died (time limit, node failure, cancelled): submitit says why
                 why = f"SLURM job {job.job_id}: {type(exc).__name__}: {exc}"[-LOG_TAIL_CHARS:]
                 out.append((cell, Finished(-1, log_tail(cell.log_path), error=why)))

@@ -4,7 +4,6 @@ aggregate a grid; rebuild its results table and plots from the run directories."
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import TextIO
 from percepdsl.diagnostics import relpath
 from percepdsl.io import os_error_text, write_text_atomic
 
+from ..ranks import usable_cpus
 from .backends import SlurmOptions, import_ray, import_submitit
 from .common import CELLS_DIR, DONE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, FAILED, PENDING, RESUME, STATE_FILE, GridError
 from .execute import GridOutcome, describe_exit, execute
@@ -30,7 +30,7 @@ from .paired import (
 )
 from .plan import GridPlan, plan_grid
 from .progress import plural
-from .results import ResultsTable, aggregate, collect, fmt_param, row_key, table_csv, table_markdown
+from .results import ResultsTable, aggregate, collect, fmt_param, other_runs, row_key, table_csv, table_markdown
 from .state import GridLock, load_state, read_summary
 
 RESULTS_CSV = "results.csv"
@@ -141,7 +141,12 @@ def run_plan(
         )
     if outcome.status != "interrupted":
         try:
-            outcome.table, outcome.plots = write_results(plan.out_dir, baseline=baseline)
+            try:
+                outcome.table, outcome.plots = write_results(plan.out_dir, baseline=baseline)
+                outcome.paired = bool(baseline)
+            except BaselineError as exc:  # checked before the cells ran, but its cells failed: the table without the pairs
+                print(f"warning: no paired differences: {exc}", file=stream or sys.stderr)
+                outcome.table, outcome.plots = write_results(plan.out_dir)
         except Exception as exc:  # results are a view of the run dirs: never lose the grid's outcome over them
             print(f"warning: could not write the results table: {type(exc).__name__}: {exc}", file=stream or sys.stderr)
     return outcome
@@ -198,8 +203,9 @@ def grid_command(
         if not float(cpus_per_cell).is_integer() or not float(gpus_per_cell).is_integer():
             print("error: with --backend slurm, --cpus-per-cell and --gpus-per-cell are whole numbers", file=stderr)
             return EXIT_USAGE
-        if (time_min is not None and time_min < 1) or (mem_gb is not None and not 0 < mem_gb < math.inf):
-            print("error: --time must be at least 1 minute and --mem more than 0 GB", file=stderr)
+        # submitit asks for whole MB (rounding down), and SLURM reads --mem=0 as all of a node's memory
+        if (time_min is not None and time_min < 1) or (mem_gb is not None and not 1 / 1024 <= mem_gb < math.inf):
+            print("error: --time must be at least 1 minute and --mem more than 0 GB (at least 1 MB, 0.001 GB)", file=stderr)
             return EXIT_USAGE
         slurm = SlurmOptions(
             partition=partition,
@@ -225,7 +231,7 @@ def grid_command(
         return EXIT_USAGE
     if backend == "local":
         jobs = jobs or 1
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         if jobs > 1 and jobs > cpus // 2:
             print(
                 f"warning: --jobs {jobs} on {cpus} cores: a training run uses every core it gets, so parallel cells "
@@ -263,12 +269,15 @@ def grid_command(
         )
         return EXIT_INTERRUPTED
     if outcome.table is not None:
+        paired = [plan.out_dir / PAIRED_MD, plan.out_dir / PAIRED_JSON] if baseline and outcome.paired else []
         print(
             f"results: {relpath(plan.out_dir / RESULTS_MD)}, {relpath(plan.out_dir / RESULTS_CSV)}"
-            + "".join(f", {relpath(p)}" for p in outcome.plots),
+            + "".join(f", {relpath(p)}" for p in [*outcome.plots, *paired]),
             file=stderr,
         )
         print(table_markdown(outcome.table), file=stdout, end="")
+        if paired:
+            print("\n" + paired[0].read_text(encoding="utf-8"), file=stdout, end="")
     if outcome.stopped:
         pending = len(plan.cells) - outcome.done - len(outcome.failed) - len(outcome.interrupted)
         print(
@@ -361,7 +370,17 @@ def _report_grid(grid_dir: Path, baseline: str | None, stdout: TextIO, stderr: T
         print(f"error: {exc}", file=stderr)
         return EXIT_USAGE
     print(table_markdown(table), file=stdout, end="")
-    unfinished = [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None]
+    others = other_runs(grid_dir)
+    if others:
+        shown = ", ".join(relpath(d) for d in others[:5]) + (" …" if len(others) > 5 else "")
+        print(
+            f"note: not in the table: {len(others)} run director{'y' if len(others) == 1 else 'ies'} of no cell of the grid as last run "
+            f"(an earlier template or --set): {shown}",
+            file=stderr,
+        )
+    unfinished = [
+        d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and read_summary(d) is None and d not in others
+    ]
     if unfinished:
         shown = ", ".join(relpath(d) for d in unfinished[:5]) + (" …" if len(unfinished) > 5 else "")
         print(f"note: not in the table: {plural(len(unfinished), 'cell')} with no complete summary.json: {shown}", file=stderr)

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from percepdsl.diagnostics import relpath
 from percepdsl.io import os_error_text, write_json_atomic, write_text_atomic
 
+from ..ranks import usable_cpus
 from .backends import POLL_S, STOP_GRACE_S, Backend, LocalBackend, RayBackend, SlurmBackend, SlurmOptions, log_tail
 from .common import DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, FAILED, INTERRUPTED, RUNNING, SUMMARY_FILE, GridError, now
 from .plan import CellPlan, GridPlan
@@ -32,6 +33,7 @@ class GridOutcome:
     stopped: str | None = None  # why the grid stopped before every cell ran (--fail-fast), else None
     table: Any = None  # the results table (`ResultsTable`) once written (`run_plan`)
     plots: list[Any] = field(default_factory=list)  # the plots written with it
+    paired: bool = False  # paired.md / paired.json written with it (a baseline, and its arm finished)
 
     @property
     def exit_code(self) -> int:
@@ -40,7 +42,7 @@ class GridOutcome:
 
 def thread_env(jobs: int, cpus: int | None = None) -> dict[str, str]:
     """With several local cells at once, split the cores between them (unless the user chose)."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, cpus // jobs))}
@@ -103,6 +105,14 @@ def execute(
         for twin in twins[cell.hash]:
             state.set(twin, **fields)
 
+    def stopped(cell: CellPlan) -> None:
+        """A running cell the grid stopped: interrupted, unless it completed while stopping (at its last step)."""
+        if read_summary(cell.run_dir) is not None:
+            mark(cell, status=DONE, finished=now(), exit_code=0, log_tail=None)
+        else:
+            mark(cell, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(cell.log_path))
+            outcome.interrupted.append(cell)
+
     prev_term = _raise_on_sigterm()
     started_at: dict[int, float] = {}
     try:
@@ -123,6 +133,8 @@ def execute(
                 progress.cell_started(cell, resume)
             for cell, fin in runner.poll(POLL_S):
                 secs = round(time.monotonic() - started_at.pop(cell.index, time.monotonic()), 2)
+                if fin.seconds is not None:  # Ray, SLURM: the cell's own run time, not its wait in the queue
+                    secs = fin.seconds
                 if fin.summary is not None and read_summary(cell.run_dir) is None:
                     write_json_atomic(cell.run_dir / SUMMARY_FILE, fin.summary)  # Ray without a shared filesystem
                 if fin.error and not cell.log_path.exists():
@@ -145,7 +157,7 @@ def execute(
                     outcome.failed.append(cell)
                 state.write("running")
                 note = "" if ok else f" (exit {describe_exit(fin.exit_code)}; log: {relpath(cell.log_path)})"
-                progress.cell_finished(cell, ok, note, cells=len(twins[cell.hash]))
+                progress.cell_finished(cell, ok, note, cells=len(twins[cell.hash]), seconds=fin.seconds)
                 if not ok and fail_fast and outcome.stopped is None:
                     outcome.stopped = f"--fail-fast: cell {cell.label} failed (exit {describe_exit(fin.exit_code)})"
                     state.header["stopped"] = outcome.stopped
@@ -153,15 +165,13 @@ def execute(
                     if runner.running:
                         progress.note(f"{outcome.stopped}: stopping {runner.running} running cell(s)")
                         for c in runner.stop_all(STOP_GRACE_S):
-                            mark(c, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(c.log_path))
-                            outcome.interrupted.append(c)
+                            stopped(c)
                     state.write("running")
             progress.tick()
     except KeyboardInterrupt:
         progress.note(f"interrupted: stopping {runner.running} running cell(s); finished cells are kept")
         for cell in runner.stop_all(STOP_GRACE_S):
-            mark(cell, status=INTERRUPTED, finished=now(), exit_code=None, log_tail=log_tail(cell.log_path))
-            outcome.interrupted.append(cell)
+            stopped(cell)
         outcome.status = "interrupted"
     finally:
         _restore_sigterm(prev_term)

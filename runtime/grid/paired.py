@@ -307,7 +307,12 @@ def paired_report(
     for arm in arms:
         if arm is base:
             continue
-        seeds = [s for s in arm.runs if s in base.runs]
+        # in seed order: the bootstrap's fixed RNG draws by position, so the order of the run directories
+        # (named by IR hash) must not decide its interval
+        seeds = sorted(
+            (s for s in arm.runs if s in base.runs),
+            key=lambda s: (not isinstance(s, (int, float)), s if isinstance(s, (int, float)) else str(s)),
+        )
         missing = sorted(set(arm.runs) ^ set(base.runs), key=str)
         if missing:
             problems.append(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from percepdsl.diagnostics import Diagnostic, did_you_mean, relpath
-from percepdsl.grid import Cell, expand, template_path
+from percepdsl.grid import Cell, expand, first_point, template_path, training_key
 from percepdsl.ir import ExperimentIR, GridIR, content_hash
 
 from .. import inputs
@@ -112,7 +112,15 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
 
     A --set must name a template param that no axis sweeps; `seed` only when the grid has no
     `seeds`. Values are type-checked by compiling the template with them."""
-    tparams = compile_spec(tpath, {}).params
+    first: dict[str, str] = {}
+    try:
+        tir = compile_spec(tpath, {})
+    except GridError:  # params without a default, which the grid sets (it checked): compile it with one of its cells
+        cells = expand(grid)
+        first = cells[0].overrides() if cells else first_point(grid)
+        first.pop("seed", None)
+        tir = compile_spec(tpath, first, origin="grid")
+    tparams = {**tir.params, "seed": tir.seed}  # `seed`: a `where` on it in a grid without `seeds`
     swept = {n for ax in grid.axes for n in ax.names}
     for name in sets:
         if name == "seed":
@@ -126,18 +134,27 @@ def _apply_sets(grid: GridIR, tpath: Path, sets: dict[str, str]) -> tuple[GridIR
                 f"--set {name}=...: `{name}` is swept by an axis of grid `{grid.name}`; "
                 "--set fixes only template params that no axis sweeps (edit the axis instead)"
             )
-        elif name not in tparams:
-            guess = did_you_mean(name, tparams)
-            hint = f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tparams) or 'none'}"
+        elif name not in tir.params:
+            guess = did_you_mean(name, tir.params)
+            hint = f"did you mean `{guess}`?" if guess else f"its params: {', '.join(tir.params) or 'none'}"
             raise GridError(f"--set {name}=...: the template {relpath(tpath)} has no param `{name}` ({hint})")
+    for name in sets:
+        if name == "seed":
+            continue
+        one = compile_spec(tpath, {**first, name: sets[name]})
+        if one.params != tir.params and training_key(one) == training_key(tir):
+            raise GridError(
+                f"--set {name}=...: the template {relpath(tpath)} never uses `{name}`; the cells would train what they train "
+                "without it, under new names (every cell run again)"
+            )
     if not sets:
         return grid, dict(tparams)
-    ir = compile_spec(tpath, sets)
+    ir = compile_spec(tpath, {**first, **sets})
     typed = {n: ir.params[n] for n in sets if n != "seed"}
     update: dict[str, Any] = {"fixed": {**grid.fixed, **typed}}
     if "seed" in sets:
         update["seeds"] = [ir.seed]
-    return grid.model_copy(update=update), dict(ir.params)
+    return grid.model_copy(update=update), {**ir.params, "seed": ir.seed}
 
 
 def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequence[str] | dict[str, str] = ()) -> GridPlan:
@@ -170,6 +187,7 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
 
     plans: list[CellPlan] = []
     broken: list[str] = []
+    trains: dict[tuple[str, int], Cell] = {}  # what a cell trains (and its seed) -> the first cell that trains it
     stale: list[str] = []  # cells run (or begun) with other inputs than the template names now
     for i, cell in enumerate(expand(grid, tparams), start=1):
         try:
@@ -178,6 +196,12 @@ def plan_grid(grid_file: str | Path, out: str | Path | None = None, sets: Sequen
             broken.append(f"cell {cell.label()}: {exc.diagnostics[0].message if exc.diagnostics else exc.message}")
             continue
         h = content_hash(ir)
+        twin = trains.setdefault((training_key(ir), ir.seed), cell)
+        if twin is not cell and twin.params != cell.params:  # beyond the cells the checker compiles
+            broken.append(
+                f"cell {cell.label()}: trains the same run as cell {twin.label()} (their params differ in nothing the template uses)"
+            )
+            continue
         plan = CellPlan(i, cell, dict(ir.params), ir.seed, ir.name, h, cells_dir, previous=prev_by_hash.get(h))
         plan.status = _disk_status(plan)
         if plan.status in (DONE, RESUME) and (diff := inputs.changed(plan.run_dir, ir)):

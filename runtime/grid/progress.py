@@ -89,10 +89,12 @@ class Progress:
         self.started[cell.index] = time.monotonic()
         self._emit(f"{'resume' if resume else 'start '} {cell.label} ({cell.name})")
 
-    def cell_finished(self, cell: CellPlan, ok: bool, note: str = "", cells: int = 1) -> None:
-        """`cells` > 1 when several grid cells compile to this one run."""
+    def cell_finished(self, cell: CellPlan, ok: bool, note: str = "", cells: int = 1, seconds: float | None = None) -> None:
+        """`cells` > 1 when several grid cells compile to this one run; `seconds`: its run time where the
+        backend measured it (a Ray task or SLURM job may wait for a slot first)."""
         self.running -= 1
         secs = time.monotonic() - self.started.pop(cell.index, time.monotonic())
+        secs = secs if seconds is None else seconds
         self.durations.append(secs)
         if ok:
             self.done += cells

@@ -117,14 +117,39 @@ def sort_value(v: Any) -> tuple:
 
 
 def collect(grid_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Complete summaries under GRID_DIR/cells/*/, and the grid state (None if absent)."""
+    """Complete summaries of the grid's cells under GRID_DIR/cells/*/, and the grid state (None if absent).
+
+    With a state, only the run directories of the cells it plans (`other_runs` lists the rest): a cell
+    of the grid before its template or `--set` values changed keeps its directory, and counted with
+    the new cells it doubled a setting's seeds."""
     grid_dir = Path(grid_dir)
+    state = load_state(grid_dir)
+    planned = _planned(state)
     summaries = []
     for run_dir in sorted((grid_dir / CELLS_DIR).glob("*/")):
+        if planned is not None and run_dir.name not in planned:
+            continue
         s = read_summary(run_dir)
         if s is not None:
             summaries.append({**s, "_run_dir": run_dir.name})
-    return summaries, load_state(grid_dir)
+    return summaries, state
+
+
+def _planned(state: dict[str, Any] | None) -> set[str] | None:
+    """The run directory names of the cells a grid state plans (None: no state to go by)."""
+    cells = (state or {}).get("cells") or []
+    if not cells or not all(isinstance(e, dict) and isinstance(e.get("run_dir"), str) for e in cells):
+        return None
+    return {Path(e["run_dir"]).name for e in cells}
+
+
+def other_runs(grid_dir: str | Path) -> list[Path]:
+    """Run directories under GRID_DIR/cells that are no cell of the grid as last planned (left out of its tables)."""
+    grid_dir = Path(grid_dir)
+    planned = _planned(load_state(grid_dir))
+    if planned is None:
+        return []
+    return [d for d in sorted((grid_dir / CELLS_DIR).glob("*/")) if not d.name.startswith(".") and d.name not in planned]
 
 
 def aggregate(
