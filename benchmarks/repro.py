@@ -413,6 +413,27 @@ def by_id(recs: list[dict[str, Any]], where: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def item_of(rec: dict[str, Any]) -> Any:
+    """What a test item is, beyond its id: the id names an index in the test stream, which depends on the seed and
+    the task's parameters, so another seed's (or another task's) record can carry the same id for another item.
+    The record's instance (else its references); None when the record states neither (then only the id pairs)."""
+    if rec.get("instance") is not None:
+        return rec["instance"]
+    if "ground_truth" in rec or "perception_ref" in rec:
+        return [rec.get("perception_ref"), rec.get("ground_truth")]
+    return None
+
+
+def other_items(x: dict[str, dict[str, Any]], y: dict[str, dict[str, Any]]) -> list[str]:
+    """The ids both record sets hold whose items differ (`item_of`): such records must not be paired."""
+    return [i for i in sorted(set(x) & set(y)) if (a := item_of(x[i])) is not None and (b := item_of(y[i])) is not None and a != b]
+
+
+def same_items(x: dict[str, dict[str, Any]], y: dict[str, dict[str, Any]]) -> bool:
+    """Whether two evaluations scored the same test items: the same ids, each naming the same item."""
+    return set(x) == set(y) and not other_items(x, y)
+
+
 def verdict_value(rec: dict[str, Any], field: str) -> float | None:
     """An item's 0/1 verdict on ``field``; None where the record has none (`cf_outcome` without the counterfactual
     pass): such an item is left out of that metric's pairs, never counted as wrong."""
@@ -564,6 +585,12 @@ def paired_against(
         if not common:
             continue
         recs = {s: (final_records(cells[(arm, s)]), final_records(cells[(baseline, s)])) for s in common}
+        for s, (x, y) in recs.items():
+            if bad := other_items(x, y):
+                sys.exit(
+                    f"error: `{arm}` and `{baseline}`, seed {s}: test item {bad[0]} is another item in {cells[(arm, s)].name} than in "
+                    f"{cells[(baseline, s)].name} ({len(bad)} ids so): the cells do not share a test split; nothing is paired"
+                )
         results[arm] = {}
         for m, field in fields.items():
             diffs, unpaired, seeds_m = [], {}, []
@@ -937,8 +964,10 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
         base_recs = by_id(stage_records(base), base)
         arm_recs = [final_records(cells[(BASELINE, s)]) for s in tm_seeds]
         f1 = f1_gap(gap(base_recs.values()), [gap(r.values()) for r in arm_recs], rng)
-        # the same change paired item by item, on the seeds whose items are the base's: per metric and for the gap
-        same = [s for s, r in zip(tm_seeds, arm_recs) if set(r) == set(base_recs)]
+        f1["delta"] = {"a_r": float(np.mean(d_ar)), "a_p": float(np.mean(d_ap))}
+        # the same change paired item by item, on the seeds whose items are the base's (the same ids naming the same
+        # items: the base scored seed 1's test stream, and each seed draws its own): per metric and for the gap
+        same = [s for s, r in zip(tm_seeds, arm_recs) if same_items(r, base_recs)]
         if same:
             ids = sorted(base_recs)
             before = [base_recs[i] for i in ids]
@@ -963,6 +992,14 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             else f"Base and arms evaluated on the same {base_m['n']} items (the task's whole test split); the interval in the table",
             "(95% bootstrap, the base's and each arm's items resampled independently) treats them as unpaired.",
         ]
+        if prefix in F1_PAIRED and not paired_rule:
+            other = [s for s in tm_seeds if s not in same]
+            lines += [
+                "",
+                f"The pre-registered rule reads the paired interval, which needs every seed's items to be the base's; seeds "
+                f"{','.join(map(str, other))} scored other test items under the same ids (each seed draws its own test "
+                "stream), so it reads the unpaired interval.",
+            ]
         if f1_pairs:
             fmt = {k: ci(d) for k, d in f1_pairs.items()}
             lines += [

@@ -58,6 +58,7 @@ from repro import (
     checked_metrics,
     ci,
     eval_cell,
+    final_records,
     find_eval,
     find_run,
     link_base,
@@ -66,6 +67,7 @@ from repro import (
     plot_paired,
     run_cells,
     run_dir,
+    same_items,
     same_weights,
     say,
     seeds_text,
@@ -431,13 +433,19 @@ def report(
     # ---- each arm's own change: arm − start, on the same items (the start is one cell, every seed's pair) ----
     moved: dict[str, dict[str, dict[str, Any]]] = {}
     if before is not None:
-        with_start = {**cells, **{("start", s): before for s in seeds}}
+        # the start is evaluated once, on its own seed's test stream: an arm of another seed scored other items under
+        # the same ids, so only the arms whose items are the start's pair with it
+        start_recs = final_records(before)
+        same = {k for k in cells if same_items(final_records(cells[k]), start_recs)}
+        with_start = {**{k: v for k, v in cells.items() if k in same}, **{("start", s): before for s in seeds}}
         moved = paired_against(with_start, ["start", *arms], seeds, "start", fields, rng)
+        other = sorted({s for (_, s) in cells} - {s for (_, s) in same})
         L += [
             "## What GRPO changed: arm − start (paired items)",
             "",
-            "The start is evaluated once; every seed's arm is paired with it item by item (the bootstrap resamples",
-            "the pairs within seeds, so it treats the start's items as independent across seeds: a slight underestimate).",
+            "The start is evaluated once, on its seed's test items; an arm is paired with it item by item on the seeds",
+            "that scored the same items"
+            + (f" (seeds {', '.join(map(str, other))} drew other test items under the same ids: not paired)." if other else "."),
             "",
             f"| arm − start | seeds | item pairs | {' | '.join('Δ' + m for m in fields)} |",
             "|---|---:|---:|" + "---|" * len(fields),

@@ -708,6 +708,39 @@ def test_session_9s_plan_runs_no_arm_from_a_no_go_base(tmp_path: Path, monkeypat
 # ---- the statistics audit: pairing by item identity, intervals, edge cases -------------------------------------
 
 
+def test_f1_pairs_only_the_seeds_whose_items_are_the_bases(tmp_path: Path) -> None:
+    """The base scored seed 1's test stream; seeds 2 and 3 draw their own (`TaskBase.sample` is a function of the
+    seed), so their records carry the base's ids for other puzzles. F1's paired interval paired them anyway (the
+    ids matched), and the sudoku plan's rule read it; now only seed 1 pairs, and the rule reads the unpaired
+    interval over the three seeds, saying why."""
+    runs = tmp_path / "runs"
+    fake_base(tmp_path, "sudoku", mask(0), mask(14), puzzles=0)  # go: a_r 0.35, a_p 0
+    for s in (1, 2, 3):
+        fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), mask(10), mask(20), mask(24), puzzles=0 if s == 1 else 1000 * s)
+    text = repro.report(tmp_path, ["tm"], [1, 2, 3], "sudoku").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["f1_paired"]["gap"]["seeds"] == [1] and data["f1_paired"]["gap"]["n_pairs"] == N
+    assert data["f1_rule"] == "unpaired" and data["f1"]["per_seed"] == pytest.approx([-0.25] * 3)
+    assert data["f1"]["delta"] == {"a_r": pytest.approx(0.25), "a_p": pytest.approx(0.5)}
+    assert "seeds 2,3 scored other test items under the same ids" in text
+    assert "**not reproduced** (the unpaired interval)" in text
+    # every seed on the base's items: the paired rule, as pre-registered
+    for s in (2, 3):
+        shutil.rmtree(repro.run_dir(repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), runs))
+        fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), mask(10), mask(20), mask(24), puzzles=0)
+    repro.report(tmp_path, ["tm"], [1, 2, 3], "sudoku")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["f1_rule"] == "paired" and data["f1_paired"]["gap"]["seeds"] == [1, 2, 3]
+
+
+def test_cells_of_one_seed_that_scored_other_items_under_the_same_ids_are_refused(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", 1, ""), mask(10), mask(0), mask(30))
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", 1, ""), mask(20), mask(0), mask(30), puzzles=7)  # another split
+    with pytest.raises(SystemExit, match=r"seed 1: test item graph_coloring/test/0 is another item .* nothing is paired"):
+        repro.report(tmp_path, ["tm", "lam"], [1])
+
+
 def test_an_item_scored_twice_is_refused(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", 1, ""), mask(10), mask(0), mask(30))
