@@ -105,9 +105,11 @@ PRIORITY = {
     "sudoku-brief": (("tm", "ngdiff"),),
     "p8-adj": (("tm", "ngdiff"),),  # session 9's fixed-slot format: the edge-list plan's two F2 arms, seed 1 both, then 2, 3
 }
-# plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
-# task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
-# reads the unpaired interval (the base scored seed 1's items, each arm its own seed's)
+# plans whose pre-registered F1 rule reads the paired interval (session 6: "the base and every arm score the same
+# items", the task's whole test split), each item's (a_r − a_p) change paired; the others' rule reads the unpaired
+# interval (the base scored seed 1's items, each arm its own seed's). The test stream depends on the seed, so only
+# seed 1's arms score the base's items: the paired rule holds only when every seed's items are the base's
+# (`same_items`), else these plans read the unpaired interval too, and say why
 F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # the shared base trained in parts (plans not named here: one part, `<prefix>_base.pd`): each part's spec
 # `<prefix>_<stem>.pd` and the name its stage `base` gets in OUT, where the next part's `model hf` finds it; the
