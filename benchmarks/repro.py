@@ -1329,9 +1329,11 @@ def item_gaps(cells: dict[tuple[str, int], Path], seed: int, field: str, what: s
     """Per test item of a seed: (`SWEEP_ARM` − `tm` on ``field``, the item's puzzle (instance field ``what``) as its
     records state it)."""
     x, y = final_records(cells[(SWEEP_ARM, seed)]), final_records(cells[(BASELINE, seed)])
-    return {
-        i: (float(bool(x[i][field])) - float(bool(y[i][field])), (x[i].get("instance") or {}).get(what)) for i in sorted(set(x) & set(y))
-    }
+    out: dict[str, tuple[float, Any]] = {}
+    for i in sorted(set(x) & set(y)):  # an item without a verdict on ``field`` in either cell is left out (`verdict_value`)
+        if (a := verdict_value(x[i], field)) is not None and (b := verdict_value(y[i], field)) is not None:
+            out[i] = (a - b, (x[i].get("instance") or {}).get(what))
+    return out
 
 
 def gap_difference(
@@ -1346,7 +1348,7 @@ def gap_difference(
     if not common:
         return out
     for m, (_, field) in METRICS.items():
-        diffs = []
+        diffs, seeds_m = [], []
         for s in common:
             a, b = item_gaps(lo["_cells"], s, field, what), item_gaps(hi["_cells"], s, field, what)
             ids = sorted(set(a) & set(b))
@@ -1355,8 +1357,11 @@ def gap_difference(
                     f"error: test item {bad[0]} has another `{what}` at `{lo['level']}` than at `{hi['level']}` (seed {s}): "
                     "the levels do not share a test split"
                 )
-            diffs.append(np.array([b[i][0] - a[i][0] for i in ids]))
-        out[m] = {**paired(diffs, rng), "seeds": common}
+            if ids:
+                diffs.append(np.array([b[i][0] - a[i][0] for i in ids]))
+                seeds_m.append(s)
+        if diffs:  # a metric no seed scored at both levels (no counterfactual pass) is left out
+            out[m] = {**paired(diffs, rng), "seeds": seeds_m}
     return out
 
 

@@ -841,3 +841,18 @@ def test_verdicts_at_exactly_zero_follow_the_preregistered_rules(d: dict, f2: st
     """F2: reproduced iff Δa > 0, the interval excludes 0 (lo > 0) and Δa > 0 in ≥ 2 seeds; not reproduced iff Δa ≤ 0.
     F1: reproduced iff the mean is > 0 with the interval excluding 0 (the F1 rule read lo alone)."""
     assert repro.verdict(d) == f2 and repro.f1_rule_verdict(d) == f1
+
+
+def test_sweep_item_gaps_leave_out_items_without_a_verdict(tmp_path: Path) -> None:
+    """The sweep's per-item gap read `bool(None)` as wrong, like paired_against did."""
+    runs = tmp_path / "runs"
+    cells = {}
+    for arm, k in (("tm", 10), ("ngdiff", 20)):
+        rd = cells[(arm, 1)] = fake_cell(runs, repro.Cell(repro.SPECS / f"sudoku_{arm}.pd", 1, ""), mask(k), mask(k), mask(N))
+        recs = [json.loads(x) for x in (rd / "eval.jsonl").read_text().splitlines()]
+        if arm == "ngdiff":
+            recs[0]["cf_outcome"] = None
+        (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    gaps = repro.item_gaps(cells, 1, "cf_outcome")
+    assert len(gaps) == N - 1 and all(g == 0.0 for g, _ in gaps.values())
+    assert repro.item_gaps(cells, 1, "outcome")["graph_coloring/test/15"] == (1.0, 15)
