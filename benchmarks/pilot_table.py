@@ -21,10 +21,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # repro, beside it
 
 KEYS = {"a": "outcome", "a_p": "perception_exact", "a_r": "cf_outcome"}
 
@@ -80,17 +83,34 @@ def last_eval(run: Path, stage: str) -> list[dict[str, Any]]:
 
 
 def paired(run: Path, a: str, b: str, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """B − A on the same items, with a 95% bootstrap interval over items."""
-    ra = {r["id"]: r for r in last_eval(run, a)}
-    rb = {r["id"]: r for r in last_eval(run, b)}
+    """B − A on the same items, with a 95% bootstrap interval over items, per metric on the items both stages
+    scored on it (`repro.verdict_value`: a stage without the counterfactual pass has no a_r; such a metric pairs no
+    item, ``n`` 0). An id scored twice, or naming another item in the two stages, stops it (`repro`'s checks)."""
+    import repro
+
+    ra = repro.by_id(last_eval(run, a), run / "stages" / a)
+    rb = repro.by_id(last_eval(run, b), run / "stages" / b)
+    if bad := repro.other_items(ra, rb):
+        raise SystemExit(f"{run}: test item {bad[0]} is another item at stage `{a}` than at `{b}`; nothing is paired")
     ids = sorted(set(ra) & set(rb))
+    if not ids:
+        raise SystemExit(f"{run}: stages `{a}` and `{b}` evaluated no item in common")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ids), size=(resamples, len(ids)))
-    out: dict[str, Any] = {"run": run.name, "a": a, "b": b, "n": len(ids)}
+    idx = rng.integers(0, len(ids), size=(resamples, len(ids)))  # one resample of the items for every metric scored on all
+    # the stages under their own keys: `a` is also the end-to-end metric's, which overwrote stage A's name
+    out: dict[str, Any] = {"run": run.name, "stage_a": a, "stage_b": b, "n": len(ids)}
     for key, field in KEYS.items():
-        d = np.array([float(bool(rb[i].get(field))) - float(bool(ra[i].get(field))) for i in ids])
-        boot = d[idx].mean(1)
-        out[key] = {"diff": float(d.mean()), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
+        pairs = [
+            (x, y)
+            for i in ids
+            if (x := repro.verdict_value(ra[i], field)) is not None and (y := repro.verdict_value(rb[i], field)) is not None
+        ]
+        if not pairs:
+            out[key] = {"diff": None, "ci95": None, "n": 0}
+            continue
+        d = np.array([y - x for x, y in pairs])
+        boot = (d[idx] if len(d) == len(ids) else d[rng.integers(0, len(d), size=(resamples, len(d)))]).mean(1)
+        out[key] = {"diff": float(d.mean()), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))], "n": len(d)}
     return out
 
 

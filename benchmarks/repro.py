@@ -105,9 +105,11 @@ PRIORITY = {
     "sudoku-brief": (("tm", "ngdiff"),),
     "p8-adj": (("tm", "ngdiff"),),  # session 9's fixed-slot format: the edge-list plan's two F2 arms, seed 1 both, then 2, 3
 }
-# plans whose F1 rule reads the paired interval: the base and the token-mean arms score the same items (the
-# task's whole test split), so each item's (a_r − a_p) change is paired by id (session 6); the others' rule
-# reads the unpaired interval (the base scored seed 1's items, each arm its own seed's)
+# plans whose pre-registered F1 rule reads the paired interval (session 6: "the base and every arm score the same
+# items", the task's whole test split), each item's (a_r − a_p) change paired; the others' rule reads the unpaired
+# interval (the base scored seed 1's items, each arm its own seed's). The test stream depends on the seed, so only
+# seed 1's arms score the base's items: the paired rule holds only when every seed's items are the base's
+# (`same_items`), else these plans read the unpaired interval too, and say why
 F1_PAIRED = {"sudoku", "sudoku_trace", "sudoku_brief"}
 # the shared base trained in parts (plans not named here: one part, `<prefix>_base.pd`): each part's spec
 # `<prefix>_<stem>.pd` and the name its stage `base` gets in OUT, where the next part's `model hf` finds it; the
@@ -157,7 +159,15 @@ model hf "{model}"
 """
 METRICS = {"a": ("end_to_end", "outcome"), "a_p": ("perception", "perception_exact"), "a_r": ("reasoning", "cf_outcome")}
 BOOT = 10_000
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by df
+
+
+def t_975(df: int) -> float:
+    """The two-sided 95% t critical value with ``df`` degrees of freedom, to 3 decimals as the t tables the
+    pre-registration quotes (t₀.₉₇₅ 4.303 at 2 df; the reports' intervals were computed with them), for any df: a
+    table of df 1-5 raised a KeyError from 7 seeds on."""
+    from scipy.stats import t
+
+    return round(float(t.ppf(0.975, df)), 3)
 
 
 def ci(d: dict[str, Any]) -> str:
@@ -387,11 +397,50 @@ def run_cells(cells: list[Cell], out: Path, jobs: int, start_by: float | None = 
 
 
 def final_records(rd: Path) -> dict[str, dict[str, Any]]:
-    """The last stage's final evaluation records of a run, by item id."""
+    """The last stage's final evaluation records of a run, by item id; an id scored twice stops the report (a
+    record would be counted once in a difference, but twice in the summary: neither could be trusted)."""
     summary = json.loads((rd / "summary.json").read_text())
     stage = summary["final_stage"]
     recs = [json.loads(line) for line in (rd / "eval.jsonl").read_text().splitlines() if line.strip()]
-    return {r["id"]: r for r in recs if r["stage"] == stage and r.get("final")}
+    return by_id([r for r in recs if r["stage"] == stage and r.get("final")], rd / "eval.jsonl")
+
+
+def by_id(recs: list[dict[str, Any]], where: Path) -> dict[str, dict[str, Any]]:
+    """Evaluation records by item id; a duplicated id stops the report."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        if r["id"] in out:
+            sys.exit(f"error: {where}: test item {r['id']} is scored twice in one evaluation; its records cannot be paired")
+        out[r["id"]] = r
+    return out
+
+
+def item_of(rec: dict[str, Any]) -> Any:
+    """What a test item is, beyond its id: the id names an index in the test stream, which depends on the seed and
+    the task's parameters, so another seed's (or another task's) record can carry the same id for another item.
+    The record's instance (else its references); None when the record states neither (then only the id pairs)."""
+    if rec.get("instance") is not None:
+        return rec["instance"]
+    if "ground_truth" in rec or "perception_ref" in rec:
+        return [rec.get("perception_ref"), rec.get("ground_truth")]
+    return None
+
+
+def other_items(x: dict[str, dict[str, Any]], y: dict[str, dict[str, Any]]) -> list[str]:
+    """The ids both record sets hold whose items differ (`item_of`): such records must not be paired."""
+    return [i for i in sorted(set(x) & set(y)) if (a := item_of(x[i])) is not None and (b := item_of(y[i])) is not None and a != b]
+
+
+def same_items(x: dict[str, dict[str, Any]], y: dict[str, dict[str, Any]]) -> bool:
+    """Whether two evaluations scored the same test items: the same ids, each naming the same item."""
+    return set(x) == set(y) and not other_items(x, y)
+
+
+def verdict_value(rec: dict[str, Any], field: str) -> float | None:
+    """An item's 0/1 verdict on ``field``; None where the record has none (`cf_outcome` without the counterfactual
+    pass): such an item is left out of that metric's pairs, never counted as wrong."""
+    v = rec.get(field)
+    return None if v is None else float(bool(v))
 
 
 def checked_metrics(rd: Path) -> dict[str, float]:
@@ -460,14 +509,14 @@ def paired(diffs: list[np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
     boots /= total
     per_seed = np.array([d.mean() for d in diffs])
     k = len(per_seed)
-    half = T_975[k - 1] * per_seed.std(ddof=1) / np.sqrt(k) if k > 1 else float("nan")
+    half = t_975(k - 1) * per_seed.std(ddof=1) / np.sqrt(k) if k > 1 else None  # no t interval from one seed
     return {
         "mean": float(pooled.mean()),
         "lo": float(np.quantile(boots, 0.025)),
         "hi": float(np.quantile(boots, 0.975)),
         "per_seed": [float(x) for x in per_seed],
-        "seed_lo": float(per_seed.mean() - half),
-        "seed_hi": float(per_seed.mean() + half),
+        "seed_lo": None if half is None else float(per_seed.mean() - half),
+        "seed_hi": None if half is None else float(per_seed.mean() + half),
         "n_pairs": int(total),
     }
 
@@ -489,6 +538,14 @@ def f1_gap(base: np.ndarray, arms: list[np.ndarray], rng: np.random.Generator) -
         "hi": float(np.quantile(boots, 0.975)),
         "per_seed": [float(x) for x in per_seed],
     }
+
+
+def f1_rule_verdict(d: dict[str, Any]) -> str:
+    """The pre-registered F1 rule (preregistration.md, sessions 3 and 6) on the mean of Δa_r − Δa_p and its interval:
+    reproduced if the mean is > 0 with the interval excluding 0, direction only if > 0 otherwise, else not reproduced."""
+    if d["mean"] > 0:
+        return "reproduced" if d["lo"] > 0 else "direction only (interval includes 0)"
+    return "not reproduced"
 
 
 def verdict(d: dict[str, Any]) -> str:
@@ -529,15 +586,35 @@ def paired_against(
         common = [s for s in seeds if (arm, s) in cells and (baseline, s) in cells]
         if not common:
             continue
+        recs = {s: (final_records(cells[(arm, s)]), final_records(cells[(baseline, s)])) for s in common}
+        for s, (x, y) in recs.items():
+            if bad := other_items(x, y):
+                sys.exit(
+                    f"error: `{arm}` and `{baseline}`, seed {s}: test item {bad[0]} is another item in {cells[(arm, s)].name} than in "
+                    f"{cells[(baseline, s)].name} ({len(bad)} ids so): the cells do not share a test split; nothing is paired"
+                )
         results[arm] = {}
         for m, field in fields.items():
-            diffs = []
-            for s in common:
-                x, y = final_records(cells[(arm, s)]), final_records(cells[(baseline, s)])
-                ids = sorted(set(x) & set(y))
-                diffs.append(np.array([float(bool(x[i][field])) - float(bool(y[i][field])) for i in ids]))
-            results[arm][m] = {**paired(diffs, rng), "seeds": common}
+            diffs, unpaired, seeds_m = [], {}, []
+            for s, (x, y) in recs.items():
+                vx = {i: v for i, r in x.items() if (v := verdict_value(r, field)) is not None}
+                vy = {i: v for i, r in y.items() if (v := verdict_value(r, field)) is not None}
+                ids = sorted(set(vx) & set(vy))
+                if len(ids) < max(len(vx), len(vy)):
+                    unpaired[s] = f"{len(ids)} pairs of {len(vx)} / {len(vy)} items"
+                if ids:
+                    diffs.append(np.array([vx[i] - vy[i] for i in ids]))
+                    seeds_m.append(s)
+            if diffs:  # a metric neither cell of any seed scored (no counterfactual pass: a_r) is left out
+                results[arm][m] = {**paired(diffs, rng), "seeds": seeds_m, **({"unpaired": unpaired} if unpaired else {})}
     return results
+
+
+def seeds_text(d: dict[str, Any]) -> str:
+    """A paired difference's seeds, with the seeds whose two cells did not score the same items named (`unpaired`)."""
+    unpaired = d.get("unpaired") or {}
+    note = f" (items not in both cells: {'; '.join(f'seed {s}: {t}' for s, t in unpaired.items())})" if unpaired else ""
+    return ",".join(map(str, d["seeds"])) + note
 
 
 def plot_paired(results: dict[str, dict[str, dict[str, Any]]], baseline: str, path: Path, width: float = 6) -> None:
@@ -615,7 +692,7 @@ def f2_rows(
     for arm, per in results.items():
         for m, d in per.items():
             v = (f2_verdict(d, prefix, arm, min_seeds, go) if rule else "none (descriptive)") if m == "a" else ""
-            seeds_txt = ",".join(map(str, d["seeds"]))
+            seeds_txt = seeds_text(d)
             per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
             seed_ci = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
             row = f"| {arm} | {m} | {seeds_txt} | {d['n_pairs']} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {seed_ci} | {v} |"
@@ -872,6 +949,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
     # F1: the token-mean arm against the shared start
     f1: dict[str, Any] | None = None
     f1_pairs: dict[str, dict[str, Any]] = {}
+    paired_rule = False
     if base_m and any(a == BASELINE for a, _ in metrics):
         tm_seeds = [s for s in seeds if (BASELINE, s) in metrics]
         tm = [metrics[(BASELINE, s)] for s in tm_seeds]
@@ -885,22 +963,24 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             recs = list(recs)
             return score(recs, "a_r") - score(recs, "a_p")
 
-        base_recs = {r["id"]: r for r in stage_records(base)}
+        base_recs = by_id(stage_records(base), base)
         arm_recs = [final_records(cells[(BASELINE, s)]) for s in tm_seeds]
         f1 = f1_gap(gap(base_recs.values()), [gap(r.values()) for r in arm_recs], rng)
-        # the same change paired item by item, on the seeds whose items are the base's: per metric and for the gap
-        same = [s for s, r in zip(tm_seeds, arm_recs) if set(r) == set(base_recs)]
+        f1["delta"] = {"a_r": float(np.mean(d_ar)), "a_p": float(np.mean(d_ap))}
+        # the same change paired item by item, on the seeds whose items are the base's (the same ids naming the same
+        # items: the base scored seed 1's test stream, and each seed draws its own): per metric and for the gap
+        same = [s for s, r in zip(tm_seeds, arm_recs) if same_items(r, base_recs)]
         if same:
             ids = sorted(base_recs)
             before = [base_recs[i] for i in ids]
             after = [[r[i] for i in ids] for s, r in zip(tm_seeds, arm_recs) if s in same]
             for name in ("a_r", "a_p"):
-                f1_pairs[name] = paired([score(a, name) - score(before, name) for a in after], rng)
-            f1_pairs["gap"] = paired([gap(a) - gap(before) for a in after], rng)
-        rule = f1_pairs["gap"] if prefix in F1_PAIRED and f1_pairs else f1
-        f1_verdict = judged(
-            "reproduced" if rule["lo"] > 0 else ("direction only (interval includes 0)" if rule["mean"] > 0 else "not reproduced"), go
-        )
+                f1_pairs[name] = {**paired([score(a, name) - score(before, name) for a in after], rng), "seeds": same}
+            f1_pairs["gap"] = {**paired([gap(a) - gap(before) for a in after], rng), "seeds": same}
+        # the paired rule pools every seed's item pairs: it needs every seed's items to be the base's
+        paired_rule = prefix in F1_PAIRED and bool(f1_pairs) and same == tm_seeds
+        rule = f1_pairs["gap"] if paired_rule else f1
+        f1_verdict = judged(f1_rule_verdict(rule), go)
         lines += [
             f"## F1: token-averaged SFT from the shared start (`{BASELINE}` − base)",
             "",
@@ -910,18 +990,27 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             f"| mean | {np.mean(d_ar):+.3f} | {np.mean(d_ap):+.3f} | **{f1['mean']:+.3f}** [{f1['lo']:+.3f}, {f1['hi']:+.3f}] |",
             "",
             f"Base evaluated on {base_m['n']} items of seed 1's test stream, the arms on their own seed's items: the interval"
-            if prefix not in F1_PAIRED
+            if not paired_rule
             else f"Base and arms evaluated on the same {base_m['n']} items (the task's whole test split); the interval in the table",
             "(95% bootstrap, the base's and each arm's items resampled independently) treats them as unpaired.",
         ]
+        if prefix in F1_PAIRED and not paired_rule:
+            other = [s for s in tm_seeds if s not in same]
+            lines += [
+                "",
+                f"The pre-registered rule reads the paired interval, which needs every seed's items to be the base's; seeds "
+                f"{','.join(map(str, other))} scored other test items under the same ids (each seed draws its own test "
+                "stream), so it reads the unpaired interval.",
+            ]
         if f1_pairs:
             fmt = {k: ci(d) for k, d in f1_pairs.items()}
             lines += [
                 "",
-                f"Paired item by item (seeds {','.join(map(str, same))}, whose items are the base's; 95% bootstrap over items within seeds):",
+                f"Paired item by item (seed{'s' if len(same) > 1 else ''} {','.join(map(str, same))}, whose items are the base's; "
+                "95% bootstrap over items within seeds):",
                 f"Δa_r {fmt['a_r']}, Δa_p {fmt['a_p']}, Δa_r − Δa_p {fmt['gap']}.",
             ]
-        which = "paired" if rule is not f1 else "unpaired"
+        which = "paired" if paired_rule else "unpaired"
         lines += [f"Pre-registered F1 rule (Δa_r − Δa_p > 0, interval excluding 0): **{f1_verdict}** (the {which} interval).", ""]
     # plots
     if metrics:
@@ -962,7 +1051,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             "f1": f1,
             "f1_paired": f1_pairs,
             "f1_verdict": f1_verdict if f1 else None,
-            "f1_rule": ("paired" if prefix in F1_PAIRED and f1_pairs else "unpaired") if f1 else None,  # the interval its rule read
+            "f1_rule": ("paired" if paired_rule else "unpaired") if f1 else None,  # the interval its rule read
             "ngdiff_auto_vs_ngdiff": auto,
             "curve": curve,
             "formats": formats,
@@ -1240,9 +1329,11 @@ def item_gaps(cells: dict[tuple[str, int], Path], seed: int, field: str, what: s
     """Per test item of a seed: (`SWEEP_ARM` − `tm` on ``field``, the item's puzzle (instance field ``what``) as its
     records state it)."""
     x, y = final_records(cells[(SWEEP_ARM, seed)]), final_records(cells[(BASELINE, seed)])
-    return {
-        i: (float(bool(x[i][field])) - float(bool(y[i][field])), (x[i].get("instance") or {}).get(what)) for i in sorted(set(x) & set(y))
-    }
+    out: dict[str, tuple[float, Any]] = {}
+    for i in sorted(set(x) & set(y)):  # an item without a verdict on ``field`` in either cell is left out (`verdict_value`)
+        if (a := verdict_value(x[i], field)) is not None and (b := verdict_value(y[i], field)) is not None:
+            out[i] = (a - b, (x[i].get("instance") or {}).get(what))
+    return out
 
 
 def gap_difference(
@@ -1257,7 +1348,7 @@ def gap_difference(
     if not common:
         return out
     for m, (_, field) in METRICS.items():
-        diffs = []
+        diffs, seeds_m = [], []
         for s in common:
             a, b = item_gaps(lo["_cells"], s, field, what), item_gaps(hi["_cells"], s, field, what)
             ids = sorted(set(a) & set(b))
@@ -1266,8 +1357,11 @@ def gap_difference(
                     f"error: test item {bad[0]} has another `{what}` at `{lo['level']}` than at `{hi['level']}` (seed {s}): "
                     "the levels do not share a test split"
                 )
-            diffs.append(np.array([b[i][0] - a[i][0] for i in ids]))
-        out[m] = {**paired(diffs, rng), "seeds": common}
+            if ids:
+                diffs.append(np.array([b[i][0] - a[i][0] for i in ids]))
+                seeds_m.append(s)
+        if diffs:  # a metric no seed scored at both levels (no counterfactual pass) is left out
+            out[m] = {**paired(diffs, rng), "seeds": seeds_m}
     return out
 
 

@@ -58,6 +58,7 @@ from repro import (
     checked_metrics,
     ci,
     eval_cell,
+    final_records,
     find_eval,
     find_run,
     link_base,
@@ -66,10 +67,13 @@ from repro import (
     plot_paired,
     run_cells,
     run_dir,
+    same_items,
     same_weights,
     say,
+    seeds_text,
     source_of,
     start_by_arg,
+    t_975,
     verdict,
 )  # noqa: E402
 
@@ -140,7 +144,6 @@ ARMS = PLANS["sudoku"].arms  # the default plan's
 SEEDS = (1, 2, 3)
 WINDOW = 4  # GRPO steps per window of F3-by-window (16-step stages: 4 windows of up to 16 groups each)
 FIELDS = {"a": "outcome", "a_p": "perception_exact", "a_r": "cf_outcome"}
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles by df
 # the GRPO diagnostics the report reads from each cell's summary.json (stage `rl`)
 COUPLING = ("term_corr", "term_corr_group_mean", "term_corr_ckpt")
 
@@ -152,8 +155,12 @@ def seed_stats(xs: list[float]) -> tuple[float, float, float]:
         return float("nan"), float("nan"), float("nan")
     if len(a) == 1:
         return float(a[0]), float("nan"), float("nan")
-    half = T_975[len(a) - 1] * a.std(ddof=1) / np.sqrt(len(a))
+    half = t_975(len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))
     return float(a.mean()), float(a.mean() - half), float(a.mean() + half)
+
+
+def nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def ckpt_verdict(gaps: list[float | None]) -> str:
@@ -403,7 +410,7 @@ def report(
                 per_seed = " / ".join(f"{x:+.3f}" for x in d["per_seed"])
                 t = f"[{d['seed_lo']:+.3f}, {d['seed_hi']:+.3f}]" if len(d["per_seed"]) > 1 else "– (one seed)"
                 L.append(
-                    f"| {arm} | {m} | {','.join(map(str, d['seeds']))} | {d['n_pairs']} | {d['mean']:+.3f} "
+                    f"| {arm} | {m} | {seeds_text(d)} | {d['n_pairs']} | {d['mean']:+.3f} "
                     f"| [{d['lo']:+.3f}, {d['hi']:+.3f}] | {per_seed} | {t} | {d['verdict'] if m == 'a' else ''} |"
                 )
         L.append("")
@@ -426,13 +433,19 @@ def report(
     # ---- each arm's own change: arm − start, on the same items (the start is one cell, every seed's pair) ----
     moved: dict[str, dict[str, dict[str, Any]]] = {}
     if before is not None:
-        with_start = {**cells, **{("start", s): before for s in seeds}}
+        # the start is evaluated once, on its own seed's test stream: an arm of another seed scored other items under
+        # the same ids, so only the arms whose items are the start's pair with it
+        start_recs = final_records(before)
+        same = {k for k in cells if same_items(final_records(cells[k]), start_recs)}
+        with_start = {**{k: v for k, v in cells.items() if k in same}, **{("start", s): before for s in seeds}}
         moved = paired_against(with_start, ["start", *arms], seeds, "start", fields, rng)
+        other = sorted({s for (_, s) in cells} - {s for (_, s) in same})
         L += [
             "## What GRPO changed: arm − start (paired items)",
             "",
-            "The start is evaluated once; every seed's arm is paired with it item by item (the bootstrap resamples",
-            "the pairs within seeds, so it treats the start's items as independent across seeds: a slight underestimate).",
+            "The start is evaluated once, on its seed's test items; an arm is paired with it item by item on the seeds",
+            "that scored the same items"
+            + (f" (seeds {', '.join(map(str, other))} drew other test items under the same ids: not paired)." if other else "."),
             "",
             f"| arm − start | seeds | item pairs | {' | '.join('Δ' + m for m in fields)} |",
             "|---|---:|---:|" + "---|" * len(fields),
@@ -454,9 +467,9 @@ def report(
                 key = f"{kind}/outcome/{truth}"
                 vals = [diags[(arm, s)].get(key) for s in ss]
                 rows[key] = {"per_seed": vals, "stats": seed_stats(vals)}
-        gap = [
-            (diags[(arm, s)].get("term_corr_group_mean/outcome/reasoning") or np.nan)
-            - (diags[(arm, s)].get("term_corr_group_mean/outcome/perception") or np.nan)
+        gap = [  # NaN where a seed's r is undefined (None); an r of exactly 0 is a value
+            nan_if_none(diags[(arm, s)].get("term_corr_group_mean/outcome/reasoning"))
+            - nan_if_none(diags[(arm, s)].get("term_corr_group_mean/outcome/perception"))
             for s in ss
         ]
         rows["within_gap"] = {"per_seed": gap, "stats": seed_stats([g for g in gap if not np.isnan(g)])}

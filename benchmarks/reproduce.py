@@ -190,7 +190,13 @@ def rows_of(report: dict[str, Any], method: str, findings: tuple[str, ...], base
         paired = report.get("f1_rule") == "paired"
         d = report["f1_paired"]["gap"] if paired else report["f1"]
         items = report["base"]["n"] if report.get("base") else "?"
-        also = {m: report["f1_paired"][m]["mean"] for m in ("a_r", "a_p")} if report.get("f1_paired") else {}
+        # Δa_r and Δa_p over the same seeds as the statistic (the paired means cover only the seeds whose items are the base's)
+        delta = report["f1"].get("delta") or {}
+        also = (
+            {m: report["f1_paired"][m]["mean"] for m in ("a_r", "a_p")} if paired else {m: delta[m] for m in ("a_r", "a_p") if m in delta}
+        )
+        if not also and report.get("f1_paired"):  # a report.json written before `delta`
+            also = {m: report["f1_paired"][m]["mean"] for m in ("a_r", "a_p")}
         rows.append(
             {
                 "finding": "F1",

@@ -473,6 +473,16 @@ def test_aggregate_means_stds_deltas_diagnostics_and_failures():
     assert csv_text.splitlines()[2].startswith("0.5,2,1;2,0,0.5,0.141421,")
 
 
+def test_a_mean_over_fewer_seeds_than_its_row_says_so():
+    """A metric some seeds lack (a_r without the counterfactual pass, a NaN) was averaged over the others under the
+    row's seed count: `0.800` in a row of 2 seeds was one seed's value."""
+    a, b = _summary(0.5, 1, 0.4, 0.6, 0.8), _summary(0.5, 2, 0.6, 0.8, 0.9)
+    b["final"]["reasoning"] = None
+    t = aggregate([a, b], {"grid": "lam", "axes": ["lam"], "report": ["end_to_end", "reasoning"]})
+    md = table_markdown(t)
+    assert "| 0.5 | 10 | 2 | 0 | 0.500 ± 0.141 | 0.800 (1 of 2 seeds) |" in md, md
+
+
 def test_report_rebuilds_results_from_run_directories(tmp_path):
     out = tmp_path / "g"
     assert run_grid(out, jobs=2)[0] == EXIT_OK

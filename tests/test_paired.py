@@ -391,3 +391,64 @@ def test_the_intervals_do_not_depend_on_the_order_the_run_directories_are_named_
         reports.append(metric(paired_report(load_runs(sorted(root.iterdir())), "lam=0.0"), "lam=0.25", "end_to_end"))
     assert [p["seed"] for p in reports[0]["per_seed"]] == [p["seed"] for p in reports[1]["per_seed"]] == [1, 2, 3]
     assert reports[0]["boot_ci"] == reports[1]["boot_ci"]
+
+
+def test_the_same_id_naming_another_item_is_not_paired(tmp_path):
+    """An item id names an index in the seed's test stream: another task (or split) puts another item under it.
+    Records that state their instance are paired only when it is the same item."""
+
+    def with_instance(vals, first):
+        return {k: {**v, "instance": {"puzzle": first + i}} for i, (k, v) in enumerate(items(vals).items())}
+
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, with_instance([1, 0, 1, 0], 0))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, with_instance([1, 1, 1, 1], 50))
+    rep = paired_report(load_runs([a, b]), "lam=0")
+    assert rep.arms[0]["metrics"] == {}
+    assert any("seed 1" in p and "test item q0 is another item" in p and "not paired" in p for p in rep.problems), rep.problems
+    c = make_run(tmp_path, "c", {"lam": 0.5}, 2, with_instance([1, 1, 1, 1], 0))
+    d = make_run(tmp_path, "d", {"lam": 0.0}, 2, with_instance([1, 0, 1, 0], 0))
+    rep = paired_report(load_runs([c, d]), "lam=0")
+    assert metric(rep, "lam=0.5", "end_to_end")["mean"] == pytest.approx(0.5)
+
+
+def test_an_item_scored_twice_is_a_problem_and_its_records_are_ignored(tmp_path):
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1, 0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1, 1]))
+    lines = (b / "eval.jsonl").read_text().splitlines()
+    (b / "eval.jsonl").write_text("\n".join([*lines, lines[-1]]) + "\n")
+    rep = paired_report(load_runs([a, b]), "lam=0")
+    assert any("test item q1 is scored twice" in p for p in rep.problems), rep.problems
+    assert metric(rep, "lam=0.5", "end_to_end")["per_seed"][0]["source"] == "summary.json"
+
+
+def test_a_metric_one_run_did_not_score_is_named_as_such(tmp_path):
+    """Without the counterfactual pass a run's records have no `cf_outcome`: that was reported as "no item in both
+    runs" of runs that share every item."""
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1, 0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1, 1]))
+    recs = [json.loads(x) for x in (b / "eval.jsonl").read_text().splitlines()]
+    (b / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "cf_outcome"}) + "\n" for r in recs))
+    s = json.loads((b / "summary.json").read_text())
+    s["final"]["reasoning"] = None
+    (b / "summary.json").write_text(json.dumps(s))
+    rep = paired_report(load_runs([a, b]), "lam=0")
+    msg = next(p for p in rep.problems if "`reasoning`" in p)
+    assert "scored on 0 / 2 of the items" in msg and "no item in both runs" not in msg
+    assert metric(rep, "lam=0.5", "end_to_end")["mean"] == pytest.approx(0.5)
+
+
+def test_hierarchical_bootstrap_matches_an_independent_implementation():
+    """Seeds drawn with replacement, then items within each drawn seed, the mean over seeds of the item means:
+    a plain loop over replicates gives the same percentile interval to Monte Carlo error."""
+    import numpy as np
+
+    per_seed = [np.array([1.0] * 30 + [0.0] * 70), np.array([1.0] * 10 + [0.0] * 90), np.array([1.0] * 20 + [-1.0] * 5 + [0.0] * 75)]
+    lo, hi = hierarchical_bootstrap(per_seed, reps=4000, seed=3)
+    rng = np.random.default_rng(11)
+    means = []
+    for _ in range(4000):
+        seeds = rng.integers(3, size=3)
+        means.append(np.mean([per_seed[s][rng.integers(100, size=100)].mean() for s in seeds]))
+    want = np.quantile(means, [0.025, 0.975])
+    assert lo == pytest.approx(want[0], abs=0.012) and hi == pytest.approx(want[1], abs=0.012)
+    assert hierarchical_bootstrap(per_seed, reps=4000, seed=3) == (lo, hi)

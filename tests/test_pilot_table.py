@@ -60,3 +60,25 @@ def test_cells_option_refuses_a_run_without_evaluations(tmp_path: Path, monkeypa
     monkeypatch.setattr(sys, "argv", ["pilot_table.py", str(tmp_path / "run"), "--cells"])
     with pytest.raises(SystemExit, match="no evaluation yet"):
         pilot_table.main()
+
+
+def stage_eval(run: Path, stage: str, recs: list[dict]) -> None:
+    d = run / "stages" / stage
+    d.mkdir(parents=True)
+    (d / "eval-000010.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_pair_leaves_out_items_a_stage_did_not_score_and_refuses_an_item_scored_twice(tmp_path: Path) -> None:
+    """`--pair A B`: a stage evaluated without the counterfactual pass has no `cf_outcome`, which counted as wrong
+    (Δa_r = −a_r of A); now a_r pairs no item and says so. An id scored twice in one evaluation is refused."""
+    run = tmp_path / "run"
+    stage_eval(run, "base", [{"id": f"t/test/{i}", "outcome": i < 2, "perception_exact": i < 3, "cf_outcome": True} for i in range(10)])
+    stage_eval(run, "post", [{"id": f"t/test/{i}", "outcome": i < 5, "perception_exact": i < 3} for i in range(10)])
+    out = pilot_table.paired(run, "base", "post")
+    assert out["a"]["diff"] == pytest.approx(0.3) and out["a_p"]["diff"] == 0.0 and out["n"] == 10
+    assert out["a_r"] == {"diff": None, "ci95": None, "n": 0}
+    assert (out["stage_a"], out["stage_b"]) == ("base", "post")  # `a` (the metric) overwrote stage A's name
+    recs = [json.loads(x) for x in (run / "stages" / "post" / "eval-000010.jsonl").read_text().splitlines()]
+    (run / "stages" / "post" / "eval-000010.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*recs, recs[0]]))
+    with pytest.raises(SystemExit, match="t/test/0 is scored twice"):
+        pilot_table.paired(run, "base", "post")

@@ -105,13 +105,16 @@ def test_summary_that_disagrees_with_its_records_is_refused(tmp_path: Path) -> N
         repro.report(tmp_path, ["tm"], [1])
 
 
-def fake_base(out: Path, prefix: str, perception: list[bool], reasoning: list[bool], task: str = "graph_coloring") -> None:
+def fake_base(
+    out: Path, prefix: str, perception: list[bool], reasoning: list[bool], task: str = "graph_coloring", puzzles: int | None = None
+) -> None:
     """The shared base stage the arms start from (`<out>/<prefix>_base`): done.json and its last evaluation,
-    items `<task>/test/<i>`."""
+    items `<task>/test/<i>` (with ``puzzles``, item i's instance is puzzle `puzzles + i`, as `fake_cell` writes it)."""
     stage = out / f"{prefix}_base"
     stage.mkdir(parents=True)
     recs = [
         {"id": f"{task}/test/{i}", "outcome": p and r, "perception_exact": p, "cf_outcome": r}
+        | ({"instance": {"puzzle": puzzles + i, "edges": puzzles + i}} if puzzles is not None else {})
         for i, (p, r) in enumerate(zip(perception, reasoning))
     ]
     (stage / "eval-000100.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -302,7 +305,9 @@ def test_plan_p8_500_report(tmp_path: Path) -> None:
     # NGDiff with vs without automatic lr, on the 200 items both scored; descriptive
     auto = data["ngdiff_auto_vs_ngdiff"]["ngdiff_auto"]["a"]
     assert auto["n_pairs"] == 3 * n200 and auto["per_seed"] == pytest.approx([2 / n200] * 3)  # items 1-20: all right vs 18
-    assert "| ngdiff_auto | a | 1,2,3 | 60 |" in text and "none (descriptive)" in text
+    # (the 200-item cells scored the first half of the 500-item cells' items: the table names the items left unpaired)
+    assert "| ngdiff_auto | a | 1,2,3 (items not in both cells: seed 1: 20 pairs of 40 / 20 items;" in text
+    assert "seed 3: 20 pairs of 40 / 20 items) | 60 |" in text and "none (descriptive)" in text
     assert data["curve_200"]["ngdiff"]["eff_lambda"] == pytest.approx(0.3) and "| ngdiff | not run | 0.300 |" in text
 
 
@@ -698,3 +703,156 @@ def test_session_9s_plan_runs_no_arm_from_a_no_go_base(tmp_path: Path, monkeypat
         assert started == []
         assert f"**no-go: outside the regime, no verdict**. {repro.NO_ARMS_RULE}" in text
     assert "p8" not in repro.NO_ARMS_AT_NO_GO and "gc8" not in repro.NO_ARMS_AT_NO_GO  # session 3: arms run, no verdict
+
+
+# ---- the statistics audit: pairing by item identity, intervals, edge cases -------------------------------------
+
+
+def test_f1_pairs_only_the_seeds_whose_items_are_the_bases(tmp_path: Path) -> None:
+    """The base scored seed 1's test stream; seeds 2 and 3 draw their own (`TaskBase.sample` is a function of the
+    seed), so their records carry the base's ids for other puzzles. F1's paired interval paired them anyway (the
+    ids matched), and the sudoku plan's rule read it; now only seed 1 pairs, and the rule reads the unpaired
+    interval over the three seeds, saying why."""
+    runs = tmp_path / "runs"
+    fake_base(tmp_path, "sudoku", mask(0), mask(14), puzzles=0)  # go: a_r 0.35, a_p 0
+    for s in (1, 2, 3):
+        fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), mask(10), mask(20), mask(24), puzzles=0 if s == 1 else 1000 * s)
+    text = repro.report(tmp_path, ["tm"], [1, 2, 3], "sudoku").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["f1_paired"]["gap"]["seeds"] == [1] and data["f1_paired"]["gap"]["n_pairs"] == N
+    assert data["f1_rule"] == "unpaired" and data["f1"]["per_seed"] == pytest.approx([-0.25] * 3)
+    assert data["f1"]["delta"] == {"a_r": pytest.approx(0.25), "a_p": pytest.approx(0.5)}
+    assert "seeds 2,3 scored other test items under the same ids" in text
+    assert "**not reproduced** (the unpaired interval)" in text
+    # every seed on the base's items: the paired rule, as pre-registered
+    for s in (2, 3):
+        shutil.rmtree(repro.run_dir(repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), runs))
+        fake_cell(runs, repro.Cell(repro.SPECS / "sudoku_tm.pd", s, ""), mask(10), mask(20), mask(24), puzzles=0)
+    repro.report(tmp_path, ["tm"], [1, 2, 3], "sudoku")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["f1_rule"] == "paired" and data["f1_paired"]["gap"]["seeds"] == [1, 2, 3]
+
+
+def test_cells_of_one_seed_that_scored_other_items_under_the_same_ids_are_refused(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", 1, ""), mask(10), mask(0), mask(30))
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", 1, ""), mask(20), mask(0), mask(30), puzzles=7)  # another split
+    with pytest.raises(SystemExit, match=r"seed 1: test item graph_coloring/test/0 is another item .* nothing is paired"):
+        repro.report(tmp_path, ["tm", "lam"], [1])
+
+
+def test_an_item_scored_twice_is_refused(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", 1, ""), mask(10), mask(0), mask(30))
+    rd = fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", 1, ""), mask(20), mask(0), mask(30))
+    lines = (rd / "eval.jsonl").read_text().splitlines()
+    (rd / "eval.jsonl").write_text("\n".join([*lines, lines[0]]) + "\n")
+    with pytest.raises(SystemExit, match="graph_coloring/test/0 is scored twice"):
+        repro.report(tmp_path, ["tm", "lam"], [1])
+
+
+def test_cells_of_one_seed_with_other_item_counts_say_so(tmp_path: Path) -> None:
+    """A cell that scored fewer items than its baseline was paired on the intersection without a word."""
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        fake_cell(runs, repro.Cell(repro.SPECS / "gc_tm.pd", s, ""), mask(10), mask(0), mask(30))
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", 1, ""), mask(20), mask(0), mask(30))
+    short = [i < 20 for i in range(30)]  # 30 items, the first 30 of the stream
+    fake_cell(runs, repro.Cell(repro.SPECS / "gc_lam.pd", 2, ""), short, short[:30], short[:30])
+    text = repro.report(tmp_path, ["tm", "lam"], [1, 2]).read_text()
+    d = json.loads((tmp_path / "report.json").read_text())["paired"]["lam"]["a"]
+    assert d["n_pairs"] == N + 30 and d["unpaired"] == {"2": "30 pairs of 30 / 40 items"}
+    assert "| lam | a | 1,2 (items not in both cells: seed 2: 30 pairs of 30 / 40 items) | 70 |" in text
+
+
+def test_an_item_without_a_verdict_is_left_out_not_counted_wrong(tmp_path: Path) -> None:
+    """`cf_outcome` is absent without the counterfactual pass (a_r): a pair lacking it was `bool(None)` = wrong, and a
+    cell without any raised a KeyError."""
+    runs = tmp_path / "runs"
+    cells = {}
+    for arm, k in (("tm", 10), ("lam", 20)):
+        rd = cells[(arm, 1)] = fake_cell(runs, repro.Cell(repro.SPECS / f"gc_{arm}.pd", 1, ""), mask(k), mask(0), mask(N))
+        recs = [json.loads(x) for x in (rd / "eval.jsonl").read_text().splitlines()]
+        for r in recs[: 10 if arm == "lam" else 0]:
+            r["cf_outcome"] = None  # no verdict for these 10 items of `lam`: every other item is right on a_r in both
+        (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    fields = {m: f for m, (_, f) in repro.METRICS.items()}
+    res = repro.paired_against(cells, ["tm", "lam"], [1], "tm", fields, np.random.default_rng(0))["lam"]
+    assert res["a_r"]["mean"] == 0.0 and res["a_r"]["n_pairs"] == N - 10 and res["a"]["n_pairs"] == N
+    for rd in cells.values():
+        recs = [json.loads(x) for x in (rd / "eval.jsonl").read_text().splitlines()]
+        (rd / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "cf_outcome"}) + "\n" for r in recs))
+    res = repro.paired_against(cells, ["tm", "lam"], [1], "tm", fields, np.random.default_rng(0))["lam"]
+    assert set(res) == {"a", "a_p"}  # no a_r: neither cell has a verdict on it
+
+
+def test_seed_intervals_for_any_number_of_seeds_and_none_for_one() -> None:
+    """The t interval's quantile came from a table up to 5 df: 7 seeds raised a KeyError; one seed wrote NaN
+    into report.json (not JSON)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    diffs = [np.array([1.0] * (5 + s) + [0.0] * 20) for s in range(7)]
+    d = repro.paired(diffs, rng)
+    per = np.array([x.mean() for x in diffs])
+    lo, hi = stats.t.interval(0.95, 6, loc=per.mean(), scale=stats.sem(per))
+    assert (d["seed_lo"], d["seed_hi"]) == (pytest.approx(lo, rel=1e-3), pytest.approx(hi, rel=1e-3))
+    assert [repro.t_975(df) for df in (1, 2, 3, 4, 5, 6, 30)] == [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.042]
+    one = repro.paired(diffs[:1], rng)
+    assert one["seed_lo"] is None and one["seed_hi"] is None
+    json.dumps(one, allow_nan=False)
+
+
+def test_the_bootstrap_resamples_items_within_seeds_with_the_preregistered_count() -> None:
+    """An independent percentile bootstrap (items within seeds, the pooled mean) on the same draws gives the
+    same interval; 10,000 resamples; a fixed generator gives the same interval twice."""
+    diffs = [np.array([1.0] * 12 + [0.0] * 30 + [-1.0] * 3), np.array([1.0] * 5 + [0.0] * 20)]
+    d = repro.paired(diffs, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    boots = np.zeros(repro.BOOT)
+    for x in diffs:
+        boots += x[rng.integers(0, len(x), size=(repro.BOOT, len(x)))].sum(axis=1)
+    boots /= sum(len(x) for x in diffs)
+    srt = np.sort(boots)
+
+    def q(p: float) -> float:  # numpy's default ("linear") quantile, written out: h = p·(n − 1)
+        h = p * (len(srt) - 1)
+        return float(srt[int(np.floor(h))] + (h % 1) * (srt[int(np.ceil(h))] - srt[int(np.floor(h))]))
+
+    assert repro.BOOT == 10_000 and d["lo"] == pytest.approx(q(0.025)) and d["hi"] == pytest.approx(q(0.975))
+    assert d["mean"] == pytest.approx(14 / 70) and repro.paired(diffs, np.random.default_rng(7)) == d
+
+
+@pytest.mark.parametrize(
+    "d, f2, f1",
+    [
+        ({"mean": 0.0, "lo": 0.0, "per_seed": [0.1, 0.1, -0.2]}, "not reproduced", "not reproduced"),
+        (
+            {"mean": 0.01, "lo": 0.0, "per_seed": [0.1, 0.1, -0.2]},
+            "direction only (interval includes 0)",
+            "direction only (interval includes 0)",
+        ),
+        ({"mean": 0.01, "lo": 1e-9, "per_seed": [0.1, 0.1, -0.2]}, "reproduced", "reproduced"),
+        ({"mean": 0.01, "lo": 1e-9, "per_seed": [0.1, 0.0, -0.2]}, "direction only (< 2 seeds positive)", "reproduced"),
+        ({"mean": -0.01, "lo": 1e-9, "per_seed": [0.1, 0.1, -0.2]}, "not reproduced", "not reproduced"),
+    ],
+)
+def test_verdicts_at_exactly_zero_follow_the_preregistered_rules(d: dict, f2: str, f1: str) -> None:
+    """F2: reproduced iff Δa > 0, the interval excludes 0 (lo > 0) and Δa > 0 in ≥ 2 seeds; not reproduced iff Δa ≤ 0.
+    F1: reproduced iff the mean is > 0 with the interval excluding 0 (the F1 rule read lo alone)."""
+    assert repro.verdict(d) == f2 and repro.f1_rule_verdict(d) == f1
+
+
+def test_sweep_item_gaps_leave_out_items_without_a_verdict(tmp_path: Path) -> None:
+    """The sweep's per-item gap read `bool(None)` as wrong, like paired_against did."""
+    runs = tmp_path / "runs"
+    cells = {}
+    for arm, k in (("tm", 10), ("ngdiff", 20)):
+        rd = cells[(arm, 1)] = fake_cell(runs, repro.Cell(repro.SPECS / f"sudoku_{arm}.pd", 1, ""), mask(k), mask(k), mask(N))
+        recs = [json.loads(x) for x in (rd / "eval.jsonl").read_text().splitlines()]
+        if arm == "ngdiff":
+            recs[0]["cf_outcome"] = None
+        (rd / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    gaps = repro.item_gaps(cells, 1, "cf_outcome")
+    assert len(gaps) == N - 1 and all(g == 0.0 for g, _ in gaps.values())
+    assert repro.item_gaps(cells, 1, "outcome")["graph_coloring/test/15"] == (1.0, 15)

@@ -294,3 +294,44 @@ def test_gc8_ckpt_plan_reads_f3_across_checkpoints_with_its_rule_and_the_pilot_b
     assert "| 3 | 16 | 0.420 | 0.810 | 0.390 | 40 |  |  |" in table
     assert "| outcome | 1 |" not in text and "| outcome | 2 |" in text  # the pilot is not one of the plan's cells
     assert f3["verdict"] == "reproduced"  # session 4's within-group rule still reads the plan's seeds
+
+
+def with_items(rd: Path, first: int) -> Path:
+    """The cell's records re-labelled as items `first`, `first + 1`, … of a test stream (their instances)."""
+    recs = [json.loads(x) for x in (rd / "eval.jsonl").read_text().splitlines()]
+    (rd / "eval.jsonl").write_text("".join(json.dumps({**r, "instance": {"graph": first + i}}) + "\n" for i, r in enumerate(recs)))
+    return rd
+
+
+def test_gc8_arm_minus_start_pairs_only_the_seeds_that_scored_the_starts_items(tmp_path: Path) -> None:
+    """The start is evaluated on seed 1's test stream; seeds 2 and 3 score their own, under the same ids. They were
+    paired with the start item by item all the same; now only seed 1 is, and the report says why."""
+    runs = tmp_path / "runs"
+    with_items(fake_cell(runs, "start", 1, mask(8), mask(10), coupling(0.5, 0.5), GC8), 0)
+    for s in (1, 2, 3):
+        with_items(fake_cell(runs, "outcome", s, mask(10 + s), mask(10), coupling(0.9, 0.3), GC8), 100 * (s - 1))
+        with_items(fake_cell(runs, "alpha", s, mask(12), mask(12), coupling(0.8, 0.5), GC8), 100 * (s - 1))
+    text = repro_rl.report(tmp_path, ["outcome", "alpha"], [1, 2, 3], GC8).read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["vs_start"]["outcome"]["a"]["seeds"] == [1] and data["vs_start"]["outcome"]["a"]["per_seed"] == pytest.approx([3 / N])
+    assert "seeds 2, 3 drew other test items under the same ids: not paired" in text
+    assert data["paired"]["alpha"]["a"]["seeds"] == [1, 2, 3]  # arms of one seed share their items
+
+
+def test_f3_within_group_r_of_exactly_zero_is_a_value_not_missing(tmp_path: Path) -> None:
+    """`r or nan` read an r of exactly 0.0 as undefined: the seed's gap became NaN and F3 not reproduced."""
+    runs = tmp_path / "runs"
+    for s, r_perc in zip((1, 2, 3), (0.0, 0.2, 0.3)):
+        fake_cell(runs, "outcome", s, mask(10), mask(20), coupling(0.9, r_perc))
+    repro_rl.report(tmp_path, ["outcome"], [1, 2, 3])
+    f3 = json.loads((tmp_path / "report.json").read_text())["f3"]["outcome"]
+    assert f3["within_gap"]["per_seed"] == pytest.approx([0.9, 0.7, 0.6]) and f3["verdict"] == "reproduced"
+
+
+def test_seed_stats_is_a_t_interval_for_any_number_of_seeds() -> None:
+    from scipy import stats
+
+    xs = [0.1, 0.3, 0.2, 0.25, 0.15, 0.4, 0.35]  # 7 seeds: df 6 was not in the quantile table
+    m, lo, hi = repro_rl.seed_stats(xs)
+    want = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+    assert (lo, hi) == (pytest.approx(want[0], rel=1e-3), pytest.approx(want[1], rel=1e-3))  # t to 3 decimals

@@ -154,6 +154,22 @@ def test_the_confirmatory_seeds_get_their_own_headline_row() -> None:
     assert rows[1]["seeds_items"] == "3 × 500" and rows[1]["also"] == {"Δa_p": 0.44}
 
 
+def test_an_unpaired_f1_row_gives_the_changes_of_all_its_seeds() -> None:
+    """When F1's rule reads the unpaired interval (the arms' seeds 2-3 scored other test items than the base), the
+    paired means cover seed 1 only: the row's a_r and a_p are the unpaired changes over the same three seeds."""
+    gap = {"mean": -0.086, "lo": -0.138, "hi": -0.034, "per_seed": [-0.086], "n_pairs": 500}
+    report = {
+        "base": {"n": 500},
+        "f1": {"mean": -0.087, "lo": -0.137, "hi": -0.036, "per_seed": [-0.086, -0.088, -0.086], "delta": {"a_r": -0.071, "a_p": 0.015}},
+        "f1_paired": {"gap": gap, "a_r": {**gap, "mean": -0.074}, "a_p": {**gap, "mean": 0.012}},
+        "f1_rule": "unpaired",
+        "f1_verdict": "not reproduced",
+    }
+    (row,) = reproduce.rows_of(report, "sft", ("F1",), "tm")
+    assert (row["statistic"], row["value"], row["lo"], row["hi"]) == ("Δa_r − Δa_p (unpaired)", -0.087, -0.137, -0.036)
+    assert row["also"] == {"a_r": -0.071, "a_p": 0.015} and row["seeds_items"] == "3 × 500"
+
+
 def test_quick_reports_a_miniature_in_its_first_line_and_gives_no_verdict(tmp_path: Path) -> None:
     sudoku_parts(tmp_path, reproduce.QUICK_SPECS, reproduce.QUICK_SEEDS)
     assert reproduce.main(["--quick", "--report", "--out", str(tmp_path), "--tasks", "sudoku"]) == 0

@@ -113,6 +113,9 @@ class RunData:
     summary: dict[str, Any]
     items: dict[str, dict[str, float]] | None  # item id → metric → value; None: no eval.jsonl
     problems: list[str] = field(default_factory=list)
+    # item id → what the item is (its record's instance, else references, as canonical JSON): an id names an index in
+    # the test stream, which depends on the seed and the task's params, so two runs' same id may be two items
+    what: dict[str, str] = field(default_factory=dict)
 
     @property
     def seed(self) -> Any:
@@ -126,6 +129,7 @@ class RunData:
             return run
         stage = summary.get("final_stage")
         items: dict[str, dict[str, float]] = {}
+        what: dict[str, str] = {}
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
@@ -152,8 +156,15 @@ class RunData:
             if bad is not None:
                 run.problems.append(f"{path}:{ln}: `{bad}` is {json.dumps(rec[bad])[:40]}, not a finite number; the file is ignored")
                 return run
-            items[str(rec.get("id"))] = {m: float(v) for m, v in vals.items()}
+            item = str(rec.get("id"))
+            if item in items:
+                run.problems.append(f"{path}:{ln}: test item {item} is scored twice in the final evaluation; the file is ignored")
+                return run
+            items[item] = {m: float(v) for m, v in vals.items()}
+            if (inst := _item_of(rec)) is not None:
+                what[item] = json.dumps(inst, sort_keys=True, default=str)
         run.items = items or None
+        run.what = what
         run.check_against_summary()
         return run
 
@@ -167,6 +178,15 @@ class RunData:
                 self.problems.append(
                     f"{self.run_dir}: `{m}` is {math.fsum(vals) / len(vals):.6f} over eval.jsonl's final records but {want:.6f} in summary.json"
                 )
+
+
+def _item_of(rec: Mapping[str, Any]) -> Any:
+    """What an eval record's item is beyond its id: its instance, else its references; None when it states neither."""
+    if rec.get("instance") is not None:
+        return rec["instance"]
+    if "ground_truth" in rec or "perception_ref" in rec:
+        return [rec.get("perception_ref"), rec.get("ground_truth")]
+    return None
 
 
 def _finite(v: Any) -> bool:
@@ -334,12 +354,28 @@ def _compare(arm: Arm, base: Arm, seeds: Sequence[Any], m: str, reps: int, seed:
         a, b = arm.runs[s], base.runs[s]
         row: dict[str, Any] = {"seed": s, "run": a.run_dir.name, "baseline_run": b.run_dir.name}
         if a.items is not None and b.items is not None:
-            ids = [i for i in a.items if i in b.items and m in a.items[i] and m in b.items[i]]
-            if not ids:
-                problems.append(f"{arm.label} seed {s}, `{m}`: no item in both runs ({len(a.items)} / {len(b.items)} items); not paired")
+            other = [i for i in a.items if i in b.items and i in a.what and i in b.what and a.what[i] != b.what[i]]
+            if other:
+                problems.append(
+                    f"{arm.label} seed {s}, `{m}`: test item {other[0]} is another item in {a.run_dir.name} than in {b.run_dir.name} "
+                    f"({len(other)} ids so: not the same test split); not paired"
+                )
                 continue
-            if len(ids) < max(len(a.items), len(b.items)):
-                problems.append(f"{arm.label} seed {s}, `{m}`: {len(ids)} items in both runs of {len(a.items)} / {len(b.items)}")
+            scored_a = [i for i in a.items if m in a.items[i]]
+            scored_b = [i for i in b.items if m in b.items[i]]
+            ids = [i for i in scored_a if m in b.items.get(i, {})]
+            if not scored_a and not scored_b:  # neither run evaluated the metric (a_r without the counterfactual pass)
+                continue
+            if not ids:
+                why = (
+                    f"no item in both runs ({len(a.items)} / {len(b.items)} items)"
+                    if not set(a.items) & set(b.items)
+                    else f"scored on {len(scored_a)} / {len(scored_b)} of the items (no item scored in both runs)"
+                )
+                problems.append(f"{arm.label} seed {s}, `{m}`: {why}; not paired")
+                continue
+            if len(ids) < max(len(scored_a), len(scored_b)):
+                problems.append(f"{arm.label} seed {s}, `{m}`: {len(ids)} items in both runs of {len(scored_a)} / {len(scored_b)}")
             xa = np.array([a.items[i][m] for i in ids])
             xb = np.array([b.items[i][m] for i in ids])
             d = xa - xb

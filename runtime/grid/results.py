@@ -254,7 +254,11 @@ def table_markdown(table: ResultsTable, plots: Sequence[Path] = ()) -> str:
     out.append("|" + "|".join("---" if i < len(table.axes) else "---:" for i in range(len(head))) + "|")
     for r in table.rows:
         cells = [fmt_param(r.params.get(a)) for a in table.axes] + [str(r.n_seeds), str(r.failed)]
-        cells += ["—" if (st := r.values.get(c.key)) is None else st.show() for c in table.columns]
+        # a mean over fewer seeds than the row's (a metric some seeds lack) says over how many
+        cells += [
+            "—" if (st := r.values.get(c.key)) is None else st.show() + (f" ({st.n} of {r.n_seeds} seeds)" if st.n < r.n_seeds else "")
+            for c in table.columns
+        ]
         out.append("| " + " | ".join(cells) + " |")
     if plots:
         out += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
