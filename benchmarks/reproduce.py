@@ -255,11 +255,6 @@ def rows_of(report: dict[str, Any], method: str, findings: tuple[str, ...], base
 
 def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: str, failed: dict[str, list[str]]) -> Path:
     """OUT/report.md, report.json and headline.png from the parts' report.json and their cells' records."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from percepdsl.io import write_json_atomic, write_text_atomic
 
     plans = QUICK if quick else PARTS
@@ -362,22 +357,32 @@ def write_report(out: Path, parts: list[tuple[str, str]], quick: bool, command: 
     if absent:
         L += ["", f"**Not run**: {', '.join(sorted(set(absent)))} (no finished cell in `OUT/<part>/`)."]
     if rows:
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
-        ys = np.arange(len(rows))[::-1]
-        for y, r in zip(ys, rows):
-            ax.errorbar(r["value"], y, xerr=[[r["value"] - r["lo"]], [r["hi"] - r["value"]]], fmt="o", capsize=3, color="C0")
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(ys, [f"{r['finding']} {r['task']}: {r['comparison'].replace('`', '')[:48]}" for r in rows], fontsize=7)
-        ax.set_xlabel("statistic with its 95% interval (see the table)")
-        ax.set_title("MINIATURE (--quick): no verdicts" if quick else "headline", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "headline.png", dpi=110)
-        plt.close(fig)
+        draw_headline(rows, out / "headline.png", quick)
         L += ["", "![headline](headline.png)"]
     write_json_atomic(
         out / "report.json", {"quick": quick, "command": command, "rows": rows, "parts": status, "not_run": sorted(set(absent))}
     )
     return write_text_atomic(out / "report.md", "\n".join(L) + "\n")
+
+
+def draw_headline(rows: list[dict[str, Any]], path: Path, quick: bool = False) -> None:
+    """headline.png: each row's statistic with its 95% interval, from the rows alone (report.json's `rows`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        ax.errorbar(r["value"], y, xerr=[[r["value"] - r["lo"]], [r["hi"] - r["value"]]], fmt="o", capsize=3, color="C0")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(ys, [f"{r['finding']} {r['task']}: {r['comparison'].replace('`', '')[:48]}" for r in rows], fontsize=7)
+    ax.set_xlabel("statistic with its 95% interval (see the table)")
+    ax.set_title("MINIATURE (--quick): no verdicts" if quick else "headline", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def step_key(name: str, step: Step) -> str:
