@@ -22,7 +22,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -132,6 +132,43 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync(path.parent)
+
+
+class LockHeld(Exception):
+    """`hold_lock`'s file is locked by another process; `holder` is what that process wrote in it."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: str | os.PathLike[str], note: str) -> TextIO | None:
+    """An exclusive lock on `path` (flock; the file is created), with `note` written in it for whoever finds
+    it held. It lasts until the returned file is closed or the process ends (the kernel frees it then).
+    None where there are no such locks (Windows, a filesystem without them): the caller goes unguarded.
+    Raises LockHeld when another process holds it, OSError when the file cannot be opened."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the caller closes it
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise LockHeld(holder) from None
+    except OSError:  # a filesystem without locks (some network mounts)
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(note + "\n")
+    f.flush()
+    return f
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, newline: str | None = None) -> Path:

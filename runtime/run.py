@@ -44,7 +44,9 @@ from typing import Any
 import lightning as L
 
 from percepdsl.io import (
+    LockHeld,
     atomic_path,
+    hold_lock,
     os_error_text,
     read_json,
     remove_stale_temporaries,
@@ -836,36 +838,17 @@ def run(
 
 
 def lock_run_dir(run_dir: Path) -> Any:
-    """An exclusive lock on a run directory (flock on `.<name>.lock` beside it, released when the process
-    ends), or RunRefused naming the process that holds it. Two processes on one run directory (a grid
-    re-run while a cell of a killed grid was still saving its checkpoint) deleted each other's temporaries
-    and trained the same stage twice. None where it cannot be taken (no flock; an --out that is no
-    directory: opening the run directory says so)."""
+    """An exclusive lock on a run directory (`.<name>.lock` beside it, released when the process ends), or
+    RunRefused naming the process that holds it. Two processes on one run directory (a grid re-run while a
+    cell of a killed grid was still saving its checkpoint) deleted each other's temporaries and trained the
+    same stage twice. None where it cannot be taken (no locks; an --out that is no directory: opening the
+    run directory says so)."""
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    path = run_dir.parent / f".{run_dir.name}.lock"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the run ends
+        return hold_lock(run_dir.parent / f".{run_dir.name}.lock", f"pid {os.getpid()}")
+    except LockHeld as held:
+        raise RunRefused(f"{run_dir} is in use by another `percep run` ({held.holder}); wait for it to end, or stop it") from None
     except OSError:
         return None
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunRefused(f"{run_dir} is in use by another `percep run` ({holder}); wait for it to end, or stop it") from None
-    except OSError:  # a filesystem without locks (some network mounts): run unguarded, as before
-        f.close()
-        return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
-    return f
 
 
 def _run(

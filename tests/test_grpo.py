@@ -299,22 +299,27 @@ def test_fused_sampler_merges_lora_adapters(tiny, task, encoder, pad: bool) -> N
     adapters disabled the base model's (which differ: the adapters matter here)."""
     loaded = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0))
     model = loaded.model.eval()
+    assert FusedLlamaDecoder.supports(*llava_parts(model)[:2])
+    roll = _greedy_as_hugging_face(model, task, encoder, pad)
+    with model.disable_adapter():
+        base = _greedy_as_hugging_face(model, task, encoder, pad)
+    assert not torch.equal(base.ids, roll.ids)
+
+
+def _greedy_as_hugging_face(model, task, encoder, pad: bool) -> Rollouts:
+    """The fused sampler's greedy rollouts of a PEFT model, after giving its adapters an effect (LoRA starts
+    at B = 0: no change), checked token for token against Hugging Face `generate` through the PEFT modules."""
     gen = torch.Generator().manual_seed(0)
     for name, param in model.named_parameters():
-        if "lora_B" in name:  # LoRA starts at B = 0 (no change); give the adapters an effect
+        if "lora_B" in name or "lora_embedding" in name:
             param.data.normal_(0.0, 0.5, generator=gen)
-    assert FusedLlamaDecoder.supports(*llava_parts(model)[:2])
     prompt = _prompts(task, encoder, pad)
     kw = dict(temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id, pad_token_id=encoder.pad_token_id)
     suppress = (model.config.image_token_id,)
     roll = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
     ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, suppress, None)
     assert torch.equal(roll.ids[0::2], ref.masked_fill(roll.mask[0::2] == 0, encoder.pad_token_id))
-    with model.disable_adapter():
-        base = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
-        base_ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, suppress, None)
-    assert torch.equal(base.ids[0::2], base_ref.masked_fill(base.mask[0::2] == 0, encoder.pad_token_id))
-    assert not torch.equal(base.ids, roll.ids)
+    return roll
 
 
 def test_fused_sampler_keeps_an_embedding_adapter(tiny, task, encoder) -> None:
@@ -323,18 +328,9 @@ def test_fused_sampler_keeps_an_embedding_adapter(tiny, task, encoder) -> None:
     rollouts come from another policy than the one trained. Greedy tokens equal Hugging Face's."""
     loaded = load_hf(tiny.path, lora=LoraIR(r=4, alpha=8, dropout=0.0, target_modules=["embed_tokens", "q_proj", "lm_head"]))
     model = loaded.model.eval()
-    gen = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name or "lora_embedding" in name:  # no change at the start: give the adapters an effect
-            param.data.normal_(0.0, 0.5, generator=gen)
-    prompt = _prompts(task, encoder, True)
-    kw = dict(temperature=0.0, top_p=1.0, eos_token_id=encoder.eos_token_id, pad_token_id=encoder.pad_token_id)
-    suppress = (model.config.image_token_id,)
-    roll = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
-    ref = _hf_generate(model, prompt, 1, 12, 0.0, 1.0, encoder.eos_token_id, encoder.pad_token_id, suppress, None)
-    assert torch.equal(roll.ids[0::2], ref.masked_fill(roll.mask[0::2] == 0, encoder.pad_token_id))
+    roll = _greedy_as_hugging_face(model, task, encoder, True)
     with model.disable_adapter():
-        base = sample_completions(model, prompt, group=2, max_new_tokens=12, suppress=suppress, **kw)
+        base = _greedy_as_hugging_face(model, task, encoder, True)
     assert not torch.equal(base.ids, roll.ids)  # the adapters matter here
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from percepdsl.diagnostics import relpath
-from percepdsl.io import os_error_text, read_json, write_json_atomic
+from percepdsl.io import LockHeld, hold_lock, os_error_text, read_json, write_json_atomic
 
 from .common import CELLS_DIR, DEFAULT_METRICS, DONE, FAILED, INTERRUPTED, PENDING, RUNNING, STATE_FILE, SUMMARY_FILE, GridError, now
 
@@ -79,29 +79,13 @@ class GridLock:
 
     def __enter__(self) -> GridLock:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+            self._file = hold_lock(self.path, f"pid {os.getpid()} on {platform.node()} since {now()}")
+        except LockHeld as held:
+            raise GridError(
+                f"{relpath(self.path.parent)} is in use by another `percep grid` ({held.holder}); wait for it, or stop it (Ctrl-C) and run again"
+            ) from None
         except OSError as exc:  # --out is a file, under a file, read-only: the grid's first write
             raise GridError(f"cannot use the grid directory: {os_error_text(exc)}") from None  # the path that failed
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no lock
-            self._file = f
-            return self
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise GridError(
-                f"{relpath(self.path.parent)} is in use by another `percep grid` ({holder}); wait for it, or stop it (Ctrl-C) and run again"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {platform.node()} since {now()}\n")
-        f.flush()
-        self._file = f
         return self
 
     def __exit__(self, *exc: object) -> None:
