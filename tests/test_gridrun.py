@@ -344,14 +344,19 @@ def test_sigint_stops_running_cells_keeps_finished_ones_and_rerun_resumes(tmp_pa
             os.kill(c["pid"], 0)
     for d in slow_dirs:  # stopped by SIGINT (they could save state), not killed
         assert d.is_dir() and not (d / "summary.json").exists()
-        assert (out / "cells" / f"{d.name}.log").read_text().rstrip().endswith("interrupted")
+    rerun_resumes_the_stopped_cells(out, tmp_path, monkeypatch, slow_dirs)
+    assert all(json.loads((d / "summary.json").read_text())["resumed"] for d in slow_dirs)
 
+
+def rerun_resumes_the_stopped_cells(out, tmp_path, monkeypatch, slow_dirs) -> None:
+    """The stopped cells logged their interruption, and the grid run again resumes exactly them."""
+    for d in slow_dirs:
+        assert (out / "cells" / f"{d.name}.log").read_text().rstrip().endswith("interrupted")
     monkeypatch.delenv("FAKE_RUN_SLEEP")
     rc, _, err = run_grid(out)
     assert rc == EXIT_OK, err
     again = calls(tmp_path)[4:]
     assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
-    assert all(json.loads((d / "summary.json").read_text())["resumed"] for d in slow_dirs)
 
 
 def test_a_cell_that_finishes_while_being_stopped_is_done_not_interrupted(tmp_path, monkeypatch):
@@ -401,13 +406,7 @@ def test_a_grid_killed_outright_does_not_leave_its_cells_running(tmp_path, monke
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, "cell processes outlived the killed grid"
-    for d in slow_dirs:
-        assert (out / "cells" / f"{d.name}.log").read_text().rstrip().endswith("interrupted")
-    monkeypatch.delenv("FAKE_RUN_SLEEP")
-    rc, _, err = run_grid(out)
-    assert rc == EXIT_OK, err
-    again = calls(tmp_path)[4:]
-    assert sorted(c["name"] for c in again) == sorted(d.name for d in slow_dirs) and all(c["resume"] for c in again)
+    rerun_resumes_the_stopped_cells(out, tmp_path, monkeypatch, slow_dirs)
 
 
 # ---- aggregation and `percep report` -------------------------------------------------------------
