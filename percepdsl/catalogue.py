@@ -253,6 +253,16 @@ _STYLE = (
     P("image", "px", 64, "rendered image side", min=16, max=2048, unit="px"),
     P("jitter", "float", 0.0, "amount of style jitter (positions, colours, line width)", min=0, max=1),
     P("noise", "float", 0.0, "background noise level", min=0, max=1),
+    P(
+        "filler_words",
+        "int",
+        0,
+        "distinct filler words (`~0`, `~1`, ...) that may follow each reasoning word, drawn uniformly: reasoning "
+        "tokens that carry irreducible entropy, as free phrasing does in real chain-of-thought (0: none)",
+        min=0,
+        max=1024,
+    ),
+    P("filler_rate", "float", 0.25, "probability that a filler word follows each reasoning word", min=0, max=1),
 )
 
 BUILTINS: tuple[Entry, ...] = (

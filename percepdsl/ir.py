@@ -313,6 +313,8 @@ class GraphColoringParams(_Model):
     image: int = setting(*_gc, "image")
     jitter: float = setting(*_gc, "jitter")
     noise: float = setting(*_gc, "noise")
+    filler_words: int = setting(*_gc, "filler_words")
+    filler_rate: float = setting(*_gc, "filler_rate")
     line_width: int = setting(*_gc, "line_width")
     node_radius: int = setting(*_gc, "node_radius")
     distractors: int = setting(*_gc, "distractors")
@@ -338,6 +340,8 @@ class SudokuParams(_Model):
     image: int = setting(*_sd, "image")
     jitter: float = setting(*_sd, "jitter")
     noise: float = setting(*_sd, "noise")
+    filler_words: int = setting(*_sd, "filler_words")
+    filler_rate: float = setting(*_sd, "filler_rate")
     train: int = setting(*_sd, "train")
     test: int = setting(*_sd, "test")
 

@@ -51,6 +51,7 @@ from .base import (
     Scores,
     TaskBase,
     edge_f1,
+    filler_vocabulary,
     held_out_fraction,
     in_held_out,
     parse_sections,
@@ -348,7 +349,7 @@ class GraphColoringTask(TaskBase[GraphColoringParams]):
         words |= {":", "?", "=", "-", "y", "n", "try", "none", "back", "fail", "done", "check", "ok", "colors"}
         words |= {"adj", "sat"} | {f"s{k}" for k in range(MAX_NODES)}  # saturation counts 0..9
         words |= {str(i) for i in range(MAX_NODES + 1)}  # node ids 0..9 and counts up to 10
-        return sorted(words)
+        return sorted(words | set(filler_vocabulary(self.params.filler_words)))
 
     def parse_perception(self, text: str) -> Graph | None:
         """The graph a perception section (or a whole response) describes, or ``None``."""

@@ -49,6 +49,7 @@ from .base import (
     DistinctStream,
     Scores,
     TaskBase,
+    filler_vocabulary,
     in_held_out,
     parse_sections,
     perception_words,
@@ -435,7 +436,7 @@ class SudokuTask(TaskBase[SudokuParams]):
         words |= {str(d) for d in range(1, 10)}
         words |= {cell_word(i, 9) for i in range(81)}
         words |= {name for name, _ in _geometry(9).units}
-        return sorted(words)
+        return sorted(words | set(filler_vocabulary(self.params.filler_words)))
 
     def parse_perception(self, text: str) -> tuple[int, ...] | None:
         """The givens (reading order, 0 = blank) a perception section or whole response states, or ``None``."""
