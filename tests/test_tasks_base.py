@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,3 +154,58 @@ def test_tasks_pickle_and_keep_their_streams() -> None:
         clone = pickle.loads(pickle.dumps(task))
         assert clone.sample("test", 1).response == first
         assert clone.sample("test", 4).response == build_task(name, {}, seed=3).sample("test", 4).response
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_fillers_follow_reasoning_words_at_their_rate_and_change_nothing_else(name: str) -> None:
+    plain = build_task(name, {"reasoning": "verbose"}, seed=4)
+    noisy = build_task(name, {"reasoning": "verbose", "filler_words": 16, "filler_rate": 0.25}, seed=4)
+    fillers = {f"~{k}" for k in range(16)}
+    assert fillers <= set(noisy.vocabulary()) and not fillers & set(plain.vocabulary())
+    assert set(noisy.vocabulary()) - set(plain.vocabulary()) == fillers
+    follows, words, seen = 0, 0, set()
+    for split, index in [("train", i) for i in range(40)] + [("test", i) for i in range(5)]:
+        a, b = plain.sample(split, index), noisy.sample(split, index)
+        assert (a.perception, a.ground_truth, a.instance, a.image.tobytes()) == (
+            b.perception,
+            b.ground_truth,
+            b.instance,
+            b.image.tobytes(),
+        )
+        sa, sb = parse_sections(a.response), parse_sections(b.response)
+        assert (sa.perception, sa.answer) == (sb.perception, sb.answer)
+        reasoning = list(sb.reasoning)
+        assert [w for w in reasoning if w not in fillers] == list(sa.reasoning)  # the trace, with words only added
+        assert reasoning[0] not in fillers and all(not (x in fillers and y in fillers) for x, y in zip(reasoning, reasoning[1:]))
+        assert set(b.response.split()) <= set(noisy.vocabulary())
+        assert noisy.score(b.instance, b.response).outcome and noisy.score(b.instance, b.response).format_ok
+        follows += sum(w in fillers for w in reasoning)
+        words += len(sa.reasoning)
+        seen |= set(reasoning) & fillers
+    assert 0.2 < follows / words < 0.3 and len(seen) == 16  # ≈0.25 over thousands of words; every filler drawn
+    assert noisy.sample("train", 7).response == build_task(name, dict(noisy.params), seed=4).sample("train", 7).response
+    off = build_task(name, {"reasoning": "verbose", "filler_words": 16, "filler_rate": 0.0}, seed=4)
+    assert off.sample("train", 3).response == plain.sample("train", 3).response
+
+
+def test_a_specs_fillers_are_reasoning_tokens_of_the_training_batches(tmp_path) -> None:
+    """From spec text to the batches a stage trains on: the fillers are tokens of their own, with the reasoning role."""
+    from realise import MICRO, compile_spec
+
+    from percepdsl_runtime.run import build_stage, prepare
+
+    text = MICRO.replace("reasoning = brief", "reasoning = verbose, filler_words = 8, filler_rate = 0.5")
+    ir = compile_spec(text + "stage s = sft { steps = 1, batch = 4 }\n")
+    assert (ir.task.params.filler_words, ir.task.params.filler_rate) == (8, 0.5)
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    _, data = build_stage(ctx, ir.stages[0])
+    data.setup()
+    filler_ids = {ctx.encoder.tokenizer.convert_tokens_to_ids(f"~{k}") for k in range(8)}
+    assert ctx.encoder.tokenizer.unk_token_id not in filler_ids
+    reasoning = ctx.encoder.role_names.index("reasoning")
+    hits = 0
+    for item in data.dataset.items:
+        on = torch.isin(item["labels"], torch.tensor(sorted(filler_ids)))
+        assert (item["role_ids"][on] == reasoning).all()
+        hits += int(on.sum())
+    assert hits > 0
