@@ -186,7 +186,8 @@ def with_fillers(words: list[str], count: int, rate: float, rng: np.random.Gener
     uniform draw: every reasoning word costs at least H(rate) + rate·ln(count) nats on top of its own
     loss (1.60 nats at 64 words and rate 0.25, 1.28 per token of the longer trace). That is the
     irreducible entropy free phrasing gives real chain-of-thought, which a fully determined trace lacks.
-    Greedy decoding never writes one at rate < 0.5 (the trace's next word is likelier than any filler).
+    A model that has learned them writes none under greedy decoding at rate < 0.5: the trace's next word
+    is then likelier than any one filler.
     """
     if count == 0 or rate == 0:
         return words
