@@ -636,3 +636,19 @@ def test_a_huge_spec_file_is_refused_unread(tmp_path: Path) -> None:
         f.truncate(8 << 30)  # sparse: 8 GiB of NULs that take no disk
     (d,) = check_file(big).diagnostics
     assert d.code == "missing-file" and d.message == f"spec file `{big}` is larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec", d.message
+
+
+def test_rendering_many_diagnostics_of_a_long_file_takes_linear_time() -> None:
+    """Each rendered diagnostic split the whole source into lines again: 40,000 warnings of a 40,000-line
+    spec took 84 s to print (1 s to check). The lines are split once per source."""
+    import time
+
+    from percepdsl.diagnostics import Diagnostic, Severity, Span, render
+
+    n = 20_000
+    source = "".join(f"param p{i}: int = {i}\n" for i in range(n))
+    diags = [Diagnostic("s.pd", Span(i + 1, 7, i + 1, 9), Severity.WARNING, "unused-param", "unused") for i in range(n)]
+    start = time.perf_counter()
+    out = [render(d, source) for d in diags]
+    assert time.perf_counter() - start < 5
+    assert out[-1].splitlines()[2] == f"{n} | param p{n - 1}: int = {n - 1}"
