@@ -8,13 +8,16 @@ a part of one. ``atomic_dir`` does the same for a directory that a library write
 (``save_pretrained``, ``save_to_disk``).
 
 The small writers (text, JSON, JSON lines) are for content in memory; ``atomic_path``
-is for writers that want a path (safetensors, matplotlib, Lightning checkpoints, PIL).
+is for writers that want a path (safetensors, matplotlib, Lightning checkpoints, PIL). The JSON
+writers (``json_text``) write a number that is not finite (an undefined correlation, a one-seed
+interval, a diverged loss) as null: Python's ``NaN`` / ``Infinity`` are not JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -179,7 +182,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, newline: str | No
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    return write_text_atomic(path, json_text(data, indent=2) + "\n")
 
 
 def os_error_text(exc: OSError) -> str:
@@ -196,21 +199,45 @@ def os_error_text(exc: OSError) -> str:
 
 def json_default(obj: Any) -> Any:
     """JSON for what ``json`` cannot encode: numpy / torch scalars and arrays, sets; else ``str``."""
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # arrays
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch arrays and scalars (`item` refuses an array of 2)
         return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
     if isinstance(obj, (set, frozenset)):
         return sorted(obj, key=repr)
     return str(obj)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every float that is not finite (NaN, ±infinity) replaced by None, in dicts, lists and
+    tuples (as lists) at any depth: what JSON can hold."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(data: Any, indent: int | None = None, default: Callable[[Any], Any] | None = json_default) -> str:
+    """``data`` as JSON, numbers that are not finite as null (also those ``default`` makes of numpy and torch
+    values): every JSON file a run, a grid or a report writes goes through here."""
+    kw: dict[str, Any] = {"indent": indent, "ensure_ascii": False, "allow_nan": False}
+    if default is not None:
+        kw["default"] = lambda o: finite(default(o))
+    try:
+        return json.dumps(data, **kw)
+    except ValueError:  # a NaN or an infinity somewhere: walk the data only then
+        return json.dumps(finite(data), **kw)
+
+
 def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Any], default: Callable[[Any], Any] | None = json_default) -> Path:
-    """One JSON object per line. ``records`` may be a generator: if it raises, ``path`` keeps
-    its old content."""
+    """One JSON object per line (non-finite numbers as null, as ``json_text``). ``records`` may be a
+    generator: if it raises, ``path`` keeps its old content."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, default=default))
+            f.write(json_text(rec, default=default))
             f.write("\n")
     return Path(path)
 
