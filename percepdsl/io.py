@@ -16,6 +16,7 @@ interval, a diverged loss) as null: Python's ``NaN`` / ``Infinity`` are not JSON
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -242,11 +243,38 @@ def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Any], def
     return Path(path)
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """The JSON value in ``path``, or None when it is absent, unreadable or not JSON (atomic
-    writes never leave one cut short, but a failing disk or a hand can)."""
+class NotRegularFile(OSError):
+    """A path to read names a named pipe, a device or a socket: reading one blocks for ever (a pipe with no
+    writer) or never ends (/dev/zero)."""
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (with ``limit``, at most ``limit + 1`` of them, so a caller
+    can tell a file over the limit). It is opened without blocking and judged by what was opened (fstat),
+    so a named pipe, a device or a socket raises `NotRegularFile` at once, even one put in place after a
+    check. Else raises what opening raises (FileNotFoundError, IsADirectoryError, ...; ValueError for a
+    NUL in the name)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket
+            raise NotRegularFile(exc.errno, "not a regular file", os.fspath(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+        return f.read() if limit is None else f.read(limit + 1)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``, or None when it is absent, unreadable, not a regular file or not JSON
+    (atomic writes never leave one cut short, but a failing disk or a hand can)."""
+    try:
+        return json.loads(read_regular(path).decode("utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from percepdsl.io import atomic_dir, atomic_path, json_text, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from percepdsl.io import (
+    NotRegularFile,
+    atomic_dir,
+    atomic_path,
+    json_text,
+    read_json,
+    read_jsonl,
+    read_regular,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 
 
 def test_a_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -244,3 +255,25 @@ def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
     write_jsonl_atomic(tmp_path / "a.jsonl", [data, {"v": np.array([1.0, nan])}])
     assert [strict_json(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [want, {"v": [1.0, None]}]
     assert strict_json(json_text({"v": nan})) == {"v": None}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_reading_a_named_pipe_or_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    """`read_json` (a run's summary.json, a grid's state, a probe's ir.json) read with `read_text`: a named pipe
+    in their place blocked the reader for ever. `read_regular` refuses anything but a regular file, without
+    waiting for a writer; `read_json` gives None for it, as for a missing file."""
+    import signal
+
+    os.mkfifo(tmp_path / "summary.json")
+    signal.alarm(20)  # a regression blocks in open(): fail, do not hang the suite
+    try:
+        assert read_json(tmp_path / "summary.json") is None
+        for path in (tmp_path / "summary.json", "/dev/zero"):
+            with pytest.raises(NotRegularFile):
+                read_regular(path)
+        with pytest.raises(IsADirectoryError):
+            read_regular(tmp_path)
+    finally:
+        signal.alarm(0)
+    (tmp_path / "a.json").write_text('{"a": 1}')
+    assert read_json(tmp_path / "a.json") == {"a": 1} and read_regular(tmp_path / "a.json", limit=3) == b'{"a"'

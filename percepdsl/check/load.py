@@ -7,14 +7,12 @@ are kept, so the checker still reports what it can.
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import nodes as A
 from ..diagnostics import Diagnostic, Reporter, Severity, Span, did_you_mean, relpath
+from ..io import NotRegularFile, read_regular
 from ..parse import decode, parse_text
 
 
@@ -99,9 +97,9 @@ def path_problem(what: str, written: str, target: Path | None, verb: str, relati
 
 def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
     """The text of the spec file at `path` (UTF-8, a BOM allowed), or None and an error located at its
-    start. Only a regular file of at most `MAX_SPEC_BYTES` is read: it is opened without blocking and
-    judged by what was opened (fstat), so a named pipe, a device or a huge file is refused, not read,
-    even when the name is the command line's rather than an `include`'s (checked by `path_problem`)."""
+    start. Only a regular file of at most `MAX_SPEC_BYTES` is read (`io.read_regular`: opened without
+    blocking, judged by fstat), so a named pipe, a device or a huge file is refused, not read, even when
+    the name is the command line's rather than an `include`'s (checked by `path_problem`)."""
     name = relpath(path)
     at = Span.point(file=name)
 
@@ -109,27 +107,17 @@ def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
         return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", message, hint)]
 
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+        data = read_regular(path, MAX_SPEC_BYTES)
     except FileNotFoundError:
         return refused(f"no such file: {name}")
-    except IsADirectoryError:  # Windows; elsewhere a directory opens and fstat says what it is
+    except IsADirectoryError:
         return refused(f"{name} is a directory, not a spec file")
+    except NotRegularFile:
+        return refused(*not_regular("spec file", name, "name"))
     except OSError as e:
-        if e.errno == errno.ENXIO:  # a socket
-            return refused(*not_regular("spec file", name, "name"))
         return refused(f"cannot read {name}: {e.strerror}")
     except ValueError:  # a NUL in the name
         return refused(f"no file can be named {shown(name)}")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                return refused(f"{name} is a directory, not a spec file")
-            if not stat.S_ISREG(st.st_mode):
-                return refused(*not_regular("spec file", name, "name"))
-            data = f.read(MAX_SPEC_BYTES + 1)
-        except OSError as e:
-            return refused(f"cannot read {name}: {e.strerror}")
     if len(data) > MAX_SPEC_BYTES:
         return refused(
             f"spec file `{shown(name)}` is larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec",
