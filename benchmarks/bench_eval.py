@@ -36,7 +36,6 @@ threads degrade badly when another process holds a core; one thread does not.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -255,7 +254,9 @@ def report(args: argparse.Namespace, loaded: LoadedModel, samples: list[Any], en
     )
     result = {"header": head, "args": vars(args), "rows": out_rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from percepdsl.io import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return result
 
 
@@ -284,4 +285,6 @@ if __name__ == "__main__":
     _args = parse_args()
     _res = run_benchmark(_args)
     if _args.emit:
-        print("\n" + json.dumps(_res, default=float), flush=True)
+        from percepdsl.io import json_text
+
+        print("\n" + json_text(_res), flush=True)

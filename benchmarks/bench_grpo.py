@@ -37,7 +37,6 @@ during the run: the reward's brevity term). The compile cost is measured only wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -474,7 +473,9 @@ def main() -> None:
     res["wall_s"] = time.perf_counter() - t0
     print(report(res))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2, default=float))
+        from percepdsl.io import write_json_atomic
+
+        write_json_atomic(args.json, res)
 
 
 if __name__ == "__main__":

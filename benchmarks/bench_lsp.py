@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -150,7 +149,9 @@ def main() -> None:
     )
     print(f"machine: {res['cpus']} CPUs, load average {res['load']:.2f} during the run (p95 and max move with load)")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        from percepdsl.io import write_json_atomic
+
+        write_json_atomic(args.json, res)
 
 
 if __name__ == "__main__":

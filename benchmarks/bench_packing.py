@@ -15,7 +15,6 @@ item token (its length rounded up by ``packing.bucket``, as ``SFTDataModule.coll
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -123,7 +122,9 @@ def main() -> None:
         return
     print(report(res))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2, default=float))
+        from percepdsl.io import write_json_atomic
+
+        write_json_atomic(args.json, res)
 
 
 if __name__ == "__main__":

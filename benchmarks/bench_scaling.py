@@ -33,7 +33,6 @@ bytes per parameter): this process's RSS mixes every configuration, so it is not
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -293,7 +292,9 @@ def main() -> None:
     res = run(args.quick, args.reps, log=lambda m: print(m, flush=True))
     print(report(res))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2, default=float))
+        from percepdsl.io import write_json_atomic
+
+        write_json_atomic(args.json, res)
     if args.emit:
         bl.emit(res)
 

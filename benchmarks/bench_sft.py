@@ -30,7 +30,6 @@ best round of each side is kept and the range over rounds reported.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -418,7 +417,9 @@ def main() -> None:
         res = run(args.regime, args.threads, args.rounds, args.steps, args.warmup, args.items)
         print(report(res))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2, default=float))
+        from percepdsl.io import write_json_atomic
+
+        write_json_atomic(args.json, res)
 
 
 def report(res: dict[str, Any]) -> str:

@@ -136,7 +136,9 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 6) -> dict[str, float]:
 def emit(result: dict[str, Any]) -> None:
     """A child's answer: one JSON line, last on stdout."""
     result.setdefault("peak_rss_mb", peak_rss_mb())
-    print("\n" + json.dumps(result, default=float), flush=True)
+    from percepdsl.io import json_text
+
+    print("\n" + json_text(result), flush=True)
 
 
 def run_child(script: str, args: Sequence[str], threads: int, timeout: float = 3600, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from percepdsl.io import json_text, write_json_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # repro, beside it
 
 KEYS = {"a": "outcome", "a_p": "perception_exact", "a_r": "cf_outcome"}
@@ -183,11 +185,11 @@ def main() -> None:
             stages = sorted(d.name for d in (run / "stages").glob("*") if any(d.glob("eval-*.jsonl")))
             if not stages:
                 raise SystemExit(f"{run}: no evaluation yet")
-            print(json.dumps({"run": run.name, "stage": stages[-1], **cell_errors(last_eval(run, stages[-1]))}))
+            print(json_text({"run": run.name, "stage": stages[-1], **cell_errors(last_eval(run, stages[-1]))}))
         return
     if args.pair:
         for run in args.runs:
-            print(json.dumps(paired(run, *args.pair)))
+            print(json_text(paired(run, *args.pair)))
         return
     rows = table(args.runs)
     cols = ["run", "stage", "step", "n", "a", "a_p", "a_r", "partial", "format_ok", "mean_new_tokens", "eval_seconds"]
@@ -197,7 +199,7 @@ def main() -> None:
         cells = [f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         print("| " + " | ".join(cells) + f" | {r['slot_errors']} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json_atomic(args.json, rows)
     if args.csv:
         with args.csv.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))

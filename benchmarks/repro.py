@@ -185,6 +185,13 @@ class Cell:
         return {} if self.seed is None else {"seed": str(self.seed)}
 
 
+def num(x: float | None, signed: bool = False, digits: int = 3) -> str:
+    """``x`` to ``digits`` decimals (with its sign if ``signed``), or – when missing or NaN."""
+    if x is None or x != x:
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
 def run_dir(cell: Cell, runs: Path) -> Path:
     """The cell's run directory, named by its compiled IR's hash (as `percep run` names it)."""
     from percepdsl.check import check_file
@@ -896,7 +903,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
             "| start | n | a | a_p | a_r | a_p partial | format_ok | train min |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
             f"| reasoner base (`{base.resolve()}`) | {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {base_m['a_r']:.3f} "
-            f"| {base_m['partial']:.3f} | {base_m['format_ok']:.3f} | {base_m['train_min']:.1f} |",
+            f"| {num(base_m['partial'])} | {num(base_m['format_ok'])} | {base_m['train_min']:.1f} |",
             "",
         ]
         if go is not None:
@@ -917,7 +924,7 @@ def report(out: Path, arms: list[str], seeds: list[int], prefix: str = "gc", spe
     for (arm, s), rd in sorted(cells.items()):
         m = metrics[(arm, s)] = checked_metrics(rd)
         lines.append(
-            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} | {m['format_ok']:.3f} "
+            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {num(m['partial'])} | {num(m['format_ok'])} "
             f"| {m['train_min']:.1f} | {slots(m['slot_errors'])} | `{rd.name}` |"
         )
     lines.append("")
@@ -1169,7 +1176,7 @@ def report_500(out: Path, arms: list[str], seeds: list[int]) -> Path:
         else:
             how, w, ag = f"here ({m['train_min']:.1f} min)", "–", "–"
         lines.append(
-            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} | {m['format_ok']:.3f} "
+            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {num(m['partial'])} | {num(m['format_ok'])} "
             f"| {m['eff_lambda']:.3f} | {how} | {w} | {ag} | `{rd.name}` |"
         )
     lines.append("")
@@ -1463,7 +1470,7 @@ def sweep_report(levels: dict[str, Path], out: Path, seeds: tuple[int, ...] = SE
         for label, m in lv["cells"].items():
             arm, s = label.rsplit("-s", 1)
             lines.append(
-                f"| `{lv['level']}` | {label} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {m['partial']:.3f} "
+                f"| `{lv['level']}` | {label} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {m['a_r']:.3f} | {num(m['partial'])} "
                 f"| {m['train_min']:.1f} | `{lv['_cells'][(arm, int(s))]}` |"
             )
     lines += ["", "![the gap against the perception share](sweep.png)", ""]

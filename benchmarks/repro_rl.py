@@ -63,6 +63,7 @@ from repro import (
     find_run,
     link_base,
     miniature,
+    num,
     paired_against,
     plot_paired,
     run_cells,
@@ -181,11 +182,18 @@ def ckpt_verdict(gaps: list[float | None]) -> str:
     return "not reproduced"
 
 
-def num(x: float | None, signed: bool = False) -> str:
-    """``x`` to 3 decimals (with its sign if ``signed``), or – when missing or NaN."""
-    if x is None or x != x:
-        return "–"
-    return f"{x:+.3f}" if signed else f"{x:.3f}"
+def undefined_r(rows: dict[str, Any]) -> str | None:
+    """Why F3's rule cannot be read (its seeds' within-group r, as ``report`` collects them in ``rows``): the seeds
+    where r with reasoning or with perception correctness is undefined, i.e. the outcome term or that
+    correctness was constant within every group (no group where both vary); None when every seed has both."""
+    why = []
+    for i, s in enumerate(rows["seeds"]):
+        missing = [t for t in ("reasoning", "perception") if rows[f"term_corr_group_mean/outcome/{t}"]["per_seed"][i] is None]
+        if missing:
+            why.append(f"seed {s} (r with {' and '.join(missing)} correct)")
+    if not why:
+        return None
+    return "constant outcome term or correctness within every group of " + ", ".join(why) + ": no gap to read"
 
 
 def fmt_ci(m: float, lo: float, hi: float, signed: bool = False) -> str:
@@ -331,8 +339,8 @@ def report(
             "",
             "| n | a | a_p | a_r | a_p partial (cell accuracy / edge F1) | format_ok | SFT train min |",
             "|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {num(base_m.get('a_r'))} | {base_m['partial']:.3f} "
-            f"| {base_m['format_ok']:.3f} | {base_m['train_min']:.1f} |",
+            f"| {base_m['n']} | {base_m['a']:.3f} | {base_m['a_p']:.3f} | {num(base_m.get('a_r'))} | {num(base_m['partial'])} "
+            f"| {num(base_m['format_ok'])} | {num(base_m['train_min'], digits=1)} |",
             "",
         ]
         if before:
@@ -365,8 +373,8 @@ def report(
     for (arm, s), m in sorted(metrics.items(), key=lambda kv: (arms.index(kv[0][0]), kv[0][1])):
         d = diags[(arm, s)]
         L.append(
-            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {num(m.get('a_r'))} | {m['partial']:.3f} | {m['format_ok']:.3f} "
-            f"| {d.get('constant_group_frac_before', float('nan')):.3f} | {d.get('trained_group_frac', float('nan')):.3f} "
+            f"| {arm} | {s} | {m['n']} | {m['a']:.3f} | {m['a_p']:.3f} | {num(m.get('a_r'))} | {num(m['partial'])} | {num(m['format_ok'])} "
+            f"| {num(d.get('constant_group_frac_before'))} | {num(d.get('trained_group_frac'))} "
             f"| {(d.get('train_seconds') or 0) / 60:.1f} | `{cells[(arm, s)].name}` |"
         )
     L.append("")
@@ -518,7 +526,16 @@ def report(
             n = len(gap["per_seed"])
             done = n >= min(3, len(seeds)) and n > 1
             ok = all(g > 0 for g in gap["per_seed"]) and gap["stats"][1] > 0
-            f3[BASELINE]["verdict"] = ("reproduced" if ok else "not reproduced") if done else f"pending ({n} of {len(seeds)} seeds)"
+            undefined = undefined_r(f3[BASELINE])
+            f3[BASELINE]["verdict"] = (
+                f"pending ({n} of {len(seeds)} seeds)"
+                if not done
+                else f"undefined: {undefined}"  # a seed that measured nothing reads neither way
+                if undefined
+                else "reproduced"
+                if ok
+                else "not reproduced"
+            )
             f3[BASELINE]["seeds_finished"] = f"{n} of {len(seeds)}"
             L += [
                 f"**F3 verdict** (pre-registered: within-group r(outcome, reasoning) > r(outcome, perception) in every seed, "

@@ -374,10 +374,21 @@ def draw_headline(rows: list[dict[str, Any]], path: Path, quick: bool = False) -
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     ys = np.arange(len(rows))[::-1]
+
+    def defined(x: float | None) -> bool:  # report.json writes an undefined statistic (NaN) as null
+        return x is not None and np.isfinite(x)
+
     for y, r in zip(ys, rows):
-        ax.errorbar(r["value"], y, xerr=[[r["value"] - r["lo"]], [r["hi"] - r["value"]]], fmt="o", capsize=3, color="C0")
+        if not defined(r["value"]):  # an undefined statistic (F3 with r undefined): its row stays empty
+            continue
+        err = [[r["value"] - r["lo"]], [r["hi"] - r["value"]]] if defined(r["lo"]) and defined(r["hi"]) else None
+        ax.errorbar(r["value"], y, xerr=err, fmt="o", capsize=3, color="C0")
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(ys, [f"{r['finding']} {r['task']}: {r['comparison'].replace('`', '')[:48]}" for r in rows], fontsize=7)
+    labels = [
+        f"{r['finding']} {r['task']}: {r['comparison'].replace('`', '')[:48]}" + ("" if defined(r["value"]) else " (undefined)")
+        for r in rows
+    ]
+    ax.set_yticks(ys, labels, fontsize=7)
     ax.set_xlabel("statistic with its 95% interval (see the table)")
     ax.set_title("MINIATURE (--quick): no verdicts" if quick else "headline", fontsize=9)
     fig.tight_layout()

@@ -8,6 +8,7 @@ is in, so a diagnostic is located by its span alone.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -114,6 +115,14 @@ def _excerpt(line_text: str, col: int, width: int) -> tuple[str, int, int]:
     return prefix + piece + suffix, col - start + len(prefix), min(width, _WINDOW)
 
 
+@functools.lru_cache(maxsize=8)
+def _lines(source: str) -> tuple[str, ...]:
+    r"""A source's lines as the parser counts them: split at "\n" only (str.splitlines also splits at \f, \v,
+    \x1c, ...). Cached: a file's diagnostics are rendered one by one, and splitting it for each made
+    printing thousands of them quadratic."""
+    return tuple(ln.removesuffix("\r") for ln in source.split("\n"))
+
+
 def render(diag: Diagnostic, source: str | None, color: bool = False) -> str:
     """`file:line:col: error[code]: message`, the source line with a caret, and the hint."""
     sev = diag.severity.value
@@ -125,8 +134,7 @@ def render(diag: Diagnostic, source: str | None, color: bool = False) -> str:
     else:
         head = f"{diag.file}:{diag.span.line}:{diag.span.column}: {sev}[{diag.code}]: {diag.message}"
     out = [head]
-    # lines as the parser counts them: split at "\n" only (str.splitlines also splits at \f, \v, \x1c, ...)
-    lines = [ln.removesuffix("\r") for ln in source.split("\n")] if source is not None else []
+    lines = _lines(source) if source is not None else ()
     if 1 <= diag.span.line <= len(lines):
         text = lines[diag.span.line - 1].translate(_VISIBLE)
         width = diag.span.end_column - diag.span.column if diag.span.end_line == diag.span.line else len(text) - diag.span.column + 1

@@ -8,13 +8,17 @@ a part of one. ``atomic_dir`` does the same for a directory that a library write
 (``save_pretrained``, ``save_to_disk``).
 
 The small writers (text, JSON, JSON lines) are for content in memory; ``atomic_path``
-is for writers that want a path (safetensors, matplotlib, Lightning checkpoints, PIL).
+is for writers that want a path (safetensors, matplotlib, Lightning checkpoints, PIL). The JSON
+writers (``json_text``) write a number that is not finite (an undefined correlation, a one-seed
+interval, a diverged loss) as null: Python's ``NaN`` / ``Infinity`` are not JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -179,7 +183,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, newline: str | No
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    return write_text_atomic(path, json_text(data, indent=2) + "\n")
 
 
 def os_error_text(exc: OSError) -> str:
@@ -196,30 +200,81 @@ def os_error_text(exc: OSError) -> str:
 
 def json_default(obj: Any) -> Any:
     """JSON for what ``json`` cannot encode: numpy / torch scalars and arrays, sets; else ``str``."""
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # arrays
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch arrays and scalars (`item` refuses an array of 2)
         return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
     if isinstance(obj, (set, frozenset)):
         return sorted(obj, key=repr)
     return str(obj)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every float that is not finite (NaN, ±infinity) replaced by None, in dicts, lists and
+    tuples (as lists) at any depth: what JSON can hold."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(data: Any, indent: int | None = None, default: Callable[[Any], Any] | None = json_default) -> str:
+    """``data`` as JSON, numbers that are not finite as null (also those ``default`` makes of numpy and torch
+    values): every JSON file a run, a grid or a report writes goes through here."""
+    kw: dict[str, Any] = {"indent": indent, "ensure_ascii": False, "allow_nan": False}
+    if default is not None:
+        kw["default"] = lambda o: finite(default(o))
+    try:
+        return json.dumps(data, **kw)
+    except ValueError:  # a NaN or an infinity somewhere: walk the data only then
+        return json.dumps(finite(data), **kw)
+
+
 def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Any], default: Callable[[Any], Any] | None = json_default) -> Path:
-    """One JSON object per line. ``records`` may be a generator: if it raises, ``path`` keeps
-    its old content."""
+    """One JSON object per line (non-finite numbers as null, as ``json_text``). ``records`` may be a
+    generator: if it raises, ``path`` keeps its old content."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, default=default))
+            f.write(json_text(rec, default=default))
             f.write("\n")
     return Path(path)
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """The JSON value in ``path``, or None when it is absent, unreadable or not JSON (atomic
-    writes never leave one cut short, but a failing disk or a hand can)."""
+class NotRegularFile(OSError):
+    """A path to read names a named pipe, a device or a socket: reading one blocks for ever (a pipe with no
+    writer) or never ends (/dev/zero)."""
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (with ``limit``, at most ``limit + 1`` of them, so a caller
+    can tell a file over the limit). It is opened without blocking and judged by what was opened (fstat),
+    so a named pipe, a device or a socket raises `NotRegularFile` at once, even one put in place after a
+    check. Else raises what opening raises (FileNotFoundError, IsADirectoryError, ...; ValueError for a
+    NUL in the name)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket
+            raise NotRegularFile(exc.errno, "not a regular file", os.fspath(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+        return f.read() if limit is None else f.read(limit + 1)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``, or None when it is absent, unreadable, not a regular file or not JSON
+    (atomic writes never leave one cut short, but a failing disk or a hand can)."""
+    try:
+        return json.loads(read_regular(path).decode("utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from percepdsl.io import atomic_dir, atomic_path, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from percepdsl.io import (
+    NotRegularFile,
+    atomic_dir,
+    atomic_path,
+    json_text,
+    read_json,
+    read_jsonl,
+    read_regular,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 
 
 def test_a_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -220,3 +231,49 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path: 
         p.write_text("x")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted([dead, staging])
     assert not dead.exists() and not staging.exists() and live.exists() and other.exists()
+
+
+def strict_json(text: str):
+    """`json.loads` that refuses the `NaN` / `Infinity` Python's json writes and other readers (jq, JavaScript) reject."""
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    """Python's json writes NaN and infinities as `NaN` / `Infinity`, which is not JSON: a report.json with an
+    undefined correlation or a one-seed interval could not be read by jq, a browser or pandas' strict reader.
+    Every JSON file written through percepdsl.io has null there instead, numpy scalars included."""
+    import numpy as np
+
+    nan, inf = float("nan"), float("inf")
+    data = {"r": nan, "ci": (1.0, inf), "nested": [{"x": -inf, "y": np.float32("nan"), "z": np.float64(2.5)}], "n": 3, "ok": True}
+    want = {"r": None, "ci": [1.0, None], "nested": [{"x": None, "y": None, "z": 2.5}], "n": 3, "ok": True}
+    assert strict_json(write_json_atomic(tmp_path / "a.json", data).read_text()) == want
+    write_jsonl_atomic(tmp_path / "a.jsonl", [data, {"v": np.array([1.0, nan])}])
+    assert [strict_json(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [want, {"v": [1.0, None]}]
+    assert strict_json(json_text({"v": nan})) == {"v": None}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_reading_a_named_pipe_or_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    """`read_json` (a run's summary.json, a grid's state, a probe's ir.json) read with `read_text`: a named pipe
+    in their place blocked the reader for ever. `read_regular` refuses anything but a regular file, without
+    waiting for a writer; `read_json` gives None for it, as for a missing file."""
+    import signal
+
+    os.mkfifo(tmp_path / "summary.json")
+    signal.alarm(20)  # a regression blocks in open(): fail, do not hang the suite
+    try:
+        assert read_json(tmp_path / "summary.json") is None
+        for path in (tmp_path / "summary.json", "/dev/zero"):
+            with pytest.raises(NotRegularFile):
+                read_regular(path)
+        with pytest.raises(IsADirectoryError):
+            read_regular(tmp_path)
+    finally:
+        signal.alarm(0)
+    (tmp_path / "a.json").write_text('{"a": 1}')
+    assert read_json(tmp_path / "a.json") == {"a": 1} and read_regular(tmp_path / "a.json", limit=3) == b'{"a"'

@@ -231,7 +231,7 @@ def test_check_does_not_import_torch() -> None:
         "try:\n    app(['check', 'specs/quickstart.pd'])\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\nassert 'transformers' not in sys.modules\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 0, proc.stderr.decode()
 
 
@@ -396,7 +396,7 @@ def test_closed_standard_streams_are_said_not_tracebacks() -> None:
     cmd = [sys.executable, "-m", "percepdsl"]
     fmt = subprocess.run([*cmd, "fmt", "-"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT)
     assert fmt.returncode == 1 and "Traceback" not in fmt.stderr and "error: cannot read the spec from stdin: it is closed" in fmt.stderr
-    lsp = subprocess.run([*cmd, "lsp"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT, timeout=60)
+    lsp = subprocess.run([*cmd, "lsp"], capture_output=True, text=True, preexec_fn=_closed(0), cwd=ROOT, timeout=30)
     assert lsp.returncode == 2 and "Traceback" not in lsp.stderr and "stdin is closed" in lsp.stderr
     for args, rc in (([spec], 0), ([spec, "--set", "nope=1"], 1)):
         chk = subprocess.run([*cmd, "check", *args], stderr=subprocess.PIPE, text=True, preexec_fn=_closed(1), cwd=ROOT)
@@ -593,3 +593,62 @@ def test_a_where_on_the_template_seed_and_params_counts_the_cells_the_grid_runs(
     (tmp_path / "h.pd").write_text(f'grid h\ntemplate "{ROOT}/specs/gc_sft_fixed.pd"\naxis lam = [0.1, 0.5]\nseeds 1..3\nwhere steps > 2\n')
     res = run_cli("compile", str(tmp_path / "h.pd"))
     assert res.returncode == 0 and res.stdout.splitlines()[-1].endswith(b": 6 cells"), (res.stdout, res.stderr)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes")
+@pytest.mark.parametrize(
+    "cmd,rc",
+    [
+        (["check"], 1),
+        (["fmt"], 1),
+        (["fmt", "--check"], 1),
+        (["compile"], 2),
+        (["run"], 2),
+        (["grid", "--dry-run"], 2),
+        (["gen", "-o", "g"], 2),
+        (["probe"], 2),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
+)
+def test_a_spec_that_is_not_a_regular_file_is_refused_not_read(cmd: list[str], rc: int, tmp_path: Path) -> None:
+    """`percep check fifo.pd` (and every other command that reads a spec) blocked for ever on a named pipe
+    and on /dev/zero read until memory ran out; includes and templates naming one were already refused as
+    "not a regular file". The file named on the command line is refused the same way, located, with the
+    command's exit code, and nothing is read from it."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.pd")
+    for target in ("fifo.pd", "/dev/zero"):
+        proc = subprocess.run([*PERCEP, *cmd, target], capture_output=True, cwd=tmp_path, timeout=30)
+        out = (proc.stdout + proc.stderr).decode()
+        assert proc.returncode == rc, (target, proc.returncode, out[-2000:])
+        assert "Traceback" not in out and f"{target}:1:1: error[missing-file]: spec file `{target}` is not a regular file" in out, out
+
+
+def test_a_huge_spec_file_is_refused_unread(tmp_path: Path) -> None:
+    """A checkpoint or data file named by mistake (`percep check model.safetensors`) was read whole into
+    memory, decoded and parsed; one of gigabytes took minutes or the machine's memory. A spec file is
+    refused past `MAX_SPEC_BYTES`, after reading no more than that."""
+    from percepdsl.check.load import MAX_SPEC_BYTES
+
+    big = tmp_path / "big.pd"
+    with open(big, "wb") as f:
+        f.truncate(8 << 30)  # sparse: 8 GiB of NULs that take no disk
+    (d,) = check_file(big).diagnostics
+    assert d.code == "missing-file" and d.message == f"spec file `{big}` is larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec", d.message
+
+
+def test_rendering_many_diagnostics_of_a_long_file_takes_linear_time() -> None:
+    """Each rendered diagnostic split the whole source into lines again: 40,000 warnings of a 40,000-line
+    spec took 84 s to print (1 s to check). The lines are split once per source."""
+    import time
+
+    from percepdsl.diagnostics import Diagnostic, Severity, Span, render
+
+    n = 20_000
+    source = "".join(f"param p{i}: int = {i}\n" for i in range(n))
+    diags = [Diagnostic("s.pd", Span(i + 1, 7, i + 1, 9), Severity.WARNING, "unused-param", "unused") for i in range(n)]
+    start = time.perf_counter()
+    out = [render(d, source) for d in diags]
+    assert time.perf_counter() - start < 5
+    assert out[-1].splitlines()[2] == f"{n} | param p{n - 1}: int = {n - 1}"

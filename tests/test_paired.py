@@ -452,3 +452,29 @@ def test_hierarchical_bootstrap_matches_an_independent_implementation():
     want = np.quantile(means, [0.025, 0.975])
     assert lo == pytest.approx(want[0], abs=0.012) and hi == pytest.approx(want[1], abs=0.012)
     assert hierarchical_bootstrap(per_seed, reps=4000, seed=3) == (lo, hi)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes")
+@pytest.mark.parametrize("name", ["eval.jsonl", "summary.json"])
+def test_a_named_pipe_in_a_run_directory_is_not_read(tmp_path, name):
+    """`percep report` read a run's eval.jsonl and summary.json with `read_text`: one that is a named pipe (or a
+    link to /dev/zero) blocked the report for ever. Only regular files are read: a pipe for eval.jsonl is a
+    named problem (the summary pairs the run), one for summary.json makes the run directory no finished run."""
+    import os
+
+    a = make_run(tmp_path, "a", {"lam": 0.0}, 1, items([1.0, 0.0]))
+    b = make_run(tmp_path, "b", {"lam": 0.5}, 1, items([1.0, 1.0]))
+    (b / name).unlink()
+    os.mkfifo(b / name)
+    code = (
+        "import sys; from pathlib import Path; from percepdsl_runtime.grid import report_command; "
+        f"sys.exit(report_command([Path({str(a)!r}), Path({str(b)!r})], baseline='lam=0', out=Path({str(tmp_path / 'r')!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, cwd=REPO, text=True)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if name == "eval.jsonl":
+        assert proc.returncode == EXIT_OK, proc.stderr
+        problems = json.loads((tmp_path / "r" / "paired.json").read_text())["problems"]
+        assert any(str(b / "eval.jsonl") in p and "not a regular file" in p for p in problems), problems
+    else:
+        assert proc.returncode == EXIT_USAGE and f"{b} is neither a grid directory" in proc.stderr, proc.stderr

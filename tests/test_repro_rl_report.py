@@ -335,3 +335,26 @@ def test_seed_stats_is_a_t_interval_for_any_number_of_seeds() -> None:
     m, lo, hi = repro_rl.seed_stats(xs)
     want = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
     assert (lo, hi) == (pytest.approx(want[0], rel=1e-3), pytest.approx(want[1], rel=1e-3))  # t to 3 decimals
+
+
+def strict_json(text: str) -> object:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_f3_with_an_undefined_r_is_no_verdict_and_report_json_stays_json(tmp_path: Path) -> None:
+    """A seed whose within-group r is undefined (perception correctness, or the outcome term, constant within
+    every group: the runtime logs None) made that seed's gap NaN: `NaN > 0` is false, so F3 read "not reproduced"
+    on a seed that measured nothing, and report.json held `NaN`, which is not JSON. Now F3 gives no verdict
+    ("undefined: ...", neither reproduced nor not), the seed's gap is null and the Markdown shows it as –."""
+    runs = tmp_path / "runs"
+    for s, r_perc in zip((1, 2, 3), (0.2, None, 0.3)):
+        fake_cell(runs, "outcome", s, mask(10), mask(20), coupling(0.9, r_perc, constant_group_frac_before=None))
+    text = repro_rl.report(tmp_path, ["outcome"], [1, 2, 3]).read_text()
+    f3 = strict_json((tmp_path / "report.json").read_text())["f3"]["outcome"]
+    assert f3["within_gap"]["per_seed"] == [pytest.approx(0.7), None, pytest.approx(0.6)]
+    assert f3["verdict"].startswith("undefined: ") and "reproduced" not in f3["verdict"], f3["verdict"]
+    assert "seed 2" in f3["verdict"] and "constant" in f3["verdict"], f3["verdict"]
+    assert f"**{f3['verdict']}**" in text and "nan" not in text.lower()

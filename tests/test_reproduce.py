@@ -387,3 +387,29 @@ def test_progress_lines_of_parts_side_by_side_do_not_interleave(capsys: pytest.C
         t.join(60)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 600 and all(re.fullmatch(r"gc-(sft|grpo): start   cell-\d+", line) for line in lines)
+
+
+def test_an_f3_with_undefined_r_gives_no_verdict_and_a_headline_without_nan(tmp_path: Path) -> None:
+    """With every seed's within-group r with perception undefined (perception correctness constant within every
+    group), F3's gap has no value: its part's report.json held `NaN` (not JSON), the headline read the verdict
+    "not reproduced", and once the value is null, not NaN, the headline plot could not draw the row. Now the row's
+    numbers are null in report.json and – in report.md, its verdict says why it is undefined, and the plot leaves it out."""
+    sudoku_parts(tmp_path, repro.SPECS, (1, 2, 3))
+    rl = tmp_path / "sudoku-grpo" / "runs"
+    for rd in rl.iterdir():
+        if rd.name.startswith("repro_sudoku_rl_outcome-"):
+            summary = json.loads((rd / "summary.json").read_text())
+            summary["stages"]["rl"]["diagnostics"]["term_corr_group_mean/outcome/perception"] = None
+            (rd / "summary.json").write_text(json.dumps(summary))
+    assert reproduce.main(["--report", "--out", str(tmp_path)]) == 0
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    top = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    json.loads((tmp_path / "sudoku-grpo" / "report.json").read_text(), parse_constant=refuse)
+    (f3,) = [r for r in top["rows"] if r["finding"] == "F3"]
+    assert (f3["value"], f3["lo"], f3["hi"]) == (None, None, None) and f3["verdict"].startswith("undefined: ")
+    line = next(ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("| F3 |"))
+    assert "| – | [–, –] | **undefined: " in line and "nan" not in line.lower()
+    assert (tmp_path / "headline.png").stat().st_size > 0

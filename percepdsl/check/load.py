@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import nodes as A
 from ..diagnostics import Diagnostic, Reporter, Severity, Span, did_you_mean, relpath
+from ..io import NotRegularFile, read_regular
 from ..parse import decode, parse_text
 
 
@@ -62,6 +63,15 @@ def shown(written: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in written)
 
 
+MAX_SPEC_BYTES = 4 << 20  # the largest reference spec is 2 kB; a checkpoint or data file named by mistake is not read whole
+
+
+def not_regular(what: str, written: str, verb: str) -> tuple[str, str]:
+    """(message, hint) for a spec path that names a named pipe, a device or a socket: never read (a pipe
+    blocks the reader for ever, /dev/zero fills its memory)."""
+    return f"{what} `{shown(written)}` is not a regular file", f"{verb} a spec file"
+
+
 def path_problem(what: str, written: str, target: Path | None, verb: str, relative_to: str) -> tuple[str, str] | None:
     """(message, hint) when the spec file a statement names (`written`, resolved to `target`, None when it
     cannot be) is not one to read: a name no file can have, a symbolic link loop, a directory, something
@@ -78,7 +88,7 @@ def path_problem(what: str, written: str, target: Path | None, verb: str, relati
     except OSError:
         special = False
     if special:
-        return f"{what} `{shown(written)}` is not a regular file", f"{verb} a spec file"
+        return not_regular(what, written, verb)
     guess = did_you_mean(target.name, pd_files_near(target))
     is_dir = is_file(target, "dir")  # said even with a guess: `x.pd` may be a directory beside specs
     hint = f"did you mean `{guess}`?" if guess else f"{verb} one .pd file of it" if is_dir else f"the path is relative to {relative_to}"
@@ -86,18 +96,33 @@ def path_problem(what: str, written: str, target: Path | None, verb: str, relati
 
 
 def read_source(path: Path) -> tuple[str | None, list[Diagnostic]]:
+    """The text of the spec file at `path` (UTF-8, a BOM allowed), or None and an error located at its
+    start. Only a regular file of at most `MAX_SPEC_BYTES` is read (`io.read_regular`: opened without
+    blocking, judged by fstat), so a named pipe, a device or a huge file is refused, not read, even when
+    the name is the command line's rather than an `include`'s (checked by `path_problem`)."""
     name = relpath(path)
     at = Span.point(file=name)
+
+    def refused(message: str, hint: str | None = None) -> tuple[None, list[Diagnostic]]:
+        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", message, hint)]
+
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_SPEC_BYTES)
     except FileNotFoundError:
-        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"no such file: {name}")]
+        return refused(f"no such file: {name}")
     except IsADirectoryError:
-        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"{name} is a directory, not a spec file")]
+        return refused(f"{name} is a directory, not a spec file")
+    except NotRegularFile:
+        return refused(*not_regular("spec file", name, "name"))
     except OSError as e:
-        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"cannot read {name}: {e.strerror}")]
+        return refused(f"cannot read {name}: {e.strerror}")
     except ValueError:  # a NUL in the name
-        return None, [Diagnostic(name, at, Severity.ERROR, "missing-file", f"no file can be named {shown(name)}")]
+        return refused(f"no file can be named {shown(name)}")
+    if len(data) > MAX_SPEC_BYTES:
+        return refused(
+            f"spec file `{shown(name)}` is larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec",
+            "name a spec file (text); split a very long one with `include`",
+        )
     return decode(data, name)
 
 

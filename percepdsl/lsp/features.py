@@ -23,7 +23,7 @@ from pathlib import Path
 from lsprotocol import types as T
 
 from ..catalogue import Catalogue, Entry, ParamSpec, _fmt, default_catalogue
-from ..check.load import is_file, resolve_written
+from ..check.load import is_file, read_source, resolve_written
 from ..diagnostics import Diagnostic, Severity, Span
 from . import scan as S
 
@@ -32,14 +32,9 @@ MAX_INCLUDE_DEPTH = 32
 
 
 def read_disk(path: Path) -> str | None:
-    """A spec file's text; None unless it is a regular file, as the checker reads them (`is_file`):
-    a named pipe would block the server for ever, /dev/zero fill its memory."""
-    if not is_file(path):
-        return None
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError):
-        return None
+    """A spec file's text; None unless the checker would read it (`read_source`: a regular file, UTF-8, not
+    huge): a named pipe would block the server for ever, /dev/zero fill its memory."""
+    return read_source(path)[0]
 
 
 # ---- positions -------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from percepdsl.grid import literal
+from percepdsl.io import read_regular
 
 BOOT_REPS = 4000
 BOOT_SEED = 20260529  # fixed: the bootstrap interval is a function of the run directories
@@ -131,7 +132,7 @@ class RunData:
         items: dict[str, dict[str, float]] = {}
         what: dict[str, str] = {}
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_regular(path).decode("utf-8").splitlines()  # a named pipe: refused, not waited on
         except OSError as exc:
             run.problems.append(f"{path}: cannot read ({exc.strerror or exc})")
             return run
