@@ -55,6 +55,22 @@ def _spec_files(paths: list[Path]) -> tuple[list[Path], list[Diagnostic]]:
     return out, empty
 
 
+def _reads_stdin(files: list[Path], what: str) -> bool:
+    """Whether the files named are `-` alone (the spec on stdin); `-` beside files is a usage error."""
+    named = [str(f) for f in files]
+    if "-" in named and len(named) > 1:
+        print(f"error: `-` (stdin) goes alone: {what}; name files without it", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    return named == ["-"]
+
+
+def _stdin_bytes() -> bytes:
+    if sys.stdin is None:  # started with it closed (`<&-`)
+        print("error: cannot read the spec from stdin: it is closed; pipe the spec in, or name the file", file=sys.stderr)
+        raise typer.Exit(EXIT_ERRORS)
+    return sys.stdin.buffer.read()
+
+
 def _print_diags(diags: list[Diagnostic], sources: dict[str, str], fmt: Format, n_files: int, stream=None) -> None:
     stream = stream or sys.stdout
     if fmt is Format.json:
@@ -80,11 +96,22 @@ def _check(path: Path, sets: list[str] | None, fragment_ok: bool = True):
 
 @app.command()
 def check(
-    files: list[Path] = typer.Argument(..., help="Spec or grid files (directories: every .pd inside)."),
+    files: list[Path] = typer.Argument(..., help="Spec or grid files (directories: every .pd inside); `-` reads stdin."),
     format: Format = typer.Option(Format.text, "--format", "-f", help="text (file:line:col) or json."),
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Check specs: every error and warning, located. Exit 1 if any file has an error."""
+    if _reads_stdin(files, "`percep check -` checks the spec on stdin"):
+        from .check import check_text, parse_overrides
+        from .parse import decode
+
+        text, diags = decode(_stdin_bytes(), "<stdin>")
+        overrides, bad = parse_overrides(set_ or [])
+        if text is not None:  # its includes resolve against the working directory
+            res = check_text(text, "<stdin>", overrides, base_dir=Path.cwd())
+            diags, sources = bad + res.diagnostics, res.loaded.sources
+        _print_diags(diags, sources if text is not None else {}, format, 1)
+        raise typer.Exit(EXIT_ERRORS if any(d.is_error for d in diags) else EXIT_OK)
     sources: dict[str, str] = {}
     paths, all_diags = _spec_files(files)
     for path in paths:
@@ -153,14 +180,8 @@ def fmt(
     from .io import write_text_atomic
     from .parse import decode
 
-    if "-" in [str(f) for f in files] and len(files) > 1:
-        print("error: `-` (stdin) goes alone: `percep fmt -` formats stdin to stdout; name files without it", file=sys.stderr)
-        raise typer.Exit(EXIT_USAGE)
-    if [str(f) for f in files] == ["-"]:
-        if sys.stdin is None:  # started with it closed (`<&-`)
-            print("error: cannot read the spec from stdin: it is closed; pipe the spec in, or name the file", file=sys.stderr)
-            raise typer.Exit(EXIT_ERRORS)
-        text, diags = decode(sys.stdin.buffer.read(), "<stdin>")
+    if _reads_stdin(files, "`percep fmt -` formats stdin to stdout"):
+        text, diags = decode(_stdin_bytes(), "<stdin>")
         out = None
         if text is not None:
             out, diags = format_text(text, "<stdin>")

@@ -652,3 +652,18 @@ def test_rendering_many_diagnostics_of_a_long_file_takes_linear_time() -> None:
     out = [render(d, source) for d in diags]
     assert time.perf_counter() - start < 5
     assert out[-1].splitlines()[2] == f"{n} | param p{n - 1}: int = {n - 1}"
+
+
+def test_check_reads_a_spec_on_stdin_with_includes_from_the_working_directory() -> None:
+    """`percep check -`: a spec piped in (an editor's buffer, a generated spec) checks as its file would,
+    located as `<stdin>`, its includes resolved against the working directory. A named pipe given as a file
+    is refused (it may never end), so `-` is the way to pipe one in; `-` beside files is a usage error."""
+    text = (ROOT / "specs" / "quickstart.pd").read_bytes()
+    proc = run_cli("check", "-", input=text, cwd=ROOT / "specs")
+    assert proc.returncode == 0 and b"1 file checked: 0 errors" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_cli("check", "-", input=text.replace(b"token_mean()", b"token_maen()"), cwd=ROOT / "specs")
+    assert proc.returncode == 1 and b"<stdin>:" in proc.stdout and b"token_mean" in proc.stdout and b"Traceback" not in proc.stderr
+    proc = run_cli("check", "-", input=text, cwd=ROOT)  # includes are relative to the working directory
+    assert proc.returncode == 1 and b"missing-include" in proc.stdout
+    proc = run_cli("check", "-", "specs/quickstart.pd", input=text)
+    assert proc.returncode == 2 and b"`-` (stdin) goes alone" in proc.stderr
