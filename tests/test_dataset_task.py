@@ -232,3 +232,21 @@ def test_counts_the_data_cannot_fill_are_refused_before_training(generated, tmp_
     assert change[1] in text
     with pytest.raises(RunRefused, match=re.escape(refusal)):
         prepare(compile_spec(text), tmp_path, echo=lambda _: None)
+
+
+def test_counterfactual_prefix_is_the_start_of_the_trained_response_with_an_empty_perception(tmp_path: Path) -> None:
+    """a_r forces `<perception> p* </perception> <reasoning>` as the start of the answer: it must be the
+    text the model was trained on. A row with an empty (or missing) perception wrote two spaces between
+    the markers where the target has one, which a BPE tokenizer turns into other tokens."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "img" / "a.png")
+    for split in ("train", "test"):
+        with (tmp_path / f"{split}.jsonl").open("w") as f:
+            for p in ("", None, "  x   y "):
+                f.write(json.dumps({"query": "q", "image": "img/a.png", "perception": p, "reasoning": "r", "answer": "a"}) + "\n")
+    ds = dataset_task(path=str(tmp_path), verifier="exact_match")
+    for i in range(3):
+        s = ds.sample("test", i)
+        assert s.response.startswith(ds.counterfactual_prefix(s) + " "), (ds.counterfactual_prefix(s), s.response)

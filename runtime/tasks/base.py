@@ -144,6 +144,13 @@ def format_response(perception: list[str], reasoning: list[str], answer: list[st
     )
 
 
+def counterfactual_prefix(perception: str) -> str:
+    """``<perception> p* </perception> <reasoning>``, word for word the start of the response
+    ``format_response`` writes for these perception words (one space between words, whatever
+    the spacing of ``perception``, which may be empty): the text the model was trained on."""
+    return " ".join([PERCEPTION_OPEN, *perception.split(), PERCEPTION_CLOSE, REASONING_OPEN])
+
+
 def perception_share(response: str) -> float:
     """Fraction of a response's words (markers included) that lie inside the perception section."""
     words = response.split()
@@ -322,7 +329,7 @@ class TaskBase(ABC, Generic[P]):
 
     def counterfactual_prefix(self, sample: Sample) -> str:
         """``<perception> p* </perception> <reasoning>``: the oracle start the model continues for a_r."""
-        return f"{PERCEPTION_OPEN} {sample.perception} {PERCEPTION_CLOSE} {REASONING_OPEN}"
+        return counterfactual_prefix(sample.perception)
 
     @staticmethod
     def _check_split(split: str) -> None:

@@ -34,12 +34,10 @@ from percepdsl.ir import DatasetParams, GraphColoringParams, SudokuParams
 
 from .base import (
     MARKERS,
-    PERCEPTION_CLOSE,
-    PERCEPTION_OPEN,
-    REASONING_OPEN,
     SPLITS,
     Sample,
     Scores,
+    counterfactual_prefix,
     format_response,
     parse_sections,
     perception_words,
@@ -217,8 +215,9 @@ class DatasetTask:
         return None if words is None else tuple(words)
 
     def counterfactual_prefix(self, sample: Sample) -> str:
-        """``<perception> p* </perception> <reasoning>``: the oracle start the model continues for a_r."""
-        return f"{PERCEPTION_OPEN} {sample.perception} {PERCEPTION_CLOSE} {REASONING_OPEN}"
+        """``<perception> p* </perception> <reasoning>``: the oracle start the model continues for a_r
+        (the start of the row's target, also where its perception is empty)."""
+        return counterfactual_prefix(sample.perception)
 
 
 def exact_match(instance: dict[str, Any], output: str) -> Scores:
