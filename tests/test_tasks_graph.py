@@ -66,7 +66,7 @@ def test_ground_truth_verifies_and_uses_only_vocabulary(style: str, fmt: str) ->
             scores = task.score(s.instance, s.response)
             assert scores.format_ok and scores.outcome and scores.reasoning and scores.perception_exact
             assert scores.perception_partial == 1.0
-            assert scores.slot_errors == [0] * len(node_pairs(s.instance["num_nodes"]))
+            assert scores.slot_errors == [0] * len(node_pairs(9))  # laid out by the largest graph of `nodes`
             assert task.parse_perception(s.perception) == task.parse_perception(s.response)
             assert s.image.mode == "RGB" and s.image.size == (64, 64)
 
@@ -320,3 +320,23 @@ def test_counterfactual_prefix() -> None:
     prefix = task.counterfactual_prefix(s)
     assert prefix == f"<perception> {s.perception} </perception> <reasoning>"
     assert s.response.startswith(prefix)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_slot_errors_name_the_same_pair_across_node_counts(fmt: str) -> None:
+    """`slot_errors` are summed element-wise over items (evaluate.sum_slot_errors): slot k must be the
+    same node pair in every item. With a node range, k indexed each item's own pair list, so a 4-node
+    graph's (1, 2) was added to a 5-node graph's (0, 4)."""
+    from percepdsl_runtime.evaluate import sum_slot_errors
+
+    task = build_task("graph_coloring", {"nodes": (4, 5), "perception_format": fmt}, seed=1)
+    samples = [task.sample("test", i) for i in range(12)]
+    assert {s.instance["num_nodes"] for s in samples} == {4, 5}
+    per_item = []
+    for s in samples:  # a perception stating the node count and no edges: an error at each true edge
+        empty = s.response.split("</perception>")[0].split()[:3]  # <perception> n :
+        text = " ".join(empty) + " " + ("" if fmt == "edges" else " ".join(f"{i}-{j} n" for i, j in node_pairs(s.instance["num_nodes"])))
+        per_item.append(task.score(s.instance, text + " </perception>").slot_errors)
+    expected = [sum(list(p) in s.instance["edges"] for s in samples) for p in node_pairs(5)]
+    assert sum_slot_errors(per_item) == expected
+    assert all(len(e) == len(node_pairs(5)) for e in per_item)

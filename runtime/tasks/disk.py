@@ -68,13 +68,18 @@ class DatasetTask:
         }
         self.verifier = self._verifier()
         self._instances: dict[tuple[str, int], dict[str, Any]] = {}
+        nodes = []
         for split in SPLITS:  # every row used must state a well-formed instance: refused now, not mid-training
             for i in range(len(self.rows[split])):
-                self._recover(split, i, check_only=True)
+                inst = self._recover(split, i, check_only=True)
+                if params.verifier == "graph_coloring" and isinstance(inst.get("num_nodes"), int):
+                    nodes.append(inst["num_nodes"])
             try:
                 _image(self.rows[split][0][params.image], self.root)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"row 0 of split `{split_name(params, split)}` of {self.root}: column `{params.image}`: {exc}") from None
+        if nodes:  # slot_errors laid out by the data's largest graph: one node pair per slot across rows
+            self.verifier.slot_nodes = max(nodes)
 
     # -- loading ------------------------------------------------------------------------------
 

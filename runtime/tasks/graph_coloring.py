@@ -265,6 +265,8 @@ class GraphColoringTask(TaskBase[GraphColoringParams]):
     def __init__(self, params: GraphColoringParams, seed: int = 0) -> None:
         super().__init__(params, seed)
         lo, hi = params.nodes
+        #: node count whose pairs lay out ``slot_errors`` (the largest graph this task scores)
+        self.slot_nodes = hi
         self.held_out = held_out_fraction(graph_space_size(lo, hi, params.edges), params.test)
         # partial/attrgetter rather than lambdas keep the task picklable (data-loader workers)
         draw_test = partial(self._draw, rng_for(self.seed, "test", "graphs"), True)
@@ -367,7 +369,11 @@ class GraphColoringTask(TaskBase[GraphColoringParams]):
         pairs = node_pairs(truth.num_nodes)
         slots = read_slots(sections.perception, truth.num_nodes, fmt)
         present = set(truth.edges)
-        slot_errors = [int(seen is None or seen != (pair in present)) for pair, seen in zip(pairs, slots)]
+        wrong = {pair: int(seen is None or seen != (pair in present)) for pair, seen in zip(pairs, slots)}
+        # one layout for every item of the task (the pairs of its largest graph, in p* order; a smaller
+        # graph's pairs in their places, 0 at the others), so that slot k is one node pair when
+        # evaluation sums the lists over items whose node counts differ
+        slot_errors = [wrong.get(pair, 0) for pair in node_pairs(max(self.slot_nodes, truth.num_nodes))]
         read_edges = {pair for pair, seen in zip(pairs, slots) if seen}
 
         outcome = answer is not None and is_optimal_coloring(truth, answer, int(instance["chromatic_number"]))
