@@ -408,3 +408,49 @@ def test_small_helpers() -> None:
     empty = summarize_records([])
     assert empty["n"] == 0 and empty["reasoning"] is None
     json.dumps(empty)
+
+
+QWEN_LIKE_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("task_name", ["graph_coloring", "sudoku"])
+def test_counterfactual_prompt_is_the_training_tokens_with_a_bpe_tokenizer(task_name) -> None:
+    """a_r continues from p* as the model saw it in training: with a byte-level BPE tokenizer (merges
+    within words, a chat template with an end-of-turn token) the counterfactual prompt's ids are the
+    training sequence's ids up to the end of the prefix, the end-to-end prompt's up to the response,
+    and the prefix + the decoded rest of the target is the target again."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    task = build_task(task_name, {"test": 6, "train": 30, "reasoning": "trace"}, seed=4)
+    texts = [t for i in range(30) for t in (task.sample("train", i).query, task.sample("train", i).response)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}
+    )
+    image = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=QWEN_LIKE_TEMPLATE)  # fmt: skip
+    enc = Encoder(LoadedModel(model=None, processor=processor, kind="hf", path=None), ROLE_RULES)
+    assert enc.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    for i in range(6):
+        s = task.sample("test", i)
+        train = enc.encode_train(s.query, s.image, s.response)["input_ids"].tolist()
+        prefix = task.counterfactual_prefix(s)
+        cf = enc.encode_prompt(s.query, s.image, prefix)["input_ids"].tolist()
+        e2e = enc.encode_prompt(s.query, s.image)["input_ids"].tolist()
+        assert train[: len(cf)] == cf and train[: len(e2e)] == e2e
+        assert any(len(tok.convert_ids_to_tokens(t)) > 1 for t in train[len(e2e) :])  # the BPE merged something
+        rest = train[len(cf) : train.index(enc.eos_token_id, len(cf)) + 1]  # the target: to its end-of-turn token
+        assert join_prefix(prefix, enc.decode(rest)) == s.response
+        assert task.score(s.instance, join_prefix(prefix, enc.decode(rest))).outcome
