@@ -77,3 +77,77 @@ def test_which_settings_a_stage_may_set_is_the_catalogues() -> None:
     for name in ("nodes", "edge_prob", "edges", "train", "test", "image", "perception_format"):
         res = check_text(MICRO + f"stage s = sft {{ steps = 1, task {{ {name} = 3 }} }}\n", "spec.pd")
         assert [d.code for d in res.diagnostics if d.is_error] == ["stage-task"], name
+
+
+def _words(ctx, item) -> list[str]:
+    labels = item["labels"][item["labels"] >= 0].tolist()
+    return ctx.encoder.tokenizer.convert_ids_to_tokens(labels)
+
+
+def test_each_stage_trains_on_batches_written_as_its_task_says(tmp_path) -> None:
+    """From spec text to the batches: the base stage's targets are verbose with fillers, the arm's
+    the experiment's brief ones; the tokenizer (built once) covers the fillers only the base writes."""
+    from percepdsl_runtime.run import build_stage, prepare
+
+    ir = compile_spec(MICRO + ARMS)
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    fillers = ctx.encoder.tokenizer.convert_tokens_to_ids(["~0", "~1", "~2"])
+    assert ctx.encoder.tokenizer.unk_token_id not in fillers
+    seen = {}
+    for stage in ir.stages:
+        _, data = build_stage(ctx, stage)
+        data.setup()
+        words = [_words(ctx, it) for it in data.dataset.items]
+        seen[stage.name] = words
+        assert all("<reasoning>" in w and "<answer>" in w for w in words)
+    base, arm = seen["base"], seen["arm"]
+    assert all("adj" in w and "check" in w for w in base)  # verbose: neighbour lists and the edge check
+    assert sum(f"~{k}" in w for w in base for k in range(3)) > 0
+    for w in arm:  # brief: `colors k` alone between the reasoning markers
+        r = w[w.index("<reasoning>") + 1 : w.index("</reasoning>")]
+        assert r[0] == "colors" and len(r) == 2 and not any(x.startswith("~") for x in w)
+    # the same training instances, written two ways: the perception sections are equal
+    for a, b in zip(base, arm):
+        assert a[: a.index("</perception>")] == b[: b.index("</perception>")]
+
+
+def test_a_grpo_stage_draws_its_prompts_from_its_task(tmp_path) -> None:
+    from percepdsl_runtime.run import build_stage, prepare
+
+    ir = compile_spec(
+        MICRO
+        + "stage base = sft { steps = 1, batch = 4 }\n"
+        + "stage rl = grpo from base { steps = 1, batch = 2, group = 2, reward = outcome, task { reasoning = verbose, jitter = 0.3 } }\n"
+    )
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    module, _ = build_stage(ctx, ir.stage("rl"))
+    assert module.task.params.reasoning == "verbose" and module.task.params.jitter == 0.3
+    a, b = module.task.sample("train", 1), ctx.task.sample("train", 1)
+    assert a.perception == b.perception and a.instance == b.instance and a.response != b.response
+    assert a.image.tobytes() != b.image.tobytes()  # rendered with the stage's jitter
+
+
+def test_every_stage_is_evaluated_on_the_experiments_test_items(tmp_path, monkeypatch) -> None:
+    """Evaluation reads the experiment's task (its test items, written in its format), whatever
+    task the stage trains on: deltas between stages compare the same items."""
+    from types import SimpleNamespace
+
+    import percepdsl_runtime.evaluate as evaluate_mod
+    from percepdsl_runtime.evaluate import EvalConfig
+    from percepdsl_runtime.run import StageEval, build_stage, prepare
+
+    ir = compile_spec(MICRO + ARMS)
+    ctx = prepare(ir, tmp_path, echo=lambda _: None)
+    used = []
+
+    def fake(loaded, encoder, task, split, n, cfg):
+        used.append((task, split))
+        return SimpleNamespace(records=[], metrics={"n": 0}, seconds=0.0)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", fake)
+    stage = ir.stage("base")
+    module, data = build_stage(ctx, stage)
+    data.setup()
+    StageEval(ctx, stage, EvalConfig.from_ir(ir.eval), None).evaluate_now(0, module, data, final=True)
+    assert used == [(ctx.task, "test")] and ctx.task.params == ir.task.params
+    assert data.task is not ctx.task and data.task.params.reasoning == "verbose"
