@@ -972,6 +972,8 @@ def test_completion_and_hover_in_a_stages_task_block(project_dir: Path) -> None:
     assert "task" in _labels(p, MAIN + "stage x = sft from base { steps = 3, |")
     assert "task" not in _labels(p, MAIN + "stage x = sft from base { task { noise = 0.1 }, |")
     assert _labels(p, "stage x = sft { task { |") == []  # no task declared: nothing to offer
+    # as the formatter writes it: one setting a line, no commas
+    assert _labels(p, MAIN + "stage x = sft from base {\n  steps = 3\n  task {\n    reasoning = brief\n    |")[:2] == ["layout", "jitter"]
     text = MAIN + "stage x = sft from base { steps = 3, task { filler_words = 4 } }\n"
     assert "distinct filler words" in _hover(p, text, "filler_words")
     shown = _hover(p, text, "task {")
