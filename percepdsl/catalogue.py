@@ -87,6 +87,10 @@ class ParamSpec:
     required: bool = False
     nullable: bool = False  # `none` is accepted (and the default is None: "decided by the runtime")
     variadic: bool = False  # takes all remaining positional arguments
+    # a task setting that a stage's `task { ... }` may set for its own training data: one that changes
+    # how items are written or drawn (reasoning style, fillers, rendering), never which instances
+    # exist, the split sizes, what p* is, nor the image size the model's vision input is built for
+    stage: bool = False
 
     def ir_default(self) -> Any:
         """The default in the form the IR holds it: a range as `(lo, hi)`, a metric list as a list."""
@@ -203,6 +207,24 @@ class Entry:
     def signature(self) -> str:
         return f"{self.name}({', '.join(p.signature() for p in self.params)})"
 
+    def stage_settings(self) -> tuple[ParamSpec, ...]:
+        """A task's settings that a stage's `task { ... }` may set (`ParamSpec.stage`)."""
+        return tuple(p for p in self.params if p.stage)
+
+    def for_stage(self) -> Entry:
+        """A task as a stage's `task { ... }` block sees it: only the settings a stage may set
+        (what the checker accepts there, and what hover and completion offer)."""
+        return Entry(
+            self.name,
+            self.kind,
+            f"The settings of task `{self.name}` a stage may set for its own training data (its prompts, for grpo); "
+            "the rest are the experiment's `task` block's. Every stage is evaluated on the experiment's test items, "
+            "written as its `task` block says.",
+            self.stage_settings(),
+            self.impl,
+            self.source,
+        )
+
     def markdown(self) -> str:
         """Hover text / docs: signature, doc, parameters."""
         lines = [f"**{self.name}** — {self.kind.replace('_', ' ')}", "", self.doc]
@@ -249,10 +271,11 @@ _STYLE = (
         "trace",
         "chain-of-thought style: brief (≈ the answer), trace (solver steps), verbose (trace + every constraint checked)",
         choices=REASONING_STYLES,
+        stage=True,
     ),
     P("image", "px", 64, "rendered image side", min=16, max=2048, unit="px"),
-    P("jitter", "float", 0.0, "amount of style jitter (positions, colours, line width)", min=0, max=1),
-    P("noise", "float", 0.0, "background noise level", min=0, max=1),
+    P("jitter", "float", 0.0, "amount of style jitter (positions, colours, line width)", min=0, max=1, stage=True),
+    P("noise", "float", 0.0, "background noise level", min=0, max=1, stage=True),
     P(
         "filler_words",
         "int",
@@ -261,8 +284,9 @@ _STYLE = (
         "tokens that carry irreducible entropy, as free phrasing does in real chain-of-thought (0: none)",
         min=0,
         max=1024,
+        stage=True,
     ),
-    P("filler_rate", "float", 0.25, "probability that a filler word follows each reasoning word", min=0, max=1),
+    P("filler_rate", "float", 0.25, "probability that a filler word follows each reasoning word", min=0, max=1, stage=True),
 )
 
 BUILTINS: tuple[Entry, ...] = (
@@ -275,7 +299,7 @@ BUILTINS: tuple[Entry, ...] = (
             P("nodes", "int_range", (5, 5), "node count, or an inclusive range", min=3, max=10),
             P("edge_prob", "float", 0.5, "probability of each edge", min=0, max=1),
             P("edges", "int", None, "fixed edge count instead of edge_prob", min=1, max=45, nullable=True),
-            P("layout", "choice", "circle", "node placement", choices=("circle", "random")),
+            P("layout", "choice", "circle", "node placement", choices=("circle", "random"), stage=True),
             P(
                 "perception_format",
                 "choice",
@@ -284,9 +308,9 @@ BUILTINS: tuple[Entry, ...] = (
                 choices=("edges", "adjacency"),
             ),
             *_STYLE,
-            P("line_width", "px", 2, "edge width", min=1, max=16, unit="px"),
-            P("node_radius", "px", 5, "node dot radius", min=1, max=64, unit="px"),
-            P("distractors", "int", 0, "distractor marks drawn on the image", min=0, max=50),
+            P("line_width", "px", 2, "edge width", min=1, max=16, unit="px", stage=True),
+            P("node_radius", "px", 5, "node dot radius", min=1, max=64, unit="px", stage=True),
+            P("distractors", "int", 0, "distractor marks drawn on the image", min=0, max=50, stage=True),
             *_SPLITS,
         ),
         impl="percepdsl_runtime.tasks.graph_coloring:GraphColoringTask",
@@ -892,7 +916,12 @@ BUILTINS: tuple[Entry, ...] = (
     Entry("task", "keyword", "`task NAME { ... }` — the synthetic task and its settings."),
     Entry("model", "keyword", '`model tiny { ... }` or `model hf "/path" { lora { ... } }`.'),
     Entry("roles", "keyword", "`roles { NAME = RULE ... }` — which target characters belong to which role; rules are tried in order."),
-    Entry("stage", "keyword", "`stage NAME = sft|grpo [from PARENT] { ... }` — a training stage, starting from its parent's weights."),
+    Entry(
+        "stage",
+        "keyword",
+        "`stage NAME = sft|grpo [from PARENT] { ... }` — a training stage, starting from its parent's weights; "
+        "a `task { ... }` inside sets some of the task's settings (reasoning style, fillers, rendering) for its training data.",
+    ),
     Entry("trainer", "keyword", "`trainer { ... }` — precision, devices, nodes, strategy, accumulation, clipping."),
     Entry("grid", "keyword", "`grid NAME` — starts a grid file: a template spec swept over parameter axes."),
     Entry("template", "keyword", '`template "spec.pd"` — the spec a grid sweeps.'),
@@ -969,6 +998,7 @@ def _entry_from_toml(data: dict, source: str) -> Entry:
             required=p.get("required", False),
             nullable=p.get("nullable", False),
             variadic=p.get("variadic", False),
+            stage=p.get("stage", False),
         )
         for p in data.get("params", [])
     )

@@ -30,7 +30,8 @@ SECTIONS = (
         "stages",
         "block",
         STAGE_KINDS,
-        "What `stage NAME = KIND [from PARENT] { ... }` can name, with the settings of its block.",
+        "What `stage NAME = KIND [from PARENT] { ... }` can name, with the settings of its block. Either kind's block may "
+        "also hold `task { ... }`: some of the task's settings for that stage's training data (see each task below).",
     ),
     ("Losses", "losses", "loss", None, "The `loss = ...` of an `sft` stage: terms, weighted and added."),
     (
@@ -77,6 +78,15 @@ def _entry(e: Entry) -> list[str]:
         lines += ["| setting | value | default | what it does |", "|---|---|---|---|"]
         lines += [_setting_row(p) for p in e.params]
         lines.append("")
+    if e.kind == "task":
+        own = ", ".join(f"`{p.name}`" for p in e.stage_settings())
+        lines += [
+            f"A stage's `task {{ ... }}` may set {own} for its own training data (the rest stay this block's; every stage is "
+            "evaluated on the experiment's test items)."
+            if own
+            else "A stage cannot set settings of this task (no `task { ... }` in its stages).",
+            "",
+        ]
     for c in e.constraints:
         names = ", ".join(f"`{n}`" for n in c.params)
         lines += [f"Checked together: {names}" + (f" ({c.hint})." if c.hint else "."), ""]

@@ -447,6 +447,16 @@ _sft = ("block", "sft")
 _grpo = ("block", "grpo")
 
 
+def _without_none(out: Any, model: BaseModel, fields: tuple[str, ...]) -> Any:
+    """A dump without the optional `fields` that are unset (None): a setting added to the IR keeps
+    the hashes of the specs that do not use it."""
+    if isinstance(out, dict):
+        for name in fields:
+            if getattr(model, name) is None:
+                out.pop(name, None)
+    return out
+
+
 class SFTStageIR(_Model):
     """A `sft` stage: every setting of the catalogue's `sft` block, typed."""
 
@@ -465,6 +475,14 @@ class SFTStageIR(_Model):
     packing: bool = setting(*_sft, "packing")
     max_length: int | None = setting(*_sft, "max_length")
     eval_every: int | None = setting(*_sft, "eval_every")
+    #: the task this stage trains on when its `task { ... }` sets some of the experiment task's
+    #: settings (the rest are the experiment's); none: the experiment's task (see `training_task`)
+    task: TaskIR | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        """Without a task of its own the stage dumps as before stages could have one (its hash kept)."""
+        return _without_none(handler(self), self, ("task",))
 
 
 class GRPOStageIR(_Model):
@@ -498,15 +516,13 @@ class GRPOStageIR(_Model):
     sample_precision: Literal["bf16", "fp32"] = setting(*_grpo, "sample_precision")
     compile: bool = setting(*_grpo, "compile")
     eval_every: int | None = setting(*_grpo, "eval_every")
+    task: TaskIR | None = None  # as `SFTStageIR.task`: its prompts' task; none = the experiment's
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
-        """Without token weights the stage dumps as before they existed: plain GRPO keeps its
-        content hash (and its run and grid-cell directories)."""
-        out = handler(self)
-        if self.token_weights is None and isinstance(out, dict):
-            out.pop("token_weights", None)
-        return out
+        """Without token weights (or a task of its own) the stage dumps as before they existed: plain
+        GRPO keeps its content hash (and its run and grid-cell directories)."""
+        return _without_none(handler(self), self, ("token_weights", "task"))
 
 
 Stage = Annotated[SFTStageIR | GRPOStageIR, Field(discriminator="kind")]
@@ -580,6 +596,19 @@ class ExperimentIR(_Model):
 
     def stage(self, name: str) -> SFTStageIR | GRPOStageIR:
         return next(s for s in self.stages if s.name == name)
+
+    def training_task(self, stage: SFTStageIR | GRPOStageIR) -> TaskIR:
+        """The task a stage trains on: its own (`task { ... }` in the stage), else the experiment's.
+        Evaluation always reads the experiment's `task` (its test items, as it writes them)."""
+        return stage.task or self.task
+
+    def tasks(self) -> list[TaskIR]:
+        """The experiment's task and every distinct task a stage trains on, the experiment's first."""
+        out = [self.task]
+        for st in self.stages:
+            if st.task is not None and st.task not in out:
+                out.append(st.task)
+        return out
 
     def visual_references(self, stage: SFTStageIR | GRPOStageIR) -> set[str]:
         """Earlier stages whose saved weights the `visual` role rules this stage trains on read."""

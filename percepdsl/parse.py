@@ -13,6 +13,7 @@ run in several threads at once or one inside another: the language server relies
 from __future__ import annotations
 
 import math
+import re
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -62,11 +63,12 @@ class _TooDeep(Exception):
 class _ParseState:
     """What the lexer callbacks record during one parse: bracket depth and comments."""
 
-    __slots__ = ("depth", "comments")
+    __slots__ = ("depth", "comments", "text")
 
     def __init__(self) -> None:
         self.depth = 0
         self.comments: list[Token] = []
+        self.text = ""  # the text being parsed (`_KeywordsAsNames` looks past a keyword)
 
 
 # The lexer's callbacks are fixed when the (cached) parser is built, so they find the
@@ -93,6 +95,52 @@ def _comment(tok: Token) -> None:
     _state.get().comments.append(tok)
 
 
+# Statement keywords, by terminal, and those whose statement is `KEYWORD { ... }`.
+STATEMENT_TERMINALS = {
+    "EXPERIMENT": "experiment",
+    "PARAM": "param",
+    "SEED": "seed",
+    "INCLUDE": "include",
+    "TASK": "task",
+    "MODEL": "model",
+    "ROLES": "roles",
+    "STAGE": "stage",
+    "EVAL": "eval",
+    "TRAINER": "trainer",
+    "GRID": "grid",
+    "TEMPLATE": "template",
+    "AXIS": "axis",
+    "ZIP": "zip",
+    "SEEDS": "seeds",
+    "WHERE": "where",
+    "REPORT": "report",
+    "FIX": "fix",
+}
+_BLOCK_STATEMENTS = frozenset({"eval", "trainer", "roles", "zip"})
+_NEXT = re.compile(r"(?:\s+|#[^\n]*)*(==|=|\{)?")
+
+
+class _KeywordsAsNames:
+    """A statement keyword that starts a setting (`seed = 3`) or a sub-block (`task { ... }`) is a name.
+
+    LALR merges the states after a block entry's value with those after a statement's, so there the
+    contextual lexer also accepts statement keywords: `steps = 6` then, on the next line without a
+    comma, `task { reasoning = brief }` lexed `task` as the keyword. A statement keyword is never
+    followed by `=`, nor by `{` except for the `KEYWORD { ... }` statements. (A post-lexer, as lark
+    turns a NAME into a keyword before any lexer callback of the keyword's terminal could run.)"""
+
+    always_accept: tuple[str, ...] = ()
+
+    def process(self, stream):
+        text = _state.get().text
+        for tok in stream:
+            if tok.type in STATEMENT_TERMINALS:
+                nxt = _NEXT.match(text, tok.end_pos).group(1)
+                if nxt == "=" or (nxt == "{" and tok.value not in _BLOCK_STATEMENTS):
+                    tok = Token.new_borrow_pos("NAME", tok.value, tok)
+            yield tok
+
+
 def grammar_text() -> str:
     return resources.files("percepdsl.grammars").joinpath("percep.lark").read_text(encoding="utf-8")
 
@@ -115,6 +163,7 @@ def _build_parser() -> Lark:
         propagate_positions=True,
         maybe_placeholders=True,
         lexer_callbacks=callbacks,
+        postlex=_KeywordsAsNames(),
         cache=True,  # the compiled LALR tables are cached on disk: `percep check` starts fast
     )
 
@@ -263,6 +312,7 @@ def parse_text(text: str, file: str = "<string>") -> tuple[A.File | None, list[D
     rep = Reporter()
     parser = _parser()
     state = _ParseState()
+    state.text = text
     last_line = [0]
 
     def on_error(err: UnexpectedInput) -> bool:

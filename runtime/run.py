@@ -91,6 +91,15 @@ class Context:
     token_share: dict[str, float] = field(default_factory=dict)
     ranks: Ranks = field(default_factory=Ranks)
     threads: int = 1  # CPU threads every stage of this process trains with (`stage_threads`)
+    # the tasks of the stages whose `task { ... }` sets some of the task's settings, by stage name
+    # (`training_task`), and the token share per role of their training items (diagnostics)
+    stage_tasks: dict[str, Any] = field(default_factory=dict)
+    stage_token_share: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def training_task(self, stage: Stage) -> Any:
+        """The task a stage trains on (its SFT items, its GRPO prompts): its own, else the experiment's.
+        Evaluation always reads `task`, the experiment's: every stage is scored on the same test items."""
+        return self.stage_tasks.get(stage.name, self.task)
 
 
 def stage_threads(ir: ExperimentIR, jobs: int = 1) -> int:
@@ -148,16 +157,20 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         raise RunRefused(why)
     try:
         task = build_task(ir.task, seed=ir.seed)
+        # a stage's own task: the experiment's instances (same seed, instance settings and splits), written its way
+        stage_tasks = {st.name: build_task(st.task, seed=ir.seed) for st in ir.stages if st.task is not None}
     except (ImplError, ValueError) as exc:
         raise RunRefused(f"cannot build task `{ir.task.name}`: {exc}") from exc
     if (why := _unfilled(ir, task)) is not None:
         raise RunRefused(why)
     vocab = task.vocabulary()
+    if stage_tasks:  # one tokenizer for every stage: the words any stage's task writes (fillers only one writes)
+        vocab = sorted(set(vocab).union(*(t.vocabulary() for t in stage_tasks.values())))
     if ranks.is_zero and not private:
-        loaded = build_model(ir, task, run_dir / "init")
+        loaded = build_model(ir, task, run_dir / "init", vocabulary=vocab)
     else:  # its weights are rank 0's (Ranks.sync_weights), or the parent stage's, once a stage starts
         with tempfile.TemporaryDirectory(prefix="percep-rank-") as scratch:
-            loaded = build_model(ir, task, Path(scratch) / "init")
+            loaded = build_model(ir, task, Path(scratch) / "init", vocabulary=vocab)
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
@@ -171,25 +184,30 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         raise RunRefused(str(exc)) from exc
     init = run_dir / "init"  # the parent of root stages; a tiny model was built here already
     if private or not ranks.is_zero:
-        return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks)
+        return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks, stage_tasks=stage_tasks)
     token_share = _preflight_roles(ir, task, encoder)
     _preflight_forward(ir, task, loaded, encoder)
+    stage_share = {name: _preflight_roles(ir, t, encoder, f"stage `{name}` (its `task`)") for name, t in stage_tasks.items()}
     for stage in ir.stages:  # a stage that cuts its items must keep a token of every role too
         if isinstance(stage, SFTStageIR) and stage.max_length is not None:
-            _preflight_roles(ir, task, encoder.truncating(stage.max_length), f"stage `{stage.name}` (`max_length = {stage.max_length}`)")
+            own = stage_tasks.get(stage.name, task)
+            _preflight_roles(ir, own, encoder.truncating(stage.max_length), f"stage `{stage.name}` (`max_length = {stage.max_length}`)")
     if not init.exists():  # written whole or not at all (atomic_dir)
         save_pretrained_dir(loaded, init)
     echo(
         f"model: {ir.model.kind} ({loaded.num_parameters() / 1e6:.2f}M parameters, "
         f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)" + (f", {ranks.world} ranks" if ranks.world > 1 else "")
     )
-    return Context(ir, run_dir, task, loaded, encoder, init, echo, token_share, ranks)
+    return Context(
+        ir, run_dir, task, loaded, encoder, init, echo, token_share, ranks, stage_tasks=stage_tasks, stage_token_share=stage_share
+    )
 
 
-def build_model(ir: ExperimentIR, task: Any, save_dir: Path) -> Any:
+def build_model(ir: ExperimentIR, task: Any, save_dir: Path, vocabulary: list[str] | None = None) -> Any:
     """The model through its kind's catalogue `impl` (built-in or plugin), called as
     `impl(model_ir, vocabulary=, image=, seed=, save_dir=) -> LoadedModel`; `image` is the
-    side of the task's images. Any failure is a refusal that names the model kind."""
+    side of the task's images, `vocabulary` the task's (or the words of every stage's task,
+    `prepare`'s). Any failure is a refusal that names the model kind."""
     from .models import LoadedModel, ModelLoadError
     from .plugins import ImplError, resolve
 
@@ -200,7 +218,7 @@ def build_model(ir: ExperimentIR, task: Any, save_dir: Path) -> Any:
         impl = resolve(ir.model.impl)
         loaded = impl(
             ir.model,
-            vocabulary=task.vocabulary(),
+            vocabulary=task.vocabulary() if vocabulary is None else vocabulary,
             image=task.sample("train", 0).image.size[0],
             seed=ir.seed,
             save_dir=save_dir,
@@ -438,18 +456,18 @@ def damaged_checkpoint(path: Path) -> str | None:
 
 
 def build_stage(ctx: Context, stage: Stage):
-    """The Lightning module and data module of a stage, from its typed IR as it is."""
+    """The Lightning module and data module of a stage, from its typed IR as it is; its training
+    items (sft) or prompts (grpo) are its task's (`Context.training_task`)."""
     from .sft import SFTDataModule, SFTModule
 
+    task = ctx.training_task(stage)
     if stage.kind == "grpo":
         from .grpo import build_grpo
 
-        return build_grpo(
-            ctx.loaded, ctx.encoder, ctx.task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage)
-        )
+        return build_grpo(ctx.loaded, ctx.encoder, task, stage, ctx.ir.seed, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage))
     module = SFTModule(ctx.loaded, stage, ctx.encoder.role_names, grad_clip=ctx.ir.trainer.clip, visual=visual_roles(ctx, stage))
     datamodule = SFTDataModule(
-        ctx.task,
+        task,
         ctx.encoder.truncating(stage.max_length),  # this stage's own cut (none: whole items)
         batch_size=stage.batch,
         seed=ctx.ir.seed,
@@ -487,10 +505,10 @@ def visual_roles(ctx: Context, stage: Stage) -> Any:
     return VisualRoles(rules, refs, rest, blank)
 
 
-def _stage_diagnostics(ctx: Context, module: Any, datamodule: Any, module_diagnostics: dict[str, Any]) -> dict[str, Any]:
-    """Token and loss share per role, per-role gradient norms and their cosines, on one fixed
-    batch; a module's own statistics (GRPO's reward diagnostics) instead where there is none."""
-    out: dict[str, Any] = {"token_share": ctx.token_share}
+def _stage_diagnostics(ctx: Context, stage: Stage, module: Any, datamodule: Any, module_diagnostics: dict[str, Any]) -> dict[str, Any]:
+    """Token and loss share per role (of the stage's training items), per-role gradient norms and their
+    cosines, on one fixed batch; a module's own statistics (GRPO's reward diagnostics) instead where there is none."""
+    out: dict[str, Any] = {"token_share": ctx.stage_token_share.get(stage.name, ctx.token_share)}
     if not hasattr(datamodule, "dataset") or datamodule.dataset is None:
         return out | module_diagnostics
     import torch
@@ -546,7 +564,7 @@ class StageEval(L.Callback):
         if not ctx.ranks.is_zero:
             ctx.ranks.barrier()
             return None
-        with eval_mode(ctx.loaded.model):
+        with eval_mode(ctx.loaded.model):  # the experiment's task, whatever the stage trains on: the same test items for every stage
             res = evaluate(ctx.loaded, ctx.encoder, ctx.task, "test", ev.test, self.cfg.seeded(eval_seed(ctx.ir.seed, step)))
             if "visual_dependency" in ev.metrics:  # the probe: teacher-forced, no labels beyond the reference text
                 from .probe import PROBE_ITEMS, probe
@@ -557,7 +575,7 @@ class StageEval(L.Callback):
         write_jsonl_atomic(ctx.run_dir / "stages" / self.stage.name / f"eval-{step:06d}.jsonl", tagged)
         entry = {"step": step, **{k: v for k, v in res.metrics.items() if not isinstance(v, list)}, "seconds": round(res.seconds, 1)}
         entry["slot_errors"] = res.metrics.get("slot_errors")
-        entry["diagnostics"] = _stage_diagnostics(ctx, module, datamodule, module_diagnostics)
+        entry["diagnostics"] = _stage_diagnostics(ctx, self.stage, module, datamodule, module_diagnostics)
         if window:
             entry["reward_window"] = window
             entry["diagnostics"] |= checkpoint_coupling([*self.history, entry])  # up to this point
@@ -779,6 +797,12 @@ def stage_table(summary: dict[str, Any]) -> list[str]:
     return [line(head), rule, *map(line, rows)]
 
 
+def _task_changes(ir: ExperimentIR, stage: Stage) -> dict[str, Any]:
+    """The task settings a stage trains with that differ from the experiment's."""
+    ours, theirs = ir.training_task(stage).model_dump(mode="json")["params"], ir.task.model_dump(mode="json")["params"]
+    return {k: v for k, v in ours.items() if theirs.get(k) != v}
+
+
 def write_report(ctx: Context, summary: dict[str, Any]) -> None:
     lines = [
         f"# {ctx.ir.name} ({summary['hash']})",
@@ -789,6 +813,13 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
         "",
         *stage_table(summary),
     ]
+    own = [(st.name, _task_changes(ctx.ir, st)) for st in ctx.ir.stages if st.task is not None]
+    if own:  # stages that train on the task written otherwise; evaluation is the experiment's task for all
+        lines += [
+            "",
+            "Trained on the task written otherwise (every stage is evaluated on the experiment's test items, as its task writes them):",
+        ]
+        lines += [f"- `{name}`: " + ", ".join(f"{k} = {v}" for k, v in changes.items()) for name, changes in own]
     share = summary["diagnostics"].get("token_share", {})
     lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()), "", "![curves](curves.png)", ""]
     if (ctx.run_dir / "rewards.png").exists():

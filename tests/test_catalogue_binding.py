@@ -137,7 +137,8 @@ STAGE_MODELS = {"sft": IR.SFTStageIR, "grpo": IR.GRPOStageIR}
 @pytest.mark.parametrize("kind", ["sft", "grpo"])
 def test_stage_fields_are_the_block_settings(kind: str) -> None:
     model = STAGE_MODELS[kind]
-    assert_fields_are_the_entry(model, "block", kind, skip=("kind", "name", "parent"))
+    # `task`: the stage's `task { ... }` sub-block, checked against the experiment task's entry (`Entry.for_stage`)
+    assert_fields_are_the_entry(model, "block", kind, skip=("kind", "name", "parent", "task"))
     assert set(_literal_args(model.model_fields["kind"].annotation)) == {kind}
 
 

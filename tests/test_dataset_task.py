@@ -250,3 +250,13 @@ def test_counterfactual_prefix_is_the_start_of_the_trained_response_with_an_empt
     for i in range(3):
         s = ds.sample("test", i)
         assert s.response.startswith(ds.counterfactual_prefix(s) + " "), (ds.counterfactual_prefix(s), s.response)
+
+
+def test_a_stage_cannot_set_settings_of_a_dataset(generated, tmp_path: Path) -> None:
+    """A dataset's items are its rows as written: a stage's `task { ... }` is refused, located."""
+    _, path = generated["graph_coloring"]
+    spec = f'experiment d\ntask dataset {{ path = "{path}", verifier = graph_coloring }}\nstage s = sft {{ steps = 1, batch = 2, task {{ reasoning = brief }} }}\n'
+    res = check_text(spec, "spec.pd", base_dir=tmp_path)
+    errors = [d for d in res.diagnostics if d.is_error]
+    assert [d.code for d in errors] == ["stage-task"] and "rows of the data on disk" in errors[0].message
+    assert (errors[0].span.line, errors[0].span.column) == (3, 39)

@@ -25,6 +25,7 @@ IR_SPECS = [
     "specs/gc_sft_fixed.pd",
     "specs/gc_sft_ngdiff.pd",
     "specs/gc_grpo_surrogate.pd",
+    "specs/gc_cot_arms.pd",
     "specs/grids/lambda_sweep.pd",
 ]
 

@@ -944,3 +944,37 @@ def test_stdio_positions_count_a_lone_cr_as_a_line_break(tmp_path: Path) -> None
             assert h.range.start == T.Position(line=3, character=0)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_completion_and_hover_in_a_stages_task_block(project_dir: Path) -> None:
+    """A stage's `task { ... }` offers the settings of the experiment's task that a stage may set
+    (the catalogue's `ParamSpec.stage`), and hover explains them; a stage block offers the sub-block."""
+    p = project_dir / "main.pd"
+    stage = "stage x = sft from base { steps = 3, task { "
+    assert _labels(p, MAIN + stage + "|") == [
+        "layout",
+        "reasoning",
+        "jitter",
+        "noise",
+        "filler_words",
+        "filler_rate",
+        "line_width",
+        "node_radius",
+        "distractors",
+    ]
+    assert _labels(p, MAIN + stage + "reasoning = |") == ["brief", "trace", "verbose"]
+    assert _labels(p, "task sudoku { size = 4 }\nstage x = grpo { task { reasoning = brief, |") == [
+        "jitter",
+        "noise",
+        "filler_words",
+        "filler_rate",
+    ]
+    assert "task" in _labels(p, MAIN + "stage x = sft from base { steps = 3, |")
+    assert "task" not in _labels(p, MAIN + "stage x = sft from base { task { noise = 0.1 }, |")
+    assert _labels(p, "stage x = sft { task { |") == []  # no task declared: nothing to offer
+    # as the formatter writes it: one setting a line, no commas
+    assert _labels(p, MAIN + "stage x = sft from base {\n  steps = 3\n  task {\n    reasoning = brief\n    |")[:2] == ["layout", "jitter"]
+    text = MAIN + "stage x = sft from base { steps = 3, task { filler_words = 4 } }\n"
+    assert "distinct filler words" in _hover(p, text, "filler_words")
+    shown = _hover(p, text, "task {")
+    assert "a stage may set" in shown and "`reasoning`" in shown and "`nodes`" not in shown

@@ -60,3 +60,18 @@ def test_a_parse_inside_a_lexer_callback_leaves_the_outer_parse_intact(monkeypat
     monkeypatch.setattr(P, "_ParseState", State)
     assert _parse(outer_text) == expected_outer
     assert inner == [expected_inner]
+
+
+def test_a_statement_keyword_names_a_setting_or_sub_block_on_a_line_of_its_own() -> None:
+    """LALR merges the state after a block entry's value with the state after a statement's, where
+    statement keywords are accepted: `task {` or `seed =` on the next line, without a comma, lexed as
+    the keyword. A statement keyword followed by `=`, or by `{` (but for `eval`, `trainer`, `roles`,
+    `zip`), is a name: the formatter's multi-line blocks parse back."""
+    text = "experiment x\ntask graph_coloring { nodes = 5 }\nstage s = sft {\n  steps = 6\n  task {\n    reasoning = brief\n  }\n}\neval {\n  every = 5\n  seed = 3\n}\n"
+    tree, diags = P.parse_text(text)
+    assert diags == [] and tree is not None
+    stage = next(i for i in tree.items if type(i).__name__ == "Stage")
+    assert [e.key.id for e in stage.block.entries] == ["steps", "task"] and type(stage.block.entries[1]).__name__ == "SubBlock"
+    # statements keep their keywords: `eval {` after a value still starts the eval statement
+    tree, diags = P.parse_text("experiment x\nseed 3\neval { every = 5 }\ntask graph_coloring { nodes = 5 }\n")
+    assert diags == [] and [type(i).__name__ for i in tree.items] == ["Experiment", "Seed", "Eval", "Task"]

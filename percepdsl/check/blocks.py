@@ -73,11 +73,11 @@ def check_block(ev: Evaluator, block: A.Block, entry: Entry, what: str, subblock
             else:
                 out[p.name] = default_value(p)
     if ok:
-        ok = _check_constraints(ev, entry, out, block)
+        ok = check_constraints(ev, entry, out, block)
     return out if ok else None
 
 
-def _check_constraints(ev: Evaluator, entry: Entry, settings: dict, block: A.Block) -> bool:
+def check_constraints(ev: Evaluator, entry: Entry, settings: dict, block: A.Block) -> bool:
     ok = True
     for c in entry.constraints:
         msg = c.rule(settings)

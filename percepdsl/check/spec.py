@@ -30,7 +30,7 @@ from ..ir import (
     named_roles,
 )
 from ..parse import parse_expr
-from .blocks import defaults
+from .blocks import check_constraints, defaults
 from .checker import SET_FILE, Checker, Result, run
 from .load import load
 from .values import IMPLICIT_ROLE, ParamInfo, Rule
@@ -92,7 +92,7 @@ class _Spec:
         roles = self._check_roles(g.get(A.Roles, []))
         task = self._check_task(g.get(A.Task, []))
         model = self._check_model(g.get(A.Model, []), task)
-        stages = self._check_stages(g.get(A.Stage, []))
+        stages = self._check_stages(g.get(A.Stage, []), task)
         ev = self._check_simple_block(g.get(A.Eval, []), "eval")
         tr = self._check_simple_block(g.get(A.Trainer, []), "trainer")
         self._check_normalised_token_weights(g.get(A.Stage, []), stages, tr)
@@ -418,7 +418,7 @@ class _Spec:
         return ModelIR(kind=entry.name, path=m.path.value if m.path else None, params=params, lora=lora, impl=entry.impl)
 
     # -- stages
-    def _check_stages(self, decls: list[A.Stage]) -> list[SFTStageIR | GRPOStageIR]:
+    def _check_stages(self, decls: list[A.Stage], task: TaskIR | None) -> list[SFTStageIR | GRPOStageIR]:
         ck = self.ck
         if not decls and self.fragment:
             return []
@@ -460,7 +460,8 @@ class _Spec:
                     f"stage `{name}` starts from `{st.parent.id}`, which is not defined",
                     f"did you mean `{guess}`?" if guess else "define that stage, or drop `from` to start from the initial model",
                 )
-            settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})", subblocks=("token_weights",) if kind == "grpo" else ())
+            subblocks = ("token_weights", "task") if kind == "grpo" else ("task",)
+            settings = ck.check_block(st.block, entry, f"stage `{name}` ({kind})", subblocks=subblocks)
             weights_blk = st.block.get("token_weights")
             if isinstance(weights_blk, A.SubBlock) and kind == "grpo":
                 weights = self._token_weights(weights_blk)
@@ -468,6 +469,13 @@ class _Spec:
                     settings["token_weights"] = weights
                 if weights is False:
                     settings = None
+            task_blk = st.block.get("task")
+            if isinstance(task_blk, A.SubBlock):
+                own = self._stage_task(name, task_blk, task)
+                if own is False:
+                    settings = None
+                elif settings is not None:
+                    settings["task"] = own
             if settings is None:
                 continue
             # the checked settings are the typed stage's fields (the catalogue's block entry)
@@ -489,6 +497,100 @@ class _Spec:
                     "start it `from` an sft stage that has taught the output format",
                 )
         return self._order_stages(seen, built)
+
+    def _stage_task(self, stage: str, blk: A.SubBlock, task: TaskIR | None) -> TaskIR | None | bool:
+        """A stage's `task { ... }`: some of the experiment task's settings, for this stage's training
+        data. Only the settings the catalogue marks for stages (`ParamSpec.stage`: how items are written
+        or drawn) may be set; the others are the experiment's task block's, after its defaults (not the
+        parent stage's). The whole task, typed; None when it is the experiment's (one IR, one hash);
+        False when something was wrong."""
+        ck = self.ck
+        if task is None:  # the task block was wrong (reported), or a fragment's includer has the task
+            return None
+        entry = ck.cat.get("task", task.name)
+        if entry is None:
+            return None
+        allowed = entry.stage_settings()
+        if not allowed:
+            why = (
+                "its items are the rows of the data on disk, written as they are"
+                if task.name == "dataset" and entry.source == "percepdsl"
+                else "its catalogue entry marks no setting for stages"
+            )
+            ck.error(
+                blk.key.span,
+                "stage-task",
+                f"stage `{stage}`: a stage cannot set settings of task `{task.name}`: {why}",
+                "remove the stage's `task { ... }`, or write the data differently for a second experiment",
+            )
+            return False
+        names = [p.name for p in allowed]
+        ok, own, seen = True, {}, {}
+        for e in blk.block.entries:
+            key = e.key.id
+            if key in seen:
+                ck.error(
+                    e.key.span,
+                    "duplicate",
+                    f"`{key}` is set twice in the `task` of stage `{stage}`",
+                    "keep one",
+                    [Related.at(seen[key], "first set here")],
+                )
+                ok = False
+                continue
+            seen[key] = e.key.span
+            if isinstance(e, A.SubBlock):
+                ck.error(e.key.span, "type", f"task setting `{key}` takes a value, not a block", None)
+                ok = False
+                continue
+            spec = entry.param(key)
+            if spec is None:
+                guess = did_you_mean(key, names)
+                ck.error(
+                    e.key.span,
+                    "unknown-setting",
+                    f"task `{task.name}` has no setting `{key}`",
+                    f"did you mean `{guess}`?" if guess else f"a stage may set: {', '.join(names)}",
+                )
+                ok = False
+                continue
+            if not spec.stage:
+                ck.error(
+                    e.key.span,
+                    "stage-task",
+                    f"stage `{stage}` cannot set `{key}`: "
+                    + (
+                        "the model's vision input is built for the experiment's image size"
+                        if key == "image"
+                        else "a stage may change how the task's items are written or drawn, not which instances exist, "
+                        "the split sizes or p*'s format, so that every stage is evaluated on the same test items"
+                    ),
+                    f"set `{key}` in the `task {task.name}` block; a stage may set: {', '.join(names)}",
+                )
+                ok = False
+                continue
+            value = ck.coerce_expr(e.value, spec, f"`{key}`")
+            if value is None:
+                ok = False
+                continue
+            own[key] = value
+        if not blk.block.entries:
+            ck.error(
+                blk.key.span,
+                "missing-setting",
+                f"the `task` of stage `{stage}` sets nothing",
+                f"set one of {', '.join(names)}, or remove the block",
+            )
+            return False
+        if not ok:
+            return False
+        base = task.params if isinstance(task.params, dict) else task.params.model_dump()
+        merged = {**base, **own}
+        if not check_constraints(ck.values, entry, merged, blk.block):
+            return False
+        if merged == base:
+            return None  # the experiment's task, written again
+        return TaskIR(name=task.name, params=merged, impl=task.impl)
 
     def _token_weights(self, blk: A.SubBlock) -> RoleWeights | None | bool:
         """A grpo stage's `token_weights { role = weight ... }`: every key a declared role,

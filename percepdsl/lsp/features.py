@@ -229,6 +229,14 @@ class Project:
                 out.append(x)
         return out
 
+    def task_name(self) -> str | None:
+        """The name of the experiment's task (`task NAME { ... }`, here or in an include), if any."""
+        for d in self._reach(self.doc):
+            for st in d.outline.by_keyword("task"):
+                if (tok := st.name_tok()) is not None:
+                    return tok.text
+        return None
+
     def roles(self) -> list[str]:
         declared = [x.name for x in self.names("role")]
         if declared or any(d.outline.by_keyword("roles") for d in self._reach(self.doc)):
@@ -424,11 +432,15 @@ def keyword_entry(cat: Catalogue, kw: str) -> list[Entry]:
     return out
 
 
-def block_entry(cat: Catalogue, stmt: S.Stmt | None, path: list[str]) -> Entry | None:
-    """The catalogue entry whose parameters are the settings of a block."""
+def block_entry(cat: Catalogue, stmt: S.Stmt | None, path: list[str], task: str | None = None) -> Entry | None:
+    """The catalogue entry whose parameters are the settings of a block; `task`: the experiment's
+    task, whose stage settings a stage's `task { ... }` holds (`Entry.for_stage`)."""
     if stmt is None:
         return None
     kw = stmt.kw
+    if kw == "stage" and path == ["task"]:
+        entry = cat.get("task", task) if task else None
+        return entry.for_stage() if entry is not None else None
     name = stmt.name_tok()
     entry = None
     if kw == "task" and name is not None:
@@ -446,8 +458,8 @@ def block_entry(cat: Catalogue, stmt: S.Stmt | None, path: list[str]) -> Entry |
     return entry if not path else None
 
 
-def setting_spec(cat: Catalogue, stmt: S.Stmt | None, path: list[str], key: str | None) -> ParamSpec | None:
-    entry = block_entry(cat, stmt, path)
+def setting_spec(cat: Catalogue, stmt: S.Stmt | None, path: list[str], key: str | None, task: str | None = None) -> ParamSpec | None:
+    entry = block_entry(cat, stmt, path, task)
     return entry.param(key) if (entry is not None and key) else None
 
 
@@ -645,7 +657,7 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
             if r not in present:
                 items.add(r, T.CompletionItemKind.Field, "role weight", f"the weight of `{r}` tokens (1 when not named)", insert=f"{r} = ")
         return
-    entry = block_entry(cat, stmt, path)
+    entry = block_entry(cat, stmt, path, project.task_name())
     if entry is None:
         return
     owner = entry.name
@@ -660,6 +672,17 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
             insert=f"{p.name} = ",
             sort="3" if p.required else "4",
         )
+    if stmt.kw == "stage" and not path and "task" not in present:  # the stage's own task settings
+        own = block_entry(cat, stmt, ["task"], project.task_name())
+        if own is not None and own.params:
+            items.add(
+                "task",
+                T.CompletionItemKind.Module,
+                "task settings of this stage",
+                own.markdown(),
+                insert="task { $0 }" if snippets else "task { ",
+                snippet=snippets,
+            )
     if stmt.kw == "model" and not path and stmt.name_tok() is not None and stmt.name_tok().text == "hf" and "lora" not in present:
         lora = cat.get("block", "lora")
         items.add(
@@ -688,7 +711,7 @@ def _full_block(o: S.Outline, blk: S.Block) -> S.Block | None:
 def _complete_value(project: Project, ctx: S.Context, items: _Items, snippets: bool) -> None:
     cat = project.cat
     stmt = ctx.stmt
-    spec = setting_spec(cat, stmt, ctx.block_path(), ctx.key) if ctx.block is not None else _head_spec(project, ctx)
+    spec = setting_spec(cat, stmt, ctx.block_path(), ctx.key, project.task_name()) if ctx.block is not None else _head_spec(project, ctx)
     ekind = expr_kind(spec, stmt) if ctx.block is not None else "value"
     if stmt is not None and stmt.kw == "report" and ctx.block is None:
         spec = ParamSpec("report", "metrics")
@@ -1045,14 +1068,19 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
             return tok, _decl_target(project, "role", word)
         if word == "lora" and stmt is not None and stmt.kw == "model" and nxt is not None and nxt.text == "{":
             return tok, _Target("entry", [e for e in [cat.get("block", "lora")] if e], name=word)
-        entry = block_entry(cat, stmt, path)
+        if word == "task" and stmt is not None and stmt.kw == "stage" and not path and nxt is not None and nxt.text == "{":
+            entry = block_entry(cat, stmt, ["task"], project.task_name())
+            return tok, _Target("entry", [entry] if entry else [], name=word)
+        entry = block_entry(cat, stmt, path, project.task_name())
         spec = entry.param(word) if entry is not None else None
         if spec is not None:
             return tok, _Target("spec", spec=spec, owner=entry.name, name=word)
         return tok, _Target("none")
     if k in ("value", "head"):
         stmt = ctx.stmt
-        spec = setting_spec(cat, stmt, ctx.block_path(), ctx.key) if ctx.block is not None else _head_spec(project, ctx)
+        spec = (
+            setting_spec(cat, stmt, ctx.block_path(), ctx.key, project.task_name()) if ctx.block is not None else _head_spec(project, ctx)
+        )
         ekind = expr_kind(spec, stmt) if ctx.block is not None else "value"
         call = next((g for g in reversed(ctx.groups) if g.open.text == "(" and g.func is not None), None)
         if call is not None and nxt is not None and nxt.text == "=":
@@ -1070,7 +1098,7 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
         if (in_roles_arg or (spec is not None and spec.type in ("roles", "role_group"))) and word in project.roles():
             return tok, _decl_target(project, "role", word)
         if spec is not None and spec.type in ("choice", "choice_list") and word in spec.choices:
-            return tok, _Target("spec", spec=spec, owner=_owner_name(cat, ctx), name=word)
+            return tok, _Target("spec", spec=spec, owner=_owner_name(project, ctx), name=word)
         if nxt is not None and nxt.text == "(":
             fe = function_entry(cat, word, ekind)
             if fe is not None:
@@ -1088,8 +1116,8 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
     return tok, _Target("entry", [e for e in cat.lookup(word) if e.kind != "keyword" or k == "statement"], name=word)
 
 
-def _owner_name(cat: Catalogue, ctx: S.Context) -> str:
-    e = block_entry(cat, ctx.stmt, ctx.block_path())
+def _owner_name(project: Project, ctx: S.Context) -> str:
+    e = block_entry(project.cat, ctx.stmt, ctx.block_path(), project.task_name())
     return e.name if e is not None else ""
 
 
