@@ -602,14 +602,6 @@ class ExperimentIR(_Model):
         Evaluation always reads the experiment's `task` (its test items, as it writes them)."""
         return stage.task or self.task
 
-    def tasks(self) -> list[TaskIR]:
-        """The experiment's task and every distinct task a stage trains on, the experiment's first."""
-        out = [self.task]
-        for st in self.stages:
-            if st.task is not None and st.task not in out:
-                out.append(st.task)
-        return out
-
     def visual_references(self, stage: SFTStageIR | GRPOStageIR) -> set[str]:
         """Earlier stages whose saved weights the `visual` role rules this stage trains on read."""
         used = named_roles(stage)
