@@ -71,7 +71,7 @@ def test_every_stage_records_its_wall_and_cpu_seconds(smoke_run: Path) -> None:
     """Each stage's training wall time and its process CPU time (training and evaluations): the CPU
     time is what reproduce.py sums for a part's cost on cores of its own."""
     for name, entry in json.loads((smoke_run / "summary.json").read_text())["stages"].items():
-        assert entry["train_seconds"] > 0 and 0 < entry["train_cpu_seconds"] < entry["cpu_seconds"], name
+        assert entry["train_seconds"] > 0 and 0 < entry["train_cpu_seconds"] <= entry["cpu_seconds"], name  # both rounded to 0.1 s
         done = json.loads((smoke_run / "stages" / name / "done.json").read_text())
         assert (done["train_cpu_seconds"], done["cpu_seconds"]) == (entry["train_cpu_seconds"], entry["cpu_seconds"])
 
