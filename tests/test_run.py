@@ -788,7 +788,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, object]:
     return run_outputs(Path(proc.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("stage,step", [("base", 8), ("rl", 4)], ids=["sft", "grpo"])
+@pytest.mark.parametrize("stage,step", [("base", 4), ("base", 8), ("rl", 4)], ids=["sft-early", "sft", "grpo"])
 def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path: Path, stage: str, step: int) -> None:
     """SIGKILL at an evaluation between resume checkpoints (every 3 steps, evaluations every 2), then
     `--resume`: not only the weights but every record is the uninterrupted run's. A resumed stage's
