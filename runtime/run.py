@@ -159,6 +159,10 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     else:  # its weights are rank 0's (Ranks.sync_weights), or the parent stage's, once a stage starts
         with tempfile.TemporaryDirectory(prefix="percep-rank-") as scratch:
             loaded = build_model(ir, task, Path(scratch) / "init")
+        if loaded.path is not None and Path(loaded.path).is_relative_to(scratch):
+            # built where it is gone now: it is the model rank 0 built into init/ (the same IR and seed),
+            # whose files a stage's directory takes along (the tiny model's marker: `save_pretrained_dir`)
+            loaded = dataclasses.replace(loaded, path=run_dir / "init")
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
