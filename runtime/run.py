@@ -124,6 +124,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*reproducibility.*")
+    # every resume is mid-epoch (a stage is one epoch); the batch streams start at the restored step
+    # (sft.StepStream, grpo.PromptSampler), so Lightning's "can cause unreliable results" is not so here
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
 def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
