@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -751,21 +751,23 @@ class PromptSampler(Sampler[list[int]]):
     """An endless stream of prompt-index batches: epoch e is a permutation seeded by
     (seed, e), cut into global batches of ``batch_size × world`` (the remainder is dropped), of
     which rank r takes the r-th ``batch_size``: a step's prompts are those of one process with
-    the global batch size. Endless, so ``max_steps`` alone ends the stage."""
+    the global batch size. Endless, so ``max_steps`` alone ends the stage. ``start`` (read when
+    iteration starts) is the batch the stream begins at: a resumed stage's, so its batches are
+    those an uninterrupted stage draws at the same steps."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, start: Callable[[], int] = lambda: 0):
         if n < batch_size * world:
             raise ValueError(f"the split has {n} prompts, fewer than one batch of {batch_size} per device")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = 0
+        size = self.batch_size * self.world
+        epoch, offset = divmod(self.start(), self.n // size)
         while True:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            size = self.batch_size * self.world
-            for i in range(0, self.n - size + 1, size):
+            for i in range(offset * size, self.n - size + 1, size):
                 yield perm[i + self.rank * self.batch_size : i + (self.rank + 1) * self.batch_size].tolist()
-            epoch += 1
+            epoch, offset = epoch + 1, 0
 
 
 class _Indices(Dataset):
@@ -780,16 +782,27 @@ class _Indices(Dataset):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Batches (LongTensor [B]) of prompt indices of a task split."""
+    """Batches (LongTensor [B]) of prompt indices of a task split. Under a trainer the stream starts
+    at the batch the stage stands at (a batch takes ``updates`` optimiser steps), so a stage resumed
+    from its checkpoint draws the prompts an uninterrupted one draws."""
 
-    def __init__(self, n_prompts: int, batch_size: int, seed: int = 0):
+    def __init__(self, n_prompts: int, batch_size: int, seed: int = 0, updates: int = 1):
         super().__init__()
-        self.n_prompts, self.batch_size, self.seed = n_prompts, batch_size, seed
+        self.n_prompts, self.batch_size, self.seed, self.updates = n_prompts, batch_size, seed, updates
 
     def sampler(self) -> PromptSampler:
-        trainer = getattr(self, "_trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return PromptSampler(self.n_prompts, self.batch_size, self.seed, rank, world)
+        trainer = self.trainer
+        if trainer is None:
+            return PromptSampler(self.n_prompts, self.batch_size, self.seed)
+        # batches begun: a resume checkpoint is taken at a batch end, after its `updates` steps
+        return PromptSampler(
+            self.n_prompts,
+            self.batch_size,
+            self.seed,
+            trainer.global_rank,
+            trainer.world_size,
+            start=lambda: -(-trainer.global_step // self.updates),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Indices(self.n_prompts), batch_sampler=self.sampler(), collate_fn=torch.tensor)
@@ -806,7 +819,7 @@ def build_grpo(
     if not isinstance(stage, GRPOStageIR):
         raise ValueError(f"stage `{stage.name}` is not a grpo stage")
     module = GRPOModule(loaded, encoder, task, stage, seed=seed, grad_clip=grad_clip, visual=visual)
-    return module, PromptDataModule(task.size("train"), stage.batch, seed)
+    return module, PromptDataModule(task.size("train"), stage.batch, seed, updates=stage.updates)
 
 
 __all__ = [

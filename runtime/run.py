@@ -47,6 +47,7 @@ from percepdsl.io import (
     LockHeld,
     atomic_path,
     hold_lock,
+    json_default,
     os_error_text,
     read_json,
     remove_stale_temporaries,
@@ -132,6 +133,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*reproducibility.*")
+    # every resume is mid-epoch (a stage is one epoch); the batch streams start at the restored step
+    # (sft.StepStream, grpo.PromptSampler), so Lightning's "can cause unreliable results" is not so here
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
 def run_dir_for(ir: ExperimentIR, out: Path) -> Path:
@@ -171,6 +175,10 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
     else:  # its weights are rank 0's (Ranks.sync_weights), or the parent stage's, once a stage starts
         with tempfile.TemporaryDirectory(prefix="percep-rank-") as scratch:
             loaded = build_model(ir, task, Path(scratch) / "init", vocabulary=vocab)
+        if loaded.path is not None and Path(loaded.path).is_relative_to(scratch):
+            # built where it is gone now: it is the model rank 0 built into init/ (the same IR and seed),
+            # whose files a stage's directory takes along (the tiny model's marker: `save_pretrained_dir`)
+            loaded = dataclasses.replace(loaded, path=run_dir / "init")
     missing = check_vocabulary(loaded, vocab)
     if missing:
         shown = ", ".join(f"`{w}`" for w in missing[:8]) + (" …" if len(missing) > 8 else "")
@@ -531,7 +539,14 @@ def _stage_diagnostics(ctx: Context, stage: Stage, module: Any, datamodule: Any,
 
 class StageEval(L.Callback):
     """Three-way evaluation every N steps and at the stage end, on rank 0; the other ranks wait
-    at a barrier meanwhile (they would otherwise wait in the next step's gradient all-reduce)."""
+    at a barrier meanwhile (they would otherwise wait in the next step's gradient all-reduce).
+
+    Its history of evaluation points is part of the resume checkpoint (`state_dict`): a resumed
+    stage's done.json lists the points evaluated before the checkpoint too, and what is computed
+    across the points (GRPO's `checkpoint_coupling`) is the uninterrupted stage's. The last point's
+    headline metrics are logged again at every batch end (Lightning repeats a value logged from a
+    callback in every later row until it is logged again, but does not checkpoint it), so the rows
+    of a resumed stage's loggers carry the values an uninterrupted stage's carry."""
 
     def __init__(self, ctx: Context, stage: Stage, cfg: Any, every: int | None, echo: Callable[[str], None] | None = None):
         self.ctx, self.stage, self.cfg, self.every = ctx, stage, cfg, every
@@ -539,16 +554,26 @@ class StageEval(L.Callback):
         self.history: list[dict[str, Any]] = []
         self.last = 0  # the optimiser step at the last batch end
 
+    def state_dict(self) -> dict[str, Any]:
+        # JSON text: plain data for torch.load(weights_only=True); NaN and infinities kept as such
+        return {"history": json.dumps(self.history, default=json_default)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = json.loads(state_dict.get("history", "[]"))
+
     def on_train_start(self, trainer, pl_module) -> None:
         self.last = trainer.global_step  # a resumed stage: the points before it were evaluated
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, last = trainer.global_step, self.last
         self.last = step
+        metrics = None
         if self.every and passed(last, step, self.every) and 0 < step < self.stage.steps:
             metrics = self.evaluate_now(step, pl_module, trainer.datamodule)
-            if metrics is not None:
-                pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in (*HEADLINE, "visual_dependency") if metrics.get(k) is not None})
+        elif self.history:  # the last point's values again (see the class doc)
+            metrics = self.history[-1]
+        if metrics is not None:
+            pl_module.log_dict({f"eval/{k}": float(metrics[k]) for k in (*HEADLINE, "visual_dependency") if metrics.get(k) is not None})
 
     def evaluate_now(self, step: int, module: Any, datamodule: Any, final: bool = False) -> dict[str, Any] | None:
         """Metrics on the test split, and the diagnostics (loss share, per-role gradient norms

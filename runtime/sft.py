@@ -625,7 +625,9 @@ class StepStream(Sampler[list[int]]):
             epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:
-        return max(self.total - self.position(), 0)
+        # the whole stage: a resumed one's loop restarts at the restored batch of this one epoch (the
+        # batches left made Lightning end that epoch early, and the rows of a resumed stage had epoch 1)
+        return self.total
 
 
 # --------------------------------------------------------------------------- diagnostics

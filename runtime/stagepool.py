@@ -69,7 +69,8 @@ def run_parallel(ctx: Any, jobs: int) -> dict[str, dict[str, Any]]:
                     if len(running) < jobs:
                         ctx.echo(announce(stage))
                         ours, theirs = spawn.Pipe(duplex=False)
-                        proc = spawn.Process(target=_worker, args=(theirs, ir, str(ctx.run_dir), stage.name, threads))
+                        preflight = {"token_share": ctx.token_share, "stage_token_share": ctx.stage_token_share}
+                        proc = spawn.Process(target=_worker, args=(theirs, ir, str(ctx.run_dir), stage.name, threads, preflight))
                         proc.start()
                         theirs.close()  # the worker holds the only writing end: its exit ends our recv
                         running[ours] = (stage.name, proc)
@@ -141,8 +142,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _worker(conn: Any, ir: ExperimentIR, run_dir: str, name: str, threads: int) -> None:
-    """Train one stage in this process and send back ("ok", record) or (outcome, message)."""
+def _worker(conn: Any, ir: ExperimentIR, run_dir: str, name: str, threads: int, preflight: dict[str, Any]) -> None:
+    """Train one stage in this process and send back ("ok", record) or (outcome, message).
+    `preflight`: the parent's preflight figures (the token shares of the experiment's items and of
+    each stage's own task), which a stage's diagnostics record (a private `prepare` checks nothing
+    and has none)."""
     signal.signal(signal.SIGTERM, _interrupt)  # as `percep run` itself: SIGTERM stops like Ctrl-C
     import torch
 
@@ -155,7 +159,7 @@ def _worker(conn: Any, ir: ExperimentIR, run_dir: str, name: str, threads: int) 
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        ctx = dataclasses.replace(prepare(ir, Path(run_dir), echo, private=True), threads=threads)
+        ctx = dataclasses.replace(prepare(ir, Path(run_dir), echo, private=True), threads=threads, **preflight)
         message: tuple[str, Any] = ("ok", train_stage(ctx, ir.stage(name), progress=False))
     except RunRefused as exc:
         message = ("refused", str(exc))

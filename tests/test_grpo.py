@@ -177,6 +177,29 @@ def test_prompt_batches_are_seeded_endless_and_sharded() -> None:
     assert batch.dtype == torch.long and batch.shape == (4,)
 
 
+def test_a_resumed_stage_draws_the_prompts_of_its_step() -> None:
+    """Under a trainer the prompt stream starts at the batch the stage stands at: a stage resumed at
+    step 4 (from `resume.ckpt`) drew the prompts of step 0 again, so it trained on other prompts than
+    an uninterrupted one. With `updates = u` a batch takes u steps."""
+    stream = [b for b, _ in zip(PromptSampler(10, 3, seed=1), range(8))]
+    for updates, step in ((1, 0), (1, 4), (2, 6), (3, 12)):
+        dm = PromptDataModule(10, 3, seed=1, updates=updates)
+        dm.trainer = SimpleNamespace(global_step=step, global_rank=0, world_size=1)
+        got = [b.tolist() for b, _ in zip(dm.train_dataloader(), range(2))]
+        assert got == stream[step // updates : step // updates + 2], (updates, step)
+
+
+def test_prompt_batches_are_sharded_by_the_trainers_rank() -> None:
+    """The data module reads the rank from its trainer (it read a `_trainer` attribute a data module
+    never has, so every rank drew rank 0's prompts)."""
+    shards = []
+    for rank in range(2):
+        dm = PromptDataModule(12, 2, seed=0)
+        dm.trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=2)
+        shards.append(next(iter(dm.train_dataloader())).tolist())
+    assert shards[0] + shards[1] == next(iter(PromptSampler(12, 4, seed=0)))
+
+
 def test_stage_defaults_come_from_the_catalogue_and_lr_is_absolute() -> None:
     from percepdsl.catalogue import default
 

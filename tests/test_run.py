@@ -729,3 +729,83 @@ def test_a_stage_identity_covers_the_reference_of_its_visual_roles() -> None:
         return stagecache.stage_identity(res.ir, res.ir.stage("post"), threads=1)
 
     assert identity(10) == identity(10) != identity(20)
+
+
+RESUME_SPEC = f"""experiment resumed
+seed 0
+include "{ROOT}/specs/common/roles.pd"
+task graph_coloring {{ nodes = 4, reasoning = brief, image = 32px, node_radius = 2px, train = 16, test = 2 }}
+model tiny {{ width = 16, depth = 1, heads = 1, vision_width = 16, vision_depth = 1, patch = 16px }}
+stage base = sft {{ steps = 12, batch = 2 }}
+stage rl = grpo from base {{ steps = 6, batch = 2, group = 2, max_new_tokens = 8, reward = visual_dependency }}
+eval {{ test = 2, max_new_tokens = 8, every = 2 }}
+trainer {{ precision = "32-true", clip = 1.0, log_every = 1, threads = 1 }}
+"""
+# `percep run` that SIGKILLs itself when the evaluation of (stage, step) begins: a kill at a known point
+KILLED_AT = """import os, signal, sys
+from percepdsl_runtime.run import StageEval
+stage, step = sys.argv.pop(1), int(sys.argv.pop(1))
+evaluate = StageEval.evaluate_now
+def evaluate_now(self, at, *a, **k):
+    if (self.stage.name, at) == (stage, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return evaluate(self, at, *a, **k)
+StageEval.evaluate_now = evaluate_now
+from percepdsl.cli import main
+sys.argv[0] = "percep"
+main()
+"""
+TIMING = {"train_seconds", "train_cpu_seconds", "cpu_seconds", "seconds", "gen_s", "update_s", "visual_dependency_s", "gen_tokens_per_s"}
+TIMING |= {f"{k}_per_step" for k in ("gen_s", "update_s", "visual_dependency_s")}
+
+
+def without_timing(x):
+    """A record with its wall and CPU times left out: all that may differ between two runs of a spec."""
+    if isinstance(x, dict):
+        return {k: without_timing(v) for k, v in x.items() if k not in TIMING}
+    return [without_timing(v) for v in x] if isinstance(x, list) else x
+
+
+def run_outputs(run_dir: Path) -> dict[str, object]:
+    """What a finished run leaves, timings aside: summary, each stage's done.json and weights (bytes),
+    the evaluation records (bytes) and metrics.csv."""
+    with (run_dir / "metrics.csv").open() as f:
+        metrics = [without_timing(row) for row in csv.DictReader(f)]
+    out: dict[str, object] = {"summary": without_timing(json.loads((run_dir / "summary.json").read_text())), "metrics.csv": metrics}
+    out["eval.jsonl"] = (run_dir / "eval.jsonl").read_bytes()
+    for stage in sorted((run_dir / "stages").iterdir()):
+        out[f"{stage.name}/done.json"] = without_timing(json.loads((stage / "done.json").read_text()))
+        out[f"{stage.name}/weights"] = (stage / "model" / "model.safetensors").read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("straight")
+    (tmp / "s.pd").write_text(RESUME_SPEC)
+    proc = percep("run", str(tmp / "s.pd"), "--out", str(tmp / "runs"), "-q", env=dict(os.environ, PERCEP_STAGE_CACHE="off"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_outputs(Path(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("stage,step", [("base", 4), ("base", 8), ("rl", 4)], ids=["sft-early", "sft", "grpo"])
+def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_results(uninterrupted, tmp_path: Path, stage: str, step: int) -> None:
+    """SIGKILL at an evaluation between resume checkpoints (every 3 steps, evaluations every 2), then
+    `--resume`: not only the weights but every record is the uninterrupted run's. A resumed stage's
+    done.json kept only the evaluations after the checkpoint (the GRPO coupling across them, in
+    summary.json, changed with it), and metrics.csv lost the evaluation columns of its first rows."""
+    (tmp_path / "s.pd").write_text(RESUME_SPEC)
+    env = dict(os.environ, PERCEP_STAGE_CACHE="off", PERCEP_RESUME_EVERY="3")
+    args = ["run", str(tmp_path / "s.pd"), "--out", str(tmp_path / "runs"), "-q"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT, stage, str(step), *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = percep(*args, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Lightning's warning that a mid-epoch resume "can cause unreliable results" is not true here: said not
+    assert "not resumable" not in resumed.stderr, resumed.stderr[-3000:]
+    run_dir = Path(resumed.stdout.strip().splitlines()[-1])
+    got = run_outputs(run_dir)
+    assert got.keys() == uninterrupted.keys()
+    for key in got:
+        assert got[key] == uninterrupted[key], key
+    assert not list(run_dir.rglob("resume.ckpt")) and not list(run_dir.rglob(".*.tmp*"))

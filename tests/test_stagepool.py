@@ -32,6 +32,7 @@ GRPO_ARMS = """stage tm = grpo from base {{ steps = {steps}, batch = 2, group = 
 stage ngdiff = grpo from base {{ steps = {steps}, batch = 2, group = 2, max_new_tokens = 12, reward = perception_partial + outcome }}"""
 # cache off: every stage trains in the run under test, none is taken from the other's
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PERCEP_STAGE_CACHE="off")
+TIMED = ("_s_per_step", "_per_s")  # the diagnostics that are wall times
 
 
 def spec(tmp_path: Path, steps: int = 4, arms: str = SFT_ARMS) -> Path:
@@ -83,10 +84,17 @@ def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path,
             assert (wa[k] == wb[k]).all(), (stage, k)
         for d in (a, b):  # the spec sets `threads = 1`: both runs train every stage on one thread, and say so
             assert json.loads((d / "stages" / stage / "done.json").read_text())["threads"] == 1
+        # the same files (a worker's tiny model lost its marker, percep_tiny.json: loaded again, the
+        # stage was not the tiny model, eager attention, any more)
+        ma, mb = (sorted(p.name for p in (d / "stages" / stage / "model").iterdir()) for d in (a, b))
+        assert ma == mb, stage
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert list(sb["stages"]) == ["base", "tm", "ngdiff"]
     for stage in sa["stages"]:
         assert sa["stages"][stage]["metrics"] == sb["stages"][stage]["metrics"], stage
+        # the diagnostics too, timings aside (a worker's stages had an empty token_share)
+        da, db = ({k: v for k, v in s["stages"][stage]["diagnostics"].items() if not k.endswith(TIMED)} for s in (sa, sb))
+        assert da == db, stage
         ea, eb = (
             [json.loads(x)["generated"] for x in sorted((d / "stages" / stage).glob("eval-*.jsonl"))[-1].read_text().splitlines()]
             for d in (a, b)
