@@ -25,7 +25,7 @@ eval {{ test = 4, max_new_tokens = 32 }}
 trainer {{ precision = "bf16-mixed", log_every = 1, threads = 1 }}
 """
 SFT_ARMS = """stage tm = sft from base {{ steps = {steps}, batch = 4 }}
-stage ngdiff = sft from base {{ steps = {steps}, batch = 4, loss = ngdiff(perception, [reasoning, answer]) }}"""
+stage ngdiff = sft from base {{ steps = {steps}, batch = 4, loss = ngdiff(perception, [reasoning, answer]), task {{ reasoning = trace, filler_words = 4 }} }}"""
 # two GRPO arms sampling side by side: each worker's sampler must draw what a one-at-a-time run draws
 # (named as the SFT arms, so that one test checks both)
 GRPO_ARMS = """stage tm = grpo from base {{ steps = {steps}, batch = 2, group = 2, max_new_tokens = 12, reward = outcome }}
@@ -100,6 +100,9 @@ def test_arms_side_by_side_write_what_a_one_at_a_time_run_writes(tmp_path: Path,
             for d in (a, b)
         )
         assert ea == eb, stage  # the same texts, sampled or greedy
+    if arms == SFT_ARMS:  # ngdiff trains on its own task (`trace`, fillers): its diagnostics are its items', in a worker too
+        shares = {stage: sb["stages"][stage]["diagnostics"]["token_share"] for stage in ("tm", "ngdiff")}
+        assert shares["tm"] and shares["ngdiff"] and shares["tm"] != shares["ngdiff"], shares
     records = [json.loads(line) for line in (b / "eval.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"base", "tm", "ngdiff"}
     # the parent announced both arms; the workers' evaluation lines name their stage
