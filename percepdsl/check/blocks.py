@@ -21,8 +21,10 @@ def defaults(entry: Entry) -> dict[str, Any]:
     return {p.name: default_value(p) for p in entry.params}
 
 
-def check_block(ev: Evaluator, block: A.Block, entry: Entry, what: str, subblocks: tuple[str, ...] = ()) -> dict | None:
-    """The settings of `block` for `entry` (defaults filled in), or None if any was wrong."""
+def check_block(ev: Evaluator, block: A.Block, entry: Entry, what: str, subblocks: tuple[str, ...] = (), fill: bool = True) -> dict | None:
+    """The settings of `block` for `entry` (defaults filled in), or None if any was wrong. With `fill`
+    false, only the settings written (none required, no defaults, no constraints: the caller merges
+    them into settings from elsewhere and checks the whole)."""
     out: dict[str, Any] = {}
     ok = True
     seen: dict[str, A.Node] = {}
@@ -60,6 +62,8 @@ def check_block(ev: Evaluator, block: A.Block, entry: Entry, what: str, subblock
         if value is None and not (spec.nullable and isinstance(e.value, A.NoneLit)):
             ok = False
         out[key] = value
+    if not fill:
+        return out if ok else None
     for p in entry.params:
         if p.name not in out:
             if p.required:

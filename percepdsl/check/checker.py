@@ -94,8 +94,8 @@ class Checker:
     def coerce_expr(self, expr: A.Expr, spec: ParamSpec, what: str, literal_only: bool = False) -> Any:
         return self.values.coerce_expr(expr, spec, what, literal_only)
 
-    def check_block(self, block: A.Block, entry: Entry, what: str, subblocks: tuple[str, ...] = ()) -> dict | None:
-        return blocks.check_block(self.values, block, entry, what, subblocks)
+    def check_block(self, block: A.Block, entry: Entry, what: str, subblocks: tuple[str, ...] = (), fill: bool = True) -> dict | None:
+        return blocks.check_block(self.values, block, entry, what, subblocks, fill)
 
     def lookup(self, name: A.Name, kind: str) -> Entry | None:
         """The catalogue entry `name` of `kind`, or None with a "did you mean"."""

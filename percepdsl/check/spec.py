@@ -525,55 +525,28 @@ class _Spec:
             )
             return False
         names = [p.name for p in allowed]
-        ok, own, seen = True, {}, {}
-        for e in blk.block.entries:
+        ok, kept = True, []
+        for e in blk.block.entries:  # a setting of the task that is not a stage's: said as such
+            spec = None if isinstance(e, A.SubBlock) else entry.param(e.key.id)
+            if spec is None or spec.stage:
+                kept.append(e)
+                continue
             key = e.key.id
-            if key in seen:
-                ck.error(
-                    e.key.span,
-                    "duplicate",
-                    f"`{key}` is set twice in the `task` of stage `{stage}`",
-                    "keep one",
-                    [Related.at(seen[key], "first set here")],
-                )
-                ok = False
-                continue
-            seen[key] = e.key.span
-            if isinstance(e, A.SubBlock):
-                ck.error(e.key.span, "type", f"task setting `{key}` takes a value, not a block", None)
-                ok = False
-                continue
-            spec = entry.param(key)
-            if spec is None:
-                guess = did_you_mean(key, names)
-                ck.error(
-                    e.key.span,
-                    "unknown-setting",
-                    f"task `{task.name}` has no setting `{key}`",
-                    f"did you mean `{guess}`?" if guess else f"a stage may set: {', '.join(names)}",
-                )
-                ok = False
-                continue
-            if not spec.stage:
-                ck.error(
-                    e.key.span,
-                    "stage-task",
-                    f"stage `{stage}` cannot set `{key}`: "
-                    + (
-                        "the model's vision input is built for the experiment's image size"
-                        if key == "image"
-                        else "a stage may change how the task's items are written or drawn, not which instances exist, "
-                        "the split sizes or p*'s format, so that every stage is evaluated on the same test items"
-                    ),
-                    f"set `{key}` in the `task {task.name}` block; a stage may set: {', '.join(names)}",
-                )
-                ok = False
-                continue
-            value = ck.coerce_expr(e.value, spec, f"`{key}`")
-            if value is None:
-                ok = False
-                continue
-            own[key] = value
+            ck.error(
+                e.key.span,
+                "stage-task",
+                f"stage `{stage}` cannot set `{key}`: "
+                + (
+                    "the model's vision input is built for the experiment's image size"
+                    if key == "image"
+                    else "a stage may change how the task's items are written or drawn, not which instances exist, "
+                    "the split sizes or p*'s format, so that every stage is evaluated on the same test items"
+                ),
+                f"set `{key}` in the `task {task.name}` block; a stage may set: {', '.join(names)}",
+            )
+            ok = False
+        written = A.Block(blk.block.span, tuple(kept))
+        own = ck.check_block(written, entry.for_stage(), f"the `task` of stage `{stage}`", fill=False)
         if not blk.block.entries:
             ck.error(
                 blk.key.span,
@@ -582,7 +555,7 @@ class _Spec:
                 f"set one of {', '.join(names)}, or remove the block",
             )
             return False
-        if not ok:
+        if not ok or own is None:
             return False
         base = task.params if isinstance(task.params, dict) else task.params.model_dump()
         merged = {**base, **own}
