@@ -818,8 +818,8 @@ BUILTINS: tuple[Entry, ...] = (
                 "compile",
                 "bool",
                 False,
-                "torch.compile the sampler's decoder: ≈1.5× faster decoding steps after a one-time "
-                "compile (5–10 s, cached on disk); pays off after a few hundred steps",
+                "torch.compile the sampler's decoder and the update's text decoder (LLaVA models): ≈1.2× faster steps "
+                "after a one-time compile (≈5 s from Inductor's disk cache, 20–60 s cold); pays off after a few hundred steps",
             ),
             P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True),
         ),

@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -260,16 +261,19 @@ def prompt_rows(prompt: Mapping[str, torch.Tensor], which: torch.Tensor) -> dict
     return out
 
 
-def completion_logprobs(model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
+def completion_logprobs(
+    model: Any, roll: Rollouts, temperature: float = 1.0, rows: torch.Tensor | None = None, decoder: Any = None
+) -> torch.Tensor:
     """[n, T] float32 log-probabilities of the sampled tokens under ``model``, for the
     rollout rows ``rows`` (default: all N). Logits are divided by the sampling temperature
-    (the ratio compares the distributions the tokens were drawn from)."""
+    (the ratio compares the distributions the tokens were drawn from). ``decoder``: see
+    ``completion_logits``."""
     rows = torch.arange(roll.ids.shape[0], device=roll.ids.device) if rows is None else rows
-    logits = completion_logits(model, roll, rows) / max(temperature, 1e-6)
+    logits = completion_logits(model, roll, rows, decoder) / max(temperature, 1e-6)
     return torch.log_softmax(logits, dim=-1).gather(-1, roll.ids[rows][..., None])[..., 0]
 
 
-def completion_logits(model: Any, roll: Rollouts, rows: torch.Tensor | None = None) -> torch.Tensor:
+def completion_logits(model: Any, roll: Rollouts, rows: torch.Tensor | None = None, decoder: Any = None) -> torch.Tensor:
     """[n, T, V] float32 next-token logits at the completion positions (position t predicts
     completion token t) of the rollout rows ``rows`` (default: all N), teacher-forced on the
     sampled tokens under ``roll.prompt`` (the same prompt text with other images gives the
@@ -284,7 +288,8 @@ def completion_logits(model: Any, roll: Rollouts, rows: torch.Tensor | None = No
     rows of each prompt and attended to by one forward over the completions. Gradients
     flow through the repeat into the prompt's K/V and the vision tower, so the result and
     its gradient equal those of a full forward over prompt + completion per row (tested),
-    at (G−1)/G less prompt compute.
+    at (G−1)/G less prompt compute. ``decoder`` (LLaVA only) runs that completion forward in
+    place of the text decoder: the same module under ``torch.compile`` (``compile = true``).
     """
     rows = torch.arange(roll.ids.shape[0], device=roll.ids.device) if rows is None else rows
     ids, G = roll.ids[rows], roll.group
@@ -314,7 +319,9 @@ def completion_logits(model: Any, roll: Rollouts, rows: torch.Tensor | None = No
         mask = torch.cat([prompt_mask[which], roll.mask[rows]], dim=1)
         pos = position_ids(mask)[:, prompt_mask.shape[1] :]
         kw = {cache_kwarg(lm): cache}
-        hidden = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw).last_hidden_state
+        hidden = (lm if decoder is None else decoder)(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw
+        ).last_hidden_state
         # the prompt's last position predicts completion token 0; completion position t predicts t+1
         hidden = torch.cat([out.last_hidden_state[which, -1:], hidden[:, :-1]], dim=1)
         logits = head(hidden)
@@ -361,6 +368,10 @@ class GRPOModule(L.LightningModule):
         self.filtering: dict[str, float] = {}  # running sums of the constant-group logs (see gather)
         self.weighting = TokenWeighting(stage.token_weights, encoder.role_names)
         self.visual = visual  # probe.VisualRoles: the `visual(...)` roles token_weights names, or None
+        # `compile = true`: the update's text decoder under torch.compile, made at the first update ([]:
+        # not yet; [None]: eager, by choice or after a failed compile); a list keeps it out of the module
+        # tree (the compiled wrapper holds the same parameters: not twice in a checkpoint)
+        self._update_decoder: list[Any] = []
         self.setup_reference()
 
     # -- setup ---------------------------------------------------------------------------
@@ -498,7 +509,7 @@ class GRPOModule(L.LightningModule):
             for p in parts:  # each generated batch's share of the loss (one denominator for all)
                 if not len(p.rows):
                     continue
-                logp = completion_logprobs(self.model, p.roll, st.temperature, p.rows)
+                logp = self._update_logprobs(p.roll, p.rows)
                 p.old = logp.detach() if p.old is None else p.old  # update 0 runs the sampling policy: ρ = 1
                 per_token, part_stats = grpo_token_loss(
                     logp, p.old, p.adv, p.mask, clip=st.clip, clip_high=st.clip_high, ref_logp=p.ref, kl=st.kl
@@ -527,6 +538,27 @@ class GRPOModule(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=max(n_rows, 1))
 
     # -- pieces of the step ----------------------------------------------------------------
+    def _update_logprobs(self, roll: Rollouts, rows: torch.Tensor) -> torch.Tensor:
+        """The update's log-probabilities of the sampled tokens (with gradients). With ``compile =
+        true`` the completion forward runs the text decoder under ``torch.compile`` (Inductor's
+        fused kernels; shapes: the cap's width, automatic dynamic rows): 1.4× faster forward and
+        backward on the tiny model, exact to 6e-6 in fp32 (docs/performance.md, GRPO, session 15).
+        A compile that fails says so once and the update runs eagerly."""
+        if not self._update_decoder:
+            parts = llava_parts(self.model) if self.stage.compile else None
+            self._update_decoder.append(torch.compile(parts[0]) if parts is not None else None)
+        if self._update_decoder[0] is not None:
+            try:
+                return completion_logprobs(self.model, roll, self.stage.temperature, rows, decoder=self._update_decoder[0])
+            except Exception as exc:  # noqa: BLE001 — a compile error surfaces at the first call
+                warnings.warn(
+                    f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); the GRPO update runs eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._update_decoder[:] = [None]
+        return completion_logprobs(self.model, roll, self.stage.temperature, rows)
+
     def _backward(
         self, per_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], denom: float, measure: bool, idle: bool
     ) -> tuple[torch.Tensor, dict[str, float]]:

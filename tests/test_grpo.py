@@ -527,6 +527,53 @@ def _resolve(impl: str):
     return _diversity if impl == "test:diversity" else getattr(rewards, impl.split(":")[1])
 
 
+def test_compile_true_runs_the_update_through_the_compiled_text_decoder(tiny, encoder, task) -> None:
+    """`compile = true`: the update's completion forward runs the text decoder under torch.compile,
+    held outside the module tree (a checkpoint holds each weight once); its log-probs and their
+    gradient are the eager forward's (fp32); `compile = false` stays eager. Where torch.compile
+    cannot run, a warning says so and the update is eager."""
+    import warnings
+
+    compiled, _ = _module(tiny, encoder, task, DIVERSITY, _resolve, compile=True)
+    eager, _ = _module(tiny, encoder, task, DIVERSITY, _resolve)
+    roll = sample_completions(
+        eager.model.eval(),
+        _prompts(task, encoder, pad=True),
+        group=2,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        eos_token_id=-1,
+        pad_token_id=encoder.pad_token_id,
+        generator=torch.Generator().manual_seed(1),
+    )
+    weights = torch.linspace(0.5, 1.5, roll.ids.shape[1])
+
+    def update(module: GRPOModule, rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        module.model.eval().zero_grad(set_to_none=True)
+        lp = module._update_logprobs(roll, torch.tensor(rows))
+        (lp * weights).sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in ([0, 1, 3], [2, 3]):  # a second row count: the compiled graph takes it too
+            (lp_c, g_c), (lp_e, g_e) = update(compiled, rows), update(eager, rows)
+            assert torch.allclose(lp_c, lp_e, atol=1e-4), (lp_c - lp_e).abs().max()
+            assert g_c.keys() == g_e.keys() and len(g_c) > 0
+            assert all(torch.allclose(g_c[k], g_e[k], atol=1e-5, rtol=1e-3) for k in g_c)
+    from percepdsl_runtime.sampling import compiled_step
+
+    failed = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "torch.compile" in str(w.message)]
+    assert eager._update_decoder == [None]
+    if compiled_step() is not None:  # where torch.compile runs at all, the update's decoder compiled (no fallback)
+        assert not failed and compiled._update_decoder[0] is not None, failed
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    else:
+        assert failed and compiled._update_decoder == [None]
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
 def test_grpo_steps_run_end_to_end_and_change_the_weights(tiny, encoder, task) -> None:
     module, dm = _module(
         tiny, encoder, task, DIVERSITY, _resolve, steps=4, updates=2, mask_truncated=False, aggregation="bnpo", clip_high=0.28
