@@ -430,20 +430,16 @@ def test_sampled_rows_stop_at_eos_and_sampling_is_seeded(tiny, task, encoder) ->
             assert row[n - 1] == encoder.eos_token_id and all(x == encoder.pad_token_id for x in row[n:])
 
 
+def _six_token_rollout(model, prompt, encoder):
+    """Two completions of 6 tokens per prompt (no EOS), seeded: the rollouts the log-prob tests score."""
+    kw = dict(temperature=1.0, top_p=1.0, eos_token_id=-1, pad_token_id=encoder.pad_token_id)
+    return sample_completions(model, prompt, group=2, max_new_tokens=6, generator=torch.Generator().manual_seed(1), **kw)
+
+
 def test_training_logprobs_match_an_unpadded_forward(tiny, task, encoder) -> None:
     model = tiny.model.eval()
     prompt = _prompts(task, encoder, pad=True)
-    roll = sample_completions(
-        model,
-        prompt,
-        group=2,
-        max_new_tokens=6,
-        temperature=1.0,
-        top_p=1.0,
-        eos_token_id=-1,
-        pad_token_id=encoder.pad_token_id,
-        generator=torch.Generator().manual_seed(1),
-    )
+    roll = _six_token_rollout(model, prompt, encoder)
     with torch.no_grad():
         lp = completion_logprobs(model, roll, temperature=0.7)
         sub = completion_logprobs(model, roll, temperature=0.7, rows=torch.tensor([3]))
@@ -536,17 +532,7 @@ def test_compile_true_runs_the_update_through_the_compiled_text_decoder(tiny, en
 
     compiled, _ = _module(tiny, encoder, task, DIVERSITY, _resolve, compile=True)
     eager, _ = _module(tiny, encoder, task, DIVERSITY, _resolve)
-    roll = sample_completions(
-        eager.model.eval(),
-        _prompts(task, encoder, pad=True),
-        group=2,
-        max_new_tokens=6,
-        temperature=1.0,
-        top_p=1.0,
-        eos_token_id=-1,
-        pad_token_id=encoder.pad_token_id,
-        generator=torch.Generator().manual_seed(1),
-    )
+    roll = _six_token_rollout(eager.model.eval(), _prompts(task, encoder, pad=True), encoder)
     weights = torch.linspace(0.5, 1.5, roll.ids.shape[1])
 
     def update(module: GRPOModule, rows: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
