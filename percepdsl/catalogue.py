@@ -818,7 +818,7 @@ BUILTINS: tuple[Entry, ...] = (
                 "compile",
                 "bool",
                 False,
-                "torch.compile the sampler's decoder and the update's text decoder (LLaVA models): ≈1.2× faster steps "
+                "torch.compile the sampler's decoder and the update's text decoder (LLaVA models): ≈1.1× faster steps "
                 "after a one-time compile (≈5 s from Inductor's disk cache, 20–60 s cold); pays off after a few hundred steps",
             ),
             P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True),
