@@ -27,7 +27,7 @@ code. Only running a spec imports a plugin's `impl`.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -225,8 +225,10 @@ class Entry:
             self.source,
         )
 
-    def markdown(self) -> str:
-        """Hover text / docs: signature, doc, parameters."""
+    def markdown(self, given: Mapping[str, str] | None = None) -> str:
+        """Hover text / docs: signature, doc, parameters. `given`: values the experiment's task block
+        writes (as written), shown beside the defaults: what a stage's `task { ... }` (`for_stage`)
+        inherits where it does not set them."""
         lines = [f"**{self.name}** — {self.kind.replace('_', ' ')}", "", self.doc]
         if self.params:
             lines.append("")
@@ -234,6 +236,8 @@ class Entry:
                 rng = p.describe_range()
                 unit = f" {p.unit}" if p.unit else ""
                 req = "required" if p.required else f"default `{p.default_text()}`"
+                if given and p.name in given:
+                    req = f"the experiment's task sets `{given[p.name]}`" + ("" if p.required else f", {req}")
                 lines.append(f"- `{p.name}` ({p.describe_type()}{', ' + rng if rng else ''}{unit}; {req}): {p.doc}")
         return "\n".join(lines)
 
