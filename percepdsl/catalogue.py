@@ -971,6 +971,17 @@ class Catalogue:
         for p in entry.params:
             if p.type not in TYPES:
                 raise ValueError(f"{entry.name}.{p.name}: unknown parameter type {p.type!r}")
+            # flags, as a plugin's TOML writes them: a string there ("false", "no") is not read by its truth
+            for flag in ("required", "nullable", "variadic", "stage"):
+                if not isinstance(getattr(p, flag), bool):
+                    raise ValueError(f"{entry.name}.{p.name}: `{flag}` must be true or false, not {getattr(p, flag)!r}")
+            if p.stage and entry.kind != "task":
+                raise ValueError(
+                    f"{entry.name}.{p.name}: `stage` marks a task setting that a stage's `task {{ ... }}` may set;"
+                    f" a {entry.kind.replace('_', ' ')} has none"
+                )
+        if not isinstance(entry.surrogate, bool):
+            raise ValueError(f"{entry.name}: `surrogate` must be true or false, not {entry.surrogate!r}")
         self._by_kind[entry.kind][entry.name] = entry
 
     def get(self, kind: str, name: str) -> Entry | None:
@@ -1075,8 +1086,8 @@ def _base_catalogue() -> Catalogue:
                 continue
         try:
             cat.add(e)
-        except ValueError as exc:
-            problems.append(str(exc))
+        except ValueError as exc:  # the entry is left out: a spec that uses it gets a located error
+            problems.append(f"plugin `{e.source}`: {exc}")
     cat.problems = problems
     return cat
 
