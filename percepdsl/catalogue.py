@@ -27,7 +27,7 @@ code. Only running a spec imports a plugin's `impl`.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -225,8 +225,10 @@ class Entry:
             self.source,
         )
 
-    def markdown(self) -> str:
-        """Hover text / docs: signature, doc, parameters."""
+    def markdown(self, given: Mapping[str, str] | None = None) -> str:
+        """Hover text / docs: signature, doc, parameters. `given`: values the experiment's task block
+        writes (as written), shown beside the defaults: what a stage's `task { ... }` (`for_stage`)
+        inherits where it does not set them."""
         lines = [f"**{self.name}** — {self.kind.replace('_', ' ')}", "", self.doc]
         if self.params:
             lines.append("")
@@ -234,6 +236,8 @@ class Entry:
                 rng = p.describe_range()
                 unit = f" {p.unit}" if p.unit else ""
                 req = "required" if p.required else f"default `{p.default_text()}`"
+                if given and p.name in given:
+                    req = f"the experiment's task sets `{given[p.name]}`" + ("" if p.required else f", {req}")
                 lines.append(f"- `{p.name}` ({p.describe_type()}{', ' + rng if rng else ''}{unit}; {req}): {p.doc}")
         return "\n".join(lines)
 
@@ -967,6 +971,17 @@ class Catalogue:
         for p in entry.params:
             if p.type not in TYPES:
                 raise ValueError(f"{entry.name}.{p.name}: unknown parameter type {p.type!r}")
+            # flags, as a plugin's TOML writes them: a string there ("false", "no") is not read by its truth
+            for flag in ("required", "nullable", "variadic", "stage"):
+                if not isinstance(getattr(p, flag), bool):
+                    raise ValueError(f"{entry.name}.{p.name}: `{flag}` must be true or false, not {getattr(p, flag)!r}")
+            if p.stage and entry.kind != "task":
+                raise ValueError(
+                    f"{entry.name}.{p.name}: `stage` marks a task setting that a stage's `task {{ ... }}` may set;"
+                    f" a {entry.kind.replace('_', ' ')} has none"
+                )
+        if not isinstance(entry.surrogate, bool):
+            raise ValueError(f"{entry.name}: `surrogate` must be true or false, not {entry.surrogate!r}")
         self._by_kind[entry.kind][entry.name] = entry
 
     def get(self, kind: str, name: str) -> Entry | None:
@@ -1071,8 +1086,8 @@ def _base_catalogue() -> Catalogue:
                 continue
         try:
             cat.add(e)
-        except ValueError as exc:
-            problems.append(str(exc))
+        except ValueError as exc:  # the entry is left out: a spec that uses it gets a located error
+            problems.append(f"plugin `{e.source}`: {exc}")
     cat.problems = problems
     return cat
 

@@ -141,13 +141,65 @@ class Encoder:
         item["n_target"] = int((item["labels"] != -100).sum())
         return item
 
-    def encode_prompt(self, query: str, image: Any, prefix: str = "") -> dict[str, Any]:
+    def encode_prompt(self, query: str, image: Any, prefix: str = "", response: str | None = None) -> dict[str, Any]:
         """A generation prompt; ``prefix`` is assistant text already written (e.g. the
-        counterfactual ``<perception> p* </perception> <reasoning>``)."""
+        counterfactual ``<perception> p* </perception> <reasoning>``).
+
+        With ``response``, the training response that ``prefix`` is the start of, the prompt is
+        the training sequence's own tokens up to the end of ``prefix`` (`prefix_tokens`): what the
+        model saw in training, whatever the tokenizer merges across the prefix's end. Otherwise (or
+        when ``prefix`` is not the start of ``response``: a plugin task's own prefix) the prompt text
+        is tokenized as it stands."""
+        cut = self._prefix_cut(query, prefix, response, image is not None) if prefix and response is not None else None
+        if cut is not None:
+            full, raw_ids, k, n = cut
+            item = self._item(self._process(full, image))
+            T = int(item["input_ids"].shape[0])
+            if k == 0 or item["input_ids"][T - k :].tolist() != raw_ids[-k:]:
+                raise EncodingError("tokens after the prompt differ between the processor and the tokenizer")
+            keep = T - k + n
+            return {key: (v[:keep] if _is_seq(v, T) else v) for key, v in item.items()}
         text = self._render(query, None, image is not None)
         if prefix:
             text += self._sep + prefix
         return self._item(self._process(text, image))
+
+    def prefix_tokens(self, query: str, prefix: str, response: str, image: bool = True) -> tuple[int, int] | None:
+        """``(k, n)``: the training sequence of ``response`` has ``k`` tokens after the prompt, of
+        which the first ``n`` spell ``prefix``, the start of ``response`` (text only: the image
+        expands in the prompt alone). None when ``response`` does not start with ``prefix``.
+
+        EncodingError when ``prefix`` ends inside a token of the training sequence, as with a
+        tokenizer whose merges cross spaces (`</perception> <reasoning> try` as one token): no
+        sequence of training tokens ends there, and the prefix tokenized alone is one the model
+        never saw, so a generation forced to start there would not continue what was trained."""
+        cut = self._prefix_cut(query, prefix, response, image)
+        return cut[2:] if cut is not None else None
+
+    def _prefix_cut(self, query: str, prefix: str, response: str, image: bool) -> tuple[str, list[int], int, int] | None:
+        """`prefix_tokens`, with the training text and its tokenizer ids: ``(full, ids, k, n)``."""
+        if not response.startswith(prefix):
+            return None
+        prompt = self._render(query, None, image)
+        full = self._render(query, response, image)
+        start = len(prompt)
+        r0 = full.find(response, start)
+        if not full.startswith(prompt) or r0 < 0:
+            raise EncodingError("the rendered conversation does not contain the prompt and the response in order")
+        end = r0 + len(prefix)
+        raw = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(raw["input_ids"]), raw["offset_mapping"]
+        if any(s < start < e for s, e in offsets):
+            raise EncodingError("the prompt's tokens merge with the response's; generation would not match training")
+        after = [(s, e) for s, e in offsets if s >= start]
+        inside = next(((s, e) for s, e in after if s < end < e), None)
+        if inside is not None:
+            raise EncodingError(
+                f"the counterfactual prefix ends inside the training token {full[inside[0] : inside[1]]!r}: the tokenizer merges "
+                "across the end of p*, so no training sequence ends there and the prefix tokenized alone is one the model "
+                "never saw; evaluate without the `reasoning` metric, or use a tokenizer that does not merge across spaces"
+            )
+        return full, ids, len(after), sum(1 for _, e in after if e <= end)
 
     def completion_roles(self, ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """[N, T] role ids of generated tokens (the same role rules as SFT targets), -1 after

@@ -142,7 +142,8 @@ def evaluate(
     caps_e2e, caps_cf = _caps(encoder, samples, prefixes, cfg)
 
     prompts = [Prompt(s.query, s.image, "", c) for s, c in zip(samples, caps_e2e)]
-    prompts += [Prompt(s.query, s.image, p, c) for s, p, c in zip(samples, prefixes, caps_cf)]
+    # the forced prefix as the model was trained on it: the reference's own tokens up to p*'s end
+    prompts += [Prompt(s.query, s.image, p, c, response=s.response) for s, p, c in zip(samples, prefixes, caps_cf)]
     # One generate call for both passes: the length sort then packs end-to-end and
     # counterfactual prompts of similar total length together (fewer, fuller batches).
     completions = _generate_all(gen, prompts, cfg.gen)

@@ -30,7 +30,7 @@ things that matter:
 Results come back in input order whatever the internal sorting was.
 
 The encoder contract (``percepdsl_runtime.encoding``): ``encoder.encode_prompt(query,
-image, prefix)`` returns a dict with a 1-D ``input_ids`` and model extras such as
+image, prefix, response)`` returns a dict with a 1-D ``input_ids`` and model extras such as
 ``pixel_values``; ``collate(items, pad_token_id)`` left-pads a list of them into a
 batch; ``encoder.decode(ids)`` turns new token ids back into text. An encoder object
 may carry its own ``collate`` method, which then takes precedence.
@@ -65,12 +65,15 @@ class Prompt:
     ``prefix`` is text forced at the start of the answer (the oracle perception for
     counterfactual evaluation); generation continues after it. ``max_new_tokens``
     caps this prompt's continuation; ``None`` means ``GenConfig.max_new_tokens``.
+    ``response`` is the training response that ``prefix`` is the start of: the forced
+    tokens are then that training sequence's own (``Encoder.encode_prompt``).
     """
 
     query: str
     image: Any  # PIL.Image.Image; kept loose so that text-only stand-ins work too
     prefix: str = ""
     max_new_tokens: int | None = None
+    response: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,7 @@ def generate(loaded: Any, encoder: Any, prompts: Sequence[Prompt], cfg: GenConfi
         raise ValueError(f"num_return_sequences must be >= 1, got {k}")
     model = loaded.model
     caps = [_cap(p, cfg) for p in prompts]
-    encoded = [encoder.encode_prompt(p.query, p.image, prefix=p.prefix) for p in prompts]
+    encoded = [encoder.encode_prompt(p.query, p.image, prefix=p.prefix, response=p.response) for p in prompts]
     # Sort key: tokens the row will occupy at its end (prompt + cap). Rows with
     # similar totals pad little and stop at about the same step.
     lengths = [int(e["input_ids"].shape[-1]) + c for e, c in zip(encoded, caps)]

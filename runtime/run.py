@@ -195,6 +195,8 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         return Context(ir, run_dir, task, loaded, encoder, init, echo, {}, ranks, stage_tasks=stage_tasks)
     token_share = _preflight_roles(ir, task, encoder)
     _preflight_forward(ir, task, loaded, encoder)
+    if "reasoning" in ir.eval.metrics:  # a_r forces p* as the model was trained on it
+        _preflight_counterfactual(task, encoder, str(ir.model.path or ir.model.kind))
     stage_share = {name: _preflight_roles(ir, t, encoder, f"stage `{name}` (its `task`)") for name, t in stage_tasks.items()}
     for stage in ir.stages:  # a stage that cuts its items must keep a token of every role too
         if isinstance(stage, SFTStageIR) and stage.max_length is not None:
@@ -282,6 +284,23 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any, cut: str | None 
         )
     total = max(int(counts.sum()), 1)
     return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
+
+
+def _preflight_counterfactual(task: Any, encoder: Any, model: str, n: int = 8) -> None:
+    """The counterfactual prompts of the first `n` test items: a tokenizer that merges across the
+    end of p* (`Encoder.prefix_tokens`) is refused here, before anything trains, not by the first
+    evaluation at a stage's end."""
+    from .encoding import EncodingError
+
+    for i in range(min(n, int(task.size("test")))):
+        s = task.sample("test", i)
+        try:
+            encoder.prefix_tokens(s.query, task.counterfactual_prefix(s), s.response, s.image is not None)
+        except EncodingError as exc:
+            raise RunRefused(
+                f"the tokenizer of {model!r} cannot force test item {i}'s p* as it was trained, so a_r would continue p* "
+                f"from tokens the model was never trained on: {exc}"
+            ) from exc
 
 
 def _preflight_forward(ir: ExperimentIR, task: Any, loaded: Any, encoder: Any) -> None:

@@ -294,9 +294,11 @@ def test_cheating_model_scores_one_everywhere(task_name, encoder) -> None:
     assert m["n"] == 10 and m["score_errors"] == 0 and m["truncated_frac"] == 0.0
     assert m["slot_errors"] and not any(m["slot_errors"])
     assert set(m) == set(METRIC_KEYS)
-    # Both passes were generated; the counterfactual prompts carry the oracle prefix.
+    # Both passes were generated; the counterfactual prompts carry the oracle prefix, and the reference
+    # response it starts (whose training tokens the prompt is made of).
     assert len(gen.seen) == 20
     assert gen.seen[10].prefix == task.counterfactual_prefix(task.sample("test", 0))
+    assert gen.seen[10].response == task.sample("test", 0).response and gen.seen[0].response is None
 
 
 def test_caps_follow_reference_length(task, encoder) -> None:
@@ -417,20 +419,18 @@ QWEN_LIKE_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("task_name", ["graph_coloring", "sudoku"])
-def test_counterfactual_prompt_is_the_training_tokens_with_a_bpe_tokenizer(task_name) -> None:
-    """a_r continues from p* as the model saw it in training: with a byte-level BPE tokenizer (merges
-    within words, a chat template with an end-of-turn token) the counterfactual prompt's ids are the
-    training sequence's ids up to the end of the prefix, the end-to-end prompt's up to the response,
-    and the prefix + the decoded rest of the target is the target again."""
+def _bpe_encoder(task: Any, across_spaces: bool = False) -> Encoder:
+    """An encoder over a real byte-level BPE tokenizer trained on the task's text, behind a LLaVA
+    processor with a Qwen-like chat template (an end-of-turn token). ``across_spaces``: no regex
+    split before the merges, so a token may span spaces (as in a SentencePiece model trained without
+    splitting at whitespace): `4Ġ</perception>Ġ<reasoning>ĠtryĠ2Ġ:Ġ` is then one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    task = build_task(task_name, {"test": 6, "train": 30, "reasoning": "trace"}, seed=4)
     texts = [t for i in range(30) for t in (task.sample("train", i).query, task.sample("train", i).response)]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not across_spaces), decoders.ByteLevel()
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
     bpe.train_from_iterator(
         texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -441,16 +441,70 @@ def test_counterfactual_prompt_is_the_training_tokens_with_a_bpe_tokenizer(task_
     image = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     processor = LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=QWEN_LIKE_TEMPLATE)  # fmt: skip
-    enc = Encoder(LoadedModel(model=None, processor=processor, kind="hf", path=None), ROLE_RULES)
+    return Encoder(LoadedModel(model=None, processor=processor, kind="hf", path=None), ROLE_RULES)
+
+
+@pytest.mark.parametrize("task_name", ["graph_coloring", "sudoku"])
+def test_counterfactual_prompt_is_the_training_tokens_with_a_bpe_tokenizer(task_name) -> None:
+    """a_r continues from p* as the model saw it in training: with a byte-level BPE tokenizer (merges
+    within words, a chat template with an end-of-turn token) the counterfactual prompt's ids are the
+    training sequence's ids up to the end of the prefix, the end-to-end prompt's up to the response,
+    and the prefix + the decoded rest of the target is the target again."""
+    task = build_task(task_name, {"test": 6, "train": 30, "reasoning": "trace"}, seed=4)
+    enc = _bpe_encoder(task)
+    tok = enc.tokenizer
     assert enc.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     for i in range(6):
         s = task.sample("test", i)
         train = enc.encode_train(s.query, s.image, s.response)["input_ids"].tolist()
         prefix = task.counterfactual_prefix(s)
-        cf = enc.encode_prompt(s.query, s.image, prefix)["input_ids"].tolist()
+        cf = enc.encode_prompt(s.query, s.image, prefix, response=s.response)["input_ids"].tolist()
         e2e = enc.encode_prompt(s.query, s.image)["input_ids"].tolist()
         assert train[: len(cf)] == cf and train[: len(e2e)] == e2e
+        # where p* ends at a token boundary of the training sequence, the prefix alone is tokenized the same
+        assert enc.encode_prompt(s.query, s.image, prefix)["input_ids"].tolist() == cf
         assert any(len(tok.convert_ids_to_tokens(t)) > 1 for t in train[len(e2e) :])  # the BPE merged something
         rest = train[len(cf) : train.index(enc.eos_token_id, len(cf)) + 1]  # the target: to its end-of-turn token
         assert join_prefix(prefix, enc.decode(rest)) == s.response
         assert task.score(s.instance, join_prefix(prefix, enc.decode(rest))).outcome
+
+
+def test_counterfactual_prompt_is_the_training_tokens_with_the_tiny_tokenizer(task, encoder) -> None:
+    """The tiny model's word-level tokenizer splits at spaces only: the counterfactual prompt, with or
+    without the response it starts, is the training sequence's tokens up to the end of p*."""
+    for i in range(6):
+        s = task.sample("test", i)
+        train = encoder.encode_train(s.query, s.image, s.response)
+        prefix = task.counterfactual_prefix(s)
+        cf = encoder.encode_prompt(s.query, s.image, prefix, response=s.response)
+        n = len(cf["input_ids"])
+        assert torch.equal(cf["input_ids"], train["input_ids"][:n]) and torch.equal(cf["pixel_values"], train["pixel_values"])
+        assert torch.equal(cf["attention_mask"], train["attention_mask"][:n])
+        assert torch.equal(encoder.encode_prompt(s.query, s.image, prefix)["input_ids"], cf["input_ids"])
+        assert n == len(encoder.encode_prompt(s.query, s.image)["input_ids"]) + len(prefix.split())
+
+
+@pytest.mark.parametrize("task_name", ["graph_coloring", "sudoku"])
+def test_a_counterfactual_prefix_inside_a_training_token_is_refused(task_name) -> None:
+    """With a tokenizer whose merges cross spaces, p*'s end can fall inside a training token
+    (`4Ġ</perception>Ġ<reasoning>ĠtryĠ2Ġ:Ġ`): no token sequence the model was trained on ends there,
+    and the prefix tokenized alone (`... <reasoning`, `>`) is one it never saw. Evaluation continued
+    from it silently, so a_r measured something else; the prompt is refused, naming the token, and a run
+    is refused before it trains (`_preflight_counterfactual`)."""
+    from percepdsl_runtime.encoding import EncodingError
+    from percepdsl_runtime.run import RunRefused, _preflight_counterfactual
+
+    task = build_task(task_name, {"test": 6, "train": 30, "reasoning": "trace"}, seed=4)
+    enc = _bpe_encoder(task, across_spaces=True)
+    for i in range(6):
+        s = task.sample("test", i)
+        train = enc.encode_train(s.query, s.image, s.response)["input_ids"].tolist()
+        alone = enc.encode_prompt(s.query, s.image, task.counterfactual_prefix(s))["input_ids"].tolist()
+        assert train[: len(alone)] != alone  # the defect: not what the model saw in training
+        with pytest.raises(EncodingError, match="the counterfactual prefix ends inside the training token '.*<reasoning> "):
+            enc.encode_prompt(s.query, s.image, task.counterfactual_prefix(s), response=s.response)
+    with pytest.raises(EncodingError, match="ends inside the training token"):  # what evaluation asks for
+        evaluate(enc.loaded, enc, task, n=2, cfg=EvalConfig())
+    with pytest.raises(RunRefused, match="a_r would continue p\\* from tokens the model was never trained on"):
+        _preflight_counterfactual(task, enc, "hf")
+    _preflight_counterfactual(task, _bpe_encoder(task), "hf")  # a tokenizer that splits at spaces passes

@@ -978,3 +978,36 @@ def test_completion_and_hover_in_a_stages_task_block(project_dir: Path) -> None:
     assert "distinct filler words" in _hover(p, text, "filler_words")
     shown = _hover(p, text, "task {")
     assert "a stage may set" in shown and "`reasoning`" in shown and "`nodes`" not in shown
+
+
+def test_a_stages_task_block_shows_what_it_inherits_from_the_experiments_task(project_dir: Path) -> None:
+    """A setting a stage's `task { ... }` leaves out is the experiment's task block's, not the
+    catalogue's default: completion and hover there show the experiment's value where it sets one
+    (the task block may be in an include), and the catalogue's default where it does not."""
+    p = project_dir / "main.pd"
+    main = MAIN.replace("image = 64px }", "image = 64px  reasoning = verbose  jitter = 0.2 }")
+    text, off = _marked(main + "stage x = sft from base { steps = 3, task { |")
+    items = {i.label: i for i in F.complete(_project(p, text), off, F.Encoder())}
+    assert items["reasoning"].detail == "one of `brief`, `trace`, `verbose` = verbose (the experiment's task)"
+    assert "- the experiment's task sets: `verbose` (default: `trace`)" in items["reasoning"].documentation.value
+    assert items["jitter"].detail == "a number = 0.2 (the experiment's task)"
+    assert items["noise"].detail == "a number = 0" and "- default: `0`" in items["noise"].documentation.value
+    # the value the stage would override is marked among the choices
+    text, off = _marked(main + "stage x = sft from base { steps = 3, task { reasoning = |")
+    choices = {i.label: i.detail for i in F.complete(_project(p, text), off, F.Encoder())}
+    assert choices["verbose"].endswith("(the experiment's task sets it)") and not choices["trace"].endswith(")")
+    # the `task` sub-block's own documentation, offered in the stage block, and its hover
+    text, off = _marked(main + "stage x = sft from base { steps = 3, |")
+    task_item = next(i for i in F.complete(_project(p, text), off, F.Encoder()) if i.label == "task")
+    assert "the experiment's task sets `verbose`" in task_item.documentation.value
+    text = main + "stage x = sft from base { steps = 3, task { noise = 0.1 } }\n"
+    shown = _hover(p, text, "task { noise")
+    assert "the experiment's task sets `0.2`" in shown and "default `0`" in shown
+    assert "the experiment's task sets: `0.2` (default: `0`)" in _hover(p, text.replace("noise = 0.1", "jitter = 0.1"), "jitter = 0.1")
+    # not in the experiment's own task block, which inherits nothing
+    assert "- default: `trace`" in _hover(p, main.replace("reasoning = verbose", "reasoning = brief"), "reasoning = brief")
+    # the experiment's task in an included file
+    (project_dir / "task.pd").write_text("task graph_coloring { reasoning = trace }\n", encoding="utf-8")
+    text, off = _marked('experiment e\ninclude "task.pd"\nstage x = sft { steps = 3, task { |')
+    items = {i.label: i.detail for i in F.complete(_project(p, text), off, F.Encoder())}
+    assert items["reasoning"] == "one of `brief`, `trace`, `verbose` = trace (the experiment's task)"

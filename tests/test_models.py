@@ -267,6 +267,17 @@ def test_real_architecture_with_lora(make, task, tmp_path) -> None:
         roles = item["role_ids"][target].tolist()
         assert abs(roles.count(0) - n_p) <= 1  # perception tokens ≈ pieces of the perception section
 
+    # the counterfactual prompt is the training item's own tokens up to p*'s end, the model's extras
+    # (Gemma 3's token types, the expanded image) included, and the prefix alone tokenizes the same here
+    for s, item in zip(samples, items):
+        prefix = task.counterfactual_prefix(s)
+        cf = enc.encode_prompt(s.query, s.image, prefix, response=s.response)
+        n, T = cf["input_ids"].shape[0], item["input_ids"].shape[0]
+        assert n < T and set(cf) <= set(item)
+        for key, v in cf.items():
+            assert torch.equal(v, item[key][:n] if item[key].dim() == 1 and item[key].shape[0] == T else item[key]), key
+        assert enc.encode_prompt(s.query, s.image, prefix)["input_ids"].tolist() == cf["input_ids"].tolist()
+
     batch = collate(items, enc.pad_token_id)
     loaded.model.train()
     sums, counts = role_losses(loaded.model, batch, len(enc.role_names))

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _install_fake_plugin(site: Path, poisoned: bool) -> None:
-    """A distribution on a private sys.path entry: dist-info with an entry point, and a package."""
+def _install_fake_plugin(site: Path, poisoned: bool, extra: str = "") -> None:
+    """A distribution on a private sys.path entry: dist-info with an entry point, and a package;
+    `extra`: more TOML for its catalogue file."""
     pkg = site / "poison_plugin"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise RuntimeError('plugin code was executed')\n" if poisoned else "")
-    (pkg / "percep_catalogue.toml").write_text((ROOT / "examples/plugin/percep_example_plugin/percep_catalogue.toml").read_text())
+    (pkg / "percep_catalogue.toml").write_text((ROOT / "examples/plugin/percep_example_plugin/percep_catalogue.toml").read_text() + extra)
     dist = site / "poison_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: poison-plugin\nVersion: 1.0\n")
@@ -115,3 +119,96 @@ def test_a_plugin_loss_is_refused_where_it_is_used(tmp_path: Path) -> None:
     assert proc.stdout.count("error[") == 1  # the built-in `mean` is not replaced by the plugin's
     assert "warning: plugin `poison-plugin`: loss `focal` is not supported" in proc.stderr
     assert "loss `mean` is not supported" in proc.stderr
+
+
+# a plugin task: `count` decides which instances exist, `style` only how they are written
+DOTS = """
+[[entry]]
+name = "dots"
+kind = "task"
+doc = "count the dots"
+impl = "poison_plugin:Dots"
+
+[[entry.params]]
+name = "count"
+type = "int"
+default = 3
+min = 1
+doc = "dots per image"
+
+[[entry.params]]
+name = "style"
+type = "choice"
+default = "plain"
+choices = ["plain", "verbose"]
+stage = true
+doc = "how the reasoning is written"
+"""
+
+
+def _check_specs(site: Path, *specs: Path) -> list:
+    """Check each spec with the plugin on sys.path: each one's diagnostics (code, message, hint) and
+    its stages' own task settings, then the catalogue's plugin problems."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(site)!r})
+        from percepdsl.catalogue import default_catalogue
+        from percepdsl.check import check_file
+        for spec in {[str(s) for s in specs]!r}:
+            res = check_file(spec)
+            print(json.dumps([[d.code, d.message, d.hint] for d in res.diagnostics]))
+            print(json.dumps({{s.name: s.task.params for s in res.ir.stages if s.task is not None}} if res.ir is not None else None))
+        print(json.dumps(default_catalogue().problems))
+        assert "poison_plugin" not in sys.modules
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_a_plugin_task_setting_with_stage_true_may_be_set_by_a_stage(tmp_path: Path) -> None:
+    """`stage = true` in a plugin's TOML lets a stage's `task { ... }` set that setting; a setting
+    without it is the experiment's task block's alone (`stage-task`), as for a built-in task."""
+    site = tmp_path / "site"
+    _install_fake_plugin(site, poisoned=True, extra=DOTS)
+    ok, bad = tmp_path / "ok.pd", tmp_path / "bad.pd"
+    head = "experiment p\ntask dots { count = 4 }\n"
+    ok.write_text(head + "stage base = sft { steps = 1, task { style = verbose } }\nstage b2 = sft from base { steps = 1 }\n")
+    bad.write_text(head + "stage base = sft { steps = 1, task { count = 5 } }\n")
+    ok_diags, ok_tasks, bad_diags, _, problems = _check_specs(site, ok, bad)
+    assert ok_diags == [] and ok_tasks == {"base": {"count": 4, "style": "verbose"}}
+    ((code, message, hint),) = bad_diags
+    assert code == "stage-task" and message.startswith("stage `base` cannot set `count`: a stage may change how the task's items")
+    assert hint == "set `count` in the `task dots` block; a stage may set: style"
+    assert problems == []
+
+
+@pytest.mark.parametrize("flag", ["stage", "required", "nullable"])
+def test_a_malformed_plugin_flag_is_a_plugin_problem_that_names_it(tmp_path: Path, flag: str) -> None:
+    """A flag written as a string (`stage = "yes"`) was read by truth value: "yes", "false" and "no"
+    all turned it on. It is a problem of the plugin, naming the plugin, entry, setting and flag;
+    the entry is left out, so a spec that uses it gets a located error, and checking goes on."""
+    site = tmp_path / "site"
+    _install_fake_plugin(site, poisoned=True, extra=DOTS.replace("stage = true", f'{flag} = "false"'))
+    spec = tmp_path / "p.pd"
+    spec.write_text("experiment p\ntask dots { count = 4 }\nstage base = sft { steps = 1, task { style = verbose } }\n")
+    diags, _, problems = _check_specs(site, spec)
+    assert [d[:2] for d in diags] == [["unknown-task", "unknown task `dots`"]], diags
+    assert problems == [f"plugin `poison-plugin`: dots.style: `{flag}` must be true or false, not 'false'"]
+
+
+def test_stage_marks_only_a_tasks_settings(tmp_path: Path) -> None:
+    """`stage = true` on a reward term's parameter means nothing (no stage sets a reward's
+    arguments in its `task` block): a plugin problem rather than a flag silently ignored."""
+    site = tmp_path / "site"
+    bad = '\n[[entry]]\nname = "short"\nkind = "reward"\ndoc = "d"\nimpl = "poison_plugin:short"\n'
+    bad += '\n[[entry.params]]\nname = "n"\ntype = "int"\ndefault = 3\nstage = true\n'
+    _install_fake_plugin(site, poisoned=True, extra=bad)
+    spec = tmp_path / "p.pd"
+    spec.write_text(SPEC)
+    problems = _check_specs(site, spec)[-1]
+    assert problems == [
+        "plugin `poison-plugin`: short.n: `stage` marks a task setting that a stage's `task { ... }` may set; a reward has none"
+    ]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lsprotocol import types as T
 
-from ..catalogue import Catalogue, Entry, ParamSpec, _fmt, default_catalogue
+from ..catalogue import Catalogue, Entry, ParamSpec, default_catalogue
 from ..check.load import is_file, read_source, resolve_written
 from ..diagnostics import Diagnostic, Severity, Span
 from . import scan as S
@@ -229,13 +229,27 @@ class Project:
                 out.append(x)
         return out
 
-    def task_name(self) -> str | None:
-        """The name of the experiment's task (`task NAME { ... }`, here or in an include), if any."""
+    def _task(self) -> tuple[Doc, S.Stmt] | None:
+        """The experiment's `task NAME { ... }` statement (here or in an include) and its document."""
         for d in self._reach(self.doc):
             for st in d.outline.by_keyword("task"):
-                if (tok := st.name_tok()) is not None:
-                    return tok.text
+                if st.name_tok() is not None:
+                    return d, st
         return None
+
+    def task_name(self) -> str | None:
+        """The name of the experiment's task (`task NAME { ... }`, here or in an include), if any."""
+        found = self._task()
+        return found[1].name_tok().text if found is not None else None
+
+    def task_settings(self) -> dict[str, str]:
+        """The settings the experiment's task block writes, name → value as written: what a stage's
+        own `task { ... }` inherits where it does not set them (not the catalogue's defaults)."""
+        found = self._task()
+        if found is None or found[1].block is None:
+            return {}
+        d, st = found
+        return {e.key.text: e.value_text(d.text) for e in st.block.entries if e.op is not None and e.value}
 
     def roles(self) -> list[str]:
         declared = [x.name for x in self.names("role")]
@@ -458,6 +472,14 @@ def block_entry(cat: Catalogue, stmt: S.Stmt | None, path: list[str], task: str 
     return entry if not path else None
 
 
+def inherited(project: Project, stmt: S.Stmt | None, path: list[str]) -> dict[str, str]:
+    """In a stage's `task { ... }`: the experiment task's settings as written, which the stage
+    inherits where it does not set them (`Project.task_settings`); elsewhere nothing."""
+    if stmt is not None and stmt.kw == "stage" and path == ["task"]:
+        return project.task_settings()
+    return {}
+
+
 def setting_spec(cat: Catalogue, stmt: S.Stmt | None, path: list[str], key: str | None, task: str | None = None) -> ParamSpec | None:
     entry = block_entry(cat, stmt, path, task)
     return entry.param(key) if (entry is not None and key) else None
@@ -480,7 +502,9 @@ def function_entry(cat: Catalogue, name: str, ekind: str) -> Entry | None:
     return None
 
 
-def spec_markdown(spec: ParamSpec, owner: str) -> str:
+def spec_markdown(spec: ParamSpec, owner: str, given: str | None = None) -> str:
+    """Hover text of a setting; `given`: the value the experiment's task block writes for it, which
+    a stage's `task { ... }` inherits."""
     rng = spec.describe_range()
     unit = f" ({spec.unit})" if spec.unit else ""
     lines = [
@@ -493,7 +517,10 @@ def spec_markdown(spec: ParamSpec, owner: str) -> str:
         spec.doc or "",
     ]
     facts = [f"- type: {spec.describe_type()}{', ' + rng if rng else ''}{unit}"]
-    facts.append("- required" if spec.required else f"- default: `{_fmt(spec.default)}`")
+    if given is not None:
+        facts.append(f"- the experiment's task sets: `{given}`" + ("" if spec.required else f" (default: `{spec.default_text()}`)"))
+    else:
+        facts.append("- required" if spec.required else f"- default: `{spec.default_text()}`")
     return "\n".join(lines + [""] + facts)
 
 
@@ -540,6 +567,12 @@ class _Items:
                 sort_text=f"{sort}{label}",
             )
         )
+
+    def note(self, label: str, note: str) -> None:
+        """Add `note` to the detail of the item `label` (if it was offered)."""
+        for item in self.items:
+            if item.label == label:
+                item.detail = f"{item.detail} ({note})" if item.detail else note
 
     def entry(self, e: Entry, kind: T.CompletionItemKind, snippets: bool, call: bool = False, sort: str = "5") -> None:
         insert, snip = None, False
@@ -661,14 +694,19 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
     if entry is None:
         return
     owner = entry.name
+    given = inherited(project, stmt, path)
     for p in entry.params:
         if p.name in present:
             continue
+        if p.name in given:
+            value = f" = {given[p.name]} (the experiment's task)"
+        else:
+            value = "" if p.required else f" = {p.default_text()}"
         items.add(
             p.name,
             T.CompletionItemKind.Property,
-            f"{p.describe_type()}" + ("" if p.required else f" = {_fmt(p.default)}"),
-            spec_markdown(p, owner),
+            p.describe_type() + value,
+            spec_markdown(p, owner, given.get(p.name)),
             insert=f"{p.name} = ",
             sort="3" if p.required else "4",
         )
@@ -679,7 +717,7 @@ def _complete_keys(project: Project, ctx: S.Context, items: _Items, snippets: bo
                 "task",
                 T.CompletionItemKind.Module,
                 "task settings of this stage",
-                own.markdown(),
+                own.markdown(inherited(project, stmt, ["task"])),
                 insert="task { $0 }" if snippets else "task { ",
                 snippet=snippets,
             )
@@ -764,6 +802,9 @@ def _complete_value(project: Project, ctx: S.Context, items: _Items, snippets: b
                 items.entry(e, T.CompletionItemKind.Function, snippets, call=True)
         return
     _values(project, items, spec, ekind, snippets)
+    given = inherited(project, stmt, ctx.block_path()).get(ctx.key or "") if ctx.block is not None else None
+    if given is not None:
+        items.note(given, "the experiment's task sets it")
 
 
 def _outer_call(groups: list[S.Group], g: S.Group) -> S.Group | None:
@@ -1018,6 +1059,7 @@ class _Target:
     decl: Decl | None = None
     name: str = ""
     path: Path | None = None
+    given: dict[str, str] = field(default_factory=dict)  # in a stage's `task { ... }`: what it inherits (`inherited`)
 
 
 def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
@@ -1070,11 +1112,11 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
             return tok, _Target("entry", [e for e in [cat.get("block", "lora")] if e], name=word)
         if word == "task" and stmt is not None and stmt.kw == "stage" and not path and nxt is not None and nxt.text == "{":
             entry = block_entry(cat, stmt, ["task"], project.task_name())
-            return tok, _Target("entry", [entry] if entry else [], name=word)
+            return tok, _Target("entry", [entry] if entry else [], name=word, given=inherited(project, stmt, ["task"]))
         entry = block_entry(cat, stmt, path, project.task_name())
         spec = entry.param(word) if entry is not None else None
         if spec is not None:
-            return tok, _Target("spec", spec=spec, owner=entry.name, name=word)
+            return tok, _Target("spec", spec=spec, owner=entry.name, name=word, given=inherited(project, stmt, path))
         return tok, _Target("none")
     if k in ("value", "head"):
         stmt = ctx.stmt
@@ -1098,7 +1140,8 @@ def _resolve(project: Project, offset: int) -> tuple[S.Tok | None, _Target]:
         if (in_roles_arg or (spec is not None and spec.type in ("roles", "role_group"))) and word in project.roles():
             return tok, _decl_target(project, "role", word)
         if spec is not None and spec.type in ("choice", "choice_list") and word in spec.choices:
-            return tok, _Target("spec", spec=spec, owner=_owner_name(project, ctx), name=word)
+            given = inherited(project, stmt, ctx.block_path()) if ctx.block is not None else {}
+            return tok, _Target("spec", spec=spec, owner=_owner_name(project, ctx), name=word, given=given)
         if nxt is not None and nxt.text == "(":
             fe = function_entry(cat, word, ekind)
             if fe is not None:
@@ -1143,9 +1186,9 @@ def hover(project: Project, offset: int, enc: Encoder) -> T.Hover | None:
         return None
     md = None
     if tgt.kind in ("keyword", "entry") and tgt.entries:
-        md = "\n\n---\n\n".join(e.markdown() for e in tgt.entries)
+        md = "\n\n---\n\n".join(e.markdown(tgt.given) for e in tgt.entries)
     elif tgt.kind == "spec" and tgt.spec is not None:
-        md = spec_markdown(tgt.spec, tgt.owner)
+        md = spec_markdown(tgt.spec, tgt.owner, tgt.given.get(tgt.spec.name))
         if tgt.spec.type in ("choice", "choice_list") and tgt.name in tgt.spec.choices:
             md = f"`{tgt.name}` — one of the choices of `{tgt.spec.name}`\n\n" + md
     elif tgt.kind in ("param", "template_param") and tgt.decl is not None:
