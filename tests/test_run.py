@@ -619,22 +619,24 @@ def test_a_nan_reward_stops_the_run_naming_the_term(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_quickstart_shows_the_asymmetry(tmp_path: Path) -> None:
-    """The real quickstart as the README runs it, `--jobs 2` (707 CPU-s; 8 min 12 s wall on an idle 2-core box): from one reasoner base whose perception is unlearned,
-    token-averaged SFT gains reasoning but not perception, while NGDiff puts ten times token mean's
-    weight on perception. Measured on seeds 1 / 2 / 3 (200 held-out graphs each): base a_p 0 and
-    a_r 0.090 / 0.090 / 0.080; tm Δa_r +0.060 / +0.080 / +0.055 against Δa_p +0.005 / +0.005 / +0.005;
-    mean effective λ (perception's share of the weight) tm 0.04, ngdiff 0.41 (seed 2). Whether NGDiff
-    then reads the image and gains on a did not hold across seeds at this budget (docs/results.md,
-    the quickstart), so it is not asserted."""
+def test_the_quickstart_shows_the_asymmetry_and_the_fix(tmp_path: Path) -> None:
+    """The real quickstart as the README runs it, `--jobs 2` (392 CPU-s; 4 min 11 s wall on an idle 2-core
+    box): from one base that has learned to transcribe the graph but never to answer, token-averaged SFT
+    gains reasoning but not perception, and NGDiff, which gives perception about half the weight against
+    token mean's 0.04, reads more of the image. Measured on seeds 1 / 2 / 3 (200 held-out graphs each; pilot
+    p21, pre-registered for seeds 2-3): base a_r 0 and a_p 0.020 / 0.020 / 0.000; tm Δa_r +0.070 / +0.115 /
+    +0.085 against Δa_p +0.020 / -0.010 / +0.005; ngdiff's a_p 0.995 / 0.045 / 0.025 against tm's 0.040 /
+    0.010 / 0.005 (docs/results.md, the quickstart, session 16). How much NGDiff reads varies by seed, and it
+    did not raise a, so neither is asserted beyond its a_p exceeding token mean's."""
     proc = percep("run", "specs/quickstart.pd", "--out", str(tmp_path), "-q", "--jobs", "2", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ngdiff | sft  | base |" in proc.stderr  # the stages side by side
     run_dir = next(tmp_path.glob("quickstart-*"))
     stages = json.loads((run_dir / "summary.json").read_text())["stages"]
-    base, tm = stages["base"]["metrics"], stages["tm"]
-    assert base["perception"] == 0 and base["reasoning"] > 0.03  # the shared start: a reasoner that cannot read the image
+    base, tm, ngdiff = stages["base"]["metrics"], stages["tm"], stages["ngdiff"]
+    assert base["reasoning"] == 0 and base["perception"] < 0.1  # the shared start: it sees a little and has never answered
     assert tm["delta"]["reasoning"] >= tm["delta"]["perception"] + 0.03  # the asymmetry under token mean
+    assert ngdiff["metrics"]["perception"] > tm["metrics"]["perception"]  # the fix, on perception
     with (run_dir / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("eff_lambda")]
     eff = {
