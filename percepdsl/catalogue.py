@@ -268,6 +268,18 @@ _ADAMW = (
     P("adam_beta2", "float", 0.999, "AdamW β2 (second-moment decay)", min=0, max=0.99999),
     P("adam_eps", "float", 1e-8, "AdamW ε (added to the second-moment root)", min=0, max=1),
 )
+# The parts of a vision-language model a stage may keep fixed (`freeze`); the runtime maps each to
+# the model's modules in one place (percepdsl_runtime.models.part_parameters).
+MODEL_PARTS = ("vision", "projector", "language")
+_FREEZE = P(
+    "freeze",
+    "choice_list",
+    (),
+    "model parts kept fixed in this stage (their weights stay the parent's): `vision` (the vision encoder), "
+    "`projector` (the multimodal projector or connector), `language` (the language model with its embeddings and "
+    "output head); with LoRA, a part's adapters. A part frozen in the parent trains again here unless listed here too",
+    choices=MODEL_PARTS,
+)
 _STYLE = (
     P(
         "reasoning",
@@ -758,6 +770,7 @@ BUILTINS: tuple[Entry, ...] = (
             ),
             P("max_length", "int", None, "truncate sequences to this many tokens", min=8, nullable=True),
             P("eval_every", "int", None, "evaluate every N steps in this stage (overrides eval.every)", min=1, nullable=True),
+            _FREEZE,
         ),
     ),
     Entry(
@@ -826,6 +839,7 @@ BUILTINS: tuple[Entry, ...] = (
                 "after a one-time compile (≈5 s from Inductor's disk cache, 20–60 s cold); pays off after a few hundred steps",
             ),
             P("eval_every", "int", None, "evaluate every N steps in this stage", min=1, nullable=True),
+            _FREEZE,
         ),
     ),
     Entry(

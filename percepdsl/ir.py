@@ -448,13 +448,22 @@ _grpo = ("block", "grpo")
 
 
 def _without_none(out: Any, model: BaseModel, fields: tuple[str, ...]) -> Any:
-    """A dump without the optional `fields` that are unset (None): a setting added to the IR keeps
-    the hashes of the specs that do not use it."""
+    """A dump without the optional `fields` that are unset (None, or an empty list): a setting added
+    to the IR keeps the hashes of the specs that do not use it."""
     if isinstance(out, dict):
         for name in fields:
-            if getattr(model, name) is None:
+            if getattr(model, name) in (None, []):
                 out.pop(name, None)
     return out
+
+
+Part = Literal["vision", "projector", "language"]  # the catalogue's MODEL_PARTS (a binding test holds them equal)
+
+
+def _parts_in_order(parts: list[str]) -> list[str]:
+    """A stage's `freeze` in the catalogue's order, each part once: `[projector, vision]` and
+    `[vision, projector]` freeze the same parts, one IR and one hash."""
+    return [p for p in cat.MODEL_PARTS if p in parts]
 
 
 class SFTStageIR(_Model):
@@ -475,14 +484,22 @@ class SFTStageIR(_Model):
     packing: bool = setting(*_sft, "packing")
     max_length: int | None = setting(*_sft, "max_length")
     eval_every: int | None = setting(*_sft, "eval_every")
+    #: the model parts this stage keeps fixed (`freeze`), in the catalogue's order; [] trains every part
+    freeze: list[Part] = setting(*_sft, "freeze")
     #: the task this stage trains on when its `task { ... }` sets some of the experiment task's
     #: settings (the rest are the experiment's); none: the experiment's task (see `training_task`)
     task: TaskIR | None = None
 
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_in_order(cls, v: list[str]) -> list[str]:
+        return _parts_in_order(v)
+
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
-        """Without a task of its own the stage dumps as before stages could have one (its hash kept)."""
-        return _without_none(handler(self), self, ("task",))
+        """Without a task of its own, or frozen parts, the stage dumps as before stages could have
+        them (its hash kept)."""
+        return _without_none(handler(self), self, ("freeze", "task"))
 
 
 class GRPOStageIR(_Model):
@@ -516,13 +533,19 @@ class GRPOStageIR(_Model):
     sample_precision: Literal["bf16", "fp32"] = setting(*_grpo, "sample_precision")
     compile: bool = setting(*_grpo, "compile")
     eval_every: int | None = setting(*_grpo, "eval_every")
+    freeze: list[Part] = setting(*_grpo, "freeze")  # as `SFTStageIR.freeze`
     task: TaskIR | None = None  # as `SFTStageIR.task`: its prompts' task; none = the experiment's
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_in_order(cls, v: list[str]) -> list[str]:
+        return _parts_in_order(v)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
-        """Without token weights (or a task of its own) the stage dumps as before they existed: plain
-        GRPO keeps its content hash (and its run and grid-cell directories)."""
-        return _without_none(handler(self), self, ("token_weights", "task"))
+        """Without token weights (or frozen parts, or a task of its own) the stage dumps as before
+        they existed: plain GRPO keeps its content hash (and its run and grid-cell directories)."""
+        return _without_none(handler(self), self, ("token_weights", "freeze", "task"))
 
 
 Stage = Annotated[SFTStageIR | GRPOStageIR, Field(discriminator="kind")]

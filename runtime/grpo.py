@@ -65,7 +65,7 @@ from percepdsl.ir import GRPOStageIR, value_at
 
 from .encoding import collate
 from .generation import eval_mode
-from .models import drop_frozen, restore_frozen
+from .models import drop_frozen, freeze_parts, restore_frozen
 from .optim import adamw
 from .probe import METRIC_ROLE as DEPENDENCY_ROLE
 from .probe import RolloutDependency, blank_like
@@ -355,6 +355,9 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.loaded, self.model, self.encoder, self.task = loaded, loaded.model, encoder, task
+        # the stage's frozen parts, the rest as loaded (`SFTModule`): before the KL reference copies
+        # the policy, the optimiser takes the trainable parameters and a resume checkpoint is loaded
+        self.trainable_parameters = freeze_parts(loaded, stage.freeze)
         reward = compile_reward(stage.reward) if reward is None else reward  # tests pass one with their own resolver
         self.stage, self.reward, self.seed, self.split, self.grad_clip = stage, reward, int(seed), split, grad_clip
         self._ref: list[torch.nn.Module] = []  # the KL reference (iff kl > 0): see setup_reference

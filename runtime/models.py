@@ -27,13 +27,13 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from percepdsl.catalogue import default
+from percepdsl.catalogue import MODEL_PARTS, default
 from percepdsl.io import atomic_dir
 from percepdsl.ir import LoraIR, ModelIR, TinyParams
 
@@ -73,6 +73,10 @@ class ModelLoadError(Exception):
     """A model could not be loaded or cannot serve the task; the message says why."""
 
 
+class ModelPartError(ModelLoadError):
+    """A stage's `freeze` names a part this model's architecture has no module for (``part_parameters``)."""
+
+
 @dataclass
 class LoadedModel:
     """A model ready for training/generation, with the processor that feeds it."""
@@ -81,6 +85,13 @@ class LoadedModel:
     processor: Any  # transformers ProcessorMixin (tokenizer + image processor + chat template)
     kind: str  # "tiny" | "hf"
     path: Path | None
+    # the names of the parameters that train as loaded (with LoRA: the adapters'), what a stage that
+    # freezes nothing trains (`freeze`); taken when the model is wrapped, before any stage froze a part
+    trainable_as_loaded: frozenset[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.trainable_as_loaded is None and self.model is not None:
+            self.trainable_as_loaded = frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
 
     @property
     def tokenizer(self) -> Any:
@@ -88,6 +99,103 @@ class LoadedModel:
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+
+
+# Where a part's modules are when transformers has no accessor for it (or an older release lacks one):
+# attribute paths under the model and under its `.model` (transformers ≥ 5 keeps them there), tried in
+# order. `visual.merger` is Qwen2-VL's and Qwen2.5-VL's projector, inside their vision module.
+PART_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "vision": ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower"),
+    "projector": ("multi_modal_projector", "connector", "visual.merger", "mm_projector"),
+    "language": ("language_model", "text_model"),
+}
+
+
+def _attribute(root: Any, path: str) -> torch.nn.Module | None:
+    for name in path.split("."):
+        root = getattr(root, name, None)
+    return root if isinstance(root, torch.nn.Module) else None
+
+
+def _part_modules(base: Any, part: str) -> list[torch.nn.Module]:
+    """The modules of one part of a transformers model (not PEFT-wrapped), [] when it has none this
+    function knows. transformers' own accessors first: ``get_encoder(modality="image")`` for the
+    vision encoder (transformers ≥ 5), ``get_decoder()`` with the input and output embeddings for
+    the language model; then the attribute table ``PART_ATTRIBUTES``. An accessor's answer that is
+    the whole model (``get_encoder``'s way of saying none: the model or its ``.model``), or a decoder
+    that holds the vision encoder, is passed over."""
+
+    def own(m: Any) -> bool:
+        return isinstance(m, torch.nn.Module) and m is not base
+
+    found: list[torch.nn.Module] = []
+    if part == "vision":
+        try:
+            encoder = base.get_encoder(modality="image")
+        except (AttributeError, TypeError, ValueError):  # no accessor, or one without `modality` (transformers 4)
+            encoder = None
+        if own(encoder) and encoder is not getattr(base, "model", None):
+            found.append(encoder)
+    elif part == "language":
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        vision = {id(m) for m in _part_modules(base, "vision")}
+        if own(decoder) and not any(id(m) in vision for m in decoder.modules()):
+            found += [decoder, *(m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if own(m))]
+    if not found:
+        for root in (base, getattr(base, "model", None)):
+            for path in PART_ATTRIBUTES[part]:
+                m = _attribute(root, path) if root is not None else None
+                if own(m):
+                    found.append(m)
+                    break
+            if found:
+                break
+        if part == "language" and found:  # the output head sits beside the language model
+            head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else getattr(base, "lm_head", None)
+            if own(head):
+                found.append(head)
+    return found
+
+
+def part_parameters(model: Any, part: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of one part of a vision-language model (``MODEL_PARTS``: `vision`, the vision
+    encoder; `projector`, the multimodal projector or connector; `language`, the language model with
+    its embeddings and output head), by their names in ``model.named_parameters()``. The one place
+    parts are mapped to modules, for every architecture (``_part_modules``); a PEFT model's are its
+    base model's, LoRA adapters included (they sit inside the modules they adapt). A projector inside
+    the vision module (Qwen2-VL's merger) is the projector's, not the vision encoder's.
+    ``ModelPartError`` when the architecture has no module for the part."""
+    if part not in MODEL_PARTS:
+        raise ValueError(f"unknown model part {part!r}; the parts are {', '.join(MODEL_PARTS)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = _part_modules(base, part)
+    if not modules:
+        top = [n for n, _ in base.named_children()]
+        inner = [f"model.{n}" for n, _ in getattr(base, "model", torch.nn.Module()).named_children()]
+        raise ModelPartError(
+            f"{type(base).__name__} has no {part} module this runtime can find (it looked for "
+            f"{', '.join(f'`{a}`' for a in PART_ATTRIBUTES[part])} and transformers' accessors); its modules are "
+            f"{', '.join(top + inner)}. Leave `{part}` out of `freeze`, or add the attribute to PART_ATTRIBUTES in runtime/models.py"
+        )
+    ids = {id(p) for m in modules for p in m.parameters()}
+    if part == "vision":  # a projector nested in the vision module is the projector
+        ids -= {id(p) for m in _part_modules(base, "projector") for p in m.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def freeze_parts(loaded: LoadedModel, parts: Sequence[str]) -> int:
+    """Keep ``parts`` of ``loaded``'s model fixed for a stage (``requires_grad = False`` on their
+    parameters, ``part_parameters``) and let every other parameter train as it did when loaded, so a
+    part a parent stage froze trains again in a child that does not freeze it (the stages of a run
+    share one model object); with LoRA, only the adapters outside the frozen parts train. Called when
+    a stage's module is built, before its optimiser (which takes the trainable parameters only) and
+    before a resume checkpoint is loaded (which leaves frozen parameters out: ``drop_frozen``).
+    Returns the number of trainable parameters."""
+    frozen = {id(p) for part in parts for p in part_parameters(loaded.model, part).values()}
+    trainable = loaded.trainable_as_loaded
+    for name, p in loaded.model.named_parameters():
+        p.requires_grad_((trainable is None or name in trainable) and id(p) not in frozen)
+    return loaded.num_parameters(trainable_only=True)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}

@@ -96,6 +96,8 @@ class Context:
     # (`training_task`), and the token share per role of their training items (diagnostics)
     stage_tasks: dict[str, Any] = field(default_factory=dict)
     stage_token_share: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the trainable parameters of each stage that freezes a part (`freeze`), found by rank 0's preflight
+    stage_trainable: dict[str, int] = field(default_factory=dict)
 
     def training_task(self, stage: Stage) -> Any:
         """The task a stage trains on (its SFT items, its GRPO prompts): its own, else the experiment's.
@@ -202,6 +204,7 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         if isinstance(stage, SFTStageIR) and stage.max_length is not None:
             own = stage_tasks.get(stage.name, task)
             _preflight_roles(ir, own, encoder.truncating(stage.max_length), f"stage `{stage.name}` (`max_length = {stage.max_length}`)")
+    trainable = _preflight_freeze(ir, loaded)
     if not init.exists():  # written whole or not at all (atomic_dir)
         save_pretrained_dir(loaded, init)
     echo(
@@ -209,7 +212,18 @@ def prepare(ir: ExperimentIR, run_dir: Path, echo: Callable[[str], None], ranks:
         f"{loaded.num_parameters(trainable_only=True) / 1e6:.2f}M trainable)" + (f", {ranks.world} ranks" if ranks.world > 1 else "")
     )
     return Context(
-        ir, run_dir, task, loaded, encoder, init, echo, token_share, ranks, stage_tasks=stage_tasks, stage_token_share=stage_share
+        ir,
+        run_dir,
+        task,
+        loaded,
+        encoder,
+        init,
+        echo,
+        token_share,
+        ranks,
+        stage_tasks=stage_tasks,
+        stage_token_share=stage_share,
+        stage_trainable=trainable,
     )
 
 
@@ -286,6 +300,34 @@ def _preflight_roles(ir: ExperimentIR, task: Any, encoder: Any, cut: str | None 
     return {name: c / total for name, c in zip(encoder.role_names, counts.tolist())}
 
 
+def _preflight_freeze(ir: ExperimentIR, loaded: Any) -> dict[str, int]:
+    """Each stage's `freeze` on the loaded model, before anything trains: a part its architecture has
+    no module for (`models.part_parameters`), or a freeze that leaves no parameter to train (with LoRA:
+    adapters in the frozen parts only), is refused here, not by a traceback when the stage starts.
+    Returns the trainable parameter count of each stage that freezes a part; the model is left as
+    loaded."""
+    from .models import ModelPartError, freeze_parts
+
+    counts: dict[str, int] = {}
+    try:
+        for stage in ir.stages:
+            if not stage.freeze:
+                continue
+            try:
+                counts[stage.name] = freeze_parts(loaded, stage.freeze)
+            except ModelPartError as exc:
+                raise RunRefused(f"stage `{stage.name}`: `freeze = [{', '.join(stage.freeze)}]`: {exc}") from exc
+            if counts[stage.name] == 0:
+                raise RunRefused(
+                    f"stage `{stage.name}`: `freeze = [{', '.join(stage.freeze)}]` leaves no parameter of "
+                    f"{ir.model.path or ir.model.kind} to train (with LoRA, only the adapters train: are they all in the frozen parts?); "
+                    "freeze fewer parts, or adapt modules of a part that trains (`lora { target_modules = ... }`)"
+                )
+    finally:
+        freeze_parts(loaded, [])
+    return counts
+
+
 def _preflight_counterfactual(task: Any, encoder: Any, model: str, n: int = 8) -> None:
     """The counterfactual prompts of the first `n` test items: a tokenizer that merges across the
     end of p* (`Encoder.prefix_tokens`) is refused here, before anything trains, not by the first
@@ -342,7 +384,7 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
     import torch
 
     from .evaluate import EvalConfig
-    from .models import ModelLoadError, load_weights, save_pretrained_dir
+    from .models import ModelLoadError, ModelPartError, load_weights, save_pretrained_dir
     from .observe import RunProgress, close_loggers, open_loggers, stage_loggers
     from .sft import build_trainer
 
@@ -364,7 +406,10 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         raise RunFailed(damaged)
     ranks.sync_weights(ctx.loaded.model)  # before the module is built: a KL reference copies these weights
 
-    module, datamodule = build_stage(ctx, stage)
+    try:
+        module, datamodule = build_stage(ctx, stage)
+    except ModelPartError as exc:  # rank 0's preflight refuses these first; a stage built elsewhere, here
+        raise RunRefused(f"stage `{stage.name}`: `freeze = [{', '.join(stage.freeze)}]`: {exc}") from exc
     tr = ctx.ir.trainer
     ev = ctx.ir.eval
     every = stage.eval_every or ev.every
@@ -457,6 +502,8 @@ def run_stage(ctx: Context, stage: Stage, progress: bool) -> dict[str, Any]:
         "train_cpu_seconds": round(train_cpu, 1),
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "threads": ctx.threads,
+        # what trained: the parameters the optimiser took (the stage's `freeze` left out)
+        "trainable_parameters": module.trainable_parameters,
         "metrics": final,
         "history": evaluator.history,
         "diagnostics": diagnostics,
@@ -696,6 +743,8 @@ def summarize(ctx: Context, records: dict[str, dict[str, Any]]) -> dict[str, Any
             # None in a stage cached before they were recorded
             "train_cpu_seconds": rec.get("train_cpu_seconds"),
             "cpu_seconds": rec.get("cpu_seconds"),
+            "frozen": list(st.freeze),
+            "trainable_parameters": rec.get("trainable_parameters"),  # None in a stage cached before it was recorded
             "metrics": m,
         }
         start = st.parent or prev
@@ -864,6 +913,10 @@ def write_report(ctx: Context, summary: dict[str, Any]) -> None:
             "Trained on the task written otherwise (every stage is evaluated on the experiment's test items, as its task writes them):",
         ]
         lines += [f"- `{name}`: " + ", ".join(f"{k} = {v}" for k, v in changes.items()) for name, changes in own]
+    frozen = [(name, st) for name, st in summary["stages"].items() if st.get("frozen")]
+    if frozen:  # stages that kept parts of the model fixed
+        lines += ["", "Trained with parts of the model frozen (their weights are the parent stage's):"]
+        lines += [f"- `{name}`: {_and(st['frozen'])} frozen{_trainable(st.get('trainable_parameters'))}" for name, st in frozen]
     share = summary["diagnostics"].get("token_share", {})
     lines += ["", "Token share per role: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()), "", "![curves](curves.png)", ""]
     if (ctx.run_dir / "rewards.png").exists():
@@ -1044,7 +1097,7 @@ def _run_stages(ctx: Context, progress: bool, jobs: int = 1) -> Path | None:
         for stage in ir.stages:
             record = finished(ctx, stage)
             if record is None:
-                echo(announce(stage))
+                echo(announce(stage, ctx.stage_trainable.get(stage.name)))
                 record = train_stage(ctx, stage, progress)
             records[stage.name] = record
     if not ranks.is_zero:
@@ -1059,8 +1112,20 @@ def _run_stages(ctx: Context, progress: bool, jobs: int = 1) -> Path | None:
     return run_dir
 
 
-def announce(stage: Stage) -> str:
-    return f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps"
+def announce(stage: Stage, trainable: int | None = None) -> str:
+    """The line a stage starts with; `trainable`: its trainable parameters, shown when it freezes a part."""
+    frozen = f", {_and(stage.freeze)} frozen{_trainable(trainable)}" if stage.freeze else ""
+    return f"stage {stage.name} ({stage.kind}{' from ' + stage.parent if stage.parent else ''}): {stage.steps} steps{frozen}"
+
+
+def _and(words: list[str]) -> str:
+    return " and ".join(words) if len(words) <= 2 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _trainable(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f" ({n / 1e6:.2f}M trainable)" if n >= 100_000 else f" ({n:,} trainable)"
 
 
 def finished(ctx: Context, stage: Stage) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning under Lightning: module, data module, diagnostics.
 
 ``SFTModule(loaded, stage, role_names, grad_clip=...)`` trains a ``LoadedModel`` as the
-typed ``SFTStageIR`` says: its loss becomes an ``Objective`` (losses.py); AdamW takes the
+typed ``SFTStageIR`` says: its loss becomes an ``Objective`` (losses.py); the parts its ``freeze``
+lists are kept fixed (``models.freeze_parts``); AdamW takes the trainable parameters with the
 stage's ``weight_decay``, ``adam_beta1``/``adam_beta2``/``adam_eps``; the learning rate at
 optimiser step ``s`` is ``value_at(stage.lr, s, stage.steps)`` in absolute values (the one
 schedule evaluator, shared with GRPO and the loss weights), times NGDiff's auto-LR
@@ -37,7 +38,7 @@ from percepdsl.ir import SFTStageIR, value_at
 from .encoding import Encoder, collate, model_inputs
 from .generation import eval_mode
 from .losses import Objective, quadratic_step, role_token_losses
-from .models import LoadedModel, drop_frozen, restore_frozen
+from .models import LoadedModel, drop_frozen, freeze_parts, restore_frozen
 from .optim import adamw
 from .packing import (
     Layout,
@@ -144,6 +145,9 @@ class SFTModule(L.LightningModule):
         self.loaded = loaded
         self.model = loaded.model
         self.stage = stage
+        # the stage's frozen parts, the rest as loaded: before the optimiser takes the trainable
+        # parameters and before a resume checkpoint, which holds no frozen ones, is loaded
+        self.trainable_parameters = freeze_parts(loaded, stage.freeze)
         self.objective = Objective(stage.loss, role_names)
         self.grad_clip = grad_clip
         self.chunked, self.log_every_step = chunked, log_every_step

@@ -67,7 +67,7 @@ def run_parallel(ctx: Any, jobs: int) -> dict[str, dict[str, Any]]:
                             continue
                         to_train.add(stage.name)
                     if len(running) < jobs:
-                        ctx.echo(announce(stage))
+                        ctx.echo(announce(stage, ctx.stage_trainable.get(stage.name)))
                         ours, theirs = spawn.Pipe(duplex=False)
                         preflight = {"token_share": ctx.token_share, "stage_token_share": ctx.stage_token_share}
                         proc = spawn.Process(target=_worker, args=(theirs, ir, str(ctx.run_dir), stage.name, threads, preflight))

@@ -1011,3 +1011,13 @@ def test_a_stages_task_block_shows_what_it_inherits_from_the_experiments_task(pr
     text, off = _marked('experiment e\ninclude "task.pd"\nstage x = sft { steps = 3, task { |')
     items = {i.label: i.detail for i in F.complete(_project(p, text), off, F.Encoder())}
     assert items["reasoning"] == "one of `brief`, `trace`, `verbose` = trace (the experiment's task)"
+
+
+def test_completion_and_hover_of_a_stages_freeze(project_dir: Path) -> None:
+    """`freeze = [` offers the model parts, from the catalogue, in both stage kinds; hover says what each is."""
+    p = project_dir / "main.pd"
+    assert _labels(p, MAIN + "stage x = sft from base { steps = 3, freeze = [|") == ["vision", "projector", "language"]
+    assert _labels(p, MAIN + "stage x = grpo from base { reward = outcome, freeze = [vision, |")[:3] == ["vision", "projector", "language"]
+    assert "freeze" in _labels(p, MAIN + "stage x = sft from base { steps = 3, |")
+    shown = _hover(p, MAIN + "stage x = sft from base { steps = 3, freeze = [vision] }\n", "freeze")
+    assert "model parts kept fixed" in shown and "`projector`" in shown

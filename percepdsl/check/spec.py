@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import nodes as A
-from ..catalogue import TOKEN_WEIGHT_MAX, Catalogue, ParamSpec
+from ..catalogue import MODEL_PARTS, TOKEN_WEIGHT_MAX, Catalogue, ParamSpec
 from ..diagnostics import Diagnostic, Related, Span, did_you_mean
 from ..ir import (
     TASK_PARAMS,
@@ -480,6 +480,14 @@ class _Spec:
                 continue
             # the checked settings are the typed stage's fields (the catalogue's block entry)
             stage_ir = SFTStageIR if kind == "sft" else GRPOStageIR
+            if set(settings.get("freeze", ())) == set(MODEL_PARTS):  # nothing would train
+                ck.error(
+                    st.block.get("freeze").value.span,
+                    "nothing-to-train",
+                    f"stage `{name}` freezes every part of the model ({', '.join(MODEL_PARTS)}): no weight would train",
+                    "leave a part out of `freeze`, e.g. `freeze = [vision, projector]` trains the language model alone",
+                )
+                continue
             built[name] = stage_ir(name=name, parent=st.parent.id if st.parent else None, **settings)
             tries = st.block.get("resample_tries") if kind == "grpo" else None
             if tries is not None and built[name].constant_groups != "resample":

@@ -870,10 +870,21 @@ class Evaluator:
             return self.loss_ir(v)
         if t == "choice_list":
             out = []
+            first: dict[str, Span] = {}
             for it in v.items if isinstance(v, List) else (v,):
                 word = self.coerce(it, ParamSpec(spec.name, "choice", choices=spec.choices), what)
                 if word is None:
                     return None
+                if word in first:  # as a grid value or a weighted role listed twice: a slip, not a setting
+                    self.error(
+                        it.span,
+                        "duplicate",
+                        f"`{word}` is listed twice in {what}",
+                        "list it once",
+                        [Related.at(first[word], "first listed here")],
+                    )
+                    return None
+                first[word] = it.span
                 out.append(word)
             return out
         if t == "str_list":
