@@ -2,6 +2,7 @@
 
     python benchmarks/pilot_table.py RUN_DIR... [--json OUT.json] [--csv OUT.csv]
     python benchmarks/pilot_table.py RUN_DIR... --pair STAGE_A STAGE_B   # paired Δ within each run
+    python benchmarks/pilot_table.py RUN_DIR... --pair STAGE_A STAGE_B --pool   # pooled over the runs (seeds)
     python benchmarks/pilot_table.py RUN_DIR... --cells                  # sudoku: where the cell errors are
 
 Reads `stages/<stage>/eval-<step>.jsonl` (the per-item records) and, where the stage finished,
@@ -9,7 +10,8 @@ Reads `stages/<stage>/eval-<step>.jsonl` (the per-item records) and, where the s
 the records, so a row traces to its items. With `--pair A B`, prints for each run the paired
 difference B − A of a, a_p and a_r on the same test items at the two stages' last evaluation,
 with a 95% bootstrap interval over items (10,000 resamples; one seed: the interval says nothing
-about seed variance). With `--cells` (sudoku), prints for each run's last evaluation where the
+about seed variance); with `--pool` as well, one difference over all the runs' items (the seeds of a spec),
+resampling items within each run. With `--cells` (sudoku), prints for each run's last evaluation where the
 perception cell errors lie: on given cells (a digit misread, or read as blank) or on blank cells
 (read as a digit), by row and by column, and the most frequent digit confusions; and the answer's
 given cells copied and blank cells filled right, beside the chance of a uniform pick among each
@@ -84,10 +86,11 @@ def last_eval(run: Path, stage: str) -> list[dict[str, Any]]:
     return read_records(paths[-1])
 
 
-def paired(run: Path, a: str, b: str, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """B − A on the same items, with a 95% bootstrap interval over items, per metric on the items both stages
-    scored on it (`repro.verdict_value`: a stage without the counterfactual pass has no a_r; such a metric pairs no
-    item, ``n`` 0). An id scored twice, or naming another item in the two stages, stops it (`repro`'s checks)."""
+def _diffs(run: Path, a: str, b: str) -> tuple[int, dict[str, np.ndarray]]:
+    """B − A per item on the same items of one run, per metric on the items both stages scored on it
+    (`repro.verdict_value`: a stage without the counterfactual pass has no a_r; such a metric pairs no item).
+    An id scored twice, or naming another item in the two stages, stops it (`repro`'s checks). Returns the
+    number of items both stages evaluated and the differences, in id order."""
     import repro
 
     ra = repro.by_id(last_eval(run, a), run / "stages" / a)
@@ -97,22 +100,41 @@ def paired(run: Path, a: str, b: str, resamples: int = 10_000, seed: int = 0) ->
     ids = sorted(set(ra) & set(rb))
     if not ids:
         raise SystemExit(f"{run}: stages `{a}` and `{b}` evaluated no item in common")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(ids), size=(resamples, len(ids)))  # one resample of the items for every metric scored on all
-    # the stages under their own keys: `a` is also the end-to-end metric's, which overwrote stage A's name
-    out: dict[str, Any] = {"run": run.name, "stage_a": a, "stage_b": b, "n": len(ids)}
+    out = {}
     for key, field in KEYS.items():
         pairs = [
             (x, y)
             for i in ids
             if (x := repro.verdict_value(ra[i], field)) is not None and (y := repro.verdict_value(rb[i], field)) is not None
         ]
-        if not pairs:
+        out[key] = np.array([y - x for x, y in pairs], dtype=float)
+    return len(ids), out
+
+
+def paired(runs: Path | list[Path], a: str, b: str, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """B − A on the same items, with a 95% bootstrap interval, per metric on the items both stages scored on it
+    (`_diffs`). Several runs (the seeds of one spec) pool their items: the mean over all items, and an interval
+    that resamples items within each run (the runs themselves are not resampled: with 2–3 seeds the interval
+    says nothing about seed variance)."""
+    runs = [runs] if isinstance(runs, Path) else list(runs)
+    per_run = [_diffs(run, a, b) for run in runs]
+    rng = np.random.default_rng(seed)
+    # one resample of each run's items for every metric scored on all of them (a run's metrics move together)
+    idx = [rng.integers(0, n, size=(resamples, n)) for n, _ in per_run]
+    # the stages under their own keys: `a` is also the end-to-end metric's, which overwrote stage A's name
+    out: dict[str, Any] = {"run": ", ".join(r.name for r in runs), "stage_a": a, "stage_b": b, "n": sum(n for n, _ in per_run)}
+    for key in KEYS:
+        ds = [(d[key], i) for (n, d), i in zip(per_run, idx) if len(d[key])]
+        if not ds:
             out[key] = {"diff": None, "ci95": None, "n": 0}
             continue
-        d = np.array([y - x for x, y in pairs])
-        boot = (d[idx] if len(d) == len(ids) else d[rng.integers(0, len(d), size=(resamples, len(d)))]).mean(1)
-        out[key] = {"diff": float(d.mean()), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))], "n": len(d)}
+        total = sum(len(d) for d, _ in ds)
+        boot = sum((d[i] if len(d) == i.shape[1] else d[rng.integers(0, len(d), size=(resamples, len(d)))]).sum(1) for d, i in ds) / total
+        out[key] = {
+            "diff": float(sum(d.sum() for d, _ in ds) / total),
+            "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "n": total,
+        }
     return out
 
 
@@ -178,6 +200,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--pair", nargs=2, metavar=("STAGE_A", "STAGE_B"))
+    ap.add_argument(
+        "--pool", action="store_true", help="with --pair: one difference over the runs' items (the seeds), resampled within runs"
+    )
     ap.add_argument("--cells", action="store_true", help="sudoku: where the cell errors lie, perception and answer (last evaluation)")
     args = ap.parse_args()
     if args.cells:
@@ -188,6 +213,9 @@ def main() -> None:
             print(json_text({"run": run.name, "stage": stages[-1], **cell_errors(last_eval(run, stages[-1]))}))
         return
     if args.pair:
+        if args.pool:
+            print(json_text(paired(args.runs, *args.pair)))
+            return
         for run in args.runs:
             print(json_text(paired(run, *args.pair)))
         return

@@ -82,3 +82,24 @@ def test_pair_leaves_out_items_a_stage_did_not_score_and_refuses_an_item_scored_
     (run / "stages" / "post" / "eval-000010.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*recs, recs[0]]))
     with pytest.raises(SystemExit, match="t/test/0 is scored twice"):
         pilot_table.paired(run, "base", "post")
+
+
+def test_pair_pools_the_seeds_items_and_keeps_a_single_runs_interval(tmp_path: Path) -> None:
+    """`--pair A B --pool`: one difference over the items of several runs (the seeds of a spec), resampled within
+    each run; with one run it is `--pair`'s own figure and interval."""
+    runs = []
+    for s, gained in ((1, 2), (2, 6)):  # B gains a on 2 of 10 items in one seed, on 6 of 10 in the other
+        run = tmp_path / f"seed{s}"
+        stage_eval(
+            run, "base", [{"id": f"t/test/{i}", "outcome": False, "perception_exact": False, "cf_outcome": False} for i in range(10)]
+        )
+        stage_eval(
+            run, "post", [{"id": f"t/test/{i}", "outcome": i < gained, "perception_exact": False, "cf_outcome": False} for i in range(10)]
+        )
+        runs.append(run)
+    pooled = pilot_table.paired(runs, "base", "post")
+    assert pooled["n"] == 20 and pooled["a"]["diff"] == pytest.approx(0.4) and pooled["a_p"]["diff"] == 0.0
+    lo, hi = pooled["a"]["ci95"]
+    assert 0.15 < lo < 0.4 < hi < 0.65  # items resampled within seeds: neither seed's own figure (0.2, 0.6) is the bound
+    one = pilot_table.paired(runs[0], "base", "post")
+    assert one == pilot_table.paired([runs[0]], "base", "post") and one["a"]["diff"] == pytest.approx(0.2)
