@@ -25,7 +25,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from . import catalogue as cat
 
@@ -466,6 +466,9 @@ def _parts_in_order(parts: list[str]) -> list[str]:
     return [p for p in cat.MODEL_PARTS if p in parts]
 
 
+Freeze = Annotated[list[Part], AfterValidator(_parts_in_order)]
+
+
 class SFTStageIR(_Model):
     """A `sft` stage: every setting of the catalogue's `sft` block, typed."""
 
@@ -485,15 +488,10 @@ class SFTStageIR(_Model):
     max_length: int | None = setting(*_sft, "max_length")
     eval_every: int | None = setting(*_sft, "eval_every")
     #: the model parts this stage keeps fixed (`freeze`), in the catalogue's order; [] trains every part
-    freeze: list[Part] = setting(*_sft, "freeze")
+    freeze: Freeze = setting(*_sft, "freeze")
     #: the task this stage trains on when its `task { ... }` sets some of the experiment task's
     #: settings (the rest are the experiment's); none: the experiment's task (see `training_task`)
     task: TaskIR | None = None
-
-    @field_validator("freeze")
-    @classmethod
-    def _freeze_in_order(cls, v: list[str]) -> list[str]:
-        return _parts_in_order(v)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
@@ -533,13 +531,8 @@ class GRPOStageIR(_Model):
     sample_precision: Literal["bf16", "fp32"] = setting(*_grpo, "sample_precision")
     compile: bool = setting(*_grpo, "compile")
     eval_every: int | None = setting(*_grpo, "eval_every")
-    freeze: list[Part] = setting(*_grpo, "freeze")  # as `SFTStageIR.freeze`
+    freeze: Freeze = setting(*_grpo, "freeze")  # as `SFTStageIR.freeze`
     task: TaskIR | None = None  # as `SFTStageIR.task`: its prompts' task; none = the experiment's
-
-    @field_validator("freeze")
-    @classmethod
-    def _freeze_in_order(cls, v: list[str]) -> list[str]:
-        return _parts_in_order(v)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
